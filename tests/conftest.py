@@ -1,0 +1,1 @@
+pytest_plugins = ["kubegfs.testing.k8s"]
