@@ -1,0 +1,364 @@
+"""The chunkserver process: an aiohttp app over a ChunkStore, plus the heartbeat loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .. import metrics as M
+from ..errors import CorruptData, InvalidArgument, KubegfsError, from_json
+from ..topology import Location
+from ..web import (
+    field_int,
+    field_str,
+    handle_hex,
+    hexh,
+    json_response,
+    make_middlewares,
+    metrics_handler,
+    query_int,
+    read_json,
+    record_id,
+)
+from .store import ChunkStore
+
+log = logging.getLogger("kubegfs.chunkserver")
+
+MAX_PIECE = 8 * 1024 * 1024
+
+
+class Chunkserver:
+    def __init__(
+        self, data_dir: Path, master_url: str, token: str, advertise: str, location: Location,
+        chunk_size: int | None = None, heartbeat_interval: float = 1.0, cs_id: str | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.master_url = master_url.rstrip("/")
+        self.token = token
+        self.advertise = advertise
+        self.location = location
+        self.heartbeat_interval = heartbeat_interval
+        data_dir.mkdir(parents=True, exist_ok=True)
+        ident = data_dir / "identity.json"
+        if ident.exists():
+            saved = json.loads(ident.read_text())
+            self.id = saved["id"]
+            stored_cs = saved.get("chunk_size")
+        else:
+            self.id = cs_id or f"cs-{location.node or 'x'}-{uuid.uuid4().hex[:8]}"
+            stored_cs = None
+        self.chunk_size = chunk_size or stored_cs or 64 * 1024 * 1024
+        ident.write_text(json.dumps({"id": self.id, "chunk_size": self.chunk_size}))
+        self.store = ChunkStore(data_dir, self.chunk_size)
+        self._registered = False
+        self._added: dict[int, int] = {}
+        self._removed: set[int] = set()
+        self._reported_corrupt: set[int] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.master_ok = False
+
+    # ------------------------------------------------------------------ app
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=make_middlewares(self.token, M.CS_HTTP), client_max_size=MAX_PIECE + 4096
+        )
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", metrics_handler(M.CHUNKSERVER))
+        r.add_put("/internal/chunks/{h}", self.put_chunk)
+        r.add_get("/internal/chunks/{h}", self.get_chunk)
+        r.add_delete("/internal/chunks/{h}", self.delete_chunk)
+        r.add_post("/internal/chunks/{h}/clone", self.clone_chunk)
+        r.add_post("/internal/chunks/{h}/replicate", self.replicate_chunk)
+        r.add_get("/internal/records", self.list_records)
+        r.add_put("/internal/records/{id}", self.put_record)
+        r.add_get("/internal/records/{id}", self.get_record)
+        r.add_delete("/internal/records/{id}", self.delete_record)
+        r.add_get("/internal/info", self.info)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=aiohttp.ClientTimeout(total=60, connect=5),
+        )
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        self._update_gauges()
+
+    async def _stop(self, app: web.Application) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session:
+            await self._session.close()
+
+    def _update_gauges(self) -> None:
+        M.CS_CHUNKS.set(len(self.store.index))
+        M.CS_BYTES.set(sum(length for _v, length in self.store.index.values()))
+        M.CS_RECORDS.set(len(self.store.list_records()))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"ok": True, "id": self.id})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        return json_response({"ok": self.master_ok, "id": self.id}, status=200 if self.master_ok else 503)
+
+    async def info(self, request: web.Request) -> web.Response:
+        return json_response({
+            "id": self.id, "address": self.advertise, "location": self.location.to_json(),
+            "chunks": len(self.store.index), "records": self.store.list_records(),
+            "chunk_size": self.chunk_size,
+        })
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # ------------------------------------------------------------------ chunks
+
+    async def put_chunk(self, request: web.Request) -> web.Response:
+        h = handle_hex(request.match_info["h"])
+        offset = query_int(request, "offset", 0, 0, self.chunk_size)
+        version = query_int(request, "version", None, 1)
+        sync = request.query.get("sync", "1") != "0"
+        data = await request.read()
+        if len(data) > MAX_PIECE:
+            raise InvalidArgument(f"piece larger than {MAX_PIECE} bytes")
+        existed = h in self.store.index
+        length = await self._run(self.store.write, h, offset, data, version, sync)
+        M.CS_WRITE_BYTES.inc(len(data))
+        self._added[h] = version
+        self._removed.discard(h)
+        if not existed:
+            self._update_gauges()
+        return json_response({"length": length, "version": version})
+
+    async def get_chunk(self, request: web.Request) -> web.Response:
+        h = handle_hex(request.match_info["h"])
+        offset = query_int(request, "offset", 0, 0, self.chunk_size)
+        length = query_int(request, "length", MAX_PIECE, 0, MAX_PIECE)
+        min_version = query_int(request, "version", 0, 0)
+        try:
+            data = await self._run(self.store.read, h, offset, length, min_version)
+        except CorruptData:
+            M.CS_CHECKSUM_FAIL.labels("chunk").inc()
+            log.error("checksum failure on chunk %016x; reporting it to the master", h)
+            asyncio.create_task(self._heartbeat_once())
+            raise
+        M.CS_READ_BYTES.inc(len(data))
+        v, size = self.store.index.get(h, (0, 0))
+        return web.Response(
+            body=data,
+            headers={"X-Kubegfs-Chunk-Length": str(size), "X-Kubegfs-Version": str(v)},
+            content_type="application/octet-stream",
+        )
+
+    async def delete_chunk(self, request: web.Request) -> web.Response:
+        h = handle_hex(request.match_info["h"])
+        await self._run(self.store.delete, h)
+        self._removed.add(h)
+        self._added.pop(h, None)
+        self._update_gauges()
+        return json_response({"deleted": hexh(h)})
+
+    async def clone_chunk(self, request: web.Request) -> web.Response:
+        src = handle_hex(request.match_info["h"])
+        body = await read_json(request)
+        dst = handle_hex(field_str(body, "dst"))
+        version = field_int(body, "version", None, 1)
+        await self._run(self.store.clone, src, dst, version)
+        M.CS_CLONES.inc()
+        self._added[dst] = version
+        self._update_gauges()
+        return json_response({"cloned": hexh(dst)})
+
+    async def replicate_chunk(self, request: web.Request) -> web.Response:
+        """Pull a copy of a chunk from another chunkserver (re-replication)."""
+        h = handle_hex(request.match_info["h"])
+        body = await read_json(request)
+        source = field_str(body, "source", max_len=300)
+        version = field_int(body, "version", None, 1)
+        assert self._session is not None
+        offset = 0
+        if h in self.store.index:
+            await self._run(self.store.delete, h)
+        try:
+            while True:
+                async with self._session.get(
+                    f"{source}/internal/chunks/{hexh(h)}",
+                    params={"offset": str(offset), "length": str(MAX_PIECE), "version": str(version)},
+                ) as resp:
+                    if resp.status != 200:
+                        raise from_json(resp.status, await _safe_json(resp))
+                    data = await resp.read()
+                    total = int(resp.headers.get("X-Kubegfs-Chunk-Length", "0"))
+                if data or offset == 0:
+                    last = offset + len(data) >= total
+                    await self._run(self.store.write, h, offset, data, version, last)
+                offset += len(data)
+                if offset >= total or not data:
+                    break
+        except BaseException:
+            await self._run(self.store.delete, h)  # never keep a partial copy
+            raise
+        self._added[h] = version
+        self._update_gauges()
+        return json_response({"replicated": hexh(h), "length": offset})
+
+    # ------------------------------------------------------------------ records
+
+    async def list_records(self, request: web.Request) -> web.Response:
+        return json_response({"records": self.store.list_records()})
+
+    async def put_record(self, request: web.Request) -> web.Response:
+        rid = record_id(request.match_info["id"])
+        sha = request.headers.get("X-Kubegfs-Sha256", "")
+        if len(sha) != 64:
+            raise InvalidArgument("missing or malformed X-Kubegfs-Sha256 header")
+        pieces: list[bytes] = []
+        async for piece in request.content.iter_chunked(1 << 20):
+            pieces.append(piece)
+        try:
+            n, digest = await self._run(self.store.put_record, rid, iter(pieces), sha)
+        except CorruptData:
+            M.CS_CHECKSUM_FAIL.labels("record").inc()
+            raise
+        self._update_gauges()
+        log.info("stored snapshot record %s (%d bytes, sha256 %s…)", rid, n, digest[:12])
+        return json_response({"id": rid, "bytes": n, "sha256": digest, "holder": self.id}, status=201)
+
+    async def get_record(self, request: web.Request) -> web.StreamResponse:
+        rid = record_id(request.match_info["id"])
+        path, sha = self.store.record_path(rid)
+        if request.query.get("verify", "1") != "0":
+            ok = await self._run(self.store.verify_record, rid)
+            if not ok:
+                M.CS_CHECKSUM_FAIL.labels("record").inc()
+                log.error("snapshot record %s failed its checksum", rid)
+                raise CorruptData(f"record {rid} on {self.id} failed its checksum")
+        resp = web.StreamResponse(headers={"X-Kubegfs-Sha256": sha, "Content-Type": "application/octet-stream"})
+        resp.content_length = path.stat().st_size
+        await resp.prepare(request)
+        with open(path, "rb") as f:
+            for piece in _iter_file(f):
+                await resp.write(piece)
+        await resp.write_eof()
+        return resp
+
+    async def delete_record(self, request: web.Request) -> web.Response:
+        rid = record_id(request.match_info["id"])
+        await self._run(self.store.delete_record, rid)
+        self._update_gauges()
+        return json_response({"deleted": rid})
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _heartbeat_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "address": self.advertise,
+            "location": self.location.to_json(),
+            "capacity_bytes": self.store.capacity_bytes(),
+            "used_bytes": self.store.used_bytes(),
+            "free_bytes": self.store.free_bytes(),
+            "chunk_size": self.chunk_size,
+            "records": self.store.list_records(),
+            "corrupt": [hexh(h) for h in self.store.corrupt - self._reported_corrupt],
+        }
+        if not self._registered:
+            body["full"] = True
+            body["chunks"] = [[hexh(h), v] for h, (v, _n) in self.store.index.items()]
+        else:
+            body["added"] = [[hexh(h), v] for h, v in self._added.items()]
+            body["removed"] = [hexh(h) for h in self._removed]
+        return body
+
+    async def _heartbeat_once(self) -> None:
+        assert self._session is not None
+        body = self._heartbeat_body()
+        added, removed = dict(self._added), set(self._removed)
+        corrupt = set(self.store.corrupt)
+        try:
+            async with self._session.post(f"{self.master_url}/internal/heartbeat", json=body) as resp:
+                reply = await _safe_json(resp)
+                if resp.status != 200:
+                    raise from_json(resp.status, reply)
+        except (TimeoutError, aiohttp.ClientError, KubegfsError, OSError) as exc:
+            M.CS_HEARTBEAT_FAIL.inc()
+            if self.master_ok:
+                log.warning("heartbeat to %s failed: %s", self.master_url, exc)
+            self.master_ok = False
+            return
+        self.master_ok = True
+        self._reported_corrupt |= corrupt
+        if body.get("full"):
+            self._registered = True
+        for h in added:
+            if self._added.get(h) == added[h]:
+                del self._added[h]
+        self._removed -= removed
+        if reply.get("reregister"):
+            self._registered = False
+        if reply.get("chunk_size") and reply["chunk_size"] != self.chunk_size:
+            log.error("master chunk size %s differs from ours %s", reply["chunk_size"], self.chunk_size)
+        for hs in reply.get("delete_chunks", []):
+            h = handle_hex(hs)
+            await self._run(self.store.delete, h)
+            self._reported_corrupt.discard(h)
+            self._added.pop(h, None)
+        for rid in reply.get("delete_records", []):
+            await self._run(self.store.delete_record, record_id(rid))
+        if reply.get("delete_chunks") or reply.get("delete_records"):
+            self._update_gauges()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self._heartbeat_once()
+            except Exception:  # noqa: BLE001 - keep beating
+                log.exception("heartbeat failed")
+            await asyncio.sleep(self.heartbeat_interval * (0.8 + 0.4 * random.random()))
+
+
+def _iter_file(f: Any) -> Iterator[bytes]:
+    return iter(lambda: f.read(1 << 20), b"")
+
+
+async def _safe_json(resp: aiohttp.ClientResponse) -> Any:
+    try:
+        return await resp.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        return {"error": "internal", "message": (await resp.text())[:300]}
+
+
+def run(
+    listen: str, data_dir: Path, master_url: str, token: str, location: Location,
+    advertise: str | None = None, chunk_size: int | None = None, heartbeat_interval: float = 1.0,
+) -> None:
+    host, port = split_listen(listen)
+    adv = advertise or f"http://{host}:{port}"
+    loc = location if location.ip else Location(location.node, location.zone, location.region, host)
+    cs = Chunkserver(data_dir, master_url, token, adv, loc, chunk_size, heartbeat_interval)
+    log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
+             loc.node, loc.zone, loc.region)
+    web.run_app(cs.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidArgument(f"--listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,297 @@
+"""A chunkserver's disk: chunks as files under its data dir, one CRC32 per 64 KiB block, and the
+snapshot record store. Handles are opaque integers; no client-supplied path is ever opened.
+
+Layout:  <data>/chunks/<2 hex>/<16 hex>.chk   chunk bytes
+         <data>/chunks/<2 hex>/<16 hex>.meta  version, length, block CRCs (formats.chunk meta)
+         <data>/records/<id>.rec               a SnapObj record, written tmp + fsync + rename
+         <data>/records/<id>.sha256            its sha256 (hex)
+All methods are blocking; the server calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import zlib
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
+from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ChunkStore:
+    def __init__(self, root: Path, chunk_size: int) -> None:
+        self.root = root
+        self.chunk_size = chunk_size
+        self.chunks_dir = root / "chunks"
+        self.records_dir = root / "records"
+        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+        self.index: dict[int, tuple[int, int]] = {}  # handle -> (version, length)
+        self.corrupt: set[int] = set()
+        self._load()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _load(self) -> None:
+        for meta in self.chunks_dir.glob("*/*.meta"):
+            try:
+                h = int(meta.stem, 16)
+                v, length, _ = decode_chunk_meta(meta.read_bytes())
+                self.index[h] = (v, length)
+            except (ValueError, CorruptData):
+                self.corrupt.add(int(meta.stem, 16)) if len(meta.stem) == 16 else None
+        for tmp in list(self.chunks_dir.glob("*/*.tmp")) + list(self.records_dir.glob("*.tmp")):
+            tmp.unlink(missing_ok=True)
+
+    def lock(self, h: int) -> threading.Lock:
+        with self._lock:
+            lk = self._locks.get(h)
+            if lk is None:
+                lk = self._locks[h] = threading.Lock()
+            return lk
+
+    def _paths(self, h: int) -> tuple[Path, Path]:
+        name = f"{h:016x}"
+        d = self.chunks_dir / name[-2:]
+        return d / (name + ".chk"), d / (name + ".meta")
+
+    def used_bytes(self) -> int:
+        return sum(length for _v, length in self.index.values()) + sum(
+            p.stat().st_size for p in self.records_dir.glob("*.rec")
+        )
+
+    def capacity_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _write_meta(self, meta_path: Path, version: int, length: int, crcs: array) -> None:
+        tmp = meta_path.with_suffix(".meta.tmp")
+        with open(tmp, "wb") as f:
+            f.write(encode_chunk_meta(version, length, crcs))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, meta_path)
+
+    def _read_meta(self, h: int) -> tuple[int, int, array]:
+        _, meta = self._paths(h)
+        try:
+            return decode_chunk_meta(meta.read_bytes())
+        except FileNotFoundError as exc:
+            raise NotFound(f"no such chunk {h:016x}") from exc
+
+    # ------------------------------------------------------------------ chunk I/O
+
+    def write(self, h: int, offset: int, data: bytes, version: int, sync: bool = True) -> int:
+        """Write ``data`` at ``offset`` (≤ current length; the chunk is truncated after it)."""
+        end = offset + len(data)
+        if end > self.chunk_size:
+            raise InvalidArgument(f"write past the chunk size ({end} > {self.chunk_size})")
+        data_path, meta_path = self._paths(h)
+        with self.lock(h):
+            cur = self.index.get(h)
+            if cur is None:
+                if offset != 0:
+                    raise InvalidArgument("a new chunk must be written from offset 0")
+                data_path.parent.mkdir(parents=True, exist_ok=True)
+                crcs = array("I")
+                length = 0
+            else:
+                cur_v, length, crcs = self._read_meta(h)
+                if version < cur_v:
+                    raise Conflict(f"stale write: version {version} < stored {cur_v}")
+                if offset > length:
+                    raise InvalidArgument(f"write at {offset} leaves a gap after length {length}")
+            if self.free_bytes() < len(data) + (1 << 20):
+                raise NoSpace("chunkserver disk is full")
+            first = offset // BLOCK_SIZE
+            head = offset - first * BLOCK_SIZE
+            fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                prefix = b""
+                if head:
+                    prefix = os.pread(fd, head, first * BLOCK_SIZE)
+                    if len(prefix) != head:
+                        raise CorruptData("short chunk file")
+                    old_len = min(BLOCK_SIZE, length - first * BLOCK_SIZE)
+                    old = prefix + os.pread(fd, old_len - head, offset) if old_len > head else prefix
+                    if first < len(crcs) and zlib.crc32(old) != crcs[first]:
+                        self.corrupt.add(h)
+                        raise CorruptData(f"chunk {h:016x} block {first} is corrupt")
+                try:
+                    os.pwrite(fd, data, offset)
+                    os.ftruncate(fd, end)
+                    if sync:
+                        os.fdatasync(fd)
+                except OSError as exc:
+                    if exc.errno == 28:
+                        raise NoSpace("chunkserver disk is full") from exc
+                    raise
+            finally:
+                os.close(fd)
+            del crcs[first:]
+            buf = memoryview(prefix + data) if prefix else memoryview(data)
+            for i in range(0, len(buf), BLOCK_SIZE):
+                crcs.append(zlib.crc32(buf[i : i + BLOCK_SIZE]))
+            new_v = max(version, cur[0] if cur else 0)
+            self._write_meta(meta_path, new_v, end, crcs)
+            if cur is None:
+                _fsync_dir(data_path.parent)
+            self.index[h] = (new_v, end)
+            return end
+
+    def read(self, h: int, offset: int, length: int, min_version: int = 0) -> bytes:
+        """Read and verify; raises CorruptData (and remembers the chunk) on a checksum failure."""
+        data_path, _ = self._paths(h)
+        v, size, crcs = self._read_meta(h)
+        if v < min_version:
+            raise Conflict(f"stale replica: version {v} < {min_version}")
+        if offset > size:
+            raise InvalidArgument(f"offset {offset} beyond chunk length {size}")
+        end = min(size, offset + length)
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE if end > offset else first - 1
+        out = bytearray()
+        with open(data_path, "rb") as f:
+            f.seek(first * BLOCK_SIZE)
+            for b in range(first, last + 1):
+                want = min(BLOCK_SIZE, size - b * BLOCK_SIZE)
+                block = f.read(want)
+                if len(block) != want or b >= len(crcs) or zlib.crc32(block) != crcs[b]:
+                    self.corrupt.add(h)
+                    raise CorruptData(f"chunk {h:016x} block {b} failed its checksum")
+                out += block
+        start = offset - first * BLOCK_SIZE
+        return bytes(out[start : start + (end - offset)])
+
+    def verify(self, h: int) -> bool:
+        try:
+            _, size, _ = self._read_meta(h)
+            self.read(h, 0, size)
+            return True
+        except CorruptData:
+            return False
+
+    def clone(self, src: int, dst: int, version: int) -> None:
+        """Copy-on-write: a local copy of ``src`` as ``dst`` (no network)."""
+        s_data, s_meta = self._paths(src)
+        d_data, d_meta = self._paths(dst)
+        with self.lock(src):
+            if src not in self.index:
+                raise NotFound(f"no such chunk {src:016x}")
+            if dst in self.index:
+                return  # idempotent
+            d_data.parent.mkdir(parents=True, exist_ok=True)
+            tmp = d_data.with_suffix(".chk.tmp")
+            _copy(s_data, tmp)
+            _, length, crcs = self._read_meta(src)
+            os.replace(tmp, d_data)
+            self._write_meta(d_meta, version, length, crcs)
+            _fsync_dir(d_data.parent)
+            self.index[dst] = (version, length)
+
+    def delete(self, h: int) -> None:
+        d, m = self._paths(h)
+        with self.lock(h):
+            m.unlink(missing_ok=True)
+            d.unlink(missing_ok=True)
+            self.index.pop(h, None)
+            self.corrupt.discard(h)
+        with self._lock:
+            self._locks.pop(h, None)
+
+    # ------------------------------------------------------------------ records
+
+    def _rec_paths(self, rid: str) -> tuple[Path, Path]:
+        return self.records_dir / f"{rid}.rec", self.records_dir / f"{rid}.sha256"
+
+    def put_record(self, rid: str, pieces: Iterator[bytes], expected_sha256: str) -> tuple[int, str]:
+        rec, sha_path = self._rec_paths(rid)
+        tmp = rec.with_suffix(".rec.tmp")
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with open(tmp, "wb") as f:
+                for p in pieces:
+                    h.update(p)
+                    f.write(p)
+                    n += len(p)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = h.hexdigest()
+            if digest != expected_sha256:
+                raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
+            os.replace(tmp, rec)
+            stmp = sha_path.with_suffix(".tmp")
+            stmp.write_text(digest)
+            with open(stmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(stmp, sha_path)
+            _fsync_dir(self.records_dir)
+        except OSError as exc:
+            if exc.errno == 28:
+                raise NoSpace("chunkserver disk is full") from exc
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return n, digest
+
+    def record_path(self, rid: str) -> tuple[Path, str]:
+        rec, sha_path = self._rec_paths(rid)
+        if not rec.exists() or not sha_path.exists():
+            raise NotFound(f"no such snapshot record: {rid}")
+        return rec, sha_path.read_text().strip()
+
+    def verify_record(self, rid: str) -> bool:
+        rec, sha = self.record_path(rid)
+        h = hashlib.sha256()
+        with open(rec, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                h.update(piece)
+        return h.hexdigest() == sha
+
+    def delete_record(self, rid: str) -> None:
+        rec, sha = self._rec_paths(rid)
+        rec.unlink(missing_ok=True)
+        sha.unlink(missing_ok=True)
+
+    def list_records(self) -> list[str]:
+        return sorted(p.stem for p in self.records_dir.glob("*.rec"))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file, preferring a kernel-side copy (reflink on filesystems that can)."""
+    with open(src, "rb") as fs, open(dst, "wb") as fd:
+        try:
+            size = os.fstat(fs.fileno()).st_size
+            done = 0
+            while done < size:
+                n = os.copy_file_range(fs.fileno(), fd.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            fs.seek(0)
+            fd.seek(0)
+            fd.truncate()
+            shutil.copyfileobj(fs, fd, 1 << 20)
+        fd.flush()
+        os.fsync(fd.fileno())

@@ -1,0 +1,407 @@
+"""The ``kubegfs`` command line: servers, files, snapshots, the local stack and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .errors import KubegfsError
+from .topology import Location
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in SIZE_UNITS or not num.isdigit():
+        raise click.BadParameter(f"bad size {text!r} (e.g. 64MiB, 1m, 65536)")
+    return int(num) * SIZE_UNITS[unit]
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    click.echo(f"kubegfs: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def read_token(token: str | None, token_file: str | None) -> str:
+    if token_file:
+        try:
+            return Path(token_file).read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read token file {token_file}: {exc.strerror}")
+    if token:
+        return token
+    fail("no token: pass --token, --token-file or set KUBEGFS_TOKEN")
+
+
+class Ctx:
+    def __init__(self, master: str, token: str | None, as_json: bool) -> None:
+        self.master = master
+        self.token = token
+        self.json = as_json
+
+    def client(self) -> Any:
+        from .client import Client
+
+        try:
+            return Client(self.master, self.token)
+        except KubegfsError as exc:
+            fail(exc.message)
+
+    def out(self, data: Any, human: Any = None) -> None:
+        if self.json or human is None:
+            click.echo(json.dumps(data, indent=None if self.json else 2, sort_keys=True))
+        else:
+            human(data)
+
+
+def client_options(f: Any) -> Any:
+    f = click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
+    f = click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")(f)
+    f = click.option("--master", envvar="KUBEGFS_MASTER", default="http://127.0.0.1:9400",
+                     show_default=True, help="master URL (env KUBEGFS_MASTER)")(f)
+    return f
+
+
+class Group(click.Group):
+    """Turns KubegfsError into one clear line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KubegfsError as exc:
+            fail(exc.message, 2 if 400 <= exc.status < 500 else 1)
+
+
+@click.group(cls=Group)
+@click.option("--log-level", envvar="KUBEGFS_LOG_LEVEL", default="INFO", show_default=True)
+@click.option("--log-format", envvar="KUBEGFS_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text")
+@click.version_option(package_name="kubegfs")
+def main(log_level: str, log_format: str) -> None:
+    """kubegfs: a GFS-style file system with point-in-time directory snapshots."""
+    from . import logs
+
+    logs.setup(log_level, log_format)
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def topology_options(f: Any) -> Any:
+    f = click.option("--region", envvar="KUBEGFS_REGION", default="", help="topology.kubernetes.io/region")(f)
+    f = click.option("--zone", envvar="KUBEGFS_ZONE", default="", help="topology.kubernetes.io/zone")(f)
+    f = click.option("--node", envvar="KUBEGFS_NODE", default="", help="kubernetes.io/hostname")(f)
+    return f
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:9400", show_default=True, help="HOST:PORT")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="op log + checkpoints")
+@click.option("--token", envvar="KUBEGFS_TOKEN")
+@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE")
+@click.option("--chunk-size", default="64MiB", show_default=True, help="only used when the file system is new")
+@click.option("--replication", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--dead-after", default=5.0, show_default=True, help="seconds without heartbeat before a chunkserver is dead")
+@click.option("--checkpoint-interval", default=300.0, show_default=True)
+@click.option("--checkpoint-ops", default=100_000, show_default=True)
+@topology_options
+def master(listen: str, data_dir: str, token: str | None, token_file: str | None, chunk_size: str,
+           replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
+           node: str, zone: str, region: str) -> None:
+    """Run the master."""
+    from .master.server import Options, run
+
+    tok = read_token(token, token_file)
+    opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops)
+    run(listen, Path(data_dir), tok, Location(node, zone, region), parse_size(chunk_size), replication, opts)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:9500", show_default=True, help="HOST:PORT")
+@click.option("--master", "master_url", envvar="KUBEGFS_MASTER", required=True, help="master URL")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--token", envvar="KUBEGFS_TOKEN")
+@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE")
+@click.option("--advertise", default=None, help="URL others use to reach this chunkserver")
+@click.option("--chunk-size", default=None, help="defaults to what the data dir or master says")
+@click.option("--heartbeat-interval", default=1.0, show_default=True)
+@topology_options
+def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
+                advertise: str | None, chunk_size: str | None, heartbeat_interval: float,
+                node: str, zone: str, region: str) -> None:
+    """Run a chunkserver."""
+    from .chunkserver.server import run
+
+    tok = read_token(token, token_file)
+    run(listen, Path(data_dir), master_url, tok, Location(node, zone, region), advertise,
+        parse_size(chunk_size) if chunk_size else None, heartbeat_interval)
+
+
+# ----------------------------------------------------------------------------- fs
+
+
+@main.group(cls=Group)
+def fs() -> None:
+    """Files and directories."""
+
+
+def _print_entries(entries: list[dict[str, Any]]) -> None:
+    for e in entries:
+        kind = "d" if e["type"] == "dir" else "-"
+        size = e.get("size", e.get("entries", 0))
+        click.echo(f"{kind} {e['mode']:04o} {size:>14} {e['path']}")
+
+
+@fs.command("mkdir")
+@click.argument("path")
+@click.option("-p", "--parents", is_flag=True)
+@client_options
+def fs_mkdir(path: str, parents: bool, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    res = c.client().mkdir(path, parents)
+    c.out(res, lambda d: click.echo(d["path"]))
+
+
+@fs.command("ls")
+@click.argument("path", default="/")
+@client_options
+def fs_ls(path: str, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.out(c.client().ls(path), _print_entries)
+
+
+@fs.command("stat")
+@click.argument("path")
+@client_options
+def fs_stat(path: str, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.out(c.client().stat(path), lambda d: _print_entries([d]))
+
+
+@fs.command("rm")
+@click.argument("path")
+@click.option("-r", "--recursive", is_flag=True)
+@client_options
+def fs_rm(path: str, recursive: bool, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.out(c.client().rm(path, recursive), lambda d: None)
+
+
+@fs.command("mv")
+@click.argument("src")
+@click.argument("dst")
+@client_options
+def fs_mv(src: str, dst: str, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.out(c.client().mv(src, dst), lambda d: None)
+
+
+def _progress(total: int | None, label: str, quiet: bool) -> Any:
+    from contextlib import nullcontext
+
+    if quiet or total is None or total < 8 * 1024 * 1024 or not sys.stderr.isatty():
+        return nullcontext(None)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    p = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                 TransferSpeedColumn(), transient=True)
+    return _ProgressCtx(p, total, label)
+
+
+class _ProgressCtx:
+    def __init__(self, p: Any, total: int, label: str) -> None:
+        self.p, self.total, self.label = p, total, label
+
+    def __enter__(self) -> Any:
+        self.p.__enter__()
+        task = self.p.add_task(self.label, total=self.total)
+        return lambda n: self.p.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.p.__exit__(*exc)
+
+
+@fs.command("put")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("remote")
+@click.option("--append", is_flag=True, help="append to the remote file")
+@click.option("--no-clobber", is_flag=True, help="fail if the remote file exists")
+@click.option("-q", "--quiet", is_flag=True)
+@client_options
+def fs_put(local: str, remote: str, append: bool, no_clobber: bool, quiet: bool, master: str,
+           token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    cl = c.client()
+    if local == "-":
+        res = cl.put(remote, sys.stdin.buffer, overwrite=not no_clobber, append=append)
+    else:
+        try:
+            f = open(local, "rb")
+        except OSError as exc:
+            fail(f"cannot read {local}: {exc.strerror}")
+        with f, _progress(os.fstat(f.fileno()).st_size, f"put {remote}", quiet or as_json) as prog:
+            res = cl.put(remote, f, overwrite=not no_clobber, append=append, progress=prog)
+    c.out(res, lambda d: click.echo(f"{d['path']}: {d['size']} bytes"))
+
+
+@fs.command("get")
+@click.argument("remote")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-q", "--quiet", is_flag=True)
+@client_options
+def fs_get(remote: str, local: str, quiet: bool, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    cl = c.client()
+    st = cl.stat(remote)
+    if st["type"] != "file":
+        fail(f"{remote} is a directory")
+    if local == "-":
+        n = cl.get_to(remote, sys.stdout.buffer)
+        return
+    tmp = Path(local + ".kubegfs-part")
+    with open(tmp, "wb") as f, _progress(st["size"], f"get {remote}", quiet or as_json) as prog:
+        try:
+            n = cl.get_to(remote, f, prog)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, local)
+    if not quiet:
+        c.out({"path": remote, "local": local, "bytes": n}, lambda d: click.echo(f"{local}: {n} bytes"))
+
+
+@fs.command("cat")
+@click.argument("remote")
+@client_options
+def fs_cat(remote: str, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.client().get_to(remote, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+@main.group(cls=Group)
+def snapshot() -> None:
+    """Point-in-time directory snapshots."""
+
+
+def _print_snaps(snaps: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED")
+    for s in snaps:
+        t.add_row(s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
+                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"])
+    Console().print(t)
+
+
+@snapshot.command("create")
+@click.argument("path")
+@click.option("--name", required=True)
+@click.option("--copies", default=2, show_default=True, type=click.IntRange(1, 16))
+@click.option("--no-wait", is_flag=True, help="return once the snapshot is captured")
+@client_options
+def snap_create(path: str, name: str, copies: int, no_wait: bool, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    s = c.client().snapshot_create(path, name, copies, wait=not no_wait)
+    c.out(s, lambda d: _print_snaps([d]))
+
+
+@snapshot.command("list")
+@client_options
+def snap_list(master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.out(c.client().snapshot_list(), _print_snaps)
+
+
+@snapshot.command("show")
+@click.argument("name")
+@client_options
+def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.out(c.client().snapshot_show(name))
+
+
+@snapshot.command("restore")
+@click.argument("name")
+@click.option("--to", "to", default=None, help="restore to this new path instead of in place")
+@client_options
+def snap_restore(name: str, to: str | None, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    r = c.client().snapshot_restore(name, to)
+    c.out(r, lambda d: click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
+                                  f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s"))
+
+
+@snapshot.command("delete")
+@click.argument("name")
+@client_options
+def snap_delete(name: str, master: str, token: str | None, as_json: bool) -> None:
+    c = Ctx(master, token, as_json)
+    c.out(c.client().snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
+
+
+@main.command()
+@client_options
+def status(master: str, token: str | None, as_json: bool) -> None:
+    """Cluster status."""
+    c = Ctx(master, token, as_json)
+    c.out(c.client().status())
+
+
+# ----------------------------------------------------------------------------- local stack
+
+
+@main.group(cls=Group)
+def local() -> None:
+    """The embedded default: everything on this machine, on loopback addresses."""
+
+
+@local.command("up")
+@click.option("--chunkservers", default=3, show_default=True, type=click.IntRange(1, 64))
+@click.option("--data", "data_dir", default=".data/local", show_default=True)
+@click.option("--chunk-size", default="64MiB", show_default=True)
+@click.option("--port", default=9400, show_default=True)
+def local_up(chunkservers: int, data_dir: str, chunk_size: str, port: int) -> None:
+    """Start a master and N chunkservers (127.0.1.1, 127.0.2.1, …) over simulated zones;
+    Ctrl-C stops them all."""
+    from .local import LocalCluster
+
+    cl = LocalCluster(Path(data_dir), chunkservers, parse_size(chunk_size), master_port=port)
+    cl.start()
+    click.echo(f"master:  {cl.master_url}\ntoken:   {cl.token}")
+    click.echo(f"export KUBEGFS_MASTER={cl.master_url} KUBEGFS_TOKEN={cl.token}")
+    for cs in cl.chunkservers:
+        click.echo(f"chunkserver {cs.name}: {cs.url} node={cs.node} zone={cs.zone} region={cs.region}")
+    click.echo("Ctrl-C stops everything.")
+    try:
+        cl.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cl.stop()
+        click.echo("stopped.")
+
+
+@main.command()
+@click.option("--data", "data_dir", default=None, help="keep the demo's data here (default: a temp dir)")
+def demo(data_dir: str | None) -> None:
+    """The `make run` demo: write, snapshot, mutate, restore both ways, verify."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(Path(data_dir) if data_dir else None))
+
+
+if __name__ == "__main__":
+    main()

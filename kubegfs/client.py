@@ -1,0 +1,334 @@
+"""The kubegfs client library (synchronous, ``requests``).
+
+Data never passes through the master: the client asks it for a write lease and chunk placements
+(or a file's layout), then streams bytes to and from chunkservers in pieces of at most
+``PIECE`` bytes, so memory use is bounded whatever the file size. Reads fail over to the next
+replica when one is down or returns a checksum error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import requests
+
+from .errors import Conflict, CorruptData, KubegfsError, Unavailable, from_json
+
+PIECE = 4 * 1024 * 1024
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ReadStats:
+    failovers: int = 0
+    corrupt: int = 0
+
+
+class Client:
+    def __init__(self, master: str | None = None, token: str | None = None, timeout: float = 120.0) -> None:
+        self.master = (master or os.environ.get("KUBEGFS_MASTER") or "http://127.0.0.1:9400").rstrip("/")
+        tok = token if token is not None else os.environ.get("KUBEGFS_TOKEN", "")
+        if not tok:
+            raise KubegfsError("no token: pass --token or set KUBEGFS_TOKEN")
+        self.token = tok
+        self.timeout = timeout
+        self.s = requests.Session()
+        self.s.headers["Authorization"] = f"Bearer {tok}"
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
+        self.stats = ReadStats()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.s.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _req(self, method: str, url: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", self.timeout)
+        try:
+            r = self.s.request(method, url, **kw)
+        except requests.RequestException as exc:
+            raise Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}") from exc
+        if r.status_code >= 300:
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+            raise from_json(r.status_code, body)
+        return r
+
+    def api(self, method: str, path: str, **kw: Any) -> Any:
+        return self._req(method, f"{self.master}/api/v1{path}", **kw).json()
+
+    # ------------------------------------------------------------------ namespace
+
+    def status(self) -> dict[str, Any]:
+        return self.api("GET", "/status")
+
+    def chunkservers(self) -> list[dict[str, Any]]:
+        return self.api("GET", "/chunkservers")["chunkservers"]
+
+    def mkdir(self, path: str, parents: bool = False, mode: int = 0o755) -> dict[str, Any]:
+        return self.api("POST", "/fs/mkdir", json={"path": path, "parents": parents, "mode": mode})
+
+    def stat(self, path: str) -> dict[str, Any]:
+        return self.api("GET", "/fs/stat", params={"path": path})
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+            return True
+        except KubegfsError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def ls(self, path: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            page = self.api("GET", "/fs/ls", params={"path": path, "after": after, "limit": 5000})
+            out += page["entries"]
+            if not page.get("next"):
+                return out
+            after = page["next"]
+
+    def rm(self, path: str, recursive: bool = False) -> dict[str, Any]:
+        return self.api("POST", "/fs/rm", json={"path": path, "recursive": recursive})
+
+    def mv(self, src: str, dst: str) -> dict[str, Any]:
+        return self.api("POST", "/fs/mv", json={"src": src, "dst": dst})
+
+    def walk(self, path: str) -> Iterator[dict[str, Any]]:
+        st = self.stat(path)
+        yield st
+        if st["type"] == "dir":
+            for e in self.ls(path):
+                if e["type"] == "dir":
+                    yield from self.walk(e["path"])
+                else:
+                    yield e
+
+    # ------------------------------------------------------------------ writes
+
+    def put(self, path: str, data: bytes | BinaryIO | Iterable[bytes], overwrite: bool = True,
+            append: bool = False, mode: int = 0o644, progress: Progress | None = None,
+            retries: int = 3) -> dict[str, Any]:
+        """Write a whole file (or append to one). ``data`` is bytes, a binary file object (read
+        in pieces) or an iterable of byte pieces. Retries a write that a concurrent snapshot
+        invalidated (only possible for bytes or seekable files)."""
+        for attempt in range(retries + 1):
+            start = data.tell() if hasattr(data, "seek") and hasattr(data, "tell") else None
+            try:
+                return self._put_once(path, data, overwrite, append, mode, progress)
+            except Conflict as exc:
+                retriable = "retry" in exc.message and (isinstance(data, bytes) or start is not None)
+                if not retriable or attempt == retries:
+                    raise
+                if start is not None:
+                    data.seek(start)  # type: ignore[union-attr]
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _pieces(self, data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            mv = memoryview(data)
+            for i in range(0, len(mv), PIECE):
+                yield bytes(mv[i : i + PIECE])
+        elif hasattr(data, "read"):
+            while True:
+                piece = data.read(PIECE)  # type: ignore[union-attr]
+                if not piece:
+                    return
+                yield piece
+        else:
+            for piece in data:
+                for i in range(0, len(piece), PIECE):
+                    yield piece[i : i + PIECE]
+
+    def _put_once(self, path: str, data: Any, overwrite: bool, append: bool, mode: int,
+                  progress: Progress | None) -> dict[str, Any]:
+        how = "append" if append else ("overwrite" if overwrite else "create")
+        lease = self.api("POST", "/fs/open", json={"path": path, "mode": how, "file_mode": mode})
+        lid = lease["lease"]
+        cs = lease["chunk_size"]
+        size = lease["size"]
+        try:
+            chunks: list[dict[str, Any]] = []
+            if append and size:
+                layout = self.api("GET", "/fs/layout", params={"path": path})
+                chunks = [{"handle": c["handle"], "replicas": []} for c in layout["chunks"]]
+            cur: dict[str, Any] | None = None
+            cur_off = 0
+            if lease.get("last"):
+                last = lease["last"]
+                cur = {"handle": last["handle"], "version": last["version"], "replicas": last["replicas"]}
+                cur_off = last["offset"]
+                chunks[-1]["handle"] = last["handle"]  # a copy-on-write clone may have replaced it
+            written: set[str] = set()
+            buf = bytearray()
+            unsynced = False
+
+            def write(n: int, sync: bool) -> None:
+                nonlocal cur_off, size
+                assert cur is not None
+                ok = self._write_replicas(cur, cur_off, bytes(buf[:n]), sync)
+                entry = chunks[-1]
+                if entry["handle"] in written:
+                    entry["replicas"] = [r for r in entry["replicas"] if r in ok]
+                else:
+                    entry["replicas"] = ok
+                    written.add(entry["handle"])
+                cur_off += n
+                size += n
+                del buf[:n]
+                if progress and n:
+                    progress(n)
+
+            for piece in self._pieces(data):
+                buf += piece
+                while True:
+                    if cur is None or cur_off >= cs:
+                        cur = self.api("POST", "/fs/alloc", json={"lease": lid})
+                        cur_off = 0
+                        chunks.append({"handle": cur["handle"], "replicas": []})
+                    room = cs - cur_off
+                    if len(buf) >= room:
+                        write(room, True)
+                        unsynced = False
+                    elif len(buf) >= PIECE:
+                        write(PIECE, False)
+                        unsynced = True
+                    else:
+                        break
+            if buf or unsynced:
+                if cur is None or cur_off >= cs:
+                    cur = self.api("POST", "/fs/alloc", json={"lease": lid})
+                    cur_off = 0
+                    chunks.append({"handle": cur["handle"], "replicas": []})
+                write(len(buf), True)
+            return self.api("POST", "/fs/commit", json={"lease": lid, "size": size, "chunks": chunks})
+        except BaseException:
+            try:
+                self.api("POST", "/fs/abort", json={"lease": lid})
+            except KubegfsError:
+                pass
+            raise
+
+    def _write_replicas(self, cur: dict[str, Any], offset: int, piece: bytes, sync: bool) -> list[str]:
+        def one(rep: dict[str, Any]) -> str | None:
+            try:
+                self._req("PUT", f"{rep['address']}/internal/chunks/{cur['handle']}",
+                          params={"offset": offset, "version": cur["version"], "sync": "1" if sync else "0"},
+                          data=piece)
+                return str(rep["id"])
+            except KubegfsError:
+                return None
+
+        reps = cur["replicas"]
+        results = list(self._pool.map(one, reps))
+        ok = [r for r in results if r]
+        cur["replicas"] = [r for r in reps if r["id"] in ok]
+        if not ok:
+            raise Unavailable(f"no replica accepted chunk {cur['handle']}")
+        return ok
+
+    # ------------------------------------------------------------------ reads
+
+    def layout(self, path: str) -> dict[str, Any]:
+        return self.api("GET", "/fs/layout", params={"path": path})
+
+    def read_iter(self, path: str, progress: Progress | None = None) -> Iterator[bytes]:
+        lay = self.layout(path)
+        size, cs = lay["size"], lay["chunk_size"]
+        for i, c in enumerate(lay["chunks"]):
+            clen = min(cs, size - i * cs)
+            off = 0
+            while off < clen:
+                n = min(PIECE, clen - off)
+                piece = self._read_piece(c, off, n)
+                off += len(piece)
+                if progress:
+                    progress(len(piece))
+                yield piece
+
+    def _read_piece(self, c: dict[str, Any], off: int, n: int) -> bytes:
+        errors = []
+        for rep in c["replicas"]:
+            try:
+                r = self._req("GET", f"{rep['address']}/internal/chunks/{c['handle']}",
+                              params={"offset": off, "length": n, "version": c["version"]})
+                if len(r.content) != n:
+                    raise CorruptData(f"short read from {rep['id']}: {len(r.content)} of {n}")
+                return r.content
+            except KubegfsError as exc:
+                if isinstance(exc, CorruptData) or exc.code == "corrupt":
+                    self.stats.corrupt += 1
+                self.stats.failovers += 1
+                errors.append(f"{rep['id']}: {exc.message}")
+        raise Unavailable(f"no replica of chunk {c['handle']} could serve it: " + "; ".join(errors or ["none live"]))
+
+    def get(self, path: str, progress: Progress | None = None) -> bytes:
+        return b"".join(self.read_iter(path, progress))
+
+    def get_to(self, path: str, out: BinaryIO, progress: Progress | None = None) -> int:
+        n = 0
+        for piece in self.read_iter(path, progress):
+            out.write(piece)
+            n += len(piece)
+        return n
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot_create(self, path: str, name: str, copies: int = 2, wait: bool = True,
+                        timeout: float = 600.0, **extra: Any) -> dict[str, Any]:
+        body = {"path": path, "name": name, "copies": copies, **extra}
+        snap = self.api("POST", "/snapshots", json=body)
+        if not wait:
+            return snap
+        return self.snapshot_wait(snap["id"], timeout)
+
+    def snapshot_wait(self, ref: str, timeout: float = 600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            snap = self.snapshot_show(ref)
+            if snap["state"] == "ready":
+                return snap
+            if snap["state"] == "failed":
+                raise KubegfsError(f"snapshot {snap['name']} failed: {snap.get('error')}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"snapshot {snap['name']} not ready after {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def snapshot_list(self) -> list[dict[str, Any]]:
+        return self.api("GET", "/snapshots")["snapshots"]
+
+    def snapshot_show(self, ref: str) -> dict[str, Any]:
+        return self.api("GET", f"/snapshots/{requests.utils.quote(ref, safe='')}")
+
+    def snapshot_delete(self, ref: str) -> dict[str, Any]:
+        return self.api("DELETE", f"/snapshots/{requests.utils.quote(ref, safe='')}")
+
+    def snapshot_restore(self, ref: str, to: str | None = None) -> dict[str, Any]:
+        body = {} if to is None else {"to": to}
+        return self.api("POST", f"/snapshots/{requests.utils.quote(ref, safe='')}/restore", json=body)
+
+    def dump(self) -> dict[str, Any]:
+        return self.api("GET", "/admin/dump")
+
+    def checkpoint(self) -> dict[str, Any]:
+        return self.api("POST", "/admin/checkpoint")
+

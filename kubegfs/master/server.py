@@ -1,0 +1,960 @@
+"""The master process: namespace + chunk table + snapshot catalog behind an aiohttp API.
+
+Request → ``prepare`` (validate; nothing changes on error) → op stamped, applied and queued for
+the op log → the answer waits until the op is durable (group commit), so nothing acknowledged
+is ever lost. Snapshot records are built off the event loop from a pinned immutable view and
+shipped to the nearest chunkservers, then committed to the catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .. import metrics as M
+from .. import namespace as ns
+from .. import paths
+from ..errors import (
+    AlreadyExists,
+    Conflict,
+    CorruptData,
+    InvalidArgument,
+    KubegfsError,
+    NotFound,
+    Unavailable,
+    from_json,
+)
+from ..snapobj import ParsedRecord, build_record, parse_record
+from ..topology import Candidate, Location, diversify, find_nearest, place_replicas
+from ..web import (
+    field_bool,
+    field_int,
+    field_str,
+    handle_hex,
+    hexh,
+    json_response,
+    make_middlewares,
+    metrics_handler,
+    read_json,
+    record_id,
+)
+from .oplog import OpLog, recover, write_checkpoint
+from .state import MasterState, dump, now_ns, pack_handles
+
+log = logging.getLogger("kubegfs.master")
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+LEASE_SECONDS = 60.0
+
+
+@dataclass
+class CS:
+    id: str
+    address: str
+    location: Location
+    capacity: int = 0
+    used: int = 0
+    free: int = 0
+    last_seen: float = 0.0
+    alive: bool = True
+    chunks: dict[int, int] = field(default_factory=dict)
+    records: set[str] = field(default_factory=set)
+    registered: bool = False
+
+    def candidate(self) -> Candidate:
+        return Candidate(self.id, self.location, self.used, self.capacity, self.address)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "address": self.address, "location": self.location.to_json(),
+            "capacity_bytes": self.capacity, "used_bytes": self.used, "free_bytes": self.free,
+            "alive": self.alive, "chunks": len(self.chunks), "records": sorted(self.records),
+            "last_seen_seconds_ago": round(time.monotonic() - self.last_seen, 3),
+        }
+
+
+@dataclass
+class Lease:
+    id: str
+    path: str
+    mode: str
+    file_mode: int
+    node: ns.File | None
+    base: tuple[int, ...]
+    inplace: int | None
+    expires: float
+    allocated: dict[int, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Options:
+    dead_after: float = 5.0
+    checkpoint_interval: float = 300.0
+    checkpoint_ops: int = 100_000
+    rereplicate_interval: float = 2.0
+    fsync: bool = True
+    snapshot_retry_seconds: float = 120.0
+
+
+class Master:
+    def __init__(
+        self, data_dir: Path, token: str, location: Location, chunk_size: int, replication: int,
+        options: Options | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.token = token
+        self.location = location
+        self.opts = options or Options()
+        state, self.recovery = recover(data_dir, chunk_size, replication)
+        self.state: MasterState = state
+        self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync)
+        self.cs: dict[str, CS] = {}
+        self.locations: dict[int, set[str]] = {}
+        self.leases: dict[str, Lease] = {}
+        self.path_leases: dict[str, str] = {}
+        self.builders: dict[str, asyncio.Task[Any]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._ops_since_checkpoint = self.recovery.replayed
+        self._last_checkpoint = time.monotonic()
+        self._checkpointing = False
+        self._rerepl_dirty = True
+        self._pending_init = state.seq == 0
+        self._chunk_size_cfg = chunk_size
+        self._replication_cfg = replication
+
+    # ------------------------------------------------------------------ plumbing
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=make_middlewares(self.token, M.MASTER_HTTP), client_max_size=8 << 20)
+        r = app.router
+        r.add_get("/healthz", self.h_healthz)
+        r.add_get("/readyz", self.h_healthz)
+        r.add_get("/metrics", self.h_metrics)
+        r.add_get("/api/v1/status", self.h_status)
+        r.add_get("/api/v1/chunkservers", self.h_chunkservers)
+        r.add_post("/api/v1/fs/mkdir", self.h_mkdir)
+        r.add_get("/api/v1/fs/stat", self.h_stat)
+        r.add_get("/api/v1/fs/ls", self.h_ls)
+        r.add_post("/api/v1/fs/rm", self.h_rm)
+        r.add_post("/api/v1/fs/mv", self.h_mv)
+        r.add_post("/api/v1/fs/open", self.h_open)
+        r.add_post("/api/v1/fs/alloc", self.h_alloc)
+        r.add_post("/api/v1/fs/commit", self.h_commit)
+        r.add_post("/api/v1/fs/abort", self.h_abort)
+        r.add_get("/api/v1/fs/layout", self.h_layout)
+        r.add_post("/api/v1/snapshots", self.h_snap_create)
+        r.add_get("/api/v1/snapshots", self.h_snap_list)
+        r.add_get("/api/v1/snapshots/{ref}", self.h_snap_show)
+        r.add_delete("/api/v1/snapshots/{ref}", self.h_snap_delete)
+        r.add_post("/api/v1/snapshots/{ref}/restore", self.h_snap_restore)
+        r.add_post("/api/v1/admin/checkpoint", self.h_checkpoint)
+        r.add_get("/api/v1/admin/dump", self.h_dump)
+        r.add_post("/internal/heartbeat", self.h_heartbeat)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=aiohttp.ClientTimeout(total=120, connect=3),
+        )
+        if self._pending_init:
+            await self.mutate({"op": "init", "chunk_size": self._chunk_size_cfg, "replication": self._replication_cfg})
+        elif self._chunk_size_cfg != self.state.chunk_size:
+            log.warning("configured chunk size %d ignored: this file system uses %d",
+                        self._chunk_size_cfg, self.state.chunk_size)
+        await self.mutate({"op": "incarnation", "n": self.state.incarnation + 1})
+        for p in self.recovery.problems:
+            log.error("recovery: %s", p)
+        log.info("recovered to seq %d (checkpoint %d + %d ops replayed) in %.3fs",
+                 self.state.seq, self.recovery.checkpoint_seq, self.recovery.replayed, self.recovery.seconds)
+        for sid in list(self.state.pins):
+            log.info("resuming snapshot %s interrupted by a restart", sid)
+            self._start_builder(sid)
+        self._tasks += [
+            asyncio.create_task(self._liveness_loop()),
+            asyncio.create_task(self._rereplication_loop()),
+            asyncio.create_task(self._checkpoint_loop()),
+        ]
+
+    async def _stop(self, app: web.Application) -> None:
+        for t in self._tasks + list(self.builders.values()):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self.builders.values(), return_exceptions=True)
+        await self.oplog.drain()
+        self.oplog.close()
+        if self._session:
+            await self._session.close()
+
+    async def mutate(self, op: dict[str, Any]) -> Any:
+        """Apply ``op`` and wait until it is durable. The only way state changes."""
+        t0 = time.perf_counter()
+        self.oplog.stamp(op)
+        try:
+            result = self.state.apply(op)
+        except BaseException:
+            self.oplog.next_seq -= 1
+            raise
+        fut = self.oplog.enqueue(op)
+        self._ops_since_checkpoint += 1
+        await fut
+        M.M_OPLOG_RECORDS.inc()
+        M.M_OPLOG_FSYNC.observe(time.perf_counter() - t0)
+        return result
+
+    def alive(self) -> list[CS]:
+        return [c for c in self.cs.values() if c.alive and c.registered]
+
+    def replicas_of(self, h: int) -> list[CS]:
+        return [self.cs[i] for i in self.locations.get(h, ()) if i in self.cs and self.cs[i].alive]
+
+    async def call_cs(self, cs: CS, method: str, path: str, **kw: Any) -> Any:
+        assert self._session is not None
+        async with self._session.request(method, cs.address + path, **kw) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except (ValueError, aiohttp.ContentTypeError):
+                body = {"message": (await resp.text())[:300]}
+            if resp.status >= 300:
+                raise from_json(resp.status, body)
+            return body
+
+    # ------------------------------------------------------------------ small handlers
+
+    async def h_healthz(self, request: web.Request) -> web.Response:
+        return json_response({"ok": True, "seq": self.state.seq})
+
+    async def h_metrics(self, request: web.Request) -> web.Response:
+        self._update_gauges()
+        return await metrics_handler(M.MASTER)(request)
+
+    def _update_gauges(self) -> None:
+        st = self.state
+        M.M_CHUNKS.set(len(st.version))
+        M.M_FILES.set(sum(1 for h in st.live))  # cheap proxy: referenced chunks
+        alive = sum(1 for c in self.cs.values() if c.alive)
+        M.M_CHUNKSERVERS.labels("alive").set(alive)
+        M.M_CHUNKSERVERS.labels("dead").set(len(self.cs) - alive)
+        for c in self.cs.values():
+            M.M_CS_CAPACITY.labels(c.id, c.location.zone).set(c.capacity)
+            M.M_CS_USED.labels(c.id, c.location.zone).set(c.used)
+        for s in ("pending", "ready", "failed"):
+            M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
+        M.M_UNDER_REPLICATED.set(len(self._under_replicated(limit=None)))
+
+    async def h_status(self, request: web.Request) -> web.Response:
+        st = self.state
+        files, dirs, chunk_refs, size = ns.count(st.root)
+        return json_response({
+            "seq": st.seq, "epoch": st.epoch, "chunk_size": st.chunk_size,
+            "replication": st.replication, "files": files, "directories": dirs,
+            "logical_bytes": size, "chunks": len(st.version), "snapshots": len(st.snapshots),
+            "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
+            "under_replicated": len(self._under_replicated(limit=None)),
+            "cow_clones": st.cow_clones, "location": self.location.to_json(),
+            "recovery": {"checkpoint_seq": self.recovery.checkpoint_seq,
+                         "replayed": self.recovery.replayed, "problems": self.recovery.problems},
+        })
+
+    async def h_chunkservers(self, request: web.Request) -> web.Response:
+        return json_response({"chunkservers": [c.to_json() for c in self.cs.values()]})
+
+    async def h_dump(self, request: web.Request) -> web.Response:
+        return json_response(dump(self.state))
+
+    async def h_checkpoint(self, request: web.Request) -> web.Response:
+        path = await self.checkpoint()
+        return json_response({"checkpoint": path.name, "seq": self.state.seq})
+
+    # ------------------------------------------------------------------ namespace
+
+    async def h_mkdir(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        op = self.state.prepare_mkdir(field_str(b, "path"), field_bool(b, "parents"),
+                                      field_int(b, "mode", ns.DEFAULT_DIR_MODE, 0, 0o7777))
+        await self.mutate(op)
+        return json_response({"path": op["path"]}, status=201)
+
+    def _stat(self, path: str, node: ns.Node) -> dict[str, Any]:
+        if isinstance(node, ns.File):
+            return {"path": path, "type": "file", "size": node.size, "mode": node.mode,
+                    "mtime_ns": node.mtime, "chunks": len(node.chunks)}
+        return {"path": path, "type": "dir", "mode": node.mode, "mtime_ns": node.mtime,
+                "entries": len(node.children)}
+
+    async def h_stat(self, request: web.Request) -> web.Response:
+        parts, node = self.state.lookup(request.query.get("path", ""))
+        return json_response(self._stat(paths.join(parts), node))
+
+    async def h_ls(self, request: web.Request) -> web.Response:
+        parts, node = self.state.lookup(request.query.get("path", ""))
+        base = paths.join(parts)
+        if isinstance(node, ns.File):
+            return json_response({"path": base, "entries": [self._stat(base, node)], "next": None})
+        try:
+            limit = int(request.query.get("limit", "1000"))
+        except ValueError as exc:
+            raise InvalidArgument("limit must be an integer") from exc
+        limit = max(1, min(limit, 10000))
+        after = request.query.get("after", "")
+        names = sorted(n for n in node.children.keys() if n > after)
+        page = names[:limit]
+        entries = [self._stat(base.rstrip("/") + "/" + n, node.children[n]) for n in page]
+        nxt = page[-1] if len(names) > limit else None
+        return json_response({"path": base, "entries": entries, "next": nxt})
+
+    async def h_rm(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        op = self.state.prepare_rm(field_str(b, "path"), field_bool(b, "recursive"))
+        self._check_no_lease_below(op["path"])
+        await self.mutate(op)
+        return json_response({"removed": op["path"]})
+
+    async def h_mv(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        op = self.state.prepare_mv(field_str(b, "src"), field_str(b, "dst"))
+        self._check_no_lease_below(op["src"])
+        await self.mutate(op)
+        return json_response({"moved": op["src"], "to": op["dst"]})
+
+    def _check_no_lease_below(self, path: str) -> None:
+        self._expire_leases()
+        pre = paths.split(path)
+        for p in self.path_leases:
+            if paths.is_within(paths.split(p), pre):
+                raise Conflict(f"{p} is being written; try again when the write finishes")
+
+    # ------------------------------------------------------------------ write path
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for lid, lease in list(self.leases.items()):
+            if lease.expires < now:
+                self._drop_lease(lid)
+
+    def _drop_lease(self, lid: str) -> None:
+        lease = self.leases.pop(lid, None)
+        if lease and self.path_leases.get(lease.path) == lid:
+            del self.path_leases[lease.path]
+
+    def _lease(self, b: dict[str, Any]) -> Lease:
+        self._expire_leases()
+        lid = field_str(b, "lease", max_len=64)
+        lease = self.leases.get(lid)
+        if lease is None:
+            raise Conflict("unknown or expired write lease; start the write again")
+        lease.expires = time.monotonic() + LEASE_SECONDS
+        return lease
+
+    def _cs_json(self, ids: list[str]) -> list[dict[str, Any]]:
+        return [{"id": i, "address": self.cs[i].address} for i in ids if i in self.cs]
+
+    async def h_open(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        parts = paths.split(field_str(b, "path"))
+        path = paths.join(parts)
+        mode = field_str(b, "mode", "create")
+        if mode not in ("create", "overwrite", "append"):
+            raise InvalidArgument("mode must be create, overwrite or append")
+        file_mode = field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777)
+        if not parts:
+            raise InvalidArgument("cannot write to /")
+        ns.must_dir(self.state.root, parts[:-1])
+        self._expire_leases()
+        if path in self.path_leases:
+            raise Conflict(f"{path} is already being written")
+        node = ns.get(self.state.root, parts)
+        if isinstance(node, ns.Dir):
+            raise InvalidArgument(f"{path} is a directory")
+        if mode == "create" and node is not None:
+            raise AlreadyExists(f"{path} already exists")
+        if mode == "append" and node is None:
+            raise NotFound(f"no such file: {path}")
+        lease = Lease(uuid.uuid4().hex, path, mode, node.mode if node else file_mode, node,
+                      node.chunks if (node and mode == "append") else (), None,
+                      time.monotonic() + LEASE_SECONDS)
+        self.leases[lease.id] = lease
+        self.path_leases[path] = lease.id
+        out: dict[str, Any] = {"lease": lease.id, "chunk_size": self.state.chunk_size, "size": 0}
+        try:
+            if mode == "append":
+                assert isinstance(node, ns.File)
+                out["size"] = node.size
+                if node.size % self.state.chunk_size and node.chunks:
+                    out["last"] = await self._prepare_inplace(lease, parts, node)
+        except BaseException:
+            self._drop_lease(lease.id)
+            raise
+        return json_response(out)
+
+    async def _prepare_inplace(self, lease: Lease, parts: tuple[str, ...], node: ns.File) -> dict[str, Any]:
+        """The last, partial chunk will be appended to: clone it first if it is shared (COW),
+        else bump its version so replicas that miss the write are detectably stale."""
+        st = self.state
+        last = node.chunks[-1]
+        reps = self.replicas_of(last)
+        if not reps:
+            raise Unavailable(f"no live replica of chunk {hexh(last)}")
+        if st.is_shared(last):
+            new = st.new_handle()
+            version = st.version[last]
+            results = await asyncio.gather(
+                *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(last)}/clone",
+                               json={"dst": hexh(new), "version": version}) for c in reps),
+                return_exceptions=True,
+            )
+            ok = [c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)]
+            if not ok:
+                raise Unavailable(f"no replica could clone chunk {hexh(last)}: {results[0]}")
+            cur = ns.get(st.root, parts)
+            if cur is not node:
+                raise Conflict("the file changed while preparing the append; retry")
+            await self.mutate({"op": "cow", "path": lease.path, "index": len(node.chunks) - 1,
+                               "old": last, "new": new})
+            M.M_COW.inc()
+            self.locations[new] = set(ok)
+            target, tv = new, version
+        else:
+            tv = st.version[last] + 1
+            await self.mutate({"op": "bump", "h": last, "v": tv})
+            target = last
+        cur = ns.get(st.root, parts)
+        assert isinstance(cur, ns.File)
+        lease.node = cur
+        lease.base = cur.chunks
+        lease.inplace = target
+        return {"handle": hexh(target), "version": tv, "offset": node.size % st.chunk_size,
+                "replicas": self._cs_json(sorted(c.id for c in self.replicas_of(target)))}
+
+    async def h_alloc(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        lease = self._lease(b)
+        alive = [c.candidate() for c in self.alive()]
+        chosen = place_replicas(alive, self.state.replication, need_bytes=0)
+        if not chosen:
+            raise Unavailable("no live chunkserver to place a chunk on")
+        h = self.state.new_handle()
+        lease.allocated[h] = [c.id for c in chosen]
+        return json_response({"handle": hexh(h), "version": 1, "replicas": self._cs_json(lease.allocated[h])})
+
+    async def h_abort(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        lid = field_str(b, "lease", max_len=64)
+        self._drop_lease(lid)
+        return json_response({"aborted": lid})
+
+    async def h_commit(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        lease = self._lease(b)
+        st = self.state
+        size = field_int(b, "size", None, 0)
+        raw_chunks = b.get("chunks")
+        if not isinstance(raw_chunks, list):
+            raise InvalidArgument("chunks must be a list of {handle, replicas}")
+        handles: list[int] = []
+        acked: dict[int, list[str]] = {}
+        for item in raw_chunks:
+            if not isinstance(item, dict):
+                raise InvalidArgument("each chunk must be an object")
+            h = handle_hex(field_str(item, "handle"))
+            handles.append(h)
+            reps = item.get("replicas", [])
+            if not isinstance(reps, list) or not all(isinstance(x, str) for x in reps):
+                raise InvalidArgument("replicas must be a list of chunkserver ids")
+            acked[h] = reps
+        cs = st.chunk_size
+        if not ((size == 0 and not handles) or (len(handles) - 1) * cs < size <= len(handles) * cs):
+            raise InvalidArgument(f"size {size} does not fit {len(handles)} chunks of {cs} bytes")
+        base = lease.base
+        if tuple(handles[: len(base)]) != base:
+            raise InvalidArgument("the chunk list must start with the file's existing chunks")
+        new = handles[len(base):]
+        if len(set(new)) != len(new) or any(h not in lease.allocated for h in new):
+            raise InvalidArgument("chunk list names chunks not allocated for this write")
+        for h in new:
+            if not acked.get(h):
+                raise InvalidArgument(f"chunk {hexh(h)} has no replica that acknowledged it")
+        if lease.mode == "append" and size < (lease.node.size if lease.node else 0):
+            raise InvalidArgument("an append cannot shrink the file")
+        parts = paths.split(lease.path)
+        cur = ns.get(st.root, parts)
+        if cur is not lease.node:
+            self._drop_lease(lease.id)
+            raise Conflict(f"{lease.path} changed during the write; retry")
+        if lease.inplace is not None and st.is_shared(lease.inplace):
+            self._drop_lease(lease.id)
+            raise Conflict("a snapshot was taken during the append; retry")
+        ns.must_dir(st.root, parts[:-1])
+        op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
+              "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
+        self._drop_lease(lease.id)
+        await self.mutate(op)
+        for h in new:
+            self.locations[h] = {i for i in acked[h] if i in self.cs}
+            for i in self.locations[h]:
+                self.cs[i].chunks[h] = 1
+            if len(self.locations[h]) < st.replication:
+                self._rerepl_dirty = True
+        return json_response({"path": lease.path, "size": size, "chunks": len(handles)})
+
+    async def h_layout(self, request: web.Request) -> web.Response:
+        parts, node = self.state.lookup(request.query.get("path", ""))
+        if not isinstance(node, ns.File):
+            raise InvalidArgument(f"{paths.join(parts)} is a directory")
+        near = Location(request.query.get("node", ""), request.query.get("zone", ""),
+                        request.query.get("region", ""), request.query.get("ip", "") or (request.remote or ""))
+        chunks = []
+        for h in node.chunks:
+            reps = [c.candidate() for c in self.replicas_of(h)]
+            ranked = find_nearest(near, reps)
+            chunks.append({"handle": hexh(h), "version": self.state.version.get(h, 0),
+                           "replicas": [{"id": r.candidate.id, "address": r.candidate.address} for r in ranked]})
+        return json_response({"path": paths.join(parts), "size": node.size, "mode": node.mode,
+                              "mtime_ns": node.mtime, "chunk_size": self.state.chunk_size, "chunks": chunks})
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
+
+    async def h_snap_create(self, request: web.Request) -> web.Response:
+        b = await read_json(request)
+        name = field_str(b, "name", max_len=253)
+        if not NAME_RE.fullmatch(name):
+            raise InvalidArgument("snapshot name: letters, digits, '.', '_' and '-' (max 253)")
+        path = paths.normalize(field_str(b, "path"))
+        copies = field_int(b, "copies", 2, 1, 16)
+        sid = record_id(field_str(b, "id", "s-" + uuid.uuid4().hex, max_len=128))
+        targets = b.get("targets") or []
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) or len(targets) > 256:
+            raise InvalidArgument("targets must be a list of chunkserver ids or addresses")
+        near = b.get("near") or {}
+        if not isinstance(near, dict):
+            raise InvalidArgument("near must be an object {node, zone, region, ip}")
+        labels = b.get("labels") or {}
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise InvalidArgument("labels must be a string map")
+        st = self.state
+        if sid in st.snapshots:
+            e = st.snapshots[sid]
+            if e["name"] != name or e["path"] != path:
+                raise Conflict(f"snapshot id {sid} already exists with another name or path")
+            return json_response(self._snap_json(e), status=200)
+        if name in st.snapshot_names:
+            raise AlreadyExists(f"a snapshot named {name!r} already exists")
+        st.lookup(path)  # must exist
+        op = {"op": "snap_capture", "id": sid, "name": name, "path": path, "created": now_ns(),
+              "copies": copies, "targets": targets, "near": Location.from_json(near).to_json(),
+              "labels": labels}
+        t0 = time.perf_counter()
+        self.oplog.stamp(op)
+        try:
+            st.apply(op)  # O(1): pins the current immutable root
+        except BaseException:
+            self.oplog.next_seq -= 1
+            raise
+        M.M_SNAP_CAPTURE.observe(time.perf_counter() - t0)
+        await self.oplog.enqueue(op)
+        self._start_builder(sid)
+        return json_response(self._snap_json(st.snapshots[sid]), status=202)
+
+    def _start_builder(self, sid: str) -> None:
+        if sid not in self.builders or self.builders[sid].done():
+            self.builders[sid] = asyncio.create_task(self._build(sid))
+
+    def _rank_holders(self, entry: dict[str, Any]) -> list[tuple[CS, str]]:
+        ref = Location.from_json(entry.get("near")) if entry.get("near") else self.location
+        if not (ref.node or ref.zone or ref.region or ref.ip):
+            ref = self.location
+        alive = {c.id: c for c in self.alive()}
+        ranked = find_nearest(ref, [c.candidate() for c in alive.values()])
+        targets = entry.get("targets") or []
+        if targets:
+            by_addr = {c.address: c.id for c in alive.values()}
+            order = [by_addr.get(t, t) for t in targets]
+            pos = {cid: i for i, cid in enumerate(order)}
+            ranked.sort(key=lambda r: pos.get(r.candidate.id, len(order)))
+        ranked = diversify(ranked, entry["copies"]) if not targets else ranked
+        return [(alive[r.candidate.id], r.reason) for r in ranked]
+
+    async def _build(self, sid: str) -> None:
+        st = self.state
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.opts.snapshot_retry_seconds
+        loop = asyncio.get_running_loop()
+        try:
+            entry = st.snapshots[sid]
+            pin = st.pins[sid]
+            meta = {k: entry[k] for k in ("id", "name", "path", "created", "epoch")}
+            meta["chunk_size"] = st.chunk_size
+            rec = await loop.run_in_executor(None, build_record, meta, pin.node, st.version.__getitem__)
+            holders: list[dict[str, Any]] = []
+            last_err = "no live chunkserver"
+            delay = 0.5
+            while True:
+                for cs, reason in self._rank_holders(entry):
+                    if len(holders) >= entry["copies"]:
+                        break
+                    if any(h["id"] == cs.id for h in holders):
+                        continue
+                    try:
+                        await self.call_cs(cs, "PUT", f"/internal/records/{sid}", data=rec.data,
+                                           headers={"X-Kubegfs-Sha256": rec.sha256,
+                                                    "X-Kubegfs-Snapshot-Name": entry["name"],
+                                                    "X-Kubegfs-Created": entry["created"]})
+                        cs.records.add(sid)
+                        holders.append({"id": cs.id, "address": cs.address, **cs.location.to_json(),
+                                        "reason": reason})
+                    except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                        last_err = f"{cs.id}: {exc}"
+                        log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
+                if holders or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            if not holders:
+                await self.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
+                M.M_SNAP_RESULT.labels("failed").inc()
+                return
+            dur = time.perf_counter() - t0
+            await self.mutate({
+                "op": "snap_commit", "id": sid, "sha256": rec.sha256, "record_bytes": len(rec.data),
+                "holders": holders, "files": rec.counts["files"], "dirs": rec.counts["dirs"],
+                "chunks": rec.counts["chunks"], "logical_bytes": rec.counts["bytes"],
+                "duration_seconds": round(dur, 6), "handles_z": pack_handles(rec.handles),
+                "location_reason": holders[0]["reason"],
+            })
+            M.M_SNAP_BUILD.observe(dur)
+            M.M_SNAP_RECORD.observe(len(rec.data))
+            M.M_SNAP_RESULT.labels("success").inc()
+            log.info("snapshot %s (%s) of %s ready: %d files, %d record bytes on %s in %.3fs",
+                     entry["name"], sid, entry["path"], rec.counts["files"], len(rec.data),
+                     ",".join(h["id"] for h in holders), dur)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("snapshot %s failed", sid)
+            if sid in st.pins:
+                await self.mutate({"op": "snap_fail", "id": sid, "error": str(exc)})
+                M.M_SNAP_RESULT.labels("failed").inc()
+        finally:
+            self.builders.pop(sid, None)
+
+    async def h_snap_list(self, request: web.Request) -> web.Response:
+        snaps = sorted(self.state.snapshots.values(), key=lambda e: e["created_ns"])
+        return json_response({"snapshots": [self._snap_json(e) for e in snaps]})
+
+    async def h_snap_show(self, request: web.Request) -> web.Response:
+        e = self.state.snapshot_by_ref(request.match_info["ref"])
+        return json_response(self._snap_json(e))
+
+    async def h_snap_delete(self, request: web.Request) -> web.Response:
+        e = self.state.snapshot_by_ref(request.match_info["ref"])
+        if e["state"] == "pending":
+            raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
+        await self.mutate({"op": "snap_delete", "id": e["id"]})
+        for h in e.get("holders", []):
+            cs = self.cs.get(h["id"])
+            if cs and cs.alive:
+                try:
+                    await self.call_cs(cs, "DELETE", f"/internal/records/{e['id']}")
+                    cs.records.discard(e["id"])
+                except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                    log.warning("deleting record %s on %s failed (%s); heartbeat GC will", e["id"], cs.id, exc)
+        return json_response({"deleted": e["name"], "id": e["id"]})
+
+    async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord, bytes, dict[str, Any]]:
+        """The record from the nearest healthy holder; fall back on error or bad checksum."""
+        holders = []
+        for h in e.get("holders", []):
+            cs = self.cs.get(h["id"])
+            if cs and cs.alive:
+                holders.append(cs)
+        ranked = find_nearest(self.location, [c.candidate() for c in holders])
+        errors = []
+        assert self._session is not None
+        loop = asyncio.get_running_loop()
+        for r in ranked:
+            cs = self.cs[r.candidate.id]
+            try:
+                async with self._session.get(f"{cs.address}/internal/records/{e['id']}") as resp:
+                    if resp.status != 200:
+                        raise from_json(resp.status, await resp.json(content_type=None))
+                    data = await resp.read()
+                parsed = await loop.run_in_executor(None, parse_record, data, e["sha256"])
+                return parsed, data, {"id": cs.id, "address": cs.address, **cs.location.to_json()}
+            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError, ValueError) as exc:
+                log.warning("snapshot %s: copy on %s unusable: %s", e["id"], cs.id, exc)
+                errors.append(f"{cs.id}: {exc}")
+        raise Unavailable(f"no usable copy of snapshot {e['name']}: " + ("; ".join(errors) or "no live holder"))
+
+    async def h_snap_restore(self, request: web.Request) -> web.Response:
+        t0 = time.perf_counter()
+        try:
+            resp = await self._restore(request)
+        except Exception:
+            M.M_RESTORE_RESULT.labels("failed").inc()
+            raise
+        M.M_RESTORE_RESULT.labels("success").inc()
+        M.M_RESTORE.observe(time.perf_counter() - t0)
+        return resp
+
+    async def _restore(self, request: web.Request) -> web.Response:
+        t0 = time.perf_counter()
+        b = await read_json(request)
+        e = self.state.snapshot_by_ref(request.match_info["ref"])
+        if e["state"] != "ready":
+            raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
+        to = b.get("to")
+        if to is not None:
+            parts = paths.split(field_str(b, "to"))
+            mode = "new"
+        else:
+            parts = paths.split(e["path"])
+            mode = "inplace"
+        self._check_target(parts, mode)
+        parsed, blob, source = await self.fetch_record(e)
+        self._check_target(parts, mode)  # re-check: the namespace may have moved on meanwhile
+        st = self.state
+        missing = [h for h, _v in parsed.chunks if h not in st.version]
+        if missing:
+            raise CorruptData(f"snapshot references {len(missing)} chunks the master no longer has")
+        if mode == "inplace":
+            self._check_no_lease_below(paths.join(parts))
+        result = await self.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
+                                    "blob": blob, "mtime": now_ns(), "_parsed": parsed})
+        return json_response({"snapshot": e["name"], "path": paths.join(parts), "mode": mode,
+                              "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
+                              **result})
+
+    def _check_target(self, parts: tuple[str, ...], mode: str) -> None:
+        st = self.state
+        if not parts:
+            if mode == "new":
+                raise InvalidArgument("cannot restore to /")
+            return
+        ns.must_dir(st.root, parts[:-1])
+        if mode == "new" and ns.get(st.root, parts) is not None:
+            raise AlreadyExists(f"restore target {paths.join(parts)} already exists")
+
+    # ------------------------------------------------------------------ heartbeats & repair
+
+    async def h_heartbeat(self, request: web.Request) -> web.Response:
+        b = await read_json(request, limit=64 << 20)
+        cid = field_str(b, "id", max_len=128)
+        address = field_str(b, "address", max_len=300)
+        if not address.startswith(("http://", "https://")):
+            raise InvalidArgument("address must be an http(s) URL")
+        loc = Location.from_json(b.get("location"))
+        st = self.state
+        cs = self.cs.get(cid)
+        full = field_bool(b, "full", False)
+        if not full and (cs is None or not cs.registered):
+            return json_response({"reregister": True, "chunk_size": st.chunk_size})
+        if cs is None:
+            cs = self.cs[cid] = CS(cid, address, loc)
+        cs.address, cs.location = address, loc
+        cs.capacity = field_int(b, "capacity_bytes", 0)
+        cs.used = field_int(b, "used_bytes", 0)
+        cs.free = field_int(b, "free_bytes", 0)
+        cs.last_seen = time.monotonic()
+        if not cs.alive or not cs.registered:
+            log.info("chunkserver %s at %s registered (node=%s zone=%s region=%s)", cid, address,
+                     loc.node, loc.zone, loc.region)
+        cs.alive = True
+        delete: set[int] = set()
+
+        def take(items: Any) -> None:
+            if not isinstance(items, list):
+                raise InvalidArgument("chunk lists must be [[handle, version], ...]")
+            for it in items:
+                if not (isinstance(it, list) and len(it) == 2 and isinstance(it[1], int)):
+                    raise InvalidArgument("chunk lists must be [[handle, version], ...]")
+                h = handle_hex(it[0])
+                v = it[1]
+                cs.chunks[h] = v
+                want = st.version.get(h)
+                if want is None:
+                    if not self._allocated(h):
+                        delete.add(h)
+                    continue
+                if v < want:
+                    delete.add(h)  # stale replica: missed a mutation
+                    self.locations.get(h, set()).discard(cid)
+                    self._rerepl_dirty = True
+                    continue
+                self.locations.setdefault(h, set()).add(cid)
+
+        if full:
+            for h in list(cs.chunks):
+                self.locations.get(h, set()).discard(cid)
+            cs.chunks = {}
+            take(b.get("chunks", []))
+            cs.registered = True
+            self._rerepl_dirty = True
+            # records this chunkserver should hold but lost (e.g. a new disk)
+            recs = set(b.get("records") or [])
+            for e in list(st.snapshots.values()):
+                if e["state"] == "ready" and any(h["id"] == cid for h in e["holders"]) and e["id"] not in recs:
+                    holders = [h for h in e["holders"] if h["id"] != cid]
+                    log.warning("chunkserver %s lost its copy of snapshot %s", cid, e["name"])
+                    await self.mutate({"op": "snap_holders", "id": e["id"], "holders": holders})
+        else:
+            take(b.get("added", []))
+            for hs in b.get("removed", []) or []:
+                h = handle_hex(hs)
+                cs.chunks.pop(h, None)
+                self.locations.get(h, set()).discard(cid)
+        for hs in b.get("corrupt", []) or []:
+            h = handle_hex(hs)
+            M.M_CORRUPT.inc()
+            log.error("chunkserver %s reports chunk %s corrupt; re-replicating from a good copy", cid, hs)
+            self.locations.get(h, set()).discard(cid)
+            delete.add(h)
+            self._rerepl_dirty = True
+        records = b.get("records") or []
+        if not isinstance(records, list):
+            raise InvalidArgument("records must be a list")
+        cs.records = {r for r in records if isinstance(r, str)}
+        delete_records = sorted(r for r in cs.records if r not in st.snapshots)
+        for h in st.garbage & cs.chunks.keys():
+            delete.add(h)
+        for h in delete & st.garbage:
+            if not any(h in c.chunks for c in self.cs.values() if c.id != cid):
+                st.garbage.discard(h)
+        if delete:
+            M.M_GC.inc(len(delete))
+        return json_response({
+            "delete_chunks": [hexh(h) for h in sorted(delete)],
+            "delete_records": delete_records,
+            "chunk_size": st.chunk_size,
+        })
+
+    def _allocated(self, h: int) -> bool:
+        return any(h in lease.allocated for lease in self.leases.values())
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.opts.dead_after / 4))
+            now = time.monotonic()
+            for cs in self.cs.values():
+                if cs.alive and cs.registered and now - cs.last_seen > self.opts.dead_after:
+                    log.warning("chunkserver %s missed heartbeats for %.1fs: marked dead", cs.id, now - cs.last_seen)
+                    cs.alive = False
+                    cs.registered = False
+                    for h in cs.chunks:
+                        self.locations.get(h, set()).discard(cs.id)
+                    self._rerepl_dirty = True
+
+    def _under_replicated(self, limit: int | None = 1000) -> list[tuple[int, int]]:
+        st = self.state
+        out = []
+        goal = st.replication
+        for h in st.version:
+            n = len(self.locations.get(h, ()))
+            if n < goal and (st.live.get(h) or st.snap.get(h)):
+                out.append((n, h))
+                if limit and len(out) >= limit * 4:
+                    break
+        out.sort()
+        return out[:limit] if limit else out
+
+    async def _rereplication_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.rereplicate_interval)
+            if not self._rerepl_dirty:
+                continue
+            try:
+                await self._rereplicate_once()
+            except Exception:  # noqa: BLE001
+                log.exception("re-replication pass failed")
+
+    async def _rereplicate_once(self) -> int:
+        self._rerepl_dirty = False
+        alive = [c.candidate() for c in self.alive()]
+        todo = self._under_replicated(limit=200)
+        sem = asyncio.Semaphore(8)
+        done = 0
+
+        async def one(h: int) -> None:
+            nonlocal done
+            srcs = self.replicas_of(h)
+            if not srcs:
+                log.error("chunk %s has no live replica left", hexh(h))
+                return
+            need = self.state.replication - len(srcs)
+            existing = [c.candidate() for c in srcs]
+            targets = place_replicas(alive, need, existing=existing, exclude={c for c in self.cs if h in self.cs[c].chunks})
+            for t in targets:
+                async with sem:
+                    try:
+                        await self.call_cs(self.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
+                                           json={"source": srcs[0].address, "version": self.state.version.get(h, 1)})
+                        self.locations.setdefault(h, set()).add(t.id)
+                        self.cs[t.id].chunks[h] = self.state.version.get(h, 1)
+                        M.M_REREPL.labels("success").inc()
+                        done += 1
+                    except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                        M.M_REREPL.labels("failed").inc()
+                        log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
+                        self._rerepl_dirty = True
+
+        await asyncio.gather(*(one(h) for _n, h in todo))
+        if len(todo) >= 200:
+            self._rerepl_dirty = True
+        return done
+
+    # ------------------------------------------------------------------ checkpoints
+
+    async def checkpoint(self) -> Path:
+        if self._checkpointing:
+            raise Conflict("a checkpoint is already being written")
+        self._checkpointing = True
+        try:
+            view = self.state.checkpoint_view()
+            await self.oplog.rotate()
+            path = await asyncio.get_running_loop().run_in_executor(None, write_checkpoint, self.data_dir, view)
+            self._ops_since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+            M.M_CHECKPOINTS.labels("success").inc()
+            log.info("checkpoint %s written", path.name)
+            return path
+        except Exception:
+            M.M_CHECKPOINTS.labels("failed").inc()
+            raise
+        finally:
+            self._checkpointing = False
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            due = self._ops_since_checkpoint >= self.opts.checkpoint_ops or (
+                self._ops_since_checkpoint and time.monotonic() - self._last_checkpoint > self.opts.checkpoint_interval
+            )
+            if due and not self.state.pins:
+                try:
+                    await self.checkpoint()
+                except Exception:  # noqa: BLE001
+                    log.exception("checkpoint failed")
+
+
+def run(listen: str, data_dir: Path, token: str, location: Location, chunk_size: int,
+        replication: int, options: Options | None = None) -> None:
+    from ..chunkserver.server import split_listen
+
+    host, port = split_listen(listen)
+    loc = location if location.ip else Location(location.node, location.zone, location.region, host)
+    m = Master(data_dir, token, loc, chunk_size, replication, options)
+    log.info("master listening on %s, data in %s", listen, data_dir)
+    web.run_app(m.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)

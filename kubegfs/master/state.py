@@ -1,0 +1,423 @@
+"""The master's replicated state machine: namespace, chunk table, snapshot catalog.
+
+Every mutation is an *op* (a msgpack-able dict). The server validates a request into an op with a
+``prepare_*`` method (which raises a clear error and changes nothing), appends the op to the
+operation log, and ``apply`` executes it; replaying the log after the latest checkpoint through
+the same ``apply`` rebuilds exactly the same state. ``apply`` never raises for a prepared op.
+
+Chunk sharing (GFS §3.4) is tracked by reference counts: ``live[h]`` counts references from files
+in the live tree, ``snap[h]`` references from committed snapshots. A snapshot's capture is O(1)
+(it pins the current immutable root and bumps ``epoch``); until it commits, every chunk born
+before its epoch is treated as shared, so the first write to it clones it (C → C′) first.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from .. import namespace as ns
+from .. import paths
+from ..errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from ..formats import CKPT_MAGIC, decode_tree, encode_tree, read_container, write_container
+
+DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+DEFAULT_REPLICATION = 3
+CHECKPOINT_VERSION = 1
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def rfc3339(ts_ns: int) -> str:
+    t = time.gmtime(ts_ns // 1_000_000_000)
+    ms = (ts_ns // 1_000_000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{ms:03d}Z"
+
+
+def pack_handles(handles: Iterable[int]) -> bytes:
+    a = array("q", sorted(handles))
+    for i in range(len(a) - 1, 0, -1):
+        a[i] -= a[i - 1]
+    return zstandard.ZstdCompressor(level=3).compress(a.tobytes())
+
+
+def unpack_handles(data: bytes) -> list[int]:
+    a = array("q")
+    a.frombytes(zstandard.ZstdDecompressor().decompress(data))
+    for i in range(1, len(a)):
+        a[i] += a[i - 1]
+    return a.tolist()
+
+
+@dataclass
+class Pin:
+    node: ns.Node
+    epoch: int
+
+
+class MasterState:
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, replication: int = DEFAULT_REPLICATION) -> None:
+        self.chunk_size = chunk_size
+        self.replication = replication
+        self.root: ns.Dir = ns.empty_root()
+        self.version: dict[int, int] = {}
+        self.born: dict[int, int] = {}
+        self.live: dict[int, int] = {}
+        self.snap: dict[int, int] = {}
+        self.epoch = 1
+        self.seq = 0
+        self.incarnation = 0
+        self.next_counter = 0
+        self.snapshots: dict[str, dict[str, Any]] = {}  # id -> catalog entry
+        self.snapshot_names: dict[str, str] = {}  # name -> id
+        self.pins: dict[str, Pin] = {}  # pending snapshots' pinned subtrees
+        self.protected: set[int] = set()  # unreferenced but maybe in a pending snapshot
+        self.garbage: set[int] = set()  # freed handles to delete from chunkservers (soft)
+        self.cow_clones = 0
+
+    # ------------------------------------------------------------------ queries
+
+    def lookup(self, path: str) -> tuple[tuple[str, ...], ns.Node]:
+        parts = paths.split(path)
+        return parts, ns.must_get(self.root, parts)
+
+    def max_pending_epoch(self) -> int:
+        return max((p.epoch for p in self.pins.values()), default=0)
+
+    def is_shared(self, h: int) -> bool:
+        return (
+            self.live.get(h, 0) + self.snap.get(h, 0) > 1
+            or self.born.get(h, 0) < self.max_pending_epoch()
+        )
+
+    def new_handle(self) -> int:
+        """Handles are unique across restarts: (incarnation << 32) | counter."""
+        self.next_counter += 1
+        return (self.incarnation << 32) | self.next_counter
+
+    def snapshot_by_ref(self, ref: str) -> dict[str, Any]:
+        sid = self.snapshot_names.get(ref, ref)
+        entry = self.snapshots.get(sid)
+        if entry is None:
+            raise NotFound(f"no such snapshot: {ref}")
+        return entry
+
+    # ------------------------------------------------------------------ prepare (validate)
+
+    def prepare_mkdir(self, path: str, parents: bool = False, mode: int = ns.DEFAULT_DIR_MODE) -> dict[str, Any]:
+        parts = paths.split(path)
+        _check_mode(mode)
+        ns.mkdir(self.root, parts, 0, mode, parents)  # raises if invalid
+        return {"op": "mkdir", "path": paths.join(parts), "parents": parents, "mode": mode, "mtime": now_ns()}
+
+    def prepare_rm(self, path: str, recursive: bool = False) -> dict[str, Any]:
+        parts, node = self.lookup(path)
+        if not parts:
+            raise InvalidArgument("cannot remove the root")
+        if isinstance(node, ns.Dir) and len(node.children) and not recursive:
+            raise Conflict(f"directory not empty: {paths.join(parts)} (use recursive)")
+        return {"op": "rm", "path": paths.join(parts), "mtime": now_ns()}
+
+    def prepare_mv(self, src: str, dst: str) -> dict[str, Any]:
+        s = paths.split(src)
+        d = paths.split(dst)
+        ns.check_move(s, d)
+        ns.must_get(self.root, s)
+        if ns.get(self.root, d) is not None:
+            raise AlreadyExists(f"destination exists: {paths.join(d)}")
+        ns.must_dir(self.root, d[:-1])
+        return {"op": "mv", "src": paths.join(s), "dst": paths.join(d), "mtime": now_ns()}
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, op: dict[str, Any]) -> Any:
+        fn = getattr(self, "_apply_" + op["op"])
+        result = fn(op)
+        if "seq" in op:
+            self.seq = op["seq"]
+        return result
+
+    def _apply_init(self, op: dict[str, Any]) -> None:
+        self.chunk_size = op["chunk_size"]
+        self.replication = op["replication"]
+
+    def _apply_incarnation(self, op: dict[str, Any]) -> None:
+        self.incarnation = op["n"]
+        self.next_counter = 0
+
+    def _apply_mkdir(self, op: dict[str, Any]) -> None:
+        parts = paths.split(op["path"])
+        self.root = ns.mkdir(self.root, parts, op["mtime"], op["mode"], op["parents"])
+
+    def _apply_commit(self, op: dict[str, Any]) -> None:
+        parts = paths.split(op["path"])
+        old = ns.get(self.root, parts)
+        for h, v in op.get("new", ()):
+            self.version[h] = v
+            self.born[h] = self.epoch
+            self.protected.discard(h)
+        chunks = tuple(op["chunks"])
+        for h in chunks:
+            self.live[h] = self.live.get(h, 0) + 1
+        if isinstance(old, ns.File):
+            self._unref_live(old.chunks)
+        f = ns.File(op["size"], op["mtime"], op["mode"], chunks)
+        self.root = ns.replace(self.root, parts, f, op["mtime"])
+
+    def _apply_bump(self, op: dict[str, Any]) -> None:
+        self.version[op["h"]] = op["v"]
+
+    def _apply_cow(self, op: dict[str, Any]) -> None:
+        parts = paths.split(op["path"])
+        f = ns.get(self.root, parts)
+        assert isinstance(f, ns.File)
+        old, new, idx = op["old"], op["new"], op["index"]
+        chunks = list(f.chunks)
+        chunks[idx] = new
+        self.version[new] = self.version[old]
+        self.born[new] = self.epoch
+        self.live[new] = 1
+        self.cow_clones += 1
+        nf = ns.File(f.size, f.mtime, f.mode, tuple(chunks))
+        self.root = ns.replace(self.root, parts, nf, _dir_mtime(self.root, parts))
+        self._unref_live((old,))
+
+    def _apply_rm(self, op: dict[str, Any]) -> None:
+        parts = paths.split(op["path"])
+        node = ns.must_get(self.root, parts)
+        self.root = ns.replace(self.root, parts, None, op["mtime"])
+        self._unref_live(ns.iter_chunks(node))
+
+    def _apply_mv(self, op: dict[str, Any]) -> None:
+        s = paths.split(op["src"])
+        d = paths.split(op["dst"])
+        node = ns.must_get(self.root, s)
+        root = ns.replace(self.root, s, None, op["mtime"])
+        self.root = ns.replace(root, d, node, op["mtime"])
+
+    def _apply_snap_capture(self, op: dict[str, Any]) -> None:
+        parts = paths.split(op["path"])
+        node = ns.must_get(self.root, parts)
+        self.epoch += 1
+        self.pins[op["id"]] = Pin(node, self.epoch)
+        entry = {
+            "id": op["id"],
+            "name": op["name"],
+            "path": op["path"],
+            "created": rfc3339(op["created"]),
+            "created_ns": op["created"],
+            "epoch": self.epoch,
+            "state": "pending",
+            "copies": op["copies"],
+            "targets": op.get("targets") or [],
+            "near": op.get("near") or {},
+            "labels": op.get("labels") or {},
+            "files": 0, "dirs": 0, "chunks": 0, "logical_bytes": 0,
+            "record_bytes": 0, "sha256": "", "holders": [], "error": "",
+            "duration_seconds": 0.0,
+        }
+        self.snapshots[op["id"]] = entry
+        self.snapshot_names[op["name"]] = op["id"]
+
+    def _apply_snap_commit(self, op: dict[str, Any]) -> None:
+        entry = self.snapshots[op["id"]]
+        handles = unpack_handles(op["handles_z"])
+        snap = self.snap
+        for h in handles:
+            snap[h] = snap.get(h, 0) + 1
+        entry.update(
+            state="ready", sha256=op["sha256"], record_bytes=op["record_bytes"],
+            holders=op["holders"], files=op["files"], dirs=op["dirs"], chunks=op["chunks"],
+            logical_bytes=op["logical_bytes"], duration_seconds=op["duration_seconds"],
+            handles_z=op["handles_z"], location_reason=op.get("location_reason", ""),
+        )
+        self.pins.pop(op["id"], None)
+        self._recheck_protected()
+
+    def _apply_snap_fail(self, op: dict[str, Any]) -> None:
+        entry = self.snapshots[op["id"]]
+        entry.update(state="failed", error=op["error"])
+        self.pins.pop(op["id"], None)
+        self._recheck_protected()
+
+    def _apply_snap_holders(self, op: dict[str, Any]) -> None:
+        self.snapshots[op["id"]]["holders"] = op["holders"]
+
+    def _apply_snap_delete(self, op: dict[str, Any]) -> None:
+        entry = self.snapshots.pop(op["id"])
+        if self.snapshot_names.get(entry["name"]) == op["id"]:
+            del self.snapshot_names[entry["name"]]
+        self.pins.pop(op["id"], None)
+        if entry.get("state") == "ready":
+            snap = self.snap
+            freed = []
+            for h in unpack_handles(entry["handles_z"]):
+                c = snap.get(h, 0) - 1
+                if c > 0:
+                    snap[h] = c
+                else:
+                    snap.pop(h, None)
+                    freed.append(h)
+            for h in freed:
+                self._maybe_free(h)
+        self._recheck_protected()
+
+    def _apply_restore(self, op: dict[str, Any]) -> dict[str, Any]:
+        from ..snapobj import parse_record
+
+        parsed = op.get("_parsed") or parse_record(op["blob"])
+        parts = paths.split(op["path"])
+        tree = parsed.root
+        if op["mode"] == "inplace":
+            old = ns.get(self.root, parts)
+        else:
+            old = None
+        for h, _v in parsed.chunks:
+            self.live[h] = self.live.get(h, 0) + 1
+        self.root = ns.replace(self.root, parts, tree, op["mtime"])
+        if old is not None:
+            self._unref_live(ns.iter_chunks(old))
+        return {"files": parsed.files, "dirs": parsed.dirs, "chunks": len(parsed.chunks)}
+
+    # ------------------------------------------------------------------ refcounts
+
+    def _unref_live(self, handles: Iterable[int]) -> None:
+        live = self.live
+        freed = []
+        for h in handles:
+            c = live.get(h, 0) - 1
+            if c > 0:
+                live[h] = c
+            else:
+                live.pop(h, None)
+                freed.append(h)
+        for h in freed:
+            self._maybe_free(h)
+
+    def _maybe_free(self, h: int) -> None:
+        if self.live.get(h, 0) or self.snap.get(h, 0):
+            return
+        if self.born.get(h, 0) < self.max_pending_epoch():
+            self.protected.add(h)
+            return
+        self.version.pop(h, None)
+        self.born.pop(h, None)
+        self.protected.discard(h)
+        self.garbage.add(h)
+
+    def _recheck_protected(self) -> None:
+        for h in list(self.protected):
+            self.protected.discard(h)
+            self._maybe_free(h)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def checkpoint_view(self) -> dict[str, Any]:
+        """An O(copy of flat dicts) consistent view that can be encoded off the event loop."""
+        if self.pins:
+            raise Conflict("a snapshot is being built; checkpoint deferred")
+        return {
+            "seq": self.seq,
+            "root": self.root,
+            "version": self.version.copy(),
+            "born": self.born.copy(),
+            "snap": self.snap.copy(),
+            "epoch": self.epoch,
+            "incarnation": self.incarnation,
+            "next_counter": self.next_counter,
+            "chunk_size": self.chunk_size,
+            "replication": self.replication,
+            "snapshots": [dict(e) for e in self.snapshots.values()],
+            "cow_clones": self.cow_clones,
+        }
+
+
+def _dir_mtime(root: ns.Dir, parts: tuple[str, ...]) -> int:
+    parent = ns.get(root, parts[:-1])
+    return parent.mtime if isinstance(parent, ns.Dir) else 0
+
+
+def _check_mode(mode: int) -> None:
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+        raise InvalidArgument("mode must be an integer between 0 and 0o7777")
+
+
+def encode_checkpoint(view: dict[str, Any]) -> bytes:
+    from ..formats import with_crc_trailer
+
+    version = view["version"]
+    cols, _ = encode_tree(view["root"], lambda h: version.get(h, 0))
+    handles = sorted(version)
+    chunk_cols = {
+        "handles": array("q", handles).tobytes(),
+        "version": array("q", [version[h] for h in handles]).tobytes(),
+        "born": array("q", [view["born"].get(h, 0) for h in handles]).tobytes(),
+        "snap": array("q", [view["snap"].get(h, 0) for h in handles]).tobytes(),
+    }
+    header = {k: view[k] for k in ("seq", "epoch", "incarnation", "next_counter", "chunk_size", "replication", "cow_clones")}
+    body = {"tree": cols, "chunks": chunk_cols, "snapshots": view["snapshots"]}
+    return with_crc_trailer(write_container(CKPT_MAGIC, CHECKPOINT_VERSION, header, body))
+
+
+def decode_checkpoint(data: bytes) -> MasterState:
+    from ..errors import CorruptData
+    from ..formats import check_crc_trailer
+
+    version, header, body = read_container(CKPT_MAGIC, check_crc_trailer(data))
+    if version != CHECKPOINT_VERSION:
+        raise CorruptData(f"unsupported checkpoint version {version}")
+    st = MasterState(header["chunk_size"], header["replication"])
+    for k in ("seq", "epoch", "incarnation", "next_counter", "cow_clones"):
+        setattr(st, k, header[k])
+    dec = decode_tree(body["tree"])
+    if not isinstance(dec.root, ns.Dir):
+        raise CorruptData("checkpoint root is not a directory")
+    st.root = dec.root
+    cc = body["chunks"]
+    cols = {}
+    for k in ("handles", "version", "born", "snap"):
+        a = array("q")
+        a.frombytes(cc[k])
+        cols[k] = a.tolist()
+    for h, v, b, s in zip(cols["handles"], cols["version"], cols["born"], cols["snap"], strict=True):
+        st.version[h] = v
+        st.born[h] = b
+        if s:
+            st.snap[h] = s
+    for h, _v in dec.chunks:
+        st.live[h] = st.live.get(h, 0) + 1
+    for e in body["snapshots"]:
+        st.snapshots[e["id"]] = e
+        st.snapshot_names[e["name"]] = e["id"]
+    return st
+
+
+def dump(state: MasterState) -> dict[str, Any]:
+    """A deterministic, comparable dump of the durable state (tests compare these)."""
+    tree = []
+    for parts, node in ns.walk(state.root):
+        if isinstance(node, ns.File):
+            tree.append(["/" + "/".join(parts), "f", node.size, node.mode, node.mtime, list(node.chunks)])
+        else:
+            tree.append(["/" + "/".join(parts), "d", node.mode])
+    snaps = sorted(
+        ({k: v for k, v in e.items() if k != "handles_z"} for e in state.snapshots.values()),
+        key=lambda e: e["id"],
+    )
+    return {
+        "tree": tree,
+        "version": sorted(state.version.items()),
+        "live": sorted(state.live.items()),
+        "snap": sorted(state.snap.items()),
+        "snapshots": snaps,
+        "epoch": state.epoch,
+        "crc": zlib.crc32(repr(tree).encode()),
+    }

@@ -1,0 +1,139 @@
+"""Every Prometheus metric kubegfs exports, in one place (names ``kubegfs_*``; units in the name).
+
+Each process kind has its own registry so a master does not export operator series and so on.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MASTER = CollectorRegistry(auto_describe=True)
+CHUNKSERVER = CollectorRegistry(auto_describe=True)
+OPERATOR = CollectorRegistry(auto_describe=True)
+
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SNAP_LAT = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+_SIZE = tuple(float(1 << s) for s in range(10, 45, 3))  # 1 KiB .. 16 TiB
+
+
+class _Http:
+    def __init__(self, registry: CollectorRegistry, component: str) -> None:
+        self.requests = Counter(
+            "kubegfs_http_requests_total", "HTTP requests served",
+            ["component", "route", "method", "code"], registry=registry,
+        )
+        self.latency = Histogram(
+            "kubegfs_http_request_duration_seconds", "HTTP request latency",
+            ["component", "route", "method"], buckets=_LAT, registry=registry,
+        )
+        self.component = component
+
+
+# ----------------------------------------------------------------------------- master
+MASTER_HTTP = _Http(MASTER, "master")
+M_FILES = Gauge("kubegfs_master_files", "Files in the live namespace", registry=MASTER)
+M_CHUNKS = Gauge("kubegfs_master_chunks", "Chunks known to the master", registry=MASTER)
+M_UNDER_REPLICATED = Gauge(
+    "kubegfs_master_under_replicated_chunks", "Chunks with fewer live replicas than the goal",
+    registry=MASTER,
+)
+M_CHUNKSERVERS = Gauge(
+    "kubegfs_master_chunkservers", "Chunkservers by state", ["state"], registry=MASTER
+)
+M_CS_CAPACITY = Gauge(
+    "kubegfs_chunkserver_capacity_bytes", "Chunkserver capacity as reported by heartbeats",
+    ["chunkserver", "zone"], registry=MASTER,
+)
+M_CS_USED = Gauge(
+    "kubegfs_chunkserver_used_bytes", "Chunkserver used bytes as reported by heartbeats",
+    ["chunkserver", "zone"], registry=MASTER,
+)
+M_OPLOG_RECORDS = Counter("kubegfs_oplog_records_total", "Op-log records made durable", registry=MASTER)
+M_OPLOG_FSYNC = Histogram(
+    "kubegfs_oplog_commit_duration_seconds", "Time from apply to durable (group commit)",
+    buckets=_LAT, registry=MASTER,
+)
+M_CHECKPOINTS = Counter("kubegfs_checkpoints_total", "Checkpoints written", ["result"], registry=MASTER)
+M_COW = Counter("kubegfs_cow_clones_total", "Copy-on-write chunk clones ordered", registry=MASTER)
+M_GC = Counter("kubegfs_gc_chunks_deleted_total", "Chunk replicas ordered deleted by GC", registry=MASTER)
+M_REREPL = Counter(
+    "kubegfs_rereplications_total", "Chunk re-replications", ["result"], registry=MASTER
+)
+M_CORRUPT = Counter(
+    "kubegfs_corrupt_replicas_total", "Replicas reported corrupt by chunkservers", registry=MASTER
+)
+M_SNAPSHOTS = Gauge("kubegfs_master_catalog_snapshots", "Snapshots in the catalog", ["state"], registry=MASTER)
+M_SNAP_CAPTURE = Histogram(
+    "kubegfs_snapshot_capture_seconds", "Master pause to pin a snapshot's point-in-time view",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1), registry=MASTER,
+)
+M_SNAP_BUILD = Histogram(
+    "kubegfs_snapshot_build_seconds", "Capture to committed (build + ship + log)",
+    buckets=_SNAP_LAT, registry=MASTER,
+)
+M_SNAP_RECORD = Histogram(
+    "kubegfs_snapshot_record_bytes", "Size of SnapObj records", buckets=_SIZE, registry=MASTER
+)
+M_SNAP_RESULT = Counter(
+    "kubegfs_master_snapshots_total", "Snapshots finished by the master", ["result"], registry=MASTER
+)
+M_RESTORE = Histogram(
+    "kubegfs_master_restore_seconds", "Restore duration on the master", buckets=_SNAP_LAT,
+    registry=MASTER,
+)
+M_RESTORE_RESULT = Counter(
+    "kubegfs_master_restores_total", "Restores by result", ["result"], registry=MASTER
+)
+
+# ----------------------------------------------------------------------------- chunkserver
+CS_HTTP = _Http(CHUNKSERVER, "chunkserver")
+CS_CHUNKS = Gauge("kubegfs_chunkserver_chunks", "Chunks stored", registry=CHUNKSERVER)
+CS_BYTES = Gauge("kubegfs_chunkserver_stored_bytes", "Chunk bytes stored", registry=CHUNKSERVER)
+CS_RECORDS = Gauge("kubegfs_chunkserver_records", "Snapshot records stored", registry=CHUNKSERVER)
+CS_READ_BYTES = Counter("kubegfs_chunkserver_read_bytes_total", "Bytes read", registry=CHUNKSERVER)
+CS_WRITE_BYTES = Counter("kubegfs_chunkserver_write_bytes_total", "Bytes written", registry=CHUNKSERVER)
+CS_CHECKSUM_FAIL = Counter(
+    "kubegfs_chunkserver_checksum_failures_total", "Blocks or records whose checksum failed",
+    ["kind"], registry=CHUNKSERVER,
+)
+CS_CLONES = Counter(
+    "kubegfs_chunkserver_cow_clones_total", "Local copy-on-write chunk clones", registry=CHUNKSERVER
+)
+CS_HEARTBEAT_FAIL = Counter(
+    "kubegfs_chunkserver_heartbeat_failures_total", "Heartbeats the master did not answer",
+    registry=CHUNKSERVER,
+)
+
+# ----------------------------------------------------------------------------- operator
+OP_SNAPSHOT_SIZE = Histogram(
+    "kubegfs_snapshot_size_bytes", "Logical bytes captured by Snapshot resources",
+    ["namespace"], buckets=_SIZE, registry=OPERATOR,
+)
+OP_SNAPSHOT_RECORD = Histogram(
+    "kubegfs_snapshot_record_bytes", "SnapObj record bytes of Snapshot resources",
+    ["namespace"], buckets=_SIZE, registry=OPERATOR,
+)
+OP_SNAPSHOT_DURATION = Histogram(
+    "kubegfs_snapshot_duration_seconds", "Snapshot resource: created to Ready",
+    ["namespace"], buckets=_SNAP_LAT, registry=OPERATOR,
+)
+OP_SNAPSHOTS = Counter(
+    "kubegfs_snapshots_total", "Snapshot resources finished", ["namespace", "result"],
+    registry=OPERATOR,
+)
+OP_RESTORE_DURATION = Histogram(
+    "kubegfs_restore_duration_seconds", "Restore resource: created to Ready",
+    ["namespace"], buckets=_SNAP_LAT, registry=OPERATOR,
+)
+OP_RESTORES = Counter(
+    "kubegfs_restores_total", "Restore resources finished", ["namespace", "result"],
+    registry=OPERATOR,
+)
+OP_IN_PROGRESS = Gauge(
+    "kubegfs_snapshots_in_progress", "Snapshot resources being taken", ["namespace"],
+    registry=OPERATOR,
+)
+OP_LAST_SUCCESS = Gauge(
+    "kubegfs_snapshot_last_success_timestamp_seconds", "Unix time of the last Ready snapshot",
+    ["namespace"], registry=OPERATOR,
+)

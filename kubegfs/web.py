@@ -1,0 +1,160 @@
+"""What every kubegfs HTTP server shares: token auth, JSON errors, body limits, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .errors import InvalidArgument, KubegfsError, PayloadTooLarge, Unauthorized
+from .metrics import _Http
+
+log = logging.getLogger("kubegfs.web")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+MAX_JSON_BODY = 8 * 1024 * 1024
+TOKEN_HEADER = "Authorization"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+def error_response(err: KubegfsError) -> web.Response:
+    return json_response(err.to_json(), status=err.status)
+
+
+def check_token(request: web.Request, token: str) -> None:
+    got = request.headers.get(TOKEN_HEADER, "")
+    if not got.startswith("Bearer "):
+        raise Unauthorized("missing bearer token")
+    if not hmac.compare_digest(got[7:].encode(), token.encode()):
+        raise Unauthorized("wrong token")
+
+
+def make_middlewares(token: str, http: _Http) -> list[Any]:
+    @web.middleware
+    async def mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        code = 500
+        try:
+            if request.path not in OPEN_PATHS:
+                check_token(request, token)
+            resp = await handler(request)
+            code = resp.status
+            return resp
+        except KubegfsError as err:
+            code = err.status
+            return error_response(err)
+        except web.HTTPException as exc:
+            code = exc.status
+            if exc.status >= 400:
+                return json_response({"error": "http", "message": exc.reason}, status=exc.status)
+            raise
+        except Exception as exc:  # noqa: BLE001 - answer JSON, log the trace
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return json_response({"error": "internal", "message": f"internal error: {exc}"}, 500)
+        finally:
+            http.requests.labels(http.component, route, request.method, str(code)).inc()
+            http.latency.labels(http.component, route, request.method).observe(time.perf_counter() - t0)
+
+    return [mw]
+
+
+async def read_json(request: web.Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"body larger than {limit} bytes")
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"malformed JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument("JSON body must be an object")
+    return body
+
+
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handler
+
+
+# ---- typed field access for validated wire bodies --------------------------------------------
+
+
+def field_str(body: dict[str, Any], key: str, default: str | None = None, max_len: int = 4096) -> str:
+    v = body.get(key, default)
+    if v is None:
+        raise InvalidArgument(f"missing field {key!r}")
+    if not isinstance(v, str):
+        raise InvalidArgument(f"field {key!r} must be a string")
+    if len(v) > max_len:
+        raise InvalidArgument(f"field {key!r} longer than {max_len}")
+    return v
+
+
+def field_int(body: dict[str, Any], key: str, default: int | None = None, lo: int = 0, hi: int = 1 << 62) -> int:
+    v = body.get(key, default)
+    if v is None:
+        raise InvalidArgument(f"missing field {key!r}")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise InvalidArgument(f"field {key!r} must be an integer")
+    if not lo <= v <= hi:
+        raise InvalidArgument(f"field {key!r} must be between {lo} and {hi}")
+    return v
+
+
+def field_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    v = body.get(key, default)
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"field {key!r} must be a boolean")
+    return v
+
+
+def query_int(request: web.Request, key: str, default: int | None = None, lo: int = 0, hi: int = 1 << 62) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        if default is None:
+            raise InvalidArgument(f"missing query parameter {key!r}")
+        return default
+    try:
+        v = int(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"query parameter {key!r} must be an integer") from exc
+    if not lo <= v <= hi:
+        raise InvalidArgument(f"query parameter {key!r} must be between {lo} and {hi}")
+    return v
+
+
+def handle_hex(s: str) -> int:
+    if len(s) != 16 or any(c not in "0123456789abcdef" for c in s):
+        raise InvalidArgument(f"bad chunk handle {s[:40]!r}: 16 lowercase hex digits expected")
+    return int(s, 16)
+
+
+def hexh(h: int) -> str:
+    return f"{h:016x}"
+
+
+def record_id(s: str) -> str:
+    import re
+
+    if not isinstance(s, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,127}", s):
+        raise InvalidArgument("bad snapshot id: lowercase letters, digits, '.', '_' and '-' only")
+    return s
