@@ -129,7 +129,7 @@ class Client:
         in pieces) or an iterable of byte pieces. Retries a write that a concurrent snapshot
         invalidated (only possible for bytes or seekable files)."""
         for attempt in range(retries + 1):
-            start = data.tell() if hasattr(data, "seek") and hasattr(data, "tell") else None
+            start = _position(data)
             try:
                 return self._put_once(path, data, overwrite, append, mode, progress)
             except Conflict as exc:
@@ -198,7 +198,7 @@ class Client:
 
             for piece in self._pieces(data):
                 buf += piece
-                while True:
+                while buf:
                     if cur is None or cur_off >= cs:
                         cur = self.api("POST", "/fs/alloc", json={"lease": lid})
                         cur_off = 0
@@ -332,3 +332,12 @@ class Client:
     def checkpoint(self) -> dict[str, Any]:
         return self.api("POST", "/admin/checkpoint")
 
+
+def _position(data: Any) -> int | None:
+    """Where a seekable file object is (so a retried write can start again), else None."""
+    try:
+        if hasattr(data, "seekable") and data.seekable():
+            return int(data.tell())
+    except (OSError, ValueError):
+        pass
+    return None

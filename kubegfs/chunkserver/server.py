@@ -319,6 +319,7 @@ class Chunkserver:
             await self._run(self.store.delete, h)
             self._reported_corrupt.discard(h)
             self._added.pop(h, None)
+            self._removed.add(h)
         for rid in reply.get("delete_records", []):
             await self._run(self.store.delete_record, record_id(rid))
         if reply.get("delete_chunks") or reply.get("delete_records"):

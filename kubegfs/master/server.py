@@ -833,6 +833,8 @@ class Master:
         for h in delete & st.garbage:
             if not any(h in c.chunks for c in self.cs.values() if c.id != cid):
                 st.garbage.discard(h)
+        for h in delete:
+            cs.chunks.pop(h, None)  # ordered deleted: no longer counts as held
         if delete:
             M.M_GC.inc(len(delete))
         return json_response({

@@ -1,0 +1,150 @@
+"""Snapshots and restores on real master and chunkserver processes."""
+
+import hashlib
+import random
+import uuid
+
+import pytest
+
+from kubegfs.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+
+CHUNK = 256 * 1024  # matches conftest.CHUNK
+
+
+def sha(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+def tree_digest(client, root):
+    out = {}
+    for e in client.walk(root):
+        rel = e["path"][len(root):] or "/"
+        out[rel] = ("d",) if e["type"] == "dir" else ("f", e["size"], sha(client.get(e["path"])))
+    return out
+
+
+def fresh(client):
+    d = f"/t-{uuid.uuid4().hex[:8]}"
+    client.mkdir(d)
+    return d
+
+
+def test_snapshot_mutate_restore_both_ways(client):
+    rng = random.Random(7)
+    d = fresh(client)
+    client.mkdir(f"{d}/sub/deeper", parents=True)
+    files = {
+        f"{d}/a.bin": rng.randbytes(3 * CHUNK + 17),   # several chunks, partial last
+        f"{d}/b.txt": b"hello world\n" * 100,
+        f"{d}/sub/c.bin": rng.randbytes(CHUNK),          # exactly one full chunk
+        f"{d}/sub/deeper/empty": b"",
+        f"{d}/sub/deeper/d.bin": rng.randbytes(5000),
+    }
+    for p, b in files.items():
+        client.put(p, b)
+    before = tree_digest(client, d)
+    snap = client.snapshot_create(d, f"snap-{d[3:]}")
+    assert snap["state"] == "ready" and snap["files"] == 5 and snap["dirs"] == 3
+    assert snap["logical_bytes"] == sum(map(len, files.values()))
+    assert len(snap["holders"]) == 2
+    assert snap["holders"][0]["zone"] != snap["holders"][1]["zone"]
+    assert len(snap["sha256"]) == 64
+
+    # mutate every way after the snapshot
+    client.put(f"{d}/a.bin", b"tail", append=True)           # COW of the shared last chunk
+    client.put(f"{d}/b.txt", b"overwritten")                 # new chunks
+    client.rm(f"{d}/sub/c.bin")                              # delete
+    client.put(f"{d}/sub/deeper/d.bin", rng.randbytes(CHUNK * 2), append=True)
+    client.put(f"{d}/new.txt", b"new")
+    client.mv(f"{d}/sub/deeper", f"{d}/moved")
+    assert tree_digest(client, d) != before
+
+    r = client.snapshot_restore(snap["name"], to=f"{d}-copy")
+    assert r["mode"] == "new" and r["files"] == 5
+    assert tree_digest(client, f"{d}-copy") == before
+    r = client.snapshot_restore(snap["name"])
+    assert r["mode"] == "inplace"
+    assert tree_digest(client, d) == before
+    # the restored copies are independent, copy-on-write
+    client.put(f"{d}-copy/a.bin", b"more", append=True)
+    assert client.get(f"{d}/a.bin") == files[f"{d}/a.bin"]
+    assert client.get(f"{d}-copy/a.bin") == files[f"{d}/a.bin"] + b"more"
+    assert client.status()["cow_clones"] >= 2
+
+
+def test_many_snapshots_each_stays_point_in_time(client):
+    d = fresh(client)
+    client.put(f"{d}/log", b"")
+    expect = {}
+    content = b""
+    for i in range(6):
+        piece = f"entry {i}\n".encode() * (i * 3000)
+        content += piece
+        client.put(f"{d}/log", piece, append=True)
+        s = client.snapshot_create(d, f"gen{i}-{d[3:]}")
+        expect[s["name"]] = content
+    for name, want in expect.items():
+        target = f"{d}-{name}"
+        client.snapshot_restore(name, to=target)
+        assert client.get(f"{target}/log") == want, name
+
+
+def test_snapshot_bad_input_changes_nothing(client):
+    d = fresh(client)
+    client.put(f"{d}/f", b"x")
+    before = client.dump()
+    with pytest.raises(NotFound):
+        client.snapshot_create(f"{d}/missing", "x1")
+    with pytest.raises(InvalidArgument):
+        client.snapshot_create("relative/path", "x2")
+    with pytest.raises(InvalidArgument):
+        client.snapshot_create(f"{d}/../etc", "x3")
+    with pytest.raises(InvalidArgument):
+        client.snapshot_create(d, "bad name!")
+    with pytest.raises(InvalidArgument):
+        client.snapshot_create(d, "okname", copies=0)
+    with pytest.raises(NotFound):
+        client.snapshot_restore("no-such-snapshot")
+    with pytest.raises(NotFound):
+        client.snapshot_delete("no-such-snapshot")
+    assert client.dump() == before
+    s = client.snapshot_create(d, f"dup-{d[3:]}")
+    with pytest.raises(AlreadyExists):
+        client.snapshot_create(d, s["name"])
+    with pytest.raises(AlreadyExists):
+        client.snapshot_restore(s["name"], to=d)  # target exists
+    with pytest.raises(NotFound):
+        client.snapshot_restore(s["name"], to="/no/parent/here")
+
+
+def test_snapshot_id_is_idempotent(client):
+    d = fresh(client)
+    client.put(f"{d}/f", b"x")
+    sid = f"uid-{uuid.uuid4()}"
+    a = client.snapshot_create(d, f"idem-{d[3:]}", id=sid)
+    b = client.snapshot_create(d, f"idem-{d[3:]}", id=sid)
+    assert a["id"] == b["id"] == sid
+    assert sum(1 for s in client.snapshot_list() if s["id"] == sid) == 1
+    with pytest.raises(Conflict):
+        client.snapshot_create(d, "another-name", id=sid)
+
+
+def test_delete_snapshot_releases_chunks_to_gc(shared_cluster, client):
+    d = fresh(client)
+    client.put(f"{d}/f", random.randbytes(CHUNK + 10))
+    s = client.snapshot_create(d, f"gc-{d[3:]}")
+    client.rm(f"{d}/f")
+    chunks_with_snapshot = client.status()["chunks"]
+    client.snapshot_delete(s["name"])
+    assert client.status()["chunks"] == chunks_with_snapshot - 2
+    with pytest.raises(NotFound):
+        client.snapshot_show(s["name"])
+    # the record is gone from its holders and the chunks from the chunkservers (heartbeat GC)
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        recs = [r for c in client.chunkservers() for r in c["records"]]
+        if s["id"] not in recs:
+            break
+        time.sleep(0.1)
+    assert s["id"] not in recs

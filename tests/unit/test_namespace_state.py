@@ -1,0 +1,194 @@
+"""The namespace and the master state machine, without servers."""
+
+import random
+
+import pytest
+
+from kubegfs import namespace as ns
+from kubegfs.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from kubegfs.master.state import MasterState, decode_checkpoint, dump, encode_checkpoint
+
+CS = 1 << 20
+
+
+def st_new():
+    s = MasterState(CS, 3)
+    s.apply({"op": "init", "chunk_size": CS, "replication": 3, "seq": 1})
+    s.apply({"op": "incarnation", "n": 1, "seq": 2})
+    return s
+
+
+class Log:
+    """Applies ops to a state and remembers them, like the server does."""
+
+    def __init__(self):
+        self.state = st_new()
+        self.ops = [{"op": "init", "chunk_size": CS, "replication": 3, "seq": 1},
+                    {"op": "incarnation", "n": 1, "seq": 2}]
+
+    def do(self, op):
+        op["seq"] = self.state.seq + 1
+        self.state.apply(op)
+        self.ops.append({k: v for k, v in op.items() if not k.startswith("_")})
+        return op
+
+    def put(self, path, size, nchunks=1):
+        hs = [self.state.new_handle() for _ in range(nchunks)]
+        return self.do({"op": "commit", "path": path, "size": size, "chunks": hs,
+                        "new": [[h, 1] for h in hs], "mode": 0o644, "mtime": 1})
+
+    def replay(self):
+        s = MasterState(CS, 3)
+        for op in self.ops:
+            s.apply(dict(op))
+        return s
+
+
+def test_persistent_tree_old_root_unchanged():
+    r0 = ns.empty_root()
+    r1 = ns.mkdir(r0, ("a",), 1, 0o755, False)
+    r2 = ns.replace(r1, ("a", "f"), ns.File(3, 1, 0o644, (7,)), 2)
+    assert ns.get(r0, ("a",)) is None
+    assert ns.get(r1, ("a", "f")) is None
+    assert ns.get(r2, ("a", "f")).chunks == (7,)
+    r3 = ns.replace(r2, ("a", "f"), None, 3)
+    assert ns.get(r2, ("a", "f")) is not None and ns.get(r3, ("a", "f")) is None
+
+
+def test_mkdir_errors():
+    r = ns.mkdir(ns.empty_root(), ("a", "b"), 1, 0o755, True)
+    with pytest.raises(AlreadyExists):
+        ns.mkdir(r, ("a",), 1, 0o755, False)
+    assert ns.mkdir(r, ("a",), 1, 0o755, True) is r
+    with pytest.raises(NotFound):
+        ns.mkdir(r, ("x", "y"), 1, 0o755, False)
+    r = ns.replace(r, ("a", "f"), ns.File(0, 1, 0o644, ()), 1)
+    with pytest.raises(InvalidArgument):
+        ns.mkdir(r, ("a", "f", "g"), 1, 0o755, True)
+
+
+def test_prepare_validates_without_changing_state():
+    L = Log()
+    s = L.state
+    L.do(s.prepare_mkdir("/a"))
+    before = dump(s)
+    for bad in (lambda: s.prepare_mkdir("/a"), lambda: s.prepare_mkdir("/x/y"),
+                lambda: s.prepare_rm("/nope"), lambda: s.prepare_rm("/"),
+                lambda: s.prepare_mv("/a", "/a/b"), lambda: s.prepare_mv("/zz", "/b"),
+                lambda: s.prepare_mkdir("/a/../b"), lambda: s.prepare_mkdir("/q", mode=0o77777)):
+        with pytest.raises((InvalidArgument, NotFound, AlreadyExists, Conflict)):
+            bad()
+    assert dump(s) == before
+
+
+def test_rm_non_empty_needs_recursive():
+    L = Log()
+    L.do(L.state.prepare_mkdir("/a/b", parents=True))
+    with pytest.raises(Conflict):
+        L.state.prepare_rm("/a")
+    L.do(L.state.prepare_rm("/a", recursive=True))
+    assert ns.get(L.state.root, ("a",)) is None
+
+
+def test_snapshot_capture_is_point_in_time_and_shares_chunks():
+    L = Log()
+    s = L.state
+    L.do(s.prepare_mkdir("/d"))
+    L.put("/d/f", 10)
+    h = ns.get(s.root, ("d", "f")).chunks[0]
+    assert not s.is_shared(h)
+    L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/d", "created": 5, "copies": 2})
+    pinned = s.pins["s1"].node
+    # pending snapshot: chunks born before it count as shared even before refs are counted
+    assert s.is_shared(h)
+    L.put("/d/g", 20)
+    g = ns.get(s.root, ("d", "g")).chunks[0]
+    assert not s.is_shared(g)  # born after the capture
+    assert ns.get(pinned, ("g",)) is None  # the pinned view does not see it
+    L.do({"op": "rm", "path": "/d/f", "mtime": 9})
+    assert h in s.version and h in s.protected  # unreferenced but protected by the pending snapshot
+    from kubegfs.master.state import pack_handles
+    L.do({"op": "snap_commit", "id": "s1", "sha256": "x", "record_bytes": 1, "holders": [],
+          "files": 1, "dirs": 1, "chunks": 1, "logical_bytes": 10, "duration_seconds": 0.1,
+          "handles_z": pack_handles([h])})
+    assert s.snap[h] == 1 and h not in s.protected and h in s.version
+    assert dump(L.replay()) == dump(s)
+    L.do({"op": "snap_delete", "id": "s1"})
+    assert h not in s.version and h in s.garbage  # GC frees it once nothing refers to it
+    assert dump(L.replay()) == dump(s)
+
+
+def test_cow_moves_file_to_clone_and_keeps_original_for_snapshot():
+    L = Log()
+    s = L.state
+    L.do(s.prepare_mkdir("/d"))
+    L.put("/d/f", 10)
+    h = ns.get(s.root, ("d", "f")).chunks[0]
+    L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/d", "created": 5, "copies": 2})
+    new = s.new_handle()
+    L.do({"op": "cow", "path": "/d/f", "index": 0, "old": h, "new": new})
+    assert ns.get(s.root, ("d", "f")).chunks == (new,)
+    assert ns.get(s.pins["s1"].node, ("f",)).chunks == (h,)
+    assert h in s.version and s.version[new] == s.version[h]
+    assert not s.is_shared(new) and s.cow_clones == 1
+
+
+def test_restore_inplace_and_new_adjust_refcounts():
+    from kubegfs.snapobj import build_record
+
+    L = Log()
+    s = L.state
+    L.do(s.prepare_mkdir("/d"))
+    L.put("/d/f", 10)
+    h = ns.get(s.root, ("d", "f")).chunks[0]
+    L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/d", "created": 5, "copies": 2})
+    rec = build_record({"id": "s1"}, s.pins["s1"].node, s.version.__getitem__)
+    from kubegfs.master.state import pack_handles
+    L.do({"op": "snap_commit", "id": "s1", "sha256": rec.sha256, "record_bytes": len(rec.data),
+          "holders": [], "files": 1, "dirs": 1, "chunks": 1, "logical_bytes": 10,
+          "duration_seconds": 0.1, "handles_z": pack_handles(rec.handles)})
+    L.put("/d/f", 99)  # overwrite: f now has a new chunk; h survives for the snapshot
+    assert s.live.get(h, 0) == 0 and s.snap[h] == 1
+    L.do({"op": "restore", "id": "s1", "path": "/copy", "mode": "new", "blob": rec.data, "mtime": 7})
+    assert s.live[h] == 1 and ns.get(s.root, ("copy", "f")).size == 10
+    L.do({"op": "restore", "id": "s1", "path": "/d", "mode": "inplace", "blob": rec.data, "mtime": 8})
+    assert s.live[h] == 2 and ns.get(s.root, ("d", "f")).size == 10
+    assert len(s.version) == 1  # the overwrite's chunk was freed by the in-place restore
+    assert s.is_shared(h)
+    assert dump(L.replay()) == dump(s)
+
+
+def test_checkpoint_roundtrip_equals_state():
+    L = Log()
+    s = L.state
+    rng = random.Random(1)
+    L.do(s.prepare_mkdir("/a/b/c", parents=True))
+    for i in range(200):
+        L.put(f"/a/b/f{i}", rng.randrange(1, 5 * CS), nchunks=rng.randrange(1, 4))
+    L.do({"op": "mv", "src": "/a/b", "dst": "/a/bb", "mtime": 3})
+    L.do({"op": "rm", "path": "/a/bb/f7", "mtime": 4})
+    data = encode_checkpoint(s.checkpoint_view())
+    s2 = decode_checkpoint(data)
+    assert dump(s2) == dump(s)
+    assert dump(L.replay()) == dump(s)
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x40
+    from kubegfs.errors import CorruptData
+    with pytest.raises(CorruptData):
+        decode_checkpoint(bytes(bad))
+
+
+def test_checkpoint_refused_while_snapshot_pending():
+    L = Log()
+    L.do(L.state.prepare_mkdir("/d"))
+    L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/d", "created": 5, "copies": 2})
+    with pytest.raises(Conflict):
+        L.state.checkpoint_view()
+
+
+def test_handles_unique_across_incarnations():
+    s = st_new()
+    a = {s.new_handle() for _ in range(100)}
+    s.apply({"op": "incarnation", "n": 2})
+    b = {s.new_handle() for _ in range(100)}
+    assert not a & b
