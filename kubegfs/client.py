@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 import requests
 
@@ -148,7 +149,7 @@ class Client:
                 yield bytes(mv[i : i + PIECE])
         elif hasattr(data, "read"):
             while True:
-                piece = data.read(PIECE)  # type: ignore[union-attr]
+                piece = data.read(PIECE)
                 if not piece:
                     return
                 yield piece
@@ -317,14 +318,14 @@ class Client:
         return self.api("GET", "/snapshots")["snapshots"]
 
     def snapshot_show(self, ref: str) -> dict[str, Any]:
-        return self.api("GET", f"/snapshots/{requests.utils.quote(ref, safe='')}")
+        return self.api("GET", f"/snapshots/{quote(ref, safe='')}")
 
     def snapshot_delete(self, ref: str) -> dict[str, Any]:
-        return self.api("DELETE", f"/snapshots/{requests.utils.quote(ref, safe='')}")
+        return self.api("DELETE", f"/snapshots/{quote(ref, safe='')}")
 
     def snapshot_restore(self, ref: str, to: str | None = None) -> dict[str, Any]:
         body = {} if to is None else {"to": to}
-        return self.api("POST", f"/snapshots/{requests.utils.quote(ref, safe='')}/restore", json=body)
+        return self.api("POST", f"/snapshots/{quote(ref, safe='')}/restore", json=body)
 
     def dump(self) -> dict[str, Any]:
         return self.api("GET", "/admin/dump")

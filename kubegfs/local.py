@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from .client import Client
+
 ZONES = ["zone-a", "zone-b", "zone-c"]
 
 
@@ -204,9 +206,7 @@ class LocalCluster:
                     raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; see {p.log_path}")
             time.sleep(0.5)
 
-    def client(self):  # type: ignore[no-untyped-def]
-        from .client import Client
-
+    def client(self) -> Client:
         return Client(self.master_url, self.token)
 
     def __enter__(self) -> LocalCluster:

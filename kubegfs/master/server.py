@@ -235,7 +235,7 @@ class Master:
     async def h_healthz(self, request: web.Request) -> web.Response:
         return json_response({"ok": True, "seq": self.state.seq})
 
-    async def h_metrics(self, request: web.Request) -> web.Response:
+    async def h_metrics(self, request: web.Request) -> web.StreamResponse:
         self._update_gauges()
         return await metrics_handler(M.MASTER)(request)
 
