@@ -25,7 +25,7 @@ BUILD_JOBS=${BUILD_JOBS:-2}
 log() { printf '== controlplane-build: %s\n' "$*" >&2; }
 die() { printf "!! controlplane-build FAILED: %s\n" "$*" >&2; DIED=1; exit 1; }
 DIED=0
-trap 'rc=$?; [ $rc -eq 0 ] || [ $DIED = 1 ] || printf "!! controlplane-build FAILED (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' EXIT
+trap 'rc=$?; [ $rc -eq 0 ] || [ $DIED = 1 ] || printf "!! controlplane-build FAILED (exit %s) running: %s\n" "$rc" "$BASH_COMMAND" >&2' EXIT
 
 GO=${GO:-$(command -v go || true)}
 [ -n "$GO" ] || GO=/usr/local/go/bin/go
@@ -65,15 +65,16 @@ build_kubernetes() {
     log "kube-apiserver/kube-controller-manager $v: cached"
     return
   fi
-  [[ $v =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] || die "K8S_VERSION must look like v1.N.M, got $v"
+  [[ $v =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]
   local minor=${BASH_REMATCH[1]} staging="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
   local t0=$SECONDS dir="$CACHE_DIR/src/kubernetes-$v"
   log "kube-apiserver/kube-controller-manager $v: building (staging modules at $staging)"
 
-  local gomod
-  gomod=$(cd "$CACHE_DIR/src" && "$GO" mod download -json "k8s.io/kubernetes@$v" |
-    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
-  [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$v go.mod from the module proxy"
+  local dl gomod
+  dl=$(cd "$CACHE_DIR/src" && "$GO" mod download -json "k8s.io/kubernetes@$v" 2>&1) ||
+    die "k8s.io/kubernetes@$v is not available from the module proxy: $(printf '%s' "$dl" | sed -n 's/^[[:space:]]*"Error": "\(.*\)",\{0,1\}$/\1/p' | head -1)"
+  gomod=$(printf '%s\n' "$dl" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+  [ -f "$gomod" ] || die "go mod download k8s.io/kubernetes@$v printed no go.mod path: $dl"
 
   # The staging modules are the `X => ./staging/src/X` lines of its replace block.
   local mods
@@ -138,6 +139,11 @@ build_helm() {
   mv -f "$dir/helm.tmp" "$CACHE_DIR/dist/helm-$v"
   log "helm $v: built in $((SECONDS - t0))s"
 }
+
+# Check the requested versions before spending minutes on builds.
+[[ $K8S_VERSION =~ ^v1\.[0-9]+\.[0-9]+$ ]] || die "K8S_VERSION must look like v1.N.M, got '$K8S_VERSION'"
+[[ $ETCD_VERSION =~ ^v3\.[0-9]+\.[0-9]+$ ]] || die "ETCD_VERSION must look like v3.N.M, got '$ETCD_VERSION'"
+[[ $HELM_VERSION =~ ^v[34]\.[0-9]+\.[0-9]+$ ]] || die "HELM_VERSION must look like v3.N.M or v4.N.M, got '$HELM_VERSION'"
 
 T0=$SECONDS
 build_etcd
