@@ -323,8 +323,12 @@ class Client:
     def snapshot_delete(self, ref: str) -> dict[str, Any]:
         return self.api("DELETE", f"/snapshots/{quote(ref, safe='')}")
 
-    def snapshot_restore(self, ref: str, to: str | None = None) -> dict[str, Any]:
-        body = {} if to is None else {"to": to}
+    def snapshot_restore(self, ref: str, to: str | None = None, id: str | None = None) -> dict[str, Any]:
+        """Restore in place (``to=None``) or to a new path. With ``id``, repeating the call
+        returns the first result instead of restoring again (idempotent)."""
+        body: dict[str, Any] = {} if to is None else {"to": to}
+        if id is not None:
+            body["id"] = id
         return self.api("POST", f"/snapshots/{quote(ref, safe='')}/restore", json=body)
 
     def dump(self) -> dict[str, Any]:

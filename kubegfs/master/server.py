@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -582,6 +583,7 @@ class Master:
         targets = entry.get("targets") or []
         if targets:
             by_addr = {c.address: c.id for c in alive.values()}
+            by_addr.update({urlsplit(c.address).hostname or "": c.id for c in alive.values()})
             order = [by_addr.get(t, t) for t in targets]
             pos = {cid: i for i, cid in enumerate(order)}
             ranked.sort(key=lambda r: pos.get(r.candidate.id, len(order)))
@@ -713,6 +715,9 @@ class Master:
     async def _restore(self, request: web.Request) -> web.Response:
         t0 = time.perf_counter()
         b = await read_json(request)
+        rid = record_id(field_str(b, "id")) if b.get("id") is not None else ""
+        if rid and rid in self.state.restores:
+            return json_response({**self.state.restores[rid], "repeated": True})
         e = self.state.snapshot_by_ref(request.match_info["ref"])
         if e["state"] != "ready":
             raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
@@ -732,11 +737,14 @@ class Master:
             raise CorruptData(f"snapshot references {len(missing)} chunks the master no longer has")
         if mode == "inplace":
             self._check_no_lease_below(paths.join(parts))
+        if rid and rid in self.state.restores:  # a concurrent twin finished first
+            return json_response({**self.state.restores[rid], "repeated": True})
+        summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
+                   "source": source, "duration_seconds": round(time.perf_counter() - t0, 6)}
         result = await self.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
-                                    "blob": blob, "mtime": now_ns(), "_parsed": parsed})
-        return json_response({"snapshot": e["name"], "path": paths.join(parts), "mode": mode,
-                              "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
-                              **result})
+                                    "blob": blob, "mtime": now_ns(), "_parsed": parsed, "rid": rid,
+                                    "summary": summary})
+        return json_response({**summary, **result})
 
     def _check_target(self, parts: tuple[str, ...], mode: str) -> None:
         st = self.state

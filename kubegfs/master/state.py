@@ -30,6 +30,7 @@ from ..formats import CKPT_MAGIC, decode_tree, encode_tree, read_container, writ
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_REPLICATION = 3
 CHECKPOINT_VERSION = 1
+MAX_REMEMBERED_RESTORES = 10_000
 
 
 def now_ns() -> int:
@@ -82,6 +83,7 @@ class MasterState:
         self.protected: set[int] = set()  # unreferenced but maybe in a pending snapshot
         self.garbage: set[int] = set()  # freed handles to delete from chunkservers (soft)
         self.cow_clones = 0
+        self.restores: dict[str, dict[str, Any]] = {}  # restore id -> result (idempotency)
 
     # ------------------------------------------------------------------ queries
 
@@ -285,7 +287,12 @@ class MasterState:
         self.root = ns.replace(self.root, parts, tree, op["mtime"])
         if old is not None:
             self._unref_live(ns.iter_chunks(old))
-        return {"files": parsed.files, "dirs": parsed.dirs, "chunks": len(parsed.chunks)}
+        result = {"files": parsed.files, "dirs": parsed.dirs, "chunks": len(parsed.chunks)}
+        if op.get("rid"):
+            self.restores[op["rid"]] = {**(op.get("summary") or {}), **result}
+            while len(self.restores) > MAX_REMEMBERED_RESTORES:
+                del self.restores[next(iter(self.restores))]
+        return result
 
     # ------------------------------------------------------------------ refcounts
 
@@ -337,6 +344,7 @@ class MasterState:
             "replication": self.replication,
             "snapshots": [dict(e) for e in self.snapshots.values()],
             "cow_clones": self.cow_clones,
+            "restores": dict(self.restores),
         }
 
 
@@ -363,7 +371,8 @@ def encode_checkpoint(view: dict[str, Any]) -> bytes:
         "snap": array("q", [view["snap"].get(h, 0) for h in handles]).tobytes(),
     }
     header = {k: view[k] for k in ("seq", "epoch", "incarnation", "next_counter", "chunk_size", "replication", "cow_clones")}
-    body = {"tree": cols, "chunks": chunk_cols, "snapshots": view["snapshots"]}
+    body = {"tree": cols, "chunks": chunk_cols, "snapshots": view["snapshots"],
+            "restores": view.get("restores", {})}
     return with_crc_trailer(write_container(CKPT_MAGIC, CHECKPOINT_VERSION, header, body))
 
 
@@ -394,6 +403,7 @@ def decode_checkpoint(data: bytes) -> MasterState:
             st.snap[h] = s
     for h, _v in dec.chunks:
         st.live[h] = st.live.get(h, 0) + 1
+    st.restores = dict(body.get("restores") or {})
     for e in body["snapshots"]:
         st.snapshots[e["id"]] = e
         st.snapshot_names[e["name"]] = e["id"]
@@ -419,5 +429,6 @@ def dump(state: MasterState) -> dict[str, Any]:
         "snap": sorted(state.snap.items()),
         "snapshots": snaps,
         "epoch": state.epoch,
+        "restores": sorted(state.restores),
         "crc": zlib.crc32(repr(tree).encode()),
     }

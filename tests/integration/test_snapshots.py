@@ -148,3 +148,17 @@ def test_delete_snapshot_releases_chunks_to_gc(shared_cluster, client):
             break
         time.sleep(0.1)
     assert s["id"] not in recs
+
+
+def test_restore_with_id_is_idempotent(client):
+    d = fresh(client)
+    client.put(f"{d}/f", b"v1")
+    s = client.snapshot_create(d, f"ridem-{d[3:]}")
+    client.put(f"{d}/f", b"v2")
+    rid = f"r-{uuid.uuid4().hex}"
+    a = client.snapshot_restore(s["name"], id=rid)
+    assert client.get(f"{d}/f") == b"v1"
+    client.put(f"{d}/f", b"v3")
+    b = client.snapshot_restore(s["name"], id=rid)  # a retried call must not restore again
+    assert b.get("repeated") is True and b["files"] == a["files"]
+    assert client.get(f"{d}/f") == b"v3"
