@@ -609,6 +609,23 @@ class ControlPlane:
         return _write_kubeconfig(out, server=self.url, ca=self.ca_file, user=user,
                                  cert=crt, key=key, context=f"user-{safe}")
 
+    def helm(self, *args: str, kubeconfig: Path | None = None, check: bool = True,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run the helm built by build.sh against this control plane, with helm's cache,
+        config and data dirs inside the state dir (nothing written to ``$HOME``)."""
+        home = self.state / "helm"
+        env = dict(os.environ)
+        for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
+            env[var] = str(home / var.split("_")[1].lower())
+        env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
+        argv = [str(find_binary("helm", self.bin_dir)), *args]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,  # noqa: S603
+                           check=False)
+        if check and r.returncode != 0:
+            raise ControlPlaneError(
+                f"helm {' '.join(args)} failed ({r.returncode}):\n{r.stderr.strip()}\n{r.stdout.strip()}")
+        return r
+
     def kubectl(self, *args: str, kubeconfig: Path | None = None, input: str | None = None,
                 check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this control plane (admin unless ``kubeconfig`` is given)."""

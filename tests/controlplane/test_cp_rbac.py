@@ -93,8 +93,11 @@ def test_client_certificate_user_is_not_admin(
     _grant_configmap_read(client.RbacAuthorizationV1Api(k8s_api), k8s_namespace,
                           {"kind": "Group", "name": "kubegfs-testers",
                            "apiGroup": "rbac.authorization.k8s.io"})
-    assert kubectl("auth", "can-i", "list", "configmaps", "-n", k8s_namespace,
-                   kubeconfig=kubeconfig, check=False).stdout.strip() == "yes"
+    wait_for(lambda: kubectl("auth", "can-i", "list", "configmaps", "-n", k8s_namespace,
+                             kubeconfig=kubeconfig, check=False).stdout.strip() == "yes",
+             what="the group RoleBinding to take effect")
+    assert kubectl("auth", "can-i", "delete", "configmaps", "-n", k8s_namespace,
+                   kubeconfig=kubeconfig, check=False).stdout.strip() == "no"
 
 
 def test_user_kubeconfig_refuses_system_masters(controlplane: ControlPlane) -> None:
