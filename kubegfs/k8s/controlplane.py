@@ -462,11 +462,10 @@ class ControlPlane:
                 "--use-service-account-credentials=false",
                 "--secure-port=0",
             ])
-            # It has no readiness endpoint without a serving port; make sure it did not exit.
-            time.sleep(0.5)
-            if not kcm.alive():
-                raise ControlPlaneError(
-                    f"kube-controller-manager exited at start; log {kcm.log}:\n{_tail(kcm.log)}")
+            # It has no serving port (so no /healthz): its first visible work, the `default`
+            # ServiceAccount of the `default` namespace, shows that its controllers run.
+            self._wait_http(kcm, f"{self.url}/api/v1/namespaces/default/serviceaccounts/default",
+                            ctx=ctx, ok=lambda body: json.loads(body)["metadata"]["name"] == "default")
         self._write_pids()
 
     def _spawn(self, name: str, argv: list[str]) -> _Proc:

@@ -158,6 +158,50 @@ def mark_running(core: CoreV1Api, namespace: str, name: str, *, pod_ip: str,
     return core.patch_namespaced_pod_status(name, namespace, status)
 
 
+def set_ready(core: CoreV1Api, namespace: str, name: str, ready: bool) -> V1Pod:
+    """Flip the Ready/ContainersReady conditions of a Running pod (e.g. a failing probe)."""
+    now = _now()
+    value = "True" if ready else "False"
+    pod = core.read_namespaced_pod(name, namespace)
+    conds = []
+    for c in (pod.status.conditions if pod.status and pod.status.conditions else []):
+        d = {"type": c.type, "status": c.status, "lastProbeTime": None,
+             "lastTransitionTime": now if c.type in ("Ready", "ContainersReady") else
+             (c.last_transition_time.strftime("%Y-%m-%dT%H:%M:%SZ") if c.last_transition_time else now)}
+        if c.type in ("Ready", "ContainersReady"):
+            d["status"] = value
+        conds.append(d)
+    statuses = []
+    for cs in (pod.status.container_statuses if pod.status and pod.status.container_statuses else []):
+        statuses.append({"name": cs.name, "image": cs.image, "imageID": cs.image_id,
+                         "containerID": cs.container_id, "ready": ready, "started": True,
+                         "restartCount": cs.restart_count,
+                         "state": {"running": {"startedAt": now}}})
+    body: Any = {"status": {"conditions": conds, "containerStatuses": statuses}}
+    return core.patch_namespaced_pod_status(name, namespace, body)
+
+
+class LoopbackIPs:
+    """Hands out distinct loopback addresses (127.0.1.1, 127.0.1.2, …) for simulated pods.
+
+    Linux routes all of 127.0.0.0/8 to ``lo``, so a process can bind each of them without setup.
+    """
+
+    def __init__(self, base: str = "127.0.1.0") -> None:
+        net = ipaddress.ip_address(base)
+        if not net.is_loopback:
+            raise ValueError(f"{base} is not a loopback address")
+        self._next = int(net) + 1
+        self._last = int(ipaddress.ip_address("127.255.255.254"))
+
+    def next(self) -> str:
+        if self._next > self._last:
+            raise RuntimeError("out of loopback addresses")
+        ip = str(ipaddress.ip_address(self._next))
+        self._next += 1
+        return ip
+
+
 def mark_failed(core: CoreV1Api, namespace: str, name: str, *, reason: str = "Simulated") -> V1Pod:
     """Patch the status so the pod looks dead (phase Failed, not Ready)."""
     now = _now()

@@ -9,7 +9,7 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from kubegfs.testing.k8s import wait_for
+from kubegfs.testing.k8s import Kubectl, wait_for
 
 GROUP = "test.kubegfs.io"
 PLURAL = "widgets"
@@ -174,3 +174,27 @@ def test_watch_sees_create_patch_delete(widget_crd: str, k8s_api: client.ApiClie
     w.stop()
     assert events == [("ADDED", "watched", "red"), ("MODIFIED", "watched", "green"),
                       ("DELETED", "watched", "green")]
+
+
+def test_kubectl_apply_custom_objects(widget_crd: str, kubectl: Kubectl, k8s_namespace: str) -> None:
+    good = f"""\
+apiVersion: {GROUP}/v1
+kind: Widget
+metadata:
+  name: from-kubectl
+spec:
+  replicas: 3
+  minReplicas: 1
+"""
+    out = kubectl("apply", "-n", k8s_namespace, "-f", "-", input=good).stdout
+    assert "widget.test.kubegfs.io/from-kubectl created" in out
+    got = kubectl("get", "widgets", "-n", k8s_namespace, "-o",
+                  "jsonpath={.items[*].metadata.name}={.items[*].spec.replicas}").stdout
+    assert got == "from-kubectl=3"
+    bad = good.replace("minReplicas: 1", "minReplicas: 9")
+    r = kubectl("apply", "-n", k8s_namespace, "-f", "-", input=bad, check=False)
+    assert r.returncode != 0
+    assert CEL_MESSAGE in r.stderr
+    # The rejected update left the stored object alone.
+    assert kubectl("get", "widget", "from-kubectl", "-n", k8s_namespace, "-o",
+                   "jsonpath={.spec.minReplicas}").stdout == "1"

@@ -130,7 +130,17 @@ def test_pod_ip_reaches_a_real_process(nodes: dict[str, tuple[str, str]], core: 
         target = f"http://{pod.status.pod_ip}:{pod.spec.containers[0].ports[0].container_port}/"
         r = requests.get(target, timeout=10)
         assert r.text == f"i am {ip}"
-        # A pod marked failed is no longer Ready.
+        # Readiness can flip without touching the phase (a failing probe) ...
+        sim.set_ready(core, k8s_namespace, "web", False)
+        pod = core.read_namespaced_pod("web", k8s_namespace)
+        assert pod.status.phase == "Running"
+        assert {c.type: c.status for c in pod.status.conditions}["Ready"] == "False"
+        assert pod.status.container_statuses[0].ready is False
+        assert pod.status.pod_ip == ip
+        sim.set_ready(core, k8s_namespace, "web", True)
+        pod = core.read_namespaced_pod("web", k8s_namespace)
+        assert {c.type: c.status for c in pod.status.conditions}["Ready"] == "True"
+        # ... and a pod marked failed is no longer Ready.
         sim.mark_failed(core, k8s_namespace, "web")
         pod = core.read_namespaced_pod("web", k8s_namespace)
         assert pod.status.phase == "Failed"
@@ -148,3 +158,12 @@ def test_pod_deleted_with_namespace(nodes: dict[str, tuple[str, str]], core: cli
     core.delete_namespace(ns)
     wait_for(lambda: not any(n.metadata.name == ns for n in core.list_namespace().items),
              timeout=120, what=f"namespace {ns} (with a bound pod) to be deleted")
+
+
+def test_loopback_ip_allocator() -> None:
+    ips = sim.LoopbackIPs()
+    got = [ips.next() for _ in range(300)]
+    assert got[0] == "127.0.1.1" and got[254] == "127.0.1.255" and got[255] == "127.0.2.0"
+    assert len(set(got)) == 300
+    with pytest.raises(ValueError):
+        sim.LoopbackIPs("10.0.0.0")
