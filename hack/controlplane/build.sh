@@ -25,6 +25,7 @@ BUILD_JOBS=${BUILD_JOBS:-2}
 log() { printf '== controlplane-build: %s\n' "$*" >&2; }
 die() { printf "!! controlplane-build FAILED: %s\n" "$*" >&2; DIED=1; exit 1; }
 DIED=0
+# shellcheck disable=SC2154 # rc is assigned inside the trap string
 trap 'rc=$?; [ $rc -eq 0 ] || [ $DIED = 1 ] || printf "!! controlplane-build FAILED (exit %s) running: %s\n" "$rc" "$BASH_COMMAND" >&2' EXIT
 
 GO=${GO:-$(command -v go || true)}
