@@ -37,7 +37,7 @@ test-core: $(STAMP) ## only the file-system tests (no control plane)
 
 lint: $(STAMP) ## ruff (incl. no pickle/marshal/eval/yaml.load) and mypy
 	$(BIN)/ruff check kubegfs tests operator
-	$(BIN)/mypy kubegfs
+	$(BIN)/mypy kubegfs operator/kubegfs_operator
 
 bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
 	$(PYTHON) -m kubegfs.bench --out bench-results

@@ -90,9 +90,11 @@ class LocalCluster:
             self.add_chunkserver_spec(i, zones[i % len(zones)], regions[i % len(regions)])
 
     def add_chunkserver_spec(self, i: int, zone: str, region: str, node: str | None = None) -> Proc:
-        host = f"127.0.{i + 1}.1"
-        p = Proc(f"cs{i + 1}", host, free_port(host), self.data_dir / f"cs{i + 1}",
-                 node or f"node-{i + 1}", zone, region)
+        return self.add_chunkserver_at(f"cs{i + 1}", f"127.0.{i + 1}.1", node or f"node-{i + 1}", zone, region)
+
+    def add_chunkserver_at(self, name: str, host: str, node: str, zone: str, region: str) -> Proc:
+        """Declare a chunkserver on a given loopback address (e.g. a simulated pod's IP)."""
+        p = Proc(name, host, free_port(host), self.data_dir / name, node, zone, region)
         self.chunkservers.append(p)
         return p
 

@@ -105,6 +105,7 @@ CS_HEARTBEAT_FAIL = Counter(
 )
 
 # ----------------------------------------------------------------------------- operator
+OPERATOR_HTTP = _Http(OPERATOR, "operator")
 OP_SNAPSHOT_SIZE = Histogram(
     "kubegfs_snapshot_size_bytes", "Logical bytes captured by Snapshot resources",
     ["namespace"], buckets=_SIZE, registry=OPERATOR,

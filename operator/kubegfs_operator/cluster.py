@@ -1,0 +1,116 @@
+"""The kubegfs installation as the operator sees it: master and chunkserver pods, their nodes'
+topology labels, and the chunkservers ranked by distance to the master pod's node.
+
+``build_view`` is pure (dicts in, view out); ``fetch_view`` does the API calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubegfs.topology import Candidate, Location, Ranked, pick_record_holders
+
+from .api import ClusterRef
+
+HOSTNAME = "kubernetes.io/hostname"
+ZONE = "topology.kubernetes.io/zone"
+REGION = "topology.kubernetes.io/region"
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    name: str
+    ip: str
+    node: str
+    zone: str
+    region: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"http://{host}:{self.port}"
+
+    @property
+    def location(self) -> Location:
+        return Location(self.node, self.zone, self.region, self.ip)
+
+    def to_json(self) -> dict[str, str]:
+        return {"pod": self.name, "node": self.node, "zone": self.zone, "region": self.region}
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    ref: ClusterRef
+    master: PodInfo | None
+    chunkservers: tuple[PodInfo, ...]
+
+    def rank(self, copies: int) -> list[Ranked]:
+        """Chunkserver pods nearest to the master pod's node first; further copies in new zones."""
+        if self.master is None:
+            return []
+        cands = [Candidate(p.name, p.location, address=p.url) for p in self.chunkservers]
+        return pick_record_holders(self.master.location, cands, copies)
+
+    def pods_by_ip(self) -> dict[str, dict[str, str]]:
+        return {p.ip: p.to_json() for p in self.chunkservers}
+
+
+def selector(ref: ClusterRef, component: str) -> str:
+    return f"{NAME_LABEL}=kubegfs,{INSTANCE_LABEL}={ref.name},{COMPONENT_LABEL}={component}"
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    st = pod.get("status") or {}
+    if st.get("phase") != "Running" or not st.get("podIP"):
+        return False
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+
+
+def _port(pod: dict[str, Any], default: int) -> int:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") == "http" and isinstance(p.get("containerPort"), int):
+                return int(p["containerPort"])
+    return default
+
+
+def pod_info(pod: dict[str, Any], nodes: dict[str, dict[str, str]], default_port: int) -> PodInfo:
+    node = (pod.get("spec") or {}).get("nodeName") or ""
+    labels = nodes.get(node, {})
+    return PodInfo(
+        name=pod["metadata"]["name"], ip=pod["status"]["podIP"], node=labels.get(HOSTNAME, node),
+        zone=labels.get(ZONE, ""), region=labels.get(REGION, ""), port=_port(pod, default_port),
+    )
+
+
+def build_view(ref: ClusterRef, masters: list[dict[str, Any]], chunkservers: list[dict[str, Any]],
+               nodes: dict[str, dict[str, str]], master_port: int = 9400,
+               chunkserver_port: int = 9500) -> ClusterView:
+    ready_masters = sorted((p for p in masters if _pod_ready(p)), key=lambda p: p["metadata"]["name"])
+    master = pod_info(ready_masters[0], nodes, master_port) if ready_masters else None
+    cs = tuple(sorted((pod_info(p, nodes, chunkserver_port) for p in chunkservers if _pod_ready(p)),
+                      key=lambda p: p.name))
+    return ClusterView(ref, master, cs)
+
+
+def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: int) -> ClusterView:
+    from kubernetes.client import ApiClient
+
+    ser = ApiClient().sanitize_for_serialization
+    masters = [ser(p) for p in core.list_namespaced_pod(ref.namespace, label_selector=selector(ref, "master")).items]
+    css = [ser(p) for p in core.list_namespaced_pod(ref.namespace, label_selector=selector(ref, "chunkserver")).items]
+    nodes: dict[str, dict[str, str]] = {}
+    for p in masters + css:
+        n = (p.get("spec") or {}).get("nodeName")
+        if n and n not in nodes:
+            try:
+                nodes[n] = dict(core.read_node(n).metadata.labels or {})
+            except Exception:  # noqa: BLE001 - a vanished node just has no labels
+                nodes[n] = {}
+    return build_view(ref, masters, css, nodes, master_port, chunkserver_port)

@@ -1,0 +1,141 @@
+"""Pure builders for statuses, conditions (metav1.Condition shape) and event texts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+READY, PROGRESSING, FAILED = "Ready", "Progressing", "Failed"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rfc3339_seconds(ts: str) -> str:
+    """Kubernetes date-time without sub-second digits (what the API server stores)."""
+    return ts.split(".")[0].rstrip("Z") + "Z" if ts else ts
+
+
+def condition(ctype: str, status: bool | None, reason: str, message: str, generation: int,
+              now: str) -> dict[str, Any]:
+    return {
+        "type": ctype,
+        "status": "Unknown" if status is None else ("True" if status else "False"),
+        "reason": reason,
+        "message": message[:32000],
+        "observedGeneration": generation,
+        "lastTransitionTime": now,
+    }
+
+
+def merge_conditions(existing: list[dict[str, Any]] | None, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace conditions by type; keep ``lastTransitionTime`` when the status did not change."""
+    by_type = {c["type"]: dict(c) for c in (existing or []) if isinstance(c, dict) and "type" in c}
+    for u in updates:
+        old = by_type.get(u["type"])
+        if old and old.get("status") == u["status"]:
+            u = {**u, "lastTransitionTime": old.get("lastTransitionTime", u["lastTransitionTime"])}
+        by_type[u["type"]] = u
+    order = {READY: 0, PROGRESSING: 1, FAILED: 2}
+    return sorted(by_type.values(), key=lambda c: (order.get(c["type"], 9), c["type"]))
+
+
+def progressing(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
+    now = now_rfc3339()
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(existing, [
+            condition(READY, False, reason, message, generation, now),
+            condition(PROGRESSING, True, reason, message, generation, now),
+            condition(FAILED, False, reason, message, generation, now),
+        ]),
+    }
+
+
+def failed(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
+    now = now_rfc3339()
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(existing, [
+            condition(READY, False, reason, message, generation, now),
+            condition(PROGRESSING, False, reason, message, generation, now),
+            condition(FAILED, True, reason, message, generation, now),
+        ]),
+    }
+
+
+def ready(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
+    now = now_rfc3339()
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(existing, [
+            condition(READY, True, reason, message, generation, now),
+            condition(PROGRESSING, False, reason, message, generation, now),
+            condition(FAILED, False, reason, message, generation, now),
+        ]),
+    }
+
+
+def placement_entry(holder: dict[str, Any], pods_by_ip: dict[str, dict[str, str]],
+                    reasons_by_ip: dict[str, str]) -> dict[str, Any]:
+    """A status location/copy entry for one record holder, named by its pod."""
+    from urllib.parse import urlsplit
+
+    ip = urlsplit(holder.get("address", "")).hostname or ""
+    pod = pods_by_ip.get(ip, {})
+    return {
+        "pod": pod.get("pod", ""),
+        "node": pod.get("node", holder.get("node", "")),
+        "zone": pod.get("zone", holder.get("zone", "")),
+        "region": pod.get("region", holder.get("region", "")),
+        "address": holder.get("address", ""),
+        "chunkserver": holder.get("id", ""),
+        "reason": reasons_by_ip.get(ip, holder.get("reason", "no-affinity")),
+    }
+
+
+def snapshot_ready_status(existing: Any, generation: int, snap: dict[str, Any], duration: float,
+                          pods_by_ip: dict[str, dict[str, str]], reasons_by_ip: dict[str, str]) -> dict[str, Any]:
+    copies = [placement_entry(h, pods_by_ip, reasons_by_ip) for h in snap.get("holders", [])]
+    loc = copies[0] if copies else {}
+    where = f"{loc.get('pod') or loc.get('chunkserver')} on node {loc.get('node')} ({loc.get('reason')})"
+    msg = (f"{snap['files']} files, {snap['logical_bytes']} bytes; record {snap['record_bytes']} bytes "
+           f"on {len(copies)} chunkserver(s), nearest {where}")
+    if len(copies) < snap.get("copies", len(copies)):
+        msg += f"; only {len(copies)} of {snap['copies']} copies could be placed"
+    st = ready(existing, generation, "SnapshotReady", msg)
+    st.update({
+        "snapshotID": snap["id"],
+        "name": snap["name"],
+        "creationTime": rfc3339_seconds(snap["created"]),
+        "sizeBytes": snap["logical_bytes"],
+        "recordBytes": snap["record_bytes"],
+        "files": snap["files"],
+        "directories": snap["dirs"],
+        "chunks": snap["chunks"],
+        "checksum": "sha256:" + snap["sha256"],
+        "durationSeconds": round(duration, 3),
+        "location": loc,
+        "copies": copies,
+    })
+    return st
+
+
+def restore_ready_status(existing: Any, generation: int, result: dict[str, Any], duration: float,
+                         pods_by_ip: dict[str, dict[str, str]]) -> dict[str, Any]:
+    src = placement_entry(result.get("source", {}), pods_by_ip, {})
+    src.pop("reason", None)
+    msg = (f"restored {result['files']} files to {result['path']} ({result['mode']}) "
+           f"from {src.get('pod') or src.get('chunkserver')}")
+    st = ready(existing, generation, "Restored", msg)
+    st.update({
+        "targetPath": result["path"],
+        "snapshotID": result.get("snapshot_id", ""),
+        "restoredFiles": result["files"],
+        "restoredDirectories": result["dirs"],
+        "durationSeconds": round(duration, 3),
+        "completionTime": now_rfc3339(),
+        "source": src,
+    })
+    return st

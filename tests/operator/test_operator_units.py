@@ -1,0 +1,132 @@
+"""The operator's pure parts: spec parsing, conditions, topology view, reconcile decisions."""
+
+import pytest
+
+from kubegfs_operator import api, objects, reconcile
+from kubegfs_operator.cluster import build_view
+from kubegfs_operator.config import Config
+
+
+def pod(name, ip, node, ready=True, port=None, component="chunkserver"):
+    p = {"metadata": {"name": name, "labels": {"app.kubernetes.io/component": component}},
+         "spec": {"nodeName": node, "containers": [{"ports": [{"name": "http", "containerPort": port}]}] if port else []},
+         "status": {"phase": "Running", "podIP": ip,
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+    return p
+
+
+NODES = {
+    "m": {"kubernetes.io/hostname": "m", "topology.kubernetes.io/zone": "za", "topology.kubernetes.io/region": "r1"},
+    "a2": {"kubernetes.io/hostname": "a2", "topology.kubernetes.io/zone": "za", "topology.kubernetes.io/region": "r1"},
+    "b": {"kubernetes.io/hostname": "b", "topology.kubernetes.io/zone": "zb", "topology.kubernetes.io/region": "r1"},
+    "c": {"kubernetes.io/hostname": "c", "topology.kubernetes.io/zone": "zc", "topology.kubernetes.io/region": "r2"},
+}
+REF = api.ClusterRef("kubegfs", "ns")
+
+
+def test_parse_snapshot_defaults_and_errors():
+    s = api.parse_snapshot({"path": "//data/./x/"}, "team")
+    assert s.path == "/data/x" and s.copies == 2 and s.deletion_policy == "Delete"
+    assert s.cluster == api.ClusterRef("kubegfs", "team")
+    s = api.parse_snapshot({"path": "/d", "cluster": {"name": "prod"}}, "team", default_namespace="storage")
+    assert s.cluster == api.ClusterRef("prod", "storage")
+    for bad in ({"path": "rel"}, {"path": "/a/../b"}, {}, {"path": "/a", "copies": 0},
+                {"path": "/a", "deletionPolicy": "Maybe"}, {"path": "/a", "cluster": {"name": "Bad_Name"}}):
+        with pytest.raises(api.SpecError):
+            api.parse_snapshot(bad, "team")
+
+
+def test_parse_restore():
+    r = api.parse_restore({"snapshotName": "s"})
+    assert r.target_path is None and r.timeout_seconds == 300
+    assert api.parse_restore({"snapshotName": "s", "targetPath": "/x//y"}).target_path == "/x/y"
+    for bad in ({}, {"snapshotName": "s", "targetPath": "/"}, {"snapshotName": "s", "targetPath": "/a/.."},
+                {"snapshotName": "s", "timeoutSeconds": 0}):
+        with pytest.raises(api.SpecError):
+            api.parse_restore(bad)
+
+
+def test_ids_derive_from_uid():
+    uid = "7612454b-bfa6-4d39-bfd2-3eb43efae626"
+    assert api.kubegfs_snapshot_id(uid) == "k8s-" + uid
+    assert api.kubegfs_snapshot_name("team", "nightly", uid) == "team.nightly-7612454b"
+    from kubegfs.web import record_id
+    assert record_id(api.kubegfs_snapshot_id(uid)) and record_id(api.kubegfs_restore_id(uid))
+
+
+def test_conditions_keep_transition_time_when_status_unchanged():
+    a = objects.progressing(None, 1, "Shipping", "x")
+    for c in a["conditions"]:
+        c["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    b = objects.progressing(a["conditions"], 1, "Shipping", "y")
+    assert all(c["lastTransitionTime"] == "2020-01-01T00:00:00Z" for c in b["conditions"])
+    c = objects.ready(b["conditions"], 2, "SnapshotReady", "done")
+    byt = {x["type"]: x for x in c["conditions"]}
+    assert byt["Ready"]["status"] == "True" and byt["Ready"]["lastTransitionTime"] != "2020-01-01T00:00:00Z"
+    assert byt["Failed"]["lastTransitionTime"] == "2020-01-01T00:00:00Z"  # False before and after
+    assert all(x["observedGeneration"] == 2 for x in c["conditions"])
+    assert [x["type"] for x in c["conditions"]] == ["Ready", "Progressing", "Failed"]
+
+
+def test_view_ranks_by_node_labels():
+    masters = [pod("master-0", "127.0.10.1", "m", port=9400, component="master")]
+    css = [pod("cs-far", "127.0.13.1", "c"), pod("cs-zone", "127.0.11.1", "a2"),
+           pod("cs-node", "127.0.10.2", "m", port=9600), pod("cs-region", "127.0.12.1", "b"),
+           pod("cs-notready", "127.0.10.3", "m", ready=False)]
+    v = build_view(REF, masters, css, NODES)
+    assert v.master.url == "http://127.0.10.1:9400"
+    r = v.rank(2)
+    assert [x.candidate.id for x in r] == ["cs-node", "cs-region", "cs-zone", "cs-far"]
+    assert [x.reason for x in r] == ["same-node", "same-region", "same-zone", "ip-proximity"]
+    assert r[0].candidate.address == "http://127.0.10.2:9600"
+    assert build_view(REF, [], css, NODES).rank(2) == []
+
+
+def no_master(url):
+    raise AssertionError("this decision must not call the master")
+
+
+def deps(snap_obj=None):
+    masters = [pod("master-0", "127.0.10.1", "m", component="master")]
+    css = [pod("cs-node", "127.0.10.2", "m"), pod("cs-region", "127.0.12.1", "b")]
+    view = build_view(REF, masters, css, NODES)
+    return reconcile.Deps(Config(token="t"), lambda ref: view, no_master, lambda ns, n: snap_obj)
+
+
+def test_snapshot_bad_spec_fails_without_calling_the_master():
+    body = {"metadata": {"namespace": "ns", "name": "s1", "uid": "u-1", "generation": 3},
+            "spec": {"path": "/a/../b"}}
+    with pytest.raises(reconcile.Fail) as f:
+        reconcile.snapshot(body, 0, 0.0, deps())
+    assert f.value.reason == "InvalidSpec"
+    conds = {c["type"]: c for c in f.value.status["conditions"]}
+    assert conds["Failed"]["status"] == "True" and conds["Failed"]["observedGeneration"] == 3
+
+
+def test_snapshot_without_master_pod_waits():
+    body = {"metadata": {"namespace": "ns", "name": "s1", "uid": "u-1"}, "spec": {"path": "/a"}}
+    d = deps()
+    d.view = lambda ref: build_view(REF, [], [], NODES)
+    with pytest.raises(reconcile.Retry) as r:
+        reconcile.snapshot(body, 2, 0.0, d)
+    assert r.value.delay == 8.0 and "no ready master pod" in str(r.value)
+    assert {c["type"]: c["status"] for c in r.value.status["conditions"]}["Progressing"] == "True"
+
+
+def test_placement_entry_names_pods():
+    e = objects.placement_entry({"id": "cs-a", "address": "http://127.0.10.2:9500"},
+                                {"127.0.10.2": {"pod": "cs-0", "node": "m", "zone": "za", "region": "r1"}},
+                                {"127.0.10.2": "same-node"})
+    assert e == {"pod": "cs-0", "node": "m", "zone": "za", "region": "r1",
+                 "address": "http://127.0.10.2:9500", "chunkserver": "cs-a", "reason": "same-node"}
+
+
+def test_restore_waits_then_gives_up():
+    body = {"metadata": {"namespace": "ns", "name": "r1", "uid": "u-2", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"snapshotName": "s1", "timeoutSeconds": 60}}
+    with pytest.raises(reconcile.Retry) as r:
+        reconcile.restore(body, 0, 0.0, deps(), now=1767225600 + 10)
+    assert r.value.status["conditions"][1]["reason"] == "WaitingForSnapshot"
+    with pytest.raises(reconcile.Fail) as f:
+        reconcile.restore(body, 9, 0.0, deps(), now=1767225600 + 61)
+    assert f.value.reason == "SnapshotNotReady" and "60s" in str(f.value)
