@@ -25,8 +25,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install kubegfs with its dev tools
 
-run: $(STAMP) ## the embedded demo: master + 3 chunkservers on loopback, snapshot, mutate, restore, verify
+run: $(STAMP) controlplane-build ## the demo: local file system, then Snapshot/Restore CRs through the operator on a real kube-apiserver
 	$(BIN)/kubegfs demo
+	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.demo
+
+up: $(STAMP) controlplane-build ## like run, then keep everything running and print the KUBECONFIG line (Ctrl-C stops)
+	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.demo --keep-running
+
+down: ## stop anything `make up` or `make controlplane-up` left running
+	-$(PYTHON) -m kubegfs.k8s.controlplane down --state .run/controlplane
+	-pkill -f 'kubegfs (master|chunkserver) .*\.run/k8s' || true
+	-pkill -f 'kubegfs_operator' || true
 
 test: $(STAMP) controlplane-build ## the whole test suite (builds the local control plane if missing)
 	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin PATH=$(abspath $(BIN)):$$PATH \

@@ -126,13 +126,14 @@ class K8sStack:
         role = yaml.safe_load(RBAC_FILE.read_text())
         role["metadata"]["name"] = f"kubegfs-operator-{self.ns}"
         rbac = client.RbacAuthorizationV1Api(self._api or self.cp.api_client())
-        binding = {
+        binding: Any = {
             "metadata": {"name": f"kubegfs-operator-{self.ns}"},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                         "name": role["metadata"]["name"]},
             "subjects": [{"kind": "ServiceAccount", "name": "kubegfs-operator", "namespace": self.ns}],
         }
-        for fn, body in ((rbac.create_cluster_role, role), (rbac.create_cluster_role_binding, binding)):
+        calls: list[tuple[Any, Any]] = [(rbac.create_cluster_role, role), (rbac.create_cluster_role_binding, binding)]
+        for fn, body in calls:
             try:
                 fn(body)
             except ApiException as e:
