@@ -95,6 +95,8 @@ def main(log_level: str, log_format: str) -> None:
 
 
 def topology_options(f: Any) -> Any:
+    f = click.option("--topology-from-node", envvar="KUBEGFS_TOPOLOGY_FROM_NODE", is_flag=True,
+                     help="read zone/region from the labels of node --node via the Kubernetes API")(f)
     f = click.option("--region", envvar="KUBEGFS_REGION", default="", help="topology.kubernetes.io/region")(f)
     f = click.option("--zone", envvar="KUBEGFS_ZONE", default="", help="topology.kubernetes.io/zone")(f)
     f = click.option("--node", envvar="KUBEGFS_NODE", default="", help="kubernetes.io/hostname")(f)
@@ -114,13 +116,23 @@ def topology_options(f: Any) -> Any:
 @topology_options
 def master(listen: str, data_dir: str, token: str | None, token_file: str | None, chunk_size: str,
            replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
-           node: str, zone: str, region: str) -> None:
+           node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master."""
     from .master.server import Options, run
 
     tok = read_token(token, token_file)
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops)
-    run(listen, Path(data_dir), tok, Location(node, zone, region), parse_size(chunk_size), replication, opts)
+    loc = _location(node, zone, region, topology_from_node)
+    run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts)
+
+
+def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
+    if from_node and node:
+        from .k8s.nodeinfo import node_location
+
+        found = node_location(node)
+        return Location(found.node, zone or found.zone, region or found.region)
+    return Location(node, zone, region)
 
 
 @main.command()
@@ -135,12 +147,12 @@ def master(listen: str, data_dir: str, token: str | None, token_file: str | None
 @topology_options
 def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
                 advertise: str | None, chunk_size: str | None, heartbeat_interval: float,
-                node: str, zone: str, region: str) -> None:
+                node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run a chunkserver."""
     from .chunkserver.server import run
 
     tok = read_token(token, token_file)
-    run(listen, Path(data_dir), master_url, tok, Location(node, zone, region), advertise,
+    run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
         parse_size(chunk_size) if chunk_size else None, heartbeat_interval)
 
 
