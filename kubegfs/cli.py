@@ -144,16 +144,18 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
 @click.option("--advertise", default=None, help="URL others use to reach this chunkserver")
 @click.option("--chunk-size", default=None, help="defaults to what the data dir or master says")
 @click.option("--heartbeat-interval", default=1.0, show_default=True)
+@click.option("--scrub-interval", default=60.0, show_default=True,
+              help="seconds between background checksum passes (0 = off)")
 @topology_options
 def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
-                advertise: str | None, chunk_size: str | None, heartbeat_interval: float,
+                advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
                 node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run a chunkserver."""
     from .chunkserver.server import run
 
     tok = read_token(token, token_file)
     run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
-        parse_size(chunk_size) if chunk_size else None, heartbeat_interval)
+        parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval)
 
 
 # ----------------------------------------------------------------------------- fs

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import requests
 
-from .errors import Conflict, CorruptData, KubegfsError, Unavailable, from_json
+from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 
 PIECE = 4 * 1024 * 1024
 Progress = Callable[[int], None]
@@ -228,13 +228,16 @@ class Client:
             raise
 
     def _write_replicas(self, cur: dict[str, Any], offset: int, piece: bytes, sync: bool) -> list[str]:
+        errors: dict[str, KubegfsError] = {}
+
         def one(rep: dict[str, Any]) -> str | None:
             try:
                 self._req("PUT", f"{rep['address']}/internal/chunks/{cur['handle']}",
                           params={"offset": offset, "version": cur["version"], "sync": "1" if sync else "0"},
                           data=piece)
                 return str(rep["id"])
-            except KubegfsError:
+            except KubegfsError as exc:
+                errors[str(rep["id"])] = exc
                 return None
 
         reps = cur["replicas"]
@@ -242,7 +245,11 @@ class Client:
         ok = [r for r in results if r]
         cur["replicas"] = [r for r in reps if r["id"] in ok]
         if not ok:
-            raise Unavailable(f"no replica accepted chunk {cur['handle']}")
+            why = "; ".join(f"{k}: {v.message}" for k, v in errors.items()) or "no replica"
+            msg = f"no replica accepted chunk {cur['handle']}: {why}"
+            if errors and all(isinstance(e, NoSpace) for e in errors.values()):
+                raise NoSpace(msg)
+            raise Unavailable(msg)
         return ok
 
     # ------------------------------------------------------------------ reads

@@ -62,7 +62,8 @@ class LocalCluster:
                  replication: int = 3, master_port: int | None = None, heartbeat: float = 0.5,
                  dead_after: float = 3.0, token: str | None = None, zones: list[str] | None = None,
                  regions: list[str] | None = None, checkpoint_ops: int = 100_000,
-                 master_host: str = "127.0.0.1") -> None:
+                 master_host: str = "127.0.0.1", scrub_interval: float = 60.0) -> None:
+        self.scrub_interval = scrub_interval
         self.data_dir = data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         tok_file = self.data_dir / "token"
@@ -130,6 +131,7 @@ class LocalCluster:
         self._spawn(p, ["chunkserver", "--listen", f"{p.host}:{p.port}", "--master", self.master_url,
                         "--data", str(p.data), "--chunk-size", str(self.chunk_size),
                         "--heartbeat-interval", str(self.heartbeat),
+                        "--scrub-interval", str(self.scrub_interval),
                         "--node", p.node, "--zone", p.zone, "--region", p.region])
         if wait:
             self._wait_http(p, "/healthz")

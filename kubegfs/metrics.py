@@ -59,6 +59,10 @@ M_GC = Counter("kubegfs_gc_chunks_deleted_total", "Chunk replicas ordered delete
 M_REREPL = Counter(
     "kubegfs_rereplications_total", "Chunk re-replications", ["result"], registry=MASTER
 )
+M_RECORD_REPAIRS = Counter(
+    "kubegfs_snapshot_record_repairs_total", "Snapshot record copies re-made after a loss",
+    ["result"], registry=MASTER,
+)
 M_CORRUPT = Counter(
     "kubegfs_corrupt_replicas_total", "Replicas reported corrupt by chunkservers", registry=MASTER
 )
@@ -95,6 +99,10 @@ CS_WRITE_BYTES = Counter("kubegfs_chunkserver_write_bytes_total", "Bytes written
 CS_CHECKSUM_FAIL = Counter(
     "kubegfs_chunkserver_checksum_failures_total", "Blocks or records whose checksum failed",
     ["kind"], registry=CHUNKSERVER,
+)
+CS_SCRUBBED = Counter(
+    "kubegfs_chunkserver_scrubbed_chunks_total", "Chunks verified by the background scrubber",
+    registry=CHUNKSERVER,
 )
 CS_CLONES = Counter(
     "kubegfs_chunkserver_cow_clones_total", "Local copy-on-write chunk clones", registry=CHUNKSERVER

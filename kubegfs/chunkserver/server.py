@@ -40,7 +40,10 @@ class Chunkserver:
     def __init__(
         self, data_dir: Path, master_url: str, token: str, advertise: str, location: Location,
         chunk_size: int | None = None, heartbeat_interval: float = 1.0, cs_id: str | None = None,
+        scrub_interval: float = 60.0,
     ) -> None:
+        self.scrub_interval = scrub_interval
+        self.corrupt_records: set[str] = set()
         self.data_dir = data_dir
         self.master_url = master_url.rstrip("/")
         self.token = token
@@ -66,6 +69,7 @@ class Chunkserver:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.master_ok = False
+        self._scrub_pos = 0
 
     # ------------------------------------------------------------------ app
 
@@ -87,6 +91,7 @@ class Chunkserver:
         r.add_get("/internal/records/{id}", self.get_record)
         r.add_delete("/internal/records/{id}", self.delete_record)
         r.add_get("/internal/info", self.info)
+        r.add_post("/internal/scrub", self.scrub)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -97,6 +102,8 @@ class Chunkserver:
             timeout=aiohttp.ClientTimeout(total=60, connect=5),
         )
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        if self.scrub_interval > 0:
+            self._tasks.append(asyncio.create_task(self._scrub_loop()))
         self._update_gauges()
 
     async def _stop(self, app: web.Application) -> None:
@@ -123,6 +130,12 @@ class Chunkserver:
             "chunks": len(self.store.index), "records": self.store.list_records(),
             "chunk_size": self.chunk_size,
         })
+
+    async def scrub(self, request: web.Request) -> web.Response:
+        checked, bad = await self.scrub_once(max_chunks=1 << 30)
+        if bad:
+            await self._heartbeat_once()
+        return json_response({"checked_chunks": checked, "bad": bad})
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -236,6 +249,7 @@ class Chunkserver:
         except CorruptData:
             M.CS_CHECKSUM_FAIL.labels("record").inc()
             raise
+        self.corrupt_records.discard(rid)
         self._update_gauges()
         log.info("stored snapshot record %s (%d bytes, sha256 %s…)", rid, n, digest[:12])
         return json_response({"id": rid, "bytes": n, "sha256": digest, "holder": self.id}, status=201)
@@ -247,6 +261,7 @@ class Chunkserver:
             ok = await self._run(self.store.verify_record, rid)
             if not ok:
                 M.CS_CHECKSUM_FAIL.labels("record").inc()
+                self.corrupt_records.add(rid)
                 log.error("snapshot record %s failed its checksum", rid)
                 raise CorruptData(f"record {rid} on {self.id} failed its checksum")
         resp = web.StreamResponse(headers={"X-Kubegfs-Sha256": sha, "Content-Type": "application/octet-stream"})
@@ -261,6 +276,7 @@ class Chunkserver:
     async def delete_record(self, request: web.Request) -> web.Response:
         rid = record_id(request.match_info["id"])
         await self._run(self.store.delete_record, rid)
+        self.corrupt_records.discard(rid)
         self._update_gauges()
         return json_response({"deleted": rid})
 
@@ -277,6 +293,7 @@ class Chunkserver:
             "chunk_size": self.chunk_size,
             "records": self.store.list_records(),
             "corrupt": [hexh(h) for h in self.store.corrupt - self._reported_corrupt],
+            "corrupt_records": sorted(self.corrupt_records),
         }
         if not self._registered:
             body["full"] = True
@@ -322,8 +339,44 @@ class Chunkserver:
             self._removed.add(h)
         for rid in reply.get("delete_records", []):
             await self._run(self.store.delete_record, record_id(rid))
+            self.corrupt_records.discard(rid)
         if reply.get("delete_chunks") or reply.get("delete_records"):
             self._update_gauges()
+
+    async def scrub_once(self, max_chunks: int = 64) -> tuple[int, int]:
+        """Verify up to ``max_chunks`` chunks (round robin) and every record; what fails is
+        reported to the master with the next heartbeat, which re-replicates from a good copy."""
+        handles = sorted(self.store.index)
+        if handles:
+            start = self._scrub_pos % len(handles)
+            batch = (handles[start:] + handles[:start])[:max_chunks]
+            self._scrub_pos = start + len(batch)
+        else:
+            batch = []
+        bad = 0
+        for h in batch:
+            if h in self.store.index and not await self._run(self.store.verify, h):
+                bad += 1
+                M.CS_CHECKSUM_FAIL.labels("chunk").inc()
+                log.error("scrubber: chunk %016x failed its checksum", h)
+        for rid in self.store.list_records():
+            if rid not in self.corrupt_records and not await self._run(self.store.verify_record, rid):
+                bad += 1
+                self.corrupt_records.add(rid)
+                M.CS_CHECKSUM_FAIL.labels("record").inc()
+                log.error("scrubber: snapshot record %s failed its checksum", rid)
+        M.CS_SCRUBBED.inc(len(batch))
+        return len(batch), bad
+
+    async def _scrub_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.scrub_interval * (0.8 + 0.4 * random.random()))
+            try:
+                _, bad = await self.scrub_once()
+                if bad:
+                    await self._heartbeat_once()
+            except Exception:  # noqa: BLE001 - keep scrubbing
+                log.exception("scrub pass failed")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -348,11 +401,13 @@ async def _safe_json(resp: aiohttp.ClientResponse) -> Any:
 def run(
     listen: str, data_dir: Path, master_url: str, token: str, location: Location,
     advertise: str | None = None, chunk_size: int | None = None, heartbeat_interval: float = 1.0,
+    scrub_interval: float = 60.0,
 ) -> None:
     host, port = split_listen(listen)
     adv = advertise or f"http://{host}:{port}"
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
-    cs = Chunkserver(data_dir, master_url, token, adv, loc, chunk_size, heartbeat_interval)
+    cs = Chunkserver(data_dir, master_url, token, adv, loc, chunk_size, heartbeat_interval,
+                     scrub_interval=scrub_interval)
     log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
              loc.node, loc.zone, loc.region)
     web.run_app(cs.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)

@@ -216,9 +216,12 @@ def write_checkpoint(data_dir: Path, view: dict[str, Any], keep: int = 2) -> Pat
     for old in cks[:-keep]:
         old.unlink(missing_ok=True)
     kept = sorted(data_dir.glob("checkpoint-*.ckpt"))
-    oldest_kept = _seq_of(kept[0]) if kept else 0
+    if len(kept) < 2:
+        return path  # keep the whole log until there is an older checkpoint to fall back on
+    oldest_kept = _seq_of(kept[0])
     segs = sorted(data_dir.glob("log-*.wal"))
-    # a segment can go when the next one starts at or before the oldest kept checkpoint
+    # a segment can go when the next one starts at or before the oldest kept checkpoint: if the
+    # newest checkpoint is ever unreadable, the older one plus the log after it still recover all
     for seg, nxt in zip(segs, segs[1:], strict=False):
         if _seq_of(nxt) <= oldest_kept + 1:
             seg.unlink(missing_ok=True)

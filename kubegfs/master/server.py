@@ -129,6 +129,7 @@ class Master:
         self._last_checkpoint = time.monotonic()
         self._checkpointing = False
         self._rerepl_dirty = True
+        self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> chunkservers whose copy rotted
         self._pending_init = state.seq == 0
         self._chunk_size_cfg = chunk_size
         self._replication_cfg = replication
@@ -805,6 +806,11 @@ class Master:
                 self.locations.setdefault(h, set()).add(cid)
 
         if full:
+            for other in self.cs.values():
+                if other.id != cid and other.address == address and other.alive:
+                    # a new process (e.g. a fresh disk, new identity) took over this address
+                    log.warning("chunkserver %s replaced %s at %s", cid, other.id, address)
+                    self._mark_dead(other)
             for h in list(cs.chunks):
                 self.locations.get(h, set()).discard(cid)
             cs.chunks = {}
@@ -835,7 +841,23 @@ class Master:
         if not isinstance(records, list):
             raise InvalidArgument("records must be a list")
         cs.records = {r for r in records if isinstance(r, str)}
-        delete_records = sorted(r for r in cs.records if r not in st.snapshots)
+        delete_records = {r for r in cs.records if r not in st.snapshots}
+        bad_records = b.get("corrupt_records") or []
+        if not isinstance(bad_records, list):
+            raise InvalidArgument("corrupt_records must be a list")
+        for rid in bad_records:
+            if not isinstance(rid, str):
+                continue
+            bad = st.snapshots.get(rid)
+            if bad is not None and any(h["id"] == cid for h in bad["holders"]):
+                log.error("chunkserver %s reports its copy of snapshot %s corrupt; re-copying from a good one",
+                          cid, bad["name"])
+                holders = [h for h in bad["holders"] if h["id"] != cid]
+                self._bad_record_copies.setdefault(rid, set()).add(cid)
+                await self.mutate({"op": "snap_holders", "id": rid, "holders": holders})
+                self._rerepl_dirty = True
+            if rid in cs.records:
+                delete_records.add(rid)
         for h in st.garbage & cs.chunks.keys():
             delete.add(h)
         for h in delete & st.garbage:
@@ -847,7 +869,7 @@ class Master:
             M.M_GC.inc(len(delete))
         return json_response({
             "delete_chunks": [hexh(h) for h in sorted(delete)],
-            "delete_records": delete_records,
+            "delete_records": sorted(delete_records),
             "chunk_size": st.chunk_size,
         })
 
@@ -861,11 +883,14 @@ class Master:
             for cs in self.cs.values():
                 if cs.alive and cs.registered and now - cs.last_seen > self.opts.dead_after:
                     log.warning("chunkserver %s missed heartbeats for %.1fs: marked dead", cs.id, now - cs.last_seen)
-                    cs.alive = False
-                    cs.registered = False
-                    for h in cs.chunks:
-                        self.locations.get(h, set()).discard(cs.id)
-                    self._rerepl_dirty = True
+                    self._mark_dead(cs)
+
+    def _mark_dead(self, cs: CS) -> None:
+        cs.alive = False
+        cs.registered = False
+        for h in cs.chunks:
+            self.locations.get(h, set()).discard(cs.id)
+        self._rerepl_dirty = True
 
     def _under_replicated(self, limit: int | None = 1000) -> list[tuple[int, int]]:
         st = self.state
@@ -890,8 +915,51 @@ class Master:
             except Exception:  # noqa: BLE001
                 log.exception("re-replication pass failed")
 
+    async def _repair_records(self) -> int:
+        """Bring every ready snapshot back to its number of record copies (e.g. after a holder
+        died, lost its disk or reported its copy corrupt), each new copy in a new zone if any."""
+        made = 0
+        for e in list(self.state.snapshots.values()):
+            if e["state"] != "ready":
+                continue
+            live = [h for h in e["holders"] if h["id"] in self.cs and self.cs[h["id"]].alive]
+            if len(live) >= e["copies"] or not live:
+                if not live and e["holders"]:
+                    log.error("snapshot %s has no live record copy", e["name"])
+                continue
+            held = {h["id"] for h in e["holders"]}
+            zones = {(h.get("region", ""), h.get("zone", "")) for h in live}
+            options = [(cs, why) for cs, why in self._rank_holders({**e, "targets": []}) if cs.id not in held]
+            rotted = self._bad_record_copies.get(e["id"], set())
+            # prefer a new zone, and a disk that did not just corrupt this record
+            options.sort(key=lambda o: (o[0].id in rotted, (o[0].location.region, o[0].location.zone) in zones))
+            if not options:
+                self._rerepl_dirty = True
+                continue
+            target, why = options[0]
+            try:
+                _parsed, data, _src = await self.fetch_record(e)
+                await self.call_cs(target, "PUT", f"/internal/records/{e['id']}", data=data,
+                                   headers={"X-Kubegfs-Sha256": e["sha256"]})
+            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                M.M_RECORD_REPAIRS.labels("failed").inc()
+                log.warning("re-copying snapshot %s to %s failed: %s", e["name"], target.id, exc)
+                self._rerepl_dirty = True
+                continue
+            cur = self.state.snapshots.get(e["id"])
+            if cur is None:
+                continue
+            holder = {"id": target.id, "address": target.address, **target.location.to_json(), "reason": why}
+            await self.mutate({"op": "snap_holders", "id": e["id"], "holders": cur["holders"] + [holder]})
+            target.records.add(e["id"])
+            M.M_RECORD_REPAIRS.labels("success").inc()
+            log.info("snapshot %s: record re-copied to %s (%s)", e["name"], target.id, target.location.zone)
+            made += 1
+        return made
+
     async def _rereplicate_once(self) -> int:
         self._rerepl_dirty = False
+        await self._repair_records()
         alive = [c.candidate() for c in self.alive()]
         todo = self._under_replicated(limit=200)
         sem = asyncio.Semaphore(8)
