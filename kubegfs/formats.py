@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import operator
 import struct
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -142,19 +144,20 @@ def sha256_hex(data: bytes) -> str:
 # --------------------------------------------------------------------------- tree columns
 
 
-def _delta(values: list[int]) -> bytes:
-    out = array("q", values)
-    for i in range(len(out) - 1, 0, -1):
-        out[i] -= out[i - 1]
-    return out.tobytes()
+def delta_encode(values: Iterable[int]) -> bytes:
+    """Packed int64 first differences (small numbers that compress well)."""
+    vals = list(values)
+    return array("q", map(operator.sub, vals, [0, *vals[:-1]])).tobytes()
 
 
-def _undelta(data: bytes) -> array:
+def delta_decode(data: bytes) -> array:
     a = array("q")
     a.frombytes(data)
-    for i in range(1, len(a)):
-        a[i] += a[i - 1]
-    return a
+    return array("q", itertools.accumulate(a))
+
+
+_delta = delta_encode
+_undelta = delta_decode
 
 
 def encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str, bytes], dict[str, int]]:

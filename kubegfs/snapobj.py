@@ -16,6 +16,7 @@ from .errors import CorruptData
 from .formats import (
     SNAP_MAGIC,
     decode_tree,
+    delta_decode,
     encode_tree,
     read_container,
     read_header,
@@ -42,9 +43,7 @@ def build_record(meta: dict[str, Any], node: Node, version_of: Callable[[int], i
     header.update(counts)
     header["format"] = FORMAT_VERSION
     data = write_container(SNAP_MAGIC, FORMAT_VERSION, header, {"tree": cols})
-    from .formats import _undelta
-
-    handles = _undelta(cols["handles"]).tolist()
+    handles = delta_decode(cols["handles"]).tolist()
     return BuiltRecord(data, sha256_hex(data), counts, handles)
 
 

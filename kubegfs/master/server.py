@@ -129,7 +129,10 @@ class Master:
         self._last_checkpoint = time.monotonic()
         self._checkpointing = False
         self._rerepl_dirty = True
-        self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> chunkservers whose copy rotted
+        self._bad_record_copies: dict[str, set[str]] = {}
+        self._lost_reported: set[int] = set()
+        self._under_count = 0
+        self._lost_count = 0  # snapshot id -> chunkservers whose copy rotted
         self._pending_init = state.seq == 0
         self._chunk_size_cfg = chunk_size
         self._replication_cfg = replication
@@ -244,7 +247,7 @@ class Master:
     def _update_gauges(self) -> None:
         st = self.state
         M.M_CHUNKS.set(len(st.version))
-        M.M_FILES.set(sum(1 for h in st.live))  # cheap proxy: referenced chunks
+        M.M_FILES.set(st.n_files)
         alive = sum(1 for c in self.cs.values() if c.alive)
         M.M_CHUNKSERVERS.labels("alive").set(alive)
         M.M_CHUNKSERVERS.labels("dead").set(len(self.cs) - alive)
@@ -253,17 +256,16 @@ class Master:
             M.M_CS_USED.labels(c.id, c.location.zone).set(c.used)
         for s in ("pending", "ready", "failed"):
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
-        M.M_UNDER_REPLICATED.set(len(self._under_replicated(limit=None)))
+        self.under_replicated_count()
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.state
-        files, dirs, chunk_refs, size = ns.count(st.root)
         return json_response({
             "seq": st.seq, "epoch": st.epoch, "chunk_size": st.chunk_size,
-            "replication": st.replication, "files": files, "directories": dirs,
-            "logical_bytes": size, "chunks": len(st.version), "snapshots": len(st.snapshots),
+            "replication": st.replication, "files": st.n_files, "directories": st.n_dirs,
+            "logical_bytes": st.n_bytes, "chunks": len(st.version), "snapshots": len(st.snapshots),
             "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
-            "under_replicated": len(self._under_replicated(limit=None)),
+            "under_replicated": self.under_replicated_count(),
             "cow_clones": st.cow_clones, "location": self.location.to_json(),
             "recovery": {"checkpoint_seq": self.recovery.checkpoint_seq,
                          "replayed": self.recovery.replayed, "problems": self.recovery.problems},
@@ -631,12 +633,18 @@ class Master:
                 M.M_SNAP_RESULT.labels("failed").inc()
                 return
             dur = time.perf_counter() - t0
+            handles_z = await loop.run_in_executor(None, pack_handles, rec.handles)
+            # count the snapshot's chunk references in slices so writers never wait long; the
+            # snapshot is still pending, so every chunk in it is treated as shared meanwhile
+            for i in range(0, len(rec.handles), 20_000):
+                st.count_snapshot_refs(rec.handles[i : i + 20_000])
+                await asyncio.sleep(0)
             await self.mutate({
                 "op": "snap_commit", "id": sid, "sha256": rec.sha256, "record_bytes": len(rec.data),
                 "holders": holders, "files": rec.counts["files"], "dirs": rec.counts["dirs"],
                 "chunks": rec.counts["chunks"], "logical_bytes": rec.counts["bytes"],
-                "duration_seconds": round(dur, 6), "handles_z": pack_handles(rec.handles),
-                "location_reason": holders[0]["reason"],
+                "duration_seconds": round(dur, 6), "handles_z": handles_z,
+                "location_reason": holders[0]["reason"], "_precounted": True,
             })
             M.M_SNAP_BUILD.observe(dur)
             M.M_SNAP_RECORD.observe(len(rec.data))
@@ -892,18 +900,38 @@ class Master:
             self.locations.get(h, set()).discard(cs.id)
         self._rerepl_dirty = True
 
-    def _under_replicated(self, limit: int | None = 1000) -> list[tuple[int, int]]:
+    def _scan_replication(self, limit: int = 200) -> tuple[int, int, list[int]]:
+        """One pass over the chunk table: (under-replicated, lost, up to ``limit`` repairable
+        chunks, fewest replicas first). Lost chunks (no live replica) are reported once each and
+        never crowd out the ones that can be repaired."""
         st = self.state
-        out = []
         goal = st.replication
+        under = lost = 0
+        repairable: list[tuple[int, int]] = []
+        locs = self.locations
         for h in st.version:
-            n = len(self.locations.get(h, ()))
-            if n < goal and (st.live.get(h) or st.snap.get(h)):
-                out.append((n, h))
-                if limit and len(out) >= limit * 4:
-                    break
-        out.sort()
-        return out[:limit] if limit else out
+            n = len(locs.get(h, ()))
+            if n >= goal or not (st.live.get(h) or st.snap.get(h)):
+                continue
+            under += 1
+            if n == 0:
+                lost += 1
+                if h not in self._lost_reported:
+                    self._lost_reported.add(h)
+                    log.error("chunk %s has no live replica left", hexh(h))
+            elif len(repairable) < limit * 4:
+                repairable.append((n, h))
+        repairable.sort()
+        self._under_count, self._lost_count = under, lost
+        M.M_UNDER_REPLICATED.set(under)
+        return under, lost, [h for _n, h in repairable[:limit]]
+
+    def under_replicated_count(self) -> int:
+        """Exact for small tables; from the last re-replication scan for big ones (a scan of
+        millions of chunks does not belong on every status call or metrics scrape)."""
+        if len(self.state.version) <= 200_000:
+            return self._scan_replication(limit=0)[0]
+        return self._under_count
 
     async def _rereplication_loop(self) -> None:
         while True:
@@ -961,7 +989,7 @@ class Master:
         self._rerepl_dirty = False
         await self._repair_records()
         alive = [c.candidate() for c in self.alive()]
-        todo = self._under_replicated(limit=200)
+        _under, _lost, todo = self._scan_replication(limit=200)
         sem = asyncio.Semaphore(8)
         done = 0
 
@@ -969,7 +997,6 @@ class Master:
             nonlocal done
             srcs = self.replicas_of(h)
             if not srcs:
-                log.error("chunk %s has no live replica left", hexh(h))
                 return
             need = self.state.replication - len(srcs)
             existing = [c.candidate() for c in srcs]
@@ -988,7 +1015,7 @@ class Master:
                         log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
                         self._rerepl_dirty = True
 
-        await asyncio.gather(*(one(h) for _n, h in todo))
+        await asyncio.gather(*(one(h) for h in todo))
         if len(todo) >= 200:
             self._rerepl_dirty = True
         return done

@@ -25,7 +25,15 @@ import zstandard
 from .. import namespace as ns
 from .. import paths
 from ..errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from ..formats import CKPT_MAGIC, decode_tree, encode_tree, read_container, write_container
+from ..formats import (
+    CKPT_MAGIC,
+    decode_tree,
+    delta_decode,
+    delta_encode,
+    encode_tree,
+    read_container,
+    write_container,
+)
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_REPLICATION = 3
@@ -44,18 +52,12 @@ def rfc3339(ts_ns: int) -> str:
 
 
 def pack_handles(handles: Iterable[int]) -> bytes:
-    a = array("q", sorted(handles))
-    for i in range(len(a) - 1, 0, -1):
-        a[i] -= a[i - 1]
-    return zstandard.ZstdCompressor(level=3).compress(a.tobytes())
+    """A sorted handle list, delta-coded and compressed (a few bits per chunk)."""
+    return zstandard.ZstdCompressor(level=3).compress(delta_encode(sorted(handles)))
 
 
 def unpack_handles(data: bytes) -> list[int]:
-    a = array("q")
-    a.frombytes(zstandard.ZstdDecompressor().decompress(data))
-    for i in range(1, len(a)):
-        a[i] += a[i - 1]
-    return a.tolist()
+    return delta_decode(zstandard.ZstdDecompressor().decompress(data)).tolist()
 
 
 @dataclass
@@ -84,6 +86,9 @@ class MasterState:
         self.garbage: set[int] = set()  # freed handles to delete from chunkservers (soft)
         self.cow_clones = 0
         self.restores: dict[str, dict[str, Any]] = {}  # restore id -> result (idempotency)
+        self.n_files = 0  # kept up to date by apply: status and metrics never walk the tree
+        self.n_dirs = 1
+        self.n_bytes = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -157,6 +162,7 @@ class MasterState:
 
     def _apply_mkdir(self, op: dict[str, Any]) -> None:
         parts = paths.split(op["path"])
+        self.n_dirs += sum(1 for i in range(1, len(parts) + 1) if ns.get(self.root, parts[:i]) is None)
         self.root = ns.mkdir(self.root, parts, op["mtime"], op["mode"], op["parents"])
 
     def _apply_commit(self, op: dict[str, Any]) -> None:
@@ -171,6 +177,10 @@ class MasterState:
             self.live[h] = self.live.get(h, 0) + 1
         if isinstance(old, ns.File):
             self._unref_live(old.chunks)
+            self.n_bytes -= old.size
+        else:
+            self.n_files += 1
+        self.n_bytes += op["size"]
         f = ns.File(op["size"], op["mtime"], op["mode"], chunks)
         self.root = ns.replace(self.root, parts, f, op["mtime"])
 
@@ -196,6 +206,7 @@ class MasterState:
         parts = paths.split(op["path"])
         node = ns.must_get(self.root, parts)
         self.root = ns.replace(self.root, parts, None, op["mtime"])
+        self._uncount(node)
         self._unref_live(ns.iter_chunks(node))
 
     def _apply_mv(self, op: dict[str, Any]) -> None:
@@ -231,10 +242,8 @@ class MasterState:
 
     def _apply_snap_commit(self, op: dict[str, Any]) -> None:
         entry = self.snapshots[op["id"]]
-        handles = unpack_handles(op["handles_z"])
-        snap = self.snap
-        for h in handles:
-            snap[h] = snap.get(h, 0) + 1
+        if not op.get("_precounted"):
+            self.count_snapshot_refs(unpack_handles(op["handles_z"]))
         entry.update(
             state="ready", sha256=op["sha256"], record_bytes=op["record_bytes"],
             holders=op["holders"], files=op["files"], dirs=op["dirs"], chunks=op["chunks"],
@@ -285,7 +294,11 @@ class MasterState:
         for h, _v in parsed.chunks:
             self.live[h] = self.live.get(h, 0) + 1
         self.root = ns.replace(self.root, parts, tree, op["mtime"])
+        self.n_files += parsed.files
+        self.n_dirs += parsed.dirs
+        self.n_bytes += int(parsed.header.get("bytes", 0)) if "bytes" in parsed.header else ns.count(tree)[3]
         if old is not None:
+            self._uncount(old)
             self._unref_live(ns.iter_chunks(old))
         result = {"files": parsed.files, "dirs": parsed.dirs, "chunks": len(parsed.chunks)}
         if op.get("rid"):
@@ -294,7 +307,25 @@ class MasterState:
                 del self.restores[next(iter(self.restores))]
         return result
 
+    def _uncount(self, node: ns.Node) -> None:
+        files, dirs, _refs, size = ns.count(node)
+        self.n_files -= files
+        self.n_dirs -= dirs
+        self.n_bytes -= size
+
+    def recount(self) -> None:
+        self.n_files, self.n_dirs, _refs, self.n_bytes = ns.count(self.root)
+
     # ------------------------------------------------------------------ refcounts
+
+    def count_snapshot_refs(self, handles: Iterable[int]) -> None:
+        """Add one snapshot reference per handle. The server may do this in slices before it
+        logs the commit (the snapshot is still pending, so sharing is already assumed); replay
+        does it inside the commit."""
+        snap = self.snap
+        get = snap.get
+        for h in handles:
+            snap[h] = get(h, 0) + 1
 
     def _unref_live(self, handles: Iterable[int]) -> None:
         live = self.live
@@ -404,6 +435,7 @@ def decode_checkpoint(data: bytes) -> MasterState:
     for h, _v in dec.chunks:
         st.live[h] = st.live.get(h, 0) + 1
     st.restores = dict(body.get("restores") or {})
+    st.recount()
     for e in body["snapshots"]:
         st.snapshots[e["id"]] = e
         st.snapshot_names[e["name"]] = e["id"]
@@ -430,5 +462,6 @@ def dump(state: MasterState) -> dict[str, Any]:
         "snapshots": snaps,
         "epoch": state.epoch,
         "restores": sorted(state.restores),
+        "counts": [state.n_files, state.n_dirs, state.n_bytes],
         "crc": zlib.crc32(repr(tree).encode()),
     }

@@ -192,3 +192,36 @@ def test_handles_unique_across_incarnations():
     s.apply({"op": "incarnation", "n": 2})
     b = {s.new_handle() for _ in range(100)}
     assert not a & b
+
+
+def test_counters_match_a_full_walk_after_every_kind_of_op():
+    from kubegfs.master.state import pack_handles
+    from kubegfs.snapobj import build_record
+
+    L = Log()
+    s = L.state
+
+    def check():
+        f, d, _r, b = ns.count(s.root)
+        assert (s.n_files, s.n_dirs, s.n_bytes) == (f, d, b)
+
+    L.do(s.prepare_mkdir("/a/b/c", parents=True))
+    check()
+    L.put("/a/b/f", 10)
+    L.put("/a/b/f", 25)  # overwrite
+    L.put("/a/g", 7)
+    check()
+    L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/a", "created": 5, "copies": 2})
+    rec = build_record({"id": "s1"}, s.pins["s1"].node, s.version.__getitem__)
+    L.do({"op": "snap_commit", "id": "s1", "sha256": rec.sha256, "record_bytes": len(rec.data),
+          "holders": [], "files": 2, "dirs": 3, "chunks": 2, "logical_bytes": 32,
+          "duration_seconds": 0.1, "handles_z": pack_handles(rec.handles)})
+    L.do({"op": "mv", "src": "/a/g", "dst": "/a/b/c/g", "mtime": 3})
+    L.do({"op": "rm", "path": "/a/b", "mtime": 4})
+    check()
+    L.do({"op": "restore", "id": "s1", "path": "/copy", "mode": "new", "blob": rec.data, "mtime": 7})
+    check()
+    L.do({"op": "restore", "id": "s1", "path": "/a", "mode": "inplace", "blob": rec.data, "mtime": 8})
+    check()
+    assert dump(L.replay()) == dump(s)
+    assert dump(decode_checkpoint(encode_checkpoint(s.checkpoint_view()))) == dump(s)
