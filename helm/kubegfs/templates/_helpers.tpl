@@ -1,0 +1,159 @@
+{{/*
+The chart name. app.kubernetes.io/name must stay "kubegfs" for the operator to find the pods, so
+nameOverride changes object names only.
+*/}}
+{{- define "kubegfs.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name (truncated to leave room for "-chunkserver-NN" suffixes and the
+StatefulSet controller-revision-hash label, which needs names of at most 52 characters).
+*/}}
+{{- define "kubegfs.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart name and version, as used by the helm.sh/chart label. */}}
+{{- define "kubegfs.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: include "kubegfs.selectorLabels" (list . "master") */}}
+{{- define "kubegfs.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: kubegfs
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* Common labels of one component: include "kubegfs.labels" (list . "master") */}}
+{{- define "kubegfs.labels" -}}
+{{- $root := index . 0 -}}
+helm.sh/chart: {{ include "kubegfs.chart" $root }}
+{{ include "kubegfs.selectorLabels" . }}
+app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+app.kubernetes.io/part-of: kubegfs
+{{- end }}
+
+{{/* Labels that every pod of this release carries (used by the NetworkPolicies). */}}
+{{- define "kubegfs.releaseSelector" -}}
+app.kubernetes.io/name: kubegfs
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Object name of one component: include "kubegfs.componentName" (list . "master") */}}
+{{- define "kubegfs.componentName" -}}
+{{- printf "%s-%s" (include "kubegfs.fullname" (index . 0)) (index . 1) }}
+{{- end }}
+
+{{/* Image of one component: include "kubegfs.image" (list . .Values.master.image) */}}
+{{- define "kubegfs.image" -}}
+{{- $root := index . 0 -}}
+{{- $img := index . 1 -}}
+{{- $repo := $img.repository -}}
+{{- if $root.Values.image.registry }}
+{{- $repo = printf "%s/%s" (trimSuffix "/" $root.Values.image.registry) $repo }}
+{{- end }}
+{{- printf "%s:%s" $repo (default $root.Chart.AppVersion $img.tag) }}
+{{- end }}
+
+{{/* The Secret holding the shared token, and its key. */}}
+{{- define "kubegfs.secretName" -}}
+{{- default (printf "%s-token" (include "kubegfs.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+{{- define "kubegfs.secretKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{/* In-cluster URL of the master Service. */}}
+{{- define "kubegfs.masterURL" -}}
+{{- printf "http://%s.%s.svc:%d" (include "kubegfs.componentName" (list . "master")) .Release.Namespace (int .Values.master.port) }}
+{{- end }}
+
+{{/* Pod-level security context (PSS restricted). */}}
+{{- define "kubegfs.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{/* Container-level security context (PSS restricted). */}}
+{{- define "kubegfs.containerSecurityContext" -}}
+{{- toYaml .Values.containerSecurityContext }}
+{{- end }}
+
+{{/* imagePullSecrets, if any. */}}
+{{- define "kubegfs.imagePullSecrets" -}}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A token volume mounted at /etc/kubegfs (read by --token-file). */}}
+{{- define "kubegfs.tokenVolume" -}}
+- name: token
+  secret:
+    secretName: {{ include "kubegfs.secretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ include "kubegfs.secretKey" . }}
+        path: token
+{{- end }}
+
+{{/* Pod annotations: prometheus.io/* (metrics.podAnnotations) and the component's own.
+     include "kubegfs.podAnnotations" (list . port .Values.master.podAnnotations) */}}
+{{- define "kubegfs.podAnnotations" -}}
+{{- $root := index . 0 -}}
+{{- $out := dict -}}
+{{- if $root.Values.metrics.podAnnotations }}
+{{- $_ := set $out "prometheus.io/scrape" "true" }}
+{{- $_ := set $out "prometheus.io/port" (toString (index . 1)) }}
+{{- $_ := set $out "prometheus.io/path" "/metrics" }}
+{{- end }}
+{{- with index . 2 }}{{ $out = merge (deepCopy .) $out }}{{ end }}
+{{- with index . 3 }}{{ $out = merge $out . }}{{ end }}
+{{- with $out }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicy egress rules: DNS and (optionally) the Kubernetes API server. */}}
+{{- define "kubegfs.egressDNS" -}}
+- to:
+    {{- toYaml .Values.networkPolicy.dns | nindent 4 }}
+  ports:
+    - {protocol: UDP, port: 53}
+    - {protocol: TCP, port: 53}
+{{- end }}
+{{- define "kubegfs.egressAPIServer" -}}
+- ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+  {{- with .Values.networkPolicy.apiServer.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock: {cidr: {{ . | quote }}}
+    {{- end }}
+  {{- end }}
+{{- end }}
+
+{{/* NetworkPolicy peer: pods of one component of this release. */}}
+{{- define "kubegfs.peer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "kubegfs.selectorLabels" . | nindent 6 }}
+{{- end }}
