@@ -8,8 +8,13 @@ executes anything from the record.
 
 from __future__ import annotations
 
+import json
+import os
+import struct
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import CorruptData
@@ -71,3 +76,45 @@ def parse_record(data: bytes, expected_sha256: str | None = None) -> ParsedRecor
         raise CorruptData("record has no tree")
     dec = decode_tree(tree)
     return ParsedRecord(header, dec.root, dec.chunks, dec.files, dec.dirs)
+
+
+def build_record_in_child(meta: dict[str, Any], node: Node, version_of: Callable[[int], int],
+                          scratch: Path) -> BuiltRecord:
+    """``build_record`` in a forked child process.
+
+    The child sees the pinned immutable tree copy-on-write for free and does the O(files)
+    encoding on its own core and its own interpreter lock, so the master keeps answering writers
+    at full speed while a big snapshot is built. Blocking: call it from a worker thread. Falls
+    back to building in-process where fork is unavailable.
+    """
+    if not hasattr(os, "fork"):
+        return build_record(meta, node, version_of)
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = scratch / f"build-{os.getpid()}-{meta.get('id', 'x')}"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            rec = build_record(meta, node, version_of)
+            side = json.dumps({"sha256": rec.sha256, "counts": rec.counts}).encode()
+            with open(out, "wb") as f:
+                f.write(struct.pack("<QQ", len(rec.data), len(side)))
+                f.write(rec.data)
+                f.write(side)
+                f.write(array("q", rec.handles).tobytes())
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    try:
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise CorruptData(f"snapshot builder process failed (status {status})")
+        raw = out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
+    n_data, n_side = struct.unpack_from("<QQ", raw, 0)
+    data = raw[16 : 16 + n_data]
+    side = json.loads(raw[16 + n_data : 16 + n_data + n_side])
+    handles = array("q")
+    handles.frombytes(raw[16 + n_data + n_side :])
+    return BuiltRecord(data, side["sha256"], side["counts"], handles.tolist())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ..errors import (
     Unavailable,
     from_json,
 )
-from ..snapobj import ParsedRecord, build_record, parse_record
+from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
 from ..topology import Candidate, Location, diversify, find_nearest, place_replicas
 from ..web import (
     field_bool,
@@ -104,6 +105,7 @@ class Options:
     rereplicate_interval: float = 2.0
     fsync: bool = True
     snapshot_retry_seconds: float = 120.0
+    fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
 
 
 class Master:
@@ -116,6 +118,7 @@ class Master:
         self.location = location
         self.opts = options or Options()
         state, self.recovery = recover(data_dir, chunk_size, replication)
+        shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync)
         self.cs: dict[str, CS] = {}
@@ -603,7 +606,11 @@ class Master:
             pin = st.pins[sid]
             meta = {k: entry[k] for k in ("id", "name", "path", "created", "epoch")}
             meta["chunk_size"] = st.chunk_size
-            rec = await loop.run_in_executor(None, build_record, meta, pin.node, st.version.__getitem__)
+            if self.opts.fork_builds:
+                rec = await loop.run_in_executor(None, build_record_in_child, meta, pin.node,
+                                                 st.version.__getitem__, self.data_dir / "scratch")
+            else:
+                rec = await loop.run_in_executor(None, build_record, meta, pin.node, st.version.__getitem__)
             holders: list[dict[str, Any]] = []
             last_err = "no live chunkserver"
             delay = 0.5
