@@ -123,6 +123,8 @@ for set in core operator; do
   ctx=$CACHE/$set/wheels
   rm -rf "$ctx"; mkdir -p "$ctx"
   cp -lp "$deps"/*.whl "$WHEEL" "$ctx"/ 2>/dev/null || cp -p "$deps"/*.whl "$WHEEL" "$ctx"/
+  # buildah's COPY cache key includes the folders' mtimes: pin them so the same wheels hit the cache.
+  touch -d @315532800 "$ctx" "$CACHE/$set"
 done
 log "wheelhouse ready: $(find "$CACHE/core/wheels" -name '*.whl' | wc -l) wheels (core), $(find "$CACHE/operator/wheels" -name '*.whl' | wc -l) (operator)"
 [[ $WHEELS_ONLY == 1 ]] && exit 0
