@@ -48,6 +48,11 @@ lint: $(STAMP) ## ruff (incl. no pickle/marshal/eval/yaml.load) and mypy
 	$(BIN)/ruff check kubegfs tests operator
 	$(BIN)/mypy kubegfs operator/kubegfs_operator
 
+TRIALS ?= 20
+OPS ?= 40
+chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chaos TRIALS=200)
+	$(PYTHON) -m kubegfs.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED))
+
 bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
 	$(PYTHON) -m kubegfs.bench --out bench-results
 

@@ -86,6 +86,7 @@ class Chunkserver:
         r.add_delete("/internal/chunks/{h}", self.delete_chunk)
         r.add_post("/internal/chunks/{h}/clone", self.clone_chunk)
         r.add_post("/internal/chunks/{h}/replicate", self.replicate_chunk)
+        r.add_post("/internal/chunks/{h}/version", self.set_version)
         r.add_get("/internal/records", self.list_records)
         r.add_put("/internal/records/{id}", self.put_record)
         r.add_get("/internal/records/{id}", self.get_record)
@@ -197,6 +198,14 @@ class Chunkserver:
         self._added[dst] = version
         self._update_gauges()
         return json_response({"cloned": hexh(dst)})
+
+    async def set_version(self, request: web.Request) -> web.Response:
+        h = handle_hex(request.match_info["h"])
+        body = await read_json(request)
+        version = field_int(body, "version", None, 1)
+        await self._run(self.store.set_version, h, version)
+        self._added[h] = version
+        return json_response({"handle": hexh(h), "version": version})
 
     async def replicate_chunk(self, request: web.Request) -> web.Response:
         """Pull a copy of a chunk from another chunkserver (re-replication)."""

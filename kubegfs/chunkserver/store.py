@@ -208,6 +208,18 @@ class ChunkStore:
             _fsync_dir(d_data.parent)
             self.index[dst] = (version, length)
 
+    def set_version(self, h: int, version: int) -> None:
+        """The master's new version for a chunk about to be mutated (GFS: at lease grant), so a
+        replica that misses the mutation is recognisably stale."""
+        _, meta = self._paths(h)
+        with self.lock(h):
+            v, length, crcs = self._read_meta(h)
+            if version < v:
+                raise Conflict(f"version {version} is older than the stored {v}")
+            if version != v:
+                self._write_meta(meta, version, length, crcs)
+                self.index[h] = (version, length)
+
     def delete(self, h: int) -> None:
         d, m = self._paths(h)
         with self.lock(h):

@@ -434,7 +434,22 @@ class Master:
             target, tv = new, version
         else:
             tv = st.version[last] + 1
+            # tell the replicas first (GFS: at lease grant): one that misses this is stale later
+            results = await asyncio.gather(
+                *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(last)}/version", json={"version": tv})
+                  for c in reps),
+                return_exceptions=True,
+            )
+            fresh = {c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)}
+            if not fresh:
+                raise Unavailable(f"no replica of chunk {hexh(last)} accepted the new version: {results[0]}")
+            if ns.get(st.root, parts) is not node:
+                raise Conflict("the file changed while preparing the append; retry")
             await self.mutate({"op": "bump", "h": last, "v": tv})
+            self.locations[last] = fresh
+            for c in reps:
+                if c.id in fresh:
+                    c.chunks[last] = tv
             target = last
         cur = ns.get(st.root, parts)
         assert isinstance(cur, ns.File)

@@ -17,7 +17,8 @@ CS_ROUTES = [
     ("GET", "/metrics"), ("PUT", "/internal/chunks/0000000000000001"),
     ("GET", "/internal/chunks/0000000000000001"), ("DELETE", "/internal/chunks/0000000000000001"),
     ("POST", "/internal/chunks/0000000000000001/clone"),
-    ("POST", "/internal/chunks/0000000000000001/replicate"), ("GET", "/internal/records"),
+    ("POST", "/internal/chunks/0000000000000001/replicate"),
+    ("POST", "/internal/chunks/0000000000000001/version"), ("GET", "/internal/records"),
     ("PUT", "/internal/records/abc"), ("GET", "/internal/records/abc"),
     ("DELETE", "/internal/records/abc"), ("GET", "/internal/info"),
 ]

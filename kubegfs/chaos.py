@@ -1,0 +1,490 @@
+"""Seeded chaos against a real local cluster, checked against an in-memory witness model.
+
+``python -m kubegfs.chaos --trials N --ops M [--seed S]`` (``make chaos TRIALS=200``) runs N
+trials; each starts a master and four chunkservers, applies M random operations (mkdir, put,
+overwrite, append, mv, rm, snapshot, restore to a new path or in place, snapshot delete, and a
+few invalid requests) interleaved with faults (master kill -9 mid-operation, chunkserver kill -9
+with or without its disk, bytes flipped in chunk files and record copies, checkpoints), and
+after each step compares the namespace and every file's bytes with the model. Every snapshot is
+restored at the end and compared with the model's copy at its creation. The seed of a failing
+trial is printed so it can be replayed with ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .client import Client
+from .errors import KubegfsError
+from .local import LocalCluster
+
+DIR = None  # marker for directories in the model
+CHUNK = 64 * 1024
+
+
+class Lost(AssertionError):
+    """The cluster disagrees with the model: something acknowledged was lost or changed."""
+
+
+@dataclass
+class Stats:
+    trials: int = 0
+    steps: int = 0
+    acked: int = 0
+    rejected: int = 0
+    unacked: int = 0
+    lost: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    corruptions_injected: int = 0
+    corruptions_detected: int = 0
+    snapshots_verified: int = 0
+    recovery_seconds: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def merge(self, o: Stats) -> None:
+        for k in ("trials", "steps", "acked", "rejected", "unacked", "lost", "corruptions_injected",
+                  "corruptions_detected", "snapshots_verified"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        self.faults.update(o.faults)
+        self.recovery_seconds += o.recovery_seconds
+        self.failures += o.failures
+
+
+Tree = dict[str, Any]  # path -> bytes (file) or DIR
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+class Model:
+    def __init__(self) -> None:
+        self.tree: Tree = {"/": DIR}
+        self.snaps: dict[str, tuple[str, Tree]] = {}
+
+    def dirs(self) -> list[str]:
+        return sorted(p for p, v in self.tree.items() if v is DIR)
+
+    def files(self) -> list[str]:
+        return sorted(p for p, v in self.tree.items() if v is not DIR)
+
+    def subtree(self, root: str) -> Tree:
+        return {p[len(root):] if root != "/" else p: v for p, v in self.tree.items() if _under(p, root)}
+
+    def remove(self, root: str) -> None:
+        for p in [p for p in self.tree if _under(p, root)]:
+            del self.tree[p]
+
+    def graft(self, root: str, sub: Tree) -> None:
+        for rel, v in sub.items():
+            p = root if rel in ("", "/") else (root.rstrip("/") + rel if root != "/" else rel)
+            self.tree[p] = v
+
+
+class Trial:
+    def __init__(self, seed: int, ops: int, workdir: Path, log: Any) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.ops = ops
+        self.dir = workdir
+        self.log = log
+        self.m = Model()
+        self.st = Stats(trials=1)
+        self.cl = LocalCluster(workdir, 4, chunk_size=CHUNK, heartbeat=0.2, dead_after=1.0,
+                               scrub_interval=1.0, checkpoint_ops=40)
+        self.c: Client | None = None
+        self.n = 0
+        self.down: list[Any] = []
+        self.corrupted: list[tuple[Path, bytes]] = []  # (file, its corrupted bytes) not yet repaired
+
+    # ------------------------------------------------------------------ helpers
+
+    def client(self) -> Client:
+        if self.c is None:
+            self.c = self.cl.client()
+        return self.c
+
+    def name(self) -> str:
+        self.n += 1
+        return f"n{self.n}"
+
+    def data(self, big: bool = False) -> bytes:
+        n = self.rng.choice([0, 1, 100, 5000, CHUNK - 1, CHUNK, CHUNK + 7, 3 * CHUNK + 11] if big else
+                            [0, 1, 10, 300, 4000, CHUNK + 3])
+        return self.rng.randbytes(n)
+
+    def expect_reject(self, fn: Any) -> None:
+        before = self.client().dump()
+        try:
+            fn()
+        except KubegfsError as exc:
+            if exc.status >= 500:
+                raise
+            self.st.rejected += 1
+            if self.client().dump() != before:
+                raise Lost(f"a rejected request changed the state: {exc.message}") from exc
+            return
+        raise Lost("an invalid request was accepted")
+
+    # ------------------------------------------------------------------ verification
+
+    def verify(self, full: bool) -> None:
+        c = self.client()
+        seen: Tree = {}
+        stack = ["/"]
+        while stack:
+            d = stack.pop()
+            seen[d] = DIR
+            for e in c.ls(d):
+                if e["type"] == "dir":
+                    stack.append(e["path"])
+                else:
+                    seen[e["path"]] = e["size"]
+        want = {p: (DIR if v is DIR else len(v)) for p, v in self.m.tree.items()}
+        if seen != want:
+            extra = sorted(set(seen) - set(want))[:5]
+            missing = sorted(set(want) - set(seen))[:5]
+            diff = [p for p in set(seen) & set(want) if seen[p] != want[p]][:5]
+            raise Lost(f"namespace differs: extra {extra}, missing {missing}, size/type {diff}")
+        if full:
+            for p in self.m.files():
+                got = c.get(p)
+                if got != self.m.tree[p]:
+                    raise Lost(f"{p}: {len(got)} bytes read, sha {hashlib.sha256(got).hexdigest()[:12]} "
+                               f"!= model {hashlib.sha256(self.m.tree[p]).hexdigest()[:12]}")
+
+    def verify_snapshot(self, name: str) -> None:
+        c = self.client()
+        target = f"/verify-{self.name()}"
+        c.snapshot_restore(name, to=target)
+        _root, sub = self.m.snaps[name]
+        got: Tree = {}
+        for e in c.walk(target):
+            rel = e["path"][len(target):]
+            got[rel] = DIR if e["type"] == "dir" else c.get(e["path"])
+        want = {("" if k in ("", "/") else k): v for k, v in sub.items()}
+        if got != want:
+            raise Lost(f"snapshot {name} restored differently from its creation-time copy")
+        c.rm(target, recursive=True)
+        self.st.snapshots_verified += 1
+
+    # ------------------------------------------------------------------ operations
+
+    def op(self) -> None:
+        c = self.client()
+        rng = self.rng
+        dirs = self.m.dirs()
+        files = self.m.files()
+        kind = rng.choices(
+            ["mkdir", "put", "overwrite", "append", "mv", "rm", "snapshot", "restore", "snapdel", "invalid"],
+            [10, 20, 8, 10, 6, 5, 8, 6, 3, 4])[0]
+        if kind in ("overwrite", "append") and not files:
+            kind = "put"
+        if kind in ("restore", "snapdel") and not self.m.snaps:
+            kind = "snapshot"
+        if kind == "mkdir":
+            p = f"{rng.choice(dirs).rstrip('/')}/{self.name()}"
+            c.mkdir(p)
+            self.m.tree[p] = DIR
+        elif kind == "put":
+            p = f"{rng.choice(dirs).rstrip('/')}/{self.name()}"
+            b = self.data(big=True)
+            c.put(p, b)
+            self.m.tree[p] = b
+        elif kind == "overwrite":
+            p = rng.choice(files)
+            b = self.data(big=True)
+            c.put(p, b)
+            self.m.tree[p] = b
+        elif kind == "append":
+            p = rng.choice(files)
+            b = self.data()
+            c.put(p, b, append=True)
+            self.m.tree[p] = self.m.tree[p] + b
+        elif kind == "mv":
+            src = rng.choice([p for p in self.m.tree if p != "/"] or ["/"])
+            if src == "/":
+                return
+            dst_parent = rng.choice([d for d in dirs if not _under(d, src)])
+            dst = f"{dst_parent.rstrip('/')}/{self.name()}"
+            c.mv(src, dst)
+            sub = self.m.subtree(src)
+            self.m.remove(src)
+            self.m.graft(dst, sub)
+        elif kind == "rm":
+            p = rng.choice([p for p in self.m.tree if p != "/"] or ["/"])
+            if p == "/":
+                return
+            c.rm(p, recursive=True)
+            self.m.remove(p)
+        elif kind == "snapshot":
+            root = rng.choice(dirs)
+            name = f"s-{self.name()}"
+            c.snapshot_create(root, name, copies=2)
+            self.m.snaps[name] = (root, self.m.subtree(root))
+        elif kind == "restore":
+            name = rng.choice(sorted(self.m.snaps))
+            root, sub = self.m.snaps[name]
+            if rng.random() < 0.5 and _parent(root) in self.m.tree and self.m.tree[_parent(root)] is DIR:
+                c.snapshot_restore(name)
+                self.m.remove(root)
+                self.m.graft(root, sub)
+            else:
+                dst = f"{rng.choice(dirs).rstrip('/')}/{self.name()}"
+                c.snapshot_restore(name, to=dst)
+                self.m.graft(dst, sub)
+        elif kind == "snapdel":
+            name = rng.choice(sorted(self.m.snaps))
+            c.snapshot_delete(name)
+            del self.m.snaps[name]
+        else:
+            bad = rng.choice([
+                lambda: c.mkdir(rng.choice(dirs)) if len(dirs) > 1 else c.mkdir("/"),
+                lambda: c.put(f"/missing-{self.name()}/x", b"x"),
+                lambda: c.mv("/", "/x"),
+                lambda: c.snapshot_create("/no/such/dir", f"bad-{self.name()}"),
+                lambda: c.snapshot_restore("no-such-snapshot"),
+                lambda: c.mkdir("/a/../b"),
+            ])
+            self.expect_reject(bad)
+            self.st.steps += 1
+            return
+        self.st.acked += 1
+        self.st.steps += 1
+
+    # ------------------------------------------------------------------ faults
+
+    def fault(self) -> None:
+        rng = self.rng
+        kind = rng.choices(["master-kill", "cs-kill", "cs-disk-loss", "corrupt-chunk", "corrupt-record",
+                            "checkpoint"], [4, 2, 1, 3, 2, 2])[0]
+        self.st.faults[kind] += 1
+        if kind == "master-kill":
+            self.master_kill_mid_op()
+        elif kind in ("cs-kill", "cs-disk-loss"):
+            self.heal()
+            p = rng.choice(self.cl.chunkservers)
+            self.cl.kill(p, signal.SIGKILL)
+            if kind == "cs-disk-loss":
+                shutil.rmtree(p.data, ignore_errors=True)
+            self.down.append(p)
+        elif kind == "corrupt-chunk":
+            self.heal()
+            chunks = [f for p in self.cl.chunkservers for f in p.data.glob("chunks/*/*.chk") if f.stat().st_size]
+            if chunks:
+                f = rng.choice(chunks)
+                raw = bytearray(f.read_bytes())
+                i = rng.randrange(len(raw))
+                raw[i] ^= 1 << rng.randrange(8)
+                f.write_bytes(bytes(raw))
+                self.corrupted.append((f, bytes(raw)))
+                self.st.corruptions_injected += 1
+        elif kind == "corrupt-record":
+            self.heal()
+            recs = [f for p in self.cl.chunkservers for f in p.data.glob("records/*.rec")]
+            if recs:
+                f = rng.choice(recs)
+                raw = bytearray(f.read_bytes())
+                raw[rng.randrange(len(raw))] ^= 0xFF
+                f.write_bytes(bytes(raw))
+                self.corrupted.append((f, bytes(raw)))
+                self.st.corruptions_injected += 1
+        else:
+            self.client().checkpoint()
+
+    def heal(self, timeout: float = 60.0) -> None:
+        """Restart what is down, have every chunkserver scrub now, and wait until every chunk and
+        record is fully replicated and every injected corruption was found and replaced (one
+        fault at a time: two corruptions of both copies of a record before either is noticed is
+        beyond what two copies protect against)."""
+        import requests
+
+        for p in self.down:
+            self.cl.start_chunkserver(p)
+        self.down = []
+        t0 = time.monotonic()
+        c = self.client()
+        auth = {"Authorization": f"Bearer {self.cl.token}"}
+        for p in self.cl.chunkservers:
+            requests.post(p.url + "/internal/scrub", headers=auth, timeout=30)
+        while time.monotonic() - t0 < timeout:
+            st = c.status()
+            alive = {x["id"] for x in c.chunkservers() if x["alive"]}
+            recs_ok = all(len([h for h in s["holders"] if h["id"] in alive]) >= min(2, len(alive))
+                          for s in c.snapshot_list() if s["state"] == "ready")
+            fixed = [(f, b) for f, b in self.corrupted if not f.exists() or f.read_bytes() != b]
+            if st["under_replicated"] == 0 and st["chunkservers"]["alive"] >= 4 and recs_ok \
+                    and len(fixed) == len(self.corrupted):
+                self.st.corruptions_detected += len(self.corrupted)
+                self.corrupted = []
+                self.st.recovery_seconds.append(time.monotonic() - t0)
+                return
+            time.sleep(0.1)
+        left = [str(f) for f, b in self.corrupted if f.exists() and f.read_bytes() == b]
+        raise Lost(f"cluster did not heal within {timeout}s: {c.status()}; undetected corruption: {left}")
+
+    def master_kill_mid_op(self) -> None:
+        c = self.client()
+        rng = self.rng
+        dirs = self.m.dirs()
+        before = dict(self.m.tree)
+        p = f"{rng.choice(dirs).rstrip('/')}/{self.name()}"
+        b = self.data(big=True)
+        snap_root = rng.choice(dirs)
+        snap_name = f"s-{self.name()}"
+        which = rng.choice(["put", "snapshot", "mkdir"])
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                cl2 = self.cl.client()
+                if which == "put":
+                    cl2.put(p, b)
+                elif which == "snapshot":
+                    cl2.snapshot_create(snap_root, snap_name, copies=2, timeout=5)
+                else:
+                    cl2.mkdir(p)
+                result["ok"] = True
+            except KubegfsError as exc:
+                result["err"] = exc
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(rng.random() * 0.05)
+        self.cl.kill(self.cl.master, signal.SIGKILL)
+        t.join(timeout=30)
+        t0 = time.monotonic()
+        self.cl.start_master()
+        self.st.recovery_seconds.append(time.monotonic() - t0)
+        self.cl.wait_registered(4 - len(self.down), timeout=30)
+        c = self.client()
+        acked = result.get("ok", False)
+        if which in ("put", "mkdir"):
+            exists = c.exists(p)
+            if acked and not exists:
+                raise Lost(f"acknowledged {which} of {p} lost in a master crash")
+            if exists:
+                if which == "put" and c.get(p) != b:
+                    raise Lost(f"{p}: a crashed write is visible but not whole")
+                self.m.tree[p] = b if which == "put" else DIR
+        else:
+            names = {s["name"]: s for s in c.snapshot_list()}
+            if acked and snap_name not in names:
+                raise Lost(f"acknowledged snapshot {snap_name} lost in a master crash")
+            if snap_name in names:
+                c.snapshot_wait(snap_name, timeout=60)  # captured before the crash: resumed
+                self.m.snaps[snap_name] = (snap_root, {k[len(snap_root):] if snap_root != "/" else k: v
+                                                       for k, v in before.items() if _under(k, snap_root)})
+        self.st.acked += int(acked)
+        self.st.unacked += int(not acked)
+        # replay is deterministic: restart again with no new ops, the dump must be identical
+        d1 = c.dump()
+        self.cl.kill(self.cl.master, signal.SIGKILL)
+        self.cl.start_master()
+        if c.dump() != d1:
+            raise Lost("the namespace dump changed across a restart with no operations")
+        self.cl.wait_registered(4 - len(self.down), timeout=30)
+
+    # ------------------------------------------------------------------ the trial
+
+    def run(self) -> Stats:
+        try:
+            self.cl.start()
+            for i in range(self.ops):
+                if self.rng.random() < 0.12:
+                    self.fault()
+                else:
+                    self.op()
+                self.verify(full=(i % 10 == 9))
+            self.heal()
+            self.verify(full=True)
+            for name in sorted(self.m.snaps):
+                self.verify_snapshot(name)
+        except Lost as exc:
+            self.st.lost += 1
+            self.st.failures.append(f"seed {self.seed}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any other surprise is a failure too
+            self.st.failures.append(f"seed {self.seed}: {type(exc).__name__}: {exc}")
+        finally:
+            if self.c is not None:
+                self.c.close()
+            self.cl.stop()
+        return self.st
+
+
+def report(st: Stats, seconds: float) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"kubegfs chaos: {st.trials} trials in {seconds:.0f}s")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    rows: list[tuple[str, Any]] = [
+        ("trials run", st.trials), ("steps", st.steps), ("operations acknowledged", st.acked),
+        ("invalid requests rejected cleanly", st.rejected), ("operations cut by a crash (unacknowledged)", st.unacked),
+        ("operations lost (must be 0)", st.lost),
+        ("corruptions injected", st.corruptions_injected),
+        ("corruptions detected and repaired", st.corruptions_detected),
+        ("snapshots restored and verified", st.snapshots_verified),
+    ]
+    rows += [(f"fault: {k}", v) for k, v in sorted(st.faults.items())]
+    if st.recovery_seconds:
+        rs = sorted(st.recovery_seconds)
+        rows += [("recovery p50 (s)", f"{rs[len(rs) // 2]:.2f}"), ("recovery max (s)", f"{rs[-1]:.2f}")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    con = Console(width=100, record=True)
+    con.print(t)
+    for f in st.failures:
+        con.print(f"[red]FAILED[/] {f}  (replay: python -m kubegfs.chaos --trials 1 --seed {f.split()[1].rstrip(':')})")
+    return con.export_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kubegfs.chaos", description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--ops", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=None, help="first seed (default: random, printed)")
+    ap.add_argument("--keep", action="store_true", help="keep the data dirs of failed trials")
+    a = ap.parse_args(argv)
+    from . import logs
+
+    logs.setup("WARNING")
+    seed0 = a.seed if a.seed is not None else random.randrange(1 << 31)
+    print(f"chaos: {a.trials} trials x {a.ops} ops, seeds {seed0}..{seed0 + a.trials - 1}", flush=True)
+    total = Stats()
+    t0 = time.monotonic()
+    for i in range(a.trials):
+        seed = seed0 + i
+        wd = Path(tempfile.mkdtemp(prefix=f"kubegfs-chaos-{seed}-"))
+        st = Trial(seed, a.ops, wd, None).run()
+        total.merge(st)
+        status = "ok" if not st.failures else "FAILED"
+        print(f"  trial {i + 1}/{a.trials} seed {seed}: {status} ({st.steps} steps, faults {dict(st.faults)})",
+              flush=True)
+        if st.failures and a.keep:
+            print(f"    data kept in {wd}")
+        else:
+            shutil.rmtree(wd, ignore_errors=True)
+    report(total, time.monotonic() - t0)
+    return 1 if total.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""A small seeded chaos run in CI (the big one: make chaos TRIALS=200)."""
+
+import os
+import random
+
+import pytest
+
+from kubegfs.chaos import Trial
+
+SEEDS = [int(os.environ.get("KUBEGFS_CHAOS_SEED", random.randrange(1 << 30))) + i for i in range(2)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_ops_and_faults_match_the_witness(seed, tmp_path):
+    st = Trial(seed, 30, tmp_path / "chaos", None).run()
+    assert not st.failures, f"replay with: python -m kubegfs.chaos --trials 1 --seed {seed}: {st.failures}"
+    assert st.lost == 0
+    assert st.corruptions_detected == st.corruptions_injected
+    assert st.steps >= 20
