@@ -173,7 +173,7 @@ for c in "${COMPONENTS[@]}"; do
   tag=${REGISTRY:+$REGISTRY/}kubegfs/$c:$VERSION
   start=$SECONDS
   log "$c -> $tag"
-  build "$c" "$tag" "$CACHE/$set"
+  build "$c" "$tag" "$CACHE/$set" >&2
   log "$c built in $((SECONDS - start))s"
   TAGS+=("$tag")
 done
@@ -186,7 +186,7 @@ if [[ $PUSH == 1 ]]; then
       docker) docker push "$tag" ;;
       podman) podman push "$tag" ;;
       buildah) buildah push "$tag" "docker://$tag" ;;
-    esac
+    esac >&2
   done
 fi
 
