@@ -302,7 +302,7 @@ class Client:
     def snapshot_create(self, path: str, name: str, copies: int = 2, wait: bool = True,
                         timeout: float = 600.0, **extra: Any) -> dict[str, Any]:
         body = {"path": path, "name": name, "copies": copies, **extra}
-        snap = self.api("POST", "/snapshots", json=body)
+        snap = self.api("POST", "/snapshots", json=body, params={"wait": "5"} if wait else None)
         if not wait:
             return snap
         return self.snapshot_wait(snap["id"], timeout)

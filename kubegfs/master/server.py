@@ -9,6 +9,7 @@ shipped to the nearest chunkservers, then committed to the catalog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shutil
@@ -558,6 +559,10 @@ class Master:
         path = paths.normalize(field_str(b, "path"))
         copies = field_int(b, "copies", 2, 1, 16)
         sid = record_id(field_str(b, "id", "s-" + uuid.uuid4().hex, max_len=128))
+        try:
+            wait = min(10.0, max(0.0, float(request.query.get("wait", "0"))))
+        except ValueError as exc:
+            raise InvalidArgument("wait must be a number of seconds") from exc
         targets = b.get("targets") or []
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) or len(targets) > 256:
             raise InvalidArgument("targets must be a list of chunkserver ids or addresses")
@@ -572,7 +577,9 @@ class Master:
             e = st.snapshots[sid]
             if e["name"] != name or e["path"] != path:
                 raise Conflict(f"snapshot id {sid} already exists with another name or path")
-            return json_response(self._snap_json(e), status=200)
+            await self._wait_built(sid, wait)
+            e = st.snapshots[sid]
+            return json_response(self._snap_json(e), status=200 if e["state"] != "pending" else 202)
         if name in st.snapshot_names:
             raise AlreadyExists(f"a snapshot named {name!r} already exists")
         st.lookup(path)  # must exist
@@ -589,7 +596,16 @@ class Master:
         M.M_SNAP_CAPTURE.observe(time.perf_counter() - t0)
         await self.oplog.enqueue(op)
         self._start_builder(sid)
-        return json_response(self._snap_json(st.snapshots[sid]), status=202)
+        await self._wait_built(sid, wait)
+        e = st.snapshots[sid]
+        return json_response(self._snap_json(e), status=200 if e["state"] != "pending" else 202)
+
+    async def _wait_built(self, sid: str, wait: float) -> None:
+        """Long poll: give a small snapshot the chance to be ready in the same request."""
+        task = self.builders.get(sid)
+        if wait > 0 and task is not None and not task.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), wait)
 
     def _start_builder(self, sid: str) -> None:
         if sid not in self.builders or self.builders[sid].done():

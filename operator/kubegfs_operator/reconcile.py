@@ -99,7 +99,8 @@ def snapshot(body: dict[str, Any], retry: int, started: float, d: Deps) -> Resul
     }
     client = d.master(view.master.url)
     try:
-        snap = client.api("POST", "/snapshots", json=req)
+        # long poll: a small snapshot comes back ready in this call; a big one says pending
+        snap = client.api("POST", "/snapshots", json=req, params={"wait": "2"})
     except (NotFound, InvalidArgument, AlreadyExists) as exc:
         reason = {NotFound: "PathNotFound", InvalidArgument: "InvalidSpec"}.get(type(exc), "NameConflict")
         raise Fail(objects.failed(conds, gen, reason, exc.message), exc.message, reason) from exc
