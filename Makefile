@@ -44,9 +44,14 @@ test: $(STAMP) controlplane-build ## the whole test suite (builds the local cont
 test-core: $(STAMP) ## only the file-system tests (no control plane)
 	$(BIN)/pytest -m 'not controlplane' $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff (incl. no pickle/marshal/eval/yaml.load) and mypy
+lint: $(STAMP) controlplane-build ## ruff (incl. no pickle/marshal/eval/yaml.load) and mypy
 	$(BIN)/ruff check kubegfs tests operator
 	$(BIN)/mypy kubegfs operator/kubegfs_operator
+	$(K8S_CACHE)/bin/helm lint --strict helm/kubegfs
+
+helm-package: controlplane-build ## package the Helm chart (CRDs and operator RBAC synced first) into dist/
+	hack/sync-crds.sh
+	mkdir -p dist && $(K8S_CACHE)/bin/helm package helm/kubegfs -d dist
 
 TRIALS ?= 20
 OPS ?= 40

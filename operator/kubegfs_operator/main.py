@@ -134,6 +134,7 @@ def snapshot_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: s
     _apply(patch, res.status)
     _post(body, res.event)
     M.OP_SNAPSHOTS.labels(namespace, "success").inc()
+    M.OP_SNAPSHOTS.labels(namespace, "failure")  # exists at 0, so increase() alerts see a first failure
     M.OP_SNAPSHOT_SIZE.labels(namespace).observe(res.metrics["size"])
     M.OP_SNAPSHOT_RECORD.labels(namespace).observe(res.metrics["record"])
     M.OP_SNAPSHOT_DURATION.labels(namespace).observe(res.metrics["duration"])
@@ -182,5 +183,6 @@ def restore_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: st
     _apply(patch, res.status)
     _post(body, res.event)
     M.OP_RESTORES.labels(namespace, "success").inc()
+    M.OP_RESTORES.labels(namespace, "failure")
     M.OP_RESTORE_DURATION.labels(namespace).observe(res.metrics["duration"])
     _first_seen.pop(uid, None)
