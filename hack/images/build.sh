@@ -119,14 +119,16 @@ for set in core operator; do
     rm -f "$deps"/kubegfs-*.whl
     echo "$DEPS_KEY" > "$deps/.stamp"
   fi
-  # The build context: wheels/ only. Hard links (or copies keeping mtimes) keep the layer cache warm.
-  ctx=$CACHE/$set/wheels
-  rm -rf "$ctx"; mkdir -p "$ctx"
-  cp -lp "$deps"/*.whl "$WHEEL" "$ctx"/ 2>/dev/null || cp -p "$deps"/*.whl "$WHEEL" "$ctx"/
-  # buildah's COPY cache key includes the folders' mtimes: pin them so the same wheels hit the cache.
-  touch -d @315532800 "$ctx" "$CACHE/$set"
+  # The build context: wheels/ (dependencies) and project/ (kubegfs), copied in two steps so a
+  # source change only redoes the second. Hard links (or copies keeping mtimes) and pinned folder
+  # mtimes (part of buildah's COPY cache key) keep the layer cache warm.
+  ctx=$CACHE/$set
+  rm -rf "$ctx"; mkdir -p "$ctx/wheels" "$ctx/project"
+  cp -lp "$deps"/*.whl "$ctx/wheels/" 2>/dev/null || cp -p "$deps"/*.whl "$ctx/wheels/"
+  cp -lp "$WHEEL" "$ctx/project/" 2>/dev/null || cp -p "$WHEEL" "$ctx/project/"
+  touch -d @315532800 "$ctx/wheels" "$ctx/project" "$ctx"
 done
-log "wheelhouse ready: $(find "$CACHE/core/wheels" -name '*.whl' | wc -l) wheels (core), $(find "$CACHE/operator/wheels" -name '*.whl' | wc -l) (operator)"
+log "wheelhouse ready: kubegfs + $(find "$CACHE/core/wheels" -name '*.whl' | wc -l) dependency wheels (core), $(find "$CACHE/operator/wheels" -name '*.whl' | wc -l) (operator)"
 [[ $WHEELS_ONLY == 1 ]] && exit 0
 
 # ------------------------------------------------------------------------------ container tool
