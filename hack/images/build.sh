@@ -12,7 +12,8 @@
 #
 # Environment: REGISTRY (tags become $REGISTRY/kubegfs/<component>:<version>), PUSH=1, VERSION
 # (default: pyproject's), PYTHON (a Python 3.11 for `pip wheel`; default .venv/bin/python),
-# BUILDAH_ISOLATION (default chroot, for buildah/podman), SOURCE_URL (the source label).
+# BUILDAH_ISOLATION (default chroot, for buildah/podman), SOURCE_URL (the source label),
+# KEEP_OLD_IMAGES=1 (buildah/podman: keep superseded images of earlier builds).
 #
 # The wheelhouse (`pip wheel` of the project and its dependencies; `.[operator]` for the operator
 # image) goes under .cache/images/ (git-ignored) and is reused while pyproject.toml is unchanged;
@@ -150,8 +151,8 @@ else
 fi
 log "building with $TOOL on $BASE_IMAGE"
 
-build() {  # build COMPONENT TAG CONTEXT
-  local args=(-f "images/$1/Dockerfile" -t "$2"
+build() {  # build COMPONENT TAG CONTEXT [EXTRA ARGS...]
+  local args=(-f "images/$1/Dockerfile" -t "$2" "${@:4}"
     --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "VERSION=$VERSION"
     --build-arg "REVISION=$REVISION" --build-arg "CREATED=$CREATED" --build-arg "SOURCE=$SOURCE_URL")
   case $TOOL in
@@ -175,6 +176,11 @@ for c in "${COMPONENTS[@]}"; do
   tag=${REGISTRY:+$REGISTRY/}kubegfs/$c:$VERSION
   start=$SECONDS
   log "$c -> $tag"
+  if [[ $TOOL != docker ]]; then
+    # Tag the builder stage too: it keeps that stage's layers out of the dangling-image prune
+    # below, so the next build reuses them (a cache hit here; the main build then hits it too).
+    build "$c" "localhost/kubegfs/build-cache:$set" "$CACHE/$set" --target builder >&2
+  fi
   build "$c" "$tag" "$CACHE/$set" >&2
   log "$c built in $((SECONDS - start))s"
   TAGS+=("$tag")
@@ -189,6 +195,17 @@ if [[ $PUSH == 1 ]]; then
       podman) podman push "$tag" ;;
       buildah) buildah push "$tag" "docker://$tag" ;;
     esac >&2
+  done
+fi
+
+# buildah/podman keep every superseded image of earlier builds: drop the dangling ones that came
+# from these Dockerfiles (labelled by them or by the kubegfs base), never anything else.
+if [[ $TOOL != docker && ${KEEP_OLD_IMAGES:-0} != 1 ]]; then
+  for _ in 1 2 3 4 5 6 7 8; do
+    mapfile -t old < <(for l in org.opencontainers.image.vendor=kubegfs io.kubegfs.rootfs.sha256; do
+      "$TOOL" images --filter dangling=true --filter "label=$l" --format '{{.ID}}'; done | sort -u)
+    [[ ${#old[@]} -gt 0 ]] || break
+    "$TOOL" rmi "${old[@]}" >/dev/null 2>&1 || true
   done
 fi
 
