@@ -48,15 +48,32 @@ class ChunkStore:
     # ------------------------------------------------------------------ bookkeeping
 
     def _load(self) -> None:
+        """Index the chunks on disk and tidy what a crash can leave behind: temp files, data
+        files whose metadata is gone (an interrupted delete), and bytes past the recorded length
+        (an interrupted write) — none of which was ever acknowledged."""
+        for tmp in list(self.chunks_dir.glob("*/*.tmp")) + list(self.records_dir.glob("*.tmp")):
+            tmp.unlink(missing_ok=True)
         for meta in self.chunks_dir.glob("*/*.meta"):
             try:
                 h = int(meta.stem, 16)
+            except ValueError:
+                continue
+            try:
                 v, length, _ = decode_chunk_meta(meta.read_bytes())
-                self.index[h] = (v, length)
-            except (ValueError, CorruptData):
-                self.corrupt.add(int(meta.stem, 16)) if len(meta.stem) == 16 else None
-        for tmp in list(self.chunks_dir.glob("*/*.tmp")) + list(self.records_dir.glob("*.tmp")):
-            tmp.unlink(missing_ok=True)
+            except CorruptData:
+                self.corrupt.add(h)
+                continue
+            data = meta.with_suffix(".chk")
+            try:
+                if data.stat().st_size > length:
+                    os.truncate(data, length)
+            except FileNotFoundError:
+                self.corrupt.add(h)
+                continue
+            self.index[h] = (v, length)
+        for data in self.chunks_dir.glob("*/*.chk"):
+            if not data.with_suffix(".meta").exists():
+                data.unlink(missing_ok=True)
 
     def lock(self, h: int) -> threading.Lock:
         with self._lock:

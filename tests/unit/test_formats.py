@@ -184,3 +184,18 @@ def test_record_store_verifies(tmp_path):
     p.write_bytes(b"X" + body[1:])
     assert not s.verify_record("r1")
     assert zlib.crc32(b"") == 0
+
+
+def test_chunk_store_tidies_crash_leftovers_on_start(tmp_path):
+    s = ChunkStore(tmp_path, 4 * BLOCK_SIZE)
+    s.write(1, 0, b"committed", 1)
+    s.write(2, 0, b"to be deleted", 1)
+    d1, _ = s._paths(1)
+    with open(d1, "ab") as f:
+        f.write(b"torn tail of an unacknowledged write")
+    d2, m2 = s._paths(2)
+    m2.unlink()  # a delete interrupted after the metadata went
+    s2 = ChunkStore(tmp_path, 4 * BLOCK_SIZE)
+    assert s2.read(1, 0, 100) == b"committed" and d1.stat().st_size == 9
+    assert 2 not in s2.index and not d2.exists()
+    assert s2.verify(1)
