@@ -301,7 +301,9 @@ class Chunkserver:
             "free_bytes": self.store.free_bytes(),
             "chunk_size": self.chunk_size,
             "records": self.store.list_records(),
-            "corrupt": [hexh(h) for h in self.store.corrupt - self._reported_corrupt],
+            # after a (re-)registration the master may have forgotten earlier reports: repeat all
+            "corrupt": [hexh(h) for h in (self.store.corrupt if not self._registered
+                                          else self.store.corrupt - self._reported_corrupt)],
             "corrupt_records": sorted(self.corrupt_records),
         }
         if not self._registered:
