@@ -111,6 +111,27 @@ def _started(uid: str) -> float:
     return _first_seen.setdefault(uid, time.time())
 
 
+def _decide(body: kopf.Body, patch: kopf.Patch, decide: Any, failed_reason: str) -> reconcile.Result:
+    """Run a reconcile decision and turn its outcome into status, events and kopf's errors."""
+    try:
+        res: reconcile.Result = decide()
+    except reconcile.Retry as r:
+        _apply(patch, r.status)
+        _post(body, r.event)
+        raise kopf.TemporaryError(str(r), delay=r.delay) from None
+    except reconcile.Fail as f:
+        _apply(patch, f.status)
+        _post(body, ("Warning", failed_reason, f"{f.reason}: {f}"))
+        raise _Failed(f"{f.reason}: {f}") from None
+    _apply(patch, res.status)
+    _post(body, res.event)
+    return res
+
+
+class _Failed(kopf.PermanentError):
+    pass
+
+
 @kopf.on.create(GROUP, VERSION, "snapshots")
 def snapshot_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: str | None, uid: str,
                     **_: Any) -> None:
@@ -120,19 +141,12 @@ def snapshot_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: s
         _in_progress.add(uid)
         M.OP_IN_PROGRESS.labels(namespace).inc()
     try:
-        res = reconcile.snapshot(dict(body), retry, started, S.deps)
-    except reconcile.Retry as r:
-        _apply(patch, r.status)
-        _post(body, r.event)
-        raise kopf.TemporaryError(str(r), delay=r.delay) from None
-    except reconcile.Fail as f:
-        _apply(patch, f.status)
-        _post(body, ("Warning", "SnapshotFailed", f"{f.reason}: {f}"))
+        res = _decide(body, patch, lambda: reconcile.snapshot(dict(body), retry, started, S.deps),
+                      "SnapshotFailed")
+    except _Failed:
         M.OP_SNAPSHOTS.labels(namespace, "failure").inc()
         _done(uid, namespace)
-        raise kopf.PermanentError(f"{f.reason}: {f}") from None
-    _apply(patch, res.status)
-    _post(body, res.event)
+        raise
     M.OP_SNAPSHOTS.labels(namespace, "success").inc()
     M.OP_SNAPSHOTS.labels(namespace, "failure")  # exists at 0, so increase() alerts see a first failure
     M.OP_SNAPSHOT_SIZE.labels(namespace).observe(res.metrics["size"])
@@ -169,19 +183,12 @@ def restore_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: st
     namespace = namespace or ""
     started = _started(uid)
     try:
-        res = reconcile.restore(dict(body), retry, started, S.deps)
-    except reconcile.Retry as r:
-        _apply(patch, r.status)
-        _post(body, r.event)
-        raise kopf.TemporaryError(str(r), delay=r.delay) from None
-    except reconcile.Fail as f:
-        _apply(patch, f.status)
-        _post(body, ("Warning", "RestoreFailed", f"{f.reason}: {f}"))
+        res = _decide(body, patch, lambda: reconcile.restore(dict(body), retry, started, S.deps),
+                      "RestoreFailed")
+    except _Failed:
         M.OP_RESTORES.labels(namespace, "failure").inc()
         _first_seen.pop(uid, None)
-        raise kopf.PermanentError(f"{f.reason}: {f}") from None
-    _apply(patch, res.status)
-    _post(body, res.event)
+        raise
     M.OP_RESTORES.labels(namespace, "success").inc()
     M.OP_RESTORES.labels(namespace, "failure")
     M.OP_RESTORE_DURATION.labels(namespace).observe(res.metrics["duration"])

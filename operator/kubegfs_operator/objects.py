@@ -41,40 +41,29 @@ def merge_conditions(existing: list[dict[str, Any]] | None, updates: list[dict[s
     return sorted(by_type.values(), key=lambda c: (order.get(c["type"], 9), c["type"]))
 
 
-def progressing(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
+def _state(existing: Any, generation: int, reason: str, message: str, is_ready: bool,
+           is_progressing: bool, is_failed: bool) -> dict[str, Any]:
     now = now_rfc3339()
     return {
         "observedGeneration": generation,
         "conditions": merge_conditions(existing, [
-            condition(READY, False, reason, message, generation, now),
-            condition(PROGRESSING, True, reason, message, generation, now),
-            condition(FAILED, False, reason, message, generation, now),
+            condition(READY, is_ready, reason, message, generation, now),
+            condition(PROGRESSING, is_progressing, reason, message, generation, now),
+            condition(FAILED, is_failed, reason, message, generation, now),
         ]),
     }
+
+
+def progressing(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
+    return _state(existing, generation, reason, message, False, True, False)
 
 
 def failed(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
-    now = now_rfc3339()
-    return {
-        "observedGeneration": generation,
-        "conditions": merge_conditions(existing, [
-            condition(READY, False, reason, message, generation, now),
-            condition(PROGRESSING, False, reason, message, generation, now),
-            condition(FAILED, True, reason, message, generation, now),
-        ]),
-    }
+    return _state(existing, generation, reason, message, False, False, True)
 
 
 def ready(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
-    now = now_rfc3339()
-    return {
-        "observedGeneration": generation,
-        "conditions": merge_conditions(existing, [
-            condition(READY, True, reason, message, generation, now),
-            condition(PROGRESSING, False, reason, message, generation, now),
-            condition(FAILED, False, reason, message, generation, now),
-        ]),
-    }
+    return _state(existing, generation, reason, message, True, False, False)
 
 
 def placement_entry(holder: dict[str, Any], pods_by_ip: dict[str, dict[str, str]],

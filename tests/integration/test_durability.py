@@ -3,22 +3,17 @@
 import random
 import shutil
 import signal
-import time
 
 import pytest
 import requests
+
+from kubegfs.testing.k8s import wait_for as _wait_for
 
 CHUNK = 256 * 1024
 
 
 def wait_for(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _wait_for(pred, timeout=timeout, interval=0.1, what=what)
 
 
 def holders(c, name):
