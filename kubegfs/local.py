@@ -47,6 +47,8 @@ class Proc:
     zone: str = ""
     region: str = ""
     popen: subprocess.Popen[bytes] | None = None
+    master_url: str = ""  # chunkservers: reach the master here instead (e.g. through a proxy)
+    advertise: str = ""  # chunkservers: tell others to reach it here
 
     @property
     def url(self) -> str:
@@ -128,11 +130,12 @@ class LocalCluster:
             self._wait_http(m, "/healthz")
 
     def start_chunkserver(self, p: Proc, wait: bool = True) -> None:
-        self._spawn(p, ["chunkserver", "--listen", f"{p.host}:{p.port}", "--master", self.master_url,
+        self._spawn(p, ["chunkserver", "--listen", f"{p.host}:{p.port}", "--master", p.master_url or self.master_url,
                         "--data", str(p.data), "--chunk-size", str(self.chunk_size),
                         "--heartbeat-interval", str(self.heartbeat),
                         "--scrub-interval", str(self.scrub_interval),
-                        "--node", p.node, "--zone", p.zone, "--region", p.region])
+                        "--node", p.node, "--zone", p.zone, "--region", p.region,
+                        *(["--advertise", p.advertise] if p.advertise else [])])
         if wait:
             self._wait_http(p, "/healthz")
 
