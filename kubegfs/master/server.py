@@ -270,6 +270,11 @@ class Master:
             "logical_bytes": st.n_bytes, "chunks": len(st.version), "snapshots": len(st.snapshots),
             "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
             "under_replicated": self.under_replicated_count(),
+            "under_replicated_sample": [
+                {"handle": hexh(h), "live_replicas": len(self.locations.get(h, ())),
+                 "holders": sorted(c for c in self.cs if h in self.cs[c].chunks)}
+                for h in self._scan_replication(limit=5)[2]
+            ] if len(self.state.version) <= 200_000 else [],
             "cow_clones": st.cow_clones, "location": self.location.to_json(),
             "recovery": {"checkpoint_seq": self.recovery.checkpoint_seq,
                          "replayed": self.recovery.replayed, "problems": self.recovery.problems},
