@@ -73,8 +73,8 @@ controlplane-up: $(STAMP) controlplane-build ## start a long-lived local kube-ap
 controlplane-down: $(STAMP) ## stop the control plane started by controlplane-up
 	$(PYTHON) -m kubegfs.k8s.controlplane down --state .run/controlplane
 
-images: ## build the master, chunkserver and operator images (REGISTRY=… PUSH=1 to push; IMAGES_ARGS=--base …)
-	bash hack/images/build.sh $(IMAGES_ARGS)
+images: ## build the master, chunkserver and operator images (REGISTRY=… also pushes; IMAGES_ARGS=--base …)
+	REGISTRY=$(REGISTRY) bash hack/images/build.sh $(if $(REGISTRY),--push) $(IMAGES_ARGS)
 
 clean: ## remove venv, caches and run data (keeps the control-plane binaries in $$HOME/.cache/kubegfs)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info
