@@ -9,6 +9,7 @@ shipped to the nearest chunkservers, then committed to the catalog.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
@@ -135,6 +136,7 @@ class Master:
         self._rerepl_dirty = True
         self._bad_record_copies: dict[str, set[str]] = {}
         self._lost_reported: set[int] = set()
+        self._ls_cache: dict[int, tuple[ns.Dir, list[str]]] = {}
         self._under_count = 0
         self._lost_count = 0  # snapshot id -> chunkservers whose copy rotted
         self._pending_init = state.seq == 0
@@ -321,11 +323,25 @@ class Master:
             raise InvalidArgument("limit must be an integer") from exc
         limit = max(1, min(limit, 10000))
         after = request.query.get("after", "")
-        names = sorted(n for n in node.children.keys() if n > after)
-        page = names[:limit]
+        names = self._sorted_names(node)
+        start = bisect.bisect_right(names, after) if after else 0
+        page = names[start : start + limit]
         entries = [self._stat(base.rstrip("/") + "/" + n, node.children[n]) for n in page]
-        nxt = page[-1] if len(names) > limit else None
+        nxt = page[-1] if start + limit < len(names) else None
         return json_response({"path": base, "entries": entries, "next": nxt})
+
+    def _sorted_names(self, node: ns.Dir) -> list[str]:
+        """A directory's names in order. Directories are immutable, so the sorted list of one
+        node object stays valid: paging through a million entries sorts them once, not per page."""
+        hit = self._ls_cache.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        names = sorted(node.children.keys())
+        if len(names) > 1000:
+            if len(self._ls_cache) >= 8:
+                self._ls_cache.pop(next(iter(self._ls_cache)))
+            self._ls_cache[id(node)] = (node, names)
+        return names
 
     async def h_rm(self, request: web.Request) -> web.Response:
         b = await read_json(request)

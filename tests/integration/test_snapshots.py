@@ -162,3 +162,21 @@ def test_restore_with_id_is_idempotent(client):
     b = client.snapshot_restore(s["name"], id=rid)  # a retried call must not restore again
     assert b.get("repeated") is True and b["files"] == a["files"]
     assert client.get(f"{d}/f") == b"v3"
+
+
+def test_ls_pages_through_a_big_directory_in_order(client):
+    d = fresh(client)
+    names = [f"f{i:05d}" for i in range(2500)]
+    for n in reversed(names):
+        client.mkdir(f"{d}/{n}")
+    seen = []
+    after = ""
+    while True:
+        page = client.api("GET", "/fs/ls", params={"path": d, "after": after, "limit": 1000})
+        seen += [e["path"].rsplit("/", 1)[1] for e in page["entries"]]
+        if not page["next"]:
+            break
+        after = page["next"]
+    assert seen == names
+    client.mkdir(f"{d}/f00000a")  # the directory changed: a fresh listing includes it, in order
+    assert [e["path"].rsplit("/", 1)[1] for e in client.ls(d)][:2] == ["f00000", "f00000a"]
