@@ -168,40 +168,50 @@ def encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str,
 
 
 def _encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str, bytes], dict[str, int]]:
-    """Columns for the subtree rooted at ``node`` and its counts
-    (files, dirs, chunks, logical bytes)."""
+    """Columns for the subtree rooted at ``node`` in breadth-first order, and its counts
+    (files, dirs, chunks, logical bytes). Breadth-first keeps each directory's children together,
+    so names, modes and mtimes are copied a directory at a time instead of a node at a time."""
+    file_t = File
+    names: list[str] = [""]
+    modes: list[int] = [node.mode]
+    mtimes: list[int] = [node.mtime]
     shape: list[int] = []
-    names: list[str] = []
-    modes: list[int] = []
-    mtimes: list[int] = []
     sizes: list[int] = []
     nchunks: list[int] = []
     handles: list[int] = []
-    stack: list[tuple[str, Node]] = [("", node)]
-    pop, push = stack.pop, stack.extend
-    file_t = File
-    files = dirs = total = 0
-    while stack:
-        name, n = pop()
-        names.append(name)
-        modes.append(n.mode)
-        mtimes.append(n.mtime)
-        if type(n) is file_t:
-            shape.append(-1)
-            sizes.append(n.size)
-            total += n.size
-            nchunks.append(len(n.chunks))
-            handles.extend(n.chunks)
-            files += 1
-        else:
-            ch = n.children  # type: ignore[union-attr]
-            shape.append(len(ch))
-            items = list(ch.items())
-            items.reverse()
-            push(items)
-            dirs += 1
+    queue: list[Dir] = []
+    if type(node) is file_t:
+        shape.append(-1)
+        sizes.append(node.size)
+        nchunks.append(len(node.chunks))
+        handles.extend(node.chunks)
+    else:
+        assert isinstance(node, Dir)
+        shape.append(len(node.children))
+        queue.append(node)
+    add_shape, add_size, add_nch, add_handles, add_dir = (
+        shape.append, sizes.append, nchunks.append, handles.extend, queue.append)
+    i = 0
+    while i < len(queue):
+        ch = queue[i].children
+        i += 1
+        names.extend(ch.keys())
+        kids = list(ch.values())
+        modes.extend([k.mode for k in kids])
+        mtimes.extend([k.mtime for k in kids])
+        for k in kids:
+            if type(k) is file_t:
+                add_shape(-1)
+                add_size(k.size)
+                c = k.chunks
+                add_nch(len(c))
+                add_handles(c)
+            else:
+                add_shape(len(k.children))
+                add_dir(k)
     versions = array("q", [version_of(h) for h in handles])
     cols = {
+        "order": b"bfs",
         "shape": array("q", shape).tobytes(),
         "names": "\x00".join(names).encode("utf-8"),
         "modes": array("q", modes).tobytes(),
@@ -211,7 +221,8 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str
         "handles": _delta(handles),
         "versions": versions.tobytes(),
     }
-    counts = {"files": files, "dirs": dirs, "chunks": len(handles), "bytes": total}
+    counts = {"files": len(sizes), "dirs": len(shape) - len(sizes), "chunks": len(handles),
+              "bytes": sum(sizes)}
     return cols, counts
 
 
@@ -225,52 +236,48 @@ class DecodedTree:
 
 def _build_tree(shape: list[int], names: list[str], modes: list[int], mtimes: list[int],
                 sizes: list[int], nch: list[int], handles: list[int]) -> Node:
-    """Rebuild the tree from pre-order columns without recursion: a stack of open directories,
-    each collecting (name, node) pairs until its child count is reached."""
+    """Rebuild the tree from breadth-first columns: files first, then directories from the last
+    to the first, so every child exists before its parent's map is made from a slice."""
     n = len(shape)
-    n_files = len(sizes)
-    n_handles = len(handles)
-    stack: list[list[Any]] = []  # [pairs, children left, mtime, mode, name]
+    nodes: list[Any] = [None] * n
     fi = hi = 0
-    root: Node | None = None
+    n_files, n_handles = len(sizes), len(handles)
     file_t, dir_t, hamt = File, Dir, immutables.Map
+    dirs: list[int] = []
     for i in range(n):
         s = shape[i]
-        name = names[i]
-        if i and (not name or "/" in name):
-            raise CorruptData("bad name in tree")
         if s < 0:
             if fi >= n_files:
                 raise CorruptData("more files than sizes")
             k = nch[fi]
             if k < 0 or hi + k > n_handles:
                 raise CorruptData("chunk count out of range")
-            node: Node = file_t(sizes[fi], mtimes[i], modes[i], tuple(handles[hi:hi + k]))
+            nodes[i] = file_t(sizes[fi], mtimes[i], modes[i], tuple(handles[hi:hi + k]))
             fi += 1
             hi += k
-        elif s > 0:
-            stack.append([[], s, mtimes[i], modes[i], name])
-            continue
         else:
-            node = dir_t(EMPTY, mtimes[i], modes[i])
-        while True:
-            if not stack:
-                if root is not None or i != n - 1:
-                    raise CorruptData("tree columns have trailing entries")
-                root = node
-                break
-            top = stack[-1]
-            top[0].append((name, node))
-            top[1] -= 1
-            if top[1]:
-                break
-            stack.pop()
-            node = dir_t(hamt(top[0]), top[2], top[3])
-            name = top[4]
-    if root is None or stack:
-        raise CorruptData("tree shape runs past its columns")
+            dirs.append(i)
     if fi != n_files or hi != n_handles:
         raise CorruptData("tree columns have trailing entries")
+    if any(not nm or "/" in nm for nm in names[1:]):
+        raise CorruptData("bad name in tree")
+    starts: list[int] = []
+    pos = 1
+    for i in dirs:
+        if pos <= i:
+            raise CorruptData("a directory's children come before it")
+        starts.append(pos)
+        pos += shape[i]
+    if pos != n:
+        raise CorruptData("tree shape does not cover its columns")
+    for j in range(len(dirs) - 1, -1, -1):
+        i = dirs[j]
+        s, e = starts[j], starts[j] + shape[i]
+        children = hamt(zip(names[s:e], nodes[s:e], strict=True)) if e > s else EMPTY
+        if len(children) != e - s:
+            raise CorruptData("duplicate names in a directory")
+        nodes[i] = dir_t(children, mtimes[i], modes[i])
+    root: Node = nodes[0]
     return root
 
 
@@ -307,6 +314,8 @@ def _decode_tree(cols: dict[str, Any]) -> DecodedTree:
         handles = _undelta(cols["handles"])
         versions = array("q")
         versions.frombytes(cols["versions"])
+        if cols.get("order") != b"bfs":
+            raise CorruptData("unsupported tree column order")
     except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
         raise CorruptData(f"bad tree columns: {exc}") from exc
     n = len(shape)

@@ -30,7 +30,7 @@ from .formats import (
 )
 from .namespace import Node
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: breadth-first tree columns
 
 
 @dataclass

@@ -78,7 +78,7 @@ def test_snapobj_roundtrip(seed):
     rec = build_record({"id": "s", "name": "n", "path": "/p"}, tree, lambda h: h % 7 + 1)
     p = parse_record(rec.data, rec.sha256)
     assert tree_equal(p.root, tree)
-    assert p.header["name"] == "n" and p.header["format"] == 1
+    assert p.header["name"] == "n" and p.header["format"] == 2
     assert [v for _h, v in p.chunks] == [h % 7 + 1 for h, _v in p.chunks]
     assert sorted(rec.handles) == sorted(h for h, _ in p.chunks)
 
@@ -199,3 +199,20 @@ def test_chunk_store_tidies_crash_leftovers_on_start(tmp_path):
     assert s2.read(1, 0, 100) == b"committed" and d1.stat().st_size == 9
     assert 2 not in s2.index and not d2.exists()
     assert s2.verify(1)
+
+
+def test_tree_decoder_rejects_inconsistent_shapes():
+    from kubegfs.formats import _build_tree
+
+    ok = ([2, -1, -1], ["", "a", "b"], [0, 0, 0], [0, 0, 0], [1, 2], [0, 0], [])
+    assert sorted(_build_tree(*ok).children.keys()) == ["a", "b"]
+    for bad in (
+        ([2, -1, -1], ["", "a", "a"], [0, 0, 0], [0, 0, 0], [1, 2], [0, 0], []),   # duplicate name
+        ([3, -1, -1], ["", "a", "b"], [0, 0, 0], [0, 0, 0], [1, 2], [0, 0], []),   # runs past the end
+        ([1, -1, -1], ["", "a", "b"], [0, 0, 0], [0, 0, 0], [1, 2], [0, 0], []),   # leftover entry
+        ([1, 0, 1], ["", "a", "b"], [0, 0, 0], [0, 0, 0], [], [], []),             # a dir owning itself
+        ([2, -1, -1], ["", "a", "x/y"], [0, 0, 0], [0, 0, 0], [1, 2], [0, 0], []),  # slash in a name
+        ([1, -1], ["", "a"], [0, 0], [0, 0], [1], [2], [7]),                       # too few handles
+    ):
+        with pytest.raises(CorruptData):
+            _build_tree(*bad)
