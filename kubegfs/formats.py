@@ -163,11 +163,19 @@ _undelta = delta_decode
 
 
 def encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str, bytes], dict[str, int]]:
+    cols, counts, _handles = encode_tree_with_handles(node, version_of)
+    return cols, counts
+
+
+def encode_tree_with_handles(node: Node, version_of: Callable[[int], int]
+                             ) -> tuple[dict[str, bytes], dict[str, int], list[int]]:
+    """Like ``encode_tree``, also returning every chunk handle in file order."""
     with no_gc():
         return _encode_tree(node, version_of)
 
 
-def _encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str, bytes], dict[str, int]]:
+def _encode_tree(node: Node, version_of: Callable[[int], int]
+                 ) -> tuple[dict[str, bytes], dict[str, int], list[int]]:
     """Columns for the subtree rooted at ``node`` in breadth-first order, and its counts
     (files, dirs, chunks, logical bytes). Breadth-first keeps each directory's children together,
     so names, modes and mtimes are copied a directory at a time instead of a node at a time."""
@@ -223,7 +231,7 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str
     }
     counts = {"files": len(sizes), "dirs": len(shape) - len(sizes), "chunks": len(handles),
               "bytes": sum(sizes)}
-    return cols, counts
+    return cols, counts, handles
 
 
 @dataclass

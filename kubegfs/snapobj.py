@@ -21,8 +21,7 @@ from .errors import CorruptData
 from .formats import (
     SNAP_MAGIC,
     decode_tree,
-    delta_decode,
-    encode_tree,
+    encode_tree_with_handles,
     read_container,
     read_header,
     sha256_hex,
@@ -43,12 +42,11 @@ class BuiltRecord:
 
 def build_record(meta: dict[str, Any], node: Node, version_of: Callable[[int], int]) -> BuiltRecord:
     """Serialise ``node`` (an immutable subtree) with ``meta`` (id, name, path, created, ...)."""
-    cols, counts = encode_tree(node, version_of)
+    cols, counts, handles = encode_tree_with_handles(node, version_of)
     header = dict(meta)
     header.update(counts)
     header["format"] = FORMAT_VERSION
     data = write_container(SNAP_MAGIC, FORMAT_VERSION, header, {"tree": cols})
-    handles = delta_decode(cols["handles"]).tolist()
     return BuiltRecord(data, sha256_hex(data), counts, handles)
 
 

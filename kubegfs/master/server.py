@@ -663,35 +663,49 @@ class Master:
                                                  st.version.__getitem__, self.data_dir / "scratch")
             else:
                 rec = await loop.run_in_executor(None, build_record, meta, pin.node, st.version.__getitem__)
+            t_built = time.perf_counter()
             holders: list[dict[str, Any]] = []
             last_err = "no live chunkserver"
             delay = 0.5
+            headers = {"X-Kubegfs-Sha256": rec.sha256, "X-Kubegfs-Snapshot-Name": entry["name"],
+                       "X-Kubegfs-Created": entry["created"]}
+
+            async def ship(cs: CS, reason: str) -> dict[str, Any] | None:
+                nonlocal last_err
+                try:
+                    await self.call_cs(cs, "PUT", f"/internal/records/{sid}", data=rec.data, headers=headers)
+                except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                    last_err = f"{cs.id}: {exc}"
+                    log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
+                    return None
+                cs.records.add(sid)
+                return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
+
             while True:
-                for cs, reason in self._rank_holders(entry):
-                    if len(holders) >= entry["copies"]:
+                # ship to the nearest candidates at once; fall back down the ranking for failures
+                tried: set[str] = set()
+                while len(holders) < entry["copies"]:
+                    todo = [(cs, why) for cs, why in self._rank_holders(entry)
+                            if cs.id not in tried and all(h["id"] != cs.id for h in holders)]
+                    todo = todo[: entry["copies"] - len(holders)]
+                    if not todo:
                         break
-                    if any(h["id"] == cs.id for h in holders):
-                        continue
-                    try:
-                        await self.call_cs(cs, "PUT", f"/internal/records/{sid}", data=rec.data,
-                                           headers={"X-Kubegfs-Sha256": rec.sha256,
-                                                    "X-Kubegfs-Snapshot-Name": entry["name"],
-                                                    "X-Kubegfs-Created": entry["created"]})
-                        cs.records.add(sid)
-                        holders.append({"id": cs.id, "address": cs.address, **cs.location.to_json(),
-                                        "reason": reason})
-                    except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
-                        last_err = f"{cs.id}: {exc}"
-                        log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
+                    tried |= {cs.id for cs, _ in todo}
+                    done = await asyncio.gather(*(ship(cs, why) for cs, why in todo))
+                    holders += [h for h in done if h is not None]
                 if holders or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            # keep the ranking's order (nearest first) whatever order the copies finished in
+            rank = {cs.id: i for i, (cs, _why) in enumerate(self._rank_holders(entry))}
+            holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if not holders:
                 await self.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
                 return
             dur = time.perf_counter() - t0
+            t_shipped = time.perf_counter()
             handles_z = await loop.run_in_executor(None, pack_handles, rec.handles)
             # count the snapshot's chunk references in slices so writers never wait long; the
             # snapshot is still pending, so every chunk in it is treated as shared meanwhile
@@ -708,9 +722,11 @@ class Master:
             M.M_SNAP_BUILD.observe(dur)
             M.M_SNAP_RECORD.observe(len(rec.data))
             M.M_SNAP_RESULT.labels("success").inc()
-            log.info("snapshot %s (%s) of %s ready: %d files, %d record bytes on %s in %.3fs",
+            log.info("snapshot %s (%s) of %s ready: %d files, %d record bytes on %s in %.3fs "
+                     "(built %.3fs, shipped %.3fs, committed %.3fs)",
                      entry["name"], sid, entry["path"], rec.counts["files"], len(rec.data),
-                     ",".join(h["id"] for h in holders), dur)
+                     ",".join(h["id"] for h in holders), time.perf_counter() - t0, t_built - t0,
+                     t_shipped - t_built, time.perf_counter() - t_shipped)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -967,6 +983,7 @@ class Master:
         goal = st.replication
         under = lost = 0
         repairable: list[tuple[int, int]] = []
+        newly_lost: list[int] = []
         locs = self.locations
         for h in st.version:
             n = len(locs.get(h, ()))
@@ -977,9 +994,12 @@ class Master:
                 lost += 1
                 if h not in self._lost_reported:
                     self._lost_reported.add(h)
-                    log.error("chunk %s has no live replica left", hexh(h))
+                    newly_lost.append(h)
             elif len(repairable) < limit * 4:
                 repairable.append((n, h))
+        if newly_lost:  # one line per scan, not one per chunk (a lost disk can mean millions)
+            log.error("%d more chunks have no live replica left (%d in all), e.g. %s", len(newly_lost), lost,
+                      ", ".join(hexh(h) for h in newly_lost[:5]))
         repairable.sort()
         self._under_count, self._lost_count = under, lost
         M.M_UNDER_REPLICATED.set(under)

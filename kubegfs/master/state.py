@@ -52,8 +52,8 @@ def rfc3339(ts_ns: int) -> str:
 
 
 def pack_handles(handles: Iterable[int]) -> bytes:
-    """A sorted handle list, delta-coded and compressed (a few bits per chunk)."""
-    return zstandard.ZstdCompressor(level=3).compress(delta_encode(sorted(handles)))
+    """A handle list (in file order: mostly ascending), delta-coded and compressed."""
+    return zstandard.ZstdCompressor(level=3).compress(delta_encode(handles))
 
 
 def unpack_handles(data: bytes) -> list[int]:
