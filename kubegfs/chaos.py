@@ -98,12 +98,11 @@ class Model:
 
 
 class Trial:
-    def __init__(self, seed: int, ops: int, workdir: Path, log: Any) -> None:
+    def __init__(self, seed: int, ops: int, workdir: Path) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.ops = ops
         self.dir = workdir
-        self.log = log
         self.m = Model()
         self.st = Stats(trials=1)
         self.cl = LocalCluster(workdir, 4, chunk_size=CHUNK, heartbeat=0.2, dead_after=1.0,
@@ -473,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(a.trials):
         seed = seed0 + i
         wd = Path(tempfile.mkdtemp(prefix=f"kubegfs-chaos-{seed}-"))
-        st = Trial(seed, a.ops, wd, None).run()
+        st = Trial(seed, a.ops, wd).run()
         total.merge(st)
         status = "ok" if not st.failures else "FAILED"
         print(f"  trial {i + 1}/{a.trials} seed {seed}: {status} ({st.steps} steps, faults {dict(st.faults)})",

@@ -21,13 +21,13 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import immutables
 import msgpack
 import zstandard
 
-from .errors import CorruptData, InvalidArgument
+from .errors import CorruptData
 from .namespace import EMPTY, Dir, File, Node
 
 BLOCK_SIZE = 64 * 1024
@@ -91,7 +91,6 @@ def scan_log(data: bytes) -> LogScan:
 CKPT_MAGIC = b"KGFSCKPT"
 SNAP_MAGIC = b"KGFSSNAP"
 _CONT = struct.Struct("<8sHI")
-_ZC = zstandard.ZstdCompressor(level=3)
 
 
 def write_container(magic: bytes, version: int, header: dict[str, Any], body: dict[str, Any]) -> bytes:
@@ -158,9 +157,6 @@ def delta_decode(data: bytes) -> array:
     return array("q", itertools.accumulate(a))
 
 
-_delta = delta_encode
-_undelta = delta_decode
-
 
 def encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str, bytes], dict[str, int]]:
     cols, counts, _handles = encode_tree_with_handles(node, version_of)
@@ -223,10 +219,10 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]
         "shape": array("q", shape).tobytes(),
         "names": "\x00".join(names).encode("utf-8"),
         "modes": array("q", modes).tobytes(),
-        "mtimes": _delta(mtimes),
+        "mtimes": delta_encode(mtimes),
         "sizes": array("q", sizes).tobytes(),
         "nchunks": array("q", nchunks).tobytes(),
-        "handles": _delta(handles),
+        "handles": delta_encode(handles),
         "versions": versions.tobytes(),
     }
     counts = {"files": len(sizes), "dirs": len(shape) - len(sizes), "chunks": len(handles),
@@ -314,12 +310,12 @@ def _decode_tree(cols: dict[str, Any]) -> DecodedTree:
         names = cols["names"].decode("utf-8").split("\x00")
         modes = array("q")
         modes.frombytes(cols["modes"])
-        mtimes = _undelta(cols["mtimes"])
+        mtimes = delta_decode(cols["mtimes"])
         sizes = array("q")
         sizes.frombytes(cols["sizes"])
         nch = array("q")
         nch.frombytes(cols["nchunks"])
-        handles = _undelta(cols["handles"])
+        handles = delta_decode(cols["handles"])
         versions = array("q")
         versions.frombytes(cols["versions"])
         if cols.get("order") != b"bfs":
@@ -357,20 +353,3 @@ def decode_chunk_meta(data: bytes) -> tuple[int, int, array]:
         return int(d["v"]), int(d["len"]), crcs
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptData(f"bad chunk metadata: {exc}") from exc
-
-
-def block_crcs(data: bytes | memoryview, start_block: int = 0) -> Iterator[tuple[int, int]]:
-    for i in range(0, len(data), BLOCK_SIZE):
-        yield start_block + i // BLOCK_SIZE, zlib.crc32(data[i : i + BLOCK_SIZE])
-
-
-def read_exact(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise CorruptData("short read")
-    return data
-
-
-def need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise InvalidArgument(msg)

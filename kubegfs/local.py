@@ -37,6 +37,19 @@ def port_free(host: str, port: int) -> bool:
             return False
 
 
+def signal_group(popen: subprocess.Popen[bytes], sig: int, timeout: float = 10.0) -> None:
+    """Send ``sig`` to a child's process group and reap it (SIGKILL if it lingers)."""
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+
+
 @dataclass
 class Proc:
     name: str
@@ -178,18 +191,9 @@ class LocalCluster:
             time.sleep(0.05)
 
     def kill(self, p: Proc, sig: int = signal.SIGKILL) -> None:
-        if p.popen is None:
-            return
-        try:
-            os.killpg(p.popen.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            p.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.popen.pid, signal.SIGKILL)
-            p.popen.wait()
-        p.popen = None
+        if p.popen is not None:
+            signal_group(p.popen, sig)
+            p.popen = None
 
     def stop(self) -> None:
         for p in [*self.chunkservers, self.master]:

@@ -23,7 +23,6 @@ from .formats import (
     decode_tree,
     encode_tree_with_handles,
     read_container,
-    read_header,
     sha256_hex,
     write_container,
 )
@@ -57,10 +56,6 @@ class ParsedRecord:
     chunks: list[tuple[int, int]]
     files: int
     dirs: int
-
-
-def record_header(data: bytes) -> dict[str, Any]:
-    return read_header(SNAP_MAGIC, data)[1]
 
 
 def parse_record(data: bytes, expected_sha256: str | None = None) -> ParsedRecord:

@@ -116,7 +116,7 @@ class Chunkserver:
 
     def _update_gauges(self) -> None:
         M.CS_CHUNKS.set(len(self.store.index))
-        M.CS_BYTES.set(sum(length for _v, length in self.store.index.values()))
+        M.CS_BYTES.set(self.store.chunk_bytes)
         M.CS_RECORDS.set(len(self.store.list_records()))
 
     async def healthz(self, request: web.Request) -> web.Response:

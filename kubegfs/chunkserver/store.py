@@ -42,6 +42,7 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._locks: dict[int, threading.Lock] = {}
         self.index: dict[int, tuple[int, int]] = {}  # handle -> (version, length)
+        self.chunk_bytes = 0  # sum of the lengths in ``index``, kept as it changes
         self.corrupt: set[int] = set()
         self._load()
 
@@ -70,7 +71,7 @@ class ChunkStore:
             except FileNotFoundError:
                 self.corrupt.add(h)
                 continue
-            self.index[h] = (v, length)
+            self._index_set(h, v, length)
         for data in self.chunks_dir.glob("*/*.chk"):
             if not data.with_suffix(".meta").exists():
                 data.unlink(missing_ok=True)
@@ -87,8 +88,13 @@ class ChunkStore:
         d = self.chunks_dir / name[-2:]
         return d / (name + ".chk"), d / (name + ".meta")
 
+    def _index_set(self, h: int, version: int, length: int) -> None:
+        old = self.index.get(h)
+        self.chunk_bytes += length - (old[1] if old else 0)
+        self.index[h] = (version, length)
+
     def used_bytes(self) -> int:
-        return sum(length for _v, length in self.index.values()) + sum(
+        return self.chunk_bytes + sum(
             p.stat().st_size for p in self.records_dir.glob("*.rec")
         )
 
@@ -172,7 +178,7 @@ class ChunkStore:
             self._write_meta(meta_path, new_v, end, crcs)
             if cur is None:
                 _fsync_dir(data_path.parent)
-            self.index[h] = (new_v, end)
+            self._index_set(h, new_v, end)
             return end
 
     def read(self, h: int, offset: int, length: int, min_version: int = 0) -> bytes:
@@ -223,7 +229,7 @@ class ChunkStore:
             os.replace(tmp, d_data)
             self._write_meta(d_meta, version, length, crcs)
             _fsync_dir(d_data.parent)
-            self.index[dst] = (version, length)
+            self._index_set(dst, version, length)
 
     def set_version(self, h: int, version: int) -> None:
         """The master's new version for a chunk about to be mutated (GFS: at lease grant), so a
@@ -235,14 +241,16 @@ class ChunkStore:
                 raise Conflict(f"version {version} is older than the stored {v}")
             if version != v:
                 self._write_meta(meta, version, length, crcs)
-                self.index[h] = (version, length)
+                self._index_set(h, version, length)
 
     def delete(self, h: int) -> None:
         d, m = self._paths(h)
         with self.lock(h):
             m.unlink(missing_ok=True)
             d.unlink(missing_ok=True)
-            self.index.pop(h, None)
+            old = self.index.pop(h, None)
+            if old is not None:
+                self.chunk_bytes -= old[1]
             self.corrupt.discard(h)
         with self._lock:
             self._locks.pop(h, None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import requests
 import yaml
 
-from ..local import LocalCluster, free_port
+from ..local import LocalCluster, free_port, signal_group
 from . import sim
 from .controlplane import ControlPlane
 
@@ -212,15 +211,7 @@ class K8sStack:
 
     def kill_operator(self, sig: int = signal.SIGKILL) -> None:
         if self.operator is not None:
-            try:
-                os.killpg(self.operator.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.operator.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.operator.pid, signal.SIGKILL)
-                self.operator.wait()
+            signal_group(self.operator, sig, timeout=20)
             self.operator = None
 
     def operator_metrics(self) -> str:
@@ -251,11 +242,3 @@ class K8sStack:
                 return str(c["status"])
         return "Unknown"
 
-
-def loopback_ok(ip: str) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((ip, 0))
-            return True
-        except OSError:
-            return False

@@ -227,6 +227,3 @@ def write_checkpoint(data_dir: Path, view: dict[str, Any], keep: int = 2) -> Pat
             seg.unlink(missing_ok=True)
     return path
 
-
-def encode_for_test(op: dict[str, Any]) -> bytes:
-    return frame(packb(op))

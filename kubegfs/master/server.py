@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Histogram
 
 from .. import metrics as M
 from .. import namespace as ns
@@ -58,6 +59,7 @@ log = logging.getLogger("kubegfs.master")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 LEASE_SECONDS = 60.0
+SMALL_TABLE = 200_000  # chunk tables up to this size are scanned on demand for status/metrics
 
 
 @dataclass
@@ -208,8 +210,9 @@ class Master:
         if self._session:
             await self._session.close()
 
-    async def mutate(self, op: dict[str, Any]) -> Any:
-        """Apply ``op`` and wait until it is durable. The only way state changes."""
+    async def mutate(self, op: dict[str, Any], apply_seconds: Histogram | None = None) -> Any:
+        """Apply ``op`` and wait until it is durable. The only way state changes.
+        ``apply_seconds`` observes how long the in-memory apply held the loop."""
         t0 = time.perf_counter()
         self.oplog.stamp(op)
         try:
@@ -217,6 +220,8 @@ class Master:
         except BaseException:
             self.oplog.next_seq -= 1
             raise
+        if apply_seconds is not None:
+            apply_seconds.observe(time.perf_counter() - t0)
         fut = self.oplog.enqueue(op)
         self._ops_since_checkpoint += 1
         await fut
@@ -266,17 +271,21 @@ class Master:
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.state
+        if len(st.version) <= SMALL_TABLE:
+            under, _lost, sample = self._scan_replication(limit=5)
+        else:  # from the last re-replication scan
+            under, sample = self._under_count, []
         return json_response({
             "seq": st.seq, "epoch": st.epoch, "chunk_size": st.chunk_size,
             "replication": st.replication, "files": st.n_files, "directories": st.n_dirs,
             "logical_bytes": st.n_bytes, "chunks": len(st.version), "snapshots": len(st.snapshots),
             "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
-            "under_replicated": self.under_replicated_count(),
+            "under_replicated": under,
             "under_replicated_sample": [
                 {"handle": hexh(h), "live_replicas": len(self.locations.get(h, ())),
                  "holders": sorted(c for c in self.cs if h in self.cs[c].chunks)}
-                for h in self._scan_replication(limit=5)[2]
-            ] if len(self.state.version) <= 200_000 else [],
+                for h in sample
+            ],
             "cow_clones": st.cow_clones, "location": self.location.to_json(),
             "recovery": {"checkpoint_seq": self.recovery.checkpoint_seq,
                          "replayed": self.recovery.replayed, "problems": self.recovery.problems},
@@ -607,15 +616,7 @@ class Master:
         op = {"op": "snap_capture", "id": sid, "name": name, "path": path, "created": now_ns(),
               "copies": copies, "targets": targets, "near": Location.from_json(near).to_json(),
               "labels": labels}
-        t0 = time.perf_counter()
-        self.oplog.stamp(op)
-        try:
-            st.apply(op)  # O(1): pins the current immutable root
-        except BaseException:
-            self.oplog.next_seq -= 1
-            raise
-        M.M_SNAP_CAPTURE.observe(time.perf_counter() - t0)
-        await self.oplog.enqueue(op)
+        await self.mutate(op, apply_seconds=M.M_SNAP_CAPTURE)  # O(1): pins the current immutable root
         self._start_builder(sid)
         await self._wait_built(sid, wait)
         e = st.snapshots[sid]
@@ -1008,7 +1009,7 @@ class Master:
     def under_replicated_count(self) -> int:
         """Exact for small tables; from the last re-replication scan for big ones (a scan of
         millions of chunks does not belong on every status call or metrics scrape)."""
-        if len(self.state.version) <= 200_000:
+        if len(self.state.version) <= SMALL_TABLE:
             return self._scan_replication(limit=0)[0]
         return self._under_count
 

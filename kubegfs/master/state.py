@@ -268,17 +268,7 @@ class MasterState:
             del self.snapshot_names[entry["name"]]
         self.pins.pop(op["id"], None)
         if entry.get("state") == "ready":
-            snap = self.snap
-            freed = []
-            for h in unpack_handles(entry["handles_z"]):
-                c = snap.get(h, 0) - 1
-                if c > 0:
-                    snap[h] = c
-                else:
-                    snap.pop(h, None)
-                    freed.append(h)
-            for h in freed:
-                self._maybe_free(h)
+            self._release(self.snap, unpack_handles(entry["handles_z"]))
         self._recheck_protected()
 
     def _apply_restore(self, op: dict[str, Any]) -> dict[str, Any]:
@@ -328,14 +318,18 @@ class MasterState:
             snap[h] = get(h, 0) + 1
 
     def _unref_live(self, handles: Iterable[int]) -> None:
-        live = self.live
+        self._release(self.live, handles)
+
+    def _release(self, counts: dict[int, int], handles: Iterable[int]) -> None:
+        """Drop one reference per handle from ``counts`` (live or snapshot references); a chunk
+        whose last reference went may be freed."""
         freed = []
         for h in handles:
-            c = live.get(h, 0) - 1
+            c = counts.get(h, 0) - 1
             if c > 0:
-                live[h] = c
+                counts[h] = c
             else:
-                live.pop(h, None)
+                counts.pop(h, None)
                 freed.append(h)
         for h in freed:
             self._maybe_free(h)
