@@ -75,6 +75,7 @@ class CS:
     chunks: dict[int, int] = field(default_factory=dict)
     records: set[str] = field(default_factory=set)
     registered: bool = False
+    stale: set[int] = field(default_factory=set)  # copies to delete with the next heartbeat reply
 
     def candidate(self) -> Candidate:
         return Candidate(self.id, self.location, self.used, self.capacity, self.address)
@@ -446,6 +447,7 @@ class Master:
             raise Unavailable(f"no live replica of chunk {hexh(last)}")
         if st.is_shared(last):
             new = st.new_handle()
+            lease.inplace = new  # from here on re-replication leaves the chunk alone
             version = st.version[last]
             results = await asyncio.gather(
                 *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(last)}/clone",
@@ -464,6 +466,7 @@ class Master:
             self.locations[new] = set(ok)
             target, tv = new, version
         else:
+            lease.inplace = last  # from here on re-replication leaves the chunk alone
             tv = st.version[last] + 1
             # tell the replicas first (GFS: at lease grant): one that misses this is stale later
             results = await asyncio.gather(
@@ -540,6 +543,8 @@ class Master:
                 raise InvalidArgument(f"chunk {hexh(h)} has no replica that acknowledged it")
         if lease.mode == "append" and size < (lease.node.size if lease.node else 0):
             raise InvalidArgument("an append cannot shrink the file")
+        if lease.inplace is not None and acked.get(lease.inplace):
+            await self._retire_missed_replicas(lease.inplace, set(acked[lease.inplace]))
         parts = paths.split(lease.path)
         cur = ns.get(st.root, parts)
         if cur is not lease.node:
@@ -560,6 +565,37 @@ class Master:
             if len(self.locations[h]) < st.replication:
                 self._rerepl_dirty = True
         return json_response({"path": lease.path, "size": size, "chunks": len(handles)})
+
+    async def _retire_missed_replicas(self, h: int, acked: set[str]) -> None:
+        """Replicas of an appended-to chunk that did not acknowledge every piece carry the
+        lease's version but not its bytes: bump the version on the ones that did, so the others
+        are detectably stale, and have them deleted."""
+        st = self.state
+        holders = self.locations.get(h, set())
+        missed = holders - acked
+        if not missed:
+            return
+        good = [c for c in self.replicas_of(h) if c.id in acked]
+        if not good:
+            raise Unavailable(f"no replica of chunk {hexh(h)} holds the whole append")
+        tv = st.version[h] + 1
+        results = await asyncio.gather(
+            *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(h)}/version", json={"version": tv}) for c in good),
+            return_exceptions=True,
+        )
+        fresh = {c.id for c, r in zip(good, results, strict=True) if not isinstance(r, BaseException)}
+        if not fresh:
+            raise Unavailable(f"no replica of chunk {hexh(h)} accepted the new version: {results[0]}")
+        await self.mutate({"op": "bump", "h": h, "v": tv})
+        for cid in holders - fresh:
+            if cid in self.cs:
+                self.cs[cid].stale.add(h)
+        self.locations[h] = fresh
+        for cid in fresh:
+            self.cs[cid].chunks[h] = tv
+        log.warning("chunk %s: %d replica(s) missed part of an append; they will be replaced",
+                    hexh(h), len(holders - fresh))
+        self._rerepl_dirty = True
 
     async def h_layout(self, request: web.Request) -> web.Response:
         parts, node = self.state.lookup(request.query.get("path", ""))
@@ -887,6 +923,9 @@ class Master:
                     self.locations.get(h, set()).discard(cid)
                     self._rerepl_dirty = True
                     continue
+                if cid not in self.locations.get(h, ()) and self._being_written(h):
+                    delete.add(h)  # a copy made just as an append began: it will miss the append
+                    continue
                 self.locations.setdefault(h, set()).add(cid)
 
         if full:
@@ -944,6 +983,10 @@ class Master:
                 delete_records.add(rid)
         for h in st.garbage & cs.chunks.keys():
             delete.add(h)
+        for h in cs.stale:
+            if cid not in self.locations.get(h, ()):
+                delete.add(h)
+        cs.stale.clear()
         for h in delete & st.garbage:
             if not any(h in c.chunks for c in self.cs.values() if c.id != cid):
                 st.garbage.discard(h)
@@ -959,6 +1002,11 @@ class Master:
 
     def _allocated(self, h: int) -> bool:
         return any(h in lease.allocated for lease in self.leases.values())
+
+    def _being_written(self, h: int) -> bool:
+        """An open write lease is appending to this chunk in place: a copy taken now could miss
+        bytes that are about to be acknowledged."""
+        return any(lease.inplace == h for lease in self.leases.values())
 
     async def _liveness_loop(self) -> None:
         while True:
@@ -1078,6 +1126,12 @@ class Master:
             srcs = self.replicas_of(h)
             if not srcs:
                 return
+            if self._being_written(h):
+                self._rerepl_dirty = True  # copy it once the append has committed
+                return
+            version = self.state.version.get(h)
+            if version is None:
+                return
             need = self.state.replication - len(srcs)
             existing = [c.candidate() for c in srcs]
             targets = place_replicas(alive, need, existing=existing, exclude={c for c in self.cs if h in self.cs[c].chunks})
@@ -1085,15 +1139,23 @@ class Master:
                 async with sem:
                     try:
                         await self.call_cs(self.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
-                                           json={"source": srcs[0].address, "version": self.state.version.get(h, 1)})
-                        self.locations.setdefault(h, set()).add(t.id)
-                        self.cs[t.id].chunks[h] = self.state.version.get(h, 1)
-                        M.M_REREPL.labels("success").inc()
-                        done += 1
+                                           json={"source": srcs[0].address, "version": version})
                     except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
                         M.M_REREPL.labels("failed").inc()
                         log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
                         self._rerepl_dirty = True
+                        continue
+                    if self.state.version.get(h) != version or self._being_written(h):
+                        # an append began while we copied: the copy may miss its bytes
+                        self.cs[t.id].stale.add(h)
+                        M.M_REREPL.labels("raced").inc()
+                        log.info("re-replication of %s to %s raced with an append; will retry", hexh(h), t.id)
+                        self._rerepl_dirty = True
+                        continue
+                    self.locations.setdefault(h, set()).add(t.id)
+                    self.cs[t.id].chunks[h] = version
+                    M.M_REREPL.labels("success").inc()
+                    done += 1
 
         await asyncio.gather(*(one(h) for h in todo))
         if len(todo) >= 200:

@@ -6,11 +6,24 @@ CHUNK = 256 * 1024  # small chunks so files span several
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    cl = LocalCluster(tmp_path / "kgfs", 3, chunk_size=CHUNK, heartbeat=0.2, dead_after=1.5)
-    cl.start()
-    yield cl
-    cl.stop()
+def make_cluster(tmp_path):
+    """Start a cluster of ``n`` chunkservers (small chunks, fast heartbeats); stopped at teardown."""
+    started = []
+
+    def make(n=3, dead_after=1.5):
+        cl = LocalCluster(tmp_path / f"kgfs{len(started)}", n, chunk_size=CHUNK, heartbeat=0.2, dead_after=dead_after)
+        started.append(cl)
+        cl.start()
+        return cl
+
+    yield make
+    for cl in started:
+        cl.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster):
+    return make_cluster()
 
 
 @pytest.fixture(scope="module")
