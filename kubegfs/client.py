@@ -1,4 +1,4 @@
-"""The kubegfs client library (synchronous, ``requests``).
+"""The kubegfs client library (synchronous).
 
 Data never passes through the master: the client asks it for a write lease and chunk placements
 (or a file's layout), then streams bytes to and from chunkservers in pieces of at most
@@ -8,15 +8,17 @@ replica when one is down or returns a checksum error.
 
 from __future__ import annotations
 
+import json as jsonlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import requests
+import urllib3
 
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 
@@ -30,6 +32,15 @@ class ReadStats:
     corrupt: int = 0
 
 
+@dataclass
+class Reply:
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        return jsonlib.loads(self.content)
+
+
 class Client:
     def __init__(self, master: str | None = None, token: str | None = None, timeout: float = 120.0) -> None:
         self.master = (master or os.environ.get("KUBEGFS_MASTER") or "http://127.0.0.1:9400").rstrip("/")
@@ -38,13 +49,21 @@ class Client:
             raise KubegfsError("no token: pass --token or set KUBEGFS_TOKEN")
         self.token = tok
         self.timeout = timeout
+        # Calls go over urllib3 keep-alive pools directly: requests costs ~0.7 ms of client CPU per
+        # call, which capped a client process at ~1,000 metadata ops/s. ``s`` is a requests
+        # session with the same token, for callers that want one.
+        self._headers = {"Authorization": f"Bearer {tok}"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._http = urllib3.PoolManager(maxsize=16, retries=False,
+                                         timeout=urllib3.Timeout(connect=timeout, read=timeout))
         self.s = requests.Session()
-        self.s.headers["Authorization"] = f"Bearer {tok}"
+        self.s.headers.update(self._headers)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._http.clear()
         self.s.close()
 
     def __enter__(self) -> Client:
@@ -55,19 +74,24 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _req(self, method: str, url: str, **kw: Any) -> requests.Response:
-        kw.setdefault("timeout", self.timeout)
+    def _req(self, method: str, url: str, *, params: dict[str, Any] | None = None, json: Any = None,
+             data: bytes | None = None) -> Reply:
+        if params:
+            url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
+        headers = self._headers
+        if json is not None:
+            data, headers = jsonlib.dumps(json).encode(), self._json_headers
         try:
-            r = self.s.request(method, url, **kw)
-        except requests.RequestException as exc:
+            r = self._http.request(method, url, body=data, headers=headers)
+        except urllib3.exceptions.HTTPError as exc:
             raise Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}") from exc
-        if r.status_code >= 300:
+        if r.status >= 300:
             try:
-                body = r.json()
+                body = jsonlib.loads(r.data)
             except ValueError:
-                body = r.text
-            raise from_json(r.status_code, body)
-        return r
+                body = r.data.decode("utf-8", "replace")
+            raise from_json(r.status, body)
+        return Reply(r.status, r.data)
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
         return self._req(method, f"{self.master}/api/v1{path}", **kw).json()
