@@ -3,16 +3,22 @@ snapshot record store. Handles are opaque integers; no client-supplied path is e
 
 Layout:  <data>/chunks/<2 hex>/<16 hex>.chk   chunk bytes
          <data>/chunks/<2 hex>/<16 hex>.meta  version, length, block CRCs (formats.chunk meta)
+                                              of the chunk's last *durable* state
          <data>/records/<id>.rec               a SnapObj record, written tmp + fsync + rename
          <data>/records/<id>.sha256            its sha256 (hex)
 All methods are blocking; the server calls them from worker threads.
+
+A write with ``sync=False`` (a piece in the middle of a chunk) is not acknowledged as durable: its
+bytes go to the page cache and its length and CRCs stay in memory (``_pending``). The next synced
+write (the client's last piece of the chunk) fdatasyncs the data, then replaces the metadata
+durably. So the metadata on disk always describes bytes that are on disk: after a crash a chunk
+is back at its last acknowledged length, never a mix that fails its checksums.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import threading
 import zlib
 from array import array
@@ -44,6 +50,7 @@ class ChunkStore:
         self.index: dict[int, tuple[int, int]] = {}  # handle -> (version, length)
         self.chunk_bytes = 0  # sum of the lengths in ``index``, kept as it changes
         self.corrupt: set[int] = set()
+        self._pending: dict[int, tuple[int, int, array]] = {}  # handle -> unsynced (version, length, CRCs)
         self._load()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -107,12 +114,33 @@ class ChunkStore:
         return st.f_bavail * st.f_frsize
 
     def _write_meta(self, meta_path: Path, version: int, length: int, crcs: array) -> None:
+        """Durably: temp file, fsync, rename, fsync of the directory (which also makes a new
+        chunk's data file name durable)."""
         tmp = meta_path.with_suffix(".meta.tmp")
         with open(tmp, "wb") as f:
             f.write(encode_chunk_meta(version, length, crcs))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, meta_path)
+        _fsync_dir(meta_path.parent)
+
+    def _meta(self, h: int) -> tuple[int, int, array]:
+        """The chunk's current version, length and CRCs, including unsynced writes."""
+        cur = self._pending.get(h)
+        return cur if cur is not None else self._read_meta(h)
+
+    def _make_durable(self, h: int) -> None:
+        """Sync a chunk's unsynced writes and their metadata (caller holds the chunk's lock)."""
+        cur = self._pending.pop(h, None)
+        if cur is None:
+            return
+        data_path, meta_path = self._paths(h)
+        fd = os.open(data_path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self._write_meta(meta_path, *cur)
 
     def _read_meta(self, h: int) -> tuple[int, int, array]:
         _, meta = self._paths(h)
@@ -138,7 +166,8 @@ class ChunkStore:
                 crcs = array("I")
                 length = 0
             else:
-                cur_v, length, crcs = self._read_meta(h)
+                cur_v, length, crcs = self._meta(h)
+                crcs = array("I", crcs)  # readers may hold the pending one
                 if version < cur_v:
                     raise Conflict(f"stale write: version {version} < stored {cur_v}")
                 if offset > length:
@@ -175,16 +204,18 @@ class ChunkStore:
             for i in range(0, len(buf), BLOCK_SIZE):
                 crcs.append(zlib.crc32(buf[i : i + BLOCK_SIZE]))
             new_v = max(version, cur[0] if cur else 0)
-            self._write_meta(meta_path, new_v, end, crcs)
-            if cur is None:
-                _fsync_dir(data_path.parent)
+            if sync:
+                self._write_meta(meta_path, new_v, end, crcs)
+                self._pending.pop(h, None)
+            else:
+                self._pending[h] = (new_v, end, crcs)
             self._index_set(h, new_v, end)
             return end
 
     def read(self, h: int, offset: int, length: int, min_version: int = 0) -> bytes:
         """Read and verify; raises CorruptData (and remembers the chunk) on a checksum failure."""
         data_path, _ = self._paths(h)
-        v, size, crcs = self._read_meta(h)
+        v, size, crcs = self._meta(h)
         if v < min_version:
             raise Conflict(f"stale replica: version {v} < {min_version}")
         if offset > size:
@@ -192,22 +223,28 @@ class ChunkStore:
         end = min(size, offset + length)
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE if end > offset else first - 1
-        out = bytearray()
-        with open(data_path, "rb") as f:
-            f.seek(first * BLOCK_SIZE)
-            for b in range(first, last + 1):
-                want = min(BLOCK_SIZE, size - b * BLOCK_SIZE)
-                block = f.read(want)
-                if len(block) != want or b >= len(crcs) or zlib.crc32(block) != crcs[b]:
-                    self.corrupt.add(h)
-                    raise CorruptData(f"chunk {h:016x} block {b} failed its checksum")
-                out += block
-        start = offset - first * BLOCK_SIZE
-        return bytes(out[start : start + (end - offset)])
+        base = first * BLOCK_SIZE
+        span = min(size, (last + 1) * BLOCK_SIZE) - base
+        fd = os.open(data_path, os.O_RDONLY)
+        try:
+            buf = os.pread(fd, span, base) if span > 0 else b""  # whole blocks, one call, one copy
+        finally:
+            os.close(fd)
+        view = memoryview(buf)
+        for b in range(first, last + 1):
+            lo = (b - first) * BLOCK_SIZE
+            block = view[lo : lo + BLOCK_SIZE]
+            if len(block) != min(BLOCK_SIZE, size - b * BLOCK_SIZE) or b >= len(crcs) or zlib.crc32(block) != crcs[b]:
+                self.corrupt.add(h)
+                raise CorruptData(f"chunk {h:016x} block {b} failed its checksum")
+        start = offset - base
+        if start == 0 and end - offset == len(buf):
+            return buf
+        return bytes(view[start : start + (end - offset)])
 
     def verify(self, h: int) -> bool:
         try:
-            _, size, _ = self._read_meta(h)
+            _, size, _ = self._meta(h)
             self.read(h, 0, size)
             return True
         except CorruptData:
@@ -224,11 +261,10 @@ class ChunkStore:
                 return  # idempotent
             d_data.parent.mkdir(parents=True, exist_ok=True)
             tmp = d_data.with_suffix(".chk.tmp")
-            _copy(s_data, tmp)
-            _, length, crcs = self._read_meta(src)
+            _, length, crcs = self._meta(src)
+            _copy(s_data, tmp, length)
             os.replace(tmp, d_data)
             self._write_meta(d_meta, version, length, crcs)
-            _fsync_dir(d_data.parent)
             self._index_set(dst, version, length)
 
     def set_version(self, h: int, version: int) -> None:
@@ -236,6 +272,7 @@ class ChunkStore:
         replica that misses the mutation is recognisably stale."""
         _, meta = self._paths(h)
         with self.lock(h):
+            self._make_durable(h)
             v, length, crcs = self._read_meta(h)
             if version < v:
                 raise Conflict(f"version {version} is older than the stored {v}")
@@ -248,6 +285,7 @@ class ChunkStore:
         with self.lock(h):
             m.unlink(missing_ok=True)
             d.unlink(missing_ok=True)
+            self._pending.pop(h, None)
             old = self.index.pop(h, None)
             if old is not None:
                 self.chunk_bytes -= old[1]
@@ -314,11 +352,11 @@ class ChunkStore:
         return sorted(p.stem for p in self.records_dir.glob("*.rec"))
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """Copy a file, preferring a kernel-side copy (reflink on filesystems that can)."""
+def _copy(src: Path, dst: Path, size: int) -> None:
+    """Copy the first ``size`` bytes of a file, preferring a kernel-side copy (reflink on
+    filesystems that can)."""
     with open(src, "rb") as fs, open(dst, "wb") as fd:
         try:
-            size = os.fstat(fs.fileno()).st_size
             done = 0
             while done < size:
                 n = os.copy_file_range(fs.fileno(), fd.fileno(), size - done)
@@ -329,6 +367,9 @@ def _copy(src: Path, dst: Path) -> None:
             fs.seek(0)
             fd.seek(0)
             fd.truncate()
-            shutil.copyfileobj(fs, fd, 1 << 20)
+            left = size
+            while left > 0 and (piece := fs.read(min(left, 1 << 20))):
+                fd.write(piece)
+                left -= len(piece)
         fd.flush()
         os.fsync(fd.fileno())

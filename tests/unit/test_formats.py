@@ -138,6 +138,37 @@ def test_chunk_write_read_append_and_checksums(tmp_path):
     assert s2.index[7] == (2, len(data) + len(more))
 
 
+def test_unsynced_pieces_never_leave_a_chunk_failing_its_checksums(tmp_path):
+    """A crash after unsynced pieces (a new ChunkStore over the same directory: the page cache
+    holds the unsynced bytes, the metadata on disk does not) brings each chunk back at its last
+    synced length, readable, never a mix of new CRCs and old bytes."""
+    rng = random.Random(3)
+    acked = rng.randbytes(BLOCK_SIZE + 100)
+
+    def store_with_unsynced(d):
+        s = ChunkStore(d, 8 * BLOCK_SIZE)
+        s.write(1, 0, acked, 1, sync=True)
+        s.write(1, len(acked), rng.randbytes(2 * BLOCK_SIZE), 2, sync=False)  # into the partial block
+        assert s.read(1, 0, 10**9)[: len(acked)] == acked and s.index[1] == (2, len(acked) + 2 * BLOCK_SIZE)
+        return s
+
+    s = store_with_unsynced(tmp_path / "crash")
+    s.write(2, 0, rng.randbytes(BLOCK_SIZE), 1, sync=False)  # a new chunk, never synced
+    crashed = ChunkStore(tmp_path / "crash", 8 * BLOCK_SIZE)
+    assert crashed.index == {1: (1, len(acked))}
+    assert crashed.read(1, 0, 10**9) == acked and crashed.verify(1)
+    # a synced piece makes the earlier unsynced ones durable too
+    s = store_with_unsynced(tmp_path / "sync")
+    s.write(1, len(acked) + 2 * BLOCK_SIZE, b"t" * 10, 2, sync=True)
+    whole = s.read(1, 0, 10**9)
+    assert ChunkStore(tmp_path / "sync", 8 * BLOCK_SIZE).read(1, 0, 10**9) == whole
+    # so does a version change (the master's order before an append)
+    s = store_with_unsynced(tmp_path / "version")
+    whole = s.read(1, 0, 10**9)
+    s.set_version(1, 3)
+    assert ChunkStore(tmp_path / "version", 8 * BLOCK_SIZE).read(1, 0, 10**9) == whole
+
+
 def test_chunk_corruption_detected_on_read_and_before_append(tmp_path):
     s = ChunkStore(tmp_path, 4 * BLOCK_SIZE)
     data = random.Random(2).randbytes(2 * BLOCK_SIZE + 10)
