@@ -554,6 +554,7 @@ class Master:
             self._drop_lease(lease.id)
             raise Conflict("a snapshot was taken during the append; retry")
         ns.must_dir(st.root, parts[:-1])
+        allocated = dict(lease.allocated)
         op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
               "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
         self._drop_lease(lease.id)
@@ -562,6 +563,9 @@ class Master:
             self.locations[h] = {i for i in acked[h] if i in self.cs}
             for i in self.locations[h]:
                 self.cs[i].chunks[h] = 1
+            for i in set(allocated[h]) - self.locations[h]:
+                if i in self.cs:  # took some pieces, not all: its copy is short, never a replica
+                    self.cs[i].stale.add(h)
             if len(self.locations[h]) < st.replication:
                 self._rerepl_dirty = True
         return json_response({"path": lease.path, "size": size, "chunks": len(handles)})
@@ -918,7 +922,7 @@ class Master:
                     if not self._allocated(h):
                         delete.add(h)
                     continue
-                if v < want:
+                if v < want or h in cs.stale:
                     delete.add(h)  # stale replica: missed a mutation
                     self.locations.get(h, set()).discard(cid)
                     self._rerepl_dirty = True

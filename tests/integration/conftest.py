@@ -10,8 +10,9 @@ def make_cluster(tmp_path):
     """Start a cluster of ``n`` chunkservers (small chunks, fast heartbeats); stopped at teardown."""
     started = []
 
-    def make(n=3, dead_after=1.5):
-        cl = LocalCluster(tmp_path / f"kgfs{len(started)}", n, chunk_size=CHUNK, heartbeat=0.2, dead_after=dead_after)
+    def make(n=3, dead_after=1.5, chunk_size=CHUNK):
+        cl = LocalCluster(tmp_path / f"kgfs{len(started)}", n, chunk_size=chunk_size, heartbeat=0.2,
+                          dead_after=dead_after)
         started.append(cl)
         cl.start()
         return cl
