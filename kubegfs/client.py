@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json as jsonlib
 import os
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 from urllib.parse import quote, urlencode
 
 import requests
@@ -23,6 +26,7 @@ import urllib3
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 
 PIECE = 4 * 1024 * 1024
+READ_AHEAD = 2  # pieces fetched ahead of the one being consumed
 Progress = Callable[[int], None]
 
 
@@ -39,6 +43,78 @@ class Reply:
 
     def json(self) -> Any:
         return jsonlib.loads(self.content)
+
+
+class _ChunkWriter:
+    """Streams one chunk's pieces to each of its replicas in order: one thread and a bounded
+    queue per replica, so the next piece is on its way while the replicas still write the one
+    before (the client used to wait for all three after every piece). A replica that fails a
+    piece gets nothing more. A synced piece (the chunk's last, or the write's) waits for every
+    replica and returns the ids of those that took every piece."""
+
+    DEPTH = 2  # pieces queued per replica; memory ≈ (DEPTH + 1) × PIECE, shared by the replicas
+
+    def __init__(self, client: Client, cur: dict[str, Any]) -> None:
+        self.client = client
+        self.handle = str(cur["handle"])
+        self.version = cur["version"]
+        self.cur = cur
+        self.reps = [r for r in cur["replicas"]]
+        self.errors: dict[str, KubegfsError] = {}
+        self.aborted = False
+        self.queues = {str(r["id"]): queue.Queue[tuple[int, bytes, bool] | None](self.DEPTH) for r in self.reps}
+        for r in self.reps:
+            threading.Thread(target=self._run, args=(r,), daemon=True, name=f"kubegfs-put-{r['id']}").start()
+
+    def _run(self, rep: dict[str, Any]) -> None:
+        rid = str(rep["id"])
+        q = self.queues[rid]
+        url = f"{rep['address']}/internal/chunks/{self.handle}"
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                if self.aborted or rid in self.errors:
+                    continue
+                off, data, sync = item
+                self.client._req("PUT", url, data=data, params={
+                    "offset": off, "version": self.version, "sync": "1" if sync else "0"})
+            except KubegfsError as exc:
+                self.errors[rid] = exc
+            except Exception as exc:  # noqa: BLE001 - a replica's failure must not hang the writer
+                self.errors[rid] = Unavailable(f"{exc.__class__.__name__}: {exc}")
+            finally:
+                q.task_done()
+
+    def send(self, offset: int, piece: bytes, sync: bool) -> list[str] | None:
+        live = [str(r["id"]) for r in self.reps if str(r["id"]) not in self.errors]
+        if not live:
+            self._fail()
+        for rid in live:
+            self.queues[rid].put((offset, piece, sync))
+        return self.drain() if sync else None
+
+    def drain(self) -> list[str]:
+        for q in self.queues.values():
+            q.join()
+        ok = [str(r["id"]) for r in self.reps if str(r["id"]) not in self.errors]
+        self.cur["replicas"] = [r for r in self.reps if str(r["id"]) in ok]
+        if not ok:
+            self._fail()
+        return ok
+
+    def close(self, abort: bool = False) -> None:
+        self.aborted = self.aborted or abort
+        for q in self.queues.values():
+            q.put(None)
+
+    def _fail(self) -> NoReturn:
+        why = "; ".join(f"{k}: {v.message}" for k, v in self.errors.items()) or "no replica"
+        msg = f"no replica accepted chunk {self.handle}: {why}"
+        if self.errors and all(isinstance(e, NoSpace) for e in self.errors.values()):
+            raise NoSpace(msg)
+        raise Unavailable(msg)
 
 
 class Client:
@@ -201,20 +277,20 @@ class Client:
                 cur = {"handle": last["handle"], "version": last["version"], "replicas": last["replicas"]}
                 cur_off = last["offset"]
                 chunks[-1]["handle"] = last["handle"]  # a copy-on-write clone may have replaced it
-            written: set[str] = set()
             buf = bytearray()
             unsynced = False
+            writer: _ChunkWriter | None = None
 
             def write(n: int, sync: bool) -> None:
-                nonlocal cur_off, size
+                nonlocal cur_off, size, writer
                 assert cur is not None
-                ok = self._write_replicas(cur, cur_off, bytes(buf[:n]), sync)
-                entry = chunks[-1]
-                if entry["handle"] in written:
-                    entry["replicas"] = [r for r in entry["replicas"] if r in ok]
-                else:
-                    entry["replicas"] = ok
-                    written.add(entry["handle"])
+                if writer is None or writer.handle != cur["handle"]:
+                    if writer is not None:
+                        writer.close()
+                    writer = _ChunkWriter(self, cur)
+                ok = writer.send(cur_off, bytes(memoryview(buf)[:n]), sync)
+                if ok is not None:  # a synced piece: every earlier one has been answered too
+                    chunks[-1]["replicas"] = ok
                 cur_off += n
                 size += n
                 del buf[:n]
@@ -243,38 +319,17 @@ class Client:
                     cur_off = 0
                     chunks.append({"handle": cur["handle"], "replicas": []})
                 write(len(buf), True)
+            if writer is not None:
+                writer.close()
             return self.api("POST", "/fs/commit", json={"lease": lid, "size": size, "chunks": chunks})
         except BaseException:
+            if writer is not None:
+                writer.close(abort=True)
             try:
                 self.api("POST", "/fs/abort", json={"lease": lid})
             except KubegfsError:
                 pass
             raise
-
-    def _write_replicas(self, cur: dict[str, Any], offset: int, piece: bytes, sync: bool) -> list[str]:
-        errors: dict[str, KubegfsError] = {}
-
-        def one(rep: dict[str, Any]) -> str | None:
-            try:
-                self._req("PUT", f"{rep['address']}/internal/chunks/{cur['handle']}",
-                          params={"offset": offset, "version": cur["version"], "sync": "1" if sync else "0"},
-                          data=piece)
-                return str(rep["id"])
-            except KubegfsError as exc:
-                errors[str(rep["id"])] = exc
-                return None
-
-        reps = cur["replicas"]
-        results = list(self._pool.map(one, reps))
-        ok = [r for r in results if r]
-        cur["replicas"] = [r for r in reps if r["id"] in ok]
-        if not ok:
-            why = "; ".join(f"{k}: {v.message}" for k, v in errors.items()) or "no replica"
-            msg = f"no replica accepted chunk {cur['handle']}: {why}"
-            if errors and all(isinstance(e, NoSpace) for e in errors.values()):
-                raise NoSpace(msg)
-            raise Unavailable(msg)
-        return ok
 
     # ------------------------------------------------------------------ reads
 
@@ -282,18 +337,31 @@ class Client:
         return self.api("GET", "/fs/layout", params={"path": path})
 
     def read_iter(self, path: str, progress: Progress | None = None) -> Iterator[bytes]:
+        """The file's bytes in pieces, in order. Up to READ_AHEAD pieces are fetched ahead on the
+        I/O pool, so a chunkserver reads and checksums the next piece while this one is consumed
+        (memory stays bounded at (READ_AHEAD + 1) × PIECE)."""
         lay = self.layout(path)
         size, cs = lay["size"], lay["chunk_size"]
-        for i, c in enumerate(lay["chunks"]):
-            clen = min(cs, size - i * cs)
-            off = 0
-            while off < clen:
-                n = min(PIECE, clen - off)
-                piece = self._read_piece(c, off, n)
-                off += len(piece)
-                if progress:
-                    progress(len(piece))
-                yield piece
+        todo = ((c, off, min(PIECE, min(cs, size - i * cs) - off))
+                for i, c in enumerate(lay["chunks"]) for off in range(0, min(cs, size - i * cs), PIECE))
+        inflight: deque[Future[bytes]] = deque()
+        try:
+            for c, off, n in todo:
+                inflight.append(self._pool.submit(self._read_piece, c, off, n))
+                if len(inflight) > READ_AHEAD:
+                    yield self._piece_done(inflight.popleft(), progress)
+            while inflight:
+                yield self._piece_done(inflight.popleft(), progress)
+        finally:
+            for f in inflight:
+                f.cancel()
+
+    @staticmethod
+    def _piece_done(f: Future[bytes], progress: Progress | None) -> bytes:
+        piece = f.result()
+        if progress:
+            progress(len(piece))
+        return piece
 
     def _read_piece(self, c: dict[str, Any], off: int, n: int) -> bytes:
         errors = []
