@@ -158,6 +158,15 @@ def delta_decode(data: bytes) -> array:
 
 
 
+def pack_handles(handles: Iterable[int]) -> bytes:
+    """A handle list (in file order: mostly ascending), delta-coded and compressed."""
+    return zstandard.ZstdCompressor(level=3).compress(delta_encode(handles))
+
+
+def unpack_handles(data: bytes) -> list[int]:
+    return delta_decode(zstandard.ZstdDecompressor().decompress(data)).tolist()
+
+
 def encode_tree(node: Node, version_of: Callable[[int], int]) -> tuple[dict[str, bytes], dict[str, int]]:
     cols, counts, _handles = encode_tree_with_handles(node, version_of)
     return cols, counts

@@ -53,7 +53,7 @@ from ..web import (
     record_id,
 )
 from .oplog import OpLog, recover, write_checkpoint
-from .state import MasterState, dump, now_ns, pack_handles
+from .state import MasterState, dump, now_ns
 
 log = logging.getLogger("kubegfs.master")
 
@@ -747,7 +747,7 @@ class Master:
                 return
             dur = time.perf_counter() - t0
             t_shipped = time.perf_counter()
-            handles_z = await loop.run_in_executor(None, pack_handles, rec.handles)
+            handles_z = rec.handles_z
             # count the snapshot's chunk references in slices so writers never wait long; the
             # snapshot is still pending, so every chunk in it is treated as shared meanwhile
             for i in range(0, len(rec.handles), 20_000):

@@ -20,18 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import zstandard
-
 from .. import namespace as ns
 from .. import paths
 from ..errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from ..formats import (
     CKPT_MAGIC,
     decode_tree,
-    delta_decode,
-    delta_encode,
     encode_tree,
     read_container,
+    unpack_handles,
     write_container,
 )
 
@@ -49,15 +46,6 @@ def rfc3339(ts_ns: int) -> str:
     t = time.gmtime(ts_ns // 1_000_000_000)
     ms = (ts_ns // 1_000_000) % 1000
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{ms:03d}Z"
-
-
-def pack_handles(handles: Iterable[int]) -> bytes:
-    """A handle list (in file order: mostly ascending), delta-coded and compressed."""
-    return zstandard.ZstdCompressor(level=3).compress(delta_encode(handles))
-
-
-def unpack_handles(data: bytes) -> list[int]:
-    return delta_decode(zstandard.ZstdDecompressor().decompress(data)).tolist()
 
 
 @dataclass

@@ -107,7 +107,7 @@ def test_snapshot_capture_is_point_in_time_and_shares_chunks():
     assert ns.get(pinned, ("g",)) is None  # the pinned view does not see it
     L.do({"op": "rm", "path": "/d/f", "mtime": 9})
     assert h in s.version and h in s.protected  # unreferenced but protected by the pending snapshot
-    from kubegfs.master.state import pack_handles
+    from kubegfs.formats import pack_handles
     L.do({"op": "snap_commit", "id": "s1", "sha256": "x", "record_bytes": 1, "holders": [],
           "files": 1, "dirs": 1, "chunks": 1, "logical_bytes": 10, "duration_seconds": 0.1,
           "handles_z": pack_handles([h])})
@@ -143,7 +143,7 @@ def test_restore_inplace_and_new_adjust_refcounts():
     h = ns.get(s.root, ("d", "f")).chunks[0]
     L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/d", "created": 5, "copies": 2})
     rec = build_record({"id": "s1"}, s.pins["s1"].node, s.version.__getitem__)
-    from kubegfs.master.state import pack_handles
+    from kubegfs.formats import pack_handles
     L.do({"op": "snap_commit", "id": "s1", "sha256": rec.sha256, "record_bytes": len(rec.data),
           "holders": [], "files": 1, "dirs": 1, "chunks": 1, "logical_bytes": 10,
           "duration_seconds": 0.1, "handles_z": pack_handles(rec.handles)})
@@ -195,7 +195,7 @@ def test_handles_unique_across_incarnations():
 
 
 def test_counters_match_a_full_walk_after_every_kind_of_op():
-    from kubegfs.master.state import pack_handles
+    from kubegfs.formats import pack_handles
     from kubegfs.snapobj import build_record
 
     L = Log()
