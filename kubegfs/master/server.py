@@ -484,6 +484,8 @@ class Master:
             for c in reps:
                 if c.id in fresh:
                     c.chunks[last] = tv
+                else:
+                    c.stale.add(last)  # kept the old version: delete its copy, re-replicate
             target = last
         cur = ns.get(st.root, parts)
         assert isinstance(cur, ns.File)
