@@ -1140,7 +1140,15 @@ class Master:
                 return
             need = self.state.replication - len(srcs)
             existing = [c.candidate() for c in srcs]
-            targets = place_replicas(alive, need, existing=existing, exclude={c for c in self.cs if h in self.cs[c].chunks})
+            holding = {c for c in self.cs if h in self.cs[c].chunks}
+            counted = self.locations.get(h, set())
+            for cid in holding - counted:
+                if self.cs[cid].alive:
+                    # a copy the master does not count (stale, short, or a lost delete order):
+                    # delete it, or it would block this server as a target forever
+                    self.cs[cid].stale.add(h)
+                    self._rerepl_dirty = True
+            targets = place_replicas(alive, need, existing=existing, exclude=holding)
             for t in targets:
                 async with sem:
                     try:
