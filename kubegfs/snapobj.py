@@ -48,7 +48,7 @@ def build_record(meta: dict[str, Any], node: Node, version_of: Callable[[int], i
     header.update(counts)
     header["format"] = FORMAT_VERSION
     data = write_container(SNAP_MAGIC, FORMAT_VERSION, header, {"tree": cols})
-    return BuiltRecord(data, sha256_hex(data), counts, handles, pack_handles(handles))
+    return BuiltRecord(data, sha256_hex(data), counts, handles, pack_handles(handles, cols["handles"]))
 
 
 @dataclass
