@@ -16,7 +16,7 @@ from kubegfs import metrics as M
 from kubegfs.client import Client
 from kubegfs.web import make_middlewares, metrics_handler
 
-from . import FINALIZER, GROUP, VERSION, reconcile
+from . import FINALIZER, GROUP, VERSION, objects, reconcile
 from .cluster import fetch_view
 from .config import Config
 
@@ -132,6 +132,12 @@ class _Failed(kopf.PermanentError):
     pass
 
 
+def _unsettled(body: kopf.Body, **_: Any) -> bool:
+    return not objects.settled(body.get("status"), body.get("metadata", {}).get("generation"))
+
+
+# resume: after a restart, finish objects whose outcome never reached their status
+@kopf.on.resume(GROUP, VERSION, "snapshots", when=_unsettled)
 @kopf.on.create(GROUP, VERSION, "snapshots")
 def snapshot_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: str | None, uid: str,
                     **_: Any) -> None:
@@ -177,6 +183,7 @@ def snapshot_delete(body: kopf.Body, retry: int, namespace: str | None, uid: str
         kopf.warn(body, reason="SnapshotCleanupAbandoned", message=what)
 
 
+@kopf.on.resume(GROUP, VERSION, "restores", when=_unsettled)
 @kopf.on.create(GROUP, VERSION, "restores")
 def restore_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: str | None, uid: str,
                    **_: Any) -> None:

@@ -54,6 +54,17 @@ def _state(existing: Any, generation: int, reason: str, message: str, is_ready: 
     }
 
 
+def settled(status: Any, generation: int | None) -> bool:
+    """The status already records a final outcome (Ready or Failed) for this generation. On a
+    restart the operator re-runs its create handlers for objects that are not settled: kopf marks
+    an object handled and writes its status in two requests, and a crash between them would
+    otherwise leave it handled with no outcome, forever."""
+    if not isinstance(status, dict) or status.get("observedGeneration") != generation:
+        return False
+    return any(isinstance(c, dict) and c.get("type") in (READY, FAILED) and c.get("status") == "True"
+               and c.get("observedGeneration") == generation for c in status.get("conditions") or [])
+
+
 def progressing(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
     return _state(existing, generation, reason, message, False, True, False)
 

@@ -68,6 +68,18 @@ def test_conditions_keep_transition_time_when_status_unchanged():
     assert [x["type"] for x in c["conditions"]] == ["Ready", "Progressing", "Failed"]
 
 
+def test_settled_means_a_final_outcome_for_this_generation():
+    assert not objects.settled(None, 1)
+    assert not objects.settled({}, 1)
+    assert not objects.settled(objects.progressing(None, 1, "Shipping", "x"), 1)
+    assert objects.settled(objects.ready(None, 1, "SnapshotReady", "ok"), 1)
+    assert objects.settled(objects.failed(None, 1, "InvalidSpec", "bad"), 1)
+    assert not objects.settled(objects.ready(None, 1, "SnapshotReady", "ok"), 2)  # spec changed since
+    stale = objects.ready(None, 1, "SnapshotReady", "ok")
+    stale["observedGeneration"] = 2  # top level bumped, conditions not: not a final outcome for 2
+    assert not objects.settled(stale, 2)
+
+
 def test_view_ranks_by_node_labels():
     masters = [pod("master-0", "127.0.10.1", "m", port=9400, component="master")]
     css = [pod("cs-far", "127.0.13.1", "c"), pod("cs-zone", "127.0.11.1", "a2"),
