@@ -27,14 +27,7 @@ from pathlib import Path
 
 from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from ..fsutil import atomic_write, fsync_path
 
 
 class ChunkStore:
@@ -114,15 +107,8 @@ class ChunkStore:
         return st.f_bavail * st.f_frsize
 
     def _write_meta(self, meta_path: Path, version: int, length: int, crcs: array) -> None:
-        """Durably: temp file, fsync, rename, fsync of the directory (which also makes a new
-        chunk's data file name durable)."""
-        tmp = meta_path.with_suffix(".meta.tmp")
-        with open(tmp, "wb") as f:
-            f.write(encode_chunk_meta(version, length, crcs))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, meta_path)
-        _fsync_dir(meta_path.parent)
+        """Durably (the directory fsync also makes a new chunk's data file name durable)."""
+        atomic_write(meta_path, encode_chunk_meta(version, length, crcs))
 
     def _meta(self, h: int) -> tuple[int, int, array]:
         """The chunk's current version, length and CRCs, including unsynced writes."""
@@ -135,11 +121,7 @@ class ChunkStore:
         if cur is None:
             return
         data_path, meta_path = self._paths(h)
-        fd = os.open(data_path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(data_path, data_only=True)
         self._write_meta(meta_path, *cur)
 
     def _read_meta(self, h: int) -> tuple[int, int, array]:
@@ -315,12 +297,7 @@ class ChunkStore:
             if digest != expected_sha256:
                 raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
             os.replace(tmp, rec)
-            stmp = sha_path.with_suffix(".tmp")
-            stmp.write_text(digest)
-            with open(stmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(stmp, sha_path)
-            _fsync_dir(self.records_dir)
+            atomic_write(sha_path, digest.encode())  # its directory fsync covers both renames
         except OSError as exc:
             if exc.errno == 28:
                 raise NoSpace("chunkserver disk is full") from exc

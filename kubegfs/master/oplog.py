@@ -20,27 +20,10 @@ from typing import Any
 
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
+from ..fsutil import atomic_write, fsync_dir
 from .state import MasterState, decode_checkpoint, encode_checkpoint
 
 log = logging.getLogger("kubegfs.master.oplog")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass
