@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,6 +446,11 @@ class Master:
         reps = self.replicas_of(last)
         if not reps:
             raise Unavailable(f"no live replica of chunk {hexh(last)}")
+
+        def unchanged() -> None:  # between the chunkservers' answers and the log
+            if ns.get(st.root, parts) is not node:
+                raise Conflict("the file changed while preparing the append; retry")
+
         if st.is_shared(last):
             new = st.new_handle()
             lease.inplace = new  # from here on re-replication leaves the chunk alone
@@ -457,9 +463,7 @@ class Master:
             ok = [c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)]
             if not ok:
                 raise Unavailable(f"no replica could clone chunk {hexh(last)}: {results[0]}")
-            cur = ns.get(st.root, parts)
-            if cur is not node:
-                raise Conflict("the file changed while preparing the append; retry")
+            unchanged()
             await self.mutate({"op": "cow", "path": lease.path, "index": len(node.chunks) - 1,
                                "old": last, "new": new})
             M.M_COW.inc()
@@ -467,25 +471,8 @@ class Master:
             target, tv = new, version
         else:
             lease.inplace = last  # from here on re-replication leaves the chunk alone
-            tv = st.version[last] + 1
-            # tell the replicas first (GFS: at lease grant): one that misses this is stale later
-            results = await asyncio.gather(
-                *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(last)}/version", json={"version": tv})
-                  for c in reps),
-                return_exceptions=True,
-            )
-            fresh = {c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)}
-            if not fresh:
-                raise Unavailable(f"no replica of chunk {hexh(last)} accepted the new version: {results[0]}")
-            if ns.get(st.root, parts) is not node:
-                raise Conflict("the file changed while preparing the append; retry")
-            await self.mutate({"op": "bump", "h": last, "v": tv})
-            self.locations[last] = fresh
-            for c in reps:
-                if c.id in fresh:
-                    c.chunks[last] = tv
-                else:
-                    c.stale.add(last)  # kept the old version: delete its copy, re-replicate
+            # GFS: a new version at lease grant, so a replica that misses the append is stale
+            tv = await self._bump_version(last, reps, unchanged)
             target = last
         cur = ns.get(st.root, parts)
         assert isinstance(cur, ns.File)
@@ -556,7 +543,6 @@ class Master:
             self._drop_lease(lease.id)
             raise Conflict("a snapshot was taken during the append; retry")
         ns.must_dir(st.root, parts[:-1])
-        allocated = dict(lease.allocated)
         op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
               "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
         self._drop_lease(lease.id)
@@ -565,7 +551,7 @@ class Master:
             self.locations[h] = {i for i in acked[h] if i in self.cs}
             for i in self.locations[h]:
                 self.cs[i].chunks[h] = 1
-            for i in set(allocated[h]) - self.locations[h]:
+            for i in set(lease.allocated[h]) - self.locations[h]:
                 if i in self.cs:  # took some pieces, not all: its copy is short, never a replica
                     self.cs[i].stale.add(h)
             if len(self.locations[h]) < st.replication:
@@ -576,32 +562,38 @@ class Master:
         """Replicas of an appended-to chunk that did not acknowledge every piece carry the
         lease's version but not its bytes: bump the version on the ones that did, so the others
         are detectably stale, and have them deleted."""
-        st = self.state
-        holders = self.locations.get(h, set())
-        missed = holders - acked
+        missed = self.locations.get(h, set()) - acked
         if not missed:
             return
         good = [c for c in self.replicas_of(h) if c.id in acked]
         if not good:
             raise Unavailable(f"no replica of chunk {hexh(h)} holds the whole append")
-        tv = st.version[h] + 1
+        await self._bump_version(h, good)
+        log.warning("chunk %s: %d replica(s) missed part of an append; they will be replaced", hexh(h), len(missed))
+
+    async def _bump_version(self, h: int, reps: list[CS], check: Callable[[], None] | None = None) -> int:
+        """Give ``reps`` the chunk's next version, then log it (``check`` may still refuse in
+        between). The holders that did not take it drop out of its locations and are told to
+        delete their copy; re-replication makes good ones. Returns the new version."""
+        tv = self.state.version[h] + 1
         results = await asyncio.gather(
-            *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(h)}/version", json={"version": tv}) for c in good),
+            *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(h)}/version", json={"version": tv}) for c in reps),
             return_exceptions=True,
         )
-        fresh = {c.id for c, r in zip(good, results, strict=True) if not isinstance(r, BaseException)}
+        fresh = {c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)}
         if not fresh:
             raise Unavailable(f"no replica of chunk {hexh(h)} accepted the new version: {results[0]}")
+        if check is not None:
+            check()
         await self.mutate({"op": "bump", "h": h, "v": tv})
-        for cid in holders - fresh:
+        for cid in self.locations.get(h, set()) - fresh:
             if cid in self.cs:
                 self.cs[cid].stale.add(h)
+                self._rerepl_dirty = True
         self.locations[h] = fresh
         for cid in fresh:
             self.cs[cid].chunks[h] = tv
-        log.warning("chunk %s: %d replica(s) missed part of an append; they will be replaced",
-                    hexh(h), len(holders - fresh))
-        self._rerepl_dirty = True
+        return tv
 
     async def h_layout(self, request: web.Request) -> web.Response:
         parts, node = self.state.lookup(request.query.get("path", ""))
@@ -749,7 +741,6 @@ class Master:
                 return
             dur = time.perf_counter() - t0
             t_shipped = time.perf_counter()
-            handles_z = rec.handles_z
             # count the snapshot's chunk references in slices so writers never wait long; the
             # snapshot is still pending, so every chunk in it is treated as shared meanwhile
             for i in range(0, len(rec.handles), 20_000):
@@ -759,7 +750,7 @@ class Master:
                 "op": "snap_commit", "id": sid, "sha256": rec.sha256, "record_bytes": len(rec.data),
                 "holders": holders, "files": rec.counts["files"], "dirs": rec.counts["dirs"],
                 "chunks": rec.counts["chunks"], "logical_bytes": rec.counts["bytes"],
-                "duration_seconds": round(dur, 6), "handles_z": handles_z,
+                "duration_seconds": round(dur, 6), "handles_z": rec.handles_z,
                 "location_reason": holders[0]["reason"], "_precounted": True,
             })
             M.M_SNAP_BUILD.observe(dur)
