@@ -37,15 +37,6 @@ class ReadStats:
     corrupt: int = 0
 
 
-@dataclass
-class Reply:
-    status_code: int
-    content: bytes
-
-    def json(self) -> Any:
-        return jsonlib.loads(self.content)
-
-
 class _ChunkWriter:
     """Streams one chunk's pieces to each of its replicas in order: one thread and a bounded
     queue per replica, so the next piece is on its way while the replicas still write the one
@@ -60,17 +51,19 @@ class _ChunkWriter:
         self.handle = str(cur["handle"])
         self.version = cur["version"]
         self.cur = cur
-        self.reps = [r for r in cur["replicas"]]
+        self.reps = {str(r["id"]): r for r in cur["replicas"]}
         self.errors: dict[str, KubegfsError] = {}
         self.aborted = False
-        self.queues = {str(r["id"]): queue.Queue[tuple[int, bytes, bool] | None](self.DEPTH) for r in self.reps}
-        for r in self.reps:
-            threading.Thread(target=self._run, args=(r,), daemon=True, name=f"kubegfs-put-{r['id']}").start()
+        self.queues = {rid: queue.Queue[tuple[int, bytes, bool] | None](self.DEPTH) for rid in self.reps}
+        for rid, r in self.reps.items():
+            url = f"{r['address']}/internal/chunks/{self.handle}"
+            threading.Thread(target=self._run, args=(rid, url), daemon=True, name=f"kubegfs-put-{rid}").start()
 
-    def _run(self, rep: dict[str, Any]) -> None:
-        rid = str(rep["id"])
+    def _live(self) -> list[str]:
+        return [rid for rid in self.reps if rid not in self.errors]
+
+    def _run(self, rid: str, url: str) -> None:
         q = self.queues[rid]
-        url = f"{rep['address']}/internal/chunks/{self.handle}"
         while True:
             item = q.get()
             try:
@@ -90,7 +83,7 @@ class _ChunkWriter:
                 q.task_done()
 
     def send(self, offset: int, piece: bytes, sync: bool) -> list[str] | None:
-        live = [str(r["id"]) for r in self.reps if str(r["id"]) not in self.errors]
+        live = self._live()
         if not live:
             self._fail()
         for rid in live:
@@ -100,8 +93,8 @@ class _ChunkWriter:
     def drain(self) -> list[str]:
         for q in self.queues.values():
             q.join()
-        ok = [str(r["id"]) for r in self.reps if str(r["id"]) not in self.errors]
-        self.cur["replicas"] = [r for r in self.reps if str(r["id"]) in ok]
+        ok = self._live()
+        self.cur["replicas"] = [self.reps[rid] for rid in ok]
         if not ok:
             self._fail()
         return ok
@@ -172,7 +165,8 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def _req(self, method: str, url: str, *, params: dict[str, Any] | None = None, json: Any = None,
-             data: bytes | None = None) -> Reply:
+             data: bytes | None = None) -> bytes:
+        """The response body of a 2xx answer; any other answer raises its KubegfsError."""
         if params:
             url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
         headers = self._headers
@@ -188,7 +182,7 @@ class Client:
             except ValueError:
                 body = content.decode("utf-8", "replace")
             raise from_json(status, body)
-        return Reply(status, content)
+        return content
 
     def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
         """One request on this thread's keep-alive connection to the server, never retried (a
@@ -220,7 +214,7 @@ class Client:
         return r.status, content
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
-        return self._req(method, f"{self.master}/api/v1{path}", **kw).json()
+        return jsonlib.loads(self._req(method, f"{self.master}/api/v1{path}", **kw))
 
     # ------------------------------------------------------------------ namespace
 
@@ -417,11 +411,11 @@ class Client:
         errors = []
         for rep in c["replicas"]:
             try:
-                r = self._req("GET", f"{rep['address']}/internal/chunks/{c['handle']}",
-                              params={"offset": off, "length": n, "version": c["version"]})
-                if len(r.content) != n:
-                    raise CorruptData(f"short read from {rep['id']}: {len(r.content)} of {n}")
-                return r.content
+                piece = self._req("GET", f"{rep['address']}/internal/chunks/{c['handle']}",
+                                  params={"offset": off, "length": n, "version": c["version"]})
+                if len(piece) != n:
+                    raise CorruptData(f"short read from {rep['id']}: {len(piece)} of {n}")
+                return piece
             except KubegfsError as exc:
                 if isinstance(exc, CorruptData) or exc.code == "corrupt":
                     self.stats.corrupt += 1
