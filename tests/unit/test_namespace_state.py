@@ -37,6 +37,17 @@ class Log:
         return self.do({"op": "commit", "path": path, "size": size, "chunks": hs,
                         "new": [[h, 1] for h in hs], "mode": 0o644, "mtime": 1})
 
+    def commit_snapshot(self, sid):
+        """Build the record of a captured snapshot from its pin and commit it, as the server does."""
+        from kubegfs.snapobj import build_record
+
+        rec = build_record({"id": sid}, self.state.pins[sid].node, self.state.version.__getitem__)
+        c = rec.counts
+        self.do({"op": "snap_commit", "id": sid, "sha256": rec.sha256, "record_bytes": len(rec.data),
+                 "holders": [], "files": c["files"], "dirs": c["dirs"], "chunks": c["chunks"],
+                 "logical_bytes": c["bytes"], "duration_seconds": 0.1, "handles_z": rec.handles_z})
+        return rec
+
     def replay(self):
         s = MasterState(CS, 3)
         for op in self.ops:
@@ -107,10 +118,7 @@ def test_snapshot_capture_is_point_in_time_and_shares_chunks():
     assert ns.get(pinned, ("g",)) is None  # the pinned view does not see it
     L.do({"op": "rm", "path": "/d/f", "mtime": 9})
     assert h in s.version and h in s.protected  # unreferenced but protected by the pending snapshot
-    from kubegfs.formats import pack_handles
-    L.do({"op": "snap_commit", "id": "s1", "sha256": "x", "record_bytes": 1, "holders": [],
-          "files": 1, "dirs": 1, "chunks": 1, "logical_bytes": 10, "duration_seconds": 0.1,
-          "handles_z": pack_handles([h])})
+    L.commit_snapshot("s1")
     assert s.snap[h] == 1 and h not in s.protected and h in s.version
     assert dump(L.replay()) == dump(s)
     L.do({"op": "snap_delete", "id": "s1"})
@@ -134,7 +142,6 @@ def test_cow_moves_file_to_clone_and_keeps_original_for_snapshot():
 
 
 def test_restore_inplace_and_new_adjust_refcounts():
-    from kubegfs.snapobj import build_record
 
     L = Log()
     s = L.state
@@ -142,11 +149,7 @@ def test_restore_inplace_and_new_adjust_refcounts():
     L.put("/d/f", 10)
     h = ns.get(s.root, ("d", "f")).chunks[0]
     L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/d", "created": 5, "copies": 2})
-    rec = build_record({"id": "s1"}, s.pins["s1"].node, s.version.__getitem__)
-    from kubegfs.formats import pack_handles
-    L.do({"op": "snap_commit", "id": "s1", "sha256": rec.sha256, "record_bytes": len(rec.data),
-          "holders": [], "files": 1, "dirs": 1, "chunks": 1, "logical_bytes": 10,
-          "duration_seconds": 0.1, "handles_z": pack_handles(rec.handles)})
+    rec = L.commit_snapshot("s1")
     L.put("/d/f", 99)  # overwrite: f now has a new chunk; h survives for the snapshot
     assert s.live.get(h, 0) == 0 and s.snap[h] == 1
     L.do({"op": "restore", "id": "s1", "path": "/copy", "mode": "new", "blob": rec.data, "mtime": 7})
@@ -195,8 +198,6 @@ def test_handles_unique_across_incarnations():
 
 
 def test_counters_match_a_full_walk_after_every_kind_of_op():
-    from kubegfs.formats import pack_handles
-    from kubegfs.snapobj import build_record
 
     L = Log()
     s = L.state
@@ -212,10 +213,7 @@ def test_counters_match_a_full_walk_after_every_kind_of_op():
     L.put("/a/g", 7)
     check()
     L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/a", "created": 5, "copies": 2})
-    rec = build_record({"id": "s1"}, s.pins["s1"].node, s.version.__getitem__)
-    L.do({"op": "snap_commit", "id": "s1", "sha256": rec.sha256, "record_bytes": len(rec.data),
-          "holders": [], "files": 2, "dirs": 3, "chunks": 2, "logical_bytes": 32,
-          "duration_seconds": 0.1, "handles_z": pack_handles(rec.handles)})
+    rec = L.commit_snapshot("s1")
     L.do({"op": "mv", "src": "/a/g", "dst": "/a/b/c/g", "mtime": 3})
     L.do({"op": "rm", "path": "/a/b", "mtime": 4})
     check()
