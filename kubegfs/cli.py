@@ -386,26 +386,33 @@ def local() -> None:
 @click.option("--chunkservers", default=3, show_default=True, type=click.IntRange(1, 64))
 @click.option("--data", "data_dir", default=".data/local", show_default=True)
 @click.option("--chunk-size", default="64MiB", show_default=True)
-@click.option("--port", default=9400, show_default=True)
+@click.option("--port", default=9400, show_default=True, help="master port (0 or taken: any free port)")
 def local_up(chunkservers: int, data_dir: str, chunk_size: str, port: int) -> None:
     """Start a master and N chunkservers (127.0.1.1, 127.0.2.1, …) over simulated zones;
-    Ctrl-C stops them all."""
-    from .local import LocalCluster
+    Ctrl-C, SIGTERM or SIGHUP stops them all."""
+    from .local import LocalCluster, StopSignal, signals_ignored, stop_on_signals
 
     cl = LocalCluster(Path(data_dir), chunkservers, parse_size(chunk_size), master_port=port)
-    cl.start()
-    click.echo(f"master:  {cl.master_url}\ntoken:   {cl.token}")
-    click.echo(f"export KUBEGFS_MASTER={cl.master_url} KUBEGFS_TOKEN={cl.token}")
-    for cs in cl.chunkservers:
-        click.echo(f"chunkserver {cs.name}: {cs.url} node={cs.node} zone={cs.zone} region={cs.region}")
-    click.echo("Ctrl-C stops everything.")
-    try:
-        cl.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cl.stop()
-        click.echo("stopped.")
+    died: RuntimeError | None = None
+    with stop_on_signals():
+        try:
+            cl.start()
+            click.echo(f"master:  {cl.master_url}\ntoken:   {cl.token}")
+            click.echo(f"export KUBEGFS_MASTER={cl.master_url} KUBEGFS_TOKEN={cl.token}")
+            for cs in cl.chunkservers:
+                click.echo(f"chunkserver {cs.name}: {cs.url} node={cs.node} zone={cs.zone} region={cs.region}")
+            click.echo("Ctrl-C stops everything.")
+            cl.wait()
+        except RuntimeError as exc:  # ChildExited, or a process that never answered
+            died = exc
+        except StopSignal:
+            pass
+        finally:
+            with signals_ignored():
+                cl.stop()
+    if died is not None:
+        fail(f"{died}; stopped the rest")
+    click.echo("stopped.")
 
 
 @main.command()

@@ -4,6 +4,7 @@ loopback addresses (127.0.1.1, 127.0.2.1, …), spread over simulated zones and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +51,57 @@ def signal_group(popen: subprocess.Popen[bytes], sig: int, timeout: float = 10.0
     except subprocess.TimeoutExpired:
         os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
+
+
+class ChildExited(RuntimeError):
+    """A process the cluster started has exited on its own; says which and where its log is."""
+
+    def __init__(self, name: str, returncode: int, log_path: Path) -> None:
+        how = (f"was killed by {signal.Signals(-returncode).name}" if returncode < 0
+               else f"exited with code {returncode}")
+        super().__init__(f"{name} {how}; its log: {log_path}")
+        self.name, self.returncode, self.log_path = name, returncode, log_path
+
+
+class StopSignal(BaseException):
+    """Raised in the main thread by :func:`stop_on_signals` (a BaseException like
+    KeyboardInterrupt, so ``except Exception`` on the way up does not swallow it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signal_handlers(handler: object, sigs: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Install ``handler`` (a function, ``signal.SIG_IGN``…) for ``sigs`` for the duration."""
+    old = {s: signal.signal(s, handler) for s in sigs}  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    for s in STOP_SIGNALS:  # once: a second signal must not interrupt the clean-up it starts
+        signal.signal(s, signal.SIG_IGN)
+    raise StopSignal(signum)
+
+
+def stop_on_signals() -> contextlib.AbstractContextManager[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into :class:`StopSignal` in the main thread, so a
+    ``finally`` stops what was started however the process is told to stop (Ctrl-C, ``timeout``
+    or a service manager's SIGTERM, a closed terminal's SIGHUP)."""
+    return signal_handlers(_raise_stop)
+
+
+def signals_ignored() -> contextlib.AbstractContextManager[None]:
+    """Hold off those signals while a bounded clean-up runs, so a second one cannot cut it short."""
+    return signal_handlers(signal.SIG_IGN)
 
 
 @dataclass
@@ -95,7 +149,7 @@ class LocalCluster:
         self.heartbeat = heartbeat
         self.dead_after = dead_after
         self.checkpoint_ops = checkpoint_ops
-        if master_port is None or not port_free(master_host, master_port):
+        if not master_port or not port_free(master_host, master_port):  # None or 0: any free port
             master_port = free_port(master_host)
         self.master = Proc("master", master_host, master_port, self.data_dir / "master",
                            "node-0", (zones or ZONES)[0], (regions or ["region-1"])[0])
@@ -179,8 +233,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while True:
             if p.popen is not None and p.popen.poll() is not None:
-                tail = p.log_path.read_text(errors="replace")[-2000:] if p.log_path.exists() else ""
-                raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
+                raise ChildExited(p.name, p.popen.returncode, p.log_path)
             try:
                 if requests.get(p.url + path, timeout=1).status_code < 500:
                     return
@@ -211,10 +264,11 @@ class LocalCluster:
                 p.popen = None
 
     def wait(self) -> None:
+        """Block until a process exits on its own (raises :class:`ChildExited`)."""
         while True:
             for p in [self.master, *self.chunkservers]:
                 if p.popen is not None and p.popen.poll() is not None:
-                    raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; see {p.log_path}")
+                    raise ChildExited(p.name, p.popen.returncode, p.log_path)
             time.sleep(0.5)
 
     def client(self) -> Client:
