@@ -2,10 +2,11 @@
 
 import uuid
 
+import pytest
 import yaml
 
 from kubegfs.k8s import sim
-from kubegfs.k8s.nodeinfo import node_location
+from kubegfs.k8s.nodeinfo import TopologyUnavailable, node_location
 
 
 def test_node_location_from_api(controlplane, k8s_namespace, tmp_path):
@@ -20,9 +21,9 @@ def test_node_location_from_api(controlplane, k8s_namespace, tmp_path):
     sa.mkdir()
     (sa / "token").write_text(kc["users"][0]["user"]["token"])
     (sa / "ca.crt").write_bytes(controlplane.ca_file.read_bytes())
-    # without RBAC the lookup is refused: the process still starts, knowing only its node name
-    loc = node_location(node, ip="127.0.0.9", sa_dir=sa, api=controlplane.url)
-    assert (loc.node, loc.zone, loc.region, loc.ip) == (node, "", "", "127.0.0.9")
+    # without RBAC the lookup is refused: loudly, at once, saying what is missing
+    with pytest.raises(TopologyUnavailable, match="HTTP 403.*get on nodes"):
+        node_location(node, ip="127.0.0.9", sa_dir=sa, api=controlplane.url)
     rbac = client.RbacAuthorizationV1Api(api)
     rbac.create_cluster_role({"metadata": {"name": f"nodes-{k8s_namespace}"},
                               "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]})
