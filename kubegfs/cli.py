@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,16 +12,15 @@ import click
 from .errors import KubegfsError
 from .topology import Location
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
-
 
 def parse_size(text: str) -> int:
-    t = text.strip().lower()
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    if unit not in SIZE_UNITS or not num.isdigit():
-        raise click.BadParameter(f"bad size {text!r} (e.g. 64MiB, 1m, 65536)")
-    return int(num) * SIZE_UNITS[unit]
+    """A size as a Kubernetes quantity (64Mi = 2^26, 64M = 64·10^6); a usage error otherwise."""
+    from .quantity import BadQuantity, parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except BadQuantity as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:
@@ -41,11 +39,14 @@ def read_token(token: str | None, token_file: str | None) -> str:
     fail("no token: pass --token, --token-file or set KUBEGFS_TOKEN")
 
 
+OUTPUT_KEY = "kubegfs.output"
+
+
 class Ctx:
     def __init__(self, master: str, token: str | None, as_json: bool) -> None:
         self.master = master
         self.token = token
-        self.json = as_json
+        self.fmt: str | None = "json" if as_json else click.get_current_context().meta.get(OUTPUT_KEY)
 
     def client(self) -> Any:
         from .client import Client
@@ -55,15 +56,30 @@ class Ctx:
         except KubegfsError as exc:
             fail(exc.message)
 
-    def out(self, data: Any, human: Any = None) -> None:
-        if self.json or human is None:
-            click.echo(json.dumps(data, indent=None if self.json else 2, sort_keys=True))
-        else:
+    def out(self, data: Any, human: Any = None, view: Any = None, name: Any = None) -> None:
+        """Print ``data`` as -o asked: a table of ``view``, or ``human(data)`` (which prints)."""
+        from .output import UnsupportedFormat, render
+
+        if self.fmt is None and view is None and human is not None:
             human(data)
+            return
+        try:
+            click.echo(render(data, self.fmt, view, name=name))
+        except UnsupportedFormat as exc:
+            raise click.UsageError(str(exc)) from exc
+
+
+def _set_output(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta[OUTPUT_KEY] = value
 
 
 def client_options(f: Any) -> Any:
-    f = click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
+    from .output import FORMATS
+
+    f = click.option("-o", "--output", type=click.Choice(FORMATS), expose_value=False, callback=_set_output,
+                     help="json or yaml (the API objects), name (one per line), wide (more columns)")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="same as -o json")(f)
     f = click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")(f)
     f = click.option("--master", envvar="KUBEGFS_MASTER", default="http://127.0.0.1:9400",
                      show_default=True, help="master URL (env KUBEGFS_MASTER)")(f)
@@ -71,18 +87,21 @@ def client_options(f: Any) -> Any:
 
 
 class Group(click.Group):
-    """Turns KubegfsError into one clear line and a non-zero exit."""
+    """Turns KubegfsError into one clear line and exit 1, as kubectl and velero do for anything
+    the API refused or could not do (2 stays for usage errors, which click reports)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KubegfsError as exc:
-            fail(exc.message, 2 if 400 <= exc.status < 500 else 1)
+            fail(exc.message, 1)
 
 
 @click.group(cls=Group)
-@click.option("--log-level", envvar="KUBEGFS_LOG_LEVEL", default="INFO", show_default=True)
-@click.option("--log-format", envvar="KUBEGFS_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text")
+@click.option("--log-level", envvar="KUBEGFS_LOG_LEVEL", default="INFO", show_default=True,
+              help="DEBUG, INFO, WARNING or ERROR (env KUBEGFS_LOG_LEVEL)")
+@click.option("--log-format", envvar="KUBEGFS_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text",
+              help="log lines as text or one JSON object each (env KUBEGFS_LOG_FORMAT)")
 @click.version_option(package_name="kubegfs")
 def main(log_level: str, log_format: str) -> None:
     """kubegfs: a GFS-style file system with point-in-time directory snapshots."""
@@ -106,13 +125,15 @@ def topology_options(f: Any) -> Any:
 @main.command()
 @click.option("--listen", default="127.0.0.1:9400", show_default=True, help="HOST:PORT")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="op log + checkpoints")
-@click.option("--token", envvar="KUBEGFS_TOKEN")
-@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE")
-@click.option("--chunk-size", default="64MiB", show_default=True, help="only used when the file system is new")
-@click.option("--replication", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")
+@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the token from this file (env KUBEGFS_TOKEN_FILE)")
+@click.option("--chunk-size", default="64Mi", show_default=True,
+              help="a quantity (64Mi = 2^26 bytes, 64M = 64·10^6); only used when the file system is new")
+@click.option("--replication", default=3, show_default=True, type=click.IntRange(1, 16),
+              help="replicas of every chunk (only used when the file system is new)")
 @click.option("--dead-after", default=5.0, show_default=True, help="seconds without heartbeat before a chunkserver is dead")
-@click.option("--checkpoint-interval", default=300.0, show_default=True)
-@click.option("--checkpoint-ops", default=100_000, show_default=True)
+@click.option("--checkpoint-interval", default=300.0, show_default=True, help="seconds between checkpoints")
+@click.option("--checkpoint-ops", default=100_000, show_default=True, help="checkpoint after this many ops")
 @topology_options
 def master(listen: str, data_dir: str, token: str | None, token_file: str | None, chunk_size: str,
            replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
@@ -138,12 +159,12 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
 @main.command()
 @click.option("--listen", default="127.0.0.1:9500", show_default=True, help="HOST:PORT")
 @click.option("--master", "master_url", envvar="KUBEGFS_MASTER", required=True, help="master URL")
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--token", envvar="KUBEGFS_TOKEN")
-@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="chunks and snapshot records")
+@click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")
+@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the token from this file (env KUBEGFS_TOKEN_FILE)")
 @click.option("--advertise", default=None, help="URL others use to reach this chunkserver")
-@click.option("--chunk-size", default=None, help="defaults to what the data dir or master says")
-@click.option("--heartbeat-interval", default=1.0, show_default=True)
+@click.option("--chunk-size", default=None, help="a quantity (64Mi); defaults to what the data dir or master says")
+@click.option("--heartbeat-interval", default=1.0, show_default=True, help="seconds between heartbeats to the master")
 @click.option("--scrub-interval", default=60.0, show_default=True,
               help="seconds between background checksum passes (0 = off)")
 @topology_options
@@ -166,46 +187,66 @@ def fs() -> None:
     """Files and directories."""
 
 
-def _print_entries(entries: list[dict[str, Any]]) -> None:
-    for e in entries:
-        kind = "d" if e["type"] == "dir" else "-"
-        size = e.get("size", e.get("entries", 0))
-        click.echo(f"{kind} {e['mode']:04o} {size:>14} {e['path']}")
+def _entry_views() -> Any:
+    from .output import Column, View
+
+    def mode(e: Any) -> str:
+        return ("d" if e["type"] == "dir" else "-") + format(e["mode"], "04o")
+
+    return View((Column("MODE", mode), Column("SIZE", lambda e: e.get("size", e.get("entries", 0))),
+                 Column("MTIME", lambda e: _ns_time(e.get("mtime_ns")), wide=True),
+                 Column("PATH", lambda e: e["path"])), lambda e: str(e["path"]))
+
+
+def _ns_time(ns: int | None) -> str:
+    import datetime
+
+    if ns is None:
+        return ""
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _path_of(d: Any) -> str:
+    return str(d["path"])
 
 
 @fs.command("mkdir")
 @click.argument("path")
-@click.option("-p", "--parents", is_flag=True)
+@click.option("-p", "--parents", is_flag=True, help="create missing parents; no error if it exists")
 @client_options
 def fs_mkdir(path: str, parents: bool, master: str, token: str | None, as_json: bool) -> None:
+    """Create a directory (-p: with its parents, no error if it exists)."""
     c = Ctx(master, token, as_json)
     res = c.client().mkdir(path, parents)
-    c.out(res, lambda d: click.echo(d["path"]))
+    c.out(res, lambda d: click.echo(d["path"]), name=_path_of)
 
 
 @fs.command("ls")
 @click.argument("path", default="/")
 @client_options
 def fs_ls(path: str, master: str, token: str | None, as_json: bool) -> None:
+    """List a directory (default /)."""
     c = Ctx(master, token, as_json)
-    c.out(c.client().ls(path), _print_entries)
+    c.out(c.client().ls(path), view=_entry_views())
 
 
 @fs.command("stat")
 @click.argument("path")
 @client_options
 def fs_stat(path: str, master: str, token: str | None, as_json: bool) -> None:
+    """Show one file or directory."""
     c = Ctx(master, token, as_json)
-    c.out(c.client().stat(path), lambda d: _print_entries([d]))
+    c.out(c.client().stat(path), view=_entry_views())
 
 
 @fs.command("rm")
 @click.argument("path")
-@click.option("-r", "--recursive", is_flag=True)
+@click.option("-r", "--recursive", is_flag=True, help="remove a directory and everything in it")
 @client_options
 def fs_rm(path: str, recursive: bool, master: str, token: str | None, as_json: bool) -> None:
+    """Remove a file, or a directory with -r."""
     c = Ctx(master, token, as_json)
-    c.out(c.client().rm(path, recursive), lambda d: None)
+    c.out(c.client().rm(path, recursive), lambda d: None, name=lambda d: str(d["removed"]))
 
 
 @fs.command("mv")
@@ -213,8 +254,9 @@ def fs_rm(path: str, recursive: bool, master: str, token: str | None, as_json: b
 @click.argument("dst")
 @client_options
 def fs_mv(src: str, dst: str, master: str, token: str | None, as_json: bool) -> None:
+    """Rename or move a file or directory."""
     c = Ctx(master, token, as_json)
-    c.out(c.client().mv(src, dst), lambda d: None)
+    c.out(c.client().mv(src, dst), lambda d: None, name=lambda d: str(d["to"]))
 
 
 def _progress(total: int | None, label: str, quiet: bool) -> Any:
@@ -247,10 +289,11 @@ class _ProgressCtx:
 @click.argument("remote")
 @click.option("--append", is_flag=True, help="append to the remote file")
 @click.option("--no-clobber", is_flag=True, help="fail if the remote file exists")
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @client_options
 def fs_put(local: str, remote: str, append: bool, no_clobber: bool, quiet: bool, master: str,
            token: str | None, as_json: bool) -> None:
+    """Upload LOCAL (- for stdin) to REMOTE."""
     c = Ctx(master, token, as_json)
     cl = c.client()
     if local == "-":
@@ -262,15 +305,16 @@ def fs_put(local: str, remote: str, append: bool, no_clobber: bool, quiet: bool,
             fail(f"cannot read {local}: {exc.strerror}")
         with f, _progress(os.fstat(f.fileno()).st_size, f"put {remote}", quiet or as_json) as prog:
             res = cl.put(remote, f, overwrite=not no_clobber, append=append, progress=prog)
-    c.out(res, lambda d: click.echo(f"{d['path']}: {d['size']} bytes"))
+    c.out(res, lambda d: click.echo(f"{d['path']}: {d['size']} bytes"), name=_path_of)
 
 
 @fs.command("get")
 @click.argument("remote")
 @click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @client_options
 def fs_get(remote: str, local: str, quiet: bool, master: str, token: str | None, as_json: bool) -> None:
+    """Download REMOTE to LOCAL (- for stdout); the file appears only once complete."""
     c = Ctx(master, token, as_json)
     cl = c.client()
     st = cl.stat(remote)
@@ -296,6 +340,7 @@ def fs_get(remote: str, local: str, quiet: bool, master: str, token: str | None,
 @click.argument("remote")
 @client_options
 def fs_cat(remote: str, master: str, token: str | None, as_json: bool) -> None:
+    """Write REMOTE to stdout."""
     c = Ctx(master, token, as_json)
     c.client().get_to(remote, sys.stdout.buffer)
     sys.stdout.buffer.flush()
@@ -309,42 +354,47 @@ def snapshot() -> None:
     """Point-in-time directory snapshots."""
 
 
-def _print_snaps(snaps: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _snap_view() -> Any:
+    from .output import Column, View
 
-    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED")
-    for s in snaps:
-        t.add_row(s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
-                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"])
-    Console().print(t)
+    return View((Column("NAME", lambda s: s["name"]), Column("PATH", lambda s: s["path"]),
+                 Column("STATE", lambda s: s["state"]), Column("FILES", lambda s: s["files"]),
+                 Column("BYTES", lambda s: s["logical_bytes"]), Column("CREATED", lambda s: s["created"]),
+                 Column("ID", lambda s: s.get("id"), wide=True),
+                 Column("RECORD", lambda s: s["record_bytes"], wide=True),
+                 Column("HOLDERS", lambda s: ",".join(h["id"] for h in s["holders"]) or "<none>", wide=True)),
+                lambda s: str(s["name"]))
 
 
 @snapshot.command("create")
 @click.argument("path")
-@click.option("--name", required=True)
-@click.option("--copies", default=2, show_default=True, type=click.IntRange(1, 16))
+@click.option("--name", required=True, help="the snapshot's name (unique)")
+@click.option("--copies", default=2, show_default=True, type=click.IntRange(1, 16),
+              help="chunkservers that keep a copy of the snapshot record")
 @click.option("--no-wait", is_flag=True, help="return once the snapshot is captured")
 @client_options
 def snap_create(path: str, name: str, copies: int, no_wait: bool, master: str, token: str | None, as_json: bool) -> None:
+    """Take a point-in-time snapshot of directory PATH."""
     c = Ctx(master, token, as_json)
     s = c.client().snapshot_create(path, name, copies, wait=not no_wait)
-    c.out(s, lambda d: _print_snaps([d]))
+    c.out(s, view=_snap_view())
 
 
 @snapshot.command("list")
 @client_options
 def snap_list(master: str, token: str | None, as_json: bool) -> None:
+    """List snapshots."""
     c = Ctx(master, token, as_json)
-    c.out(c.client().snapshot_list(), _print_snaps)
+    c.out(c.client().snapshot_list(), view=_snap_view())
 
 
 @snapshot.command("show")
 @click.argument("name")
 @client_options
 def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
+    """Show one snapshot."""
     c = Ctx(master, token, as_json)
-    c.out(c.client().snapshot_show(name))
+    c.out(c.client().snapshot_show(name), view=_snap_view())
 
 
 @snapshot.command("restore")
@@ -352,26 +402,59 @@ def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
 @click.option("--to", "to", default=None, help="restore to this new path instead of in place")
 @client_options
 def snap_restore(name: str, to: str | None, master: str, token: str | None, as_json: bool) -> None:
+    """Restore snapshot NAME in place (or to a new path with --to)."""
     c = Ctx(master, token, as_json)
     r = c.client().snapshot_restore(name, to)
     c.out(r, lambda d: click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
-                                  f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s"))
+                                  f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s"),
+          name=_path_of)
 
 
 @snapshot.command("delete")
 @click.argument("name")
 @client_options
 def snap_delete(name: str, master: str, token: str | None, as_json: bool) -> None:
+    """Delete snapshot NAME and its records."""
     c = Ctx(master, token, as_json)
-    c.out(c.client().snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
+    c.out(c.client().snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"),
+          name=lambda d: str(d["deleted"]))
 
 
 @main.command()
 @client_options
 def status(master: str, token: str | None, as_json: bool) -> None:
-    """Cluster status."""
+    """Cluster status: files, capacity, chunkservers alive, chunks under-replicated."""
+    from .output import Column, View
+    from .quantity import format_bytes
+
+    view = View((Column("FILES", lambda d: d["files"]), Column("DIRECTORIES", lambda d: d["directories"]),
+                 Column("BYTES", lambda d: d["logical_bytes"]), Column("CHUNKS", lambda d: d["chunks"]),
+                 Column("SNAPSHOTS", lambda d: d["snapshots"]),
+                 Column("CHUNKSERVERS", lambda d: f"{d['chunkservers']['alive']}/{d['chunkservers']['total']}"),
+                 Column("UNDER-REPLICATED", lambda d: d["under_replicated"]),
+                 Column("CHUNK-SIZE", lambda d: format_bytes(d["chunk_size"]), wide=True),
+                 Column("REPLICATION", lambda d: d["replication"], wide=True),
+                 Column("SEQ", lambda d: d["seq"], wide=True), Column("EPOCH", lambda d: d["epoch"], wide=True)),
+                None)
     c = Ctx(master, token, as_json)
-    c.out(c.client().status())
+    c.out(c.client().status(), view=view)
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  source <(kubegfs completion bash)      (or save it in /etc/bash_completion.d/kubegfs)
+    zsh:   kubegfs completion zsh > "${fpath[1]}/_kubegfs"
+    fish:  kubegfs completion fish > ~/.config/fish/completions/kubegfs.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the Choice admits only shells click supports
+    click.echo(cls(main, {}, "kubegfs", "_KUBEGFS_COMPLETE").source())
 
 
 # ----------------------------------------------------------------------------- local stack
@@ -383,9 +466,9 @@ def local() -> None:
 
 
 @local.command("up")
-@click.option("--chunkservers", default=3, show_default=True, type=click.IntRange(1, 64))
-@click.option("--data", "data_dir", default=".data/local", show_default=True)
-@click.option("--chunk-size", default="64MiB", show_default=True)
+@click.option("--chunkservers", default=3, show_default=True, type=click.IntRange(1, 64), help="how many to start")
+@click.option("--data", "data_dir", default=".data/local", show_default=True, help="data, logs and the token")
+@click.option("--chunk-size", default="64Mi", show_default=True, help="a quantity (64Mi = 2^26 bytes)")
 @click.option("--port", default=9400, show_default=True, help="master port (0 or taken: any free port)")
 def local_up(chunkservers: int, data_dir: str, chunk_size: str, port: int) -> None:
     """Start a master and N chunkservers (127.0.1.1, 127.0.2.1, …) over simulated zones;

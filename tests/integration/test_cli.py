@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 
 def run(cluster, *args, input=None, ok=True):
     env = dict(os.environ, KUBEGFS_MASTER=cluster.master_url, KUBEGFS_TOKEN=cluster.token)
@@ -40,7 +42,7 @@ def test_cli_files_and_snapshots(shared_cluster, tmp_path):
     run(cl, "fs", "mv", "/cli-copy", "/cli-moved")
     run(cl, "fs", "get", "/cli-moved/dir/file", str(out))
     assert out.read_bytes() == src.read_bytes() + b"tail"
-    assert json.loads(run(cl, "snapshot", "show", "cli-snap").stdout)["name"] == "cli-snap"
+    assert json.loads(run(cl, "snapshot", "show", "cli-snap", "-o", "json").stdout)["name"] == "cli-snap"
     run(cl, "snapshot", "delete", "cli-snap")
 
 
@@ -57,7 +59,53 @@ def test_cli_errors_are_one_line_and_non_zero(shared_cluster, tmp_path):
                        env={k: v for k, v in os.environ.items() if k != "KUBEGFS_TOKEN"},
                        capture_output=True, timeout=30)
     assert p.returncode != 0 and b"token" in p.stderr
+    # an API error exits 1 (as kubectl and velero); 2 is for usage errors only
     p = run(cl, "fs", "ls", "/", "--token", "wrong", ok=False)
-    assert p.returncode == 2 and b"wrong token" in p.stderr
+    assert p.returncode == 1 and b"wrong token" in p.stderr
+    p = run(cl, "fs", "stat", "/does/not/exist", ok=False)
+    assert p.returncode == 1
+    for usage in (["fs", "ls", "-o", "table"], ["status", "-o", "name"], ["fs", "nope"],
+                  ["local", "up", "--chunk-size", "64MiB"], ["fs", "ls", "/", "--bogus"]):
+        p = run(cl, *usage, ok=False)
+        assert p.returncode == 2, (usage, p.stderr)
     p = run(cl, "fs", "ls", "/", "--master", "http://127.0.0.1:1", ok=False)
     assert p.returncode == 1 and b"cannot reach" in p.stderr
+
+
+BOX = set("─│┃━┏┓┗┛┡┩╇╭╮╰╯┌┐└┘├┤┬┴┼═║")
+
+
+def test_cli_output_formats(shared_cluster):
+    cl = shared_cluster
+    deep = "/out/" + "a-long-directory-name-" * 8  # wider than any terminal: must never be cut
+    run(cl, "fs", "mkdir", "-p", deep)
+    run(cl, "fs", "put", "-", deep + "/f", input=b"x" * 10)
+    run(cl, "snapshot", "create", "/out", "--name", "out-snap")
+
+    # json: the API objects; --json is the same
+    as_json = json.loads(run(cl, "fs", "ls", deep, "-o", "json").stdout)
+    assert as_json == json.loads(run(cl, "fs", "ls", deep, "--json").stdout)
+    assert as_json[0]["path"] == deep + "/f" and as_json[0]["size"] == 10
+    # yaml: the same objects
+    assert yaml.safe_load(run(cl, "snapshot", "show", "out-snap", "-o", "yaml").stdout)["name"] == "out-snap"
+    # name: one per line, to feed back to the CLI
+    assert run(cl, "fs", "ls", deep, "-o", "name").stdout.decode() == deep + "/f\n"
+    names = run(cl, "snapshot", "list", "-o", "name").stdout.decode().split()
+    assert "out-snap" in names
+    assert run(cl, "snapshot", "show", names[names.index("out-snap")], "-o", "name").stdout == b"out-snap\n"
+
+    # tables through a pipe: plain text, never cut, columns split by whitespace
+    for args in (["fs", "ls", "/out"], ["snapshot", "list"], ["status"], ["fs", "ls", deep, "-o", "wide"]):
+        text = run(cl, *args).stdout.decode()
+        assert not BOX & set(text) and "…" not in text, text
+    lines = run(cl, "fs", "ls", "/out").stdout.decode().splitlines()
+    assert lines[0].split() == ["MODE", "SIZE", "PATH"] and lines[1].split()[-1] == deep.rstrip("/")
+    snaps = run(cl, "snapshot", "list").stdout.decode().splitlines()
+    assert snaps[0].split() == ["NAME", "PATH", "STATE", "FILES", "BYTES", "CREATED"]
+    row = next(r.split() for r in snaps if r.startswith("out-snap "))
+    assert row[:4] == ["out-snap", "/out", "ready", "1"]
+    wide = run(cl, "snapshot", "list", "-o", "wide").stdout.decode().splitlines()
+    assert wide[0].split()[-3:] == ["ID", "RECORD", "HOLDERS"]
+    status = run(cl, "status").stdout.decode().splitlines()
+    assert status[0].split()[:2] == ["FILES", "DIRECTORIES"] and status[1].split()[5] == "3/3"
+    run(cl, "snapshot", "delete", "out-snap")

@@ -12,7 +12,7 @@ import pytest
 def start_local_up(tmp_path):
     """`kubegfs local up` with two chunkservers; returns it once it says it is up, and its children."""
     p = subprocess.Popen([sys.executable, "-m", "kubegfs", "local", "up", "--chunkservers", "2",
-                          "--data", str(tmp_path / "data"), "--port", "0", "--chunk-size", "1MiB"],
+                          "--data", str(tmp_path / "data"), "--port", "0", "--chunk-size", "1Mi"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in p.stdout:

@@ -219,7 +219,7 @@ def test_render(render, values):
     assert tsc[0]["topologyKey"] == "topology.kubernetes.io/zone"
     assert tsc[0]["labelSelector"]["matchLabels"][COMPONENT] == "chunkserver"
     margs = sts["master"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert f"--chunk-size={'16MiB' if full else '64MiB'}" in margs
+    assert f"--chunk-size={'16Mi' if full else '64Mi'}" in margs
     assert f"--replication={2 if full else 3}" in margs
     if full:
         assert sts["master"]["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
@@ -315,6 +315,9 @@ def test_render(render, values):
     (["--set", "chunkservers.replicas=0"], "at '/chunkservers/replicas': minimum: got 0, want 1"),
     (["--set", "filesystem.chunkSize=64XB"], "at '/filesystem/chunkSize': '64XB' does not match pattern"),
     (["--set", "filesystem.chunkSize=64"], None),
+    (["--set", "filesystem.chunkSize=64Mi"], None),
+    # a quantity means what Kubernetes says it means; MiB is not one (and M is 10^6, never 2^20)
+    (["--set", "filesystem.chunkSize=64MiB"], "at '/filesystem/chunkSize': '64MiB' does not match pattern"),
     (["--set", "filesystem.replication=17"], "at '/filesystem/replication': maximum: got 17, want 16"),
     (["--set", "master.port=70000"], "at '/master/port': maximum: got 70,000, want 65,535"),
     (["--set", "chunkservers.topologySpread.whenUnsatisfiable=Maybe"], "at '/chunkservers/topologySpread/whenUnsatisfiable'"),
