@@ -11,7 +11,7 @@ K8S_CACHE ?= $(HOME)/.cache/kubegfs/k8s
 PYTEST_ARGS ?=
 
 .PHONY: help venv run up down test test-core lint bench bench-quick chaos \
-        controlplane-build controlplane-up controlplane-down images helm-package clean
+        controlplane-build prometheus-build controlplane-up controlplane-down images helm-package clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -37,7 +37,7 @@ down: ## stop anything `make up` or `make controlplane-up` left running
 	-pkill -f 'kubegfs (master|chunkserver) .*\.run/k8s' || true
 	-pkill -f 'kubegfs_operator' || true
 
-test: $(STAMP) controlplane-build ## the whole test suite (builds the local control plane if missing)
+test: $(STAMP) controlplane-build prometheus-build ## the whole test suite (builds the local control plane if missing)
 	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin PATH=$(abspath $(BIN)):$$PATH \
 	  $(BIN)/pytest $(PYTEST_ARGS)
 
@@ -66,6 +66,9 @@ bench-quick: $(STAMP) ## a small benchmark run (CI runs it so the code can't rot
 
 controlplane-build: ## build/cache etcd, kube-apiserver, kube-controller-manager, helm under .cache/k8s
 	bash hack/controlplane/build.sh $(K8S_CACHE)
+
+prometheus-build: ## build/cache prometheus+promtool with Kubernetes service discovery (monitoring tests)
+	bash hack/prometheus/build.sh $(K8S_CACHE)
 
 controlplane-up: $(STAMP) controlplane-build ## start a long-lived local kube-apiserver+etcd, print the KUBECONFIG line
 	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.controlplane up --state .run/controlplane

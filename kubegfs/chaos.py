@@ -319,7 +319,7 @@ class Trial:
         self.down = []
         t0 = time.monotonic()
         c = self.client()
-        auth = {"Authorization": f"Bearer {self.cl.token}"}
+        auth = {"Authorization": f"Bearer {self.cl.internal_token}"}
         for p in self.cl.chunkservers:
             requests.post(p.url + "/internal/scrub", headers=auth, timeout=30)
         while time.monotonic() - t0 < timeout:

@@ -42,6 +42,28 @@ def read_token(token: str | None, token_file: str | None) -> str:
 OUTPUT_KEY = "kubegfs.output"
 
 
+def role_token_options(f: Any) -> Any:
+    """The servers' per-role tokens besides --token (the client token): see kubegfs/auth.py."""
+    for role, what in (("metrics", "Prometheus may only GET /metrics with it"),
+                       ("internal", "master <-> chunkservers")):
+        f = click.option(f"--{role}-token-file", envvar=f"KUBEGFS_{role.upper()}_TOKEN_FILE",
+                         help=f"read the {role} token from this file (env KUBEGFS_{role.upper()}_TOKEN_FILE)")(f)
+        f = click.option(f"--{role}-token", envvar=f"KUBEGFS_{role.upper()}_TOKEN",
+                         help=f"{role} token: {what}; default the --token (env KUBEGFS_{role.upper()}_TOKEN)")(f)
+    return f
+
+
+def server_tokens(token: str | None, token_file: str | None, internal_token: str | None,
+                  internal_token_file: str | None, metrics_token: str | None, metrics_token_file: str | None) -> Any:
+    from .auth import Tokens
+
+    def optional(tok: str | None, tok_file: str | None) -> str:
+        return read_token(tok, tok_file) if (tok or tok_file) else ""
+
+    return Tokens(read_token(token, token_file), optional(internal_token, internal_token_file),
+                  optional(metrics_token, metrics_token_file))
+
+
 class Ctx:
     def __init__(self, master: str, token: str | None, as_json: bool) -> None:
         self.master = master
@@ -125,8 +147,9 @@ def topology_options(f: Any) -> Any:
 @main.command()
 @click.option("--listen", default="127.0.0.1:9400", show_default=True, help="HOST:PORT")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="op log + checkpoints")
-@click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")
-@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the token from this file (env KUBEGFS_TOKEN_FILE)")
+@click.option("--token", envvar="KUBEGFS_TOKEN", help="client token (env KUBEGFS_TOKEN)")
+@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the client token from this file (env KUBEGFS_TOKEN_FILE)")
+@role_token_options
 @click.option("--chunk-size", default="64Mi", show_default=True,
               help="a quantity (64Mi = 2^26 bytes, 64M = 64·10^6); only used when the file system is new")
 @click.option("--replication", default=3, show_default=True, type=click.IntRange(1, 16),
@@ -135,13 +158,14 @@ def topology_options(f: Any) -> Any:
 @click.option("--checkpoint-interval", default=300.0, show_default=True, help="seconds between checkpoints")
 @click.option("--checkpoint-ops", default=100_000, show_default=True, help="checkpoint after this many ops")
 @topology_options
-def master(listen: str, data_dir: str, token: str | None, token_file: str | None, chunk_size: str,
-           replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
+def master(listen: str, data_dir: str, token: str | None, token_file: str | None, internal_token: str | None,
+           internal_token_file: str | None, metrics_token: str | None, metrics_token_file: str | None,
+           chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
            node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master."""
     from .master.server import Options, run
 
-    tok = read_token(token, token_file)
+    tok = server_tokens(token, token_file, internal_token, internal_token_file, metrics_token, metrics_token_file)
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops)
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts)
@@ -160,8 +184,9 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
 @click.option("--listen", default="127.0.0.1:9500", show_default=True, help="HOST:PORT")
 @click.option("--master", "master_url", envvar="KUBEGFS_MASTER", required=True, help="master URL")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="chunks and snapshot records")
-@click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")
-@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the token from this file (env KUBEGFS_TOKEN_FILE)")
+@click.option("--token", envvar="KUBEGFS_TOKEN", help="client token (env KUBEGFS_TOKEN)")
+@click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the client token from this file (env KUBEGFS_TOKEN_FILE)")
+@role_token_options
 @click.option("--advertise", default=None, help="URL others use to reach this chunkserver")
 @click.option("--chunk-size", default=None, help="a quantity (64Mi); defaults to what the data dir or master says")
 @click.option("--heartbeat-interval", default=1.0, show_default=True, help="seconds between heartbeats to the master")
@@ -169,12 +194,13 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
               help="seconds between background checksum passes (0 = off)")
 @topology_options
 def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
-                advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
+                internal_token: str | None, internal_token_file: str | None, metrics_token: str | None,
+                metrics_token_file: str | None, advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
                 node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run a chunkserver."""
     from .chunkserver.server import run
 
-    tok = read_token(token, token_file)
+    tok = server_tokens(token, token_file, internal_token, internal_token_file, metrics_token, metrics_token_file)
     run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
         parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval)
 

@@ -135,15 +135,10 @@ class LocalCluster:
         self.scrub_interval = scrub_interval
         self.data_dir = data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        tok_file = self.data_dir / "token"
-        if token is None:
-            if tok_file.exists():
-                token = tok_file.read_text().strip()
-            else:
-                token = secrets.token_urlsafe(24)
-                tok_file.write_text(token)
-                tok_file.chmod(0o600)
-        self.token = token
+        # one token per role (kubegfs/auth.py), made once and kept in the data dir: zero config
+        self.token = token if token is not None else self._role_token("token")
+        self.internal_token = self._role_token("internal-token")
+        self.metrics_token = self._role_token("metrics-token")
         self.chunk_size = chunk_size
         self.replication = replication
         self.heartbeat = heartbeat
@@ -158,6 +153,15 @@ class LocalCluster:
         self.chunkservers: list[Proc] = []
         for i in range(n_chunkservers):
             self.add_chunkserver_spec(i, zones[i % len(zones)], regions[i % len(regions)])
+
+    def _role_token(self, name: str) -> str:
+        f = self.data_dir / name
+        if f.exists():
+            return f.read_text().strip()
+        tok = secrets.token_urlsafe(24)
+        f.write_text(tok)
+        f.chmod(0o600)
+        return tok
 
     def add_chunkserver_spec(self, i: int, zone: str, region: str, node: str | None = None) -> Proc:
         return self.add_chunkserver_at(f"cs{i + 1}", f"127.0.{i + 1}.1", node or f"node-{i + 1}", zone, region)
@@ -175,6 +179,10 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         e = dict(os.environ)
         e["KUBEGFS_TOKEN"] = self.token
+        e["KUBEGFS_INTERNAL_TOKEN"] = self.internal_token
+        e["KUBEGFS_METRICS_TOKEN"] = self.metrics_token
+        for var in ("KUBEGFS_TOKEN_FILE", "KUBEGFS_INTERNAL_TOKEN_FILE", "KUBEGFS_METRICS_TOKEN_FILE"):
+            e.pop(var, None)  # a file named in our own environment must not override these
         e.setdefault("PYTHONUNBUFFERED", "1")
         return e
 

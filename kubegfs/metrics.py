@@ -1,11 +1,17 @@
 """Every Prometheus metric kubegfs exports, in one place (names ``kubegfs_*``; units in the name).
 
 Each process kind has its own registry so a master does not export operator series and so on.
+A name has one meaning in every registry: the master's series about the snapshots it builds are
+``kubegfs_master_*``; the operator's about Snapshot resources are ``kubegfs_snapshot*``.
 """
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import __version__
 
 MASTER = CollectorRegistry(auto_describe=True)
 CHUNKSERVER = CollectorRegistry(auto_describe=True)
@@ -29,7 +35,17 @@ class _Http:
         self.component = component
 
 
+def _build_info(registry: CollectorRegistry, component: str) -> Gauge:
+    """``kubegfs_build_info{component,version,python}`` = 1: which build runs where, and the
+    series whose absence means the component is down."""
+    g = Gauge("kubegfs_build_info", "Always 1: the version of this kubegfs process",
+              ["component", "version", "python"], registry=registry)
+    g.labels(component, __version__, platform.python_version()).set(1)
+    return g
+
+
 # ----------------------------------------------------------------------------- master
+MASTER_BUILD = _build_info(MASTER, "master")
 MASTER_HTTP = _Http(MASTER, "master")
 M_FILES = Gauge("kubegfs_master_files", "Files in the live namespace", registry=MASTER)
 M_CHUNKS = Gauge("kubegfs_master_chunks", "Chunks known to the master", registry=MASTER)
@@ -76,7 +92,8 @@ M_SNAP_BUILD = Histogram(
     buckets=_SNAP_LAT, registry=MASTER,
 )
 M_SNAP_RECORD = Histogram(
-    "kubegfs_snapshot_record_bytes", "Size of SnapObj records", buckets=_SIZE, registry=MASTER
+    "kubegfs_master_snapshot_record_bytes", "Size of the SnapObj records the master built (every snapshot)",
+    buckets=_SIZE, registry=MASTER
 )
 M_SNAP_RESULT = Counter(
     "kubegfs_master_snapshots_total", "Snapshots finished by the master", ["result"], registry=MASTER
@@ -90,6 +107,7 @@ M_RESTORE_RESULT = Counter(
 )
 
 # ----------------------------------------------------------------------------- chunkserver
+CHUNKSERVER_BUILD = _build_info(CHUNKSERVER, "chunkserver")
 CS_HTTP = _Http(CHUNKSERVER, "chunkserver")
 CS_CHUNKS = Gauge("kubegfs_chunkserver_chunks", "Chunks stored", registry=CHUNKSERVER)
 CS_BYTES = Gauge("kubegfs_chunkserver_stored_bytes", "Chunk bytes stored", registry=CHUNKSERVER)
@@ -113,6 +131,7 @@ CS_HEARTBEAT_FAIL = Counter(
 )
 
 # ----------------------------------------------------------------------------- operator
+OPERATOR_BUILD = _build_info(OPERATOR, "operator")
 OPERATOR_HTTP = _Http(OPERATOR, "operator")
 OP_SNAPSHOT_SIZE = Histogram(
     "kubegfs_snapshot_size_bytes", "Logical bytes captured by Snapshot resources",

@@ -1,8 +1,7 @@
-"""What every kubegfs HTTP server shares: token auth, JSON errors, body limits, metrics."""
+"""What every kubegfs HTTP server shares: token auth by role, JSON errors, body limits, metrics."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -13,12 +12,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .errors import InvalidArgument, KubegfsError, PayloadTooLarge, Unauthorized
+from .auth import ANY, Policy, Tokens
+from .errors import Forbidden, InvalidArgument, KubegfsError, PayloadTooLarge, Unauthorized
 from .metrics import _Http
 
 log = logging.getLogger("kubegfs.web")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # kubelet probes: no credentials
 MAX_JSON_BODY = 8 * 1024 * 1024
 TOKEN_HEADER = "Authorization"
 
@@ -33,15 +33,23 @@ def error_response(err: KubegfsError) -> web.Response:
     return json_response(err.to_json(), status=err.status)
 
 
-def check_token(request: web.Request, token: str) -> None:
+def check_token(request: web.Request, tokens: Tokens, policy: Policy) -> None:
+    """401 without a known token; 403 if its role may not call this route (auth.py)."""
     got = request.headers.get(TOKEN_HEADER, "")
     if not got.startswith("Bearer "):
         raise Unauthorized("missing bearer token")
-    if not hmac.compare_digest(got[7:].encode(), token.encode()):
+    roles = tokens.roles_of(got[7:])
+    if not roles:
         raise Unauthorized("wrong token")
+    allowed = policy(request.method, request.path)
+    if not roles & allowed:
+        raise Forbidden(f"a {'/'.join(sorted(roles))} token may not {request.method} {request.path} "
+                        f"(needs the {' or '.join(sorted(allowed))} token)")
 
 
-def make_middlewares(token: str, http: _Http) -> list[Any]:
+def make_middlewares(token: str | Tokens, http: _Http, policy: Policy = lambda m, p: ANY) -> list[Any]:
+    tokens = token if isinstance(token, Tokens) else Tokens(token)
+
     @web.middleware
     async def mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -49,7 +57,7 @@ def make_middlewares(token: str, http: _Http) -> list[Any]:
         code = 500
         try:
             if request.path not in OPEN_PATHS:
-                check_token(request, token)
+                check_token(request, tokens, policy)
             resp = await handler(request)
             code = resp.status
             return resp

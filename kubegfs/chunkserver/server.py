@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from .. import metrics as M
+from ..auth import Tokens, chunkserver_policy
 from ..errors import CorruptData, InvalidArgument, KubegfsError, from_json
 from ..topology import Location
 from ..web import (
@@ -38,7 +39,7 @@ MAX_PIECE = 8 * 1024 * 1024
 
 class Chunkserver:
     def __init__(
-        self, data_dir: Path, master_url: str, token: str, advertise: str, location: Location,
+        self, data_dir: Path, master_url: str, token: str | Tokens, advertise: str, location: Location,
         chunk_size: int | None = None, heartbeat_interval: float = 1.0, cs_id: str | None = None,
         scrub_interval: float = 60.0,
     ) -> None:
@@ -46,7 +47,8 @@ class Chunkserver:
         self.corrupt_records: set[str] = set()
         self.data_dir = data_dir
         self.master_url = master_url.rstrip("/")
-        self.token = token
+        self.tokens = token if isinstance(token, Tokens) else Tokens(token)
+        self.token = self.tokens.of("internal")  # what it presents to the master and other chunkservers
         self.advertise = advertise
         self.location = location
         self.heartbeat_interval = heartbeat_interval
@@ -75,7 +77,7 @@ class Chunkserver:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=make_middlewares(self.token, M.CS_HTTP), client_max_size=MAX_PIECE + 4096
+            middlewares=make_middlewares(self.tokens, M.CS_HTTP, chunkserver_policy), client_max_size=MAX_PIECE + 4096
         )
         r = app.router
         r.add_get("/healthz", self.healthz)
@@ -410,7 +412,7 @@ async def _safe_json(resp: aiohttp.ClientResponse) -> Any:
 
 
 def run(
-    listen: str, data_dir: Path, master_url: str, token: str, location: Location,
+    listen: str, data_dir: Path, master_url: str, token: str | Tokens, location: Location,
     advertise: str | None = None, chunk_size: int | None = None, heartbeat_interval: float = 1.0,
     scrub_interval: float = 60.0,
 ) -> None:

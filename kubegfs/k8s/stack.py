@@ -178,6 +178,7 @@ class K8sStack:
         env = dict(os.environ)
         env.update({
             "KUBECONFIG": str(self.sa_kubeconfig), "KUBEGFS_TOKEN": self.cluster.token,
+            "KUBEGFS_METRICS_TOKEN": self.cluster.metrics_token,
             "KUBEGFS_OPERATOR_METRICS": f"127.0.0.1:{self.metrics_port}",
             "KUBEGFS_CLUSTER": self.instance,
         })

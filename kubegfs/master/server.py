@@ -29,6 +29,7 @@ from prometheus_client import Histogram
 from .. import metrics as M
 from .. import namespace as ns
 from .. import paths
+from ..auth import Tokens, master_policy
 from ..errors import (
     AlreadyExists,
     Conflict,
@@ -116,11 +117,12 @@ class Options:
 
 class Master:
     def __init__(
-        self, data_dir: Path, token: str, location: Location, chunk_size: int, replication: int,
+        self, data_dir: Path, token: str | Tokens, location: Location, chunk_size: int, replication: int,
         options: Options | None = None,
     ) -> None:
         self.data_dir = data_dir
-        self.token = token
+        self.tokens = token if isinstance(token, Tokens) else Tokens(token)
+        self.token = self.tokens.of("internal")  # what the master presents to chunkservers
         self.location = location
         self.opts = options or Options()
         state, self.recovery = recover(data_dir, chunk_size, replication)
@@ -150,7 +152,7 @@ class Master:
     # ------------------------------------------------------------------ plumbing
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=make_middlewares(self.token, M.MASTER_HTTP), client_max_size=8 << 20)
+        app = web.Application(middlewares=make_middlewares(self.tokens, M.MASTER_HTTP, master_policy), client_max_size=8 << 20)
         r = app.router
         r.add_get("/healthz", self.h_healthz)
         r.add_get("/readyz", self.h_healthz)
@@ -1201,7 +1203,7 @@ class Master:
                     log.exception("checkpoint failed")
 
 
-def run(listen: str, data_dir: Path, token: str, location: Location, chunk_size: int,
+def run(listen: str, data_dir: Path, token: str | Tokens, location: Location, chunk_size: int,
         replication: int, options: Options | None = None) -> None:
     from ..chunkserver.server import split_listen
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Config:
-    token: str
+    token: str  # the client token (kubegfs/auth.py): the master's API
+    metrics_token: str = ""  # what Prometheus presents on /metrics ("" = the client token only)
     default_cluster: str = "kubegfs"
     default_namespace: str = ""  # "" = the custom resource's own namespace
     metrics_listen: str = "0.0.0.0:9090"
@@ -26,8 +27,12 @@ class Config:
             token = Path(tf).read_text().strip()
         if not token:
             raise SystemExit("kubegfs-operator: set KUBEGFS_TOKEN or KUBEGFS_TOKEN_FILE")
+        metrics_token = os.environ.get("KUBEGFS_METRICS_TOKEN", "")
+        if mf := os.environ.get("KUBEGFS_METRICS_TOKEN_FILE"):
+            metrics_token = Path(mf).read_text().strip()
         return cls(
             token=token,
+            metrics_token=metrics_token,
             default_cluster=os.environ.get("KUBEGFS_CLUSTER", "kubegfs"),
             default_namespace=os.environ.get("KUBEGFS_CLUSTER_NAMESPACE", ""),
             metrics_listen=os.environ.get("KUBEGFS_OPERATOR_METRICS", "0.0.0.0:9090"),

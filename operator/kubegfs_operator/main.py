@@ -6,6 +6,8 @@ Run: ``kubegfs-operator`` (or ``kopf run --standalone --all-namespaces -m kubegf
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ import kopf
 from aiohttp import web
 
 from kubegfs import metrics as M
+from kubegfs.auth import Tokens, metrics_only_policy
 from kubegfs.client import Client
 from kubegfs.web import make_middlewares, metrics_handler
 
@@ -64,6 +67,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "kubegfs-operator"  # Events' source, not "kopf"
+    settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
+    settings.posting.event_name_prefix = "kubegfs-"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 16
@@ -75,7 +81,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     S.core = client.CoreV1Api()
     S.custom = client.CustomObjectsApi()
     S.deps = _deps(S.cfg, S.core, S.custom)
-    app = web.Application(middlewares=make_middlewares(S.cfg.token, M.OPERATOR_HTTP))
+    tokens = Tokens(S.cfg.token, metrics=S.cfg.metrics_token)
+    app = web.Application(middlewares=make_middlewares(tokens, M.OPERATOR_HTTP, metrics_only_policy))
     app.router.add_get("/metrics", metrics_handler(M.OPERATOR))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

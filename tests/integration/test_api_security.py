@@ -41,6 +41,41 @@ def test_chunkserver_rejects_missing_or_wrong_token(shared_cluster, method, path
     assert r.status_code == 401 and "token" in r.json()["message"]
 
 
+def call(url, method, token, **kw):
+    return requests.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=5, **kw)
+
+
+def test_each_role_token_reaches_only_its_routes(shared_cluster, client):
+    cl = shared_cluster
+    m, cs = cl.master_url, cl.chunkservers[0].url
+    assert len({cl.token, cl.internal_token, cl.metrics_token}) == 3  # local up makes one per role
+    before = client.dump()
+    # metrics: scraping only; it can neither read nor write data
+    for url in (m, cs):
+        assert call(url + "/metrics", "GET", cl.metrics_token).status_code == 200
+    refused = [call(m + "/api/v1/status", "GET", cl.metrics_token),
+               call(m + "/api/v1/fs/mkdir", "POST", cl.metrics_token, json={"path": "/by-metrics"}),
+               call(m + "/api/v1/snapshots", "POST", cl.metrics_token, json={"path": "/", "name": "m"}),
+               call(m + "/internal/heartbeat", "POST", cl.metrics_token, json={}),
+               call(cs + "/internal/chunks/0000000000000abc?version=1", "PUT", cl.metrics_token, data=b"x"),
+               call(cs + "/internal/chunks/0000000000000abc", "GET", cl.metrics_token),
+               # client: the API and the chunk data path, never the master's and chunkservers' own traffic
+               call(m + "/internal/heartbeat", "POST", cl.token, json={"id": "fake", "address": "http://x"}),
+               call(cs + "/internal/chunks/0000000000000abc", "DELETE", cl.token),
+               call(cs + "/internal/records/forged", "PUT", cl.token, data=b"x"),
+               call(cs + "/internal/chunks/0000000000000abc/version", "POST", cl.token, json={"version": 9}),
+               # internal: not the client API
+               call(m + "/api/v1/fs/mkdir", "POST", cl.internal_token, json={"path": "/by-internal"})]
+    for r in refused:
+        assert r.status_code == 403 and r.json()["error"] == "forbidden", (r.request.method, r.url, r.text)
+        assert "token may not" in r.json()["message"]
+    assert client.dump() == before
+    # and each reaches what it is for
+    assert call(m + "/api/v1/status", "GET", cl.token).status_code == 200
+    assert call(cs + "/internal/chunks/00000000000fffff", "GET", cl.token).status_code == 404  # allowed, absent
+    assert call(cs + "/internal/info", "GET", cl.internal_token).status_code == 200
+
+
 def test_health_is_open(shared_cluster):
     assert requests.get(shared_cluster.master_url + "/healthz", timeout=5).status_code == 200
     assert requests.get(shared_cluster.chunkservers[0].url + "/healthz", timeout=5).status_code == 200
@@ -80,7 +115,8 @@ BAD_MASTER = [
 def test_master_bad_input_is_4xx_json_and_changes_nothing(shared_cluster, client, case):
     method, path, *body, status = case
     before = client.dump()
-    h = {"Authorization": f"Bearer {shared_cluster.token}", "Content-Type": "application/json"}
+    tok = shared_cluster.internal_token if path.startswith("/internal/") else shared_cluster.token
+    h = {"Authorization": f"Bearer {tok}", "Content-Type": "application/json"}
     r = requests.request(method, shared_cluster.master_url + path, data=body[0] if body else None,
                          headers=h, timeout=5)
     assert r.status_code == status, r.text
@@ -118,7 +154,7 @@ BAD_CS = [
 def test_chunkserver_bad_input(shared_cluster, method, path, status):
     cs = shared_cluster.chunkservers[0]
     before = sorted(p.name for p in cs.data.rglob("*"))
-    h = {"Authorization": f"Bearer {shared_cluster.token}"}
+    h = {"Authorization": f"Bearer {shared_cluster.internal_token}"}
     r = requests.request(method, cs.url + path, data=b"x", headers=h, timeout=5)
     assert r.status_code == status, r.text
     assert r.json()["message"]
@@ -127,7 +163,7 @@ def test_chunkserver_bad_input(shared_cluster, method, path, status):
 
 def test_record_with_wrong_checksum_is_refused(shared_cluster):
     cs = shared_cluster.chunkservers[0]
-    h = {"Authorization": f"Bearer {shared_cluster.token}", "X-Kubegfs-Sha256": "0" * 64}
+    h = {"Authorization": f"Bearer {shared_cluster.internal_token}", "X-Kubegfs-Sha256": "0" * 64}
     r = requests.put(cs.url + "/internal/records/forged", data=b"payload", headers=h, timeout=5)
     assert r.status_code == 502 and r.json()["error"] == "corrupt"
     assert not (cs.data / "records" / "forged.rec").exists()

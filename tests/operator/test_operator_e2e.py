@@ -66,6 +66,10 @@ def test_snapshot_location_follows_topology_and_restore_round_trips(stack):
     events = stack.kubectl("get", "events", "--field-selector", "involvedObject.name=s1", "-o",
                            "jsonpath={.items[*].reason}").stdout
     assert "SnapshotCreated" in events
+    # Events say they come from the kubegfs operator (kopf's default source is "kopf")
+    sources = stack.kubectl("get", "events", "--field-selector", "involvedObject.name=s1", "-o",
+                            "jsonpath={.items[*].source.component}").stdout.split()
+    assert sources and set(sources) == {"kubegfs-operator"}, sources
 
     # 2-4. take the nearer pods away one by one: same zone, then same region, then IP prefix only
     expected = [("cs-same-node", "cs-same-zone", "same-zone"), ("cs-same-zone", "cs-same-region", "same-region"),

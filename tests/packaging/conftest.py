@@ -1,14 +1,13 @@
 """Fixtures for the Helm chart and monitoring tests: the helm binary, rendering, and Prometheus.
 
 Missing tools FAIL the tests (never skip): helm comes from hack/controlplane/build.sh
-(``$KUBEGFS_K8S_BIN``), prometheus/promtool from the Debian package ``prometheus``, installed here
-with apt-get when missing.
+(``$KUBEGFS_K8S_BIN``), prometheus/promtool from hack/prometheus/build.sh (into the same directory),
+built here when missing.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -67,28 +66,20 @@ def render(helm_cmd: Callable[..., subprocess.CompletedProcess[str]]) -> Callabl
 
 
 def _ensure_prometheus() -> tuple[Path, Path]:
-    """prometheus and promtool from the Debian package, installed now if missing (fails loudly)."""
-    prom, tool = shutil.which("prometheus"), shutil.which("promtool")
-    if prom and tool:
-        return Path(prom), Path(tool)
-    if not shutil.which("apt-get"):
-        pytest.fail("prometheus/promtool are missing and there is no apt-get to install the "
-                    "Debian package 'prometheus'", pytrace=False)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    log = []
-    for cmd in (["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"],
-                ["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"]):
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
-        log.append(f"$ {' '.join(cmd)} -> {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
-        prom, tool = shutil.which("prometheus"), shutil.which("promtool")
-        if r.returncode == 0 and prom and tool:
-            return Path(prom), Path(tool)
-    pytest.fail("could not install the Debian package 'prometheus' (prometheus + promtool):\n"
-                + "\n".join(log), pytrace=False)
+    """prometheus and promtool built from their Go module with Kubernetes service discovery
+    (hack/prometheus/build.sh, into the same cache as the control plane; the Debian package has
+    no Kubernetes SD). Built now if missing; a failed build fails the tests loudly."""
+    bin_dir = Path(os.environ.get("KUBEGFS_K8S_BIN") or Path.home() / ".cache" / "kubegfs" / "k8s" / "bin")
+    prom, tool = bin_dir / "prometheus", bin_dir / "promtool"
+    if not (prom.exists() and tool.exists()):
+        r = subprocess.run(["bash", str(REPO / "hack" / "prometheus" / "build.sh"), str(bin_dir.parent)],
+                           capture_output=True, text=True, timeout=3600, check=False)
+        if r.returncode != 0 or not (prom.exists() and tool.exists()):
+            pytest.fail(f"could not build prometheus (hack/prometheus/build.sh):\n{r.stderr[-3000:]}", pytrace=False)
+    return prom, tool
 
 
 @pytest.fixture(scope="session")
 def prometheus_bins() -> tuple[Path, Path]:
-    """(prometheus, promtool). The package's own service is never used: tests start their own."""
+    """(prometheus, promtool); tests start their own Prometheus."""
     return _ensure_prometheus()

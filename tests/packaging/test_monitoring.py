@@ -1,5 +1,7 @@
 """The chart's monitoring against real parts: a Prometheus (Debian package) started here scrapes a
-real operator, master and chunkservers (kubegfs.k8s.stack.K8sStack on the local control plane);
+real operator, master and chunkservers (kubegfs.k8s.stack.K8sStack on the local control plane),
+finding the master and chunkserver pods with its own Kubernetes service discovery (role pod, as
+the chart's PodMonitor asks; the operator runs outside any pod, so it is a static target);
 after Snapshot and Restore resources (one of each failing on purpose), a copy-on-write append,
 the `helm test` script and a chunkserver killed, EVERY PromQL expression of the Grafana dashboard
 and of the alert rules must return data. promtool checks and unit-tests the rules file."""
@@ -54,7 +56,10 @@ def grafana(expr: str) -> str:
 
 
 def inner(expr: str) -> str:
-    """An alert expression without its threshold: the series it compares (`X > 0` -> `X`)."""
+    """An alert expression without its threshold: the series it compares (`X > 0` -> `X`,
+    `absent(X)` -> `X`)."""
+    if m := re.fullmatch(r"absent\((.*)\)", expr.strip()):
+        return m.group(1)
     e = re.sub(r"\s*(>|<|>=|<=|==|!=)\s*[0-9.e+ *]+$", "", expr.strip())
     assert e != expr.strip(), f"no threshold to strip in {expr}"
     return e
@@ -94,8 +99,37 @@ def stack(controlplane, k8s_namespace, tmp_path):
         st.stop()
 
 
+def _label(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def pod_monitor_jobs(pm: dict[str, Any], kubeconfig: Path, auth: dict[str, str]) -> list[dict[str, Any]]:
+    """The chart's PodMonitor as Prometheus scrape jobs with kubernetes_sd_configs (role pod), the
+    way prometheus-operator translates one: one job per endpoint, keeping pods whose labels match
+    the selector and whose container port has the endpoint's name."""
+    spec = pm["spec"]
+    keep = [{"action": "keep", "source_labels": [f"__meta_kubernetes_pod_label_{_label(k)}"], "regex": re.escape(v)}
+            for k, v in spec["selector"].get("matchLabels", {}).items()]
+    keep += [{"action": "keep", "source_labels": [f"__meta_kubernetes_pod_label_{_label(e['key'])}"],
+              "regex": "|".join(map(re.escape, e["values"]))}
+             for e in spec["selector"].get("matchExpressions", []) if e["operator"] == "In"]
+    jobs = []
+    for i, ep in enumerate(spec["podMetricsEndpoints"]):
+        jobs.append({
+            "job_name": f"podMonitor/{pm['metadata']['name']}/{i}", "honor_labels": ep["honorLabels"],
+            "metrics_path": ep["path"], "scheme": ep["scheme"], "authorization": auth,
+            "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig),
+                                       "namespaces": {"names": spec["namespaceSelector"]["matchNames"]}}],
+            "relabel_configs": [*keep,
+                                {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                                 "regex": ep["port"]},
+                                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"}],
+        })
+    return jobs
+
+
 class Prometheus:
-    def __init__(self, binary: Path, workdir: Path, stack: K8sStack) -> None:
+    def __init__(self, binary: Path, workdir: Path, stack: K8sStack, pod_monitor: dict[str, Any]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         auth = {"credentials": stack.cluster.token}  # type Bearer: Authorization: Bearer <token>
@@ -105,10 +139,7 @@ class Prometheus:
                 # honor_labels: the operator's `namespace` label is the Snapshot's namespace
                 {"job_name": "kubegfs-operator", "honor_labels": True, "authorization": auth,
                  "static_configs": [{"targets": [f"127.0.0.1:{stack.metrics_port}"]}]},
-                {"job_name": "kubegfs-master", "honor_labels": True, "authorization": auth,
-                 "static_configs": [{"targets": [f"{stack.master_pod.ip}:{stack.cluster.master.port}"]}]},
-                {"job_name": "kubegfs-chunkserver", "honor_labels": True, "authorization": auth,
-                 "static_configs": [{"targets": [f"{p.host}:{p.port}" for p in stack.cs_procs.values()]}]},
+                *pod_monitor_jobs(pod_monitor, stack.cp.kubeconfig, auth),
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
@@ -162,10 +193,17 @@ def finished(stack: K8sStack, plural: str, name: str, want: str = "Ready") -> No
     wait_for(lambda: stack.condition(plural, name, want) == "True", timeout=60, what=f"{plural}/{name} {want}")
 
 
-def test_every_dashboard_and_alert_expression_returns_data(stack, prometheus_bins, tmp_path):
-    prom = Prometheus(prometheus_bins[0], tmp_path, stack)
+def test_every_dashboard_and_alert_expression_returns_data(stack, prometheus_bins, tmp_path, render):
+    (pm,) = [o for o in render("--set", "metrics.podMonitor.enabled=true", namespace=stack.ns,
+                               release=stack.instance) if o["kind"] == "PodMonitor"]
+    prom = Prometheus(prometheus_bins[0], tmp_path, stack, pm)
     try:
         wait_for(prom.targets_up, timeout=30, what="all 6 targets up (operator, master, 4 chunkservers)")
+        # service discovery finds each pod once: the master's series are not counted twice
+        per_pod = {r["metric"]["pod"]: r["value"][1] for r in prom.query("count by (pod) (up{pod!=''})")}
+        assert per_pod == {p: "1" for p in [stack.master_pod.name, *stack.cs_pods]}, per_pod
+        assert prom.query("count(kubegfs_master_files)")[0]["value"][1] == "1"
+        assert prom.query('count(kubegfs_build_info{component="master"})')[0]["value"][1] == "1"
 
         # Snapshot and Restore resources through the operator, one Snapshot failing on purpose
         c = stack.cluster.client()
@@ -221,3 +259,16 @@ def test_every_dashboard_and_alert_expression_returns_data(stack, prometheus_bin
         print(f"\nalert expressions evaluated without their threshold (healthy = empty): {thresholded}")
     finally:
         prom.stop()
+
+
+def test_every_alert_links_a_runbook_section():
+    runbooks = (Path(__file__).resolve().parents[2] / "docs" / "runbooks.md").read_text()
+    anchors = {h[3:].strip().lower() for h in runbooks.splitlines() if h.startswith("## ")}
+    rules = yaml.safe_load(ALERTS.read_text())
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            url = r["annotations"]["runbook_url"]
+            assert url.startswith("https://github.com/kubegfs/kubegfs/blob/main/docs/runbooks.md#"), url
+            assert url.split("#")[1] == r["alert"].lower() in anchors, f"{r['alert']}: no section in docs/runbooks.md"
+    assert {"KubegfsMasterDown", "KubegfsOperatorDown", "KubegfsChunkserverDiskFilling"} <= {
+        r["alert"] for g in rules["groups"] for r in g["rules"]}

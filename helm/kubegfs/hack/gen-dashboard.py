@@ -73,7 +73,7 @@ panels = [
         (f"sum(rate(kubegfs_snapshot_size_bytes_sum{{{NS}}}[{RI}])) / "
          f"sum(rate(kubegfs_snapshot_size_bytes_count{{{NS}}}[{RI}]))", "logical bytes (avg)"),
         *[(e, "logical " + lf) for e, lf in q("kubegfs_snapshot_size_bytes", qs=(0.9,), sel=NS)],
-        *[(e, "SnapObj record " + lf) for e, lf in q("kubegfs_snapshot_record_bytes", qs=(0.5, 0.9))],
+        *[(e, "SnapObj record " + lf) for e, lf in q("kubegfs_snapshot_record_bytes", qs=(0.5, 0.9), sel=NS)],
     ], 0, 17, unit="bytes"),
     panel("Snapshots in progress", [
         (f"sum by (namespace) (kubegfs_snapshots_in_progress{{{NS}}})", "{{namespace}}")], 8, 17),

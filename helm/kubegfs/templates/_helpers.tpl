@@ -75,6 +75,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kubegfs.secretKey" -}}
 {{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
+{{/* Keys of the internal (master <-> chunkservers) and metrics tokens; "" = the client token serves */}}
+{{- define "kubegfs.internalKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretInternalKey }}{{ else }}internal-token{{ end }}
+{{- end }}
+{{- define "kubegfs.metricsKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretMetricsKey }}{{ else }}metrics-token{{ end }}
+{{- end }}
+{{/* The key Prometheus reads its bearer token from */}}
+{{- define "kubegfs.scrapeKey" -}}
+{{- default (include "kubegfs.secretKey" .) (include "kubegfs.metricsKey" .) }}
+{{- end }}
+{{/* The server flags for the role tokens mounted by kubegfs.tokenVolume */}}
+{{- define "kubegfs.tokenArgs" -}}
+- --token-file=/etc/kubegfs/token
+{{- if include "kubegfs.internalKey" . }}
+- --internal-token-file=/etc/kubegfs/internal-token
+{{- end }}
+{{- if include "kubegfs.metricsKey" . }}
+- --metrics-token-file=/etc/kubegfs/metrics-token
+{{- end }}
+{{- end }}
 
 {{/* In-cluster URL of the master Service. */}}
 {{- define "kubegfs.masterURL" -}}
@@ -101,7 +122,8 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* A token volume mounted at /etc/kubegfs (read by --token-file). */}}
+{{/* The token volume mounted at /etc/kubegfs (read by --token-file, --internal-token-file,
+     --metrics-token-file). */}}
 {{- define "kubegfs.tokenVolume" -}}
 - name: token
   secret:
@@ -110,6 +132,14 @@ imagePullSecrets:
     items:
       - key: {{ include "kubegfs.secretKey" . }}
         path: token
+      {{- with include "kubegfs.internalKey" . }}
+      - key: {{ . }}
+        path: internal-token
+      {{- end }}
+      {{- with include "kubegfs.metricsKey" . }}
+      - key: {{ . }}
+        path: metrics-token
+      {{- end }}
 {{- end }}
 
 {{/* Pod annotations: prometheus.io/* (metrics.podAnnotations) and the component's own.
