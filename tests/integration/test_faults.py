@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from kubegfs.errors import KubegfsError, Unavailable
-from kubegfs.testing.k8s import wait_for as _wait_for
+from kubegfs_dev.pytest_plugin import wait_for as _wait_for
 
 CHUNK = 256 * 1024
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kubegfs import bench
 from kubegfs import namespace as ns
+from kubegfs_dev import bench
 
 
 def test_tree_generator_builds_what_it_says() -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import requests
 import yaml
 
-from ..local import LocalCluster, free_port, signal_group
+from kubegfs.local import LocalCluster, free_port, signal_group
+
 from . import sim
 from .controlplane import ControlPlane
 

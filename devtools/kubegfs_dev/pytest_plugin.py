@@ -2,7 +2,7 @@
 
 Fixtures:
 
-* ``controlplane`` (session): a started :class:`kubegfs.k8s.controlplane.ControlPlane`
+* ``controlplane`` (session): a started :class:`kubegfs_dev.controlplane.ControlPlane`
   (etcd + kube-apiserver + kube-controller-manager). If the binaries are missing or the control
   plane does not come up, every test that uses it FAILS with the reason. It never skips.
 * ``k8s_api`` (session): an admin ``kubernetes.client.ApiClient``.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from kubegfs.k8s.controlplane import ControlPlane, ControlPlaneError, run_kubectl
+from kubegfs_dev.controlplane import ControlPlane, ControlPlaneError, run_kubectl
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient

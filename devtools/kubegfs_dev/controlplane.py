@@ -7,11 +7,11 @@ with the ``openssl`` CLI. The admin authenticates with a client certificate in t
 ``system:masters`` group; :meth:`ControlPlane.service_account_kubeconfig` and
 :meth:`ControlPlane.user_kubeconfig` give non-admin identities for RBAC tests.
 
-Used by the pytest fixtures in :mod:`kubegfs.testing.k8s`, and as a CLI for people who want a
+Used by the pytest fixtures in :mod:`kubegfs_dev.pytest_plugin`, and as a CLI for people who want a
 long-lived control plane to point ``kubectl`` at::
 
-    python -m kubegfs.k8s.controlplane up --state .run/controlplane
-    python -m kubegfs.k8s.controlplane down --state .run/controlplane
+    python -m kubegfs_dev.controlplane up --state .run/controlplane
+    python -m kubegfs_dev.controlplane down --state .run/controlplane
 
 Only the standard library is imported at module level, so importing this never fails; the
 ``kubernetes`` client is imported lazily by the helpers that need it.
@@ -705,7 +705,7 @@ def down(state: Path, timeout: float = 15.0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kubegfs.k8s.controlplane",
+    ap = argparse.ArgumentParser(prog="python -m kubegfs_dev.controlplane",
                                  description="A local etcd + kube-apiserver + kube-controller-manager.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start (detached) and print the KUBECONFIG export line")

@@ -1,4 +1,4 @@
-"""kubegfs benchmarks: ``python -m kubegfs.bench [--quick] [--out DIR] [--only NAME,...]``.
+"""kubegfs benchmarks: ``python -m kubegfs_dev.bench [--quick] [--out DIR] [--only NAME,...]``.
 
 Every figure is the median of several runs (min–max shown). Speed claims are measured as
 ratios *in the same run* (the seed's deep copy + pickle, the disk's own fdatasync speed, loopback
@@ -46,9 +46,9 @@ from typing import Any
 import immutables
 import requests
 
-from . import namespace as ns
-from .master.oplog import write_checkpoint
-from .master.state import MasterState, now_ns
+from kubegfs import namespace as ns
+from kubegfs.master.oplog import write_checkpoint
+from kubegfs.master.state import MasterState, now_ns
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -383,7 +383,7 @@ def snapshot_e2e(client: Any, path: str, name: str) -> tuple[float, dict[str, An
 
 
 def empty_master_rss(tmp: Path) -> int:
-    from .local import LocalCluster
+    from kubegfs.local import LocalCluster
 
     c = LocalCluster(tmp / "empty", n_chunkservers=0)
     try:
@@ -419,7 +419,7 @@ class ClusterCfg:
 def bench_cluster(trees: dict[int, Tree], tmp: Path, cfg: ClusterCfg, want: set[str],
                   say: Callable[[str], None]) -> list[Row]:
     """Write one checkpoint holding every tree, start a real master + 3 chunkservers on it."""
-    from .local import LocalCluster
+    from kubegfs.local import LocalCluster
 
     rows: list[Row] = []
     total = sum(t.files for t in trees.values())
@@ -842,7 +842,7 @@ def human_mib(b: int) -> str:
 
 
 def bench_small_cluster(tmp: Path, want: set[str], quick: bool, say: Callable[[str], None]) -> list[Row]:
-    from .local import LocalCluster
+    from kubegfs.local import LocalCluster
 
     rows: list[Row] = []
     cluster = LocalCluster(tmp / "small", n_chunkservers=3, chunk_size=CHUNK_SIZE, replication=3)
@@ -866,8 +866,8 @@ def bench_operator(tmp: Path, quick: bool, say: Callable[[str], None]) -> list[R
     """Snapshot CR -> Ready latency through the real kube-apiserver and operator, a burst of CRs
     applied at once, and the operator's RSS."""
 
-    from .k8s.controlplane import ControlPlane
-    from .k8s.stack import K8sStack, NodeSpec, PodSpec
+    from kubegfs_dev.controlplane import ControlPlane
+    from kubegfs_dev.stack import K8sStack, NodeSpec, PodSpec
 
     seq_n, burst_n = (10, 20) if quick else (50, 100)
     say("operator: starting kube-apiserver, cluster and operator")
@@ -1128,7 +1128,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    ap = argparse.ArgumentParser(prog="python -m kubegfs.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kubegfs_dev.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (CI: < 2 minutes)")
     ap.add_argument("--out", default="bench-results", help="directory for results.json and PNG plots")
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(ALL))
