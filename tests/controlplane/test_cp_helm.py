@@ -9,7 +9,7 @@ import pytest
 from kubernetes import client
 
 from kubegfs_dev.controlplane import ControlPlane, ControlPlaneError
-from kubegfs_dev.pytest_plugin import wait_for
+from kubegfs_dev.util import wait_for
 
 CHART_YAML = """\
 apiVersion: v2

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kubegfs_dev.pytest_plugin import wait_for
+from kubegfs_dev.util import wait_for
 
 CHUNK = 256 * 1024
 TAIL = b"appended in place"

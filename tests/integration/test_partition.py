@@ -8,7 +8,7 @@ import pytest
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
 from kubegfs_dev.netfault import FaultyLink
-from kubegfs_dev.pytest_plugin import wait_for
+from kubegfs_dev.util import wait_for
 
 CHUNK = 256 * 1024
 

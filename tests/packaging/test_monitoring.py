@@ -21,9 +21,8 @@ import pytest
 import requests
 import yaml
 
-from kubegfs.local import free_port
-from kubegfs_dev.pytest_plugin import wait_for
 from kubegfs_dev.stack import K8sStack, NodeSpec, PodSpec
+from kubegfs_dev.util import free_port, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "kubegfs"
 ALERTS = CHART / "files" / "alerts.yaml"

@@ -14,27 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from kubegfs.master.oplog import write_checkpoint
 
 from .report import MiB, Row, at_least, at_most, human_n, pct
 from .trees import CHUNK_SIZE, Tree, state_with
-
-
-def _wait_http(url: str, timeout: float, proc: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout}s")
-        time.sleep(0.1)
 
 
 def rss_of(pid: int) -> int:
@@ -112,8 +95,7 @@ def bench_cluster(trees: dict[int, Tree], tmp: Path, cfg: ClusterCfg, want: set[
     try:
         say("starting the master (recovering from the checkpoint)")
         t0 = time.perf_counter()
-        cluster.start_master(wait=False)
-        _wait_http(cluster.master.url + "/healthz", 900, cluster.master.popen)
+        cluster.start_master(timeout=900)
         load_seconds = time.perf_counter() - t0
         for p in cluster.chunkservers:
             cluster.start_chunkserver(p, wait=False)
