@@ -44,9 +44,10 @@ test: $(STAMP) controlplane-build ## the whole test suite (builds the local cont
 test-core: $(STAMP) ## only the file-system tests (no control plane)
 	$(BIN)/pytest -m 'not controlplane' $(PYTEST_ARGS)
 
-lint: $(STAMP) controlplane-build ## ruff (incl. no pickle/marshal/eval/yaml.load) and mypy
+lint: $(STAMP) controlplane-build ## ruff (incl. no pickle/marshal/eval/yaml.load), mypy, import contracts (.importlinter)
 	$(BIN)/ruff check kubegfs tests operator devtools
 	$(BIN)/mypy kubegfs operator/kubegfs_operator devtools/kubegfs_dev
+	$(BIN)/lint-imports --no-cache
 	$(K8S_CACHE)/bin/helm lint --strict helm/kubegfs
 
 helm-package: controlplane-build ## package the Helm chart (CRDs and operator RBAC synced first) into dist/
