@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.installed
 K8S_CACHE ?= $(HOME)/.cache/kubegfs/k8s
 PYTEST_ARGS ?=
 
-.PHONY: help venv run up down test test-core lint bench bench-quick chaos \
+.PHONY: help venv run up down test test-core lint lint-chart bench bench-quick chaos \
         controlplane-build controlplane-up controlplane-down images helm-package clean
 
 help: ## list the targets
@@ -44,10 +44,12 @@ test: $(STAMP) controlplane-build ## the whole test suite (builds the local cont
 test-core: $(STAMP) ## only the file-system tests (no control plane)
 	$(BIN)/pytest -m 'not controlplane' $(PYTEST_ARGS)
 
-lint: $(STAMP) controlplane-build ## ruff (incl. no pickle/marshal/eval/yaml.load), mypy, import contracts (.importlinter)
+lint: $(STAMP) ## ruff (incl. no pickle/marshal/eval/yaml.load), mypy, import contracts (.importlinter)
 	$(BIN)/ruff check kubegfs tests operator devtools
 	$(BIN)/mypy kubegfs operator/kubegfs_operator devtools/kubegfs_dev
 	$(BIN)/lint-imports --no-cache
+
+lint-chart: controlplane-build ## helm lint --strict of the chart (needs the helm the control-plane build makes)
 	$(K8S_CACHE)/bin/helm lint --strict helm/kubegfs
 
 helm-package: controlplane-build ## package the Helm chart (CRDs and operator RBAC synced first) into dist/
