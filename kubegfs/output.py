@@ -6,11 +6,10 @@ into ``grep``/``awk`` sees every column in full. Pure: returns text, prints noth
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 FORMATS = ("json", "yaml", "wide", "name")
 
@@ -36,6 +35,53 @@ class UnsupportedFormat(ValueError):
     pass
 
 
+_PLAIN = re.compile(r"[A-Za-z_/][A-Za-z0-9_./:@+-]*")
+_RESERVED = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+def _scalar(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return json.dumps(v)
+    s = str(v)
+    if _PLAIN.fullmatch(s) and s.lower() not in _RESERVED:
+        return s
+    return json.dumps(s)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def to_yaml(v: Any, indent: str = "") -> list[str]:
+    """Block-style YAML of JSON data (what the API returns), keys sorted as -o json sorts them."""
+    if isinstance(v, dict) and v:
+        out = []
+        for k in sorted(v):
+            item = v[k]
+            if isinstance(item, dict | list) and item:
+                out.append(f"{indent}{_scalar(str(k))}:")
+                out += to_yaml(item, indent + ("" if isinstance(item, list) else "  "))
+            else:
+                out.append(f"{indent}{_scalar(str(k))}: {_scalar_or_empty(item)}")
+        return out
+    if isinstance(v, list) and v:
+        out = []
+        for item in v:
+            sub = to_yaml(item, indent + "  ")
+            out.append(f"{indent}- {sub[0].lstrip()}")
+            out += sub[1:]
+        return out
+    return [indent + _scalar_or_empty(v)]
+
+
+def _scalar_or_empty(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{}"
+    if isinstance(v, list):
+        return "[]"
+    return _scalar(v)
+
+
 def table(items: Sequence[Item], columns: Sequence[Column], wide: bool = False) -> str:
     """kubectl's layout: upper-case headers, columns padded to their widest cell and three spaces
     apart, the last one unpadded; no cell is ever shortened."""
@@ -54,7 +100,7 @@ def render(data: Any, fmt: str | None, view: View | None = None,
     if fmt == "json":
         return json.dumps(data, indent=2, sort_keys=True)
     if fmt == "yaml":
-        return yaml.safe_dump(data, sort_keys=True, default_flow_style=False).rstrip("\n")
+        return "\n".join(to_yaml(data))
     items = data if isinstance(data, list) else [data]
     if fmt == "name":
         namer = name or (view.name if view else None)

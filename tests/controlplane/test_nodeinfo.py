@@ -5,8 +5,8 @@ import uuid
 import pytest
 import yaml
 
-from kubegfs.k8s import sim
-from kubegfs.k8s.nodeinfo import TopologyUnavailable, node_location
+from kubegfs.k8s_node import TopologyUnavailable, node_location
+from kubegfs_dev import sim
 
 
 def test_node_location_from_api(controlplane, k8s_namespace, tmp_path):

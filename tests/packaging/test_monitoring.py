@@ -1,5 +1,5 @@
-"""The chart's monitoring against real parts: a Prometheus (Debian package) started here scrapes a
-real operator, master and chunkservers (kubegfs.k8s.stack.K8sStack on the local control plane),
+"""The chart's monitoring against real parts: a Prometheus (built by hack/prometheus/build.sh) started here scrapes a
+real operator, master and chunkservers (kubegfs_dev.stack.K8sStack on the local control plane),
 finding the master and chunkserver pods with its own Kubernetes service discovery (role pod, as
 the chart's PodMonitor asks; the operator runs outside any pod, so it is a static target);
 after Snapshot and Restore resources (one of each failing on purpose), a copy-on-write append,
@@ -23,9 +23,8 @@ import pytest
 import requests
 import yaml
 
-from kubegfs.k8s.stack import K8sStack, NodeSpec, PodSpec
-from kubegfs.local import free_port
-from kubegfs.testing.k8s import wait_for
+from kubegfs_dev.stack import K8sStack, NodeSpec, PodSpec
+from kubegfs_dev.util import free_port, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "kubegfs"
 ALERTS = CHART / "files" / "alerts.yaml"

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from kubegfs.k8s.nodeinfo import TopologyUnavailable, api_base, in_cluster_api, node_location
+from kubegfs.k8s_node import TopologyUnavailable, api_base, in_cluster_api, node_location
 
 
 @pytest.mark.parametrize(("host", "url"), [

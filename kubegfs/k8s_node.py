@@ -16,12 +16,12 @@ from pathlib import Path
 
 import requests
 
-from ..errors import KubegfsError
-from ..topology import Location
+from .errors import KubegfsError
+from .topology import Location
 
 SA = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 ZONE, REGION, HOSTNAME = "topology.kubernetes.io/zone", "topology.kubernetes.io/region", "kubernetes.io/hostname"
-log = logging.getLogger("kubegfs.k8s.nodeinfo")
+log = logging.getLogger("kubegfs.k8s_node")
 
 
 class TopologyUnavailable(KubegfsError):
