@@ -40,6 +40,25 @@ def read_token(token: str | None, token_file: str | None) -> str:
 
 
 OUTPUT_KEY = "kubegfs.output"
+CACERT_KEY = "kubegfs.cacert"
+
+
+def tls_server_options(f: Any) -> Any:
+    """--tls-cert/--tls-key: serve HTTPS (the peers it calls are verified per KUBEGFS_CACERT)."""
+    f = click.option("--tls-key", envvar="KUBEGFS_TLS_KEY", type=click.Path(dir_okay=False),
+                     help="the certificate's private key, PEM (env KUBEGFS_TLS_KEY)")(f)
+    f = click.option("--tls-cert", envvar="KUBEGFS_TLS_CERT", type=click.Path(dir_okay=False),
+                     help="serve HTTPS with this certificate chain, PEM (env KUBEGFS_TLS_CERT)")(f)
+    return f
+
+
+def _server_ssl(cert: str | None, key: str | None) -> Any:
+    from .tls import server_context_from_env
+
+    try:
+        return server_context_from_env(cert, key)
+    except (ValueError, OSError) as exc:
+        raise click.BadParameter(f"TLS: {exc}") from exc
 
 
 def role_token_options(f: Any) -> Any:
@@ -68,13 +87,16 @@ class Ctx:
     def __init__(self, master: str, token: str | None, as_json: bool) -> None:
         self.master = master
         self.token = token
-        self.fmt: str | None = "json" if as_json else click.get_current_context().meta.get(OUTPUT_KEY)
+        meta = click.get_current_context().meta
+        self.fmt: str | None = "json" if as_json else meta.get(OUTPUT_KEY)
+        self.cacert: str | None = meta.get(CACERT_KEY)
 
     def client(self) -> Any:
         from .client import Client
+        from .tls import ClientTLS
 
         try:
-            return Client(self.master, self.token)
+            return Client(self.master, self.token, tls=ClientTLS.from_env(self.cacert))
         except KubegfsError as exc:
             fail(exc.message)
 
@@ -91,6 +113,11 @@ class Ctx:
             raise click.UsageError(str(exc)) from exc
 
 
+def _set_cacert(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta[CACERT_KEY] = value
+
+
 def _set_output(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is not None:
         ctx.meta[OUTPUT_KEY] = value
@@ -102,7 +129,9 @@ def client_options(f: Any) -> Any:
     f = click.option("-o", "--output", type=click.Choice(FORMATS), expose_value=False, callback=_set_output,
                      help="json or yaml (the API objects), name (one per line), wide (more columns)")(f)
     f = click.option("--json", "as_json", is_flag=True, help="same as -o json")(f)
-    f = click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")(f)
+    f = click.option("--cacert", envvar="KUBEGFS_CACERT", type=click.Path(dir_okay=False), expose_value=False,
+                     callback=_set_cacert, help="verify an https:// master against this CA bundle (env KUBEGFS_CACERT)")(f)
+    f = click.option("--token", envvar="KUBEGFS_TOKEN", help="client token (env KUBEGFS_TOKEN)")(f)
     f = click.option("--master", envvar="KUBEGFS_MASTER", default="http://127.0.0.1:9400",
                      show_default=True, help="master URL (env KUBEGFS_MASTER)")(f)
     return f
@@ -150,6 +179,7 @@ def topology_options(f: Any) -> Any:
 @click.option("--token", envvar="KUBEGFS_TOKEN", help="client token (env KUBEGFS_TOKEN)")
 @click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the client token from this file (env KUBEGFS_TOKEN_FILE)")
 @role_token_options
+@tls_server_options
 @click.option("--chunk-size", default="64Mi", show_default=True,
               help="a quantity (64Mi = 2^26 bytes, 64M = 64·10^6); only used when the file system is new")
 @click.option("--replication", default=3, show_default=True, type=click.IntRange(1, 16),
@@ -160,6 +190,7 @@ def topology_options(f: Any) -> Any:
 @topology_options
 def master(listen: str, data_dir: str, token: str | None, token_file: str | None, internal_token: str | None,
            internal_token_file: str | None, metrics_token: str | None, metrics_token_file: str | None,
+           tls_cert: str | None, tls_key: str | None,
            chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
            node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master."""
@@ -168,7 +199,7 @@ def master(listen: str, data_dir: str, token: str | None, token_file: str | None
     tok = server_tokens(token, token_file, internal_token, internal_token_file, metrics_token, metrics_token_file)
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops)
     loc = _location(node, zone, region, topology_from_node)
-    run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts)
+    run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts, _server_ssl(tls_cert, tls_key))
 
 
 def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
@@ -187,6 +218,7 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
 @click.option("--token", envvar="KUBEGFS_TOKEN", help="client token (env KUBEGFS_TOKEN)")
 @click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the client token from this file (env KUBEGFS_TOKEN_FILE)")
 @role_token_options
+@tls_server_options
 @click.option("--advertise", default=None, help="URL others use to reach this chunkserver")
 @click.option("--chunk-size", default=None, help="a quantity (64Mi); defaults to what the data dir or master says")
 @click.option("--heartbeat-interval", default=1.0, show_default=True, help="seconds between heartbeats to the master")
@@ -195,14 +227,14 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
 @topology_options
 def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
                 internal_token: str | None, internal_token_file: str | None, metrics_token: str | None,
-                metrics_token_file: str | None, advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
+                metrics_token_file: str | None, tls_cert: str | None, tls_key: str | None, advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
                 node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run a chunkserver."""
     from .chunkserver.server import run
 
     tok = server_tokens(token, token_file, internal_token, internal_token_file, metrics_token, metrics_token_file)
     run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
-        parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval)
+        parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval, ssl_context=_server_ssl(tls_cert, tls_key))
 
 
 # ----------------------------------------------------------------------------- fs
@@ -496,18 +528,20 @@ def local() -> None:
 @click.option("--data", "data_dir", default=".data/local", show_default=True, help="data, logs and the token")
 @click.option("--chunk-size", default="64Mi", show_default=True, help="a quantity (64Mi = 2^26 bytes)")
 @click.option("--port", default=9400, show_default=True, help="master port (0 or taken: any free port)")
-def local_up(chunkservers: int, data_dir: str, chunk_size: str, port: int) -> None:
+@click.option("--tls", is_flag=True, help="serve HTTPS with a CA made in the data dir (prints KUBEGFS_CACERT)")
+def local_up(chunkservers: int, data_dir: str, chunk_size: str, port: int, tls: bool) -> None:
     """Start a master and N chunkservers (127.0.1.1, 127.0.2.1, …) over simulated zones;
     Ctrl-C, SIGTERM or SIGHUP stops them all."""
     from .local import LocalCluster, StopSignal, signals_ignored, stop_on_signals
 
-    cl = LocalCluster(Path(data_dir), chunkservers, parse_size(chunk_size), master_port=port)
+    cl = LocalCluster(Path(data_dir), chunkservers, parse_size(chunk_size), master_port=port, tls=tls)
     died: RuntimeError | None = None
     with stop_on_signals():
         try:
             cl.start()
             click.echo(f"master:  {cl.master_url}\ntoken:   {cl.token}")
-            click.echo(f"export KUBEGFS_MASTER={cl.master_url} KUBEGFS_TOKEN={cl.token}")
+            cacert = f" KUBEGFS_CACERT={cl.cacert}" if cl.cacert else ""
+            click.echo(f"export KUBEGFS_MASTER={cl.master_url} KUBEGFS_TOKEN={cl.token}{cacert}")
             for cs in cl.chunkservers:
                 click.echo(f"chunkserver {cs.name}: {cs.url} node={cs.node} zone={cs.zone} region={cs.region}")
             click.echo("Ctrl-C stops everything.")

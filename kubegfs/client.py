@@ -25,6 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import requests
 
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
+from .tls import ClientTLS
 
 PIECE = 4 * 1024 * 1024
 READ_AHEAD = 2  # pieces fetched ahead of the one being consumed
@@ -125,13 +126,16 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
 
 
 class Client:
-    def __init__(self, master: str | None = None, token: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, master: str | None = None, token: str | None = None, timeout: float = 120.0,
+                 tls: ClientTLS | None = None) -> None:
         self.master = (master or os.environ.get("KUBEGFS_MASTER") or "http://127.0.0.1:9400").rstrip("/")
         tok = token if token is not None else os.environ.get("KUBEGFS_TOKEN", "")
         if not tok:
             raise KubegfsError("no token: pass --token or set KUBEGFS_TOKEN")
         self.token = tok
         self.timeout = timeout
+        self.tls = tls or ClientTLS.from_env()  # https:// URLs are verified against its CA, always
+        self._ssl = self.tls.context()
         # Calls go over one keep-alive http.client connection per thread and server: requests
         # costs ~0.7 ms and urllib3 ~0.25 ms of client CPU per call, against ~0.1 ms here, and a
         # metadata-heavy client is bound by exactly that. ``s`` is a requests session with the
@@ -141,6 +145,7 @@ class Client:
         self._local = threading.local()
         self.s = requests.Session()
         self.s.headers.update(self._headers)
+        self.s.verify = self.tls.cafile or True
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
@@ -198,8 +203,11 @@ class Client:
             conn.close()
             conn = None
         if conn is None:
-            cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-            conn = conns[key] = cls(u.hostname or "", u.port, timeout=self.timeout)
+            if u.scheme == "https":
+                conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=self.timeout, context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout)
+            conns[key] = conn
         try:
             conn.request(method, f"{u.path}?{u.query}" if u.query else u.path or "/", body=body, headers=headers)
             r = conn.getresponse()

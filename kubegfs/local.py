@@ -116,10 +116,11 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
     master_url: str = ""  # chunkservers: reach the master here instead (e.g. through a proxy)
     advertise: str = ""  # chunkservers: tell others to reach it here
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -131,7 +132,11 @@ class LocalCluster:
                  replication: int = 3, master_port: int | None = None, heartbeat: float = 0.5,
                  dead_after: float = 3.0, token: str | None = None, zones: list[str] | None = None,
                  regions: list[str] | None = None, checkpoint_ops: int = 100_000,
-                 master_host: str = "127.0.0.1", scrub_interval: float = 60.0) -> None:
+                 master_host: str = "127.0.0.1", scrub_interval: float = 60.0, tls: bool = False,
+                 tls_server_name: str = "kubegfs.local") -> None:
+        self.tls = tls  # every process serves HTTPS with a certificate from a CA made in data_dir/tls
+        self.tls_server_name = tls_server_name  # the name every client verifies (kubegfs/tls.py)
+        self.cacert: Path | None = None
         self.scrub_interval = scrub_interval
         self.data_dir = data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +152,8 @@ class LocalCluster:
         if not master_port or not port_free(master_host, master_port):  # None or 0: any free port
             master_port = free_port(master_host)
         self.master = Proc("master", master_host, master_port, self.data_dir / "master",
-                           "node-0", (zones or ZONES)[0], (regions or ["region-1"])[0])
+                           "node-0", (zones or ZONES)[0], (regions or ["region-1"])[0],
+                           scheme="https" if tls else "http")
         zones = zones or ZONES
         regions = regions or ["region-1"]
         self.chunkservers: list[Proc] = []
@@ -168,7 +174,8 @@ class LocalCluster:
 
     def add_chunkserver_at(self, name: str, host: str, node: str, zone: str, region: str) -> Proc:
         """Declare a chunkserver on a given loopback address (e.g. a simulated pod's IP)."""
-        p = Proc(name, host, free_port(host), self.data_dir / name, node, zone, region)
+        p = Proc(name, host, free_port(host), self.data_dir / name, node, zone, region,
+                 scheme="https" if self.tls else "http")
         self.chunkservers.append(p)
         return p
 
@@ -181,10 +188,24 @@ class LocalCluster:
         e["KUBEGFS_TOKEN"] = self.token
         e["KUBEGFS_INTERNAL_TOKEN"] = self.internal_token
         e["KUBEGFS_METRICS_TOKEN"] = self.metrics_token
-        for var in ("KUBEGFS_TOKEN_FILE", "KUBEGFS_INTERNAL_TOKEN_FILE", "KUBEGFS_METRICS_TOKEN_FILE"):
-            e.pop(var, None)  # a file named in our own environment must not override these
+        for var in ("KUBEGFS_TOKEN_FILE", "KUBEGFS_INTERNAL_TOKEN_FILE", "KUBEGFS_METRICS_TOKEN_FILE",
+                    "KUBEGFS_TLS_CERT", "KUBEGFS_TLS_KEY", "KUBEGFS_CACERT", "KUBEGFS_TLS_SERVER_NAME"):
+            e.pop(var, None)  # what our own environment names must not override the cluster's
+        e.update(self.tls_env())
         e.setdefault("PYTHONUNBUFFERED", "1")
         return e
+
+    def tls_env(self) -> dict[str, str]:
+        """KUBEGFS_TLS_* and KUBEGFS_CACERT for the cluster's processes and its clients."""
+        if not self.tls:
+            return {}
+        from .tls import make_local_pki
+
+        hosts = ["127.0.0.1", self.master.host, *(p.host for p in self.chunkservers)]
+        ca, crt, key = make_local_pki(self.data_dir / "tls", hosts, [self.tls_server_name, "localhost"])
+        self.cacert = ca
+        return {"KUBEGFS_TLS_CERT": str(crt), "KUBEGFS_TLS_KEY": str(key), "KUBEGFS_CACERT": str(ca),
+                "KUBEGFS_TLS_SERVER_NAME": self.tls_server_name}
 
     def _spawn(self, p: Proc, args: list[str]) -> None:
         p.data.mkdir(parents=True, exist_ok=True)
@@ -226,7 +247,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                r = requests.get(f"{self.master_url}/api/v1/chunkservers",
+                r = requests.get(f"{self.master_url}/api/v1/chunkservers", verify=self.verify(),
                                  headers={"Authorization": f"Bearer {self.token}"}, timeout=2)
                 alive = [c for c in r.json()["chunkservers"] if c["alive"]]
                 if len(alive) >= n:
@@ -243,13 +264,17 @@ class LocalCluster:
             if p.popen is not None and p.popen.poll() is not None:
                 raise ChildExited(p.name, p.popen.returncode, p.log_path)
             try:
-                if requests.get(p.url + path, timeout=1).status_code < 500:
+                if requests.get(p.url + path, timeout=1, verify=self.verify()).status_code < 500:
                     return
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{p.name} did not answer on {p.url} within {timeout}s")
             time.sleep(0.05)
+
+    def verify(self) -> str | bool:
+        """``requests``' verify= for this cluster's servers."""
+        return str(self.cacert) if self.cacert else True
 
     def kill(self, p: Proc, sig: int = signal.SIGKILL) -> None:
         if p.popen is not None:
@@ -280,7 +305,10 @@ class LocalCluster:
             time.sleep(0.5)
 
     def client(self) -> Client:
-        return Client(self.master_url, self.token)
+        from .tls import ClientTLS
+
+        tls = ClientTLS(str(self.cacert), self.tls_server_name) if self.cacert else ClientTLS()
+        return Client(self.master_url, self.token, tls=tls)
 
     def __enter__(self) -> LocalCluster:
         self.start()

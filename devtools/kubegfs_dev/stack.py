@@ -59,7 +59,7 @@ def apply_crds(kubectl_env: dict[str, str], kubeconfig: Path) -> None:
 class K8sStack:
     def __init__(self, cp: ControlPlane, namespace: str, data_dir: Path, nodes: list[NodeSpec],
                  master: PodSpec, chunkservers: list[PodSpec], instance: str = "kubegfs",
-                 chunk_size: int = 1 << 20, watch_all_namespaces: bool = False) -> None:
+                 chunk_size: int = 1 << 20, watch_all_namespaces: bool = False, tls: bool = False) -> None:
         self.cp = cp
         self.ns = namespace
         self.data_dir = data_dir
@@ -70,7 +70,7 @@ class K8sStack:
         self.watch_all = watch_all_namespaces
         mn = self.nodes[master.node]
         self.cluster = LocalCluster(data_dir / "kubegfs", 0, chunk_size=chunk_size, heartbeat=0.3,
-                                    dead_after=2.0, master_host=master.ip)
+                                    dead_after=2.0, master_host=master.ip, tls=tls)
         self.cluster.master.node, self.cluster.master.zone, self.cluster.master.region = mn.name, mn.zone, mn.region
         self.cs_procs = {}
         for p in chunkservers:
@@ -183,6 +183,10 @@ class K8sStack:
             "KUBEGFS_METRICS_TOKEN": self.cluster.metrics_token,
             "KUBEGFS_OPERATOR_METRICS": f"127.0.0.1:{self.metrics_port}",
             "KUBEGFS_CLUSTER": self.instance,
+            # TLS on: the operator reaches pods over https, verifying the cluster's CA and name,
+            # and serves its own metrics over https
+            "KUBEGFS_SCHEME": "https" if self.cluster.tls else "http",
+            **self.cluster.tls_env(),
         })
         return env
 
@@ -218,7 +222,8 @@ class K8sStack:
             self.operator = None
 
     def operator_metrics(self) -> str:
-        r = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics",
+        scheme = "https" if self.cluster.tls else "http"
+        r = requests.get(f"{scheme}://127.0.0.1:{self.metrics_port}/metrics", verify=self.cluster.verify(),
                          headers={"Authorization": f"Bearer {self.cluster.token}"}, timeout=5)
         r.raise_for_status()
         return r.text

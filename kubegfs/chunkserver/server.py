@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from aiohttp import web
 from .. import metrics as M
 from ..auth import Tokens, chunkserver_policy
 from ..errors import CorruptData, InvalidArgument, KubegfsError, from_json
+from ..tls import ClientTLS
 from ..topology import Location
 from ..web import (
     field_int,
@@ -102,6 +104,7 @@ class Chunkserver:
     async def _start(self, app: web.Application) -> None:
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self.token}"},
+            connector=aiohttp.TCPConnector(ssl=ClientTLS.from_env().context()),  # https peers: verified
             timeout=aiohttp.ClientTimeout(total=60, connect=5),
         )
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
@@ -414,16 +417,17 @@ async def _safe_json(resp: aiohttp.ClientResponse) -> Any:
 def run(
     listen: str, data_dir: Path, master_url: str, token: str | Tokens, location: Location,
     advertise: str | None = None, chunk_size: int | None = None, heartbeat_interval: float = 1.0,
-    scrub_interval: float = 60.0,
+    scrub_interval: float = 60.0, ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     host, port = split_listen(listen)
-    adv = advertise or f"http://{host}:{port}"
+    adv = advertise or f"{'https' if ssl_context else 'http'}://{host}:{port}"
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     cs = Chunkserver(data_dir, master_url, token, adv, loc, chunk_size, heartbeat_interval,
                      scrub_interval=scrub_interval)
     log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
              loc.node, loc.zone, loc.region)
-    web.run_app(cs.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)
+    web.run_app(cs.app(), host=host, port=port, print=None, access_log=None, handle_signals=True,
+                ssl_context=ssl_context)
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 import shutil
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from ..errors import (
     from_json,
 )
 from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
+from ..tls import ClientTLS
 from ..topology import Candidate, Location, diversify, find_nearest, place_replicas
 from ..web import (
     field_bool,
@@ -184,6 +186,7 @@ class Master:
     async def _start(self, app: web.Application) -> None:
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self.token}"},
+            connector=aiohttp.TCPConnector(ssl=ClientTLS.from_env().context()),  # https peers: verified
             timeout=aiohttp.ClientTimeout(total=120, connect=3),
         )
         if self._pending_init:
@@ -1204,11 +1207,12 @@ class Master:
 
 
 def run(listen: str, data_dir: Path, token: str | Tokens, location: Location, chunk_size: int,
-        replication: int, options: Options | None = None) -> None:
+        replication: int, options: Options | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
     from ..chunkserver.server import split_listen
 
     host, port = split_listen(listen)
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     m = Master(data_dir, token, loc, chunk_size, replication, options)
-    log.info("master listening on %s, data in %s", listen, data_dir)
-    web.run_app(m.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)
+    log.info("master listening on %s (%s), data in %s", listen, "https" if ssl_context else "http", data_dir)
+    web.run_app(m.app(), host=host, port=port, print=None, access_log=None, handle_signals=True,
+                ssl_context=ssl_context)

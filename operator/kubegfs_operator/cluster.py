@@ -28,11 +28,12 @@ class PodInfo:
     zone: str
     region: str
     port: int
+    scheme: str = "http"  # https when the cluster serves TLS (the operator's KUBEGFS_SCHEME)
 
     @property
     def url(self) -> str:
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     @property
     def location(self) -> Location:
@@ -80,26 +81,28 @@ def _port(pod: dict[str, Any], default: int) -> int:
     return default
 
 
-def pod_info(pod: dict[str, Any], nodes: dict[str, dict[str, str]], default_port: int) -> PodInfo:
+def pod_info(pod: dict[str, Any], nodes: dict[str, dict[str, str]], default_port: int,
+             scheme: str = "http") -> PodInfo:
     node = (pod.get("spec") or {}).get("nodeName") or ""
     labels = nodes.get(node, {})
     return PodInfo(
         name=pod["metadata"]["name"], ip=pod["status"]["podIP"], node=labels.get(HOSTNAME, node),
-        zone=labels.get(ZONE, ""), region=labels.get(REGION, ""), port=_port(pod, default_port),
+        zone=labels.get(ZONE, ""), region=labels.get(REGION, ""), port=_port(pod, default_port), scheme=scheme,
     )
 
 
 def build_view(ref: ClusterRef, masters: list[dict[str, Any]], chunkservers: list[dict[str, Any]],
                nodes: dict[str, dict[str, str]], master_port: int = 9400,
-               chunkserver_port: int = 9500) -> ClusterView:
+               chunkserver_port: int = 9500, scheme: str = "http") -> ClusterView:
     ready_masters = sorted((p for p in masters if _pod_ready(p)), key=lambda p: p["metadata"]["name"])
-    master = pod_info(ready_masters[0], nodes, master_port) if ready_masters else None
-    cs = tuple(sorted((pod_info(p, nodes, chunkserver_port) for p in chunkservers if _pod_ready(p)),
+    master = pod_info(ready_masters[0], nodes, master_port, scheme) if ready_masters else None
+    cs = tuple(sorted((pod_info(p, nodes, chunkserver_port, scheme) for p in chunkservers if _pod_ready(p)),
                       key=lambda p: p.name))
     return ClusterView(ref, master, cs)
 
 
-def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: int) -> ClusterView:
+def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: int,
+               scheme: str = "http") -> ClusterView:
     from kubernetes.client import ApiClient
 
     ser = ApiClient().sanitize_for_serialization
@@ -113,4 +116,4 @@ def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: i
                 nodes[n] = dict(core.read_node(n).metadata.labels or {})
             except Exception:  # noqa: BLE001 - a vanished node just has no labels
                 nodes[n] = {}
-    return build_view(ref, masters, css, nodes, master_port, chunkserver_port)
+    return build_view(ref, masters, css, nodes, master_port, chunkserver_port, scheme)

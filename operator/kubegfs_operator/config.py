@@ -11,6 +11,7 @@ from pathlib import Path
 class Config:
     token: str  # the client token (kubegfs/auth.py): the master's API
     metrics_token: str = ""  # what Prometheus presents on /metrics ("" = the client token only)
+    scheme: str = "http"  # https: the master and chunkservers serve TLS (verified per kubegfs/tls.py)
     default_cluster: str = "kubegfs"
     default_namespace: str = ""  # "" = the custom resource's own namespace
     metrics_listen: str = "0.0.0.0:9090"
@@ -33,6 +34,7 @@ class Config:
         return cls(
             token=token,
             metrics_token=metrics_token,
+            scheme=os.environ.get("KUBEGFS_SCHEME", "http"),
             default_cluster=os.environ.get("KUBEGFS_CLUSTER", "kubegfs"),
             default_namespace=os.environ.get("KUBEGFS_CLUSTER_NAMESPACE", ""),
             metrics_listen=os.environ.get("KUBEGFS_OPERATOR_METRICS", "0.0.0.0:9090"),

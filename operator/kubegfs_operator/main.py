@@ -17,6 +17,7 @@ from aiohttp import web
 from kubegfs import metrics as M
 from kubegfs.auth import Tokens, metrics_only_policy
 from kubegfs.client import Client
+from kubegfs.tls import server_context_from_env
 from kubegfs.web import make_middlewares, metrics_handler
 
 from . import FINALIZER, GROUP, VERSION, objects, reconcile
@@ -52,7 +53,7 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
 
     return reconcile.Deps(
         cfg=cfg,
-        view=lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port),
+        view=lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port, cfg.scheme),
         master=lambda url: Client(url, cfg.token, timeout=cfg.request_timeout),
         get_snapshot=get_snapshot,
     )
@@ -87,9 +88,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     mhost, _sep, mport = S.cfg.metrics_listen.rpartition(":")
-    await web.TCPSite(runner, mhost or "0.0.0.0", int(mport)).start()
+    await web.TCPSite(runner, mhost or "0.0.0.0", int(mport), ssl_context=server_context_from_env()).start()
     memo["metrics_runner"] = runner
-    log.info("metrics on http://%s/metrics (bearer token required)", S.cfg.metrics_listen)
+    log.info("metrics on %s://%s/metrics (bearer token required)",
+             "https" if os.environ.get("KUBEGFS_TLS_CERT") else "http", S.cfg.metrics_listen)
 
 
 @kopf.on.cleanup()

@@ -11,7 +11,10 @@ NODES = [NodeSpec("m", "za", "r1"), NodeSpec("a2", "za", "r1"), NodeSpec("b", "z
 
 
 @pytest.fixture
-def stack(controlplane, k8s_namespace, tmp_path):
+def stack(request, controlplane, k8s_namespace, tmp_path):
+    """The cluster and the operator; ``@pytest.mark.parametrize("stack", [True], indirect=True)``
+    turns TLS on (every process serves HTTPS; the operator verifies the cluster's CA and name)."""
+    tls = bool(getattr(request, "param", False))
     sfx = uuid.uuid4().hex[:5]
     nodes = [NodeSpec(f"{n.name}-{sfx}", n.zone, n.region) for n in NODES]
     m, a2, b, c = (n.name for n in nodes)
@@ -20,6 +23,7 @@ def stack(controlplane, k8s_namespace, tmp_path):
         master=PodSpec("kubegfs-master-0", m, "127.0.20.1"),
         chunkservers=[PodSpec("cs-same-node", m, "127.0.20.2"), PodSpec("cs-same-zone", a2, "127.0.21.1"),
                       PodSpec("cs-same-region", b, "127.0.22.1"), PodSpec("cs-far", c, "127.0.20.9")],
+        tls=tls,
     )
     try:
         st.start()

@@ -7,6 +7,7 @@ import re
 import time
 
 import pytest
+import requests
 
 from kubegfs_dev.util import wait_for
 
@@ -42,7 +43,17 @@ def sha(b):
     return hashlib.sha256(b).hexdigest()
 
 
+@pytest.mark.parametrize("stack", [False, True], ids=["plain", "tls"], indirect=True)
 def test_snapshot_location_follows_topology_and_restore_round_trips(stack):
+    if stack.cluster.tls:  # really TLS: plain HTTP gets nothing, an unknown CA fails verification
+        url = stack.cluster.master_url
+        assert url.startswith("https://")
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(url + "/healthz", timeout=5)  # the system's CAs do not know this cluster
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url.replace("https://", "http://") + "/healthz", timeout=5)
+        assert all(cs["address"].startswith("https://") for cs in stack.cluster.client().chunkservers())
+        assert stack.operator_metrics().startswith("#")  # the operator's metrics over https too
     c = stack.cluster.client()
     c.mkdir("/data/sub", parents=True)
     files = {"/data/a.txt": b"alpha" * 1000, "/data/sub/b.bin": bytes(range(256)) * 5000, "/data/empty": b""}
