@@ -150,7 +150,7 @@ def test_render(render, values):
 
     secret_name = "kubegfs-shared-token" if full else "kubegfs-token"
     secret_key = "shared-token" if full else "token"
-    secrets = by_kind(objs, "Secret")
+    secrets = [s for s in by_kind(objs, "Secret") if s["type"] != "kubernetes.io/tls"]  # TLS: test_chart_security
     if full:
         assert secrets == []  # existingSecret: nothing generated
     else:
@@ -205,7 +205,7 @@ def test_render(render, values):
         env = {e["name"]: e for e in c["env"]}
         assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
         assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}  # TLS by default
         assert c["readinessProbe"]["httpGet"]["port"] == "http"
         tok = next(v for v in tpl["spec"]["volumes"] if v["name"] == "token")
         assert tok["secret"]["secretName"] == secret_name and tok["secret"]["items"][0]["key"] == secret_key
@@ -213,8 +213,8 @@ def test_render(render, values):
         assert tpl["spec"]["serviceAccountName"] == sa["metadata"]["name"]
     cs = sts["chunkserver"]["spec"]["template"]["spec"]
     cargs = cs["containers"][0]["args"]
-    assert "--advertise=http://$(POD_IP):9500" in cargs
-    assert "--master=http://kubegfs-master.store.svc:9400" in cargs
+    assert "--advertise=https://$(POD_IP):9500" in cargs
+    assert "--master=https://kubegfs-master.store.svc:9400" in cargs
     tsc = cs["topologySpreadConstraints"]
     assert tsc[0]["topologyKey"] == "topology.kubernetes.io/zone"
     assert tsc[0]["labelSelector"]["matchLabels"][COMPONENT] == "chunkserver"

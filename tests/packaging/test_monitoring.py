@@ -193,7 +193,8 @@ def finished(stack: K8sStack, plural: str, name: str, want: str = "Ready") -> No
 
 
 def test_every_dashboard_and_alert_expression_returns_data(stack, prometheus_bins, tmp_path, render):
-    (pm,) = [o for o in render("--set", "metrics.podMonitor.enabled=true", namespace=stack.ns,
+    # the stack here serves plain HTTP (TLS scraping: tests/packaging/test_chart_security.py)
+    (pm,) = [o for o in render("--set", "metrics.podMonitor.enabled=true", "--set", "tls.enabled=false", namespace=stack.ns,
                                release=stack.instance) if o["kind"] == "PodMonitor"]
     prom = Prometheus(prometheus_bins[0], tmp_path, stack, pm)
     try:

@@ -99,7 +99,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* In-cluster URL of the master Service. */}}
 {{- define "kubegfs.masterURL" -}}
-{{- printf "http://%s.%s.svc:%d" (include "kubegfs.componentName" (list . "master")) .Release.Namespace (int .Values.master.port) }}
+{{- printf "%s://%s.%s.svc:%d" (include "kubegfs.scheme" .) (include "kubegfs.componentName" (list . "master")) .Release.Namespace (int .Values.master.port) }}
 {{- end }}
 
 {{/* Pod-level security context (PSS restricted). */}}
@@ -151,6 +151,7 @@ imagePullSecrets:
 {{- $_ := set $out "prometheus.io/scrape" "true" }}
 {{- $_ := set $out "prometheus.io/port" (toString (index . 1)) }}
 {{- $_ := set $out "prometheus.io/path" "/metrics" }}
+{{- $_ := set $out "prometheus.io/scheme" (include "kubegfs.scheme" $root) }}
 {{- end }}
 {{- with index . 2 }}{{ $out = merge (deepCopy .) $out }}{{ end }}
 {{- with index . 3 }}{{ $out = merge $out . }}{{ end }}
@@ -186,4 +187,74 @@ annotations:
 - podSelector:
     matchLabels:
       {{- include "kubegfs.selectorLabels" . | nindent 6 }}
+{{- end }}
+
+{{/* ---- TLS (tls.enabled): one certificate per release, from tls.existingSecret, a cert-manager
+     Certificate (tls.certManager.enabled) or generated here with the chart's own CA. */}}
+{{- define "kubegfs.scheme" -}}
+{{- if .Values.tls.enabled }}https{{ else }}http{{ end }}
+{{- end }}
+{{- define "kubegfs.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "kubegfs.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+{{/* The one name every kubegfs certificate of the release carries and every client verifies:
+     pods are reached by IP, which no certificate made before them can name (kubegfs/tls.py). */}}
+{{- define "kubegfs.tlsServerName" -}}
+{{- printf "%s.%s.kubegfs" (include "kubegfs.fullname" .) .Release.Namespace }}
+{{- end }}
+{{- define "kubegfs.tlsDNSNames" -}}
+{{- $fn := include "kubegfs.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $names := list (include "kubegfs.tlsServerName" .) }}
+{{- range list "master" "operator" "metrics" }}
+{{- $svc := printf "%s-%s" $fn . }}
+{{- $names = concat $names (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
+{{- end }}
+{{- $names = concat $names (list (printf "*.%s-master-headless.%s.svc" $fn $ns) (printf "*.%s-chunkserver.%s.svc" $fn $ns)) }}
+{{- toJson $names }}
+{{- end }}
+{{/* Environment of every kubegfs process and client: serve and verify (kubegfs/tls.py). */}}
+{{- define "kubegfs.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- {name: KUBEGFS_TLS_CERT, value: /etc/kubegfs/tls/tls.crt}
+- {name: KUBEGFS_TLS_KEY, value: /etc/kubegfs/tls/tls.key}
+- {name: KUBEGFS_CACERT, value: /etc/kubegfs/tls/ca.crt}
+- {name: KUBEGFS_TLS_SERVER_NAME, value: {{ include "kubegfs.tlsServerName" . | quote }}}
+{{- end }}
+{{- end }}
+{{/* The client side only (the helm test pod): verify, never serve. */}}
+{{- define "kubegfs.tlsClientEnv" -}}
+{{- if .Values.tls.enabled }}
+- {name: KUBEGFS_CACERT, value: /etc/kubegfs/tls/ca.crt}
+- {name: KUBEGFS_TLS_SERVER_NAME, value: {{ include "kubegfs.tlsServerName" . | quote }}}
+{{- end }}
+{{- end }}
+{{- define "kubegfs.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: /etc/kubegfs/tls, readOnly: true}
+{{- end }}
+{{- end }}
+{{- define "kubegfs.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "kubegfs.tlsSecretName" . }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
+{{/* Prometheus scraping: https verified against the release's CA and name. */}}
+{{- define "kubegfs.scrapeTLS" -}}
+scheme: {{ include "kubegfs.scheme" . }}
+{{- if .Values.tls.enabled }}
+tlsConfig:
+  serverName: {{ include "kubegfs.tlsServerName" . }}
+  ca:
+    secret:
+      name: {{ include "kubegfs.tlsSecretName" . }}
+      key: ca.crt
+{{- end }}
 {{- end }}
