@@ -12,6 +12,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -54,6 +55,7 @@ from ..web import (
     record_id,
 )
 from .oplog import OpLog, recover, write_checkpoint
+from .outbox import Key, Kind, Outbox
 from .state import MasterState, dump, now_ns
 
 log = logging.getLogger("kubegfs.master")
@@ -112,6 +114,8 @@ class Options:
     fsync: bool = True
     snapshot_retry_seconds: float = 120.0
     fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
+    sync: Callable[[int], None] | None = None  # the op log's fdatasync (a seam for tests)
+    fsync_delay: float = 0.0  # act like a slow disk: each op-log sync takes this much longer
 
 
 class Master:
@@ -126,7 +130,8 @@ class Master:
         state, self.recovery = recover(data_dir, chunk_size, replication)
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
         self.state: MasterState = state
-        self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync)
+        self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
+        self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
         self.cs: dict[str, CS] = {}
         self.locations: dict[int, set[str]] = {}
         self.leases: dict[str, Lease] = {}
@@ -142,7 +147,6 @@ class Master:
         self._lost_reported: set[int] = set()
         self._ls_cache: dict[int, tuple[ns.Dir, list[str]]] = {}
         self._under_count = 0
-        self._lost_count = 0  # snapshot id -> chunkservers whose copy rotted
         self._pending_init = state.seq == 0
         self._chunk_size_cfg = chunk_size
         self._replication_cfg = replication
@@ -383,10 +387,18 @@ class Master:
             if lease.expires < now:
                 self._drop_lease(lid)
 
-    def _drop_lease(self, lid: str) -> None:
+    def _drop_lease(self, lid: str, committed: frozenset[int] = frozenset()) -> None:
         lease = self.leases.pop(lid, None)
-        if lease and self.path_leases.get(lease.path) == lid:
+        if lease is None:
+            return
+        if self.path_leases.get(lease.path) == lid:
             del self.path_leases[lease.path]
+        # copies of chunks placed for it that the commit does not adopt are garbage (a copy
+        # reported while the lease held it is never reported again)
+        for h, ids in lease.allocated.items():
+            if h not in committed:
+                for i in ids:
+                    self.outbox.order(i, "chunk", h)
 
     def _lease(self, b: dict[str, Any]) -> Lease:
         self._expire_leases()
@@ -545,7 +557,7 @@ class Master:
         ns.must_dir(st.root, parts[:-1])
         op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
               "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
-        self._drop_lease(lease.id)
+        self._drop_lease(lease.id, committed=frozenset(new))
         await self.mutate(op)
         for h in new:
             self.locations[h] = {i for i in acked[h] if i in self.cs}
@@ -784,14 +796,9 @@ class Master:
         if e["state"] == "pending":
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.mutate({"op": "snap_delete", "id": e["id"]})
-        for h in e.get("holders", []):
-            cs = self.cs.get(h["id"])
-            if cs and cs.alive:
-                try:
-                    await self.call_cs(cs, "DELETE", f"/internal/records/{e['id']}")
-                    cs.records.discard(e["id"])
-                except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
-                    log.warning("deleting record %s on %s failed (%s); heartbeat GC will", e["id"], cs.id, exc)
+        for h in e.get("holders", []):  # the copies go with the holders' next heartbeats
+            if h["id"] in self.cs:
+                self.outbox.order(h["id"], "record", e["id"])
         return json_response({"deleted": e["name"], "id": e["id"]})
 
     async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord, bytes, dict[str, Any]]:
@@ -989,16 +996,31 @@ class Master:
                 st.garbage.discard(h)
         for h in delete:
             cs.chunks.pop(h, None)  # ordered deleted: no longer counts as held
-        if delete:
-            M.M_GC.inc(len(delete))
+            self.outbox.order(cid, "chunk", h)
+        for rid in delete_records:
+            self.outbox.order(cid, "record", rid)
+        gone, gone_records = self.outbox.take(cid)  # only what rests on durable ops (see outbox.py)
+        if gone:
+            M.M_GC.inc(len(gone))
         return json_response({
-            "delete_chunks": [hexh(h) for h in sorted(delete)],
-            "delete_records": sorted(delete_records),
+            "delete_chunks": [hexh(h) for h in gone],
+            "delete_records": gone_records,
             "chunk_size": st.chunk_size,
         })
 
+    def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool:
+        """Re-check a queued deletion when it is released (see outbox.py)."""
+        if kind == "chunk":
+            assert isinstance(key, int)
+            if self._allocated(key):
+                return False
+            return key not in self.state.version or cid not in self.locations.get(key, ())
+        e = self.state.snapshots.get(str(key))
+        return e is None or (e["state"] != "pending" and all(h["id"] != cid for h in e["holders"]))
+
     def _allocated(self, h: int) -> bool:
-        return any(h in lease.allocated for lease in self.leases.values())
+        """A write lease placed this chunk (or cloned it for an append) and has not committed yet."""
+        return any(h in lease.allocated or lease.inplace == h for lease in self.leases.values())
 
     def _being_written(self, h: int) -> bool:
         """An open write lease is appending to this chunk in place: a copy taken now could miss
@@ -1017,6 +1039,7 @@ class Master:
     def _mark_dead(self, cs: CS) -> None:
         cs.alive = False
         cs.registered = False
+        self.outbox.forget(cs.id)
         for h in cs.chunks:
             self.locations.get(h, set()).discard(cs.id)
         self._rerepl_dirty = True
@@ -1047,7 +1070,7 @@ class Master:
             log.error("%d more chunks have no live replica left (%d in all), e.g. %s", len(newly_lost), lost,
                       ", ".join(hexh(h) for h in newly_lost[:5]))
         repairable.sort()
-        self._under_count, self._lost_count = under, lost
+        self._under_count = under
         M.M_UNDER_REPLICATED.set(under)
         return under, lost, [h for _n, h in repairable[:limit]]
 
@@ -1139,7 +1162,8 @@ class Master:
                     # delete it, or it would block this server as a target forever
                     self.cs[cid].stale.add(h)
                     self._rerepl_dirty = True
-            targets = place_replicas(alive, need, existing=existing, exclude=holding)
+            # not onto a server with a queued delete of this chunk: the order could land after the copy
+            targets = place_replicas(alive, need, existing=existing, exclude=holding | self.outbox.pending_on("chunk", h))
             for t in targets:
                 async with sem:
                     try:
@@ -1199,6 +1223,18 @@ class Master:
                     await self.checkpoint()
                 except Exception:  # noqa: BLE001
                     log.exception("checkpoint failed")
+
+
+def _slow_sync(opts: Options) -> Callable[[int], None] | None:
+    sync = opts.sync
+    if opts.fsync_delay <= 0:
+        return sync
+
+    def slow(fd: int) -> None:
+        time.sleep(opts.fsync_delay)  # a busy disk (the chaos runner's slow-fsync mode)
+        (sync or os.fdatasync)(fd)
+
+    return slow
 
 
 def run(listen: str, data_dir: Path, token: str, location: Location, chunk_size: int,
