@@ -78,6 +78,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except KubegfsError as exc:
             fail(exc.message, 2 if 400 <= exc.status < 500 else 1)
+        except OSError as exc:  # a local file or directory (e.g. fs get into a missing directory)
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
 
 
 @click.group(cls=Group)

@@ -841,14 +841,15 @@ class Master:
         t0 = time.perf_counter()
         b = await read_json(request)
         rid = record_id(field_str(b, "id")) if b.get("id") is not None else ""
+        ref = request.match_info["ref"]
+        to = paths.join(paths.split(field_str(b, "to"))) if b.get("to") is not None else None
         if rid and rid in self.state.restores:
-            return json_response({**self.state.restores[rid], "repeated": True})
-        e = self.state.snapshot_by_ref(request.match_info["ref"])
+            return self._repeated_restore(rid, ref, to)
+        e = self.state.snapshot_by_ref(ref)
         if e["state"] != "ready":
             raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
-        to = b.get("to")
         if to is not None:
-            parts = paths.split(field_str(b, "to"))
+            parts = paths.split(to)
             mode = "new"
         else:
             parts = paths.split(e["path"])
@@ -863,13 +864,22 @@ class Master:
         if mode == "inplace":
             self._check_no_lease_below(paths.join(parts))
         if rid and rid in self.state.restores:  # a concurrent twin finished first
-            return json_response({**self.state.restores[rid], "repeated": True})
+            return self._repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6)}
         result = await self.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
                                     "blob": blob, "mtime": now_ns(), "_parsed": parsed, "rid": rid,
                                     "summary": summary})
         return json_response({**summary, **result})
+
+    def _repeated_restore(self, rid: str, ref: str, to: str | None) -> web.Response:
+        """The stored result of restore ``rid``, if this request asks for the same thing."""
+        done = self.state.restores[rid]
+        same = ref in (done.get("snapshot"), done.get("snapshot_id")) and (
+            done.get("mode") == "inplace" if to is None else (done.get("mode") == "new" and done.get("path") == to))
+        if not same:
+            raise Conflict(f"restore id {rid} was already used to restore {done.get('snapshot')} to {done.get('path')}")
+        return json_response({**done, "repeated": True})
 
     def _check_target(self, parts: tuple[str, ...], mode: str) -> None:
         st = self.state
