@@ -63,6 +63,15 @@ M_RECORD_REPAIRS = Counter(
     "kubegfs_snapshot_record_repairs_total", "Snapshot record copies re-made after a loss",
     ["result"], registry=MASTER,
 )
+M_RECORD_DROPPED = Counter(
+    "kubegfs_snapshot_record_copies_dropped_total",
+    "Snapshot record copies dropped from the catalog (missing, truncated, corrupt, not the catalog's bytes)",
+    ["reason"], registry=MASTER,
+)
+M_SNAP_UNDER_COPIED = Gauge(
+    "kubegfs_snapshots_under_copied", "Ready snapshots with fewer live record copies than they ask for",
+    registry=MASTER,
+)
 M_CORRUPT = Counter(
     "kubegfs_corrupt_replicas_total", "Replicas reported corrupt by chunkservers", registry=MASTER
 )

@@ -301,6 +301,7 @@ class Chunkserver:
             "free_bytes": self.store.free_bytes(),
             "chunk_size": self.chunk_size,
             "records": self.store.list_records(),
+            "record_digests": self.store.record_digests(),
             # after a (re-)registration the master may have forgotten earlier reports: repeat all
             "corrupt": [hexh(h) for h in (self.store.corrupt if not self._registered
                                           else self.store.corrupt - self._reported_corrupt)],

@@ -347,6 +347,23 @@ class ChunkStore:
     def list_records(self) -> list[str]:
         return sorted(p.stem for p in self.records_dir.glob("*.rec"))
 
+    def record_digests(self) -> dict[str, list[int | str]]:
+        """Each record's size and the sha256 its sidecar claims ("" while it is being written):
+        the master compares them with its catalog, so a truncated copy or another record's bytes
+        under this id are noticed at the next heartbeat, not only by a full scrub."""
+        out: dict[str, list[int | str]] = {}
+        for rec in self.records_dir.glob("*.rec"):
+            try:
+                size = rec.stat().st_size
+                sha = rec.with_suffix(".sha256").read_text().strip()
+            except FileNotFoundError:
+                sha = ""
+                if not rec.exists():
+                    continue
+                size = rec.stat().st_size
+            out[rec.stem] = [size, sha]
+        return out
+
 
 def _copy(src: Path, dst: Path, size: int) -> None:
     """Copy the first ``size`` bytes of a file, preferring a kernel-side copy (reflink on

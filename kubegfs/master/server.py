@@ -143,7 +143,8 @@ class Master:
         self._last_checkpoint = time.monotonic()
         self._checkpointing = False
         self._rerepl_dirty = True
-        self._bad_record_copies: dict[str, set[str]] = {}
+        self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> servers whose copy rotted
+        self._record_missing: dict[tuple[str, str], int] = {}  # (server, snapshot id) -> heartbeats without it
         self._lost_reported: set[int] = set()
         self._ls_cache: dict[int, tuple[ns.Dir, list[str]]] = {}
         self._under_count = 0
@@ -274,6 +275,7 @@ class Master:
         for s in ("pending", "ready", "failed"):
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
         self.under_replicated_count()
+        self.under_copied()
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.state
@@ -287,6 +289,7 @@ class Master:
             "logical_bytes": st.n_bytes, "chunks": len(st.version), "snapshots": len(st.snapshots),
             "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
             "under_replicated": under,
+            "snapshots_under_copied": self.under_copied(),
             "under_replicated_sample": [
                 {"handle": hexh(h), "live_replicas": len(self.locations.get(h, ())),
                  "holders": sorted(c for c in self.cs if h in self.cs[c].chunks)}
@@ -625,7 +628,20 @@ class Master:
     # ------------------------------------------------------------------ snapshots
 
     def _snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
+        out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
+        out["live_copies"] = self._live_copies(e)
+        return out
+
+    def _live_copies(self, e: dict[str, Any]) -> int:
+        """Holders of a record copy that are alive (each copy is checked against the catalog at
+        every heartbeat, see _check_record_copies)."""
+        return sum(1 for h in e["holders"] if h["id"] in self.cs and self.cs[h["id"]].alive)
+
+    def under_copied(self) -> int:
+        n = sum(1 for e in self.state.snapshots.values()
+                if e["state"] == "ready" and self._live_copies(e) < e["copies"])
+        M.M_SNAP_UNDER_COPIED.set(n)
+        return n
 
     async def h_snap_create(self, request: web.Request) -> web.Response:
         b = await read_json(request)
@@ -726,6 +742,7 @@ class Master:
                     log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
                     return None
                 cs.records.add(sid)
+                self.outbox.cancel(cs.id, "record", sid)
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
 
             while True:
@@ -810,6 +827,7 @@ class Master:
                 holders.append(cs)
         ranked = find_nearest(self.location, [c.candidate() for c in holders])
         errors = []
+        bad = 0
         assert self._session is not None
         loop = asyncio.get_running_loop()
         for r in ranked:
@@ -821,9 +839,19 @@ class Master:
                     data = await resp.read()
                 parsed = await loop.run_in_executor(None, parse_record, data, e["sha256"])
                 return parsed, data, {"id": cs.id, "address": cs.address, **cs.location.to_json()}
-            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError, ValueError) as exc:
+            except (NotFound, CorruptData, ValueError) as exc:  # the copy itself is bad: heal the catalog
+                errors.append(f"{cs.id}: {exc}")
+                bad += 1
+                why = "missing" if isinstance(exc, NotFound) else "not the catalog's bytes"
+                await self.drop_record_copy(e["id"], cs.id, why)
+                if why != "missing":
+                    self.outbox.order(cs.id, "record", e["id"])
+            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
                 log.warning("snapshot %s: copy on %s unusable: %s", e["id"], cs.id, exc)
                 errors.append(f"{cs.id}: {exc}")
+        if (ranked and bad == len(ranked)) or (not e.get("holders") and self._bad_record_copies.get(e["id"])):
+            raise Unavailable(f"every record copy of snapshot {e['name']} is missing or damaged"
+                              + (": " + "; ".join(errors) if errors else ""))
         raise Unavailable(f"no usable copy of snapshot {e['name']}: " + ("; ".join(errors) or "no live holder"))
 
     async def h_snap_restore(self, request: web.Request) -> web.Response:
@@ -979,20 +1007,17 @@ class Master:
             raise InvalidArgument("records must be a list")
         cs.records = {r for r in records if isinstance(r, str)}
         delete_records = {r for r in cs.records if r not in st.snapshots}
+        digests = b.get("record_digests") or {}
+        if not isinstance(digests, dict):
+            raise InvalidArgument("record_digests must be an object {id: [size, sha256]}")
+        delete_records |= await self._check_record_copies(cs, digests)
         bad_records = b.get("corrupt_records") or []
         if not isinstance(bad_records, list):
             raise InvalidArgument("corrupt_records must be a list")
         for rid in bad_records:
             if not isinstance(rid, str):
                 continue
-            bad = st.snapshots.get(rid)
-            if bad is not None and any(h["id"] == cid for h in bad["holders"]):
-                log.error("chunkserver %s reports its copy of snapshot %s corrupt; re-copying from a good one",
-                          cid, bad["name"])
-                holders = [h for h in bad["holders"] if h["id"] != cid]
-                self._bad_record_copies.setdefault(rid, set()).add(cid)
-                await self.mutate({"op": "snap_holders", "id": rid, "holders": holders})
-                self._rerepl_dirty = True
+            await self.drop_record_copy(rid, cid, "corrupt")
             if rid in cs.records:
                 delete_records.add(rid)
         for h in st.garbage & cs.chunks.keys():
@@ -1027,6 +1052,48 @@ class Master:
             return key not in self.state.version or cid not in self.locations.get(key, ())
         e = self.state.snapshots.get(str(key))
         return e is None or (e["state"] != "pending" and all(h["id"] != cid for h in e["holders"]))
+
+    async def _check_record_copies(self, cs: CS, digests: dict[str, Any]) -> set[str]:
+        """Compare the records a holder reports with the catalog: a copy missing from two
+        heartbeats in a row (one may predate a copy just shipped), of the wrong size or with
+        another sha256 is dropped and re-made elsewhere. Returns the ids whose bad copy to delete."""
+        bad: set[str] = set()
+        for e in list(self.state.snapshots.values()):
+            if e["state"] != "ready" or all(h["id"] != cs.id for h in e["holders"]):
+                continue
+            key = (cs.id, e["id"])
+            if e["id"] not in cs.records:
+                self._record_missing[key] = self._record_missing.get(key, 0) + 1
+                if self._record_missing[key] >= 2:
+                    await self.drop_record_copy(e["id"], cs.id, "missing")
+                continue
+            self._record_missing.pop(key, None)
+            d = digests.get(e["id"])
+            if not (isinstance(d, list) and len(d) == 2):
+                continue
+            if d[0] != e["record_bytes"]:
+                why = "truncated" if isinstance(d[0], int) and d[0] < e["record_bytes"] else "wrong size"
+            elif d[1] and d[1] != e["sha256"]:
+                why = "not the catalog's bytes"
+            else:
+                continue
+            await self.drop_record_copy(e["id"], cs.id, why)
+            bad.add(e["id"])
+        return bad
+
+    async def drop_record_copy(self, sid: str, cid: str, why: str) -> None:
+        """Take ``cid`` out of snapshot ``sid``'s holders (logged); record repair re-makes the copy."""
+        e = self.state.snapshots.get(sid)
+        if e is None or all(h["id"] != cid for h in e["holders"]):
+            return
+        log.error("snapshot %s: the record copy on %s is %s; dropped, re-copying from a good one",
+                  e["name"], cid, why)
+        M.M_RECORD_DROPPED.labels(why).inc()
+        self._record_missing.pop((cid, sid), None)
+        self._bad_record_copies.setdefault(sid, set()).add(cid)
+        self._rerepl_dirty = True
+        await self.mutate({"op": "snap_holders", "id": sid,
+                           "holders": [h for h in e["holders"] if h["id"] != cid]})
 
     def _allocated(self, h: int) -> bool:
         """A write lease placed this chunk (or cloned it for an append) and has not committed yet."""
@@ -1115,7 +1182,8 @@ class Master:
                 continue
             held = {h["id"] for h in e["holders"]}
             zones = {(h.get("region", ""), h.get("zone", "")) for h in live}
-            options = [(cs, why) for cs, why in self._rank_holders({**e, "targets": []}) if cs.id not in held]
+            options = [(cs, why) for cs, why in self._rank_holders({**e, "targets": []})
+                       if cs.id not in held and not self.outbox.pending(cs.id, "record", e["id"])]
             rotted = self._bad_record_copies.get(e["id"], set())
             # prefer a new zone, and a disk that did not just corrupt this record
             options.sort(key=lambda o: (o[0].id in rotted, (o[0].location.region, o[0].location.zone) in zones))
@@ -1132,6 +1200,7 @@ class Master:
                 log.warning("re-copying snapshot %s to %s failed: %s", e["name"], target.id, exc)
                 self._rerepl_dirty = True
                 continue
+            self.outbox.cancel(target.id, "record", e["id"])
             cur = self.state.snapshots.get(e["id"])
             if cur is None:
                 continue
