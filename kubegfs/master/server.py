@@ -53,6 +53,7 @@ from ..web import (
     metrics_handler,
     read_json,
     record_id,
+    split_listen,
 )
 from .oplog import OpLog, recover, write_checkpoint
 from .outbox import Key, Kind, Outbox
@@ -1318,8 +1319,6 @@ def _slow_sync(opts: Options) -> Callable[[int], None] | None:
 
 def run(listen: str, data_dir: Path, token: str, location: Location, chunk_size: int,
         replication: int, options: Options | None = None) -> None:
-    from ..chunkserver.server import split_listen
-
     host, port = split_listen(listen)
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     m = Master(data_dir, token, loc, chunk_size, replication, options)
