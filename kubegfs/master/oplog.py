@@ -33,7 +33,8 @@ from typing import Any
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
 from ..fsutil import atomic_write, fsync_dir
-from .state import MasterState, decode_checkpoint, encode_checkpoint
+from .checkpoint import decode_checkpoint, encode_checkpoint
+from .state import MasterState
 
 log = logging.getLogger("kubegfs.master.oplog")
 

@@ -55,9 +55,10 @@ from ..web import (
     record_id,
     split_listen,
 )
+from .checkpoint import dump
 from .oplog import OpLog, recover, write_checkpoint
 from .outbox import Key, Kind, Outbox
-from .state import MasterState, dump, now_ns
+from .state import MasterState, now_ns
 
 log = logging.getLogger("kubegfs.master")
 
