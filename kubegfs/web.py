@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .errors import InvalidArgument, KubegfsError, PayloadTooLarge, Unauthorized
-from .metrics import _Http
+from .metrics import HttpMetrics
 
 log = logging.getLogger("kubegfs.web")
 
@@ -41,7 +41,7 @@ def check_token(request: web.Request, token: str) -> None:
         raise Unauthorized("wrong token")
 
 
-def make_middlewares(token: str, http: _Http) -> list[Any]:
+def make_middlewares(token: str, http: HttpMetrics) -> list[Any]:
     @web.middleware
     async def mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
