@@ -79,4 +79,4 @@ images: ## build the master, chunkserver and operator images (REGISTRY=… also 
 	REGISTRY=$(REGISTRY) bash hack/images/build.sh $(if $(REGISTRY),--push) $(IMAGES_ARGS)
 
 clean: ## remove venv, caches and run data (keeps the control-plane binaries in $$HOME/.cache/kubegfs)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info devtools/*.egg-info
