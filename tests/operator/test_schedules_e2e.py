@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kubegfs.testing.k8s import wait_for
+from kubegfs_dev.util import wait_for
 
 KUBEGFS = str(Path(sys.executable).parent / "kubegfs")
 
