@@ -297,7 +297,12 @@ def plan(cron: Cron, retention: Retention, policy: str, suspended: bool, deadlin
     if suspended:
         return Plan(None, None, prune, kept, active, last_ok)
     d = due(cron, since, now, deadline_seconds)
-    action = concurrency(policy, active) if d.run_at is not None else None
+    action: Start | Defer | None = None
+    if d.run_at is not None:
+        if any(o.scheduled_at == d.run_at for o in owned):
+            action = Start()  # its Snapshot exists already (the status write was lost): just record it
+        else:
+            action = concurrency(policy, active)
     return Plan(d, action, prune, kept, active, last_ok)
 
 

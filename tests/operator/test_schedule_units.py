@@ -3,6 +3,7 @@ and restic-style retention, driven by a fake clock over generated timelines."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -361,3 +362,106 @@ def test_derived_names_fit_for_any_legal_name():
     assert len(seen) == len(names)  # different names never collide
     short = "".join(rnd.choice("abc") for _ in range(20))
     assert api.label_value(short) == short and api.shorten(short, 253) == short
+
+
+# ----------------------------------------------------------------------------- one tick, with fake Kubernetes calls
+
+
+class FakeSnapshots:
+    """Snapshot objects of one namespace, as the API server would keep them (409 on a taken name)."""
+
+    def __init__(self):
+        self.objs = {}
+        self.deleted = []
+
+    def deps(self):
+        from kubegfs_operator import reconcile
+        from kubegfs_operator.config import Config
+
+        def create(ns, body):
+            body = json.loads(json.dumps(body))
+            body["metadata"].setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+            return self.objs.setdefault(body["metadata"]["name"], body)
+
+        def delete(ns, name):
+            self.deleted.append(name)
+            self.objs.pop(name, None)
+
+        def no_master(url):
+            raise AssertionError("a schedule tick never calls the master")
+
+        return reconcile.Deps(Config(token="t", schedule_tick=10), lambda ref: None, no_master,
+                              lambda ns, n: self.objs.get(n), create, delete,
+                              lambda ns, sel: list(self.objs.values()))
+
+
+def sched_body(spec, status=None, name="nightly"):
+    return {"metadata": {"namespace": "team", "name": name, "uid": "sched-uid", "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"path": "/data", "schedule": "0 * * * *", **spec}, "status": status or {}}
+
+
+def test_schedule_tick_creates_an_owned_run_once_and_reports():
+    from kubegfs_operator import reconcile
+
+    k = FakeSnapshots()
+    d = k.deps()
+    now = T0 + timedelta(hours=3, minutes=20)
+    tick = reconcile.schedule_tick(sched_body({"snapshotTemplate": {"labels": {"tier": "gold"}}}), now, d)
+    run = k.objs["nightly-20260101-030000"]
+    assert run["metadata"]["ownerReferences"][0]["uid"] == "sched-uid"
+    assert run["metadata"]["labels"] == {"tier": "gold", "kubegfs.io/schedule": "nightly",
+                                         "app.kubernetes.io/managed-by": "kubegfs-operator"}
+    assert run["metadata"]["annotations"]["kubegfs.io/scheduled-at"] == "2026-01-01T03:00:00Z"
+    st = tick.status
+    assert st["phase"] == "Active" and st["lastScheduleTime"] == "2026-01-01T03:00:00Z"
+    assert st["nextScheduleTime"] == "2026-01-01T04:00:00Z" and st["active"] == ["nightly-20260101-030000"]
+    assert st["missedRuns"] == 2 and st["lastMissedTime"] == "2026-01-01T02:00:00Z" and tick.missed == 2
+    assert [e[1] for e in tick.events] == ["MissedSchedule", "SnapshotScheduled"]
+    assert tick.sleep == 10 and tick.period == 3600
+    # the status write was lost (operator killed): the next tick finds the same run, makes no second
+    again = reconcile.schedule_tick(sched_body({}), now + timedelta(seconds=1), d)
+    assert list(k.objs) == ["nightly-20260101-030000"] and again.status["lastScheduleTime"] == st["lastScheduleTime"]
+    # the marks of the operator's own last write win over a stale watch view
+    merged = reconcile.newest_marks({"lastScheduleTime": "2026-01-01T01:00:00Z"}, st)
+    assert merged["lastScheduleTime"] == st["lastScheduleTime"] and merged["missedRuns"] == 2
+
+
+def test_schedule_tick_invalid_spec_fails_once_and_never_creates():
+    from kubegfs_operator import reconcile
+
+    k = FakeSnapshots()
+    body = sched_body({"schedule": "99 * * * *"})
+    tick = reconcile.schedule_tick(body, T0 + timedelta(hours=1), k.deps())
+    assert tick.status["phase"] == "Failed" and not k.objs
+    conds = {c["type"]: c for c in tick.status["conditions"]}
+    assert conds["Failed"]["reason"] == "InvalidSpec" and "99 * * * *" in conds["Failed"]["message"]
+    assert [e[1] for e in tick.events] == ["InvalidSpec"]
+    body["status"] = tick.status
+    assert reconcile.schedule_tick(body, T0 + timedelta(hours=2), k.deps()).events == []  # no event spam
+
+
+def test_schedule_tick_name_conflict_is_a_skipped_run_not_an_adoption():
+    from kubegfs_operator import reconcile
+
+    k = FakeSnapshots()
+    k.objs["nightly-20260101-010000"] = {"metadata": {"name": "nightly-20260101-010000", "ownerReferences": [],
+                                                      "creationTimestamp": "2026-01-01T00:59:00Z"}}
+    tick = reconcile.schedule_tick(sched_body({}), T0 + timedelta(hours=1, seconds=2), k.deps())
+    assert "lastScheduleTime" not in tick.status and tick.status["lastMissedTime"] == "2026-01-01T01:00:00Z"
+    assert [e[1] for e in tick.events] == ["NameConflict"] and not k.deleted
+
+
+def test_cli_catalog_owner_refusal_and_pre_restore_names():
+    from kubegfs import catalog
+    from kubegfs.errors import Conflict
+
+    entry = {"name": "team.nightly-1234", "labels": {"kubernetes.namespace": "team", "kubernetes.name": "nightly"}}
+    assert catalog.owner(entry) == "Snapshot team/nightly" and catalog.owner({"name": "x"}) is None
+    with pytest.raises(Conflict, match=r"Snapshot team/nightly.*kubectl delete snapshot -n team nightly.*--force"):
+        catalog.refuse_owned_delete(entry)
+    catalog.refuse_owned_delete({"name": "mine", "labels": {}})
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert catalog.pre_restore_name("s1", now) == "pre-restore-s1-20260102-030405"
+    long = catalog.pre_restore_name("x" * 253, now)
+    assert len(long) == 253 and long.endswith("-20260102-030405")
