@@ -146,6 +146,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except KubegfsError as exc:
             fail(exc.message, 1)
+        except OSError as exc:  # a local file or directory (e.g. fs get into a missing directory)
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
 
 
 @click.group(cls=Group)
@@ -187,17 +189,20 @@ def topology_options(f: Any) -> Any:
 @click.option("--dead-after", default=5.0, show_default=True, help="seconds without heartbeat before a chunkserver is dead")
 @click.option("--checkpoint-interval", default=300.0, show_default=True, help="seconds between checkpoints")
 @click.option("--checkpoint-ops", default=100_000, show_default=True, help="checkpoint after this many ops")
+@click.option("--debug-fsync-delay", default=0.0, hidden=True, type=click.FloatRange(0, 60),
+              help="testing: each op-log sync takes this many seconds longer (a busy disk)")
 @topology_options
 def master(listen: str, data_dir: str, token: str | None, token_file: str | None, internal_token: str | None,
            internal_token_file: str | None, metrics_token: str | None, metrics_token_file: str | None,
            tls_cert: str | None, tls_key: str | None,
            chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
-           node: str, zone: str, region: str, topology_from_node: bool) -> None:
+           debug_fsync_delay: float, node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master."""
     from .master.server import Options, run
 
     tok = server_tokens(token, token_file, internal_token, internal_token_file, metrics_token, metrics_token_file)
-    opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops)
+    opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
+                   fsync_delay=debug_fsync_delay)
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts, _server_ssl(tls_cert, tls_key))
 
@@ -413,11 +418,13 @@ def snapshot() -> None:
 
 
 def _snap_view() -> Any:
+    from .catalog import owner
     from .output import Column, View
 
     return View((Column("NAME", lambda s: s["name"]), Column("PATH", lambda s: s["path"]),
                  Column("STATE", lambda s: s["state"]), Column("FILES", lambda s: s["files"]),
                  Column("BYTES", lambda s: s["logical_bytes"]), Column("CREATED", lambda s: s["created"]),
+                 Column("OWNER", lambda s: owner(dict(s)) or "-"),
                  Column("ID", lambda s: s.get("id"), wide=True),
                  Column("RECORD", lambda s: s["record_bytes"], wide=True),
                  Column("HOLDERS", lambda s: ",".join(h["id"] for h in s["holders"]) or "<none>", wide=True)),
@@ -455,26 +462,40 @@ def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
     c.out(c.client().snapshot_show(name), view=_snap_view())
 
 
+def _restored(d: dict[str, Any]) -> None:
+    click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
+               f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s")
+    if d.get("pre_restore_snapshot"):
+        click.echo(f"undo with: kubegfs snapshot restore {d['pre_restore_snapshot']}")
+
+
 @snapshot.command("restore")
 @click.argument("name")
 @click.option("--to", "to", default=None, help="restore to this new path instead of in place")
+@click.option("--no-pre-restore-snapshot", "no_pre", is_flag=True,
+              help="in place: do not snapshot the target first (the restore cannot be undone)")
 @client_options
-def snap_restore(name: str, to: str | None, master: str, token: str | None, as_json: bool) -> None:
+def snap_restore(name: str, to: str | None, no_pre: bool, master: str, token: str | None, as_json: bool) -> None:
     """Restore snapshot NAME in place (or to a new path with --to)."""
+    from .catalog import restore_undoable
+
     c = Ctx(master, token, as_json)
-    r = c.client().snapshot_restore(name, to)
-    c.out(r, lambda d: click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
-                                  f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s"),
-          name=_path_of)
+    c.out(restore_undoable(c.client(), name, to, pre_restore=not no_pre), _restored, name=_path_of)
 
 
 @snapshot.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="also delete a snapshot a Kubernetes Snapshot object owns")
 @client_options
-def snap_delete(name: str, master: str, token: str | None, as_json: bool) -> None:
+def snap_delete(name: str, force: bool, master: str, token: str | None, as_json: bool) -> None:
     """Delete snapshot NAME and its records."""
+    from .catalog import refuse_owned_delete
+
     c = Ctx(master, token, as_json)
-    c.out(c.client().snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"),
+    cl = c.client()
+    if not force:
+        refuse_owned_delete(cl.snapshot_show(name))
+    c.out(cl.snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"),
           name=lambda d: str(d["deleted"]))
 
 

@@ -13,6 +13,7 @@ import json as jsonlib
 import os
 import queue
 import select
+import ssl
 import threading
 import time
 from collections import deque
@@ -21,8 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 from urllib.parse import quote, urlencode, urlsplit
-
-import requests
 
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 from .tls import ClientTLS
@@ -135,24 +134,19 @@ class Client:
         self.token = tok
         self.timeout = timeout
         self.tls = tls or ClientTLS.from_env()  # https:// URLs are verified against its CA, always
-        self._ssl = self.tls.context()
+        self._ssl: ssl.SSLContext | None = None  # made on the first https:// call (loading CAs costs ms)
         # Calls go over one keep-alive http.client connection per thread and server: requests
         # costs ~0.7 ms and urllib3 ~0.25 ms of client CPU per call, against ~0.1 ms here, and a
-        # metadata-heavy client is bound by exactly that. ``s`` is a requests session with the
-        # same token, for callers that want one.
+        # metadata-heavy client is bound by exactly that.
         self._headers = {"Authorization": f"Bearer {tok}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._local = threading.local()
-        self.s = requests.Session()
-        self.s.headers.update(self._headers)
-        self.s.verify = self.tls.cafile or True
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.close_connections()
-        self.s.close()
 
     def close_connections(self) -> None:
         """Close the calling thread's connections (other threads' close when those threads end)."""
@@ -204,6 +198,8 @@ class Client:
             conn = None
         if conn is None:
             if u.scheme == "https":
+                if self._ssl is None:
+                    self._ssl = self.tls.context()
                 conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=self.timeout, context=self._ssl)
             else:
                 conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout)

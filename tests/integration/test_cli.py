@@ -101,7 +101,7 @@ def test_cli_output_formats(shared_cluster):
     lines = run(cl, "fs", "ls", "/out").stdout.decode().splitlines()
     assert lines[0].split() == ["MODE", "SIZE", "PATH"] and lines[1].split()[-1] == deep.rstrip("/")
     snaps = run(cl, "snapshot", "list").stdout.decode().splitlines()
-    assert snaps[0].split() == ["NAME", "PATH", "STATE", "FILES", "BYTES", "CREATED"]
+    assert snaps[0].split() == ["NAME", "PATH", "STATE", "FILES", "BYTES", "CREATED", "OWNER"]
     row = next(r.split() for r in snaps if r.startswith("out-snap "))
     assert row[:4] == ["out-snap", "/out", "ready", "1"]
     wide = run(cl, "snapshot", "list", "-o", "wide").stdout.decode().splitlines()
@@ -109,3 +109,11 @@ def test_cli_output_formats(shared_cluster):
     status = run(cl, "status").stdout.decode().splitlines()
     assert status[0].split()[:2] == ["FILES", "DIRECTORIES"] and status[1].split()[5] == "3/3"
     run(cl, "snapshot", "delete", "out-snap")
+
+
+def test_get_into_a_missing_local_directory_is_one_error_line(shared_cluster, tmp_path):
+    run(shared_cluster, "fs", "put", "-", "/cli-get-err", input=b"x")
+    p = run(shared_cluster, "fs", "get", "/cli-get-err", str(tmp_path / "no-such-dir" / "out"), ok=False)
+    err = p.stderr.decode()
+    assert p.returncode != 0 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("kubegfs: error: ") and "No such file or directory" in err
