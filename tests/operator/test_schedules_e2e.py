@@ -156,7 +156,7 @@ def test_operator_killed_across_runs_no_duplicate_and_retain_survives_the_schedu
     objs = owned(stack, "kill3s")
     catch_up = min((o for o in objs if created(o) >= up_at.replace(microsecond=0)), key=scheduled_at)
     # it caught up once (the latest missed time), not once per missed time
-    assert (scheduled_at(catch_up) - down_at).total_seconds() >= 6
+    assert (scheduled_at(catch_up) - down_at).total_seconds() > 3  # so at least one time was missed
     assert not [o["metadata"]["name"] for o in objs if down_at < scheduled_at(o) < scheduled_at(catch_up)]
     st = stack.get("snapshotschedules", "kill3s")["status"]
     assert st["missedRuns"] >= 1 and st["lastMissedTime"]
