@@ -78,6 +78,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except KubegfsError as exc:
             fail(exc.message, 2 if 400 <= exc.status < 500 else 1)
+        except OSError as exc:  # a local file or directory (e.g. fs get into a missing directory)
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
 
 
 @click.group(cls=Group)
@@ -113,15 +115,18 @@ def topology_options(f: Any) -> Any:
 @click.option("--dead-after", default=5.0, show_default=True, help="seconds without heartbeat before a chunkserver is dead")
 @click.option("--checkpoint-interval", default=300.0, show_default=True)
 @click.option("--checkpoint-ops", default=100_000, show_default=True)
+@click.option("--debug-fsync-delay", default=0.0, hidden=True, type=click.FloatRange(0, 60),
+              help="testing: each op-log sync takes this many seconds longer (a busy disk)")
 @topology_options
 def master(listen: str, data_dir: str, token: str | None, token_file: str | None, chunk_size: str,
            replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
-           node: str, zone: str, region: str, topology_from_node: bool) -> None:
+           debug_fsync_delay: float, node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master."""
     from .master.server import Options, run
 
     tok = read_token(token, token_file)
-    opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops)
+    opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
+                   fsync_delay=debug_fsync_delay)
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts)
 
