@@ -318,6 +318,8 @@ def restore(body: dict[str, Any], retry: int, started: float, d: Deps, now: floa
     duration = max(0.0, time.time() - started)
     st = objects.restore_ready_status(conds, gen, result, duration, view.pods_by_ip())
     msg = f"restored Snapshot {spec.snapshot_name}: {result['files']} files to {result['path']} ({result['mode']})"
+    if spec.target_path is None and spec.pre_restore_snapshot and not pre:
+        st["preRestoreSnapshot"] = None  # nothing was at the path: clear the name shown while waiting
     if pre:
         st["preRestoreSnapshot"] = pre
         undo = f"; undo with a Restore of Snapshot {pre}"
@@ -345,7 +347,8 @@ def _pre_restore_snapshot(body: dict[str, Any], snap_obj: dict[str, Any], retry:
     if phase == objects.READY:
         return pre_name
     if phase == objects.FAILED and reason == "PathNotFound":
-        return ""  # nothing at the target to keep: the restore creates it
+        d.delete_snapshot(ns, pre_name)  # nothing at the target to keep: the restore creates it
+        return ""
     if phase == objects.FAILED:
         msg = f"the pre-restore Snapshot {pre_name} of {path} failed ({reason}); not restoring over data it could not keep"
         raise Fail(objects.failed(conds, gen, "PreRestoreSnapshotFailed", msg), msg, "PreRestoreSnapshotFailed")

@@ -251,6 +251,13 @@ def test_undo_an_in_place_restore_and_one_catalog_with_the_cli(stack):
     plain = cli(stack, "snapshot", "restore", undo_name)
     assert plain.returncode == 0 and "undo with: kubegfs snapshot restore pre-restore-" in plain.stdout
     assert tree(c, "/data") == cli_state
+    # nothing at the target: nothing to keep, no pre-restore Snapshot is left behind
+    c.rm("/data", recursive=True)
+    apply(stack, restore("again", "oops-pre-restore"))
+    r = ready(stack, "restores", "again")["status"]
+    assert "preRestoreSnapshot" not in r and tree(c, "/data") == precious
+    wait_for(lambda: stack.condition("snapshots", "again-pre-restore") == "Missing", timeout=30,
+             what="the failed pre-restore Snapshot to be deleted")
 
 
 def test_longest_names_in_the_longest_namespace_reach_ready(long_stack):
