@@ -282,3 +282,30 @@ def test_longest_names_in_the_longest_namespace_reach_ready(long_stack):
              timeout=60, what="a Ready run of the long-named schedule")
     run = owned(stack, long_name)[0]["metadata"]
     assert len(run["name"]) <= 253 and len(run["labels"]["kubegfs.io/schedule"]) <= 63
+
+
+def test_examples_are_valid_and_cel_rejects_bad_schedules(stack):
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for f in sorted(examples.glob("*.yaml")):
+        r = stack.kubectl("apply", "--dry-run=server", "-f", str(f), check=False)
+        assert r.returncode == 0, f"{f.name}: {r.stderr}"
+    for spec, words in [({"schedule": "TZ=UTC 0 2 * * *"}, "spec.timeZone"),
+                        ({"schedule": "0 2 * *"}, "5 fields"),
+                        ({"path": "rel"}, "absolute"),
+                        ({"concurrencyPolicy": "Sometimes"}, "concurrencyPolicy"),
+                        ({"retention": {"keepDaily": -1}}, "keepDaily"),
+                        ({"timeZone": "Europe/Berlin; rm"}, "timeZone")]:
+        obj = schedule("bad")
+        obj["spec"].update(spec)
+        r = stack.kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
+        assert r.returncode != 0 and words in r.stderr, (spec, r.stderr)
+    # what CEL cannot see, the operator reports as the user's spec error, once, and starts nothing
+    obj = schedule("never")
+    obj["spec"]["schedule"] = "0 0 30 2 *"
+    apply(stack, obj)
+    wait_for(lambda: (stack.get("snapshotschedules", "never").get("status") or {}).get("phase") == "Failed",
+             timeout=30, what="Failed")
+    st = stack.get("snapshotschedules", "never")["status"]
+    assert {c["type"]: c for c in st["conditions"]}["Failed"]["reason"] == "InvalidSpec"
+    assert "never fires" in st["conditions"][0]["message"] and not owned(stack, "never")
+    assert [e for e in events(stack, "never") if e.startswith("InvalidSpec")]
