@@ -56,6 +56,7 @@ from ..web import (
     split_listen,
 )
 from .checkpoint import dump
+from .leases import Lease, LeaseTable
 from .oplog import OpLog, recover, write_checkpoint
 from .outbox import Key, Kind, Outbox
 from .state import MasterState, now_ns
@@ -63,7 +64,6 @@ from .state import MasterState, now_ns
 log = logging.getLogger("kubegfs.master")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
-LEASE_SECONDS = 60.0
 SMALL_TABLE = 200_000  # chunk tables up to this size are scanned on demand for status/metrics
 
 
@@ -95,19 +95,6 @@ class CS:
 
 
 @dataclass
-class Lease:
-    id: str
-    path: str
-    mode: str
-    file_mode: int
-    node: ns.File | None
-    base: tuple[int, ...]
-    inplace: int | None
-    expires: float
-    allocated: dict[int, list[str]] = field(default_factory=dict)
-
-
-@dataclass
 class Options:
     dead_after: float = 5.0
     checkpoint_interval: float = 300.0
@@ -136,8 +123,7 @@ class Master:
         self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
         self.cs: dict[str, CS] = {}
         self.locations: dict[int, set[str]] = {}
-        self.leases: dict[str, Lease] = {}
-        self.path_leases: dict[str, str] = {}
+        self.leases = LeaseTable(on_abandon=self._abandoned)
         self.builders: dict[str, asyncio.Task[Any]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -366,53 +352,23 @@ class Master:
     async def h_rm(self, request: web.Request) -> web.Response:
         b = await read_json(request)
         op = self.state.prepare_rm(field_str(b, "path"), field_bool(b, "recursive"))
-        self._check_no_lease_below(op["path"])
+        self.leases.check_none_below(op["path"])
         await self.mutate(op)
         return json_response({"removed": op["path"]})
 
     async def h_mv(self, request: web.Request) -> web.Response:
         b = await read_json(request)
         op = self.state.prepare_mv(field_str(b, "src"), field_str(b, "dst"))
-        self._check_no_lease_below(op["src"])
+        self.leases.check_none_below(op["src"])
         await self.mutate(op)
         return json_response({"moved": op["src"], "to": op["dst"]})
 
-    def _check_no_lease_below(self, path: str) -> None:
-        self._expire_leases()
-        pre = paths.split(path)
-        for p in self.path_leases:
-            if paths.is_within(paths.split(p), pre):
-                raise Conflict(f"{p} is being written; try again when the write finishes")
-
     # ------------------------------------------------------------------ write path
 
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        for lid, lease in list(self.leases.items()):
-            if lease.expires < now:
-                self._drop_lease(lid)
-
-    def _drop_lease(self, lid: str, committed: frozenset[int] = frozenset()) -> None:
-        lease = self.leases.pop(lid, None)
-        if lease is None:
-            return
-        if self.path_leases.get(lease.path) == lid:
-            del self.path_leases[lease.path]
-        # copies of chunks placed for it that the commit does not adopt are garbage (a copy
-        # reported while the lease held it is never reported again)
-        for h, ids in lease.allocated.items():
-            if h not in committed:
-                for i in ids:
-                    self.outbox.order(i, "chunk", h)
-
-    def _lease(self, b: dict[str, Any]) -> Lease:
-        self._expire_leases()
-        lid = field_str(b, "lease", max_len=64)
-        lease = self.leases.get(lid)
-        if lease is None:
-            raise Conflict("unknown or expired write lease; start the write again")
-        lease.expires = time.monotonic() + LEASE_SECONDS
-        return lease
+    def _abandoned(self, h: int, ids: list[str]) -> None:
+        """Copies of a chunk placed for a write that did not commit it: garbage."""
+        for i in ids:
+            self.outbox.order(i, "chunk", h)
 
     def _cs_json(self, ids: list[str]) -> list[dict[str, Any]]:
         return [{"id": i, "address": self.cs[i].address} for i in ids if i in self.cs]
@@ -428,9 +384,6 @@ class Master:
         if not parts:
             raise InvalidArgument("cannot write to /")
         ns.must_dir(self.state.root, parts[:-1])
-        self._expire_leases()
-        if path in self.path_leases:
-            raise Conflict(f"{path} is already being written")
         node = ns.get(self.state.root, parts)
         if isinstance(node, ns.Dir):
             raise InvalidArgument(f"{path} is a directory")
@@ -438,11 +391,7 @@ class Master:
             raise AlreadyExists(f"{path} already exists")
         if mode == "append" and node is None:
             raise NotFound(f"no such file: {path}")
-        lease = Lease(uuid.uuid4().hex, path, mode, node.mode if node else file_mode, node,
-                      node.chunks if (node and mode == "append") else (), None,
-                      time.monotonic() + LEASE_SECONDS)
-        self.leases[lease.id] = lease
-        self.path_leases[path] = lease.id
+        lease = self.leases.grant(path, mode, file_mode, node)
         out: dict[str, Any] = {"lease": lease.id, "chunk_size": self.state.chunk_size, "size": 0}
         try:
             if mode == "append":
@@ -451,7 +400,7 @@ class Master:
                 if node.size % self.state.chunk_size and node.chunks:
                     out["last"] = await self._prepare_inplace(lease, parts, node)
         except BaseException:
-            self._drop_lease(lease.id)
+            self.leases.drop(lease.id)
             raise
         return json_response(out)
 
@@ -501,7 +450,7 @@ class Master:
 
     async def h_alloc(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        lease = self._lease(b)
+        lease = self.leases.renew(field_str(b, "lease", max_len=64))
         alive = [c.candidate() for c in self.alive()]
         chosen = place_replicas(alive, self.state.replication, need_bytes=0)
         if not chosen:
@@ -513,12 +462,12 @@ class Master:
     async def h_abort(self, request: web.Request) -> web.Response:
         b = await read_json(request)
         lid = field_str(b, "lease", max_len=64)
-        self._drop_lease(lid)
+        self.leases.drop(lid)
         return json_response({"aborted": lid})
 
     async def h_commit(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        lease = self._lease(b)
+        lease = self.leases.renew(field_str(b, "lease", max_len=64))
         st = self.state
         size = field_int(b, "size", None, 0)
         raw_chunks = b.get("chunks")
@@ -554,15 +503,15 @@ class Master:
         parts = paths.split(lease.path)
         cur = ns.get(st.root, parts)
         if cur is not lease.node:
-            self._drop_lease(lease.id)
+            self.leases.drop(lease.id)
             raise Conflict(f"{lease.path} changed during the write; retry")
         if lease.inplace is not None and st.is_shared(lease.inplace):
-            self._drop_lease(lease.id)
+            self.leases.drop(lease.id)
             raise Conflict("a snapshot was taken during the append; retry")
         ns.must_dir(st.root, parts[:-1])
         op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
               "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
-        self._drop_lease(lease.id, committed=frozenset(new))
+        self.leases.drop(lease.id, committed=frozenset(new))
         await self.mutate(op)
         for h in new:
             self.locations[h] = {i for i in acked[h] if i in self.cs}
@@ -892,7 +841,7 @@ class Master:
         if missing:
             raise CorruptData(f"snapshot references {len(missing)} chunks the master no longer has")
         if mode == "inplace":
-            self._check_no_lease_below(paths.join(parts))
+            self.leases.check_none_below(paths.join(parts))
         if rid and rid in self.state.restores:  # a concurrent twin finished first
             return self._repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
@@ -959,7 +908,7 @@ class Master:
                 cs.chunks[h] = v
                 want = st.version.get(h)
                 if want is None:
-                    if not self._allocated(h):
+                    if not self.leases.allocated(h):
                         delete.add(h)
                     continue
                 if v < want or h in cs.stale:
@@ -967,7 +916,7 @@ class Master:
                     self.locations.get(h, set()).discard(cid)
                     self._rerepl_dirty = True
                     continue
-                if cid not in self.locations.get(h, ()) and self._being_written(h):
+                if cid not in self.locations.get(h, ()) and self.leases.being_written(h):
                     delete.add(h)  # a copy made just as an append began: it will miss the append
                     continue
                 self.locations.setdefault(h, set()).add(cid)
@@ -1049,7 +998,7 @@ class Master:
         """Re-check a queued deletion when it is released (see outbox.py)."""
         if kind == "chunk":
             assert isinstance(key, int)
-            if self._allocated(key):
+            if self.leases.allocated(key):
                 return False
             return key not in self.state.version or cid not in self.locations.get(key, ())
         e = self.state.snapshots.get(str(key))
@@ -1096,15 +1045,6 @@ class Master:
         self._rerepl_dirty = True
         await self.mutate({"op": "snap_holders", "id": sid,
                            "holders": [h for h in e["holders"] if h["id"] != cid]})
-
-    def _allocated(self, h: int) -> bool:
-        """A write lease placed this chunk (or cloned it for an append) and has not committed yet."""
-        return any(h in lease.allocated or lease.inplace == h for lease in self.leases.values())
-
-    def _being_written(self, h: int) -> bool:
-        """An open write lease is appending to this chunk in place: a copy taken now could miss
-        bytes that are about to be acknowledged."""
-        return any(lease.inplace == h for lease in self.leases.values())
 
     async def _liveness_loop(self) -> None:
         while True:
@@ -1227,7 +1167,7 @@ class Master:
             srcs = self.replicas_of(h)
             if not srcs:
                 return
-            if self._being_written(h):
+            if self.leases.being_written(h):
                 self._rerepl_dirty = True  # copy it once the append has committed
                 return
             version = self.state.version.get(h)
@@ -1255,7 +1195,7 @@ class Master:
                         log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
                         self._rerepl_dirty = True
                         continue
-                    if self.state.version.get(h) != version or self._being_written(h):
+                    if self.state.version.get(h) != version or self.leases.being_written(h):
                         # an append began while we copied: the copy may miss its bytes
                         self.cs[t.id].stale.add(h)
                         M.M_REREPL.labels("raced").inc()
