@@ -994,12 +994,13 @@ class Master:
             "chunk_size": st.chunk_size,
         })
 
-    def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool:
-        """Re-check a queued deletion when it is released (see outbox.py)."""
+    def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool | None:
+        """Re-check a queued deletion when it is released (see outbox.py); None: not while a
+        write lease holds the chunk."""
         if kind == "chunk":
             assert isinstance(key, int)
             if self.leases.allocated(key):
-                return False
+                return None
             return key not in self.state.version or cid not in self.locations.get(key, ())
         e = self.state.snapshots.get(str(key))
         return e is None or (e["state"] != "pending" and all(h["id"] != cid for h in e["holders"]))
