@@ -375,22 +375,9 @@ class Master:
 
     async def h_open(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        parts = paths.split(field_str(b, "path"))
-        path = paths.join(parts)
         mode = field_str(b, "mode", "create")
-        if mode not in ("create", "overwrite", "append"):
-            raise InvalidArgument("mode must be create, overwrite or append")
         file_mode = field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777)
-        if not parts:
-            raise InvalidArgument("cannot write to /")
-        ns.must_dir(self.state.root, parts[:-1])
-        node = ns.get(self.state.root, parts)
-        if isinstance(node, ns.Dir):
-            raise InvalidArgument(f"{path} is a directory")
-        if mode == "create" and node is not None:
-            raise AlreadyExists(f"{path} already exists")
-        if mode == "append" and node is None:
-            raise NotFound(f"no such file: {path}")
+        path, parts, node = self.state.prepare_open(field_str(b, "path"), mode, file_mode)
         lease = self.leases.grant(path, mode, file_mode, node)
         out: dict[str, Any] = {"lease": lease.id, "chunk_size": self.state.chunk_size, "size": 0}
         try:
@@ -484,33 +471,15 @@ class Master:
             if not isinstance(reps, list) or not all(isinstance(x, str) for x in reps):
                 raise InvalidArgument("replicas must be a list of chunkserver ids")
             acked[h] = reps
-        cs = st.chunk_size
-        if not ((size == 0 and not handles) or (len(handles) - 1) * cs < size <= len(handles) * cs):
-            raise InvalidArgument(f"size {size} does not fit {len(handles)} chunks of {cs} bytes")
-        base = lease.base
-        if tuple(handles[: len(base)]) != base:
-            raise InvalidArgument("the chunk list must start with the file's existing chunks")
-        new = handles[len(base):]
-        if len(set(new)) != len(new) or any(h not in lease.allocated for h in new):
-            raise InvalidArgument("chunk list names chunks not allocated for this write")
-        for h in new:
-            if not acked.get(h):
-                raise InvalidArgument(f"chunk {hexh(h)} has no replica that acknowledged it")
-        if lease.mode == "append" and size < (lease.node.size if lease.node else 0):
-            raise InvalidArgument("an append cannot shrink the file")
+        new = st.validate_commit(size, handles, acked, lease.base, lease.allocated, lease.node,
+                                 lease.mode == "append")
         if lease.inplace is not None and acked.get(lease.inplace):
             await self._retire_missed_replicas(lease.inplace, set(acked[lease.inplace]))
-        parts = paths.split(lease.path)
-        cur = ns.get(st.root, parts)
-        if cur is not lease.node:
+        try:
+            op = st.prepare_commit(lease.path, size, handles, new, lease.file_mode, lease.node, lease.inplace)
+        except Conflict:
             self.leases.drop(lease.id)
-            raise Conflict(f"{lease.path} changed during the write; retry")
-        if lease.inplace is not None and st.is_shared(lease.inplace):
-            self.leases.drop(lease.id)
-            raise Conflict("a snapshot was taken during the append; retry")
-        ns.must_dir(st.root, parts[:-1])
-        op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
-              "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
+            raise
         self.leases.drop(lease.id, committed=frozenset(new))
         await self.mutate(op)
         for h in new:
