@@ -318,10 +318,13 @@ def _print_snaps(snaps: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED")
+    from .catalog import owner
+
+    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED", "OWNER")
     for s in snaps:
         t.add_row(s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
-                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"])
+                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"],
+                  owner(s) or "-")
     Console().print(t)
 
 
@@ -352,23 +355,38 @@ def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
     c.out(c.client().snapshot_show(name))
 
 
+def _restored(d: dict[str, Any]) -> None:
+    click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
+               f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s")
+    if d.get("pre_restore_snapshot"):
+        click.echo(f"undo with: kubegfs snapshot restore {d['pre_restore_snapshot']}")
+
+
 @snapshot.command("restore")
 @click.argument("name")
 @click.option("--to", "to", default=None, help="restore to this new path instead of in place")
+@click.option("--no-pre-restore-snapshot", "no_pre", is_flag=True,
+              help="in place: do not snapshot the target first (the restore cannot be undone)")
 @client_options
-def snap_restore(name: str, to: str | None, master: str, token: str | None, as_json: bool) -> None:
+def snap_restore(name: str, to: str | None, no_pre: bool, master: str, token: str | None, as_json: bool) -> None:
+    from .catalog import restore_undoable
+
     c = Ctx(master, token, as_json)
-    r = c.client().snapshot_restore(name, to)
-    c.out(r, lambda d: click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
-                                  f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s"))
+    c.out(restore_undoable(c.client(), name, to, pre_restore=not no_pre), _restored)
 
 
 @snapshot.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="also delete a snapshot a Kubernetes Snapshot object owns")
 @client_options
-def snap_delete(name: str, master: str, token: str | None, as_json: bool) -> None:
+def snap_delete(name: str, force: bool, master: str, token: str | None, as_json: bool) -> None:
+    from .catalog import refuse_owned_delete
+
     c = Ctx(master, token, as_json)
-    c.out(c.client().snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
+    cl = c.client()
+    if not force:
+        refuse_owned_delete(cl.snapshot_show(name))
+    c.out(cl.snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
 
 
 @main.command()

@@ -17,7 +17,8 @@ _SIZE = tuple(float(1 << s) for s in range(10, 45, 3))  # 1 KiB .. 16 TiB
 
 
 class HttpMetrics:
-    """Request count and latency of one component's HTTP server."""
+    """Request count and latency per route, method and status of one process kind's HTTP server
+    (the servers' shared middleware in :mod:`kubegfs.web` records them)."""
 
     def __init__(self, registry: CollectorRegistry, component: str) -> None:
         self.requests = Counter(
@@ -156,4 +157,29 @@ OP_IN_PROGRESS = Gauge(
 OP_LAST_SUCCESS = Gauge(
     "kubegfs_snapshot_last_success_timestamp_seconds", "Unix time of the last Ready snapshot",
     ["namespace"], registry=OPERATOR,
+)
+SCHED_RUNS = Counter(
+    "kubegfs_schedule_runs_total", "Snapshots of a SnapshotSchedule finished", ["namespace", "schedule", "result"],
+    registry=OPERATOR,
+)
+SCHED_MISSED = Counter(
+    "kubegfs_schedule_missed_total", "Scheduled runs never started (operator down, or past the deadline)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_RETAINED = Gauge(
+    "kubegfs_snapshots_retained", "Ready Snapshots a SnapshotSchedule's retention policy keeps",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_NEXT_RUN = Gauge(
+    "kubegfs_schedule_next_run_timestamp_seconds", "Unix time of a SnapshotSchedule's next run (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_LAST_SUCCESS = Gauge(
+    "kubegfs_schedule_last_success_timestamp_seconds",
+    "Scheduled time of a SnapshotSchedule's newest Ready Snapshot (its creation while it has none)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_PERIOD = Gauge(
+    "kubegfs_schedule_period_seconds", "A SnapshotSchedule's current interval between runs (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
 )
