@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,7 +41,7 @@ from ..errors import (
     from_json,
 )
 from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
-from ..topology import Candidate, Location, diversify, find_nearest, place_replicas
+from ..topology import Location, diversify, find_nearest, place_replicas
 from ..web import (
     field_bool,
     field_int,
@@ -56,6 +56,7 @@ from ..web import (
     split_listen,
 )
 from .checkpoint import dump
+from .chunkmap import SMALL_TABLE, ChunkMap, ChunkserverInfo
 from .leases import Lease, LeaseTable
 from .oplog import OpLog, recover, write_checkpoint
 from .outbox import Key, Kind, Outbox
@@ -64,34 +65,6 @@ from .state import MasterState, now_ns
 log = logging.getLogger("kubegfs.master")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
-SMALL_TABLE = 200_000  # chunk tables up to this size are scanned on demand for status/metrics
-
-
-@dataclass
-class CS:
-    id: str
-    address: str
-    location: Location
-    capacity: int = 0
-    used: int = 0
-    free: int = 0
-    last_seen: float = 0.0
-    alive: bool = True
-    chunks: dict[int, int] = field(default_factory=dict)
-    records: set[str] = field(default_factory=set)
-    registered: bool = False
-    stale: set[int] = field(default_factory=set)  # copies to delete with the next heartbeat reply
-
-    def candidate(self) -> Candidate:
-        return Candidate(self.id, self.location, self.used, self.capacity, self.address)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "address": self.address, "location": self.location.to_json(),
-            "capacity_bytes": self.capacity, "used_bytes": self.used, "free_bytes": self.free,
-            "alive": self.alive, "chunks": len(self.chunks), "records": sorted(self.records),
-            "last_seen_seconds_ago": round(time.monotonic() - self.last_seen, 3),
-        }
 
 
 @dataclass
@@ -121,21 +94,17 @@ class Master:
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
         self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
-        self.cs: dict[str, CS] = {}
-        self.locations: dict[int, set[str]] = {}
         self.leases = LeaseTable(on_abandon=self._abandoned)
+        self.chunkmap = ChunkMap(state, self.leases, on_dead=lambda cs: self.outbox.forget(cs.id))
         self.builders: dict[str, asyncio.Task[Any]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._session: aiohttp.ClientSession | None = None
         self._ops_since_checkpoint = self.recovery.replayed
         self._last_checkpoint = time.monotonic()
         self._checkpointing = False
-        self._rerepl_dirty = True
         self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> servers whose copy rotted
         self._record_missing: dict[tuple[str, str], int] = {}  # (server, snapshot id) -> heartbeats without it
-        self._lost_reported: set[int] = set()
         self._ls_cache: dict[int, tuple[ns.Dir, list[str]]] = {}
-        self._under_count = 0
         self._pending_init = state.seq == 0
         self._chunk_size_cfg = chunk_size
         self._replication_cfg = replication
@@ -224,13 +193,7 @@ class Master:
         M.M_OPLOG_FSYNC.observe(time.perf_counter() - t0)
         return result
 
-    def alive(self) -> list[CS]:
-        return [c for c in self.cs.values() if c.alive and c.registered]
-
-    def replicas_of(self, h: int) -> list[CS]:
-        return [self.cs[i] for i in self.locations.get(h, ()) if i in self.cs and self.cs[i].alive]
-
-    async def call_cs(self, cs: CS, method: str, path: str, **kw: Any) -> Any:
+    async def call_cs(self, cs: ChunkserverInfo, method: str, path: str, **kw: Any) -> Any:
         assert self._session is not None
         async with self._session.request(method, cs.address + path, **kw) as resp:
             try:
@@ -254,33 +217,33 @@ class Master:
         st = self.state
         M.M_CHUNKS.set(len(st.version))
         M.M_FILES.set(st.n_files)
-        alive = sum(1 for c in self.cs.values() if c.alive)
+        alive = sum(1 for c in self.chunkmap.cs.values() if c.alive)
         M.M_CHUNKSERVERS.labels("alive").set(alive)
-        M.M_CHUNKSERVERS.labels("dead").set(len(self.cs) - alive)
-        for c in self.cs.values():
+        M.M_CHUNKSERVERS.labels("dead").set(len(self.chunkmap.cs) - alive)
+        for c in self.chunkmap.cs.values():
             M.M_CS_CAPACITY.labels(c.id, c.location.zone).set(c.capacity)
             M.M_CS_USED.labels(c.id, c.location.zone).set(c.used)
         for s in ("pending", "ready", "failed"):
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
-        self.under_replicated_count()
+        self.chunkmap.under_replicated_count()
         self.under_copied()
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.state
         if len(st.version) <= SMALL_TABLE:
-            under, _lost, sample = self._scan_replication(limit=5)
+            under, _lost, sample = self.chunkmap.scan_replication(limit=5)
         else:  # from the last re-replication scan
-            under, sample = self._under_count, []
+            under, sample = self.chunkmap.last_under_count, []
         return json_response({
             "seq": st.seq, "epoch": st.epoch, "chunk_size": st.chunk_size,
             "replication": st.replication, "files": st.n_files, "directories": st.n_dirs,
             "logical_bytes": st.n_bytes, "chunks": len(st.version), "snapshots": len(st.snapshots),
-            "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
+            "chunkservers": {"alive": len(self.chunkmap.alive()), "total": len(self.chunkmap.cs)},
             "under_replicated": under,
             "snapshots_under_copied": self.under_copied(),
             "under_replicated_sample": [
-                {"handle": hexh(h), "live_replicas": len(self.locations.get(h, ())),
-                 "holders": sorted(c for c in self.cs if h in self.cs[c].chunks)}
+                {"handle": hexh(h), "live_replicas": len(self.chunkmap.locations.get(h, ())),
+                 "holders": sorted(c for c in self.chunkmap.cs if h in self.chunkmap.cs[c].chunks)}
                 for h in sample
             ],
             "cow_clones": st.cow_clones, "location": self.location.to_json(),
@@ -289,7 +252,7 @@ class Master:
         })
 
     async def h_chunkservers(self, request: web.Request) -> web.Response:
-        return json_response({"chunkservers": [c.to_json() for c in self.cs.values()]})
+        return json_response({"chunkservers": [c.to_json() for c in self.chunkmap.cs.values()]})
 
     async def h_dump(self, request: web.Request) -> web.Response:
         return json_response(dump(self.state))
@@ -371,7 +334,7 @@ class Master:
             self.outbox.order(i, "chunk", h)
 
     def _cs_json(self, ids: list[str]) -> list[dict[str, Any]]:
-        return [{"id": i, "address": self.cs[i].address} for i in ids if i in self.cs]
+        return [{"id": i, "address": self.chunkmap.cs[i].address} for i in ids if i in self.chunkmap.cs]
 
     async def h_open(self, request: web.Request) -> web.Response:
         b = await read_json(request)
@@ -396,7 +359,7 @@ class Master:
         else bump its version so replicas that miss the write are detectably stale."""
         st = self.state
         last = node.chunks[-1]
-        reps = self.replicas_of(last)
+        reps = self.chunkmap.replicas_of(last)
         if not reps:
             raise Unavailable(f"no live replica of chunk {hexh(last)}")
 
@@ -420,7 +383,7 @@ class Master:
             await self.mutate({"op": "cow", "path": lease.path, "index": len(node.chunks) - 1,
                                "old": last, "new": new})
             M.M_COW.inc()
-            self.locations[new] = set(ok)
+            self.chunkmap.locations[new] = set(ok)
             target, tv = new, version
         else:
             lease.inplace = last  # from here on re-replication leaves the chunk alone
@@ -433,12 +396,12 @@ class Master:
         lease.base = cur.chunks
         lease.inplace = target
         return {"handle": hexh(target), "version": tv, "offset": node.size % st.chunk_size,
-                "replicas": self._cs_json(sorted(c.id for c in self.replicas_of(target)))}
+                "replicas": self._cs_json(sorted(c.id for c in self.chunkmap.replicas_of(target)))}
 
     async def h_alloc(self, request: web.Request) -> web.Response:
         b = await read_json(request)
         lease = self.leases.renew(field_str(b, "lease", max_len=64))
-        alive = [c.candidate() for c in self.alive()]
+        alive = [c.candidate() for c in self.chunkmap.alive()]
         chosen = place_replicas(alive, self.state.replication, need_bytes=0)
         if not chosen:
             raise Unavailable("no live chunkserver to place a chunk on")
@@ -483,30 +446,30 @@ class Master:
         self.leases.drop(lease.id, committed=frozenset(new))
         await self.mutate(op)
         for h in new:
-            self.locations[h] = {i for i in acked[h] if i in self.cs}
-            for i in self.locations[h]:
-                self.cs[i].chunks[h] = 1
-            for i in set(lease.allocated[h]) - self.locations[h]:
-                if i in self.cs:  # took some pieces, not all: its copy is short, never a replica
-                    self.cs[i].stale.add(h)
-            if len(self.locations[h]) < st.replication:
-                self._rerepl_dirty = True
+            self.chunkmap.locations[h] = {i for i in acked[h] if i in self.chunkmap.cs}
+            for i in self.chunkmap.locations[h]:
+                self.chunkmap.cs[i].chunks[h] = 1
+            for i in set(lease.allocated[h]) - self.chunkmap.locations[h]:
+                if i in self.chunkmap.cs:  # took some pieces, not all: its copy is short, never a replica
+                    self.chunkmap.cs[i].stale.add(h)
+            if len(self.chunkmap.locations[h]) < st.replication:
+                self.chunkmap.dirty = True
         return json_response({"path": lease.path, "size": size, "chunks": len(handles)})
 
     async def _retire_missed_replicas(self, h: int, acked: set[str]) -> None:
         """Replicas of an appended-to chunk that did not acknowledge every piece carry the
         lease's version but not its bytes: bump the version on the ones that did, so the others
         are detectably stale, and have them deleted."""
-        missed = self.locations.get(h, set()) - acked
+        missed = self.chunkmap.locations.get(h, set()) - acked
         if not missed:
             return
-        good = [c for c in self.replicas_of(h) if c.id in acked]
+        good = [c for c in self.chunkmap.replicas_of(h) if c.id in acked]
         if not good:
             raise Unavailable(f"no replica of chunk {hexh(h)} holds the whole append")
         await self._bump_version(h, good)
         log.warning("chunk %s: %d replica(s) missed part of an append; they will be replaced", hexh(h), len(missed))
 
-    async def _bump_version(self, h: int, reps: list[CS], check: Callable[[], None] | None = None) -> int:
+    async def _bump_version(self, h: int, reps: list[ChunkserverInfo], check: Callable[[], None] | None = None) -> int:
         """Give ``reps`` the chunk's next version, then log it (``check`` may still refuse in
         between). The holders that did not take it drop out of its locations and are told to
         delete their copy; re-replication makes good ones. Returns the new version."""
@@ -521,13 +484,13 @@ class Master:
         if check is not None:
             check()
         await self.mutate({"op": "bump", "h": h, "v": tv})
-        for cid in self.locations.get(h, set()) - fresh:
-            if cid in self.cs:
-                self.cs[cid].stale.add(h)
-                self._rerepl_dirty = True
-        self.locations[h] = fresh
+        for cid in self.chunkmap.locations.get(h, set()) - fresh:
+            if cid in self.chunkmap.cs:
+                self.chunkmap.cs[cid].stale.add(h)
+                self.chunkmap.dirty = True
+        self.chunkmap.locations[h] = fresh
         for cid in fresh:
-            self.cs[cid].chunks[h] = tv
+            self.chunkmap.cs[cid].chunks[h] = tv
         return tv
 
     async def h_layout(self, request: web.Request) -> web.Response:
@@ -538,7 +501,7 @@ class Master:
                         request.query.get("region", ""), request.query.get("ip", "") or (request.remote or ""))
         chunks = []
         for h in node.chunks:
-            reps = [c.candidate() for c in self.replicas_of(h)]
+            reps = [c.candidate() for c in self.chunkmap.replicas_of(h)]
             ranked = find_nearest(near, reps)
             chunks.append({"handle": hexh(h), "version": self.state.version.get(h, 0),
                            "replicas": [{"id": r.candidate.id, "address": r.candidate.address} for r in ranked]})
@@ -555,7 +518,7 @@ class Master:
     def _live_copies(self, e: dict[str, Any]) -> int:
         """Holders of a record copy that are alive (each copy is checked against the catalog at
         every heartbeat, see _check_record_copies)."""
-        return sum(1 for h in e["holders"] if h["id"] in self.cs and self.cs[h["id"]].alive)
+        return sum(1 for h in e["holders"] if h["id"] in self.chunkmap.cs and self.chunkmap.cs[h["id"]].alive)
 
     def under_copied(self) -> int:
         n = sum(1 for e in self.state.snapshots.values()
@@ -615,11 +578,11 @@ class Master:
         if sid not in self.builders or self.builders[sid].done():
             self.builders[sid] = asyncio.create_task(self._build(sid))
 
-    def _rank_holders(self, entry: dict[str, Any]) -> list[tuple[CS, str]]:
+    def _rank_holders(self, entry: dict[str, Any]) -> list[tuple[ChunkserverInfo, str]]:
         ref = Location.from_json(entry.get("near")) if entry.get("near") else self.location
         if not (ref.node or ref.zone or ref.region or ref.ip):
             ref = self.location
-        alive = {c.id: c for c in self.alive()}
+        alive = {c.id: c for c in self.chunkmap.alive()}
         ranked = find_nearest(ref, [c.candidate() for c in alive.values()])
         targets = entry.get("targets") or []
         if targets:
@@ -653,7 +616,7 @@ class Master:
             headers = {"X-Kubegfs-Sha256": rec.sha256, "X-Kubegfs-Snapshot-Name": entry["name"],
                        "X-Kubegfs-Created": entry["created"]}
 
-            async def ship(cs: CS, reason: str) -> dict[str, Any] | None:
+            async def ship(cs: ChunkserverInfo, reason: str) -> dict[str, Any] | None:
                 nonlocal last_err
                 try:
                     await self.call_cs(cs, "PUT", f"/internal/records/{sid}", data=rec.data, headers=headers)
@@ -734,7 +697,7 @@ class Master:
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.mutate({"op": "snap_delete", "id": e["id"]})
         for h in e.get("holders", []):  # the copies go with the holders' next heartbeats
-            if h["id"] in self.cs:
+            if h["id"] in self.chunkmap.cs:
                 self.outbox.order(h["id"], "record", e["id"])
         return json_response({"deleted": e["name"], "id": e["id"]})
 
@@ -742,7 +705,7 @@ class Master:
         """The record from the nearest healthy holder; fall back on error or bad checksum."""
         holders = []
         for h in e.get("holders", []):
-            cs = self.cs.get(h["id"])
+            cs = self.chunkmap.cs.get(h["id"])
             if cs and cs.alive:
                 holders.append(cs)
         ranked = find_nearest(self.location, [c.candidate() for c in holders])
@@ -751,7 +714,7 @@ class Master:
         assert self._session is not None
         loop = asyncio.get_running_loop()
         for r in ranked:
-            cs = self.cs[r.candidate.id]
+            cs = self.chunkmap.cs[r.candidate.id]
             try:
                 async with self._session.get(f"{cs.address}/internal/records/{e['id']}") as resp:
                     if resp.status != 200:
@@ -849,79 +812,19 @@ class Master:
             raise InvalidArgument("address must be an http(s) URL")
         loc = Location.from_json(b.get("location"))
         st = self.state
-        cs = self.cs.get(cid)
         full = field_bool(b, "full", False)
-        if not full and (cs is None or not cs.registered):
-            return json_response({"reregister": True, "chunk_size": st.chunk_size})
+        cs = self.chunkmap.heard_from(cid, address, loc, full)
         if cs is None:
-            cs = self.cs[cid] = CS(cid, address, loc)
-        cs.address, cs.location = address, loc
+            return json_response({"reregister": True, "chunk_size": st.chunk_size})
         cs.capacity = field_int(b, "capacity_bytes", 0)
         cs.used = field_int(b, "used_bytes", 0)
         cs.free = field_int(b, "free_bytes", 0)
-        cs.last_seen = time.monotonic()
-        if not cs.alive or not cs.registered:
-            log.info("chunkserver %s at %s registered (node=%s zone=%s region=%s)", cid, address,
-                     loc.node, loc.zone, loc.region)
-        cs.alive = True
-        delete: set[int] = set()
-
-        def take(items: Any) -> None:
-            if not isinstance(items, list):
-                raise InvalidArgument("chunk lists must be [[handle, version], ...]")
-            for it in items:
-                if not (isinstance(it, list) and len(it) == 2 and isinstance(it[1], int)):
-                    raise InvalidArgument("chunk lists must be [[handle, version], ...]")
-                h = handle_hex(it[0])
-                v = it[1]
-                cs.chunks[h] = v
-                want = st.version.get(h)
-                if want is None:
-                    if not self.leases.allocated(h):
-                        delete.add(h)
-                    continue
-                if v < want or h in cs.stale:
-                    delete.add(h)  # stale replica: missed a mutation
-                    self.locations.get(h, set()).discard(cid)
-                    self._rerepl_dirty = True
-                    continue
-                if cid not in self.locations.get(h, ()) and self.leases.being_written(h):
-                    delete.add(h)  # a copy made just as an append began: it will miss the append
-                    continue
-                self.locations.setdefault(h, set()).add(cid)
-
-        if full:
-            for other in self.cs.values():
-                if other.id != cid and other.address == address and other.alive:
-                    # a new process (e.g. a fresh disk, new identity) took over this address
-                    log.warning("chunkserver %s replaced %s at %s", cid, other.id, address)
-                    self._mark_dead(other)
-            for h in list(cs.chunks):
-                self.locations.get(h, set()).discard(cid)
-            cs.chunks = {}
-            take(b.get("chunks", []))
-            cs.registered = True
-            self._rerepl_dirty = True
-            # records this chunkserver should hold but lost (e.g. a new disk)
+        delete = self.chunkmap.reconcile(cs, b, full)
+        if full:  # records this chunkserver should hold but lost (e.g. a new disk)
             recs = set(b.get("records") or [])
             for e in list(st.snapshots.values()):
                 if e["state"] == "ready" and any(h["id"] == cid for h in e["holders"]) and e["id"] not in recs:
-                    holders = [h for h in e["holders"] if h["id"] != cid]
-                    log.warning("chunkserver %s lost its copy of snapshot %s", cid, e["name"])
-                    await self.mutate({"op": "snap_holders", "id": e["id"], "holders": holders})
-        else:
-            take(b.get("added", []))
-            for hs in b.get("removed", []) or []:
-                h = handle_hex(hs)
-                cs.chunks.pop(h, None)
-                self.locations.get(h, set()).discard(cid)
-        for hs in b.get("corrupt", []) or []:
-            h = handle_hex(hs)
-            M.M_CORRUPT.inc()
-            log.error("chunkserver %s reports chunk %s corrupt; re-replicating from a good copy", cid, hs)
-            self.locations.get(h, set()).discard(cid)
-            delete.add(h)
-            self._rerepl_dirty = True
+                    await self.drop_record_copy(e["id"], cid, "missing")
         records = b.get("records") or []
         if not isinstance(records, list):
             raise InvalidArgument("records must be a list")
@@ -940,17 +843,7 @@ class Master:
             await self.drop_record_copy(rid, cid, "corrupt")
             if rid in cs.records:
                 delete_records.add(rid)
-        for h in st.garbage & cs.chunks.keys():
-            delete.add(h)
-        for h in cs.stale:
-            if cid not in self.locations.get(h, ()):
-                delete.add(h)
-        cs.stale.clear()
-        for h in delete & st.garbage:
-            if not any(h in c.chunks for c in self.cs.values() if c.id != cid):
-                st.garbage.discard(h)
         for h in delete:
-            cs.chunks.pop(h, None)  # ordered deleted: no longer counts as held
             self.outbox.order(cid, "chunk", h)
         for rid in delete_records:
             self.outbox.order(cid, "record", rid)
@@ -970,11 +863,11 @@ class Master:
             assert isinstance(key, int)
             if self.leases.allocated(key):
                 return None
-            return key not in self.state.version or cid not in self.locations.get(key, ())
+            return key not in self.state.version or cid not in self.chunkmap.locations.get(key, ())
         e = self.state.snapshots.get(str(key))
         return e is None or (e["state"] != "pending" and all(h["id"] != cid for h in e["holders"]))
 
-    async def _check_record_copies(self, cs: CS, digests: dict[str, Any]) -> set[str]:
+    async def _check_record_copies(self, cs: ChunkserverInfo, digests: dict[str, Any]) -> set[str]:
         """Compare the records a holder reports with the catalog: a copy missing from two
         heartbeats in a row (one may predate a copy just shipped), of the wrong size or with
         another sha256 is dropped and re-made elsewhere. Returns the ids whose bad copy to delete."""
@@ -1012,68 +905,19 @@ class Master:
         M.M_RECORD_DROPPED.labels(why).inc()
         self._record_missing.pop((cid, sid), None)
         self._bad_record_copies.setdefault(sid, set()).add(cid)
-        self._rerepl_dirty = True
+        self.chunkmap.dirty = True
         await self.mutate({"op": "snap_holders", "id": sid,
                            "holders": [h for h in e["holders"] if h["id"] != cid]})
 
     async def _liveness_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.opts.dead_after / 4))
-            now = time.monotonic()
-            for cs in self.cs.values():
-                if cs.alive and cs.registered and now - cs.last_seen > self.opts.dead_after:
-                    log.warning("chunkserver %s missed heartbeats for %.1fs: marked dead", cs.id, now - cs.last_seen)
-                    self._mark_dead(cs)
-
-    def _mark_dead(self, cs: CS) -> None:
-        cs.alive = False
-        cs.registered = False
-        self.outbox.forget(cs.id)
-        for h in cs.chunks:
-            self.locations.get(h, set()).discard(cs.id)
-        self._rerepl_dirty = True
-
-    def _scan_replication(self, limit: int = 200) -> tuple[int, int, list[int]]:
-        """One pass over the chunk table: (under-replicated, lost, up to ``limit`` repairable
-        chunks, fewest replicas first). Lost chunks (no live replica) are reported once each and
-        never crowd out the ones that can be repaired."""
-        st = self.state
-        goal = st.replication
-        under = lost = 0
-        repairable: list[tuple[int, int]] = []
-        newly_lost: list[int] = []
-        locs = self.locations
-        for h in st.version:
-            n = len(locs.get(h, ()))
-            if n >= goal or not (st.live.get(h) or st.snap.get(h)):
-                continue
-            under += 1
-            if n == 0:
-                lost += 1
-                if h not in self._lost_reported:
-                    self._lost_reported.add(h)
-                    newly_lost.append(h)
-            elif len(repairable) < limit * 4:
-                repairable.append((n, h))
-        if newly_lost:  # one line per scan, not one per chunk (a lost disk can mean millions)
-            log.error("%d more chunks have no live replica left (%d in all), e.g. %s", len(newly_lost), lost,
-                      ", ".join(hexh(h) for h in newly_lost[:5]))
-        repairable.sort()
-        self._under_count = under
-        M.M_UNDER_REPLICATED.set(under)
-        return under, lost, [h for _n, h in repairable[:limit]]
-
-    def under_replicated_count(self) -> int:
-        """Exact for small tables; from the last re-replication scan for big ones (a scan of
-        millions of chunks does not belong on every status call or metrics scrape)."""
-        if len(self.state.version) <= SMALL_TABLE:
-            return self._scan_replication(limit=0)[0]
-        return self._under_count
+            self.chunkmap.expire(self.opts.dead_after)
 
     async def _rereplication_loop(self) -> None:
         while True:
             await asyncio.sleep(self.opts.rereplicate_interval)
-            if not self._rerepl_dirty:
+            if not self.chunkmap.dirty:
                 continue
             try:
                 await self._rereplicate_once()
@@ -1087,7 +931,7 @@ class Master:
         for e in list(self.state.snapshots.values()):
             if e["state"] != "ready":
                 continue
-            live = [h for h in e["holders"] if h["id"] in self.cs and self.cs[h["id"]].alive]
+            live = [h for h in e["holders"] if h["id"] in self.chunkmap.cs and self.chunkmap.cs[h["id"]].alive]
             if len(live) >= e["copies"] or not live:
                 if not live and e["holders"]:
                     log.error("snapshot %s has no live record copy", e["name"])
@@ -1100,7 +944,7 @@ class Master:
             # prefer a new zone, and a disk that did not just corrupt this record
             options.sort(key=lambda o: (o[0].id in rotted, (o[0].location.region, o[0].location.zone) in zones))
             if not options:
-                self._rerepl_dirty = True
+                self.chunkmap.dirty = True
                 continue
             target, why = options[0]
             try:
@@ -1110,7 +954,7 @@ class Master:
             except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
                 M.M_RECORD_REPAIRS.labels("failed").inc()
                 log.warning("re-copying snapshot %s to %s failed: %s", e["name"], target.id, exc)
-                self._rerepl_dirty = True
+                self.chunkmap.dirty = True
                 continue
             self.outbox.cancel(target.id, "record", e["id"])
             cur = self.state.snapshots.get(e["id"])
@@ -1125,61 +969,61 @@ class Master:
         return made
 
     async def _rereplicate_once(self) -> int:
-        self._rerepl_dirty = False
+        self.chunkmap.dirty = False
         await self._repair_records()
-        alive = [c.candidate() for c in self.alive()]
-        _under, _lost, todo = self._scan_replication(limit=200)
+        alive = [c.candidate() for c in self.chunkmap.alive()]
+        _under, _lost, todo = self.chunkmap.scan_replication(limit=200)
         sem = asyncio.Semaphore(8)
         done = 0
 
         async def one(h: int) -> None:
             nonlocal done
-            srcs = self.replicas_of(h)
+            srcs = self.chunkmap.replicas_of(h)
             if not srcs:
                 return
             if self.leases.being_written(h):
-                self._rerepl_dirty = True  # copy it once the append has committed
+                self.chunkmap.dirty = True  # copy it once the append has committed
                 return
             version = self.state.version.get(h)
             if version is None:
                 return
             need = self.state.replication - len(srcs)
             existing = [c.candidate() for c in srcs]
-            holding = {c for c in self.cs if h in self.cs[c].chunks}
-            counted = self.locations.get(h, set())
+            holding = self.chunkmap.holding(h)
+            counted = self.chunkmap.locations.get(h, set())
             for cid in holding - counted:
-                if self.cs[cid].alive:
+                if self.chunkmap.cs[cid].alive:
                     # a copy the master does not count (stale, short, or a lost delete order):
                     # delete it, or it would block this server as a target forever
-                    self.cs[cid].stale.add(h)
-                    self._rerepl_dirty = True
+                    self.chunkmap.cs[cid].stale.add(h)
+                    self.chunkmap.dirty = True
             # not onto a server with a queued delete of this chunk: the order could land after the copy
             targets = place_replicas(alive, need, existing=existing, exclude=holding | self.outbox.pending_on("chunk", h))
             for t in targets:
                 async with sem:
                     try:
-                        await self.call_cs(self.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
+                        await self.call_cs(self.chunkmap.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
                                            json={"source": srcs[0].address, "version": version})
                     except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
                         M.M_REREPL.labels("failed").inc()
                         log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
-                        self._rerepl_dirty = True
+                        self.chunkmap.dirty = True
                         continue
                     if self.state.version.get(h) != version or self.leases.being_written(h):
                         # an append began while we copied: the copy may miss its bytes
-                        self.cs[t.id].stale.add(h)
+                        self.chunkmap.cs[t.id].stale.add(h)
                         M.M_REREPL.labels("raced").inc()
                         log.info("re-replication of %s to %s raced with an append; will retry", hexh(h), t.id)
-                        self._rerepl_dirty = True
+                        self.chunkmap.dirty = True
                         continue
-                    self.locations.setdefault(h, set()).add(t.id)
-                    self.cs[t.id].chunks[h] = version
+                    self.chunkmap.locations.setdefault(h, set()).add(t.id)
+                    self.chunkmap.cs[t.id].chunks[h] = version
                     M.M_REREPL.labels("success").inc()
                     done += 1
 
         await asyncio.gather(*(one(h) for h in todo))
         if len(todo) >= 200:
-            self._rerepl_dirty = True
+            self.chunkmap.dirty = True
         return done
 
     # ------------------------------------------------------------------ checkpoints
