@@ -57,10 +57,11 @@ from ..web import (
 )
 from .checkpoint import dump
 from .chunkmap import SMALL_TABLE, ChunkMap, ChunkserverInfo
-from .leases import Lease, LeaseTable
+from .leases import LeaseTable
 from .oplog import OpLog, recover, write_checkpoint
 from .outbox import Key, Kind, Outbox
 from .state import MasterState, now_ns
+from .writes import WritePath
 
 log = logging.getLogger("kubegfs.master")
 
@@ -96,6 +97,7 @@ class Master:
         self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
         self.leases = LeaseTable(on_abandon=self._abandoned)
         self.chunkmap = ChunkMap(state, self.leases, on_dead=lambda cs: self.outbox.forget(cs.id))
+        self.writes = WritePath(self)
         self.builders: dict[str, asyncio.Task[Any]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -333,81 +335,15 @@ class Master:
         for i in ids:
             self.outbox.order(i, "chunk", h)
 
-    def _cs_json(self, ids: list[str]) -> list[dict[str, Any]]:
-        return [{"id": i, "address": self.chunkmap.cs[i].address} for i in ids if i in self.chunkmap.cs]
-
     async def h_open(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        mode = field_str(b, "mode", "create")
-        file_mode = field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777)
-        path, parts, node = self.state.prepare_open(field_str(b, "path"), mode, file_mode)
-        lease = self.leases.grant(path, mode, file_mode, node)
-        out: dict[str, Any] = {"lease": lease.id, "chunk_size": self.state.chunk_size, "size": 0}
-        try:
-            if mode == "append":
-                assert isinstance(node, ns.File)
-                out["size"] = node.size
-                if node.size % self.state.chunk_size and node.chunks:
-                    out["last"] = await self._prepare_inplace(lease, parts, node)
-        except BaseException:
-            self.leases.drop(lease.id)
-            raise
-        return json_response(out)
-
-    async def _prepare_inplace(self, lease: Lease, parts: tuple[str, ...], node: ns.File) -> dict[str, Any]:
-        """The last, partial chunk will be appended to: clone it first if it is shared (COW),
-        else bump its version so replicas that miss the write are detectably stale."""
-        st = self.state
-        last = node.chunks[-1]
-        reps = self.chunkmap.replicas_of(last)
-        if not reps:
-            raise Unavailable(f"no live replica of chunk {hexh(last)}")
-
-        def unchanged() -> None:  # between the chunkservers' answers and the log
-            if ns.get(st.root, parts) is not node:
-                raise Conflict("the file changed while preparing the append; retry")
-
-        if st.is_shared(last):
-            new = st.new_handle()
-            lease.inplace = new  # from here on re-replication leaves the chunk alone
-            version = st.version[last]
-            results = await asyncio.gather(
-                *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(last)}/clone",
-                               json={"dst": hexh(new), "version": version}) for c in reps),
-                return_exceptions=True,
-            )
-            ok = [c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)]
-            if not ok:
-                raise Unavailable(f"no replica could clone chunk {hexh(last)}: {results[0]}")
-            unchanged()
-            await self.mutate({"op": "cow", "path": lease.path, "index": len(node.chunks) - 1,
-                               "old": last, "new": new})
-            M.M_COW.inc()
-            self.chunkmap.locations[new] = set(ok)
-            target, tv = new, version
-        else:
-            lease.inplace = last  # from here on re-replication leaves the chunk alone
-            # GFS: a new version at lease grant, so a replica that misses the append is stale
-            tv = await self._bump_version(last, reps, unchanged)
-            target = last
-        cur = ns.get(st.root, parts)
-        assert isinstance(cur, ns.File)
-        lease.node = cur
-        lease.base = cur.chunks
-        lease.inplace = target
-        return {"handle": hexh(target), "version": tv, "offset": node.size % st.chunk_size,
-                "replicas": self._cs_json(sorted(c.id for c in self.chunkmap.replicas_of(target)))}
+        return json_response(await self.writes.open(
+            field_str(b, "path"), field_str(b, "mode", "create"),
+            field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777)))
 
     async def h_alloc(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        lease = self.leases.renew(field_str(b, "lease", max_len=64))
-        alive = [c.candidate() for c in self.chunkmap.alive()]
-        chosen = place_replicas(alive, self.state.replication, need_bytes=0)
-        if not chosen:
-            raise Unavailable("no live chunkserver to place a chunk on")
-        h = self.state.new_handle()
-        lease.allocated[h] = [c.id for c in chosen]
-        return json_response({"handle": hexh(h), "version": 1, "replicas": self._cs_json(lease.allocated[h])})
+        return json_response(self.writes.alloc(field_str(b, "lease", max_len=64)))
 
     async def h_abort(self, request: web.Request) -> web.Response:
         b = await read_json(request)
@@ -417,8 +353,7 @@ class Master:
 
     async def h_commit(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        lease = self.leases.renew(field_str(b, "lease", max_len=64))
-        st = self.state
+        lid = field_str(b, "lease", max_len=64)
         size = field_int(b, "size", None, 0)
         raw_chunks = b.get("chunks")
         if not isinstance(raw_chunks, list):
@@ -434,64 +369,7 @@ class Master:
             if not isinstance(reps, list) or not all(isinstance(x, str) for x in reps):
                 raise InvalidArgument("replicas must be a list of chunkserver ids")
             acked[h] = reps
-        new = st.validate_commit(size, handles, acked, lease.base, lease.allocated, lease.node,
-                                 lease.mode == "append")
-        if lease.inplace is not None and acked.get(lease.inplace):
-            await self._retire_missed_replicas(lease.inplace, set(acked[lease.inplace]))
-        try:
-            op = st.prepare_commit(lease.path, size, handles, new, lease.file_mode, lease.node, lease.inplace)
-        except Conflict:
-            self.leases.drop(lease.id)
-            raise
-        self.leases.drop(lease.id, committed=frozenset(new))
-        await self.mutate(op)
-        for h in new:
-            self.chunkmap.locations[h] = {i for i in acked[h] if i in self.chunkmap.cs}
-            for i in self.chunkmap.locations[h]:
-                self.chunkmap.cs[i].chunks[h] = 1
-            for i in set(lease.allocated[h]) - self.chunkmap.locations[h]:
-                if i in self.chunkmap.cs:  # took some pieces, not all: its copy is short, never a replica
-                    self.chunkmap.cs[i].stale.add(h)
-            if len(self.chunkmap.locations[h]) < st.replication:
-                self.chunkmap.dirty = True
-        return json_response({"path": lease.path, "size": size, "chunks": len(handles)})
-
-    async def _retire_missed_replicas(self, h: int, acked: set[str]) -> None:
-        """Replicas of an appended-to chunk that did not acknowledge every piece carry the
-        lease's version but not its bytes: bump the version on the ones that did, so the others
-        are detectably stale, and have them deleted."""
-        missed = self.chunkmap.locations.get(h, set()) - acked
-        if not missed:
-            return
-        good = [c for c in self.chunkmap.replicas_of(h) if c.id in acked]
-        if not good:
-            raise Unavailable(f"no replica of chunk {hexh(h)} holds the whole append")
-        await self._bump_version(h, good)
-        log.warning("chunk %s: %d replica(s) missed part of an append; they will be replaced", hexh(h), len(missed))
-
-    async def _bump_version(self, h: int, reps: list[ChunkserverInfo], check: Callable[[], None] | None = None) -> int:
-        """Give ``reps`` the chunk's next version, then log it (``check`` may still refuse in
-        between). The holders that did not take it drop out of its locations and are told to
-        delete their copy; re-replication makes good ones. Returns the new version."""
-        tv = self.state.version[h] + 1
-        results = await asyncio.gather(
-            *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(h)}/version", json={"version": tv}) for c in reps),
-            return_exceptions=True,
-        )
-        fresh = {c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)}
-        if not fresh:
-            raise Unavailable(f"no replica of chunk {hexh(h)} accepted the new version: {results[0]}")
-        if check is not None:
-            check()
-        await self.mutate({"op": "bump", "h": h, "v": tv})
-        for cid in self.chunkmap.locations.get(h, set()) - fresh:
-            if cid in self.chunkmap.cs:
-                self.chunkmap.cs[cid].stale.add(h)
-                self.chunkmap.dirty = True
-        self.chunkmap.locations[h] = fresh
-        for cid in fresh:
-            self.chunkmap.cs[cid].chunks[h] = tv
-        return tv
+        return json_response(await self.writes.commit(lid, size, handles, acked))
 
     async def h_layout(self, request: web.Request) -> web.Response:
         parts, node = self.state.lookup(request.query.get("path", ""))

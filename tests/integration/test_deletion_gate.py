@@ -252,7 +252,7 @@ def test_unlogged_version_bump_retires_no_replica(gate_cluster):
 
         async def bump() -> None:
             reps = m.master.chunkmap.replicas_of(hi)
-            await m.master._bump_version(hi, reps[:2])
+            await m.master.writes.bump_version(hi, reps[:2])
 
         fut = asyncio.run_coroutine_threadsafe(bump(), m.loop)
         assert m.sync.waiting.wait(10)
