@@ -41,7 +41,7 @@ from ..errors import (
     from_json,
 )
 from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
-from ..topology import Location, diversify, find_nearest, place_replicas
+from ..topology import Location, diversify, find_nearest
 from ..web import (
     field_bool,
     field_int,
@@ -60,6 +60,7 @@ from .chunkmap import SMALL_TABLE, ChunkMap, ChunkserverInfo
 from .leases import LeaseTable
 from .oplog import OpLog, recover, write_checkpoint
 from .outbox import Key, Kind, Outbox
+from .repair import Repair
 from .state import MasterState, now_ns
 from .writes import WritePath
 
@@ -98,6 +99,7 @@ class Master:
         self.leases = LeaseTable(on_abandon=self._abandoned)
         self.chunkmap = ChunkMap(state, self.leases, on_dead=lambda cs: self.outbox.forget(cs.id))
         self.writes = WritePath(self)
+        self.repair = Repair(self)
         self.builders: dict[str, asyncio.Task[Any]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -163,7 +165,7 @@ class Master:
             self._start_builder(sid)
         self._tasks += [
             asyncio.create_task(self._liveness_loop()),
-            asyncio.create_task(self._rereplication_loop()),
+            asyncio.create_task(self.repair.loop(self.opts.rereplicate_interval)),
             asyncio.create_task(self._checkpoint_loop()),
         ]
 
@@ -792,17 +794,7 @@ class Master:
             await asyncio.sleep(min(1.0, self.opts.dead_after / 4))
             self.chunkmap.expire(self.opts.dead_after)
 
-    async def _rereplication_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.opts.rereplicate_interval)
-            if not self.chunkmap.dirty:
-                continue
-            try:
-                await self._rereplicate_once()
-            except Exception:  # noqa: BLE001
-                log.exception("re-replication pass failed")
-
-    async def _repair_records(self) -> int:
+    async def repair_records(self) -> int:
         """Bring every ready snapshot back to its number of record copies (e.g. after a holder
         died, lost its disk or reported its copy corrupt), each new copy in a new zone if any."""
         made = 0
@@ -845,64 +837,6 @@ class Master:
             log.info("snapshot %s: record re-copied to %s (%s)", e["name"], target.id, target.location.zone)
             made += 1
         return made
-
-    async def _rereplicate_once(self) -> int:
-        self.chunkmap.dirty = False
-        await self._repair_records()
-        alive = [c.candidate() for c in self.chunkmap.alive()]
-        _under, _lost, todo = self.chunkmap.scan_replication(limit=200)
-        sem = asyncio.Semaphore(8)
-        done = 0
-
-        async def one(h: int) -> None:
-            nonlocal done
-            srcs = self.chunkmap.replicas_of(h)
-            if not srcs:
-                return
-            if self.leases.being_written(h):
-                self.chunkmap.dirty = True  # copy it once the append has committed
-                return
-            version = self.state.version.get(h)
-            if version is None:
-                return
-            need = self.state.replication - len(srcs)
-            existing = [c.candidate() for c in srcs]
-            holding = self.chunkmap.holding(h)
-            counted = self.chunkmap.locations.get(h, set())
-            for cid in holding - counted:
-                if self.chunkmap.cs[cid].alive:
-                    # a copy the master does not count (stale, short, or a lost delete order):
-                    # delete it, or it would block this server as a target forever
-                    self.chunkmap.cs[cid].stale.add(h)
-                    self.chunkmap.dirty = True
-            # not onto a server with a queued delete of this chunk: the order could land after the copy
-            targets = place_replicas(alive, need, existing=existing, exclude=holding | self.outbox.pending_on("chunk", h))
-            for t in targets:
-                async with sem:
-                    try:
-                        await self.call_cs(self.chunkmap.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
-                                           json={"source": srcs[0].address, "version": version})
-                    except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
-                        M.M_REREPL.labels("failed").inc()
-                        log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
-                        self.chunkmap.dirty = True
-                        continue
-                    if self.state.version.get(h) != version or self.leases.being_written(h):
-                        # an append began while we copied: the copy may miss its bytes
-                        self.chunkmap.cs[t.id].stale.add(h)
-                        M.M_REREPL.labels("raced").inc()
-                        log.info("re-replication of %s to %s raced with an append; will retry", hexh(h), t.id)
-                        self.chunkmap.dirty = True
-                        continue
-                    self.chunkmap.locations.setdefault(h, set()).add(t.id)
-                    self.chunkmap.cs[t.id].chunks[h] = version
-                    M.M_REREPL.labels("success").inc()
-                    done += 1
-
-        await asyncio.gather(*(one(h) for h in todo))
-        if len(todo) >= 200:
-            self.chunkmap.dirty = True
-        return done
 
     # ------------------------------------------------------------------ checkpoints
 
