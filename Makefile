@@ -57,8 +57,9 @@ helm-package: controlplane-build ## package the Helm chart (CRDs and operator RB
 
 TRIALS ?= 20
 OPS ?= 40
-chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chaos TRIALS=200)
-	$(PYTHON) -m kubegfs_dev.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED))
+chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chaos TRIALS=200 [SLOW_FSYNC=1])
+	$(PYTHON) -m kubegfs_dev.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED)) \
+	  $(if $(SLOW_FSYNC),--slow-fsync $(SLOW_FSYNC))
 
 bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
 	$(PYTHON) -m kubegfs_dev.bench --out bench-results

@@ -209,10 +209,10 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]
         shape.append, sizes.append, nchunks.append, handles.extend, queue.append)
     i = 0
     while i < len(queue):
-        ch = queue[i].children
+        items = sorted(queue[i].children.items())  # canonical: the same tree, the same bytes
         i += 1
-        names.extend(ch.keys())
-        kids = list(ch.values())
+        names.extend([n for n, _k in items])
+        kids = [k for _n, k in items]
         modes.extend([k.mode for k in kids])
         mtimes.extend([k.mtime for k in kids])
         for k in kids:

@@ -65,6 +65,15 @@ M_RECORD_REPAIRS = Counter(
     "kubegfs_snapshot_record_repairs_total", "Snapshot record copies re-made after a loss",
     ["result"], registry=MASTER,
 )
+M_RECORD_DROPPED = Counter(
+    "kubegfs_snapshot_record_copies_dropped_total",
+    "Snapshot record copies dropped from the catalog (missing, truncated, corrupt, not the catalog's bytes)",
+    ["reason"], registry=MASTER,
+)
+M_SNAP_UNDER_COPIED = Gauge(
+    "kubegfs_snapshots_under_copied", "Ready snapshots with fewer live record copies than they ask for",
+    registry=MASTER,
+)
 M_CORRUPT = Counter(
     "kubegfs_corrupt_replicas_total", "Replicas reported corrupt by chunkservers", registry=MASTER
 )
@@ -147,4 +156,29 @@ OP_IN_PROGRESS = Gauge(
 OP_LAST_SUCCESS = Gauge(
     "kubegfs_snapshot_last_success_timestamp_seconds", "Unix time of the last Ready snapshot",
     ["namespace"], registry=OPERATOR,
+)
+SCHED_RUNS = Counter(
+    "kubegfs_schedule_runs_total", "Snapshots of a SnapshotSchedule finished", ["namespace", "schedule", "result"],
+    registry=OPERATOR,
+)
+SCHED_MISSED = Counter(
+    "kubegfs_schedule_missed_total", "Scheduled runs never started (operator down, or past the deadline)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_RETAINED = Gauge(
+    "kubegfs_snapshots_retained", "Ready Snapshots a SnapshotSchedule's retention policy keeps",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_NEXT_RUN = Gauge(
+    "kubegfs_schedule_next_run_timestamp_seconds", "Unix time of a SnapshotSchedule's next run (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_LAST_SUCCESS = Gauge(
+    "kubegfs_schedule_last_success_timestamp_seconds",
+    "Scheduled time of a SnapshotSchedule's newest Ready Snapshot (its creation while it has none)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_PERIOD = Gauge(
+    "kubegfs_schedule_period_seconds", "A SnapshotSchedule's current interval between runs (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
 )

@@ -71,21 +71,41 @@ def make_middlewares(token: str, http: HttpMetrics) -> list[Any]:
     return [mw]
 
 
-async def read_json(request: web.Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body (however many segments it arrives in), or 413 once it passes ``limit``."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"body larger than {limit} bytes")
+    parts: list[bytes] = []
+    n = 0
+    async for data in request.content.iter_any():
+        n += len(data)
+        if n > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def read_json(request: web.Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+    raw = await read_body(request, limit)
     if not raw:
         return {}
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"malformed JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidArgument("malformed JSON: nested too deeply") from exc
     if not isinstance(body, dict):
         raise InvalidArgument("JSON body must be an object")
     return body
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) of a ``--listen`` option."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidArgument(f"--listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

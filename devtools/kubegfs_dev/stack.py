@@ -52,7 +52,8 @@ def apply_crds(kubectl_env: dict[str, str], kubeconfig: Path) -> None:
                     "--force-conflicts", "-f", str(CRD_DIR)], check=True, capture_output=True,
                    env=kubectl_env, timeout=60)
     subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "wait", "--for=condition=Established",
-                    "--timeout=60s", "crd/snapshots.kubegfs.io", "crd/restores.kubegfs.io"],
+                    "--timeout=60s", "crd/snapshots.kubegfs.io", "crd/restores.kubegfs.io",
+                    "crd/snapshotschedules.kubegfs.io"],
                    check=True, capture_output=True, env=kubectl_env, timeout=90)
 
 
