@@ -219,7 +219,7 @@ def test_operator_killed_mid_snapshot_makes_exactly_one(stack):
     assert stack.kubectl("get", "gsnap", "-o", "name").stdout.strip() == ""  # no stuck finalizers
 
 
-@pytest.mark.parametrize("plural", ["snapshots", "restores"])
+@pytest.mark.parametrize("plural", ["snapshots", "restores", "snapshotschedules"])
 def test_operator_rbac_has_no_wildcards(plural):
     import yaml
 
