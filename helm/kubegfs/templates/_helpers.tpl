@@ -65,7 +65,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $root.Values.image.registry }}
 {{- $repo = printf "%s/%s" (trimSuffix "/" $root.Values.image.registry) $repo }}
 {{- end }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $repo $img.digest }}
+{{- else }}
 {{- printf "%s:%s" $repo (default $root.Chart.AppVersion $img.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* The Secret holding the shared token, and its key. */}}
