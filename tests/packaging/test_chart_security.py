@@ -117,3 +117,32 @@ def test_the_generated_certificate_serves_a_real_master(render, tmp_path):
         p.terminate()
         p.wait(timeout=20)
         log.close()
+
+
+def test_api_server_egress_is_narrowed_to_the_api_server(controlplane, helm_cmd):
+    """Installed against a cluster (lookup works), the API-server egress names the kubernetes
+    Service's IP and its endpoints instead of any address on 443/6443."""
+    import json
+
+    from kubernetes import client
+
+    api = controlplane.api_client()
+    svc = client.CoreV1Api(api).read_namespaced_service("kubernetes", "default")
+    want = {f"{svc.spec.cluster_ip}/32"}
+    try:  # the API servers' own addresses, where the harness's API server publishes them
+        eps = client.DiscoveryV1Api(api).read_namespaced_endpoint_slice("kubernetes", "default")
+        want |= {f"{ip}/32" for e in eps.endpoints or [] for ip in e.addresses}
+    except client.exceptions.ApiException as exc:
+        assert exc.status == 404
+    r = helm_cmd("template", "kg", str(Path(__file__).resolve().parents[2] / "helm" / "kubegfs"),
+                 "--dry-run=server", "--kubeconfig", str(controlplane.kubeconfig), "--namespace", "default")
+    import yaml
+
+    policies = [d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "NetworkPolicy"]
+    seen = 0
+    for np in policies:
+        for rule in np["spec"].get("egress", []):
+            if {p["port"] for p in rule.get("ports", [])} == {443, 6443}:
+                seen += 1
+                assert {t["ipBlock"]["cidr"] for t in rule["to"]} == want, json.dumps(rule)
+    assert seen == 3  # operator, master and chunkservers (topologyFromNode)

@@ -178,12 +178,30 @@ annotations:
     {{- range .Values.networkPolicy.apiServer.ports }}
     - {protocol: TCP, port: {{ . }}}
     {{- end }}
-  {{- with .Values.networkPolicy.apiServer.cidrs }}
+  {{- with include "kubegfs.apiServerCIDRs" . | fromJsonArray }}
   to:
     {{- range . }}
     - ipBlock: {cidr: {{ . | quote }}}
     {{- end }}
   {{- end }}
+{{- end }}
+{{/* The API server's addresses: networkPolicy.apiServer.cidrs, else looked up at install time
+     (the default/kubernetes Service's cluster IP and its endpoints, /32 or /128 each; policies
+     see the endpoint after DNAT with most CNIs, the Service IP with some); [] when there is no
+     cluster to ask (helm template): then any address on the ports. */}}
+{{- define "kubegfs.apiServerCIDRs" -}}
+{{- $out := .Values.networkPolicy.apiServer.cidrs }}
+{{- if not $out }}
+{{- $ips := list }}
+{{- with lookup "v1" "Service" "default" "kubernetes" }}{{ $ips = concat $ips (.spec.clusterIPs | default (list .spec.clusterIP)) }}{{ end }}
+{{- with lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" }}
+{{- range .endpoints }}{{ $ips = concat $ips .addresses }}{{ end }}
+{{- end }}
+{{- range $ips | uniq }}
+{{- $out = append $out (printf "%s/%s" . (ternary "128" "32" (contains ":" .))) }}
+{{- end }}
+{{- end }}
+{{- toJson ($out | default list) }}
 {{- end }}
 
 {{/* NetworkPolicy peer: pods of one component of this release. */}}
