@@ -42,7 +42,7 @@ class Repair:
         """One pass: record copies first, then up to 200 under-replicated chunks, fewest replicas first."""
         m = self.m
         m.chunkmap.dirty = False
-        await m.repair_records()
+        await m.snapshots.repair_records()
         alive = [c.candidate() for c in m.chunkmap.alive()]
         _under, _lost, todo = m.chunkmap.scan_replication(limit=200)
         sem = asyncio.Semaphore(8)
