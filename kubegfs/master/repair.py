@@ -11,12 +11,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from .. import metrics as M
-from ..errors import KubegfsError
 from ..topology import place_replicas
-from ..web import hexh
+from ..web import PEER_ERRORS, hexh
 
 if TYPE_CHECKING:
     from .server import Master
@@ -76,7 +73,7 @@ class Repair:
                     try:
                         await m.call_cs(m.chunkmap.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
                                            json={"source": srcs[0].address, "version": version})
-                    except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                    except PEER_ERRORS as exc:
                         M.M_REREPL.labels("failed").inc()
                         log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
                         m.chunkmap.dirty = True

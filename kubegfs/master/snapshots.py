@@ -18,8 +18,6 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from .. import metrics as M
 from .. import namespace as ns
 from .. import paths
@@ -28,13 +26,13 @@ from ..errors import (
     Conflict,
     CorruptData,
     InvalidArgument,
-    KubegfsError,
     NotFound,
     Unavailable,
     from_json,
 )
 from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
 from ..topology import Location, diversify, find_nearest
+from ..web import PEER_ERRORS
 from .chunkmap import ChunkserverInfo
 from .state import now_ns
 
@@ -144,7 +142,7 @@ class Snapshots:
                 nonlocal last_err
                 try:
                     await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=rec.data, headers=headers)
-                except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                except PEER_ERRORS as exc:
                     last_err = f"{cs.id}: {exc}"
                     log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
                     return None
@@ -245,7 +243,7 @@ class Snapshots:
                 await self.drop_record_copy(e["id"], cs.id, why)
                 if why != "missing":
                     self.m.outbox.order(cs.id, "record", e["id"])
-            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+            except PEER_ERRORS as exc:
                 log.warning("snapshot %s: copy on %s unusable: %s", e["id"], cs.id, exc)
                 errors.append(f"{cs.id}: {exc}")
         if (ranked and bad == len(ranked)) or (not e.get("holders") and self._bad_record_copies.get(e["id"])):
@@ -374,7 +372,7 @@ class Snapshots:
                 _parsed, data, _src = await self.fetch_record(e)
                 await self.m.call_cs(target, "PUT", f"/internal/records/{e['id']}", data=data,
                                    headers={"X-Kubegfs-Sha256": e["sha256"]})
-            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+            except PEER_ERRORS as exc:
                 M.M_RECORD_REPAIRS.labels("failed").inc()
                 log.warning("re-copying snapshot %s to %s failed: %s", e["name"], target.id, exc)
                 self.m.chunkmap.dirty = True
