@@ -67,7 +67,10 @@ class Repair:
                     m.chunkmap.cs[cid].stale.add(h)
                     m.chunkmap.dirty = True
             # not onto a server with a queued delete of this chunk: the order could land after the copy
-            targets = place_replicas(alive, need, existing=existing, exclude=holding | m.outbox.pending_on("chunk", h))
+            pending = m.outbox.pending_on("chunk", h)
+            targets = place_replicas(alive, need, existing=existing, exclude=holding | pending)
+            if len(targets) < need and pending - holding:
+                m.chunkmap.dirty = True  # that server is a target again once its delete went out
             for t in targets:
                 async with sem:
                     try:
