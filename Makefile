@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.installed
 K8S_CACHE ?= $(HOME)/.cache/kubegfs/k8s
 PYTEST_ARGS ?=
 
-.PHONY: help venv run up down test test-core lint lint-chart bench bench-quick chaos \
+.PHONY: help venv run up down test test-core lint lint-chart bench bench-hdfs bench-quick chaos \
         controlplane-build controlplane-up controlplane-down images helm-package clean
 
 help: ## list the targets
@@ -64,6 +64,9 @@ chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chao
 bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
 	$(PYTHON) -m kubegfs_dev.bench --out bench-results
 
+bench-hdfs: $(STAMP) ## kubegfs vs an HDFS MiniDFSCluster side by side (Java 17 + Maven; not in bench-quick)
+	$(PYTHON) -m kubegfs_dev.bench --only hdfs --out bench-results
+
 bench-quick: $(STAMP) ## a small benchmark run (CI runs it so the code can't rot)
 	$(PYTHON) -m kubegfs_dev.bench --quick --out bench-results
 
@@ -80,4 +83,4 @@ images: ## build the master, chunkserver and operator images (REGISTRY=… also 
 	REGISTRY=$(REGISTRY) bash hack/images/build.sh $(if $(REGISTRY),--push) $(IMAGES_ARGS)
 
 clean: ## remove venv, caches and run data (keeps the control-plane binaries in $$HOME/.cache/kubegfs)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info devtools/*.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info devtools/*.egg-info devtools/hdfs-peer/target

@@ -232,14 +232,14 @@ public final class Main {
         row("read", "MB/s", read, e);
     }
 
-    /** N empty files, 250 to a directory, created from 4 threads. */
+    /** N empty files, 250 to a directory, created from 16 threads (the edit log groups their fsyncs). */
     private double buildTree(Path root, int files) throws Exception {
         long t0 = System.nanoTime();
         int dirs = (files + 249) / 250;
         for (int d = 0; d < dirs; d++) {
             fs.mkdirs(new Path(root, "d" + d));
         }
-        int nt = 4;
+        int nt = 16;
         AtomicReference<Throwable> err = new AtomicReference<>();
         Thread[] ts = new Thread[nt];
         for (int i = 0; i < nt; i++) {
