@@ -294,7 +294,7 @@ def ratio_rows(pairs: list[Pair]) -> list[Row]:
 
 def _cells(p: Pair) -> tuple[str, str, str, str]:
     k = fmt(p.kubegfs.median, p.unit) if p.kubegfs else "— (not built, #13)"
-    ratio = f"{p.speed:.2f}" if p.kubegfs else "—"
+    ratio = "—" if p.kubegfs is None else f"{p.speed:.2f}" if p.speed >= 0.1 else f"{p.speed:.2g}"
     target = "" if p.target is None or p.kubegfs is None else (
         f"≥ {p.target:g} {'✓' if p.speed >= p.target else '✗'}")
     return k, fmt(p.hdfs.median, p.unit), ratio, target
