@@ -89,6 +89,26 @@ M_RESTORE_RESULT = Counter(
     "kubegfs_master_restores_total", "Restores by result", ["result"], registry=MASTER
 )
 
+# master: cluster identity, safe mode, metadata replication (master/guard.py, metareplica.py)
+M_CLUSTER_REFUSALS = Counter(
+    "kubegfs_master_cluster_refusals_total", "Heartbeats refused: the chunkserver is of another cluster",
+    registry=MASTER,
+)
+M_REFUSING = Gauge(
+    "kubegfs_master_refusing", "1 while the master refuses everything (empty data dir, data on chunkservers)",
+    registry=MASTER,
+)
+M_FOREIGN_CS = Gauge(
+    "kubegfs_master_foreign_chunkservers", "Chunkservers of another cluster seen recently", registry=MASTER
+)
+M_SAFE_MODE = Gauge("kubegfs_master_safe_mode", "1 while the master holds every deletion", registry=MASTER)
+M_SAFE_MODE_RATIO = Gauge(
+    "kubegfs_master_safe_mode_reported_ratio", "Share of known chunks with a reported replica", registry=MASTER
+)
+M_DELETIONS_HELD = Counter(
+    "kubegfs_master_deletions_held_total", "Deletion orders held back by safe mode", registry=MASTER
+)
+
 # ----------------------------------------------------------------------------- chunkserver
 CS_HTTP = _Http(CHUNKSERVER, "chunkserver")
 CS_CHUNKS = Gauge("kubegfs_chunkserver_chunks", "Chunks stored", registry=CHUNKSERVER)
@@ -110,6 +130,10 @@ CS_CLONES = Counter(
 CS_HEARTBEAT_FAIL = Counter(
     "kubegfs_chunkserver_heartbeat_failures_total", "Heartbeats the master did not answer",
     registry=CHUNKSERVER,
+)
+CS_CLUSTER_REFUSALS = Counter(
+    "kubegfs_chunkserver_cluster_refusals_total",
+    "Masters refused or refusing us because the cluster ids differ", registry=CHUNKSERVER,
 )
 
 # ----------------------------------------------------------------------------- operator

@@ -21,6 +21,7 @@ log = logging.getLogger("kubegfs.web")
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_JSON_BODY = 8 * 1024 * 1024
 TOKEN_HEADER = "Authorization"
+CLUSTER_HEADER = "X-Kubegfs-Cluster"  # master -> chunkserver calls name their cluster (master/identity.py)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -42,6 +42,7 @@ from ..errors import (
 from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
 from ..topology import Candidate, Location, diversify, find_nearest, place_replicas
 from ..web import (
+    CLUSTER_HEADER,
     field_bool,
     field_int,
     field_str,
@@ -53,7 +54,10 @@ from ..web import (
     read_json,
     record_id,
 )
+from .guard import Guard
+from .identity import open_identity
 from .oplog import OpLog, recover, write_checkpoint
+from .safemode import SafeModeConfig
 from .state import MasterState, dump, now_ns
 
 log = logging.getLogger("kubegfs.master")
@@ -112,6 +116,8 @@ class Options:
     fsync: bool = True
     snapshot_retry_seconds: float = 120.0
     fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
+    format: bool = False  # --format: confirm an empty or refusing data dir as a new cluster
+    safe_mode: SafeModeConfig = field(default_factory=SafeModeConfig)
 
 
 class Master:
@@ -123,6 +129,7 @@ class Master:
         self.token = token
         self.location = location
         self.opts = options or Options()
+        self.guard = Guard(data_dir, open_identity(data_dir, self.opts.format), self.opts.safe_mode)
         state, self.recovery = recover(data_dir, chunk_size, replication)
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
         self.state: MasterState = state
@@ -150,7 +157,8 @@ class Master:
     # ------------------------------------------------------------------ plumbing
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=make_middlewares(self.token, M.MASTER_HTTP), client_max_size=8 << 20)
+        app = web.Application(middlewares=[*make_middlewares(self.token, M.MASTER_HTTP), self.guard.middleware()],
+                              client_max_size=8 << 20)
         r = app.router
         r.add_get("/healthz", self.h_healthz)
         r.add_get("/readyz", self.h_healthz)
@@ -174,16 +182,14 @@ class Master:
         r.add_post("/api/v1/snapshots/{ref}/restore", self.h_snap_restore)
         r.add_post("/api/v1/admin/checkpoint", self.h_checkpoint)
         r.add_get("/api/v1/admin/dump", self.h_dump)
+        r.add_post("/api/v1/admin/recover", self.h_recover)
         r.add_post("/internal/heartbeat", self.h_heartbeat)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
 
     async def _start(self, app: web.Application) -> None:
-        self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=aiohttp.ClientTimeout(total=120, connect=3),
-        )
+        await self.reset_session()
         if self._pending_init:
             await self.mutate({"op": "init", "chunk_size": self._chunk_size_cfg, "replication": self._replication_cfg})
         elif self._chunk_size_cfg != self.state.chunk_size:
@@ -270,6 +276,7 @@ class Master:
         for s in ("pending", "ready", "failed"):
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
         self.under_replicated_count()
+        self.guard.update_gauges()
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.state
@@ -291,6 +298,7 @@ class Master:
             "cow_clones": st.cow_clones, "location": self.location.to_json(),
             "recovery": {"checkpoint_seq": self.recovery.checkpoint_seq,
                          "replayed": self.recovery.replayed, "problems": self.recovery.problems},
+            "cluster": self.guard.status(), "conditions": self.guard.conditions(),
         })
 
     async def h_chunkservers(self, request: web.Request) -> web.Response:
@@ -298,6 +306,20 @@ class Master:
 
     async def h_dump(self, request: web.Request) -> web.Response:
         return json_response(dump(self.state))
+
+    async def h_recover(self, request: web.Request) -> web.Response:
+        from .recovery import h_recover
+
+        return await h_recover(self, request)
+
+    async def reset_session(self) -> None:
+        """A new client session (e.g. after ``recover`` changed the cluster id it sends)."""
+        if self._session:
+            await self._session.close()
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.token}", CLUSTER_HEADER: self.guard.cluster_id},
+            timeout=aiohttp.ClientTimeout(total=120, connect=3),
+        )
 
     async def h_checkpoint(self, request: web.Request) -> web.Response:
         path = await self.checkpoint()
@@ -784,7 +806,7 @@ class Master:
         if e["state"] == "pending":
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.mutate({"op": "snap_delete", "id": e["id"]})
-        for h in e.get("holders", []):
+        for h in e.get("holders", []) if not self.guard.holds() else ():  # else heartbeat GC, later
             cs = self.cs.get(h["id"])
             if cs and cs.alive:
                 try:
@@ -883,11 +905,12 @@ class Master:
         if not address.startswith(("http://", "https://")):
             raise InvalidArgument("address must be an http(s) URL")
         loc = Location.from_json(b.get("location"))
+        self.guard.admit(cid, address, b)  # another cluster's chunkserver: refused, nothing read
         st = self.state
         cs = self.cs.get(cid)
         full = field_bool(b, "full", False)
-        if not full and (cs is None or not cs.registered):
-            return json_response({"reregister": True, "chunk_size": st.chunk_size})
+        if not full and (cs is None or not cs.registered or self.guard.owes_report(cid)):
+            return json_response({"reregister": True, "chunk_size": st.chunk_size, **self.guard.reply()})
         if cs is None:
             cs = self.cs[cid] = CS(cid, address, loc)
         cs.address, cs.location = address, loc
@@ -983,6 +1006,9 @@ class Master:
         for h in cs.stale:
             if cid not in self.locations.get(h, ()):
                 delete.add(h)
+        if self.guard.hold(cid, len(delete), len(delete_records)):  # safe mode: order nothing yet
+            return json_response({"delete_chunks": [], "delete_records": [], "chunk_size": st.chunk_size,
+                                  **self.guard.reply()})
         cs.stale.clear()
         for h in delete & st.garbage:
             if not any(h in c.chunks for c in self.cs.values() if c.id != cid):
@@ -994,7 +1020,7 @@ class Master:
         return json_response({
             "delete_chunks": [hexh(h) for h in sorted(delete)],
             "delete_records": sorted(delete_records),
-            "chunk_size": st.chunk_size,
+            "chunk_size": st.chunk_size, **self.guard.reply(),
         })
 
     def _allocated(self, h: int) -> bool:
@@ -1008,6 +1034,7 @@ class Master:
     async def _liveness_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.opts.dead_after / 4))
+            self.guard.tick(self.state.version, self.locations)
             now = time.monotonic()
             for cs in self.cs.values():
                 if cs.alive and cs.registered and now - cs.last_seen > self.opts.dead_after:
@@ -1061,7 +1088,7 @@ class Master:
     async def _rereplication_loop(self) -> None:
         while True:
             await asyncio.sleep(self.opts.rereplicate_interval)
-            if not self._rerepl_dirty:
+            if not self._rerepl_dirty or self.guard.holds():  # safe mode: reports still coming
                 continue
             try:
                 await self._rereplicate_once()
