@@ -119,23 +119,32 @@ def topology_options(f: Any) -> Any:
               help="after a start, delete nothing until this share of known chunks has been reported")
 @click.option("--safe-mode-grace", default=30.0, show_default=True, type=click.FloatRange(0),
               help="...or until this many seconds have passed")
+@click.option("--metadata-replication", type=click.Choice(["sync", "async", "off"]), default="sync",
+              show_default=True, help="copy the op log + checkpoints to chunkservers in other zones "
+              "(sync: before acknowledging; async: within --metadata-max-lag)")
+@click.option("--metadata-copies", default=2, show_default=True, type=click.IntRange(1, 8))
+@click.option("--metadata-max-lag", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="async: seconds the copies may trail the master")
 @topology_options
 @click.pass_context
 def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | None, token_file: str | None,
            chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
            format_: bool, safe_mode_threshold: float, safe_mode_grace: float,
+           metadata_replication: str, metadata_copies: int, metadata_max_lag: float,
            node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master (``kubegfs master recover``: rebuild one that lost its data directory)."""
     if ctx.invoked_subcommand is not None:
         return
     if not data_dir:
         fail("--data is required to run the master")
+    from .master.metareplica import MetaReplicationConfig
     from .master.safemode import SafeModeConfig
     from .master.server import Options, run
 
     tok = read_token(token, token_file)
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
-                   format=format_, safe_mode=SafeModeConfig(safe_mode_threshold, safe_mode_grace))
+                   format=format_, safe_mode=SafeModeConfig(safe_mode_threshold, safe_mode_grace),
+                   meta=MetaReplicationConfig(metadata_replication, metadata_copies, metadata_max_lag))
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts)
 

@@ -108,6 +108,17 @@ M_SAFE_MODE_RATIO = Gauge(
 M_DELETIONS_HELD = Counter(
     "kubegfs_master_deletions_held_total", "Deletion orders held back by safe mode", registry=MASTER
 )
+M_META_IN_SYNC = Gauge(
+    "kubegfs_master_metadata_copies_in_sync", "Chunkservers holding an up-to-date copy of the master's metadata",
+    registry=MASTER,
+)
+M_META_LAG = Gauge(
+    "kubegfs_master_metadata_replication_lag_seconds", "Age of the oldest op not yet on the copies (async)",
+    registry=MASTER,
+)
+M_META_DROPS = Counter(
+    "kubegfs_master_metadata_copy_failures_total", "Metadata copies that fell out of sync", registry=MASTER
+)
 
 # ----------------------------------------------------------------------------- chunkserver
 CS_HTTP = _Http(CHUNKSERVER, "chunkserver")

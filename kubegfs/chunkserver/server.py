@@ -28,7 +28,9 @@ from ..web import (
     read_json,
     record_id,
 )
+from . import metaapi
 from .membership import Membership
+from .metastore import MetaStore
 from .store import ChunkStore
 
 log = logging.getLogger("kubegfs.chunkserver")
@@ -57,6 +59,7 @@ class Chunkserver:
         self.chunk_size = chunk_size or saved.get("chunk_size") or 64 * 1024 * 1024
         self.membership.save(id=self.id, chunk_size=self.chunk_size)
         self.store = ChunkStore(data_dir, self.chunk_size)
+        self.meta = MetaStore(data_dir)  # the master's metadata, if it ships a copy here
         self._registered = False
         self._added: dict[int, int] = {}
         self._removed: set[int] = set()
@@ -89,6 +92,7 @@ class Chunkserver:
         r.add_delete("/internal/records/{id}", self.delete_record)
         r.add_get("/internal/info", self.info)
         r.add_post("/internal/scrub", self.scrub)
+        metaapi.add_routes(r, self.meta)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app

@@ -97,9 +97,10 @@ class Guard:
         loc = {k: str(v) for k, v in loc.items() if k in ("node", "zone", "region")} if isinstance(loc, dict) else {}
         self.foreign[cid] = idn.ForeignChunkserver(cid, address, cs_cluster, n, n_rec, max_inc, loc)
 
-    def adopt(self, cluster_id: str) -> None:
-        """``recover`` finished: this master now is ``cluster_id``'s master."""
-        self.ident = idn.ClusterIdentity(cluster_id, time.time_ns())
+    def adopt(self, cluster_id: str, history: str) -> None:
+        """``recover`` finished: this master now is ``cluster_id``'s master, its op log continues
+        ``history`` (the metadata copy's) or starts a new one."""
+        self.ident = idn.ClusterIdentity(cluster_id, time.time_ns(), history=history)
         idn.save(self.data_dir, self.ident)
         self.foreign = {k: v for k, v in self.foreign.items() if v.cluster_id != cluster_id}
         self.restart_safe_mode()

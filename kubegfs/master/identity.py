@@ -50,6 +50,7 @@ class ClusterIdentity:
     created_ns: int
     provisional: bool = False
     refusing: Refusal | None = None
+    history: str = field(default_factory=lambda: uuid.uuid4().hex)  # the op log's lineage (metareplica)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,14 +59,18 @@ class ClusterIdentity:
     def from_json(cls, d: dict[str, Any]) -> ClusterIdentity:
         ref = d.get("refusing")
         return cls(str(d["cluster_id"]), int(d.get("created_ns", 0)), bool(d.get("provisional", False)),
-                   Refusal(**ref) if isinstance(ref, dict) else None)
+                   Refusal(**ref) if isinstance(ref, dict) else None, str(d.get("history") or uuid.uuid4().hex))
 
 
 def load(data_dir: Path) -> ClusterIdentity | None:
     p = data_dir / IDENTITY_FILE
     if not p.exists():
         return None
-    return ClusterIdentity.from_json(json.loads(p.read_text()))
+    raw = json.loads(p.read_text())
+    ident = ClusterIdentity.from_json(raw)
+    if not raw.get("history"):
+        save(data_dir, ident)  # an identity from before metadata replication: fix its lineage now
+    return ident
 
 
 def save(data_dir: Path, ident: ClusterIdentity) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
 from ..fsutil import atomic_write, fsync_dir
+from ..metalayout import prune_superseded
 from .state import MasterState, decode_checkpoint, encode_checkpoint
 
 log = logging.getLogger("kubegfs.master.oplog")
@@ -32,10 +34,6 @@ class RecoveryReport:
     replayed: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _seq_of(p: Path) -> int:
-    return int(p.stem.split("-", 1)[1])
 
 
 def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterState, RecoveryReport]:
@@ -110,6 +108,11 @@ class OpLog:
         self.bytes_written = 0
         self.fsyncs = 0
         self.failed: BaseException | None = None
+        # called with each group-committed batch (framed bytes, first seq, last seq) once it is
+        # durable here, before its waiters are answered: metadata replication (metareplica.py)
+        self.replicate: Callable[[bytes, int, int], Awaitable[None]] | None = None
+        self._buffered_last = next_seq - 1
+        self._flushed_last = next_seq - 1
 
     def _open_segment(self, first_seq: int) -> int:
         # reuse the newest segment if it exists (append after recovery)
@@ -130,6 +133,7 @@ class OpLog:
             raise RuntimeError(f"operation log failed earlier: {self.failed}")
         rec = {k: v for k, v in op.items() if not k.startswith("_")}
         self._buf.append(frame(packb(rec)))
+        self._buffered_last = op["seq"]
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         if not self._flushing:
@@ -143,6 +147,7 @@ class OpLog:
             while self._buf:
                 buf, waiters = self._buf, self._waiters
                 self._buf, self._waiters = [], []
+                first, last = self._flushed_last + 1, self._buffered_last
                 data = b"".join(buf)
                 try:
                     await loop.run_in_executor(None, self._write, data)
@@ -156,6 +161,9 @@ class OpLog:
                     raise
                 self.records_written += len(buf)
                 self.bytes_written += len(data)
+                self._flushed_last = last
+                if self.replicate is not None:
+                    await self.replicate(data, first, last)  # never raises: it degrades instead
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
@@ -195,18 +203,5 @@ def write_checkpoint(data_dir: Path, view: dict[str, Any], keep: int = 2) -> Pat
     data = encode_checkpoint(view)
     path = data_dir / f"checkpoint-{view['seq']:020d}.ckpt"
     atomic_write(path, data)
-    cks = sorted(data_dir.glob("checkpoint-*.ckpt"))
-    for old in cks[:-keep]:
-        old.unlink(missing_ok=True)
-    kept = sorted(data_dir.glob("checkpoint-*.ckpt"))
-    if len(kept) < 2:
-        return path  # keep the whole log until there is an older checkpoint to fall back on
-    oldest_kept = _seq_of(kept[0])
-    segs = sorted(data_dir.glob("log-*.wal"))
-    # a segment can go when the next one starts at or before the oldest kept checkpoint: if the
-    # newest checkpoint is ever unreadable, the older one plus the log after it still recover all
-    for seg, nxt in zip(segs, segs[1:], strict=False):
-        if _seq_of(nxt) <= oldest_kept + 1:
-            seg.unlink(missing_ok=True)
+    prune_superseded(data_dir, keep)
     return path
-

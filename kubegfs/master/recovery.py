@@ -22,6 +22,7 @@ import asyncio
 import calendar
 import logging
 import time
+import uuid
 from array import array
 from dataclasses import dataclass, field
 from itertools import chain
@@ -36,6 +37,7 @@ from ..errors import Conflict, CorruptData, InvalidArgument, KubegfsError, from_
 from ..formats import pack_handles, sha256_hex
 from ..snapobj import parse_record
 from ..web import CLUSTER_HEADER, field_str, json_response, read_json, record_id
+from . import metareplica
 from .identity import ForeignChunkserver
 from .oplog import OpLog, RecoveryReport
 from .state import MasterState
@@ -99,11 +101,19 @@ async def recover_from(m: Master, cluster: str, found: list[ForeignChunkserver],
         headers={"Authorization": f"Bearer {m.token}", CLUSTER_HEADER: cluster},
         timeout=aiohttp.ClientTimeout(total=600, connect=5),
     ) as session:
-        if source == "metadata":
-            raise Conflict("no complete metadata copy on the chunkservers")
-        adopted = await _collect_records(session, found, problems)
-        summary = await _install_records(m, adopted, found)
-    m.guard.adopt(cluster)
+        copy = None
+        if source in ("auto", "metadata"):
+            copy = await metareplica.fetch_newest(session, [f.address for f in found], m.data_dir, problems)
+            if copy is None and source == "metadata":
+                raise Conflict("no complete metadata copy on the chunkservers: " + ("; ".join(problems) or "none"))
+        if copy is not None:
+            summary = await _install_metadata(m, copy, found)
+            history = copy.history
+        else:
+            adopted = await _collect_records(session, found, problems)
+            summary = await _install_records(m, adopted, found)
+            history = uuid.uuid4().hex  # a new log: the old copies are started over
+    m.guard.adopt(cluster, history)
     await m.reset_session()
     seconds = time.perf_counter() - t0
     for p in problems:
@@ -133,10 +143,23 @@ async def _swap(m: Master, write: Any) -> None:
     await loop.run_in_executor(None, write, m.data_dir)
 
 
+async def _install_metadata(m: Master, copy: metareplica.MetaCopy, found: list[ForeignChunkserver]) -> dict[str, Any]:
+    await _swap(m, copy.move_into)
+    state, rep = copy.state, copy.report
+    _reopen(m, state, rep)
+    top = max([state.incarnation] + [f.max_incarnation for f in found])
+    await m.mutate({"op": "incarnation", "n": top + 1})
+    return {"source": "metadata", "from_chunkserver": copy.address, "seq": state.seq,
+            "checkpoint_seq": rep.checkpoint_seq, "replayed": rep.replayed, "replay_seconds": round(rep.seconds, 3),
+            "files": state.n_files, "snapshots": len(state.snapshots)}
+
+
 def _reopen(m: Master, state: MasterState, rep: RecoveryReport) -> None:
     m.state = state
     m.recovery = rep
     m.oplog = OpLog(m.data_dir, state.seq + 1, fsync=m.opts.fsync)
+    m.meta.attach(m.oplog)
+    m.meta.targets.clear()
     m._ops_since_checkpoint = rep.replayed
     m._ls_cache.clear()
     m.locations.clear()

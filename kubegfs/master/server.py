@@ -56,6 +56,8 @@ from ..web import (
 )
 from .guard import Guard
 from .identity import open_identity
+from .metareplica import Candidate as MetaCandidate
+from .metareplica import MetaReplicationConfig, MetaReplicator
 from .oplog import OpLog, recover, write_checkpoint
 from .safemode import SafeModeConfig
 from .state import MasterState, dump, now_ns
@@ -118,6 +120,7 @@ class Options:
     fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
     format: bool = False  # --format: confirm an empty or refusing data dir as a new cluster
     safe_mode: SafeModeConfig = field(default_factory=SafeModeConfig)
+    meta: MetaReplicationConfig = field(default_factory=MetaReplicationConfig)
 
 
 class Master:
@@ -134,6 +137,10 @@ class Master:
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync)
+        self.meta = MetaReplicator(
+            self.opts.meta, data_dir, lambda: self.guard.ident.history, lambda: self._session,
+            lambda: [MetaCandidate(c.id, c.address, c.location) for c in self.alive()], location)
+        self.meta.attach(self.oplog)
         self.cs: dict[str, CS] = {}
         self.locations: dict[int, set[str]] = {}
         self.leases: dict[str, Lease] = {}
@@ -207,6 +214,7 @@ class Master:
             asyncio.create_task(self._liveness_loop()),
             asyncio.create_task(self._rereplication_loop()),
             asyncio.create_task(self._checkpoint_loop()),
+            asyncio.create_task(self.meta.run()),
         ]
 
     async def _stop(self, app: web.Application) -> None:
@@ -277,6 +285,7 @@ class Master:
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
         self.under_replicated_count()
         self.guard.update_gauges()
+        self.meta.update_gauges()
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.state
@@ -298,7 +307,8 @@ class Master:
             "cow_clones": st.cow_clones, "location": self.location.to_json(),
             "recovery": {"checkpoint_seq": self.recovery.checkpoint_seq,
                          "replayed": self.recovery.replayed, "problems": self.recovery.problems},
-            "cluster": self.guard.status(), "conditions": self.guard.conditions(),
+            "cluster": self.guard.status(), "conditions": [*self.guard.conditions(), self.meta.condition()],
+            "metadata_replication": self.meta.status(),
         })
 
     async def h_chunkservers(self, request: web.Request) -> web.Response:
@@ -1204,6 +1214,7 @@ class Master:
             view = self.state.checkpoint_view()
             await self.oplog.rotate()
             path = await asyncio.get_running_loop().run_in_executor(None, write_checkpoint, self.data_dir, view)
+            await self.meta.on_checkpoint(view["seq"])
             self._ops_since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
             M.M_CHECKPOINTS.labels("success").inc()

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -209,5 +210,48 @@ def test_safe_mode_holds_deletions_until_the_grace_period(tmp_path):
         wait_for(lambda: not (cs1.data / "chunks" / orphan[-2:] / f"{orphan}.chk").exists(),
                  what="the orphan to be deleted once safe mode ended")
         assert c.get("/f") == b"f" * (2 * CHUNK)
+    finally:
+        cl.stop()
+
+
+def wait_copies(c, n=2):
+    wait_for(lambda: c.status()["metadata_replication"]["in_sync"] >= n, what=f"{n} metadata copies in sync")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_recover_from_metadata_copies_is_byte_identical(tmp_path, mode):
+    cl = LocalCluster(tmp_path / "k", 3, chunk_size=CHUNK, heartbeat=0.2, dead_after=1.5, checkpoint_ops=40)
+    cl.master_args = ["--metadata-replication", mode, "--metadata-max-lag", "0.5"]
+    cl.start()
+    try:
+        c = cl.client()
+        wait_copies(c)
+        zones = {t["zone"] for t in c.status()["metadata_replication"]["targets"] if t["in_sync"]}
+        assert len(zones) == 2  # copies in two zones
+        files, _snap = populate(c)
+        for i in range(60):  # enough ops for checkpoints to be written and shipped
+            c.mkdir(f"/many/d{i}", parents=True)
+        c.put("/many/last", b"acknowledged last")
+        c.snapshot_create("/many", "many", copies=1)
+        if mode == "async":  # what was acknowledged more than the lag bound ago is on the copies
+            time.sleep(0.6)
+            wait_for(lambda: c.status()["metadata_replication"]["lag_seconds"] == 0, what="the copies to catch up")
+        want = c.dump()  # sync: no wait, every acknowledged op is on the copies already
+        assert c.status()["metadata_replication"]["in_sync"] == 2
+        assert any(p.data.joinpath("meta").glob("checkpoint-*.ckpt") for p in cl.chunkservers)
+        lose_master_volume(cl)
+        c2 = cl.client()
+        wait_for(lambda: len(c2.status()["cluster"]["foreign_chunkservers"]) == 3, what="all refused")
+        r = c2.api("POST", "/admin/recover", json={})
+        assert r["source"] == "metadata" and r["problems"] == [], r
+        assert c2.dump() == want
+        cl.wait_registered(3)
+        assert c2.get("/many/last") == b"acknowledged last" and c2.get("/data/a") == b"changed after the snapshot"
+        c2.snapshot_restore("before-loss", to="/back")
+        for path, body in files.items():
+            assert c2.get(path.replace("/data", "/back", 1)) == body
+        wait_copies(c2)  # the recovered master keeps replicating
+        c2.put("/after", b"after")
+        assert c2.get("/after") == b"after"
     finally:
         cl.stop()

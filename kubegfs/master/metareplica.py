@@ -1,0 +1,395 @@
+"""Replicated metadata: the master's checkpoints and op log, copied to chunkservers in other zones.
+
+GFS replicates the master's operation log on remote machines before answering a client; so do
+we. The replicator picks ``copies`` live chunkservers, each in a zone of its own where it can
+(``choose_targets``), and keeps on each a *complete* copy of the master's data directory
+(``chunkserver/metastore.py``): a checkpoint and every op after it.
+
+Modes:
+  ``sync``  every group-committed batch is sent to the in-sync targets before the ops in it are
+            acknowledged: an acknowledged op is durable here and on every in-sync copy.
+  ``async`` batches are sent in the background; a writer waits only when the oldest unsent batch
+            is older than ``max_lag_seconds`` (the bound on what losing the master can cost).
+  ``off``   local only.
+
+A target that fails a batch drops out of sync (the op is still acknowledged by the others, and
+the status shows the copy count short: ``MetadataReplicated`` False); the background loop brings
+it back from the files on disk: it appends what the copy misses when the copy follows this log
+(``history``) and is not ahead of it, else resets it to the newest local checkpoint + log. All
+sends to targets are serialised by one lock, so each copy sees its records in order.
+
+``fetch_newest`` is the way back: the newest complete copy among the chunkservers, verified
+(checkpoint sha256, record CRCs and seq order) by replaying it in a staging directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .. import metrics as M
+from ..errors import KubegfsError, from_json
+from ..formats import frame, packb, scan_log, sha256_hex
+from ..metalayout import checkpoint_name, seq_of
+from ..topology import Location
+from .oplog import OpLog, RecoveryReport, recover
+from .state import MasterState
+
+log = logging.getLogger("kubegfs.master.metareplica")
+
+MODES = ("sync", "async", "off")
+BATCH_BYTES = 4 << 20  # bootstrap sends the log in pieces of about this size
+_NET_ERRORS = (TimeoutError, KubegfsError, aiohttp.ClientError, OSError)
+
+
+@dataclass(frozen=True)
+class MetaReplicationConfig:
+    mode: str = "sync"
+    copies: int = 2
+    max_lag_seconds: float = 5.0  # async only
+    timeout_seconds: float = 10.0  # one send to one target
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    address: str
+    location: Location
+
+
+def choose_targets(candidates: list[Candidate], current: list[str], copies: int, master: Location) -> list[str]:
+    """Up to ``copies`` chunkservers, one per zone where possible, never on the master's node
+    unless nothing else is left. Current targets that are still candidates stay (a change means
+    shipping a whole copy). Pure."""
+    by_id = {c.id: c for c in candidates}
+    chosen = [i for i in current if i in by_id][:copies]
+    zones = {by_id[i].location.zone for i in chosen}
+    rest = sorted((c for c in candidates if c.id not in chosen),
+                  key=lambda c: (bool(master.node) and c.location.node == master.node, c.location.zone, c.id))
+    for c in rest:  # new zones first
+        if len(chosen) < copies and c.location.zone not in zones:
+            chosen.append(c.id)
+            zones.add(c.location.zone)
+    for c in rest:  # then any
+        if len(chosen) < copies and c.id not in chosen:
+            chosen.append(c.id)
+    return chosen
+
+
+@dataclass
+class Target:
+    id: str
+    address: str
+    zone: str
+    in_sync: bool = False
+    last_seq: int = 0
+    error: str = ""
+
+
+class MetaReplicator:
+    def __init__(self, cfg: MetaReplicationConfig, data_dir: Path, history: Callable[[], str],
+                 session: Callable[[], aiohttp.ClientSession | None],
+                 candidates: Callable[[], list[Candidate]], location: Location) -> None:
+        if cfg.mode not in MODES:
+            raise ValueError(f"metadata replication mode must be one of {', '.join(MODES)}")
+        self.cfg = cfg
+        self.dir = data_dir
+        self.history = history
+        self.session = session
+        self.candidates = candidates
+        self.location = location
+        self.targets: dict[str, Target] = {}
+        self.local_seq = 0
+        self._lock = asyncio.Lock()
+        self._pending: deque[tuple[bytes, int, int, float]] = deque()
+        self._wake = asyncio.Event()
+        self.shipped_batches = 0
+        self.bootstraps = 0
+
+    def attach(self, oplog: OpLog) -> None:
+        self.local_seq = oplog.next_seq - 1
+        oplog.replicate = None if self.cfg.mode == "off" else self.on_durable
+
+    # ------------------------------------------------------------------ the write path
+
+    async def on_durable(self, data: bytes, first: int, last: int) -> None:
+        """A batch is durable locally (called in order by the op log, before acknowledging)."""
+        self.local_seq = last
+        if self.cfg.mode == "sync":
+            async with self._lock:
+                await self._ship(data, first, last)
+            return
+        if not any(t.in_sync for t in self.targets.values()):
+            return  # nothing to keep up: the copies are rebuilt from disk when they come back
+        self._pending.append((data, first, last, time.monotonic()))
+        self._wake.set()
+        while self._pending and time.monotonic() - self._pending[0][3] > self.cfg.max_lag_seconds:
+            await asyncio.sleep(0.005)  # bounded lag: the writer waits for the shipper
+
+    async def _ship(self, data: bytes, first: int, last: int) -> None:
+        live = [t for t in self.targets.values() if t.in_sync]
+        if not live:
+            return
+        sha = sha256_hex(data)
+        await asyncio.gather(*(self._append(t, data, first, last, sha) for t in live))
+        self.shipped_batches += 1
+
+    async def _append(self, t: Target, data: bytes, first: int, last: int, sha: str) -> None:
+        try:
+            await self._call(t, "POST", "/internal/meta/log",
+                             params={"history": self.history(), "first": str(first), "last": str(last)},
+                             data=data, headers={"X-Kubegfs-Sha256": sha})
+            t.last_seq = last
+        except _NET_ERRORS as exc:
+            self._drop(t, f"log batch {first}..{last}: {exc}")
+
+    def _drop(self, t: Target, why: str) -> None:
+        if t.in_sync:
+            log.warning("metadata copy on %s out of sync: %s", t.id, why)
+            M.M_META_DROPS.inc()
+        t.in_sync = False
+        t.error = why
+
+    async def on_checkpoint(self, seq: int) -> None:
+        """A local checkpoint was written: the copies get it too (it lets them prune)."""
+        if self.cfg.mode == "off":
+            return
+        async with self._lock:
+            while self._pending:  # async: the copies get the log up to the checkpoint first
+                data, first, last, _t = self._pending.popleft()
+                await self._ship(data, first, last)
+            live = [t for t in self.targets.values() if t.in_sync]
+            if not live:
+                return
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, (self.dir / checkpoint_name(seq)).read_bytes)
+            await asyncio.gather(*(self._put_checkpoint(t, seq, data) for t in live))
+
+    async def _put_checkpoint(self, t: Target, seq: int, data: bytes) -> bool:
+        try:
+            await self._call(t, "PUT", f"/internal/meta/checkpoints/{seq}", params={"history": self.history()},
+                             data=data, headers={"X-Kubegfs-Sha256": sha256_hex(data)})
+            return True
+        except _NET_ERRORS as exc:
+            self._drop(t, f"checkpoint {seq}: {exc}")
+            return False
+
+    async def _call(self, t: Target, method: str, path: str, **kw: Any) -> Any:
+        s = self.session()
+        if s is None:
+            raise OSError("no client session yet")
+        async with s.request(method, t.address + path, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+                             **kw) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 300:
+                raise from_json(resp.status, body)
+            return body
+
+    # ------------------------------------------------------------------ the background loop
+
+    async def run(self) -> None:
+        if self.cfg.mode == "off":
+            return
+        shipper = asyncio.create_task(self._shipper()) if self.cfg.mode == "async" else None
+        try:
+            while True:
+                try:
+                    await self.maintain()
+                except Exception:  # noqa: BLE001 - keep maintaining
+                    log.exception("metadata replication pass failed")
+                await asyncio.sleep(1.0)
+        finally:
+            if shipper is not None:
+                shipper.cancel()
+
+    async def _shipper(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                data, first, last, _t = self._pending[0]
+                async with self._lock:
+                    await self._ship(data, first, last)
+                if self._pending and self._pending[0][1] == first:  # a bootstrap may have cleared it
+                    self._pending.popleft()
+
+    async def maintain(self) -> None:
+        """Choose targets; bring every target that is out of sync back (under the lock)."""
+        cands = {c.id: c for c in self.candidates()}
+        chosen = choose_targets(list(cands.values()), list(self.targets), self.cfg.copies, self.location)
+        for tid in list(self.targets):
+            if tid not in chosen:
+                log.info("metadata copy on %s no longer maintained", tid)
+                del self.targets[tid]
+        for tid in chosen:
+            if tid not in self.targets:
+                c = cands[tid]
+                self.targets[tid] = Target(tid, c.address, c.location.zone)
+        for t in list(self.targets.values()):
+            if not t.in_sync:
+                async with self._lock:
+                    self._pending.clear()  # a bootstrap sends everything up to local_seq
+                    await self._bootstrap(t)
+        self.update_gauges()
+
+    async def _bootstrap(self, t: Target) -> None:
+        loop = asyncio.get_running_loop()
+        upto = self.local_seq
+        history = self.history()
+        try:
+            inv = await self._call(t, "GET", "/internal/meta")
+            cks = sorted(self.dir.glob("checkpoint-*.ckpt"))
+            base = seq_of(cks[-1]) if cks else 0
+            if inv.get("history") == history and base <= int(inv.get("last_seq", -1)) <= upto:
+                start = int(inv["last_seq"])  # the copy follows this log: send what it misses
+            else:
+                await self._call(t, "POST", "/internal/meta/reset", params={"history": history, "base": str(base)})
+                if base:
+                    data = await loop.run_in_executor(None, cks[-1].read_bytes)
+                    if not await self._put_checkpoint(t, base, data):
+                        return
+                start = base
+            for first, last, data in await loop.run_in_executor(None, read_batches, self.dir, start, upto):
+                await self._call(t, "POST", "/internal/meta/log",
+                                 params={"history": history, "first": str(first), "last": str(last)},
+                                 data=data, headers={"X-Kubegfs-Sha256": sha256_hex(data)})
+        except _NET_ERRORS as exc:
+            t.error = f"bootstrap: {exc}"
+            return
+        t.in_sync, t.last_seq, t.error = True, upto, ""
+        self.bootstraps += 1
+        log.info("metadata copy on %s (%s) in sync at seq %d (sent from %d)", t.id, t.zone or "no zone", upto, start)
+
+    # ------------------------------------------------------------------ reporting
+
+    def in_sync(self) -> int:
+        return sum(1 for t in self.targets.values() if t.in_sync)
+
+    def lag_seconds(self) -> float:
+        """How far the copies trail: the oldest unsent batch's age (0 when every op is copied)."""
+        return time.monotonic() - self._pending[0][3] if self._pending else 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": self.cfg.mode, "copies": self.cfg.copies, "in_sync": self.in_sync(),
+                "local_seq": self.local_seq, "lag_seconds": round(self.lag_seconds(), 3),
+                "max_lag_seconds": self.cfg.max_lag_seconds,
+                "targets": [t.__dict__ for t in self.targets.values()]}
+
+    def condition(self) -> dict[str, Any]:
+        n = self.in_sync()
+        if self.cfg.mode == "off":
+            return {"type": "MetadataReplicated", "status": "False", "reason": "Off",
+                    "message": "metadata replication is off: losing the master's volume loses all but snapshots"}
+        ok = n >= self.cfg.copies
+        zones = sorted({t.zone for t in self.targets.values() if t.in_sync})
+        return {"type": "MetadataReplicated", "status": "True" if ok else "False",
+                "reason": "InSync" if ok else "Degraded",
+                "message": f"{n} of {self.cfg.copies} copies in sync ({self.cfg.mode}; zones {', '.join(zones) or '-'})"}
+
+    def update_gauges(self) -> None:
+        M.M_META_IN_SYNC.set(self.in_sync())
+        M.M_META_LAG.set(self.lag_seconds())
+
+
+def read_batches(data_dir: Path, after: int, upto: int) -> list[tuple[int, int, bytes]]:
+    """The local log's records ``after < seq <= upto``, re-framed in batches (blocking)."""
+    out: list[tuple[int, int, bytes]] = []
+    buf: list[bytes] = []
+    first = n = 0
+    last = after
+    for seg in sorted(data_dir.glob("log-*.wal")):
+        for rec in scan_log(seg.read_bytes()).records:
+            seq = rec.get("seq") if isinstance(rec, dict) else None
+            if not isinstance(seq, int) or seq <= last or seq > upto:
+                continue
+            if seq != last + 1:
+                raise OSError(f"local log has a gap before seq {seq}")
+            if not buf:
+                first = seq
+            buf.append(frame(packb(rec)))
+            n += len(buf[-1])
+            last = seq
+            if n >= BATCH_BYTES:
+                out.append((first, last, b"".join(buf)))
+                buf, n = [], 0
+    if buf:
+        out.append((first, last, b"".join(buf)))
+    if last != upto:
+        raise OSError(f"local log ends at seq {last}, expected {upto}")
+    return out
+
+
+# ---------------------------------------------------------------------- recovery from the copies
+
+
+@dataclass
+class MetaCopy:
+    """A verified copy: staged files and the state they replay to."""
+
+    address: str
+    history: str
+    stage: Path
+    state: MasterState
+    report: RecoveryReport
+    problems: list[str] = field(default_factory=list)
+
+    def move_into(self, data_dir: Path) -> None:
+        from ..fsutil import fsync_dir
+
+        for p in self.stage.iterdir():
+            p.rename(data_dir / p.name)
+        fsync_dir(data_dir)
+        self.stage.rmdir()
+
+
+async def fetch_newest(session: aiohttp.ClientSession, addresses: list[str], data_dir: Path,
+                       problems: list[str]) -> MetaCopy | None:
+    """The newest copy that replays completely (fewer problems beat more ops only never)."""
+    invs: list[tuple[int, str, dict[str, Any]]] = []
+    for addr in addresses:
+        try:
+            async with session.get(f"{addr}/internal/meta") as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise from_json(resp.status, body)
+            if body.get("history") and (body.get("checkpoints") or body.get("base") == 0) and body.get("segments"):
+                invs.append((int(body["last_seq"]), addr, body))
+        except _NET_ERRORS as exc:
+            problems.append(f"metadata copy on {addr} unreadable: {exc}")
+    loop = asyncio.get_running_loop()
+    for last_seq, addr, inv in sorted(invs, key=lambda x: -x[0]):
+        stage = data_dir / f"recover-staging-{time.time_ns()}"
+        stage.mkdir()
+        try:
+            for ck in inv["checkpoints"][-1:]:
+                data = await _get_bytes(session, f"{addr}/internal/meta/checkpoints/{ck['seq']}")
+                if sha256_hex(data) != ck["sha256"]:
+                    raise KubegfsError(f"checkpoint {ck['seq']} fails its sha256")
+                await loop.run_in_executor(None, (stage / checkpoint_name(ck["seq"])).write_bytes, data)
+            log_bytes = await _get_bytes(session, f"{addr}/internal/meta/log")
+            first = inv["segments"][0]["first"]
+            await loop.run_in_executor(None, (stage / f"log-{first:020d}.wal").write_bytes, log_bytes)
+            state, rep = await loop.run_in_executor(None, recover, stage, 0, 0)
+            if rep.problems or state.seq != last_seq:
+                raise KubegfsError(f"replays to seq {state.seq} of {last_seq}: {'; '.join(rep.problems)}")
+            return MetaCopy(addr, str(inv["history"]), stage, state, rep)
+        except (*_NET_ERRORS, ValueError) as exc:
+            problems.append(f"metadata copy on {addr} incomplete: {exc}")
+            shutil.rmtree(stage, ignore_errors=True)
+    return None
+
+
+async def _get_bytes(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as resp:
+        if resp.status != 200:
+            raise from_json(resp.status, await resp.json(content_type=None))
+        return await resp.read()
