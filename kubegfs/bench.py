@@ -15,6 +15,8 @@ Benchmarks (``--only`` names):
 * ``during``     p99 latency of a write stream while snapshots are being taken vs without
 * ``throughput`` durable creates/s from 1/4/16 client threads, stat/s and ls/s
 * ``datapath``   1 GiB put/get at RF=3 vs the machine's disk and loopback ceilings
+* ``recovery``   durable creates with metadata replication sync/async/off; ``master recover``
+                 time of the largest size (``bench_recovery.py``)
 
 Outputs: a table on stdout, ``DIR/results.json`` (raw samples + machine), PNG plots in ``DIR``.
 """
@@ -54,7 +56,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 CHUNK_SIZE = 64 * MiB
 FILES_PER_DIR = 250
-ALL = ("capture", "seed", "snapshot", "memory", "during", "throughput", "datapath", "operator")
+ALL = ("capture", "seed", "snapshot", "memory", "during", "throughput", "datapath", "operator", "recovery")
 CLUSTER_BENCHES = {"snapshot", "memory", "during"}
 
 
@@ -1069,7 +1071,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
 
     console = console or Console()
     sizes = sizes or ([1_000, 10_000] if quick else [10_000, 100_000, 1_000_000])
-    phases = [p for p in ("trees", "capture", "seed", "cluster", "small", "operator")
+    phases = [p for p in ("trees", "capture", "seed", "cluster", "small", "operator", "recovery")
               if p == "trees" or p in only or (p == "cluster" and only & CLUSTER_BENCHES)
               or (p == "small" and only & {"throughput", "datapath"})]
     rows: list[Row] = []
@@ -1085,7 +1087,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 prog.update(task, description=msg)
 
             trees: dict[int, Tree] = {}
-            if "trees" in phases and (only - {"throughput", "datapath", "operator"}):
+            if "trees" in phases and (only - {"throughput", "datapath", "operator", "recovery"}):
                 say(f"building trees of {', '.join(human_n(n) for n in sizes)} files")
                 trees = make_trees(sizes)
             prog.advance(task)
@@ -1119,6 +1121,11 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 prog.advance(task)
             if "operator" in phases:
                 rows += bench_operator(tmp, quick, say)
+                prog.advance(task)
+            if "recovery" in phases:
+                from .bench_recovery import bench_recovery
+
+                rows += bench_recovery(tmp, quick, say, max(sizes))
                 prog.advance(task)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

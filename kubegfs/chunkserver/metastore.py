@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Conflict, CorruptData, NotFound
-from ..formats import scan_log, sha256_hex
+from ..formats import frame, packb, scan_log, sha256_hex
 from ..fsutil import atomic_write, fsync_dir
 from ..metalayout import checkpoint_name, prune_superseded, segment_name, seq_of
 
@@ -98,12 +98,13 @@ class MetaStore:
             prune_superseded(self.dir)
 
     def append(self, history: str, first: int, last: int, data: bytes, sha256: str) -> int:
-        """Append records ``first..last`` (framed); idempotent for a batch already held."""
+        """Append records ``first..last`` (framed). Records the copy holds already are skipped
+        (a batch may overlap what a bootstrap sent); a gap is refused."""
         with self._lock:
             self._check_history(history)
             if last <= self.last_seq:
                 return self.last_seq
-            if first != self.last_seq + 1:
+            if first > self.last_seq + 1:
                 raise Conflict(f"metadata copy is at seq {self.last_seq}, batch starts at {first}",
                                last_seq=self.last_seq, history=self.history)
             if sha256_hex(data) != sha256:
@@ -112,6 +113,8 @@ class MetaStore:
             seqs = [r.get("seq") if isinstance(r, dict) else None for r in scan.records]
             if scan.problem or seqs != list(range(first, last + 1)):
                 raise CorruptData(f"op-log batch {first}..{last} is damaged or out of order ({scan.problem})")
+            if first <= self.last_seq:
+                data = b"".join(frame(packb(r)) for r in scan.records if r["seq"] > self.last_seq)
             segs = sorted(self.dir.glob("log-*.wal"))
             path = segs[-1] if segs and not self._new_segment else self.dir / segment_name(first)
             self._new_segment = False

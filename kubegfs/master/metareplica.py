@@ -86,6 +86,15 @@ def choose_targets(candidates: list[Candidate], current: list[str], copies: int,
 
 
 @dataclass
+class _Batch:
+    data: bytes
+    first: int
+    last: int
+    t: float
+    fut: asyncio.Future[None]
+
+
+@dataclass
 class Target:
     id: str
     address: str
@@ -110,7 +119,7 @@ class MetaReplicator:
         self.targets: dict[str, Target] = {}
         self.local_seq = 0
         self._lock = asyncio.Lock()
-        self._pending: deque[tuple[bytes, int, int, float]] = deque()
+        self._queue: deque[_Batch] = deque()
         self._wake = asyncio.Event()
         self.shipped_batches = 0
         self.bootstraps = 0
@@ -121,19 +130,37 @@ class MetaReplicator:
 
     # ------------------------------------------------------------------ the write path
 
-    async def on_durable(self, data: bytes, first: int, last: int) -> None:
-        """A batch is durable locally (called in order by the op log, before acknowledging)."""
+    def on_durable(self, data: bytes, first: int, last: int) -> asyncio.Future[None] | None:
+        """A batch is durable locally (called in order by the op log). Returns the future its
+        waiters must wait for: shipped (sync), or only when the copies trail too far (async)."""
         self.local_seq = last
-        if self.cfg.mode == "sync":
-            async with self._lock:
-                await self._ship(data, first, last)
-            return
-        if not any(t.in_sync for t in self.targets.values()):
-            return  # nothing to keep up: the copies are rebuilt from disk when they come back
-        self._pending.append((data, first, last, time.monotonic()))
+        if not self._queue and not any(t.in_sync for t in self.targets.values()):
+            return None  # nothing to keep up: the copies are rebuilt from disk when they come back
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Batch(data, first, last, time.monotonic(), fut))
         self._wake.set()
-        while self._pending and time.monotonic() - self._pending[0][3] > self.cfg.max_lag_seconds:
-            await asyncio.sleep(0.005)  # bounded lag: the writer waits for the shipper
+        if self.cfg.mode == "sync" or time.monotonic() - self._queue[0].t > self.cfg.max_lag_seconds:
+            return fut
+        return None
+
+    async def _shipper(self) -> None:
+        """Sends what queued up meanwhile as one batch (group commit for the copies)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            async with self._lock:
+                await self._ship_queued()
+
+    async def _ship_queued(self) -> None:
+        """Call with the lock held."""
+        while self._queue:
+            items = list(self._queue)
+            data = b"".join(b.data for b in items) if len(items) > 1 else items[0].data
+            await self._ship(data, items[0].first, items[-1].last)
+            for b in items:
+                self._queue.popleft()
+                if not b.fut.done():
+                    b.fut.set_result(None)
 
     async def _ship(self, data: bytes, first: int, last: int) -> None:
         live = [t for t in self.targets.values() if t.in_sync]
@@ -164,9 +191,7 @@ class MetaReplicator:
         if self.cfg.mode == "off":
             return
         async with self._lock:
-            while self._pending:  # async: the copies get the log up to the checkpoint first
-                data, first, last, _t = self._pending.popleft()
-                await self._ship(data, first, last)
+            await self._ship_queued()  # the copies get the log up to the checkpoint first
             live = [t for t in self.targets.values() if t.in_sync]
             if not live:
                 return
@@ -199,7 +224,7 @@ class MetaReplicator:
     async def run(self) -> None:
         if self.cfg.mode == "off":
             return
-        shipper = asyncio.create_task(self._shipper()) if self.cfg.mode == "async" else None
+        shipper = asyncio.create_task(self._shipper())
         try:
             while True:
                 try:
@@ -208,19 +233,10 @@ class MetaReplicator:
                     log.exception("metadata replication pass failed")
                 await asyncio.sleep(1.0)
         finally:
-            if shipper is not None:
-                shipper.cancel()
-
-    async def _shipper(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                data, first, last, _t = self._pending[0]
-                async with self._lock:
-                    await self._ship(data, first, last)
-                if self._pending and self._pending[0][1] == first:  # a bootstrap may have cleared it
-                    self._pending.popleft()
+            shipper.cancel()
+            for b in self._queue:  # shutting down: what is durable locally is answered
+                if not b.fut.done():
+                    b.fut.set_result(None)
 
     async def maintain(self) -> None:
         """Choose targets; bring every target that is out of sync back (under the lock)."""
@@ -237,7 +253,6 @@ class MetaReplicator:
         for t in list(self.targets.values()):
             if not t.in_sync:
                 async with self._lock:
-                    self._pending.clear()  # a bootstrap sends everything up to local_seq
                     await self._bootstrap(t)
         self.update_gauges()
 
@@ -258,16 +273,23 @@ class MetaReplicator:
                     if not await self._put_checkpoint(t, base, data):
                         return
                 start = base
+            sent = start
             for first, last, data in await loop.run_in_executor(None, read_batches, self.dir, start, upto):
+                sent = last
                 await self._call(t, "POST", "/internal/meta/log",
                                  params={"history": history, "first": str(first), "last": str(last)},
                                  data=data, headers={"X-Kubegfs-Sha256": sha256_hex(data)})
         except _NET_ERRORS as exc:
             t.error = f"bootstrap: {exc}"
             return
-        t.in_sync, t.last_seq, t.error = True, upto, ""
+        # records past ``sent`` are still being written here: they are in the queue, which is
+        # shipped to this copy next (the copy skips what it holds already)
+        if sent < upto and not (self._queue and self._queue[0].first <= sent + 1):
+            t.error = f"bootstrap: seq {sent + 1}..{upto} not on the local disk yet; retrying"
+            return
+        t.in_sync, t.last_seq, t.error = True, sent, ""
         self.bootstraps += 1
-        log.info("metadata copy on %s (%s) in sync at seq %d (sent from %d)", t.id, t.zone or "no zone", upto, start)
+        log.info("metadata copy on %s (%s) in sync at seq %d (sent from %d)", t.id, t.zone or "no zone", sent, start)
 
     # ------------------------------------------------------------------ reporting
 
@@ -276,7 +298,7 @@ class MetaReplicator:
 
     def lag_seconds(self) -> float:
         """How far the copies trail: the oldest unsent batch's age (0 when every op is copied)."""
-        return time.monotonic() - self._pending[0][3] if self._pending else 0.0
+        return time.monotonic() - self._queue[0].t if self._queue else 0.0
 
     def status(self) -> dict[str, Any]:
         return {"mode": self.cfg.mode, "copies": self.cfg.copies, "in_sync": self.in_sync(),
@@ -301,7 +323,8 @@ class MetaReplicator:
 
 
 def read_batches(data_dir: Path, after: int, upto: int) -> list[tuple[int, int, bytes]]:
-    """The local log's records ``after < seq <= upto``, re-framed in batches (blocking)."""
+    """The local log's records ``after < seq <= upto``, re-framed in batches (blocking). The
+    newest batches may still be on their way to the disk: the list can end early."""
     out: list[tuple[int, int, bytes]] = []
     buf: list[bytes] = []
     first = n = 0
@@ -323,8 +346,6 @@ def read_batches(data_dir: Path, after: int, upto: int) -> list[tuple[int, int, 
                 buf, n = [], 0
     if buf:
         out.append((first, last, b"".join(buf)))
-    if last != upto:
-        raise OSError(f"local log ends at seq {last}, expected {upto}")
     return out
 
 

@@ -14,8 +14,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,10 @@ class OpLog:
         self.bytes_written = 0
         self.fsyncs = 0
         self.failed: BaseException | None = None
-        # called with each group-committed batch (framed bytes, first seq, last seq) once it is
-        # durable here, before its waiters are answered: metadata replication (metareplica.py)
-        self.replicate: Callable[[bytes, int, int], Awaitable[None]] | None = None
+        # called with each group-committed batch (framed bytes, first seq, last seq) as it is
+        # written here; if it returns a future, the batch's waiters are answered only when that
+        # is done too (metadata replication, metareplica.py). The next local write does not wait.
+        self.replicate: Callable[[bytes, int, int], asyncio.Future[None] | None] | None = None
         self._buffered_last = next_seq - 1
         self._flushed_last = next_seq - 1
 
@@ -149,6 +151,9 @@ class OpLog:
                 self._buf, self._waiters = [], []
                 first, last = self._flushed_last + 1, self._buffered_last
                 data = b"".join(buf)
+                # the copies get the batch while it is written here (GFS: local and remote log
+                # writes in parallel); the waiters are answered when both are durable
+                remote = self.replicate(data, first, last) if self.replicate is not None else None
                 try:
                     await loop.run_in_executor(None, self._write, data)
                 except BaseException as exc:  # noqa: BLE001 - a failed fsync is fatal
@@ -162,11 +167,10 @@ class OpLog:
                 self.records_written += len(buf)
                 self.bytes_written += len(data)
                 self._flushed_last = last
-                if self.replicate is not None:
-                    await self.replicate(data, first, last)  # never raises: it degrades instead
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
+                if remote is None:
+                    _answer(waiters)
+                else:
+                    remote.add_done_callback(partial(_answer, waiters))
         finally:
             self._flushing = False
 
@@ -196,6 +200,12 @@ class OpLog:
             os.close(self._fd)
         except OSError:
             pass
+
+
+def _answer(waiters: list[asyncio.Future[None]], _done: object = None) -> None:
+    for w in waiters:
+        if not w.done():
+            w.set_result(None)
 
 
 def write_checkpoint(data_dir: Path, view: dict[str, Any], keep: int = 2) -> Path:

@@ -50,6 +50,9 @@ def test_store_accepts_only_contiguous_verified_batches(tmp_path):
     with pytest.raises(CorruptData):
         st.append("h1", 4, 4, *batch(4, 5))  # says 4..4, holds 4..5
     assert st.inventory()["last_seq"] == 3
+    assert st.append("h1", 2, 5, *batch(2, 5)) == 5  # an overlap: only 4..5 are added
+    state, rep = recover(tmp_path / "meta", 0, 0)
+    assert state.seq == 5 and not rep.problems
 
 
 def test_store_survives_a_torn_tail_and_a_restart(tmp_path):
@@ -92,5 +95,8 @@ def test_read_batches_reframes_the_local_log_range(tmp_path):
     out = read_batches(tmp_path, 3, 7)
     assert [(f, la) for f, la, _ in out] == [(4, 7)]
     assert out[0][2] == batch(4, 7)[0]
-    with pytest.raises(OSError, match="ends at seq 8"):
+    assert read_batches(tmp_path, 0, 9)[-1][1] == 8  # the newest may not be on disk yet
+    (tmp_path / segment_name(6)).unlink()
+    (tmp_path / segment_name(7)).write_bytes(batch(7, 8)[0])
+    with pytest.raises(OSError, match="gap before seq 7"):
         read_batches(tmp_path, 0, 9)
