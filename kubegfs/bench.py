@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -652,6 +653,19 @@ class RawHTTP:
         self.conn.close()
 
 
+def raw_creates(cluster: Any, base: str, i: int, deadline: float) -> int:
+    """Thread ``i``: mkdirs under ``base`` over one keep-alive connection until ``deadline``."""
+    conn = RawHTTP(cluster.master.host, cluster.master.port, cluster.token)
+    k = 0
+    try:
+        while time.monotonic() < deadline:
+            conn.call("POST", "/api/v1/fs/mkdir", {"path": f"{base}/w{i}-{k}"})
+            k += 1
+    finally:
+        conn.close()
+    return k
+
+
 def bench_throughput(cluster: Any, seconds: float, reps: int, say: Callable[[str], None]) -> list[Row]:
     rows = []
     clients = [cluster.client() for _ in range(16)]
@@ -680,19 +694,7 @@ def bench_throughput(cluster: Any, seconds: float, reps: int, say: Callable[[str
                 say(f"durable creates over raw HTTP keep-alive, {nt} connections ({r + 1}/{reps})")
                 base = f"/raw{nt}-{r}"
                 clients[0].mkdir(base)
-
-                def raw_creates(i: int, deadline: float, base: str = base) -> int:
-                    conn = RawHTTP(cluster.master.host, cluster.master.port, cluster.token)
-                    k = 0
-                    try:
-                        while time.monotonic() < deadline:
-                            conn.call("POST", "/api/v1/fs/mkdir", {"path": f"{base}/w{i}-{k}"})
-                            k += 1
-                    finally:
-                        conn.close()
-                    return k
-
-                rates.append(_threads(nt, raw_creates, seconds))
+                rates.append(_threads(nt, partial(raw_creates, cluster, base), seconds))
             rows.append(at_least(Row("throughput", f"durable creates, raw HTTP, {nt} connections", "ops/s",
                                      rates, extra={"threads": nt, "client": "http.client"}),
                                  2000, "≥ 2,000/s"))

@@ -28,6 +28,7 @@ from .bench import (
     at_most,
     human_n,
     make_trees,
+    raw_creates,
     state_with,
 )
 from .local import LocalCluster
@@ -80,22 +81,10 @@ def bench_creates(tmp: Path, quick: bool, say: Callable[[str], None]) -> list[Ro
                 say(f"recovery: durable creates, metadata {mode} ({r + 1}/{reps})")
                 base = f"/c{r}"
                 RawHTTP(cl.master.host, cl.master.port, cl.token).call("POST", "/api/v1/fs/mkdir", {"path": base})
-
-                def creates(i: int, deadline: float, cl: LocalCluster = cl, base: str = base) -> int:
-                    conn = RawHTTP(cl.master.host, cl.master.port, cl.token)
-                    k = 0
-                    try:
-                        while time.monotonic() < deadline:
-                            conn.call("POST", "/api/v1/fs/mkdir", {"path": f"{base}/w{i}-{k}"})
-                            k += 1
-                    finally:
-                        conn.close()
-                    return k
-
-                rates[mode].append(_threads(threads, creates, seconds))
+                rates[mode].append(_threads(threads, partial(raw_creates, cl, base), seconds))
                 base = f"/c{r}-single"
                 RawHTTP(cl.master.host, cl.master.port, cl.token).call("POST", "/api/v1/fs/mkdir", {"path": base})
-                single[mode].append(_threads(1, partial(creates, cl=cl, base=base), seconds / 2))
+                single[mode].append(_threads(1, partial(raw_creates, cl, base), seconds / 2))
         for mode in ("sync", "async"):
             if not _in_sync(clusters[mode]):
                 raise RuntimeError(f"metadata copies fell out of sync during the {mode} run")
