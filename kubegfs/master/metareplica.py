@@ -375,6 +375,8 @@ class MetaCopy:
 async def fetch_newest(session: aiohttp.ClientSession, addresses: list[str], data_dir: Path,
                        problems: list[str]) -> MetaCopy | None:
     """The newest copy that replays completely (fewer problems beat more ops only never)."""
+    for old in data_dir.glob("recover-staging-*"):  # left by a recovery that was killed
+        shutil.rmtree(old, ignore_errors=True)
     invs: list[tuple[int, str, dict[str, Any]]] = []
     for addr in addresses:
         try:
