@@ -12,7 +12,7 @@ import requests
 
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
-from kubegfs.testing.k8s import wait_for as _wait_for
+from kubegfs_dev.util import wait_for as _wait_for
 
 CHUNK = 256 * 1024
 

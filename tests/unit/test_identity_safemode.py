@@ -85,8 +85,8 @@ def test_adopt_takes_the_old_id_and_restarts_safe_mode(tmp_path):
     with pytest.raises(ClusterMismatch):
         g.admit("cs-1", "http://127.0.0.1:1", {"cluster_id": "kgfs-old", "full": True, "chunks": [["01", 1]]})
     g.safemode.leave("test", 0.0)
-    g.adopt("kgfs-old")
-    assert idn.load(tmp_path) == idn.ClusterIdentity("kgfs-old", g.ident.created_ns)
+    g.adopt("kgfs-old", "history-1")
+    assert idn.load(tmp_path) == idn.ClusterIdentity("kgfs-old", g.ident.created_ns, history="history-1")
     assert g.safemode.on and not g.refusing and not g.foreign
     g.admit("cs-1", "http://127.0.0.1:1", {"cluster_id": "kgfs-old"})
 

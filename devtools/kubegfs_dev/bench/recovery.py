@@ -1,4 +1,4 @@
-"""The ``recovery`` benchmark (``python -m kubegfs.bench --only recovery``), issue #16:
+"""The ``recovery`` benchmark (``python -m kubegfs_dev.bench --only recovery``):
 
 * durable creates/s with the metadata replicated ``sync`` / ``async`` vs local only (``off``),
   measured on three clusters side by side, one mode after the other in every round, so the
@@ -19,20 +19,12 @@ from typing import Any
 
 import requests
 
-from .bench import (
-    CHUNK_SIZE,
-    RawHTTP,
-    Row,
-    _threads,
-    at_least,
-    at_most,
-    human_n,
-    make_trees,
-    raw_creates,
-    state_with,
-)
-from .local import LocalCluster
-from .master.oplog import write_checkpoint
+from kubegfs.local import LocalCluster
+from kubegfs.master.oplog import write_checkpoint
+
+from .report import Row, at_least, at_most, human_n
+from .throughput import RawHTTP, _threads, raw_creates
+from .trees import CHUNK_SIZE, make_trees, state_with
 
 MODES = ("off", "sync", "async")
 
