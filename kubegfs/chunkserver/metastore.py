@@ -39,6 +39,7 @@ class MetaStore:
         self.base = int(saved.get("base", 0))
         self.last_seq = self._scan_last()
         self._new_segment = True  # the next append opens a segment named after its first record
+        self._fd: int | None = None
 
     def _scan_last(self) -> int:
         """The last good record's seq; a torn tail (a crash mid-append) is cut off."""
@@ -71,6 +72,7 @@ class MetaStore:
     def reset(self, history: str, base: int) -> None:
         """Start the copy over for ``history``: it will hold everything after ``base``."""
         with self._lock:
+            self._close()
             shutil.rmtree(self.dir)
             self.dir.mkdir()
             self.history, self.base, self.last_seq = history, base, base
@@ -115,21 +117,32 @@ class MetaStore:
                 raise CorruptData(f"op-log batch {first}..{last} is damaged or out of order ({scan.problem})")
             if first <= self.last_seq:
                 data = b"".join(frame(packb(r)) for r in scan.records if r["seq"] > self.last_seq)
-            segs = sorted(self.dir.glob("log-*.wal"))
-            path = segs[-1] if segs and not self._new_segment else self.dir / segment_name(first)
-            self._new_segment = False
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            if path not in segs:
-                fsync_dir(self.dir)
+            fd = self._segment(self.last_seq + 1)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fdatasync(fd)
             self.last_seq = last
             return last
+
+    def _segment(self, first: int) -> int:
+        """The open segment to append to; a new one (named after ``first``, its first record)
+        after a checkpoint or a reset."""
+        if self._fd is not None and not self._new_segment:
+            return self._fd
+        self._close()
+        segs = sorted(self.dir.glob("log-*.wal"))
+        path = segs[-1] if segs and not self._new_segment else self.dir / segment_name(first)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._new_segment = False
+        if path not in segs:
+            fsync_dir(self.dir)
+        return self._fd
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def checkpoint_path(self, seq: int) -> Path:
         p = self.dir / checkpoint_name(seq)
