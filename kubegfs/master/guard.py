@@ -124,9 +124,17 @@ class Guard:
     def restart_safe_mode(self) -> None:
         self.safemode = SafeMode(self.safe_cfg, time.monotonic())
 
+    def hold_reason(self) -> str | None:
+        """Why every deletion must wait now, or None: the hold predicate for the master's
+        deletion gate (``outbox.holds.append(guard.hold_reason)``)."""
+        if self.refusing:
+            return "refusing: the data directory was empty while chunkservers hold data"
+        if self.safemode.holds():
+            return f"safe mode: {self.safemode.reason}"
+        return None
+
     def holds(self) -> bool:
-        """The deletion gate's hold predicate: nothing leaves while this is True."""
-        return self.safemode.holds() or self.refusing
+        return self.hold_reason() is not None
 
     def hold(self, cid: str, chunks: int, records: int) -> bool:
         """A heartbeat answer would order deletions: hold them (True) while safe mode is on. The

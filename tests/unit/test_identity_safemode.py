@@ -114,9 +114,10 @@ def test_safe_mode_with_nothing_known_leaves_at_once():
 def test_guard_holds_deletions_in_safe_mode_and_asks_for_a_full_report_after(tmp_path):
     g = _guard(tmp_path)
     assert g.hold("cs-1", chunks=3, records=1) and g.held == 4
+    assert g.hold_reason().startswith("safe mode: ")
     assert not g.owes_report("cs-1")  # still in safe mode: nothing to redo yet
     g.tick([1, 2], {1: {"cs-1"}})  # half reported, threshold 0.5
-    assert not g.holds() and not g.hold("cs-1", 3, 0)
+    assert not g.holds() and not g.hold("cs-1", 3, 0) and g.hold_reason() is None
     assert g.owes_report("cs-1") and not g.owes_report("cs-1")
 
 
