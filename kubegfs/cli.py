@@ -78,6 +78,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except KubegfsError as exc:
             fail(exc.message, 2 if 400 <= exc.status < 500 else 1)
+        except OSError as exc:  # a local file or directory (e.g. fs get into a missing directory)
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
 
 
 @click.group(cls=Group)
@@ -125,12 +127,14 @@ def topology_options(f: Any) -> Any:
 @click.option("--metadata-copies", default=2, show_default=True, type=click.IntRange(1, 8))
 @click.option("--metadata-max-lag", default=5.0, show_default=True, type=click.FloatRange(0),
               help="async: seconds the copies may trail the master")
+@click.option("--debug-fsync-delay", default=0.0, hidden=True, type=click.FloatRange(0, 60),
+              help="testing: each op-log sync takes this many seconds longer (a busy disk)")
 @topology_options
 @click.pass_context
 def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | None, token_file: str | None,
            chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
            format_: bool, safe_mode_threshold: float, safe_mode_grace: float,
-           metadata_replication: str, metadata_copies: int, metadata_max_lag: float,
+           metadata_replication: str, metadata_copies: int, metadata_max_lag: float, debug_fsync_delay: float,
            node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master (``kubegfs master recover``: rebuild one that lost its data directory)."""
     if ctx.invoked_subcommand is not None:
@@ -144,7 +148,8 @@ def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | N
     tok = read_token(token, token_file)
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
                    format=format_, safe_mode=SafeModeConfig(safe_mode_threshold, safe_mode_grace),
-                   meta=MetaReplicationConfig(metadata_replication, metadata_copies, metadata_max_lag))
+                   meta=MetaReplicationConfig(metadata_replication, metadata_copies, metadata_max_lag),
+                   fsync_delay=debug_fsync_delay)
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts)
 
@@ -351,10 +356,13 @@ def _print_snaps(snaps: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED")
+    from .catalog import owner
+
+    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED", "OWNER")
     for s in snaps:
         t.add_row(s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
-                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"])
+                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"],
+                  owner(s) or "-")
     Console().print(t)
 
 
@@ -385,23 +393,38 @@ def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
     c.out(c.client().snapshot_show(name))
 
 
+def _restored(d: dict[str, Any]) -> None:
+    click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
+               f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s")
+    if d.get("pre_restore_snapshot"):
+        click.echo(f"undo with: kubegfs snapshot restore {d['pre_restore_snapshot']}")
+
+
 @snapshot.command("restore")
 @click.argument("name")
 @click.option("--to", "to", default=None, help="restore to this new path instead of in place")
+@click.option("--no-pre-restore-snapshot", "no_pre", is_flag=True,
+              help="in place: do not snapshot the target first (the restore cannot be undone)")
 @client_options
-def snap_restore(name: str, to: str | None, master: str, token: str | None, as_json: bool) -> None:
+def snap_restore(name: str, to: str | None, no_pre: bool, master: str, token: str | None, as_json: bool) -> None:
+    from .catalog import restore_undoable
+
     c = Ctx(master, token, as_json)
-    r = c.client().snapshot_restore(name, to)
-    c.out(r, lambda d: click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
-                                  f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s"))
+    c.out(restore_undoable(c.client(), name, to, pre_restore=not no_pre), _restored)
 
 
 @snapshot.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="also delete a snapshot a Kubernetes Snapshot object owns")
 @client_options
-def snap_delete(name: str, master: str, token: str | None, as_json: bool) -> None:
+def snap_delete(name: str, force: bool, master: str, token: str | None, as_json: bool) -> None:
+    from .catalog import refuse_owned_delete
+
     c = Ctx(master, token, as_json)
-    c.out(c.client().snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
+    cl = c.client()
+    if not force:
+        refuse_owned_delete(cl.snapshot_show(name))
+    c.out(cl.snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
 
 
 @main.command()

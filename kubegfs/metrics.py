@@ -16,7 +16,10 @@ _SNAP_LAT = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 _SIZE = tuple(float(1 << s) for s in range(10, 45, 3))  # 1 KiB .. 16 TiB
 
 
-class _Http:
+class HttpMetrics:
+    """Request count and latency per route, method and status of one process kind's HTTP server
+    (the servers' shared middleware in :mod:`kubegfs.web` records them)."""
+
     def __init__(self, registry: CollectorRegistry, component: str) -> None:
         self.requests = Counter(
             "kubegfs_http_requests_total", "HTTP requests served",
@@ -30,7 +33,7 @@ class _Http:
 
 
 # ----------------------------------------------------------------------------- master
-MASTER_HTTP = _Http(MASTER, "master")
+MASTER_HTTP = HttpMetrics(MASTER, "master")
 M_FILES = Gauge("kubegfs_master_files", "Files in the live namespace", registry=MASTER)
 M_CHUNKS = Gauge("kubegfs_master_chunks", "Chunks known to the master", registry=MASTER)
 M_UNDER_REPLICATED = Gauge(
@@ -62,6 +65,15 @@ M_REREPL = Counter(
 M_RECORD_REPAIRS = Counter(
     "kubegfs_snapshot_record_repairs_total", "Snapshot record copies re-made after a loss",
     ["result"], registry=MASTER,
+)
+M_RECORD_DROPPED = Counter(
+    "kubegfs_snapshot_record_copies_dropped_total",
+    "Snapshot record copies dropped from the catalog (missing, truncated, corrupt, not the catalog's bytes)",
+    ["reason"], registry=MASTER,
+)
+M_SNAP_UNDER_COPIED = Gauge(
+    "kubegfs_snapshots_under_copied", "Ready snapshots with fewer live record copies than they ask for",
+    registry=MASTER,
 )
 M_CORRUPT = Counter(
     "kubegfs_corrupt_replicas_total", "Replicas reported corrupt by chunkservers", registry=MASTER
@@ -105,8 +117,9 @@ M_SAFE_MODE = Gauge("kubegfs_master_safe_mode", "1 while the master holds every 
 M_SAFE_MODE_RATIO = Gauge(
     "kubegfs_master_safe_mode_reported_ratio", "Share of known chunks with a reported replica", registry=MASTER
 )
-M_DELETIONS_HELD = Counter(
-    "kubegfs_master_deletions_held_total", "Deletion orders held back by safe mode", registry=MASTER
+M_DELETIONS_HELD = Gauge(
+    "kubegfs_master_deletions_held", "Deletion orders waiting in the gate while safe mode holds them",
+    registry=MASTER,
 )
 M_META_IN_SYNC = Gauge(
     "kubegfs_master_metadata_copies_in_sync", "Chunkservers holding an up-to-date copy of the master's metadata",
@@ -121,7 +134,7 @@ M_META_DROPS = Counter(
 )
 
 # ----------------------------------------------------------------------------- chunkserver
-CS_HTTP = _Http(CHUNKSERVER, "chunkserver")
+CS_HTTP = HttpMetrics(CHUNKSERVER, "chunkserver")
 CS_CHUNKS = Gauge("kubegfs_chunkserver_chunks", "Chunks stored", registry=CHUNKSERVER)
 CS_BYTES = Gauge("kubegfs_chunkserver_stored_bytes", "Chunk bytes stored", registry=CHUNKSERVER)
 CS_RECORDS = Gauge("kubegfs_chunkserver_records", "Snapshot records stored", registry=CHUNKSERVER)
@@ -148,7 +161,7 @@ CS_CLUSTER_REFUSALS = Counter(
 )
 
 # ----------------------------------------------------------------------------- operator
-OPERATOR_HTTP = _Http(OPERATOR, "operator")
+OPERATOR_HTTP = HttpMetrics(OPERATOR, "operator")
 OP_SNAPSHOT_SIZE = Histogram(
     "kubegfs_snapshot_size_bytes", "Logical bytes captured by Snapshot resources",
     ["namespace"], buckets=_SIZE, registry=OPERATOR,
@@ -180,4 +193,29 @@ OP_IN_PROGRESS = Gauge(
 OP_LAST_SUCCESS = Gauge(
     "kubegfs_snapshot_last_success_timestamp_seconds", "Unix time of the last Ready snapshot",
     ["namespace"], registry=OPERATOR,
+)
+SCHED_RUNS = Counter(
+    "kubegfs_schedule_runs_total", "Snapshots of a SnapshotSchedule finished", ["namespace", "schedule", "result"],
+    registry=OPERATOR,
+)
+SCHED_MISSED = Counter(
+    "kubegfs_schedule_missed_total", "Scheduled runs never started (operator down, or past the deadline)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_RETAINED = Gauge(
+    "kubegfs_snapshots_retained", "Ready Snapshots a SnapshotSchedule's retention policy keeps",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_NEXT_RUN = Gauge(
+    "kubegfs_schedule_next_run_timestamp_seconds", "Unix time of a SnapshotSchedule's next run (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_LAST_SUCCESS = Gauge(
+    "kubegfs_schedule_last_success_timestamp_seconds",
+    "Scheduled time of a SnapshotSchedule's newest Ready Snapshot (its creation while it has none)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_PERIOD = Gauge(
+    "kubegfs_schedule_period_seconds", "A SnapshotSchedule's current interval between runs (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
 )

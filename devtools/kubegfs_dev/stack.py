@@ -19,7 +19,7 @@ import yaml
 
 from kubegfs.local import LocalCluster, signal_group
 
-from . import sim
+from . import pids, sim
 from .controlplane import ControlPlane
 from .util import free_port
 
@@ -52,7 +52,8 @@ def apply_crds(kubectl_env: dict[str, str], kubeconfig: Path) -> None:
                     "--force-conflicts", "-f", str(CRD_DIR)], check=True, capture_output=True,
                    env=kubectl_env, timeout=60)
     subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "wait", "--for=condition=Established",
-                    "--timeout=60s", "crd/snapshots.kubegfs.io", "crd/restores.kubegfs.io"],
+                    "--timeout=60s", "crd/snapshots.kubegfs.io", "crd/restores.kubegfs.io",
+                    "crd/snapshotschedules.kubegfs.io"],
                    check=True, capture_output=True, env=kubectl_env, timeout=90)
 
 
@@ -176,6 +177,18 @@ class K8sStack:
         self.start_operator()
         return self
 
+    @property
+    def pids_file(self) -> Path:
+        """The processes this stack started (see :mod:`kubegfs_dev.pids`; ``make down`` reads it)."""
+        return self.data_dir / "pids.json"
+
+    def record_pids(self) -> None:
+        procs = [(p.name, p.popen.pid) for p in [self.cluster.master, *self.cluster.chunkservers]
+                 if p.popen is not None]
+        if self.operator is not None:
+            procs.append(("operator", self.operator.pid))
+        pids.write(self.pids_file, (pids.entry(name, pid) for name, pid in procs))
+
     def operator_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
@@ -204,6 +217,7 @@ class K8sStack:
                 raise RuntimeError("operator exited:\n" + self.operator_log.read_text()[-3000:])
             try:
                 if requests.get(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1).ok:
+                    self.record_pids()
                     return
             except requests.RequestException:
                 pass

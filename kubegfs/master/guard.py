@@ -2,8 +2,9 @@
 
 ``Master`` owns one ``Guard`` and consults it at three points: every heartbeat goes through
 ``admit`` first (a chunkserver of another cluster is refused before anything is read from its
-report), every deletion order passes ``hold`` (safe mode), and mutating client requests pass the
-middleware (a refusing master changes nothing). Pure decisions live in ``identity`` and
+report), the deletion gate (``outbox.py``) holds every order while ``hold_reason`` gives one
+(safe mode, refusing), and mutating client requests pass the middleware (a refusing master
+changes nothing). Pure decisions live in ``identity`` and
 ``safemode``; this module keeps their state for one master process and exports it.
 """
 
@@ -35,8 +36,7 @@ class Guard:
         self.safe_cfg = safe
         self.safemode = SafeMode(safe, time.monotonic())
         self.foreign: dict[str, idn.ForeignChunkserver] = {}
-        self.owed_reports: set[str] = set()  # chunkservers whose deletions safe mode held
-        self.held = 0
+        self.waiting: Callable[[], int] = lambda: 0  # deletion orders queued in the gate (outbox.py)
         self.recovering = False
         if ident.refusing is not None:
             log.error("%s", idn.refusal_message(ident, "", ""))
@@ -136,23 +136,6 @@ class Guard:
     def holds(self) -> bool:
         return self.hold_reason() is not None
 
-    def hold(self, cid: str, chunks: int, records: int) -> bool:
-        """A heartbeat answer would order deletions: hold them (True) while safe mode is on. The
-        chunkserver then owes a full report once safe mode ends, from which they are re-derived."""
-        if not self.holds():
-            return False
-        if chunks or records:
-            self.owed_reports.add(cid)
-            self.held += chunks + records
-            M.M_DELETIONS_HELD.inc(chunks + records)
-        return True
-
-    def owes_report(self, cid: str) -> bool:
-        if self.holds() or cid not in self.owed_reports:
-            return False
-        self.owed_reports.discard(cid)
-        return True
-
     def tick(self, known: Iterable[int], locations: Mapping[int, set[str]]) -> None:
         """Count reported chunks while in safe mode (an O(chunks) pass, only then)."""
         if not self.safemode.on:
@@ -175,10 +158,14 @@ class Guard:
             "cluster_id": self.ident.cluster_id, "provisional": self.ident.provisional,
             "refusing": self.ident.refusing.__dict__ if self.ident.refusing else None,
             "foreign_chunkservers": [f.to_json() for f in self.foreign.values()],
-            "safe_mode": self.safemode.status(time.monotonic()), "deletions_held": self.held,
+            "safe_mode": self.safemode.status(time.monotonic()), "deletions_held": self.held(),
         }
 
+    def held(self) -> int:
+        return self.waiting() if self.holds() else 0
+
     def update_gauges(self) -> None:
+        M.M_DELETIONS_HELD.set(self.held())
         M.M_SAFE_MODE.set(1 if self.safemode.on else 0)
         M.M_SAFE_MODE_RATIO.set(self.safemode.ratio())
         M.M_REFUSING.set(1 if self.refusing else 0)

@@ -130,18 +130,19 @@ class MetaReplicator:
 
     # ------------------------------------------------------------------ the write path
 
-    def on_durable(self, data: bytes, first: int, last: int) -> asyncio.Future[None] | None:
-        """A batch is durable locally (called in order by the op log). Returns the future its
-        waiters must wait for: shipped (sync), or only when the copies trail too far (async)."""
+    def on_durable(self, data: bytes, first: int, last: int) -> tuple[asyncio.Future[None], bool] | None:
+        """A batch is being written locally (called in order by the op log): queue it for the
+        copies. Returns the future of it reaching them and whether its waiters wait for that
+        (sync; async only when the copies trail by more than the lag bound), or None when no copy
+        is in sync (they are rebuilt from the files when they come back)."""
         self.local_seq = last
         if not self._queue and not any(t.in_sync for t in self.targets.values()):
-            return None  # nothing to keep up: the copies are rebuilt from disk when they come back
+            return None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Batch(data, first, last, time.monotonic(), fut))
         self._wake.set()
-        if self.cfg.mode == "sync" or time.monotonic() - self._queue[0].t > self.cfg.max_lag_seconds:
-            return fut
-        return None
+        lagging = time.monotonic() - self._queue[0].t > self.cfg.max_lag_seconds
+        return fut, self.cfg.mode == "sync" or lagging
 
     async def _shipper(self) -> None:
         """Sends what queued up meanwhile as one batch (group commit for the copies)."""

@@ -6,6 +6,17 @@ Files in the data directory:
   ``checkpoint-<seq, 20 digits>.ckpt`` encoded MasterState as of op ``seq``
 A torn or corrupt record stops replay at the last good record; the damaged file is kept beside as
 ``*.corrupt-<unix time>`` and the log is truncated to the good prefix, with an ERROR log line.
+
+Invariants of :class:`OpLog`:
+  * ``durable_seq`` is the highest seq whose record was written *and* synced; it only grows, and
+    every op at or below it survives a crash. An op above it may vanish in a crash even though
+    ``MasterState`` already applied it, so nothing may leave the master on its strength alone
+    (see ``outbox.py``: deletions wait for ``durable_seq``).
+  * ``sync`` (default ``os.fdatasync``) is the one place the log waits for the disk. It is a seam:
+    tests pass one that blocks on an event to hold ops between "applied" and "durable", and the
+    ``--debug-fsync-delay`` option wraps it to act like a slow disk.
+  * A failed write or sync is fatal: every waiter gets the error, ``failed`` is set, nothing is
+    written after it and ``durable_seq`` never advances again; the master must restart.
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
 from ..fsutil import atomic_write, fsync_dir
 from ..metalayout import prune_superseded
-from .state import MasterState, decode_checkpoint, encode_checkpoint
+from .checkpoint import decode_checkpoint, encode_checkpoint
+from .state import MasterState
 
 log = logging.getLogger("kubegfs.master.oplog")
 
@@ -97,24 +109,25 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
 class OpLog:
     """Appends ops with group commit: concurrent appends share one write + fsync."""
 
-    def __init__(self, data_dir: Path, next_seq: int, fsync: bool = True) -> None:
+    def __init__(self, data_dir: Path, next_seq: int, fsync: bool = True,
+                 sync: Callable[[int], None] | None = None) -> None:
         self.dir = data_dir
         self.next_seq = next_seq
-        self.fsync = fsync
+        self.durable_seq = next_seq - 1  # everything recovered is on disk already
+        self.sync: Callable[[int], None] | None = (sync or os.fdatasync) if fsync else None
         self._buf: list[bytes] = []
+        self._buf_last_seq = self.durable_seq
         self._waiters: list[asyncio.Future[None]] = []
         self._flushing = False
         self._fd = self._open_segment(next_seq)
-        self.records_written = 0
-        self.bytes_written = 0
-        self.fsyncs = 0
         self.failed: BaseException | None = None
-        # called with each group-committed batch (framed bytes, first seq, last seq) as it is
-        # written here; if it returns a future, the batch's waiters are answered only when that
-        # is done too (metadata replication, metareplica.py). The next local write does not wait.
-        self.replicate: Callable[[bytes, int, int], asyncio.Future[None] | None] | None = None
-        self._buffered_last = next_seq - 1
-        self._flushed_last = next_seq - 1
+        self.on_durable: list[Callable[[int], None]] = []  # called with the new durable_seq
+        self._flushed_last = self.durable_seq
+        # metadata replication (metareplica.py): called with each group-committed batch (framed
+        # bytes, first seq, last seq) as it is written here; returns None (local only) or the
+        # future of the batch reaching the copies and whether the waiters wait for it. Either
+        # way ``durable_seq`` (what deletions wait for) advances only once the copies have it.
+        self.replicate: Callable[[bytes, int, int], tuple[asyncio.Future[None], bool] | None] | None = None
 
     def _open_segment(self, first_seq: int) -> int:
         # reuse the newest segment if it exists (append after recovery)
@@ -135,7 +148,7 @@ class OpLog:
             raise RuntimeError(f"operation log failed earlier: {self.failed}")
         rec = {k: v for k, v in op.items() if not k.startswith("_")}
         self._buf.append(frame(packb(rec)))
-        self._buffered_last = op["seq"]
+        self._buf_last_seq = op["seq"]
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         if not self._flushing:
@@ -147,9 +160,10 @@ class OpLog:
         loop = asyncio.get_running_loop()
         try:
             while self._buf:
-                buf, waiters = self._buf, self._waiters
+                buf, waiters, last = self._buf, self._waiters, self._buf_last_seq
                 self._buf, self._waiters = [], []
-                first, last = self._flushed_last + 1, self._buffered_last
+                first = self._flushed_last + 1
+                self._flushed_last = last
                 data = b"".join(buf)
                 # the copies get the batch while it is written here (GFS: local and remote log
                 # writes in parallel); the waiters are answered when both are durable
@@ -164,24 +178,43 @@ class OpLog:
                             w.set_exception(RuntimeError(f"operation log write failed: {exc}"))
                     self._buf, self._waiters = [], []
                     raise
-                self.records_written += len(buf)
-                self.bytes_written += len(data)
-                self._flushed_last = last
-                if remote is None:
-                    _answer(waiters)
-                else:
-                    remote.add_done_callback(partial(_answer, waiters))
+                self._settle(last, waiters, remote)
         finally:
             self._flushing = False
+
+    def _settle(self, last: int, waiters: list[asyncio.Future[None]],
+                remote: tuple[asyncio.Future[None], bool] | None) -> None:
+        """The batch ending at ``last`` is durable here: answer its waiters and advance
+        ``durable_seq`` now, or when the copies have it too (see ``replicate``)."""
+        if remote is None:
+            self._durable(last, waiters)
+            return
+        shipped, acks_wait = remote
+        if not acks_wait:
+            _answer(waiters)
+            waiters = []
+        shipped.add_done_callback(partial(self._durable, last, waiters))
+
+    def _durable(self, last: int, waiters: list[asyncio.Future[None]], _done: object = None) -> None:
+        self.durable_seq = max(self.durable_seq, last)
+        for cb in self.on_durable:
+            cb(self.durable_seq)
+        _answer(waiters)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        if self.fsync:
-            os.fdatasync(self._fd)
-            self.fsyncs += 1
+        if self.sync is not None:
+            self.sync(self._fd)
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once op ``seq`` (and all before it) is durable; raise if the log failed."""
+        while self.durable_seq < seq:
+            if self.failed is not None:
+                raise RuntimeError(f"operation log failed earlier: {self.failed}")
+            await asyncio.sleep(0.005)
 
     async def drain(self) -> None:
         while self._flushing or self._buf:

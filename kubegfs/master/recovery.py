@@ -157,7 +157,7 @@ async def _install_metadata(m: Master, copy: metareplica.MetaCopy, found: list[F
 def _reopen(m: Master, state: MasterState, rep: RecoveryReport) -> None:
     m.state = state
     m.recovery = rep
-    m.oplog = OpLog(m.data_dir, state.seq + 1, fsync=m.opts.fsync)
+    m.oplog = OpLog(m.data_dir, state.seq + 1, fsync=m.opts.fsync, sync=m.oplog.sync)
     m.meta.attach(m.oplog)
     m.meta.targets.clear()
     m._ops_since_checkpoint = rep.replayed

@@ -3,8 +3,8 @@
 A freshly started master knows its chunk table from the log but not yet where the replicas are.
 Until ``threshold`` of the chunks it knows have at least one reported replica, or ``grace_seconds``
 have passed, every deletion (garbage, stale or short replicas, orphaned snapshot records) and
-re-replication is held. Held work is not lost: it is re-derived from the chunkservers' full reports
-once safe mode ends (the master asks for them). Once left, safe mode stays off until the next start
+re-replication is held. Held deletions are not lost: they wait in the master's deletion gate
+(``outbox.py``, whose hold predicate this feeds) and are re-checked when they are released. Once left, safe mode stays off until the next start
 (or until ``recover`` rebuilds the namespace).
 
 Pure: the caller passes the counts and the clock; nothing here touches a server.

@@ -12,6 +12,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -53,14 +54,17 @@ from ..web import (
     metrics_handler,
     read_json,
     record_id,
+    split_listen,
 )
+from .checkpoint import dump
 from .guard import Guard
 from .identity import open_identity
 from .metareplica import Candidate as MetaCandidate
 from .metareplica import MetaReplicationConfig, MetaReplicator
 from .oplog import OpLog, recover, write_checkpoint
+from .outbox import Key, Kind, Outbox
 from .safemode import SafeModeConfig
-from .state import MasterState, dump, now_ns
+from .state import MasterState, now_ns
 
 log = logging.getLogger("kubegfs.master")
 
@@ -118,6 +122,8 @@ class Options:
     fsync: bool = True
     snapshot_retry_seconds: float = 120.0
     fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
+    sync: Callable[[int], None] | None = None  # the op log's fdatasync (a seam for tests)
+    fsync_delay: float = 0.0  # act like a slow disk: each op-log sync takes this much longer
     format: bool = False  # --format: confirm an empty or refusing data dir as a new cluster
     safe_mode: SafeModeConfig = field(default_factory=SafeModeConfig)
     meta: MetaReplicationConfig = field(default_factory=MetaReplicationConfig)
@@ -136,7 +142,10 @@ class Master:
         state, self.recovery = recover(data_dir, chunk_size, replication)
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
         self.state: MasterState = state
-        self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync)
+        self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
+        self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
+        self.outbox.holds.append(self.guard.hold_reason)  # safe mode / refusing: nothing leaves
+        self.guard.waiting = self.outbox.waiting
         self.meta = MetaReplicator(
             self.opts.meta, data_dir, lambda: self.guard.ident.history, lambda: self._session,
             lambda: [MetaCandidate(c.id, c.address, c.location) for c in self.alive()], location)
@@ -152,11 +161,11 @@ class Master:
         self._last_checkpoint = time.monotonic()
         self._checkpointing = False
         self._rerepl_dirty = True
-        self._bad_record_copies: dict[str, set[str]] = {}
+        self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> servers whose copy rotted
+        self._record_missing: dict[tuple[str, str], int] = {}  # (server, snapshot id) -> heartbeats without it
         self._lost_reported: set[int] = set()
         self._ls_cache: dict[int, tuple[ns.Dir, list[str]]] = {}
         self._under_count = 0
-        self._lost_count = 0  # snapshot id -> chunkservers whose copy rotted
         self._pending_init = state.seq == 0
         self._chunk_size_cfg = chunk_size
         self._replication_cfg = replication
@@ -284,6 +293,7 @@ class Master:
         for s in ("pending", "ready", "failed"):
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
         self.under_replicated_count()
+        self.under_copied()
         self.guard.update_gauges()
         self.meta.update_gauges()
 
@@ -299,6 +309,7 @@ class Master:
             "logical_bytes": st.n_bytes, "chunks": len(st.version), "snapshots": len(st.snapshots),
             "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
             "under_replicated": under,
+            "snapshots_under_copied": self.under_copied(),
             "under_replicated_sample": [
                 {"handle": hexh(h), "live_replicas": len(self.locations.get(h, ())),
                  "holders": sorted(c for c in self.cs if h in self.cs[c].chunks)}
@@ -415,10 +426,18 @@ class Master:
             if lease.expires < now:
                 self._drop_lease(lid)
 
-    def _drop_lease(self, lid: str) -> None:
+    def _drop_lease(self, lid: str, committed: frozenset[int] = frozenset()) -> None:
         lease = self.leases.pop(lid, None)
-        if lease and self.path_leases.get(lease.path) == lid:
+        if lease is None:
+            return
+        if self.path_leases.get(lease.path) == lid:
             del self.path_leases[lease.path]
+        # copies of chunks placed for it that the commit does not adopt are garbage (a copy
+        # reported while the lease held it is never reported again)
+        for h, ids in lease.allocated.items():
+            if h not in committed:
+                for i in ids:
+                    self.outbox.order(i, "chunk", h)
 
     def _lease(self, b: dict[str, Any]) -> Lease:
         self._expire_leases()
@@ -577,7 +596,7 @@ class Master:
         ns.must_dir(st.root, parts[:-1])
         op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
               "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
-        self._drop_lease(lease.id)
+        self._drop_lease(lease.id, committed=frozenset(new))
         await self.mutate(op)
         for h in new:
             self.locations[h] = {i for i in acked[h] if i in self.cs}
@@ -645,7 +664,20 @@ class Master:
     # ------------------------------------------------------------------ snapshots
 
     def _snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
+        out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
+        out["live_copies"] = self._live_copies(e)
+        return out
+
+    def _live_copies(self, e: dict[str, Any]) -> int:
+        """Holders of a record copy that are alive (each copy is checked against the catalog at
+        every heartbeat, see _check_record_copies)."""
+        return sum(1 for h in e["holders"] if h["id"] in self.cs and self.cs[h["id"]].alive)
+
+    def under_copied(self) -> int:
+        n = sum(1 for e in self.state.snapshots.values()
+                if e["state"] == "ready" and self._live_copies(e) < e["copies"])
+        M.M_SNAP_UNDER_COPIED.set(n)
+        return n
 
     async def h_snap_create(self, request: web.Request) -> web.Response:
         b = await read_json(request)
@@ -746,6 +778,7 @@ class Master:
                     log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
                     return None
                 cs.records.add(sid)
+                self.outbox.cancel(cs.id, "record", sid)
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
 
             while True:
@@ -816,14 +849,9 @@ class Master:
         if e["state"] == "pending":
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.mutate({"op": "snap_delete", "id": e["id"]})
-        for h in e.get("holders", []) if not self.guard.holds() else ():  # else heartbeat GC, later
-            cs = self.cs.get(h["id"])
-            if cs and cs.alive:
-                try:
-                    await self.call_cs(cs, "DELETE", f"/internal/records/{e['id']}")
-                    cs.records.discard(e["id"])
-                except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
-                    log.warning("deleting record %s on %s failed (%s); heartbeat GC will", e["id"], cs.id, exc)
+        for h in e.get("holders", []):  # the copies go with the holders' next heartbeats
+            if h["id"] in self.cs:
+                self.outbox.order(h["id"], "record", e["id"])
         return json_response({"deleted": e["name"], "id": e["id"]})
 
     async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord, bytes, dict[str, Any]]:
@@ -835,6 +863,7 @@ class Master:
                 holders.append(cs)
         ranked = find_nearest(self.location, [c.candidate() for c in holders])
         errors = []
+        bad = 0
         assert self._session is not None
         loop = asyncio.get_running_loop()
         for r in ranked:
@@ -846,9 +875,19 @@ class Master:
                     data = await resp.read()
                 parsed = await loop.run_in_executor(None, parse_record, data, e["sha256"])
                 return parsed, data, {"id": cs.id, "address": cs.address, **cs.location.to_json()}
-            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError, ValueError) as exc:
+            except (NotFound, CorruptData, ValueError) as exc:  # the copy itself is bad: heal the catalog
+                errors.append(f"{cs.id}: {exc}")
+                bad += 1
+                why = "missing" if isinstance(exc, NotFound) else "not the catalog's bytes"
+                await self.drop_record_copy(e["id"], cs.id, why)
+                if why != "missing":
+                    self.outbox.order(cs.id, "record", e["id"])
+            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
                 log.warning("snapshot %s: copy on %s unusable: %s", e["id"], cs.id, exc)
                 errors.append(f"{cs.id}: {exc}")
+        if (ranked and bad == len(ranked)) or (not e.get("holders") and self._bad_record_copies.get(e["id"])):
+            raise Unavailable(f"every record copy of snapshot {e['name']} is missing or damaged"
+                              + (": " + "; ".join(errors) if errors else ""))
         raise Unavailable(f"no usable copy of snapshot {e['name']}: " + ("; ".join(errors) or "no live holder"))
 
     async def h_snap_restore(self, request: web.Request) -> web.Response:
@@ -866,14 +905,15 @@ class Master:
         t0 = time.perf_counter()
         b = await read_json(request)
         rid = record_id(field_str(b, "id")) if b.get("id") is not None else ""
+        ref = request.match_info["ref"]
+        to = paths.join(paths.split(field_str(b, "to"))) if b.get("to") is not None else None
         if rid and rid in self.state.restores:
-            return json_response({**self.state.restores[rid], "repeated": True})
-        e = self.state.snapshot_by_ref(request.match_info["ref"])
+            return self._repeated_restore(rid, ref, to)
+        e = self.state.snapshot_by_ref(ref)
         if e["state"] != "ready":
             raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
-        to = b.get("to")
         if to is not None:
-            parts = paths.split(field_str(b, "to"))
+            parts = paths.split(to)
             mode = "new"
         else:
             parts = paths.split(e["path"])
@@ -888,13 +928,22 @@ class Master:
         if mode == "inplace":
             self._check_no_lease_below(paths.join(parts))
         if rid and rid in self.state.restores:  # a concurrent twin finished first
-            return json_response({**self.state.restores[rid], "repeated": True})
+            return self._repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6)}
         result = await self.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
                                     "blob": blob, "mtime": now_ns(), "_parsed": parsed, "rid": rid,
                                     "summary": summary})
         return json_response({**summary, **result})
+
+    def _repeated_restore(self, rid: str, ref: str, to: str | None) -> web.Response:
+        """The stored result of restore ``rid``, if this request asks for the same thing."""
+        done = self.state.restores[rid]
+        same = ref in (done.get("snapshot"), done.get("snapshot_id")) and (
+            done.get("mode") == "inplace" if to is None else (done.get("mode") == "new" and done.get("path") == to))
+        if not same:
+            raise Conflict(f"restore id {rid} was already used to restore {done.get('snapshot')} to {done.get('path')}")
+        return json_response({**done, "repeated": True})
 
     def _check_target(self, parts: tuple[str, ...], mode: str) -> None:
         st = self.state
@@ -919,7 +968,7 @@ class Master:
         st = self.state
         cs = self.cs.get(cid)
         full = field_bool(b, "full", False)
-        if not full and (cs is None or not cs.registered or self.guard.owes_report(cid)):
+        if not full and (cs is None or not cs.registered):
             return json_response({"reregister": True, "chunk_size": st.chunk_size, **self.guard.reply()})
         if cs is None:
             cs = self.cs[cid] = CS(cid, address, loc)
@@ -995,20 +1044,17 @@ class Master:
             raise InvalidArgument("records must be a list")
         cs.records = {r for r in records if isinstance(r, str)}
         delete_records = {r for r in cs.records if r not in st.snapshots}
+        digests = b.get("record_digests") or {}
+        if not isinstance(digests, dict):
+            raise InvalidArgument("record_digests must be an object {id: [size, sha256]}")
+        delete_records |= await self._check_record_copies(cs, digests)
         bad_records = b.get("corrupt_records") or []
         if not isinstance(bad_records, list):
             raise InvalidArgument("corrupt_records must be a list")
         for rid in bad_records:
             if not isinstance(rid, str):
                 continue
-            bad = st.snapshots.get(rid)
-            if bad is not None and any(h["id"] == cid for h in bad["holders"]):
-                log.error("chunkserver %s reports its copy of snapshot %s corrupt; re-copying from a good one",
-                          cid, bad["name"])
-                holders = [h for h in bad["holders"] if h["id"] != cid]
-                self._bad_record_copies.setdefault(rid, set()).add(cid)
-                await self.mutate({"op": "snap_holders", "id": rid, "holders": holders})
-                self._rerepl_dirty = True
+            await self.drop_record_copy(rid, cid, "corrupt")
             if rid in cs.records:
                 delete_records.add(rid)
         for h in st.garbage & cs.chunks.keys():
@@ -1016,25 +1062,79 @@ class Master:
         for h in cs.stale:
             if cid not in self.locations.get(h, ()):
                 delete.add(h)
-        if self.guard.hold(cid, len(delete), len(delete_records)):  # safe mode: order nothing yet
-            return json_response({"delete_chunks": [], "delete_records": [], "chunk_size": st.chunk_size,
-                                  **self.guard.reply()})
         cs.stale.clear()
         for h in delete & st.garbage:
             if not any(h in c.chunks for c in self.cs.values() if c.id != cid):
                 st.garbage.discard(h)
         for h in delete:
             cs.chunks.pop(h, None)  # ordered deleted: no longer counts as held
-        if delete:
-            M.M_GC.inc(len(delete))
+            self.outbox.order(cid, "chunk", h)
+        for rid in delete_records:
+            self.outbox.order(cid, "record", rid)
+        gone, gone_records = self.outbox.take(cid)  # only what rests on durable ops (see outbox.py)
+        if gone:
+            M.M_GC.inc(len(gone))
         return json_response({
-            "delete_chunks": [hexh(h) for h in sorted(delete)],
-            "delete_records": sorted(delete_records),
+            "delete_chunks": [hexh(h) for h in gone],
+            "delete_records": gone_records,
             "chunk_size": st.chunk_size, **self.guard.reply(),
         })
 
+    def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool:
+        """Re-check a queued deletion when it is released (see outbox.py)."""
+        if kind == "chunk":
+            assert isinstance(key, int)
+            if self._allocated(key):
+                return False
+            return key not in self.state.version or cid not in self.locations.get(key, ())
+        e = self.state.snapshots.get(str(key))
+        return e is None or (e["state"] != "pending" and all(h["id"] != cid for h in e["holders"]))
+
+    async def _check_record_copies(self, cs: CS, digests: dict[str, Any]) -> set[str]:
+        """Compare the records a holder reports with the catalog: a copy missing from two
+        heartbeats in a row (one may predate a copy just shipped), of the wrong size or with
+        another sha256 is dropped and re-made elsewhere. Returns the ids whose bad copy to delete."""
+        bad: set[str] = set()
+        for e in list(self.state.snapshots.values()):
+            if e["state"] != "ready" or all(h["id"] != cs.id for h in e["holders"]):
+                continue
+            key = (cs.id, e["id"])
+            if e["id"] not in cs.records:
+                self._record_missing[key] = self._record_missing.get(key, 0) + 1
+                if self._record_missing[key] >= 2:
+                    await self.drop_record_copy(e["id"], cs.id, "missing")
+                continue
+            self._record_missing.pop(key, None)
+            d = digests.get(e["id"])
+            if not (isinstance(d, list) and len(d) == 2):
+                continue
+            if d[0] != e["record_bytes"]:
+                why = "truncated" if isinstance(d[0], int) and d[0] < e["record_bytes"] else "wrong size"
+            elif d[1] and d[1] != e["sha256"]:
+                why = "not the catalog's bytes"
+            else:
+                continue
+            await self.drop_record_copy(e["id"], cs.id, why)
+            bad.add(e["id"])
+        return bad
+
+    async def drop_record_copy(self, sid: str, cid: str, why: str) -> None:
+        """Take ``cid`` out of snapshot ``sid``'s holders (logged); record repair re-makes the copy."""
+        e = self.state.snapshots.get(sid)
+        if e is None or all(h["id"] != cid for h in e["holders"]):
+            return
+        log.error("snapshot %s: the record copy on %s is %s; dropped, re-copying from a good one",
+                  e["name"], cid, why)
+        M.M_RECORD_DROPPED.labels(why).inc()
+        self._record_missing.pop((cid, sid), None)
+        self._bad_record_copies.setdefault(sid, set()).add(cid)
+        self._rerepl_dirty = True
+        await self.mutate({"op": "snap_holders", "id": sid,
+                           "holders": [h for h in e["holders"] if h["id"] != cid]})
+
     def _allocated(self, h: int) -> bool:
-        return any(h in lease.allocated for lease in self.leases.values())
+        """A write lease placed this chunk (or cloned it for an append) and has not committed yet."""
+        return any(h in lease.allocated or lease.inplace == h for lease in self.leases.values())
 
     def _being_written(self, h: int) -> bool:
         """An open write lease is appending to this chunk in place: a copy taken now could miss
@@ -1054,6 +1154,7 @@ class Master:
     def _mark_dead(self, cs: CS) -> None:
         cs.alive = False
         cs.registered = False
+        self.outbox.forget(cs.id)
         for h in cs.chunks:
             self.locations.get(h, set()).discard(cs.id)
         self._rerepl_dirty = True
@@ -1084,7 +1185,7 @@ class Master:
             log.error("%d more chunks have no live replica left (%d in all), e.g. %s", len(newly_lost), lost,
                       ", ".join(hexh(h) for h in newly_lost[:5]))
         repairable.sort()
-        self._under_count, self._lost_count = under, lost
+        self._under_count = under
         M.M_UNDER_REPLICATED.set(under)
         return under, lost, [h for _n, h in repairable[:limit]]
 
@@ -1119,7 +1220,8 @@ class Master:
                 continue
             held = {h["id"] for h in e["holders"]}
             zones = {(h.get("region", ""), h.get("zone", "")) for h in live}
-            options = [(cs, why) for cs, why in self._rank_holders({**e, "targets": []}) if cs.id not in held]
+            options = [(cs, why) for cs, why in self._rank_holders({**e, "targets": []})
+                       if cs.id not in held and not self.outbox.pending(cs.id, "record", e["id"])]
             rotted = self._bad_record_copies.get(e["id"], set())
             # prefer a new zone, and a disk that did not just corrupt this record
             options.sort(key=lambda o: (o[0].id in rotted, (o[0].location.region, o[0].location.zone) in zones))
@@ -1136,6 +1238,7 @@ class Master:
                 log.warning("re-copying snapshot %s to %s failed: %s", e["name"], target.id, exc)
                 self._rerepl_dirty = True
                 continue
+            self.outbox.cancel(target.id, "record", e["id"])
             cur = self.state.snapshots.get(e["id"])
             if cur is None:
                 continue
@@ -1176,7 +1279,8 @@ class Master:
                     # delete it, or it would block this server as a target forever
                     self.cs[cid].stale.add(h)
                     self._rerepl_dirty = True
-            targets = place_replicas(alive, need, existing=existing, exclude=holding)
+            # not onto a server with a queued delete of this chunk: the order could land after the copy
+            targets = place_replicas(alive, need, existing=existing, exclude=holding | self.outbox.pending_on("chunk", h))
             for t in targets:
                 async with sem:
                     try:
@@ -1239,10 +1343,20 @@ class Master:
                     log.exception("checkpoint failed")
 
 
+def _slow_sync(opts: Options) -> Callable[[int], None] | None:
+    sync = opts.sync
+    if opts.fsync_delay <= 0:
+        return sync
+
+    def slow(fd: int) -> None:
+        time.sleep(opts.fsync_delay)  # a busy disk (the chaos runner's slow-fsync mode)
+        (sync or os.fdatasync)(fd)
+
+    return slow
+
+
 def run(listen: str, data_dir: Path, token: str, location: Location, chunk_size: int,
         replication: int, options: Options | None = None) -> None:
-    from ..chunkserver.server import split_listen
-
     host, port = split_listen(listen)
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     m = Master(data_dir, token, loc, chunk_size, replication, options)

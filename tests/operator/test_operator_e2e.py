@@ -97,9 +97,10 @@ def test_snapshot_location_follows_topology_and_restore_round_trips(stack):
     # metrics the operator exported for what this test did
     m = stack.operator_metrics()
     ns = stack.ns
-    assert f'kubegfs_snapshots_total{{namespace="{ns}",result="success"}} 4.0' in m
+    # four Snapshots, and the pre-restore Snapshot the in-place Restore took first
+    assert f'kubegfs_snapshots_total{{namespace="{ns}",result="success"}} 5.0' in m
     assert f'kubegfs_restores_total{{namespace="{ns}",result="success"}} 2.0' in m
-    assert f'kubegfs_snapshot_size_bytes_count{{namespace="{ns}"}} 4.0' in m
+    assert f'kubegfs_snapshot_size_bytes_count{{namespace="{ns}"}} 5.0' in m
     assert f'kubegfs_snapshots_in_progress{{namespace="{ns}"}} 0.0' in m
     assert re.search(rf'kubegfs_snapshot_last_success_timestamp_seconds{{namespace="{ns}"}} 1\.\d+e\+09', m)
 

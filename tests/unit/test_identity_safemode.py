@@ -111,14 +111,21 @@ def test_safe_mode_with_nothing_known_leaves_at_once():
     assert sm.update(0, 0, now=0.0)
 
 
-def test_guard_holds_deletions_in_safe_mode_and_asks_for_a_full_report_after(tmp_path):
+def test_guard_holds_deletions_in_the_gate_until_safe_mode_ends(tmp_path):
+    from kubegfs.master.outbox import Outbox
+
     g = _guard(tmp_path)
-    assert g.hold("cs-1", chunks=3, records=1) and g.held == 4
-    assert g.hold_reason().startswith("safe mode: ")
-    assert not g.owes_report("cs-1")  # still in safe mode: nothing to redo yet
-    g.tick([1, 2], {1: {"cs-1"}})  # half reported, threshold 0.5
-    assert not g.holds() and not g.hold("cs-1", 3, 0) and g.hold_reason() is None
-    assert g.owes_report("cs-1") and not g.owes_report("cs-1")
+    gate = Outbox(lambda: 5, lambda: 5)
+    gate.holds.append(g.hold_reason)
+    g.waiting = gate.waiting
+    gate.order("cs-1", "chunk", 7)
+    assert g.hold_reason().startswith("safe mode: ") and gate.take("cs-1") == ([], [])
+    assert g.held() == 1
+    g.tick([1, 2, 3], {1: {"cs-1"}})  # a third reported, threshold 0.5: still holding
+    assert gate.take("cs-1") == ([], [])
+    g.tick([1, 2], {1: {"cs-1"}})  # half reported
+    assert g.hold_reason() is None and g.held() == 0
+    assert gate.take("cs-1") == ([7], [])
 
 
 def test_rfc3339_round_trip():

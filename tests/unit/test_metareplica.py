@@ -69,7 +69,8 @@ def test_store_survives_a_torn_tail_and_a_restart(tmp_path):
 
 
 def test_checkpoints_must_not_run_ahead_and_old_ones_are_pruned(tmp_path):
-    from kubegfs.master.state import MasterState, encode_checkpoint
+    from kubegfs.master.checkpoint import encode_checkpoint
+    from kubegfs.master.state import MasterState
 
     st = MetaStore(tmp_path)
     st.reset("h", 0)

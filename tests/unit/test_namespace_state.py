@@ -6,7 +6,8 @@ import pytest
 
 from kubegfs import namespace as ns
 from kubegfs.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from kubegfs.master.state import MasterState, decode_checkpoint, dump, encode_checkpoint
+from kubegfs.master.checkpoint import decode_checkpoint, dump, encode_checkpoint
+from kubegfs.master.state import MasterState
 
 CS = 1 << 20
 

@@ -24,7 +24,7 @@ from kubegfs.local import LocalCluster
 from kubegfs.master.oplog import write_checkpoint
 
 from .report import Row, at_least, at_most, human_n
-from .throughput import RawHTTP, _threads, raw_creates
+from .throughput import RawHTTP, _raw_worker, _threads
 from .trees import CHUNK_SIZE, make_trees, state_with
 
 MODES = ("off", "sync", "async")
@@ -51,6 +51,10 @@ def _in_sync(cl: LocalCluster, n: int = 2) -> bool:
         return False
 
 
+def _mkdir(base: str, i: int, k: int) -> tuple[str, str, dict[str, Any] | None]:
+    return "POST", "/api/v1/fs/mkdir", {"path": f"{base}/w{i}-{k}"}
+
+
 def bench_recovery(tmp: Path, quick: bool, say: Callable[[str], None], files: int) -> list[Row]:
     return bench_creates(tmp, quick, say) + bench_recover(tmp, files, say)
 
@@ -74,10 +78,10 @@ def bench_creates(tmp: Path, quick: bool, say: Callable[[str], None]) -> list[Ro
                 say(f"recovery: durable creates, metadata {mode} ({r + 1}/{reps})")
                 base = f"/c{r}"
                 RawHTTP(cl.master.host, cl.master.port, cl.token).call("POST", "/api/v1/fs/mkdir", {"path": base})
-                rates[mode].append(_threads(threads, partial(raw_creates, cl, base), seconds))
+                rates[mode].append(_threads(threads, _raw_worker(cl, partial(_mkdir, base)), seconds))
                 base = f"/c{r}-single"
                 RawHTTP(cl.master.host, cl.master.port, cl.token).call("POST", "/api/v1/fs/mkdir", {"path": base})
-                single[mode].append(_threads(1, partial(raw_creates, cl, base), seconds / 2))
+                single[mode].append(_threads(1, _raw_worker(cl, partial(_mkdir, base)), seconds / 2))
         for mode in ("sync", "async"):
             if not _in_sync(clusters[mode]):
                 raise RuntimeError(f"metadata copies fell out of sync during the {mode} run")
