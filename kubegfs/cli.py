@@ -358,11 +358,13 @@ def _print_snaps(snaps: list[dict[str, Any]]) -> None:
 
     from .catalog import owner
 
-    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED", "OWNER")
-    for s in snaps:
-        t.add_row(s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
-                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"],
-                  owner(s) or "-")
+    owners = [owner(s) for s in snaps]
+    cols = ["NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED"]
+    t = Table(*cols, "OWNER") if any(owners) else Table(*cols)  # OWNER: the Kubernetes object, if any
+    for s, who in zip(snaps, owners, strict=True):
+        row = [s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
+               str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"]]
+        t.add_row(*row, *([who or "-"] if any(owners) else []))
     Console().print(t)
 
 

@@ -17,8 +17,7 @@ _SIZE = tuple(float(1 << s) for s in range(10, 45, 3))  # 1 KiB .. 16 TiB
 
 
 class HttpMetrics:
-    """Request count and latency per route, method and status of one process kind's HTTP server
-    (the servers' shared middleware in :mod:`kubegfs.web` records them)."""
+    """Request count and latency of one component's HTTP server."""
 
     def __init__(self, registry: CollectorRegistry, component: str) -> None:
         self.requests = Counter(

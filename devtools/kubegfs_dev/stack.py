@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from kubegfs.local import LocalCluster, signal_group
 
 from . import pids, sim
 from .controlplane import ControlPlane
-from .util import free_port
+from .util import free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -211,19 +210,19 @@ class K8sStack:
         self.operator = subprocess.Popen(args, env=self.operator_env(), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            if self.operator.poll() is not None:
+        operator = self.operator
+
+        def alive() -> None:
+            if operator.poll() is not None:
                 raise RuntimeError("operator exited:\n" + self.operator_log.read_text()[-3000:])
-            try:
-                if requests.get(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1).ok:
-                    self.record_pids()
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("operator not live after 60s:\n" + self.operator_log.read_text()[-3000:])
-            time.sleep(0.1)
+
+        try:
+            wait_http(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=60, alive=alive,
+                      ok=lambda status, _body: status == 200)
+        except TimeoutError:
+            raise RuntimeError("operator not live after 60s:\n"
+                               + self.operator_log.read_text()[-3000:]) from None
+        self.record_pids()
 
     def kill_operator(self, sig: int = signal.SIGKILL) -> None:
         if self.operator is not None:

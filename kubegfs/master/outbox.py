@@ -22,7 +22,7 @@ Invariants:
   * An order is re-checked when it is released: ``still_wanted(cs_id, kind, key)`` answers from
     the state of that moment, so an order that went out of date while it waited (the copy became
     a counted replica again, a snapshot id was reused and its record shipped there) is dropped,
-    never sent.
+    never sent; ``None`` means "not now" (e.g. a write lease still holds the chunk): it stays.
   * Orders are soft state: lost on restart (re-derived from the next full heartbeat) and dropped
     for a chunkserver that is declared dead.
 
@@ -49,7 +49,7 @@ Key = int | str  # a chunk handle or a snapshot (record) id
 
 class Outbox:
     def __init__(self, applied_seq: Callable[[], int], durable_seq: Callable[[], int],
-                 still_wanted: Callable[[str, Kind, Key], bool] | None = None) -> None:
+                 still_wanted: Callable[[str, Kind, Key], bool | None] | None = None) -> None:
         self.applied_seq = applied_seq
         self.durable_seq = durable_seq
         self.still_wanted = still_wanted or (lambda _cs, _kind, _key: True)
@@ -99,8 +99,11 @@ class Outbox:
         for (kind, key), tag in list(q.items()):
             if tag > durable:
                 continue
+            wanted = self.still_wanted(cs_id, kind, key)
+            if wanted is None:
+                continue
             del q[(kind, key)]
-            if not self.still_wanted(cs_id, kind, key):
+            if not wanted:
                 self.dropped += 1
                 continue
             if kind == "chunk":

@@ -162,7 +162,9 @@ def _reopen(m: Master, state: MasterState, rep: RecoveryReport) -> None:
     m.meta.targets.clear()
     m._ops_since_checkpoint = rep.replayed
     m._ls_cache.clear()
-    m.locations.clear()
+    m.chunkmap.state = state
+    m.chunkmap.locations.clear()
+    m.chunkmap.dirty = True
 
 
 async def _collect_records(session: aiohttp.ClientSession, found: list[ForeignChunkserver],

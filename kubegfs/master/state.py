@@ -124,6 +124,58 @@ class MasterState:
         ns.must_dir(self.root, d[:-1])
         return {"op": "mv", "src": paths.join(s), "dst": paths.join(d), "mtime": now_ns()}
 
+    def prepare_open(self, path: str, mode: str, file_mode: int) -> tuple[str, tuple[str, ...], ns.File | None]:
+        """Check a write may start: (normalized path, its parts, the file as it is now or None)."""
+        parts = paths.split(path)
+        if mode not in ("create", "overwrite", "append"):
+            raise InvalidArgument("mode must be create, overwrite or append")
+        _check_mode(file_mode)
+        if not parts:
+            raise InvalidArgument("cannot write to /")
+        norm = paths.join(parts)
+        ns.must_dir(self.root, parts[:-1])
+        node = ns.get(self.root, parts)
+        if isinstance(node, ns.Dir):
+            raise InvalidArgument(f"{norm} is a directory")
+        if mode == "create" and node is not None:
+            raise AlreadyExists(f"{norm} already exists")
+        if mode == "append" and node is None:
+            raise NotFound(f"no such file: {norm}")
+        return norm, parts, node
+
+    def validate_commit(self, size: int, handles: list[int], acked: dict[int, list[str]],
+                        base: tuple[int, ...], allocated: Iterable[int], opened: ns.File | None,
+                        append: bool) -> list[int]:
+        """Check a commit's chunk list against its write: returns the chunks it adds."""
+        cs = self.chunk_size
+        if not ((size == 0 and not handles) or (len(handles) - 1) * cs < size <= len(handles) * cs):
+            raise InvalidArgument(f"size {size} does not fit {len(handles)} chunks of {cs} bytes")
+        if tuple(handles[: len(base)]) != base:
+            raise InvalidArgument("the chunk list must start with the file's existing chunks")
+        new = handles[len(base):]
+        placed = set(allocated)
+        if len(set(new)) != len(new) or any(h not in placed for h in new):
+            raise InvalidArgument("chunk list names chunks not allocated for this write")
+        for h in new:
+            if not acked.get(h):
+                raise InvalidArgument(f"chunk {h:016x} has no replica that acknowledged it")
+        if append and size < (opened.size if opened else 0):
+            raise InvalidArgument("an append cannot shrink the file")
+        return new
+
+    def prepare_commit(self, path: str, size: int, handles: list[int], new: list[int], file_mode: int,
+                       opened: ns.File | None, inplace: int | None) -> dict[str, Any]:
+        """The commit op of a validated write, or Conflict if the file changed since it opened (or
+        a snapshot now shares the chunk it appended to in place)."""
+        parts = paths.split(path)
+        if ns.get(self.root, parts) is not opened:
+            raise Conflict(f"{path} changed during the write; retry")
+        if inplace is not None and self.is_shared(inplace):
+            raise Conflict("a snapshot was taken during the append; retry")
+        ns.must_dir(self.root, parts[:-1])
+        return {"op": "commit", "path": path, "size": size, "chunks": handles,
+                "new": [[h, 1] for h in new], "mode": file_mode, "mtime": now_ns()}
+
     # ------------------------------------------------------------------ apply
 
     def apply(self, op: dict[str, Any]) -> Any:

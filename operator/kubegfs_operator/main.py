@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,7 +75,7 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
         out = custom.list_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", label_selector=selector)
         return [dict(o) for o in out.get("items", [])]
 
-    return reconcile.Deps(
+    deps = reconcile.Deps(
         cfg=cfg,
         view=lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port),
         master=lambda url: Client(url, cfg.token, timeout=cfg.request_timeout),
@@ -83,6 +84,21 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
         delete_snapshot=delete_snapshot,
         list_snapshots=list_snapshots,
     )
+    # every Snapshot's catalog check shares one listing per installation and sync interval
+    cache: dict[Any, tuple[float, reconcile.Catalog | None]] = {}
+    lock = threading.Lock()
+    ttl = catalog_sync_seconds() / 2
+
+    def catalog(ref: Any) -> reconcile.Catalog | None:
+        with lock:
+            hit = cache.get(ref)
+            if hit is None or time.monotonic() - hit[0] > ttl:
+                hit = (time.monotonic(), reconcile.fetch_catalog(ref, deps))
+                cache[ref] = hit
+            return hit[1]
+
+    deps.catalog = catalog
+    return deps
 
 
 @kopf.on.startup()
@@ -97,6 +113,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 16
+    # a deleted object keeps its finalizer until its timers/daemons exit: look again soon, not
+    # after kopf's default minute (they exit within one tick)
+    settings.background.instant_exit_timeout = 1.0
+    settings.background.cancellation_polling = 1.0
     try:
         config.load_incluster_config()
     except config.ConfigException:

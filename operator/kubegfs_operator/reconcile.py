@@ -57,6 +57,14 @@ def backoff(retry: int, base: float = 1.0, cap: float = 30.0) -> float:
     return min(cap, base * (2 ** min(retry, 10)))
 
 
+@dataclass(frozen=True)
+class Catalog:
+    """The master's catalog of one installation as listed at ``listed_at`` (Unix time)."""
+
+    listed_at: float
+    entries: dict[str, dict[str, Any]]
+
+
 @dataclass
 class Deps:
     cfg: Config
@@ -67,6 +75,8 @@ class Deps:
     create_snapshot: Callable[[str, dict[str, Any]], dict[str, Any]] = lambda ns, body: body
     delete_snapshot: Callable[[str, str], None] = lambda ns, name: None  # gone already is fine
     list_snapshots: Callable[[str, str], list[dict[str, Any]]] = lambda ns, selector: []
+    # ClusterRef -> the master's catalog (id -> entry), or None when it cannot be asked
+    catalog: Callable[[Any], Catalog | None] = lambda ref: None
 
 
 def _meta(body: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -185,10 +195,26 @@ def snapshot_delete(body: dict[str, Any], retry: int, d: Deps) -> Deleted:
         client.close()
 
 
+def fetch_catalog(ref: Any, d: Deps) -> Catalog | None:
+    """List the master's catalog; None when it cannot be asked."""
+    view = d.view(ref)
+    if view.master is None:
+        return None
+    client = d.master(view.master.url)
+    try:
+        listed_at = time.time()
+        return Catalog(listed_at, {e["id"]: e for e in client.api("GET", "/snapshots")["snapshots"]})
+    except KubegfsError:
+        return None
+    finally:
+        client.close()
+
+
 def snapshot_sync(body: dict[str, Any], d: Deps) -> Result | None:
-    """One catalog: check a settled Snapshot against the master's catalog. A Ready object whose
-    kubegfs snapshot vanished turns SnapshotMissing; one that reappears turns Ready again. None
-    = nothing changed (also when the master cannot be asked right now)."""
+    """One catalog: check a settled Snapshot against the master's catalog (``d.catalog``, one
+    listing per installation shared by all objects). A Ready object whose kubegfs snapshot
+    vanished turns SnapshotMissing; one that reappears turns Ready again. None = nothing
+    changed (also when the master cannot be asked right now)."""
     ns, name, uid, gen = _meta(body)
     status = body.get("status") or {}
     phase, reason = objects.phase_of(body), objects.reason_of(body)
@@ -200,25 +226,26 @@ def snapshot_sync(body: dict[str, Any], d: Deps) -> Result | None:
         ref = parse_snapshot(body.get("spec") or {}, ns, d.cfg.default_cluster, d.cfg.default_namespace).cluster
     except SpecError:
         return None
-    view = d.view(ref)
-    if view.master is None:
+    catalog = d.catalog(ref)
+    if catalog is None:
         return None
-    client = d.master(view.master.url)
-    try:
-        snap = client.api("GET", f"/snapshots/{quote(sid, safe='')}")
-    except NotFound:
-        if missing:
-            return None
+    snap = catalog.entries.get(sid)
+    if snap is None:
+        if missing or catalog.listed_at < _settled_at(body) + 1:
+            return None  # a listing older than the object's outcome proves nothing
         st = objects.snapshot_missing(status.get("conditions"), gen, status.get("name", ""), sid)
         return Result(st, ("Warning", "SnapshotMissing", st["conditions"][0]["message"]))
-    except KubegfsError:
-        return None
-    finally:
-        client.close()
     if not missing or snap.get("state") != "ready":
         return None
     msg = f"kubegfs snapshot {snap['name']} ({sid}) is in the master's catalog again"
     return Result(objects.ready(status.get("conditions"), gen, "SnapshotFound", msg), ("Normal", "SnapshotFound", msg))
+
+
+def _settled_at(body: dict[str, Any]) -> float:
+    for c in (body.get("status") or {}).get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == objects.READY and c.get("lastTransitionTime"):
+            return objects.parse_time(c["lastTransitionTime"]).timestamp()
+    return time.time()
 
 
 # ----------------------------------------------------------------------------- restores
@@ -291,6 +318,8 @@ def restore(body: dict[str, Any], retry: int, started: float, d: Deps, now: floa
     duration = max(0.0, time.time() - started)
     st = objects.restore_ready_status(conds, gen, result, duration, view.pods_by_ip())
     msg = f"restored Snapshot {spec.snapshot_name}: {result['files']} files to {result['path']} ({result['mode']})"
+    if spec.target_path is None and spec.pre_restore_snapshot and not pre:
+        st["preRestoreSnapshot"] = None  # nothing was at the path: clear the name shown while waiting
     if pre:
         st["preRestoreSnapshot"] = pre
         undo = f"; undo with a Restore of Snapshot {pre}"
@@ -318,7 +347,8 @@ def _pre_restore_snapshot(body: dict[str, Any], snap_obj: dict[str, Any], retry:
     if phase == objects.READY:
         return pre_name
     if phase == objects.FAILED and reason == "PathNotFound":
-        return ""  # nothing at the target to keep: the restore creates it
+        d.delete_snapshot(ns, pre_name)  # nothing at the target to keep: the restore creates it
+        return ""
     if phase == objects.FAILED:
         msg = f"the pre-restore Snapshot {pre_name} of {path} failed ({reason}); not restoring over data it could not keep"
         raise Fail(objects.failed(conds, gen, "PreRestoreSnapshotFailed", msg), msg, "PreRestoreSnapshotFailed")

@@ -163,3 +163,27 @@ def test_new_chunk_replica_that_missed_its_last_piece_is_never_listed(cluster):
     wait_for(lambda: c.status()["under_replicated"] == 0, timeout=30, what="the short copy replaced")
     every_replica_holds(c, "/n", head + tail)
     assert c.get("/n") == head + tail
+
+
+def test_a_copy_reported_corrupt_during_an_append_is_still_replaced(four):
+    """The order to delete a corrupt copy waits while an append lease holds the chunk, and goes
+    out when the lease ends (it used to be dropped for good: the copy stayed corrupt)."""
+    cl = four
+    c = cl.client()
+    body, lease, last = file_with_open_append(c, 7)
+    h = last["handle"]
+    victim = next(p for p in cl.chunkservers if p.url == last["replicas"][0]["address"])
+    path = victim.data / "chunks" / h[-2:] / f"{h}.chk"
+    raw = bytearray(path.read_bytes())
+    raw[5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    auth = {"Authorization": f"Bearer {cl.token}"}
+    requests.post(victim.url + "/internal/scrub", headers=auth, timeout=30)
+    wait_for(lambda: {r["address"] for r in c.layout("/f")["chunks"][-1]["replicas"]} == {
+             r["address"] for r in last["replicas"][1:]}, timeout=20, what="the corrupt copy unlisted")
+    time.sleep(1.0)  # several heartbeats while the lease holds the chunk
+    c.api("POST", "/fs/abort", json={"lease": lease["lease"]})
+    wait_for(lambda: not path.exists() or path.read_bytes() != bytes(raw), timeout=20,
+             what="the corrupt copy deleted or replaced")
+    wait_for(lambda: c.status()["under_replicated"] == 0, timeout=30, what="heal")
+    assert c.get("/f") == body

@@ -97,11 +97,11 @@ class InProcessMaster:
     def heartbeats_seen(self, rounds: int = 3) -> None:
         """Wait until every registered chunkserver has heartbeated ``rounds`` more times."""
         for _ in range(rounds):
-            before = self.call(lambda: {c.id: c.last_seen for c in self.master.alive()})
+            before = self.call(lambda: {c.id: c.last_seen for c in self.master.chunkmap.alive()})
             assert isinstance(before, dict) and before
             deadline = time.monotonic() + 10
             while True:
-                now = self.call(lambda: {c.id: c.last_seen for c in self.master.cs.values()})
+                now = self.call(lambda: {c.id: c.last_seen for c in self.master.chunkmap.cs.values()})
                 assert isinstance(now, dict)
                 if all(now[i] > t for i, t in before.items()):
                     break
@@ -251,8 +251,8 @@ def test_unlogged_version_bump_retires_no_replica(gate_cluster):
         m.sync.pause()
 
         async def bump() -> None:
-            reps = m.master.replicas_of(hi)
-            await m.master._bump_version(hi, reps[:2])
+            reps = m.master.chunkmap.replicas_of(hi)
+            await m.master.writes.bump_version(hi, reps[:2])
 
         fut = asyncio.run_coroutine_threadsafe(bump(), m.loop)
         assert m.sync.waiting.wait(10)

@@ -465,3 +465,31 @@ def test_cli_catalog_owner_refusal_and_pre_restore_names():
     assert catalog.pre_restore_name("s1", now) == "pre-restore-s1-20260102-030405"
     long = catalog.pre_restore_name("x" * 253, now)
     assert len(long) == 253 and long.endswith("-20260102-030405")
+
+
+def test_catalog_sync_marks_missing_only_from_a_listing_newer_than_the_outcome():
+    from kubegfs_operator import objects, reconcile
+    from kubegfs_operator.config import Config
+
+    st = objects.ready(None, 1, "SnapshotReady", "ok")
+    for c in st["conditions"]:
+        c["lastTransitionTime"] = "2026-01-01T00:00:10Z"
+    st.update(snapshotID="k8s-u1", name="team.s1-u1")
+    body = {"metadata": {"namespace": "team", "name": "s1", "uid": "u1", "generation": 1},
+            "spec": {"path": "/data"}, "status": st}
+    t_ready = datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC).timestamp()
+
+    def deps(listed_at, entries):
+        d = reconcile.Deps(Config(token="t"), lambda ref: None, lambda url: None, lambda ns, n: None)
+        d.catalog = lambda ref: reconcile.Catalog(listed_at, entries)
+        return d
+
+    assert reconcile.snapshot_sync(body, deps(t_ready - 5, {})) is None  # listed before it was Ready
+    assert reconcile.snapshot_sync(body, deps(t_ready + 60, {"k8s-u1": {"state": "ready"}})) is None
+    gone = reconcile.snapshot_sync(body, deps(t_ready + 60, {}))
+    assert gone.status["phase"] == "Failed" and gone.event[1] == "SnapshotMissing"
+    assert "team.s1-u1" in gone.event[2]
+    body["status"] = {**st, **gone.status}
+    assert reconcile.snapshot_sync(body, deps(t_ready + 90, {})) is None  # reported once
+    back = reconcile.snapshot_sync(body, deps(t_ready + 120, {"k8s-u1": {"state": "ready", "name": "team.s1-u1"}}))
+    assert back.status["phase"] == "Ready" and back.event[1] == "SnapshotFound"

@@ -62,3 +62,12 @@ def test_an_order_gone_stale_while_waiting_is_dropped_not_sent():
     ob.order("cs3", "record", "r")
     ob.cancel("cs3", "record", "r")
     assert ob.take("cs3") == ([], [])
+
+
+def test_not_now_keeps_an_order_queued():
+    busy = {1}
+    s, ob = make(lambda cs, kind, key: None if key in busy else True)
+    ob.order("cs1", "chunk", 1)
+    assert ob.take("cs1") == ([], []) and ob.pending("cs1", "chunk", 1)
+    busy.clear()
+    assert ob.take("cs1") == ([1], [])
