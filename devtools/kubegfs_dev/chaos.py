@@ -466,6 +466,11 @@ class Trial:
         the metadata copies on the chunkservers."""
         self.heal()
         c = self.client()
+        deadline = time.monotonic() + 30  # a master lost in its first second has no copy yet
+        while c.status()["metadata_replication"]["in_sync"] < 1:
+            if time.monotonic() > deadline:
+                raise Lost(f"no metadata copy in sync: {c.status()['metadata_replication']}")
+            time.sleep(0.1)
         want = c.dump()
         self.cl.kill(self.cl.master, signal.SIGKILL)
         shutil.rmtree(self.cl.master.data)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Conflict, CorruptData, NotFound
-from ..formats import frame, packb, scan_log, sha256_hex
+from ..formats import frame, packb, record_digest, scan_log, sha256_hex
 from ..fsutil import atomic_write, fsync_dir
 from ..metalayout import checkpoint_name, prune_superseded, segment_name, seq_of
 
@@ -37,6 +37,7 @@ class MetaStore:
         saved: dict[str, Any] = json.loads(info.read_text()) if info.exists() else {}
         self.history = str(saved.get("history", ""))
         self.base = int(saved.get("base", 0))
+        self.last_digest = ""  # record_digest of the record at last_seq ("" when that is base)
         self.last_seq = self._scan_last()
         self._new_segment = True  # the next append opens a segment named after its first record
         self._fd: int | None = None
@@ -50,6 +51,7 @@ class MetaStore:
             for rec in scan.records:
                 if isinstance(rec, dict) and isinstance(rec.get("seq"), int) and rec["seq"] > last:
                     last = rec["seq"]
+                    self.last_digest = record_digest(rec)
             if scan.problem:
                 with open(seg, "r+b") as f:
                     f.truncate(scan.good_bytes)
@@ -64,6 +66,7 @@ class MetaStore:
                 cks.append({"seq": seq_of(c), "sha256": sha.read_text().strip(), "bytes": c.stat().st_size})
         segs = [{"first": seq_of(s), "bytes": s.stat().st_size} for s in sorted(self.dir.glob("log-*.wal"))]
         return {"history": self.history, "base": self.base, "last_seq": self.last_seq,
+                "last_digest": self.last_digest,
                 "checkpoints": cks, "segments": segs}
 
     def _save_info(self) -> None:
@@ -75,7 +78,7 @@ class MetaStore:
             self._close()
             shutil.rmtree(self.dir)
             self.dir.mkdir()
-            self.history, self.base, self.last_seq = history, base, base
+            self.history, self.base, self.last_seq, self.last_digest = history, base, base, ""
             self._save_info()
             fsync_dir(self.dir.parent)
             self._new_segment = True
@@ -123,6 +126,7 @@ class MetaStore:
                 view = view[os.write(fd, view):]
             os.fdatasync(fd)
             self.last_seq = last
+            self.last_digest = record_digest(scan.records[-1])
             return last
 
     def _segment(self, first: int) -> int:

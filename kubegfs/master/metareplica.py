@@ -25,6 +25,7 @@ sends to targets are serialised by one lock, so each copy sees its records in or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -38,7 +39,7 @@ import aiohttp
 
 from .. import metrics as M
 from ..errors import KubegfsError, from_json
-from ..formats import frame, packb, scan_log, sha256_hex
+from ..formats import frame, packb, record_digest, scan_log, sha256_hex
 from ..metalayout import checkpoint_name, seq_of
 from ..topology import Location
 from .oplog import OpLog, RecoveryReport, recover
@@ -121,6 +122,8 @@ class MetaReplicator:
         self._lock = asyncio.Lock()
         self._queue: deque[_Batch] = deque()
         self._wake = asyncio.Event()
+        self._kick = asyncio.Event()  # run a maintenance pass now
+        self._gave_up = False
         self.shipped_batches = 0
         self.bootstraps = 0
 
@@ -136,7 +139,7 @@ class MetaReplicator:
         (sync; async only when the copies trail by more than the lag bound), or None when no copy
         is in sync (they are rebuilt from the files when they come back)."""
         self.local_seq = last
-        if not self._queue and not any(t.in_sync for t in self.targets.values()):
+        if not self._queue and not any(t.in_sync for t in self.targets.values()) and not self._awaiting_copy():
             return None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Batch(data, first, last, time.monotonic(), fut))
@@ -149,8 +152,24 @@ class MetaReplicator:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            while self._queue and self._awaiting_copy():
+                if time.monotonic() - self._queue[0].t > self.cfg.timeout_seconds:
+                    self._gave_up = True  # degraded: stop waiting until a copy is in sync again
+                    log.error("no metadata copy came into sync within %gs: acknowledging on the local "
+                              "log alone", self.cfg.timeout_seconds)
+                    break
+                self._kick.set()  # bring a copy into sync now rather than at the next pass
+                await asyncio.sleep(0.02)
             async with self._lock:
                 await self._ship_queued()
+
+    def _awaiting_copy(self) -> bool:
+        """sync: no copy is in sync yet but chunkservers are there (e.g. just after a restart):
+        acknowledgements wait for one to be brought in sync, for at most ``timeout_seconds``;
+        after that they go out on the local log alone (the condition says Degraded) until a copy
+        is in sync again."""
+        return (self.cfg.mode == "sync" and not self._gave_up
+                and not any(t.in_sync for t in self.targets.values()) and bool(self.candidates()))
 
     async def _ship_queued(self) -> None:
         """Call with the lock held."""
@@ -232,7 +251,9 @@ class MetaReplicator:
                     await self.maintain()
                 except Exception:  # noqa: BLE001 - keep maintaining
                     log.exception("metadata replication pass failed")
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), 1.0)
+                self._kick.clear()
         finally:
             shipper.cancel()
             for b in self._queue:  # shutting down: what is durable locally is answered
@@ -265,8 +286,12 @@ class MetaReplicator:
             inv = await self._call(t, "GET", "/internal/meta")
             cks = sorted(self.dir.glob("checkpoint-*.ckpt"))
             base = seq_of(cks[-1]) if cks else 0
-            if inv.get("history") == history and base <= int(inv.get("last_seq", -1)) <= upto:
-                start = int(inv["last_seq"])  # the copy follows this log: send what it misses
+            theirs = int(inv.get("last_seq", -1))
+            same = inv.get("history") == history and base <= theirs <= upto and (
+                theirs == base or inv.get("last_digest") == await loop.run_in_executor(
+                    None, local_digest, self.dir, theirs))
+            if same:
+                start = theirs  # the copy follows this log: send what it misses
             else:
                 await self._call(t, "POST", "/internal/meta/reset", params={"history": history, "base": str(base)})
                 if base:
@@ -289,6 +314,7 @@ class MetaReplicator:
             t.error = f"bootstrap: seq {sent + 1}..{upto} not on the local disk yet; retrying"
             return
         t.in_sync, t.last_seq, t.error = True, sent, ""
+        self._gave_up = False
         self.bootstraps += 1
         log.info("metadata copy on %s (%s) in sync at seq %d (sent from %d)", t.id, t.zone or "no zone", sent, start)
 
@@ -321,6 +347,16 @@ class MetaReplicator:
     def update_gauges(self) -> None:
         M.M_META_IN_SYNC.set(self.in_sync())
         M.M_META_LAG.set(self.lag_seconds())
+
+
+def local_digest(data_dir: Path, seq: int) -> str:
+    """``record_digest`` of the local log's record ``seq`` ("" if it is not there): a copy whose
+    last record differs took one this master never made durable (a crash) and is reset."""
+    for seg in sorted(data_dir.glob("log-*.wal")):
+        for rec in scan_log(seg.read_bytes()).records:
+            if isinstance(rec, dict) and rec.get("seq") == seq:
+                return record_digest(rec)
+    return ""
 
 
 def read_batches(data_dir: Path, after: int, upto: int) -> list[tuple[int, int, bytes]]:

@@ -101,3 +101,20 @@ def test_read_batches_reframes_the_local_log_range(tmp_path):
     (tmp_path / segment_name(7)).write_bytes(batch(7, 8)[0])
     with pytest.raises(OSError, match="gap before seq 7"):
         read_batches(tmp_path, 0, 9)
+
+
+def test_a_copy_names_its_last_record_so_a_diverged_tail_is_noticed(tmp_path):
+    from kubegfs.formats import record_digest, scan_log
+    from kubegfs.master.metareplica import local_digest
+
+    st = MetaStore(tmp_path / "cs")
+    st.reset("h", 0)
+    st.append("h", 1, 3, *batch(1, 3))
+    (tmp_path / segment_name(1)).write_bytes(batch(1, 3)[0])  # the master's own log
+    assert st.inventory()["last_digest"] == local_digest(tmp_path, 3) != ""
+    assert MetaStore(tmp_path / "cs").last_digest == st.last_digest  # survives a restart
+    # the master crashed before record 3 was durable here and wrote another record 3 after
+    other = scan_log(batch(3, 3)[0]).records[0] | {"path": "/elsewhere"}
+    (tmp_path / segment_name(1)).write_bytes(batch(1, 2)[0] + frame(packb(other)))
+    assert local_digest(tmp_path, 3) == record_digest(other) != st.last_digest
+    assert local_digest(tmp_path, 9) == ""
