@@ -14,9 +14,10 @@ import aiohttp
 from aiohttp import web
 
 from .. import metrics as M
-from ..errors import ClusterMismatch, CorruptData, InvalidArgument, KubegfsError, from_json
+from ..errors import ClusterMismatch, CorruptData, InvalidArgument, from_json
 from ..topology import Location
 from ..web import (
+    PEER_ERRORS,
     field_int,
     field_str,
     handle_hex,
@@ -333,7 +334,7 @@ class Chunkserver:
             self.membership.refused_by_master(exc.message)  # keep everything, keep asking
             self.master_ok = False
             return
-        except (TimeoutError, aiohttp.ClientError, KubegfsError, OSError) as exc:
+        except PEER_ERRORS as exc:
             M.CS_HEARTBEAT_FAIL.inc()
             if self.master_ok:
                 log.warning("heartbeat to %s failed: %s", self.master_url, exc)

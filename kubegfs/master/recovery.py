@@ -161,7 +161,6 @@ def _reopen(m: Master, state: MasterState, rep: RecoveryReport) -> None:
     m.meta.attach(m.oplog)
     m.meta.targets.clear()
     m._ops_since_checkpoint = rep.replayed
-    m._ls_cache.clear()
     m.chunkmap.state = state
     m.chunkmap.locations.clear()
     m.chunkmap.dirty = True
