@@ -1,0 +1,305 @@
+"""The Helm chart on real nodes: kubelet + containerd pods from our images, in a PSS-restricted
+namespace, with the operator in its own pod.
+
+Placement (values below): the master is pinned to kgfs-n1 (zone-a, region-1); the chunkservers may
+not run there, so they land on kgfs-n2 (zone-b, region-1) and kgfs-n3 (zone-c, region-2). The
+chunkserver nearest to the master is therefore the one(s) on kgfs-n2 — same region, other zone —
+which is neither "same node" nor the first pod by name.
+
+The tests share one release and run in file order: install → helm test → snapshot/restore →
+master killed → chunkserver deleted → operator deleted mid-snapshot → upgrade → uninstall.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubegfs.client import Client
+from kubegfs.k8s.cluster import Cluster
+from kubegfs.k8s.controlplane import ControlPlane
+
+pytestmark = pytest.mark.timeout(900)
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "kubegfs"
+NS = "kgfs-real"
+RELEASE = "kubegfs"  # examples/snapshot.yaml names this cluster
+MASTER_NODE = "kgfs-n1"
+
+VALUES = {
+    "image": {"registry": "localhost", "pullPolicy": "Never"},
+    "filesystem": {"chunkSize": "256KiB", "replication": 2},
+    "master": {
+        "nodeSelector": {"kubernetes.io/hostname": MASTER_NODE},
+        "persistence": {"size": "1Gi"},
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+    },
+    "chunkservers": {
+        "replicas": 3,
+        "persistence": {"size": "2Gi"},
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [MASTER_NODE]}]}]}}},
+    },
+    "operator": {"resources": {"requests": {"cpu": "50m", "memory": "128Mi"}}},
+    "metrics": {"podAnnotations": True},
+}
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 180, interval: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - reported on timeout
+            last = repr(e)
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last}")
+
+
+class Env:
+    """The cluster, the release and helpers shared by the tests."""
+
+    def __init__(self, cluster: Cluster, tmp: Path) -> None:
+        self.c = cluster
+        self.tmp = tmp
+        self.cp = ControlPlane(state_dir=cluster.cp_state)  # only for its helm() runner
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        return self.c.kubectl(*args, check=check, input=input, timeout=300).stdout
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", "-n", NS, *args, "-o", "json"))
+
+    def helm(self, *args: str, timeout: float = 600) -> str:
+        return self.cp.helm(*args, timeout=timeout).stdout
+
+    def pods(self, component: str) -> list[dict[str, Any]]:
+        items = self.get("pods", "-l", f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component={component}")["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    @staticmethod
+    def ready(pod: dict[str, Any]) -> bool:
+        conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+        return pod.get("status", {}).get("phase") == "Running" and conds.get("Ready") == "True"
+
+    def all_ready(self) -> list[dict[str, Any]]:
+        pods = [p for comp in ("master", "chunkserver", "operator") for p in self.pods(comp)]
+        if len(pods) == 1 + VALUES["chunkservers"]["replicas"] + 1 and all(self.ready(p) for p in pods):  # type: ignore[index]
+            return pods
+        return []
+
+    def token(self) -> str:
+        secret = self.get("secret", f"{RELEASE}-token")
+        return base64.b64decode(next(iter(secret["data"].values()))).decode()
+
+    def client(self) -> Client:
+        master = wait_for("a Ready master pod", lambda: [p for p in self.pods("master") if self.ready(p)])[0]
+        return Client(f"http://{master['status']['podIP']}:9400", token=self.token(), timeout=30)
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        self.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps(obj))
+
+    def condition(self, kind: str, name: str, ctype: str = "Ready") -> dict[str, Any] | None:
+        obj = self.get(kind, name)
+        for c in obj.get("status", {}).get("conditions", []):
+            if c["type"] == ctype and c["status"] == "True":
+                return obj
+        return None
+
+    def pv_path(self, pod: dict[str, Any]) -> Path:
+        """Host directory of the local PersistentVolume behind a pod's `data` claim."""
+        claim = next(v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+                     if v["name"] == "data")
+        pv = self.get("pvc", claim)["spec"]["volumeName"]
+        return Path(json.loads(self.kubectl("get", "pv", pv, "-o", "json"))["spec"]["local"]["path"])
+
+
+@pytest.fixture(scope="module")
+def env(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    e = Env(real_cluster, tmp_path_factory.mktemp("real"))
+    e.kubectl("create", "namespace", NS)
+    e.kubectl("label", "namespace", NS, "pod-security.kubernetes.io/enforce=restricted",
+              "pod-security.kubernetes.io/enforce-version=latest")
+    values = e.tmp / "values.json"
+    values.write_text(json.dumps(VALUES))
+    yield e
+    # Snapshots (deletionPolicy Delete) carry the operator's finalizer: delete them while it runs
+    e.kubectl("delete", "snapshots,restores", "-n", NS, "--all", "--timeout=120s", check=False)
+    e.helm("uninstall", RELEASE, "-n", NS, "--wait", "--ignore-not-found")
+    e.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def test_install_every_pod_ready_in_restricted_namespace(env: Env) -> None:
+    t0 = time.monotonic()
+    env.helm("install", RELEASE, str(CHART), "-n", NS, "-f", str(env.tmp / "values.json"),
+             "--wait", "--timeout", "8m")
+    pods = wait_for("every kubegfs pod Running and Ready", env.all_ready, timeout=300)
+    print(f"\n# helm install -> all Ready in {time.monotonic() - t0:.1f}s")
+    ns = json.loads(env.kubectl("get", "namespace", NS, "-o", "json"))
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    nodes = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in pods}
+    master = env.pods("master")[0]
+    assert master["spec"]["nodeName"] == MASTER_NODE
+    assert all(env.pods("chunkserver")) and {p["spec"]["nodeName"] for p in env.pods("chunkserver")} <= {
+        "kgfs-n2", "kgfs-n3"}, nodes
+    for p in pods:  # really our images, really the restricted securityContext, on a real pod IP
+        for cs in p["status"]["containerStatuses"]:
+            assert cs["image"].startswith("localhost/kubegfs/"), cs
+        assert p["status"]["podIP"].startswith("198.18."), p["status"]
+        assert p["spec"]["securityContext"]["runAsNonRoot"] is True
+    # the master reads its zone from its Node and sees every chunkserver
+    cl = env.client()
+    alive = wait_for("3 live chunkservers", lambda: [s for s in cl.chunkservers() if s.get("alive")]
+                     if len([s for s in cl.chunkservers() if s.get("alive")]) == 3 else None)
+    assert {s["location"]["zone"] for s in alive} == {"zone-b", "zone-c"}, alive
+
+
+def test_helm_test_pod_runs_and_passes(env: Env) -> None:
+    # (no --logs: the hook's delete policy removes the pod as soon as it succeeded)
+    out = env.helm("test", RELEASE, "-n", NS, "--timeout", "5m")
+    assert "TEST SUITE:     kubegfs-test-snapshot" in out and "Phase:          Succeeded" in out, out
+
+
+def _write_tree(cl: Client, root: str, n: int = 5) -> dict[str, str]:
+    cl.mkdir(root, parents=True)
+    digests = {}
+    for i in range(n):
+        data = secrets.token_bytes(300_000 + 7919 * i)  # more than one 256 KiB chunk each
+        cl.put(f"{root}/f{i}", data)
+        digests[f"f{i}"] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def _read_tree(cl: Client, root: str, names: list[str]) -> dict[str, str]:
+    return {n: hashlib.sha256(cl.get(f"{root}/{n}")).hexdigest() for n in names}
+
+
+def _expected_nearest(env: Env) -> set[str]:
+    """Chunkserver pods nearest to the master pod by their Nodes' labels (node > zone > region)."""
+    labels = {n["metadata"]["name"]: n["metadata"]["labels"]
+              for n in json.loads(env.kubectl("get", "nodes", "-o", "json"))["items"]}
+    m = labels[env.pods("master")[0]["spec"]["nodeName"]]
+
+    def score(pod: dict[str, Any]) -> int:
+        lab = labels[pod["spec"]["nodeName"]]
+        if lab["kubernetes.io/hostname"] == m["kubernetes.io/hostname"]:
+            return 3
+        for s, key in ((2, "topology.kubernetes.io/zone"), (1, "topology.kubernetes.io/region")):
+            if lab[key] == m[key]:
+                return s
+        return 0
+
+    pods = env.pods("chunkserver")
+    best = max(score(p) for p in pods)
+    assert best == 1, "placement should make the nearest chunkserver a same-region, other-zone one"
+    return {p["metadata"]["name"] for p in pods if score(p) == best}
+
+
+def test_snapshot_cr_nearest_chunkserver_and_restore_bytes(env: Env) -> None:
+    cl = env.client()
+    digests = _write_tree(cl, "/data")
+    env.kubectl("apply", "-n", NS, "-f", str(REPO / "examples" / "snapshot.yaml"))
+    snap = wait_for("Snapshot data-nightly Ready", lambda: env.condition("snapshot", "data-nightly"), 180)
+    st = snap["status"]
+    nearest = _expected_nearest(env)
+    assert st["location"]["pod"] in nearest, (st["location"], nearest)
+    assert st["location"]["node"] == "kgfs-n2" and st["location"]["zone"] == "zone-b", st["location"]
+    assert st["files"] == len(digests)
+    # the record's bytes are on that pod's volume (the local PV's host directory)
+    pod = next(p for p in env.pods("chunkserver") if p["metadata"]["name"] == st["location"]["pod"])
+    recs = list((env.pv_path(pod) / "records").glob("*.rec"))
+    assert recs, f"no record file on {pod['metadata']['name']}'s volume {env.pv_path(pod)}"
+    assert st["recordBytes"] in {r.stat().st_size for r in recs}, (st["recordBytes"], recs)
+    # a second copy in another zone
+    assert len(st["copies"]) == 2 and st["copies"][1]["zone"] != st["copies"][0]["zone"], st["copies"]
+
+    env.kubectl("apply", "-n", NS, "-f", str(REPO / "examples" / "restore.yaml"))
+    wait_for("Restore Ready", lambda: env.condition("restore", "data-nightly-restore"), 180)
+    assert _read_tree(cl, "/data-restored", list(digests)) == digests
+    assert _read_tree(cl, "/data", list(digests)) == digests
+
+
+def test_master_pod_killed_comes_back_with_files_and_snapshots(env: Env) -> None:
+    cl = env.client()
+    names = [e["path"].rsplit("/", 1)[1] for e in cl.ls("/data")]
+    before_files = _read_tree(cl, "/data", names)
+    before_snaps = sorted(s["name"] for s in cl.snapshot_list())
+    old = env.pods("master")[0]
+    env.kubectl("delete", "pod", "-n", NS, old["metadata"]["name"], "--grace-period=0", "--force")
+    wait_for("a new Ready master pod", lambda: [p for p in env.pods("master")
+                                              if p["metadata"]["uid"] != old["metadata"]["uid"] and env.ready(p)], 240)
+    cl = env.client()
+    assert _read_tree(cl, "/data", names) == before_files and len(names) == 5
+    assert sorted(s["name"] for s in cl.snapshot_list()) == before_snaps
+    assert "data-nightly" in before_snaps
+
+
+def test_chunkserver_deleted_reads_work_and_chunks_rereplicate(env: Env) -> None:
+    cl = env.client()
+    digests = _write_tree(cl, "/cs-loss", n=4)
+    victim = env.pods("chunkserver")[0]
+    env.kubectl("delete", "pod", "-n", NS, victim["metadata"]["name"], "--grace-period=0", "--force")
+    assert _read_tree(cl, "/cs-loss", list(digests)) == digests  # while it is gone
+    wait_for("the master back at full replication",
+             lambda: cl.status().get("under_replicated") == 0 and len(
+                 [s for s in cl.chunkservers() if s.get("alive")]) == 3, 240)
+    wait_for("every pod Ready again", env.all_ready, 240)
+    assert _read_tree(cl, "/cs-loss", list(digests)) == digests
+
+
+def test_operator_pod_deleted_during_snapshot_exactly_one(env: Env) -> None:
+    cl = env.client()
+    _write_tree(cl, "/op-crash", n=2)
+    env.apply({"apiVersion": "kubegfs.io/v1alpha1", "kind": "Snapshot",
+               "metadata": {"name": "op-crash"},
+               "spec": {"path": "/op-crash", "copies": 1, "deletionPolicy": "Delete",
+                        "cluster": {"name": RELEASE}}})
+    op = env.pods("operator")[0]
+    env.kubectl("delete", "pod", "-n", NS, op["metadata"]["name"], "--grace-period=0", "--force")
+    snap = wait_for("Snapshot op-crash Ready after the operator restart",
+                    lambda: env.condition("snapshot", "op-crash"), 300)
+    same = [s for s in cl.snapshot_list() if s["path"] == "/op-crash"]
+    assert len(same) == 1, same
+    assert same[0]["id"] == snap["status"]["snapshotID"]
+    env.kubectl("delete", "snapshot", "-n", NS, "op-crash", "--wait=true", "--timeout=120s")
+    assert not [s for s in cl.snapshot_list() if s["path"] == "/op-crash"]
+
+
+def test_helm_upgrade_rolls_pods_keeps_data_then_uninstall(env: Env) -> None:
+    cl = env.client()
+    files = sorted(e["path"] for e in cl.ls("/data"))
+    uids = {p["metadata"]["uid"] for c in ("master", "chunkserver") for p in env.pods(c)}
+    env.helm("upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(env.tmp / "values.json"),
+             "--set", "master.deadAfter=7", "--wait", "--timeout", "8m")
+    pods = wait_for("every pod rolled and Ready", lambda: env.all_ready() if not (
+        {p["metadata"]["uid"] for c in ("master", "chunkserver") for p in env.pods(c)} & uids) else [], 480)
+    master = next(p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "master")
+    assert "--dead-after=7" in master["spec"]["containers"][0]["args"]
+    cl = env.client()
+    assert sorted(e["path"] for e in cl.ls("/data")) == files
+
+    # snapshots with deletionPolicy Delete must go before their cluster does
+    env.kubectl("delete", "snapshot,restore", "-n", NS, "--all", "--wait=true", "--timeout=120s")
+    env.helm("uninstall", RELEASE, "-n", NS, "--wait")
+    def workloads() -> list[tuple[str, str]]:
+        items = json.loads(env.kubectl("get", "-n", NS, "statefulsets,deployments,replicasets,pods,services",
+                                       "-o", "json"))["items"]
+        return [(o["kind"], o["metadata"]["name"]) for o in items]
+
+    wait_for("no workload objects left", lambda: workloads() == [] or None, 180)
+    # the StatefulSets' PVCs stay (documented: delete them to drop the data)
+    assert len(env.get("pvc")["items"]) == 1 + VALUES["chunkservers"]["replicas"]  # type: ignore[index]
