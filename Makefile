@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.installed
 K8S_CACHE ?= $(HOME)/.cache/kubegfs/k8s
 PYTEST_ARGS ?=
 
-.PHONY: help venv run up down test test-core lint bench bench-quick chaos \
+.PHONY: help venv run up down test test-core lint lint-chart bench bench-quick chaos \
         controlplane-build controlplane-up controlplane-down images helm-package clean \
         cluster-up cluster-down cluster-images
 
@@ -18,23 +18,23 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devtools/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e ./devtools
 	touch $(STAMP)
 
-venv: $(STAMP) ## create .venv and install kubegfs with its dev tools
+venv: $(STAMP) ## create .venv: kubegfs editable with its dev extra, and devtools/ (kubegfs-dev)
 
 run: $(STAMP) controlplane-build ## the demo: local file system, then Snapshot/Restore CRs through the operator on a real kube-apiserver
 	$(BIN)/kubegfs demo
-	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.demo
+	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.demo
 
 up: $(STAMP) controlplane-build ## like run, then keep everything running and print the KUBECONFIG line (Ctrl-C stops)
-	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.demo --keep-running
+	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.demo --keep-running
 
 down: ## stop anything `make up` or `make controlplane-up` left running
-	-$(PYTHON) -m kubegfs.k8s.controlplane down --state .run/controlplane
+	-$(PYTHON) -m kubegfs_dev.controlplane down --state .run/controlplane
 	-pkill -f 'kubegfs (master|chunkserver) .*\.run/k8s' || true
 	-pkill -f 'kubegfs_operator' || true
 
@@ -45,9 +45,12 @@ test: $(STAMP) controlplane-build ## the whole test suite (builds the local cont
 test-core: $(STAMP) ## only the file-system tests (no control plane)
 	$(BIN)/pytest -m 'not controlplane' $(PYTEST_ARGS)
 
-lint: $(STAMP) controlplane-build ## ruff (incl. no pickle/marshal/eval/yaml.load) and mypy
-	$(BIN)/ruff check kubegfs tests operator
-	$(BIN)/mypy kubegfs operator/kubegfs_operator
+lint: $(STAMP) ## ruff (incl. no pickle/marshal/eval/yaml.load), mypy, import contracts (.importlinter)
+	$(BIN)/ruff check kubegfs tests operator devtools
+	$(BIN)/mypy kubegfs operator/kubegfs_operator devtools/kubegfs_dev
+	$(BIN)/lint-imports --no-cache
+
+lint-chart: controlplane-build ## helm lint --strict of the chart (needs the helm the control-plane build makes)
 	$(K8S_CACHE)/bin/helm lint --strict helm/kubegfs
 
 helm-package: controlplane-build ## package the Helm chart (CRDs and operator RBAC synced first) into dist/
@@ -57,22 +60,22 @@ helm-package: controlplane-build ## package the Helm chart (CRDs and operator RB
 TRIALS ?= 20
 OPS ?= 40
 chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chaos TRIALS=200)
-	$(PYTHON) -m kubegfs.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED))
+	$(PYTHON) -m kubegfs_dev.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED))
 
 bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
-	$(PYTHON) -m kubegfs.bench --out bench-results
+	$(PYTHON) -m kubegfs_dev.bench --out bench-results
 
 bench-quick: $(STAMP) ## a small benchmark run (CI runs it so the code can't rot)
-	$(PYTHON) -m kubegfs.bench --quick --out bench-results
+	$(PYTHON) -m kubegfs_dev.bench --quick --out bench-results
 
 controlplane-build: ## build/cache etcd, kube-apiserver, kube-controller-manager, helm under .cache/k8s
 	bash hack/controlplane/build.sh $(K8S_CACHE)
 
 controlplane-up: $(STAMP) controlplane-build ## start a long-lived local kube-apiserver+etcd, print the KUBECONFIG line
-	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.controlplane up --state .run/controlplane
+	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.controlplane up --state .run/controlplane
 
 controlplane-down: $(STAMP) ## stop the control plane started by controlplane-up
-	$(PYTHON) -m kubegfs.k8s.controlplane down --state .run/controlplane
+	$(PYTHON) -m kubegfs_dev.controlplane down --state .run/controlplane
 
 CLUSTER_STATE ?= .run/cluster
 VERSION   := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -1)
@@ -82,10 +85,10 @@ cluster-images: $(STAMP) ## build the kubegfs images with buildah on a debootstr
 	bash hack/images/build.sh --tool buildah --base "$$(bash hack/images/base.sh)" >&2
 
 cluster-up: $(STAMP) controlplane-build cluster-images ## a real 3-node cluster (kubelet+containerd, needs root) with the images loaded; prints the KUBECONFIG line
-	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.cluster up --state $(CLUSTER_STATE) --images $(CLUSTER_IMAGES)
+	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.cluster up --state $(CLUSTER_STATE) --images $(CLUSTER_IMAGES)
 
 cluster-down: $(STAMP) ## stop the cluster-up cluster and undo its host changes (idempotent)
-	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs.k8s.cluster down --state $(CLUSTER_STATE)
+	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.cluster down --state $(CLUSTER_STATE)
 
 images: ## build the master, chunkserver and operator images (REGISTRY=… also pushes; IMAGES_ARGS=--base …)
 	REGISTRY=$(REGISTRY) bash hack/images/build.sh $(if $(REGISTRY),--push) $(IMAGES_ARGS)

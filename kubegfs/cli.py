@@ -128,7 +128,7 @@ def master(listen: str, data_dir: str, token: str | None, token_file: str | None
 
 def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
     if from_node and node:
-        from .k8s.nodeinfo import node_location
+        from .k8s_node import node_location
 
         found = node_location(node)
         return Location(found.node, zone or found.zone, region or found.region)

@@ -133,14 +133,14 @@ class LocalCluster:
         )
         log.close()
 
-    def start_master(self, wait: bool = True) -> None:
+    def start_master(self, wait: bool = True, timeout: float = 30.0) -> None:
         m = self.master
         self._spawn(m, ["master", "--listen", f"{m.host}:{m.port}", "--data", str(m.data),
                         "--chunk-size", str(self.chunk_size), "--replication", str(self.replication),
                         "--dead-after", str(self.dead_after), "--checkpoint-ops", str(self.checkpoint_ops),
                         "--node", m.node, "--zone", m.zone, "--region", m.region])
         if wait:
-            self._wait_http(m, "/healthz")
+            self._wait_http(m, "/healthz", timeout)
 
     def start_chunkserver(self, p: Proc, wait: bool = True) -> None:
         self._spawn(p, ["chunkserver", "--listen", f"{p.host}:{p.port}", "--master", p.master_url or self.master_url,

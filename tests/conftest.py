@@ -1,1 +1,1 @@
-pytest_plugins = ["kubegfs.testing.k8s"]
+pytest_plugins = ["kubegfs_dev.pytest_plugin"]

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from kubegfs.chaos import Trial
+from kubegfs_dev.chaos import Trial
 
 SEEDS = [int(os.environ.get("KUBEGFS_CHAOS_SEED", random.randrange(1 << 30))) + i for i in range(2)]
 
@@ -13,7 +13,7 @@ SEEDS = [int(os.environ.get("KUBEGFS_CHAOS_SEED", random.randrange(1 << 30))) + 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_ops_and_faults_match_the_witness(seed, tmp_path):
     st = Trial(seed, 30, tmp_path / "chaos").run()
-    assert not st.failures, f"replay with: python -m kubegfs.chaos --trials 1 --seed {seed}: {st.failures}"
+    assert not st.failures, f"replay with: python -m kubegfs_dev.chaos --trials 1 --seed {seed}: {st.failures}"
     assert st.lost == 0
     assert st.corruptions_detected == st.corruptions_injected
     assert st.steps >= 20

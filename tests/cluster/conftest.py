@@ -1,6 +1,6 @@
 """Fixtures for the real-node tests: one 3-node kubelet + containerd cluster per test session.
 
-The cluster (:mod:`kubegfs.k8s.cluster`) needs root; its binaries come from
+The cluster (:mod:`kubegfs_dev.cluster`) needs root; its binaries come from
 hack/controlplane/build.sh, containerd/runc/CNI/buildah from Debian (installed by the harness when
 missing) and the kubegfs images from hack/images/build.sh on the debootstrap base. Whatever is
 missing or fails to start FAILS the tests with the reason; nothing is skipped. The cluster is torn
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kubegfs.k8s.cluster import Cluster, ClusterError, running, wait_free
-from kubegfs.k8s.controlplane import ControlPlaneError
+from kubegfs_dev.cluster import Cluster, ClusterError, running, wait_free
+from kubegfs_dev.controlplane import ControlPlaneError
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

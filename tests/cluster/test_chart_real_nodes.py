@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from kubegfs.client import Client
-from kubegfs.k8s.cluster import Cluster
-from kubegfs.k8s.controlplane import ControlPlane
+from kubegfs_dev.cluster import Cluster
+from kubegfs_dev.controlplane import ControlPlane
 
 pytestmark = pytest.mark.timeout(900)
 

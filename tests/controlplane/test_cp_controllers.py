@@ -6,7 +6,7 @@ from __future__ import annotations
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubegfs.testing.k8s import wait_for
+from kubegfs_dev.util import wait_for
 
 
 def _exists(fn: object, *args: object) -> bool:

@@ -9,7 +9,8 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from kubegfs.testing.k8s import Kubectl, wait_for
+from kubegfs_dev.pytest_plugin import Kubectl
+from kubegfs_dev.util import wait_for
 
 GROUP = "test.kubegfs.io"
 PLURAL = "widgets"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from kubegfs.k8s.controlplane import ControlPlane, ControlPlaneError
-from kubegfs.testing.k8s import wait_for
+from kubegfs_dev.controlplane import ControlPlane, ControlPlaneError
+from kubegfs_dev.util import wait_for
 
 CHART_YAML = """\
 apiVersion: v2

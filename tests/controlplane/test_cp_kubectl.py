@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kubegfs.k8s.controlplane import ControlPlane, bin_dir
-from kubegfs.testing.k8s import Kubectl
+from kubegfs_dev.controlplane import ControlPlane, bin_dir
+from kubegfs_dev.pytest_plugin import Kubectl
 
 MANIFEST = """\
 apiVersion: v1

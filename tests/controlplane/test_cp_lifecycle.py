@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kubegfs.k8s import controlplane as cpmod
-from kubegfs.k8s.controlplane import BinaryNotFound, ControlPlane, run_kubectl
+from kubegfs_dev import controlplane as cpmod
+from kubegfs_dev.controlplane import BinaryNotFound, ControlPlane, run_kubectl
 
 
 def test_missing_binary_names_the_build_script(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_cli_up_and_down(tmp_path: Path) -> None:
     """The `make controlplane-up/-down` path: detached processes, kubeconfig, clean stop."""
     state = tmp_path / "cp"
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "kubegfs.k8s.controlplane"]
+    cmd = [sys.executable, "-m", "kubegfs_dev.controlplane"]
     up = subprocess.run([*cmd, "up", "--state", str(state)], env=env, capture_output=True,
                         text=True, timeout=300, check=False)
     pids: list[int] = []

@@ -8,8 +8,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubegfs.k8s.controlplane import ControlPlane
-from kubegfs.testing.k8s import Kubectl, wait_for
+from kubegfs_dev.controlplane import ControlPlane
+from kubegfs_dev.pytest_plugin import Kubectl
+from kubegfs_dev.util import wait_for
 
 
 def _grant_configmap_read(rbac: client.RbacAuthorizationV1Api, ns: str, subject: dict[str, str]) -> None:

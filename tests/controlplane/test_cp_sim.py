@@ -12,8 +12,9 @@ import pytest
 import requests
 from kubernetes import client
 
-from kubegfs.k8s import sim
-from kubegfs.testing.k8s import Kubectl, wait_for
+from kubegfs_dev import sim
+from kubegfs_dev.pytest_plugin import Kubectl
+from kubegfs_dev.util import wait_for
 
 NODES = {  # name -> (zone, region)
     "sim-node-a": ("zone-a", "region-1"),

@@ -4,8 +4,8 @@ import uuid
 
 import yaml
 
-from kubegfs.k8s import sim
-from kubegfs.k8s.nodeinfo import node_location
+from kubegfs.k8s_node import node_location
+from kubegfs_dev import sim
 
 
 def test_node_location_from_api(controlplane, k8s_namespace, tmp_path):

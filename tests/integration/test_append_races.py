@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kubegfs.testing.k8s import wait_for
+from kubegfs_dev.util import wait_for
 
 CHUNK = 256 * 1024
 TAIL = b"appended in place"

@@ -7,13 +7,9 @@ import signal
 import pytest
 import requests
 
-from kubegfs.testing.k8s import wait_for as _wait_for
+from kubegfs_dev.util import wait_for
 
 CHUNK = 256 * 1024
-
-
-def wait_for(pred, timeout=20.0, what="condition"):
-    return _wait_for(pred, timeout=timeout, interval=0.1, what=what)
 
 
 def holders(c, name):

@@ -7,8 +7,8 @@ import pytest
 
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
-from kubegfs.testing.k8s import wait_for
-from kubegfs.testing.netfault import FaultyLink
+from kubegfs_dev.netfault import FaultyLink
+from kubegfs_dev.util import wait_for
 
 CHUNK = 256 * 1024
 

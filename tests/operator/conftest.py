@@ -2,7 +2,7 @@ import uuid
 
 import pytest
 
-from kubegfs.k8s.stack import K8sStack, NodeSpec, PodSpec
+from kubegfs_dev.stack import K8sStack, NodeSpec, PodSpec
 
 # A master on node "m" (zone za, region r1) and chunkserver pods at increasing distance:
 # same node, same zone, same region (zone zb), and another region (zc/r2; reached by IP prefix).

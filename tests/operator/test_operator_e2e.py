@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kubegfs.testing.k8s import wait_for
+from kubegfs_dev.util import wait_for
 
 
 def snap_yaml(name, path="/data", copies=2, policy="Delete"):
@@ -220,7 +220,7 @@ def test_operator_killed_mid_snapshot_makes_exactly_one(stack):
 def test_operator_rbac_has_no_wildcards(plural):
     import yaml
 
-    from kubegfs.k8s.stack import RBAC_FILE
+    from kubegfs_dev.stack import RBAC_FILE
 
     role = yaml.safe_load(RBAC_FILE.read_text())
     for rule in role["rules"]:

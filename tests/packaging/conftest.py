@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def helm_binary() -> Path:
-    from kubegfs.k8s.controlplane import BinaryNotFound, find_binary
+    from kubegfs_dev.controlplane import BinaryNotFound, find_binary
 
     try:
         return find_binary("helm")

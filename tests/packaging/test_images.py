@@ -33,6 +33,8 @@ from typing import Any
 import pytest
 import requests
 
+from kubegfs_dev.util import free_port, wait_http
+
 pytestmark = [pytest.mark.images, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,12 +79,6 @@ def ensure_tools() -> None:
 def inspect(image: str) -> dict[str, Any]:
     out = sh(["buildah", "inspect", "--type", "image", image]).stdout
     return json.loads(out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -162,16 +158,18 @@ class Server:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_http(self, url: str, timeout: float = 60) -> requests.Response:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_http(self, url: str, timeout: float = 60) -> Any:
+        """The JSON body of the first 200 answer from ``url``."""
+
+        def alive() -> None:
             assert self.popen.poll() is None, f"exited {self.popen.returncode}:\n{self.output()}"
-            with contextlib.suppress(requests.RequestException):
-                r = requests.get(url, timeout=2)
-                if r.status_code == 200:
-                    return r
-            time.sleep(0.3)
-        raise AssertionError(f"{url} not ready in {timeout}s:\n{self.output()}")
+
+        try:
+            body = wait_http(url, timeout=timeout, ok=lambda status, _body: status == 200, alive=alive,
+                             interval=0.3)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}:\n{self.output()}") from None
+        return json.loads(body)
 
     def server_pids(self) -> list[int]:
         return [p for p, name in descendants(self.popen.pid) if name == "kubegfs"]
@@ -358,8 +356,7 @@ def test_master_and_chunkserver_serve_on_loopback(images: dict[str, str], secret
                                "--data", "/data", "--token-file", "/secrets/token", "--dead-after", "3"],
                         vol, tmp_path / "master.log")
         stack.callback(master.stop)
-        r = master.wait_http(f"{master_url}/healthz")
-        assert r.json()["ok"] is True
+        assert master.wait_http(f"{master_url}/healthz")["ok"] is True
         assert requests.get(f"{master_url}/api/v1/chunkservers", timeout=5).status_code == 401
         assert requests.get(f"{master_url}/api/v1/chunkservers", headers=auth, timeout=5).json() == {
             "chunkservers": []}
@@ -370,8 +367,7 @@ def test_master_and_chunkserver_serve_on_loopback(images: dict[str, str], secret
                            "--node", "node-a", "--zone", "zone-a", "--region", "region-a"],
                     vol, tmp_path / "chunkserver.log")
         stack.callback(cs.stop)
-        r = cs.wait_http(f"http://127.0.0.1:{cport}/healthz")
-        assert r.json()["ok"] is True
+        assert cs.wait_http(f"http://127.0.0.1:{cport}/healthz")["ok"] is True
 
         deadline = time.monotonic() + 30
         listed: list[dict[str, Any]] = []

@@ -1,5 +1,5 @@
 """The chart's monitoring against real parts: a Prometheus (Debian package) started here scrapes a
-real operator, master and chunkservers (kubegfs.k8s.stack.K8sStack on the local control plane);
+real operator, master and chunkservers (kubegfs_dev.stack.K8sStack on the local control plane);
 after Snapshot and Restore resources (one of each failing on purpose), a copy-on-write append,
 the `helm test` script and a chunkserver killed, EVERY PromQL expression of the Grafana dashboard
 and of the alert rules must return data. promtool checks and unit-tests the rules file."""
@@ -21,9 +21,8 @@ import pytest
 import requests
 import yaml
 
-from kubegfs.k8s.stack import K8sStack, NodeSpec, PodSpec
-from kubegfs.local import free_port
-from kubegfs.testing.k8s import wait_for
+from kubegfs_dev.stack import K8sStack, NodeSpec, PodSpec
+from kubegfs_dev.util import free_port, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "kubegfs"
 ALERTS = CHART / "files" / "alerts.yaml"

@@ -8,34 +8,35 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kubegfs import bench
 from kubegfs import namespace as ns
+from kubegfs_dev.bench import inprocess, report, trees
+from kubegfs_dev.bench.main import main
 
 
 def test_tree_generator_builds_what_it_says() -> None:
-    trees = bench.make_trees([300, 1000])
-    t = trees[1000]
+    made = trees.make_trees([300, 1000])
+    t = made[1000]
     files, dirs, chunks, _size = ns.count(t.root)
     assert files == 1000 and dirs == t.dirs and chunks == t.chunks
     # disjoint handle ranges, so the trees can live in one master
-    assert trees[300].first + trees[300].chunks <= t.first
-    st = bench.state_with(trees)
+    assert made[300].first + made[300].chunks <= t.first
+    st = trees.state_with(made)
     for rel in t.sample_files[:5]:
         assert isinstance(st.lookup("/t1000/" + rel)[1], ns.File)
 
 
 def test_capture_and_seed_rows(tmp_path: Path) -> None:
-    trees = bench.make_trees([200, 400])
-    cap = bench.bench_capture(trees, repeats=5)
-    seed = bench.bench_seed(trees, cap, {200: 1, 400: 1})
+    made = trees.make_trees([200, 400])
+    cap = inprocess.bench_capture(made, repeats=5)
+    seed = inprocess.bench_seed(made, cap, {200: 1, 400: 1})
     rows = cap + seed
     assert {r.bench for r in rows} == {"capture", "seed"}
     for r in rows:
         assert r.samples and r.unit
         assert r.lo <= r.median <= r.hi
     assert any(r.met is not None and r.target for r in rows)
-    machine = bench.machine_info()
-    p = bench.write_results(rows, machine, tmp_path, {"quick": True})
+    machine = report.machine_info()
+    p = report.write_results(rows, machine, tmp_path, {"quick": True})
     doc = json.loads(p.read_text())
     assert set(doc) == {"machine", "config", "rows"}
     assert {"cpu", "cores", "ram_bytes", "python", "date", "git_commit"} <= set(doc["machine"])
@@ -44,14 +45,14 @@ def test_capture_and_seed_rows(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text().splitlines()
     assert md[0].startswith("| benchmark |") and len(md) == len(rows) + 2
     console = Console(record=True, width=160)
-    console.print(bench.render_table(rows, machine))
+    console.print(report.render_table(rows, machine))
     text = console.export_text()
     assert "capture pause, 200 files" in text and "target" in text
-    assert [p.name for p in bench.plot(rows, tmp_path)] == ["snapshot_scaling.png"]
+    assert [p.name for p in report.plot(rows, tmp_path)] == ["snapshot_scaling.png"]
 
 
 def test_cli_only_in_process(tmp_path: Path) -> None:
-    assert bench.main(["--only", "capture,seed", "--sizes", "100,300", "--out", str(tmp_path)]) == 0
+    assert main(["--only", "capture,seed", "--sizes", "100,300", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["config"]["only"] == ["capture", "seed"]
     assert (tmp_path / "snapshot_scaling.png").exists()

@@ -1,6 +1,6 @@
 """Seeded chaos against a real local cluster, checked against an in-memory witness model.
 
-``python -m kubegfs.chaos --trials N --ops M [--seed S]`` (``make chaos TRIALS=200``) runs N
+``python -m kubegfs_dev.chaos --trials N --ops M [--seed S]`` (``make chaos TRIALS=200``) runs N
 trials; each starts a master and four chunkservers, applies M random operations (mkdir, put,
 overwrite, append, mv, rm, snapshot, restore to a new path or in place, snapshot delete, and a
 few invalid requests) interleaved with faults (master kill -9 mid-operation, chunkserver kill -9
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .client import Client
-from .errors import KubegfsError
-from .local import LocalCluster
+from kubegfs.client import Client
+from kubegfs.errors import KubegfsError
+from kubegfs.local import LocalCluster
 
 DIR = None  # marker for directories in the model
 CHUNK = 64 * 1024
@@ -451,18 +451,18 @@ def report(st: Stats, seconds: float) -> str:
     con = Console(width=100, record=True)
     con.print(t)
     for f in st.failures:
-        con.print(f"[red]FAILED[/] {f}  (replay: python -m kubegfs.chaos --trials 1 --seed {f.split()[1].rstrip(':')})")
+        con.print(f"[red]FAILED[/] {f}  (replay: python -m kubegfs_dev.chaos --trials 1 --seed {f.split()[1].rstrip(':')})")
     return con.export_text()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kubegfs.chaos", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kubegfs_dev.chaos", description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--ops", type=int, default=40)
     ap.add_argument("--seed", type=int, default=None, help="first seed (default: random, printed)")
     ap.add_argument("--keep", action="store_true", help="keep the data dirs of failed trials")
     a = ap.parse_args(argv)
-    from . import logs
+    from kubegfs import logs
 
     logs.setup("WARNING")
     seed0 = a.seed if a.seed is not None else random.randrange(1 << 31)

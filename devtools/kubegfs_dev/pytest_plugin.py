@@ -2,7 +2,7 @@
 
 Fixtures:
 
-* ``controlplane`` (session): a started :class:`kubegfs.k8s.controlplane.ControlPlane`
+* ``controlplane`` (session): a started :class:`kubegfs_dev.controlplane.ControlPlane`
   (etcd + kube-apiserver + kube-controller-manager). If the binaries are missing or the control
   plane does not come up, every test that uses it FAILS with the reason. It never skips.
 * ``k8s_api`` (session): an admin ``kubernetes.client.ApiClient``.
@@ -12,8 +12,9 @@ Fixtures:
 Tests under ``tests/controlplane/`` and tests that use one of these fixtures get the
 ``controlplane`` marker automatically, so ``-m 'not controlplane'`` deselects them.
 
-Only the standard library and pytest are imported at module level: importing this plugin must
-never fail, whether or not the control plane or the ``kubernetes`` package is available.
+Only the standard library, pytest and the harness (:mod:`kubegfs_dev.controlplane`) are imported
+at module level: importing this plugin must never fail, whether or not the control plane or the
+``kubernetes`` package is available. Polling helpers are in :mod:`kubegfs_dev.util`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
-from kubegfs.k8s.controlplane import ControlPlane, ControlPlaneError, run_kubectl
+from kubegfs_dev.controlplane import ControlPlane, ControlPlaneError, run_kubectl
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -115,22 +116,6 @@ def kubectl(controlplane: ControlPlane) -> Kubectl:
         return run_kubectl(kubeconfig or controlplane.kubeconfig, *args, input=input, check=check)
 
     return run
-
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.2,
-             what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; raise TimeoutError otherwise.
-
-    The timeout is a safety net against hangs, not an assertion about speed: pick it generously.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def kubeconfig_env(cp: ControlPlane) -> dict[str, str]:

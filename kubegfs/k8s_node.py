@@ -10,10 +10,10 @@ from pathlib import Path
 
 import requests
 
-from ..topology import Location
+from .topology import Location
 
 SA = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-log = logging.getLogger("kubegfs.k8s.nodeinfo")
+log = logging.getLogger("kubegfs.k8s_node")
 
 
 def node_location(node: str, ip: str = "", sa_dir: Path = SA, api: str | None = None,

@@ -1,6 +1,6 @@
 """A real multi-node Kubernetes cluster on this machine: kubelets + containerd, no Docker.
 
-On top of :class:`~kubegfs.k8s.controlplane.ControlPlane` (etcd, kube-apiserver, one
+On top of :class:`~kubegfs_dev.controlplane.ControlPlane` (etcd, kube-apiserver, one
 kube-controller-manager running the controllers a kubelet-backed cluster needs) this starts, as
 plain processes whose PIDs are kept in ``<state>/pids.json``:
 
@@ -16,10 +16,10 @@ empty bridge that also carries the catch-all route of 198.18.0.0/15, so a packet
 address there is dropped instead of leaving the machine); Services are in 198.19.0.0/16. Pods route
 only 198.18.0.0/15, there is no masquerading: nothing a pod sends can leave the machine.
 
-Host changes are recorded and undone by :mod:`kubegfs.k8s.hostnet`. Only one such cluster runs on a
+Host changes are recorded and undone by :mod:`kubegfs_dev.hostnet`. Only one such cluster runs on a
 machine at a time (the bridges, addresses and kube-proxy's chains are host-wide): the state dir of
 the running one is written to :data:`OWNER`, and :func:`up` first tears down a dead owner's
-leftovers. ``python -m kubegfs.k8s.cluster up|down|status --state DIR`` (``make cluster-up``).
+leftovers. ``python -m kubegfs_dev.cluster up|down|status --state DIR`` (``make cluster-up``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubegfs.k8s import controlplane as cpm
-from kubegfs.k8s import hostnet
+from kubegfs_dev import controlplane as cpm
+from kubegfs_dev import hostnet
 
 API_IP = "198.18.0.1"
 DNS_IP = "198.18.0.2"
@@ -461,7 +461,7 @@ class Cluster:
         if other is not None and other != self.state:
             if running(other):
                 raise ClusterError(f"another real-node cluster is running (state {other}); "
-                                   f"stop it first: python -m kubegfs.k8s.cluster down --state {other}")
+                                   f"stop it first: python -m kubegfs_dev.cluster down --state {other}")
             self.log(f"cleaning up the leftovers of a dead cluster in {other}")
             Cluster(other, log=self.log)._down()
         self._down()  # our own leftovers
@@ -723,7 +723,7 @@ def wait_free(timeout: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kubegfs.k8s.cluster",
+    ap = argparse.ArgumentParser(prog="python -m kubegfs_dev.cluster",
                                  description="A real multi-node Kubernetes cluster on this machine.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start (detached) and print the KUBECONFIG export line")

@@ -1,0 +1,23 @@
+"""kubegfs benchmarks: ``python -m kubegfs_dev.bench [--quick] [--out DIR] [--only NAME,...]``.
+
+Every figure is the median of several runs (min–max shown). Speed claims are measured as
+ratios *in the same run* (the seed's deep copy + pickle, the disk's own fdatasync speed, loopback
+TCP), so they hold on a noisy shared machine. Nothing here asserts a threshold: the ✓/✗ column is
+informational, and the process exits 0 unless the benchmark code itself breaks.
+
+Benchmarks (``--only`` names):
+
+* ``capture``    in-loop cost of pinning a snapshot: ``MasterState.apply(snap_capture)``
+* ``seed``       the same trees captured the seed's way: ``copy.deepcopy`` + ``pickle.dumps``
+* ``snapshot``   end-to-end snapshot and restore (new path / in place) on a real master that
+                 recovered the N-file state from a checkpoint written offline
+* ``memory``     master RSS per million files, RSS growth per snapshot after modifying K files
+* ``during``     p99 latency of a write stream while snapshots are being taken vs without
+* ``throughput`` durable creates/s from 1/4/16 client threads, stat/s and ls/s
+* ``datapath``   1 GiB put/get at RF=3 vs the machine's disk and loopback ceilings
+
+Outputs: a table on stdout, ``DIR/results.json`` (raw samples + machine), PNG plots in ``DIR``.
+"""
+
+ALL = ("capture", "seed", "snapshot", "memory", "during", "throughput", "datapath", "operator")
+CLUSTER_BENCHES = {"snapshot", "memory", "during"}

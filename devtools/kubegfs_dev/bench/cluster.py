@@ -1,0 +1,252 @@
+"""Benchmarks on a real master that recovered a large checkpoint: end-to-end snapshot and
+restore (``snapshot``), master memory (``memory``) and write latency during snapshots
+(``during``)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubegfs.master.oplog import write_checkpoint
+
+from .report import MiB, Row, at_least, at_most, human_n, pct
+from .trees import CHUNK_SIZE, Tree, state_with
+
+
+def rss_of(pid: int) -> int:
+    import psutil
+
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def _wait_snapshot(client: Any, sid: str, timeout: float = 900.0) -> dict[str, Any]:
+    """Poll at a fixed 5 ms (Client.snapshot_wait backs off up to 0.5 s, which would blur timing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s: dict[str, Any] = client.snapshot_show(sid)
+        if s["state"] == "ready":
+            return s
+        if s["state"] == "failed":
+            raise RuntimeError(f"snapshot {s['name']} failed: {s.get('error')}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"snapshot {s['name']} not ready after {timeout}s")
+        time.sleep(0.005)
+
+
+def snapshot_e2e(client: Any, path: str, name: str) -> tuple[float, dict[str, Any]]:
+    t0 = time.perf_counter()
+    snap = client.snapshot_create(path, name, wait=False)
+    done = _wait_snapshot(client, snap["id"])
+    return time.perf_counter() - t0, done
+
+
+def empty_master_rss(tmp: Path) -> int:
+    from kubegfs.local import LocalCluster
+
+    c = LocalCluster(tmp / "empty", n_chunkservers=0)
+    try:
+        c.start()
+        time.sleep(0.5)
+        assert c.master.popen is not None
+        return rss_of(c.master.popen.pid)
+    finally:
+        c.stop()
+        shutil.rmtree(tmp / "empty", ignore_errors=True)
+
+
+@dataclass
+class ClusterCfg:
+    snap_reps: dict[int, int]
+    restore_reps: dict[int, int]
+    modify_k: int = 100
+    mem_snaps: int = 3
+    during_seconds: float = 6.0
+    during_reps: int = 2
+
+
+def bench_cluster(trees: dict[int, Tree], tmp: Path, cfg: ClusterCfg, want: set[str],
+                  say: Callable[[str], None]) -> list[Row]:
+    """Write one checkpoint holding every tree, start a real master + 3 chunkservers on it."""
+    from kubegfs.local import LocalCluster
+
+    rows: list[Row] = []
+    total = sum(t.files for t in trees.values())
+    sizes = list(trees)
+    samples = {n: t.sample_files for n, t in trees.items()}
+    rss_empty = empty_master_rss(tmp) if "memory" in want else 0
+    data = tmp / "cluster"
+    say(f"writing a checkpoint with {total:,} files")
+    st = state_with(trees)
+    (data / "master").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ck = write_checkpoint(data / "master", st.checkpoint_view())
+    ck_seconds = time.perf_counter() - t0
+    ck_bytes = ck.stat().st_size
+    del st
+    gc.collect()
+    cluster = LocalCluster(data, n_chunkservers=3, chunk_size=CHUNK_SIZE, replication=3)
+    try:
+        say("starting the master (recovering from the checkpoint)")
+        t0 = time.perf_counter()
+        cluster.start_master(timeout=900)
+        load_seconds = time.perf_counter() - t0
+        for p in cluster.chunkservers:
+            cluster.start_chunkserver(p, wait=False)
+        cluster.wait_registered(3, 120)
+        assert cluster.master.popen is not None
+        mpid = cluster.master.popen.pid
+        rss_loaded = rss_of(mpid)
+        client = cluster.client()
+        st_t0 = time.perf_counter()
+        status = client.status()
+        status_seconds = time.perf_counter() - st_t0
+        say(f"master up: {status['files']:,} files in {load_seconds:.1f}s; /status took {status_seconds * 1e3:.0f} ms")
+        if "memory" in want:
+            per_m = (rss_loaded - rss_empty) / (total / 1e6) / MiB
+            rows.append(Row("memory", "master RSS per million files", "MiB", [per_m],
+                            extra={"rss_loaded": rss_loaded, "rss_empty": rss_empty, "files": total,
+                                   "load_seconds": load_seconds, "checkpoint_bytes": ck_bytes,
+                                   "checkpoint_write_seconds": ck_seconds,
+                                   "status_seconds": status_seconds}))
+        first_growth: float | None = None
+        if "snapshot" in want or "memory" in want:
+            for n in sizes:
+                ts, bpf = [], 0.0
+                server = []
+                reps = cfg.snap_reps.get(n, 3) if "snapshot" in want else 1
+                for r in range(reps):
+                    say(f"snapshot of {human_n(n)} files ({r + 1}/{reps})")
+                    before = rss_of(mpid)
+                    t, done = snapshot_e2e(client, f"/t{n}", f"e2e-{n}-{r}")
+                    if r == 0 and n == max(sizes):
+                        first_growth = (rss_of(mpid) - before) / MiB
+                    ts.append(t)
+                    server.append(done["duration_seconds"])
+                    bpf = done["record_bytes"] / done["files"]
+                if "snapshot" in want:
+                    rows.append(at_least(Row("snapshot", f"end-to-end snapshot, {human_n(n)} files", "files/s",
+                                             [n / t for t in ts],
+                                             extra={"files": n, "seconds": ts, "server_seconds": server}),
+                                         500_000, "≥ 500k files/s"))
+                    rows.append(at_most(Row("snapshot", f"record size, {human_n(n)} files", "B/file", [bpf],
+                                            extra={"files": n}), 40, "≤ 40 B/file"))
+        if "memory" in want:
+            n = max(sizes)
+            growth = []
+            files = samples[n]
+            k = min(cfg.modify_k, len(files))
+            for i in range(cfg.mem_snaps):
+                say(f"memory: modify {k} files, snapshot {human_n(n)} ({i + 1}/{cfg.mem_snaps})")
+                for j in range(k):
+                    client.put(f"/t{n}/{files[(i * k + j) % len(files)]}", b"m" * 1024)
+                before = rss_of(mpid)
+                snapshot_e2e(client, f"/t{n}", f"mem-{n}-{i}")
+                time.sleep(0.2)
+                growth.append((rss_of(mpid) - before) / MiB)
+            per_file_mib = (rss_loaded - rss_empty) / max(total, 1) / MiB
+            row = Row("memory", f"RSS growth per snapshot, {human_n(n)} files, {k} modified", "MiB", growth,
+                      extra={"files": n, "modified": k, "first_snapshot_growth_mib": first_growth,
+                             "o_files_equivalent_mib": per_file_mib * n})
+            # O(modified): well under what a copy of the tree's metadata would cost
+            rows.append(at_most(row, max(0.05 * per_file_mib * n, 1.0), "O(modified), ≪ tree size"))
+            if first_growth is not None:
+                rows.append(Row("memory", f"RSS growth, first snapshot of {human_n(n)} files", "MiB",
+                                [first_growth], extra={"files": n}))
+        if "during" in want:
+            rows += bench_during(cluster, max(sizes), cfg, say)
+        if "snapshot" in want:
+            for n in sizes:
+                new, inplace = [], []
+                for r in range(cfg.restore_reps.get(n, 3)):
+                    say(f"restore of {human_n(n)} files ({r + 1})")
+                    t0 = time.perf_counter()
+                    client.snapshot_restore(f"e2e-{n}-0", to=f"/r{n}-{r}")
+                    new.append(time.perf_counter() - t0)
+                    client.rm(f"/r{n}-{r}", recursive=True)
+                    t0 = time.perf_counter()
+                    client.snapshot_restore(f"e2e-{n}-0")
+                    inplace.append(time.perf_counter() - t0)
+                for mode, ts in (("to a new path", new), ("in place", inplace)):
+                    row = Row("restore", f"restore {mode}, {human_n(n)} files", "s", ts, extra={"files": n})
+                    if n == 100_000:
+                        at_most(row, 1.0, "≤ 1 s")
+                    rows.append(row)
+        client.close()
+    finally:
+        cluster.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return rows
+
+
+def bench_during(cluster: Any, n: int, cfg: ClusterCfg, say: Callable[[str], None]) -> list[Row]:
+    """A writer streams mkdirs and 4 KiB creates; p99 while snapshots run vs without."""
+    writer = cluster.client()
+    poller = cluster.client()
+    writer.mkdir("/w", parents=True)
+    payload = os.urandom(4096)
+    ratios: list[float] = []
+    base_p99: list[float] = []
+    during_p99: list[float] = []
+    counts: list[int] = []
+    detail: list[dict[str, Any]] = []
+    seq = 0
+    try:
+        for rep in range(cfg.during_reps):
+            for phase in ("baseline", "during"):
+                say(f"writes {'during snapshots of ' + human_n(n) + ' files' if phase == 'during' else 'without a snapshot'} ({rep + 1}/{cfg.during_reps})")
+                lat: list[float] = []
+                kinds: list[int] = []
+                stop = threading.Event()
+
+                def write_stream(lat: list[float] = lat, kinds: list[int] = kinds,
+                                 stop: threading.Event = stop) -> None:
+                    nonlocal seq
+                    while not stop.is_set():
+                        seq += 1
+                        t0 = time.perf_counter()
+                        if seq % 2:
+                            writer.mkdir(f"/w/d{seq}")
+                        else:
+                            writer.put(f"/w/f{seq}", payload)
+                        lat.append(time.perf_counter() - t0)
+                        kinds.append(seq % 2)
+
+                th = threading.Thread(target=write_stream, daemon=True)
+                th.start()
+                end = time.monotonic() + cfg.during_seconds
+                k = 0
+                try:
+                    while time.monotonic() < end:
+                        if phase == "during":
+                            snapshot_e2e(poller, f"/t{n}", f"during-{n}-{rep}-{k}")
+                            k += 1
+                        else:  # the same polling load, without a snapshot
+                            poller.stat("/w")
+                            time.sleep(0.005)
+                finally:
+                    stop.set()
+                    th.join()
+                (base_p99 if phase == "baseline" else during_p99).append(pct(lat, 0.99))
+                counts.append(len(lat))
+                detail.append({
+                    "phase": phase, "ops": len(lat), "snapshots": k,
+                    "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "max": max(lat, default=0.0),
+                    "p99_mkdir": pct([x for x, kd in zip(lat, kinds, strict=False) if kd], 0.99),
+                    "p99_put_4k": pct([x for x, kd in zip(lat, kinds, strict=False) if not kd], 0.99),
+                })
+            ratios.append(during_p99[-1] / base_p99[-1])
+    finally:
+        writer.close()
+        poller.close()
+    return [
+        Row("during", "write p99 without snapshot", "s", base_p99, extra={"detail": detail}),
+        Row("during", f"write p99 during {human_n(n)}-file snapshots", "s", during_p99),
+        at_most(Row("during", "p99 during / without", "x", ratios, extra={"ops": counts}), 1.5, "≤ 1.5×"),
+    ]

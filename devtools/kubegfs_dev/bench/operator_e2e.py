@@ -1,0 +1,80 @@
+"""The operator through the real kube-apiserver: Snapshot CR -> Ready latency, a burst of CRs
+applied at once, and the operator's RSS (``operator``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .cluster import rss_of
+from .report import Row, at_most, pct
+
+
+def bench_operator(tmp: Path, quick: bool, say: Callable[[str], None]) -> list[Row]:
+    """Snapshot CR -> Ready latency through the real kube-apiserver and operator, a burst of CRs
+    applied at once, and the operator's RSS."""
+
+    from kubegfs_dev.controlplane import ControlPlane
+    from kubegfs_dev.stack import K8sStack, NodeSpec, PodSpec
+
+    seq_n, burst_n = (10, 20) if quick else (50, 100)
+    say("operator: starting kube-apiserver, cluster and operator")
+    cp = ControlPlane(state_dir=tmp / "cp")
+    cp.start()
+    nodes = [NodeSpec("bn-a", "zone-a", "r1"), NodeSpec("bn-b", "zone-b", "r1"), NodeSpec("bn-c", "zone-c", "r1")]
+    stack = K8sStack(cp, "bench", tmp / "stack", nodes, master=PodSpec("master-0", "bn-a", "127.0.40.1"),
+                     chunkservers=[PodSpec("cs-0", "bn-a", "127.0.40.2"), PodSpec("cs-1", "bn-b", "127.0.41.1"),
+                                   PodSpec("cs-2", "bn-c", "127.0.42.1")])
+    try:
+        stack.start()
+        c = stack.cluster.client()
+        c.mkdir("/data")
+        c.put("/data/f", b"x" * 10_000)
+
+        def doc(name: str) -> str:
+            return (f"apiVersion: kubegfs.io/v1alpha1\nkind: Snapshot\nmetadata: {{name: {name}}}\n"
+                    f"spec: {{path: /data, copies: 2}}\n")
+
+        def ready(name: str) -> bool:
+            return stack.condition("snapshots", name) == "True"
+
+        lat: list[float] = []
+        for i in range(seq_n):
+            say(f"operator: Snapshot CR -> Ready {i + 1}/{seq_n}")
+            t0 = time.perf_counter()
+            stack.kubectl("apply", "-f", "-", input=doc(f"seq-{i}"))
+            while not ready(f"seq-{i}"):
+                if time.perf_counter() - t0 > 120:
+                    raise RuntimeError(f"seq-{i} not Ready after 120s")
+                time.sleep(0.01)
+            lat.append(time.perf_counter() - t0)
+        say(f"operator: {burst_n} Snapshot CRs at once")
+        docs = "---\n".join(doc(f"burst-{i}") for i in range(burst_n))
+        t0 = time.perf_counter()
+        stack.kubectl("apply", "-f", "-", input=docs)
+        pending = {f"burst-{i}" for i in range(burst_n)}
+        while pending:
+            items = stack.custom.list_namespaced_custom_object("kubegfs.io", "v1alpha1", stack.ns, "snapshots")["items"]
+            for it in items:
+                conds = {x["type"]: x["status"] for x in (it.get("status") or {}).get("conditions") or []}
+                if conds.get("Ready") == "True":
+                    pending.discard(it["metadata"]["name"])
+            if time.perf_counter() - t0 > 600:
+                raise RuntimeError(f"{len(pending)} burst CRs not Ready after 600s")
+            time.sleep(0.1)
+        burst = time.perf_counter() - t0
+        assert stack.operator is not None
+        rss = rss_of(stack.operator.pid) / (1 << 20)
+    finally:
+        stack.stop()
+        cp.stop()
+    return [
+        at_most(Row("operator", f"Snapshot CR -> Ready p50 ({seq_n} CRs, first one included)", "s", lat),
+                1.0, "≤ 1 s"),
+        at_most(Row("operator", f"Snapshot CR -> Ready p95 ({seq_n} CRs)", "s", [pct(lat, 0.95)],
+                    extra={"samples": lat}), 1.0, "≤ 1 s"),
+        at_most(Row("operator", f"{burst_n} CRs at once -> all Ready", "s", [burst]),
+                20.0 * burst_n / 100, f"≤ {20 * burst_n // 100} s"),
+        at_most(Row("operator", "operator RSS", "MiB", [rss]), 150, "≤ 150 MiB"),
+    ]

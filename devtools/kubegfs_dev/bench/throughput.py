@@ -1,0 +1,153 @@
+"""Metadata throughput on a small cluster: durable creates, stat and ls from 1–16 client
+threads, and over bare keep-alive HTTP (``throughput``)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .report import Row, at_least
+
+
+def _threads(n: int, fn: Callable[[int, float], int], seconds: float) -> float:
+    """Run fn(thread_index, deadline) on n threads; ops/s over the wall time."""
+    counts = [0] * n
+    barrier = threading.Barrier(n + 1)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            counts[i] = fn(i, time.monotonic() + seconds)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(counts) / wall
+
+
+class RawHTTP:
+    """A bare keep-alive HTTP/1.1 connection: shows what the master serves when the client
+    library (``requests``) is not the bottleneck."""
+
+    def __init__(self, host: str, port: int, token: str) -> None:
+        import http.client
+
+        self.conn = http.client.HTTPConnection(host, port, timeout=60)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+        self.conn.request(method, path, body=None if body is None else json.dumps(body),
+                          headers=self.headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.status >= 300:
+            raise RuntimeError(f"{method} {path}: {r.status} {data[:200]!r}")
+        return data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def bench_throughput(cluster: Any, seconds: float, reps: int, say: Callable[[str], None]) -> list[Row]:
+    rows = []
+    clients = [cluster.client() for _ in range(16)]
+    try:
+        for nt in (1, 4, 16):
+            rates = []
+            for r in range(reps):
+                say(f"durable creates (mkdir), {nt} threads ({r + 1}/{reps})")
+                base = f"/tp{nt}-{r}"
+                clients[0].mkdir(base)
+
+                def creates(i: int, deadline: float, base: str = base) -> int:
+                    c = clients[i]
+                    k = 0
+                    while time.monotonic() < deadline:
+                        c.mkdir(f"{base}/w{i}-{k}")
+                        k += 1
+                    return k
+
+                rates.append(_threads(nt, creates, seconds))
+            rows.append(at_least(Row("throughput", f"durable creates, {nt} client threads", "ops/s", rates,
+                                     extra={"threads": nt}), 2000, "≥ 2,000/s"))
+        for nt in (16,):
+            rates = []
+            for r in range(reps):
+                say(f"durable creates over raw HTTP keep-alive, {nt} connections ({r + 1}/{reps})")
+                base = f"/raw{nt}-{r}"
+                clients[0].mkdir(base)
+
+                def raw_creates(i: int, deadline: float, base: str = base) -> int:
+                    conn = RawHTTP(cluster.master.host, cluster.master.port, cluster.token)
+                    k = 0
+                    try:
+                        while time.monotonic() < deadline:
+                            conn.call("POST", "/api/v1/fs/mkdir", {"path": f"{base}/w{i}-{k}"})
+                            k += 1
+                    finally:
+                        conn.close()
+                    return k
+
+                rates.append(_threads(nt, raw_creates, seconds))
+            rows.append(at_least(Row("throughput", f"durable creates, raw HTTP, {nt} connections", "ops/s",
+                                     rates, extra={"threads": nt, "client": "http.client"}),
+                                 2000, "≥ 2,000/s"))
+        c0 = clients[0]
+        c0.mkdir("/st")
+        for i in range(100):
+            c0.mkdir(f"/st/e{i}")
+        for op in ("stat", "ls"):
+            for nt in (1, 4):
+                rates = []
+                for r in range(reps):
+                    say(f"{op}, {nt} threads ({r + 1}/{reps})")
+
+                    def reads(i: int, deadline: float, op: str = op) -> int:
+                        c = clients[i]
+                        k = 0
+                        while time.monotonic() < deadline:
+                            if op == "stat":
+                                c.stat(f"/st/e{k % 100}")
+                            else:
+                                c.ls("/st")
+                            k += 1
+                        return k
+
+                    rates.append(_threads(nt, reads, seconds))
+                rows.append(at_least(Row("throughput", f"{op} (100-entry dir), {nt} client threads", "ops/s",
+                                         rates, extra={"threads": nt}), 5000, "≥ 5,000/s"))
+        rates = []
+        for r in range(reps):
+            say(f"stat over raw HTTP keep-alive, 4 connections ({r + 1}/{reps})")
+
+            def raw_stats(i: int, deadline: float) -> int:
+                conn = RawHTTP(cluster.master.host, cluster.master.port, cluster.token)
+                k = 0
+                try:
+                    while time.monotonic() < deadline:
+                        conn.call("GET", f"/api/v1/fs/stat?path=/st/e{k % 100}")
+                        k += 1
+                finally:
+                    conn.close()
+                return k
+
+            rates.append(_threads(4, raw_stats, seconds))
+        rows.append(at_least(Row("throughput", "stat, raw HTTP, 4 connections", "ops/s", rates,
+                                 extra={"threads": 4, "client": "http.client"}), 5000, "≥ 5,000/s"))
+    finally:
+        for c in clients:
+            c.close()
+    return rows
