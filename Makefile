@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help venv run up down test test-core lint lint-chart bench bench-quick chaos \
         controlplane-build controlplane-up controlplane-down images helm-package clean \
-        cluster-up cluster-down cluster-images
+        cluster-up cluster-down cluster-images demo-cluster
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -89,6 +89,9 @@ cluster-up: $(STAMP) controlplane-build cluster-images ## a real 3-node cluster 
 
 cluster-down: $(STAMP) ## stop the cluster-up cluster and undo its host changes (idempotent)
 	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.cluster down --state $(CLUSTER_STATE)
+
+demo-cluster: $(STAMP) controlplane-build cluster-images ## the `make run` story on real nodes: chart install, Snapshot/Restore CRs (root; leaves the cluster up)
+	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.demo_cluster
 
 images: ## build the master, chunkserver and operator images (REGISTRY=… also pushes; IMAGES_ARGS=--base …)
 	REGISTRY=$(REGISTRY) bash hack/images/build.sh $(if $(REGISTRY),--push) $(IMAGES_ARGS)

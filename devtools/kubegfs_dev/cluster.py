@@ -399,6 +399,8 @@ class Cluster:
     nodes: tuple[NodeSpec, ...] = DEFAULT_NODES
     bin_dir: Path | None = None
     start_timeout: float = 120.0
+    # The cluster of a test session: whoever finds it while this PID is gone tears it down.
+    guard_pid: int | None = None
     log: Callable[[str], None] = field(default=lambda msg: print(f"# {msg}", file=sys.stderr))
 
     def __post_init__(self) -> None:
@@ -466,6 +468,9 @@ class Cluster:
             Cluster(other, log=self.log)._down()
         self._down()  # our own leftovers
         self.state.mkdir(parents=True, exist_ok=True)
+        if self.guard_pid is not None:
+            (self.state / "guard.json").write_text(json.dumps(
+                {"pid": self.guard_pid, "exe": _cmdline0(self.guard_pid)}) + "\n")
         OWNER.write_text(str(self.state) + "\n")
 
     def _up(self, binaries: dict[str, Path]) -> None:
@@ -614,6 +619,22 @@ class Cluster:
                 pvs.append(local_volume(node, path, i))
         self.apply(pvs)
 
+    def recycle_volumes(self) -> int:
+        """Make the local PVs whose claims were deleted (``Released``) empty and ``Available``
+        again — what a dynamic provisioner's Delete reclaim would do. Returns how many."""
+        pvs = json.loads(self.kubectl("get", "pv", "-l", "kubegfs.io/node", "-o", "json").stdout)["items"]
+        released = [pv for pv in pvs if pv.get("status", {}).get("phase") in ("Released", "Failed")]
+        for pv in released:
+            path = Path(pv["spec"]["local"]["path"])
+            if self.state not in path.parents:  # only ever wipe our own volume dirs
+                continue
+            self.kubectl("delete", "pv", pv["metadata"]["name"], "--wait=true", "--timeout=60s")
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            node = next(n for n in self.nodes if n.name == pv["metadata"]["labels"]["kubegfs.io/node"])
+            self.apply([local_volume(node, path, int(pv["metadata"]["name"].rsplit("pv", 1)[1]))])
+        return len(released)
+
     def load_images(self, refs: Sequence[str]) -> None:
         """Copy images from the host's buildah storage into every node's containerd."""
         out = self.state / "images"
@@ -641,12 +662,13 @@ class Cluster:
             procs.stop(name)
         for e in [e for e in procs.entries if e["name"].startswith("kubelet-")]:
             procs.stop(e["name"])
-        for e in [e for e in procs.entries if e["name"].startswith("containerd-")]:
-            procs.stop(e["name"])
         nodes_dir = self.state / "nodes"
         rec = hostnet.load(self.state)
+        # the containers, while their shims still run to reap them; then their cgroups
         for name in (rec["cgroups"] if rec else []):
-            hostnet.remove_cgroup(name)  # the containers, then their cgroups
+            hostnet.remove_cgroup(name)
+        for e in [e for e in procs.entries if e["name"].startswith("containerd-")]:
+            procs.stop(e["name"])
         for pidfile in nodes_dir.glob("*/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pidfile.read_text().strip())
@@ -666,6 +688,7 @@ class Cluster:
         shutil.rmtree(self.cp_state / "etcd", ignore_errors=True)
         (self.state / "kubeconfig").unlink(missing_ok=True)
         procs.path.unlink(missing_ok=True)
+        (self.state / "guard.json").unlink(missing_ok=True)
         if _owner() == self.state:
             OWNER.unlink(missing_ok=True)
 
@@ -705,11 +728,21 @@ def _machine_lock(timeout: float = 1200) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _guard_alive(state: Path) -> bool:
+    """A cluster started with ``guard_pid`` lives only as long as that process (a test session)."""
+    try:
+        g = json.loads((state / "guard.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(cpm._pid_alive(int(g["pid"])) and _cmdline0(int(g["pid"])) == g["exe"])
+
+
 def running(state: Path) -> bool:
-    """Do the recorded processes of the cluster in ``state`` still run?"""
+    """Do the recorded processes of the cluster in ``state`` still run (and its guard, if any)?"""
     procs = _Procs(state.resolve())
     procs.load()
-    return bool(procs.entries) and any(cpm._ours(e["pid"], e["exe"]) for e in procs.entries)
+    return (bool(procs.entries) and _guard_alive(state.resolve())
+            and any(cpm._ours(e["pid"], e["exe"]) for e in procs.entries))
 
 
 def wait_free(timeout: float) -> None:

@@ -62,7 +62,8 @@ def real_cluster() -> Iterator[Cluster]:
         pytest.fail("the real-node cluster tests need root (kubelet, containerd, bridges, iptables)",
                     pytrace=False)
     images = build_images()
-    c = Cluster(STATE)
+    # guard: if this session dies without its teardown, the next `up` anywhere removes the cluster
+    c = Cluster(STATE, guard_pid=os.getpid())
     t0 = time.monotonic()
     try:
         wait_free(timeout=1800)
