@@ -33,10 +33,9 @@ run: $(STAMP) controlplane-build ## the demo: local file system, then Snapshot/R
 up: $(STAMP) controlplane-build ## like run, then keep everything running and print the KUBECONFIG line (Ctrl-C stops)
 	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.demo --keep-running
 
-down: ## stop anything `make up` or `make controlplane-up` left running
-	-$(PYTHON) -m kubegfs_dev.controlplane down --state .run/controlplane
-	-pkill -f 'kubegfs (master|chunkserver) .*\.run/k8s' || true
-	-pkill -f 'kubegfs_operator' || true
+down: ## stop what `make up` or `make controlplane-up` left running (by the PIDs their state dirs record)
+	$(PYTHON) -m kubegfs_dev.pids stop .run/k8s/stack/pids.json .run/k8s/controlplane/pids.json \
+	  .run/controlplane/pids.json
 
 test: $(STAMP) controlplane-build ## the whole test suite (builds the local control plane if missing)
 	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin PATH=$(abspath $(BIN)):$$PATH \
@@ -59,8 +58,9 @@ helm-package: controlplane-build ## package the Helm chart (CRDs and operator RB
 
 TRIALS ?= 20
 OPS ?= 40
-chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chaos TRIALS=200)
-	$(PYTHON) -m kubegfs_dev.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED))
+chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chaos TRIALS=200 [SLOW_FSYNC=1])
+	$(PYTHON) -m kubegfs_dev.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED)) \
+	  $(if $(SLOW_FSYNC),--slow-fsync $(SLOW_FSYNC))
 
 bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
 	$(PYTHON) -m kubegfs_dev.bench --out bench-results
@@ -97,4 +97,4 @@ images: ## build the master, chunkserver and operator images (REGISTRY=… also 
 	REGISTRY=$(REGISTRY) bash hack/images/build.sh $(if $(REGISTRY),--push) $(IMAGES_ARGS)
 
 clean: ## remove venv, caches and run data (keeps the control-plane binaries in $$HOME/.cache/kubegfs)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info devtools/*.egg-info

@@ -78,6 +78,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except KubegfsError as exc:
             fail(exc.message, 2 if 400 <= exc.status < 500 else 1)
+        except OSError as exc:  # a local file or directory (e.g. fs get into a missing directory)
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
 
 
 @click.group(cls=Group)
@@ -113,15 +115,18 @@ def topology_options(f: Any) -> Any:
 @click.option("--dead-after", default=5.0, show_default=True, help="seconds without heartbeat before a chunkserver is dead")
 @click.option("--checkpoint-interval", default=300.0, show_default=True)
 @click.option("--checkpoint-ops", default=100_000, show_default=True)
+@click.option("--debug-fsync-delay", default=0.0, hidden=True, type=click.FloatRange(0, 60),
+              help="testing: each op-log sync takes this many seconds longer (a busy disk)")
 @topology_options
 def master(listen: str, data_dir: str, token: str | None, token_file: str | None, chunk_size: str,
            replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
-           node: str, zone: str, region: str, topology_from_node: bool) -> None:
+           debug_fsync_delay: float, node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master."""
     from .master.server import Options, run
 
     tok = read_token(token, token_file)
-    opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops)
+    opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
+                   fsync_delay=debug_fsync_delay)
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts)
 
@@ -313,10 +318,15 @@ def _print_snaps(snaps: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED")
-    for s in snaps:
-        t.add_row(s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
-                  str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"])
+    from .catalog import owner
+
+    owners = [owner(s) for s in snaps]
+    cols = ["NAME", "PATH", "STATE", "FILES", "BYTES", "RECORD", "HOLDERS", "CREATED"]
+    t = Table(*cols, "OWNER") if any(owners) else Table(*cols)  # OWNER: the Kubernetes object, if any
+    for s, who in zip(snaps, owners, strict=True):
+        row = [s["name"], s["path"], s["state"], str(s["files"]), str(s["logical_bytes"]),
+               str(s["record_bytes"]), ",".join(h["id"] for h in s["holders"]), s["created"]]
+        t.add_row(*row, *([who or "-"] if any(owners) else []))
     Console().print(t)
 
 
@@ -347,23 +357,38 @@ def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
     c.out(c.client().snapshot_show(name))
 
 
+def _restored(d: dict[str, Any]) -> None:
+    click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
+               f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s")
+    if d.get("pre_restore_snapshot"):
+        click.echo(f"undo with: kubegfs snapshot restore {d['pre_restore_snapshot']}")
+
+
 @snapshot.command("restore")
 @click.argument("name")
 @click.option("--to", "to", default=None, help="restore to this new path instead of in place")
+@click.option("--no-pre-restore-snapshot", "no_pre", is_flag=True,
+              help="in place: do not snapshot the target first (the restore cannot be undone)")
 @client_options
-def snap_restore(name: str, to: str | None, master: str, token: str | None, as_json: bool) -> None:
+def snap_restore(name: str, to: str | None, no_pre: bool, master: str, token: str | None, as_json: bool) -> None:
+    from .catalog import restore_undoable
+
     c = Ctx(master, token, as_json)
-    r = c.client().snapshot_restore(name, to)
-    c.out(r, lambda d: click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
-                                  f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s"))
+    c.out(restore_undoable(c.client(), name, to, pre_restore=not no_pre), _restored)
 
 
 @snapshot.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="also delete a snapshot a Kubernetes Snapshot object owns")
 @client_options
-def snap_delete(name: str, master: str, token: str | None, as_json: bool) -> None:
+def snap_delete(name: str, force: bool, master: str, token: str | None, as_json: bool) -> None:
+    from .catalog import refuse_owned_delete
+
     c = Ctx(master, token, as_json)
-    c.out(c.client().snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
+    cl = c.client()
+    if not force:
+        refuse_owned_delete(cl.snapshot_show(name))
+    c.out(cl.snapshot_delete(name), lambda d: click.echo(f"deleted {d['deleted']}"))
 
 
 @main.command()

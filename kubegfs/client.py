@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 from urllib.parse import quote, urlencode, urlsplit
 
-import requests
-
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 
 PIECE = 4 * 1024 * 1024
@@ -134,20 +132,16 @@ class Client:
         self.timeout = timeout
         # Calls go over one keep-alive http.client connection per thread and server: requests
         # costs ~0.7 ms and urllib3 ~0.25 ms of client CPU per call, against ~0.1 ms here, and a
-        # metadata-heavy client is bound by exactly that. ``s`` is a requests session with the
-        # same token, for callers that want one.
+        # metadata-heavy client is bound by exactly that.
         self._headers = {"Authorization": f"Bearer {tok}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._local = threading.local()
-        self.s = requests.Session()
-        self.s.headers.update(self._headers)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.close_connections()
-        self.s.close()
 
     def close_connections(self) -> None:
         """Close the calling thread's connections (other threads' close when those threads end)."""

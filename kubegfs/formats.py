@@ -37,7 +37,8 @@ MAX_HEADER = 1 << 20
 
 
 def packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
 
 
 def unpackb(data: bytes) -> Any:
@@ -154,7 +155,7 @@ def delta_encode(values: Iterable[int]) -> bytes:
     return array("q", map(operator.sub, vals, [0, *vals[:-1]])).tobytes()
 
 
-def delta_decode(data: bytes) -> array:
+def delta_decode(data: bytes) -> array[int]:
     a = array("q")
     a.frombytes(data)
     return array("q", itertools.accumulate(a))
@@ -187,7 +188,6 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]
     """Columns for the subtree rooted at ``node`` in breadth-first order, and its counts
     (files, dirs, chunks, logical bytes). Breadth-first keeps each directory's children together,
     so names, modes and mtimes are copied a directory at a time instead of a node at a time."""
-    file_t = File
     names: list[str] = [""]
     modes: list[int] = [node.mode]
     mtimes: list[int] = [node.mtime]
@@ -196,7 +196,7 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]
     nchunks: list[int] = []
     handles: list[int] = []
     queue: list[Dir] = []
-    if type(node) is file_t:
+    if type(node) is File:
         shape.append(-1)
         sizes.append(node.size)
         nchunks.append(len(node.chunks))
@@ -209,14 +209,14 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]
         shape.append, sizes.append, nchunks.append, handles.extend, queue.append)
     i = 0
     while i < len(queue):
-        ch = queue[i].children
+        items = sorted(queue[i].children.items())  # canonical: the same tree, the same bytes
         i += 1
-        names.extend(ch.keys())
-        kids = list(ch.values())
+        names.extend([n for n, _k in items])
+        kids = [k for _n, k in items]
         modes.extend([k.mode for k in kids])
         mtimes.extend([k.mtime for k in kids])
         for k in kids:
-            if type(k) is file_t:
+            if type(k) is File:
                 add_shape(-1)
                 add_size(k.size)
                 c = k.chunks
@@ -351,11 +351,11 @@ def _decode_tree(cols: dict[str, Any]) -> DecodedTree:
 CHUNK_META_MAGIC = b"KGCM"
 
 
-def encode_chunk_meta(version: int, length: int, crcs: array) -> bytes:
+def encode_chunk_meta(version: int, length: int, crcs: array[int]) -> bytes:
     return CHUNK_META_MAGIC + packb({"v": version, "len": length, "crc": crcs.tobytes()})
 
 
-def decode_chunk_meta(data: bytes) -> tuple[int, int, array]:
+def decode_chunk_meta(data: bytes) -> tuple[int, int, array[int]]:
     if data[:4] != CHUNK_META_MAGIC:
         raise CorruptData("bad chunk metadata magic")
     d = unpackb(data[4:])

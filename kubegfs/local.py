@@ -77,8 +77,10 @@ class LocalCluster:
                  replication: int = 3, master_port: int | None = None, heartbeat: float = 0.5,
                  dead_after: float = 3.0, token: str | None = None, zones: list[str] | None = None,
                  regions: list[str] | None = None, checkpoint_ops: int = 100_000,
-                 master_host: str = "127.0.0.1", scrub_interval: float = 60.0) -> None:
+                 master_host: str = "127.0.0.1", scrub_interval: float = 60.0,
+                 master_args: list[str] | None = None) -> None:
         self.scrub_interval = scrub_interval
+        self.master_args = master_args or []  # extra ``kubegfs master`` flags
         self.data_dir = data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         tok_file = self.data_dir / "token"
@@ -138,7 +140,7 @@ class LocalCluster:
         self._spawn(m, ["master", "--listen", f"{m.host}:{m.port}", "--data", str(m.data),
                         "--chunk-size", str(self.chunk_size), "--replication", str(self.replication),
                         "--dead-after", str(self.dead_after), "--checkpoint-ops", str(self.checkpoint_ops),
-                        "--node", m.node, "--zone", m.zone, "--region", m.region])
+                        "--node", m.node, "--zone", m.zone, "--region", m.region, *self.master_args])
         if wait:
             self._wait_http(m, "/healthz", timeout)
 

@@ -16,7 +16,9 @@ _SNAP_LAT = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 _SIZE = tuple(float(1 << s) for s in range(10, 45, 3))  # 1 KiB .. 16 TiB
 
 
-class _Http:
+class HttpMetrics:
+    """Request count and latency of one component's HTTP server."""
+
     def __init__(self, registry: CollectorRegistry, component: str) -> None:
         self.requests = Counter(
             "kubegfs_http_requests_total", "HTTP requests served",
@@ -30,7 +32,7 @@ class _Http:
 
 
 # ----------------------------------------------------------------------------- master
-MASTER_HTTP = _Http(MASTER, "master")
+MASTER_HTTP = HttpMetrics(MASTER, "master")
 M_FILES = Gauge("kubegfs_master_files", "Files in the live namespace", registry=MASTER)
 M_CHUNKS = Gauge("kubegfs_master_chunks", "Chunks known to the master", registry=MASTER)
 M_UNDER_REPLICATED = Gauge(
@@ -63,6 +65,15 @@ M_RECORD_REPAIRS = Counter(
     "kubegfs_snapshot_record_repairs_total", "Snapshot record copies re-made after a loss",
     ["result"], registry=MASTER,
 )
+M_RECORD_DROPPED = Counter(
+    "kubegfs_snapshot_record_copies_dropped_total",
+    "Snapshot record copies dropped from the catalog (missing, truncated, corrupt, not the catalog's bytes)",
+    ["reason"], registry=MASTER,
+)
+M_SNAP_UNDER_COPIED = Gauge(
+    "kubegfs_snapshots_under_copied", "Ready snapshots with fewer live record copies than they ask for",
+    registry=MASTER,
+)
 M_CORRUPT = Counter(
     "kubegfs_corrupt_replicas_total", "Replicas reported corrupt by chunkservers", registry=MASTER
 )
@@ -90,7 +101,7 @@ M_RESTORE_RESULT = Counter(
 )
 
 # ----------------------------------------------------------------------------- chunkserver
-CS_HTTP = _Http(CHUNKSERVER, "chunkserver")
+CS_HTTP = HttpMetrics(CHUNKSERVER, "chunkserver")
 CS_CHUNKS = Gauge("kubegfs_chunkserver_chunks", "Chunks stored", registry=CHUNKSERVER)
 CS_BYTES = Gauge("kubegfs_chunkserver_stored_bytes", "Chunk bytes stored", registry=CHUNKSERVER)
 CS_RECORDS = Gauge("kubegfs_chunkserver_records", "Snapshot records stored", registry=CHUNKSERVER)
@@ -113,7 +124,7 @@ CS_HEARTBEAT_FAIL = Counter(
 )
 
 # ----------------------------------------------------------------------------- operator
-OPERATOR_HTTP = _Http(OPERATOR, "operator")
+OPERATOR_HTTP = HttpMetrics(OPERATOR, "operator")
 OP_SNAPSHOT_SIZE = Histogram(
     "kubegfs_snapshot_size_bytes", "Logical bytes captured by Snapshot resources",
     ["namespace"], buckets=_SIZE, registry=OPERATOR,
@@ -145,4 +156,29 @@ OP_IN_PROGRESS = Gauge(
 OP_LAST_SUCCESS = Gauge(
     "kubegfs_snapshot_last_success_timestamp_seconds", "Unix time of the last Ready snapshot",
     ["namespace"], registry=OPERATOR,
+)
+SCHED_RUNS = Counter(
+    "kubegfs_schedule_runs_total", "Snapshots of a SnapshotSchedule finished", ["namespace", "schedule", "result"],
+    registry=OPERATOR,
+)
+SCHED_MISSED = Counter(
+    "kubegfs_schedule_missed_total", "Scheduled runs never started (operator down, or past the deadline)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_RETAINED = Gauge(
+    "kubegfs_snapshots_retained", "Ready Snapshots a SnapshotSchedule's retention policy keeps",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_NEXT_RUN = Gauge(
+    "kubegfs_schedule_next_run_timestamp_seconds", "Unix time of a SnapshotSchedule's next run (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_LAST_SUCCESS = Gauge(
+    "kubegfs_schedule_last_success_timestamp_seconds",
+    "Scheduled time of a SnapshotSchedule's newest Ready Snapshot (its creation while it has none)",
+    ["namespace", "schedule"], registry=OPERATOR,
+)
+SCHED_PERIOD = Gauge(
+    "kubegfs_schedule_period_seconds", "A SnapshotSchedule's current interval between runs (absent when suspended)",
+    ["namespace", "schedule"], registry=OPERATOR,
 )

@@ -9,6 +9,7 @@ subtree (a snapshot, a checkpoint) is O(1): keep a reference to the current root
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import final
 
 import immutables
 
@@ -18,6 +19,7 @@ DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 
 
+@final
 class File:
     """Immutable file metadata. ``chunks`` are chunk handles in file order."""
 
@@ -33,12 +35,13 @@ class File:
         return f"File(size={self.size}, chunks={len(self.chunks)})"
 
 
+@final
 class Dir:
     """Immutable directory: ``children`` maps a name to a File or Dir."""
 
     __slots__ = ("children", "mtime", "mode")
 
-    def __init__(self, children: immutables.Map, mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
+    def __init__(self, children: immutables.Map[str, Node], mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
         self.children = children
         self.mtime = mtime
         self.mode = mode
@@ -48,7 +51,7 @@ class Dir:
 
 
 Node = File | Dir
-EMPTY: immutables.Map = immutables.Map()
+EMPTY: immutables.Map[str, Node] = immutables.Map()
 
 
 def empty_root(mtime: int = 0) -> Dir:

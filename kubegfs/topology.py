@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Distance classes, nearest first. The reason strings are part of the API (Snapshot status).
 SAME_NODE = "same-node"
@@ -49,7 +49,6 @@ class Candidate:
     used_bytes: int = 0
     capacity_bytes: int = 0
     address: str = ""
-    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def free_bytes(self) -> int:

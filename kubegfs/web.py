@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .errors import InvalidArgument, KubegfsError, PayloadTooLarge, Unauthorized
-from .metrics import _Http
+from .metrics import HttpMetrics
 
 log = logging.getLogger("kubegfs.web")
 
@@ -41,7 +41,7 @@ def check_token(request: web.Request, token: str) -> None:
         raise Unauthorized("wrong token")
 
 
-def make_middlewares(token: str, http: _Http) -> list[Any]:
+def make_middlewares(token: str, http: HttpMetrics) -> list[Any]:
     @web.middleware
     async def mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -71,21 +71,41 @@ def make_middlewares(token: str, http: _Http) -> list[Any]:
     return [mw]
 
 
-async def read_json(request: web.Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body (however many segments it arrives in), or 413 once it passes ``limit``."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"body larger than {limit} bytes")
+    parts: list[bytes] = []
+    n = 0
+    async for data in request.content.iter_any():
+        n += len(data)
+        if n > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def read_json(request: web.Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+    raw = await read_body(request, limit)
     if not raw:
         return {}
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"malformed JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidArgument("malformed JSON: nested too deeply") from exc
     if not isinstance(body, dict):
         raise InvalidArgument("JSON body must be an object")
     return body
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) of a ``--listen`` option."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidArgument(f"--listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

@@ -8,6 +8,11 @@ with or without its disk, bytes flipped in chunk files and record copies, checkp
 after each step compares the namespace and every file's bytes with the model. Every snapshot is
 restored at the end and compared with the model's copy at its creation. The seed of a failing
 trial is printed so it can be replayed with ``--seed``.
+
+``--slow-fsync S`` makes every op-log sync of the master take S seconds longer (a busy disk), and
+the master kills then land inside that window, also during rm, snapshot delete and restore in
+place: an op that was applied but not yet durable must vanish whole, and nothing it freed may be
+deleted (see master/outbox.py).
 """
 
 from __future__ import annotations
@@ -98,15 +103,17 @@ class Model:
 
 
 class Trial:
-    def __init__(self, seed: int, ops: int, workdir: Path) -> None:
+    def __init__(self, seed: int, ops: int, workdir: Path, slow_fsync: float = 0.0) -> None:
         self.seed = seed
+        self.slow_fsync = slow_fsync
         self.rng = random.Random(seed)
         self.ops = ops
         self.dir = workdir
         self.m = Model()
         self.st = Stats(trials=1)
         self.cl = LocalCluster(workdir, 4, chunk_size=CHUNK, heartbeat=0.2, dead_after=1.0,
-                               scrub_interval=1.0, checkpoint_ops=40)
+                               scrub_interval=1.0, checkpoint_ops=40,
+                               master_args=["--debug-fsync-delay", str(slow_fsync)] if slow_fsync else None)
         self.c: Client | None = None
         self.n = 0
         self.down: list[Any] = []
@@ -168,15 +175,23 @@ class Trial:
                     raise Lost(f"{p}: {len(got)} bytes read, sha {hashlib.sha256(got).hexdigest()[:12]} "
                                f"!= model {hashlib.sha256(self.m.tree[p]).hexdigest()[:12]}")
 
+    def read_tree(self, root: str) -> Tree:
+        """The subtree at ``root`` as the cluster has it, keyed like ``Model.subtree``."""
+        c = self.client()
+        got: Tree = {}
+        if not c.exists(root):
+            return got
+        for e in c.walk(root):
+            rel = e["path"][len(root):] if root != "/" else e["path"]
+            got["" if rel == "/" else rel] = DIR if e["type"] == "dir" else c.get(e["path"])
+        return got
+
     def verify_snapshot(self, name: str) -> None:
         c = self.client()
         target = f"/verify-{self.name()}"
         c.snapshot_restore(name, to=target)
         _root, sub = self.m.snaps[name]
-        got: Tree = {}
-        for e in c.walk(target):
-            rel = e["path"][len(target):]
-            got[rel] = DIR if e["type"] == "dir" else c.get(e["path"])
+        got = self.read_tree(target)
         want = {("" if k in ("", "/") else k): v for k, v in sub.items()}
         if got != want:
             raise Lost(f"snapshot {name} restored differently from its creation-time copy")
@@ -347,7 +362,18 @@ class Trial:
         b = self.data(big=True)
         snap_root = rng.choice(dirs)
         snap_name = f"s-{self.name()}"
-        which = rng.choice(["put", "snapshot", "mkdir"])
+        kinds = ["put", "snapshot", "mkdir"]
+        if self.slow_fsync:  # the ops that free chunks or record copies
+            kinds += ["rm", "snapdel", "restore-inplace"] * 2
+        which = rng.choice(kinds)
+        victim = rng.choice([q for q in self.m.tree if q != "/"] or ["/"])
+        snap = rng.choice(sorted(self.m.snaps)) if self.m.snaps else ""
+        if (which == "rm" and victim == "/") or (which in ("snapdel", "restore-inplace") and not snap):
+            which = "mkdir"
+        if which == "restore-inplace":
+            root = self.m.snaps[snap][0]
+            if _parent(root) not in self.m.tree or self.m.tree[_parent(root)] is not DIR:
+                which = "mkdir"
         result: dict[str, Any] = {}
 
         def run() -> None:
@@ -357,6 +383,12 @@ class Trial:
                     cl2.put(p, b)
                 elif which == "snapshot":
                     cl2.snapshot_create(snap_root, snap_name, copies=2, timeout=5)
+                elif which == "rm":
+                    cl2.rm(victim, recursive=True)
+                elif which == "snapdel":
+                    cl2.snapshot_delete(snap)
+                elif which == "restore-inplace":
+                    cl2.snapshot_restore(snap)
                 else:
                     cl2.mkdir(p)
                 result["ok"] = True
@@ -365,7 +397,8 @@ class Trial:
 
         t = threading.Thread(target=run)
         t.start()
-        time.sleep(rng.random() * 0.05)
+        # with a slow disk, most kills land while the op is applied but not yet durable
+        time.sleep(rng.random() * (self.slow_fsync * 1.5 if self.slow_fsync else 0.05))
         self.cl.kill(self.cl.master, signal.SIGKILL)
         t.join(timeout=30)
         t0 = time.monotonic()
@@ -382,6 +415,30 @@ class Trial:
                 if which == "put" and c.get(p) != b:
                     raise Lost(f"{p}: a crashed write is visible but not whole")
                 self.m.tree[p] = b if which == "put" else DIR
+        elif which == "rm":
+            exists = c.exists(victim)
+            if acked and exists:
+                raise Lost(f"acknowledged rm of {victim} undone by a master crash")
+            if not exists:
+                self.m.remove(victim)
+            self.verify(full=True)  # whatever survived must still be readable
+        elif which == "snapdel":
+            present = snap in {s["name"] for s in c.snapshot_list()}
+            if acked and present:
+                raise Lost(f"acknowledged delete of snapshot {snap} undone by a master crash")
+            if not present:
+                del self.m.snaps[snap]
+        elif which == "restore-inplace":
+            root, sub = self.m.snaps[snap]
+            got = self.read_tree(root)
+            want_new = {("" if k in ("", "/") else k): v for k, v in sub.items()}
+            if got == want_new:
+                self.m.remove(root)
+                self.m.graft(root, sub)
+            elif acked:
+                raise Lost(f"acknowledged restore of {snap} in place lost in a master crash")
+            elif got != {("" if k in ("", "/") else k): v for k, v in self.m.subtree(root).items()}:
+                raise Lost(f"an unacknowledged restore of {snap} left {root} neither old nor restored")
         else:
             names = {s["name"]: s for s in c.snapshot_list()}
             if acked and snap_name not in names:
@@ -461,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", type=int, default=40)
     ap.add_argument("--seed", type=int, default=None, help="first seed (default: random, printed)")
     ap.add_argument("--keep", action="store_true", help="keep the data dirs of failed trials")
+    ap.add_argument("--slow-fsync", type=float, default=0.0, metavar="S",
+                    help="each master op-log sync takes S seconds longer; master kills land in that window")
     a = ap.parse_args(argv)
     from kubegfs import logs
 
@@ -472,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(a.trials):
         seed = seed0 + i
         wd = Path(tempfile.mkdtemp(prefix=f"kubegfs-chaos-{seed}-"))
-        st = Trial(seed, a.ops, wd).run()
+        st = Trial(seed, a.ops, wd, slow_fsync=a.slow_fsync).run()
         total.merge(st)
         status = "ok" if not st.failures else "FAILED"
         print(f"  trial {i + 1}/{a.trials} seed {seed}: {status} ({st.steps} steps, faults {dict(st.faults)})",

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import pids
 from .util import free_port, port_free, wait_http
 
 if TYPE_CHECKING:
@@ -217,24 +218,7 @@ class _Proc:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return _pid_alive(self.pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+        return pids.alive(self.pid)
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -243,37 +227,6 @@ def _tail(path: Path, lines: int = 25) -> str:
     except OSError:
         return "<no log>"
     return "\n".join(text[-lines:])
-
-
-def _kill_group(pid: int, name: str, timeout: float, popen: subprocess.Popen[bytes] | None = None) -> None:
-    """SIGTERM the process group led by ``pid``; SIGKILL it after ``timeout`` seconds."""
-    if pid <= 0:
-        return
-
-    def signal_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-
-    def gone() -> bool:
-        if popen is not None:
-            return popen.poll() is not None
-        return not _pid_alive(pid)
-
-    if gone():
-        signal_group(signal.SIGKILL)  # stray children of a dead leader
-        return
-    signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gone():
-            break
-        time.sleep(0.05)
-    else:
-        signal_group(signal.SIGKILL)
-        if popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=10)
-    signal_group(signal.SIGKILL)  # anything left in the group
 
 
 # --------------------------------------------------------------------------- the control plane
@@ -498,20 +451,13 @@ class ControlPlane:
             raise ControlPlaneError(f"{proc.name}: {e}; log {proc.log}:\n{_tail(proc.log)}") from None
 
     def _write_pids(self) -> None:
-        data = {
-            "url": self.url if self.apiserver_port else None,
-            "kubeconfig": str(self.kubeconfig),
-            "processes": [{"name": p.name, "pid": p.pid, "exe": p.argv[0]} for p in self.procs],
-        }
-        path = self.state / "pids.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
+        pids.write(self.state / "pids.json", (pids.entry(p.name, p.pid) for p in self.procs),
+                   url=self.url if self.apiserver_port else None, kubeconfig=str(self.kubeconfig))
 
     def _stop_procs(self) -> None:
         # Reverse start order: controller-manager, apiserver, then etcd.
         for p in reversed(self.procs):
-            _kill_group(p.pid, p.name, self.stop_timeout, p.popen)
+            pids.stop_group(p.pid, self.stop_timeout, p.popen)
         self.procs.clear()
 
     def stop(self) -> None:
@@ -633,29 +579,12 @@ def run_kubectl(kubeconfig: Path | str, *args: str, input: str | None = None, ch
 # --------------------------------------------------------------------------- detached CLI
 
 
-def _read_pids(state: Path) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads((state / "pids.json").read_text())
-        return data
-    except (OSError, ValueError):
-        return None
-
-
-def _ours(pid: int, exe: str) -> bool:
-    """Is ``pid`` still the process we started (and not a recycled pid)?"""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return False
-    return cmd == exe and _pid_alive(pid)
-
-
 def running(state: Path) -> bool:
-    data = _read_pids(state)
+    data = pids.read(state / "pids.json")
     if not data:
         return False
     procs = data.get("processes", [])
-    return bool(procs) and all(_ours(p["pid"], p["exe"]) for p in procs)
+    return bool(procs) and all(pids.ours(p) for p in procs)
 
 
 def up(state: Path, *, controller_manager: bool = True, bin_directory: Path | None = None) -> Path:
@@ -672,18 +601,7 @@ def up(state: Path, *, controller_manager: bool = True, bin_directory: Path | No
 
 def down(state: Path, timeout: float = 15.0) -> int:
     """Stop the processes recorded in ``state/pids.json``; return how many were stopped."""
-    state = state.resolve()
-    data = _read_pids(state)
-    if not data:
-        return 0
-    n = 0
-    for p in reversed(data.get("processes", [])):
-        if _ours(p["pid"], p["exe"]):
-            _kill_group(p["pid"], p["name"], timeout)
-            n += 1
-    with contextlib.suppress(OSError):
-        (state / "pids.json").unlink()
-    return n
+    return pids.stop_recorded(state.resolve() / "pids.json", timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -706,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ControlPlaneError as e:
             print(f"controlplane up failed: {e}", file=sys.stderr)
             return 1
-        data = _read_pids(state.resolve()) or {}
+        data = pids.read(state.resolve() / "pids.json") or {}
         print(f"# control plane {'already running' if already else 'started'} at {data.get('url')}; "
               f"logs in {state.resolve() / 'logs'}", file=sys.stderr)
         print(f"export KUBECONFIG={kubeconfig}")

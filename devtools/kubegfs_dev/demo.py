@@ -1,7 +1,8 @@
 """The Kubernetes half of ``make run`` (and ``make up``): a real kube-apiserver, three simulated
 nodes in three zones, the master and chunkserver pods backed by real processes, the operator
 with its own least-privilege ServiceAccount; then ``kubectl apply`` of examples/snapshot.yaml and
-examples/restore.yaml, and the result as ``kubectl get gsnap,grestore`` shows it."""
+examples/restore.yaml and a fast SnapshotSchedule, and the result as ``kubectl get
+gsnap,grestore,gsched`` shows it."""
 
 from __future__ import annotations
 
@@ -31,6 +32,24 @@ def _wait(stack: K8sStack, plural: str, name: str, timeout: float = 90) -> str:
             return "Failed"
         time.sleep(0.2)
     return "Timeout"
+
+
+SCHEDULE = """
+apiVersion: kubegfs.io/v1alpha1
+kind: SnapshotSchedule
+metadata: {name: data-every-2s}
+spec: {path: /data, schedule: "*/2 * * * * *", retention: {keepLast: 2}, snapshotTemplate: {copies: 1}}
+"""
+
+
+def _wait_kept(stack: K8sStack, name: str, kept: int, timeout: float = 90) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = stack.get("snapshotschedules", name).get("status") or {}
+        if st.get("kept", 0) >= kept and st.get("lastSuccessfulSnapshot"):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def run(keep_running: bool = False, state: Path | None = None) -> int:
@@ -77,8 +96,20 @@ def run(keep_running: bool = False, state: Path | None = None) -> int:
         if _wait(stack, "restores", "data-nightly-restore") != "True":
             con.print(stack.get("restores", "data-nightly-restore").get("status"))
             return 1
-        con.print("[bold]$ kubectl get gsnap,grestore -o wide[/]")
-        con.print(stack.kubectl("get", "gsnap,grestore", "-o", "wide").stdout)
+        con.print("a SnapshotSchedule every 2 seconds keeping the newest 2 (examples/snapshotschedule.yaml "
+                  "is the nightly, grandfather-father-son version)")
+        stack.kubectl("apply", "-f", "-", input=SCHEDULE)
+        if not _wait_kept(stack, "data-every-2s", 2):
+            con.print(stack.get("snapshotschedules", "data-every-2s").get("status"))
+            return 1
+        stack.kubectl("patch", "gsched", "data-every-2s", "--type", "merge", "-p", '{"spec":{"suspend":true}}')
+        deadline = time.monotonic() + 30
+        while (stack.get("snapshotschedules", "data-every-2s").get("status") or {}).get("phase") != "Suspended":
+            if time.monotonic() > deadline:
+                return 1
+            time.sleep(0.3)
+        con.print("[bold]$ kubectl get gsnap,grestore,gsched -o wide[/]")
+        con.print(stack.kubectl("get", "gsnap,grestore,gsched", "-o", "wide").stdout)
         loc = stack.get("snapshots", "data-nightly")["status"]["location"]
         con.print(f"nearest copy: pod {loc['pod']} on {loc['node']} ({loc['zone']}): {loc['reason']}, "
                   "judged by node labels against the master pod's node")

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ import yaml
 
 from kubegfs.local import LocalCluster, signal_group
 
-from . import sim
+from . import pids, sim
 from .controlplane import ControlPlane
-from .util import free_port
+from .util import free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -52,7 +51,8 @@ def apply_crds(kubectl_env: dict[str, str], kubeconfig: Path) -> None:
                     "--force-conflicts", "-f", str(CRD_DIR)], check=True, capture_output=True,
                    env=kubectl_env, timeout=60)
     subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "wait", "--for=condition=Established",
-                    "--timeout=60s", "crd/snapshots.kubegfs.io", "crd/restores.kubegfs.io"],
+                    "--timeout=60s", "crd/snapshots.kubegfs.io", "crd/restores.kubegfs.io",
+                    "crd/snapshotschedules.kubegfs.io"],
                    check=True, capture_output=True, env=kubectl_env, timeout=90)
 
 
@@ -176,6 +176,18 @@ class K8sStack:
         self.start_operator()
         return self
 
+    @property
+    def pids_file(self) -> Path:
+        """The processes this stack started (see :mod:`kubegfs_dev.pids`; ``make down`` reads it)."""
+        return self.data_dir / "pids.json"
+
+    def record_pids(self) -> None:
+        procs = [(p.name, p.popen.pid) for p in [self.cluster.master, *self.cluster.chunkservers]
+                 if p.popen is not None]
+        if self.operator is not None:
+            procs.append(("operator", self.operator.pid))
+        pids.write(self.pids_file, (pids.entry(name, pid) for name, pid in procs))
+
     def operator_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
@@ -198,18 +210,19 @@ class K8sStack:
         self.operator = subprocess.Popen(args, env=self.operator_env(), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            if self.operator.poll() is not None:
+        operator = self.operator
+
+        def alive() -> None:
+            if operator.poll() is not None:
                 raise RuntimeError("operator exited:\n" + self.operator_log.read_text()[-3000:])
-            try:
-                if requests.get(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("operator not live after 60s:\n" + self.operator_log.read_text()[-3000:])
-            time.sleep(0.1)
+
+        try:
+            wait_http(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=60, alive=alive,
+                      ok=lambda status, _body: status == 200)
+        except TimeoutError:
+            raise RuntimeError("operator not live after 60s:\n"
+                               + self.operator_log.read_text()[-3000:]) from None
+        self.record_pids()
 
     def kill_operator(self, sig: int = signal.SIGKILL) -> None:
         if self.operator is not None:

@@ -13,7 +13,13 @@ from typing import Any
 # One implementation of the port checks: the product's own, which `kubegfs local up` uses.
 from kubegfs.local import free_port, port_free
 
-__all__ = ["answered", "free_port", "port_free", "wait_for", "wait_http"]
+__all__ = ["answered", "bearer", "free_port", "port_free", "wait_for", "wait_http"]
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The headers that authenticate a request to a kubegfs server (for tests that call one
+    directly, e.g. a chunkserver's /internal API)."""
+    return {"Authorization": f"Bearer {token}"}
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.1,

@@ -129,6 +129,7 @@ for set in core operator; do
   cp -lp "$WHEEL" "$ctx/project/" 2>/dev/null || cp -p "$WHEEL" "$ctx/project/"
   touch -d @315532800 "$ctx/wheels" "$ctx/project" "$ctx"
 done
+mkdir -p "$CACHE/empty"; touch -d @315532800 "$CACHE/empty"
 log "wheelhouse ready: kubegfs + $(find "$CACHE/core/wheels" -name '*.whl' | wc -l) dependency wheels (core), $(find "$CACHE/operator/wheels" -name '*.whl' | wc -l) (operator)"
 [[ $WHEELS_ONLY == 1 ]] && exit 0
 
@@ -151,7 +152,7 @@ else
 fi
 log "building with $TOOL on $BASE_IMAGE"
 
-build() {  # build COMPONENT TAG CONTEXT [EXTRA ARGS...]
+build() {  # build IMAGES-SUBDIR TAG CONTEXT [EXTRA ARGS...]
   local args=(-f "images/$1/Dockerfile" -t "$2" "${@:4}"
     --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "VERSION=$VERSION"
     --build-arg "REVISION=$REVISION" --build-arg "CREATED=$CREATED" --build-arg "SOURCE=$SOURCE_URL")
@@ -170,18 +171,36 @@ size() {
   esac
 }
 
-TAGS=()
-for c in "${COMPONENTS[@]}"; do
-  set=core; [[ $c == operator ]] && set=operator
-  tag=${REGISTRY:+$REGISTRY/}kubegfs/$c:$VERSION
-  start=$SECONDS
-  log "$c -> $tag"
+# Every image is a thin layer (title, port, entrypoint) on a shared runtime (images/runtime/: the
+# venv, user, health check), built first and never pushed: localhost/kubegfs/runtime for the
+# servers, localhost/kubegfs/runtime-operator (the `operator` extra) for the operator.
+runtime_of() { [[ $1 == operator ]] && echo "localhost/kubegfs/runtime-operator:$VERSION" || echo "localhost/kubegfs/runtime:$VERSION"; }
+build_runtime() {  # build_runtime SET
+  local tag args=()
+  tag=$(runtime_of "$1")
+  [[ $1 == operator ]] && args=(--build-arg "EXTRAS=[operator]" --build-arg DATA=no --build-arg WORKDIR=/home/kubegfs
+    --build-arg "CHECK=zstandard, kopf, croniter, kubernetes.client, kubernetes.config, kubegfs_operator.main")
+  local start=$SECONDS
+  log "runtime ($1) -> $tag"
   if [[ $TOOL != docker ]]; then
     # Tag the builder stage too: it keeps that stage's layers out of the dangling-image prune
     # below, so the next build reuses them (a cache hit here; the main build then hits it too).
-    build "$c" "localhost/kubegfs/build-cache:$set" "$CACHE/$set" --target builder >&2
+    build runtime "localhost/kubegfs/build-cache:$1" "$CACHE/$1" --target builder "${args[@]}" >&2
   fi
-  build "$c" "$tag" "$CACHE/$set" >&2
+  build runtime "$tag" "$CACHE/$1" "${args[@]}" >&2
+  log "runtime ($1) built in $((SECONDS - start))s"
+}
+BUILT_RUNTIMES=" "
+
+TAGS=()
+for c in "${COMPONENTS[@]}"; do
+  set=core; [[ $c == operator ]] && set=operator
+  if [[ $BUILT_RUNTIMES != *" $set "* ]]; then build_runtime "$set"; BUILT_RUNTIMES+="$set "; fi
+  tag=${REGISTRY:+$REGISTRY/}kubegfs/$c:$VERSION
+  start=$SECONDS
+  log "$c -> $tag"
+  # FROM the runtime only: an empty context
+  build "$c" "$tag" "$CACHE/empty" --build-arg "RUNTIME=$(runtime_of "$c")" >&2
   log "$c built in $((SECONDS - start))s"
   TAGS+=("$tag")
 done

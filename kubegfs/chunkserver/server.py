@@ -28,6 +28,7 @@ from ..web import (
     query_int,
     read_json,
     record_id,
+    split_listen,
 )
 from .store import ChunkStore
 
@@ -301,6 +302,7 @@ class Chunkserver:
             "free_bytes": self.store.free_bytes(),
             "chunk_size": self.chunk_size,
             "records": self.store.list_records(),
+            "record_digests": self.store.record_digests(),
             # after a (re-)registration the master may have forgotten earlier reports: repeat all
             "corrupt": [hexh(h) for h in (self.store.corrupt if not self._registered
                                           else self.store.corrupt - self._reported_corrupt)],
@@ -423,9 +425,3 @@ def run(
              loc.node, loc.zone, loc.region)
     web.run_app(cs.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)
 
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise InvalidArgument(f"--listen must be HOST:PORT, got {listen!r}")
-    return host.strip("[]"), int(port)

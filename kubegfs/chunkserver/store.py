@@ -17,6 +17,7 @@ is back at its last acknowledged length, never a mix that fails its checksums.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -29,6 +30,9 @@ from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
 from ..fsutil import atomic_write, fsync_path
 
+RESERVE = 1 << 20  # free space a write never takes (for metadata, records and the OS)
+NEW_FILES = 3 * 4096  # a new chunk's data and metadata files (and the metadata's temporary copy)
+
 
 class ChunkStore:
     def __init__(self, root: Path, chunk_size: int) -> None:
@@ -39,6 +43,8 @@ class ChunkStore:
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._space = threading.Lock()
+        self._claimed = 0  # bytes promised to writes in progress, not yet visible in statvfs
         self._locks: dict[int, threading.Lock] = {}
         self.index: dict[int, tuple[int, int]] = {}  # handle -> (version, length)
         self.chunk_bytes = 0  # sum of the lengths in ``index``, kept as it changes
@@ -106,6 +112,20 @@ class ChunkStore:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
+    @contextlib.contextmanager
+    def _claim(self, n: int) -> Iterator[None]:
+        """Reserve ``n`` bytes of free space for one write, atomically with the check, so
+        concurrent writes never take the last ``RESERVE`` bytes between them."""
+        with self._space:
+            if self.free_bytes() - self._claimed < n + RESERVE:
+                raise NoSpace("chunkserver disk is full")
+            self._claimed += n
+        try:
+            yield
+        finally:
+            with self._space:
+                self._claimed -= n
+
     def _write_meta(self, meta_path: Path, version: int, length: int, crcs: array) -> None:
         """Durably (the directory fsync also makes a new chunk's data file name durable)."""
         atomic_write(meta_path, encode_chunk_meta(version, length, crcs))
@@ -154,33 +174,32 @@ class ChunkStore:
                     raise Conflict(f"stale write: version {version} < stored {cur_v}")
                 if offset > length:
                     raise InvalidArgument(f"write at {offset} leaves a gap after length {length}")
-            if self.free_bytes() < len(data) + (1 << 20):
-                raise NoSpace("chunkserver disk is full")
             first = offset // BLOCK_SIZE
             head = offset - first * BLOCK_SIZE
-            fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                prefix = b""
-                if head:
-                    prefix = os.pread(fd, head, first * BLOCK_SIZE)
-                    if len(prefix) != head:
-                        raise CorruptData("short chunk file")
-                    old_len = min(BLOCK_SIZE, length - first * BLOCK_SIZE)
-                    old = prefix + os.pread(fd, old_len - head, offset) if old_len > head else prefix
-                    if first < len(crcs) and zlib.crc32(old) != crcs[first]:
-                        self.corrupt.add(h)
-                        raise CorruptData(f"chunk {h:016x} block {first} is corrupt")
+            with self._claim(max(0, end - length) + (0 if cur else NEW_FILES)):
+                fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
-                    os.pwrite(fd, data, offset)
-                    os.ftruncate(fd, end)
-                    if sync:
-                        os.fdatasync(fd)
-                except OSError as exc:
-                    if exc.errno == 28:
-                        raise NoSpace("chunkserver disk is full") from exc
-                    raise
-            finally:
-                os.close(fd)
+                    prefix = b""
+                    if head:
+                        prefix = os.pread(fd, head, first * BLOCK_SIZE)
+                        if len(prefix) != head:
+                            raise CorruptData("short chunk file")
+                        old_len = min(BLOCK_SIZE, length - first * BLOCK_SIZE)
+                        old = prefix + os.pread(fd, old_len - head, offset) if old_len > head else prefix
+                        if first < len(crcs) and zlib.crc32(old) != crcs[first]:
+                            self.corrupt.add(h)
+                            raise CorruptData(f"chunk {h:016x} block {first} is corrupt")
+                    try:
+                        os.pwrite(fd, data, offset)
+                        os.ftruncate(fd, end)
+                        if sync:
+                            os.fdatasync(fd)
+                    except OSError as exc:
+                        if exc.errno == 28:
+                            raise NoSpace("chunkserver disk is full") from exc
+                        raise
+                finally:
+                    os.close(fd)
             del crcs[first:]
             buf = memoryview(prefix + data) if prefix else memoryview(data)
             for i in range(0, len(buf), BLOCK_SIZE):
@@ -327,6 +346,23 @@ class ChunkStore:
 
     def list_records(self) -> list[str]:
         return sorted(p.stem for p in self.records_dir.glob("*.rec"))
+
+    def record_digests(self) -> dict[str, list[int | str]]:
+        """Each record's size and the sha256 its sidecar claims ("" while it is being written):
+        the master compares them with its catalog, so a truncated copy or another record's bytes
+        under this id are noticed at the next heartbeat, not only by a full scrub."""
+        out: dict[str, list[int | str]] = {}
+        for rec in self.records_dir.glob("*.rec"):
+            try:
+                size = rec.stat().st_size
+                sha = rec.with_suffix(".sha256").read_text().strip()
+            except FileNotFoundError:
+                sha = ""
+                if not rec.exists():
+                    continue
+                size = rec.stat().st_size
+            out[rec.stem] = [size, sha]
+        return out
 
 
 def _copy(src: Path, dst: Path, size: int) -> None:

@@ -6,6 +6,17 @@ Files in the data directory:
   ``checkpoint-<seq, 20 digits>.ckpt`` encoded MasterState as of op ``seq``
 A torn or corrupt record stops replay at the last good record; the damaged file is kept beside as
 ``*.corrupt-<unix time>`` and the log is truncated to the good prefix, with an ERROR log line.
+
+Invariants of :class:`OpLog`:
+  * ``durable_seq`` is the highest seq whose record was written *and* synced; it only grows, and
+    every op at or below it survives a crash. An op above it may vanish in a crash even though
+    ``MasterState`` already applied it, so nothing may leave the master on its strength alone
+    (see ``outbox.py``: deletions wait for ``durable_seq``).
+  * ``sync`` (default ``os.fdatasync``) is the one place the log waits for the disk. It is a seam:
+    tests pass one that blocks on an event to hold ops between "applied" and "durable", and the
+    ``--debug-fsync-delay`` option wraps it to act like a slow disk.
+  * A failed write or sync is fatal: every waiter gets the error, ``failed`` is set, nothing is
+    written after it and ``durable_seq`` never advances again; the master must restart.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +33,8 @@ from typing import Any
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
 from ..fsutil import atomic_write, fsync_dir
-from .state import MasterState, decode_checkpoint, encode_checkpoint
+from .checkpoint import decode_checkpoint, encode_checkpoint
+from .state import MasterState
 
 log = logging.getLogger("kubegfs.master.oplog")
 
@@ -98,18 +111,19 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
 class OpLog:
     """Appends ops with group commit: concurrent appends share one write + fsync."""
 
-    def __init__(self, data_dir: Path, next_seq: int, fsync: bool = True) -> None:
+    def __init__(self, data_dir: Path, next_seq: int, fsync: bool = True,
+                 sync: Callable[[int], None] | None = None) -> None:
         self.dir = data_dir
         self.next_seq = next_seq
-        self.fsync = fsync
+        self.durable_seq = next_seq - 1  # everything recovered is on disk already
+        self.sync: Callable[[int], None] | None = (sync or os.fdatasync) if fsync else None
         self._buf: list[bytes] = []
+        self._buf_last_seq = self.durable_seq
         self._waiters: list[asyncio.Future[None]] = []
         self._flushing = False
         self._fd = self._open_segment(next_seq)
-        self.records_written = 0
-        self.bytes_written = 0
-        self.fsyncs = 0
         self.failed: BaseException | None = None
+        self.on_durable: list[Callable[[int], None]] = []  # called with the new durable_seq
 
     def _open_segment(self, first_seq: int) -> int:
         # reuse the newest segment if it exists (append after recovery)
@@ -130,6 +144,7 @@ class OpLog:
             raise RuntimeError(f"operation log failed earlier: {self.failed}")
         rec = {k: v for k, v in op.items() if not k.startswith("_")}
         self._buf.append(frame(packb(rec)))
+        self._buf_last_seq = op["seq"]
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         if not self._flushing:
@@ -141,7 +156,7 @@ class OpLog:
         loop = asyncio.get_running_loop()
         try:
             while self._buf:
-                buf, waiters = self._buf, self._waiters
+                buf, waiters, last = self._buf, self._waiters, self._buf_last_seq
                 self._buf, self._waiters = [], []
                 data = b"".join(buf)
                 try:
@@ -154,8 +169,9 @@ class OpLog:
                             w.set_exception(RuntimeError(f"operation log write failed: {exc}"))
                     self._buf, self._waiters = [], []
                     raise
-                self.records_written += len(buf)
-                self.bytes_written += len(data)
+                self.durable_seq = max(self.durable_seq, last)
+                for cb in self.on_durable:
+                    cb(self.durable_seq)
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
@@ -167,9 +183,15 @@ class OpLog:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        if self.fsync:
-            os.fdatasync(self._fd)
-            self.fsyncs += 1
+        if self.sync is not None:
+            self.sync(self._fd)
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once op ``seq`` (and all before it) is durable; raise if the log failed."""
+        while self.durable_seq < seq:
+            if self.failed is not None:
+                raise RuntimeError(f"operation log failed earlier: {self.failed}")
+            await asyncio.sleep(0.005)
 
     async def drain(self) -> None:
         while self._flushing or self._buf:

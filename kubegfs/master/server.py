@@ -12,12 +12,13 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import os
 import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,7 +41,7 @@ from ..errors import (
     from_json,
 )
 from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
-from ..topology import Candidate, Location, diversify, find_nearest, place_replicas
+from ..topology import Location, diversify, find_nearest
 from ..web import (
     field_bool,
     field_int,
@@ -52,55 +53,20 @@ from ..web import (
     metrics_handler,
     read_json,
     record_id,
+    split_listen,
 )
+from .checkpoint import dump
+from .chunkmap import SMALL_TABLE, ChunkMap, ChunkserverInfo
+from .leases import LeaseTable
 from .oplog import OpLog, recover, write_checkpoint
-from .state import MasterState, dump, now_ns
+from .outbox import Key, Kind, Outbox
+from .repair import Repair
+from .state import MasterState, now_ns
+from .writes import WritePath
 
 log = logging.getLogger("kubegfs.master")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
-LEASE_SECONDS = 60.0
-SMALL_TABLE = 200_000  # chunk tables up to this size are scanned on demand for status/metrics
-
-
-@dataclass
-class CS:
-    id: str
-    address: str
-    location: Location
-    capacity: int = 0
-    used: int = 0
-    free: int = 0
-    last_seen: float = 0.0
-    alive: bool = True
-    chunks: dict[int, int] = field(default_factory=dict)
-    records: set[str] = field(default_factory=set)
-    registered: bool = False
-    stale: set[int] = field(default_factory=set)  # copies to delete with the next heartbeat reply
-
-    def candidate(self) -> Candidate:
-        return Candidate(self.id, self.location, self.used, self.capacity, self.address)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "address": self.address, "location": self.location.to_json(),
-            "capacity_bytes": self.capacity, "used_bytes": self.used, "free_bytes": self.free,
-            "alive": self.alive, "chunks": len(self.chunks), "records": sorted(self.records),
-            "last_seen_seconds_ago": round(time.monotonic() - self.last_seen, 3),
-        }
-
-
-@dataclass
-class Lease:
-    id: str
-    path: str
-    mode: str
-    file_mode: int
-    node: ns.File | None
-    base: tuple[int, ...]
-    inplace: int | None
-    expires: float
-    allocated: dict[int, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +78,8 @@ class Options:
     fsync: bool = True
     snapshot_retry_seconds: float = 120.0
     fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
+    sync: Callable[[int], None] | None = None  # the op log's fdatasync (a seam for tests)
+    fsync_delay: float = 0.0  # act like a slow disk: each op-log sync takes this much longer
 
 
 class Master:
@@ -126,23 +94,21 @@ class Master:
         state, self.recovery = recover(data_dir, chunk_size, replication)
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
         self.state: MasterState = state
-        self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync)
-        self.cs: dict[str, CS] = {}
-        self.locations: dict[int, set[str]] = {}
-        self.leases: dict[str, Lease] = {}
-        self.path_leases: dict[str, str] = {}
+        self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
+        self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
+        self.leases = LeaseTable(on_abandon=self._abandoned)
+        self.chunkmap = ChunkMap(state, self.leases, on_dead=lambda cs: self.outbox.forget(cs.id))
+        self.writes = WritePath(self)
+        self.repair = Repair(self)
         self.builders: dict[str, asyncio.Task[Any]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._session: aiohttp.ClientSession | None = None
         self._ops_since_checkpoint = self.recovery.replayed
         self._last_checkpoint = time.monotonic()
         self._checkpointing = False
-        self._rerepl_dirty = True
-        self._bad_record_copies: dict[str, set[str]] = {}
-        self._lost_reported: set[int] = set()
+        self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> servers whose copy rotted
+        self._record_missing: dict[tuple[str, str], int] = {}  # (server, snapshot id) -> heartbeats without it
         self._ls_cache: dict[int, tuple[ns.Dir, list[str]]] = {}
-        self._under_count = 0
-        self._lost_count = 0  # snapshot id -> chunkservers whose copy rotted
         self._pending_init = state.seq == 0
         self._chunk_size_cfg = chunk_size
         self._replication_cfg = replication
@@ -199,7 +165,7 @@ class Master:
             self._start_builder(sid)
         self._tasks += [
             asyncio.create_task(self._liveness_loop()),
-            asyncio.create_task(self._rereplication_loop()),
+            asyncio.create_task(self.repair.loop(self.opts.rereplicate_interval)),
             asyncio.create_task(self._checkpoint_loop()),
         ]
 
@@ -231,13 +197,7 @@ class Master:
         M.M_OPLOG_FSYNC.observe(time.perf_counter() - t0)
         return result
 
-    def alive(self) -> list[CS]:
-        return [c for c in self.cs.values() if c.alive and c.registered]
-
-    def replicas_of(self, h: int) -> list[CS]:
-        return [self.cs[i] for i in self.locations.get(h, ()) if i in self.cs and self.cs[i].alive]
-
-    async def call_cs(self, cs: CS, method: str, path: str, **kw: Any) -> Any:
+    async def call_cs(self, cs: ChunkserverInfo, method: str, path: str, **kw: Any) -> Any:
         assert self._session is not None
         async with self._session.request(method, cs.address + path, **kw) as resp:
             try:
@@ -261,31 +221,33 @@ class Master:
         st = self.state
         M.M_CHUNKS.set(len(st.version))
         M.M_FILES.set(st.n_files)
-        alive = sum(1 for c in self.cs.values() if c.alive)
+        alive = sum(1 for c in self.chunkmap.cs.values() if c.alive)
         M.M_CHUNKSERVERS.labels("alive").set(alive)
-        M.M_CHUNKSERVERS.labels("dead").set(len(self.cs) - alive)
-        for c in self.cs.values():
+        M.M_CHUNKSERVERS.labels("dead").set(len(self.chunkmap.cs) - alive)
+        for c in self.chunkmap.cs.values():
             M.M_CS_CAPACITY.labels(c.id, c.location.zone).set(c.capacity)
             M.M_CS_USED.labels(c.id, c.location.zone).set(c.used)
         for s in ("pending", "ready", "failed"):
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
-        self.under_replicated_count()
+        self.chunkmap.under_replicated_count()
+        self.under_copied()
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.state
         if len(st.version) <= SMALL_TABLE:
-            under, _lost, sample = self._scan_replication(limit=5)
+            under, _lost, sample = self.chunkmap.scan_replication(limit=5)
         else:  # from the last re-replication scan
-            under, sample = self._under_count, []
+            under, sample = self.chunkmap.last_under_count, []
         return json_response({
             "seq": st.seq, "epoch": st.epoch, "chunk_size": st.chunk_size,
             "replication": st.replication, "files": st.n_files, "directories": st.n_dirs,
             "logical_bytes": st.n_bytes, "chunks": len(st.version), "snapshots": len(st.snapshots),
-            "chunkservers": {"alive": len(self.alive()), "total": len(self.cs)},
+            "chunkservers": {"alive": len(self.chunkmap.alive()), "total": len(self.chunkmap.cs)},
             "under_replicated": under,
+            "snapshots_under_copied": self.under_copied(),
             "under_replicated_sample": [
-                {"handle": hexh(h), "live_replicas": len(self.locations.get(h, ())),
-                 "holders": sorted(c for c in self.cs if h in self.cs[c].chunks)}
+                {"handle": hexh(h), "live_replicas": len(self.chunkmap.locations.get(h, ())),
+                 "holders": sorted(c for c in self.chunkmap.cs if h in self.chunkmap.cs[c].chunks)}
                 for h in sample
             ],
             "cow_clones": st.cow_clones, "location": self.location.to_json(),
@@ -294,7 +256,7 @@ class Master:
         })
 
     async def h_chunkservers(self, request: web.Request) -> web.Response:
-        return json_response({"chunkservers": [c.to_json() for c in self.cs.values()]})
+        return json_response({"chunkservers": [c.to_json() for c in self.chunkmap.cs.values()]})
 
     async def h_dump(self, request: web.Request) -> web.Response:
         return json_response(dump(self.state))
@@ -357,152 +319,43 @@ class Master:
     async def h_rm(self, request: web.Request) -> web.Response:
         b = await read_json(request)
         op = self.state.prepare_rm(field_str(b, "path"), field_bool(b, "recursive"))
-        self._check_no_lease_below(op["path"])
+        self.leases.check_none_below(op["path"])
         await self.mutate(op)
         return json_response({"removed": op["path"]})
 
     async def h_mv(self, request: web.Request) -> web.Response:
         b = await read_json(request)
         op = self.state.prepare_mv(field_str(b, "src"), field_str(b, "dst"))
-        self._check_no_lease_below(op["src"])
+        self.leases.check_none_below(op["src"])
         await self.mutate(op)
         return json_response({"moved": op["src"], "to": op["dst"]})
 
-    def _check_no_lease_below(self, path: str) -> None:
-        self._expire_leases()
-        pre = paths.split(path)
-        for p in self.path_leases:
-            if paths.is_within(paths.split(p), pre):
-                raise Conflict(f"{p} is being written; try again when the write finishes")
-
     # ------------------------------------------------------------------ write path
 
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        for lid, lease in list(self.leases.items()):
-            if lease.expires < now:
-                self._drop_lease(lid)
-
-    def _drop_lease(self, lid: str) -> None:
-        lease = self.leases.pop(lid, None)
-        if lease and self.path_leases.get(lease.path) == lid:
-            del self.path_leases[lease.path]
-
-    def _lease(self, b: dict[str, Any]) -> Lease:
-        self._expire_leases()
-        lid = field_str(b, "lease", max_len=64)
-        lease = self.leases.get(lid)
-        if lease is None:
-            raise Conflict("unknown or expired write lease; start the write again")
-        lease.expires = time.monotonic() + LEASE_SECONDS
-        return lease
-
-    def _cs_json(self, ids: list[str]) -> list[dict[str, Any]]:
-        return [{"id": i, "address": self.cs[i].address} for i in ids if i in self.cs]
+    def _abandoned(self, h: int, ids: list[str]) -> None:
+        """Copies of a chunk placed for a write that did not commit it: garbage."""
+        for i in ids:
+            self.outbox.order(i, "chunk", h)
 
     async def h_open(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        parts = paths.split(field_str(b, "path"))
-        path = paths.join(parts)
-        mode = field_str(b, "mode", "create")
-        if mode not in ("create", "overwrite", "append"):
-            raise InvalidArgument("mode must be create, overwrite or append")
-        file_mode = field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777)
-        if not parts:
-            raise InvalidArgument("cannot write to /")
-        ns.must_dir(self.state.root, parts[:-1])
-        self._expire_leases()
-        if path in self.path_leases:
-            raise Conflict(f"{path} is already being written")
-        node = ns.get(self.state.root, parts)
-        if isinstance(node, ns.Dir):
-            raise InvalidArgument(f"{path} is a directory")
-        if mode == "create" and node is not None:
-            raise AlreadyExists(f"{path} already exists")
-        if mode == "append" and node is None:
-            raise NotFound(f"no such file: {path}")
-        lease = Lease(uuid.uuid4().hex, path, mode, node.mode if node else file_mode, node,
-                      node.chunks if (node and mode == "append") else (), None,
-                      time.monotonic() + LEASE_SECONDS)
-        self.leases[lease.id] = lease
-        self.path_leases[path] = lease.id
-        out: dict[str, Any] = {"lease": lease.id, "chunk_size": self.state.chunk_size, "size": 0}
-        try:
-            if mode == "append":
-                assert isinstance(node, ns.File)
-                out["size"] = node.size
-                if node.size % self.state.chunk_size and node.chunks:
-                    out["last"] = await self._prepare_inplace(lease, parts, node)
-        except BaseException:
-            self._drop_lease(lease.id)
-            raise
-        return json_response(out)
-
-    async def _prepare_inplace(self, lease: Lease, parts: tuple[str, ...], node: ns.File) -> dict[str, Any]:
-        """The last, partial chunk will be appended to: clone it first if it is shared (COW),
-        else bump its version so replicas that miss the write are detectably stale."""
-        st = self.state
-        last = node.chunks[-1]
-        reps = self.replicas_of(last)
-        if not reps:
-            raise Unavailable(f"no live replica of chunk {hexh(last)}")
-
-        def unchanged() -> None:  # between the chunkservers' answers and the log
-            if ns.get(st.root, parts) is not node:
-                raise Conflict("the file changed while preparing the append; retry")
-
-        if st.is_shared(last):
-            new = st.new_handle()
-            lease.inplace = new  # from here on re-replication leaves the chunk alone
-            version = st.version[last]
-            results = await asyncio.gather(
-                *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(last)}/clone",
-                               json={"dst": hexh(new), "version": version}) for c in reps),
-                return_exceptions=True,
-            )
-            ok = [c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)]
-            if not ok:
-                raise Unavailable(f"no replica could clone chunk {hexh(last)}: {results[0]}")
-            unchanged()
-            await self.mutate({"op": "cow", "path": lease.path, "index": len(node.chunks) - 1,
-                               "old": last, "new": new})
-            M.M_COW.inc()
-            self.locations[new] = set(ok)
-            target, tv = new, version
-        else:
-            lease.inplace = last  # from here on re-replication leaves the chunk alone
-            # GFS: a new version at lease grant, so a replica that misses the append is stale
-            tv = await self._bump_version(last, reps, unchanged)
-            target = last
-        cur = ns.get(st.root, parts)
-        assert isinstance(cur, ns.File)
-        lease.node = cur
-        lease.base = cur.chunks
-        lease.inplace = target
-        return {"handle": hexh(target), "version": tv, "offset": node.size % st.chunk_size,
-                "replicas": self._cs_json(sorted(c.id for c in self.replicas_of(target)))}
+        return json_response(await self.writes.open(
+            field_str(b, "path"), field_str(b, "mode", "create"),
+            field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777)))
 
     async def h_alloc(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        lease = self._lease(b)
-        alive = [c.candidate() for c in self.alive()]
-        chosen = place_replicas(alive, self.state.replication, need_bytes=0)
-        if not chosen:
-            raise Unavailable("no live chunkserver to place a chunk on")
-        h = self.state.new_handle()
-        lease.allocated[h] = [c.id for c in chosen]
-        return json_response({"handle": hexh(h), "version": 1, "replicas": self._cs_json(lease.allocated[h])})
+        return json_response(self.writes.alloc(field_str(b, "lease", max_len=64)))
 
     async def h_abort(self, request: web.Request) -> web.Response:
         b = await read_json(request)
         lid = field_str(b, "lease", max_len=64)
-        self._drop_lease(lid)
+        self.leases.drop(lid)
         return json_response({"aborted": lid})
 
     async def h_commit(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        lease = self._lease(b)
-        st = self.state
+        lid = field_str(b, "lease", max_len=64)
         size = field_int(b, "size", None, 0)
         raw_chunks = b.get("chunks")
         if not isinstance(raw_chunks, list):
@@ -518,82 +371,7 @@ class Master:
             if not isinstance(reps, list) or not all(isinstance(x, str) for x in reps):
                 raise InvalidArgument("replicas must be a list of chunkserver ids")
             acked[h] = reps
-        cs = st.chunk_size
-        if not ((size == 0 and not handles) or (len(handles) - 1) * cs < size <= len(handles) * cs):
-            raise InvalidArgument(f"size {size} does not fit {len(handles)} chunks of {cs} bytes")
-        base = lease.base
-        if tuple(handles[: len(base)]) != base:
-            raise InvalidArgument("the chunk list must start with the file's existing chunks")
-        new = handles[len(base):]
-        if len(set(new)) != len(new) or any(h not in lease.allocated for h in new):
-            raise InvalidArgument("chunk list names chunks not allocated for this write")
-        for h in new:
-            if not acked.get(h):
-                raise InvalidArgument(f"chunk {hexh(h)} has no replica that acknowledged it")
-        if lease.mode == "append" and size < (lease.node.size if lease.node else 0):
-            raise InvalidArgument("an append cannot shrink the file")
-        if lease.inplace is not None and acked.get(lease.inplace):
-            await self._retire_missed_replicas(lease.inplace, set(acked[lease.inplace]))
-        parts = paths.split(lease.path)
-        cur = ns.get(st.root, parts)
-        if cur is not lease.node:
-            self._drop_lease(lease.id)
-            raise Conflict(f"{lease.path} changed during the write; retry")
-        if lease.inplace is not None and st.is_shared(lease.inplace):
-            self._drop_lease(lease.id)
-            raise Conflict("a snapshot was taken during the append; retry")
-        ns.must_dir(st.root, parts[:-1])
-        op = {"op": "commit", "path": lease.path, "size": size, "chunks": handles,
-              "new": [[h, 1] for h in new], "mode": lease.file_mode, "mtime": now_ns()}
-        self._drop_lease(lease.id)
-        await self.mutate(op)
-        for h in new:
-            self.locations[h] = {i for i in acked[h] if i in self.cs}
-            for i in self.locations[h]:
-                self.cs[i].chunks[h] = 1
-            for i in set(lease.allocated[h]) - self.locations[h]:
-                if i in self.cs:  # took some pieces, not all: its copy is short, never a replica
-                    self.cs[i].stale.add(h)
-            if len(self.locations[h]) < st.replication:
-                self._rerepl_dirty = True
-        return json_response({"path": lease.path, "size": size, "chunks": len(handles)})
-
-    async def _retire_missed_replicas(self, h: int, acked: set[str]) -> None:
-        """Replicas of an appended-to chunk that did not acknowledge every piece carry the
-        lease's version but not its bytes: bump the version on the ones that did, so the others
-        are detectably stale, and have them deleted."""
-        missed = self.locations.get(h, set()) - acked
-        if not missed:
-            return
-        good = [c for c in self.replicas_of(h) if c.id in acked]
-        if not good:
-            raise Unavailable(f"no replica of chunk {hexh(h)} holds the whole append")
-        await self._bump_version(h, good)
-        log.warning("chunk %s: %d replica(s) missed part of an append; they will be replaced", hexh(h), len(missed))
-
-    async def _bump_version(self, h: int, reps: list[CS], check: Callable[[], None] | None = None) -> int:
-        """Give ``reps`` the chunk's next version, then log it (``check`` may still refuse in
-        between). The holders that did not take it drop out of its locations and are told to
-        delete their copy; re-replication makes good ones. Returns the new version."""
-        tv = self.state.version[h] + 1
-        results = await asyncio.gather(
-            *(self.call_cs(c, "POST", f"/internal/chunks/{hexh(h)}/version", json={"version": tv}) for c in reps),
-            return_exceptions=True,
-        )
-        fresh = {c.id for c, r in zip(reps, results, strict=True) if not isinstance(r, BaseException)}
-        if not fresh:
-            raise Unavailable(f"no replica of chunk {hexh(h)} accepted the new version: {results[0]}")
-        if check is not None:
-            check()
-        await self.mutate({"op": "bump", "h": h, "v": tv})
-        for cid in self.locations.get(h, set()) - fresh:
-            if cid in self.cs:
-                self.cs[cid].stale.add(h)
-                self._rerepl_dirty = True
-        self.locations[h] = fresh
-        for cid in fresh:
-            self.cs[cid].chunks[h] = tv
-        return tv
+        return json_response(await self.writes.commit(lid, size, handles, acked))
 
     async def h_layout(self, request: web.Request) -> web.Response:
         parts, node = self.state.lookup(request.query.get("path", ""))
@@ -603,7 +381,7 @@ class Master:
                         request.query.get("region", ""), request.query.get("ip", "") or (request.remote or ""))
         chunks = []
         for h in node.chunks:
-            reps = [c.candidate() for c in self.replicas_of(h)]
+            reps = [c.candidate() for c in self.chunkmap.replicas_of(h)]
             ranked = find_nearest(near, reps)
             chunks.append({"handle": hexh(h), "version": self.state.version.get(h, 0),
                            "replicas": [{"id": r.candidate.id, "address": r.candidate.address} for r in ranked]})
@@ -613,7 +391,20 @@ class Master:
     # ------------------------------------------------------------------ snapshots
 
     def _snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
+        out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
+        out["live_copies"] = self._live_copies(e)
+        return out
+
+    def _live_copies(self, e: dict[str, Any]) -> int:
+        """Holders of a record copy that are alive (each copy is checked against the catalog at
+        every heartbeat, see _check_record_copies)."""
+        return sum(1 for h in e["holders"] if h["id"] in self.chunkmap.cs and self.chunkmap.cs[h["id"]].alive)
+
+    def under_copied(self) -> int:
+        n = sum(1 for e in self.state.snapshots.values()
+                if e["state"] == "ready" and self._live_copies(e) < e["copies"])
+        M.M_SNAP_UNDER_COPIED.set(n)
+        return n
 
     async def h_snap_create(self, request: web.Request) -> web.Response:
         b = await read_json(request)
@@ -667,11 +458,11 @@ class Master:
         if sid not in self.builders or self.builders[sid].done():
             self.builders[sid] = asyncio.create_task(self._build(sid))
 
-    def _rank_holders(self, entry: dict[str, Any]) -> list[tuple[CS, str]]:
+    def _rank_holders(self, entry: dict[str, Any]) -> list[tuple[ChunkserverInfo, str]]:
         ref = Location.from_json(entry.get("near")) if entry.get("near") else self.location
         if not (ref.node or ref.zone or ref.region or ref.ip):
             ref = self.location
-        alive = {c.id: c for c in self.alive()}
+        alive = {c.id: c for c in self.chunkmap.alive()}
         ranked = find_nearest(ref, [c.candidate() for c in alive.values()])
         targets = entry.get("targets") or []
         if targets:
@@ -705,7 +496,7 @@ class Master:
             headers = {"X-Kubegfs-Sha256": rec.sha256, "X-Kubegfs-Snapshot-Name": entry["name"],
                        "X-Kubegfs-Created": entry["created"]}
 
-            async def ship(cs: CS, reason: str) -> dict[str, Any] | None:
+            async def ship(cs: ChunkserverInfo, reason: str) -> dict[str, Any] | None:
                 nonlocal last_err
                 try:
                     await self.call_cs(cs, "PUT", f"/internal/records/{sid}", data=rec.data, headers=headers)
@@ -714,6 +505,7 @@ class Master:
                     log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
                     return None
                 cs.records.add(sid)
+                self.outbox.cancel(cs.id, "record", sid)
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
 
             while True:
@@ -784,29 +576,25 @@ class Master:
         if e["state"] == "pending":
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.mutate({"op": "snap_delete", "id": e["id"]})
-        for h in e.get("holders", []):
-            cs = self.cs.get(h["id"])
-            if cs and cs.alive:
-                try:
-                    await self.call_cs(cs, "DELETE", f"/internal/records/{e['id']}")
-                    cs.records.discard(e["id"])
-                except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
-                    log.warning("deleting record %s on %s failed (%s); heartbeat GC will", e["id"], cs.id, exc)
+        for h in e.get("holders", []):  # the copies go with the holders' next heartbeats
+            if h["id"] in self.chunkmap.cs:
+                self.outbox.order(h["id"], "record", e["id"])
         return json_response({"deleted": e["name"], "id": e["id"]})
 
     async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord, bytes, dict[str, Any]]:
         """The record from the nearest healthy holder; fall back on error or bad checksum."""
         holders = []
         for h in e.get("holders", []):
-            cs = self.cs.get(h["id"])
+            cs = self.chunkmap.cs.get(h["id"])
             if cs and cs.alive:
                 holders.append(cs)
         ranked = find_nearest(self.location, [c.candidate() for c in holders])
         errors = []
+        bad = 0
         assert self._session is not None
         loop = asyncio.get_running_loop()
         for r in ranked:
-            cs = self.cs[r.candidate.id]
+            cs = self.chunkmap.cs[r.candidate.id]
             try:
                 async with self._session.get(f"{cs.address}/internal/records/{e['id']}") as resp:
                     if resp.status != 200:
@@ -814,9 +602,19 @@ class Master:
                     data = await resp.read()
                 parsed = await loop.run_in_executor(None, parse_record, data, e["sha256"])
                 return parsed, data, {"id": cs.id, "address": cs.address, **cs.location.to_json()}
-            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError, ValueError) as exc:
+            except (NotFound, CorruptData, ValueError) as exc:  # the copy itself is bad: heal the catalog
+                errors.append(f"{cs.id}: {exc}")
+                bad += 1
+                why = "missing" if isinstance(exc, NotFound) else "not the catalog's bytes"
+                await self.drop_record_copy(e["id"], cs.id, why)
+                if why != "missing":
+                    self.outbox.order(cs.id, "record", e["id"])
+            except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
                 log.warning("snapshot %s: copy on %s unusable: %s", e["id"], cs.id, exc)
                 errors.append(f"{cs.id}: {exc}")
+        if (ranked and bad == len(ranked)) or (not e.get("holders") and self._bad_record_copies.get(e["id"])):
+            raise Unavailable(f"every record copy of snapshot {e['name']} is missing or damaged"
+                              + (": " + "; ".join(errors) if errors else ""))
         raise Unavailable(f"no usable copy of snapshot {e['name']}: " + ("; ".join(errors) or "no live holder"))
 
     async def h_snap_restore(self, request: web.Request) -> web.Response:
@@ -834,14 +632,15 @@ class Master:
         t0 = time.perf_counter()
         b = await read_json(request)
         rid = record_id(field_str(b, "id")) if b.get("id") is not None else ""
+        ref = request.match_info["ref"]
+        to = paths.join(paths.split(field_str(b, "to"))) if b.get("to") is not None else None
         if rid and rid in self.state.restores:
-            return json_response({**self.state.restores[rid], "repeated": True})
-        e = self.state.snapshot_by_ref(request.match_info["ref"])
+            return self._repeated_restore(rid, ref, to)
+        e = self.state.snapshot_by_ref(ref)
         if e["state"] != "ready":
             raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
-        to = b.get("to")
         if to is not None:
-            parts = paths.split(field_str(b, "to"))
+            parts = paths.split(to)
             mode = "new"
         else:
             parts = paths.split(e["path"])
@@ -854,15 +653,24 @@ class Master:
         if missing:
             raise CorruptData(f"snapshot references {len(missing)} chunks the master no longer has")
         if mode == "inplace":
-            self._check_no_lease_below(paths.join(parts))
+            self.leases.check_none_below(paths.join(parts))
         if rid and rid in self.state.restores:  # a concurrent twin finished first
-            return json_response({**self.state.restores[rid], "repeated": True})
+            return self._repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6)}
         result = await self.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
                                     "blob": blob, "mtime": now_ns(), "_parsed": parsed, "rid": rid,
                                     "summary": summary})
         return json_response({**summary, **result})
+
+    def _repeated_restore(self, rid: str, ref: str, to: str | None) -> web.Response:
+        """The stored result of restore ``rid``, if this request asks for the same thing."""
+        done = self.state.restores[rid]
+        same = ref in (done.get("snapshot"), done.get("snapshot_id")) and (
+            done.get("mode") == "inplace" if to is None else (done.get("mode") == "new" and done.get("path") == to))
+        if not same:
+            raise Conflict(f"restore id {rid} was already used to restore {done.get('snapshot')} to {done.get('path')}")
+        return json_response({**done, "repeated": True})
 
     def _check_target(self, parts: tuple[str, ...], mode: str) -> None:
         st = self.state
@@ -884,210 +692,129 @@ class Master:
             raise InvalidArgument("address must be an http(s) URL")
         loc = Location.from_json(b.get("location"))
         st = self.state
-        cs = self.cs.get(cid)
         full = field_bool(b, "full", False)
-        if not full and (cs is None or not cs.registered):
-            return json_response({"reregister": True, "chunk_size": st.chunk_size})
+        cs = self.chunkmap.heard_from(cid, address, loc, full)
         if cs is None:
-            cs = self.cs[cid] = CS(cid, address, loc)
-        cs.address, cs.location = address, loc
+            return json_response({"reregister": True, "chunk_size": st.chunk_size})
         cs.capacity = field_int(b, "capacity_bytes", 0)
         cs.used = field_int(b, "used_bytes", 0)
         cs.free = field_int(b, "free_bytes", 0)
-        cs.last_seen = time.monotonic()
-        if not cs.alive or not cs.registered:
-            log.info("chunkserver %s at %s registered (node=%s zone=%s region=%s)", cid, address,
-                     loc.node, loc.zone, loc.region)
-        cs.alive = True
-        delete: set[int] = set()
-
-        def take(items: Any) -> None:
-            if not isinstance(items, list):
-                raise InvalidArgument("chunk lists must be [[handle, version], ...]")
-            for it in items:
-                if not (isinstance(it, list) and len(it) == 2 and isinstance(it[1], int)):
-                    raise InvalidArgument("chunk lists must be [[handle, version], ...]")
-                h = handle_hex(it[0])
-                v = it[1]
-                cs.chunks[h] = v
-                want = st.version.get(h)
-                if want is None:
-                    if not self._allocated(h):
-                        delete.add(h)
-                    continue
-                if v < want or h in cs.stale:
-                    delete.add(h)  # stale replica: missed a mutation
-                    self.locations.get(h, set()).discard(cid)
-                    self._rerepl_dirty = True
-                    continue
-                if cid not in self.locations.get(h, ()) and self._being_written(h):
-                    delete.add(h)  # a copy made just as an append began: it will miss the append
-                    continue
-                self.locations.setdefault(h, set()).add(cid)
-
-        if full:
-            for other in self.cs.values():
-                if other.id != cid and other.address == address and other.alive:
-                    # a new process (e.g. a fresh disk, new identity) took over this address
-                    log.warning("chunkserver %s replaced %s at %s", cid, other.id, address)
-                    self._mark_dead(other)
-            for h in list(cs.chunks):
-                self.locations.get(h, set()).discard(cid)
-            cs.chunks = {}
-            take(b.get("chunks", []))
-            cs.registered = True
-            self._rerepl_dirty = True
-            # records this chunkserver should hold but lost (e.g. a new disk)
+        delete = self.chunkmap.reconcile(cs, b, full)
+        if full:  # records this chunkserver should hold but lost (e.g. a new disk)
             recs = set(b.get("records") or [])
             for e in list(st.snapshots.values()):
                 if e["state"] == "ready" and any(h["id"] == cid for h in e["holders"]) and e["id"] not in recs:
-                    holders = [h for h in e["holders"] if h["id"] != cid]
-                    log.warning("chunkserver %s lost its copy of snapshot %s", cid, e["name"])
-                    await self.mutate({"op": "snap_holders", "id": e["id"], "holders": holders})
-        else:
-            take(b.get("added", []))
-            for hs in b.get("removed", []) or []:
-                h = handle_hex(hs)
-                cs.chunks.pop(h, None)
-                self.locations.get(h, set()).discard(cid)
-        for hs in b.get("corrupt", []) or []:
-            h = handle_hex(hs)
-            M.M_CORRUPT.inc()
-            log.error("chunkserver %s reports chunk %s corrupt; re-replicating from a good copy", cid, hs)
-            self.locations.get(h, set()).discard(cid)
-            delete.add(h)
-            self._rerepl_dirty = True
+                    await self.drop_record_copy(e["id"], cid, "missing")
         records = b.get("records") or []
         if not isinstance(records, list):
             raise InvalidArgument("records must be a list")
         cs.records = {r for r in records if isinstance(r, str)}
         delete_records = {r for r in cs.records if r not in st.snapshots}
+        digests = b.get("record_digests") or {}
+        if not isinstance(digests, dict):
+            raise InvalidArgument("record_digests must be an object {id: [size, sha256]}")
+        delete_records |= await self._check_record_copies(cs, digests)
         bad_records = b.get("corrupt_records") or []
         if not isinstance(bad_records, list):
             raise InvalidArgument("corrupt_records must be a list")
         for rid in bad_records:
             if not isinstance(rid, str):
                 continue
-            bad = st.snapshots.get(rid)
-            if bad is not None and any(h["id"] == cid for h in bad["holders"]):
-                log.error("chunkserver %s reports its copy of snapshot %s corrupt; re-copying from a good one",
-                          cid, bad["name"])
-                holders = [h for h in bad["holders"] if h["id"] != cid]
-                self._bad_record_copies.setdefault(rid, set()).add(cid)
-                await self.mutate({"op": "snap_holders", "id": rid, "holders": holders})
-                self._rerepl_dirty = True
+            await self.drop_record_copy(rid, cid, "corrupt")
             if rid in cs.records:
                 delete_records.add(rid)
-        for h in st.garbage & cs.chunks.keys():
-            delete.add(h)
-        for h in cs.stale:
-            if cid not in self.locations.get(h, ()):
-                delete.add(h)
-        cs.stale.clear()
-        for h in delete & st.garbage:
-            if not any(h in c.chunks for c in self.cs.values() if c.id != cid):
-                st.garbage.discard(h)
         for h in delete:
-            cs.chunks.pop(h, None)  # ordered deleted: no longer counts as held
-        if delete:
-            M.M_GC.inc(len(delete))
+            self.outbox.order(cid, "chunk", h)
+        for rid in delete_records:
+            self.outbox.order(cid, "record", rid)
+        gone, gone_records = self.outbox.take(cid)  # only what rests on durable ops (see outbox.py)
+        if gone:
+            M.M_GC.inc(len(gone))
         return json_response({
-            "delete_chunks": [hexh(h) for h in sorted(delete)],
-            "delete_records": sorted(delete_records),
+            "delete_chunks": [hexh(h) for h in gone],
+            "delete_records": gone_records,
             "chunk_size": st.chunk_size,
         })
 
-    def _allocated(self, h: int) -> bool:
-        return any(h in lease.allocated for lease in self.leases.values())
+    def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool | None:
+        """Re-check a queued deletion when it is released (see outbox.py); None: not while a
+        write lease holds the chunk."""
+        if kind == "chunk":
+            assert isinstance(key, int)
+            if self.leases.allocated(key):
+                return None
+            return key not in self.state.version or cid not in self.chunkmap.locations.get(key, ())
+        e = self.state.snapshots.get(str(key))
+        return e is None or (e["state"] != "pending" and all(h["id"] != cid for h in e["holders"]))
 
-    def _being_written(self, h: int) -> bool:
-        """An open write lease is appending to this chunk in place: a copy taken now could miss
-        bytes that are about to be acknowledged."""
-        return any(lease.inplace == h for lease in self.leases.values())
+    async def _check_record_copies(self, cs: ChunkserverInfo, digests: dict[str, Any]) -> set[str]:
+        """Compare the records a holder reports with the catalog: a copy missing from two
+        heartbeats in a row (one may predate a copy just shipped), of the wrong size or with
+        another sha256 is dropped and re-made elsewhere. Returns the ids whose bad copy to delete."""
+        bad: set[str] = set()
+        for e in list(self.state.snapshots.values()):
+            if e["state"] != "ready" or all(h["id"] != cs.id for h in e["holders"]):
+                continue
+            key = (cs.id, e["id"])
+            if e["id"] not in cs.records:
+                self._record_missing[key] = self._record_missing.get(key, 0) + 1
+                if self._record_missing[key] >= 2:
+                    await self.drop_record_copy(e["id"], cs.id, "missing")
+                continue
+            self._record_missing.pop(key, None)
+            d = digests.get(e["id"])
+            if not (isinstance(d, list) and len(d) == 2):
+                continue
+            if d[0] != e["record_bytes"]:
+                why = "truncated" if isinstance(d[0], int) and d[0] < e["record_bytes"] else "wrong size"
+            elif d[1] and d[1] != e["sha256"]:
+                why = "not the catalog's bytes"
+            else:
+                continue
+            await self.drop_record_copy(e["id"], cs.id, why)
+            bad.add(e["id"])
+        return bad
+
+    async def drop_record_copy(self, sid: str, cid: str, why: str) -> None:
+        """Take ``cid`` out of snapshot ``sid``'s holders (logged); record repair re-makes the copy."""
+        e = self.state.snapshots.get(sid)
+        if e is None or all(h["id"] != cid for h in e["holders"]):
+            return
+        log.error("snapshot %s: the record copy on %s is %s; dropped, re-copying from a good one",
+                  e["name"], cid, why)
+        M.M_RECORD_DROPPED.labels(why).inc()
+        self._record_missing.pop((cid, sid), None)
+        self._bad_record_copies.setdefault(sid, set()).add(cid)
+        self.chunkmap.dirty = True
+        await self.mutate({"op": "snap_holders", "id": sid,
+                           "holders": [h for h in e["holders"] if h["id"] != cid]})
 
     async def _liveness_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.opts.dead_after / 4))
-            now = time.monotonic()
-            for cs in self.cs.values():
-                if cs.alive and cs.registered and now - cs.last_seen > self.opts.dead_after:
-                    log.warning("chunkserver %s missed heartbeats for %.1fs: marked dead", cs.id, now - cs.last_seen)
-                    self._mark_dead(cs)
+            self.chunkmap.expire(self.opts.dead_after)
 
-    def _mark_dead(self, cs: CS) -> None:
-        cs.alive = False
-        cs.registered = False
-        for h in cs.chunks:
-            self.locations.get(h, set()).discard(cs.id)
-        self._rerepl_dirty = True
-
-    def _scan_replication(self, limit: int = 200) -> tuple[int, int, list[int]]:
-        """One pass over the chunk table: (under-replicated, lost, up to ``limit`` repairable
-        chunks, fewest replicas first). Lost chunks (no live replica) are reported once each and
-        never crowd out the ones that can be repaired."""
-        st = self.state
-        goal = st.replication
-        under = lost = 0
-        repairable: list[tuple[int, int]] = []
-        newly_lost: list[int] = []
-        locs = self.locations
-        for h in st.version:
-            n = len(locs.get(h, ()))
-            if n >= goal or not (st.live.get(h) or st.snap.get(h)):
-                continue
-            under += 1
-            if n == 0:
-                lost += 1
-                if h not in self._lost_reported:
-                    self._lost_reported.add(h)
-                    newly_lost.append(h)
-            elif len(repairable) < limit * 4:
-                repairable.append((n, h))
-        if newly_lost:  # one line per scan, not one per chunk (a lost disk can mean millions)
-            log.error("%d more chunks have no live replica left (%d in all), e.g. %s", len(newly_lost), lost,
-                      ", ".join(hexh(h) for h in newly_lost[:5]))
-        repairable.sort()
-        self._under_count, self._lost_count = under, lost
-        M.M_UNDER_REPLICATED.set(under)
-        return under, lost, [h for _n, h in repairable[:limit]]
-
-    def under_replicated_count(self) -> int:
-        """Exact for small tables; from the last re-replication scan for big ones (a scan of
-        millions of chunks does not belong on every status call or metrics scrape)."""
-        if len(self.state.version) <= SMALL_TABLE:
-            return self._scan_replication(limit=0)[0]
-        return self._under_count
-
-    async def _rereplication_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.opts.rereplicate_interval)
-            if not self._rerepl_dirty:
-                continue
-            try:
-                await self._rereplicate_once()
-            except Exception:  # noqa: BLE001
-                log.exception("re-replication pass failed")
-
-    async def _repair_records(self) -> int:
+    async def repair_records(self) -> int:
         """Bring every ready snapshot back to its number of record copies (e.g. after a holder
         died, lost its disk or reported its copy corrupt), each new copy in a new zone if any."""
         made = 0
         for e in list(self.state.snapshots.values()):
             if e["state"] != "ready":
                 continue
-            live = [h for h in e["holders"] if h["id"] in self.cs and self.cs[h["id"]].alive]
+            live = [h for h in e["holders"] if h["id"] in self.chunkmap.cs and self.chunkmap.cs[h["id"]].alive]
             if len(live) >= e["copies"] or not live:
                 if not live and e["holders"]:
                     log.error("snapshot %s has no live record copy", e["name"])
                 continue
             held = {h["id"] for h in e["holders"]}
             zones = {(h.get("region", ""), h.get("zone", "")) for h in live}
-            options = [(cs, why) for cs, why in self._rank_holders({**e, "targets": []}) if cs.id not in held]
+            options = [(cs, why) for cs, why in self._rank_holders({**e, "targets": []})
+                       if cs.id not in held and not self.outbox.pending(cs.id, "record", e["id"])]
             rotted = self._bad_record_copies.get(e["id"], set())
             # prefer a new zone, and a disk that did not just corrupt this record
             options.sort(key=lambda o: (o[0].id in rotted, (o[0].location.region, o[0].location.zone) in zones))
             if not options:
-                self._rerepl_dirty = True
+                self.chunkmap.dirty = True
                 continue
             target, why = options[0]
             try:
@@ -1097,8 +824,9 @@ class Master:
             except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
                 M.M_RECORD_REPAIRS.labels("failed").inc()
                 log.warning("re-copying snapshot %s to %s failed: %s", e["name"], target.id, exc)
-                self._rerepl_dirty = True
+                self.chunkmap.dirty = True
                 continue
+            self.outbox.cancel(target.id, "record", e["id"])
             cur = self.state.snapshots.get(e["id"])
             if cur is None:
                 continue
@@ -1109,63 +837,6 @@ class Master:
             log.info("snapshot %s: record re-copied to %s (%s)", e["name"], target.id, target.location.zone)
             made += 1
         return made
-
-    async def _rereplicate_once(self) -> int:
-        self._rerepl_dirty = False
-        await self._repair_records()
-        alive = [c.candidate() for c in self.alive()]
-        _under, _lost, todo = self._scan_replication(limit=200)
-        sem = asyncio.Semaphore(8)
-        done = 0
-
-        async def one(h: int) -> None:
-            nonlocal done
-            srcs = self.replicas_of(h)
-            if not srcs:
-                return
-            if self._being_written(h):
-                self._rerepl_dirty = True  # copy it once the append has committed
-                return
-            version = self.state.version.get(h)
-            if version is None:
-                return
-            need = self.state.replication - len(srcs)
-            existing = [c.candidate() for c in srcs]
-            holding = {c for c in self.cs if h in self.cs[c].chunks}
-            counted = self.locations.get(h, set())
-            for cid in holding - counted:
-                if self.cs[cid].alive:
-                    # a copy the master does not count (stale, short, or a lost delete order):
-                    # delete it, or it would block this server as a target forever
-                    self.cs[cid].stale.add(h)
-                    self._rerepl_dirty = True
-            targets = place_replicas(alive, need, existing=existing, exclude=holding)
-            for t in targets:
-                async with sem:
-                    try:
-                        await self.call_cs(self.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
-                                           json={"source": srcs[0].address, "version": version})
-                    except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
-                        M.M_REREPL.labels("failed").inc()
-                        log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
-                        self._rerepl_dirty = True
-                        continue
-                    if self.state.version.get(h) != version or self._being_written(h):
-                        # an append began while we copied: the copy may miss its bytes
-                        self.cs[t.id].stale.add(h)
-                        M.M_REREPL.labels("raced").inc()
-                        log.info("re-replication of %s to %s raced with an append; will retry", hexh(h), t.id)
-                        self._rerepl_dirty = True
-                        continue
-                    self.locations.setdefault(h, set()).add(t.id)
-                    self.cs[t.id].chunks[h] = version
-                    M.M_REREPL.labels("success").inc()
-                    done += 1
-
-        await asyncio.gather(*(one(h) for h in todo))
-        if len(todo) >= 200:
-            self._rerepl_dirty = True
-        return done
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -1201,10 +872,20 @@ class Master:
                     log.exception("checkpoint failed")
 
 
+def _slow_sync(opts: Options) -> Callable[[int], None] | None:
+    sync = opts.sync
+    if opts.fsync_delay <= 0:
+        return sync
+
+    def slow(fd: int) -> None:
+        time.sleep(opts.fsync_delay)  # a busy disk (the chaos runner's slow-fsync mode)
+        (sync or os.fdatasync)(fd)
+
+    return slow
+
+
 def run(listen: str, data_dir: Path, token: str, location: Location, chunk_size: int,
         replication: int, options: Options | None = None) -> None:
-    from ..chunkserver.server import split_listen
-
     host, port = split_listen(listen)
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     m = Master(data_dir, token, loc, chunk_size, replication, options)

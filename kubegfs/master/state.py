@@ -14,8 +14,6 @@ before its epoch is treated as shared, so the first write to it clones it (C →
 from __future__ import annotations
 
 import time
-import zlib
-from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,17 +22,11 @@ from .. import namespace as ns
 from .. import paths
 from ..errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from ..formats import (
-    CKPT_MAGIC,
-    decode_tree,
-    encode_tree,
-    read_container,
     unpack_handles,
-    write_container,
 )
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_REPLICATION = 3
-CHECKPOINT_VERSION = 2  # 2: breadth-first tree columns
 MAX_REMEMBERED_RESTORES = 10_000
 
 
@@ -130,6 +122,58 @@ class MasterState:
             raise AlreadyExists(f"destination exists: {paths.join(d)}")
         ns.must_dir(self.root, d[:-1])
         return {"op": "mv", "src": paths.join(s), "dst": paths.join(d), "mtime": now_ns()}
+
+    def prepare_open(self, path: str, mode: str, file_mode: int) -> tuple[str, tuple[str, ...], ns.File | None]:
+        """Check a write may start: (normalized path, its parts, the file as it is now or None)."""
+        parts = paths.split(path)
+        if mode not in ("create", "overwrite", "append"):
+            raise InvalidArgument("mode must be create, overwrite or append")
+        _check_mode(file_mode)
+        if not parts:
+            raise InvalidArgument("cannot write to /")
+        norm = paths.join(parts)
+        ns.must_dir(self.root, parts[:-1])
+        node = ns.get(self.root, parts)
+        if isinstance(node, ns.Dir):
+            raise InvalidArgument(f"{norm} is a directory")
+        if mode == "create" and node is not None:
+            raise AlreadyExists(f"{norm} already exists")
+        if mode == "append" and node is None:
+            raise NotFound(f"no such file: {norm}")
+        return norm, parts, node
+
+    def validate_commit(self, size: int, handles: list[int], acked: dict[int, list[str]],
+                        base: tuple[int, ...], allocated: Iterable[int], opened: ns.File | None,
+                        append: bool) -> list[int]:
+        """Check a commit's chunk list against its write: returns the chunks it adds."""
+        cs = self.chunk_size
+        if not ((size == 0 and not handles) or (len(handles) - 1) * cs < size <= len(handles) * cs):
+            raise InvalidArgument(f"size {size} does not fit {len(handles)} chunks of {cs} bytes")
+        if tuple(handles[: len(base)]) != base:
+            raise InvalidArgument("the chunk list must start with the file's existing chunks")
+        new = handles[len(base):]
+        placed = set(allocated)
+        if len(set(new)) != len(new) or any(h not in placed for h in new):
+            raise InvalidArgument("chunk list names chunks not allocated for this write")
+        for h in new:
+            if not acked.get(h):
+                raise InvalidArgument(f"chunk {h:016x} has no replica that acknowledged it")
+        if append and size < (opened.size if opened else 0):
+            raise InvalidArgument("an append cannot shrink the file")
+        return new
+
+    def prepare_commit(self, path: str, size: int, handles: list[int], new: list[int], file_mode: int,
+                       opened: ns.File | None, inplace: int | None) -> dict[str, Any]:
+        """The commit op of a validated write, or Conflict if the file changed since it opened (or
+        a snapshot now shares the chunk it appended to in place)."""
+        parts = paths.split(path)
+        if ns.get(self.root, parts) is not opened:
+            raise Conflict(f"{path} changed during the write; retry")
+        if inplace is not None and self.is_shared(inplace):
+            raise Conflict("a snapshot was taken during the append; retry")
+        ns.must_dir(self.root, parts[:-1])
+        return {"op": "commit", "path": path, "size": size, "chunks": handles,
+                "new": [[h, 1] for h in new], "mode": file_mode, "mtime": now_ns()}
 
     # ------------------------------------------------------------------ apply
 
@@ -369,81 +413,3 @@ def _dir_mtime(root: ns.Dir, parts: tuple[str, ...]) -> int:
 def _check_mode(mode: int) -> None:
     if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
         raise InvalidArgument("mode must be an integer between 0 and 0o7777")
-
-
-def encode_checkpoint(view: dict[str, Any]) -> bytes:
-    from ..formats import with_crc_trailer
-
-    version = view["version"]
-    cols, _ = encode_tree(view["root"], lambda h: version.get(h, 0))
-    handles = sorted(version)
-    chunk_cols = {
-        "handles": array("q", handles).tobytes(),
-        "version": array("q", [version[h] for h in handles]).tobytes(),
-        "born": array("q", [view["born"].get(h, 0) for h in handles]).tobytes(),
-        "snap": array("q", [view["snap"].get(h, 0) for h in handles]).tobytes(),
-    }
-    header = {k: view[k] for k in ("seq", "epoch", "incarnation", "next_counter", "chunk_size", "replication", "cow_clones")}
-    body = {"tree": cols, "chunks": chunk_cols, "snapshots": view["snapshots"],
-            "restores": view.get("restores", {})}
-    return with_crc_trailer(write_container(CKPT_MAGIC, CHECKPOINT_VERSION, header, body))
-
-
-def decode_checkpoint(data: bytes) -> MasterState:
-    from ..errors import CorruptData
-    from ..formats import check_crc_trailer
-
-    version, header, body = read_container(CKPT_MAGIC, check_crc_trailer(data))
-    if version != CHECKPOINT_VERSION:
-        raise CorruptData(f"unsupported checkpoint version {version}")
-    st = MasterState(header["chunk_size"], header["replication"])
-    for k in ("seq", "epoch", "incarnation", "next_counter", "cow_clones"):
-        setattr(st, k, header[k])
-    dec = decode_tree(body["tree"])
-    if not isinstance(dec.root, ns.Dir):
-        raise CorruptData("checkpoint root is not a directory")
-    st.root = dec.root
-    cc = body["chunks"]
-    cols = {}
-    for k in ("handles", "version", "born", "snap"):
-        a = array("q")
-        a.frombytes(cc[k])
-        cols[k] = a.tolist()
-    for h, v, b, s in zip(cols["handles"], cols["version"], cols["born"], cols["snap"], strict=True):
-        st.version[h] = v
-        st.born[h] = b
-        if s:
-            st.snap[h] = s
-    for h, _v in dec.chunks:
-        st.live[h] = st.live.get(h, 0) + 1
-    st.restores = dict(body.get("restores") or {})
-    st.recount()
-    for e in body["snapshots"]:
-        st.snapshots[e["id"]] = e
-        st.snapshot_names[e["name"]] = e["id"]
-    return st
-
-
-def dump(state: MasterState) -> dict[str, Any]:
-    """A deterministic, comparable dump of the durable state (tests compare these)."""
-    tree = []
-    for parts, node in ns.walk(state.root):
-        if isinstance(node, ns.File):
-            tree.append(["/" + "/".join(parts), "f", node.size, node.mode, node.mtime, list(node.chunks)])
-        else:
-            tree.append(["/" + "/".join(parts), "d", node.mode])
-    snaps = sorted(
-        ({k: v for k, v in e.items() if k != "handles_z"} for e in state.snapshots.values()),
-        key=lambda e: e["id"],
-    )
-    return {
-        "tree": tree,
-        "version": sorted(state.version.items()),
-        "live": sorted(state.live.items()),
-        "snap": sorted(state.snap.items()),
-        "snapshots": snaps,
-        "epoch": state.epoch,
-        "restores": sorted(state.restores),
-        "counts": [state.n_files, state.n_dirs, state.n_bytes],
-        "crc": zlib.crc32(repr(tree).encode()),
-    }

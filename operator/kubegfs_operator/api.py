@@ -3,6 +3,7 @@ bad input; this re-checks with the file system's own rules and raises ``SpecErro
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ class RestoreSpec:
     snapshot_name: str
     target_path: str | None
     timeout_seconds: int
+    pre_restore_snapshot: bool = True
 
 
 _DNS = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -83,12 +85,42 @@ def parse_restore(spec: dict[str, Any]) -> RestoreSpec:
     timeout = spec.get("timeoutSeconds", 300)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 86400:
         raise SpecError("timeoutSeconds must be an integer from 1 to 86400")
-    return RestoreSpec(name, tp, timeout)
+    pre = spec.get("preRestoreSnapshot", True)
+    if not isinstance(pre, bool):
+        raise SpecError("preRestoreSnapshot must be true or false")
+    return RestoreSpec(name, tp, timeout, pre)
+
+
+# ----------------------------------------------------------------------------- derived names
+# Names the operator derives from the user's (catalog names, Snapshot objects a schedule or a
+# restore creates, label values) must fit their own limits for ANY legal user name: a name that
+# would be too long keeps a readable prefix and ends in a hash of the whole.
+
+MAX_NAME = 253  # a Kubernetes object name (DNS subdomain), and a kubegfs catalog name
+MAX_LABEL_VALUE = 63
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` itself when it fits, else a prefix + '-' + 10 hex digits of its sha256. The
+    result ends in an alphanumeric, as object names and label values must."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return text[: limit - len(digest) - 1].rstrip("-.") + "-" + digest
+
+
+def derived_name(base: str, suffix: str, limit: int = MAX_NAME) -> str:
+    """``base`` + ``suffix`` within ``limit``, shortening ``base`` (never the suffix)."""
+    return shorten(base, limit - len(suffix)) + suffix
+
+
+def label_value(name: str) -> str:
+    return shorten(name, MAX_LABEL_VALUE)
 
 
 def kubegfs_snapshot_name(namespace: str, name: str, uid: str) -> str:
     """The catalog name: readable, unique per object (a re-created object gets a new one)."""
-    return f"{namespace}.{name}-{uid.replace('-', '')[:8]}"
+    return derived_name(f"{namespace}.{name}", f"-{uid.replace('-', '')[:8]}")
 
 
 def kubegfs_snapshot_id(uid: str) -> str:

@@ -17,6 +17,7 @@ class Config:
     chunkserver_port: int = 9500
     request_timeout: float = 30.0
     delete_give_up_after: int = 30  # retries of a Delete-policy cleanup before the finalizer is released
+    schedule_tick: float = 10.0  # a SnapshotSchedule is looked at at least this often (and at each run)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -33,4 +34,11 @@ class Config:
             metrics_listen=os.environ.get("KUBEGFS_OPERATOR_METRICS", "0.0.0.0:9090"),
             master_port=int(os.environ.get("KUBEGFS_MASTER_PORT", "9400")),
             chunkserver_port=int(os.environ.get("KUBEGFS_CHUNKSERVER_PORT", "9500")),
+            schedule_tick=float(os.environ.get("KUBEGFS_SCHEDULE_TICK_SECONDS", "10")),
         )
+
+
+def catalog_sync_seconds() -> float:
+    """How often each Ready Snapshot is checked against the master's catalog. Read when the
+    handlers are registered (kopf timers take a fixed interval)."""
+    return float(os.environ.get("KUBEGFS_CATALOG_SYNC_SECONDS", "60"))

@@ -1,12 +1,17 @@
 """Every kopf registration of the kubegfs operator, and nothing else of substance.
 
 Run: ``kubegfs-operator`` (or ``kopf run --standalone --all-namespaces -m kubegfs_operator.main``).
+The operator's state lives in kopf's ``memo`` (one ``Runtime``), never in module globals.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -18,41 +23,82 @@ from kubegfs.web import make_middlewares, metrics_handler
 
 from . import FINALIZER, GROUP, VERSION, objects, reconcile
 from .cluster import fetch_view
-from .config import Config
+from .config import Config, catalog_sync_seconds
 
 log = logging.getLogger("kubegfs.operator")
-_first_seen: dict[str, float] = {}
-_in_progress: set[str] = set()
 
 
-class _State:
+@dataclass
+class Runtime:
     cfg: Config
     core: Any
     custom: Any
     deps: reconcile.Deps
+    first_seen: dict[str, float] = field(default_factory=dict)  # uid -> when a handler first ran
+    in_progress: set[str] = field(default_factory=set)  # Snapshot uids counted in OP_IN_PROGRESS
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)  # schedule uid -> status last written
 
 
-S = _State()
+def _rt(memo: kopf.Memo) -> Runtime:
+    rt: Runtime = memo["rt"]
+    return rt
 
 
 def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
-    def get_snapshot(ns: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
+    from kubernetes.client.exceptions import ApiException
 
+    def get_snapshot(ns: str, name: str) -> dict[str, Any] | None:
         try:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", name)
-            return dict(obj)
+            return dict(custom.get_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    return reconcile.Deps(
+    def create_snapshot(ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(custom.create_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", body))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = get_snapshot(ns, body["metadata"]["name"])
+        return existing if existing is not None else create_snapshot(ns, body)
+
+    def delete_snapshot(ns: str, name: str) -> None:
+        try:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def list_snapshots(ns: str, selector: str) -> list[dict[str, Any]]:
+        out = custom.list_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", label_selector=selector)
+        return [dict(o) for o in out.get("items", [])]
+
+    deps = reconcile.Deps(
         cfg=cfg,
         view=lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port),
         master=lambda url: Client(url, cfg.token, timeout=cfg.request_timeout),
         get_snapshot=get_snapshot,
+        create_snapshot=create_snapshot,
+        delete_snapshot=delete_snapshot,
+        list_snapshots=list_snapshots,
     )
+    # every Snapshot's catalog check shares one listing per installation and sync interval
+    cache: dict[Any, tuple[float, reconcile.Catalog | None]] = {}
+    lock = threading.Lock()
+    ttl = catalog_sync_seconds() / 2
+
+    def catalog(ref: Any) -> reconcile.Catalog | None:
+        with lock:
+            hit = cache.get(ref)
+            if hit is None or time.monotonic() - hit[0] > ttl:
+                hit = (time.monotonic(), reconcile.fetch_catalog(ref, deps))
+                cache[ref] = hit
+            return hit[1]
+
+    deps.catalog = catalog
+    return deps
 
 
 @kopf.on.startup()
@@ -67,22 +113,25 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 16
+    # a deleted object keeps its finalizer until its timers/daemons exit: look again soon, not
+    # after kopf's default minute (they exit within one tick)
+    settings.background.instant_exit_timeout = 1.0
+    settings.background.cancellation_polling = 1.0
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    S.cfg = Config.from_env()
-    S.core = client.CoreV1Api()
-    S.custom = client.CustomObjectsApi()
-    S.deps = _deps(S.cfg, S.core, S.custom)
-    app = web.Application(middlewares=make_middlewares(S.cfg.token, M.OPERATOR_HTTP))
+    cfg = Config.from_env()
+    core, custom = client.CoreV1Api(), client.CustomObjectsApi()
+    memo["rt"] = Runtime(cfg, core, custom, _deps(cfg, core, custom))
+    app = web.Application(middlewares=make_middlewares(cfg.token, M.OPERATOR_HTTP))
     app.router.add_get("/metrics", metrics_handler(M.OPERATOR))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    mhost, _sep, mport = S.cfg.metrics_listen.rpartition(":")
+    mhost, _sep, mport = cfg.metrics_listen.rpartition(":")
     await web.TCPSite(runner, mhost or "0.0.0.0", int(mport)).start()
     memo["metrics_runner"] = runner
-    log.info("metrics on http://%s/metrics (bearer token required)", S.cfg.metrics_listen)
+    log.info("metrics on http://%s/metrics (bearer token required)", cfg.metrics_listen)
 
 
 @kopf.on.cleanup()
@@ -105,10 +154,6 @@ def _apply(patch: kopf.Patch, status: dict[str, Any]) -> None:
 def _post(body: Any, event: tuple[str, str, str] | None) -> None:
     if event:
         kopf.event(body, type=event[0], reason=event[1], message=event[2])
-
-
-def _started(uid: str) -> float:
-    return _first_seen.setdefault(uid, time.time())
 
 
 def _decide(body: kopf.Body, patch: kopf.Patch, decide: Any, failed_reason: str) -> reconcile.Result:
@@ -136,67 +181,167 @@ def _unsettled(body: kopf.Body, **_: Any) -> bool:
     return not objects.settled(body.get("status"), body.get("metadata", {}).get("generation"))
 
 
+def _schedule_of(body: kopf.Body) -> str | None:
+    """The SnapshotSchedule that made this Snapshot, if any."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "SnapshotSchedule":
+            return str(ref.get("name"))
+    return None
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
 # resume: after a restart, finish objects whose outcome never reached their status
 @kopf.on.resume(GROUP, VERSION, "snapshots", when=_unsettled)
 @kopf.on.create(GROUP, VERSION, "snapshots")
 def snapshot_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: str | None, uid: str,
-                    **_: Any) -> None:
+                    memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
     namespace = namespace or ""
-    started = _started(uid)
-    if uid not in _in_progress:
-        _in_progress.add(uid)
+    started = rt.first_seen.setdefault(uid, time.time())
+    if uid not in rt.in_progress:
+        rt.in_progress.add(uid)
         M.OP_IN_PROGRESS.labels(namespace).inc()
+    schedule = _schedule_of(body)
     try:
-        res = _decide(body, patch, lambda: reconcile.snapshot(dict(body), retry, started, S.deps),
+        res = _decide(body, patch, lambda: reconcile.snapshot(dict(body), retry, started, rt.deps),
                       "SnapshotFailed")
     except _Failed:
         M.OP_SNAPSHOTS.labels(namespace, "failure").inc()
-        _done(uid, namespace)
+        if schedule:
+            M.SCHED_RUNS.labels(namespace, schedule, "failure").inc()
+        _done(rt, uid, namespace)
         raise
     M.OP_SNAPSHOTS.labels(namespace, "success").inc()
     M.OP_SNAPSHOTS.labels(namespace, "failure")  # exists at 0, so increase() alerts see a first failure
+    if schedule:
+        M.SCHED_RUNS.labels(namespace, schedule, "success").inc()
+        M.SCHED_RUNS.labels(namespace, schedule, "failure")
     M.OP_SNAPSHOT_SIZE.labels(namespace).observe(res.metrics["size"])
     M.OP_SNAPSHOT_RECORD.labels(namespace).observe(res.metrics["record"])
     M.OP_SNAPSHOT_DURATION.labels(namespace).observe(res.metrics["duration"])
     M.OP_LAST_SUCCESS.labels(namespace).set(time.time())
-    _done(uid, namespace)
+    _done(rt, uid, namespace)
 
 
-def _done(uid: str, namespace: str) -> None:
-    _first_seen.pop(uid, None)
-    if uid in _in_progress:
-        _in_progress.discard(uid)
+def _done(rt: Runtime, uid: str, namespace: str) -> None:
+    rt.first_seen.pop(uid, None)
+    if uid in rt.in_progress:
+        rt.in_progress.discard(uid)
         M.OP_IN_PROGRESS.labels(namespace).dec()
 
 
 @kopf.on.delete(GROUP, VERSION, "snapshots")
-def snapshot_delete(body: kopf.Body, retry: int, namespace: str | None, uid: str,
+def snapshot_delete(body: kopf.Body, retry: int, namespace: str | None, uid: str, memo: kopf.Memo,
                     logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-    namespace = namespace or ""
-    _done(uid, namespace)
+    rt = _rt(memo)
+    _done(rt, uid, namespace or "")
     try:
-        what = reconcile.snapshot_delete(dict(body), retry, S.deps)
+        out = reconcile.snapshot_delete(dict(body), retry, rt.deps)
     except reconcile.Retry as r:
         raise kopf.TemporaryError(str(r), delay=r.delay) from None
-    logger.info("Snapshot deleted: %s", what)
-    if "gave up" in what:
-        kopf.warn(body, reason="SnapshotCleanupAbandoned", message=what)
+    logger.info("Snapshot deleted: %s", out.message)
+    if out.abandoned:
+        kopf.warn(body, reason="SnapshotCleanupAbandoned", message=out.message)
+
+
+def _catalog_checked(body: kopf.Body, **_: Any) -> bool:
+    return objects.phase_of(dict(body)) in (objects.READY, objects.FAILED) and not body.get(
+        "metadata", {}).get("deletionTimestamp")
+
+
+# one catalog: a Snapshot whose kubegfs snapshot vanished (e.g. `kubegfs snapshot delete --force`)
+@kopf.timer(GROUP, VERSION, "snapshots", id="catalog-sync", interval=catalog_sync_seconds(),
+            when=_catalog_checked)
+def snapshot_sync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    res = reconcile.snapshot_sync(dict(body), _rt(memo).deps)
+    if res is not None:
+        _apply(patch, res.status)
+        _post(body, res.event)
+
+
+# ----------------------------------------------------------------------------- restores
 
 
 @kopf.on.resume(GROUP, VERSION, "restores", when=_unsettled)
 @kopf.on.create(GROUP, VERSION, "restores")
 def restore_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: str | None, uid: str,
-                   **_: Any) -> None:
+                   memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
     namespace = namespace or ""
-    started = _started(uid)
+    started = rt.first_seen.setdefault(uid, time.time())
     try:
-        res = _decide(body, patch, lambda: reconcile.restore(dict(body), retry, started, S.deps),
+        res = _decide(body, patch, lambda: reconcile.restore(dict(body), retry, started, rt.deps),
                       "RestoreFailed")
     except _Failed:
         M.OP_RESTORES.labels(namespace, "failure").inc()
-        _first_seen.pop(uid, None)
+        rt.first_seen.pop(uid, None)
         raise
     M.OP_RESTORES.labels(namespace, "success").inc()
     M.OP_RESTORES.labels(namespace, "failure")
     M.OP_RESTORE_DURATION.labels(namespace).observe(res.metrics["duration"])
-    _first_seen.pop(uid, None)
+    rt.first_seen.pop(uid, None)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _schedule_metrics(namespace: str, name: str, tick: reconcile.Tick | None) -> None:
+    series = (M.SCHED_NEXT_RUN, M.SCHED_RETAINED, M.SCHED_LAST_SUCCESS, M.SCHED_PERIOD)
+    if tick is None:  # the schedule is gone
+        for g in (*series, M.SCHED_MISSED):
+            try:
+                g.remove(namespace, name)
+            except KeyError:
+                pass
+        return
+    M.SCHED_MISSED.labels(namespace, name).inc(tick.missed)
+    M.SCHED_RETAINED.labels(namespace, name).set(tick.kept)
+    for gauge, value in ((M.SCHED_NEXT_RUN, tick.next_run), (M.SCHED_LAST_SUCCESS, tick.last_success),
+                         (M.SCHED_PERIOD, tick.period)):
+        if value is None:
+            try:
+                gauge.remove(namespace, name)
+            except KeyError:
+                pass
+        else:
+            gauge.labels(namespace, name).set(value)
+
+
+def _tick_and_write(rt: Runtime, body: dict[str, Any]) -> reconcile.Tick:
+    meta = body["metadata"]
+    # the watch may not have brought our last status write back yet: never act on older marks
+    body = {**body, "status": reconcile.newest_marks(body.get("status"), rt.written.get(meta["uid"]))}
+    tick = reconcile.schedule_tick(body, datetime.now(UTC), rt.deps)
+    if not reconcile.unchanged(body.get("status"), tick.status):
+        rt.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], "snapshotschedules", meta["name"], {"status": tick.status})
+        rt.written[meta["uid"]] = tick.status
+    return tick
+
+
+@kopf.daemon(GROUP, VERSION, "snapshotschedules", id="scheduler", cancellation_timeout=10)
+async def schedule_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, name: str | None,
+                          namespace: str | None, memo: kopf.Memo,
+                          logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    """One per SnapshotSchedule: wakes at each scheduled time (and every schedule_tick seconds,
+    to see its Snapshots finish and spec edits), starts runs, prunes, reports. ``body`` is kopf's
+    live view of the object, so each tick sees its latest spec and status."""
+    rt = _rt(memo)
+    ns, nm = namespace or "", name or ""
+    while not stopped:
+        delay = rt.cfg.schedule_tick
+        try:
+            tick = await asyncio.to_thread(_tick_and_write, rt, dict(body))
+        except Exception as exc:  # noqa: BLE001 - a failed tick is retried; the daemon must live on
+            logger.warning("schedule tick failed (retrying): %s", exc)
+        else:
+            for ev in tick.events:
+                kopf.event(body, type=ev[0], reason=ev[1], message=ev[2])
+            _schedule_metrics(ns, nm, tick)
+            delay = tick.sleep
+        await stopped.wait(delay)
+    if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+        _schedule_metrics(ns, nm, None)
+        rt.written.pop(body.get("metadata", {}).get("uid", ""), None)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from . import GROUP, VERSION
+from .api import label_value
+
 READY, PROGRESSING, FAILED = "Ready", "Progressing", "Failed"
+# status.phase beside the conditions (what `kubectl get` shows)
+PENDING, SHIPPING, RESTORING = "Pending", "Shipping", "Restoring"
+SCHEDULE_LABEL = f"{GROUP}/schedule"
+SCHEDULED_AT = f"{GROUP}/scheduled-at"
+PRE_RESTORE_LABEL = f"{GROUP}/pre-restore-for"
+RESTORE_UID = f"{GROUP}/restore-uid"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kubegfs-operator"}
 
 
 def now_rfc3339() -> str:
@@ -42,10 +52,11 @@ def merge_conditions(existing: list[dict[str, Any]] | None, updates: list[dict[s
 
 
 def _state(existing: Any, generation: int, reason: str, message: str, is_ready: bool,
-           is_progressing: bool, is_failed: bool) -> dict[str, Any]:
+           is_progressing: bool, is_failed: bool, phase: str) -> dict[str, Any]:
     now = now_rfc3339()
     return {
         "observedGeneration": generation,
+        "phase": phase,
         "conditions": merge_conditions(existing, [
             condition(READY, is_ready, reason, message, generation, now),
             condition(PROGRESSING, is_progressing, reason, message, generation, now),
@@ -65,16 +76,89 @@ def settled(status: Any, generation: int | None) -> bool:
                and c.get("observedGeneration") == generation for c in status.get("conditions") or [])
 
 
-def progressing(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
-    return _state(existing, generation, reason, message, False, True, False)
+def progressing(existing: Any, generation: int, reason: str, message: str, phase: str = PENDING) -> dict[str, Any]:
+    return _state(existing, generation, reason, message, False, True, False, phase)
 
 
 def failed(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
-    return _state(existing, generation, reason, message, False, False, True)
+    return _state(existing, generation, reason, message, False, False, True, FAILED)
 
 
 def ready(existing: Any, generation: int, reason: str, message: str) -> dict[str, Any]:
-    return _state(existing, generation, reason, message, True, False, False)
+    return _state(existing, generation, reason, message, True, False, False, READY)
+
+
+def phase_of(obj: dict[str, Any]) -> str:
+    """The phase of a Snapshot/Restore, also for objects written before status.phase existed."""
+    status = obj.get("status") or {}
+    if status.get("phase"):
+        return str(status["phase"])
+    conds = {c.get("type"): c.get("status") for c in status.get("conditions") or [] if isinstance(c, dict)}
+    if conds.get(READY) == "True":
+        return READY
+    return FAILED if conds.get(FAILED) == "True" else PENDING
+
+
+def reason_of(obj: dict[str, Any]) -> str:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == READY:
+            return str(c.get("reason") or "")
+    return ""
+
+
+def parse_time(ts: str) -> datetime:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def snapshot_missing(existing: Any, generation: int, name: str, sid: str) -> dict[str, Any]:
+    """A Ready Snapshot whose kubegfs snapshot is no longer in the master's catalog."""
+    msg = (f"kubegfs snapshot {name} ({sid}) is no longer in the master's catalog (deleted outside "
+           "Kubernetes, e.g. `kubegfs snapshot delete --force`); this object has nothing to restore")
+    return failed(existing, generation, "SnapshotMissing", msg)
+
+
+def snapshot_object(namespace: str, name: str, spec: dict[str, Any], labels: dict[str, str],
+                    annotations: dict[str, str], owner: dict[str, Any] | None) -> dict[str, Any]:
+    """A Snapshot object the operator creates (a schedule's run, a pre-restore Snapshot)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": {**labels, **MANAGED_BY},
+                            "annotations": annotations}
+    if owner is not None:
+        meta["ownerReferences"] = [owner]
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Snapshot", "metadata": meta, "spec": dict(spec)}
+
+
+def owner_ref(kind: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "name": name, "uid": uid, "controller": True}
+
+
+def scheduled_snapshot(namespace: str, schedule: str, uid: str, spec: dict[str, Any], labels: dict[str, str],
+                       name: str, run_at: datetime) -> dict[str, Any]:
+    return snapshot_object(namespace, name, spec, {**labels, SCHEDULE_LABEL: label_value(schedule)},
+                           {SCHEDULED_AT: format_time(run_at)}, owner_ref("SnapshotSchedule", schedule, uid))
+
+
+def pre_restore_snapshot(namespace: str, name: str, restore: str, restore_uid: str, path: str,
+                         source_spec: dict[str, Any]) -> dict[str, Any]:
+    """Not owned by the Restore: deleting the Restore must not delete the way back."""
+    spec = {"path": path, "deletionPolicy": "Delete"}
+    for key in ("copies", "cluster"):
+        if key in source_spec:
+            spec[key] = source_spec[key]
+    return snapshot_object(namespace, name, spec, {PRE_RESTORE_LABEL: label_value(restore)},
+                           {RESTORE_UID: restore_uid}, None)
+
+
+def schedule_status(existing: Any, generation: int, *, phase: str, reason: str, message: str,
+                    fields: dict[str, Any]) -> dict[str, Any]:
+    """Status of a SnapshotSchedule: Ready = it is valid and runs; Failed = its spec can never work."""
+    st = _state(existing, generation, reason, message, phase == "Active", False, phase == FAILED, phase)
+    st["conditions"] = [c for c in st["conditions"] if c["type"] != PROGRESSING]
+    st.update(fields)
+    return st
 
 
 def placement_entry(holder: dict[str, Any], pods_by_ip: dict[str, dict[str, str]],

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kubegfs_dev import controlplane as cpmod
+from kubegfs_dev import pids
 from kubegfs_dev.controlplane import BinaryNotFound, ControlPlane, run_kubectl
 
 
@@ -30,7 +31,7 @@ def test_env_var_selects_bin_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 def _alive(pid: int) -> bool:
-    return cpmod._pid_alive(pid)
+    return pids.alive(pid)
 
 
 def test_cli_up_and_down(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ import signal
 import time
 
 import pytest
+import requests
 
-from kubegfs_dev.util import wait_for
+from kubegfs_dev.util import bearer, wait_for
 
 CHUNK = 256 * 1024
 TAIL = b"appended in place"
@@ -32,7 +33,7 @@ def file_with_open_append(c, seed):
 def write_piece(c, last, replica_ids, data):
     for rep in last["replicas"]:
         if rep["id"] in replica_ids:
-            r = c.s.put(f"{rep['address']}/internal/chunks/{last['handle']}",
+            r = requests.put(f"{rep['address']}/internal/chunks/{last['handle']}", headers=bearer(c.token), timeout=30,
                         params={"offset": last["offset"], "version": last["version"], "sync": "1"}, data=data)
             assert r.status_code == 200, r.text
 
@@ -51,7 +52,7 @@ def every_replica_holds(c, path, want, chunk=CHUNK):
         for rep in ch["replicas"]:
             got = b""
             while len(got) < len(part):  # a read returns at most 8 MiB
-                r = c.s.get(f"{rep['address']}/internal/chunks/{ch['handle']}",
+                r = requests.get(f"{rep['address']}/internal/chunks/{ch['handle']}", headers=bearer(c.token), timeout=30,
                             params={"offset": len(got), "length": min(len(part) - len(got), 8 << 20),
                                     "version": ch["version"]})
                 assert r.status_code == 200 and r.content, (path, i, rep, r.status_code)
@@ -101,7 +102,7 @@ def test_replica_that_missed_part_of_an_append_is_retired(four):
     h = lay["chunks"][-1]["handle"]
 
     def short_copy_gone():
-        r = c.s.get(f"{addr}/internal/chunks/{h}", params={"offset": 0, "length": CHUNK})
+        r = requests.get(f"{addr}/internal/chunks/{h}", headers=bearer(c.token), timeout=30, params={"offset": 0, "length": CHUNK})
         return r.status_code == 404 or r.content == (body + TAIL)[CHUNK:]
 
     wait_for(short_copy_gone, timeout=20, what="the short copy to be deleted")
@@ -149,7 +150,7 @@ def test_new_chunk_replica_that_missed_its_last_piece_is_never_listed(cluster):
         for off, piece in ((0, head), (len(head), tail)):
             if off and rep is cur["replicas"][-1]:
                 continue  # the last replica never gets the tail
-            r = c.s.put(f"{rep['address']}/internal/chunks/{cur['handle']}",
+            r = requests.put(f"{rep['address']}/internal/chunks/{cur['handle']}", headers=bearer(c.token), timeout=30,
                         params={"offset": off, "version": 1, "sync": "1"}, data=piece)
             assert r.status_code == 200
     acked = [r["id"] for r in cur["replicas"][:-1]]
@@ -162,3 +163,27 @@ def test_new_chunk_replica_that_missed_its_last_piece_is_never_listed(cluster):
     wait_for(lambda: c.status()["under_replicated"] == 0, timeout=30, what="the short copy replaced")
     every_replica_holds(c, "/n", head + tail)
     assert c.get("/n") == head + tail
+
+
+def test_a_copy_reported_corrupt_during_an_append_is_still_replaced(four):
+    """The order to delete a corrupt copy waits while an append lease holds the chunk, and goes
+    out when the lease ends (it used to be dropped for good: the copy stayed corrupt)."""
+    cl = four
+    c = cl.client()
+    body, lease, last = file_with_open_append(c, 7)
+    h = last["handle"]
+    victim = next(p for p in cl.chunkservers if p.url == last["replicas"][0]["address"])
+    path = victim.data / "chunks" / h[-2:] / f"{h}.chk"
+    raw = bytearray(path.read_bytes())
+    raw[5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    auth = {"Authorization": f"Bearer {cl.token}"}
+    requests.post(victim.url + "/internal/scrub", headers=auth, timeout=30)
+    wait_for(lambda: {r["address"] for r in c.layout("/f")["chunks"][-1]["replicas"]} == {
+             r["address"] for r in last["replicas"][1:]}, timeout=20, what="the corrupt copy unlisted")
+    time.sleep(1.0)  # several heartbeats while the lease holds the chunk
+    c.api("POST", "/fs/abort", json={"lease": lease["lease"]})
+    wait_for(lambda: not path.exists() or path.read_bytes() != bytes(raw), timeout=20,
+             what="the corrupt copy deleted or replaced")
+    wait_for(lambda: c.status()["under_replicated"] == 0, timeout=30, what="heal")
+    assert c.get("/f") == body

@@ -61,3 +61,11 @@ def test_cli_errors_are_one_line_and_non_zero(shared_cluster, tmp_path):
     assert p.returncode == 2 and b"wrong token" in p.stderr
     p = run(cl, "fs", "ls", "/", "--master", "http://127.0.0.1:1", ok=False)
     assert p.returncode == 1 and b"cannot reach" in p.stderr
+
+
+def test_get_into_a_missing_local_directory_is_one_error_line(shared_cluster, tmp_path):
+    run(shared_cluster, "fs", "put", "-", "/cli-get-err", input=b"x")
+    p = run(shared_cluster, "fs", "get", "/cli-get-err", str(tmp_path / "no-such-dir" / "out"), ok=False)
+    err = p.stderr.decode()
+    assert p.returncode != 0 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("kubegfs: error: ") and "No such file or directory" in err

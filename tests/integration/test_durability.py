@@ -163,3 +163,33 @@ def _try_put(c, path, data):
         return True
     except KubegfsError:
         return False
+
+
+def test_concurrent_writes_never_take_the_free_space_reserve(tiny_disk):
+    import threading
+
+    from kubegfs.chunkserver.store import RESERVE, ChunkStore
+    from kubegfs.errors import NoSpace
+
+    store = ChunkStore(tiny_disk / "cs", chunk_size=1 << 20)
+    start = threading.Barrier(8)
+    full = []
+
+    def writer(t: int) -> None:
+        start.wait()
+        piece = bytes([t]) * (128 << 10)
+        try:
+            for c in range(100):
+                h = (t << 16) | c
+                for off in range(0, 1 << 20, len(piece)):
+                    store.write(h, off, piece, 1, sync=off + len(piece) == 1 << 20)
+        except NoSpace:
+            full.append(t)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(full) == 8  # every writer ran into the reserve
+    assert store.free_bytes() >= RESERVE - 16 * 1024, store.free_bytes()

@@ -4,11 +4,12 @@ automatic recovery when the link heals."""
 import random
 
 import pytest
+import requests
 
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
 from kubegfs_dev.netfault import FaultyLink
-from kubegfs_dev.util import wait_for
+from kubegfs_dev.util import bearer, wait_for
 
 CHUNK = 256 * 1024
 
@@ -55,7 +56,7 @@ def test_partitioned_chunkserver_misses_writes_then_rejoins_without_stale_data(p
     for i, ch in enumerate(lay["chunks"]):
         want = (body + b"appended while partitioned")[i * CHUNK:(i + 1) * CHUNK]
         for rep in ch["replicas"]:
-            r = c.s.get(f"{rep['address']}/internal/chunks/{ch['handle']}",
+            r = requests.get(f"{rep['address']}/internal/chunks/{ch['handle']}", headers=bearer(c.token), timeout=30,
                         params={"offset": 0, "length": len(want), "version": ch["version"]})
             assert r.status_code == 200 and r.content == want, rep
 

@@ -162,6 +162,14 @@ def test_restore_with_id_is_idempotent(client):
     b = client.snapshot_restore(s["name"], id=rid)  # a retried call must not restore again
     assert b.get("repeated") is True and b["files"] == a["files"]
     assert client.get(f"{d}/f") == b"v3"
+    # the same id for another snapshot or another target is a mistake, not a retry
+    other = client.snapshot_create(d, f"ridem2-{d[3:]}")
+    before = client.dump()
+    with pytest.raises(Conflict):
+        client.snapshot_restore(other["name"], id=rid)
+    with pytest.raises(Conflict):
+        client.snapshot_restore(s["name"], to=f"{d}-elsewhere", id=rid)
+    assert client.dump() == before
 
 
 def test_ls_pages_through_a_big_directory_in_order(client):

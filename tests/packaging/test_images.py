@@ -288,6 +288,16 @@ def test_image_metadata(images: dict[str, str], component: str) -> None:
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
+def test_images_are_thin_layers_on_the_shared_runtime(images: dict[str, str], component: str) -> None:
+    """Each image is the shared runtime (images/runtime/) plus metadata only: title, port,
+    entrypoint. The master and the chunkserver share one runtime."""
+    runtime = "runtime-operator" if component == "operator" else "runtime"
+    base = inspect(f"localhost/kubegfs/{runtime}:{VERSION}")["Docker"]["rootfs"]["diff_ids"]
+    assert base
+    assert inspect(images[component])["Docker"]["rootfs"]["diff_ids"] == base
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_image_smoke(images: dict[str, str], component: str) -> None:
     entrypoint = inspect(images[component])["Docker"]["config"]["Entrypoint"]
     with working_container(images[component]) as ctr:

@@ -176,8 +176,13 @@ def test_every_dashboard_and_alert_expression_returns_data(stack, prometheus_bin
         stack.kubectl("apply", "-f", "-", input=yaml.safe_dump({  # fails: its Snapshot never appears
             "apiVersion": "kubegfs.io/v1alpha1", "kind": "Restore", "metadata": {"name": "orphan"},
             "spec": {"snapshotName": "never-made", "timeoutSeconds": 2}}))
+        stack.kubectl("apply", "-f", "-", input=yaml.safe_dump({  # a Snapshot every 2 seconds, 2 kept
+            "apiVersion": "kubegfs.io/v1alpha1", "kind": "SnapshotSchedule", "metadata": {"name": "often"},
+            "spec": {"path": "/data", "schedule": "*/2 * * * * *", "retention": {"keepLast": 2}}}))
         finished(stack, "snapshots", "s1")
         finished(stack, "snapshots", "missing", "Failed")
+        wait_for(lambda: (stack.get("snapshotschedules", "often").get("status") or {}).get("kept", 0) >= 1,
+                 timeout=60, what="a Ready run of the schedule")
         c.put("/data/a", b"more", append=True)  # first append to a shared chunk: copy-on-write clone
         stack.kubectl("apply", "-f", "-", input=yaml.safe_dump({
             "apiVersion": "kubegfs.io/v1alpha1", "kind": "Restore", "metadata": {"name": "r1"},

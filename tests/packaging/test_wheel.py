@@ -1,5 +1,6 @@
 """The product wheel holds the product only: the development tooling (devtools/, the
-``kubegfs-dev`` distribution) and the tests never ship in it, nor in the images built from it.
+``kubegfs-dev`` distribution) and the tests never ship in it, nor in the images built from it;
+and the dev distribution declares every third-party package it imports.
 
 The wheel is built offline (``--no-build-isolation --no-index``, setuptools and wheel come from
 the dev extra) from a clean export of the work tree, like hack/images/build.sh builds it.
@@ -7,6 +8,9 @@ the dev extra) from a clean export of the work tree, like hack/images/build.sh b
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata as md
+import re
 import shutil
 import subprocess
 import sys
@@ -60,3 +64,26 @@ def test_wheel_imports_no_dev_only_dependency(wheel: zipfile.ZipFile) -> None:
                     words[1].split(".")[0] in ("kubegfs_dev", "pytest", "yaml"):
                 offenders.append(f"{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_devtools_declares_every_package_it_imports() -> None:
+    imported: dict[str, str] = {}
+    for f in sorted((REPO / "devtools" / "kubegfs_dev").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                     else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("kubegfs", "kubegfs_dev", "kubegfs_operator"):
+                    imported.setdefault(top, str(f.relative_to(REPO)))
+    assert {"yaml", "pytest", "kubernetes"} <= set(imported)
+
+    def canon(req: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.split(r"[\s\[;<>=!~]", req, maxsplit=1)[0]).lower()
+
+    declared = {canon(r) for r in md.requires("kubegfs-dev") or []}
+    dists = md.packages_distributions()
+    missing = {top: where for top, where in imported.items()
+               if not {canon(d) for d in dists.get(top, [top])} & declared}
+    assert not missing, f"imported by kubegfs_dev but not in devtools/pyproject.toml: {missing}"

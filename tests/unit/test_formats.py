@@ -249,3 +249,18 @@ def test_tree_decoder_rejects_inconsistent_shapes():
     ):
         with pytest.raises(CorruptData):
             _build_tree(*bad)
+
+
+def test_snapobj_bytes_do_not_depend_on_the_hash_seed():
+    """A build resumed after a restart (another hash seed) writes the same record: canonical."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import random, sys; sys.path.insert(0, {here!r}); from test_formats import random_tree;"
+            "from kubegfs.snapobj import build_record;"
+            "print(build_record({'id': 's'}, random_tree(random.Random(3), 300), lambda h: 1).sha256)")
+    shas = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in (1, 2, 3)}
+    assert len(shas) == 1, shas

@@ -6,7 +6,8 @@ import pytest
 
 from kubegfs import namespace as ns
 from kubegfs.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from kubegfs.master.state import MasterState, decode_checkpoint, dump, encode_checkpoint
+from kubegfs.master.checkpoint import decode_checkpoint, dump, encode_checkpoint
+from kubegfs.master.state import MasterState
 
 CS = 1 << 20
 
@@ -223,3 +224,54 @@ def test_counters_match_a_full_walk_after_every_kind_of_op():
     check()
     assert dump(L.replay()) == dump(s)
     assert dump(decode_checkpoint(encode_checkpoint(s.checkpoint_view()))) == dump(s)
+
+
+def test_prepare_open_checks_the_target_without_changing_state():
+    lg = Log()
+    lg.do(lg.state.prepare_mkdir("/d"))
+    lg.put("/d/f", 10)
+    before = dump(lg.state)
+    for path, mode, err in [("/", "create", InvalidArgument), ("/d", "overwrite", InvalidArgument),
+                            ("/d/f", "create", AlreadyExists), ("/d/g", "append", NotFound),
+                            ("/nope/f", "create", NotFound), ("/d/f", "truncate", InvalidArgument)]:
+        with pytest.raises(err):
+            lg.state.prepare_open(path, mode, 0o644)
+    with pytest.raises(InvalidArgument):
+        lg.state.prepare_open("/d/g", "create", 0o17777)
+    path, parts, node = lg.state.prepare_open("/d//f", "append", 0o600)
+    assert path == "/d/f" and parts == ("d", "f") and isinstance(node, ns.File) and node.size == 10
+    assert lg.state.prepare_open("/d/g", "create", 0o600)[2] is None
+    assert dump(lg.state) == before
+
+
+def test_prepare_commit_validates_the_chunk_list_and_notices_changes():
+    lg = Log()
+    st = lg.state
+    lg.put("/f", 10)
+    opened = ns.get(st.root, ("f",))
+    base = opened.chunks
+    h1, h2 = st.new_handle(), st.new_handle()
+    acked = {h1: ["cs1"], h2: ["cs2"]}
+    ok = st.validate_commit(CS + 5, [*base, h1], acked, base, {h1: ["cs1"]}, opened, True)
+    assert ok == [h1]
+    bad = [
+        (CS * 3, [*base, h1]),  # size does not fit
+        (CS + 5, [h1, h2]),  # does not start with the file's chunks
+        (CS + 5, [*base, h2]),  # h2 not placed for this write
+        (CS + 5, [*base, h1, h1]),
+        (5, list(base)),  # an append cannot shrink
+    ]
+    for size, handles in bad:
+        with pytest.raises(InvalidArgument):
+            st.validate_commit(size, handles, acked, base, {h1: ["cs1"]}, opened, True)
+    with pytest.raises(InvalidArgument):
+        st.validate_commit(CS + 5, [*base, h1], {h1: []}, base, {h1: ["cs1"]}, opened, True)
+    op = st.prepare_commit("/f", CS + 5, [*base, h1], [h1], 0o600, opened, None)
+    assert op["op"] == "commit" and op["new"] == [[h1, 1]] and op["chunks"] == [*base, h1]
+    lg.put("/f", 3)  # another writer replaced the file meanwhile
+    with pytest.raises(Conflict):
+        st.prepare_commit("/f", CS + 5, [*base, h1], [h1], 0o600, opened, None)
+    now = ns.get(st.root, ("f",))
+    lg.do({"op": "snap_capture", "id": "s", "name": "s", "path": "/", "created": 1, "copies": 1})
+    with pytest.raises(Conflict):  # a pending snapshot shares the chunk appended in place
+        st.prepare_commit("/f", 3, list(now.chunks), [], 0o600, now, now.chunks[0])

@@ -61,6 +61,25 @@ class RawHTTP:
         self.conn.close()
 
 
+def _raw_worker(cluster: Any, request: Callable[[int, int], tuple[str, str, dict[str, Any] | None]]
+                ) -> Callable[[int, float], int]:
+    """A :func:`_threads` worker: its own :class:`RawHTTP` connection, sending
+    ``request(thread, k)`` (method, path, JSON body) for k = 0, 1, ... until the deadline."""
+
+    def work(i: int, deadline: float) -> int:
+        conn = RawHTTP(cluster.master.host, cluster.master.port, cluster.token)
+        k = 0
+        try:
+            while time.monotonic() < deadline:
+                conn.call(*request(i, k))
+                k += 1
+        finally:
+            conn.close()
+        return k
+
+    return work
+
+
 def bench_throughput(cluster: Any, seconds: float, reps: int, say: Callable[[str], None]) -> list[Row]:
     rows = []
     clients = [cluster.client() for _ in range(16)]
@@ -90,18 +109,10 @@ def bench_throughput(cluster: Any, seconds: float, reps: int, say: Callable[[str
                 base = f"/raw{nt}-{r}"
                 clients[0].mkdir(base)
 
-                def raw_creates(i: int, deadline: float, base: str = base) -> int:
-                    conn = RawHTTP(cluster.master.host, cluster.master.port, cluster.token)
-                    k = 0
-                    try:
-                        while time.monotonic() < deadline:
-                            conn.call("POST", "/api/v1/fs/mkdir", {"path": f"{base}/w{i}-{k}"})
-                            k += 1
-                    finally:
-                        conn.close()
-                    return k
+                def mkdir(i: int, k: int, base: str = base) -> tuple[str, str, dict[str, Any] | None]:
+                    return "POST", "/api/v1/fs/mkdir", {"path": f"{base}/w{i}-{k}"}
 
-                rates.append(_threads(nt, raw_creates, seconds))
+                rates.append(_threads(nt, _raw_worker(cluster, mkdir), seconds))
             rows.append(at_least(Row("throughput", f"durable creates, raw HTTP, {nt} connections", "ops/s",
                                      rates, extra={"threads": nt, "client": "http.client"}),
                                  2000, "≥ 2,000/s"))
@@ -133,18 +144,10 @@ def bench_throughput(cluster: Any, seconds: float, reps: int, say: Callable[[str
         for r in range(reps):
             say(f"stat over raw HTTP keep-alive, 4 connections ({r + 1}/{reps})")
 
-            def raw_stats(i: int, deadline: float) -> int:
-                conn = RawHTTP(cluster.master.host, cluster.master.port, cluster.token)
-                k = 0
-                try:
-                    while time.monotonic() < deadline:
-                        conn.call("GET", f"/api/v1/fs/stat?path=/st/e{k % 100}")
-                        k += 1
-                finally:
-                    conn.close()
-                return k
+            def stat(i: int, k: int) -> tuple[str, str, dict[str, Any] | None]:
+                return "GET", f"/api/v1/fs/stat?path=/st/e{k % 100}", None
 
-            rates.append(_threads(4, raw_stats, seconds))
+            rates.append(_threads(4, _raw_worker(cluster, stat), seconds))
         rows.append(at_least(Row("throughput", "stat, raw HTTP, 4 connections", "ops/s", rates,
                                  extra={"threads": 4, "client": "http.client"}), 5000, "≥ 5,000/s"))
     finally:

@@ -80,7 +80,7 @@ def make_tree(files: int, first_handle: int, seed: int = 7, chunk_size: int = CH
         leaf += 1
     dirs = 0
 
-    def build(d: dict[str, Any] | immutables.Map) -> ns.Dir:
+    def build(d: dict[str, Any] | immutables.Map[str, ns.Node]) -> ns.Dir:
         nonlocal dirs
         dirs += 1
         if isinstance(d, immutables.Map):

@@ -115,6 +115,24 @@ panels = [
     panel("HTTP latency p99", q("kubegfs_http_request_duration_seconds", qs=(0.99,), by="component"),
           8, 50, unit="s"),
     panel("Op-log commit latency", q("kubegfs_oplog_commit_duration_seconds", qs=(0.5, 0.99)), 16, 50, unit="s"),
+    row("Snapshot schedules (SnapshotSchedule resources, operator)", 58),
+    panel("Scheduled runs finished", [
+        (f"sum by (namespace, schedule, result) (rate(kubegfs_schedule_runs_total{{{NS}}}[{RI}]))",
+         "{{namespace}}/{{schedule}} {{result}}")], 0, 59, unit="ops"),
+    panel("Snapshots kept by retention", [
+        (f"max by (namespace, schedule) (kubegfs_snapshots_retained{{{NS}}})", "{{namespace}}/{{schedule}}")],
+        8, 59),
+    panel("Missed runs (1h)", [
+        (f"sum by (namespace, schedule) (increase(kubegfs_schedule_missed_total{{{NS}}}[1h]))",
+         "{{namespace}}/{{schedule}}")], 16, 59,
+        desc="Runs never started: the operator was down, or they were later than startingDeadlineSeconds"),
+    panel("Since last success, in periods", [
+        (f"(time() - max by (namespace, schedule) (kubegfs_schedule_last_success_timestamp_seconds{{{NS}}}))"
+         f" / max by (namespace, schedule) (kubegfs_schedule_period_seconds{{{NS}}})", "{{namespace}}/{{schedule}}")],
+        0, 67, desc="KubegfsScheduleNotSucceeding fires above 2"),
+    panel("Time to next run", [
+        (f"max by (namespace, schedule) (kubegfs_schedule_next_run_timestamp_seconds{{{NS}}}) - time()",
+         "{{namespace}}/{{schedule}}")], 8, 67, unit="s"),
 ]
 
 dashboard = {

@@ -1,0 +1,89 @@
+"""The record catalog heals itself: a copy that is missing, truncated or another record's bytes
+is dropped from the catalog and re-made from a good copy within 30 s (the scrubber is off here:
+heartbeats and reads notice), and a restore whose every copy is bad says so."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import requests
+
+from kubegfs.errors import Unavailable
+from kubegfs_dev.util import wait_for
+
+CHUNK = 64 * 1024
+
+
+def rec_files(cl, cs_id: str, sid: str):
+    p = next(p for p in cl.chunkservers if cs_id.startswith(f"cs-{p.node}-"))
+    return p.data / "records" / f"{sid}.rec", p.data / "records" / f"{sid}.sha256"
+
+
+def metric(cl, name: str) -> float:
+    text = requests.get(cl.master_url + "/metrics", headers={"Authorization": f"Bearer {cl.token}"}, timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def healthy(c, cl, name: str) -> bool:
+    s = c.snapshot_show(name)
+    ids = [h["id"] for h in s["holders"]]
+    return (len(ids) == 2 and s["live_copies"] == 2
+            and all(rec_files(cl, i, s["id"])[0].stat().st_size == s["record_bytes"]
+                    for i in ids if rec_files(cl, i, s["id"])[0].exists())
+            and all(rec_files(cl, i, s["id"])[0].exists() for i in ids))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "another record's bytes"])
+def test_a_bad_record_copy_is_dropped_and_remade(make_cluster, damage):
+    cl = make_cluster(n=3)
+    c = cl.client()
+    c.mkdir("/d")
+    c.put("/d/f", b"x" * 5000)
+    c.mkdir("/e")
+    c.put("/e/g", b"y" * 7000)
+    s = c.snapshot_create("/d", "s", copies=2)
+    other = c.snapshot_create("/e", "other", copies=2)
+    victim = s["holders"][0]["id"]
+    rec, sha = rec_files(cl, victim, s["id"])
+    if damage == "missing":
+        rec.unlink()
+        sha.unlink()
+    elif damage == "truncated":
+        rec.write_bytes(rec.read_bytes()[: s["record_bytes"] // 2])
+    else:  # self-consistent, just not this snapshot's record
+        src = next(p for p in cl.chunkservers if (p.data / "records" / f"{other['id']}.rec").exists())
+        shutil.copy(src.data / "records" / f"{other['id']}.rec", rec)
+        shutil.copy(src.data / "records" / f"{other['id']}.sha256", sha)
+    wait_for(lambda: victim not in [h["id"] for h in c.snapshot_show("s")["holders"]], timeout=30,
+             interval=0.2, what="the bad copy dropped from the catalog")
+    wait_for(lambda: healthy(c, cl, "s"), timeout=30, interval=0.2, what="a good second copy re-made")
+    assert metric(cl, "kubegfs_snapshot_record_copies_dropped_total") >= 1
+    assert metric(cl, "kubegfs_snapshot_record_repairs_total{result=\"success\"") >= 1
+    assert metric(cl, "kubegfs_snapshots_under_copied") == 0
+    if damage != "missing":  # the bad bytes do not stay behind under that id
+        wait_for(lambda: victim in [h["id"] for h in c.snapshot_show("s")["holders"]]
+                 or not rec.exists(), timeout=30, interval=0.2, what="the bad copy deleted")
+    c.snapshot_restore("s", to="/r")
+    assert c.get("/r/f") == b"x" * 5000
+    c.close()
+
+
+def test_a_restore_whose_every_copy_is_bad_says_so(make_cluster):
+    cl = make_cluster(n=3)
+    c = cl.client()
+    c.mkdir("/d")
+    c.put("/d/f", b"x" * 5000)
+    s = c.snapshot_create("/d", "s", copies=2)
+    for h in s["holders"]:
+        rec, _sha = rec_files(cl, h["id"], s["id"])
+        rec.write_bytes(rec.read_bytes()[:100])
+    with pytest.raises(Unavailable) as ei:
+        c.snapshot_restore("s", to="/r")
+    assert "every record copy of snapshot s is missing or damaged" in ei.value.message
+    wait_for(lambda: c.snapshot_show("s")["live_copies"] == 0, timeout=30, interval=0.2, what="catalog")
+    assert c.status()["snapshots_under_copied"] == 1
+    with pytest.raises(Unavailable) as ei:
+        c.snapshot_restore("s", to="/r")
+    assert "missing or damaged" in ei.value.message
+    c.close()
