@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from kubegfs_dev import controlplane as cpm
-from kubegfs_dev import hostnet
+from kubegfs_dev import hostnet, pids
+from kubegfs_dev.util import free_port
 
 API_IP = "198.18.0.1"
 DNS_IP = "198.18.0.2"
@@ -157,13 +158,10 @@ class _Procs:
         return self.state / "pids.json"
 
     def load(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.entries = json.loads(self.path.read_text())["processes"]
+        self.entries = list((pids.read(self.path) or {}).get("processes", []))
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"processes": self.entries}, indent=2) + "\n")
-        tmp.replace(self.path)
+        pids.write(self.path, self.entries)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
         logs = self.state / "logs"
@@ -175,7 +173,7 @@ class _Procs:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,  # noqa: S603
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=self.state,
                                  env=env)
-        self.entries.append({"name": name, "pid": p.pid, "exe": argv[0], "log": str(log)})
+        self.entries.append({**pids.entry(name, p.pid), "log": str(log)})
         self.save()
         return p.pid
 
@@ -187,13 +185,13 @@ class _Procs:
 
     def alive(self, name: str) -> bool:
         e = self.get(name)
-        return cpm._ours(e["pid"], e["exe"])
+        return pids.ours(e)
 
     def stop(self, name: str, timeout: float = 15) -> None:
         gone = [e for e in self.entries if e["name"] == name]
         for e in gone:
-            if cpm._ours(e["pid"], e["exe"]):
-                cpm._kill_group(e["pid"], e["name"], timeout)
+            if pids.ours(e):
+                pids.stop_group(int(e["pid"]), timeout)
             self.entries.remove(e)
         if gone:
             self.save()
@@ -469,8 +467,7 @@ class Cluster:
         self._down()  # our own leftovers
         self.state.mkdir(parents=True, exist_ok=True)
         if self.guard_pid is not None:
-            (self.state / "guard.json").write_text(json.dumps(
-                {"pid": self.guard_pid, "exe": _cmdline0(self.guard_pid)}) + "\n")
+            (self.state / "guard.json").write_text(json.dumps(pids.entry("guard", self.guard_pid)) + "\n")
         OWNER.write_text(str(self.state) + "\n")
 
     def _up(self, binaries: dict[str, Path]) -> None:
@@ -499,7 +496,7 @@ class Cluster:
             self._start_containerd(procs, node)
             self.ctr(node, "images", "import", str(pause_tar))
             self._start_kubelet(procs, node, binaries["kubelet"], kc[node.name])
-        sched_port, proxy_health, proxy_metrics, dns_health, dns_ready = (cpm.free_port() for _ in range(5))
+        sched_port, proxy_health, proxy_metrics, dns_health, dns_ready = (free_port() for _ in range(5))
         procs.spawn("kube-scheduler", [str(binaries["kube-scheduler"]), f"--kubeconfig={kc['scheduler']}",
                                        f"--authentication-kubeconfig={kc['scheduler']}",
                                        f"--authorization-kubeconfig={kc['scheduler']}",
@@ -672,8 +669,8 @@ class Cluster:
         for pidfile in nodes_dir.glob("*/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pidfile.read_text().strip())
-                if cpm._ours(pid, _cmdline0(pid)) and "containerd-shim" in _cmdline0(pid):
-                    cpm._kill_group(pid, "shim", 5)
+                if pids.alive(pid) and "containerd-shim" in _cmdline0(pid):
+                    pids.stop_group(pid, 5)
         hostnet.unmount_under(self.state)
         if "kube-proxy" in {e["name"] for e in procs.entries}:
             procs.stop("kube-proxy")
@@ -734,7 +731,7 @@ def _guard_alive(state: Path) -> bool:
         g = json.loads((state / "guard.json").read_text())
     except (OSError, ValueError):
         return True
-    return bool(cpm._pid_alive(int(g["pid"])) and _cmdline0(int(g["pid"])) == g["exe"])
+    return pids.ours(g)
 
 
 def running(state: Path) -> bool:
@@ -742,7 +739,7 @@ def running(state: Path) -> bool:
     procs = _Procs(state.resolve())
     procs.load()
     return (bool(procs.entries) and _guard_alive(state.resolve())
-            and any(cpm._ours(e["pid"], e["exe"]) for e in procs.entries))
+            and any(pids.ours(e) for e in procs.entries))
 
 
 def wait_free(timeout: float) -> None:

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import shutil
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from kubegfs.client import Client
 from kubegfs_dev.cluster import Cluster
@@ -33,6 +39,7 @@ from kubegfs_dev.realchart import (
     pod_ready,
     wait_for,
 )
+from kubegfs_dev.util import free_port
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -184,6 +191,72 @@ def test_operator_pod_deleted_during_snapshot_exactly_one(env: Release) -> None:
     assert same[0]["id"] == snap["status"]["snapshotID"]
     env.kubectl("delete", "snapshot", "-n", NS, "op-crash", "--wait=true", "--timeout=120s")
     assert not [s for s in cl.snapshot_list() if s["path"] == "/op-crash"]
+
+
+def test_prometheus_discovers_the_pods_and_sees_the_snapshots(env: Release, tmp_path: Path) -> None:
+    """Prometheus (Debian package, on the host) finds the pods with kubernetes_sd_configs through
+    their prometheus.io/* annotations, scrapes them with the chart's token, and the dashboard's
+    snapshot queries return the snapshots the tests above took."""
+    prom = _ensure_prometheus()
+    port = free_port()
+    auth = {"credentials": env.token()}
+    relabel = [
+        {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "regex": "true",
+         "action": "keep"},
+        {"source_labels": ["__meta_kubernetes_pod_ip", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
+         "regex": "(.+);(.+)", "replacement": "$1:$2", "target_label": "__address__"},
+        {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+         "target_label": "component"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+    ]
+    cfg = {"global": {"scrape_interval": "2s", "scrape_timeout": "2s"},
+           "scrape_configs": [{
+               "job_name": "kubegfs", "honor_labels": True, "authorization": auth,
+               "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(env.c.kubeconfig),
+                                          "namespaces": {"names": [NS]}}],
+               "relabel_configs": relabel}]}
+    (tmp_path / "prometheus.yml").write_text(json.dumps(cfg))
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen([str(prom), f"--config.file={tmp_path / 'prometheus.yml'}",  # noqa: S603
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        r = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=10)
+        r.raise_for_status()
+        return list(r.json()["data"]["result"])
+
+    try:
+        ups = wait_for("every kubegfs pod discovered and up", lambda: (
+            res if len(res := query("up")) == 2 + CHUNKSERVERS and all(x["value"][1] == "1" for x in res)
+            else None), 120)
+        assert sorted(x["metric"]["component"] for x in ups) == sorted(
+            ["master", "operator"] + ["chunkserver"] * CHUNKSERVERS), ups
+        pods = {x["metric"]["pod"] for x in ups}
+        assert pods == {p["metadata"]["name"] for c in ("master", "chunkserver", "operator") for p in env.pods(c)}
+        # one series per pod: nothing is scraped twice
+        assert len(query("count by (pod) (up) > 1")) == 0
+        ok = wait_for("the operator's snapshot counters", lambda: query(
+            f'sum(kubegfs_snapshots_total{{namespace="{NS}",result="success"}})'), 60)
+        assert float(ok[0]["value"][1]) >= 1, ok
+        assert query(f'kubegfs_snapshot_last_success_timestamp_seconds{{namespace="{NS}"}}')
+        # the master and chunkservers are scraped too: the catalog holds the snapshots taken above
+        assert query("sum(kubegfs_master_catalog_snapshots) >= 1")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _ensure_prometheus() -> Path:
+    found = shutil.which("prometheus")
+    if not found:
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"],
+                       capture_output=True, check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which("prometheus")
+    assert found, "prometheus (the Debian package) is missing and could not be installed"
+    return Path(found)
 
 
 def test_helm_upgrade_rolls_pods_keeps_data_then_uninstall(env: Release) -> None:
