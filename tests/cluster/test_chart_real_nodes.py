@@ -55,6 +55,9 @@ def env(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
     rel.remove()
 
 
+# the session's cluster comes up in this test's setup: a cold image build (debootstrap, wheels)
+# plus the cluster and the image import can take a good part of this on 2 cores
+@pytest.mark.timeout(2700)
 def test_install_every_pod_ready_in_restricted_namespace(env: Release) -> None:
     t0 = time.monotonic()
     env.install()
