@@ -28,7 +28,7 @@ CHUNKSERVERS = 3
 COMPONENTS = ("master", "chunkserver", "operator")
 
 
-def values(*, chunk_size: str = "256KiB", replication: int = 2) -> dict[str, Any]:
+def values(namespace: str, *, chunk_size: str = "256KiB", replication: int = 2) -> dict[str, Any]:
     small = {"requests": {"cpu": "50m", "memory": "128Mi"}}
     return {
         # imported into every node's containerd, never pulled
@@ -42,7 +42,8 @@ def values(*, chunk_size: str = "256KiB", replication: int = 2) -> dict[str, Any
                 "nodeSelectorTerms": [{"matchExpressions": [
                     {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [MASTER_NODE]}]}]}}},
         },
-        "operator": {"resources": small},
+        # only its own namespace: another release in the cluster (the demo's) has its own operator
+        "operator": {"resources": small, "watchNamespaces": [namespace]},
         "metrics": {"podAnnotations": True},
     }
 
@@ -77,7 +78,7 @@ class Release:
         self.workdir = workdir
         self.cp = ControlPlane(state_dir=cluster.cp_state, bin_dir=cluster.bin_dir)  # its helm() runner
         self.values_file = workdir / "values.json"
-        self.values_file.write_text(json.dumps(values()))
+        self.values_file.write_text(json.dumps(values(ns)))
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
         return self.c.kubectl(*args, check=check, input=input, timeout=300).stdout
