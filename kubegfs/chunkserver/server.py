@@ -15,9 +15,10 @@ import aiohttp
 from aiohttp import web
 
 from .. import metrics as M
-from ..errors import CorruptData, InvalidArgument, KubegfsError, from_json
+from ..errors import CorruptData, InvalidArgument, from_json
 from ..topology import Location
 from ..web import (
+    PEER_ERRORS,
     field_int,
     field_str,
     handle_hex,
@@ -326,7 +327,7 @@ class Chunkserver:
                 reply = await _safe_json(resp)
                 if resp.status != 200:
                     raise from_json(resp.status, reply)
-        except (TimeoutError, aiohttp.ClientError, KubegfsError, OSError) as exc:
+        except PEER_ERRORS as exc:
             M.CS_HEARTBEAT_FAIL.inc()
             if self.master_ok:
                 log.warning("heartbeat to %s failed: %s", self.master_url, exc)

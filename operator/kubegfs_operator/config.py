@@ -34,11 +34,25 @@ class Config:
             metrics_listen=os.environ.get("KUBEGFS_OPERATOR_METRICS", "0.0.0.0:9090"),
             master_port=int(os.environ.get("KUBEGFS_MASTER_PORT", "9400")),
             chunkserver_port=int(os.environ.get("KUBEGFS_CHUNKSERVER_PORT", "9500")),
-            schedule_tick=float(os.environ.get("KUBEGFS_SCHEDULE_TICK_SECONDS", "10")),
+            schedule_tick=seconds("KUBEGFS_SCHEDULE_TICK_SECONDS", 10.0),
         )
+
+
+def seconds(var: str, default: float) -> float:
+    """A positive number of seconds from the environment; a clear exit otherwise."""
+    text = os.environ.get(var, "")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 86400:
+        raise SystemExit(f"kubegfs-operator: {var}={text!r} must be a number of seconds from 0.05 to 86400")
+    return value
 
 
 def catalog_sync_seconds() -> float:
     """How often each Ready Snapshot is checked against the master's catalog. Read when the
     handlers are registered (kopf timers take a fixed interval)."""
-    return float(os.environ.get("KUBEGFS_CATALOG_SYNC_SECONDS", "60"))
+    return seconds("KUBEGFS_CATALOG_SYNC_SECONDS", 60.0)

@@ -149,7 +149,7 @@ def test_disk_full_is_a_clean_error_and_recovers(tmp_path, tiny_disk):
         assert not c.exists("/big")  # nothing half-written became visible
         assert c.get("/small") == b"ok"
         # space comes back once garbage is collected: the uncommitted chunks are deleted
-        wait_for(lambda: _try_put(c, "/after", b"y" * (2 << 20)), timeout=20, what="space back")
+        wait_for(lambda: _try_put(c, "/after", b"y" * (2 << 20)), timeout=90, what="space back")
         assert c.get("/after") == b"y" * (2 << 20)
     finally:
         cl.stop()

@@ -493,3 +493,15 @@ def test_catalog_sync_marks_missing_only_from_a_listing_newer_than_the_outcome()
     assert reconcile.snapshot_sync(body, deps(t_ready + 90, {})) is None  # reported once
     back = reconcile.snapshot_sync(body, deps(t_ready + 120, {"k8s-u1": {"state": "ready", "name": "team.s1-u1"}}))
     assert back.status["phase"] == "Ready" and back.event[1] == "SnapshotFound"
+
+
+def test_operator_interval_settings(monkeypatch):
+    from kubegfs_operator import config
+
+    monkeypatch.setenv("KUBEGFS_TOKEN", "t")
+    monkeypatch.setenv("KUBEGFS_SCHEDULE_TICK_SECONDS", "2.5")
+    assert config.Config.from_env().schedule_tick == 2.5 and config.catalog_sync_seconds() == 60
+    for bad in ("soon", "0", "-1", "1e9"):
+        monkeypatch.setenv("KUBEGFS_CATALOG_SYNC_SECONDS", bad)
+        with pytest.raises(SystemExit, match="KUBEGFS_CATALOG_SYNC_SECONDS"):
+            config.catalog_sync_seconds()
