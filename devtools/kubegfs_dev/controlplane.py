@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 BUILD_HINT = "run `make controlplane-build` (bash hack/controlplane/build.sh $HOME/.cache/kubegfs/k8s)"
 DEFAULT_BIN_DIR = Path.home() / ".cache" / "kubegfs" / "k8s" / "bin"
-SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_CIDR = "198.19.255.0/24"  # inside 198.18.0.0/15, apart from the real-node cluster's 198.19.0.0/16
 ADMIN_USER = "kubegfs-admin"
 
 # kube-controller-manager: just what a cluster without kubelets needs. Namespace deletion,
@@ -135,7 +135,7 @@ def _issue_cert(pki: Path, name: str, *, cn: str, orgs: Iterable[str] = (),
            "keyUsage=critical,digitalSignature,keyEncipherment",
            f"extendedKeyUsage={','.join(usages)}"]
     if server:
-        sans = ["IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes",
+        sans = ["IP:127.0.0.1", "IP:198.19.255.1", "DNS:localhost", "DNS:kubernetes",
                 "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
                 "DNS:kubernetes.default.svc.cluster.local", *extra_sans]
         ext.append("subjectAltName=" + ",".join(sans))
