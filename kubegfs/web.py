@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,8 +20,11 @@ from .metrics import HttpMetrics
 log = logging.getLogger("kubegfs.web")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# what a call to another kubegfs server can raise: its JSON error, a timeout, a refused or cut connection
+PEER_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, KubegfsError, aiohttp.ClientError, OSError)
 MAX_JSON_BODY = 8 * 1024 * 1024
 TOKEN_HEADER = "Authorization"
+CLUSTER_HEADER = "X-Kubegfs-Cluster"  # master -> chunkserver calls name their cluster (master/identity.py)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -17,7 +17,7 @@ Invariants:
   * Nothing is released while a hold condition is active: ``holds`` is a list of predicates that
     return a reason (a string) to hold every deletion, or ``None``. Recovery's safe mode ("no
     deletions until enough chunks have been reported after a start") plugs in here with
-    ``master.outbox.holds.append(predicate)``; held orders stay queued and go out once no hold
+    ``master.outbox.hold_deletions(predicate)``; held orders stay queued and go out once no hold
     condition remains.
   * An order is re-checked when it is released: ``still_wanted(cs_id, kind, key)`` answers from
     the state of that moment, so an order that went out of date while it waited (the copy became
@@ -63,6 +63,10 @@ class Outbox:
         tag = self.applied_seq() if seq is None else seq
         q = self._orders.setdefault(cs_id, {})
         q[(kind, key)] = max(tag, q.get((kind, key), 0))
+
+    def hold_deletions(self, predicate: Callable[[], str | None]) -> None:
+        """Hold every deletion while ``predicate()`` returns a reason (e.g. safe mode)."""
+        self.holds.append(predicate)
 
     def cancel(self, cs_id: str, kind: Kind, key: Key) -> None:
         self._orders.get(cs_id, {}).pop((kind, key), None)

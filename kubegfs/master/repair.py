@@ -11,12 +11,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from .. import metrics as M
-from ..errors import KubegfsError
 from ..topology import place_replicas
-from ..web import hexh
+from ..web import PEER_ERRORS, hexh
 
 if TYPE_CHECKING:
     from .server import Master
@@ -31,7 +28,7 @@ class Repair:
     async def loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if not self.m.chunkmap.dirty:
+            if not self.m.chunkmap.dirty or self.m.guard.holds():  # safe mode: reports still coming
                 continue
             try:
                 await self.once()
@@ -42,7 +39,7 @@ class Repair:
         """One pass: record copies first, then up to 200 under-replicated chunks, fewest replicas first."""
         m = self.m
         m.chunkmap.dirty = False
-        await m.repair_records()
+        await m.snapshots.repair_records()
         alive = [c.candidate() for c in m.chunkmap.alive()]
         _under, _lost, todo = m.chunkmap.scan_replication(limit=200)
         sem = asyncio.Semaphore(8)
@@ -70,13 +67,16 @@ class Repair:
                     m.chunkmap.cs[cid].stale.add(h)
                     m.chunkmap.dirty = True
             # not onto a server with a queued delete of this chunk: the order could land after the copy
-            targets = place_replicas(alive, need, existing=existing, exclude=holding | m.outbox.pending_on("chunk", h))
+            pending = m.outbox.pending_on("chunk", h)
+            targets = place_replicas(alive, need, existing=existing, exclude=holding | pending)
+            if len(targets) < need and pending - holding:
+                m.chunkmap.dirty = True  # that server is a target again once its delete went out
             for t in targets:
                 async with sem:
                     try:
                         await m.call_cs(m.chunkmap.cs[t.id], "POST", f"/internal/chunks/{hexh(h)}/replicate",
                                            json={"source": srcs[0].address, "version": version})
-                    except (TimeoutError, KubegfsError, aiohttp.ClientError, OSError) as exc:
+                    except PEER_ERRORS as exc:
                         M.M_REREPL.labels("failed").inc()
                         log.warning("re-replicating %s to %s failed: %s", hexh(h), t.id, exc)
                         m.chunkmap.dirty = True

@@ -158,7 +158,9 @@ def test_operator_killed_across_runs_no_duplicate_and_retain_survives_the_schedu
     # it caught up once (the latest missed time), not once per missed time
     assert (scheduled_at(catch_up) - down_at).total_seconds() > 3  # so at least one time was missed
     assert not [o["metadata"]["name"] for o in objs if down_at < scheduled_at(o) < scheduled_at(catch_up)]
-    st = stack.get("snapshotschedules", "kill3s")["status"]
+    # the run's Snapshot is created before the schedule's status is written
+    st = wait_for(lambda: (s := stack.get("snapshotschedules", "kill3s")["status"]).get("missedRuns") and s,
+                  timeout=30, what="the missed run in the schedule's status")
     assert st["missedRuns"] >= 1 and st["lastMissedTime"]
     assert any(e.startswith("MissedSchedule") for e in events(stack, "kill3s"))
     wait_for(lambda: all((o.get("status") or {}).get("phase") == "Ready" for o in owned(stack, "kill3s")),

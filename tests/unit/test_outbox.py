@@ -41,7 +41,7 @@ def test_an_explicit_seq_and_the_newest_tag_win():
 def test_a_hold_condition_keeps_everything_queued():
     s, ob = make()
     held = ["safe mode: 10 of 100 chunks reported"]
-    ob.holds.append(lambda: held[0] if held else None)
+    ob.hold_deletions(lambda: held[0] if held else None)
     ob.order("cs1", "chunk", 1)
     assert ob.held() == held[0]
     assert ob.take("cs1") == ([], []) and ob.pending("cs1", "chunk", 1)

@@ -18,6 +18,7 @@ from .datapath import bench_small_cluster
 from .hdfs_peer import bench_hdfs_peer, ratio_rows, render_peer_table
 from .inprocess import bench_capture, bench_seed
 from .operator_e2e import bench_operator
+from .recovery import bench_recovery
 from .report import Row, human_n, machine_info, plot, render_table, write_results
 from .trees import Tree, make_trees
 
@@ -29,7 +30,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
 
     console = console or Console()
     sizes = sizes or ([1_000, 10_000] if quick else [10_000, 100_000, 1_000_000])
-    phases = [p for p in ("trees", "capture", "seed", "cluster", "small", "operator", "hdfs")
+    phases = [p for p in ("trees", "capture", "seed", "cluster", "small", "operator", "recovery", "hdfs")
               if p == "trees" or p in only or (p == "cluster" and only & CLUSTER_BENCHES)
               or (p == "small" and only & {"throughput", "datapath"})]
     rows: list[Row] = []
@@ -46,7 +47,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 prog.update(task, description=msg)
 
             trees: dict[int, Tree] = {}
-            if "trees" in phases and (only - {"throughput", "datapath", "operator", "hdfs"}):
+            if "trees" in phases and (only - {"throughput", "datapath", "operator", "recovery", "hdfs"}):
                 say(f"building trees of {', '.join(human_n(n) for n in sizes)} files")
                 trees = make_trees(sizes)
             prog.advance(task)
@@ -80,6 +81,9 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 prog.advance(task)
             if "operator" in phases:
                 rows += bench_operator(tmp, quick, say)
+                prog.advance(task)
+            if "recovery" in phases:
+                rows += bench_recovery(tmp, quick, say, max(sizes))
                 prog.advance(task)
             if "hdfs" in phases:
                 pairs, hdfs = bench_hdfs_peer(tmp, out, quick, say)
