@@ -10,8 +10,9 @@ STAMP     := $(VENV)/.installed
 K8S_CACHE ?= $(HOME)/.cache/kubegfs/k8s
 PYTEST_ARGS ?=
 
-.PHONY: help venv run up down test test-core lint lint-chart bench bench-quick chaos \
-        controlplane-build prometheus-build controlplane-up controlplane-down images helm-package clean
+.PHONY: help venv run up down test test-core lint lint-chart bench bench-hdfs bench-quick chaos \
+        controlplane-build prometheus-build controlplane-up controlplane-down images helm-package clean \
+        cluster-up cluster-down cluster-images demo-cluster
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -64,6 +65,9 @@ chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chao
 bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
 	$(PYTHON) -m kubegfs_dev.bench --out bench-results
 
+bench-hdfs: $(STAMP) ## kubegfs vs an HDFS MiniDFSCluster side by side (Java 17 + Maven; not in bench-quick)
+	$(PYTHON) -m kubegfs_dev.bench --only hdfs --out bench-results
+
 bench-quick: $(STAMP) ## a small benchmark run (CI runs it so the code can't rot)
 	$(PYTHON) -m kubegfs_dev.bench --quick --out bench-results
 
@@ -79,8 +83,24 @@ controlplane-up: $(STAMP) controlplane-build ## start a long-lived local kube-ap
 controlplane-down: $(STAMP) ## stop the control plane started by controlplane-up
 	$(PYTHON) -m kubegfs_dev.controlplane down --state .run/controlplane
 
+CLUSTER_STATE ?= .run/cluster
+VERSION   := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -1)
+CLUSTER_IMAGES := $(foreach c,master chunkserver operator,localhost/kubegfs/$(c):$(VERSION))
+
+cluster-images: $(STAMP) ## build the kubegfs images with buildah on a debootstrap base (no registry)
+	bash hack/images/build.sh --tool buildah --base "$$(bash hack/images/base.sh)" >&2
+
+cluster-up: $(STAMP) controlplane-build cluster-images ## a real 3-node cluster (kubelet+containerd, needs root) with the images loaded; prints the KUBECONFIG line
+	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.cluster up --state $(CLUSTER_STATE) --images $(CLUSTER_IMAGES)
+
+cluster-down: $(STAMP) ## stop the cluster-up cluster and undo its host changes (idempotent)
+	KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.cluster down --state $(CLUSTER_STATE)
+
+demo-cluster: $(STAMP) controlplane-build cluster-images ## the `make run` story on real nodes: chart install, Snapshot/Restore CRs (root; leaves the cluster up)
+	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.demo_cluster
+
 images: ## build the master, chunkserver and operator images (REGISTRY=… also pushes; IMAGES_ARGS=--base …)
 	REGISTRY=$(REGISTRY) bash hack/images/build.sh $(if $(REGISTRY),--push) $(IMAGES_ARGS)
 
 clean: ## remove venv, caches and run data (keeps the control-plane binaries in $$HOME/.cache/kubegfs)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info devtools/*.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .data .run bench-results build *.egg-info devtools/*.egg-info devtools/hdfs-peer/target

@@ -175,9 +175,9 @@ def topology_options(f: Any) -> Any:
     return f
 
 
-@main.command()
+@main.group(cls=Group, invoke_without_command=True)
 @click.option("--listen", default="127.0.0.1:9400", show_default=True, help="HOST:PORT")
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="op log + checkpoints")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="op log + checkpoints (required to run)")
 @click.option("--token", envvar="KUBEGFS_TOKEN", help="client token (env KUBEGFS_TOKEN)")
 @click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", help="read the client token from this file (env KUBEGFS_TOKEN_FILE)")
 @role_token_options
@@ -189,22 +189,61 @@ def topology_options(f: Any) -> Any:
 @click.option("--dead-after", default=5.0, show_default=True, help="seconds without heartbeat before a chunkserver is dead")
 @click.option("--checkpoint-interval", default=300.0, show_default=True, help="seconds between checkpoints")
 @click.option("--checkpoint-ops", default=100_000, show_default=True, help="checkpoint after this many ops")
+@click.option("--format", "format_", is_flag=True,
+              help="start a new cluster in an empty or refusing data dir (chunkservers of the old one stay refused)")
+@click.option("--safe-mode-threshold", default=0.999, show_default=True, type=click.FloatRange(0, 1),
+              help="after a start, delete nothing until this share of known chunks has been reported")
+@click.option("--safe-mode-grace", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="...or until this many seconds have passed")
+@click.option("--metadata-replication", type=click.Choice(["sync", "async", "off"]), default="sync",
+              show_default=True, help="copy the op log + checkpoints to chunkservers in other zones "
+              "(sync: before acknowledging; async: within --metadata-max-lag)")
+@click.option("--metadata-copies", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="metadata copies on chunkservers")
+@click.option("--metadata-max-lag", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="async: seconds the copies may trail the master")
 @click.option("--debug-fsync-delay", default=0.0, hidden=True, type=click.FloatRange(0, 60),
               help="testing: each op-log sync takes this many seconds longer (a busy disk)")
 @topology_options
-def master(listen: str, data_dir: str, token: str | None, token_file: str | None, internal_token: str | None,
-           internal_token_file: str | None, metrics_token: str | None, metrics_token_file: str | None,
-           tls_cert: str | None, tls_key: str | None,
+@click.pass_context
+def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | None, token_file: str | None,
+           internal_token: str | None, internal_token_file: str | None, metrics_token: str | None,
+           metrics_token_file: str | None, tls_cert: str | None, tls_key: str | None,
            chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
-           debug_fsync_delay: float, node: str, zone: str, region: str, topology_from_node: bool) -> None:
-    """Run the master."""
+           format_: bool, safe_mode_threshold: float, safe_mode_grace: float,
+           metadata_replication: str, metadata_copies: int, metadata_max_lag: float, debug_fsync_delay: float,
+           node: str, zone: str, region: str, topology_from_node: bool) -> None:
+    """Run the master (``kubegfs master recover``: rebuild one that lost its data directory)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not data_dir:
+        raise click.UsageError("--data is required to run the master")
+    from .master.metareplica import MetaReplicationConfig
+    from .master.safemode import SafeModeConfig
     from .master.server import Options, run
 
     tok = server_tokens(token, token_file, internal_token, internal_token_file, metrics_token, metrics_token_file)
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
+                   format=format_, safe_mode=SafeModeConfig(safe_mode_threshold, safe_mode_grace),
+                   meta=MetaReplicationConfig(metadata_replication, metadata_copies, metadata_max_lag),
                    fsync_delay=debug_fsync_delay)
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts, _server_ssl(tls_cert, tls_key))
+
+
+@master.command("recover")
+@click.option("--cluster-id", default="", help="the cluster to adopt, if chunkservers of several reported")
+@click.option("--from", "source", type=click.Choice(["auto", "metadata", "records"]), default="auto",
+              show_default=True, help="metadata copies on the chunkservers, else the snapshot records")
+@client_options
+def master_recover(cluster_id: str, source: str, master: str, token: str | None, as_json: bool) -> None:
+    """Rebuild a refusing master from what its chunkservers hold (see docs/recovery.md)."""
+    c = Ctx(master, token, as_json)
+    body = {"cluster_id": cluster_id, "from": source}
+    c.out(c.client().api("POST", "/admin/recover", json=body),
+          lambda d: click.echo(f"recovered cluster {d['cluster_id']} from {d['source']} in {d['seconds']}s: "
+                               f"{d.get('snapshots', 0)} snapshots, {d.get('files', 0)} files"
+                               + "".join(f"\n  warning: {p}" for p in d["problems"])))
 
 
 def _location(node: str, zone: str, region: str, from_node: bool) -> Location:

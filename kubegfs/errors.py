@@ -53,6 +53,12 @@ class Conflict(KubegfsError):
     code = "conflict"
 
 
+class ClusterMismatch(Conflict):
+    """Master and chunkserver belong to different clusters (see master/identity.py)."""
+
+    code = "cluster_mismatch"
+
+
 class PayloadTooLarge(KubegfsError):
     status = 413
     code = "payload_too_large"
@@ -78,7 +84,7 @@ class NoSpace(KubegfsError):
 _BY_CODE = {
     cls.code: cls
     for cls in (
-        InvalidArgument, Unauthorized, Forbidden, NotFound, AlreadyExists, Conflict,
+        InvalidArgument, Unauthorized, Forbidden, NotFound, AlreadyExists, Conflict, ClusterMismatch,
         PayloadTooLarge, Unavailable, CorruptData, NoSpace, KubegfsError,
     )
 }

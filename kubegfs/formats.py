@@ -55,6 +55,12 @@ def frame(payload: bytes) -> bytes:
     return _REC_HDR.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def record_digest(rec: Any) -> str:
+    """Identifies one op-log record's content (metadata copies compare their last one with the
+    master's, so a copy that took a record the master never made durable is not continued)."""
+    return hashlib.sha256(frame(packb(rec))).hexdigest()
+
+
 @dataclass
 class LogScan:
     records: list[Any]

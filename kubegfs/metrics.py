@@ -117,6 +117,38 @@ M_RESTORE_RESULT = Counter(
     "kubegfs_master_restores_total", "Restores by result", ["result"], registry=MASTER
 )
 
+# master: cluster identity, safe mode, metadata replication (master/guard.py, metareplica.py)
+M_CLUSTER_REFUSALS = Counter(
+    "kubegfs_master_cluster_refusals_total", "Heartbeats refused: the chunkserver is of another cluster",
+    registry=MASTER,
+)
+M_REFUSING = Gauge(
+    "kubegfs_master_refusing", "1 while the master refuses everything (empty data dir, data on chunkservers)",
+    registry=MASTER,
+)
+M_FOREIGN_CS = Gauge(
+    "kubegfs_master_foreign_chunkservers", "Chunkservers of another cluster seen recently", registry=MASTER
+)
+M_SAFE_MODE = Gauge("kubegfs_master_safe_mode", "1 while the master holds every deletion", registry=MASTER)
+M_SAFE_MODE_RATIO = Gauge(
+    "kubegfs_master_safe_mode_reported_ratio", "Share of known chunks with a reported replica", registry=MASTER
+)
+M_DELETIONS_HELD = Gauge(
+    "kubegfs_master_deletions_held", "Deletion orders waiting in the gate while safe mode holds them",
+    registry=MASTER,
+)
+M_META_IN_SYNC = Gauge(
+    "kubegfs_master_metadata_copies_in_sync", "Chunkservers holding an up-to-date copy of the master's metadata",
+    registry=MASTER,
+)
+M_META_LAG = Gauge(
+    "kubegfs_master_metadata_replication_lag_seconds", "Age of the oldest op not yet on the copies (async)",
+    registry=MASTER,
+)
+M_META_DROPS = Counter(
+    "kubegfs_master_metadata_copy_failures_total", "Metadata copies that fell out of sync", registry=MASTER
+)
+
 # ----------------------------------------------------------------------------- chunkserver
 CHUNKSERVER_BUILD = _build_info(CHUNKSERVER, "chunkserver")
 CS_HTTP = HttpMetrics(CHUNKSERVER, "chunkserver")
@@ -139,6 +171,10 @@ CS_CLONES = Counter(
 CS_HEARTBEAT_FAIL = Counter(
     "kubegfs_chunkserver_heartbeat_failures_total", "Heartbeats the master did not answer",
     registry=CHUNKSERVER,
+)
+CS_CLUSTER_REFUSALS = Counter(
+    "kubegfs_chunkserver_cluster_refusals_total",
+    "Masters refused or refusing us because the cluster ids differ", registry=CHUNKSERVER,
 )
 
 # ----------------------------------------------------------------------------- operator

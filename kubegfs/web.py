@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .auth import ANY, Policy, Tokens
 from .errors import Forbidden, InvalidArgument, KubegfsError, PayloadTooLarge, Unauthorized
 from .metrics import HttpMetrics
+from .tls import ClientTLS
 
 log = logging.getLogger("kubegfs.web")
 
@@ -24,8 +25,20 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # kubelet probes: no credential
 PEER_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, KubegfsError, aiohttp.ClientError, OSError)
 MAX_JSON_BODY = 8 * 1024 * 1024
 TOKEN_HEADER = "Authorization"
+CLUSTER_HEADER = "X-Kubegfs-Cluster"  # master -> chunkserver calls name their cluster (master/identity.py)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def peer_session(token: str, timeout: aiohttp.ClientTimeout, headers: dict[str, str] | None = None
+                 ) -> aiohttp.ClientSession:
+    """A session for calls to other kubegfs servers: ``token`` as bearer, https peers verified
+    (kubegfs/tls.py: KUBEGFS_CACERT, KUBEGFS_TLS_SERVER_NAME)."""
+    return aiohttp.ClientSession(
+        headers={TOKEN_HEADER: f"Bearer {token}", **(headers or {})},
+        connector=aiohttp.TCPConnector(ssl=ClientTLS.from_env().context()),
+        timeout=timeout,
+    )
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -3,8 +3,9 @@
 ``python -m kubegfs_dev.chaos --trials N --ops M [--seed S]`` (``make chaos TRIALS=200``) runs N
 trials; each starts a master and four chunkservers, applies M random operations (mkdir, put,
 overwrite, append, mv, rm, snapshot, restore to a new path or in place, snapshot delete, and a
-few invalid requests) interleaved with faults (master kill -9 mid-operation, chunkserver kill -9
-with or without its disk, bytes flipped in chunk files and record copies, checkpoints), and
+few invalid requests) interleaved with faults (master kill -9 mid-operation, the master's data
+directory lost and recovered from the chunkservers, chunkserver kill -9 with or without its
+disk, bytes flipped in chunk files and record copies, checkpoints), and
 after each step compares the namespace and every file's bytes with the model. Every snapshot is
 restored at the end and compared with the model's copy at its creation. The seed of a failing
 trial is printed so it can be replayed with ``--seed``.
@@ -287,10 +288,12 @@ class Trial:
     def fault(self) -> None:
         rng = self.rng
         kind = rng.choices(["master-kill", "cs-kill", "cs-disk-loss", "corrupt-chunk", "corrupt-record",
-                            "checkpoint"], [4, 2, 1, 3, 2, 2])[0]
+                            "checkpoint", "master-volume-loss"], [4, 2, 1, 3, 2, 2, 1])[0]
         self.st.faults[kind] += 1
         if kind == "master-kill":
             self.master_kill_mid_op()
+        elif kind == "master-volume-loss":
+            self.master_volume_loss()
         elif kind in ("cs-kill", "cs-disk-loss"):
             self.heal()
             p = rng.choice(self.cl.chunkservers)
@@ -456,6 +459,35 @@ class Trial:
         if c.dump() != d1:
             raise Lost("the namespace dump changed across a restart with no operations")
         self.cl.wait_registered(4 - len(self.down), timeout=30)
+
+    def master_volume_loss(self) -> None:
+        """kill -9 the master and delete its data directory (a lost PVC); the fresh master must
+        refuse and delete nothing, and ``recover`` must bring back exactly the same namespace from
+        the metadata copies on the chunkservers."""
+        self.heal()
+        c = self.client()
+        deadline = time.monotonic() + 30  # a master lost in its first second has no copy yet
+        while c.status()["metadata_replication"]["in_sync"] < 1:
+            if time.monotonic() > deadline:
+                raise Lost(f"no metadata copy in sync: {c.status()['metadata_replication']}")
+            time.sleep(0.1)
+        want = c.dump()
+        self.cl.kill(self.cl.master, signal.SIGKILL)
+        shutil.rmtree(self.cl.master.data)
+        t0 = time.monotonic()
+        self.cl.start_master()
+        deadline = time.monotonic() + 30
+        while len(c.status()["cluster"]["foreign_chunkservers"]) < len(self.cl.chunkservers):
+            if time.monotonic() > deadline:
+                raise Lost(f"the empty master did not see every chunkserver: {c.status()['cluster']}")
+            time.sleep(0.1)
+        if not c.status()["cluster"]["refusing"]:
+            raise Lost("a master with an empty data directory accepted another cluster's chunkservers")
+        r = c.api("POST", "/admin/recover", json={"from": "metadata"})
+        self.st.recovery_seconds.append(time.monotonic() - t0)
+        if c.dump() != want:
+            raise Lost(f"the namespace recovered from the metadata copies differs (from {r.get('from_chunkserver')})")
+        self.cl.wait_registered(len(self.cl.chunkservers), timeout=30)
 
     # ------------------------------------------------------------------ the trial
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 BUILD_HINT = "run `make controlplane-build` (bash hack/controlplane/build.sh $HOME/.cache/kubegfs/k8s)"
 DEFAULT_BIN_DIR = Path.home() / ".cache" / "kubegfs" / "k8s" / "bin"
-SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_CIDR = "198.19.255.0/24"  # inside 198.18.0.0/15, apart from the real-node cluster's 198.19.0.0/16
 ADMIN_USER = "kubegfs-admin"
 
 # kube-controller-manager: just what a cluster without kubelets needs. Namespace deletion,
@@ -126,16 +126,18 @@ def _make_ca(pki: Path) -> None:
 
 
 def _issue_cert(pki: Path, name: str, *, cn: str, orgs: Iterable[str] = (),
-                server: bool = False, client: bool = False) -> tuple[Path, Path]:
-    """Issue ``name.crt``/``name.key`` signed by ``ca.crt`` in ``pki``."""
+                server: bool = False, client: bool = False,
+                extra_sans: Iterable[str] = ()) -> tuple[Path, Path]:
+    """Issue ``name.crt``/``name.key`` signed by ``ca.crt`` in ``pki`` (``extra_sans`` are
+    ``IP:…``/``DNS:…`` entries added to a server certificate's defaults)."""
     usages = (["serverAuth"] if server else []) + (["clientAuth"] if client else [])
     ext = ["basicConstraints=critical,CA:FALSE",
            "keyUsage=critical,digitalSignature,keyEncipherment",
            f"extendedKeyUsage={','.join(usages)}"]
     if server:
-        sans = ["IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes",
+        sans = ["IP:127.0.0.1", "IP:198.19.255.1", "DNS:localhost", "DNS:kubernetes",
                 "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
-                "DNS:kubernetes.default.svc.cluster.local"]
+                "DNS:kubernetes.default.svc.cluster.local", *extra_sans]
         ext.append("subjectAltName=" + ",".join(sans))
     (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -148,11 +150,11 @@ def _issue_cert(pki: Path, name: str, *, cn: str, orgs: Iterable[str] = (),
     return pki / f"{name}.crt", pki / f"{name}.key"
 
 
-def _make_pki(pki: Path) -> None:
+def _make_pki(pki: Path, apiserver_sans: Iterable[str] = ()) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     os.chmod(pki, 0o700)
     _make_ca(pki)
-    _issue_cert(pki, "apiserver", cn="kube-apiserver", server=True)
+    _issue_cert(pki, "apiserver", cn="kube-apiserver", server=True, extra_sans=apiserver_sans)
     _issue_cert(pki, "admin", cn=ADMIN_USER, orgs=["system:masters"], client=True)
     # Service-account token signing key (RS256, what every client expects).
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
@@ -246,6 +248,13 @@ class ControlPlane:
     start_timeout: float = 180.0
     stop_timeout: float = 15.0
     extra_apiserver_args: Sequence[str] = ()
+    # Real nodes (kubegfs_dev.cluster) need the API server on an address pods can reach, with that
+    # address and the `kubernetes` Service IP in its certificate, ServiceAccount token automount,
+    # and the controllers that a kubelet-backed cluster runs.
+    host: str = "127.0.0.1"
+    apiserver_sans: Sequence[str] = ()
+    disable_admission_plugins: Sequence[str] = ("ServiceAccount",)
+    kcm_controllers: Sequence[str] = KCM_CONTROLLERS
 
     procs: list[_Proc] = field(default_factory=list, init=False)
     etcd_port: int = field(default=0, init=False)
@@ -274,7 +283,7 @@ class ControlPlane:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.host}:{self.apiserver_port}"
 
     @property
     def logs(self) -> Path:
@@ -298,7 +307,7 @@ class ControlPlane:
         self._started = True
         try:
             if not (self.pki / "sa.pub").exists():
-                _make_pki(self.pki)
+                _make_pki(self.pki, self.apiserver_sans)
             self._start_with_retries(binaries)
         except BaseException:
             self.stop()
@@ -368,12 +377,13 @@ class ControlPlane:
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
             f"--secure-port={self.apiserver_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.host}",
+            f"--advertise-address={self.host}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
             "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount",
+            *(["--disable-admission-plugins=" + ",".join(self.disable_admission_plugins)]
+              if self.disable_admission_plugins else []),
             "--endpoint-reconciler-type=none",
             f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}",
             f"--service-account-key-file={pki / 'sa.pub'}",
@@ -391,7 +401,7 @@ class ControlPlane:
                 str(binaries["kube-controller-manager"]),
                 f"--kubeconfig={self.kubeconfig}",
                 "--leader-elect=false",
-                "--controllers=" + ",".join(KCM_CONTROLLERS),
+                "--controllers=" + ",".join(self.kcm_controllers),
                 f"--service-account-private-key-file={pki / 'sa.key'}",
                 f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=false",

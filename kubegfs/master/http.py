@@ -66,6 +66,7 @@ class Api:
         r.add_post("/api/v1/snapshots/{ref}/restore", self.h_snap_restore)
         r.add_post("/api/v1/admin/checkpoint", self.h_checkpoint)
         r.add_get("/api/v1/admin/dump", self.h_dump)
+        r.add_post("/api/v1/admin/recover", self.h_recover)
         r.add_post("/internal/heartbeat", self.h_heartbeat)
 
     # ------------------------------------------------------------------ small handlers
@@ -91,6 +92,8 @@ class Api:
             M.M_SNAPSHOTS.labels(s).set(sum(1 for e in st.snapshots.values() if e["state"] == s))
         self.m.chunkmap.under_replicated_count()
         self.m.snapshots.under_copied()
+        self.m.guard.update_gauges()
+        self.m.meta.update_gauges()
 
     async def h_status(self, request: web.Request) -> web.Response:
         st = self.m.state
@@ -113,6 +116,9 @@ class Api:
             "cow_clones": st.cow_clones, "location": self.m.location.to_json(),
             "recovery": {"checkpoint_seq": self.m.recovery.checkpoint_seq,
                          "replayed": self.m.recovery.replayed, "problems": self.m.recovery.problems},
+            "cluster": self.m.guard.status(),
+            "conditions": [*self.m.guard.conditions(), self.m.meta.condition()],
+            "metadata_replication": self.m.meta.status(),
         })
 
     async def h_chunkservers(self, request: web.Request) -> web.Response:
@@ -120,6 +126,11 @@ class Api:
 
     async def h_dump(self, request: web.Request) -> web.Response:
         return json_response(dump(self.m.state))
+
+    async def h_recover(self, request: web.Request) -> web.Response:
+        from .recovery import h_recover
+
+        return await h_recover(self.m, request)
 
     async def h_checkpoint(self, request: web.Request) -> web.Response:
         path = await self.m.checkpoint()
@@ -303,11 +314,12 @@ class Api:
         if not address.startswith(("http://", "https://")):
             raise InvalidArgument("address must be an http(s) URL")
         loc = Location.from_json(b.get("location"))
+        self.m.guard.admit(cid, address, b)  # another cluster's chunkserver: refused, nothing read
         st = self.m.state
         full = field_bool(b, "full", False)
         cs = self.m.chunkmap.heard_from(cid, address, loc, full)
         if cs is None:
-            return json_response({"reregister": True, "chunk_size": st.chunk_size})
+            return json_response({"reregister": True, "chunk_size": st.chunk_size, **self.m.guard.reply()})
         cs.capacity = field_int(b, "capacity_bytes", 0)
         cs.used = field_int(b, "used_bytes", 0)
         cs.free = field_int(b, "free_bytes", 0)

@@ -27,12 +27,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
 from ..fsutil import atomic_write, fsync_dir
+from ..metalayout import prune_superseded
 from .checkpoint import decode_checkpoint, encode_checkpoint
 from .state import MasterState
 
@@ -45,10 +47,6 @@ class RecoveryReport:
     replayed: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _seq_of(p: Path) -> int:
-    return int(p.stem.split("-", 1)[1])
 
 
 def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterState, RecoveryReport]:
@@ -124,6 +122,12 @@ class OpLog:
         self._fd = self._open_segment(next_seq)
         self.failed: BaseException | None = None
         self.on_durable: list[Callable[[int], None]] = []  # called with the new durable_seq
+        self._flushed_last = self.durable_seq
+        # metadata replication (metareplica.py): called with each group-committed batch (framed
+        # bytes, first seq, last seq) as it is written here; returns None (local only) or the
+        # future of the batch reaching the copies and whether the waiters wait for it. Either
+        # way ``durable_seq`` (what deletions wait for) advances only once the copies have it.
+        self.replicate: Callable[[bytes, int, int], tuple[asyncio.Future[None], bool] | None] | None = None
 
     def _open_segment(self, first_seq: int) -> int:
         # reuse the newest segment if it exists (append after recovery)
@@ -158,7 +162,12 @@ class OpLog:
             while self._buf:
                 buf, waiters, last = self._buf, self._waiters, self._buf_last_seq
                 self._buf, self._waiters = [], []
+                first = self._flushed_last + 1
+                self._flushed_last = last
                 data = b"".join(buf)
+                # the copies get the batch while it is written here (GFS: local and remote log
+                # writes in parallel); the waiters are answered when both are durable
+                remote = self.replicate(data, first, last) if self.replicate is not None else None
                 try:
                     await loop.run_in_executor(None, self._write, data)
                 except BaseException as exc:  # noqa: BLE001 - a failed fsync is fatal
@@ -169,14 +178,28 @@ class OpLog:
                             w.set_exception(RuntimeError(f"operation log write failed: {exc}"))
                     self._buf, self._waiters = [], []
                     raise
-                self.durable_seq = max(self.durable_seq, last)
-                for cb in self.on_durable:
-                    cb(self.durable_seq)
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
+                self._settle(last, waiters, remote)
         finally:
             self._flushing = False
+
+    def _settle(self, last: int, waiters: list[asyncio.Future[None]],
+                remote: tuple[asyncio.Future[None], bool] | None) -> None:
+        """The batch ending at ``last`` is durable here: answer its waiters and advance
+        ``durable_seq`` now, or when the copies have it too (see ``replicate``)."""
+        if remote is None:
+            self._durable(last, waiters)
+            return
+        shipped, acks_wait = remote
+        if not acks_wait:
+            _answer(waiters)
+            waiters = []
+        shipped.add_done_callback(partial(self._durable, last, waiters))
+
+    def _durable(self, last: int, waiters: list[asyncio.Future[None]], _done: object = None) -> None:
+        self.durable_seq = max(self.durable_seq, last)
+        for cb in self.on_durable:
+            cb(self.durable_seq)
+        _answer(waiters)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -212,23 +235,16 @@ class OpLog:
             pass
 
 
+def _answer(waiters: list[asyncio.Future[None]], _done: object = None) -> None:
+    for w in waiters:
+        if not w.done():
+            w.set_result(None)
+
+
 def write_checkpoint(data_dir: Path, view: dict[str, Any], keep: int = 2) -> Path:
     """Encode + write a checkpoint (runs in a worker thread), then prune what it supersedes."""
     data = encode_checkpoint(view)
     path = data_dir / f"checkpoint-{view['seq']:020d}.ckpt"
     atomic_write(path, data)
-    cks = sorted(data_dir.glob("checkpoint-*.ckpt"))
-    for old in cks[:-keep]:
-        old.unlink(missing_ok=True)
-    kept = sorted(data_dir.glob("checkpoint-*.ckpt"))
-    if len(kept) < 2:
-        return path  # keep the whole log until there is an older checkpoint to fall back on
-    oldest_kept = _seq_of(kept[0])
-    segs = sorted(data_dir.glob("log-*.wal"))
-    # a segment can go when the next one starts at or before the oldest kept checkpoint: if the
-    # newest checkpoint is ever unreadable, the older one plus the log after it still recover all
-    for seg, nxt in zip(segs, segs[1:], strict=False):
-        if _seq_of(nxt) <= oldest_kept + 1:
-            seg.unlink(missing_ok=True)
+    prune_superseded(data_dir, keep)
     return path
-

@@ -28,7 +28,7 @@ class Repair:
     async def loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if not self.m.chunkmap.dirty:
+            if not self.m.chunkmap.dirty or self.m.guard.holds():  # safe mode: reports still coming
                 continue
             try:
                 await self.once()

@@ -20,7 +20,7 @@ import shutil
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +35,25 @@ from ..errors import (
     InvalidArgument,
     from_json,
 )
-from ..tls import ClientTLS
 from ..topology import Location
 from ..web import (
+    CLUSTER_HEADER,
     hexh,
     make_middlewares,
+    peer_session,
     split_listen,
 )
 from .chunkmap import ChunkMap, ChunkserverInfo
+from .guard import Guard
 from .http import Api
+from .identity import open_identity
 from .leases import LeaseTable
+from .metareplica import Candidate as MetaCandidate
+from .metareplica import MetaReplicationConfig, MetaReplicator
 from .oplog import OpLog, recover, write_checkpoint
 from .outbox import Key, Kind, Outbox
 from .repair import Repair
+from .safemode import SafeModeConfig
 from .snapshots import Snapshots
 from .state import MasterState
 from .writes import WritePath
@@ -67,6 +73,9 @@ class Options:
     fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
     sync: Callable[[int], None] | None = None  # the op log's fdatasync (a seam for tests)
     fsync_delay: float = 0.0  # act like a slow disk: each op-log sync takes this much longer
+    format: bool = False  # --format: confirm an empty or refusing data dir as a new cluster
+    safe_mode: SafeModeConfig = field(default_factory=SafeModeConfig)
+    meta: MetaReplicationConfig = field(default_factory=MetaReplicationConfig)
 
 
 class Master:
@@ -79,15 +88,22 @@ class Master:
         self.token = self.tokens.of("internal")  # what the master presents to chunkservers
         self.location = location
         self.opts = options or Options()
+        self.guard = Guard(data_dir, open_identity(data_dir, self.opts.format), self.opts.safe_mode)
         state, self.recovery = recover(data_dir, chunk_size, replication)
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
         self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
+        self.outbox.holds.append(self.guard.hold_reason)  # safe mode / refusing: nothing leaves
+        self.guard.waiting = self.outbox.waiting
         self.leases = LeaseTable(on_abandon=self._abandoned)
         self.chunkmap = ChunkMap(state, self.leases, on_dead=lambda cs: self.outbox.forget(cs.id))
         self.writes = WritePath(self)
         self.repair = Repair(self)
+        self.meta = MetaReplicator(
+            self.opts.meta, data_dir, lambda: self.guard.ident.history, lambda: self._session,
+            lambda: [MetaCandidate(c.id, c.address, c.location) for c in self.chunkmap.alive()], location)
+        self.meta.attach(self.oplog)
         self.snapshots = Snapshots(self)
         self._tasks: list[asyncio.Task[Any]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -101,18 +117,22 @@ class Master:
     # ------------------------------------------------------------------ plumbing
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=make_middlewares(self.tokens, M.MASTER_HTTP, master_policy), client_max_size=8 << 20)
+        app = web.Application(middlewares=[*make_middlewares(self.tokens, M.MASTER_HTTP, master_policy),
+                                           self.guard.middleware()], client_max_size=8 << 20)
         Api(self).add_routes(app.router)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
 
+    async def reset_session(self) -> None:
+        """A new client session (e.g. after ``recover`` changed the cluster id it sends)."""
+        if self._session:
+            await self._session.close()
+        self._session = peer_session(self.token, aiohttp.ClientTimeout(total=120, connect=3),
+                                     {CLUSTER_HEADER: self.guard.cluster_id})
+
     async def _start(self, app: web.Application) -> None:
-        self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self.token}"},
-            connector=aiohttp.TCPConnector(ssl=ClientTLS.from_env().context()),  # https peers: verified
-            timeout=aiohttp.ClientTimeout(total=120, connect=3),
-        )
+        await self.reset_session()
         if self._pending_init:
             await self.mutate({"op": "init", "chunk_size": self._chunk_size_cfg, "replication": self._replication_cfg})
         elif self._chunk_size_cfg != self.state.chunk_size:
@@ -130,6 +150,7 @@ class Master:
             asyncio.create_task(self._liveness_loop()),
             asyncio.create_task(self.repair.loop(self.opts.rereplicate_interval)),
             asyncio.create_task(self._checkpoint_loop()),
+            asyncio.create_task(self.meta.run()),
         ]
 
     async def _stop(self, app: web.Application) -> None:
@@ -213,7 +234,7 @@ class Master:
         if gone:
             M.M_GC.inc(len(gone))
         return {"delete_chunks": [hexh(h) for h in gone], "delete_records": gone_records,
-                "chunk_size": st.chunk_size}
+                "chunk_size": st.chunk_size, **self.guard.reply()}
 
     def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool | None:
         """Re-check a queued deletion when it is released (see outbox.py); None: not while a
@@ -229,6 +250,7 @@ class Master:
     async def _liveness_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.opts.dead_after / 4))
+            self.guard.tick(self.state.version, self.chunkmap.locations)
             self.chunkmap.expire(self.opts.dead_after)
 
     # ------------------------------------------------------------------ checkpoints
@@ -241,6 +263,7 @@ class Master:
             view = self.state.checkpoint_view()
             await self.oplog.rotate()
             path = await asyncio.get_running_loop().run_in_executor(None, write_checkpoint, self.data_dir, view)
+            await self.meta.on_checkpoint(view["seq"])
             self._ops_since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
             M.M_CHECKPOINTS.labels("success").inc()

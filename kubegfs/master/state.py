@@ -14,6 +14,7 @@ before its epoch is treated as shared, so the first write to it clones it (C →
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -290,6 +291,28 @@ class MasterState:
         entry.update(state="failed", error=op["error"])
         self.pins.pop(op["id"], None)
         self._recheck_protected()
+
+    def _apply_snap_adopt(self, op: dict[str, Any]) -> None:
+        """A snapshot record found on the chunkservers is a catalog entry again (``master
+        recover`` without metadata): its chunks, at the record's versions, count as referenced."""
+        handles = unpack_handles(op["handles_z"])
+        versions = array("q")
+        versions.frombytes(op["versions"])
+        for h, v in zip(handles, versions, strict=True):
+            if v > self.version.get(h, 0):
+                self.version[h] = v
+            self.born.setdefault(h, 0)
+        self.count_snapshot_refs(handles)
+        entry = {
+            "id": op["id"], "name": op["name"], "path": op["path"], "created": rfc3339(op["created"]),
+            "created_ns": op["created"], "epoch": op.get("epoch", 0), "state": "ready",
+            "copies": len(op["holders"]), "targets": [], "near": {}, "labels": {"kubegfs.io/adopted": "true"},
+            "files": op["files"], "dirs": op["dirs"], "chunks": len(handles), "logical_bytes": op["logical_bytes"],
+            "record_bytes": op["record_bytes"], "sha256": op["sha256"], "holders": op["holders"], "error": "",
+            "duration_seconds": 0.0, "handles_z": op["handles_z"], "location_reason": "adopted",
+        }
+        self.snapshots[op["id"]] = entry
+        self.snapshot_names[op["name"]] = op["id"]
 
     def _apply_snap_holders(self, op: dict[str, Any]) -> None:
         self.snapshots[op["id"]]["holders"] = op["holders"]

@@ -64,8 +64,16 @@ def test_each_role_token_reaches_only_its_routes(shared_cluster, client):
                call(cs + "/internal/chunks/0000000000000abc", "DELETE", cl.token),
                call(cs + "/internal/records/forged", "PUT", cl.token, data=b"x"),
                call(cs + "/internal/chunks/0000000000000abc/version", "POST", cl.token, json={"version": 9}),
+               # ... nor the metadata copies the master keeps on chunkservers (chunkserver/metaapi.py)
+               call(cs + "/internal/meta", "GET", cl.token),
+               call(cs + "/internal/meta/log", "GET", cl.metrics_token),
+               call(cs + "/internal/meta/reset", "POST", cl.token, json={}),
+               call(cs + "/internal/meta/log", "POST", cl.token, data=b"x"),
+               call(cs + "/internal/meta/checkpoints/1", "PUT", cl.token, data=b"x"),
+               call(m + "/api/v1/admin/recover", "POST", cl.metrics_token, json={}),
                # internal: not the client API
-               call(m + "/api/v1/fs/mkdir", "POST", cl.internal_token, json={"path": "/by-internal"})]
+               call(m + "/api/v1/fs/mkdir", "POST", cl.internal_token, json={"path": "/by-internal"}),
+               call(m + "/api/v1/admin/recover", "POST", cl.internal_token, json={})]
     for r in refused:
         assert r.status_code == 403 and r.json()["error"] == "forbidden", (r.request.method, r.url, r.text)
         assert "token may not" in r.json()["message"]
@@ -74,6 +82,7 @@ def test_each_role_token_reaches_only_its_routes(shared_cluster, client):
     assert call(m + "/api/v1/status", "GET", cl.token).status_code == 200
     assert call(cs + "/internal/chunks/00000000000fffff", "GET", cl.token).status_code == 404  # allowed, absent
     assert call(cs + "/internal/info", "GET", cl.internal_token).status_code == 200
+    assert call(cs + "/internal/meta", "GET", cl.internal_token).status_code not in (401, 403)
 
 
 def test_health_is_open(shared_cluster):

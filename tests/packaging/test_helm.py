@@ -221,6 +221,7 @@ def test_render(render, values):
     margs = sts["master"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--chunk-size={'16Mi' if full else '64Mi'}" in margs
     assert f"--replication={2 if full else 3}" in margs
+    assert "--metadata-replication=sync" in margs and "--metadata-copies=2" in margs  # issue #16: sync by default
     if full:
         assert sts["master"]["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
         assert sts["chunkserver"]["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "100Gi"
@@ -325,6 +326,7 @@ def test_render(render, values):
     (["--set", "chunkservers.topologySpread.whenUnsatisfiable=Maybe"], "at '/chunkservers/topologySpread/whenUnsatisfiable'"),
     (["--set", "chunkservers.persistence.size=lots"], "at '/chunkservers/persistence/size'"),
     (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
+    (["--set", "master.metadataReplication.mode=maybe"], "at '/master/metadataReplication/mode'"),
     (["--set", "chunkserver.replicas=3"], "additional properties 'chunkserver' not allowed"),
 ])
 def test_values_schema_rejects_bad_values(helm_cmd, args, message):

@@ -57,3 +57,28 @@ def test_cli_only_in_process(tmp_path: Path) -> None:
     assert doc["config"]["only"] == ["capture", "seed"]
     assert (tmp_path / "snapshot_scaling.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("kubegfs-bench-")]  # temp cleaned
+
+
+def test_hdfs_peer_pairs_rows_by_id_and_ratio_means_kubegfs_faster() -> None:
+    from kubegfs_dev.bench import hdfs_peer
+
+    cfg = hdfs_peer.PeerCfg(256 << 20, [10_000], 1.0, 2)
+    hdfs = {"hadoop_version": "3.5.0", "rows": [
+        {"id": "stat/4", "unit": "ops/s", "samples": [1000.0, 3000.0], "threads": 4},
+        {"id": "snapshot/10000", "unit": "s", "samples": [0.002], "files": 10_000},
+        {"id": "diff/10000", "unit": "s", "samples": [0.01], "files": 10_000},
+    ]}
+    kube = {"stat/4": report.Row("hdfs-peer", "k", "ops/s", [4000.0]),
+            "snapshot/10000": report.Row("hdfs-peer", "k", "s", [0.02])}
+    pairs = hdfs_peer.pair_up(kube, hdfs, cfg)
+    assert [p.case for p in pairs] == ["stat of a random file, 4 threads",
+                                       "snapshot after 100 changed, 10k files (kubegfs: to Ready)",
+                                       "snapshot diff, 10k files, 100 changed"]
+    assert pairs[0].speed == 2.0  # 4000/s vs a 2000/s median
+    assert abs(pairs[1].speed - 0.1) < 1e-9  # 10× HDFS's time is a tenth of its speed
+    rows = hdfs_peer.ratio_rows(pairs)
+    assert [r.met for r in rows] == [True, False]  # diff has no kubegfs side: no ratio row
+    assert rows[0].extra["kubegfs"] == [4000.0] and rows[0].extra["threads"] == 4
+    md = hdfs_peer.markdown_peer_table(pairs)
+    assert "| stat of a random file, 4 threads | 4,000/s | 2,000/s | 2.00 | ≥ 1 ✓ |" in md
+    assert "not built" in md.splitlines()[-1]

@@ -15,9 +15,14 @@ Benchmarks (``--only`` names):
 * ``during``     p99 latency of a write stream while snapshots are being taken vs without
 * ``throughput`` durable creates/s from 1/4/16 client threads, stat/s and ls/s
 * ``datapath``   1 GiB put/get at RF=3 vs the machine's disk and loopback ceilings
+* ``recovery``   durable creates with metadata replication sync/async/off; ``master recover``
+                 time of the largest size
+* ``hdfs``       (only when asked: ``--hdfs`` or ``--only hdfs``) the same workloads on kubegfs
+                 and an HDFS MiniDFSCluster, side by side with a ratio column (``hdfs_peer``)
 
 Outputs: a table on stdout, ``DIR/results.json`` (raw samples + machine), PNG plots in ``DIR``.
 """
 
-ALL = ("capture", "seed", "snapshot", "memory", "during", "throughput", "datapath", "operator")
+ALL = ("capture", "seed", "snapshot", "memory", "during", "throughput", "datapath", "operator", "recovery")
 CLUSTER_BENCHES = {"snapshot", "memory", "during"}
+PEERS = ("hdfs",)  # never in the default set: the first build fetches ~140 MB from Maven Central

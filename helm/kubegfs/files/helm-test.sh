@@ -2,7 +2,8 @@
 # tests/packaging/test_monitoring.py runs this very script against real kubegfs processes.
 set -eu
 tmp="${TMPDIR:-/tmp}"
-id="helm-test-$(date +%s)-$$"
+# (no `$$`: the script is a container arg, where Kubernetes turns `$$` into a literal `$`)
+id="helm-test-$(date +%s)-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')"
 dir="/$id"
 echo "kubegfs helm test $id" > "$tmp/in"
 kubegfs fs mkdir -p "$dir"

@@ -1,0 +1,111 @@
+"""HTTP routes of a chunkserver's metadata copy (``metastore``), used by the master's
+``metareplica`` to ship checkpoints and op-log batches and by ``recover`` to read them back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import InvalidArgument, PayloadTooLarge
+from ..web import json_response, query_int
+from .metastore import MetaStore
+
+MAX_META_BODY = 1 << 34  # a checkpoint of a very large namespace
+
+
+def add_routes(router: web.UrlDispatcher, store: MetaStore) -> None:
+    api = _Api(store)
+    router.add_get("/internal/meta", api.inventory)
+    router.add_post("/internal/meta/reset", api.reset)
+    router.add_post("/internal/meta/log", api.append)
+    router.add_put("/internal/meta/checkpoints/{seq}", api.put_checkpoint)
+    router.add_get("/internal/meta/checkpoints/{seq}", api.get_checkpoint)
+    router.add_get("/internal/meta/log", api.get_log)
+
+
+class _Api:
+    def __init__(self, store: MetaStore) -> None:
+        self.store = store
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    @staticmethod
+    def _history(request: web.Request) -> str:
+        h = request.query.get("history", "")
+        if not h or len(h) > 128:
+            raise InvalidArgument("history is required (at most 128 characters)")
+        return h
+
+    @staticmethod
+    def _sha(request: web.Request) -> str:
+        sha = request.headers.get("X-Kubegfs-Sha256", "")
+        if len(sha) != 64:
+            raise InvalidArgument("missing or malformed X-Kubegfs-Sha256 header")
+        return sha
+
+    async def inventory(self, request: web.Request) -> web.Response:
+        return json_response(await self._run(self.store.inventory))
+
+    async def reset(self, request: web.Request) -> web.Response:
+        base = query_int(request, "base", None, 0)
+        await self._run(self.store.reset, self._history(request), base)
+        return json_response({"history": self.store.history, "last_seq": self.store.last_seq})
+
+    async def append(self, request: web.Request) -> web.Response:
+        first = query_int(request, "first", None, 1)
+        last = query_int(request, "last", None, 1)
+        if last < first:
+            raise InvalidArgument("last must not be below first")
+        data = await _body(request)
+        got = await self._run(self.store.append, self._history(request), first, last, data, self._sha(request))
+        return json_response({"last_seq": got})
+
+    async def put_checkpoint(self, request: web.Request) -> web.Response:
+        seq = _seq(request)
+        data = await _body(request)
+        await self._run(self.store.put_checkpoint, self._history(request), seq, data, self._sha(request))
+        return json_response({"checkpoint": seq}, status=201)
+
+    async def get_checkpoint(self, request: web.Request) -> web.StreamResponse:
+        return await _send_files(request, [self.store.checkpoint_path(_seq(request))])
+
+    async def get_log(self, request: web.Request) -> web.StreamResponse:
+        return await _send_files(request, self.store.segments())
+
+
+async def _body(request: web.Request) -> bytes:
+    """The whole body, streamed (the app's client_max_size is sized for chunk pieces)."""
+    if request.content_length is not None and request.content_length > MAX_META_BODY:
+        raise PayloadTooLarge(f"body larger than {MAX_META_BODY} bytes")
+    pieces = []
+    n = 0
+    async for piece in request.content.iter_chunked(1 << 20):
+        n += len(piece)
+        if n > MAX_META_BODY:
+            raise PayloadTooLarge(f"body larger than {MAX_META_BODY} bytes")
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _seq(request: web.Request) -> int:
+    raw = request.match_info["seq"]
+    if not raw.isdigit() or len(raw) > 20:
+        raise InvalidArgument("seq must be a non-negative integer")
+    return int(raw)
+
+
+async def _send_files(request: web.Request, files: list[Path]) -> web.StreamResponse:
+    """The files' bytes one after the other (log segments concatenate into one valid log)."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    await resp.prepare(request)
+    for path in files:
+        with open(path, "rb") as f:
+            while piece := f.read(1 << 20):
+                await resp.write(piece)
+    await resp.write_eof()
+    return resp

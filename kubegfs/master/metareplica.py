@@ -1,0 +1,455 @@
+"""Replicated metadata: the master's checkpoints and op log, copied to chunkservers in other zones.
+
+GFS replicates the master's operation log on remote machines before answering a client; so do
+we. The replicator picks ``copies`` live chunkservers, each in a zone of its own where it can
+(``choose_targets``), and keeps on each a *complete* copy of the master's data directory
+(``chunkserver/metastore.py``): a checkpoint and every op after it.
+
+Modes:
+  ``sync``  every group-committed batch is sent to the in-sync targets before the ops in it are
+            acknowledged: an acknowledged op is durable here and on every in-sync copy.
+  ``async`` batches are sent in the background; a writer waits only when the oldest unsent batch
+            is older than ``max_lag_seconds`` (the bound on what losing the master can cost).
+  ``off``   local only.
+
+A target that fails a batch drops out of sync (the op is still acknowledged by the others, and
+the status shows the copy count short: ``MetadataReplicated`` False); the background loop brings
+it back from the files on disk: it appends what the copy misses when the copy follows this log
+(``history``) and is not ahead of it, else resets it to the newest local checkpoint + log. All
+sends to targets are serialised by one lock, so each copy sees its records in order.
+
+``fetch_newest`` is the way back: the newest complete copy among the chunkservers, verified
+(checkpoint sha256, record CRCs and seq order) by replaying it in a staging directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .. import metrics as M
+from ..errors import KubegfsError, from_json
+from ..formats import frame, packb, record_digest, scan_log, sha256_hex
+from ..metalayout import checkpoint_name, seq_of
+from ..topology import Location
+from .oplog import OpLog, RecoveryReport, recover
+from .state import MasterState
+
+log = logging.getLogger("kubegfs.master.metareplica")
+
+MODES = ("sync", "async", "off")
+BATCH_BYTES = 4 << 20  # bootstrap sends the log in pieces of about this size
+_NET_ERRORS = (TimeoutError, KubegfsError, aiohttp.ClientError, OSError)
+
+
+@dataclass(frozen=True)
+class MetaReplicationConfig:
+    mode: str = "sync"
+    copies: int = 2
+    max_lag_seconds: float = 5.0  # async only
+    timeout_seconds: float = 10.0  # one send to one target
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    address: str
+    location: Location
+
+
+def choose_targets(candidates: list[Candidate], current: list[str], copies: int, master: Location) -> list[str]:
+    """Up to ``copies`` chunkservers, one per zone where possible, never on the master's node
+    unless nothing else is left. Current targets that are still candidates stay (a change means
+    shipping a whole copy). Pure."""
+    by_id = {c.id: c for c in candidates}
+    chosen = [i for i in current if i in by_id][:copies]
+    zones = {by_id[i].location.zone for i in chosen}
+    rest = sorted((c for c in candidates if c.id not in chosen),
+                  key=lambda c: (bool(master.node) and c.location.node == master.node, c.location.zone, c.id))
+    for c in rest:  # new zones first
+        if len(chosen) < copies and c.location.zone not in zones:
+            chosen.append(c.id)
+            zones.add(c.location.zone)
+    for c in rest:  # then any
+        if len(chosen) < copies and c.id not in chosen:
+            chosen.append(c.id)
+    return chosen
+
+
+@dataclass
+class _Batch:
+    data: bytes
+    first: int
+    last: int
+    t: float
+    fut: asyncio.Future[None]
+
+
+@dataclass
+class Target:
+    id: str
+    address: str
+    zone: str
+    in_sync: bool = False
+    last_seq: int = 0
+    error: str = ""
+
+
+class MetaReplicator:
+    def __init__(self, cfg: MetaReplicationConfig, data_dir: Path, history: Callable[[], str],
+                 session: Callable[[], aiohttp.ClientSession | None],
+                 candidates: Callable[[], list[Candidate]], location: Location) -> None:
+        if cfg.mode not in MODES:
+            raise ValueError(f"metadata replication mode must be one of {', '.join(MODES)}")
+        self.cfg = cfg
+        self.dir = data_dir
+        self.history = history
+        self.session = session
+        self.candidates = candidates
+        self.location = location
+        self.targets: dict[str, Target] = {}
+        self.local_seq = 0
+        self._lock = asyncio.Lock()
+        self._queue: deque[_Batch] = deque()
+        self._wake = asyncio.Event()
+        self._kick = asyncio.Event()  # run a maintenance pass now
+        self._gave_up = False
+        self.shipped_batches = 0
+        self.bootstraps = 0
+
+    def attach(self, oplog: OpLog) -> None:
+        self.local_seq = oplog.next_seq - 1
+        oplog.replicate = None if self.cfg.mode == "off" else self.on_durable
+
+    # ------------------------------------------------------------------ the write path
+
+    def on_durable(self, data: bytes, first: int, last: int) -> tuple[asyncio.Future[None], bool] | None:
+        """A batch is being written locally (called in order by the op log): queue it for the
+        copies. Returns the future of it reaching them and whether its waiters wait for that
+        (sync; async only when the copies trail by more than the lag bound), or None when no copy
+        is in sync (they are rebuilt from the files when they come back)."""
+        self.local_seq = last
+        if not self._queue and not any(t.in_sync for t in self.targets.values()) and not self._awaiting_copy():
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Batch(data, first, last, time.monotonic(), fut))
+        self._wake.set()
+        lagging = time.monotonic() - self._queue[0].t > self.cfg.max_lag_seconds
+        return fut, self.cfg.mode == "sync" or lagging
+
+    async def _shipper(self) -> None:
+        """Sends what queued up meanwhile as one batch (group commit for the copies)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue and self._awaiting_copy():
+                if time.monotonic() - self._queue[0].t > self.cfg.timeout_seconds:
+                    self._gave_up = True  # degraded: stop waiting until a copy is in sync again
+                    log.error("no metadata copy came into sync within %gs: acknowledging on the local "
+                              "log alone", self.cfg.timeout_seconds)
+                    break
+                self._kick.set()  # bring a copy into sync now rather than at the next pass
+                await asyncio.sleep(0.02)
+            async with self._lock:
+                await self._ship_queued()
+
+    def _awaiting_copy(self) -> bool:
+        """sync: no copy is in sync yet but chunkservers are there (e.g. just after a restart):
+        acknowledgements wait for one to be brought in sync, for at most ``timeout_seconds``;
+        after that they go out on the local log alone (the condition says Degraded) until a copy
+        is in sync again."""
+        return (self.cfg.mode == "sync" and not self._gave_up
+                and not any(t.in_sync for t in self.targets.values()) and bool(self.candidates()))
+
+    async def _ship_queued(self) -> None:
+        """Call with the lock held."""
+        while self._queue:
+            items = list(self._queue)
+            data = b"".join(b.data for b in items) if len(items) > 1 else items[0].data
+            await self._ship(data, items[0].first, items[-1].last)
+            for b in items:
+                self._queue.popleft()
+                if not b.fut.done():
+                    b.fut.set_result(None)
+
+    async def _ship(self, data: bytes, first: int, last: int) -> None:
+        live = [t for t in self.targets.values() if t.in_sync]
+        if not live:
+            return
+        sha = sha256_hex(data)
+        await asyncio.gather(*(self._append(t, data, first, last, sha) for t in live))
+        self.shipped_batches += 1
+
+    async def _append(self, t: Target, data: bytes, first: int, last: int, sha: str) -> None:
+        try:
+            await self._call(t, "POST", "/internal/meta/log",
+                             params={"history": self.history(), "first": str(first), "last": str(last)},
+                             data=data, headers={"X-Kubegfs-Sha256": sha})
+            t.last_seq = last
+        except _NET_ERRORS as exc:
+            self._drop(t, f"log batch {first}..{last}: {exc}")
+
+    def _drop(self, t: Target, why: str) -> None:
+        if t.in_sync:
+            log.warning("metadata copy on %s out of sync: %s", t.id, why)
+            M.M_META_DROPS.inc()
+        t.in_sync = False
+        t.error = why
+
+    async def on_checkpoint(self, seq: int) -> None:
+        """A local checkpoint was written: the copies get it too (it lets them prune)."""
+        if self.cfg.mode == "off":
+            return
+        async with self._lock:
+            await self._ship_queued()  # the copies get the log up to the checkpoint first
+            live = [t for t in self.targets.values() if t.in_sync]
+            if not live:
+                return
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, (self.dir / checkpoint_name(seq)).read_bytes)
+            await asyncio.gather(*(self._put_checkpoint(t, seq, data) for t in live))
+
+    async def _put_checkpoint(self, t: Target, seq: int, data: bytes) -> bool:
+        try:
+            await self._call(t, "PUT", f"/internal/meta/checkpoints/{seq}", params={"history": self.history()},
+                             data=data, headers={"X-Kubegfs-Sha256": sha256_hex(data)})
+            return True
+        except _NET_ERRORS as exc:
+            self._drop(t, f"checkpoint {seq}: {exc}")
+            return False
+
+    async def _call(self, t: Target, method: str, path: str, **kw: Any) -> Any:
+        s = self.session()
+        if s is None:
+            raise OSError("no client session yet")
+        async with s.request(method, t.address + path, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+                             **kw) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 300:
+                raise from_json(resp.status, body)
+            return body
+
+    # ------------------------------------------------------------------ the background loop
+
+    async def run(self) -> None:
+        if self.cfg.mode == "off":
+            return
+        shipper = asyncio.create_task(self._shipper())
+        try:
+            while True:
+                try:
+                    await self.maintain()
+                except Exception:  # noqa: BLE001 - keep maintaining
+                    log.exception("metadata replication pass failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), 1.0)
+                self._kick.clear()
+        finally:
+            shipper.cancel()
+            for b in self._queue:  # shutting down: what is durable locally is answered
+                if not b.fut.done():
+                    b.fut.set_result(None)
+
+    async def maintain(self) -> None:
+        """Choose targets; bring every target that is out of sync back (under the lock)."""
+        cands = {c.id: c for c in self.candidates()}
+        chosen = choose_targets(list(cands.values()), list(self.targets), self.cfg.copies, self.location)
+        for tid in list(self.targets):
+            if tid not in chosen:
+                log.info("metadata copy on %s no longer maintained", tid)
+                del self.targets[tid]
+        for tid in chosen:
+            if tid not in self.targets:
+                c = cands[tid]
+                self.targets[tid] = Target(tid, c.address, c.location.zone)
+        for t in list(self.targets.values()):
+            if not t.in_sync:
+                async with self._lock:
+                    await self._bootstrap(t)
+        self.update_gauges()
+
+    async def _bootstrap(self, t: Target) -> None:
+        loop = asyncio.get_running_loop()
+        upto = self.local_seq
+        history = self.history()
+        try:
+            inv = await self._call(t, "GET", "/internal/meta")
+            cks = sorted(self.dir.glob("checkpoint-*.ckpt"))
+            base = seq_of(cks[-1]) if cks else 0
+            theirs = int(inv.get("last_seq", -1))
+            same = inv.get("history") == history and base <= theirs <= upto and (
+                theirs == base or inv.get("last_digest") == await loop.run_in_executor(
+                    None, local_digest, self.dir, theirs))
+            if same:
+                start = theirs  # the copy follows this log: send what it misses
+            else:
+                await self._call(t, "POST", "/internal/meta/reset", params={"history": history, "base": str(base)})
+                if base:
+                    data = await loop.run_in_executor(None, cks[-1].read_bytes)
+                    if not await self._put_checkpoint(t, base, data):
+                        return
+                start = base
+            sent = start
+            for first, last, data in await loop.run_in_executor(None, read_batches, self.dir, start, upto):
+                sent = last
+                await self._call(t, "POST", "/internal/meta/log",
+                                 params={"history": history, "first": str(first), "last": str(last)},
+                                 data=data, headers={"X-Kubegfs-Sha256": sha256_hex(data)})
+        except _NET_ERRORS as exc:
+            t.error = f"bootstrap: {exc}"
+            return
+        # records past ``sent`` are still being written here: they are in the queue, which is
+        # shipped to this copy next (the copy skips what it holds already)
+        if sent < upto and not (self._queue and self._queue[0].first <= sent + 1):
+            t.error = f"bootstrap: seq {sent + 1}..{upto} not on the local disk yet; retrying"
+            return
+        t.in_sync, t.last_seq, t.error = True, sent, ""
+        self._gave_up = False
+        self.bootstraps += 1
+        log.info("metadata copy on %s (%s) in sync at seq %d (sent from %d)", t.id, t.zone or "no zone", sent, start)
+
+    # ------------------------------------------------------------------ reporting
+
+    def in_sync(self) -> int:
+        return sum(1 for t in self.targets.values() if t.in_sync)
+
+    def lag_seconds(self) -> float:
+        """How far the copies trail: the oldest unsent batch's age (0 when every op is copied)."""
+        return time.monotonic() - self._queue[0].t if self._queue else 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": self.cfg.mode, "copies": self.cfg.copies, "in_sync": self.in_sync(),
+                "local_seq": self.local_seq, "lag_seconds": round(self.lag_seconds(), 3),
+                "max_lag_seconds": self.cfg.max_lag_seconds,
+                "targets": [t.__dict__ for t in self.targets.values()]}
+
+    def condition(self) -> dict[str, Any]:
+        n = self.in_sync()
+        if self.cfg.mode == "off":
+            return {"type": "MetadataReplicated", "status": "False", "reason": "Off",
+                    "message": "metadata replication is off: losing the master's volume loses all but snapshots"}
+        ok = n >= self.cfg.copies
+        zones = sorted({t.zone for t in self.targets.values() if t.in_sync})
+        return {"type": "MetadataReplicated", "status": "True" if ok else "False",
+                "reason": "InSync" if ok else "Degraded",
+                "message": f"{n} of {self.cfg.copies} copies in sync ({self.cfg.mode}; zones {', '.join(zones) or '-'})"}
+
+    def update_gauges(self) -> None:
+        M.M_META_IN_SYNC.set(self.in_sync())
+        M.M_META_LAG.set(self.lag_seconds())
+
+
+def local_digest(data_dir: Path, seq: int) -> str:
+    """``record_digest`` of the local log's record ``seq`` ("" if it is not there): a copy whose
+    last record differs took one this master never made durable (a crash) and is reset."""
+    for seg in sorted(data_dir.glob("log-*.wal")):
+        for rec in scan_log(seg.read_bytes()).records:
+            if isinstance(rec, dict) and rec.get("seq") == seq:
+                return record_digest(rec)
+    return ""
+
+
+def read_batches(data_dir: Path, after: int, upto: int) -> list[tuple[int, int, bytes]]:
+    """The local log's records ``after < seq <= upto``, re-framed in batches (blocking). The
+    newest batches may still be on their way to the disk: the list can end early."""
+    out: list[tuple[int, int, bytes]] = []
+    buf: list[bytes] = []
+    first = n = 0
+    last = after
+    for seg in sorted(data_dir.glob("log-*.wal")):
+        for rec in scan_log(seg.read_bytes()).records:
+            seq = rec.get("seq") if isinstance(rec, dict) else None
+            if not isinstance(seq, int) or seq <= last or seq > upto:
+                continue
+            if seq != last + 1:
+                raise OSError(f"local log has a gap before seq {seq}")
+            if not buf:
+                first = seq
+            buf.append(frame(packb(rec)))
+            n += len(buf[-1])
+            last = seq
+            if n >= BATCH_BYTES:
+                out.append((first, last, b"".join(buf)))
+                buf, n = [], 0
+    if buf:
+        out.append((first, last, b"".join(buf)))
+    return out
+
+
+# ---------------------------------------------------------------------- recovery from the copies
+
+
+@dataclass
+class MetaCopy:
+    """A verified copy: staged files and the state they replay to."""
+
+    address: str
+    history: str
+    stage: Path
+    state: MasterState
+    report: RecoveryReport
+    problems: list[str] = field(default_factory=list)
+
+    def move_into(self, data_dir: Path) -> None:
+        from ..fsutil import fsync_dir
+
+        for p in self.stage.iterdir():
+            p.rename(data_dir / p.name)
+        fsync_dir(data_dir)
+        self.stage.rmdir()
+
+
+async def fetch_newest(session: aiohttp.ClientSession, addresses: list[str], data_dir: Path,
+                       problems: list[str]) -> MetaCopy | None:
+    """The newest copy that replays completely (fewer problems beat more ops only never)."""
+    for old in data_dir.glob("recover-staging-*"):  # left by a recovery that was killed
+        shutil.rmtree(old, ignore_errors=True)
+    invs: list[tuple[int, str, dict[str, Any]]] = []
+    for addr in addresses:
+        try:
+            async with session.get(f"{addr}/internal/meta") as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise from_json(resp.status, body)
+            if body.get("history") and (body.get("checkpoints") or body.get("base") == 0) and body.get("segments"):
+                invs.append((int(body["last_seq"]), addr, body))
+        except _NET_ERRORS as exc:
+            problems.append(f"metadata copy on {addr} unreadable: {exc}")
+    loop = asyncio.get_running_loop()
+    for last_seq, addr, inv in sorted(invs, key=lambda x: -x[0]):
+        stage = data_dir / f"recover-staging-{time.time_ns()}"
+        stage.mkdir()
+        try:
+            for ck in inv["checkpoints"][-1:]:
+                data = await _get_bytes(session, f"{addr}/internal/meta/checkpoints/{ck['seq']}")
+                if sha256_hex(data) != ck["sha256"]:
+                    raise KubegfsError(f"checkpoint {ck['seq']} fails its sha256")
+                await loop.run_in_executor(None, (stage / checkpoint_name(ck["seq"])).write_bytes, data)
+            log_bytes = await _get_bytes(session, f"{addr}/internal/meta/log")
+            first = inv["segments"][0]["first"]
+            await loop.run_in_executor(None, (stage / f"log-{first:020d}.wal").write_bytes, log_bytes)
+            state, rep = await loop.run_in_executor(None, recover, stage, 0, 0)
+            if rep.problems or state.seq != last_seq:
+                raise KubegfsError(f"replays to seq {state.seq} of {last_seq}: {'; '.join(rep.problems)}")
+            return MetaCopy(addr, str(inv["history"]), stage, state, rep)
+        except (*_NET_ERRORS, ValueError) as exc:
+            problems.append(f"metadata copy on {addr} incomplete: {exc}")
+            shutil.rmtree(stage, ignore_errors=True)
+    return None
+
+
+async def _get_bytes(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as resp:
+        if resp.status != 200:
+            raise from_json(resp.status, await resp.json(content_type=None))
+        return await resp.read()

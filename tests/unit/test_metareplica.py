@@ -1,0 +1,120 @@
+"""Metadata copies without servers: target choice, the chunkserver's store, the local log reader."""
+
+import pytest
+
+from kubegfs.chunkserver.metastore import MetaStore
+from kubegfs.errors import Conflict, CorruptData
+from kubegfs.formats import frame, packb, sha256_hex
+from kubegfs.master.metareplica import Candidate, choose_targets, read_batches
+from kubegfs.master.oplog import recover
+from kubegfs.metalayout import checkpoint_name, segment_name
+from kubegfs.topology import Location
+
+
+def cand(i, zone, node=None):
+    return Candidate(i, f"http://{i}", Location(node or i, zone, "r"))
+
+
+def test_targets_spread_over_zones_avoid_the_master_node_and_stay_put():
+    cs = [cand("a1", "a"), cand("a2", "a"), cand("b1", "b"), cand("m", "c", node="master-node")]
+    master = Location("master-node", "c", "r")
+    assert choose_targets(cs, [], 2, master) == ["a1", "b1"]
+    assert choose_targets(cs, ["a2"], 2, master) == ["a2", "b1"]  # a current target stays
+    assert choose_targets(cs, [], 3, master) == ["a1", "b1", "m"]  # master's node only as a last resort
+    assert choose_targets(cs[:2], ["gone"], 2, master) == ["a1", "a2"]  # one zone left: still two copies
+
+
+def batch(first, last):
+    data = b"".join(frame(packb({"op": "mkdir", "path": f"/d{i}", "parents": False, "mode": 0o755,
+                                 "mtime": i, "seq": i})) for i in range(first, last + 1))
+    return data, sha256_hex(data)
+
+
+def test_store_accepts_only_contiguous_verified_batches(tmp_path):
+    st = MetaStore(tmp_path)
+    st.reset("h1", 0)
+    data, sha = batch(1, 3)
+    assert st.append("h1", 1, 3, data, sha) == 3
+    assert st.append("h1", 1, 3, data, sha) == 3  # a repeat is harmless
+    with pytest.raises(Conflict) as ei:
+        st.append("h1", 5, 6, *batch(5, 6))
+    assert ei.value.details["last_seq"] == 3
+    with pytest.raises(Conflict):
+        st.append("h2", 4, 4, *batch(4, 4))  # another lineage
+    with pytest.raises(CorruptData):
+        st.append("h1", 4, 4, batch(4, 4)[0], "0" * 64)
+    bad = bytearray(batch(4, 5)[0])
+    bad[-1] ^= 1
+    with pytest.raises(CorruptData):
+        st.append("h1", 4, 5, bytes(bad), sha256_hex(bytes(bad)))
+    with pytest.raises(CorruptData):
+        st.append("h1", 4, 4, *batch(4, 5))  # says 4..4, holds 4..5
+    assert st.inventory()["last_seq"] == 3
+    assert st.append("h1", 2, 5, *batch(2, 5)) == 5  # an overlap: only 4..5 are added
+    state, rep = recover(tmp_path / "meta", 0, 0)
+    assert state.seq == 5 and not rep.problems
+
+
+def test_store_survives_a_torn_tail_and_a_restart(tmp_path):
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    st.append("h", 1, 4, *batch(1, 4))
+    seg = tmp_path / "meta" / segment_name(1)
+    seg.write_bytes(seg.read_bytes()[:-3])  # a crash mid-write
+    again = MetaStore(tmp_path)
+    assert (again.history, again.last_seq) == ("h", 3)
+    again.append("h", 4, 4, *batch(4, 4))
+    state, rep = recover(tmp_path / "meta", 0, 0)
+    assert state.seq == 4 and rep.problems == []
+
+
+def test_checkpoints_must_not_run_ahead_and_old_ones_are_pruned(tmp_path):
+    from kubegfs.master.checkpoint import encode_checkpoint
+    from kubegfs.master.state import MasterState
+
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    st.append("h", 1, 2, *batch(1, 2))
+    ms = MasterState(1024, 1)
+    for i in (1, 2):
+        ms.apply({"op": "mkdir", "path": f"/d{i}", "parents": False, "mode": 0o755, "mtime": i, "seq": i})
+    ck = encode_checkpoint(ms.checkpoint_view())
+    with pytest.raises(Conflict):
+        st.put_checkpoint("h", 9, ck, sha256_hex(ck))
+    st.put_checkpoint("h", 2, ck, sha256_hex(ck))
+    st.append("h", 3, 5, *batch(3, 5))
+    inv = st.inventory()
+    assert [c["seq"] for c in inv["checkpoints"]] == [2] and [s["first"] for s in inv["segments"]] == [1, 3]
+    state, rep = recover(tmp_path / "meta", 0, 0)
+    assert state.seq == 5 and state.n_dirs == 6 and not rep.problems
+    assert (tmp_path / "meta" / checkpoint_name(2)).with_suffix(".sha256").read_text() == sha256_hex(ck)
+
+
+def test_read_batches_reframes_the_local_log_range(tmp_path):
+    (tmp_path / segment_name(1)).write_bytes(batch(1, 5)[0])
+    (tmp_path / segment_name(6)).write_bytes(batch(6, 8)[0])
+    out = read_batches(tmp_path, 3, 7)
+    assert [(f, la) for f, la, _ in out] == [(4, 7)]
+    assert out[0][2] == batch(4, 7)[0]
+    assert read_batches(tmp_path, 0, 9)[-1][1] == 8  # the newest may not be on disk yet
+    (tmp_path / segment_name(6)).unlink()
+    (tmp_path / segment_name(7)).write_bytes(batch(7, 8)[0])
+    with pytest.raises(OSError, match="gap before seq 7"):
+        read_batches(tmp_path, 0, 9)
+
+
+def test_a_copy_names_its_last_record_so_a_diverged_tail_is_noticed(tmp_path):
+    from kubegfs.formats import record_digest, scan_log
+    from kubegfs.master.metareplica import local_digest
+
+    st = MetaStore(tmp_path / "cs")
+    st.reset("h", 0)
+    st.append("h", 1, 3, *batch(1, 3))
+    (tmp_path / segment_name(1)).write_bytes(batch(1, 3)[0])  # the master's own log
+    assert st.inventory()["last_digest"] == local_digest(tmp_path, 3) != ""
+    assert MetaStore(tmp_path / "cs").last_digest == st.last_digest  # survives a restart
+    # the master crashed before record 3 was durable here and wrote another record 3 after
+    other = scan_log(batch(3, 3)[0]).records[0] | {"path": "/elsewhere"}
+    (tmp_path / segment_name(1)).write_bytes(batch(1, 2)[0] + frame(packb(other)))
+    assert local_digest(tmp_path, 3) == record_digest(other) != st.last_digest
+    assert local_digest(tmp_path, 9) == ""
