@@ -101,7 +101,7 @@ class Release:
 
     def remove(self) -> None:
         """Snapshots first (their finalizer needs the operator), then the release and namespace."""
-        self.kubectl("delete", "snapshots,restores", "-n", self.ns, "--all", "--timeout=120s", check=False)
+        self.kubectl("delete", "gsnap,grestore", "-n", self.ns, "--all", "--timeout=120s", check=False)
         self.cp.helm("uninstall", RELEASE, "-n", self.ns, "--wait", "--ignore-not-found", check=False)
         self.kubectl("delete", "namespace", self.ns, "--wait=false", "--ignore-not-found", check=False)
 

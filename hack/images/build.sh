@@ -179,7 +179,7 @@ build_runtime() {  # build_runtime SET
   local tag args=()
   tag=$(runtime_of "$1")
   [[ $1 == operator ]] && args=(--build-arg "EXTRAS=[operator]" --build-arg DATA=no --build-arg WORKDIR=/home/kubegfs
-    --build-arg "CHECK=zstandard, kopf, croniter, kubernetes.client, kubernetes.config, kubegfs_operator.main")
+    --build-arg "CHECK=zstandard, kopf, croniter, kubernetes.client, kubernetes.config, kubegfs_operator.main, kubegfs_operator.crds")
   local start=$SECONDS
   log "runtime ($1) -> $tag"
   if [[ $TOOL != docker ]]; then

@@ -335,6 +335,9 @@ def test_image_smoke(images: dict[str, str], component: str) -> None:
         assert p.returncode == 0, p.stderr
         p = run_in(ctr, "/opt/kubegfs/bin/kubegfs", "--version")
         assert p.returncode == 0 and VERSION in p.stdout, p.stdout + p.stderr
+        if component == "operator":  # what the chart's CRD-upgrade hook Job runs
+            p = run_in(ctr, "kubegfs-operator-crds", "--help")
+            assert p.returncode == 0 and "CRDs" in p.stdout, p.stdout + p.stderr
 
         # /data (master, chunkserver) is the user's; the image's files are not.
         if component != "operator":

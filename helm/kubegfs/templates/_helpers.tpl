@@ -280,3 +280,10 @@ tlsConfig:
       key: ca.crt
 {{- end }}
 {{- end }}
+
+{{/* Annotations of the CRD-upgrade hook's objects (templates/crds/): include "kubegfs.crdHookAnnotations" "-10" */}}
+{{- define "kubegfs.crdHookAnnotations" -}}
+helm.sh/hook: pre-upgrade
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end }}
