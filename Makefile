@@ -11,7 +11,7 @@ K8S_CACHE ?= $(HOME)/.cache/kubegfs/k8s
 PYTEST_ARGS ?=
 
 .PHONY: help venv run up down test test-core lint lint-chart bench bench-hdfs bench-quick chaos \
-        controlplane-build prometheus-build controlplane-up controlplane-down images helm-package clean \
+        controlplane-build prometheus-build helm-docs-build chart-readme controlplane-up controlplane-down images helm-package clean \
         cluster-up cluster-down cluster-images demo-cluster
 
 help: ## list the targets
@@ -49,8 +49,15 @@ lint: $(STAMP) ## ruff (incl. no pickle/marshal/eval/yaml.load), mypy, import co
 	$(BIN)/mypy kubegfs operator/kubegfs_operator devtools/kubegfs_dev
 	$(BIN)/lint-imports --no-cache
 
-lint-chart: controlplane-build ## helm lint --strict of the chart (needs the helm the control-plane build makes)
+lint-chart: controlplane-build helm-docs-build ## helm lint --strict of the chart; its README is what helm-docs makes
 	$(K8S_CACHE)/bin/helm lint --strict helm/kubegfs
+	bash hack/helm-docs/check.sh $(K8S_CACHE)/bin/helm-docs
+
+helm-docs-build: ## build/cache helm-docs from its Go module (the chart README generator)
+	bash hack/helm-docs/build.sh $(K8S_CACHE)
+
+chart-readme: helm-docs-build ## regenerate helm/kubegfs/README.md from values.yaml and README.md.gotmpl
+	$(K8S_CACHE)/bin/helm-docs --chart-search-root helm --log-level warning
 
 helm-package: controlplane-build ## package the Helm chart (CRDs and operator RBAC synced first) into dist/
 	hack/sync-crds.sh
