@@ -9,6 +9,7 @@ import time
 
 import pytest
 import requests
+import yaml
 
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
@@ -93,9 +94,10 @@ def test_recover_from_records_restores_every_snapshot_byte_identically(cluster):
     c2 = cluster.client()
     wait_for(lambda: len(c2.status()["cluster"]["foreign_chunkservers"]) == 3, what="all chunkservers refused")
     out = subprocess.run([sys.executable, "-m", "kubegfs", "master", "recover", "--from", "records",
-                          "--master", cluster.master_url, "--token", cluster.token, "--json"],
+                          "--master", cluster.master_url, "--token", cluster.token, "-o", "yaml"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["source"] == "records"  # -o as on every command that prints an object
     wait_for(lambda: c2.status()["chunkservers"]["alive"] == 3, what="chunkservers accepted again")
     st = c2.status()
     assert not st["cluster"]["refusing"] and st["cluster"]["cluster_id"] == c2.status()["cluster"]["cluster_id"]

@@ -28,7 +28,8 @@ def test_every_command_and_option_has_help():
 
 
 def test_list_and_show_commands_take_output():
-    for path in (["fs", "ls"], ["fs", "stat"], ["snapshot", "list"], ["snapshot", "show"], ["status"]):
+    for path in (["fs", "ls"], ["fs", "stat"], ["snapshot", "list"], ["snapshot", "show"], ["status"],
+                 ["master", "recover"]):
         cmd = main
         for name in path:
             cmd = cmd.commands[name]
@@ -45,3 +46,9 @@ def test_bash_completion_completes_commands():
     p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "kubegfs")], env=env,
                        capture_output=True, text=True, timeout=30)
     assert "plain,list" in p.stdout.splitlines(), p.stdout + p.stderr
+
+
+def test_master_without_data_is_a_usage_error():
+    p = subprocess.run([sys.executable, "-m", "kubegfs", "master", "--token", "t"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "--data is required" in p.stderr and "Traceback" not in p.stderr, p.stderr
