@@ -145,4 +145,4 @@ def test_api_server_egress_is_narrowed_to_the_api_server(controlplane, helm_cmd)
             if {p["port"] for p in rule.get("ports", [])} == {443, 6443}:
                 seen += 1
                 assert {t["ipBlock"]["cidr"] for t in rule["to"]} == want, json.dumps(rule)
-    assert seen == 3  # operator, master and chunkservers (topologyFromNode)
+    assert seen == 4  # operator, master, chunkservers (topologyFromNode), the CRD-upgrade hook
