@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,45 @@ HOOK = "helm.sh/hook"
 
 def chart_crds() -> dict[str, dict[str, Any]]:
     return {f.stem + ".json": yaml.safe_load(f.read_text()) for f in CRD_FILES}
+
+
+def put_crd(kubectl, crd: dict[str, Any]) -> None:
+    """``crd`` in place of whatever is installed: replaced, never deleted (that would delete every
+    object of the kind, in every namespace)."""
+    now = kubectl("get", "crd", crd["metadata"]["name"], "-o", "json", check=False)
+    if now.returncode != 0:
+        kubectl("create", "-f", "-", input=json.dumps(crd))
+        return
+    rv = json.loads(now.stdout)["metadata"]["resourceVersion"]
+    kubectl("replace", "-f", "-", input=json.dumps(crd | {"metadata": crd["metadata"] | {"resourceVersion": rv}}))
+
+
+def install_older_snapshot_crd(kubectl) -> tuple[dict[str, Any], str]:
+    """The Snapshot CRD as an older chart had it (a printer column and a spec field fewer), with a
+    label someone else added; returns the chart's current one and its name."""
+    snap = chart_crds()["kubegfs.io_snapshots.json"]
+    old = json.loads(json.dumps(snap))
+    v = old["spec"]["versions"][0]
+    v["additionalPrinterColumns"] = [c for c in v["additionalPrinterColumns"] if c["name"] != "Reason"]
+    del v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["deletionPolicy"]
+    put_crd(kubectl, old)
+    kubectl("label", "crd", snap["metadata"]["name"], "team=storage", "--overwrite")
+    return snap, snap["metadata"]["name"]
+
+
+def assert_current(kubectl, snap: dict[str, Any]) -> None:
+    got = json.loads(kubectl("get", "crd", snap["metadata"]["name"], "-o", "json").stdout)
+    cols = [c["name"] for c in got["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert cols == [c["name"] for c in snap["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert "deletionPolicy" in got["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"]
+    assert got["metadata"]["labels"]["team"] == "storage"
+
+
+def run_crds_command(crd_dir: Path, kubeconfig: Path) -> subprocess.CompletedProcess[str]:
+    """What the hook's container runs (``kubegfs-operator-crds /crds``), here as a local process."""
+    return subprocess.run([sys.executable, "-m", "kubegfs_operator.crds", str(crd_dir)], capture_output=True,
+                          text=True, timeout=120, check=False, env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin"})
 
 
 def hook_objects(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -139,21 +179,7 @@ def test_the_hook_upgrades_an_old_crd_with_its_own_rbac(controlplane, k8s_namesp
     rendered = helm_cmd("template", "kg", str(CHART), "--namespace", ns,
                         "--show-only", "templates/crds/upgrade-job.yaml").stdout
     objs = [d for d in yaml.safe_load_all(rendered) if d]
-    snap = chart_crds()["kubegfs.io_snapshots.json"]
-    old = json.loads(json.dumps(snap))
-    v = old["spec"]["versions"][0]
-    v["additionalPrinterColumns"] = [c for c in v["additionalPrinterColumns"] if c["name"] != "Reason"]
-    del v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["deletionPolicy"]
-    name = snap["metadata"]["name"]
-    # the old CRD in place of whatever is installed (replaced, never deleted: that would delete
-    # every Snapshot object with it)
-    now = kubectl("get", "crd", name, "-o", "json", check=False)
-    if now.returncode == 0:
-        old["metadata"]["resourceVersion"] = json.loads(now.stdout)["metadata"]["resourceVersion"]
-        kubectl("replace", "-f", "-", input=json.dumps(old))
-    else:
-        kubectl("create", "-f", "-", input=json.dumps(old))
-    kubectl("label", "crd", name, "team=storage", "--overwrite")
+    snap, name = install_older_snapshot_crd(kubectl)
     # what Helm creates before the Job (weight -10), then the Job's command as its account
     for o in objs:
         if o["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap"):
@@ -166,16 +192,10 @@ def test_the_hook_upgrades_an_old_crd_with_its_own_rbac(controlplane, k8s_namesp
         (crd_dir / key).write_text(text)
     try:
         for _ in range(2):  # and again: nothing changes, nothing fails
-            r = subprocess.run([sys.executable, "-m", "kubegfs_operator.crds", str(crd_dir)], capture_output=True,
-                               text=True, timeout=120, check=False, env={"KUBECONFIG": str(cfg), "PATH": "/usr/bin"})
+            r = run_crds_command(crd_dir, cfg)
             assert r.returncode == 0, r.stderr
             assert f"updated {name}" in r.stdout
-        got = json.loads(kubectl("get", "crd", name, "-o", "json").stdout)
-        cols = [c["name"] for c in got["spec"]["versions"][0]["additionalPrinterColumns"]]
-        assert cols == [c["name"] for c in snap["spec"]["versions"][0]["additionalPrinterColumns"]]
-        assert "deletionPolicy" in got["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
-            "properties"]
-        assert got["metadata"]["labels"]["team"] == "storage"
+        assert_current(kubectl, snap)
         for verb, what in (("update", "customresourcedefinitions/backups.velero.io"),
                            ("delete", f"customresourcedefinitions/{name}"),
                            ("get", "secrets")):
@@ -185,6 +205,97 @@ def test_the_hook_upgrades_an_old_crd_with_its_own_rbac(controlplane, k8s_namesp
         for o in objs:
             if o["kind"] in ("ClusterRole", "ClusterRoleBinding"):
                 kubectl("delete", o["kind"].lower(), o["metadata"]["name"], "--ignore-not-found")
-        cur = json.loads(kubectl("get", "crd", name, "-o", "json").stdout)
-        kubectl("replace", "-f", "-", input=json.dumps(
-            snap | {"metadata": snap["metadata"] | {"resourceVersion": cur["metadata"]["resourceVersion"]}}))
+        put_crd(kubectl, snap)  # leave the current CRD for the other tests
+
+
+def previous_chart(dest: Path) -> Path:
+    """The chart as it was before the CRD-upgrade hook: the first parent of the commit that added it."""
+    repo = CHART.parents[1]
+    added = subprocess.run(["git", "-C", str(repo), "log", "--diff-filter=A", "--format=%H", "-1", "--",
+                            "helm/kubegfs/templates/crds/upgrade-job.yaml"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert added, "no commit added templates/crds/upgrade-job.yaml"
+    archive = subprocess.run(["git", "-C", str(repo), "archive", f"{added}^", "helm/kubegfs"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "helm" / "kubegfs"
+
+
+def test_helm_upgrade_from_the_previous_chart_upgrades_the_crds(controlplane, k8s_namespace, kubectl, tmp_path):
+    """A real ``helm upgrade`` from the chart before the hook existed: Helm creates the hook's
+    objects in weight order and waits for the Job. The local control plane has no Job controller
+    and no kubelet, so the test is both: when the Job appears it runs the Job's command with the
+    mounted ConfigMap's files as the Job's ServiceAccount, then marks the Job complete. The older
+    CRD comes back current, and every hook object is gone afterwards (hook-succeeded)."""
+    import threading
+    import time
+    from datetime import UTC, datetime
+
+    ns, rel = k8s_namespace, "kg"
+    prev = previous_chart(tmp_path)
+    assert not (prev / "templates" / "crds").exists()
+    snap, name = install_older_snapshot_crd(kubectl)
+    job_name = f"{rel}-kubegfs-crds"
+    ran: list[subprocess.CompletedProcess[str]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def play_job_controller() -> None:
+        try:
+            while not stop.is_set():
+                got = kubectl("get", "job", job_name, "-n", ns, "-o", "json", check=False)
+                if got.returncode == 0:
+                    break
+                time.sleep(0.3)
+            else:
+                return
+            job = json.loads(got.stdout)
+            spec = job["spec"]["template"]["spec"]
+            cm_name = next(v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v)
+            cm = json.loads(kubectl("get", "configmap", cm_name, "-n", ns, "-o", "json").stdout)
+            crd_dir = tmp_path / "mounted"
+            crd_dir.mkdir()
+            for key, text in cm["data"].items():
+                (crd_dir / key).write_text(text)
+            cfg = controlplane.service_account_kubeconfig(ns, spec["serviceAccountName"], create=False)
+            r = run_crds_command(crd_dir, cfg)
+            ran.append(r)
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            ok = r.returncode == 0
+            conds = ([{"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached",
+                       "message": "", "lastTransitionTime": now, "lastProbeTime": now},
+                      {"type": "Complete", "status": "True", "reason": "CompletionsReached",
+                       "message": "", "lastTransitionTime": now, "lastProbeTime": now}] if ok else
+                     [{"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded",
+                       "message": r.stderr[-200:], "lastTransitionTime": now, "lastProbeTime": now},
+                      {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                       "message": r.stderr[-200:], "lastTransitionTime": now, "lastProbeTime": now}])
+            status = {"startTime": now, "conditions": conds, "succeeded" if ok else "failed": 1}
+            if ok:
+                status["completionTime"] = now
+            kubectl("patch", "job", job_name, "-n", ns, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": status}))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=play_job_controller, daemon=True)
+    try:
+        controlplane.helm("install", rel, str(prev), "--namespace", ns, "--set", "chunkservers.replicas=1")
+        t.start()
+        controlplane.helm("upgrade", rel, str(CHART), "--namespace", ns, "--set", "chunkservers.replicas=1",
+                          "--timeout", "120s")
+        t.join(30)
+        assert not errors, errors
+        assert ran and ran[0].returncode == 0, ran and ran[0].stderr
+        assert f"updated {name}" in ran[0].stdout
+        assert_current(kubectl, snap)
+        # the hook's objects are gone once it succeeded; the release is at revision 2
+        sel = f"app.kubernetes.io/instance={rel},app.kubernetes.io/component=crds"
+        left = json.loads(kubectl("get", "jobs,configmaps,serviceaccounts,networkpolicies", "-n", ns, "-l", sel,
+                                  "-o", "json").stdout)["items"]
+        assert left == [] and json.loads(kubectl("get", "clusterroles", "-l", sel, "-o", "json").stdout)["items"] == []
+        assert "REVISION: 2" in controlplane.helm("status", rel, "--namespace", ns).stdout
+    finally:
+        stop.set()
+        controlplane.helm("uninstall", rel, "--namespace", ns, check=False)
+        put_crd(kubectl, snap)
