@@ -28,6 +28,7 @@ from ..web import (
     query_int,
     read_json,
     record_id,
+    run_app,
     split_listen,
 )
 from . import metaapi
@@ -434,5 +435,5 @@ def run(
                      scrub_interval=scrub_interval)
     log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
              loc.node, loc.zone, loc.region)
-    web.run_app(cs.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)
+    run_app(cs.app(), host, port)
 

@@ -38,6 +38,7 @@ from ..web import (
     CLUSTER_HEADER,
     hexh,
     make_middlewares,
+    run_app,
     split_listen,
 )
 from .chunkmap import ChunkMap, ChunkserverInfo
@@ -304,4 +305,4 @@ def run(listen: str, data_dir: Path, token: str, location: Location, chunk_size:
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     m = Master(data_dir, token, loc, chunk_size, replication, options)
     log.info("master listening on %s, data in %s", listen, data_dir)
-    web.run_app(m.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)
+    run_app(m.app(), host, port)

@@ -37,7 +37,10 @@ class WritePath:
         cs = self.m.chunkmap.cs
         return [{"id": i, "address": cs[i].address} for i in ids if i in cs]
 
-    async def open(self, path: str, mode: str, file_mode: int) -> dict[str, Any]:
+    async def open(self, path: str, mode: str, file_mode: int, alloc: bool = False) -> dict[str, Any]:
+        """A write lease on ``path``. With ``alloc``, the first new chunk is placed in the same
+        call (``first``; not for an append to a partial last chunk, which gets ``last``), so a
+        small file is written with two calls to the master: open and commit."""
         st = self.m.state
         path, parts, node = st.prepare_open(path, mode, file_mode)
         lease = self.m.leases.grant(path, mode, file_mode, node)
@@ -48,10 +51,21 @@ class WritePath:
                 out["size"] = node.size
                 if node.size % st.chunk_size and node.chunks:
                     out["last"] = await self.prepare_inplace(lease, parts, node)
+            if alloc and "last" not in out:
+                out["first"] = self.alloc(lease.id)
         except BaseException:
             self.m.leases.drop(lease.id)
             raise
         return out
+
+    async def create_empty(self, path: str, mode: str, file_mode: int) -> dict[str, Any]:
+        """An empty file (``mode`` create or overwrite) in one call: the same lease, checks and
+        commit op as an open followed by a commit of no chunks, answered once the op is durable."""
+        out = await self.open(path, mode, file_mode)
+        try:
+            return await self.commit(out["lease"], 0, [], {})
+        finally:
+            self.m.leases.drop(out["lease"])  # a no-op once the commit dropped it
 
     async def prepare_inplace(self, lease: Lease, parts: tuple[str, ...], node: ns.File) -> dict[str, Any]:
         """The last, partial chunk will be appended to: clone it first if it is shared (COW),
