@@ -38,79 +38,96 @@ class ReadStats:
     corrupt: int = 0
 
 
-class _ChunkWriter:
-    """Streams one chunk's pieces to each of its replicas in order: one thread and a bounded
-    queue per replica, so the next piece is on its way while the replicas still write the one
-    before (the client used to wait for all three after every piece). A replica that fails a
-    piece gets nothing more. A synced piece (the chunk's last, or the write's) waits for every
-    replica and returns the ids of those that took every piece."""
+class _Chunk:
+    """One chunk being written: the replicas that hold every piece so far, nearest first."""
 
-    DEPTH = 2  # pieces queued per replica; memory ≈ (DEPTH + 1) × PIECE, shared by the replicas
-
-    def __init__(self, client: Client, cur: dict[str, Any]) -> None:
-        self.client = client
+    def __init__(self, cur: dict[str, Any]) -> None:
         self.handle = str(cur["handle"])
         self.version = cur["version"]
         self.cur = cur
-        self.reps = {str(r["id"]): r for r in cur["replicas"]}
+        self.live: list[dict[str, Any]] = list(cur["replicas"])
         self.errors: dict[str, KubegfsError] = {}
-        self.aborted = False
-        self.queues = {rid: queue.Queue[tuple[int, bytes, bool] | None](self.DEPTH) for rid in self.reps}
-        for rid, r in self.reps.items():
-            url = f"{r['address']}/internal/chunks/{self.handle}"
-            threading.Thread(target=self._run, args=(rid, url), daemon=True, name=f"kubegfs-put-{rid}").start()
 
-    def _live(self) -> list[str]:
-        return [rid for rid in self.reps if rid not in self.errors]
+    def ids(self) -> list[str]:
+        return [str(r["id"]) for r in self.live]
 
-    def _run(self, rid: str, url: str) -> None:
-        q = self.queues[rid]
-        while True:
-            item = q.get()
-            try:
-                if item is None:
-                    self.client.close_connections()
-                    return
-                if self.aborted or rid in self.errors:
-                    continue
-                off, data, sync = item
-                self.client._req("PUT", url, data=data, params={
-                    "offset": off, "version": self.version, "sync": "1" if sync else "0"})
-            except KubegfsError as exc:
-                self.errors[rid] = exc
-            except Exception as exc:  # noqa: BLE001 - a replica's failure must not hang the writer
-                self.errors[rid] = Unavailable(f"{exc.__class__.__name__}: {exc}")
-            finally:
-                q.task_done()
-
-    def send(self, offset: int, piece: bytes, sync: bool) -> list[str] | None:
-        live = self._live()
-        if not live:
-            self._fail()
-        for rid in live:
-            self.queues[rid].put((offset, piece, sync))
-        return self.drain() if sync else None
-
-    def drain(self) -> list[str]:
-        for q in self.queues.values():
-            q.join()
-        ok = self._live()
-        self.cur["replicas"] = [self.reps[rid] for rid in ok]
-        if not ok:
-            self._fail()
-        return ok
-
-    def close(self, abort: bool = False) -> None:
-        self.aborted = self.aborted or abort
-        for q in self.queues.values():
-            q.put(None)
-
-    def _fail(self) -> NoReturn:
+    def fail(self) -> NoReturn:
         why = "; ".join(f"{k}: {v.message}" for k, v in self.errors.items()) or "no replica"
         msg = f"no replica accepted chunk {self.handle}: {why}"
         if self.errors and all(isinstance(e, NoSpace) for e in self.errors.values()):
             raise NoSpace(msg)
         raise Unavailable(msg)
+
+
+class _Pipeline:
+    """Sends a put's pieces down replica chains (client → first replica → next → next, each
+    forwarding while it writes; see kubegfs/chunkserver/server.py), in order, from one thread
+    whose keep-alive connection lasts the whole put. The caller queues the next piece while the
+    chain still stores this one (DEPTH pieces ahead). A replica that fails a piece leaves the
+    chain for the rest of the chunk; if the first one fails, the piece goes again to the others
+    (a rewrite at the same offset is idempotent). A synced piece (a chunk's last, or the
+    write's) returns the ids of the replicas that stored every piece."""
+
+    DEPTH = 2  # pieces queued; memory ≈ (DEPTH + 1) × PIECE
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.aborted = False
+        self.q: queue.Queue[tuple[_Chunk, int, bytes, Future[list[str]] | None] | None] = queue.Queue(self.DEPTH)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="kubegfs-put")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self.q.get()) is not None:
+                chunk, off, data, done = item
+                try:
+                    if not self.aborted:
+                        self._store(chunk, off, data, done is not None)
+                except BaseException as exc:  # noqa: BLE001 - a broken piece must not hang the writer
+                    chunk.errors["client"] = Unavailable(f"{exc.__class__.__name__}: {exc}")
+                    chunk.live = []
+                if done is not None:
+                    done.set_result(chunk.ids())
+        finally:
+            self.client.close_connections()
+
+    def _store(self, chunk: _Chunk, off: int, data: bytes, sync: bool) -> None:
+        while chunk.live:
+            head, rest = chunk.live[0], chunk.live[1:]
+            try:
+                reply = self.client._req(
+                    "PUT", f"{head['address']}/internal/chunks/{chunk.handle}", data=data, decode=True,
+                    params={"offset": off, "version": chunk.version, "sync": "1" if sync else "0"},
+                    headers={"X-Kubegfs-Chain": ",".join(str(r["address"]) for r in rest)})
+            except KubegfsError as exc:
+                chunk.errors[str(head["id"])] = exc
+                chunk.live = rest
+                continue
+            acked = {str(i) for i in reply.get("acked", [])}
+            for r in rest:
+                if str(r["id"]) not in acked:
+                    why = (reply.get("failed") or {}).get(r["address"], "missed a piece")
+                    chunk.errors.setdefault(str(r["id"]), Unavailable(str(why)))
+            chunk.live = [r for r in chunk.live if str(r["id"]) in acked]
+            return
+
+    def send(self, chunk: _Chunk, offset: int, piece: bytes, sync: bool) -> list[str] | None:
+        if not chunk.live:
+            chunk.fail()
+        done: Future[list[str]] | None = Future() if sync else None
+        self.q.put((chunk, offset, piece, done))
+        if done is None:
+            return None
+        ok = done.result()
+        chunk.cur["replicas"] = list(chunk.live)
+        if not ok:
+            chunk.fail()
+        return ok
+
+    def close(self, abort: bool = False) -> None:
+        self.aborted = self.aborted or abort
+        self.q.put(None)
 
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:
@@ -323,6 +340,7 @@ class Client:
         lid = lease["lease"]
         cs = lease["chunk_size"]
         size = lease["size"]
+        writer: _Pipeline | None = None
         try:
             chunks: list[dict[str, Any]] = []
             if append and size:
@@ -337,7 +355,8 @@ class Client:
                 chunks[-1]["handle"] = last["handle"]  # a copy-on-write clone may have replaced it
             buf = bytearray()
             unsynced = False
-            writer: _ChunkWriter | None = None
+            pipeline = writer = _Pipeline(self)
+            chunk: _Chunk | None = None
             first: dict[str, Any] | None = lease.get("first")  # placed by the open itself
 
             def new_chunk() -> dict[str, Any]:
@@ -348,13 +367,11 @@ class Client:
                 return c
 
             def write(n: int, sync: bool) -> None:
-                nonlocal cur_off, size, writer
+                nonlocal cur_off, size, chunk
                 assert cur is not None
-                if writer is None or writer.handle != cur["handle"]:
-                    if writer is not None:
-                        writer.close()
-                    writer = _ChunkWriter(self, cur)
-                ok = writer.send(cur_off, bytes(memoryview(buf)[:n]), sync)
+                if chunk is None or chunk.cur is not cur:
+                    chunk = _Chunk(cur)
+                ok = pipeline.send(chunk, cur_off, bytes(memoryview(buf)[:n]), sync)
                 if ok is not None:  # a synced piece: every earlier one has been answered too
                     chunks[-1]["replicas"] = ok
                 cur_off += n
@@ -383,8 +400,7 @@ class Client:
                     cur = new_chunk()
                     cur_off = 0
                 write(len(buf), True)
-            if writer is not None:
-                writer.close()
+            pipeline.close()
             return self.api("POST", "/fs/commit", json={"lease": lid, "size": size, "chunks": chunks})
         except BaseException:
             if writer is not None:

@@ -44,6 +44,12 @@ PAGE_CACHE = 64  # encoded ls pages kept
 PAGE_CACHE_BYTES = 256 << 10  # larger pages are not kept
 
 
+def _writer(request: web.Request) -> Location:
+    """Where a writer is, as far as the master can tell (its address): new chunks' replicas
+    are listed nearest to it first, the head of the write chain."""
+    return Location("", "", "", request.remote or "")
+
+
 class Api:
     def __init__(self, m: Master) -> None:
         self.m = m
@@ -249,7 +255,8 @@ class Api:
         b = await read_json(request)
         return json_response(await self.m.writes.open(
             field_str(b, "path"), field_str(b, "mode", "create"),
-            field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777), alloc=field_bool(b, "alloc")))
+            field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777), alloc=field_bool(b, "alloc"),
+            near=_writer(request)))
 
     async def h_create(self, request: web.Request) -> web.Response:
         """An empty file in one round trip: open + commit of nothing, durable before the answer."""
@@ -261,7 +268,7 @@ class Api:
 
     async def h_alloc(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        return json_response(self.m.writes.alloc(field_str(b, "lease", max_len=64)))
+        return json_response(self.m.writes.alloc(field_str(b, "lease", max_len=64), _writer(request)))
 
     async def h_abort(self, request: web.Request) -> web.Response:
         b = await read_json(request)
