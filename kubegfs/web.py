@@ -11,6 +11,7 @@ import contextvars
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -174,11 +175,14 @@ async def read_json(request: web.Request, limit: int = MAX_JSON_BODY) -> dict[st
 
 
 def run_app(app: web.Application, host: str, port: int) -> None:
-    """Serve ``app`` until a signal, on uvloop where it is installed (its C transports halve
-    the event loop's share of a small request), else on asyncio's own loop."""
+    """Serve ``app`` until a signal, on uvloop where it is installed (C transports: less of a
+    small request's time in the event loop), else, or with ``KUBEGFS_EVENT_LOOP=asyncio``, on
+    asyncio's own loop."""
     try:
+        if os.environ.get("KUBEGFS_EVENT_LOOP", "uvloop") == "asyncio":
+            raise ImportError("asyncio's loop asked for")
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    except ImportError:
         loop = asyncio.new_event_loop()
     else:
         loop = uvloop.new_event_loop()

@@ -188,10 +188,8 @@ class Chunkserver:
                 fwd.cancel()  # the next replica sees a cut body and stores nothing
             raise
         q.put_nowait(None)
-        data = b"".join(parts)
-        del parts
         existed = h in self.store.index
-        local = asyncio.ensure_future(self._run(self.store.write, h, offset, data, version, sync))
+        local = asyncio.ensure_future(self._run(self.store.write, h, offset, parts, version, sync))
         acked: list[str] = []
         failed: dict[str, str] = {}
         rest = chain
@@ -206,9 +204,9 @@ class Chunkserver:
                 failed[rest[0]] = f"{exc.__class__.__name__}: {exc}"
                 rest = rest[1:]
                 fwd = asyncio.ensure_future(
-                    self._forward(rest, h, offset, version, sync, data, len(data))) if rest else None
+                    self._forward(rest, h, offset, version, sync, b"".join(parts), n)) if rest else None
         length = await local
-        M.CS_WRITE_BYTES.inc(len(data))
+        M.CS_WRITE_BYTES.inc(n)
         self._added[h] = version
         self._removed.discard(h)
         if not existed:
