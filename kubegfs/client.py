@@ -24,6 +24,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import msgpack
 
+from . import httpconn
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 
 MSGPACK = "application/x-msgpack"  # the master answers and reads it (kubegfs/web.py); JSON stays for curl
@@ -130,7 +131,7 @@ class _Pipeline:
         self.q.put(None)
 
 
-def _dropped(conn: http.client.HTTPConnection) -> bool:
+def _dropped(conn: Any) -> bool:
     """An idle keep-alive connection is readable only if the server closed it (or broke the
     protocol): either way it must not carry the next request."""
     sock = conn.sock
@@ -165,7 +166,7 @@ class Client:
 
     def close_connections(self) -> None:
         """Close the calling thread's connections (other threads' close when those threads end)."""
-        conns: dict[tuple[str, str], http.client.HTTPConnection] = getattr(self._local, "conns", {})
+        conns: dict[tuple[str, str], Any] = getattr(self._local, "conns", {})
         for conn in conns.values():
             conn.close()
         conns.clear()
@@ -201,11 +202,12 @@ class Client:
             raise from_json(status, body)
         return _decode(content, ctype) if decode else content
 
-    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes, str]:
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]
+              ) -> tuple[int, bytes | bytearray, str]:
         """One request on this thread's keep-alive connection to the server, never retried (a
         create must not be sent twice): a connection the server closed while idle is noticed
         before it is reused, any other failure is the caller's error."""
-        conns: dict[tuple[str, str], http.client.HTTPConnection] | None = getattr(self._local, "conns", None)
+        conns: dict[tuple[str, str], Any] | None = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
         u = urlsplit(url)
@@ -215,20 +217,29 @@ class Client:
             conn.close()
             conn = None
         if conn is None:
-            cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-            conn = conns[key] = cls(u.hostname or "", u.port, timeout=self.timeout)
+            if u.scheme == "https":
+                conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=self.timeout)
+            else:  # plain http: the lean connection (kubegfs/httpconn.py)
+                conn = httpconn.Connection(u.hostname or "", u.port or 80, self.timeout)
+            conns[key] = conn
+        target = f"{u.path}?{u.query}" if u.query else u.path or "/"
         try:
-            conn.request(method, f"{u.path}?{u.query}" if u.query else u.path or "/", body=body, headers=headers)
-            r = conn.getresponse()
-            content = r.read()
+            if isinstance(conn, httpconn.Connection):
+                r = conn.request(method, target, body, headers)
+                status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
+            else:
+                conn.request(method, target, body=body, headers=headers)
+                hr = conn.getresponse()
+                content = hr.read()
+                status, ctype, will_close = hr.status, hr.headers.get("Content-Type", ""), hr.will_close
         except BaseException:
             conn.close()
             conns.pop(key, None)
             raise
-        if r.will_close:
+        if will_close:
             conn.close()
             conns.pop(key, None)
-        return r.status, content, r.headers.get("Content-Type", "")
+        return status, content, ctype
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
         return self._req(method, f"{self.master}/api/v1{path}", decode=True, **kw)
@@ -417,7 +428,8 @@ class Client:
         return self.api("GET", "/fs/layout", params={"path": path})
 
     def read_iter(self, path: str, progress: Progress | None = None) -> Iterator[bytes]:
-        """The file's bytes in pieces, in order. Up to READ_AHEAD pieces are fetched ahead on the
+        """The file's bytes in pieces (bytes-like: a large piece is the ``bytearray`` it was
+        received into, not copied again), in order. Up to READ_AHEAD pieces are fetched ahead on the
         I/O pool, so a chunkserver reads and checksums the next piece while this one is consumed
         (memory stays bounded at (READ_AHEAD + 1) × PIECE)."""
         lay = self.layout(path)
@@ -517,7 +529,7 @@ class Client:
         return self.api("POST", "/admin/checkpoint")
 
 
-def _decode(content: bytes, content_type: str) -> Any:
+def _decode(content: bytes | bytearray, content_type: str) -> Any:
     if content_type.startswith(MSGPACK):
         try:
             return msgpack.unpackb(content, raw=False, strict_map_key=True)

@@ -20,8 +20,8 @@ def _copies(cluster, c, path):
     for ch in lay["chunks"]:
         got = {}
         for r in ch["replicas"]:
-            got[r["id"]] = c._req("GET", f"{r['address']}/internal/chunks/{ch['handle']}",
-                                  params={"offset": 0, "length": CHUNK, "version": ch["version"]})
+            got[r["id"]] = bytes(c._req("GET", f"{r['address']}/internal/chunks/{ch['handle']}",
+                                        params={"offset": 0, "length": CHUNK, "version": ch["version"]}))
         out.append(got)
     return out
 
