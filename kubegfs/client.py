@@ -105,7 +105,8 @@ class _Pipeline:
                 chunk.errors[str(head["id"])] = exc
                 chunk.live = rest
                 continue
-            acked = {str(i) for i in reply.get("acked", [])}
+            # a chunkserver that predates chains answers without "acked": it stored the piece alone
+            acked = {str(i) for i in reply.get("acked") or [head["id"]]}
             for r in rest:
                 if str(r["id"]) not in acked:
                     why = (reply.get("failed") or {}).get(r["address"], "missed a piece")
