@@ -23,9 +23,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 from urllib.parse import quote, urlencode, urlsplit
 
+import msgpack
+
+from . import httpconn
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 from .tls import ClientTLS
 
+MSGPACK = "application/x-msgpack"  # the master answers and reads it (kubegfs/web.py); JSON stays for curl
 PIECE = 4 * 1024 * 1024
 READ_AHEAD = 2  # pieces fetched ahead of the one being consumed
 Progress = Callable[[int], None]
@@ -37,74 +41,20 @@ class ReadStats:
     corrupt: int = 0
 
 
-class _ChunkWriter:
-    """Streams one chunk's pieces to each of its replicas in order: one thread and a bounded
-    queue per replica, so the next piece is on its way while the replicas still write the one
-    before (the client used to wait for all three after every piece). A replica that fails a
-    piece gets nothing more. A synced piece (the chunk's last, or the write's) waits for every
-    replica and returns the ids of those that took every piece."""
+class _Chunk:
+    """One chunk being written: the replicas that hold every piece so far, nearest first."""
 
-    DEPTH = 2  # pieces queued per replica; memory ≈ (DEPTH + 1) × PIECE, shared by the replicas
-
-    def __init__(self, client: Client, cur: dict[str, Any]) -> None:
-        self.client = client
+    def __init__(self, cur: dict[str, Any]) -> None:
         self.handle = str(cur["handle"])
         self.version = cur["version"]
         self.cur = cur
-        self.reps = {str(r["id"]): r for r in cur["replicas"]}
+        self.live: list[dict[str, Any]] = list(cur["replicas"])
         self.errors: dict[str, KubegfsError] = {}
-        self.aborted = False
-        self.queues = {rid: queue.Queue[tuple[int, bytes, bool] | None](self.DEPTH) for rid in self.reps}
-        for rid, r in self.reps.items():
-            url = f"{r['address']}/internal/chunks/{self.handle}"
-            threading.Thread(target=self._run, args=(rid, url), daemon=True, name=f"kubegfs-put-{rid}").start()
 
-    def _live(self) -> list[str]:
-        return [rid for rid in self.reps if rid not in self.errors]
+    def ids(self) -> list[str]:
+        return [str(r["id"]) for r in self.live]
 
-    def _run(self, rid: str, url: str) -> None:
-        q = self.queues[rid]
-        while True:
-            item = q.get()
-            try:
-                if item is None:
-                    self.client.close_connections()
-                    return
-                if self.aborted or rid in self.errors:
-                    continue
-                off, data, sync = item
-                self.client._req("PUT", url, data=data, params={
-                    "offset": off, "version": self.version, "sync": "1" if sync else "0"})
-            except KubegfsError as exc:
-                self.errors[rid] = exc
-            except Exception as exc:  # noqa: BLE001 - a replica's failure must not hang the writer
-                self.errors[rid] = Unavailable(f"{exc.__class__.__name__}: {exc}")
-            finally:
-                q.task_done()
-
-    def send(self, offset: int, piece: bytes, sync: bool) -> list[str] | None:
-        live = self._live()
-        if not live:
-            self._fail()
-        for rid in live:
-            self.queues[rid].put((offset, piece, sync))
-        return self.drain() if sync else None
-
-    def drain(self) -> list[str]:
-        for q in self.queues.values():
-            q.join()
-        ok = self._live()
-        self.cur["replicas"] = [self.reps[rid] for rid in ok]
-        if not ok:
-            self._fail()
-        return ok
-
-    def close(self, abort: bool = False) -> None:
-        self.aborted = self.aborted or abort
-        for q in self.queues.values():
-            q.put(None)
-
-    def _fail(self) -> NoReturn:
+    def fail(self) -> NoReturn:
         why = "; ".join(f"{k}: {v.message}" for k, v in self.errors.items()) or "no replica"
         msg = f"no replica accepted chunk {self.handle}: {why}"
         if self.errors and all(isinstance(e, NoSpace) for e in self.errors.values()):
@@ -112,7 +62,79 @@ class _ChunkWriter:
         raise Unavailable(msg)
 
 
-def _dropped(conn: http.client.HTTPConnection) -> bool:
+class _Pipeline:
+    """Sends a put's pieces down replica chains (client → first replica → next → next, each
+    forwarding while it writes; see kubegfs/chunkserver/server.py), in order, from one thread
+    whose keep-alive connection lasts the whole put. The caller queues the next piece while the
+    chain still stores this one (DEPTH pieces ahead). A replica that fails a piece leaves the
+    chain for the rest of the chunk; if the first one fails, the piece goes again to the others
+    (a rewrite at the same offset is idempotent). A synced piece (a chunk's last, or the
+    write's) returns the ids of the replicas that stored every piece."""
+
+    DEPTH = 2  # pieces queued; memory ≈ (DEPTH + 1) × PIECE
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.aborted = False
+        self.q: queue.Queue[tuple[_Chunk, int, bytes, Future[list[str]] | None] | None] = queue.Queue(self.DEPTH)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="kubegfs-put")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self.q.get()) is not None:
+                chunk, off, data, done = item
+                try:
+                    if not self.aborted:
+                        self._store(chunk, off, data, done is not None)
+                except BaseException as exc:  # noqa: BLE001 - a broken piece must not hang the writer
+                    chunk.errors["client"] = Unavailable(f"{exc.__class__.__name__}: {exc}")
+                    chunk.live = []
+                if done is not None:
+                    done.set_result(chunk.ids())
+        finally:
+            self.client.close_connections()
+
+    def _store(self, chunk: _Chunk, off: int, data: bytes, sync: bool) -> None:
+        while chunk.live:
+            head, rest = chunk.live[0], chunk.live[1:]
+            try:
+                reply = self.client._req(
+                    "PUT", f"{head['address']}/internal/chunks/{chunk.handle}", data=data, decode=True,
+                    params={"offset": off, "version": chunk.version, "sync": "1" if sync else "0"},
+                    headers={"X-Kubegfs-Chain": ",".join(str(r["address"]) for r in rest)})
+            except KubegfsError as exc:
+                chunk.errors[str(head["id"])] = exc
+                chunk.live = rest
+                continue
+            # a chunkserver that predates chains answers without "acked": it stored the piece alone
+            acked = {str(i) for i in reply.get("acked") or [head["id"]]}
+            for r in rest:
+                if str(r["id"]) not in acked:
+                    why = (reply.get("failed") or {}).get(r["address"], "missed a piece")
+                    chunk.errors.setdefault(str(r["id"]), Unavailable(str(why)))
+            chunk.live = [r for r in chunk.live if str(r["id"]) in acked]
+            return
+
+    def send(self, chunk: _Chunk, offset: int, piece: bytes, sync: bool) -> list[str] | None:
+        if not chunk.live:
+            chunk.fail()
+        done: Future[list[str]] | None = Future() if sync else None
+        self.q.put((chunk, offset, piece, done))
+        if done is None:
+            return None
+        ok = done.result()
+        chunk.cur["replicas"] = list(chunk.live)
+        if not ok:
+            chunk.fail()
+        return ok
+
+    def close(self, abort: bool = False) -> None:
+        self.aborted = self.aborted or abort
+        self.q.put(None)
+
+
+def _dropped(conn: Any) -> bool:
     """An idle keep-alive connection is readable only if the server closed it (or broke the
     protocol): either way it must not carry the next request."""
     sock = conn.sock
@@ -138,8 +160,8 @@ class Client:
         # Calls go over one keep-alive http.client connection per thread and server: requests
         # costs ~0.7 ms and urllib3 ~0.25 ms of client CPU per call, against ~0.1 ms here, and a
         # metadata-heavy client is bound by exactly that.
-        self._headers = {"Authorization": f"Bearer {tok}"}
-        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._headers = {"Authorization": f"Bearer {tok}", "Accept": MSGPACK}
+        self._body_headers = {**self._headers, "Content-Type": MSGPACK}
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
@@ -150,7 +172,7 @@ class Client:
 
     def close_connections(self) -> None:
         """Close the calling thread's connections (other threads' close when those threads end)."""
-        conns: dict[tuple[str, str], http.client.HTTPConnection] = getattr(self._local, "conns", {})
+        conns: dict[tuple[str, str], Any] = getattr(self._local, "conns", {})
         for conn in conns.values():
             conn.close()
         conns.clear()
@@ -164,30 +186,34 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def _req(self, method: str, url: str, *, params: dict[str, Any] | None = None, json: Any = None,
-             data: bytes | None = None) -> bytes:
-        """The response body of a 2xx answer; any other answer raises its KubegfsError."""
+             data: bytes | None = None, decode: bool = False, headers: dict[str, str] | None = None) -> Any:
+        """The response body of a 2xx answer (decoded from msgpack or JSON with ``decode``); any
+        other answer raises its KubegfsError. ``json`` is a body to encode (as msgpack)."""
         if params:
             url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
-        headers = self._headers
+        hdrs = self._headers
         if json is not None:
-            data, headers = jsonlib.dumps(json).encode(), self._json_headers
+            data, hdrs = msgpack.packb(json, use_bin_type=True), self._body_headers
+        if headers:
+            hdrs = {**hdrs, **headers}
         try:
-            status, content = self._send(method, url, data, headers)
+            status, content, ctype = self._send(method, url, data, hdrs)
         except (OSError, http.client.HTTPException) as exc:
             raise Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}") from exc
         if status >= 300:
             try:
-                body = jsonlib.loads(content)
+                body = _decode(content, ctype)
             except ValueError:
                 body = content.decode("utf-8", "replace")
             raise from_json(status, body)
-        return content
+        return _decode(content, ctype) if decode else content
 
-    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]
+              ) -> tuple[int, bytes | bytearray, str]:
         """One request on this thread's keep-alive connection to the server, never retried (a
         create must not be sent twice): a connection the server closed while idle is noticed
         before it is reused, any other failure is the caller's error."""
-        conns: dict[tuple[str, str], http.client.HTTPConnection] | None = getattr(self._local, "conns", None)
+        conns: dict[tuple[str, str], Any] | None = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
         u = urlsplit(url)
@@ -201,24 +227,30 @@ class Client:
                 if self._ssl is None:
                     self._ssl = self.tls.context()
                 conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=self.timeout, context=self._ssl)
-            else:
-                conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout)
+            else:  # plain http: the lean connection (kubegfs/httpconn.py)
+                conn = httpconn.Connection(u.hostname or "", u.port or 80, self.timeout)
             conns[key] = conn
+        target = f"{u.path}?{u.query}" if u.query else u.path or "/"
         try:
-            conn.request(method, f"{u.path}?{u.query}" if u.query else u.path or "/", body=body, headers=headers)
-            r = conn.getresponse()
-            content = r.read()
+            if isinstance(conn, httpconn.Connection):
+                r = conn.request(method, target, body, headers)
+                status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
+            else:
+                conn.request(method, target, body=body, headers=headers)
+                hr = conn.getresponse()
+                content = hr.read()
+                status, ctype, will_close = hr.status, hr.headers.get("Content-Type", ""), hr.will_close
         except BaseException:
             conn.close()
             conns.pop(key, None)
             raise
-        if r.will_close:
+        if will_close:
             conn.close()
             conns.pop(key, None)
-        return r.status, content
+        return status, content, ctype
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
-        return jsonlib.loads(self._req(method, f"{self.master}/api/v1{path}", **kw))
+        return self._req(method, f"{self.master}/api/v1{path}", decode=True, **kw)
 
     # ------------------------------------------------------------------ namespace
 
@@ -233,6 +265,14 @@ class Client:
 
     def stat(self, path: str) -> dict[str, Any]:
         return self.api("GET", "/fs/stat", params={"path": path})
+
+    def stat_many(self, paths: list[str]) -> list[dict[str, Any]]:
+        """The stats of many paths in one call per 10,000, in order; a path that cannot be
+        looked up comes back as ``{"path", "error", "message"}`` instead of raising."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(paths), 10_000):
+            out += self.api("POST", "/fs/stat_many", json={"paths": paths[i : i + 10_000]})["stats"]
+        return out
 
     def exists(self, path: str) -> bool:
         try:
@@ -277,6 +317,8 @@ class Client:
         """Write a whole file (or append to one). ``data`` is bytes, a binary file object (read
         in pieces) or an iterable of byte pieces. Retries a write that a concurrent snapshot
         invalidated (only possible for bytes or seekable files)."""
+        if isinstance(data, (bytes, bytearray, memoryview)) and not len(data) and not append:
+            return self.create_empty(path, overwrite=overwrite, mode=mode)
         for attempt in range(retries + 1):
             start = _position(data)
             try:
@@ -289,6 +331,10 @@ class Client:
                     data.seek(start)  # type: ignore[union-attr]
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def create_empty(self, path: str, overwrite: bool = False, mode: int = 0o644) -> dict[str, Any]:
+        """An empty file, in one round trip (durable when it returns)."""
+        return self.api("POST", "/fs/create", json={"path": path, "overwrite": overwrite, "file_mode": mode})
 
     def _pieces(self, data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -309,10 +355,11 @@ class Client:
     def _put_once(self, path: str, data: Any, overwrite: bool, append: bool, mode: int,
                   progress: Progress | None) -> dict[str, Any]:
         how = "append" if append else ("overwrite" if overwrite else "create")
-        lease = self.api("POST", "/fs/open", json={"path": path, "mode": how, "file_mode": mode})
+        lease = self.api("POST", "/fs/open", json={"path": path, "mode": how, "file_mode": mode, "alloc": True})
         lid = lease["lease"]
         cs = lease["chunk_size"]
         size = lease["size"]
+        writer: _Pipeline | None = None
         try:
             chunks: list[dict[str, Any]] = []
             if append and size:
@@ -327,16 +374,23 @@ class Client:
                 chunks[-1]["handle"] = last["handle"]  # a copy-on-write clone may have replaced it
             buf = bytearray()
             unsynced = False
-            writer: _ChunkWriter | None = None
+            pipeline = writer = _Pipeline(self)
+            chunk: _Chunk | None = None
+            first: dict[str, Any] | None = lease.get("first")  # placed by the open itself
+
+            def new_chunk() -> dict[str, Any]:
+                nonlocal first
+                c, first = (first, None) if first is not None else (
+                    self.api("POST", "/fs/alloc", json={"lease": lid}), None)
+                chunks.append({"handle": c["handle"], "replicas": []})
+                return c
 
             def write(n: int, sync: bool) -> None:
-                nonlocal cur_off, size, writer
+                nonlocal cur_off, size, chunk
                 assert cur is not None
-                if writer is None or writer.handle != cur["handle"]:
-                    if writer is not None:
-                        writer.close()
-                    writer = _ChunkWriter(self, cur)
-                ok = writer.send(cur_off, bytes(memoryview(buf)[:n]), sync)
+                if chunk is None or chunk.cur is not cur:
+                    chunk = _Chunk(cur)
+                ok = pipeline.send(chunk, cur_off, bytes(memoryview(buf)[:n]), sync)
                 if ok is not None:  # a synced piece: every earlier one has been answered too
                     chunks[-1]["replicas"] = ok
                 cur_off += n
@@ -349,9 +403,8 @@ class Client:
                 buf += piece
                 while buf:
                     if cur is None or cur_off >= cs:
-                        cur = self.api("POST", "/fs/alloc", json={"lease": lid})
+                        cur = new_chunk()
                         cur_off = 0
-                        chunks.append({"handle": cur["handle"], "replicas": []})
                     room = cs - cur_off
                     if len(buf) >= room:
                         write(room, True)
@@ -363,12 +416,10 @@ class Client:
                         break
             if buf or unsynced:
                 if cur is None or cur_off >= cs:
-                    cur = self.api("POST", "/fs/alloc", json={"lease": lid})
+                    cur = new_chunk()
                     cur_off = 0
-                    chunks.append({"handle": cur["handle"], "replicas": []})
                 write(len(buf), True)
-            if writer is not None:
-                writer.close()
+            pipeline.close()
             return self.api("POST", "/fs/commit", json={"lease": lid, "size": size, "chunks": chunks})
         except BaseException:
             if writer is not None:
@@ -385,7 +436,8 @@ class Client:
         return self.api("GET", "/fs/layout", params={"path": path})
 
     def read_iter(self, path: str, progress: Progress | None = None) -> Iterator[bytes]:
-        """The file's bytes in pieces, in order. Up to READ_AHEAD pieces are fetched ahead on the
+        """The file's bytes in pieces (bytes-like: a large piece is the ``bytearray`` it was
+        received into, not copied again), in order. Up to READ_AHEAD pieces are fetched ahead on the
         I/O pool, so a chunkserver reads and checksums the next piece while this one is consumed
         (memory stays bounded at (READ_AHEAD + 1) × PIECE)."""
         lay = self.layout(path)
@@ -483,6 +535,15 @@ class Client:
 
     def checkpoint(self) -> dict[str, Any]:
         return self.api("POST", "/admin/checkpoint")
+
+
+def _decode(content: bytes | bytearray, content_type: str) -> Any:
+    if content_type.startswith(MSGPACK):
+        try:
+            return msgpack.unpackb(content, raw=False, strict_map_key=True)
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise ValueError(f"malformed msgpack answer: {exc}") from exc
+    return jsonlib.loads(content)
 
 
 def _position(data: Any) -> int | None:

@@ -1,4 +1,11 @@
-"""The chunkserver process: an aiohttp app over a ChunkStore, plus the heartbeat loop."""
+"""The chunkserver process: an aiohttp app over a ChunkStore, plus the heartbeat loop.
+
+Writes are chained as in GFS and HDFS: the client sends a piece to the first replica only,
+naming the rest in ``X-Kubegfs-Chain``; each replica forwards the body to the next while it is
+still arriving, writes (and, for a synced piece, fdatasyncs) its own copy, waits for the
+downstream answer and answers with the ids of every replica that stored the piece, its own
+first. So the client uploads every byte once, and every hop reuses keep-alive connections.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import logging
 import random
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,7 @@ from ..auth import Tokens, chunkserver_policy
 from ..errors import ClusterMismatch, CorruptData, InvalidArgument, from_json
 from ..topology import Location
 from ..web import (
+    CLUSTER_HEADER,
     PEER_ERRORS,
     field_int,
     field_str,
@@ -31,6 +39,7 @@ from ..web import (
     query_int,
     read_json,
     record_id,
+    run_app,
     split_listen,
 )
 from . import metaapi
@@ -41,6 +50,8 @@ from .store import ChunkStore
 log = logging.getLogger("kubegfs.chunkserver")
 
 MAX_PIECE = 8 * 1024 * 1024
+CHAIN_HEADER = "X-Kubegfs-Chain"  # the replicas after this one, comma-separated base URLs
+MAX_CHAIN = 8
 
 
 class Chunkserver:
@@ -149,21 +160,80 @@ class Chunkserver:
     # ------------------------------------------------------------------ chunks
 
     async def put_chunk(self, request: web.Request) -> web.Response:
+        """Store a piece and forward it down the chain (see the module docstring). Answers
+        ``{"length", "version", "acked": [ids], "failed": {who: message}}``: ``acked`` lists this
+        replica and every downstream one that stored the piece; one that did not is in
+        ``failed``. If this replica's own write fails the answer is that error (the client
+        then sends the piece to the rest of the chain itself)."""
         h = handle_hex(request.match_info["h"])
         offset = query_int(request, "offset", 0, 0, self.chunk_size)
         version = query_int(request, "version", None, 1)
         sync = request.query.get("sync", "1") != "0"
-        data = await request.read()
-        if len(data) > MAX_PIECE:
+        chain = parse_chain(request.headers.get(CHAIN_HEADER, ""))
+        if request.content_length is not None and request.content_length > MAX_PIECE:
             raise InvalidArgument(f"piece larger than {MAX_PIECE} bytes")
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: the piece is held whole anyway
+        fwd = asyncio.create_task(self._forward(chain, h, offset, version, sync, _drain(q),
+                                                request.content_length)) if chain else None
+        parts: list[bytes] = []
+        n = 0
+        try:
+            async for part in request.content.iter_any():
+                n += len(part)
+                if n > MAX_PIECE:
+                    raise InvalidArgument(f"piece larger than {MAX_PIECE} bytes")
+                parts.append(part)
+                q.put_nowait(part)
+        except BaseException:
+            if fwd is not None:
+                fwd.cancel()  # the next replica sees a cut body and stores nothing
+            raise
+        q.put_nowait(None)
         existed = h in self.store.index
-        length = await self._run(self.store.write, h, offset, data, version, sync)
-        M.CS_WRITE_BYTES.inc(len(data))
+        local = asyncio.ensure_future(self._run(self.store.write, h, offset, parts, version, sync))
+        acked: list[str] = []
+        failed: dict[str, str] = {}
+        rest = chain
+        while fwd is not None:
+            try:
+                reply = await fwd
+                acked = [str(i) for i in reply.get("acked", [])]
+                failed.update({str(k): str(v) for k, v in (reply.get("failed") or {}).items()})
+                break
+            except PEER_ERRORS as exc:
+                # route around it, as HDFS's pipeline recovery does: the rest still get the piece
+                failed[rest[0]] = f"{exc.__class__.__name__}: {exc}"
+                rest = rest[1:]
+                fwd = asyncio.ensure_future(
+                    self._forward(rest, h, offset, version, sync, b"".join(parts), n)) if rest else None
+        length = await local
+        M.CS_WRITE_BYTES.inc(n)
         self._added[h] = version
         self._removed.discard(h)
         if not existed:
             self._update_gauges()
-        return json_response({"length": length, "version": version})
+        return json_response({"length": length, "version": version, "acked": [self.id, *acked],
+                              "failed": failed})
+
+    async def _forward(self, chain: list[str], h: int, offset: int, version: int, sync: bool,
+                       body: Any, length: int | None) -> dict[str, Any]:
+        """Send the piece (bytes, or its parts as they arrive) to ``chain[0]``, naming the rest."""
+        assert self._session is not None
+        headers = {CHAIN_HEADER: ",".join(chain[1:])}
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        if self.membership.cluster_id:
+            headers[CLUSTER_HEADER] = self.membership.cluster_id
+        async with self._session.put(
+            f"{chain[0]}/internal/chunks/{hexh(h)}", data=body, headers=headers,
+            params={"offset": str(offset), "version": str(version), "sync": "1" if sync else "0"},
+        ) as resp:
+            reply = await _safe_json(resp)
+            if resp.status != 200:
+                raise from_json(resp.status, reply)
+            if not isinstance(reply, dict):
+                raise InvalidArgument(f"{chain[0]} answered a piece with {str(reply)[:100]}")
+            return reply
 
     async def get_chunk(self, request: web.Request) -> web.Response:
         h = handle_hex(request.match_info["h"])
@@ -412,6 +482,24 @@ class Chunkserver:
             await asyncio.sleep(self.heartbeat_interval * (0.8 + 0.4 * random.random()))
 
 
+async def _drain(q: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    while (part := await q.get()) is not None:
+        yield part
+
+
+def parse_chain(raw: str) -> list[str]:
+    """The replicas a piece is forwarded to: up to MAX_CHAIN distinct http(s) base URLs."""
+    if not raw:
+        return []
+    chain = [u.strip().rstrip("/") for u in raw.split(",")]
+    if len(chain) > MAX_CHAIN or len(set(chain)) != len(chain):
+        raise InvalidArgument(f"{CHAIN_HEADER}: at most {MAX_CHAIN} distinct replicas")
+    for u in chain:
+        if not u.startswith(("http://", "https://")) or len(u) > 300 or any(c in u for c in " ?#\r\n"):
+            raise InvalidArgument(f"{CHAIN_HEADER}: {u[:60]!r} is not an http(s) base URL")
+    return chain
+
+
 def _iter_file(f: Any) -> Iterator[bytes]:
     return iter(lambda: f.read(1 << 20), b"")
 
@@ -435,6 +523,5 @@ def run(
                      scrub_interval=scrub_interval)
     log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
              loc.node, loc.zone, loc.region)
-    web.run_app(cs.app(), host=host, port=port, print=None, access_log=None, handle_signals=True,
-                ssl_context=ssl_context)
+    run_app(cs.app(), host, port, ssl_context)
 

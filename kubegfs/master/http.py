@@ -16,9 +16,11 @@ from aiohttp import web
 from .. import metrics as M
 from .. import namespace as ns
 from .. import paths
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, KubegfsError
 from ..topology import Location, find_nearest
 from ..web import (
+    encode_body,
+    encoded_response,
     field_bool,
     field_int,
     field_str,
@@ -28,6 +30,7 @@ from ..web import (
     metrics_handler,
     read_json,
     record_id,
+    wants_msgpack,
 )
 from .checkpoint import dump
 from .chunkmap import SMALL_TABLE
@@ -36,12 +39,23 @@ if TYPE_CHECKING:
     from .server import Master
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+MAX_STAT_MANY = 10_000
+PAGE_CACHE = 64  # encoded ls pages kept
+PAGE_CACHE_BYTES = 256 << 10  # larger pages are not kept
+
+
+def _writer(request: web.Request) -> Location:
+    """Where a writer is, as far as the master can tell (its address): new chunks' replicas
+    are listed nearest to it first, the head of the write chain."""
+    return Location("", "", "", request.remote or "")
 
 
 class Api:
     def __init__(self, m: Master) -> None:
         self.m = m
         self._ls_cache: dict[int, tuple[ns.Dir, list[str]]] = {}
+        # (id(dir), path, after, limit, msgpack?) -> (dir, encoded page, content type)
+        self._pages: dict[tuple[int, str, str, int, bool], tuple[ns.Dir, bytes, str]] = {}
 
     def add_routes(self, r: web.UrlDispatcher) -> None:
         r.add_get("/healthz", self.h_healthz)
@@ -51,10 +65,12 @@ class Api:
         r.add_get("/api/v1/chunkservers", self.h_chunkservers)
         r.add_post("/api/v1/fs/mkdir", self.h_mkdir)
         r.add_get("/api/v1/fs/stat", self.h_stat)
+        r.add_post("/api/v1/fs/stat_many", self.h_stat_many)
         r.add_get("/api/v1/fs/ls", self.h_ls)
         r.add_post("/api/v1/fs/rm", self.h_rm)
         r.add_post("/api/v1/fs/mv", self.h_mv)
         r.add_post("/api/v1/fs/open", self.h_open)
+        r.add_post("/api/v1/fs/create", self.h_create)
         r.add_post("/api/v1/fs/alloc", self.h_alloc)
         r.add_post("/api/v1/fs/commit", self.h_commit)
         r.add_post("/api/v1/fs/abort", self.h_abort)
@@ -156,7 +172,29 @@ class Api:
         parts, node = self.m.state.lookup(request.query.get("path", ""))
         return json_response(self._stat(paths.join(parts), node))
 
+    async def h_stat_many(self, request: web.Request) -> web.Response:
+        """Many stats in one call: ``{"paths": [...]}`` → ``{"stats": [...]}`` in the same
+        order, a path that cannot be looked up as ``{"path", "error", "message"}``."""
+        b = await read_json(request)
+        want = b.get("paths")
+        if not isinstance(want, list) or not all(isinstance(p, str) for p in want):
+            raise InvalidArgument("paths must be a list of strings")
+        if len(want) > MAX_STAT_MANY:
+            raise InvalidArgument(f"at most {MAX_STAT_MANY} paths per call")
+        out: list[dict[str, Any]] = []
+        for p in want:
+            try:
+                parts, node = self.m.state.lookup(p)
+            except KubegfsError as err:
+                out.append({"path": p, "error": err.code, "message": err.message})
+                continue
+            out.append(self._stat(paths.join(parts), node))
+        return json_response({"stats": out})
+
     async def h_ls(self, request: web.Request) -> web.Response:
+        """A page of a directory with every entry's stat. Directory nodes are immutable, so
+        an encoded page of one node object stays right until the directory changes (which
+        makes a new node): repeated listings of a hot directory are served from a small cache."""
         parts, node = self.m.state.lookup(request.query.get("path", ""))
         base = paths.join(parts)
         if isinstance(node, ns.File):
@@ -167,12 +205,22 @@ class Api:
             raise InvalidArgument("limit must be an integer") from exc
         limit = max(1, min(limit, 10000))
         after = request.query.get("after", "")
+        packed = wants_msgpack()
+        key = (id(node), base, after, limit, packed)
+        hit = self._pages.get(key)
+        if hit is not None and hit[0] is node:
+            return encoded_response(hit[1], hit[2])
         names = self._sorted_names(node)
         start = bisect.bisect_right(names, after) if after else 0
         page = names[start : start + limit]
         entries = [self._stat(base.rstrip("/") + "/" + n, node.children[n]) for n in page]
         nxt = page[-1] if start + limit < len(names) else None
-        return json_response({"path": base, "entries": entries, "next": nxt})
+        body, ctype = encode_body({"path": base, "entries": entries, "next": nxt}, packed)
+        if len(body) <= PAGE_CACHE_BYTES:
+            if len(self._pages) >= PAGE_CACHE:
+                self._pages.pop(next(iter(self._pages)))
+            self._pages[key] = (node, body, ctype)
+        return encoded_response(body, ctype)
 
     def _sorted_names(self, node: ns.Dir) -> list[str]:
         """A directory's names in order. Directories are immutable, so the sorted list of one
@@ -207,11 +255,20 @@ class Api:
         b = await read_json(request)
         return json_response(await self.m.writes.open(
             field_str(b, "path"), field_str(b, "mode", "create"),
-            field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777)))
+            field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777), alloc=field_bool(b, "alloc"),
+            near=_writer(request)))
+
+    async def h_create(self, request: web.Request) -> web.Response:
+        """An empty file in one round trip: open + commit of nothing, durable before the answer."""
+        b = await read_json(request)
+        mode = "overwrite" if field_bool(b, "overwrite") else "create"
+        out = await self.m.writes.create_empty(
+            field_str(b, "path"), mode, field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777))
+        return json_response(out, status=201)
 
     async def h_alloc(self, request: web.Request) -> web.Response:
         b = await read_json(request)
-        return json_response(self.m.writes.alloc(field_str(b, "lease", max_len=64)))
+        return json_response(self.m.writes.alloc(field_str(b, "lease", max_len=64), _writer(request)))
 
     async def h_abort(self, request: web.Request) -> web.Response:
         b = await read_json(request)

@@ -41,6 +41,7 @@ from ..web import (
     hexh,
     make_middlewares,
     peer_session,
+    run_app,
     split_listen,
 )
 from .chunkmap import ChunkMap, ChunkserverInfo
@@ -306,5 +307,4 @@ def run(listen: str, data_dir: Path, token: str | Tokens, location: Location, ch
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     m = Master(data_dir, token, loc, chunk_size, replication, options)
     log.info("master listening on %s (%s), data in %s", listen, "https" if ssl_context else "http", data_dir)
-    web.run_app(m.app(), host=host, port=port, print=None, access_log=None, handle_signals=True,
-                ssl_context=ssl_context)
+    run_app(m.app(), host, port, ssl_context)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import metrics as M
 from .. import namespace as ns
 from ..errors import Conflict, Unavailable
-from ..topology import place_replicas
+from ..topology import Location, find_nearest, place_replicas
 from ..web import hexh
 from .chunkmap import ChunkserverInfo
 from .leases import Lease
@@ -37,7 +37,11 @@ class WritePath:
         cs = self.m.chunkmap.cs
         return [{"id": i, "address": cs[i].address} for i in ids if i in cs]
 
-    async def open(self, path: str, mode: str, file_mode: int) -> dict[str, Any]:
+    async def open(self, path: str, mode: str, file_mode: int, alloc: bool = False,
+                   near: Location | None = None) -> dict[str, Any]:
+        """A write lease on ``path``. With ``alloc``, the first new chunk is placed in the same
+        call (``first``; not for an append to a partial last chunk, which gets ``last``), so a
+        small file is written with two calls to the master: open and commit."""
         st = self.m.state
         path, parts, node = st.prepare_open(path, mode, file_mode)
         lease = self.m.leases.grant(path, mode, file_mode, node)
@@ -48,10 +52,21 @@ class WritePath:
                 out["size"] = node.size
                 if node.size % st.chunk_size and node.chunks:
                     out["last"] = await self.prepare_inplace(lease, parts, node)
+            if alloc and "last" not in out:
+                out["first"] = self.alloc(lease.id, near)
         except BaseException:
             self.m.leases.drop(lease.id)
             raise
         return out
+
+    async def create_empty(self, path: str, mode: str, file_mode: int) -> dict[str, Any]:
+        """An empty file (``mode`` create or overwrite) in one call: the same lease, checks and
+        commit op as an open followed by a commit of no chunks, answered once the op is durable."""
+        out = await self.open(path, mode, file_mode)
+        try:
+            return await self.commit(out["lease"], 0, [], {})
+        finally:
+            self.m.leases.drop(out["lease"])  # a no-op once the commit dropped it
 
     async def prepare_inplace(self, lease: Lease, parts: tuple[str, ...], node: ns.File) -> dict[str, Any]:
         """The last, partial chunk will be appended to: clone it first if it is shared (COW),
@@ -98,12 +113,16 @@ class WritePath:
         return {"handle": hexh(target), "version": tv, "offset": node.size % st.chunk_size,
                 "replicas": self.cs_json(sorted(c.id for c in cmap.replicas_of(target)))}
 
-    def alloc(self, lid: str) -> dict[str, Any]:
+    def alloc(self, lid: str, near: Location | None = None) -> dict[str, Any]:
+        """Place a new chunk. The replicas come nearest to ``near`` (the writer) first: the
+        client sends each piece to the first, which forwards it down the list."""
         lease = self.m.leases.renew(lid)
         alive = [c.candidate() for c in self.m.chunkmap.alive()]
         chosen = place_replicas(alive, self.m.state.replication, need_bytes=0)
         if not chosen:
             raise Unavailable("no live chunkserver to place a chunk on")
+        if near is not None:
+            chosen = [r.candidate for r in find_nearest(near, chosen)]
         h = self.m.state.new_handle()
         lease.allocated[h] = [c.id for c in chosen]
         return {"handle": hexh(h), "version": 1, "replicas": self.cs_json(lease.allocated[h])}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .report import GiB, MiB, Row, at_least, human_mib
-from .throughput import bench_throughput
+from .throughput import bench_cpu_per_op, bench_throughput
 from .trees import CHUNK_SIZE
 
 
@@ -124,6 +124,7 @@ def bench_small_cluster(tmp: Path, want: set[str], quick: bool, say: Callable[[s
         cluster.start()
         if "throughput" in want:
             rows += bench_throughput(cluster, 1.0 if quick else 3.0, 2 if quick else 3, say)
+            rows += bench_cpu_per_op(cluster, 1.0 if quick else 3.0, 2 if quick else 3, say)
         if "datapath" in want:
             rows += bench_datapath(cluster, 64 * MiB if quick else GiB, 2 if quick else 3, say)
     finally:

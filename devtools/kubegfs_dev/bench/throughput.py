@@ -80,6 +80,46 @@ def _raw_worker(cluster: Any, request: Callable[[int, int], tuple[str, str, dict
     return work
 
 
+def cpu_per_op(cluster: Any, fn: Callable[[int], object], seconds: float) -> float:
+    """CPU seconds per call of ``fn(k)`` from one thread, the master's and this (client)
+    process's together (psutil ``cpu_times``): less sensitive to a busy machine than a rate."""
+    import psutil
+
+    procs = [psutil.Process(cluster.master.popen.pid), psutil.Process()]
+
+    def cpu() -> float:
+        return float(sum(t.user + t.system for t in (p.cpu_times() for p in procs)))
+
+    c0, k = cpu(), 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        fn(k)
+        k += 1
+    return float(cpu() - c0) / max(k, 1)
+
+
+def bench_cpu_per_op(cluster: Any, seconds: float, reps: int, say: Callable[[str], None]) -> list[Row]:
+    """Master + client CPU per durable empty-file create, stat and 100-entry ls (1 thread)."""
+    c = cluster.client()
+    try:
+        c.mkdir("/cpu")
+        for i in range(100):
+            c.put(f"/cpu/f{i}", b"")
+        ops: dict[str, Callable[[int], object]] = {
+            "durable empty-file create": lambda k: c.put(f"/cpu/n{time.monotonic_ns()}-{k}", b"", overwrite=False),
+            "stat": lambda k: c.stat(f"/cpu/f{k % 100}"),
+            "ls (100 entries)": lambda k: c.ls("/cpu"),
+        }
+        rows = []
+        for name, fn in ops.items():
+            say(f"CPU per {name}")
+            samples = [cpu_per_op(cluster, fn, seconds) for _ in range(reps)]
+            rows.append(Row("throughput", f"CPU per {name}, master + client", "s", samples))
+        return rows
+    finally:
+        c.close()
+
+
 def bench_throughput(cluster: Any, seconds: float, reps: int, say: Callable[[str], None]) -> list[Row]:
     rows = []
     clients = [cluster.client() for _ in range(16)]

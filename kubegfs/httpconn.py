@@ -1,0 +1,156 @@
+"""A minimal keep-alive HTTP/1.1 client connection for the client library's plain-http calls.
+
+``http.client`` parses every answer's headers with the ``email`` package, which was the larger
+part of a metadata call's client-side CPU; kubegfs servers answer with a status line, a few
+headers and a ``Content-Length`` (or a chunked body), and this reads exactly that. Requests are
+never pipelined or retried: one request, then its whole answer.
+"""
+
+from __future__ import annotations
+
+import socket
+
+MAX_HEAD = 64 * 1024  # status line + headers
+SMALL_BODY = 64 * 1024  # bodies up to this go out in the same send as the head
+RECV = 32 * 1024  # a metadata answer in one recv; a big body is read straight into its buffer
+
+
+class BadResponse(ConnectionError):
+    """The server's answer was not HTTP/1.1 we can read (the connection is then dropped)."""
+
+
+class Response:
+    __slots__ = ("status", "headers", "body", "will_close")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes | bytearray, will_close: bool) -> None:
+        self.status = status
+        self.headers = headers  # names lowercased
+        self.body = body
+        self.will_close = will_close
+
+
+class Connection:
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host_header = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self.sock: socket.socket | None = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = bytearray()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def request(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Response:
+        sock = self.sock
+        if sock is None:
+            raise ConnectionError("connection closed")
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        lines.append(f"Content-Length: {len(body) if body else 0}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if body and len(body) > SMALL_BODY:
+            sock.sendall(head)
+            sock.sendall(body)
+        else:
+            sock.sendall(head + body if body else head)
+        return self._response(method)
+
+    # ------------------------------------------------------------------ reading
+
+    def _fill(self) -> None:
+        assert self.sock is not None
+        data = self.sock.recv(RECV)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self._buf += data
+
+    def _line_block(self) -> bytes:
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            if len(self._buf) > MAX_HEAD:
+                raise BadResponse("response head too large")
+            self._fill()
+        head = bytes(self._buf[:end])
+        del self._buf[: end + 4]
+        return head
+
+    def _response(self, method: str) -> Response:
+        head = self._line_block()
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise BadResponse(f"bad status line {status_line[:80]!r}")
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        for line in header_lines:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise BadResponse(f"bad header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        will_close = headers.get("connection", "").lower() == "close" or parts[0] == "HTTP/1.0"
+        body: bytes | bytearray
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            body = b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = self._chunked()
+        elif "content-length" in headers:
+            try:
+                n = int(headers["content-length"])
+            except ValueError as exc:
+                raise BadResponse("bad Content-Length") from exc
+            body = self._exactly(n)
+        else:  # delimited by the close
+            will_close = True
+            body = self._until_close()
+        return Response(status, headers, body, will_close)
+
+    def _exactly(self, n: int) -> bytes | bytearray:
+        """The next ``n`` bytes. A body larger than what is buffered is received straight into
+        one buffer and returned as it is (a ``bytearray``: no second copy of a 4 MiB piece)."""
+        if len(self._buf) >= n:
+            body = bytes(self._buf[:n])
+            del self._buf[:n]
+            return body
+        assert self.sock is not None
+        out = bytearray(n)
+        have = len(self._buf)
+        out[:have] = self._buf
+        self._buf.clear()
+        view = memoryview(out)
+        while have < n:
+            k = self.sock.recv_into(view[have:])
+            if not k:
+                raise ConnectionError("the server closed the connection mid-body")
+            have += k
+        return out
+
+    def _chunked(self) -> bytes:
+        out = bytearray()
+        while True:
+            while (end := self._buf.find(b"\r\n")) < 0:
+                self._fill()
+            size_field = bytes(self._buf[:end]).split(b";", 1)[0].strip()
+            del self._buf[: end + 2]
+            try:
+                size = int(size_field, 16)
+            except ValueError as exc:
+                raise BadResponse("bad chunk size") from exc
+            if size == 0:  # then an empty line, or trailer lines and an empty line
+                while len(self._buf) < 2:
+                    self._fill()
+                if self._buf[:2] == b"\r\n":
+                    del self._buf[:2]
+                else:
+                    self._line_block()
+                return bytes(out)
+            out += self._exactly(size)
+            if self._exactly(2) != b"\r\n":
+                raise BadResponse("chunk not followed by CRLF")
+
+    def _until_close(self) -> bytes:
+        assert self.sock is not None
+        while data := self.sock.recv(256 * 1024):
+            self._buf += data
+        body = bytes(self._buf)
+        self._buf.clear()
+        return body

@@ -1,0 +1,77 @@
+"""The client's lean HTTP/1.1 connection reads every answer shape kubegfs servers send, and a
+broken answer is a connection error, never a wrong body."""
+
+import socket
+import threading
+
+import pytest
+
+from kubegfs.httpconn import BadResponse, Connection
+
+
+def _serve(answers: list[bytes]) -> tuple[int, list[bytes]]:
+    """A one-connection server: reads one request per canned answer and sends it back."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    got: list[bytes] = []
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            buf = b""
+            for ans in answers:
+                while b"\r\n\r\n" not in buf:
+                    buf += conn.recv(65536)
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                n = int([ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0])
+                while len(buf) < n:
+                    buf += conn.recv(65536)
+                got.append(head + b"\r\n\r\n" + buf[:n])
+                buf = buf[n:]
+                conn.sendall(ans)
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv.getsockname()[1], got
+
+
+def test_keep_alive_lengths_chunked_and_big_bodies():
+    big = bytes(range(256)) * 40_000  # bigger than one recv: read into its own buffer
+    port, got = _serve([
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-msgpack\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nT: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    ])
+    c = Connection("127.0.0.1", port, 5)
+    r = c.request("GET", "/a?b=1", None, {"Authorization": "Bearer t"})
+    assert (r.status, r.body, r.headers["content-type"], r.will_close) == (200, b"abc", "application/x-msgpack", False)
+    r = c.request("POST", "/c", b"x" * 100_000, {})  # a body sent apart from the head
+    assert (r.status, bytes(r.body)) == (201, b"wikipedia")
+    assert bytes(c.request("GET", "/big", None, {}).body) == big
+    assert c.request("DELETE", "/d", None, {}).body == b""
+    r = c.request("GET", "/e", None, {})
+    assert r.status == 404 and r.will_close
+    assert got[0].startswith(b"GET /a?b=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"Authorization: Bearer t\r\n" in got[0] and b"Content-Length: 0\r\n" in got[0]
+    assert got[1].endswith(b"x" * 100_000)
+    c.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"SMTP ready\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_a_malformed_answer_is_a_connection_error(answer):
+    port, _ = _serve([answer])
+    with pytest.raises(BadResponse):
+        Connection("127.0.0.1", port, 5).request("GET", "/", None, {})
+
+
+def test_a_cut_body_is_a_connection_error():
+    port, _ = _serve([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
+    with pytest.raises(ConnectionError):
+        Connection("127.0.0.1", port, 5).request("GET", "/", None, {})
