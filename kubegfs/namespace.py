@@ -37,14 +37,16 @@ class File:
 
 @final
 class Dir:
-    """Immutable directory: ``children`` maps a name to a File or Dir."""
+    """Immutable directory: ``children`` maps a name to a File or Dir. ``digest`` is its Merkle
+    block digest once computed (``merkle.digest`` memoises it; the node never changes)."""
 
-    __slots__ = ("children", "mtime", "mode")
+    __slots__ = ("children", "mtime", "mode", "digest")
 
     def __init__(self, children: immutables.Map[str, Node], mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
         self.children = children
         self.mtime = mtime
         self.mode = mode
+        self.digest: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Dir({len(self.children)} entries)"

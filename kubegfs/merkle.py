@@ -1,0 +1,242 @@
+"""Content-addressed directory blocks (a Merkle tree over the namespace).
+
+One directory is one *block*: its own mode and mtime, its entries in name order (files with size,
+mtime, mode, chunk handles and their versions) and, for each child directory, that directory's
+digest. A block's name is the sha256 of its bytes, so a root digest names a whole tree and two
+trees with the same content have the same root digest whatever history made them.
+
+Block format 1 (canonical: one tree, one byte string): a msgpack array
+``[1, mode, mtime, names, kinds, f_size, f_mtime, f_mode, f_nchunks, handles, versions, dirs]``
+where ``names`` is the entries' UTF-8 names joined by NUL in code-point order, ``kinds`` one byte
+per entry (``f`` file, ``d`` directory), the ``f_*``/``handles``/``versions`` columns packed
+little-endian int64 for the files in entry order, and ``dirs`` the 32-byte digests of the child
+directories in entry order.
+
+The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
+node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
+again. Invariant: a block records each chunk's version as of the block's encoding. A chunk's
+version changes only through a bump before an in-place append to a chunk no snapshot shares, and
+that append's commit replaces the file node (so its directories are encoded afresh); a bump whose
+commit never comes leaves an older version in a block, which is harmless: restore does not use
+versions and adoption keeps the newer version a replica reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import immutables
+
+from .errors import CorruptData
+from .formats import no_gc, packb, unpackb
+from .namespace import EMPTY, Dir, File, Node
+
+BLOCK_FORMAT = 1
+DIGEST_SIZE = 32
+_BIG_ENDIAN = sys.byteorder == "big"
+
+VersionOf = Callable[[int], int]
+
+
+def _pack(values: list[int]) -> bytes:
+    a = array("q", values)
+    if _BIG_ENDIAN:  # pragma: no cover - canonical bytes on every machine
+        a.byteswap()
+    return a.tobytes()
+
+
+def _unpack(data: object) -> list[int]:
+    if not isinstance(data, bytes) or len(data) % 8:
+        raise CorruptData("bad packed column in block")
+    a = array("q")
+    a.frombytes(data)
+    if _BIG_ENDIAN:  # pragma: no cover
+        a.byteswap()
+    return a.tolist()
+
+
+def block_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def encode_block(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> bytes:
+    """The canonical bytes of directory ``d`` (its children's digests from ``child_digest``)."""
+    items = sorted(d.children.items())
+    kinds = bytearray()
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    modes: list[int] = []
+    nch: list[int] = []
+    handles: list[int] = []
+    dirs: list[bytes] = []
+    for _name, k in items:
+        if type(k) is File:
+            kinds += b"f"
+            sizes.append(k.size)
+            mtimes.append(k.mtime)
+            modes.append(k.mode)
+            nch.append(len(k.chunks))
+            handles.extend(k.chunks)
+        else:
+            assert isinstance(k, Dir)
+            kinds += b"d"
+            dirs.append(child_digest(k))
+    names = "\x00".join([n for n, _k in items]).encode("utf-8")
+    return packb([BLOCK_FORMAT, d.mode, d.mtime, names, bytes(kinds), _pack(sizes), _pack(mtimes),
+                  _pack(modes), _pack(nch), _pack(handles), _pack([version_of(h) for h in handles]),
+                  b"".join(dirs)])
+
+
+def digest(d: Dir, version_of: VersionOf) -> bytes:
+    """``d``'s block digest, computed once per node (memoised on the immutable node)."""
+    got = d.digest
+    if got is not None:
+        return got
+    with no_gc():
+        return _digest(d, version_of)
+
+
+def _digest(d: Dir, version_of: VersionOf) -> bytes:
+    got = d.digest
+    if got is None:
+        got = d.digest = block_digest(encode_block(d, version_of, lambda c: _digest(c, version_of)))
+    return got
+
+
+# --------------------------------------------------------------------------- decoded blocks
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    mtime: int
+    mode: int
+    chunks: tuple[int, ...]
+    versions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DirRef:
+    digest: bytes
+    node: Dir | None = None  # the live directory with this digest, when the block came from one
+
+
+Entry = FileEntry | DirRef
+
+
+@dataclass(frozen=True)
+class Block:
+    mode: int
+    mtime: int
+    entries: dict[str, Entry]  # in name order
+
+
+def decode_block(data: bytes, expected: bytes | None = None) -> Block:
+    """A block from its bytes, verified against ``expected`` (its name) when given."""
+    if expected is not None and block_digest(data) != expected:
+        raise CorruptData("directory block does not match its digest")
+    raw = unpackb(data)
+    if not (isinstance(raw, list) and len(raw) == 12 and raw[0] == BLOCK_FORMAT):
+        raise CorruptData("not a directory block of a known format")
+    _fmt, mode, mtime, names_b, kinds, *cols, dirs = raw
+    if not (isinstance(mode, int) and isinstance(mtime, int) and isinstance(names_b, bytes)
+            and isinstance(kinds, bytes) and isinstance(dirs, bytes)):
+        raise CorruptData("bad directory block fields")
+    sizes, mtimes, modes, nch, handles, versions = (_unpack(c) for c in cols)
+    try:
+        names = names_b.decode("utf-8").split("\x00") if kinds else []
+    except UnicodeDecodeError as exc:
+        raise CorruptData("bad name in block") from exc
+    n_files = kinds.count(b"f")
+    if (len(names) != len(kinds) or n_files + kinds.count(b"d") != len(kinds)
+            or not len(sizes) == len(mtimes) == len(modes) == len(nch) == n_files
+            or len(handles) != len(versions) or sum(nch) != len(handles) or any(c < 0 for c in nch)
+            or len(dirs) != DIGEST_SIZE * (len(kinds) - n_files)):
+        raise CorruptData("directory block columns disagree")
+    if any(not nm or "/" in nm for nm in names) or any(a >= b for a, b in zip(names, names[1:], strict=False)):
+        raise CorruptData("block names are not valid, unique and in order")
+    entries: dict[str, Entry] = {}
+    fi = hi = di = 0
+    for name, kind in zip(names, kinds, strict=True):
+        if kind == 0x66:  # f
+            k = nch[fi]
+            entries[name] = FileEntry(sizes[fi], mtimes[fi], modes[fi], tuple(handles[hi:hi + k]),
+                                      tuple(versions[hi:hi + k]))
+            fi += 1
+            hi += k
+        else:
+            entries[name] = DirRef(dirs[di:di + DIGEST_SIZE])
+            di += DIGEST_SIZE
+    return Block(mode, mtime, entries)
+
+
+def block_of(d: Dir, version_of: VersionOf) -> Block:
+    """The decoded block of a live directory (without encoding it; child digests memoised)."""
+    entries: dict[str, Entry] = {}
+    for name, k in sorted(d.children.items()):
+        if type(k) is File:
+            entries[name] = FileEntry(k.size, k.mtime, k.mode, k.chunks, tuple(version_of(h) for h in k.chunks))
+        else:
+            assert isinstance(k, Dir)
+            entries[name] = DirRef(digest(k, version_of), k)
+    return Block(d.mode, d.mtime, entries)
+
+
+def child_digests(data: bytes) -> list[bytes]:
+    """The digests of the directories a block names (without building its entries)."""
+    raw = unpackb(data)
+    if not (isinstance(raw, list) and len(raw) == 12 and isinstance(raw[11], bytes)) or len(raw[11]) % DIGEST_SIZE:
+        raise CorruptData("not a directory block of a known format")
+    dirs: bytes = raw[11]
+    return [dirs[i:i + DIGEST_SIZE] for i in range(0, len(dirs), DIGEST_SIZE)]
+
+
+def block_chunks(data: bytes) -> list[int]:
+    """The chunk handles a block's own files reference (one per reference)."""
+    raw = unpackb(data)
+    if not (isinstance(raw, list) and len(raw) == 12):
+        raise CorruptData("not a directory block of a known format")
+    return _unpack(raw[9])
+
+
+# --------------------------------------------------------------------------- walking trees
+
+
+def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool]
+                ) -> Iterator[tuple[bytes, bytes, Dir]]:
+    """(digest, bytes, node) of every directory below and including ``root`` whose digest ``skip``
+    does not accept, children before their parent; a skipped directory's subtree is not visited
+    (a holder that has a block has everything it reaches)."""
+    out: list[tuple[bytes, bytes, Dir]] = []
+    with no_gc():
+        _collect(root, version_of, skip, out, set())
+    yield from out
+
+
+def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
+             out: list[tuple[bytes, bytes, Dir]], seen: set[bytes]) -> None:
+    dg = digest(d, version_of)
+    if dg in seen or skip(dg):
+        return
+    seen.add(dg)
+    for k in d.children.values():
+        if type(k) is Dir:
+            _collect(k, version_of, skip, out, seen)
+    out.append((dg, encode_block(d, version_of, lambda c: digest(c, version_of)), d))
+
+
+def build_dir(block: Block, child: Callable[[DirRef], Node]) -> Dir:
+    """A namespace directory from a decoded block; ``child`` turns each directory reference
+    into its node (a reused live node or one built from its own block)."""
+    kids: list[tuple[str, Node]] = []
+    for name, e in block.entries.items():
+        if isinstance(e, FileEntry):
+            kids.append((name, File(e.size, e.mtime, e.mode, e.chunks)))
+        else:
+            kids.append((name, child(e)))
+    d = Dir(immutables.Map(kids) if kids else EMPTY, block.mtime, block.mode)
+    return d
