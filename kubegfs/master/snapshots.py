@@ -18,9 +18,9 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .. import merkle, paths, snapdiff
 from .. import metrics as M
 from .. import namespace as ns
-from .. import paths
 from ..errors import (
     AlreadyExists,
     Conflict,
@@ -42,12 +42,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("kubegfs.master")
 
 
+def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: merkle.VersionOf
+               ) -> list[snapdiff.Change]:
+    """Diff two trees held in memory (every reference carries its node)."""
+    def load(refs: list[merkle.DirRef]) -> list[merkle.Block]:
+        out = []
+        for i, r in enumerate(refs):  # the walk asks for (a, b) pairs
+            assert r.node is not None
+            out.append(merkle.block_of(r.node, va if i % 2 == 0 else vb))
+        return out
+
+    return snapdiff.run(snapdiff.diff_steps(a, b), load)
+
+
 class Snapshots:
     def __init__(self, m: Master) -> None:
         self.m = m
         self.builders: dict[str, asyncio.Task[Any]] = {}
         self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> servers whose copy rotted
         self._record_missing: dict[tuple[str, str], int] = {}  # (server, snapshot id) -> heartbeats without it
+        # soft: each path's newest snapshot tree this master built (digests memoised), so the next
+        # snapshot of that path reports what changed since without reading anything back
+        self.latest: dict[str, tuple[str, ns.Dir]] = {}
 
     def snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
@@ -131,6 +147,7 @@ class Snapshots:
                                                  st.version.__getitem__, self.m.data_dir / "scratch")
             else:
                 rec = await loop.run_in_executor(None, build_record, meta, pin.node, st.version.__getitem__)
+            root_hex, changes = await self.since_previous(entry, pin.node)
             t_built = time.perf_counter()
             holders: list[dict[str, Any]] = []
             last_err = "no live chunkserver"
@@ -186,7 +203,10 @@ class Snapshots:
                 "chunks": rec.counts["chunks"], "logical_bytes": rec.counts["bytes"],
                 "duration_seconds": round(dur, 6), "handles_z": rec.handles_z,
                 "location_reason": holders[0]["reason"], "_precounted": True,
+                "root": root_hex, "changes": changes,
             })
+            if isinstance(pin.node, ns.Dir):
+                self.latest[entry["path"]] = (sid, pin.node)
             M.M_SNAP_BUILD.observe(dur)
             M.M_SNAP_RECORD.observe(len(rec.data))
             M.M_SNAP_RESULT.labels("success").inc()
@@ -205,11 +225,81 @@ class Snapshots:
         finally:
             self.builders.pop(sid, None)
 
+    def _live_version(self, h: int) -> int:
+        return self.m.state.version.get(h, 0)
+
+    async def tree_ref(self, e: dict[str, Any]) -> tuple[merkle.DirRef, merkle.VersionOf]:
+        """Snapshot ``e``'s root directory (digest memoised on its nodes) and its chunk versions."""
+        loop = asyncio.get_running_loop()
+        if e["state"] != "ready":
+            raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
+        cached = self.latest.get(e["path"])
+        if cached is not None and cached[0] == e["id"]:
+            root: ns.Node = cached[1]
+            version_of: merkle.VersionOf = self._live_version
+        else:
+            parsed, _blob, _src = await self.fetch_record(e)
+            versions = dict(parsed.chunks)
+            root, version_of = parsed.root, versions.__getitem__
+        if not isinstance(root, ns.Dir):
+            raise InvalidArgument(f"snapshot {e['name']} is of a file; diff compares directories")
+        dg = await loop.run_in_executor(None, merkle.digest, root, version_of)
+        return merkle.DirRef(dg, root), version_of
+
+    async def diff(self, ref: str, to: str | None) -> dict[str, Any]:
+        """The changes from snapshot ``ref`` to snapshot ``to`` (or to the live tree at ``ref``'s
+        path): only directories whose digests differ are read."""
+        t0 = time.perf_counter()
+        st = self.m.state
+        a = st.snapshot_by_ref(ref)
+        b = st.snapshot_by_ref(to) if to is not None else None
+        ref_a, va = await self.tree_ref(a)
+        if b is not None:
+            ref_b, vb = await self.tree_ref(b)
+        else:
+            node = ns.must_get(st.root, paths.split(a["path"]))
+            if not isinstance(node, ns.Dir):
+                raise InvalidArgument(f"{a['path']} is not a directory now")
+            vb = self._live_version
+            ref_b = merkle.DirRef(await asyncio.get_running_loop().run_in_executor(None, merkle.digest, node, vb), node)
+        changes = await asyncio.get_running_loop().run_in_executor(None, diff_nodes, ref_a, va, ref_b, vb)
+        return {"from": a["name"], "to": b["name"] if b is not None else "", "path": a["path"],
+                "to_path": b["path"] if b is not None else a["path"],
+                "changes": [c.to_json() for c in changes], "summary": snapdiff.summarize(changes).to_json(),
+                "seconds": round(time.perf_counter() - t0, 6)}
+
+    def previous_of(self, e: dict[str, Any]) -> tuple[str, ns.Dir] | None:
+        """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""
+        prev = self.latest.get(e["path"])
+        if prev is None or prev[0] == e["id"]:
+            return None
+        pe = self.m.state.snapshots.get(prev[0])
+        return prev if pe is not None and pe["state"] == "ready" else None
+
+    async def since_previous(self, entry: dict[str, Any], node: ns.Node) -> tuple[str, dict[str, Any]]:
+        """The pinned tree's root digest (hex) and what changed since the previous snapshot of
+        the same path (counts of the diff report; empty when that tree is not in memory)."""
+        if not isinstance(node, ns.Dir):
+            return "", {}
+        loop = asyncio.get_running_loop()
+        version_of = self.m.state.version.__getitem__  # the pin protects every chunk it reaches
+        dg = await loop.run_in_executor(None, merkle.digest, node, version_of)
+        prev = self.previous_of(entry)
+        if prev is None:
+            return dg.hex(), {}
+        pe = self.m.state.snapshots[prev[0]]
+        pa = merkle.DirRef(merkle.digest(prev[1], self._live_version), prev[1])
+        changes = await loop.run_in_executor(None, diff_nodes, pa, self._live_version,
+                                             merkle.DirRef(dg, node), version_of)
+        return dg.hex(), {"since": pe["name"], "since_id": pe["id"], **snapdiff.summarize(changes).to_json()}
+
     async def delete(self, ref: str) -> dict[str, Any]:
         e = self.m.state.snapshot_by_ref(ref)
         if e["state"] == "pending":
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.m.mutate({"op": "snap_delete", "id": e["id"]})
+        if self.latest.get(e["path"], ("",))[0] == e["id"]:
+            del self.latest[e["path"]]
         for h in e.get("holders", []):  # the copies go with the holders' next heartbeats
             if h["id"] in self.m.chunkmap.cs:
                 self.m.outbox.order(h["id"], "record", e["id"])

@@ -282,6 +282,7 @@ class MasterState:
             holders=op["holders"], files=op["files"], dirs=op["dirs"], chunks=op["chunks"],
             logical_bytes=op["logical_bytes"], duration_seconds=op["duration_seconds"],
             handles_z=op["handles_z"], location_reason=op.get("location_reason", ""),
+            root=op.get("root", ""), changes=op.get("changes") or {},
         )
         self.pins.pop(op["id"], None)
         self._recheck_protected()

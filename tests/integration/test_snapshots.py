@@ -188,3 +188,36 @@ def test_ls_pages_through_a_big_directory_in_order(client):
     assert seen == names
     client.mkdir(f"{d}/f00000a")  # the directory changed: a fresh listing includes it, in order
     assert [e["path"].rsplit("/", 1)[1] for e in client.ls(d)][:2] == ["f00000", "f00000a"]
+
+
+def test_diff_between_snapshots_and_against_the_live_tree(client):
+    d = fresh(client)
+    client.mkdir(f"{d}/keep/deep", parents=True)
+    for i in range(20):
+        client.put(f"{d}/keep/deep/f{i}", b"x" * i)
+    client.put(f"{d}/old.txt", b"old content")
+    client.put(f"{d}/gone", b"bye")
+    a = client.snapshot_create(d, f"diff-a-{d[3:]}")
+    assert a["root"] and len(a["root"]) == 64 and a["changes"] == {}
+    client.mv(f"{d}/old.txt", f"{d}/new.txt")
+    client.rm(f"{d}/gone")
+    client.put(f"{d}/made", b"new")
+    client.put(f"{d}/keep/deep/f3", b"changed")
+    b = client.snapshot_create(d, f"diff-b-{d[3:]}")
+    assert b["changes"] == {"since": a["name"], "since_id": a["id"], "created": 1, "deleted": 1,
+                            "modified": 3, "renamed": 1}
+    out = client.snapshot_diff(a["name"], b["name"])
+    lines = [(c["kind"], c["path"], c.get("to", "")) for c in out["changes"]]
+    assert lines == [("M", ".", ""), ("-", "./gone", ""), ("M", "./keep/deep", ""), ("M", "./keep/deep/f3", ""),
+                     ("+", "./made", ""), ("R", "./old.txt", "./new.txt")]
+    assert out["summary"]["renamed"] == 1 and out["to"] == b["name"]
+    assert client.snapshot_diff(b["name"])["changes"] == []  # nothing changed since b
+    client.put(f"{d}/later", b"1")
+    live = client.snapshot_diff(b["name"])
+    assert [(c["kind"], c["path"]) for c in live["changes"]] == [("M", "."), ("+", "./later")]
+    assert live["to"] == "" and live["to_path"] == d
+    assert client.snapshot_diff(a["name"], a["name"])["changes"] == []
+    with pytest.raises(NotFound):
+        client.snapshot_diff("no-such-snapshot")
+    with pytest.raises(NotFound):
+        client.snapshot_diff(a["name"], "no-such-snapshot")
