@@ -103,8 +103,29 @@ def digest(d: Dir, version_of: VersionOf) -> bytes:
 def _digest(d: Dir, version_of: VersionOf) -> bytes:
     got = d.digest
     if got is None:
+        files, dirs, chunks, size = 0, 1, 0, 0
+        for k in d.children.values():
+            if type(k) is File:
+                files += 1
+                chunks += len(k.chunks)
+                size += k.size
+            else:
+                assert isinstance(k, Dir)
+                _digest(k, version_of)
+                assert k.stats is not None
+                f2, d2, c2, s2 = k.stats
+                files, dirs, chunks, size = files + f2, dirs + d2, chunks + c2, size + s2
+        d.stats = (files, dirs, chunks, size)
         got = d.digest = block_digest(encode_block(d, version_of, lambda c: _digest(c, version_of)))
     return got
+
+
+def stats(d: Dir, version_of: VersionOf) -> tuple[int, int, int, int]:
+    """(files, directories, chunk references, logical bytes) below and including ``d``, memoised
+    with its digest (so a snapshot's counts cost what its digest costs)."""
+    digest(d, version_of)
+    assert d.stats is not None
+    return d.stats
 
 
 # --------------------------------------------------------------------------- decoded blocks
@@ -229,14 +250,163 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     out.append((dg, encode_block(d, version_of, lambda c: digest(c, version_of)), d))
 
 
-def build_dir(block: Block, child: Callable[[DirRef], Node]) -> Dir:
+def build_dir(block: Block, child: Callable[[str, DirRef], Node]) -> Dir:
     """A namespace directory from a decoded block; ``child`` turns each directory reference
-    into its node (a reused live node or one built from its own block)."""
+    (by name) into its node (a reused live node or one built from its own block)."""
     kids: list[tuple[str, Node]] = []
     for name, e in block.entries.items():
         if isinstance(e, FileEntry):
             kids.append((name, File(e.size, e.mtime, e.mode, e.chunks)))
         else:
-            kids.append((name, child(e)))
+            kids.append((name, child(name, e)))
     d = Dir(immutables.Map(kids) if kids else EMPTY, block.mtime, block.mode)
     return d
+
+
+# --------------------------------------------------------------------------- block batches on the wire
+
+_FRAME_HEAD = 36  # 32-byte digest + u32 length
+
+
+def pack_frames(items: list[tuple[bytes, bytes]]) -> bytes:
+    """Blocks on the wire: ``(<digest 32><u32 length><bytes>)*``."""
+    out = bytearray()
+    for dg, data in items:
+        if len(dg) != DIGEST_SIZE:
+            raise ValueError("digest must be 32 bytes")
+        out += dg + len(data).to_bytes(4, "little") + data
+    return bytes(out)
+
+
+def unpack_frames(data: bytes, verify: bool = True) -> list[tuple[bytes, bytes]]:
+    """Frames back into (digest, bytes); with ``verify`` every block must match its digest."""
+    out: list[tuple[bytes, bytes]] = []
+    pos, n = 0, len(data)
+    while pos < n:
+        if n - pos < _FRAME_HEAD:
+            raise CorruptData("truncated block frame")
+        dg = data[pos:pos + DIGEST_SIZE]
+        ln = int.from_bytes(data[pos + DIGEST_SIZE:pos + _FRAME_HEAD], "little")
+        end = pos + _FRAME_HEAD + ln
+        if end > n:
+            raise CorruptData("truncated block frame")
+        blk = data[pos + _FRAME_HEAD:end]
+        if verify and block_digest(blk) != dg:
+            raise CorruptData(f"block {dg.hex()[:16]}… does not match its digest")
+        out.append((dg, blk))
+        pos = end
+    return out
+
+
+def batches(items: list[tuple[bytes, bytes]], limit: int) -> Iterator[list[tuple[bytes, bytes]]]:
+    """``items`` in consecutive groups of at most ``limit`` bytes (one oversized block alone)."""
+    cur: list[tuple[bytes, bytes]] = []
+    size = 0
+    for it in items:
+        if cur and size + len(it[1]) + _FRAME_HEAD > limit:
+            yield cur
+            cur, size = [], 0
+        cur.append(it)
+        size += len(it[1]) + _FRAME_HEAD
+    if cur:
+        yield cur
+
+
+# --------------------------------------------------------------------------- reference counting input
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What the master keeps of a block a snapshot reaches: the blocks it names (one per
+    reference) and the chunk handles its own files reference (packed int64)."""
+    children: tuple[bytes, ...]
+    handles: bytes
+
+
+def block_info(data: bytes) -> BlockInfo:
+    """The info of a block read back (``master recover`` from records)."""
+    return BlockInfo(tuple(child_digests(data)), array("q", block_chunks(data)).tobytes())
+
+
+def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], bool]
+                    ) -> dict[bytes, BlockInfo]:
+    """The blocks below ``root`` that ``known`` does not accept, without encoding them (every
+    block a known block reaches is known too, so a known subtree is not visited)."""
+    out: dict[bytes, BlockInfo] = {}
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        dg = digest(d, version_of)
+        if dg in out or known(dg):
+            continue
+        kids: list[bytes] = []
+        handles: list[int] = []
+        for _name, k in sorted(d.children.items()):
+            if type(k) is File:
+                handles.extend(k.chunks)
+            else:
+                assert isinstance(k, Dir)
+                kids.append(digest(k, version_of))
+                stack.append(k)
+        out[dg] = BlockInfo(tuple(kids), array("q", handles).tobytes())
+    return out
+
+
+# --------------------------------------------------------------------------- restore assembly
+
+
+class NeedBlocks(Exception):
+    """A restore needs blocks that were not supplied (fetch them and run again)."""
+
+    def __init__(self, digests: list[bytes]) -> None:
+        super().__init__(f"{len(digests)} directory blocks needed")
+        self.digests = digests
+
+
+def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf
+             ) -> tuple[Dir, list[bytes]]:
+    """The tree named by ``root``: a directory whose digest equals a live candidate's at the same
+    place (``live``: roots compared with ``root``, e.g. the restore target and the snapshot's
+    original path) is that live node, reused as it is; any other comes from its block in
+    ``have``. Returns the tree and the digests of the blocks it decoded. Raises
+    :class:`NeedBlocks` naming every missing block of the first level that lacks some (so a
+    caller fetches level by level, only where the live tree differs)."""
+    with no_gc():
+        return _assemble(root, have, live, version_of)
+
+
+def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf
+              ) -> tuple[Dir, list[bytes]]:
+    built: dict[int, Dir] = {}
+    used: list[bytes] = []
+    # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
+    level: list[tuple[int, bytes, list[Dir]]] = [(0, root, [c for c in live if isinstance(c, Dir)])]
+    pending: list[tuple[int, Block, dict[str, int]]] = []  # decoded blocks waiting for children
+    slot = 1
+    while level:
+        missing = []
+        for _s, dg, cands in level:
+            if not any(digest(c, version_of) == dg for c in cands) and dg not in have:
+                missing.append(dg)
+        if missing:
+            raise NeedBlocks(sorted(set(missing)))
+        nxt: list[tuple[int, bytes, list[Dir]]] = []
+        for s, dg, cands in level:
+            reuse = next((c for c in cands if digest(c, version_of) == dg), None)
+            if reuse is not None:
+                built[s] = reuse
+                continue
+            block = decode_block(have[dg], dg)
+            used.append(dg)
+            kids: dict[str, int] = {}
+            for name, e in block.entries.items():
+                if isinstance(e, DirRef):
+                    kc = [x for x in (c.children.get(name) for c in cands) if isinstance(x, Dir)]
+                    kids[name] = slot
+                    nxt.append((slot, e.digest, kc))
+                    slot += 1
+            pending.append((s, block, kids))
+        level = nxt
+    for s, block, kids in reversed(pending):  # children were numbered after their parents
+        built[s] = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
+    return built[0], used
