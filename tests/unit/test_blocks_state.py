@@ -6,6 +6,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_namespace_state import Log
 
 from kubegfs import merkle
 from kubegfs import namespace as ns
@@ -13,8 +14,6 @@ from kubegfs.chunkserver.blocks import BlockStore
 from kubegfs.errors import CorruptData
 from kubegfs.master.checkpoint import decode_checkpoint, dump, encode_checkpoint
 from kubegfs.master.state import encode_block_infos
-
-from test_namespace_state import Log
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -222,12 +221,3 @@ def test_block_store_unlinks_a_pack_once_nothing_in_it_is_wanted(tmp_path):
     # heartbeat, where the master orders it deleted again)
     assert BlockStore(tmp_path).missing([b[0][0]]) == []
     assert BlockStore(tmp_path).get([d for d, _ in b[1:]]) == b[1:]
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.binary(max_size=200))
-def test_block_frames_reject_garbage_cleanly(blob):
-    try:
-        merkle.unpack_frames(blob)
-    except CorruptData:
-        pass

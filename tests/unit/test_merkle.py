@@ -144,11 +144,12 @@ def _strip(block):
         n: merkle.DirRef(e.digest) if isinstance(e, merkle.DirRef) else e for n, e in block.entries.items()})
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=300))
-def test_block_decoder_rejects_garbage_cleanly(blob):
+@pytest.mark.parametrize("decode", [merkle.decode_block, merkle.unpack_frames, merkle.child_digests])
+@settings(max_examples=150, deadline=None)
+@given(blob=st.binary(max_size=300))
+def test_block_decoders_reject_garbage_cleanly(decode, blob):
     try:
-        merkle.decode_block(blob)
+        decode(blob)
     except CorruptData:
         pass
 
