@@ -103,21 +103,29 @@ def digest(d: Dir, version_of: VersionOf) -> bytes:
 def _digest(d: Dir, version_of: VersionOf) -> bytes:
     got = d.digest
     if got is None:
-        files, dirs, chunks, size = 0, 1, 0, 0
         for k in d.children.values():
-            if type(k) is File:
-                files += 1
-                chunks += len(k.chunks)
-                size += k.size
-            else:
-                assert isinstance(k, Dir)
+            if type(k) is Dir:
                 _digest(k, version_of)
-                assert k.stats is not None
-                f2, d2, c2, s2 = k.stats
-                files, dirs, chunks, size = files + f2, dirs + d2, chunks + c2, size + s2
-        d.stats = (files, dirs, chunks, size)
+        d.stats = _sum_stats(d)
         got = d.digest = block_digest(encode_block(d, version_of, lambda c: _digest(c, version_of)))
     return got
+
+
+def _sum_stats(d: Dir) -> tuple[int, int, int, int] | None:
+    """``d``'s counts from its files and its subdirectories' memoised counts (None if one lacks them)."""
+    files, dirs, chunks, size = 0, 1, 0, 0
+    for k in d.children.values():
+        if type(k) is File:
+            files += 1
+            chunks += len(k.chunks)
+            size += k.size
+        else:
+            assert isinstance(k, Dir)
+            if k.stats is None:
+                return None
+            f2, d2, c2, s2 = k.stats
+            files, dirs, chunks, size = files + f2, dirs + d2, chunks + c2, size + s2
+    return files, dirs, chunks, size
 
 
 def stats(d: Dir, version_of: VersionOf) -> tuple[int, int, int, int]:
@@ -381,7 +389,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
     used: list[bytes] = []
     # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
     level: list[tuple[int, bytes, list[Dir]]] = [(0, root, [c for c in live if isinstance(c, Dir)])]
-    pending: list[tuple[int, Block, dict[str, int]]] = []  # decoded blocks waiting for children
+    pending: list[tuple[int, Block, dict[str, int], bytes]] = []  # decoded blocks waiting for children
     slot = 1
     while level:
         missing = []
@@ -405,8 +413,19 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                     kids[name] = slot
                     nxt.append((slot, e.digest, kc))
                     slot += 1
-            pending.append((s, block, kids))
+            pending.append((s, block, kids, dg))
         level = nxt
-    for s, block, kids in reversed(pending):  # children were numbered after their parents
-        built[s] = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
+    for s, block, kids, dg in reversed(pending):  # children were numbered after their parents
+        d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
+        _memoise(d, dg)
+        built[s] = d
     return built[0], used
+
+
+def _memoise(d: Dir, dg: bytes) -> None:
+    """Give a directory built from block ``dg`` its digest and counts (its children have theirs),
+    so the next snapshot or diff of the restored tree does not encode it again."""
+    counts = _sum_stats(d)
+    if counts is not None:
+        d.stats = counts
+        d.digest = dg

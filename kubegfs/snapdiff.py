@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from .merkle import Block, DirRef, Entry, FileEntry
+from .namespace import Dir, File, Node
 
 Kind = str  # "+", "-", "M", "R"
 
@@ -61,6 +62,16 @@ def diff_steps(a: DirRef, b: DirRef) -> Steps:
     changes: list[Change] = []
     frontier: list[tuple[str, DirRef, DirRef]] = [(".", a, b)] if a.digest != b.digest else []
     while frontier:
+        # two directories held in memory are compared node by node (an unchanged entry is the
+        # same object on both sides), without building their blocks
+        mem = [f for f in frontier if f[1].node is not None and f[2].node is not None]
+        frontier = [f for f in frontier if f[1].node is None or f[2].node is None]
+        nxt_mem: list[tuple[str, DirRef, DirRef]] = []
+        for path, x, y in mem:
+            _compare_nodes(path, x, y, changes, nxt_mem)
+        if not frontier:
+            frontier = nxt_mem
+            continue
         refs = [r for _p, x, y in frontier for r in (x, y)]
         blocks = yield refs
         if len(blocks) != len(refs):
@@ -88,8 +99,47 @@ def diff_steps(a: DirRef, b: DirRef) -> Steps:
             for name, new in eb.items():
                 if name not in ea:
                     changes.append(Change("+", _join(path, name), _type(new), new=new))
-        frontier = nxt
+        frontier = nxt + nxt_mem
     return _renames(changes)
+
+
+def _entry(node: Node) -> Entry:
+    if isinstance(node, Dir):
+        assert node.digest is not None  # digests are computed before a diff starts
+        return DirRef(node.digest, node)
+    assert isinstance(node, File)
+    return FileEntry(node.size, node.mtime, node.mode, node.chunks, ())
+
+
+def _compare_nodes(path: str, x: DirRef, y: DirRef, changes: list[Change],
+                   nxt: list[tuple[str, DirRef, DirRef]]) -> None:
+    """One level of the diff between two in-memory directories (same rules as for blocks; file
+    versions are not compared: in one master a chunk's version moves only with its file)."""
+    a, b = x.node, y.node
+    assert a is not None and b is not None
+    ca, cb = a.children, b.children
+    if a.mode != b.mode or a.mtime != b.mtime or len(ca) != len(cb) or any(n not in cb for n in ca):
+        changes.append(Change("M", path, "dir", old=x, new=y, mode=b.mode, mtime=b.mtime))
+    for name in sorted(ca.keys()):
+        old = ca[name]
+        new = cb.get(name)
+        p = _join(path, name)
+        if new is old:
+            continue
+        if new is None:
+            changes.append(Change("-", p, "dir" if isinstance(old, Dir) else "file", old=_entry(old)))
+        elif isinstance(old, Dir) and isinstance(new, Dir):
+            if old.digest != new.digest:
+                nxt.append((p, DirRef(old.digest or b"", old), DirRef(new.digest or b"", new)))
+        elif isinstance(old, File) and isinstance(new, File):
+            if (old.size, old.mtime, old.mode, old.chunks) != (new.size, new.mtime, new.mode, new.chunks):
+                changes.append(Change("M", p, "file", old=_entry(old), new=_entry(new)))
+        else:
+            changes.append(Change("-", p, "dir" if isinstance(old, Dir) else "file", old=_entry(old)))
+            changes.append(Change("+", p, "dir" if isinstance(new, Dir) else "file", new=_entry(new)))
+    for name in sorted(n for n in cb.keys() if n not in ca):
+        new = cb[name]
+        changes.append(Change("+", _join(path, name), "dir" if isinstance(new, Dir) else "file", new=_entry(new)))
 
 
 def _rename_key(e: Entry | None) -> object:

@@ -70,6 +70,7 @@ def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
     return parse_record(data, sha256)
 
 
+KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
 BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
 BLOCK_FETCH = 4096  # digests per block read
 
@@ -93,8 +94,10 @@ class Snapshots:
         self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> servers whose copy rotted
         self._record_missing: dict[tuple[str, str], int] = {}  # (server, snapshot id) -> heartbeats without it
         # soft: each path's newest snapshot tree this master built (digests memoised), so the next
-        # snapshot of that path reports what changed since without reading anything back
+        # snapshot of that path reports what changed since without reading anything back, and the
+        # trees of the newest KEEP_TREES snapshots per path (a diff of recent ones reads nothing)
         self.latest: dict[str, tuple[str, ns.Dir]] = {}
+        self.trees: dict[str, ns.Dir] = {}
         # soft, per chunkserver: the directory blocks it holds as far as this master knows (its
         # full heartbeat, then what was shipped minus what was deleted), the block deletions
         # released in the last heartbeat reply (done by its next heartbeat), and how many block
@@ -155,7 +158,10 @@ class Snapshots:
         if sid not in self.builders or self.builders[sid].done():
             self.builders[sid] = asyncio.create_task(self.build(sid))
 
-    def rank_holders(self, entry: dict[str, Any]) -> list[tuple[ChunkserverInfo, str]]:
+    def rank_holders(self, entry: dict[str, Any], prefer: set[str] | None = None) -> list[tuple[ChunkserverInfo, str]]:
+        """Chunkservers for a record, nearest first (``targets`` first if given); ``prefer``:
+        ids to take first where the ranking allows (the holders of the previous snapshot of the
+        same path, which have most of its blocks already)."""
         ref = Location.from_json(entry.get("near")) if entry.get("near") else self.m.location
         if not (ref.node or ref.zone or ref.region or ref.ip):
             ref = self.m.location
@@ -168,6 +174,8 @@ class Snapshots:
             order = [by_addr.get(t, t) for t in targets]
             pos = {cid: i for i, cid in enumerate(order)}
             ranked.sort(key=lambda r: pos.get(r.candidate.id, len(order)))
+        if prefer and not targets:
+            ranked.sort(key=lambda r: r.candidate.id not in prefer)
         ranked = diversify(ranked, entry["copies"]) if not targets else ranked
         return [(alive[r.candidate.id], r.reason) for r in ranked]
 
@@ -222,11 +230,13 @@ class Snapshots:
                 self.m.outbox.cancel(cs.id, "record", sid)
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
 
+            prev = self.previous_of(entry) if isinstance(node, ns.Dir) else None
+            prefer = {h["id"] for h in st.snapshots[prev[0]]["holders"]} if prev else set()
             while True:
                 # ship to the nearest candidates at once; fall back down the ranking for failures
                 tried: set[str] = set()
                 while len(holders) < entry["copies"]:
-                    todo = [(cs, why) for cs, why in self.rank_holders(entry)
+                    todo = [(cs, why) for cs, why in self.rank_holders(entry, prefer)
                             if cs.id not in tried and all(h["id"] != cs.id for h in holders)]
                     todo = todo[: entry["copies"] - len(holders)]
                     if not todo:
@@ -239,7 +249,7 @@ class Snapshots:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             # keep the ranking's order (nearest first) whatever order the copies finished in
-            rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry))}
+            rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry, prefer))}
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens)
@@ -270,7 +280,7 @@ class Snapshots:
                 op.update(handles_z=rec.handles_z, _precounted=True)
             await self.m.mutate(op)
             if isinstance(node, ns.Dir):
-                self.latest[entry["path"]] = (sid, node)
+                self.remember_tree(entry["path"], sid, node)
             M.M_SNAP_BUILD.observe(dur)
             M.M_SNAP_RECORD.observe(len(data))
             M.M_SNAP_RESULT.labels("success").inc()
@@ -467,9 +477,9 @@ class Snapshots:
         loop = asyncio.get_running_loop()
         if e["state"] != "ready":
             raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
-        cached = self.latest.get(e["path"])
-        if cached is not None and cached[0] == e["id"]:
-            root: ns.Node = cached[1]
+        cached = self.trees.get(e["id"])
+        if cached is not None:
+            root: ns.Node = cached
             version_of: merkle.VersionOf = self._live_version
         else:
             parsed, _blob, _src = await self.fetch_record(e)
@@ -519,6 +529,15 @@ class Snapshots:
                 "changes": [c.to_json() for c in changes], "summary": snapdiff.summarize(changes).to_json(),
                 "seconds": round(time.perf_counter() - t0, 6)}
 
+    def remember_tree(self, path: str, sid: str, node: ns.Dir) -> None:
+        self.latest[path] = (sid, node)
+        self.trees[sid] = node
+        mine = [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
+        for old in mine[:-KEEP_TREES]:
+            del self.trees[old]
+        for gone in [i for i in self.trees if i not in self.m.state.snapshots]:
+            del self.trees[gone]
+
     def previous_of(self, e: dict[str, Any]) -> tuple[str, ns.Dir] | None:
         """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""
         prev = self.latest.get(e["path"])
@@ -549,6 +568,7 @@ class Snapshots:
         if e["state"] == "pending":
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.m.mutate({"op": "snap_delete", "id": e["id"]})
+        self.trees.pop(e["id"], None)
         if self.latest.get(e["path"], ("",))[0] == e["id"]:
             del self.latest[e["path"]]
         for h in e.get("holders", []):  # the copies go with the holders' next heartbeats

@@ -206,9 +206,23 @@ def live_loader(refs):
     return [merkle.block_of(r.node, V) for r in refs]
 
 
-def diff_trees(a, b):
-    return run(diff_steps(merkle.DirRef(merkle.digest(a, V), a), merkle.DirRef(merkle.digest(b, V), b)),
-               live_loader)
+def block_loader(*trees, seen=None):
+    """Blocks by digest (as from a chunkserver); the references carry no node."""
+    store = {dg: data for t in trees for dg, data, _n in merkle.iter_blocks(t, V, lambda _d: False)}
+
+    def load(refs):
+        if seen is not None:
+            seen.extend(r.digest for r in refs)
+        return [merkle.decode_block(store[r.digest], r.digest) for r in refs]
+    return load
+
+
+def diff_trees(a, b, in_memory=True):
+    if in_memory:
+        return run(diff_steps(merkle.DirRef(merkle.digest(a, V), a), merkle.DirRef(merkle.digest(b, V), b)),
+                   live_loader)
+    return run(diff_steps(merkle.DirRef(merkle.digest(a, V)), merkle.DirRef(merkle.digest(b, V))),
+               block_loader(a, b))
 
 
 def to_dict(node):
@@ -261,16 +275,28 @@ def apply_changes(a_dict, changes):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.randoms(use_true_random=False), st.integers(0, 12))
-def test_diff_applied_to_a_gives_b(rng, n):
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans())
+def test_diff_applied_to_a_gives_b(rng, n, in_memory):
     a = build_direct(random_spec(rng))
     b = mutate(a, rng, n)
-    changes = diff_trees(a, b)
+    changes = diff_trees(a, b, in_memory)
+    if not in_memory:  # the same report either way
+        assert [c.line() for c in changes] == [c.line() for c in diff_trees(a, b)]
+        changes = [c if c.new is None or not isinstance(c.new, merkle.DirRef) or c.kind == "M"
+                   else _with_node(c, b) for c in changes]
     assert apply_changes(to_dict(a), changes) == to_dict(b)
     if merkle.digest(a, V) == merkle.digest(b, V):
         assert changes == []
     s = summarize(changes)
     assert s.created + s.deleted + s.modified + s.renamed == len(changes)
+
+
+def _with_node(c, b):
+    """A created directory from blocks carries only its digest: find its node in ``b`` to apply it."""
+    import dataclasses
+
+    node = ns.must_get(b, tuple(_split(c.to or c.path)))
+    return dataclasses.replace(c, new=merkle.DirRef(c.new.digest, node))
 
 
 def test_diff_report_names_renames_and_descends_only_into_changes():
@@ -281,14 +307,11 @@ def test_diff_report_names_renames_and_descends_only_into_changes():
     b = ns.replace(b, ("work", "new.txt"), ns.must_get(a, ("work", "old.txt")), 5)
     b = ns.replace(b, ("work", "gone"), None, 5)
     b = ns.replace(b, ("work", "made"), ns.File(1, 5, 0o644, (901,)), 5)
+    want = ["M\t./work", "-\t./work/gone", "+\t./work/made", "R\t./work/old.txt -> ./work/new.txt"]
+    assert [c.line() for c in diff_trees(a, b)] == want
     loaded = []
-
-    def loader(refs):
-        loaded.extend(refs)
-        return live_loader(refs)
-
-    changes = run(diff_steps(merkle.DirRef(merkle.digest(a, V), a), merkle.DirRef(merkle.digest(b, V), b)), loader)
-    assert [c.line() for c in changes] == ["M\t./work", "-\t./work/gone", "+\t./work/made",
-                                           "R\t./work/old.txt -> ./work/new.txt"]
-    assert all(r.node is not ns.must_get(a, ("keep",)) for r in loaded)  # the unchanged directory: never read
-    assert len(loaded) == 4
+    changes = run(diff_steps(merkle.DirRef(merkle.digest(a, V)), merkle.DirRef(merkle.digest(b, V))),
+                  block_loader(a, b, seen=loaded))
+    assert [c.line() for c in changes] == want
+    assert ns.must_get(a, ("keep",)).digest not in loaded  # the unchanged directory: never read
+    assert len(loaded) == 4  # the two roots and the two work/
