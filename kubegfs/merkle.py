@@ -30,9 +30,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import immutables
+import zstandard
 
 from .errors import CorruptData
-from .formats import no_gc, packb, unpackb
+from .formats import ZSTD_LEVEL, no_gc, packb, unpackb
 from .namespace import EMPTY, Dir, File, Node
 
 BLOCK_FORMAT = 1
@@ -274,20 +275,34 @@ def build_dir(block: Block, child: Callable[[str, DirRef], Node]) -> Dir:
 # --------------------------------------------------------------------------- block batches on the wire
 
 _FRAME_HEAD = 36  # 32-byte digest + u32 length
+MAX_BLOCK = 1 << 30  # a block decompresses to at most this (a directory of millions of entries)
 
 
-def pack_frames(items: list[tuple[bytes, bytes]]) -> bytes:
-    """Blocks on the wire: ``(<digest 32><u32 length><bytes>)*``."""
+def compress(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+
+def decompress(data: bytes) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_BLOCK)
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"bad compressed block: {exc}") from exc
+
+
+def pack_frames(items: list[tuple[bytes, bytes]], compressed: bool = False) -> bytes:
+    """Blocks on the wire (and in a chunkserver's packs): ``(<digest 32><u32 length><zstd(bytes)>)*``;
+    ``compressed``: the items are compressed already."""
     out = bytearray()
     for dg, data in items:
         if len(dg) != DIGEST_SIZE:
             raise ValueError("digest must be 32 bytes")
-        out += dg + len(data).to_bytes(4, "little") + data
+        z = data if compressed else compress(data)
+        out += dg + len(z).to_bytes(4, "little") + z
     return bytes(out)
 
 
-def unpack_frames(data: bytes, verify: bool = True) -> list[tuple[bytes, bytes]]:
-    """Frames back into (digest, bytes); with ``verify`` every block must match its digest."""
+def split_frames(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Frames into (digest, compressed bytes), unverified."""
     out: list[tuple[bytes, bytes]] = []
     pos, n = 0, len(data)
     while pos < n:
@@ -298,12 +313,22 @@ def unpack_frames(data: bytes, verify: bool = True) -> list[tuple[bytes, bytes]]
         end = pos + _FRAME_HEAD + ln
         if end > n:
             raise CorruptData("truncated block frame")
-        blk = data[pos + _FRAME_HEAD:end]
-        if verify and block_digest(blk) != dg:
-            raise CorruptData(f"block {dg.hex()[:16]}… does not match its digest")
-        out.append((dg, blk))
+        out.append((dg, data[pos + _FRAME_HEAD:end]))
         pos = end
     return out
+
+
+def verified(dg: bytes, z: bytes) -> bytes:
+    """The block a compressed frame holds, checked against its digest."""
+    blk = decompress(z)
+    if block_digest(blk) != dg:
+        raise CorruptData(f"block {dg.hex()[:16]}… does not match its digest")
+    return blk
+
+
+def unpack_frames(data: bytes, verify: bool = True) -> list[tuple[bytes, bytes]]:
+    """Frames back into (digest, bytes); with ``verify`` every block must match its digest."""
+    return [(dg, verified(dg, z) if verify else decompress(z)) for dg, z in split_frames(data)]
 
 
 def batches(items: list[tuple[bytes, bytes]], limit: int) -> Iterator[list[tuple[bytes, bytes]]]:

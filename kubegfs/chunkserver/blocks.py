@@ -4,8 +4,8 @@ A block's name is the sha256 of its bytes: it is checked on receipt (a put whose
 match is refused whole) and on every read (a block that no longer matches is dropped and reported
 to the master, which re-ships it or fetches another copy).
 
-Layout: ``<data>/blocks/<16 hex digits>.pack``, one pack per put (``KGBLKPK1`` then
-``(<digest 32><u32 length><bytes>)*``), written tmp + fsync + rename + fsync of the directory, so
+Layout: ``<data>/blocks/<16 hex digits>.pack``, one pack per put (``KGBLKPK1`` then the
+frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see merkle.pack_frames), written tmp + fsync + rename + fsync of the directory, so
 a put of many blocks costs one fsync and a pack is whole or absent. An in-memory index maps a
 digest to (pack, offset, length); a pack is unlinked once none of its blocks is wanted. A block
 deleted from a pack that still holds others comes back after a restart and is then reported in
@@ -14,14 +14,13 @@ the full heartbeat, where the master orders it deleted again (deletions are idem
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 from pathlib import Path
 
 from ..errors import CorruptData
-from ..merkle import DIGEST_SIZE
+from ..merkle import DIGEST_SIZE, verified
 
 log = logging.getLogger("kubegfs.chunkserver.blocks")
 
@@ -76,10 +75,12 @@ class BlockStore:
         return [d for d in digests if d not in self.index]
 
     def put(self, items: list[tuple[bytes, bytes]]) -> int:
-        """Store verified blocks (all or nothing); returns how many were new."""
-        for dg, data in items:
-            if len(dg) != DIGEST_SIZE or hashlib.sha256(data).digest() != dg:
-                raise CorruptData(f"block {dg.hex()[:16]}… does not match its digest")
+        """Store compressed blocks (as framed on the wire), each verified against its digest
+        first (all or nothing); returns how many were new."""
+        for dg, z in items:
+            if len(dg) != DIGEST_SIZE:
+                raise CorruptData("a block digest is 32 bytes")
+            verified(dg, z)
         with self._lock:
             new: dict[bytes, bytes] = {}
             for dg, data in items:
@@ -112,8 +113,8 @@ class BlockStore:
             return len(new)
 
     def get(self, digests: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """The blocks, each verified; a missing one raises KeyError (named), a damaged one is
-        dropped from the index and raises CorruptData."""
+        """The blocks, compressed as stored, each verified; a missing one raises KeyError
+        (named), a damaged one is dropped from the index and raises CorruptData."""
         out: list[tuple[bytes, bytes]] = []
         for dg in digests:
             where = self.index.get(dg)
@@ -123,11 +124,13 @@ class BlockStore:
             with open(self.dir / name, "rb") as f:
                 f.seek(off)
                 data = f.read(ln)
-            if hashlib.sha256(data).digest() != dg:
+            try:
+                verified(dg, data)
+            except CorruptData:
                 log.error("block %s in %s failed its digest; dropped", dg.hex(), name)
                 self._forget(dg)
                 self.dropped.add(dg)
-                raise CorruptData(f"block {dg.hex()[:16]}… failed its digest")
+                raise CorruptData(f"block {dg.hex()[:16]}… failed its digest") from None
             out.append((dg, data))
         return out
 

@@ -305,8 +305,8 @@ class Chunkserver:
         and the put is refused whole if one does not match."""
         data = await request.read()
         try:
-            items = merkle.unpack_frames(data)
-            new = await self._run(self.blocks.put, items)
+            items = merkle.split_frames(data)
+            new = await self._run(self.blocks.put, items)  # each verified first
         except CorruptData:
             M.CS_CHECKSUM_FAIL.labels("block").inc()
             raise
@@ -331,7 +331,7 @@ class Chunkserver:
         except CorruptData:
             M.CS_CHECKSUM_FAIL.labels("block").inc()
             raise
-        return web.Response(body=merkle.pack_frames(items), content_type="application/octet-stream")
+        return web.Response(body=merkle.pack_frames(items, compressed=True), content_type="application/octet-stream")
 
     # ------------------------------------------------------------------ heartbeats
 

@@ -1,9 +1,10 @@
 """Snapshots (HDFS's SnapshotManager): capture, build and ship the SnapObj record, delete,
 restore, and keeping each record's copies whole.
 
-Capture is one logged op that pins the current immutable root (O(1)); the record is built from
-that pinned view off the event loop (in a forked child by default) and shipped to the nearest
-chunkservers by the topology, then committed to the catalog. A restore reads the nearest good
+Capture is one logged op that pins the current immutable root (O(1)); the record (format 3: the
+root digest of Merkle directory blocks, see merkle.py) is built from that pinned view in a worker
+thread, each holder (nearest by the topology) is given only the blocks it lacks, then the
+snapshot is committed to the catalog. A restore reads the nearest good
 copy and applies it as one op. Every copy is checked against the catalog (size, sha256, presence)
 at each heartbeat and on every read; a bad one is dropped from the catalog, deleted through the
 deletion gate and re-made from a good one by ``repair_records``.
@@ -334,9 +335,9 @@ class Snapshots:
         known = self.known.setdefault(cs.id, set())
         counted = self.m.state.blocks
 
-        def collect() -> list[tuple[bytes, bytes]]:
-            return [(dg, b) for dg, b, _n in merkle.iter_blocks(node, version_of,
-                                                                 lambda d: d in known and d in counted)]
+        def collect() -> list[tuple[bytes, bytes]]:  # encoded and compressed off the loop
+            return [(dg, merkle.compress(b)) for dg, b, _n in merkle.iter_blocks(
+                node, version_of, lambda d: d in known and d in counted)]
 
         items = await asyncio.get_running_loop().run_in_executor(None, collect)
         for dg, _b in items:
@@ -344,7 +345,7 @@ class Snapshots:
             claimed.append(dg)
         await self.fence(cs, {dg for dg, _b in items})  # a deletion released while collecting
         for batch in merkle.batches(items, BLOCK_BATCH):
-            await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch))
+            await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
             known.update(dg for dg, _b in batch)
         M.M_SNAP_BLOCKS_SHIPPED.inc(len(items))
         return sum(len(b) for _dg, b in items)

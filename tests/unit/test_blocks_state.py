@@ -174,10 +174,11 @@ def test_a_second_snapshot_counts_only_new_blocks():
 
 
 def _blocks(n, rng):
+    """(digest, compressed bytes) as a put receives them."""
     out = []
     for _ in range(n):
         data = rng.randbytes(rng.randrange(1, 300))
-        out.append((merkle.block_digest(data), data))
+        out.append((merkle.block_digest(data), merkle.compress(data)))
     return out
 
 
@@ -187,7 +188,7 @@ def test_block_store_verifies_on_receipt_and_read_and_survives_restart(tmp_path)
     items = _blocks(20, rng)
     assert s.put(items[:10]) == 10 and s.put(items[5:]) == 10  # the overlap is stored once
     assert s.missing([d for d, _ in items]) == []
-    bad = [(items[0][0], b"not it")]
+    bad = [(items[0][0], merkle.compress(b"not it"))]
     with pytest.raises(CorruptData):
         s.put(bad)
     assert s.get([d for d, _ in items]) == items
@@ -197,7 +198,7 @@ def test_block_store_verifies_on_receipt_and_read_and_survives_restart(tmp_path)
     name, off, _ln = s2.index[items[3][0]]
     p = tmp_path / "blocks" / name
     raw = bytearray(p.read_bytes())
-    raw[off] ^= 0xFF
+    raw[off + 8] ^= 0xFF
     p.write_bytes(bytes(raw))
     with pytest.raises(CorruptData):
         s2.get([items[3][0]])
