@@ -416,8 +416,9 @@ class Chunkserver:
             self._update_gauges()
 
     async def scrub_once(self, max_chunks: int = 64) -> tuple[int, int]:
-        """Verify up to ``max_chunks`` chunks (round robin) and every record; what fails is
-        reported to the master with the next heartbeat, which re-replicates from a good copy."""
+        """Verify up to ``max_chunks`` chunks (round robin), every record and every directory
+        block; what fails is reported to the master with the next heartbeat, which re-replicates
+        from a good copy (a dropped block is shipped again with the next snapshot to this holder)."""
         handles = sorted(self.store.index)
         if handles:
             start = self._scrub_pos % len(handles)
@@ -437,6 +438,14 @@ class Chunkserver:
                 self.corrupt_records.add(rid)
                 M.CS_CHECKSUM_FAIL.labels("record").inc()
                 log.error("scrubber: snapshot record %s failed its checksum", rid)
+        for dg in self.blocks.digests():  # a damaged block is dropped and reported (blocks_dropped)
+            try:
+                await self._run(self.blocks.get, [dg])
+            except KeyError:
+                continue
+            except CorruptData:
+                bad += 1
+                M.CS_CHECKSUM_FAIL.labels("block").inc()
         M.CS_SCRUBBED.inc(len(batch))
         return len(batch), bad
 
