@@ -14,11 +14,11 @@ directories in entry order.
 
 The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
 node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
-again. Invariant: a block records each chunk's version as of the block's encoding. A chunk's
-version changes only through a bump before an in-place append to a chunk no snapshot shares, and
-that append's commit replaces the file node (so its directories are encoded afresh); a bump whose
-commit never comes leaves an older version in a block, which is harmless: restore does not use
-versions and adoption keeps the newer version a replica reports.
+again. Invariant: a block records each chunk's version as of the block's encoding, and a memoised
+digest is never stale: a chunk's version changes only through a bump (before an in-place append
+to a chunk no snapshot shares), and the bump op names the file, whose directories it replaces
+with new nodes (state._apply_bump), so their digests are computed afresh, in the original run and
+in a replay alike.
 """
 
 from __future__ import annotations

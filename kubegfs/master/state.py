@@ -236,7 +236,16 @@ class MasterState:
         self.root = ns.replace(self.root, parts, f, op["mtime"])
 
     def _apply_bump(self, op: dict[str, Any]) -> None:
+        """A chunk's new version. With ``path`` (the file it belongs to), the directories on that
+        path become new nodes, so their memoised Merkle digests (which record chunk versions) are
+        computed afresh: a bump whose append never commits leaves no stale digest behind, and a
+        replay computes the same digests as the original run."""
         self.version[op["h"]] = op["v"]
+        if op.get("path"):
+            parts = paths.split(op["path"])
+            f = ns.get(self.root, parts)
+            if isinstance(f, ns.File) and op["h"] in f.chunks:
+                self.root = ns.replace(self.root, parts, f, _dir_mtime(self.root, parts))
 
     def _apply_cow(self, op: dict[str, Any]) -> None:
         parts = paths.split(op["path"])

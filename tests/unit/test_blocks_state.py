@@ -222,3 +222,23 @@ def test_block_store_unlinks_a_pack_once_nothing_in_it_is_wanted(tmp_path):
     # heartbeat, where the master orders it deleted again)
     assert BlockStore(tmp_path).missing([b[0][0]]) == []
     assert BlockStore(tmp_path).get([d for d, _ in b[1:]]) == b[1:]
+
+
+def test_a_version_bump_refreshes_the_digests_on_its_path():
+    """A bump whose append never commits must not leave a digest that records the old version
+    (a replay would compute another one and a restore op would not find its blocks)."""
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t/d", "parents": True, "mode": 0o755, "mtime": 1})
+    log.put("/t/d/f", 10)
+    log.put("/t/g", 10)
+    st = log.state
+    h = ns.must_get(st.root, ("t", "d", "f")).chunks[0]
+    before = merkle.digest(st.root, st.version_or_zero)
+    side = ns.must_get(st.root, ("t", "g"))
+    log.do({"op": "bump", "h": h, "v": 2, "path": "/t/d/f"})
+    after = merkle.digest(st.root, st.version_or_zero)
+    assert after != before
+    assert after == merkle.digest(log.replay().root, log.replay().version_or_zero)
+    assert ns.must_get(st.root, ("t", "g")) is side and ns.must_get(st.root, ("t", "d", "f")).chunks == (h,)
+    log.do({"op": "bump", "h": h, "v": 3, "path": "/t/moved-away"})  # the file is not there: nothing else
+    assert st.version[h] == 3
