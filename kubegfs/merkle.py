@@ -396,22 +396,24 @@ class NeedBlocks(Exception):
         self.digests = digests
 
 
-def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf
-             ) -> tuple[Dir, list[bytes]]:
+def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf,
+             reused: list[tuple[tuple[str, ...], Dir]] | None = None) -> tuple[Dir, list[bytes]]:
     """The tree named by ``root``: a directory whose digest equals a live candidate's at the same
     place (``live``: roots compared with ``root``, e.g. the restore target and the snapshot's
     original path) is that live node, reused as it is; any other comes from its block in
     ``have``. Returns the tree and the digests of the blocks it decoded. Raises
     :class:`NeedBlocks` naming every missing block of the first level that lacks some (so a
-    caller fetches level by level, only where the live tree differs)."""
+    caller fetches level by level, only where the live tree differs). ``reused`` collects each
+    live directory reused, with its path relative to the candidates' roots."""
     with no_gc():
-        return _assemble(root, have, live, version_of)
+        return _assemble(root, have, live, version_of, reused if reused is not None else [])
 
 
-def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf
-              ) -> tuple[Dir, list[bytes]]:
+def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf,
+              reused: list[tuple[tuple[str, ...], Dir]]) -> tuple[Dir, list[bytes]]:
     built: dict[int, Dir] = {}
     used: list[bytes] = []
+    where: dict[int, tuple[str, ...]] = {0: ()}
     # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
     level: list[tuple[int, bytes, list[Dir]]] = [(0, root, [c for c in live if isinstance(c, Dir)])]
     pending: list[tuple[int, Block, dict[str, int], bytes]] = []  # decoded blocks waiting for children
@@ -428,6 +430,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
             reuse = next((c for c in cands if digest(c, version_of) == dg), None)
             if reuse is not None:
                 built[s] = reuse
+                reused.append((where[s], reuse))
                 continue
             block = decode_block(have[dg], dg)
             used.append(dg)
@@ -436,6 +439,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 if isinstance(e, DirRef):
                     kc = [x for x in (c.children.get(name) for c in cands) if isinstance(x, Dir)]
                     kids[name] = slot
+                    where[slot] = where[s] + (name,)
                     nxt.append((slot, e.digest, kc))
                     slot += 1
             pending.append((s, block, kids, dg))

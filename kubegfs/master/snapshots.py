@@ -65,6 +65,13 @@ def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: mer
     return snapdiff.run(snapdiff.diff_steps(a, b), load)
 
 
+def _assemble_job(root: bytes, have: dict[bytes, bytes], cands: list[ns.Node | None], version_of: merkle.VersionOf,
+                  reused: list[tuple[tuple[str, ...], ns.Dir]]) -> tuple[ns.Dir, list[bytes], list[int]]:
+    """A restore's tree, the blocks it decoded and the chunk handles their files reference."""
+    tree, used = merkle.assemble(root, have, cands, version_of, reused)
+    return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
+
+
 def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
     if record_format(data) == MANIFEST_VERSION:
         return parse_manifest(data, sha256)
@@ -662,16 +669,25 @@ class Snapshots:
         tree against the state as it is now. The caller applies it with no await in between, so
         the op's blocks are exactly what its apply (and any replay) needs."""
         st = self.m.state
+        loop = asyncio.get_running_loop()
         have: dict[bytes, bytes] = {}
         while True:
             self.check_target(parts, mode)
-            try:
-                tree, used = merkle.assemble(man.root, have, st.restore_candidates(parts, mode, e["path"]),
-                                             st.version_or_zero)
-                break
+            reused: list[tuple[tuple[str, ...], ns.Dir]] = []
+            try:  # the O(changed) (to a new path: O(files)) assembly runs in a worker thread
+                tree, used, handles = await loop.run_in_executor(
+                    None, _assemble_job, man.root, have, st.restore_candidates(parts, mode, e["path"]),
+                    st.version_or_zero, reused)
             except merkle.NeedBlocks as need:
                 have.update(await self.fetch_blocks(e, need.digests))
-        missing = sum(1 for dg in used for h in merkle.block_chunks(have[dg]) if h not in st.version)
+                continue
+            # back on the loop, with no await until the op is applied: every live directory it
+            # reused is still where it was, so the apply (and any replay) assembles the same tree
+            self.check_target(parts, mode)
+            roots = [r for r in st.restore_candidates(parts, mode, e["path"]) if isinstance(r, ns.Dir)]
+            if all(any(ns.get(r, rel) is node for r in roots) for rel, node in reused):
+                break
+        missing = sum(1 for h in handles if h not in st.version)
         if missing:
             raise CorruptData(f"snapshot references {missing} chunks the master no longer has")
         return {"format": 3, "root": man.root.hex(), "source_path": e["path"],

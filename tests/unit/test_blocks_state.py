@@ -151,6 +151,13 @@ def test_restore_in_place_after_a_small_change_reads_only_its_path():
     assert flat(after) == flat(before)
     assert after.children["x"] is before.children["x"]
     assert log.restore(sid) == []  # nothing differs any more
+    log.put("/t/z/f1", 30)
+    reused = []
+    st = log.state
+    merkle.assemble(bytes.fromhex(st.snapshots[sid]["root"]), dict(log.holder),
+                    st.restore_candidates(("t",), "inplace", "/t"), st.version_or_zero, reused)
+    assert sorted(rel for rel, _n in reused) == [("x",), ("y",)]  # where the server checks they still are
+    assert all(ns.get(ns.must_get(st.root, ("t",)), rel) is n for rel, n in reused)
 
 
 def test_a_second_snapshot_counts_only_new_blocks():
