@@ -501,6 +501,26 @@ def snap_show(name: str, master: str, token: str | None, as_json: bool) -> None:
     c.out(c.client().snapshot_show(name), view=_snap_view())
 
 
+def _print_diff(d: dict[str, Any]) -> None:
+    """The report HDFS users know: + created, - deleted, M modified, R renamed."""
+    to = d["to"] or f"the live tree at {d['to_path']}"
+    click.echo(f"Difference between snapshot {d['from']} and {to} under {d['path']}:")
+    for c in d["changes"]:
+        click.echo(f"{c['kind']}\t{c['path']} -> {c['to']}" if c["kind"] == "R" else f"{c['kind']}\t{c['path']}")
+    s = d["summary"]
+    click.echo(f"{s['created']} created, {s['deleted']} deleted, {s['modified']} modified, {s['renamed']} renamed")
+
+
+@snapshot.command("diff")
+@click.argument("name")
+@click.argument("to", required=False)
+@client_options
+def snap_diff(name: str, to: str | None, master: str, token: str | None, as_json: bool) -> None:
+    """What changed from snapshot NAME to snapshot TO (or to the live tree when TO is left out)."""
+    c = Ctx(master, token, as_json)
+    c.out(c.client().snapshot_diff(name, to), _print_diff)
+
+
 def _restored(d: dict[str, Any]) -> None:
     click.echo(f"restored {d['snapshot']} to {d['path']} ({d['mode']}): "
                f"{d['files']} files from {d['source']['id']} in {d['duration_seconds']:.3f}s")

@@ -522,6 +522,10 @@ class Client:
     def snapshot_delete(self, ref: str) -> dict[str, Any]:
         return self.api("DELETE", f"/snapshots/{quote(ref, safe='')}")
 
+    def snapshot_diff(self, ref: str, to: str | None = None) -> dict[str, Any]:
+        """What changed from snapshot ``ref`` to snapshot ``to`` (None: to the live tree)."""
+        return self.api("GET", f"/snapshots/{quote(ref, safe='')}/diff", params={"to": to} if to is not None else None)
+
     def snapshot_restore(self, ref: str, to: str | None = None, id: str | None = None) -> dict[str, Any]:
         """Restore in place (``to=None``) or to a new path. With ``id``, repeating the call
         returns the first result instead of restoring again (idempotent)."""

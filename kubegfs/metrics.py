@@ -106,6 +106,10 @@ M_SNAP_RECORD = Histogram(
     "kubegfs_master_snapshot_record_bytes", "Size of the SnapObj records the master built (every snapshot)",
     buckets=_SIZE, registry=MASTER
 )
+M_SNAP_BLOCKS_SHIPPED = Counter(
+    "kubegfs_snapshot_blocks_shipped_total", "Directory blocks shipped to record holders (only those they lacked)",
+    registry=MASTER,
+)
 M_SNAP_RESULT = Counter(
     "kubegfs_master_snapshots_total", "Snapshots finished by the master", ["result"], registry=MASTER
 )

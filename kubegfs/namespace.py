@@ -37,14 +37,17 @@ class File:
 
 @final
 class Dir:
-    """Immutable directory: ``children`` maps a name to a File or Dir."""
+    """Immutable directory: ``children`` maps a name to a File or Dir. ``digest`` is its Merkle
+    block digest once computed (``merkle.digest`` memoises it; the node never changes)."""
 
-    __slots__ = ("children", "mtime", "mode")
+    __slots__ = ("children", "mtime", "mode", "digest", "stats")
 
     def __init__(self, children: immutables.Map[str, Node], mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
         self.children = children
         self.mtime = mtime
         self.mode = mode
+        self.digest: bytes | None = None
+        self.stats: tuple[int, int, int, int] | None = None  # (files, dirs, chunk refs, bytes), with digest
 
     def __repr__(self) -> str:
         return f"Dir({len(self.children)} entries)"
@@ -174,6 +177,34 @@ def count(node: Node) -> tuple[int, int, int, int]:
             dirs += 1
             stack.extend(n.children.values())
     return files, dirs, chunks, size
+
+
+def changed_subtrees(old: Node | None, new: Node | None) -> tuple[list[Node], list[Node]]:
+    """(subtrees only in ``new``, subtrees only in ``old``) when ``new`` replaces ``old``:
+    identical nodes (the same object) are skipped, directories on both sides are compared by
+    name, so the work is proportional to what differs."""
+    added: list[Node] = []
+    removed: list[Node] = []
+    stack: list[tuple[Node | None, Node | None]] = [(old, new)]
+    while stack:
+        a, b = stack.pop()
+        if a is b:
+            continue
+        if isinstance(a, Dir) and isinstance(b, Dir):
+            for name in _union(a, b):
+                stack.append((a.children.get(name), b.children.get(name)))
+            continue
+        if a is not None:
+            removed.append(a)
+        if b is not None:
+            added.append(b)
+    return added, removed
+
+
+def _union(a: Dir, b: Dir) -> list[str]:
+    names = list(a.children.keys())
+    names.extend(n for n in b.children.keys() if n not in a.children)
+    return names
 
 
 def check_move(src: tuple[str, ...], dst: tuple[str, ...]) -> None:

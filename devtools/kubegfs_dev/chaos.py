@@ -56,12 +56,13 @@ class Stats:
     corruptions_injected: int = 0
     corruptions_detected: int = 0
     snapshots_verified: int = 0
+    diffs_checked: int = 0
     recovery_seconds: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     def merge(self, o: Stats) -> None:
         for k in ("trials", "steps", "acked", "rejected", "unacked", "lost", "corruptions_injected",
-                  "corruptions_detected", "snapshots_verified"):
+                  "corruptions_detected", "snapshots_verified", "diffs_checked"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         self.faults.update(o.faults)
         self.recovery_seconds += o.recovery_seconds
@@ -199,6 +200,35 @@ class Trial:
         c.rm(target, recursive=True)
         self.st.snapshots_verified += 1
 
+    def check_diff(self, name: str) -> None:
+        """Snapshot ``name`` against the live tree (nothing changed since) and against an earlier
+        snapshot of the same path: every path whose content the witness says changed is covered
+        by the report, and every file reported created or deleted is so in the witness."""
+        c = self.client()
+        root, new = self.m.snaps[name]
+        if c.snapshot_diff(name)["changes"]:
+            raise Lost(f"snapshot {name} differs from the live tree it was just taken of")
+        older = [n for n, (r, _t) in self.m.snaps.items() if r == root and n != name]
+        if not older:
+            return
+        prev = self.rng.choice(sorted(older))
+        old = self.m.snaps[prev][1]
+        report = c.snapshot_diff(prev, name)["changes"]
+
+        def rel(p: str) -> str:
+            return "" if p == "." else p[1:]  # "./a/b" -> "/a/b"
+
+        exact = {rel(x["path"]) for x in report} | {rel(x["to"]) for x in report if x.get("to")}
+        whole = [q for x in report if x["kind"] != "M" for q in (rel(x["path"]), rel(x.get("to") or "."))]
+        changed = {p for p in old.keys() | new.keys() if p not in ("", "/") and old.get(p) != new.get(p)}
+        for p in changed:  # reported itself, or inside a directory reported created/deleted/renamed
+            if p not in exact and not any(q and p.startswith(q + "/") for q in whole):
+                raise Lost(f"diff {prev} -> {name} misses {p}")
+        for x in report:
+            if x["kind"] == "+" and rel(x["path"]) not in new or x["kind"] == "-" and rel(x["path"]) not in old:
+                raise Lost(f"diff {prev} -> {name} reports {x['kind']} {x['path']} the witness does not have")
+        self.st.diffs_checked += 1
+
     # ------------------------------------------------------------------ operations
 
     def op(self) -> None:
@@ -253,6 +283,7 @@ class Trial:
             name = f"s-{self.name()}"
             c.snapshot_create(root, name, copies=2)
             self.m.snaps[name] = (root, self.m.subtree(root))
+            self.check_diff(name)
         elif kind == "restore":
             name = rng.choice(sorted(self.m.snaps))
             root, sub = self.m.snaps[name]
@@ -530,6 +561,7 @@ def report(st: Stats, seconds: float) -> str:
         ("corruptions injected", st.corruptions_injected),
         ("corruptions detected and repaired", st.corruptions_detected),
         ("snapshots restored and verified", st.snapshots_verified),
+        ("snapshot diffs checked against the witness", st.diffs_checked),
     ]
     rows += [(f"fault: {k}", v) for k, v in sorted(st.faults.items())]
     if st.recovery_seconds:

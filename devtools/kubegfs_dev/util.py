@@ -3,6 +3,7 @@ condition, and waiting for an HTTP endpoint to answer. Standard library only (pl
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 import urllib.error
@@ -77,3 +78,20 @@ def _get(url: str, context: ssl.SSLContext | None) -> tuple[int, str]:
             return int(resp.status), resp.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
+
+
+def block_copies(chunkserver_urls: list[str], token: str, digest_hex: str) -> int:
+    """How many of the chunkservers hold the directory block ``digest_hex`` (each answers 200
+    with the verified block or 404)."""
+    n = 0
+    for url in chunkserver_urls:
+        req = urllib.request.Request(f"{url}/internal/blocks/get", method="POST",
+                                     data=json.dumps({"digests": [digest_hex]}).encode(),
+                                     headers={**bearer(token), "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                n += resp.status == 200
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+    return n

@@ -21,9 +21,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .. import merkle
 from .. import metrics as M
 from ..auth import Tokens, chunkserver_policy
-from ..errors import ClusterMismatch, CorruptData, InvalidArgument, from_json
+from ..errors import ClusterMismatch, CorruptData, InvalidArgument, NotFound, from_json
 from ..topology import Location
 from ..web import (
     CLUSTER_HEADER,
@@ -43,6 +44,7 @@ from ..web import (
     split_listen,
 )
 from . import metaapi
+from .blocks import BlockStore
 from .membership import Membership
 from .metastore import MetaStore
 from .store import ChunkStore
@@ -76,6 +78,7 @@ class Chunkserver:
         self.chunk_size = chunk_size or saved.get("chunk_size") or 64 * 1024 * 1024
         self.membership.save(id=self.id, chunk_size=self.chunk_size)
         self.store = ChunkStore(data_dir, self.chunk_size)
+        self.blocks = BlockStore(data_dir)  # directory blocks of format-3 snapshot records
         self.meta = MetaStore(data_dir)  # the master's metadata, if it ships a copy here
         self._registered = False
         self._added: dict[int, int] = {}
@@ -107,6 +110,8 @@ class Chunkserver:
         r.add_put("/internal/records/{id}", self.put_record)
         r.add_get("/internal/records/{id}", self.get_record)
         r.add_delete("/internal/records/{id}", self.delete_record)
+        r.add_post("/internal/blocks", self.put_blocks)
+        r.add_post("/internal/blocks/get", self.get_blocks)
         r.add_get("/internal/info", self.info)
         r.add_post("/internal/scrub", self.scrub)
         metaapi.add_routes(r, self.meta)
@@ -364,6 +369,41 @@ class Chunkserver:
         self._update_gauges()
         return json_response({"deleted": rid})
 
+    # ------------------------------------------------------------------ directory blocks
+
+    async def put_blocks(self, request: web.Request) -> web.Response:
+        """Body: block frames (merkle.pack_frames); every block is checked against its digest
+        and the put is refused whole if one does not match."""
+        data = await request.read()
+        try:
+            items = merkle.split_frames(data)
+            new = await self._run(self.blocks.put, items)  # each verified first
+        except CorruptData:
+            M.CS_CHECKSUM_FAIL.labels("block").inc()
+            raise
+        return json_response({"stored": len(items), "new": new}, status=201)
+
+    async def get_blocks(self, request: web.Request) -> web.Response:
+        """Body ``{"digests": [hex, ...]}``; answers block frames, each verified before it goes."""
+        b = await read_json(request)
+        raw = b.get("digests")
+        if not isinstance(raw, list) or len(raw) > 100_000:
+            raise InvalidArgument("digests must be a list of at most 100000 hex digests")
+        try:
+            digests = [bytes.fromhex(d) for d in raw if isinstance(d, str) and len(d) == 64]
+        except ValueError as exc:
+            raise InvalidArgument("digests must be 64 hex digits each") from exc
+        if len(digests) != len(raw):
+            raise InvalidArgument("digests must be 64 hex digits each")
+        try:
+            items = await self._run(self.blocks.get, digests)
+        except KeyError as exc:
+            raise NotFound(f"no such block on {self.id}: {exc.args[0]}") from exc
+        except CorruptData:
+            M.CS_CHECKSUM_FAIL.labels("block").inc()
+            raise
+        return web.Response(body=merkle.pack_frames(items, compressed=True), content_type="application/octet-stream")
+
     # ------------------------------------------------------------------ heartbeats
 
     def _heartbeat_body(self) -> dict[str, Any]:
@@ -383,9 +423,11 @@ class Chunkserver:
                                           else self.store.corrupt - self._reported_corrupt)],
             "corrupt_records": sorted(self.corrupt_records),
         }
+        body["blocks_dropped"] = [d.hex() for d in self.blocks.dropped]
         if not self._registered:
             body["full"] = True
             body["chunks"] = [[hexh(h), v] for h, (v, _n) in self.store.index.items()]
+            body["blocks"] = [d.hex() for d in self.blocks.digests()]
         else:
             body["added"] = [[hexh(h), v] for h, v in self._added.items()]
             body["removed"] = [hexh(h) for h in self._removed]
@@ -396,6 +438,7 @@ class Chunkserver:
         body = self._heartbeat_body()
         added, removed = dict(self._added), set(self._removed)
         corrupt = set(self.store.corrupt)
+        dropped = set(self.blocks.dropped)
         try:
             async with self._session.post(f"{self.master_url}/internal/heartbeat", json=body) as resp:
                 reply = await _safe_json(resp)
@@ -416,6 +459,7 @@ class Chunkserver:
             return
         self.master_ok = True
         self._reported_corrupt |= corrupt
+        self.blocks.dropped -= dropped
         if body.get("full"):
             self._registered = True
         for h in added:
@@ -435,12 +479,17 @@ class Chunkserver:
         for rid in reply.get("delete_records", []):
             await self._run(self.store.delete_record, record_id(rid))
             self.corrupt_records.discard(rid)
+        gone_blocks = [bytes.fromhex(d) for d in reply.get("delete_blocks", [])
+                       if isinstance(d, str) and len(d) == 64]
+        if gone_blocks:  # before the next heartbeat: the master waits for it before re-shipping
+            await self._run(self.blocks.delete, gone_blocks)
         if reply.get("delete_chunks") or reply.get("delete_records"):
             self._update_gauges()
 
     async def scrub_once(self, max_chunks: int = 64) -> tuple[int, int]:
-        """Verify up to ``max_chunks`` chunks (round robin) and every record; what fails is
-        reported to the master with the next heartbeat, which re-replicates from a good copy."""
+        """Verify up to ``max_chunks`` chunks (round robin), every record and every directory
+        block; what fails is reported to the master with the next heartbeat, which re-replicates
+        from a good copy (a dropped block is shipped again with the next snapshot to this holder)."""
         handles = sorted(self.store.index)
         if handles:
             start = self._scrub_pos % len(handles)
@@ -460,6 +509,14 @@ class Chunkserver:
                 self.corrupt_records.add(rid)
                 M.CS_CHECKSUM_FAIL.labels("record").inc()
                 log.error("scrubber: snapshot record %s failed its checksum", rid)
+        for dg in self.blocks.digests():  # a damaged block is dropped and reported (blocks_dropped)
+            try:
+                await self._run(self.blocks.get, [dg])
+            except KeyError:
+                continue
+            except CorruptData:
+                bad += 1
+                M.CS_CHECKSUM_FAIL.labels("block").inc()
         M.CS_SCRUBBED.inc(len(batch))
         return len(batch), bad
 

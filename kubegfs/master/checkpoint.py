@@ -4,7 +4,8 @@
 A checkpoint is a formats container (``CKPT_MAGIC``) with a CRC trailer: header (seq, epoch,
 incarnation, handle counter, chunk size, replication, clone count), the tree in breadth-first
 columns, the chunk table as four parallel int64 columns (handle, version, birth epoch, snapshot
-references), the snapshot catalog and the remembered restores. Live references are not stored:
+references), the snapshot catalog, the remembered restores and the directory blocks snapshots
+reach (digest, child digests, the chunk handles of its own files, reference count). Live references are not stored:
 they are recounted from the tree on decode.
 """
 
@@ -25,7 +26,7 @@ from ..formats import (
     with_crc_trailer,
     write_container,
 )
-from .state import MasterState
+from .state import BlockCount, MasterState, decode_block_infos
 
 CHECKPOINT_VERSION = 2  # 2: breadth-first tree columns
 
@@ -42,7 +43,8 @@ def encode_checkpoint(view: dict[str, Any]) -> bytes:
     }
     header = {k: view[k] for k in ("seq", "epoch", "incarnation", "next_counter", "chunk_size", "replication", "cow_clones")}
     body = {"tree": cols, "chunks": chunk_cols, "snapshots": view["snapshots"],
-            "restores": view.get("restores", {})}
+            "restores": view.get("restores", {}), "blocks": view.get("blocks", []),
+            "block_refs": view.get("block_refs", [])}
     return with_crc_trailer(write_container(CKPT_MAGIC, CHECKPOINT_VERSION, header, body))
 
 
@@ -71,6 +73,12 @@ def decode_checkpoint(data: bytes) -> MasterState:
     for h, _v in dec.chunks:
         st.live[h] = st.live.get(h, 0) + 1
     st.restores = dict(body.get("restores") or {})
+    infos = decode_block_infos(body.get("blocks") or [])
+    refs = body.get("block_refs") or []
+    if len(refs) != len(infos):
+        raise CorruptData("checkpoint block table and its counts disagree")
+    for (dg, info), n in zip(sorted(infos.items()), refs, strict=True):
+        st.blocks[dg] = BlockCount(n, info)
     st.recount()
     for e in body["snapshots"]:
         st.snapshots[e["id"]] = e
@@ -98,6 +106,7 @@ def dump(state: MasterState) -> dict[str, Any]:
         "snapshots": snaps,
         "epoch": state.epoch,
         "restores": sorted(state.restores),
+        "blocks": sorted((d.hex(), b.refs) for d, b in state.blocks.items()),
         "counts": [state.n_files, state.n_dirs, state.n_bytes],
         "crc": zlib.crc32(repr(tree).encode()),
     }

@@ -80,6 +80,7 @@ class Api:
         r.add_get("/api/v1/snapshots/{ref}", self.h_snap_show)
         r.add_delete("/api/v1/snapshots/{ref}", self.h_snap_delete)
         r.add_post("/api/v1/snapshots/{ref}/restore", self.h_snap_restore)
+        r.add_get("/api/v1/snapshots/{ref}/diff", self.h_snap_diff)
         r.add_post("/api/v1/admin/checkpoint", self.h_checkpoint)
         r.add_get("/api/v1/admin/dump", self.h_dump)
         r.add_post("/api/v1/admin/recover", self.h_recover)
@@ -347,6 +348,13 @@ class Api:
 
     async def h_snap_delete(self, request: web.Request) -> web.Response:
         return json_response(await self.m.snapshots.delete(request.match_info["ref"]))
+
+    async def h_snap_diff(self, request: web.Request) -> web.Response:
+        """``?to=REF``: against that snapshot; without it, against the live tree at the path."""
+        to = request.query.get("to")
+        if to is not None and not to:
+            raise InvalidArgument("to must name a snapshot (leave it out to compare with the live tree)")
+        return json_response(await self.m.snapshots.diff(request.match_info["ref"], to))
 
     async def h_snap_restore(self, request: web.Request) -> web.Response:
         t0 = time.perf_counter()

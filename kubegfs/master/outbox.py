@@ -29,7 +29,8 @@ Invariants:
 What goes through it: chunk garbage (freed by rm, mv over a file, overwrite, restore in place,
 snapshot delete), copies of chunks the master does not know, stale copies (an older version, a
 replica retired by a version bump, a short copy, a copy re-replication does not count), corrupt
-chunks, and record copies of deleted snapshots or bad copies. A version bump itself is sent to
+chunks, record copies of deleted snapshots or bad copies, and directory blocks no committed
+snapshot reaches (``still_wanted`` holds one a snapshot being built has shipped or relies on). A version bump itself is sent to
 chunkservers before it is logged: that retires nothing (a replica with a newer version than the
 log's is still counted after a restart); the replicas it leaves behind are retired only after
 the bump is durable, through this gate.
@@ -43,8 +44,8 @@ from typing import Literal
 
 log = logging.getLogger("kubegfs.master.outbox")
 
-Kind = Literal["chunk", "record"]
-Key = int | str  # a chunk handle or a snapshot (record) id
+Kind = Literal["chunk", "record", "block"]
+Key = int | str  # a chunk handle, a snapshot (record) id or a directory block's digest (hex)
 
 
 class Outbox:
@@ -92,16 +93,25 @@ class Outbox:
         return sum(len(q) for q in self._orders.values())
 
     def take(self, cs_id: str) -> tuple[list[int], list[str]]:
-        """The orders for ``cs_id`` that may go out now (chunks, records), removed from the queue;
+        """The chunk and record orders for ``cs_id`` that may go out now, removed from the queue;
         the rest stay until a later call."""
+        got = self._take(cs_id, ("chunk", "record"))
+        chunks = sorted(k for kind, k in got if kind == "chunk" and isinstance(k, int))
+        records = sorted(k for kind, k in got if kind == "record" and isinstance(k, str))
+        return chunks, records
+
+    def take_blocks(self, cs_id: str) -> list[str]:
+        """The directory-block orders (hex digests) for ``cs_id`` that may go out now."""
+        return sorted(str(k) for _kind, k in self._take(cs_id, ("block",)))
+
+    def _take(self, cs_id: str, kinds: tuple[Kind, ...]) -> list[tuple[Kind, Key]]:
         q = self._orders.get(cs_id)
         if not q or self.held():
-            return [], []
+            return []
         durable = self.durable_seq()
-        chunks: list[int] = []
-        records: list[str] = []
+        out: list[tuple[Kind, Key]] = []
         for (kind, key), tag in list(q.items()):
-            if tag > durable:
+            if kind not in kinds or tag > durable:
                 continue
             wanted = self.still_wanted(cs_id, kind, key)
             if wanted is None:
@@ -110,13 +120,8 @@ class Outbox:
             if not wanted:
                 self.dropped += 1
                 continue
-            if kind == "chunk":
-                assert isinstance(key, int)
-                chunks.append(key)
-            else:
-                assert isinstance(key, str)
-                records.append(key)
+            out.append((kind, key))
         if not q:
             self._orders.pop(cs_id, None)
-        self.released += len(chunks) + len(records)
-        return sorted(chunks), sorted(records)
+        self.released += len(out)
+        return out

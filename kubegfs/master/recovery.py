@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from .. import paths
+from .. import merkle, paths
 from ..errors import Conflict, CorruptData, InvalidArgument, KubegfsError, from_json
 from ..formats import pack_handles, sha256_hex
-from ..snapobj import parse_record
+from ..snapobj import MANIFEST_VERSION, parse_manifest, parse_record, record_format
 from ..web import CLUSTER_HEADER, field_str, json_response, peer_session, read_json, record_id
 from . import metareplica
 from .identity import ForeignChunkserver
 from .oplog import OpLog, RecoveryReport
-from .state import MasterState
+from .state import MasterState, encode_block_infos
 
 if TYPE_CHECKING:
     from .server import Master
@@ -63,6 +63,8 @@ class Adopted:
     files: int
     dirs: int
     holders: list[dict[str, Any]] = field(default_factory=list)
+    root: bytes = b""  # format 3: the root block, and every block it reaches
+    blocks: dict[bytes, merkle.BlockInfo] = field(default_factory=dict)
 
 
 async def h_recover(m: Master, request: web.Request) -> web.Response:
@@ -189,7 +191,9 @@ async def _collect_records(session: aiohttp.ClientSession, found: list[ForeignCh
                 sha = await loop.run_in_executor(None, sha256_hex, data)
                 if sha != stored:
                     raise CorruptData(f"sha256 {sha[:12]}… differs from the stored {stored[:12]}…")
-                if adopted is None:
+                if adopted is None and record_format(data) == MANIFEST_VERSION:
+                    adopted = await _adopt_manifest(session, f, rid, data, sha)
+                elif adopted is None:
                     parsed = await loop.run_in_executor(None, parse_record, data, sha)
                     hdr = parsed.header
                     if hdr.get("id") != rid or not isinstance(hdr.get("name"), str):
@@ -205,6 +209,43 @@ async def _collect_records(session: aiohttp.ClientSession, found: list[ForeignCh
         if adopted is not None:
             out.append(adopted)
     return out
+
+
+async def _adopt_manifest(session: aiohttp.ClientSession, f: ForeignChunkserver, rid: str, data: bytes,
+                          sha: str) -> Adopted:
+    """A format-3 record and the closure of its root, read from the same chunkserver level by
+    level (each block verified against its digest)."""
+    man = parse_manifest(data, sha)
+    hdr = man.header
+    if hdr.get("id") != rid or not isinstance(hdr.get("name"), str):
+        raise CorruptData("record header does not name this snapshot")
+    blocks: dict[bytes, merkle.BlockInfo] = {}
+    handles: list[int] = []
+    versions: list[int] = []
+    level = [man.root]
+    while level:
+        need = [d for d in dict.fromkeys(level) if d not in blocks]
+        level = []
+        for i in range(0, len(need), 4096):
+            part = need[i:i + 4096]
+            async with session.post(f"{f.address}/internal/blocks/get",
+                                    json={"digests": [d.hex() for d in part]}) as resp:
+                if resp.status != 200:
+                    raise from_json(resp.status, await resp.json(content_type=None))
+                body = await resp.read()
+            got = dict(merkle.unpack_frames(body))
+            for d in part:
+                if d not in got:
+                    raise CorruptData(f"block {d.hex()[:16]}… missing from the answer")
+                blk = merkle.decode_block(got[d], d)
+                blocks[d] = merkle.block_info(got[d])
+                for e in blk.entries.values():
+                    if isinstance(e, merkle.FileEntry):
+                        handles.extend(e.chunks)
+                        versions.extend(e.versions)
+                level.extend(blocks[d].children)
+    return Adopted(rid, hdr, sha, len(data), handles, versions, int(hdr.get("files", 0)),
+                   int(hdr.get("dirs", 0)), root=man.root, blocks=blocks)
 
 
 async def _install_records(m: Master, adopted: list[Adopted], found: list[ForeignChunkserver]) -> dict[str, Any]:
@@ -235,6 +276,7 @@ async def _install_records(m: Master, adopted: list[Adopted], found: list[Foreig
             "sha256": a.sha256, "record_bytes": a.size, "holders": a.holders, "files": a.files,
             "dirs": a.dirs, "logical_bytes": int(hdr.get("bytes", 0)),
             "handles_z": pack_handles(a.handles), "versions": array("q", a.versions).tobytes(),
+            **({"root": a.root.hex(), "blocks": encode_block_infos(a.blocks)} if a.root else {}),
         })
     await m.checkpoint()
     return {"source": "records", "snapshots": len(names), "skipped_duplicate_names": skipped,

@@ -71,7 +71,6 @@ class Options:
     rereplicate_interval: float = 2.0
     fsync: bool = True
     snapshot_retry_seconds: float = 120.0
-    fork_builds: bool = True  # build SnapObj records in a forked child (own core, own GIL)
     sync: Callable[[int], None] | None = None  # the op log's fdatasync (a seam for tests)
     fsync_delay: float = 0.0  # act like a slow disk: each op-log sync takes this much longer
     format: bool = False  # --format: confirm an empty or refusing data dir as a new cluster
@@ -91,7 +90,7 @@ class Master:
         self.opts = options or Options()
         self.guard = Guard(data_dir, open_identity(data_dir, self.opts.format), self.opts.safe_mode)
         state, self.recovery = recover(data_dir, chunk_size, replication)
-        shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # half-built records of a crash
+        shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # left by the forked builder of older versions
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
         self.outbox = Outbox(lambda: self.oplog.next_seq - 1, lambda: self.oplog.durable_seq, self._still_wanted)
@@ -227,14 +226,18 @@ class Master:
             await self.snapshots.drop_record_copy(rid, cid, "corrupt")
             if rid in cs.records:
                 delete_records.add(rid)
+        self.snapshots.blocks_heartbeat(cs, b, full)
         for h in delete:
             self.outbox.order(cid, "chunk", h)
         for rid in delete_records:
             self.outbox.order(cid, "record", rid)
         gone, gone_records = self.outbox.take(cid)  # only what rests on durable ops (see outbox.py)
+        gone_blocks = self.outbox.take_blocks(cid)
+        self.snapshots.blocks_released(cid, gone_blocks)
         if gone:
             M.M_GC.inc(len(gone))
         return {"delete_chunks": [hexh(h) for h in gone], "delete_records": gone_records,
+                "delete_blocks": gone_blocks,
                 "chunk_size": st.chunk_size, **self.guard.reply()}
 
     def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool | None:
@@ -245,6 +248,8 @@ class Master:
             if self.leases.allocated(key):
                 return None
             return key not in self.state.version or cid not in self.chunkmap.locations.get(key, ())
+        if kind == "block":
+            return self.snapshots.block_still_wanted(str(key))
         e = self.state.snapshots.get(str(key))
         return e is None or (e["state"] != "pending" and all(h["id"] != cid for h in e["holders"]))
 

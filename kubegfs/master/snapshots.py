@@ -1,9 +1,10 @@
 """Snapshots (HDFS's SnapshotManager): capture, build and ship the SnapObj record, delete,
 restore, and keeping each record's copies whole.
 
-Capture is one logged op that pins the current immutable root (O(1)); the record is built from
-that pinned view off the event loop (in a forked child by default) and shipped to the nearest
-chunkservers by the topology, then committed to the catalog. A restore reads the nearest good
+Capture is one logged op that pins the current immutable root (O(1)); the record (format 3: the
+root digest of Merkle directory blocks, see merkle.py) is built from that pinned view in a worker
+thread, each holder (nearest by the topology) is given only the blocks it lacks, then the
+snapshot is committed to the catalog. A restore reads the nearest good
 copy and applies it as one op. Every copy is checked against the catalog (size, sha256, presence)
 at each heartbeat and on every read; a bad one is dropped from the catalog, deleted through the
 deletion gate and re-made from a good one by ``repair_records``.
@@ -18,9 +19,9 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .. import merkle, paths, snapdiff
 from .. import metrics as M
 from .. import namespace as ns
-from .. import paths
 from ..errors import (
     AlreadyExists,
     Conflict,
@@ -30,16 +31,68 @@ from ..errors import (
     Unavailable,
     from_json,
 )
-from ..snapobj import ParsedRecord, build_record, build_record_in_child, parse_record
+from ..snapobj import (
+    MANIFEST_VERSION,
+    Manifest,
+    ParsedRecord,
+    build_manifest,
+    build_record,
+    parse_manifest,
+    parse_record,
+    record_format,
+)
 from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
 from .chunkmap import ChunkserverInfo
-from .state import now_ns
+from .state import encode_block_infos, now_ns
 
 if TYPE_CHECKING:
     from .server import Master
 
 log = logging.getLogger("kubegfs.master")
+
+
+def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: merkle.VersionOf
+               ) -> list[snapdiff.Change]:
+    """Diff two trees held in memory (every reference carries its node)."""
+    def load(refs: list[merkle.DirRef]) -> list[merkle.Block]:
+        out = []
+        for i, r in enumerate(refs):  # the walk asks for (a, b) pairs
+            assert r.node is not None
+            out.append(merkle.block_of(r.node, va if i % 2 == 0 else vb))
+        return out
+
+    return snapdiff.run(snapdiff.diff_steps(a, b), load)
+
+
+def _assemble_job(root: bytes, have: dict[bytes, bytes], cands: list[ns.Node | None], version_of: merkle.VersionOf,
+                  reused: list[tuple[tuple[str, ...], ns.Dir]]) -> tuple[ns.Dir, list[bytes], list[int]]:
+    """A restore's tree, the blocks it decoded and the chunk handles their files reference."""
+    tree, used = merkle.assemble(root, have, cands, version_of, reused)
+    return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
+
+
+def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
+    if record_format(data) == MANIFEST_VERSION:
+        return parse_manifest(data, sha256)
+    return parse_record(data, sha256)
+
+
+KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
+BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
+BLOCK_FETCH = 4096  # digests per block read
+
+
+def _hex_digests(raw: list[Any]) -> list[bytes]:
+    out = []
+    for d in raw:
+        if not (isinstance(d, str) and len(d) == 64):
+            raise InvalidArgument("a block digest is 64 hex digits")
+        try:
+            out.append(bytes.fromhex(d))
+        except ValueError as exc:
+            raise InvalidArgument("a block digest is 64 hex digits") from exc
+    return out
 
 
 class Snapshots:
@@ -48,6 +101,19 @@ class Snapshots:
         self.builders: dict[str, asyncio.Task[Any]] = {}
         self._bad_record_copies: dict[str, set[str]] = {}  # snapshot id -> servers whose copy rotted
         self._record_missing: dict[tuple[str, str], int] = {}  # (server, snapshot id) -> heartbeats without it
+        # soft: each path's newest snapshot tree this master built (digests memoised), so the next
+        # snapshot of that path reports what changed since without reading anything back, and the
+        # trees of the newest KEEP_TREES snapshots per path (a diff of recent ones reads nothing)
+        self.latest: dict[str, tuple[str, ns.Dir]] = {}
+        self.trees: dict[str, ns.Dir] = {}
+        # soft, per chunkserver: the directory blocks it holds as far as this master knows (its
+        # full heartbeat, then what was shipped minus what was deleted), the block deletions
+        # released in the last heartbeat reply (done by its next heartbeat), and how many block
+        # deletions were ever released to it (a build re-checks its holders when that moved)
+        self.known: dict[str, set[bytes]] = {}
+        self.deleting: dict[str, set[bytes]] = {}
+        self.gen: dict[str, int] = {}
+        self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
 
     def snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
@@ -100,7 +166,10 @@ class Snapshots:
         if sid not in self.builders or self.builders[sid].done():
             self.builders[sid] = asyncio.create_task(self.build(sid))
 
-    def rank_holders(self, entry: dict[str, Any]) -> list[tuple[ChunkserverInfo, str]]:
+    def rank_holders(self, entry: dict[str, Any], prefer: set[str] | None = None) -> list[tuple[ChunkserverInfo, str]]:
+        """Chunkservers for a record, nearest first (``targets`` first if given); ``prefer``:
+        ids to take first where the ranking allows (the holders of the previous snapshot of the
+        same path, which have most of its blocks already)."""
         ref = Location.from_json(entry.get("near")) if entry.get("near") else self.m.location
         if not (ref.node or ref.zone or ref.region or ref.ip):
             ref = self.m.location
@@ -113,48 +182,69 @@ class Snapshots:
             order = [by_addr.get(t, t) for t in targets]
             pos = {cid: i for i, cid in enumerate(order)}
             ranked.sort(key=lambda r: pos.get(r.candidate.id, len(order)))
+        if prefer and not targets:
+            ranked.sort(key=lambda r: r.candidate.id not in prefer)
         ranked = diversify(ranked, entry["copies"]) if not targets else ranked
         return [(alive[r.candidate.id], r.reason) for r in ranked]
 
     async def build(self, sid: str) -> None:
+        """Build and ship snapshot ``sid``'s record, then commit it. A directory snapshot is
+        format 3: its root digest (memoised on the pinned immutable tree, so after a small change
+        this re-encodes only the changed directories, on a worker thread, no fork) and, to each
+        holder, only the directory blocks it lacks. A file snapshot is a format-2 record."""
         st = self.m.state
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.m.opts.snapshot_retry_seconds
         loop = asyncio.get_running_loop()
+        claimed: list[bytes] = []
         try:
             entry = st.snapshots[sid]
             pin = st.pins[sid]
+            node = pin.node
             meta = {k: entry[k] for k in ("id", "name", "path", "created", "epoch")}
             meta["chunk_size"] = st.chunk_size
-            if self.m.opts.fork_builds:
-                rec = await loop.run_in_executor(None, build_record_in_child, meta, pin.node,
-                                                 st.version.__getitem__, self.m.data_dir / "scratch")
+            version_of = st.version.__getitem__  # the pin protects every chunk it reaches
+            rec = None
+            if isinstance(node, ns.Dir):
+                dg = await loop.run_in_executor(None, merkle.digest, node, version_of)
+                files, dirs, nchunks, size = merkle.stats(node, version_of)
+                counts = {"files": files, "dirs": dirs, "chunks": nchunks, "bytes": size}
+                data, sha = build_manifest(meta, dg, counts)
             else:
-                rec = await loop.run_in_executor(None, build_record, meta, pin.node, st.version.__getitem__)
+                rec = await loop.run_in_executor(None, build_record, meta, node, version_of)
+                data, sha, counts = rec.data, rec.sha256, rec.counts
+            root_hex, changes = await self.since_previous(entry, node)
             t_built = time.perf_counter()
             holders: list[dict[str, Any]] = []
+            shipped: dict[str, int] = {}
+            gens: dict[str, int] = {}
             last_err = "no live chunkserver"
             delay = 0.5
-            headers = {"X-Kubegfs-Sha256": rec.sha256, "X-Kubegfs-Snapshot-Name": entry["name"],
+            headers = {"X-Kubegfs-Sha256": sha, "X-Kubegfs-Snapshot-Name": entry["name"],
                        "X-Kubegfs-Created": entry["created"]}
 
             async def ship(cs: ChunkserverInfo, reason: str) -> dict[str, Any] | None:
                 nonlocal last_err
                 try:
-                    await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=rec.data, headers=headers)
+                    if isinstance(node, ns.Dir):
+                        shipped[cs.id] = await self.ship_blocks(cs, node, version_of, claimed, gens)
+                    await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=data, headers=headers)
                 except PEER_ERRORS as exc:
                     last_err = f"{cs.id}: {exc}"
                     log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
                     return None
+                shipped[cs.id] = shipped.get(cs.id, 0) + len(data)
                 cs.records.add(sid)
                 self.m.outbox.cancel(cs.id, "record", sid)
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
 
+            prev = self.previous_of(entry) if isinstance(node, ns.Dir) else None
+            prefer = {h["id"] for h in st.snapshots[prev[0]]["holders"]} if prev else set()
             while True:
                 # ship to the nearest candidates at once; fall back down the ranking for failures
                 tried: set[str] = set()
                 while len(holders) < entry["copies"]:
-                    todo = [(cs, why) for cs, why in self.rank_holders(entry)
+                    todo = [(cs, why) for cs, why in self.rank_holders(entry, prefer)
                             if cs.id not in tried and all(h["id"] != cs.id for h in holders)]
                     todo = todo[: entry["copies"] - len(holders)]
                     if not todo:
@@ -167,32 +257,44 @@ class Snapshots:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             # keep the ranking's order (nearest first) whatever order the copies finished in
-            rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry))}
+            rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry, prefer))}
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
+            if isinstance(node, ns.Dir):
+                holders = await self._recheck_holders(holders, node, version_of, claimed, gens)
             if not holders:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
                 return
             dur = time.perf_counter() - t0
             t_shipped = time.perf_counter()
-            # count the snapshot's chunk references in slices so writers never wait long; the
-            # snapshot is still pending, so every chunk in it is treated as shared meanwhile
-            for i in range(0, len(rec.handles), 20_000):
-                st.count_snapshot_refs(rec.handles[i : i + 20_000])
-                await asyncio.sleep(0)
-            await self.m.mutate({
-                "op": "snap_commit", "id": sid, "sha256": rec.sha256, "record_bytes": len(rec.data),
-                "holders": holders, "files": rec.counts["files"], "dirs": rec.counts["dirs"],
-                "chunks": rec.counts["chunks"], "logical_bytes": rec.counts["bytes"],
-                "duration_seconds": round(dur, 6), "handles_z": rec.handles_z,
-                "location_reason": holders[0]["reason"], "_precounted": True,
-            })
+            op: dict[str, Any] = {
+                "op": "snap_commit", "id": sid, "sha256": sha, "record_bytes": len(data),
+                "holders": holders, "files": counts["files"], "dirs": counts["dirs"],
+                "chunks": counts["chunks"], "logical_bytes": counts["bytes"],
+                "duration_seconds": round(dur, 6), "location_reason": holders[0]["reason"],
+                "root": root_hex, "changes": changes, "shipped_bytes": shipped.get(holders[0]["id"], 0),
+            }
+            if rec is None:
+                assert isinstance(node, ns.Dir)
+                # no await from here to the apply inside mutate: the blocks the op carries are
+                # exactly those the catalog does not count yet
+                op["blocks"] = encode_block_infos(merkle.new_block_infos(node, version_of, st.blocks.__contains__))
+            else:
+                # count the snapshot's chunk references in slices so writers never wait long; the
+                # snapshot is still pending, so every chunk in it is treated as shared meanwhile
+                for i in range(0, len(rec.handles), 20_000):
+                    st.count_snapshot_refs(rec.handles[i : i + 20_000])
+                    await asyncio.sleep(0)
+                op.update(handles_z=rec.handles_z, _precounted=True)
+            await self.m.mutate(op)
+            if isinstance(node, ns.Dir):
+                self.remember_tree(entry["path"], sid, node)
             M.M_SNAP_BUILD.observe(dur)
-            M.M_SNAP_RECORD.observe(len(rec.data))
+            M.M_SNAP_RECORD.observe(len(data))
             M.M_SNAP_RESULT.labels("success").inc()
-            log.info("snapshot %s (%s) of %s ready: %d files, %d record bytes on %s in %.3fs "
+            log.info("snapshot %s (%s) of %s ready: %d files, %d bytes shipped per copy to %s in %.3fs "
                      "(built %.3fs, shipped %.3fs, committed %.3fs)",
-                     entry["name"], sid, entry["path"], rec.counts["files"], len(rec.data),
+                     entry["name"], sid, entry["path"], counts["files"], op["shipped_bytes"],
                      ",".join(h["id"] for h in holders), time.perf_counter() - t0, t_built - t0,
                      t_shipped - t_built, time.perf_counter() - t_shipped)
         except asyncio.CancelledError:
@@ -203,20 +305,292 @@ class Snapshots:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": str(exc)})
                 M.M_SNAP_RESULT.labels("failed").inc()
         finally:
+            self.unclaim(claimed)
             self.builders.pop(sid, None)
+
+    # ------------------------------------------------------------------ directory blocks
+
+    def unclaim(self, digests: list[bytes]) -> None:
+        for dg in digests:
+            n = self.claimed.get(dg, 0) - 1
+            if n > 0:
+                self.claimed[dg] = n
+            else:
+                self.claimed.pop(dg, None)
+        digests.clear()
+
+    async def fence(self, cs: ChunkserverInfo, digests: set[bytes] | None = None) -> None:
+        """Wait until block deletions released to ``cs`` (all, or those of ``digests``) are done
+        (its next heartbeat), so a block shipped now is not deleted by an older order."""
+        deadline = time.monotonic() + max(5.0, 2 * self.m.opts.dead_after)
+        while True:
+            pending = self.deleting.get(cs.id)
+            if not pending or (digests is not None and not (pending & digests)):
+                return
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{cs.id} has not confirmed its block deletions")
+            await asyncio.sleep(0.02)
+
+    async def ship_blocks(self, cs: ChunkserverInfo, node: ns.Dir, version_of: merkle.VersionOf,
+                          claimed: list[bytes], gens: dict[str, int]) -> int:
+        """Ship ``cs`` the blocks of ``node``'s tree it lacks; returns the bytes sent. A block is
+        skipped only if ``cs`` holds it and a committed snapshot counts it (then nothing deletes
+        it or anything it reaches); every block sent is claimed (never deleted) until the build
+        commits or fails."""
+        await self.fence(cs)
+        gens[cs.id] = self.gen.get(cs.id, 0)
+        known = self.known.setdefault(cs.id, set())
+        counted = self.m.state.blocks
+
+        def collect() -> list[tuple[bytes, bytes]]:  # encoded and compressed off the loop
+            return [(dg, merkle.compress(b)) for dg, b, _n in merkle.iter_blocks(
+                node, version_of, lambda d: d in known and d in counted)]
+
+        items = await asyncio.get_running_loop().run_in_executor(None, collect)
+        for dg, _b in items:
+            self.claimed[dg] = self.claimed.get(dg, 0) + 1
+            claimed.append(dg)
+        await self.fence(cs, {dg for dg, _b in items})  # a deletion released while collecting
+        for batch in merkle.batches(items, BLOCK_BATCH):
+            await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
+            known.update(dg for dg, _b in batch)
+        M.M_SNAP_BLOCKS_SHIPPED.inc(len(items))
+        return sum(len(b) for _dg, b in items)
+
+    async def _recheck_holders(self, holders: list[dict[str, Any]], node: ns.Dir, version_of: merkle.VersionOf,
+                               claimed: list[bytes], gens: dict[str, int]) -> list[dict[str, Any]]:
+        """A holder that had block deletions released since its blocks were chosen may have lost
+        a block the build relied on: ship to it again (until none moved)."""
+        for _round in range(10):
+            stale = [h for h in holders if self.gen.get(h["id"], 0) != gens.get(h["id"], 0)]
+            if not stale:
+                return holders
+            for h in stale:
+                cs = self.m.chunkmap.cs.get(h["id"])
+                try:
+                    if cs is None:
+                        raise Unavailable(f"{h['id']} is gone")
+                    await self.ship_blocks(cs, node, version_of, claimed, gens)
+                except PEER_ERRORS as exc:
+                    log.warning("re-shipping blocks to %s failed: %s", h["id"], exc)
+                    holders = [x for x in holders if x["id"] != h["id"]]
+        return [h for h in holders if self.gen.get(h["id"], 0) == gens.get(h["id"], 0)]
+
+    def blocks_heartbeat(self, cs: ChunkserverInfo, b: dict[str, Any], full: bool) -> None:
+        """Fold a heartbeat's block report in: the deletions released in the previous reply are
+        done; a full report is what ``cs`` holds (any block no committed snapshot counts is
+        ordered deleted: mark and sweep); garbage blocks it holds are ordered deleted."""
+        st = self.m.state
+        self.deleting.pop(cs.id, None)
+        known = self.known.setdefault(cs.id, set())
+        if full:
+            raw = b.get("blocks") or []
+            if not isinstance(raw, list):
+                raise InvalidArgument("blocks must be a list of hex digests")
+            known.clear()
+            known.update(_hex_digests(raw))
+            for dg in known:
+                if dg not in st.blocks:
+                    self.m.outbox.order(cs.id, "block", dg.hex())
+        dropped = b.get("blocks_dropped") or []
+        if not isinstance(dropped, list):
+            raise InvalidArgument("blocks_dropped must be a list of hex digests")
+        if dropped:  # what reaches a dropped block is not whole here any more: trust nothing
+            _hex_digests(dropped)
+            known.clear()
+            log.error("%s dropped %d damaged directory blocks; it gets every block again with the "
+                      "next snapshot it holds", cs.id, len(dropped))
+        for dg in st.garbage_blocks & known:
+            self.m.outbox.order(cs.id, "block", dg.hex())
+
+    def blocks_released(self, cs_id: str, released: list[str]) -> None:
+        if not released:
+            return
+        gone = set(_hex_digests(released))
+        self.known.get(cs_id, set()).difference_update(gone)
+        self.deleting[cs_id] = gone
+        self.gen[cs_id] = self.gen.get(cs_id, 0) + 1
+        garbage = self.m.state.garbage_blocks
+        for dg in gone & garbage:
+            if not any(dg in k for k in self.known.values()):
+                garbage.discard(dg)
+
+    def block_still_wanted(self, key: str) -> bool | None:
+        dg = bytes.fromhex(key)
+        if dg in self.m.state.blocks:
+            return False
+        return None if dg in self.claimed else True
+
+    async def fetch_blocks(self, e: dict[str, Any], digests: list[bytes]) -> dict[bytes, bytes]:
+        """Blocks of snapshot ``e`` from its nearest live holder, verified, in batches; what one
+        holder cannot give comes from the next."""
+        want = list(dict.fromkeys(digests))
+        got: dict[bytes, bytes] = {}
+        errors: list[str] = []
+        for cs in self._ranked_holders(e):
+            for i in range(0, len(want), BLOCK_FETCH):
+                part = [d for d in want[i:i + BLOCK_FETCH] if d not in got]
+                if not part:
+                    continue
+                try:
+                    got.update(await self._get_blocks(cs, part))
+                except (NotFound, CorruptData) as exc:
+                    errors.append(f"{cs.id}: {exc}")
+                    break
+                except PEER_ERRORS as exc:
+                    errors.append(f"{cs.id}: {exc}")
+                    break
+            if all(d in got for d in want):
+                return got
+        raise Unavailable(f"no holder of snapshot {e['name']} could give {sum(d not in got for d in want)} "
+                          "directory blocks: " + ("; ".join(errors) or "no live holder"))
+
+    async def _get_blocks(self, cs: ChunkserverInfo, digests: list[bytes]) -> list[tuple[bytes, bytes]]:
+        assert self.m._session is not None
+        async with self.m._session.post(f"{cs.address}/internal/blocks/get",
+                                        json={"digests": [d.hex() for d in digests]}) as resp:
+            if resp.status != 200:
+                raise from_json(resp.status, await resp.json(content_type=None))
+            body = await resp.read()
+        return merkle.unpack_frames(body)  # each verified against its digest
+
+    def _ranked_holders(self, e: dict[str, Any]) -> list[ChunkserverInfo]:
+        holders = [cs for h in e.get("holders", []) if (cs := self.m.chunkmap.cs.get(h["id"])) and cs.alive]
+        ranked = find_nearest(self.m.location, [c.candidate() for c in holders])
+        return [self.m.chunkmap.cs[r.candidate.id] for r in ranked]
+
+    async def copy_closure(self, e: dict[str, Any], root: bytes, target: ChunkserverInfo) -> None:
+        """Give ``target`` every block of snapshot ``e`` it lacks, read from the other holders
+        (level by level; a block counted in the catalog that ``target`` holds is skipped with
+        everything below it)."""
+        known = self.known.setdefault(target.id, set())
+        counted = self.m.state.blocks
+        level, seen = [root], set()
+        while level:
+            need = [d for d in dict.fromkeys(level) if d not in seen and not (d in known and d in counted)]
+            seen.update(need)
+            if not need:
+                break
+            got = await self.fetch_blocks({**e, "holders": [h for h in e["holders"] if h["id"] != target.id]}, need)
+            items = [(d, got[d]) for d in need]
+            await self.fence(target, set(need))
+            for batch in merkle.batches(items, BLOCK_BATCH):
+                await self.m.call_cs(target, "POST", "/internal/blocks", data=merkle.pack_frames(batch))
+                known.update(d for d, _b in batch)
+            level = [c for d in need for c in merkle.child_digests(got[d])]
+
+    def _live_version(self, h: int) -> int:
+        return self.m.state.version.get(h, 0)
+
+    async def tree_ref(self, e: dict[str, Any]) -> tuple[merkle.DirRef, merkle.VersionOf]:
+        """Snapshot ``e``'s root: the tree in memory if this master built it last for its path,
+        else the root digest of its record (format 3: blocks are read as the diff needs them) or
+        the tree a format-2 record holds (digests memoised on its nodes)."""
+        loop = asyncio.get_running_loop()
+        if e["state"] != "ready":
+            raise Conflict(f"snapshot {e['name']} is {e['state']}, not ready")
+        cached = self.trees.get(e["id"])
+        if cached is not None:
+            root: ns.Node = cached
+            version_of: merkle.VersionOf = self._live_version
+        else:
+            parsed, _blob, _src = await self.fetch_record(e)
+            if isinstance(parsed, Manifest):
+                return merkle.DirRef(parsed.root), self._live_version
+            versions = dict(parsed.chunks)
+            root, version_of = parsed.root, versions.__getitem__
+        if not isinstance(root, ns.Dir):
+            raise InvalidArgument(f"snapshot {e['name']} is of a file; diff compares directories")
+        dg = await loop.run_in_executor(None, merkle.digest, root, version_of)
+        return merkle.DirRef(dg, root), version_of
+
+    async def diff(self, ref: str, to: str | None) -> dict[str, Any]:
+        """The changes from snapshot ``ref`` to snapshot ``to`` (or to the live tree at ``ref``'s
+        path): only directories whose digests differ are read (blocks in batches, per level)."""
+        t0 = time.perf_counter()
+        st = self.m.state
+        loop = asyncio.get_running_loop()
+        a = st.snapshot_by_ref(ref)
+        b = st.snapshot_by_ref(to) if to is not None else None
+        ref_a, va = await self.tree_ref(a)
+        if b is not None:
+            ref_b, vb = await self.tree_ref(b)
+        else:
+            node = ns.must_get(st.root, paths.split(a["path"]))
+            if not isinstance(node, ns.Dir):
+                raise InvalidArgument(f"{a['path']} is not a directory now")
+            vb = self._live_version
+            ref_b = merkle.DirRef(await loop.run_in_executor(None, merkle.digest, node, vb), node)
+        sides = ((a, va), (b or a, vb))
+        steps = snapdiff.diff_steps(ref_a, ref_b)
+        try:
+            refs = next(steps)
+            while True:
+                want: dict[int, list[bytes]] = {0: [], 1: []}
+                for i, r in enumerate(refs):
+                    if r.node is None:
+                        want[i % 2].append(r.digest)
+                got = [await self.fetch_blocks(sides[k][0], want[k]) if want[k] else {} for k in (0, 1)]
+                blocks = [merkle.block_of(r.node, sides[i % 2][1]) if r.node is not None
+                          else merkle.decode_block(got[i % 2][r.digest], r.digest) for i, r in enumerate(refs)]
+                refs = steps.send(blocks)
+        except StopIteration as stop:
+            changes: list[snapdiff.Change] = stop.value
+        return {"from": a["name"], "to": b["name"] if b is not None else "", "path": a["path"],
+                "to_path": b["path"] if b is not None else a["path"],
+                "changes": [c.to_json() for c in changes], "summary": snapdiff.summarize(changes).to_json(),
+                "seconds": round(time.perf_counter() - t0, 6)}
+
+    def remember_tree(self, path: str, sid: str, node: ns.Dir) -> None:
+        self.latest[path] = (sid, node)
+        self.trees[sid] = node
+        mine = [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
+        for old in mine[:-KEEP_TREES]:
+            del self.trees[old]
+        for gone in [i for i in self.trees if i not in self.m.state.snapshots]:
+            del self.trees[gone]
+
+    def previous_of(self, e: dict[str, Any]) -> tuple[str, ns.Dir] | None:
+        """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""
+        prev = self.latest.get(e["path"])
+        if prev is None or prev[0] == e["id"]:
+            return None
+        pe = self.m.state.snapshots.get(prev[0])
+        return prev if pe is not None and pe["state"] == "ready" else None
+
+    async def since_previous(self, entry: dict[str, Any], node: ns.Node) -> tuple[str, dict[str, Any]]:
+        """The pinned tree's root digest (hex) and what changed since the previous snapshot of
+        the same path (counts of the diff report; empty when that tree is not in memory)."""
+        if not isinstance(node, ns.Dir):
+            return "", {}
+        loop = asyncio.get_running_loop()
+        version_of = self.m.state.version.__getitem__  # the pin protects every chunk it reaches
+        dg = await loop.run_in_executor(None, merkle.digest, node, version_of)
+        prev = self.previous_of(entry)
+        if prev is None:
+            return dg.hex(), {}
+        pe = self.m.state.snapshots[prev[0]]
+        pa = merkle.DirRef(merkle.digest(prev[1], self._live_version), prev[1])
+        changes = await loop.run_in_executor(None, diff_nodes, pa, self._live_version,
+                                             merkle.DirRef(dg, node), version_of)
+        return dg.hex(), {"since": pe["name"], "since_id": pe["id"], **snapdiff.summarize(changes).to_json()}
 
     async def delete(self, ref: str) -> dict[str, Any]:
         e = self.m.state.snapshot_by_ref(ref)
         if e["state"] == "pending":
             raise Conflict(f"snapshot {e['name']} is still being taken; delete it when it is ready")
         await self.m.mutate({"op": "snap_delete", "id": e["id"]})
+        self.trees.pop(e["id"], None)
+        if self.latest.get(e["path"], ("",))[0] == e["id"]:
+            del self.latest[e["path"]]
         for h in e.get("holders", []):  # the copies go with the holders' next heartbeats
             if h["id"] in self.m.chunkmap.cs:
                 self.m.outbox.order(h["id"], "record", e["id"])
         return {"deleted": e["name"], "id": e["id"]}
 
-    async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord, bytes, dict[str, Any]]:
-        """The record from the nearest healthy holder; fall back on error or bad checksum."""
+    async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord | Manifest, bytes, dict[str, Any]]:
+        """The record (format 2: the whole tree; format 3: the root digest) from the nearest
+        healthy holder; fall back on error or bad checksum."""
         holders = []
         for h in e.get("holders", []):
             cs = self.m.chunkmap.cs.get(h["id"])
@@ -234,7 +608,7 @@ class Snapshots:
                     if resp.status != 200:
                         raise from_json(resp.status, await resp.json(content_type=None))
                     data = await resp.read()
-                parsed = await loop.run_in_executor(None, parse_record, data, e["sha256"])
+                parsed = await loop.run_in_executor(None, parse_any, data, e["sha256"])
                 return parsed, data, {"id": cs.id, "address": cs.address, **cs.location.to_json()}
             except (NotFound, CorruptData, ValueError) as exc:  # the copy itself is bad: heal the catalog
                 errors.append(f"{cs.id}: {exc}")
@@ -268,21 +642,58 @@ class Snapshots:
             mode = "inplace"
         self.check_target(parts, mode)
         parsed, blob, source = await self.fetch_record(e)
-        self.check_target(parts, mode)  # re-check: the namespace may have moved on meanwhile
         st = self.m.state
-        missing = [h for h, _v in parsed.chunks if h not in st.version]
-        if missing:
-            raise CorruptData(f"snapshot references {len(missing)} chunks the master no longer has")
+        if isinstance(parsed, Manifest):
+            op = await self._plan_restore(e, parsed, parts, mode)
+        else:
+            self.check_target(parts, mode)  # re-check: the namespace may have moved on meanwhile
+            missing = [h for h, _v in parsed.chunks if h not in st.version]
+            if missing:
+                raise CorruptData(f"snapshot references {len(missing)} chunks the master no longer has")
+            op = {"blob": blob, "_parsed": parsed}
         if mode == "inplace":
             self.m.leases.check_none_below(paths.join(parts))
         if rid and rid in self.m.state.restores:  # a concurrent twin finished first
             return self.repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
-                   "source": source, "duration_seconds": round(time.perf_counter() - t0, 6)}
+                   "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
+                   "blocks_fetched": op.pop("_fetched", 0)}
         result = await self.m.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
-                                    "blob": blob, "mtime": now_ns(), "_parsed": parsed, "rid": rid,
-                                    "summary": summary})
+                                      "mtime": now_ns(), "rid": rid, "summary": summary, **op})
         return {**summary, **result}
+
+    async def _plan_restore(self, e: dict[str, Any], man: Manifest, parts: tuple[str, ...],
+                            mode: str) -> dict[str, Any]:
+        """The format-3 restore op: fetch only the blocks whose directories differ from the live
+        ones at the same place (level by level, in batches, each verified), then assemble the
+        tree against the state as it is now. The caller applies it with no await in between, so
+        the op's blocks are exactly what its apply (and any replay) needs."""
+        st = self.m.state
+        loop = asyncio.get_running_loop()
+        have: dict[bytes, bytes] = {}
+        while True:
+            self.check_target(parts, mode)
+            reused: list[tuple[tuple[str, ...], ns.Dir]] = []
+            try:  # the O(changed) (to a new path: O(files)) assembly runs in a worker thread
+                tree, used, handles = await loop.run_in_executor(
+                    None, _assemble_job, man.root, have, st.restore_candidates(parts, mode, e["path"]),
+                    st.version_or_zero, reused)
+            except merkle.NeedBlocks as need:
+                have.update(await self.fetch_blocks(e, need.digests))
+                continue
+            # back on the loop, with no await until the op is applied: every live directory it
+            # reused is still where it was, so the apply (and any replay) assembles the same tree
+            self.check_target(parts, mode)
+            roots = [r for r in st.restore_candidates(parts, mode, e["path"]) if isinstance(r, ns.Dir)]
+            if all(any(ns.get(r, rel) is node for r in roots) for rel, node in reused):
+                break
+        missing = sum(1 for h in handles if h not in st.version)
+        if missing:
+            raise CorruptData(f"snapshot references {missing} chunks the master no longer has")
+        return {"format": 3, "root": man.root.hex(), "source_path": e["path"],
+                "blocks": merkle.pack_frames([(dg, have[dg]) for dg in used]),
+                "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
+                "_tree": tree, "_fetched": len(used)}
 
     def repeated_restore(self, rid: str, ref: str, to: str | None) -> dict[str, Any]:
         """The stored result of restore ``rid``, if this request asks for the same thing."""
@@ -369,7 +780,9 @@ class Snapshots:
                 continue
             target, why = options[0]
             try:
-                _parsed, data, _src = await self.fetch_record(e)
+                parsed, data, _src = await self.fetch_record(e)
+                if isinstance(parsed, Manifest):  # the blocks first: a record is whole or absent
+                    await self.copy_closure(e, parsed.root, target)
                 await self.m.call_cs(target, "PUT", f"/internal/records/{e['id']}", data=data,
                                    headers={"X-Kubegfs-Sha256": e["sha256"]})
             except PEER_ERRORS as exc:

@@ -5,6 +5,14 @@ Every mutation is an *op* (a msgpack-able dict). The server validates a request 
 operation log, and ``apply`` executes it; replaying the log after the latest checkpoint through
 the same ``apply`` rebuilds exactly the same state. ``apply`` never raises for a prepared op.
 
+Snapshot records of format 3 are Merkle roots (merkle.py). ``blocks`` holds every directory
+block a committed snapshot reaches, with its reference count (one per snapshot root naming it
+and one per block naming it as a child). Invariants: a block with a count holds a count on each
+child, so everything a counted block reaches is counted; a block's own files hold one snapshot
+reference on each chunk exactly while the block is counted (so ``snap`` costs O(new blocks) per
+snapshot, not O(files)); a block whose count drops to zero goes to ``garbage_blocks`` (soft), and
+its copies are deleted only through the deletion gate once that op is durable.
+
 Chunk sharing (GFS §3.4) is tracked by reference counts: ``live[h]`` counts references from files
 in the live tree, ``snap[h]`` references from committed snapshots. A snapshot's capture is O(1)
 (it pins the current immutable root and bumps ``epoch``); until it commits, every chunk born
@@ -19,8 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import merkle, paths
 from .. import namespace as ns
-from .. import paths
 from ..errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from ..formats import (
     unpack_handles,
@@ -39,6 +47,14 @@ def rfc3339(ts_ns: int) -> str:
     t = time.gmtime(ts_ns // 1_000_000_000)
     ms = (ts_ns // 1_000_000) % 1000
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{ms:03d}Z"
+
+
+class BlockCount:
+    __slots__ = ("refs", "info")
+
+    def __init__(self, refs: int, info: merkle.BlockInfo) -> None:
+        self.refs = refs
+        self.info = info
 
 
 @dataclass
@@ -67,6 +83,8 @@ class MasterState:
         self.garbage: set[int] = set()  # freed handles to delete from chunkservers (soft)
         self.cow_clones = 0
         self.restores: dict[str, dict[str, Any]] = {}  # restore id -> result (idempotency)
+        self.blocks: dict[bytes, BlockCount] = {}  # directory blocks committed snapshots reach
+        self.garbage_blocks: set[bytes] = set()  # freed blocks to delete from chunkservers (soft)
         self.n_files = 0  # kept up to date by apply: status and metrics never walk the tree
         self.n_dirs = 1
         self.n_bytes = 0
@@ -218,7 +236,16 @@ class MasterState:
         self.root = ns.replace(self.root, parts, f, op["mtime"])
 
     def _apply_bump(self, op: dict[str, Any]) -> None:
+        """A chunk's new version. With ``path`` (the file it belongs to), the directories on that
+        path become new nodes, so their memoised Merkle digests (which record chunk versions) are
+        computed afresh: a bump whose append never commits leaves no stale digest behind, and a
+        replay computes the same digests as the original run."""
         self.version[op["h"]] = op["v"]
+        if op.get("path"):
+            parts = paths.split(op["path"])
+            f = ns.get(self.root, parts)
+            if isinstance(f, ns.File) and op["h"] in f.chunks:
+                self.root = ns.replace(self.root, parts, f, _dir_mtime(self.root, parts))
 
     def _apply_cow(self, op: dict[str, Any]) -> None:
         parts = paths.split(op["path"])
@@ -274,14 +301,22 @@ class MasterState:
         self.snapshot_names[op["name"]] = op["id"]
 
     def _apply_snap_commit(self, op: dict[str, Any]) -> None:
+        """Format 3 (``blocks`` present): count the root and, through it, the blocks the op
+        carries (exactly those not counted when it was prepared); format 2: one snapshot
+        reference per chunk in ``handles_z``."""
         entry = self.snapshots[op["id"]]
-        if not op.get("_precounted"):
+        if op.get("blocks") is not None:
+            self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
+        elif not op.get("_precounted"):
             self.count_snapshot_refs(unpack_handles(op["handles_z"]))
         entry.update(
             state="ready", sha256=op["sha256"], record_bytes=op["record_bytes"],
             holders=op["holders"], files=op["files"], dirs=op["dirs"], chunks=op["chunks"],
             logical_bytes=op["logical_bytes"], duration_seconds=op["duration_seconds"],
-            handles_z=op["handles_z"], location_reason=op.get("location_reason", ""),
+            handles_z=op.get("handles_z", b""), location_reason=op.get("location_reason", ""),
+            root=op.get("root", ""), changes=op.get("changes") or {},
+            format=3 if op.get("blocks") is not None else 2,
+            shipped_bytes=op.get("shipped_bytes", op["record_bytes"]),
         )
         self.pins.pop(op["id"], None)
         self._recheck_protected()
@@ -302,7 +337,10 @@ class MasterState:
             if v > self.version.get(h, 0):
                 self.version[h] = v
             self.born.setdefault(h, 0)
-        self.count_snapshot_refs(handles)
+        if op.get("blocks") is not None:  # format 3: its blocks are counted (and so its chunks)
+            self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
+        else:
+            self.count_snapshot_refs(handles)
         entry = {
             "id": op["id"], "name": op["name"], "path": op["path"], "created": rfc3339(op["created"]),
             "created_ns": op["created"], "epoch": op.get("epoch", 0), "state": "ready",
@@ -310,6 +348,7 @@ class MasterState:
             "files": op["files"], "dirs": op["dirs"], "chunks": len(handles), "logical_bytes": op["logical_bytes"],
             "record_bytes": op["record_bytes"], "sha256": op["sha256"], "holders": op["holders"], "error": "",
             "duration_seconds": 0.0, "handles_z": op["handles_z"], "location_reason": "adopted",
+            "format": 3 if op.get("blocks") is not None else 2, "root": op.get("root", ""), "changes": {},
         }
         self.snapshots[op["id"]] = entry
         self.snapshot_names[op["name"]] = op["id"]
@@ -323,10 +362,15 @@ class MasterState:
             del self.snapshot_names[entry["name"]]
         self.pins.pop(op["id"], None)
         if entry.get("state") == "ready":
-            self._release(self.snap, unpack_handles(entry["handles_z"]))
+            if entry.get("format") == 3:
+                self.unref_block(bytes.fromhex(entry["root"]))
+            else:
+                self._release(self.snap, unpack_handles(entry["handles_z"]))
         self._recheck_protected()
 
     def _apply_restore(self, op: dict[str, Any]) -> dict[str, Any]:
+        if op.get("format") == 3:
+            return self._apply_restore_blocks(op)
         from ..snapobj import parse_record
 
         parsed = op.get("_parsed") or parse_record(op["blob"])
@@ -351,6 +395,84 @@ class MasterState:
             while len(self.restores) > MAX_REMEMBERED_RESTORES:
                 del self.restores[next(iter(self.restores))]
         return result
+
+    def restore_candidates(self, parts: tuple[str, ...], mode: str, source: str) -> list[ns.Node | None]:
+        """Live directories a format-3 restore may reuse where their digests match the
+        snapshot's: the target itself (in place) and the snapshot's original path."""
+        cands = [ns.get(self.root, parts)] if mode == "inplace" else []
+        src = paths.split(source)
+        if src != parts:
+            cands.append(ns.get(self.root, src))
+        return cands
+
+    def version_or_zero(self, h: int) -> int:
+        return self.version.get(h, 0)
+
+    def _apply_restore_blocks(self, op: dict[str, Any]) -> dict[str, Any]:
+        """Swap in the tree named by ``root``: live directories whose digests match are reused
+        as they are, the rest is built from the blocks the op carries (the server checked that
+        they suffice against this very state). Reference counts change only where the new tree
+        differs from the old one (identical nodes are skipped), so an in-place restore costs
+        what changed."""
+        parts = paths.split(op["path"])
+        old = ns.get(self.root, parts) if op["mode"] == "inplace" else None
+        tree = op.get("_tree")  # assembled by the server against this very state
+        if tree is None:
+            have = dict(merkle.unpack_frames(op["blocks"], verify=False))
+            tree, _used = merkle.assemble(bytes.fromhex(op["root"]), have,
+                                          self.restore_candidates(parts, op["mode"], op["source_path"]),
+                                          self.version_or_zero)
+        added, removed = ns.changed_subtrees(old, tree)
+        for node in added:
+            for h in ns.iter_chunks(node):
+                self.live[h] = self.live.get(h, 0) + 1
+            files, dirs, _refs, size = ns.count(node)
+            self.n_files += files
+            self.n_dirs += dirs
+            self.n_bytes += size
+        self.root = ns.replace(self.root, parts, tree, op["mtime"])
+        for node in removed:
+            self._uncount(node)
+            self._unref_live(ns.iter_chunks(node))
+        result = dict(op["counts"])
+        if op.get("rid"):
+            self.restores[op["rid"]] = {**(op.get("summary") or {}), **result}
+            while len(self.restores) > MAX_REMEMBERED_RESTORES:
+                del self.restores[next(iter(self.restores))]
+        return result
+
+    # ------------------------------------------------------------------ directory blocks
+
+    def ref_blocks(self, root: bytes, new: dict[bytes, merkle.BlockInfo]) -> None:
+        """Count one more reference to ``root``; a block counted for the first time counts its
+        children and its files' chunks (its info comes from ``new``)."""
+        stack = [root]
+        blocks = self.blocks
+        while stack:
+            d = stack.pop()
+            b = blocks.get(d)
+            if b is not None:
+                b.refs += 1
+                continue
+            info = new[d]
+            blocks[d] = BlockCount(1, info)
+            self.garbage_blocks.discard(d)
+            self.count_snapshot_refs(_handles(info.handles))
+            stack.extend(info.children)
+
+    def unref_block(self, root: bytes) -> None:
+        stack = [root]
+        blocks = self.blocks
+        while stack:
+            d = stack.pop()
+            b = blocks[d]
+            b.refs -= 1
+            if b.refs:
+                continue
+            del blocks[d]
+            self.garbage_blocks.add(d)
+            self._release(self.snap, _handles(b.info.handles))
+            stack.extend(b.info.children)
 
     def _uncount(self, node: ns.Node) -> None:
         files, dirs, _refs, size = ns.count(node)
@@ -425,7 +547,27 @@ class MasterState:
             "snapshots": [dict(e) for e in self.snapshots.values()],
             "cow_clones": self.cow_clones,
             "restores": dict(self.restores),
+            "blocks": encode_block_infos({d: b.info for d, b in self.blocks.items()}),
+            "block_refs": [self.blocks[d].refs for d in sorted(self.blocks)],
         }
+
+
+def _handles(packed: bytes) -> list[int]:
+    a = array("q")
+    a.frombytes(packed)
+    return a.tolist()
+
+
+def encode_block_infos(infos: dict[bytes, merkle.BlockInfo]) -> list[list[bytes]]:
+    """Block infos for an op record: ``[digest, children digests joined, packed handles]``."""
+    return [[dg, b"".join(i.children), i.handles] for dg, i in sorted(infos.items())]
+
+
+def decode_block_infos(rows: list[list[bytes]]) -> dict[bytes, merkle.BlockInfo]:
+    out = {}
+    for dg, kids, handles in rows:
+        out[dg] = merkle.BlockInfo(tuple(kids[i:i + 32] for i in range(0, len(kids), 32)), handles)
+    return out
 
 
 def _dir_mtime(root: ns.Dir, parts: tuple[str, ...]) -> int:

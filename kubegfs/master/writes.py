@@ -103,7 +103,7 @@ class WritePath:
         else:
             lease.inplace = last  # from here on re-replication leaves the chunk alone
             # GFS: a new version at lease grant, so a replica that misses the append is stale
-            tv = await self.bump_version(last, reps, unchanged)
+            tv = await self.bump_version(last, reps, unchanged, path=lease.path)
             target = last
         cur = ns.get(st.root, parts)
         assert isinstance(cur, ns.File)
@@ -134,7 +134,7 @@ class WritePath:
         new = st.validate_commit(size, handles, acked, lease.base, lease.allocated, lease.node,
                                  lease.mode == "append")
         if lease.inplace is not None and acked.get(lease.inplace):
-            await self.retire_missed_replicas(lease.inplace, set(acked[lease.inplace]))
+            await self.retire_missed_replicas(lease.inplace, set(acked[lease.inplace]), lease.path)
         try:
             op = st.prepare_commit(lease.path, size, handles, new, lease.file_mode, lease.node, lease.inplace)
         except Conflict:
@@ -153,7 +153,7 @@ class WritePath:
                 cmap.dirty = True
         return {"path": lease.path, "size": size, "chunks": len(handles)}
 
-    async def retire_missed_replicas(self, h: int, acked: set[str]) -> None:
+    async def retire_missed_replicas(self, h: int, acked: set[str], path: str = "") -> None:
         """Replicas of an appended-to chunk that did not acknowledge every piece carry the
         lease's version but not its bytes: bump the version on the ones that did, so the others
         are detectably stale, and have them deleted."""
@@ -164,10 +164,11 @@ class WritePath:
         good = [c for c in cmap.replicas_of(h) if c.id in acked]
         if not good:
             raise Unavailable(f"no replica of chunk {hexh(h)} holds the whole append")
-        await self.bump_version(h, good)
+        await self.bump_version(h, good, path=path)
         log.warning("chunk %s: %d replica(s) missed part of an append; they will be replaced", hexh(h), len(missed))
 
-    async def bump_version(self, h: int, reps: list[ChunkserverInfo], check: Callable[[], None] | None = None) -> int:
+    async def bump_version(self, h: int, reps: list[ChunkserverInfo], check: Callable[[], None] | None = None,
+                           path: str = "") -> int:
         """Give ``reps`` the chunk's next version, then log it (``check`` may still refuse in
         between). The holders that did not take it drop out of its locations and are told to
         delete their copy (through the deletion gate, once the bump is durable); re-replication
@@ -183,7 +184,7 @@ class WritePath:
             raise Unavailable(f"no replica of chunk {hexh(h)} accepted the new version: {results[0]}")
         if check is not None:
             check()
-        await self.m.mutate({"op": "bump", "h": h, "v": tv})
+        await self.m.mutate({"op": "bump", "h": h, "v": tv, **({"path": path} if path else {})})
         for cid in cmap.locations.get(h, set()) - fresh:
             if cid in cmap.cs:
                 cmap.cs[cid].stale.add(h)

@@ -10,7 +10,7 @@ MASTER_ROUTES = [
     ("POST", "/api/v1/fs/alloc"), ("POST", "/api/v1/fs/commit"), ("POST", "/api/v1/fs/abort"),
     ("GET", "/api/v1/fs/layout"), ("POST", "/api/v1/snapshots"), ("GET", "/api/v1/snapshots"),
     ("GET", "/api/v1/snapshots/x"), ("DELETE", "/api/v1/snapshots/x"),
-    ("POST", "/api/v1/snapshots/x/restore"), ("POST", "/api/v1/admin/checkpoint"),
+    ("POST", "/api/v1/snapshots/x/restore"), ("GET", "/api/v1/snapshots/x/diff"), ("POST", "/api/v1/admin/checkpoint"),
     ("GET", "/api/v1/admin/dump"), ("POST", "/internal/heartbeat"),
 ]
 CS_ROUTES = [
@@ -115,6 +115,8 @@ BAD_MASTER = [
     ("POST", "/api/v1/snapshots", b'{"path": "/", "name": "ok", "targets": "cs1"}', 400),
     ("GET", "/api/v1/snapshots/does-not-exist", 404),
     ("POST", "/api/v1/snapshots/does-not-exist/restore", b"{}", 404),
+    ("GET", "/api/v1/snapshots/does-not-exist/diff", 404),
+    ("GET", "/api/v1/snapshots/does-not-exist/diff?to=", 400),
     ("POST", "/internal/heartbeat", b'{"id": "x", "address": "file:///etc", "full": true}', 400),
     ("POST", "/internal/heartbeat", b'{"id": "x", "address": "http://h", "full": true, "chunks": [["../../x", 1]]}', 400),
 ]

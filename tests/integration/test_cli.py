@@ -36,6 +36,10 @@ def test_cli_files_and_snapshots(shared_cluster, tmp_path):
     assert s["state"] == "ready" and s["files"] == 1
     assert "cli-snap" in run(cl, "snapshot", "list").stdout.decode()
     run(cl, "fs", "rm", "-r", "/cli/dir")
+    assert run(cl, "snapshot", "diff", "cli-snap").stdout.decode().splitlines()[1:] == [
+        "M\t.", "-\t./dir", "0 created, 1 deleted, 1 modified, 0 renamed"]
+    d = json.loads(run(cl, "snapshot", "diff", "cli-snap", "--json").stdout)
+    assert d["changes"] == [{"kind": "M", "path": ".", "type": "dir"}, {"kind": "-", "path": "./dir", "type": "dir"}]
     r = json.loads(run(cl, "snapshot", "restore", "cli-snap", "--json").stdout)
     assert r["mode"] == "inplace"
     run(cl, "snapshot", "restore", "cli-snap", "--to", "/cli-copy")
@@ -49,7 +53,7 @@ def test_cli_files_and_snapshots(shared_cluster, tmp_path):
 def test_cli_errors_are_one_line_and_non_zero(shared_cluster, tmp_path):
     cl = shared_cluster
     for args in (["fs", "stat", "/does/not/exist"], ["fs", "mkdir", "relative"],
-                 ["snapshot", "show", "nope"], ["fs", "get", "/nope", str(tmp_path / "x")],
+                 ["snapshot", "show", "nope"], ["snapshot", "diff", "nope"], ["fs", "get", "/nope", str(tmp_path / "x")],
                  ["fs", "put", str(tmp_path / "missing"), "/x"]):
         p = run(cl, *args, ok=False)
         assert p.returncode != 0

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from kubegfs.errors import Unavailable
-from kubegfs_dev.util import wait_for
+from kubegfs_dev.util import block_copies, wait_for
 
 CHUNK = 64 * 1024
 
@@ -86,4 +86,36 @@ def test_a_restore_whose_every_copy_is_bad_says_so(make_cluster):
     with pytest.raises(Unavailable) as ei:
         c.snapshot_restore("s", to="/r")
     assert "missing or damaged" in ei.value.message
+    c.close()
+
+
+def test_a_damaged_directory_block_is_read_from_the_other_copy_and_scrubbed(make_cluster):
+    cl = make_cluster(n=3)
+    c = cl.client()
+    for sub in ("a", "b"):
+        c.mkdir(f"/d/{sub}", parents=True)
+        for i in range(5):
+            c.put(f"/d/{sub}/f{i}", sub.encode() * (i + 1))
+    s = c.snapshot_create("/d", "s", copies=2)
+    victim_id = s["holders"][0]["id"]
+    victim = next(p for p in cl.chunkservers if victim_id.startswith(f"cs-{p.node}-"))
+    urls = [p.url for p in cl.chunkservers]
+    assert block_copies(urls, cl.token, s["root"]) == 2
+    for pack in (victim.data / "blocks").glob("*.pack"):  # the root block is the last of its pack
+        raw = bytearray(pack.read_bytes())
+        raw[-1] ^= 0xFF
+        pack.write_bytes(bytes(raw))
+    c.snapshot_restore("s", to="/r")  # whichever copy it reads first, the restore is whole
+    assert c.get("/r/b/f4") == b"bbbbb" and c.get("/r/a/f0") == b"a"
+    r = requests.post(f"{victim.url}/internal/scrub", headers={"Authorization": f"Bearer {cl.token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert block_copies(urls, cl.token, s["root"]) == 1  # dropped where it rotted
+    c.put("/d/b/f4", b"changed")
+    s2 = c.snapshot_create("/d", "s2", copies=2)
+    assert victim_id in [h["id"] for h in s2["holders"]]  # the previous holders are preferred
+    wait_for(lambda: block_copies(urls, cl.token, s2["root"]) == 2, timeout=30, interval=0.2,
+             what="both copies of the new snapshot whole")
+    c.rm("/d", recursive=True)
+    c.snapshot_restore("s2", to="/d")
+    assert c.get("/d/a/f2") == b"aaa" and c.get("/d/b/f4") == b"changed"
     c.close()

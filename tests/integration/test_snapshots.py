@@ -2,11 +2,13 @@
 
 import hashlib
 import random
+import time
 import uuid
 
 import pytest
 
 from kubegfs.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from kubegfs_dev.util import block_copies
 
 CHUNK = 256 * 1024  # matches conftest.CHUNK
 
@@ -188,3 +190,99 @@ def test_ls_pages_through_a_big_directory_in_order(client):
     assert seen == names
     client.mkdir(f"{d}/f00000a")  # the directory changed: a fresh listing includes it, in order
     assert [e["path"].rsplit("/", 1)[1] for e in client.ls(d)][:2] == ["f00000", "f00000a"]
+
+
+def test_diff_between_snapshots_and_against_the_live_tree(client):
+    d = fresh(client)
+    client.mkdir(f"{d}/keep/deep", parents=True)
+    for i in range(20):
+        client.put(f"{d}/keep/deep/f{i}", b"x" * i)
+    client.put(f"{d}/old.txt", b"old content")
+    client.put(f"{d}/gone", b"bye")
+    client.mkdir(f"{d}/other")
+    for i in range(20):
+        client.put(f"{d}/other/g{i}", b"y")
+    a = client.snapshot_create(d, f"diff-a-{d[3:]}")
+    assert a["root"] and len(a["root"]) == 64 and a["changes"] == {} and a["format"] == 3
+    client.mv(f"{d}/old.txt", f"{d}/new.txt")
+    client.rm(f"{d}/gone")
+    client.put(f"{d}/made", b"new")
+    client.put(f"{d}/keep/deep/f3", b"changed")
+    b = client.snapshot_create(d, f"diff-b-{d[3:]}")
+    assert b["changes"] == {"since": a["name"], "since_id": a["id"], "created": 1, "deleted": 1,
+                            "modified": 3, "renamed": 1}
+    # only the changed directories' blocks went out (the root's, keep/ and keep/deep/, not other/)
+    assert b["shipped_bytes"] < a["shipped_bytes"] and b["format"] == 3
+    out = client.snapshot_diff(a["name"], b["name"])
+    lines = [(c["kind"], c["path"], c.get("to", "")) for c in out["changes"]]
+    assert lines == [("M", ".", ""), ("-", "./gone", ""), ("M", "./keep/deep", ""), ("M", "./keep/deep/f3", ""),
+                     ("+", "./made", ""), ("R", "./old.txt", "./new.txt")]
+    assert out["summary"]["renamed"] == 1 and out["to"] == b["name"]
+    assert client.snapshot_diff(b["name"])["changes"] == []  # nothing changed since b
+    client.put(f"{d}/later", b"1")
+    live = client.snapshot_diff(b["name"])
+    assert [(c["kind"], c["path"]) for c in live["changes"]] == [("M", "."), ("+", "./later")]
+    assert live["to"] == "" and live["to_path"] == d
+    assert client.snapshot_diff(a["name"], a["name"])["changes"] == []
+    with pytest.raises(NotFound):
+        client.snapshot_diff("no-such-snapshot")
+    with pytest.raises(NotFound):
+        client.snapshot_diff(a["name"], "no-such-snapshot")
+
+
+def test_restore_in_place_reads_only_changed_directories(client):
+    d = fresh(client)
+    for sub in ("a", "b", "c"):
+        client.mkdir(f"{d}/{sub}/deep", parents=True)
+        for i in range(5):
+            client.put(f"{d}/{sub}/deep/f{i}", f"{sub}{i}".encode())
+    before = tree_digest(client, d)
+    s = client.snapshot_create(d, f"rip-{d[3:]}")
+    client.rm(f"{d}/b/deep/f2")
+    client.put(f"{d}/b/deep/f3", b"overwritten")
+    r = client.snapshot_restore(s["name"])
+    assert tree_digest(client, d) == before
+    assert r["blocks_fetched"] == 3  # the root, b/ and b/deep/: a/ and c/ were reused as they are
+    assert r["files"] == 15
+    r = client.snapshot_restore(s["name"])  # nothing differs: nothing read but the record
+    assert r["blocks_fetched"] == 0 and tree_digest(client, d) == before
+    r = client.snapshot_restore(s["name"], to=f"{d}-new")
+    assert tree_digest(client, f"{d}-new") == before
+    client.put(f"{d}-new/a/deep/f0", b"x", append=True)  # copy-on-write: the original is untouched
+    assert client.get(f"{d}/a/deep/f0") == b"a0"
+
+
+def test_deleting_a_snapshot_keeps_the_blocks_another_still_reaches(shared_cluster, client):
+    d = fresh(client)
+    client.mkdir(f"{d}/shared")
+    client.mkdir(f"{d}/hot")
+    for i in range(10):
+        client.put(f"{d}/shared/s{i}", b"s" * i)
+    client.put(f"{d}/hot/h", b"1")
+    a = client.snapshot_create(d, f"gc-a-{d[3:]}")
+    client.put(f"{d}/hot/h", b"2")
+    b = client.snapshot_create(d, f"gc-b-{d[3:]}")
+    shared = client.snapshot_diff(a["name"], b["name"])
+    assert [c["path"] for c in shared["changes"]] == ["./hot", "./hot/h"]
+    before = tree_digest(client, d)
+    client.snapshot_delete(a["name"])
+    deadline = time.monotonic() + 20
+    while block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.token, a["root"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.token, a["root"]) == 0  # a's own root went
+    assert block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.token, b["root"]) == 2
+    client.rm(d, recursive=True)
+    client.snapshot_restore(b["name"], to=d)  # b still has every block, shared/ included
+    assert tree_digest(client, d) == before
+
+
+def test_a_snapshot_of_a_single_file_is_a_format_2_record(client):
+    d = fresh(client)
+    client.put(f"{d}/only", b"just me")
+    s = client.snapshot_create(f"{d}/only", f"file-{d[3:]}")
+    assert s["format"] == 2 and s["files"] == 1 and s["root"] == ""
+    client.put(f"{d}/only", b"changed")
+    client.snapshot_restore(s["name"], to=f"{d}/back")
+    assert client.get(f"{d}/back") == b"just me"
+    client.snapshot_restore(s["name"])
+    assert client.get(f"{d}/only") == b"just me"

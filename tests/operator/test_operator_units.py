@@ -142,3 +142,15 @@ def test_restore_waits_then_gives_up():
     with pytest.raises(reconcile.Fail) as f:
         reconcile.restore(body, 9, 0.0, deps(), now=1767225600 + 61)
     assert f.value.reason == "SnapshotNotReady" and "60s" in str(f.value)
+
+
+def test_ready_status_shows_what_changed_since_the_previous_snapshot():
+    snap = {"id": "s-1", "name": "n", "created": "2026-12-01T03:30:00.123Z", "files": 3, "dirs": 1, "chunks": 2,
+            "logical_bytes": 10, "record_bytes": 300, "shipped_bytes": 2400, "sha256": "ab" * 32,
+            "holders": [], "copies": 2,
+            "changes": {"since": "n0", "since_id": "s-0", "created": 1, "deleted": 0, "modified": 2, "renamed": 0}}
+    st = objects.snapshot_ready_status(None, 1, snap, 0.5, {}, {})
+    assert st["shippedBytes"] == 2400
+    assert st["changesSincePrevious"] == {"since": "n0", "created": 1, "deleted": 0, "modified": 2, "renamed": 0}
+    first = objects.snapshot_ready_status(None, 1, {**snap, "changes": {}}, 0.5, {}, {})
+    assert "changesSincePrevious" not in first

@@ -1,0 +1,159 @@
+"""Content-addressed directory blocks on a chunkserver (the blocks format-3 snapshot records reach).
+
+A block's name is the sha256 of its bytes: it is checked on receipt (a put whose bytes do not
+match is refused whole) and on every read (a block that no longer matches is dropped and reported
+to the master, which re-ships it or fetches another copy).
+
+Layout: ``<data>/blocks/<16 hex digits>.pack``, one pack per put (``KGBLKPK1`` then the
+frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see merkle.pack_frames), written tmp + fsync + rename + fsync of the directory, so
+a put of many blocks costs one fsync and a pack is whole or absent. An in-memory index maps a
+digest to (pack, offset, length); a pack is unlinked once none of its blocks is wanted. A block
+deleted from a pack that still holds others comes back after a restart and is then reported in
+the full heartbeat, where the master orders it deleted again (deletions are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from ..errors import CorruptData
+from ..merkle import DIGEST_SIZE, verified
+
+log = logging.getLogger("kubegfs.chunkserver.blocks")
+
+PACK_MAGIC = b"KGBLKPK1"
+_HEAD = DIGEST_SIZE + 4
+
+
+class BlockStore:
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "blocks"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index: dict[bytes, tuple[str, int, int]] = {}
+        self.live: dict[str, int] = {}  # pack name -> blocks of it in the index
+        self.dropped: set[bytes] = set()  # failed their digest since the last heartbeat
+        self._lock = threading.Lock()
+        self._seq = 0
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink()
+        for p in sorted(self.dir.glob("*.pack")):
+            self._load(p)
+
+    def _load(self, p: Path) -> None:
+        data = p.read_bytes()
+        try:
+            self._seq = max(self._seq, int(p.stem, 16))
+        except ValueError:
+            log.error("ignoring block pack with a foreign name: %s", p.name)
+            return
+        if data[:8] != PACK_MAGIC:
+            log.error("block pack %s has a bad magic; ignored", p.name)
+            return
+        pos, n = 8, 0
+        while pos < len(data):
+            if len(data) - pos < _HEAD:
+                log.error("block pack %s is truncated at byte %d", p.name, pos)
+                break
+            dg = data[pos:pos + DIGEST_SIZE]
+            ln = int.from_bytes(data[pos + DIGEST_SIZE:pos + _HEAD], "little")
+            if pos + _HEAD + ln > len(data):
+                log.error("block pack %s is truncated at byte %d", p.name, pos)
+                break
+            if dg not in self.index:
+                self.index[dg] = (p.name, pos + _HEAD, ln)
+                n += 1
+            pos += _HEAD + ln
+        if n:
+            self.live[p.name] = n
+        else:
+            p.unlink()
+
+    def missing(self, digests: list[bytes]) -> list[bytes]:
+        return [d for d in digests if d not in self.index]
+
+    def put(self, items: list[tuple[bytes, bytes]]) -> int:
+        """Store compressed blocks (as framed on the wire), each verified against its digest
+        first (all or nothing); returns how many were new."""
+        for dg, z in items:
+            if len(dg) != DIGEST_SIZE:
+                raise CorruptData("a block digest is 32 bytes")
+            verified(dg, z)
+        with self._lock:
+            new: dict[bytes, bytes] = {}
+            for dg, data in items:
+                if dg not in self.index:
+                    new[dg] = data
+            if not new:
+                return 0
+            self._seq += 1
+            name = f"{self._seq:016x}.pack"
+            tmp = self.dir / (name + ".tmp")
+            out = bytearray(PACK_MAGIC)
+            where: dict[bytes, tuple[int, int]] = {}
+            for dg, data in new.items():
+                out += dg + len(data).to_bytes(4, "little")
+                where[dg] = (len(out), len(data))
+                out += data
+            with open(tmp, "wb") as f:
+                f.write(out)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / name)
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for dg, (off, ln) in where.items():
+                self.index[dg] = (name, off, ln)
+            self.live[name] = len(new)
+            return len(new)
+
+    def get(self, digests: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """The blocks, compressed as stored, each verified; a missing one raises KeyError
+        (named), a damaged one is dropped from the index and raises CorruptData."""
+        out: list[tuple[bytes, bytes]] = []
+        for dg in digests:
+            where = self.index.get(dg)
+            if where is None:
+                raise KeyError(dg.hex())
+            name, off, ln = where
+            with open(self.dir / name, "rb") as f:
+                f.seek(off)
+                data = f.read(ln)
+            try:
+                verified(dg, data)
+            except CorruptData:
+                log.error("block %s in %s failed its digest; dropped", dg.hex(), name)
+                self._forget(dg)
+                self.dropped.add(dg)
+                raise CorruptData(f"block {dg.hex()[:16]}… failed its digest") from None
+            out.append((dg, data))
+        return out
+
+    def delete(self, digests: list[bytes]) -> int:
+        n = 0
+        with self._lock:
+            for dg in digests:
+                if dg in self.index:
+                    self._forget(dg)
+                    n += 1
+        return n
+
+    def _forget(self, dg: bytes) -> None:
+        name, _off, _ln = self.index.pop(dg)
+        left = self.live.get(name, 1) - 1
+        if left > 0:
+            self.live[name] = left
+            return
+        self.live.pop(name, None)
+        (self.dir / name).unlink(missing_ok=True)
+
+    def digests(self) -> list[bytes]:
+        return list(self.index)
+
+    def bytes_used(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("*.pack"))

@@ -1,0 +1,251 @@
+"""Format-3 snapshots in the state machine (block counts, restore assembly) and the chunkserver's
+content-addressed block store, without servers."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_namespace_state import Log
+
+from kubegfs import merkle
+from kubegfs import namespace as ns
+from kubegfs.chunkserver.blocks import BlockStore
+from kubegfs.errors import CorruptData
+from kubegfs.master.checkpoint import decode_checkpoint, dump, encode_checkpoint
+from kubegfs.master.state import encode_block_infos
+
+NAMES = ["a", "b", "c", "d"]
+
+
+class BlockLog(Log):
+    """The server's format-3 build and restore, against an in-memory holder."""
+
+    def __init__(self):
+        super().__init__()
+        self.holder: dict[bytes, bytes] = {}
+        self.n = 0
+
+    def snapshot(self, path):
+        self.n += 1
+        sid = f"s{self.n}"
+        self.do({"op": "snap_capture", "id": sid, "name": sid, "path": path, "created": 1, "copies": 1})
+        st = self.state
+        node = st.pins[sid].node
+        v = st.version.__getitem__
+        for dg, data, _n in merkle.iter_blocks(node, v, lambda d: d in self.holder):
+            self.holder[dg] = data
+        files, dirs, chunks, size = merkle.stats(node, v)
+        self.do({"op": "snap_commit", "id": sid, "sha256": "", "record_bytes": 0, "holders": [],
+                 "files": files, "dirs": dirs, "chunks": chunks, "logical_bytes": size,
+                 "duration_seconds": 0.0, "root": merkle.digest(node, v).hex(),
+                 "blocks": encode_block_infos(merkle.new_block_infos(node, v, st.blocks.__contains__))})
+        return sid
+
+    def restore(self, sid, to=None):
+        st = self.state
+        e = st.snapshots[sid]
+        parts = tuple(p for p in (to or e["path"]).split("/") if p)
+        mode = "new" if to else "inplace"
+        have: dict[bytes, bytes] = {}
+        while True:
+            try:
+                _tree, used = merkle.assemble(bytes.fromhex(e["root"]), have,
+                                              st.restore_candidates(parts, mode, e["path"]), st.version_or_zero)
+                break
+            except merkle.NeedBlocks as need:
+                have.update({d: self.holder[d] for d in need.digests})
+        self.do({"op": "restore", "format": 3, "id": sid, "path": "/" + "/".join(parts), "mode": mode,
+                 "mtime": 9, "root": e["root"], "source_path": e["path"],
+                 "blocks": merkle.pack_frames([(d, have[d]) for d in used]),
+                 "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]}})
+        return used
+
+
+def flat(node):
+    return [(p, type(n).__name__, getattr(n, "size", None), getattr(n, "chunks", None), n.mode, n.mtime)
+            for p, n in ns.walk(node)]
+
+
+def mutate(log, rng, n):
+    for _ in range(n):
+        every = list(ns.walk(ns.must_get(log.state.root, ("t",))))
+        dirs = [("t",) + p for p, x in every if isinstance(x, ns.Dir)]
+        files = [("t",) + p for p, x in every if isinstance(x, ns.File)]
+        op = rng.choice(["put", "put", "rm", "mkdir", "mv"])
+        if op == "put" or not files:
+            p = rng.choice(dirs) + (rng.choice(NAMES),)
+            if not isinstance(ns.get(log.state.root, p), ns.Dir):
+                log.put("/" + "/".join(p), rng.randrange(1, 3 * 1024), rng.randrange(0, 3))
+        elif op == "rm":
+            log.do({"op": "rm", "path": "/" + "/".join(rng.choice(files)), "mtime": 2})
+        elif op == "mkdir":
+            p = rng.choice(dirs) + (rng.choice(NAMES) + "d",)
+            if ns.get(log.state.root, p) is None:
+                log.do({"op": "mkdir", "path": "/" + "/".join(p), "parents": False, "mode": 0o755, "mtime": 3})
+        else:
+            src = rng.choice(files)
+            dst = rng.choice(dirs) + (rng.choice(NAMES) + "m",)
+            if ns.get(log.state.root, dst) is None:
+                log.do({"op": "mv", "src": "/" + "/".join(src), "dst": "/" + "/".join(dst), "mtime": 4})
+
+
+def check_counts(s):
+    """Every counted block's files hold one snapshot reference per chunk reference: ``snap``
+    equals the sum over counted blocks (format 3 only here)."""
+    want: dict[int, int] = {}
+    for b in s.blocks.values():
+        for h in merkle._unpack(b.info.handles):
+            want[h] = want.get(h, 0) + 1
+    assert s.snap == want
+    for b in s.blocks.values():
+        assert all(c in s.blocks for c in b.info.children)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_restore_gives_the_tree_at_capture_and_replays_identically(rng):
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    mutate(log, rng, 8)
+    captured = []
+    for _ in range(3):
+        sid = log.snapshot("/t")
+        captured.append((sid, flat(ns.must_get(log.state.root, ("t",)))))
+        check_counts(log.state)
+        mutate(log, rng, rng.randrange(0, 6))
+    for sid, tree in rng.sample(captured, len(captured)):
+        log.restore(sid)
+        assert flat(ns.must_get(log.state.root, ("t",))) == tree
+        log.restore(sid, to=f"/copy-{sid}")
+        assert flat(ns.must_get(log.state.root, (f"copy-{sid}",))) == tree
+        live = {}
+        for h in ns.iter_chunks(log.state.root):
+            live[h] = live.get(h, 0) + 1
+        assert log.state.live == live
+        assert (log.state.n_files, log.state.n_dirs) == ns.count(log.state.root)[:2]
+    replayed = log.replay()
+    assert dump(replayed) == dump(log.state)
+    view = log.state.checkpoint_view()
+    assert dump(decode_checkpoint(encode_checkpoint(view))) == dump(log.state)
+    for sid, _tree in captured:
+        log.do({"op": "snap_delete", "id": sid})
+        check_counts(log.state)
+    assert log.state.blocks == {} and log.state.snap == {}
+    assert log.state.garbage_blocks  # every block of theirs is garbage now
+
+
+def test_restore_in_place_after_a_small_change_reads_only_its_path():
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    for d in ("x", "y", "z"):
+        log.do({"op": "mkdir", "path": f"/t/{d}", "parents": False, "mode": 0o755, "mtime": 1})
+        for i in range(30):
+            log.put(f"/t/{d}/f{i}", 10)
+    sid = log.snapshot("/t")
+    before = ns.must_get(log.state.root, ("t",))
+    log.put("/t/y/f3", 20)
+    used = log.restore(sid)
+    assert len(used) == 2  # /t and /t/y: x and z are the live nodes, reused
+    after = ns.must_get(log.state.root, ("t",))
+    assert flat(after) == flat(before)
+    assert after.children["x"] is before.children["x"]
+    assert log.restore(sid) == []  # nothing differs any more
+    log.put("/t/z/f1", 30)
+    reused = []
+    st = log.state
+    merkle.assemble(bytes.fromhex(st.snapshots[sid]["root"]), dict(log.holder),
+                    st.restore_candidates(("t",), "inplace", "/t"), st.version_or_zero, reused)
+    assert sorted(rel for rel, _n in reused) == [("x",), ("y",)]  # where the server checks they still are
+    assert all(ns.get(ns.must_get(st.root, ("t",)), rel) is n for rel, n in reused)
+
+
+def test_a_second_snapshot_counts_only_new_blocks():
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    for d in range(20):
+        log.do({"op": "mkdir", "path": f"/t/d{d}", "parents": False, "mode": 0o755, "mtime": 1})
+        log.put(f"/t/d{d}/f", 10)
+    log.snapshot("/t")
+    assert len(log.state.blocks) == 21
+    log.put("/t/d7/f", 11)
+    log.snapshot("/t")
+    op = log.ops[-1]
+    assert len(op["blocks"]) == 2 and len(log.state.blocks) == 23  # the new /t and /t/d7
+    log.do({"op": "snap_delete", "id": "s1"})
+    assert len(log.state.blocks) == 21 and len(log.state.garbage_blocks) == 2
+    check_counts(log.state)
+
+
+# --------------------------------------------------------------------------- the chunkserver's store
+
+
+def _blocks(n, rng):
+    """(digest, compressed bytes) as a put receives them."""
+    out = []
+    for _ in range(n):
+        data = rng.randbytes(rng.randrange(1, 300))
+        out.append((merkle.block_digest(data), merkle.compress(data)))
+    return out
+
+
+def test_block_store_verifies_on_receipt_and_read_and_survives_restart(tmp_path):
+    rng = random.Random(1)
+    s = BlockStore(tmp_path)
+    items = _blocks(20, rng)
+    assert s.put(items[:10]) == 10 and s.put(items[5:]) == 10  # the overlap is stored once
+    assert s.missing([d for d, _ in items]) == []
+    bad = [(items[0][0], merkle.compress(b"not it"))]
+    with pytest.raises(CorruptData):
+        s.put(bad)
+    assert s.get([d for d, _ in items]) == items
+    s2 = BlockStore(tmp_path)
+    assert sorted(s2.digests()) == sorted(d for d, _ in items)
+    # damage one block on disk: it fails its digest, is dropped and reported
+    name, off, _ln = s2.index[items[3][0]]
+    p = tmp_path / "blocks" / name
+    raw = bytearray(p.read_bytes())
+    raw[off + 8] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with pytest.raises(CorruptData):
+        s2.get([items[3][0]])
+    assert items[3][0] in s2.dropped and s2.missing([items[3][0]]) == [items[3][0]]
+    with pytest.raises(KeyError):
+        s2.get([items[3][0]])
+
+
+def test_block_store_unlinks_a_pack_once_nothing_in_it_is_wanted(tmp_path):
+    rng = random.Random(2)
+    s = BlockStore(tmp_path)
+    a, b = _blocks(5, rng), _blocks(5, rng)
+    s.put(a)
+    s.put(b)
+    assert len(list((tmp_path / "blocks").glob("*.pack"))) == 2
+    assert s.delete([d for d, _ in a]) == 5
+    assert len(list((tmp_path / "blocks").glob("*.pack"))) == 1
+    s.delete([b[0][0]])
+    assert s.missing([b[0][0]]) == [b[0][0]]
+    # its pack still holds wanted blocks, so after a restart it is back (and reported in the full
+    # heartbeat, where the master orders it deleted again)
+    assert BlockStore(tmp_path).missing([b[0][0]]) == []
+    assert BlockStore(tmp_path).get([d for d, _ in b[1:]]) == b[1:]
+
+
+def test_a_version_bump_refreshes_the_digests_on_its_path():
+    """A bump whose append never commits must not leave a digest that records the old version
+    (a replay would compute another one and a restore op would not find its blocks)."""
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t/d", "parents": True, "mode": 0o755, "mtime": 1})
+    log.put("/t/d/f", 10)
+    log.put("/t/g", 10)
+    st = log.state
+    h = ns.must_get(st.root, ("t", "d", "f")).chunks[0]
+    before = merkle.digest(st.root, st.version_or_zero)
+    side = ns.must_get(st.root, ("t", "g"))
+    log.do({"op": "bump", "h": h, "v": 2, "path": "/t/d/f"})
+    after = merkle.digest(st.root, st.version_or_zero)
+    assert after != before
+    assert after == merkle.digest(log.replay().root, log.replay().version_or_zero)
+    assert ns.must_get(st.root, ("t", "g")) is side and ns.must_get(st.root, ("t", "d", "f")).chunks == (h,)
+    log.do({"op": "bump", "h": h, "v": 3, "path": "/t/moved-away"})  # the file is not there: nothing else
+    assert st.version[h] == 3

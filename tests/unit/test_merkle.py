@@ -1,0 +1,317 @@
+"""Merkle directory blocks and snapshot diff: canonical digests, memoisation, diff completeness."""
+
+import random
+
+import immutables
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubegfs import merkle
+from kubegfs import namespace as ns
+from kubegfs.errors import CorruptData
+from kubegfs.snapdiff import diff_steps, run, summarize
+
+
+def V(h):
+    return h % 5 + 1
+
+
+NAMES = ["a", "b", "c", "log", "data", "x.bin", "é", "z"]
+
+
+def random_spec(rng, depth=0, handles=None):
+    """A nested dict: name -> ("f", size, mtime, mode, chunks) | dict (with "." -> (mode, mtime))."""
+    handles = handles if handles is not None else iter(range(1, 10**9))
+    spec = {".": (rng.choice([0o755, 0o700]), rng.randrange(1, 50))}
+    for name in rng.sample(NAMES, rng.randrange(0, 5)):
+        if depth < 3 and rng.random() < 0.35:
+            spec[name] = random_spec(rng, depth + 1, handles)
+        else:
+            spec[name] = ("f", rng.randrange(0, 3), rng.randrange(1, 50), 0o644,
+                          tuple(next(handles) for _ in range(rng.randrange(0, 3))))
+    return spec
+
+
+def build_direct(spec):
+    kids = {}
+    for name, v in spec.items():
+        if name == ".":
+            continue
+        kids[name] = build_direct(v) if isinstance(v, dict) else ns.File(v[1], v[2], v[3], v[4])
+    mode, mtime = spec["."]
+    return ns.Dir(immutables.Map(kids), mtime, mode)
+
+
+def _dirs(spec, parts=()):
+    yield parts, spec
+    for name, v in spec.items():
+        if isinstance(v, dict) and name != ".":
+            yield from _dirs(v, parts + (name,))
+
+
+def build_with_history(spec, rng):
+    """The same content through a random order of namespace operations, with detours (files
+    created then removed, directories moved away and back) and digests taken along the way."""
+    root = ns.empty_root(0)
+    items = [(parts, None) for parts, _ in _dirs(spec) if parts]
+    for parts, d in _dirs(spec):
+        for name, v in d.items():
+            if name != "." and not isinstance(v, dict):
+                items.append((parts + (name,), v))
+    rng.shuffle(items)
+    for parts, v in items:
+        for i in range(1, len(parts)):
+            root = ns.mkdir(root, parts[:i], rng.randrange(100), 0o711, True)
+        if v is None:
+            root = ns.mkdir(root, parts, rng.randrange(100), 0o711, True)
+        else:
+            root = ns.replace(root, parts, ns.File(v[1], v[2], v[3], v[4]), rng.randrange(100))
+        if rng.random() < 0.3:
+            merkle.digest(root, V)
+        if rng.random() < 0.2:  # a detour
+            root = ns.replace(root, ("tmp-detour",), ns.File(1, 1, 1, (999,)), 7)
+            merkle.digest(root, V)
+            root = ns.replace(root, ("tmp-detour",), None, 8)
+    for parts, d in sorted(_dirs(spec), key=lambda x: -len(x[0])):  # every directory's own metadata
+        node = ns.must_dir(root, parts)
+        mode, mtime = d["."]
+        parent_mtime = ns.must_dir(root, parts[:-1]).mtime if parts else 0
+        root = ns.replace(root, parts, ns.Dir(node.children, mtime, mode), parent_mtime)
+    return root
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_same_content_same_digest_whatever_the_history(rng):
+    spec = random_spec(rng)
+    direct = build_direct(spec)
+    hist = build_with_history(spec, rng)
+    assert merkle.digest(hist, V) == merkle.digest(direct, V)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_different_content_different_digest(rng):
+    spec = random_spec(rng)
+    before = merkle.digest(build_direct(spec), V)
+    _parts, d = rng.choice(list(_dirs(spec)))
+    mode, mtime = d["."]
+    d["."] = (mode, mtime + 1) if rng.random() < 0.5 else (mode ^ 0o1, mtime)
+    assert merkle.digest(build_direct(spec), V) != before
+
+
+def test_versions_are_part_of_the_block():
+    root = build_direct({".": (0o755, 1), "f": ("f", 1, 1, 0o644, (7,))})
+    assert merkle.digest(root, lambda h: 1) != merkle.digest(build_direct(
+        {".": (0o755, 1), "f": ("f", 1, 1, 0o644, (7,))}), lambda h: 2)
+
+
+def test_a_mutation_reencodes_only_its_path():
+    spec = random_spec(random.Random(3))
+    root = build_direct({".": (0o755, 1), "d1": {".": (0o755, 1), "d2": spec}, "side": spec})
+    merkle.digest(root, V)
+    new = ns.replace(root, ("d1", "d2", "new"), ns.File(1, 1, 0o644, ()), 5)
+    unset = [p for p, n in ns.walk(new) if isinstance(n, ns.Dir) and n.digest is None]
+    assert unset == [(), ("d1",), ("d1", "d2")]
+    encoded = []
+    real = merkle.encode_block
+    try:
+        merkle.encode_block = lambda d, v, c: encoded.append(d) or real(d, v, c)
+        merkle.digest(new, V)
+    finally:
+        merkle.encode_block = real
+    assert len(encoded) == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_blocks_round_trip_and_verify(rng):
+    root = build_direct(random_spec(rng))
+    for dg, data, node in merkle.iter_blocks(root, V, lambda _d: False):
+        assert dg == node.digest == merkle.block_digest(data)
+        assert merkle.decode_block(data, dg) == _strip(merkle.block_of(node, V))
+        assert merkle.child_digests(data) == [e.digest for e in merkle.decode_block(data).entries.values()
+                                              if isinstance(e, merkle.DirRef)]
+        bad = bytearray(data)
+        bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+        with pytest.raises(CorruptData):
+            merkle.decode_block(bytes(bad), dg)
+
+
+def _strip(block):
+    return merkle.Block(block.mode, block.mtime, {
+        n: merkle.DirRef(e.digest) if isinstance(e, merkle.DirRef) else e for n, e in block.entries.items()})
+
+
+@pytest.mark.parametrize("decode", [merkle.decode_block, merkle.unpack_frames, merkle.child_digests])
+@settings(max_examples=150, deadline=None)
+@given(blob=st.binary(max_size=300))
+def test_block_decoders_reject_garbage_cleanly(decode, blob):
+    try:
+        decode(blob)
+    except CorruptData:
+        pass
+
+
+def test_iter_blocks_skips_what_a_holder_has():
+    spec = random_spec(random.Random(5))
+    a = build_direct({".": (0o755, 1), "x": spec, "y": {".": (0o755, 2)}})
+    have = {dg for dg, _b, _n in merkle.iter_blocks(a, V, lambda _d: False)}
+    b = ns.replace(a, ("y", "new"), ns.File(1, 2, 0o644, (5,)), 3)
+    shipped = [n for _dg, _b, n in merkle.iter_blocks(b, V, have.__contains__)]
+    assert shipped == [ns.must_get(b, ("y",)), b]  # children first, the unchanged x not at all
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def mutate(root, rng, n):
+    handles = iter(range(10**6, 10**7))
+    for _ in range(n):
+        every = list(ns.walk(root))
+        dirs = [p for p, x in every if isinstance(x, ns.Dir)]
+        files = [p for p, x in every if isinstance(x, ns.File)]
+        op = rng.choice(["write", "write", "rm", "mv", "mkdir", "touchdir"])
+        t = rng.randrange(100, 200)
+        if op == "write" or (op in ("rm", "mv") and not files and len(dirs) < 2):
+            parent = rng.choice(dirs)
+            name = rng.choice(NAMES)
+            if isinstance(ns.get(root, parent + (name,)), ns.Dir):
+                continue
+            root = ns.replace(root, parent + (name,), ns.File(rng.randrange(3), t, 0o644,
+                              tuple(next(handles) for _ in range(rng.randrange(3)))), t)
+        elif op == "rm":
+            victim = rng.choice(files + dirs[1:])
+            root = ns.replace(root, victim, None, t)
+        elif op == "mv":
+            src = rng.choice(files + dirs[1:])
+            dst = rng.choice(dirs) + (rng.choice(NAMES) + "-mv",)
+            if dst[: len(src)] == src or ns.get(root, dst) is not None:
+                continue
+            node = ns.must_get(root, src)
+            root = ns.replace(ns.replace(root, src, None, t), dst, node, t)
+        elif op == "mkdir":
+            parent = rng.choice(dirs)
+            if ns.get(root, parent + ("nd",)) is None:
+                root = ns.mkdir(root, parent + ("nd",), t, 0o755, False)
+        else:
+            p = rng.choice(dirs)
+            d = ns.must_dir(root, p)
+            root = ns.replace(root, p, ns.Dir(d.children, t, d.mode), ns.must_dir(root, p[:-1]).mtime if p else 0)
+    return root
+
+
+def live_loader(refs):
+    return [merkle.block_of(r.node, V) for r in refs]
+
+
+def block_loader(*trees, seen=None):
+    """Blocks by digest (as from a chunkserver); the references carry no node."""
+    store = {dg: data for t in trees for dg, data, _n in merkle.iter_blocks(t, V, lambda _d: False)}
+
+    def load(refs):
+        if seen is not None:
+            seen.extend(r.digest for r in refs)
+        return [merkle.decode_block(store[r.digest], r.digest) for r in refs]
+    return load
+
+
+def diff_trees(a, b, in_memory=True):
+    if in_memory:
+        return run(diff_steps(merkle.DirRef(merkle.digest(a, V), a), merkle.DirRef(merkle.digest(b, V), b)),
+                   live_loader)
+    return run(diff_steps(merkle.DirRef(merkle.digest(a, V)), merkle.DirRef(merkle.digest(b, V))),
+               block_loader(a, b))
+
+
+def to_dict(node):
+    if isinstance(node, ns.File):
+        return ("f", node.size, node.mtime, node.mode, node.chunks)
+    return {".": (node.mode, node.mtime), **{n: to_dict(c) for n, c in node.children.items()}}
+
+
+def entry_dict(e):
+    if isinstance(e, merkle.FileEntry):
+        return ("f", e.size, e.mtime, e.mode, e.chunks)
+    return to_dict(e.node)
+
+
+def _split(path):
+    return [p for p in path.split("/")[1:]]
+
+
+def _at(tree, parts):
+    for p in parts:
+        tree = tree[p]
+    return tree
+
+
+def apply_changes(a_dict, changes):
+    """Apply a diff report to a tree (as nested dicts); used to check the report is complete."""
+    stash = {}
+    for c in changes:
+        if c.kind == "R":
+            parts = _split(c.path)
+            stash[c.to] = _at(a_dict, parts[:-1]).pop(parts[-1])
+    for c in changes:
+        if c.kind == "-":
+            parts = _split(c.path)
+            del _at(a_dict, parts[:-1])[parts[-1]]
+    for c in changes:
+        if c.kind == "+":
+            parts = _split(c.path)
+            _at(a_dict, parts[:-1])[parts[-1]] = entry_dict(c.new)
+        elif c.kind == "R":
+            parts = _split(c.to)
+            _at(a_dict, parts[:-1])[parts[-1]] = stash[c.to]
+    for c in changes:
+        if c.kind == "M" and c.type == "file":
+            parts = _split(c.path)
+            _at(a_dict, parts[:-1])[parts[-1]] = entry_dict(c.new)
+        elif c.kind == "M":
+            _at(a_dict, _split(c.path))["."] = (c.mode, c.mtime)
+    return a_dict
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans())
+def test_diff_applied_to_a_gives_b(rng, n, in_memory):
+    a = build_direct(random_spec(rng))
+    b = mutate(a, rng, n)
+    changes = diff_trees(a, b, in_memory)
+    if not in_memory:  # the same report either way
+        assert [c.line() for c in changes] == [c.line() for c in diff_trees(a, b)]
+        changes = [c if c.new is None or not isinstance(c.new, merkle.DirRef) or c.kind == "M"
+                   else _with_node(c, b) for c in changes]
+    assert apply_changes(to_dict(a), changes) == to_dict(b)
+    if merkle.digest(a, V) == merkle.digest(b, V):
+        assert changes == []
+    s = summarize(changes)
+    assert s.created + s.deleted + s.modified + s.renamed == len(changes)
+
+
+def _with_node(c, b):
+    """A created directory from blocks carries only its digest: find its node in ``b`` to apply it."""
+    import dataclasses
+
+    node = ns.must_get(b, tuple(_split(c.to or c.path)))
+    return dataclasses.replace(c, new=merkle.DirRef(c.new.digest, node))
+
+
+def test_diff_report_names_renames_and_descends_only_into_changes():
+    big = {".": (0o755, 1), **{f"f{i}": ("f", 1, 1, 0o644, (i + 1,)) for i in range(50)}}
+    a = build_direct({".": (0o755, 1), "keep": big, "work": {".": (0o755, 1), "old.txt": ("f", 3, 1, 0o644, (900,)),
+                                                              "gone": ("f", 0, 1, 0o644, ())}})
+    b = ns.replace(a, ("work", "old.txt"), None, 5)
+    b = ns.replace(b, ("work", "new.txt"), ns.must_get(a, ("work", "old.txt")), 5)
+    b = ns.replace(b, ("work", "gone"), None, 5)
+    b = ns.replace(b, ("work", "made"), ns.File(1, 5, 0o644, (901,)), 5)
+    want = ["M\t./work", "-\t./work/gone", "+\t./work/made", "R\t./work/old.txt -> ./work/new.txt"]
+    assert [c.line() for c in diff_trees(a, b)] == want
+    loaded = []
+    changes = run(diff_steps(merkle.DirRef(merkle.digest(a, V)), merkle.DirRef(merkle.digest(b, V))),
+                  block_loader(a, b, seen=loaded))
+    assert [c.line() for c in changes] == want
+    assert ns.must_get(a, ("keep",)).digest not in loaded  # the unchanged directory: never read
+    assert len(loaded) == 4  # the two roots and the two work/
