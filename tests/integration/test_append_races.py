@@ -177,7 +177,7 @@ def test_a_copy_reported_corrupt_during_an_append_is_still_replaced(four):
     raw = bytearray(path.read_bytes())
     raw[5] ^= 0xFF
     path.write_bytes(bytes(raw))
-    auth = {"Authorization": f"Bearer {cl.token}"}
+    auth = {"Authorization": f"Bearer {cl.internal_token}"}
     requests.post(victim.url + "/internal/scrub", headers=auth, timeout=30)
     wait_for(lambda: {r["address"] for r in c.layout("/f")["chunks"][-1]["replicas"]} == {
              r["address"] for r in last["replicas"][1:]}, timeout=20, what="the corrupt copy unlisted")

@@ -67,7 +67,8 @@ def test_deeply_nested_json_is_400(shared_cluster, client, path):
     base = shared_cluster.chunkservers[0].url if path in CS_POSTS else shared_cluster.master_url
     before = client.dump()
     r = requests.post(base + path, data=DEEP, timeout=30,
-                      headers={"Authorization": f"Bearer {shared_cluster.token}", "Content-Type": "application/json"})
+                      headers={"Authorization": f"Bearer {shared_cluster.internal_token if path.startswith('/internal/') else shared_cluster.token}",
+                               "Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert "nested too deeply" in r.json()["message"]
     assert client.dump() == before
@@ -79,7 +80,7 @@ def test_a_chunkserver_with_100k_chunks_registers(make_cluster):
     body = json.dumps({"id": "cs-many", "address": "http://127.0.0.1:9", "full": True, "chunks": chunks,
                        "records": [], "capacity_bytes": 1 << 40, "used_bytes": 0, "free_bytes": 1 << 40}).encode()
     assert len(body) > 2 << 20
-    status, answer = post_in_segments(cl.master_url, "/internal/heartbeat", cl.token, body)
+    status, answer = post_in_segments(cl.master_url, "/internal/heartbeat", cl.internal_token, body)
     assert status == 200, answer
     # none of those chunks is known: every one is to be deleted (the log is durable: no op pending)
     assert len(answer["delete_chunks"]) == 100_000

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from kubegfs.auth import Tokens
 from kubegfs.client import Client
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
@@ -74,7 +75,7 @@ class InProcessMaster:
         m.data.mkdir(parents=True, exist_ok=True)
         self.sync = PausableSync(m.data)
         self.loop = asyncio.new_event_loop()
-        self.master = Master(m.data, cl.token, Location(m.node, m.zone, m.region, m.host), cl.chunk_size,
+        self.master = Master(m.data, Tokens(cl.token, cl.internal_token, cl.metrics_token), Location(m.node, m.zone, m.region, m.host), cl.chunk_size,
                              cl.replication, Options(dead_after=cl.dead_after, sync=self.sync))
         self.runner = web.AppRunner(self.master.app(), handle_signals=False, access_log=None)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -217,7 +218,7 @@ def test_unlogged_op_deletes_nothing(gate_cluster, case):
     if case == "snapshot delete":
         s = c.snapshot_show(seen["snap"]["name"])  # type: ignore[index]
         assert s["state"] == "ready" and record_files(cl, s["id"]) == 2
-        assert s["format"] == 3 and block_copies([p.url for p in cl.chunkservers], cl.token, s["root"]) == 2  # its blocks were kept too
+        assert s["format"] == 3 and block_copies([p.url for p in cl.chunkservers], cl.internal_token, s["root"]) == 2  # its blocks were kept too
         c.snapshot_restore(s["name"], to=f"{d}-copy")
         assert c.get(f"{d}-copy/f") == a and c.get(f"{d}-copy/sub/g") == b
     elif case == "restore in place":
@@ -236,9 +237,9 @@ def test_unlogged_op_deletes_nothing(gate_cluster, case):
     assert chunk_files(cl, handles) == 0
     if "snap" in seen:  # and the blocks no snapshot reaches any more
         root = seen["snap"]["root"]  # type: ignore[index]
-        while block_copies([p.url for p in cl.chunkservers], cl.token, root) and time.monotonic() < deadline:
+        while block_copies([p.url for p in cl.chunkservers], cl.internal_token, root) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert block_copies([p.url for p in cl.chunkservers], cl.token, root) == 0
+        assert block_copies([p.url for p in cl.chunkservers], cl.internal_token, root) == 0
     c.close()
 
 

@@ -100,20 +100,20 @@ def test_a_damaged_directory_block_is_read_from_the_other_copy_and_scrubbed(make
     victim_id = s["holders"][0]["id"]
     victim = next(p for p in cl.chunkservers if victim_id.startswith(f"cs-{p.node}-"))
     urls = [p.url for p in cl.chunkservers]
-    assert block_copies(urls, cl.token, s["root"]) == 2
+    assert block_copies(urls, cl.internal_token, s["root"]) == 2
     for pack in (victim.data / "blocks").glob("*.pack"):  # the root block is the last of its pack
         raw = bytearray(pack.read_bytes())
         raw[-1] ^= 0xFF
         pack.write_bytes(bytes(raw))
     c.snapshot_restore("s", to="/r")  # whichever copy it reads first, the restore is whole
     assert c.get("/r/b/f4") == b"bbbbb" and c.get("/r/a/f0") == b"a"
-    r = requests.post(f"{victim.url}/internal/scrub", headers={"Authorization": f"Bearer {cl.token}"}, timeout=30)
+    r = requests.post(f"{victim.url}/internal/scrub", headers={"Authorization": f"Bearer {cl.internal_token}"}, timeout=30)
     assert r.status_code == 200, r.text
-    assert block_copies(urls, cl.token, s["root"]) == 1  # dropped where it rotted
+    assert block_copies(urls, cl.internal_token, s["root"]) == 1  # dropped where it rotted
     c.put("/d/b/f4", b"changed")
     s2 = c.snapshot_create("/d", "s2", copies=2)
     assert victim_id in [h["id"] for h in s2["holders"]]  # the previous holders are preferred
-    wait_for(lambda: block_copies(urls, cl.token, s2["root"]) == 2, timeout=30, interval=0.2,
+    wait_for(lambda: block_copies(urls, cl.internal_token, s2["root"]) == 2, timeout=30, interval=0.2,
              what="both copies of the new snapshot whole")
     c.rm("/d", recursive=True)
     c.snapshot_restore("s2", to="/d")

@@ -267,10 +267,10 @@ def test_deleting_a_snapshot_keeps_the_blocks_another_still_reaches(shared_clust
     before = tree_digest(client, d)
     client.snapshot_delete(a["name"])
     deadline = time.monotonic() + 20
-    while block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.token, a["root"]) and time.monotonic() < deadline:
+    while block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.internal_token, a["root"]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.token, a["root"]) == 0  # a's own root went
-    assert block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.token, b["root"]) == 2
+    assert block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.internal_token, a["root"]) == 0  # a's own root went
+    assert block_copies([p.url for p in shared_cluster.chunkservers], shared_cluster.internal_token, b["root"]) == 2
     client.rm(d, recursive=True)
     client.snapshot_restore(b["name"], to=d)  # b still has every block, shared/ included
     assert tree_digest(client, d) == before
