@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from .. import merkle, paths, snapdiff
@@ -43,6 +43,7 @@ from ..snapobj import (
 )
 from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
+from . import ops
 from .chunkmap import ChunkserverInfo
 from .state import encode_block_infos, now_ns
 
@@ -146,9 +147,9 @@ class Snapshots:
         if name in st.snapshot_names:
             raise AlreadyExists(f"a snapshot named {name!r} already exists")
         st.lookup(path)  # must exist
-        op = {"op": "snap_capture", "id": sid, "name": name, "path": path, "created": now_ns(),
-              "copies": copies, "targets": targets, "near": Location.from_json(near).to_json(),
-              "labels": labels}
+        op = ops.SnapCapture(op="snap_capture", id=sid, name=name, path=path, created=now_ns(),
+                             copies=copies, targets=targets, near=Location.from_json(near).to_json(),
+                             labels=labels)
         await self.m.mutate(op, apply_seconds=M.M_SNAP_CAPTURE)  # O(1): pins the current immutable root
         self.start_builder(sid)
         await self.wait_built(sid, wait)
@@ -267,13 +268,13 @@ class Snapshots:
                 return
             dur = time.perf_counter() - t0
             t_shipped = time.perf_counter()
-            op: dict[str, Any] = {
-                "op": "snap_commit", "id": sid, "sha256": sha, "record_bytes": len(data),
-                "holders": holders, "files": counts["files"], "dirs": counts["dirs"],
-                "chunks": counts["chunks"], "logical_bytes": counts["bytes"],
-                "duration_seconds": round(dur, 6), "location_reason": holders[0]["reason"],
-                "root": root_hex, "changes": changes, "shipped_bytes": shipped.get(holders[0]["id"], 0),
-            }
+            op = ops.SnapCommit(
+                op="snap_commit", id=sid, sha256=sha, record_bytes=len(data),
+                holders=holders, files=counts["files"], dirs=counts["dirs"],
+                chunks=counts["chunks"], logical_bytes=counts["bytes"],
+                duration_seconds=round(dur, 6), location_reason=holders[0]["reason"],
+                root=root_hex, changes=changes, shipped_bytes=shipped.get(holders[0]["id"], 0),
+            )
             if rec is None:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
@@ -285,7 +286,8 @@ class Snapshots:
                 for i in range(0, len(rec.handles), 20_000):
                     st.count_snapshot_refs(rec.handles[i : i + 20_000])
                     await asyncio.sleep(0)
-                op.update(handles_z=rec.handles_z, _precounted=True)
+                op["handles_z"] = rec.handles_z
+                op["_precounted"] = True
             await self.m.mutate(op)
             if isinstance(node, ns.Dir):
                 self.remember_tree(entry["path"], sid, node)
@@ -658,8 +660,10 @@ class Snapshots:
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
                    "blocks_fetched": op.pop("_fetched", 0)}
-        result = await self.m.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
-                                      "mtime": now_ns(), "rid": rid, "summary": summary, **op})
+        # ``op`` adds the format's keys (and the in-memory hints) to the common ones
+        result = await self.m.mutate(cast(ops.Restore, {
+            "op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
+            "mtime": now_ns(), "rid": rid, "summary": summary, **op}))
         return {**summary, **result}
 
     async def _plan_restore(self, e: dict[str, Any], man: Manifest, parts: tuple[str, ...],
