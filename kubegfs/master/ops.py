@@ -1,4 +1,5 @@
-"""The op records of the master's state machine (state.py), one TypedDict per op kind.
+"""The op records of the master's state machine (state.py), one TypedDict per op kind, and the
+snapshot catalog entries they make.
 
 An op is a plain dict on the wire and in the operation log (msgpack; its key order is what the
 constructors below write, so a record's bytes stay the same). Keys starting with ``_`` are hints
@@ -167,6 +168,40 @@ Op = (
     Init | Incarnation | Mkdir | Rm | Mv | Commit | Bump | Cow | SnapCapture | SnapCommit | SnapFail
     | SnapAdopt | SnapHolders | SnapDelete | Restore
 )
+
+class SnapshotEntry(TypedDict):
+    """A snapshot catalog entry (``MasterState.snapshots``), made by ``snap_capture`` or
+    ``snap_adopt`` and completed by ``snap_commit``/``snap_fail``; checkpoints store it as it is,
+    and the API shows it without ``handles_z`` and ``created_ns``."""
+
+    id: str
+    name: str
+    path: str
+    created: str  # RFC 3339
+    created_ns: int
+    epoch: int
+    state: str  # "pending", "ready" or "failed"
+    copies: int
+    targets: list[str]
+    near: dict[str, Any]
+    labels: dict[str, str]
+    files: int
+    dirs: int
+    chunks: int
+    logical_bytes: int
+    record_bytes: int
+    sha256: str
+    holders: list[dict[str, Any]]
+    error: str
+    duration_seconds: float
+    # set once the snapshot is ready
+    handles_z: NotRequired[bytes]
+    location_reason: NotRequired[str]
+    root: NotRequired[str]
+    changes: NotRequired[dict[str, Any]]
+    format: NotRequired[int]  # 2: one record; 3: Merkle directory blocks
+    shipped_bytes: NotRequired[int]
+
 
 # op kind -> its record type; state.py's apply registry has exactly these keys
 KINDS: dict[str, type] = {

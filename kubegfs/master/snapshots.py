@@ -116,12 +116,12 @@ class Snapshots:
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
 
-    def snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
+    def snap_json(self, e: ops.SnapshotEntry) -> dict[str, Any]:
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
         out["live_copies"] = self.live_copies(e)
         return out
 
-    def live_copies(self, e: dict[str, Any]) -> int:
+    def live_copies(self, e: ops.SnapshotEntry) -> int:
         """Holders of a record copy that are alive (each copy is checked against the catalog at
         every heartbeat, see _check_record_copies)."""
         return sum(1 for h in e["holders"] if h["id"] in self.m.chunkmap.cs and self.m.chunkmap.cs[h["id"]].alive)
@@ -133,7 +133,7 @@ class Snapshots:
         return n
 
     async def create(self, sid: str, name: str, path: str, copies: int, targets: list[str],
-                     near: dict[str, Any], labels: dict[str, str], wait: float) -> dict[str, Any]:
+                     near: dict[str, Any], labels: dict[str, str], wait: float) -> ops.SnapshotEntry:
         """Capture a snapshot (O(1), logged), build and ship its record in the background; wait
         up to ``wait`` seconds for it. An existing ``sid`` with the same name and path is a retry."""
         st = self.m.state
@@ -167,7 +167,7 @@ class Snapshots:
         if sid not in self.builders or self.builders[sid].done():
             self.builders[sid] = asyncio.create_task(self.build(sid))
 
-    def rank_holders(self, entry: dict[str, Any], prefer: set[str] | None = None) -> list[tuple[ChunkserverInfo, str]]:
+    def rank_holders(self, entry: ops.SnapshotEntry, prefer: set[str] | None = None) -> list[tuple[ChunkserverInfo, str]]:
         """Chunkservers for a record, nearest first (``targets`` first if given); ``prefer``:
         ids to take first where the ranking allows (the holders of the previous snapshot of the
         same path, which have most of its blocks already)."""
@@ -423,7 +423,7 @@ class Snapshots:
             return False
         return None if dg in self.claimed else True
 
-    async def fetch_blocks(self, e: dict[str, Any], digests: list[bytes]) -> dict[bytes, bytes]:
+    async def fetch_blocks(self, e: ops.SnapshotEntry, digests: list[bytes]) -> dict[bytes, bytes]:
         """Blocks of snapshot ``e`` from its nearest live holder, verified, in batches; what one
         holder cannot give comes from the next."""
         want = list(dict.fromkeys(digests))
@@ -456,12 +456,12 @@ class Snapshots:
             body = await resp.read()
         return merkle.unpack_frames(body)  # each verified against its digest
 
-    def _ranked_holders(self, e: dict[str, Any]) -> list[ChunkserverInfo]:
+    def _ranked_holders(self, e: ops.SnapshotEntry) -> list[ChunkserverInfo]:
         holders = [cs for h in e.get("holders", []) if (cs := self.m.chunkmap.cs.get(h["id"])) and cs.alive]
         ranked = find_nearest(self.m.location, [c.candidate() for c in holders])
         return [self.m.chunkmap.cs[r.candidate.id] for r in ranked]
 
-    async def copy_closure(self, e: dict[str, Any], root: bytes, target: ChunkserverInfo) -> None:
+    async def copy_closure(self, e: ops.SnapshotEntry, root: bytes, target: ChunkserverInfo) -> None:
         """Give ``target`` every block of snapshot ``e`` it lacks, read from the other holders
         (level by level; a block counted in the catalog that ``target`` holds is skipped with
         everything below it)."""
@@ -484,7 +484,7 @@ class Snapshots:
     def _live_version(self, h: int) -> int:
         return self.m.state.version.get(h, 0)
 
-    async def tree_ref(self, e: dict[str, Any]) -> tuple[merkle.DirRef, merkle.VersionOf]:
+    async def tree_ref(self, e: ops.SnapshotEntry) -> tuple[merkle.DirRef, merkle.VersionOf]:
         """Snapshot ``e``'s root: the tree in memory if this master built it last for its path,
         else the root digest of its record (format 3: blocks are read as the diff needs them) or
         the tree a format-2 record holds (digests memoised on its nodes)."""
@@ -552,7 +552,7 @@ class Snapshots:
         for gone in [i for i in self.trees if i not in self.m.state.snapshots]:
             del self.trees[gone]
 
-    def previous_of(self, e: dict[str, Any]) -> tuple[str, ns.Dir] | None:
+    def previous_of(self, e: ops.SnapshotEntry) -> tuple[str, ns.Dir] | None:
         """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""
         prev = self.latest.get(e["path"])
         if prev is None or prev[0] == e["id"]:
@@ -560,7 +560,7 @@ class Snapshots:
         pe = self.m.state.snapshots.get(prev[0])
         return prev if pe is not None and pe["state"] == "ready" else None
 
-    async def since_previous(self, entry: dict[str, Any], node: ns.Node) -> tuple[str, dict[str, Any]]:
+    async def since_previous(self, entry: ops.SnapshotEntry, node: ns.Node) -> tuple[str, dict[str, Any]]:
         """The pinned tree's root digest (hex) and what changed since the previous snapshot of
         the same path (counts of the diff report; empty when that tree is not in memory)."""
         if not isinstance(node, ns.Dir):
@@ -590,7 +590,7 @@ class Snapshots:
                 self.m.outbox.order(h["id"], "record", e["id"])
         return {"deleted": e["name"], "id": e["id"]}
 
-    async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord | Manifest, bytes, dict[str, Any]]:
+    async def fetch_record(self, e: ops.SnapshotEntry) -> tuple[ParsedRecord | Manifest, bytes, dict[str, Any]]:
         """The record (format 2: the whole tree; format 3: the root digest) from the nearest
         healthy holder; fall back on error or bad checksum."""
         holders = []
@@ -666,7 +666,7 @@ class Snapshots:
             "mtime": now_ns(), "rid": rid, "summary": summary, **op}))
         return {**summary, **result}
 
-    async def _plan_restore(self, e: dict[str, Any], man: Manifest, parts: tuple[str, ...],
+    async def _plan_restore(self, e: ops.SnapshotEntry, man: Manifest, parts: tuple[str, ...],
                             mode: str) -> dict[str, Any]:
         """The format-3 restore op: fetch only the blocks whose directories differ from the live
         ones at the same place (level by level, in batches, each verified), then assemble the

@@ -77,7 +77,7 @@ class MasterState:
         self.seq = 0
         self.incarnation = 0
         self.next_counter = 0
-        self.snapshots: dict[str, dict[str, Any]] = {}  # id -> catalog entry
+        self.snapshots: dict[str, ops.SnapshotEntry] = {}  # id -> catalog entry
         self.snapshot_names: dict[str, str] = {}  # name -> id
         self.pins: dict[str, Pin] = {}  # pending snapshots' pinned subtrees
         self.protected: set[int] = set()  # unreferenced but maybe in a pending snapshot
@@ -110,7 +110,7 @@ class MasterState:
         self.next_counter += 1
         return (self.incarnation << 32) | self.next_counter
 
-    def snapshot_by_ref(self, ref: str) -> dict[str, Any]:
+    def snapshot_by_ref(self, ref: str) -> ops.SnapshotEntry:
         sid = self.snapshot_names.get(ref, ref)
         entry = self.snapshots.get(sid)
         if entry is None:
@@ -286,7 +286,7 @@ class MasterState:
         node = ns.must_get(self.root, parts)
         self.epoch += 1
         self.pins[op["id"]] = Pin(node, self.epoch)
-        entry = {
+        entry: ops.SnapshotEntry = {
             "id": op["id"],
             "name": op["name"],
             "path": op["path"],
@@ -314,21 +314,21 @@ class MasterState:
             self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
         elif not op.get("_precounted"):
             self.count_snapshot_refs(unpack_handles(op["handles_z"]))
-        entry.update(
-            state="ready", sha256=op["sha256"], record_bytes=op["record_bytes"],
-            holders=op["holders"], files=op["files"], dirs=op["dirs"], chunks=op["chunks"],
-            logical_bytes=op["logical_bytes"], duration_seconds=op["duration_seconds"],
-            handles_z=op.get("handles_z", b""), location_reason=op.get("location_reason", ""),
-            root=op.get("root", ""), changes=op.get("changes") or {},
-            format=3 if op.get("blocks") is not None else 2,
-            shipped_bytes=op.get("shipped_bytes", op["record_bytes"]),
-        )
+        entry.update({
+            "state": "ready", "sha256": op["sha256"], "record_bytes": op["record_bytes"],
+            "holders": op["holders"], "files": op["files"], "dirs": op["dirs"], "chunks": op["chunks"],
+            "logical_bytes": op["logical_bytes"], "duration_seconds": op["duration_seconds"],
+            "handles_z": op.get("handles_z", b""), "location_reason": op.get("location_reason", ""),
+            "root": op.get("root", ""), "changes": op.get("changes") or {},
+            "format": 3 if op.get("blocks") is not None else 2,
+            "shipped_bytes": op.get("shipped_bytes", op["record_bytes"]),
+        })
         self.pins.pop(op["id"], None)
         self._recheck_protected()
 
     def _apply_snap_fail(self, op: ops.SnapFail) -> None:
         entry = self.snapshots[op["id"]]
-        entry.update(state="failed", error=op["error"])
+        entry.update({"state": "failed", "error": op["error"]})
         self.pins.pop(op["id"], None)
         self._recheck_protected()
 
@@ -346,7 +346,7 @@ class MasterState:
             self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
         else:
             self.count_snapshot_refs(handles)
-        entry = {
+        entry: ops.SnapshotEntry = {
             "id": op["id"], "name": op["name"], "path": op["path"], "created": rfc3339(op["created"]),
             "created_ns": op["created"], "epoch": op.get("epoch", 0), "state": "ready",
             "copies": len(op["holders"]), "targets": [], "near": {}, "labels": {"kubegfs.io/adopted": "true"},

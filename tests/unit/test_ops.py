@@ -3,6 +3,7 @@ import typing
 import pytest
 
 from kubegfs.errors import CorruptData
+from kubegfs.formats import pack_handles
 from kubegfs.master import ops
 from kubegfs.master.checkpoint import dump
 from kubegfs.master.state import _APPLY, MasterState
@@ -34,3 +35,26 @@ def test_typed_constructors_keep_the_record_key_order():
     st.apply(st.prepare_mkdir("/a"))
     assert list(st.prepare_mv("/a", "/b")) == ["op", "src", "dst", "mtime"]
     assert list(st.prepare_rm("/a")) == ["op", "path", "mtime"]
+
+
+def test_catalog_entries_have_exactly_the_snapshot_entry_keys():
+    """Captured, committed, failed and adopted entries carry every required key of
+    SnapshotEntry and no key it does not declare."""
+    st = MasterState()
+    st.apply(st.prepare_mkdir("/d"))
+    # (3.11's TypedDict does not see NotRequired in postponed annotations: read them as written)
+    hints = {k: a.__forward_arg__ for k, a in ops.SnapshotEntry.__annotations__.items()}
+    required = {k for k, a in hints.items() if not a.startswith("NotRequired[")}
+    declared = set(hints)
+    for sid in ("ok", "bad"):
+        st.apply(ops.SnapCapture(op="snap_capture", id=sid, name=sid, path="/d", created=5, copies=1))
+    st.apply(ops.SnapFail(op="snap_fail", id="bad", error="no chunkserver"))
+    st.apply(ops.SnapCommit(op="snap_commit", id="ok", sha256="x", record_bytes=3, holders=[],
+                            files=0, dirs=1, chunks=0, logical_bytes=0, duration_seconds=0.1,
+                            handles_z=pack_handles([])))
+    st.apply(ops.SnapAdopt(op="snap_adopt", id="old", name="old", path="/d", created=5, sha256="y",
+                           record_bytes=3, holders=[{"id": "cs1"}], files=0, dirs=1,
+                           logical_bytes=0, handles_z=pack_handles([]), versions=b""))
+    assert [e["state"] for e in st.snapshots.values()] == ["ready", "failed", "ready"]
+    for e in st.snapshots.values():
+        assert required <= set(e) <= declared, e["id"]
