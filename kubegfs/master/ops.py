@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
+from ..wire import SnapshotFields
+
 if TYPE_CHECKING:
     from ..namespace import Dir
     from ..snapobj import ParsedRecord
@@ -169,39 +171,13 @@ Op = (
     | SnapAdopt | SnapHolders | SnapDelete | Restore
 )
 
-class SnapshotEntry(TypedDict):
+class SnapshotEntry(SnapshotFields):
     """A snapshot catalog entry (``MasterState.snapshots``), made by ``snap_capture`` or
     ``snap_adopt`` and completed by ``snap_commit``/``snap_fail``; checkpoints store it as it is,
-    and the API shows it without ``handles_z`` and ``created_ns``."""
+    and the API shows it (``wire.SnapshotInfo``) without ``handles_z`` and ``created_ns``."""
 
-    id: str
-    name: str
-    path: str
-    created: str  # RFC 3339
     created_ns: int
-    epoch: int
-    state: str  # "pending", "ready" or "failed"
-    copies: int
-    targets: list[str]
-    near: dict[str, Any]
-    labels: dict[str, str]
-    files: int
-    dirs: int
-    chunks: int
-    logical_bytes: int
-    record_bytes: int
-    sha256: str
-    holders: list[dict[str, Any]]
-    error: str
-    duration_seconds: float
-    # set once the snapshot is ready
-    handles_z: NotRequired[bytes]
-    location_reason: NotRequired[str]
-    root: NotRequired[str]
-    changes: NotRequired[dict[str, Any]]
-    format: NotRequired[int]  # 2: one record; 3: Merkle directory blocks
-    shipped_bytes: NotRequired[int]
-
+    handles_z: NotRequired[bytes]  # format 2 (and adopted): the record's chunk handles
 
 # op kind -> its record type; state.py's apply registry has exactly these keys
 KINDS: dict[str, type] = {

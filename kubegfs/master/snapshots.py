@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from .. import merkle, paths, snapdiff
+from .. import merkle, paths, snapdiff, wire
 from .. import metrics as M
 from .. import namespace as ns
 from ..errors import (
@@ -116,10 +116,10 @@ class Snapshots:
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
 
-    def snap_json(self, e: ops.SnapshotEntry) -> dict[str, Any]:
+    def snap_json(self, e: ops.SnapshotEntry) -> wire.SnapshotInfo:
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
         out["live_copies"] = self.live_copies(e)
-        return out
+        return cast(wire.SnapshotInfo, out)
 
     def live_copies(self, e: ops.SnapshotEntry) -> int:
         """Holders of a record copy that are alive (each copy is checked against the catalog at

@@ -2,11 +2,21 @@ import typing
 
 import pytest
 
+from kubegfs import namespace as ns
+from kubegfs import wire
 from kubegfs.errors import CorruptData
 from kubegfs.formats import pack_handles
 from kubegfs.master import ops
 from kubegfs.master.checkpoint import dump
+from kubegfs.master.http import Api
 from kubegfs.master.state import _APPLY, MasterState
+
+
+def keys_of(td: type) -> tuple[set[str], set[str]]:
+    """A TypedDict's required and declared keys. (3.11's TypedDict does not see NotRequired in
+    postponed annotations, so they are read as written.)"""
+    hints = {k: a.__forward_arg__ for k, a in td.__annotations__.items()}
+    return {k for k, a in hints.items() if not a.startswith("NotRequired[")}, set(hints)
 
 
 def test_every_op_kind_has_a_record_type_and_an_apply_method():
@@ -42,10 +52,7 @@ def test_catalog_entries_have_exactly_the_snapshot_entry_keys():
     SnapshotEntry and no key it does not declare."""
     st = MasterState()
     st.apply(st.prepare_mkdir("/d"))
-    # (3.11's TypedDict does not see NotRequired in postponed annotations: read them as written)
-    hints = {k: a.__forward_arg__ for k, a in ops.SnapshotEntry.__annotations__.items()}
-    required = {k for k, a in hints.items() if not a.startswith("NotRequired[")}
-    declared = set(hints)
+    required, declared = keys_of(ops.SnapshotEntry)
     for sid in ("ok", "bad"):
         st.apply(ops.SnapCapture(op="snap_capture", id=sid, name=sid, path="/d", created=5, copies=1))
     st.apply(ops.SnapFail(op="snap_fail", id="bad", error="no chunkserver"))
@@ -58,3 +65,12 @@ def test_catalog_entries_have_exactly_the_snapshot_entry_keys():
     assert [e["state"] for e in st.snapshots.values()] == ["ready", "failed", "ready"]
     for e in st.snapshots.values():
         assert required <= set(e) <= declared, e["id"]
+
+
+def test_stat_bodies_have_exactly_the_wire_stat_keys():
+    required, declared = keys_of(wire.Stat)
+    f = Api._stat(None, "/d/f", ns.File(3, 1, 0o644, (7,)))
+    d = Api._stat(None, "/d", ns.empty_root())
+    for body in (f, d):
+        assert required <= set(body) <= declared
+    assert f["size"] == 3 and f["chunks"] == 1 and d["entries"] == 0
