@@ -1,9 +1,11 @@
 """The snapshot catalog as the CLI sees it beside Kubernetes: which custom resource owns a
-catalog entry, and undoable in-place restores (a pre-restore snapshot first)."""
+catalog entry (a ``wire.SnapshotInfo``), and undoable in-place restores (a pre-restore snapshot
+first)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +14,7 @@ from .errors import Conflict, NotFound
 MAX_NAME = 253
 
 
-def owner(entry: dict[str, Any]) -> str | None:
+def owner(entry: Mapping[str, Any]) -> str | None:
     """``"Snapshot <namespace>/<name>"`` for an entry the kubegfs operator made, else None."""
     labels = entry.get("labels") or {}
     ns, name = labels.get("kubernetes.namespace"), labels.get("kubernetes.name")
@@ -21,7 +23,7 @@ def owner(entry: dict[str, Any]) -> str | None:
     return f"{labels.get('kubernetes.kind', 'Snapshot')} {ns}/{name}"
 
 
-def refuse_owned_delete(entry: dict[str, Any]) -> None:
+def refuse_owned_delete(entry: Mapping[str, Any]) -> None:
     """Deleting an entry a Snapshot object owns would leave that object pointing at nothing."""
     who = owner(entry)
     if who is None:

@@ -28,6 +28,7 @@ import msgpack
 from . import httpconn
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 from .tls import ClientTLS
+from .wire import LsPage, SnapshotInfo, Stat, StatError
 
 MSGPACK = "application/x-msgpack"  # the master answers and reads it (kubegfs/web.py); JSON stays for curl
 PIECE = 4 * 1024 * 1024
@@ -263,13 +264,13 @@ class Client:
     def mkdir(self, path: str, parents: bool = False, mode: int = 0o755) -> dict[str, Any]:
         return self.api("POST", "/fs/mkdir", json={"path": path, "parents": parents, "mode": mode})
 
-    def stat(self, path: str) -> dict[str, Any]:
+    def stat(self, path: str) -> Stat:
         return self.api("GET", "/fs/stat", params={"path": path})
 
-    def stat_many(self, paths: list[str]) -> list[dict[str, Any]]:
+    def stat_many(self, paths: list[str]) -> list[Stat | StatError]:
         """The stats of many paths in one call per 10,000, in order; a path that cannot be
         looked up comes back as ``{"path", "error", "message"}`` instead of raising."""
-        out: list[dict[str, Any]] = []
+        out: list[Stat | StatError] = []
         for i in range(0, len(paths), 10_000):
             out += self.api("POST", "/fs/stat_many", json={"paths": paths[i : i + 10_000]})["stats"]
         return out
@@ -283,15 +284,16 @@ class Client:
                 return False
             raise
 
-    def ls(self, path: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def ls(self, path: str) -> list[Stat]:
+        out: list[Stat] = []
         after = ""
         while True:
-            page = self.api("GET", "/fs/ls", params={"path": path, "after": after, "limit": 5000})
+            page: LsPage = self.api("GET", "/fs/ls", params={"path": path, "after": after, "limit": 5000})
             out += page["entries"]
-            if not page.get("next"):
+            nxt = page.get("next")
+            if not nxt:
                 return out
-            after = page["next"]
+            after = nxt
 
     def rm(self, path: str, recursive: bool = False) -> dict[str, Any]:
         return self.api("POST", "/fs/rm", json={"path": path, "recursive": recursive})
@@ -299,7 +301,7 @@ class Client:
     def mv(self, src: str, dst: str) -> dict[str, Any]:
         return self.api("POST", "/fs/mv", json={"src": src, "dst": dst})
 
-    def walk(self, path: str) -> Iterator[dict[str, Any]]:
+    def walk(self, path: str) -> Iterator[Stat]:
         st = self.stat(path)
         yield st
         if st["type"] == "dir":
@@ -492,14 +494,14 @@ class Client:
     # ------------------------------------------------------------------ snapshots
 
     def snapshot_create(self, path: str, name: str, copies: int = 2, wait: bool = True,
-                        timeout: float = 600.0, **extra: Any) -> dict[str, Any]:
+                        timeout: float = 600.0, **extra: Any) -> SnapshotInfo:
         body = {"path": path, "name": name, "copies": copies, **extra}
         snap = self.api("POST", "/snapshots", json=body, params={"wait": "5"} if wait else None)
         if not wait:
             return snap
         return self.snapshot_wait(snap["id"], timeout)
 
-    def snapshot_wait(self, ref: str, timeout: float = 600.0) -> dict[str, Any]:
+    def snapshot_wait(self, ref: str, timeout: float = 600.0) -> SnapshotInfo:
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
@@ -513,10 +515,10 @@ class Client:
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def snapshot_list(self) -> list[dict[str, Any]]:
+    def snapshot_list(self) -> list[SnapshotInfo]:
         return self.api("GET", "/snapshots")["snapshots"]
 
-    def snapshot_show(self, ref: str) -> dict[str, Any]:
+    def snapshot_show(self, ref: str) -> SnapshotInfo:
         return self.api("GET", f"/snapshots/{quote(ref, safe='')}")
 
     def snapshot_delete(self, ref: str) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def dump(state: MasterState) -> dict[str, Any]:
             tree.append(["/" + "/".join(parts), "d", node.mode])
     snaps = sorted(
         ({k: v for k, v in e.items() if k != "handles_z"} for e in state.snapshots.values()),
-        key=lambda e: e["id"],
+        key=lambda e: str(e["id"]),
     )
     return {
         "tree": tree,

@@ -9,13 +9,13 @@ import bisect
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .. import metrics as M
 from .. import namespace as ns
-from .. import paths
+from .. import paths, wire
 from ..errors import InvalidArgument, KubegfsError
 from ..topology import Location, find_nearest
 from ..web import (
@@ -162,7 +162,7 @@ class Api:
         await self.m.mutate(op)
         return json_response({"path": op["path"]}, status=201)
 
-    def _stat(self, path: str, node: ns.Node) -> dict[str, Any]:
+    def _stat(self, path: str, node: ns.Node) -> wire.Stat:
         if isinstance(node, ns.File):
             return {"path": path, "type": "file", "size": node.size, "mode": node.mode,
                     "mtime_ns": node.mtime, "chunks": len(node.chunks)}
@@ -182,7 +182,7 @@ class Api:
             raise InvalidArgument("paths must be a list of strings")
         if len(want) > MAX_STAT_MANY:
             raise InvalidArgument(f"at most {MAX_STAT_MANY} paths per call")
-        out: list[dict[str, Any]] = []
+        out: list[wire.Stat | wire.StatError] = []
         for p in want:
             try:
                 parts, node = self.m.state.lookup(p)
@@ -199,7 +199,7 @@ class Api:
         parts, node = self.m.state.lookup(request.query.get("path", ""))
         base = paths.join(parts)
         if isinstance(node, ns.File):
-            return json_response({"path": base, "entries": [self._stat(base, node)], "next": None})
+            return json_response(wire.LsPage(path=base, entries=[self._stat(base, node)], next=None))
         try:
             limit = int(request.query.get("limit", "1000"))
         except ValueError as exc:
@@ -216,7 +216,7 @@ class Api:
         page = names[start : start + limit]
         entries = [self._stat(base.rstrip("/") + "/" + n, node.children[n]) for n in page]
         nxt = page[-1] if start + limit < len(names) else None
-        body, ctype = encode_body({"path": base, "entries": entries, "next": nxt}, packed)
+        body, ctype = encode_body(wire.LsPage(path=base, entries=entries, next=nxt), packed)
         if len(body) <= PAGE_CACHE_BYTES:
             if len(self._pages) >= PAGE_CACHE:
                 self._pages.pop(next(iter(self._pages)))

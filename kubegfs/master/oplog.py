@@ -29,13 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
 from ..fsutil import atomic_write, fsync_dir
 from ..metalayout import prune_superseded
 from .checkpoint import decode_checkpoint, encode_checkpoint
+from .ops import Op
 from .state import MasterState
 
 log = logging.getLogger("kubegfs.master.oplog")
@@ -87,7 +88,7 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
             if op["seq"] != state.seq + 1:
                 scan.problem = f"sequence gap: expected {state.seq + 1}, found {op['seq']}"
                 break
-            state.apply(op)
+            state.apply(cast(Op, op))  # a decoded record: apply rejects a kind it does not know
             rep.replayed += 1
         if scan.problem:
             msg = (
@@ -137,12 +138,12 @@ class OpLog:
         fsync_dir(self.dir)
         return fd
 
-    def stamp(self, op: dict[str, Any]) -> dict[str, Any]:
+    def stamp(self, op: Op) -> Op:
         op["seq"] = self.next_seq
         self.next_seq += 1
         return op
 
-    def enqueue(self, op: dict[str, Any]) -> asyncio.Future[None]:
+    def enqueue(self, op: Op) -> asyncio.Future[None]:
         """Queue an already-applied op (with its seq); the future resolves once it is durable."""
         if self.failed is not None:
             raise RuntimeError(f"operation log failed earlier: {self.failed}")

@@ -37,7 +37,7 @@ from ..errors import Conflict, CorruptData, InvalidArgument, KubegfsError, from_
 from ..formats import pack_handles, sha256_hex
 from ..snapobj import MANIFEST_VERSION, parse_manifest, parse_record, record_format
 from ..web import CLUSTER_HEADER, field_str, json_response, peer_session, read_json, record_id
-from . import metareplica
+from . import metareplica, ops
 from .identity import ForeignChunkserver
 from .oplog import OpLog, RecoveryReport
 from .state import MasterState, encode_block_infos
@@ -270,14 +270,17 @@ async def _install_records(m: Master, adopted: list[Adopted], found: list[Foreig
         if len(parts) > 1:
             await m.mutate({"op": "mkdir", "path": paths.join(parts[:-1]), "parents": True, "mode": 0o755,
                             "mtime": time.time_ns()})
-        await m.mutate({
-            "op": "snap_adopt", "id": a.id, "name": name, "path": paths.join(parts),
-            "created": parse_rfc3339(str(hdr.get("created", ""))), "epoch": int(hdr.get("epoch", 0)),
-            "sha256": a.sha256, "record_bytes": a.size, "holders": a.holders, "files": a.files,
-            "dirs": a.dirs, "logical_bytes": int(hdr.get("bytes", 0)),
-            "handles_z": pack_handles(a.handles), "versions": array("q", a.versions).tobytes(),
-            **({"root": a.root.hex(), "blocks": encode_block_infos(a.blocks)} if a.root else {}),
-        })
+        op = ops.SnapAdopt(
+            op="snap_adopt", id=a.id, name=name, path=paths.join(parts),
+            created=parse_rfc3339(str(hdr.get("created", ""))), epoch=int(hdr.get("epoch", 0)),
+            sha256=a.sha256, record_bytes=a.size, holders=a.holders, files=a.files,
+            dirs=a.dirs, logical_bytes=int(hdr.get("bytes", 0)),
+            handles_z=pack_handles(a.handles), versions=array("q", a.versions).tobytes(),
+        )
+        if a.root:
+            op["root"] = a.root.hex()
+            op["blocks"] = encode_block_infos(a.blocks)
+        await m.mutate(op)
     await m.checkpoint()
     return {"source": "records", "snapshots": len(names), "skipped_duplicate_names": skipped,
             "chunks": len(m.state.version), "chunk_size": chunk_size}

@@ -44,6 +44,7 @@ from ..web import (
     run_app,
     split_listen,
 )
+from . import ops
 from .chunkmap import ChunkMap, ChunkserverInfo
 from .guard import Guard
 from .http import Api
@@ -162,7 +163,7 @@ class Master:
         if self._session:
             await self._session.close()
 
-    async def mutate(self, op: dict[str, Any], apply_seconds: Histogram | None = None) -> Any:
+    async def mutate(self, op: ops.Op, apply_seconds: Histogram | None = None) -> Any:
         """Apply ``op`` and wait until it is durable. The only way state changes.
         ``apply_seconds`` observes how long the in-memory apply held the loop."""
         t0 = time.perf_counter()

@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from .. import merkle, paths, snapdiff
+from .. import merkle, paths, snapdiff, wire
 from .. import metrics as M
 from .. import namespace as ns
 from ..errors import (
@@ -43,6 +43,7 @@ from ..snapobj import (
 )
 from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
+from . import ops
 from .chunkmap import ChunkserverInfo
 from .state import encode_block_infos, now_ns
 
@@ -115,12 +116,12 @@ class Snapshots:
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
 
-    def snap_json(self, e: dict[str, Any]) -> dict[str, Any]:
+    def snap_json(self, e: ops.SnapshotEntry) -> wire.SnapshotInfo:
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
         out["live_copies"] = self.live_copies(e)
-        return out
+        return cast(wire.SnapshotInfo, out)
 
-    def live_copies(self, e: dict[str, Any]) -> int:
+    def live_copies(self, e: ops.SnapshotEntry) -> int:
         """Holders of a record copy that are alive (each copy is checked against the catalog at
         every heartbeat, see _check_record_copies)."""
         return sum(1 for h in e["holders"] if h["id"] in self.m.chunkmap.cs and self.m.chunkmap.cs[h["id"]].alive)
@@ -132,7 +133,7 @@ class Snapshots:
         return n
 
     async def create(self, sid: str, name: str, path: str, copies: int, targets: list[str],
-                     near: dict[str, Any], labels: dict[str, str], wait: float) -> dict[str, Any]:
+                     near: dict[str, Any], labels: dict[str, str], wait: float) -> ops.SnapshotEntry:
         """Capture a snapshot (O(1), logged), build and ship its record in the background; wait
         up to ``wait`` seconds for it. An existing ``sid`` with the same name and path is a retry."""
         st = self.m.state
@@ -146,9 +147,9 @@ class Snapshots:
         if name in st.snapshot_names:
             raise AlreadyExists(f"a snapshot named {name!r} already exists")
         st.lookup(path)  # must exist
-        op = {"op": "snap_capture", "id": sid, "name": name, "path": path, "created": now_ns(),
-              "copies": copies, "targets": targets, "near": Location.from_json(near).to_json(),
-              "labels": labels}
+        op = ops.SnapCapture(op="snap_capture", id=sid, name=name, path=path, created=now_ns(),
+                             copies=copies, targets=targets, near=Location.from_json(near).to_json(),
+                             labels=labels)
         await self.m.mutate(op, apply_seconds=M.M_SNAP_CAPTURE)  # O(1): pins the current immutable root
         self.start_builder(sid)
         await self.wait_built(sid, wait)
@@ -166,7 +167,7 @@ class Snapshots:
         if sid not in self.builders or self.builders[sid].done():
             self.builders[sid] = asyncio.create_task(self.build(sid))
 
-    def rank_holders(self, entry: dict[str, Any], prefer: set[str] | None = None) -> list[tuple[ChunkserverInfo, str]]:
+    def rank_holders(self, entry: ops.SnapshotEntry, prefer: set[str] | None = None) -> list[tuple[ChunkserverInfo, str]]:
         """Chunkservers for a record, nearest first (``targets`` first if given); ``prefer``:
         ids to take first where the ranking allows (the holders of the previous snapshot of the
         same path, which have most of its blocks already)."""
@@ -267,13 +268,13 @@ class Snapshots:
                 return
             dur = time.perf_counter() - t0
             t_shipped = time.perf_counter()
-            op: dict[str, Any] = {
-                "op": "snap_commit", "id": sid, "sha256": sha, "record_bytes": len(data),
-                "holders": holders, "files": counts["files"], "dirs": counts["dirs"],
-                "chunks": counts["chunks"], "logical_bytes": counts["bytes"],
-                "duration_seconds": round(dur, 6), "location_reason": holders[0]["reason"],
-                "root": root_hex, "changes": changes, "shipped_bytes": shipped.get(holders[0]["id"], 0),
-            }
+            op = ops.SnapCommit(
+                op="snap_commit", id=sid, sha256=sha, record_bytes=len(data),
+                holders=holders, files=counts["files"], dirs=counts["dirs"],
+                chunks=counts["chunks"], logical_bytes=counts["bytes"],
+                duration_seconds=round(dur, 6), location_reason=holders[0]["reason"],
+                root=root_hex, changes=changes, shipped_bytes=shipped.get(holders[0]["id"], 0),
+            )
             if rec is None:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
@@ -285,7 +286,8 @@ class Snapshots:
                 for i in range(0, len(rec.handles), 20_000):
                     st.count_snapshot_refs(rec.handles[i : i + 20_000])
                     await asyncio.sleep(0)
-                op.update(handles_z=rec.handles_z, _precounted=True)
+                op["handles_z"] = rec.handles_z
+                op["_precounted"] = True
             await self.m.mutate(op)
             if isinstance(node, ns.Dir):
                 self.remember_tree(entry["path"], sid, node)
@@ -421,7 +423,7 @@ class Snapshots:
             return False
         return None if dg in self.claimed else True
 
-    async def fetch_blocks(self, e: dict[str, Any], digests: list[bytes]) -> dict[bytes, bytes]:
+    async def fetch_blocks(self, e: ops.SnapshotEntry, digests: list[bytes]) -> dict[bytes, bytes]:
         """Blocks of snapshot ``e`` from its nearest live holder, verified, in batches; what one
         holder cannot give comes from the next."""
         want = list(dict.fromkeys(digests))
@@ -454,12 +456,12 @@ class Snapshots:
             body = await resp.read()
         return merkle.unpack_frames(body)  # each verified against its digest
 
-    def _ranked_holders(self, e: dict[str, Any]) -> list[ChunkserverInfo]:
+    def _ranked_holders(self, e: ops.SnapshotEntry) -> list[ChunkserverInfo]:
         holders = [cs for h in e.get("holders", []) if (cs := self.m.chunkmap.cs.get(h["id"])) and cs.alive]
         ranked = find_nearest(self.m.location, [c.candidate() for c in holders])
         return [self.m.chunkmap.cs[r.candidate.id] for r in ranked]
 
-    async def copy_closure(self, e: dict[str, Any], root: bytes, target: ChunkserverInfo) -> None:
+    async def copy_closure(self, e: ops.SnapshotEntry, root: bytes, target: ChunkserverInfo) -> None:
         """Give ``target`` every block of snapshot ``e`` it lacks, read from the other holders
         (level by level; a block counted in the catalog that ``target`` holds is skipped with
         everything below it)."""
@@ -482,7 +484,7 @@ class Snapshots:
     def _live_version(self, h: int) -> int:
         return self.m.state.version.get(h, 0)
 
-    async def tree_ref(self, e: dict[str, Any]) -> tuple[merkle.DirRef, merkle.VersionOf]:
+    async def tree_ref(self, e: ops.SnapshotEntry) -> tuple[merkle.DirRef, merkle.VersionOf]:
         """Snapshot ``e``'s root: the tree in memory if this master built it last for its path,
         else the root digest of its record (format 3: blocks are read as the diff needs them) or
         the tree a format-2 record holds (digests memoised on its nodes)."""
@@ -550,7 +552,7 @@ class Snapshots:
         for gone in [i for i in self.trees if i not in self.m.state.snapshots]:
             del self.trees[gone]
 
-    def previous_of(self, e: dict[str, Any]) -> tuple[str, ns.Dir] | None:
+    def previous_of(self, e: ops.SnapshotEntry) -> tuple[str, ns.Dir] | None:
         """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""
         prev = self.latest.get(e["path"])
         if prev is None or prev[0] == e["id"]:
@@ -558,7 +560,7 @@ class Snapshots:
         pe = self.m.state.snapshots.get(prev[0])
         return prev if pe is not None and pe["state"] == "ready" else None
 
-    async def since_previous(self, entry: dict[str, Any], node: ns.Node) -> tuple[str, dict[str, Any]]:
+    async def since_previous(self, entry: ops.SnapshotEntry, node: ns.Node) -> tuple[str, dict[str, Any]]:
         """The pinned tree's root digest (hex) and what changed since the previous snapshot of
         the same path (counts of the diff report; empty when that tree is not in memory)."""
         if not isinstance(node, ns.Dir):
@@ -588,7 +590,7 @@ class Snapshots:
                 self.m.outbox.order(h["id"], "record", e["id"])
         return {"deleted": e["name"], "id": e["id"]}
 
-    async def fetch_record(self, e: dict[str, Any]) -> tuple[ParsedRecord | Manifest, bytes, dict[str, Any]]:
+    async def fetch_record(self, e: ops.SnapshotEntry) -> tuple[ParsedRecord | Manifest, bytes, dict[str, Any]]:
         """The record (format 2: the whole tree; format 3: the root digest) from the nearest
         healthy holder; fall back on error or bad checksum."""
         holders = []
@@ -658,11 +660,13 @@ class Snapshots:
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
                    "blocks_fetched": op.pop("_fetched", 0)}
-        result = await self.m.mutate({"op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
-                                      "mtime": now_ns(), "rid": rid, "summary": summary, **op})
+        # ``op`` adds the format's keys (and the in-memory hints) to the common ones
+        result = await self.m.mutate(cast(ops.Restore, {
+            "op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
+            "mtime": now_ns(), "rid": rid, "summary": summary, **op}))
         return {**summary, **result}
 
-    async def _plan_restore(self, e: dict[str, Any], man: Manifest, parts: tuple[str, ...],
+    async def _plan_restore(self, e: ops.SnapshotEntry, man: Manifest, parts: tuple[str, ...],
                             mode: str) -> dict[str, Any]:
         """The format-3 restore op: fetch only the blocks whose directories differ from the live
         ones at the same place (level by level, in batches, each verified), then assemble the

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from .. import merkle, paths
 from .. import namespace as ns
-from ..errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from ..errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
 from ..formats import (
     unpack_handles,
 )
+from . import ops
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_REPLICATION = 3
@@ -76,7 +77,7 @@ class MasterState:
         self.seq = 0
         self.incarnation = 0
         self.next_counter = 0
-        self.snapshots: dict[str, dict[str, Any]] = {}  # id -> catalog entry
+        self.snapshots: dict[str, ops.SnapshotEntry] = {}  # id -> catalog entry
         self.snapshot_names: dict[str, str] = {}  # name -> id
         self.pins: dict[str, Pin] = {}  # pending snapshots' pinned subtrees
         self.protected: set[int] = set()  # unreferenced but maybe in a pending snapshot
@@ -109,7 +110,7 @@ class MasterState:
         self.next_counter += 1
         return (self.incarnation << 32) | self.next_counter
 
-    def snapshot_by_ref(self, ref: str) -> dict[str, Any]:
+    def snapshot_by_ref(self, ref: str) -> ops.SnapshotEntry:
         sid = self.snapshot_names.get(ref, ref)
         entry = self.snapshots.get(sid)
         if entry is None:
@@ -118,21 +119,21 @@ class MasterState:
 
     # ------------------------------------------------------------------ prepare (validate)
 
-    def prepare_mkdir(self, path: str, parents: bool = False, mode: int = ns.DEFAULT_DIR_MODE) -> dict[str, Any]:
+    def prepare_mkdir(self, path: str, parents: bool = False, mode: int = ns.DEFAULT_DIR_MODE) -> ops.Mkdir:
         parts = paths.split(path)
         _check_mode(mode)
         ns.mkdir(self.root, parts, 0, mode, parents)  # raises if invalid
-        return {"op": "mkdir", "path": paths.join(parts), "parents": parents, "mode": mode, "mtime": now_ns()}
+        return ops.Mkdir(op="mkdir", path=paths.join(parts), parents=parents, mode=mode, mtime=now_ns())
 
-    def prepare_rm(self, path: str, recursive: bool = False) -> dict[str, Any]:
+    def prepare_rm(self, path: str, recursive: bool = False) -> ops.Rm:
         parts, node = self.lookup(path)
         if not parts:
             raise InvalidArgument("cannot remove the root")
         if isinstance(node, ns.Dir) and len(node.children) and not recursive:
             raise Conflict(f"directory not empty: {paths.join(parts)} (use recursive)")
-        return {"op": "rm", "path": paths.join(parts), "mtime": now_ns()}
+        return ops.Rm(op="rm", path=paths.join(parts), mtime=now_ns())
 
-    def prepare_mv(self, src: str, dst: str) -> dict[str, Any]:
+    def prepare_mv(self, src: str, dst: str) -> ops.Mv:
         s = paths.split(src)
         d = paths.split(dst)
         ns.check_move(s, d)
@@ -140,7 +141,7 @@ class MasterState:
         if ns.get(self.root, d) is not None:
             raise AlreadyExists(f"destination exists: {paths.join(d)}")
         ns.must_dir(self.root, d[:-1])
-        return {"op": "mv", "src": paths.join(s), "dst": paths.join(d), "mtime": now_ns()}
+        return ops.Mv(op="mv", src=paths.join(s), dst=paths.join(d), mtime=now_ns())
 
     def prepare_open(self, path: str, mode: str, file_mode: int) -> tuple[str, tuple[str, ...], ns.File | None]:
         """Check a write may start: (normalized path, its parts, the file as it is now or None)."""
@@ -182,7 +183,7 @@ class MasterState:
         return new
 
     def prepare_commit(self, path: str, size: int, handles: list[int], new: list[int], file_mode: int,
-                       opened: ns.File | None, inplace: int | None) -> dict[str, Any]:
+                       opened: ns.File | None, inplace: int | None) -> ops.Commit:
         """The commit op of a validated write, or Conflict if the file changed since it opened (or
         a snapshot now shares the chunk it appended to in place)."""
         parts = paths.split(path)
@@ -191,32 +192,36 @@ class MasterState:
         if inplace is not None and self.is_shared(inplace):
             raise Conflict("a snapshot was taken during the append; retry")
         ns.must_dir(self.root, parts[:-1])
-        return {"op": "commit", "path": path, "size": size, "chunks": handles,
-                "new": [[h, 1] for h in new], "mode": file_mode, "mtime": now_ns()}
+        return ops.Commit(op="commit", path=path, size=size, chunks=handles,
+                          new=[[h, 1] for h in new], mode=file_mode, mtime=now_ns())
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, op: dict[str, Any]) -> Any:
-        fn = getattr(self, "_apply_" + op["op"])
-        result = fn(op)
+    def apply(self, op: ops.Op) -> Any:
+        """Execute ``op`` (its kind picks the method from ``_APPLY``); an op of a kind this
+        master does not know is CorruptData and changes nothing."""
+        fn = _APPLY.get(op["op"])
+        if fn is None:
+            raise CorruptData(f"unknown op kind {op['op']!r} (seq {op.get('seq')})")
+        result = fn(self, op)
         if "seq" in op:
             self.seq = op["seq"]
         return result
 
-    def _apply_init(self, op: dict[str, Any]) -> None:
+    def _apply_init(self, op: ops.Init) -> None:
         self.chunk_size = op["chunk_size"]
         self.replication = op["replication"]
 
-    def _apply_incarnation(self, op: dict[str, Any]) -> None:
+    def _apply_incarnation(self, op: ops.Incarnation) -> None:
         self.incarnation = op["n"]
         self.next_counter = 0
 
-    def _apply_mkdir(self, op: dict[str, Any]) -> None:
+    def _apply_mkdir(self, op: ops.Mkdir) -> None:
         parts = paths.split(op["path"])
         self.n_dirs += sum(1 for i in range(1, len(parts) + 1) if ns.get(self.root, parts[:i]) is None)
         self.root = ns.mkdir(self.root, parts, op["mtime"], op["mode"], op["parents"])
 
-    def _apply_commit(self, op: dict[str, Any]) -> None:
+    def _apply_commit(self, op: ops.Commit) -> None:
         parts = paths.split(op["path"])
         old = ns.get(self.root, parts)
         for h, v in op.get("new", ()):
@@ -235,7 +240,7 @@ class MasterState:
         f = ns.File(op["size"], op["mtime"], op["mode"], chunks)
         self.root = ns.replace(self.root, parts, f, op["mtime"])
 
-    def _apply_bump(self, op: dict[str, Any]) -> None:
+    def _apply_bump(self, op: ops.Bump) -> None:
         """A chunk's new version. With ``path`` (the file it belongs to), the directories on that
         path become new nodes, so their memoised Merkle digests (which record chunk versions) are
         computed afresh: a bump whose append never commits leaves no stale digest behind, and a
@@ -247,7 +252,7 @@ class MasterState:
             if isinstance(f, ns.File) and op["h"] in f.chunks:
                 self.root = ns.replace(self.root, parts, f, _dir_mtime(self.root, parts))
 
-    def _apply_cow(self, op: dict[str, Any]) -> None:
+    def _apply_cow(self, op: ops.Cow) -> None:
         parts = paths.split(op["path"])
         f = ns.get(self.root, parts)
         assert isinstance(f, ns.File)
@@ -262,26 +267,26 @@ class MasterState:
         self.root = ns.replace(self.root, parts, nf, _dir_mtime(self.root, parts))
         self._unref_live((old,))
 
-    def _apply_rm(self, op: dict[str, Any]) -> None:
+    def _apply_rm(self, op: ops.Rm) -> None:
         parts = paths.split(op["path"])
         node = ns.must_get(self.root, parts)
         self.root = ns.replace(self.root, parts, None, op["mtime"])
         self._uncount(node)
         self._unref_live(ns.iter_chunks(node))
 
-    def _apply_mv(self, op: dict[str, Any]) -> None:
+    def _apply_mv(self, op: ops.Mv) -> None:
         s = paths.split(op["src"])
         d = paths.split(op["dst"])
         node = ns.must_get(self.root, s)
         root = ns.replace(self.root, s, None, op["mtime"])
         self.root = ns.replace(root, d, node, op["mtime"])
 
-    def _apply_snap_capture(self, op: dict[str, Any]) -> None:
+    def _apply_snap_capture(self, op: ops.SnapCapture) -> None:
         parts = paths.split(op["path"])
         node = ns.must_get(self.root, parts)
         self.epoch += 1
         self.pins[op["id"]] = Pin(node, self.epoch)
-        entry = {
+        entry: ops.SnapshotEntry = {
             "id": op["id"],
             "name": op["name"],
             "path": op["path"],
@@ -300,7 +305,7 @@ class MasterState:
         self.snapshots[op["id"]] = entry
         self.snapshot_names[op["name"]] = op["id"]
 
-    def _apply_snap_commit(self, op: dict[str, Any]) -> None:
+    def _apply_snap_commit(self, op: ops.SnapCommit) -> None:
         """Format 3 (``blocks`` present): count the root and, through it, the blocks the op
         carries (exactly those not counted when it was prepared); format 2: one snapshot
         reference per chunk in ``handles_z``."""
@@ -309,25 +314,25 @@ class MasterState:
             self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
         elif not op.get("_precounted"):
             self.count_snapshot_refs(unpack_handles(op["handles_z"]))
-        entry.update(
-            state="ready", sha256=op["sha256"], record_bytes=op["record_bytes"],
-            holders=op["holders"], files=op["files"], dirs=op["dirs"], chunks=op["chunks"],
-            logical_bytes=op["logical_bytes"], duration_seconds=op["duration_seconds"],
-            handles_z=op.get("handles_z", b""), location_reason=op.get("location_reason", ""),
-            root=op.get("root", ""), changes=op.get("changes") or {},
-            format=3 if op.get("blocks") is not None else 2,
-            shipped_bytes=op.get("shipped_bytes", op["record_bytes"]),
-        )
+        entry.update({
+            "state": "ready", "sha256": op["sha256"], "record_bytes": op["record_bytes"],
+            "holders": op["holders"], "files": op["files"], "dirs": op["dirs"], "chunks": op["chunks"],
+            "logical_bytes": op["logical_bytes"], "duration_seconds": op["duration_seconds"],
+            "handles_z": op.get("handles_z", b""), "location_reason": op.get("location_reason", ""),
+            "root": op.get("root", ""), "changes": op.get("changes") or {},
+            "format": 3 if op.get("blocks") is not None else 2,
+            "shipped_bytes": op.get("shipped_bytes", op["record_bytes"]),
+        })
         self.pins.pop(op["id"], None)
         self._recheck_protected()
 
-    def _apply_snap_fail(self, op: dict[str, Any]) -> None:
+    def _apply_snap_fail(self, op: ops.SnapFail) -> None:
         entry = self.snapshots[op["id"]]
-        entry.update(state="failed", error=op["error"])
+        entry.update({"state": "failed", "error": op["error"]})
         self.pins.pop(op["id"], None)
         self._recheck_protected()
 
-    def _apply_snap_adopt(self, op: dict[str, Any]) -> None:
+    def _apply_snap_adopt(self, op: ops.SnapAdopt) -> None:
         """A snapshot record found on the chunkservers is a catalog entry again (``master
         recover`` without metadata): its chunks, at the record's versions, count as referenced."""
         handles = unpack_handles(op["handles_z"])
@@ -341,7 +346,7 @@ class MasterState:
             self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
         else:
             self.count_snapshot_refs(handles)
-        entry = {
+        entry: ops.SnapshotEntry = {
             "id": op["id"], "name": op["name"], "path": op["path"], "created": rfc3339(op["created"]),
             "created_ns": op["created"], "epoch": op.get("epoch", 0), "state": "ready",
             "copies": len(op["holders"]), "targets": [], "near": {}, "labels": {"kubegfs.io/adopted": "true"},
@@ -353,10 +358,10 @@ class MasterState:
         self.snapshots[op["id"]] = entry
         self.snapshot_names[op["name"]] = op["id"]
 
-    def _apply_snap_holders(self, op: dict[str, Any]) -> None:
+    def _apply_snap_holders(self, op: ops.SnapHolders) -> None:
         self.snapshots[op["id"]]["holders"] = op["holders"]
 
-    def _apply_snap_delete(self, op: dict[str, Any]) -> None:
+    def _apply_snap_delete(self, op: ops.SnapDelete) -> None:
         entry = self.snapshots.pop(op["id"])
         if self.snapshot_names.get(entry["name"]) == op["id"]:
             del self.snapshot_names[entry["name"]]
@@ -368,7 +373,7 @@ class MasterState:
                 self._release(self.snap, unpack_handles(entry["handles_z"]))
         self._recheck_protected()
 
-    def _apply_restore(self, op: dict[str, Any]) -> dict[str, Any]:
+    def _apply_restore(self, op: ops.Restore) -> dict[str, Any]:
         if op.get("format") == 3:
             return self._apply_restore_blocks(op)
         from ..snapobj import parse_record
@@ -390,11 +395,15 @@ class MasterState:
             self._uncount(old)
             self._unref_live(ns.iter_chunks(old))
         result = {"files": parsed.files, "dirs": parsed.dirs, "chunks": len(parsed.chunks)}
-        if op.get("rid"):
-            self.restores[op["rid"]] = {**(op.get("summary") or {}), **result}
+        self._remember_restore(op, result)
+        return result
+
+    def _remember_restore(self, op: ops.Restore, result: dict[str, Any]) -> None:
+        rid = op.get("rid")
+        if rid:
+            self.restores[rid] = {**(op.get("summary") or {}), **result}
             while len(self.restores) > MAX_REMEMBERED_RESTORES:
                 del self.restores[next(iter(self.restores))]
-        return result
 
     def restore_candidates(self, parts: tuple[str, ...], mode: str, source: str) -> list[ns.Node | None]:
         """Live directories a format-3 restore may reuse where their digests match the
@@ -408,7 +417,7 @@ class MasterState:
     def version_or_zero(self, h: int) -> int:
         return self.version.get(h, 0)
 
-    def _apply_restore_blocks(self, op: dict[str, Any]) -> dict[str, Any]:
+    def _apply_restore_blocks(self, op: ops.Restore) -> dict[str, Any]:
         """Swap in the tree named by ``root``: live directories whose digests match are reused
         as they are, the rest is built from the blocks the op carries (the server checked that
         they suffice against this very state). Reference counts change only where the new tree
@@ -434,11 +443,8 @@ class MasterState:
         for node in removed:
             self._uncount(node)
             self._unref_live(ns.iter_chunks(node))
-        result = dict(op["counts"])
-        if op.get("rid"):
-            self.restores[op["rid"]] = {**(op.get("summary") or {}), **result}
-            while len(self.restores) > MAX_REMEMBERED_RESTORES:
-                del self.restores[next(iter(self.restores))]
+        result: dict[str, Any] = dict(op["counts"])
+        self._remember_restore(op, result)
         return result
 
     # ------------------------------------------------------------------ directory blocks
@@ -550,6 +556,26 @@ class MasterState:
             "blocks": encode_block_infos({d: b.info for d, b in self.blocks.items()}),
             "block_refs": [self.blocks[d].refs for d in sorted(self.blocks)],
         }
+
+
+# op kind -> its apply method, built once (replay dispatches every record through it)
+_APPLY: dict[str, Callable[[MasterState, Any], Any]] = {
+    "init": MasterState._apply_init,
+    "incarnation": MasterState._apply_incarnation,
+    "mkdir": MasterState._apply_mkdir,
+    "commit": MasterState._apply_commit,
+    "bump": MasterState._apply_bump,
+    "cow": MasterState._apply_cow,
+    "rm": MasterState._apply_rm,
+    "mv": MasterState._apply_mv,
+    "snap_capture": MasterState._apply_snap_capture,
+    "snap_commit": MasterState._apply_snap_commit,
+    "snap_fail": MasterState._apply_snap_fail,
+    "snap_adopt": MasterState._apply_snap_adopt,
+    "snap_holders": MasterState._apply_snap_holders,
+    "snap_delete": MasterState._apply_snap_delete,
+    "restore": MasterState._apply_restore,
+}
 
 
 def _handles(packed: bytes) -> list[int]:

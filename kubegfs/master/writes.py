@@ -20,6 +20,7 @@ from .. import namespace as ns
 from ..errors import Conflict, Unavailable
 from ..topology import Location, find_nearest, place_replicas
 from ..web import hexh
+from . import ops
 from .chunkmap import ChunkserverInfo
 from .leases import Lease
 
@@ -95,8 +96,8 @@ class WritePath:
             if not ok:
                 raise Unavailable(f"no replica could clone chunk {hexh(last)}: {results[0]}")
             unchanged()
-            await self.m.mutate({"op": "cow", "path": lease.path, "index": len(node.chunks) - 1,
-                                 "old": last, "new": new})
+            await self.m.mutate(ops.Cow(op="cow", path=lease.path, index=len(node.chunks) - 1,
+                                        old=last, new=new))
             M.M_COW.inc()
             cmap.locations[new] = set(ok)
             target, tv = new, version
@@ -184,7 +185,10 @@ class WritePath:
             raise Unavailable(f"no replica of chunk {hexh(h)} accepted the new version: {results[0]}")
         if check is not None:
             check()
-        await self.m.mutate({"op": "bump", "h": h, "v": tv, **({"path": path} if path else {})})
+        bump = ops.Bump(op="bump", h=h, v=tv)
+        if path:
+            bump["path"] = path
+        await self.m.mutate(bump)
         for cid in cmap.locations.get(h, set()) - fresh:
             if cid in cmap.cs:
                 cmap.cs[cid].stale.add(h)

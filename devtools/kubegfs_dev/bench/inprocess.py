@@ -9,6 +9,7 @@ import pickle
 import statistics
 import time
 
+from kubegfs.master.ops import SnapCapture
 from kubegfs.master.state import now_ns
 
 from .report import Row, at_least, at_most, human_n
@@ -23,8 +24,8 @@ def bench_capture(trees: dict[int, Tree], repeats: int = 201) -> list[Row]:
     for n in trees:
         samples = []
         for r in range(repeats):
-            op = {"op": "snap_capture", "id": f"c-{n}-{r}", "name": f"c-{n}-{r}", "path": f"/t{n}",
-                  "created": now_ns(), "copies": 2, "seq": st.seq + 1}
+            op = SnapCapture(op="snap_capture", id=f"c-{n}-{r}", name=f"c-{n}-{r}", path=f"/t{n}",
+                             created=now_ns(), copies=2, seq=st.seq + 1)
             t0 = time.perf_counter_ns()
             st.apply(op)
             samples.append((time.perf_counter_ns() - t0) / 1e9)
