@@ -118,3 +118,40 @@ def test_a_copy_names_its_last_record_so_a_diverged_tail_is_noticed(tmp_path):
     (tmp_path / segment_name(1)).write_bytes(batch(1, 2)[0] + frame(packb(other)))
     assert local_digest(tmp_path, 3) == record_digest(other) != st.last_digest
     assert local_digest(tmp_path, 9) == ""
+
+
+def test_stream_messages_carry_range_checksum_and_records():
+    from kubegfs.metalayout import pack_stream_batch, unpack_stream_batch
+
+    data, sha = batch(4, 6)
+    assert unpack_stream_batch(pack_stream_batch(4, 6, sha, data)) == (4, 6, sha, data)
+    with pytest.raises(ValueError, match="shorter"):
+        unpack_stream_batch(b"\0" * 10)
+    with pytest.raises(ValueError, match="bad range"):
+        unpack_stream_batch(pack_stream_batch(6, 4, sha, data))
+    with pytest.raises(ValueError, match="bad range"):
+        unpack_stream_batch(pack_stream_batch(0, 0, sha, data))
+
+
+def test_batches_that_queued_up_are_written_with_one_fdatasync_and_a_bad_one_refuses_all(tmp_path, monkeypatch):
+    import os
+
+    from kubegfs.chunkserver import metastore
+
+    syncs = []
+    monkeypatch.setattr(metastore.os, "fdatasync", lambda fd: syncs.append(fd) or os.fsync(fd))
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    assert st.append_many("h", [metastore.LogBatch(f, la, *batch(f, la)) for f, la in ((1, 2), (3, 3), (4, 7))]) == 7
+    assert len(syncs) == 1
+    bad = bytearray(batch(9, 9)[0])
+    bad[-1] ^= 1
+    with pytest.raises(CorruptData):
+        st.append_many("h", [metastore.LogBatch(8, 8, *batch(8, 8)),
+                             metastore.LogBatch(9, 9, bytes(bad), sha256_hex(bytes(bad)))])
+    with pytest.raises(Conflict):  # a gap between two batches
+        st.append_many("h", [metastore.LogBatch(8, 8, *batch(8, 8)), metastore.LogBatch(10, 10, *batch(10, 10))])
+    assert st.last_seq == 7 and len(syncs) == 1  # nothing of a refused group was written
+    assert st.append_many("h", [metastore.LogBatch(5, 8, *batch(5, 8))]) == 8  # an overlap adds only 8
+    state, rep = recover(tmp_path / "meta", 0, 0)
+    assert state.seq == 8 and not rep.problems
