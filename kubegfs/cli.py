@@ -44,7 +44,8 @@ def read_token(token: str | None, token_file: str | None) -> str:
 class Ctx:
     def __init__(self, master: str, token: str | None, as_json: bool) -> None:
         self.master = master
-        self.token = token
+        token_file = click.get_current_context().meta.get(TOKEN_FILE_META)
+        self.token = read_token(token, token_file) if token_file else token
         self.json = as_json
 
     def client(self) -> Any:
@@ -62,8 +63,18 @@ class Ctx:
             human(data)
 
 
+TOKEN_FILE_META = "kubegfs.token_file"
+
+
+def _token_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[TOKEN_FILE_META] = value
+
+
 def client_options(f: Any) -> Any:
     f = click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
+    f = click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", expose_value=False, callback=_token_file,
+                     help="file holding the token, e.g. /etc/kubegfs/token in the pods (wins over --token)")(f)
     f = click.option("--token", envvar="KUBEGFS_TOKEN", help="shared token (env KUBEGFS_TOKEN)")(f)
     f = click.option("--master", envvar="KUBEGFS_MASTER", default="http://127.0.0.1:9400",
                      show_default=True, help="master URL (env KUBEGFS_MASTER)")(f)
