@@ -127,7 +127,8 @@ class _Stream:
                  on_fail: Callable[[str], None]) -> None:
         self.ws = ws
         self.on_ack = on_ack
-        self.on_fail = on_fail
+        self._on_fail = on_fail
+        self.closed = False
         self.out: asyncio.Queue[_Batch] = asyncio.Queue()
         self.tasks = [asyncio.create_task(self._send()), asyncio.create_task(self._receive())]
 
@@ -157,7 +158,12 @@ class _Stream:
             why = f"stream receive: {exc or type(exc).__name__}"
         self.on_fail(why)
 
+    def on_fail(self, why: str) -> None:
+        if not self.closed:  # once: the copy drops out of sync
+            self._on_fail(why)
+
     def close(self) -> None:
+        self.closed = True
         current = asyncio.current_task()
         for task in self.tasks:
             if task is not current:
@@ -230,7 +236,7 @@ class MetaReplicator:
         t.last_seq = max(t.last_seq, seq)
         self.shipped_batches += 1
         for b in self._queue:
-            if b.first > seq:
+            if b.last > seq:
                 break
             b.waiting.discard(t.id)
         self._settle()
@@ -283,7 +289,9 @@ class MetaReplicator:
         have answered the log up to it."""
         if self.cfg.mode == "off":
             return
-        await asyncio.gather(*(b.fut for b in list(self._queue) if b.first <= seq))
+        pending = [b.fut for b in self._queue if b.first <= seq]
+        if pending:  # (asyncio.wait: being cancelled here must not cancel the batches)
+            await asyncio.wait(pending)
         async with self._lock:
             live = [t for t in self.targets.values() if t.in_sync and t.last_seq >= seq]
             if not live:

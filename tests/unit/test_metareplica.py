@@ -155,3 +155,60 @@ def test_batches_that_queued_up_are_written_with_one_fdatasync_and_a_bad_one_ref
     assert st.append_many("h", [metastore.LogBatch(5, 8, *batch(5, 8))]) == 8  # an overlap adds only 8
     state, rep = recover(tmp_path / "meta", 0, 0)
     assert state.seq == 8 and not rep.problems
+
+
+class _FakeStream:
+    def __init__(self):
+        import asyncio
+
+        self.out = asyncio.Queue()
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+    def sent(self):
+        out = []
+        while not self.out.empty():
+            b = self.out.get_nowait()
+            out.append((b.first, b.last))
+        return out
+
+
+def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answered(tmp_path):
+    import asyncio
+
+    from kubegfs.master.metareplica import MetaReplicationConfig, MetaReplicator, Target
+
+    async def scenario():
+        r = MetaReplicator(MetaReplicationConfig("sync", 2, timeout_seconds=0.3), tmp_path, lambda: "h",
+                           lambda: None, lambda: [cand("a", "za"), cand("b", "zb")], Location("m", "zm", "r"))
+        r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
+        r._streams = {i: _FakeStream() for i in "ab"}
+        streams = dict(r._streams)
+        f1, wait1 = r.on_durable(b"one", 1, 2)
+        f2, _ = r.on_durable(b"two", 3, 3)
+        assert wait1 and streams["a"].sent() == streams["b"].sent() == [(1, 2), (3, 3)]  # not held back
+        r._acked(r.targets["a"], 3)
+        assert not f1.done() and not f2.done()  # b has not answered
+        r._acked(r.targets["b"], 2)
+        assert f1.done() and not f2.done()
+        r._drop(r.targets["b"], "test")  # out of sync: no longer waited for
+        assert f2.done() and streams["b"].closed and r.in_sync() == 1
+        f3, _ = r.on_durable(b"three", 4, 4)
+        assert streams["a"].sent() == [(4, 4)] and streams["b"].sent() == []
+        watcher = asyncio.create_task(r._watch())
+        await asyncio.sleep(0.6)  # a never answers batch 4: dropped after timeout_seconds
+        assert f3.done() and not r.targets["a"].in_sync and "no answer to log batch 4..4" in r.targets["a"].error
+        # that wait was the bound: with no copy left, the next ones go out on the local log alone
+        assert r._gave_up and r.on_durable(b"four", 5, 5) is None
+        # after a restart (no copy in sync yet, chunkservers there) they wait, then give up
+        r._gave_up = False
+        f6, wait6 = r.on_durable(b"six", 6, 6)
+        await asyncio.sleep(0.1)
+        assert wait6 and not f6.done() and r._kick.is_set()  # a copy is being brought in sync
+        await asyncio.sleep(0.5)
+        assert f6.done() and r._gave_up
+        watcher.cancel()
+
+    asyncio.run(scenario())
