@@ -30,6 +30,14 @@ def on_disk(cluster):
     return out
 
 
+def settled_on_disk(cluster):
+    """on_disk() once every chunk has all its replicas: a put that reached only two replicas
+    under load is healed by re-replication, which would otherwise add a file after the snapshot."""
+    c = cluster.client()
+    wait_for(lambda: c.status()["under_replicated"] == 0, what="every chunk fully replicated")
+    return on_disk(cluster)
+
+
 def metric(url, token, name):
     text = requests.get(url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=5).text
     for line in text.splitlines():
@@ -59,7 +67,7 @@ def lose_master_volume(cluster):
 def test_lost_master_volume_deletes_nothing_and_refuses_clearly(cluster):
     c = cluster.client()
     populate(c)
-    before = on_disk(cluster)
+    before = settled_on_disk(cluster)
     lose_master_volume(cluster)
     c2 = cluster.client()
     wait_for(lambda: len(c2.status()["cluster"]["foreign_chunkservers"]) == 3, what="all chunkservers refused")
@@ -143,7 +151,7 @@ def test_chunkserver_of_another_cluster_is_refused_and_keeps_its_data(tmp_path, 
         cb.put("/mine", b"b's data" * 1000)
         stranger = b.chunkservers[0]
         b.kill(stranger, signal.SIGTERM)
-        before = on_disk(b)
+        before = settled_on_disk(b)
         stranger.master_url = a.master_url  # misconfigured: points at cluster a's master
         b.start_chunkserver(stranger)
         ca = a.client()
@@ -162,7 +170,7 @@ def test_chunkserver_of_another_cluster_is_refused_and_keeps_its_data(tmp_path, 
 def test_a_new_master_with_format_starts_over_and_the_old_chunkservers_stay_refused(cluster):
     c = cluster.client()
     c.put("/f", b"x" * 100)
-    before = on_disk(cluster)
+    before = settled_on_disk(cluster)
     old_id = c.status()["cluster"]["cluster_id"]
     lose_master_volume(cluster)
     wait_for(lambda: cluster.client().status()["cluster"]["refusing"], what="refusing")
@@ -369,7 +377,7 @@ def test_kill_9_during_recovery_then_recover_again(tmp_path):
         for i in range(300):
             c.mkdir(f"/bulk/d{i}", parents=True)
         want = c.dump()
-        before = on_disk(cl)
+        before = settled_on_disk(cl)
         cl.kill(cl.master, signal.SIGKILL)
         shutil.rmtree(cl.master.data)
         for delay in (0.0, 0.02, 0.08):
