@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..errors import InvalidArgument, KubegfsError, PayloadTooLarge
 from ..metalayout import unpack_stream_batch
@@ -29,8 +29,10 @@ MAX_META_BODY = 1 << 34  # a checkpoint of a very large namespace
 MAX_STREAM_MESSAGE = 1 << 30  # one group-committed batch of the master's log
 
 
-def add_routes(router: web.UrlDispatcher, store: MetaStore) -> None:
+def add_routes(app: web.Application, store: MetaStore) -> None:
     api = _Api(store)
+    app.on_shutdown.append(api.close_streams)  # an open stream would hold a graceful stop
+    router = app.router
     router.add_get("/internal/meta", api.inventory)
     router.add_post("/internal/meta/reset", api.reset)
     router.add_post("/internal/meta/log", api.append)
@@ -43,6 +45,11 @@ def add_routes(router: web.UrlDispatcher, store: MetaStore) -> None:
 class _Api:
     def __init__(self, store: MetaStore) -> None:
         self.store = store
+        self.streams: set[web.WebSocketResponse] = set()
+
+    async def close_streams(self, _app: web.Application) -> None:
+        for ws in list(self.streams):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"chunkserver stopping")
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -82,6 +89,7 @@ class _Api:
         history = self._history(request)
         ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE, autoping=True)
         await ws.prepare(request)
+        self.streams.add(ws)
         inbox: asyncio.Queue[LogBatch | None] = asyncio.Queue()
         writer = asyncio.create_task(self._write_stream(ws, history, inbox))
         try:
@@ -98,6 +106,7 @@ class _Api:
             inbox.put_nowait(None)
             await writer
             await ws.close()
+            self.streams.discard(ws)
         return ws
 
     async def _write_stream(self, ws: web.WebSocketResponse, history: str,

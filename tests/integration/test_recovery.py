@@ -365,6 +365,21 @@ def test_a_copy_killed_mid_stream_drops_out_acks_go_on_and_it_is_rebuilt(tmp_pat
         cl.stop()
 
 
+def test_a_copy_with_an_open_stream_stops_promptly(tmp_path):
+    cl, c = _replicating(tmp_path, checkpoint_ops=1000)
+    try:
+        c.mkdir("/x")
+        for p in cl.chunkservers:  # two of them hold the master's streams
+            assert p.popen is not None
+            t0 = time.monotonic()
+            p.popen.terminate()
+            assert p.popen.wait(timeout=15) == 0
+            assert time.monotonic() - t0 < 10, f"{p.name} took {time.monotonic() - t0:.1f}s to stop"
+            p.popen = None
+    finally:
+        cl.stop()
+
+
 def test_kill_9_during_recovery_then_recover_again(tmp_path):
     import threading
 
