@@ -104,9 +104,11 @@ class _Api:
                 inbox.put_nowait(LogBatch(first, last, data, sha))
         finally:
             inbox.put_nowait(None)
-            await writer
-            await ws.close()
-            self.streams.discard(ws)
+            try:
+                await writer
+            finally:
+                self.streams.discard(ws)
+                await ws.close()
         return ws
 
     async def _write_stream(self, ws: web.WebSocketResponse, history: str,
@@ -132,8 +134,10 @@ class _Api:
             except OSError as exc:
                 await _refuse(ws, KubegfsError(f"metadata copy write failed: {exc}"))
                 return
-            if not ws.closed:
+            try:
                 await ws.send_str(json.dumps({"last_seq": last}))
+            except (ConnectionError, RuntimeError):  # the master went away: nothing to answer
+                return
 
     async def put_checkpoint(self, request: web.Request) -> web.Response:
         seq = _seq(request)
