@@ -28,8 +28,8 @@ NS = "kgfs-recover"
 
 
 @pytest.fixture(scope="module")
-def env(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
-    rel = Release(real_cluster, NS, tmp_path_factory.mktemp("recover"))
+def env(real_cluster: Cluster, image_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    rel = Release(real_cluster, NS, tmp_path_factory.mktemp("recover"), image_tag)
     real_cluster.recycle_volumes()
     rel.create_namespace()
     yield rel
@@ -98,10 +98,13 @@ def test_master_pvc_and_pod_deleted_then_the_documented_recover_brings_everythin
     cl = env.client()
     assert cl.dump() == want
     assert _identity(cl)["status"] == "True", _identity(cl)
+    # the chunkservers register with the recovered master at their next heartbeats (GFS)
+    wait_for("every chunkserver registered again", lambda: len([
+        s for s in cl.chunkservers() if s.get("alive")]) == 3, 120)
     assert cl.get("/data/f0") == b"overwritten after the snapshot" and cl.get("/after") == after
     for n in ("f1", "f2", "f3"):
         assert cl.get(f"/data/{n}") == snap_bytes[n]
-    assert [s["id"] for s in cl.snapshot_list() if s["name"].startswith("data-nightly")] == [sid]
+    assert sid in {s["id"] for s in cl.snapshot_list()}
 
     back = wait_for("the Snapshot Ready again", lambda: env.condition("snapshot", "data-nightly"), 200)
     assert back["status"]["snapshotID"] == sid
