@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml devtools/pyproject.toml
 
 venv: $(STAMP) ## create .venv: kubegfs editable with its dev extra, and devtools/ (kubegfs-dev)
 
-run: $(STAMP) controlplane-build ## the demo: local file system, then Snapshot/Restore CRs through the operator on a real kube-apiserver
+run: $(STAMP) ## the demo: local file system, then Snapshot/Restore CRs through the operator on a real kube-apiserver
 	$(BIN)/kubegfs demo
+	@echo "== next: the same through Kubernetes; the control-plane binaries are built once into $(K8S_CACHE) (cold: tens of minutes on 2 cores; then cached)"
+	bash hack/controlplane/build.sh $(K8S_CACHE)
 	PATH=$(abspath $(BIN)):$$PATH KUBEGFS_K8S_BIN=$(K8S_CACHE)/bin $(PYTHON) -m kubegfs_dev.demo
 
 up: $(STAMP) controlplane-build ## like run, then keep everything running and print the KUBECONFIG line (Ctrl-C stops)
