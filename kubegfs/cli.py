@@ -86,8 +86,9 @@ def server_tokens(token: str | None, token_file: str | None, internal_token: str
 class Ctx:
     def __init__(self, master: str, token: str | None, as_json: bool) -> None:
         self.master = master
-        self.token = token
         meta = click.get_current_context().meta
+        token_file = meta.get(TOKEN_FILE_META)
+        self.token = read_token(token, token_file) if token_file else token
         self.fmt: str | None = "json" if as_json else meta.get(OUTPUT_KEY)
         self.cacert: str | None = meta.get(CACERT_KEY)
 
@@ -123,6 +124,14 @@ def _set_output(ctx: click.Context, _param: click.Parameter, value: str | None) 
         ctx.meta[OUTPUT_KEY] = value
 
 
+TOKEN_FILE_META = "kubegfs.token_file"
+
+
+def _token_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[TOKEN_FILE_META] = value
+
+
 def client_options(f: Any) -> Any:
     from .output import FORMATS
 
@@ -131,6 +140,8 @@ def client_options(f: Any) -> Any:
     f = click.option("--json", "as_json", is_flag=True, help="same as -o json")(f)
     f = click.option("--cacert", envvar="KUBEGFS_CACERT", type=click.Path(dir_okay=False), expose_value=False,
                      callback=_set_cacert, help="verify an https:// master against this CA bundle (env KUBEGFS_CACERT)")(f)
+    f = click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", expose_value=False, callback=_token_file,
+                     help="file holding the client token, e.g. /etc/kubegfs/token in the pods (wins over --token)")(f)
     f = click.option("--token", envvar="KUBEGFS_TOKEN", help="client token (env KUBEGFS_TOKEN)")(f)
     f = click.option("--master", envvar="KUBEGFS_MASTER", default="http://127.0.0.1:9400",
                      show_default=True, help="master URL (env KUBEGFS_MASTER)")(f)

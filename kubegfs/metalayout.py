@@ -7,7 +7,14 @@ chunkservers keep (``chunkserver/metastore.py``):
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+
+# the op-log stream from the master to a copy (``/internal/meta/stream``, a WebSocket): each
+# binary message is one group-committed batch, ``_STREAM_HEAD`` (first seq, last seq, sha256 of
+# the records) then the framed records; the copy answers, in order, with a JSON text message
+# ``{"last_seq": n}`` once the batch is fdatasynced, or with an error object and closes.
+_STREAM_HEAD = struct.Struct(">QQ32s")
 
 
 def seq_of(p: Path) -> int:
@@ -37,3 +44,18 @@ def prune_superseded(data_dir: Path, keep: int = 2) -> None:
     for seg, nxt in zip(segs, segs[1:], strict=False):
         if seq_of(nxt) <= oldest_kept + 1:
             seg.unlink(missing_ok=True)
+
+
+def pack_stream_batch(first: int, last: int, sha256: str, data: bytes) -> bytes:
+    return _STREAM_HEAD.pack(first, last, bytes.fromhex(sha256)) + data
+
+
+def unpack_stream_batch(msg: bytes) -> tuple[int, int, str, bytes]:
+    """(first, last, sha256 hex, records); ValueError when the message is too short or the
+    range is empty."""
+    if len(msg) < _STREAM_HEAD.size:
+        raise ValueError("op-log stream message shorter than its header")
+    first, last, sha = _STREAM_HEAD.unpack_from(msg)
+    if first < 1 or last < first:
+        raise ValueError(f"op-log stream batch has a bad range {first}..{last}")
+    return first, last, sha.hex(), msg[_STREAM_HEAD.size:]

@@ -9,7 +9,9 @@ plain processes whose PIDs are kept in ``<state>/pids.json``:
   dir, cgroup root ``/<node>``, zone/region labels);
 * one kube-scheduler, one kube-proxy (iptables; one per host, the nodes share its netfilter) and
   CoreDNS (``kubernetes`` plugin) behind the ``kube-dns`` Service 198.19.0.10;
-* a StorageClass ``local`` (default) with pre-made local PersistentVolumes on every node.
+* dynamic PersistentVolumes: the default StorageClass ``local-path``, served by Rancher's
+  local-path-provisioner running as a pod (:mod:`kubegfs_dev.localpath`); and a StorageClass
+  ``local`` with pre-made local PersistentVolumes on every node.
 
 Addresses: the API server listens on 198.18.0.1 and CoreDNS on 198.18.0.2, both on ``kgfs0`` (an
 empty bridge that also carries the catch-all route of 198.18.0.0/15, so a packet for an unused
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from kubegfs_dev import controlplane as cpm
-from kubegfs_dev import hostnet, pids
+from kubegfs_dev import hostnet, localpath, pids
 from kubegfs_dev.util import free_port
 
 API_IP = "198.18.0.1"
@@ -62,7 +64,8 @@ CTR = "/usr/bin/ctr"
 RUNC = "/usr/sbin/runc"
 CNI_BIN = "/usr/lib/cni"
 DEBIAN_PACKAGES = {CONTAINERD: "containerd", RUNC: "runc", f"{CNI_BIN}/bridge": "containernetworking-plugins",
-                   "/usr/sbin/iptables": "iptables", "/usr/bin/buildah": "buildah"}
+                   "/usr/sbin/iptables": "iptables", "/usr/bin/buildah": "buildah",
+                   str(localpath.BUSYBOX): "busybox-static"}
 
 # Everything a kubelet-backed cluster needs from kube-controller-manager (the control-plane-only
 # harness runs just the first five: with fake nodes node-lifecycle would evict their pods).
@@ -362,8 +365,7 @@ def bootstrap_objects() -> list[dict[str, Any]]:
          "endpoints": [{"addresses": [DNS_IP], "conditions": {"ready": True}}],
          "ports": dns_ports},
         {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-         "metadata": {"name": STORAGE_CLASS,
-                      "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+         "metadata": {"name": STORAGE_CLASS},  # the default is local-path (localpath.py)
          "provisioner": "kubernetes.io/no-provisioner",
          "volumeBindingMode": "WaitForFirstConsumer",
          "reclaimPolicy": "Retain"},
@@ -440,7 +442,8 @@ class Cluster:
             raise ClusterError("real nodes need root (containerd, kubelet, bridges, iptables)")
         ensure_packages()
         binaries = {n: cpm.find_binary(n, self.bin_dir)
-                    for n in ("kubelet", "kube-scheduler", "kube-proxy", "coredns", "pause")}
+                    for n in ("kubelet", "kube-scheduler", "kube-proxy", "coredns", "pause",
+                              "local-path-provisioner")}
         with _machine_lock():
             if _owner() == self.state and running(self.state):
                 self.log(f"already running (state {self.state})")
@@ -491,10 +494,13 @@ class Cluster:
             ])
         cp.start()
         kc = self._identities(cp)
-        pause_tar = self._pause_image(binaries["pause"])
+        tars = [self._scratch_image(PAUSE_IMAGE, [(binaries["pause"], "/pause")], ["/pause"], "65535:65535")]
+        tars += [self._scratch_image(ref, files, [files[0][1]], user)
+                 for ref, files, user in localpath.images(binaries["local-path-provisioner"])]
         for node in self.nodes:
             self._start_containerd(procs, node)
-            self.ctr(node, "images", "import", str(pause_tar))
+            for tar in tars:
+                self.ctr(node, "images", "import", str(tar))
             self._start_kubelet(procs, node, binaries["kubelet"], kc[node.name])
         sched_port, proxy_health, proxy_metrics, dns_health, dns_ready = (free_port() for _ in range(5))
         procs.spawn("kube-scheduler", [str(binaries["kube-scheduler"]), f"--kubeconfig={kc['scheduler']}",
@@ -514,6 +520,7 @@ class Cluster:
         self.apply(bootstrap_objects())
         procs.spawn("coredns", [str(binaries["coredns"]), "-conf", str(self.state / "Corefile")])
         self._volumes()
+        self.apply(localpath.objects(self.nodes, self.node_dir))
         logs = self.state / "logs"
         _wait("kube-scheduler", lambda: _http_ok(f"https://127.0.0.1:{sched_port}/healthz"),
               self.start_timeout, logs / "kube-scheduler.log", lambda: procs.alive("kube-scheduler"))
@@ -525,6 +532,8 @@ class Cluster:
             _wait(f"node {node.name} Ready", lambda n=node: self._node_ready(n.name),  # type: ignore[misc]
                   self.start_timeout, logs / f"kubelet-{node.name}.log",
                   lambda n=node: procs.alive(f"kubelet-{n.name}"))  # type: ignore[misc]
+        _wait("the local-path provisioner pod", self._provisioner_ready, self.start_timeout,
+              logs / f"kubelet-{self.nodes[0].name}.log")
         link = self.state / "kubeconfig"
         link.unlink(missing_ok=True)
         link.symlink_to(self.kubeconfig)
@@ -556,8 +565,14 @@ class Cluster:
                                               ca=cp.ca_file, user=cn, cert=crt, key=key)
         return out
 
-    def _pause_image(self, pause_bin: Path) -> Path:
-        tar = self.state / "images" / "pause.tar"
+    def _provisioner_ready(self) -> bool:
+        r = self.kubectl("get", "deployment", "-n", localpath.NAMESPACE, "local-path-provisioner",
+                         "-o", "jsonpath={.status.availableReplicas}", check=False, timeout=10)
+        return r.stdout.strip() == "1"
+
+    def _scratch_image(self, ref: str, files: list[tuple[Path, str]], entrypoint: list[str], user: str) -> Path:
+        """An image of static binaries only (FROM scratch) as an OCI archive to import."""
+        tar = self.state / "images" / (ref.rsplit("/", 1)[1].replace(":", "_") + ".tar")
         if tar.exists():
             return tar
         tar.parent.mkdir(parents=True, exist_ok=True)
@@ -565,12 +580,14 @@ class Cluster:
              "--runroot", str(self.state / "buildah" / "run")]
         ctr = hostnet.run(*b, "from", "scratch").stdout.strip()
         try:
-            hostnet.run(*b, "copy", ctr, str(pause_bin), "/pause")
-            hostnet.run(*b, "config", "--entrypoint", '["/pause"]', "--cmd", "", "--user", "65535:65535", ctr)
-            hostnet.run(*b, "commit", "-q", ctr, PAUSE_IMAGE)
+            for src, dst in files:
+                hostnet.run(*b, "copy", ctr, str(src), dst)
+            hostnet.run(*b, "config", "--entrypoint", json.dumps(entrypoint), "--cmd", "", "--user", user,
+                        "--env", "PATH=/bin", ctr)
+            hostnet.run(*b, "commit", "-q", ctr, ref)
         finally:
             hostnet.run(*b, "rm", ctr, check=False)
-        hostnet.run(*b, "push", PAUSE_IMAGE, f"oci-archive:{tar}.tmp:{PAUSE_IMAGE}")
+        hostnet.run(*b, "push", ref, f"oci-archive:{tar}.tmp:{ref}")
         Path(f"{tar}.tmp").replace(tar)
         hostnet.run(*b, "rmi", "-a", check=False)
         hostnet.unmount_under(self.state / "buildah")

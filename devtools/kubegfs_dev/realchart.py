@@ -10,6 +10,7 @@ chunkserver nearest the master is a same-region one, neither a same-node one nor
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -28,22 +29,30 @@ CHUNKSERVERS = 3
 COMPONENTS = ("master", "chunkserver", "operator")
 
 
-def values(namespace: str, *, chunk_size: str = "256KiB", replication: int = 2) -> dict[str, Any]:
+def checkout_tag(version: str) -> str:
+    """An image tag (and wheel version) of this checkout alone: worktrees on one machine share
+    buildah's image store, and a test must not load the images another checkout built since."""
+    return f"{version}.dev{int(hashlib.sha256(str(REPO).encode()).hexdigest()[:7], 16)}"
+
+
+def values(namespace: str, *, chunk_size: str = "256KiB", replication: int = 2,
+           image_tag: str | None = None) -> dict[str, Any]:
     small = {"requests": {"cpu": "50m", "memory": "128Mi"}}
+    tag = {"image": {"tag": image_tag}} if image_tag else {}
     return {
         # imported into every node's containerd, never pulled
         "image": {"registry": "localhost", "pullPolicy": "Never"},
         "filesystem": {"chunkSize": chunk_size, "replication": replication},
         "master": {"nodeSelector": {"kubernetes.io/hostname": MASTER_NODE},
-                   "persistence": {"size": "1Gi"}, "resources": small},
+                   "persistence": {"size": "1Gi"}, "resources": small, **tag},
         "chunkservers": {
-            "replicas": CHUNKSERVERS, "persistence": {"size": "2Gi"}, "resources": small,
+            "replicas": CHUNKSERVERS, "persistence": {"size": "2Gi"}, "resources": small, **tag,
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [{"matchExpressions": [
                     {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [MASTER_NODE]}]}]}}},
         },
         # only its own namespace: another release in the cluster (the demo's) has its own operator
-        "operator": {"resources": small, "watchNamespaces": [namespace]},
+        "operator": {"resources": small, "watchNamespaces": [namespace], **tag},
         "metrics": {"podAnnotations": True},
     }
 
@@ -72,13 +81,13 @@ def pod_ready(pod: dict[str, Any]) -> bool:
 class Release:
     """The release ``RELEASE`` in namespace ``ns`` of ``cluster``."""
 
-    def __init__(self, cluster: Cluster, ns: str, workdir: Path) -> None:
+    def __init__(self, cluster: Cluster, ns: str, workdir: Path, image_tag: str | None = None) -> None:
         self.c = cluster
         self.ns = ns
         self.workdir = workdir
         self.cp = ControlPlane(state_dir=cluster.cp_state, bin_dir=cluster.bin_dir)  # its helm() runner
         self.values_file = workdir / "values.json"
-        self.values_file.write_text(json.dumps(values(ns)))
+        self.values_file.write_text(json.dumps(values(ns, image_tag=image_tag)))
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
         return self.c.kubectl(*args, check=check, input=input, timeout=300).stdout

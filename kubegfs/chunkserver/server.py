@@ -114,7 +114,7 @@ class Chunkserver:
         r.add_post("/internal/blocks/get", self.get_blocks)
         r.add_get("/internal/info", self.info)
         r.add_post("/internal/scrub", self.scrub)
-        metaapi.add_routes(r, self.meta)
+        metaapi.add_routes(app, self.meta)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app

@@ -5,18 +5,24 @@ we. The replicator picks ``copies`` live chunkservers, each in a zone of its own
 (``choose_targets``), and keeps on each a *complete* copy of the master's data directory
 (``chunkserver/metastore.py``): a checkpoint and every op after it.
 
+Each group-committed batch of the op log is sent once to every in-sync target, while it is
+written locally, over one persistent ordered stream per target (``_Stream``, a WebSocket to
+``/internal/meta/stream``): batches are not held back until earlier ones are answered, and the
+answers (the copy's last seq, in order) settle the batches they cover.
+
 Modes:
-  ``sync``  every group-committed batch is sent to the in-sync targets before the ops in it are
-            acknowledged: an acknowledged op is durable here and on every in-sync copy.
+  ``sync``  the ops of a batch are acknowledged once it is durable here and every in-sync
+            target has answered it: an acknowledged op is durable here and on every in-sync copy.
   ``async`` batches are sent in the background; a writer waits only when the oldest unsent batch
             is older than ``max_lag_seconds`` (the bound on what losing the master can cost).
   ``off``   local only.
 
 A target that fails a batch drops out of sync (the op is still acknowledged by the others, and
 the status shows the copy count short: ``MetadataReplicated`` False); the background loop brings
-it back from the files on disk: it appends what the copy misses when the copy follows this log
-(``history``) and is not ahead of it, else resets it to the newest local checkpoint + log. All
-sends to targets are serialised by one lock, so each copy sees its records in order.
+it back from the files on disk (plain HTTP): it appends what the copy misses when the copy
+follows this log (``history``) and is not ahead of it, else resets it to the newest local
+checkpoint + log; batches made meanwhile are kept for it (``_joining``) and go first on its new
+stream, so each copy sees its records in order without holding back the others.
 
 ``fetch_newest`` is the way back: the newest complete copy among the chunkservers, verified
 (checkpoint sha256, record CRCs and seq order) by replaying it in a staging directory.
@@ -26,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +48,7 @@ import aiohttp
 from .. import metrics as M
 from ..errors import KubegfsError, from_json
 from ..formats import frame, packb, record_digest, scan_log, sha256_hex
-from ..metalayout import checkpoint_name, seq_of
+from ..metalayout import checkpoint_name, pack_stream_batch, seq_of
 from ..topology import Location
 from .oplog import OpLog, RecoveryReport, recover
 from .state import MasterState
@@ -86,13 +94,15 @@ def choose_targets(candidates: list[Candidate], current: list[str], copies: int,
     return chosen
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     data: bytes
     first: int
     last: int
     t: float
     fut: asyncio.Future[None]
+    sha256: str
+    waiting: set[str] = field(default_factory=set)  # in-sync copies that have not acknowledged it
 
 
 @dataclass
@@ -103,6 +113,63 @@ class Target:
     in_sync: bool = False
     last_seq: int = 0
     error: str = ""
+
+    def status(self) -> dict[str, Any]:
+        return {"id": self.id, "address": self.address, "zone": self.zone, "in_sync": self.in_sync,
+                "last_seq": self.last_seq, "error": self.error}
+
+
+class _Stream:
+    """The persistent, ordered channel to one copy (``/internal/meta/stream``): batches go out as
+    they come, without waiting for the answers to earlier ones; the answers come back in order."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, on_ack: Callable[[int], None],
+                 on_fail: Callable[[str], None]) -> None:
+        self.ws = ws
+        self.on_ack = on_ack
+        self._on_fail = on_fail
+        self.closed = False
+        self.out: asyncio.Queue[_Batch] = asyncio.Queue()
+        self.tasks = [asyncio.create_task(self._send()), asyncio.create_task(self._receive())]
+
+    async def _send(self) -> None:
+        try:
+            while True:
+                b = await self.out.get()
+                await self.ws.send_bytes(pack_stream_batch(b.first, b.last, b.sha256, b.data))
+        except (*_NET_ERRORS, RuntimeError) as exc:  # RuntimeError: sent on a closing socket
+            self.on_fail(f"stream send: {exc or type(exc).__name__}")
+
+    async def _receive(self) -> None:
+        why = "stream closed by the copy"
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    why = f"stream: unexpected {msg.type.name} message"
+                    break
+                body = json.loads(msg.data)
+                if isinstance(body, dict) and isinstance(body.get("last_seq"), int):
+                    self.on_ack(body["last_seq"])
+                    continue
+                status = int(body.get("status", 500)) if isinstance(body, dict) else 500
+                why = f"refused: {from_json(status, body)}"
+                break
+        except (*_NET_ERRORS, ValueError) as exc:
+            why = f"stream receive: {exc or type(exc).__name__}"
+        self.on_fail(why)
+
+    def on_fail(self, why: str) -> None:
+        if not self.closed:  # once: the copy drops out of sync
+            self._on_fail(why)
+
+    def close(self) -> None:
+        self.closed = True
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+        if not self.ws.closed:
+            asyncio.get_running_loop().create_task(self.ws.close())
 
 
 class MetaReplicator:
@@ -119,8 +186,10 @@ class MetaReplicator:
         self.location = location
         self.targets: dict[str, Target] = {}
         self.local_seq = 0
-        self._lock = asyncio.Lock()
-        self._queue: deque[_Batch] = deque()
+        self._lock = asyncio.Lock()  # bootstraps and checkpoints, one at a time
+        self._queue: deque[_Batch] = deque()  # batches not yet answered, in seq order
+        self._streams: dict[str, _Stream] = {}  # one per in-sync copy
+        self._joining: dict[str, list[_Batch]] = {}  # batches made while a copy is being brought in sync
         self._wake = asyncio.Event()
         self._kick = asyncio.Event()  # run a maintenance pass now
         self._gave_up = False
@@ -134,34 +203,65 @@ class MetaReplicator:
     # ------------------------------------------------------------------ the write path
 
     def on_durable(self, data: bytes, first: int, last: int) -> tuple[asyncio.Future[None], bool] | None:
-        """A batch is being written locally (called in order by the op log): queue it for the
-        copies. Returns the future of it reaching them and whether its waiters wait for that
-        (sync; async only when the copies trail by more than the lag bound), or None when no copy
-        is in sync (they are rebuilt from the files when they come back)."""
+        """A batch is being written locally (called in order by the op log): stream it to every
+        in-sync copy now, while it is written here. Returns the future of it reaching them and
+        whether its waiters wait for that (sync; async only when the copies trail by more than
+        the lag bound), or None when no copy is in sync (they are rebuilt from the files when
+        they come back)."""
         self.local_seq = last
-        if not self._queue and not any(t.in_sync for t in self.targets.values()) and not self._awaiting_copy():
+        live = [t for t in self.targets.values() if t.in_sync]
+        if not self._queue and not live and not self._joining and not self._awaiting_copy():
             return None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Batch(data, first, last, time.monotonic(), fut))
+        b = _Batch(data, first, last, time.monotonic(), fut, sha256_hex(data), {t.id for t in live})
+        self._queue.append(b)
+        for t in live:
+            self._streams[t.id].out.put_nowait(b)
+        for joined in self._joining.values():
+            joined.append(b)
+        self._settle()
         self._wake.set()
-        lagging = time.monotonic() - self._queue[0].t > self.cfg.max_lag_seconds
+        lagging = bool(self._queue) and time.monotonic() - self._queue[0].t > self.cfg.max_lag_seconds
         return fut, self.cfg.mode == "sync" or lagging
 
-    async def _shipper(self) -> None:
-        """Sends what queued up meanwhile as one batch (group commit for the copies)."""
+    def _settle(self) -> None:
+        """Answer the batches, in order, that every copy they wait for has acknowledged (or
+        dropped out); while no copy is in sync yet (``_awaiting_copy``) they wait."""
+        while self._queue and not self._queue[0].waiting and not self._awaiting_copy():
+            b = self._queue.popleft()
+            if not b.fut.done():
+                b.fut.set_result(None)
+
+    def _acked(self, t: Target, seq: int) -> None:
+        t.last_seq = max(t.last_seq, seq)
+        self.shipped_batches += 1
+        for b in self._queue:
+            if b.last > seq:
+                break
+            b.waiting.discard(t.id)
+        self._settle()
+
+    async def _watch(self) -> None:
+        """Enforces ``timeout_seconds``: a copy that has not answered the oldest batch within it
+        drops out; with no copy in sync, waiting for one to come into sync stops after it."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue and self._awaiting_copy():
-                if time.monotonic() - self._queue[0].t > self.cfg.timeout_seconds:
-                    self._gave_up = True  # degraded: stop waiting until a copy is in sync again
-                    log.error("no metadata copy came into sync within %gs: acknowledging on the local "
-                              "log alone", self.cfg.timeout_seconds)
-                    break
-                self._kick.set()  # bring a copy into sync now rather than at the next pass
+            while self._queue:
+                b = self._queue[0]
+                if time.monotonic() - b.t > self.cfg.timeout_seconds:
+                    for tid in list(b.waiting):
+                        self._drop(self.targets[tid], f"no answer to log batch {b.first}..{b.last} "
+                                                      f"within {self.cfg.timeout_seconds:g}s")
+                    if self._awaiting_copy():
+                        self._gave_up = True  # degraded: stop waiting until a copy is in sync again
+                        log.error("no metadata copy came into sync within %gs: acknowledging on the "
+                                  "local log alone", self.cfg.timeout_seconds)
+                    self._settle()
+                    continue
+                if self._awaiting_copy():
+                    self._kick.set()  # bring a copy into sync now rather than at the next pass
                 await asyncio.sleep(0.02)
-            async with self._lock:
-                await self._ship_queued()
 
     def _awaiting_copy(self) -> bool:
         """sync: no copy is in sync yet but chunkservers are there (e.g. just after a restart):
@@ -171,48 +271,29 @@ class MetaReplicator:
         return (self.cfg.mode == "sync" and not self._gave_up
                 and not any(t.in_sync for t in self.targets.values()) and bool(self.candidates()))
 
-    async def _ship_queued(self) -> None:
-        """Call with the lock held."""
-        while self._queue:
-            items = list(self._queue)
-            data = b"".join(b.data for b in items) if len(items) > 1 else items[0].data
-            await self._ship(data, items[0].first, items[-1].last)
-            for b in items:
-                self._queue.popleft()
-                if not b.fut.done():
-                    b.fut.set_result(None)
-
-    async def _ship(self, data: bytes, first: int, last: int) -> None:
-        live = [t for t in self.targets.values() if t.in_sync]
-        if not live:
-            return
-        sha = sha256_hex(data)
-        await asyncio.gather(*(self._append(t, data, first, last, sha) for t in live))
-        self.shipped_batches += 1
-
-    async def _append(self, t: Target, data: bytes, first: int, last: int, sha: str) -> None:
-        try:
-            await self._call(t, "POST", "/internal/meta/log",
-                             params={"history": self.history(), "first": str(first), "last": str(last)},
-                             data=data, headers={"X-Kubegfs-Sha256": sha})
-            t.last_seq = last
-        except _NET_ERRORS as exc:
-            self._drop(t, f"log batch {first}..{last}: {exc}")
-
     def _drop(self, t: Target, why: str) -> None:
         if t.in_sync:
             log.warning("metadata copy on %s out of sync: %s", t.id, why)
             M.M_META_DROPS.inc()
         t.in_sync = False
         t.error = why
+        stream = self._streams.pop(t.id, None)
+        if stream is not None:
+            stream.close()
+        for b in self._queue:
+            b.waiting.discard(t.id)
+        self._settle()
 
     async def on_checkpoint(self, seq: int) -> None:
-        """A local checkpoint was written: the copies get it too (it lets them prune)."""
+        """A local checkpoint was written: the copies get it too (it lets them prune), once they
+        have answered the log up to it."""
         if self.cfg.mode == "off":
             return
+        pending = [b.fut for b in self._queue if b.first <= seq]
+        if pending:  # (asyncio.wait: being cancelled here must not cancel the batches)
+            await asyncio.wait(pending)
         async with self._lock:
-            await self._ship_queued()  # the copies get the log up to the checkpoint first
-            live = [t for t in self.targets.values() if t.in_sync]
+            live = [t for t in self.targets.values() if t.in_sync and t.last_seq >= seq]
             if not live:
                 return
             data = await asyncio.get_running_loop().run_in_executor(
@@ -228,12 +309,16 @@ class MetaReplicator:
             self._drop(t, f"checkpoint {seq}: {exc}")
             return False
 
-    async def _call(self, t: Target, method: str, path: str, **kw: Any) -> Any:
+    def _client(self) -> aiohttp.ClientSession:
         s = self.session()
         if s is None:
             raise OSError("no client session yet")
-        async with s.request(method, t.address + path, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
-                             **kw) as resp:
+        return s
+
+    async def _call(self, t: Target, method: str, path: str, **kw: Any) -> Any:
+        async with self._client().request(method, t.address + path,
+                                          timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+                                          **kw) as resp:
             body = await resp.json(content_type=None)
             if resp.status >= 300:
                 raise from_json(resp.status, body)
@@ -244,7 +329,7 @@ class MetaReplicator:
     async def run(self) -> None:
         if self.cfg.mode == "off":
             return
-        shipper = asyncio.create_task(self._shipper())
+        watcher = asyncio.create_task(self._watch())
         try:
             while True:
                 try:
@@ -255,7 +340,10 @@ class MetaReplicator:
                     await asyncio.wait_for(self._kick.wait(), 1.0)
                 self._kick.clear()
         finally:
-            shipper.cancel()
+            watcher.cancel()
+            for stream in self._streams.values():
+                stream.close()
+            self._streams.clear()
             for b in self._queue:  # shutting down: what is durable locally is answered
                 if not b.fut.done():
                     b.fut.set_result(None)
@@ -267,7 +355,7 @@ class MetaReplicator:
         for tid in list(self.targets):
             if tid not in chosen:
                 log.info("metadata copy on %s no longer maintained", tid)
-                del self.targets[tid]
+                self._drop(self.targets.pop(tid), "no longer a target")
         for tid in chosen:
             if tid not in self.targets:
                 c = cands[tid]
@@ -279,9 +367,13 @@ class MetaReplicator:
         self.update_gauges()
 
     async def _bootstrap(self, t: Target) -> None:
+        """Bring ``t`` in sync: what it misses from the files (over plain HTTP), then the batches
+        made meanwhile over a new stream; from then on it gets every batch as it is written."""
         loop = asyncio.get_running_loop()
         upto = self.local_seq
         history = self.history()
+        joined: list[_Batch] = []
+        self._joining[t.id] = joined  # from here on every new batch is kept for ``t``
         try:
             inv = await self._call(t, "GET", "/internal/meta")
             cks = sorted(self.dir.glob("checkpoint-*.ckpt"))
@@ -300,23 +392,38 @@ class MetaReplicator:
                         return
                 start = base
             sent = start
-            for first, last, data in await loop.run_in_executor(None, read_batches, self.dir, start, upto):
-                sent = last
-                await self._call(t, "POST", "/internal/meta/log",
-                                 params={"history": history, "first": str(first), "last": str(last)},
-                                 data=data, headers={"X-Kubegfs-Sha256": sha256_hex(data)})
+            deadline = time.monotonic() + self.cfg.timeout_seconds
+            while sent < upto:  # the newest of these may still be on their way to the local disk
+                for first, last, data in await loop.run_in_executor(None, read_batches, self.dir, sent, upto):
+                    await self._call(t, "POST", "/internal/meta/log",
+                                     params={"history": history, "first": str(first), "last": str(last)},
+                                     data=data, headers={"X-Kubegfs-Sha256": sha256_hex(data)})
+                    sent = last
+                if sent < upto:
+                    if time.monotonic() > deadline:
+                        raise OSError(f"seq {sent + 1}..{upto} not on the local disk after "
+                                      f"{self.cfg.timeout_seconds:g}s")
+                    await asyncio.sleep(0.01)
+            ws = await self._client().ws_connect(t.address + "/internal/meta/stream", params={"history": history},
+                                                 heartbeat=None, max_msg_size=1 << 20)
         except _NET_ERRORS as exc:
             t.error = f"bootstrap: {exc}"
             return
-        # records past ``sent`` are still being written here: they are in the queue, which is
-        # shipped to this copy next (the copy skips what it holds already)
-        if sent < upto and not (self._queue and self._queue[0].first <= sent + 1):
-            t.error = f"bootstrap: seq {sent + 1}..{upto} not on the local disk yet; retrying"
-            return
+        finally:
+            del self._joining[t.id]
+        # no await from here on: the batches made since ``upto`` go out first, in order
+        stream = _Stream(ws, partial(self._acked, t), partial(self._drop, t))
+        self._streams[t.id] = stream
+        pending = {id(b) for b in self._queue}
+        for b in joined:
+            if id(b) in pending:
+                b.waiting.add(t.id)
+            stream.out.put_nowait(b)
         t.in_sync, t.last_seq, t.error = True, sent, ""
         self._gave_up = False
         self.bootstraps += 1
         log.info("metadata copy on %s (%s) in sync at seq %d (sent from %d)", t.id, t.zone or "no zone", sent, start)
+        self._settle()
 
     # ------------------------------------------------------------------ reporting
 
@@ -331,7 +438,7 @@ class MetaReplicator:
         return {"mode": self.cfg.mode, "copies": self.cfg.copies, "in_sync": self.in_sync(),
                 "local_seq": self.local_seq, "lag_seconds": round(self.lag_seconds(), 3),
                 "max_lag_seconds": self.cfg.max_lag_seconds,
-                "targets": [t.__dict__ for t in self.targets.values()]}
+                "targets": [t.status() for t in self.targets.values()]}
 
     def condition(self) -> dict[str, Any]:
         n = self.in_sync()

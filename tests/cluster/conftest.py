@@ -21,10 +21,12 @@ import pytest
 
 from kubegfs_dev.cluster import Cluster, ClusterError, running, wait_free
 from kubegfs_dev.controlplane import ControlPlaneError
+from kubegfs_dev.realchart import checkout_tag
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-IMAGES = tuple(f"localhost/kubegfs/{c}:{VERSION}" for c in ("master", "chunkserver", "operator"))
+TAG = checkout_tag(VERSION)  # not VERSION: another checkout may rebuild those tags meanwhile
+IMAGES = tuple(f"localhost/kubegfs/{c}:{TAG}" for c in ("master", "chunkserver", "operator"))
 STATE = REPO / ".run" / "cluster-test"
 
 
@@ -35,8 +37,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.cluster)
 
 
-def _sh(*argv: str, timeout: float = 1800) -> str:
-    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+def _sh(*argv: str, timeout: float = 1800, env: dict[str, str] | None = None) -> str:
+    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+                       env={**os.environ, **(env or {})})
     if r.returncode != 0:
         pytest.fail(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}\n{r.stdout[-2000:]}",
                     pytrace=False)
@@ -46,8 +49,14 @@ def _sh(*argv: str, timeout: float = 1800) -> str:
 def build_images() -> tuple[str, ...]:
     """The kubegfs images, built now (layer-cached, so a warm build takes seconds)."""
     base = _sh("bash", "hack/images/base.sh").strip().splitlines()[-1]
-    _sh("bash", "hack/images/build.sh", "--tool", "buildah", "--base", base)
+    _sh("bash", "hack/images/build.sh", "--tool", "buildah", "--base", base, env={"VERSION": TAG})
     return IMAGES
+
+
+@pytest.fixture(scope="session")
+def image_tag() -> str:
+    """The tag of the images the cluster has: this checkout's, or a `make cluster-up` cluster's."""
+    return VERSION if os.environ.get("KUBEGFS_REAL_CLUSTER") else TAG
 
 
 @pytest.fixture(scope="session")

@@ -47,8 +47,8 @@ NS = "kgfs-real"
 
 
 @pytest.fixture(scope="module")
-def env(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
-    rel = Release(real_cluster, NS, tmp_path_factory.mktemp("real"))
+def env(real_cluster: Cluster, image_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    rel = Release(real_cluster, NS, tmp_path_factory.mktemp("real"), image_tag)
     real_cluster.recycle_volumes()  # claims of an earlier run on a reused cluster
     rel.create_namespace()
     yield rel

@@ -121,3 +121,16 @@ def test_get_into_a_missing_local_directory_is_one_error_line(shared_cluster, tm
     err = p.stderr.decode()
     assert p.returncode != 0 and "Traceback" not in err
     assert err.count("\n") == 1 and err.startswith("kubegfs: error: ") and "No such file or directory" in err
+
+
+def test_token_file_as_in_the_pods(shared_cluster, tmp_path):
+    """`--token-file /etc/kubegfs/token` (docs/recovery.md runs `master recover` that way)."""
+    cl = shared_cluster
+    (tmp_path / "token").write_text(cl.token + "\n")
+    p = run(cl, "fs", "ls", "/", "--json", "--token", "wrong", "--token-file", str(tmp_path / "token"))
+    assert isinstance(json.loads(p.stdout), list | dict)
+    p = run(cl, "fs", "ls", "/", "--token-file", str(tmp_path / "nope"), ok=False)
+    assert p.returncode == 1 and p.stderr.decode().strip().startswith("kubegfs: error: cannot read token file")
+    p = run(cl, "master", "recover", "--token-file", str(tmp_path / "token"), ok=False)
+    # the token was read: the master answers (a master with a namespace refuses to be recovered)
+    assert p.returncode == 2 and b"holds the namespace" in p.stderr, p.stderr

@@ -283,14 +283,37 @@ def _writer(c, stop, acked, prefix):
         i += 1
 
 
+def _replicating(tmp_path, checkpoint_ops):
+    """A started cluster (sync metadata replication) with its two copies in sync, and a client."""
+    cl = LocalCluster(tmp_path / "k", 3, chunk_size=CHUNK, heartbeat=0.2, dead_after=1.5, checkpoint_ops=checkpoint_ops)
+    try:
+        cl.start()
+        c = cl.client()
+        wait_copies(c)
+    except BaseException:
+        cl.stop()
+        raise
+    return cl, c
+
+
+def _recover_has_every(cl, acked):
+    """The master (killed already) loses its volume and is recovered from the copies: every
+    acknowledged mkdir is there."""
+    shutil.rmtree(cl.master.data)
+    cl.start_master()
+    c = cl.client()
+    wait_for(lambda: len(c.status()["cluster"]["foreign_chunkservers"]) == 3, what="all refused")
+    r = c.api("POST", "/admin/recover", json={"from": "metadata"})
+    assert r["source"] == "metadata" and r["problems"] == [], r
+    missing = [p for p in acked if not c.exists(p)]
+    assert not missing, f"{len(missing)} acknowledged mkdirs lost, e.g. {missing[:3]}"
+
+
 def test_kill_9_during_log_shipping_then_volume_loss_keeps_every_acknowledged_op(tmp_path):
     import threading
 
-    cl = LocalCluster(tmp_path / "k", 3, chunk_size=CHUNK, heartbeat=0.2, dead_after=1.5, checkpoint_ops=150)
-    cl.start()
+    cl, c = _replicating(tmp_path, checkpoint_ops=150)
     try:
-        c = cl.client()
-        wait_copies(c)
         acked: list[str] = []
         for round_ in range(2):
             c.mkdir(f"/w{round_}")
@@ -310,14 +333,55 @@ def test_kill_9_during_log_shipping_then_volume_loss_keeps_every_acknowledged_op
                 c = cl.client()
                 wait_copies(c)
         assert len(acked) > 20
-        shutil.rmtree(cl.master.data)
-        cl.start_master()
-        c = cl.client()
-        wait_for(lambda: len(c.status()["cluster"]["foreign_chunkservers"]) == 3, what="all refused")
-        r = c.api("POST", "/admin/recover", json={"from": "metadata"})
-        assert r["source"] == "metadata"
-        missing = [p for p in acked if not c.exists(p)]
-        assert not missing, f"{len(missing)} acknowledged mkdirs lost, e.g. {missing[:3]}"
+        _recover_has_every(cl, acked)
+    finally:
+        cl.stop()
+
+
+def test_a_copy_killed_mid_stream_drops_out_acks_go_on_and_it_is_rebuilt(tmp_path):
+    import threading
+
+    cl, c = _replicating(tmp_path, checkpoint_ops=200)
+    try:
+        by_url = {p.url: p for p in cl.chunkservers}
+        victim = by_url[c.status()["metadata_replication"]["targets"][0]["address"]]
+        c.mkdir("/w")
+        acked: list[str] = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=_writer, args=(cl.client(), stop, acked, "/w")) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.7)
+            cl.kill(victim, signal.SIGKILL)  # batches on its stream, unanswered
+            n = len(acked)
+            wait_for(lambda: len(acked) > n + 50, what="acknowledgements to go on without the killed copy")
+            st = c.status()["metadata_replication"]
+            assert st["in_sync"] >= 1 and victim.url not in {t["address"] for t in st["targets"] if t["in_sync"]}
+            cl.start_chunkserver(victim)
+            wait_copies(c)  # two copies again (the restarted one or the third chunkserver)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert metric(cl.master_url, cl.token, "kubegfs_master_metadata_copy_failures_total") >= 1
+        cl.kill(cl.master, signal.SIGKILL)
+        _recover_has_every(cl, acked)
+    finally:
+        cl.stop()
+
+
+def test_a_copy_with_an_open_stream_stops_promptly(tmp_path):
+    cl, c = _replicating(tmp_path, checkpoint_ops=1000)
+    try:
+        c.mkdir("/x")
+        for p in cl.chunkservers:  # two of them hold the master's streams
+            assert p.popen is not None
+            t0 = time.monotonic()
+            p.popen.terminate()
+            assert p.popen.wait(timeout=15) == 0
+            assert time.monotonic() - t0 < 10, f"{p.name} took {time.monotonic() - t0:.1f}s to stop"
+            p.popen = None
     finally:
         cl.stop()
 

@@ -220,6 +220,7 @@ def test_render(render, values):
     assert tsc[0]["labelSelector"]["matchLabels"][COMPONENT] == "chunkserver"
     margs = sts["master"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--chunk-size={'16Mi' if full else '64Mi'}" in margs
+    assert f"--chunk-size={'16Mi' if full else '64Mi'}" in cargs  # the chunkservers use the master's
     assert f"--replication={2 if full else 3}" in margs
     assert "--metadata-replication=sync" in margs and "--metadata-copies=2" in margs  # issue #16: sync by default
     if full:

@@ -118,3 +118,97 @@ def test_a_copy_names_its_last_record_so_a_diverged_tail_is_noticed(tmp_path):
     (tmp_path / segment_name(1)).write_bytes(batch(1, 2)[0] + frame(packb(other)))
     assert local_digest(tmp_path, 3) == record_digest(other) != st.last_digest
     assert local_digest(tmp_path, 9) == ""
+
+
+def test_stream_messages_carry_range_checksum_and_records():
+    from kubegfs.metalayout import pack_stream_batch, unpack_stream_batch
+
+    data, sha = batch(4, 6)
+    assert unpack_stream_batch(pack_stream_batch(4, 6, sha, data)) == (4, 6, sha, data)
+    with pytest.raises(ValueError, match="shorter"):
+        unpack_stream_batch(b"\0" * 10)
+    with pytest.raises(ValueError, match="bad range"):
+        unpack_stream_batch(pack_stream_batch(6, 4, sha, data))
+    with pytest.raises(ValueError, match="bad range"):
+        unpack_stream_batch(pack_stream_batch(0, 0, sha, data))
+
+
+def test_batches_that_queued_up_are_written_with_one_fdatasync_and_a_bad_one_refuses_all(tmp_path, monkeypatch):
+    import os
+
+    from kubegfs.chunkserver import metastore
+
+    syncs = []
+    monkeypatch.setattr(metastore.os, "fdatasync", lambda fd: syncs.append(fd) or os.fsync(fd))
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    assert st.append_many("h", [metastore.LogBatch(f, la, *batch(f, la)) for f, la in ((1, 2), (3, 3), (4, 7))]) == 7
+    assert len(syncs) == 1
+    bad = bytearray(batch(9, 9)[0])
+    bad[-1] ^= 1
+    with pytest.raises(CorruptData):
+        st.append_many("h", [metastore.LogBatch(8, 8, *batch(8, 8)),
+                             metastore.LogBatch(9, 9, bytes(bad), sha256_hex(bytes(bad)))])
+    with pytest.raises(Conflict):  # a gap between two batches
+        st.append_many("h", [metastore.LogBatch(8, 8, *batch(8, 8)), metastore.LogBatch(10, 10, *batch(10, 10))])
+    assert st.last_seq == 7 and len(syncs) == 1  # nothing of a refused group was written
+    assert st.append_many("h", [metastore.LogBatch(5, 8, *batch(5, 8))]) == 8  # an overlap adds only 8
+    state, rep = recover(tmp_path / "meta", 0, 0)
+    assert state.seq == 8 and not rep.problems
+
+
+class _FakeStream:
+    def __init__(self):
+        import asyncio
+
+        self.out = asyncio.Queue()
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+    def sent(self):
+        out = []
+        while not self.out.empty():
+            b = self.out.get_nowait()
+            out.append((b.first, b.last))
+        return out
+
+
+def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answered(tmp_path):
+    import asyncio
+
+    from kubegfs.master.metareplica import MetaReplicationConfig, MetaReplicator, Target
+
+    async def scenario():
+        r = MetaReplicator(MetaReplicationConfig("sync", 2, timeout_seconds=0.3), tmp_path, lambda: "h",
+                           lambda: None, lambda: [cand("a", "za"), cand("b", "zb")], Location("m", "zm", "r"))
+        r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
+        r._streams = {i: _FakeStream() for i in "ab"}
+        streams = dict(r._streams)
+        f1, wait1 = r.on_durable(b"one", 1, 2)
+        f2, _ = r.on_durable(b"two", 3, 3)
+        assert wait1 and streams["a"].sent() == streams["b"].sent() == [(1, 2), (3, 3)]  # not held back
+        r._acked(r.targets["a"], 3)
+        assert not f1.done() and not f2.done()  # b has not answered
+        r._acked(r.targets["b"], 2)
+        assert f1.done() and not f2.done()
+        r._drop(r.targets["b"], "test")  # out of sync: no longer waited for
+        assert f2.done() and streams["b"].closed and r.in_sync() == 1
+        f3, _ = r.on_durable(b"three", 4, 4)
+        assert streams["a"].sent() == [(4, 4)] and streams["b"].sent() == []
+        watcher = asyncio.create_task(r._watch())
+        await asyncio.sleep(0.6)  # a never answers batch 4: dropped after timeout_seconds
+        assert f3.done() and not r.targets["a"].in_sync and "no answer to log batch 4..4" in r.targets["a"].error
+        # that wait was the bound: with no copy left, the next ones go out on the local log alone
+        assert r._gave_up and r.on_durable(b"four", 5, 5) is None
+        # after a restart (no copy in sync yet, chunkservers there) they wait, then give up
+        r._gave_up = False
+        f6, wait6 = r.on_durable(b"six", 6, 6)
+        await asyncio.sleep(0.1)
+        assert wait6 and not f6.done() and r._kick.is_set()  # a copy is being brought in sync
+        await asyncio.sleep(0.5)
+        assert f6.done() and r._gave_up
+        watcher.cancel()
+
+    asyncio.run(scenario())
