@@ -35,7 +35,7 @@ def checkout_tag(version: str) -> str:
     return f"{version}.dev{int(hashlib.sha256(str(REPO).encode()).hexdigest()[:7], 16)}"
 
 
-def values(namespace: str, *, chunk_size: str = "256KiB", replication: int = 2,
+def values(namespace: str, *, chunk_size: str = "256Ki", replication: int = 2,
            image_tag: str | None = None) -> dict[str, Any]:
     small = {"requests": {"cpu": "50m", "memory": "128Mi"}}
     tag = {"image": {"tag": image_tag}} if image_tag else {}
