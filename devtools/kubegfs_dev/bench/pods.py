@@ -46,8 +46,8 @@ def _images(tag: str) -> tuple[str, ...]:
     return tuple(f"localhost/kubegfs/{c}:{tag}" for c in COMPONENTS)
 
 
-def _snapshot(name: str) -> dict[str, Any]:
-    return {"apiVersion": "kubegfs.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": name},
+def _snapshot(ns: str, name: str) -> dict[str, Any]:
+    return {"apiVersion": "kubegfs.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": name, "namespace": ns},
             "spec": {"path": "/data", "copies": 2, "cluster": {"name": "kubegfs"}}}
 
 
@@ -59,7 +59,7 @@ def _burst(rel: Any, n: int, timeout: float = 300) -> list[float]:
     api = client.CustomObjectsApi(rel.cp.api_client(rel.c.kubeconfig))
     names = [f"burst-{i}" for i in range(n)]
     t0 = time.perf_counter()
-    rel.c.apply([_snapshot(nm) for nm in names])
+    rel.c.apply([_snapshot(rel.ns, nm) for nm in names])
     seen: dict[str, float] = {}
     while len(seen) < n:
         listed = api.list_namespaced_custom_object("kubegfs.io", "v1alpha1", rel.ns, "snapshots")
