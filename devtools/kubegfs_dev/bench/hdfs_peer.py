@@ -205,11 +205,15 @@ def bench_kubegfs(tmp: Path, cfg: PeerCfg, say: Callable[[str], None]) -> dict[s
             say(f"kubegfs: snapshots of {human_n(n)} files")
             first, _ = snapshot_e2e(c0, f"/t{n}", f"peer-{n}-0")
             files = _distinct_files(c0, f"/t{n}", t.sample_files, cfg.modify * cfg.reps)
-            snaps = []
+            snaps, diffs = [], []
             for r in range(cfg.reps):
                 for f in files[r * cfg.modify:(r + 1) * cfg.modify]:
                     c0.put(f, b"m" * 1024)
                 snaps.append(snapshot_e2e(c0, f"/t{n}", f"peer-{n}-{r + 1}")[0])
+                t0 = time.perf_counter()  # as getSnapshotDiffReport: consecutive snapshots
+                c0.snapshot_diff(f"peer-{n}-{r}", f"peer-{n}-{r + 1}")
+                diffs.append(time.perf_counter() - t0)
+            rows[f"diff/{n}"] = Row("hdfs-peer", f"snapshot diff, {human_n(n)}: kubegfs", "s", diffs)
             rows[f"snapshot_first/{n}"] = Row("hdfs-peer", f"first snapshot, {human_n(n)}: kubegfs", "s", [first])
             rows[f"snapshot/{n}"] = Row("hdfs-peer", f"snapshot after {cfg.modify} changed, "
                                         f"{human_n(n)}: kubegfs", "s", snaps)
@@ -293,7 +297,7 @@ def ratio_rows(pairs: list[Pair]) -> list[Row]:
 
 
 def _cells(p: Pair) -> tuple[str, str, str, str]:
-    k = fmt(p.kubegfs.median, p.unit) if p.kubegfs else "— (not built, #13)"
+    k = fmt(p.kubegfs.median, p.unit) if p.kubegfs else "—"
     ratio = "—" if p.kubegfs is None else f"{p.speed:.2f}" if p.speed >= 0.1 else f"{p.speed:.2g}"
     target = "" if p.target is None or p.kubegfs is None else (
         f"≥ {p.target:g} {'✓' if p.speed >= p.target else '✗'}")
