@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.installed
 K8S_CACHE ?= $(HOME)/.cache/kubegfs/k8s
 PYTEST_ARGS ?=
 
-.PHONY: help venv run up down test test-core lint lint-chart bench bench-hdfs bench-quick chaos \
+.PHONY: help venv run up down test test-core lint lint-chart bench bench-hdfs bench-pods bench-quick chaos \
         controlplane-build prometheus-build helm-docs-build chart-readme controlplane-up controlplane-down images helm-package clean \
         cluster-up cluster-down cluster-images demo-cluster
 
@@ -76,6 +76,9 @@ bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-
 
 bench-hdfs: $(STAMP) ## kubegfs vs an HDFS MiniDFSCluster side by side (Java 17 + Maven; not in bench-quick)
 	$(PYTHON) -m kubegfs_dev.bench --only hdfs --out bench-results
+
+bench-pods: $(STAMP) ## the chart on a real 3-node cluster: install, 50 Snapshot CRs, master restart (root; not in bench-quick)
+	$(PYTHON) -m kubegfs_dev.bench --only pods --out bench-results
 
 bench-quick: $(STAMP) ## a small benchmark run (CI runs it so the code can't rot)
 	$(PYTHON) -m kubegfs_dev.bench --quick --out bench-results

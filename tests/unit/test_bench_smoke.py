@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from kubegfs import namespace as ns
@@ -82,3 +83,15 @@ def test_hdfs_peer_pairs_rows_by_id_and_ratio_means_kubegfs_faster() -> None:
     md = hdfs_peer.markdown_peer_table(pairs)
     assert "| stat of a random file, 4 threads | 4,000/s | 2,000/s | 2.00 | ≥ 1 ✓ |" in md
     assert md.splitlines()[-1].split("|")[2].strip() == "—"  # a workload only HDFS reported: no ratio
+
+
+def test_pods_bench_is_opt_in_and_its_crs_carry_the_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    from kubegfs_dev.bench import ALL, OPT_IN
+    from kubegfs_dev.bench.pods import _snapshot
+
+    assert "pods" in OPT_IN and "pods" not in ALL  # never in `make bench` / bench-quick
+    with pytest.raises(SystemExit):
+        main(["--only", "nope"])
+    assert "pods" in capsys.readouterr().err
+    # a CR without a namespace lands in `default`, where no operator of the release watches
+    assert _snapshot("kgfs-bench", "b-1")["metadata"] == {"name": "b-1", "namespace": "kgfs-bench"}

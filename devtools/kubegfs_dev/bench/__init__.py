@@ -19,6 +19,9 @@ Benchmarks (``--only`` names):
                  time of the largest size
 * ``hdfs``       (only when asked: ``--hdfs`` or ``--only hdfs``) the same workloads on kubegfs
                  and an HDFS MiniDFSCluster, side by side with a ratio column (``hdfs_peer``)
+* ``pods``       (only when asked: ``--only pods``; root) the Helm chart on a 3-node kubelet +
+                 containerd cluster: install -> all Ready, 50 Snapshot CRs at once -> each Ready,
+                 master pod deleted -> serving again
 
 Outputs: a table on stdout, ``DIR/results.json`` (raw samples + machine), PNG plots in ``DIR``.
 """
@@ -26,3 +29,4 @@ Outputs: a table on stdout, ``DIR/results.json`` (raw samples + machine), PNG pl
 ALL = ("capture", "seed", "snapshot", "memory", "during", "throughput", "datapath", "operator", "recovery")
 CLUSTER_BENCHES = {"snapshot", "memory", "during"}
 PEERS = ("hdfs",)  # never in the default set: the first build fetches ~140 MB from Maven Central
+OPT_IN = (*PEERS, "pods")  # pods: root, a real-node cluster and an image build; minutes

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ALL, CLUSTER_BENCHES, PEERS
+from . import ALL, CLUSTER_BENCHES, OPT_IN
 from .cluster import ClusterCfg, bench_cluster
 from .datapath import bench_small_cluster
 from .hdfs_peer import bench_hdfs_peer, ratio_rows, render_peer_table
 from .inprocess import bench_capture, bench_seed
 from .operator_e2e import bench_operator
+from .pods import bench_pods
 from .recovery import bench_recovery
 from .report import Row, human_n, machine_info, plot, render_table, write_results
 from .trees import Tree, make_trees
@@ -30,7 +31,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
 
     console = console or Console()
     sizes = sizes or ([1_000, 10_000] if quick else [10_000, 100_000, 1_000_000])
-    phases = [p for p in ("trees", "capture", "seed", "cluster", "small", "operator", "recovery", "hdfs")
+    phases = [p for p in ("trees", "capture", "seed", "cluster", "small", "operator", "recovery", "hdfs", "pods")
               if p == "trees" or p in only or (p == "cluster" and only & CLUSTER_BENCHES)
               or (p == "small" and only & {"throughput", "datapath"})]
     rows: list[Row] = []
@@ -47,7 +48,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 prog.update(task, description=msg)
 
             trees: dict[int, Tree] = {}
-            if "trees" in phases and (only - {"throughput", "datapath", "operator", "recovery", "hdfs"}):
+            if "trees" in phases and (only - {"throughput", "datapath", "operator", "recovery", "hdfs", "pods"}):
                 say(f"building trees of {', '.join(human_n(n) for n in sizes)} files")
                 trees = make_trees(sizes)
             prog.advance(task)
@@ -90,6 +91,9 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 rows += ratio_rows(pairs)
                 peer_table = render_peer_table(pairs, hdfs)
                 prog.advance(task)
+            if "pods" in phases:
+                rows += bench_pods(tmp, say)
+                prog.advance(task)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if peer_table is not None:
@@ -103,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kubegfs_dev.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (CI: < 2 minutes)")
     ap.add_argument("--out", default="bench-results", help="directory for results.json and PNG plots")
-    ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(ALL + PEERS))
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(ALL + OPT_IN))
     ap.add_argument("--hdfs", action="store_true",
                     help="also run the HDFS MiniDFSCluster peer (Java 17 + Maven; ~140 MB fetched once)")
     ap.add_argument("--sizes", default="", help="override the tree sizes (comma-separated file counts)")
     a = ap.parse_args(argv)
     only = ({s.strip() for s in a.only.split(",") if s.strip()} or set(ALL)) | ({"hdfs"} if a.hdfs else set())
-    bad = only - set(ALL + PEERS)
+    bad = only - set(ALL + OPT_IN)
     if bad:
-        ap.error(f"unknown benchmark(s): {', '.join(sorted(bad))}; choose from {', '.join(ALL + PEERS)}")
+        ap.error(f"unknown benchmark(s): {', '.join(sorted(bad))}; choose from {', '.join(ALL + OPT_IN)}")
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()] or None
     console = Console()
     if not console.is_terminal:

@@ -1,0 +1,156 @@
+"""The Helm chart on real pods (``pods``, only when asked: ``--only pods``; needs root): the
+3-node kubelet + containerd cluster of :mod:`kubegfs_dev.cluster` with the images of this
+checkout, the release of :mod:`kubegfs_dev.realchart`, and three timings:
+
+* ``helm install`` -> every pod (master, chunkservers, operator) Running and Ready;
+* a burst of Snapshot CRs applied in one ``kubectl apply`` -> each one Ready (p50, p95, all);
+* the master pod deleted -> a new master pod answering the client's ``status``.
+
+The cluster is torn down (host changes undone) before this returns, also when a step fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from .report import Row, at_most, pct
+
+NS = "kgfs-bench"
+BURST = 50
+POLL = 0.05  # seconds between looks at the Snapshot CRs / the new master
+
+
+def _sh(*argv: str, env: dict[str, str] | None = None, timeout: float = 1800) -> str:
+    from kubegfs_dev.realchart import REPO
+
+    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+                       env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}\n{r.stdout[-2000:]}")
+    return r.stdout
+
+
+def _images(tag: str) -> tuple[str, ...]:
+    """This checkout's images, built now (layer-cached: a warm build takes seconds), as the
+    real-node tests build them (tests/cluster/conftest.py)."""
+    from kubegfs_dev.realchart import COMPONENTS
+
+    base = _sh("bash", "hack/images/base.sh").strip().splitlines()[-1]
+    _sh("bash", "hack/images/build.sh", "--tool", "buildah", "--base", base, env={"VERSION": tag})
+    return tuple(f"localhost/kubegfs/{c}:{tag}" for c in COMPONENTS)
+
+
+def _snapshot(ns: str, name: str) -> dict[str, Any]:
+    return {"apiVersion": "kubegfs.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": name, "namespace": ns},
+            "spec": {"path": "/data", "copies": 2, "cluster": {"name": "kubegfs"}}}
+
+
+def _burst(rel: Any, n: int, timeout: float = 300) -> tuple[float, list[float]]:
+    """Apply ``n`` Snapshot CRs in one ``kubectl apply``; the seconds that command took, and the
+    seconds from before it until each CR is first seen Ready (listed every ``POLL`` s through the
+    API, not through kubectl processes)."""
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(rel.cp.api_client(rel.c.kubeconfig))
+    names = [f"burst-{i}" for i in range(n)]
+    t0 = time.perf_counter()
+    rel.c.apply([_snapshot(rel.ns, nm) for nm in names])
+    applied = time.perf_counter() - t0
+    seen: dict[str, float] = {}
+    while len(seen) < n:
+        listed = api.list_namespaced_custom_object("kubegfs.io", "v1alpha1", rel.ns, "snapshots")
+        items = cast(dict[str, Any], listed)["items"]
+        now = time.perf_counter() - t0
+        for it in items:
+            conds = {c["type"]: c["status"] for c in (it.get("status") or {}).get("conditions") or []}
+            if conds.get("Ready") == "True":
+                seen.setdefault(it["metadata"]["name"], now)
+        if now > timeout:
+            raise RuntimeError(f"{n - len(seen)} of {n} Snapshot CRs not Ready after {timeout:.0f}s")
+        time.sleep(POLL)
+    return applied, [seen[nm] for nm in names]
+
+
+def _master_back(rel: Any, timeout: float = 300) -> float:
+    """Delete the master pod; seconds until a new master pod (another UID) answers ``status``."""
+    from kubegfs.client import Client
+    from kubegfs.tls import ClientTLS
+
+    old = rel.pods("master")[0]
+    tls = ClientTLS(str(rel.cacert()), rel.tls_server_name())
+    token = rel.token()
+    t0 = time.perf_counter()
+    rel.kubectl("delete", "pod", "-n", rel.ns, old["metadata"]["name"], "--wait=false")
+    while time.perf_counter() - t0 < timeout:
+        for p in rel.pods("master"):
+            ip = p.get("status", {}).get("podIP")
+            if p["metadata"]["uid"] != old["metadata"]["uid"] and ip:
+                try:
+                    Client(f"https://{ip}:9400", token=token, timeout=2, tls=tls).status()
+                    return time.perf_counter() - t0
+                except Exception:  # noqa: BLE001 - not serving yet
+                    pass
+        time.sleep(POLL)
+    raise RuntimeError(f"no new master pod answered status within {timeout:.0f}s")
+
+
+def bench_pods(tmp: Path, say: Callable[[str], None]) -> list[Row]:
+    """Build the images, bring the real-node cluster up, time install / Snapshot burst / master
+    restart, and tear the cluster down."""
+    from kubegfs_dev.cluster import Cluster, wait_free
+    from kubegfs_dev.realchart import REPO, Release, checkout_tag, wait_for
+
+    if os.geteuid() != 0:
+        raise RuntimeError("the pods benchmark needs root (kubelet, containerd, bridges, iptables)")
+    tag = checkout_tag(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
+    say("pods: building this checkout's images")
+    t0 = time.perf_counter()
+    images = _images(tag)
+    build = time.perf_counter() - t0
+    say("pods: waiting for the machine's real-node cluster slot")
+    wait_free(timeout=1800)
+    # guard: if this process dies without its finally, the next `up` anywhere removes the cluster
+    c = Cluster(REPO / ".run" / "cluster-bench", guard_pid=os.getpid(), log=lambda _m: None)
+    try:
+        say("pods: 3-node cluster up, images imported into every node")
+        t0 = time.perf_counter()
+        c.up()
+        c.load_images(images)
+        up = time.perf_counter() - t0
+        rel = Release(c, NS, tmp, tag)
+        rel.create_namespace()
+        say("pods: helm install -> every pod Ready")
+        t0 = time.perf_counter()
+        rel.install()
+        wait_for("every kubegfs pod Running and Ready", rel.all_ready, timeout=300, interval=POLL)
+        install = time.perf_counter() - t0
+        cl = rel.client()
+        wait_for("3 live chunkservers",
+                 lambda: sum(1 for s in cl.chunkservers() if s.get("alive")) == 3, timeout=180)
+        cl.mkdir("/data")
+        cl.put("/data/f", b"x" * 10_000)
+        say(f"pods: {BURST} Snapshot CRs at once -> each Ready")
+        applied, lat = _burst(rel, BURST)
+        say("pods: master pod deleted -> serving again")
+        back = _master_back(rel)
+    finally:
+        say("pods: tearing the cluster down")
+        c.down()
+    return [
+        Row("pods", "images built (layer-cached) + cluster up + images imported", "s", [build + up],
+            extra={"build": build, "cluster_up_and_import": up}),
+        Row("pods", "helm install -> every pod Ready (1 master, 3 chunkservers, operator)", "s", [install]),
+        Row("pods", f"{BURST} Snapshot CRs at once -> each Ready, p50", "s", [pct(lat, 0.5)],
+            extra={"samples": lat}),
+        at_most(Row("pods", f"{BURST} Snapshot CRs at once -> each Ready, p95", "s", [pct(lat, 0.95)]),
+                1.0, "≤ 1 s"),
+        Row("pods", f"{BURST} Snapshot CRs at once -> the last Ready", "s", [max(lat)]),
+        Row("pods", f"  of which the kubectl apply of the {BURST} CRs", "s", [applied]),
+        Row("pods", "master pod deleted -> new master answers status", "s", [back]),
+    ]
