@@ -179,6 +179,31 @@ def test_chunkserver_deleted_reads_work_and_chunks_rereplicate(env: Release) -> 
     assert _read_tree(cl, "/cs-loss", list(digests)) == digests
 
 
+def _evict(env: Release, pod: str) -> subprocess.CompletedProcess[str]:
+    body = json.dumps({"apiVersion": "policy/v1", "kind": "Eviction",
+                       "metadata": {"name": pod, "namespace": NS}})
+    return env.c.kubectl("create", "--raw", f"/api/v1/namespaces/{NS}/pods/{pod}/eviction", "-f", "-",
+                         check=False, input=body, timeout=60)
+
+
+def test_pdb_lets_one_chunkserver_go_at_a_time(env: Release) -> None:
+    """The chunkservers' PodDisruptionBudget (maxUnavailable 1) as the eviction API (kubectl
+    drain) honours it: one chunkserver may be evicted, a second not while the first is away."""
+    wait_for("every pod Ready", env.all_ready, 240)
+
+    def allowed() -> Any:
+        pdbs = env.get("pdb", "-l", f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=chunkserver")
+        return [p for p in pdbs["items"] if p.get("status", {}).get("disruptionsAllowed") == 1]
+
+    wait_for("the chunkservers' PDB to allow one disruption", allowed, 120)
+    first, second = (p["metadata"]["name"] for p in env.pods("chunkserver")[:2])
+    r = _evict(env, first)
+    assert r.returncode == 0, r.stderr
+    r = _evict(env, second)
+    assert r.returncode != 0 and "disruption budget" in r.stderr, (r.returncode, r.stderr)
+    wait_for("every pod Ready again", env.all_ready, 300)
+
+
 def test_operator_pod_deleted_during_snapshot_exactly_one(env: Release) -> None:
     cl = env.client()
     _write_tree(cl, "/op-crash", n=2)
