@@ -61,10 +61,15 @@ class ParsedRecord:
     dirs: int
 
 
-def parse_record(data: bytes, expected_sha256: str | None = None) -> ParsedRecord:
+def _open_record(data: bytes, expected_sha256: str | None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """A record's container, its sha256 checked first when one is expected."""
     if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
         raise CorruptData("snapshot record checksum mismatch")
-    version, header, body = read_container(SNAP_MAGIC, data)
+    return read_container(SNAP_MAGIC, data)
+
+
+def parse_record(data: bytes, expected_sha256: str | None = None) -> ParsedRecord:
+    version, header, body = _open_record(data, expected_sha256)
     if version != FORMAT_VERSION:
         raise CorruptData(f"unsupported snapshot record format {version}")
     tree = body.get("tree")
@@ -102,9 +107,7 @@ def record_format(data: bytes) -> int:
 
 
 def parse_manifest(data: bytes, expected_sha256: str | None = None) -> Manifest:
-    if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
-        raise CorruptData("snapshot record checksum mismatch")
-    version, header, body = read_container(SNAP_MAGIC, data)
+    version, header, body = _open_record(data, expected_sha256)
     if version != MANIFEST_VERSION:
         raise CorruptData(f"not a format-{MANIFEST_VERSION} snapshot record (format {version})")
     root = body.get("root")

@@ -545,13 +545,8 @@ class ControlPlane:
         for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
             env[var] = str(home / var.split("_")[1].lower())
         env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
-        argv = [str(find_binary("helm", self.bin_dir)), *args]
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,  # noqa: S603
-                           check=False)
-        if check and r.returncode != 0:
-            raise ControlPlaneError(
-                f"helm {' '.join(args)} failed ({r.returncode}):\n{r.stderr.strip()}\n{r.stdout.strip()}")
-        return r
+        return _run_tool("helm", [str(find_binary("helm", self.bin_dir)), *args], args, check=check,
+                         timeout=timeout, env=env)
 
     def kubectl(self, *args: str, kubeconfig: Path | None = None, input: str | None = None,
                 check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -567,12 +562,18 @@ class _PortRace(ControlPlaneError):
 def run_kubectl(kubeconfig: Path | str, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``kubectl --kubeconfig=… args``; on ``check`` failure raise with its stderr."""
-    argv = [str(find_kubectl()), f"--kubeconfig={kubeconfig}", *args]
-    r = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,  # noqa: S603
+    return _run_tool("kubectl", [str(find_kubectl()), f"--kubeconfig={kubeconfig}", *args], args,
+                     check=check, timeout=timeout, input=input)
+
+
+def _run_tool(name: str, argv: list[str], args: tuple[str, ...], *, check: bool, timeout: float,
+              input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a CLI tool; on ``check`` failure raise ControlPlaneError with its output."""
+    r = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, env=env,  # noqa: S603
                        check=False)
     if check and r.returncode != 0:
         raise ControlPlaneError(
-            f"kubectl {' '.join(args)} failed ({r.returncode}):\n{r.stderr.strip()}\n{r.stdout.strip()}")
+            f"{name} {' '.join(args)} failed ({r.returncode}):\n{r.stderr.strip()}\n{r.stdout.strip()}")
     return r
 
 
