@@ -1,10 +1,14 @@
 """The kubegfs installation as the operator sees it: master and chunkserver pods, their nodes'
 topology labels, and the chunkservers ranked by distance to the master pod's node.
 
-``build_view`` is pure (dicts in, view out); ``fetch_view`` does the API calls."""
+``build_view`` is pure (dicts in, view out); ``fetch_view`` does the API calls; ``SharedViews``
+lets concurrent handlers share fetches without ever using a view older than their request."""
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,17 +107,85 @@ def build_view(ref: ClusterRef, masters: list[dict[str, Any]], chunkservers: lis
 
 def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: int,
                scheme: str = "http") -> ClusterView:
-    from kubernetes.client import ApiClient
+    """Two pod listings and one read per node, taken as the API's JSON (no model objects: what
+    ``build_view`` reads is the wire form, and decoding into models costs more than the call)."""
 
-    ser = ApiClient().sanitize_for_serialization
-    masters = [ser(p) for p in core.list_namespaced_pod(ref.namespace, label_selector=selector(ref, "master")).items]
-    css = [ser(p) for p in core.list_namespaced_pod(ref.namespace, label_selector=selector(ref, "chunkserver")).items]
+    def raw(call: Callable[..., Any], *args: Any, **kw: Any) -> dict[str, Any]:
+        r = call(*args, _preload_content=False, **kw)
+        try:
+            out: dict[str, Any] = json.loads(r.data)
+            return out
+        finally:
+            r.release_conn()
+
+    def pods(component: str) -> list[dict[str, Any]]:
+        listed = raw(core.list_namespaced_pod, ref.namespace, label_selector=selector(ref, component))
+        return list(listed.get("items") or [])
+
+    masters, css = pods("master"), pods("chunkserver")
     nodes: dict[str, dict[str, str]] = {}
     for p in masters + css:
         n = (p.get("spec") or {}).get("nodeName")
         if n and n not in nodes:
             try:
-                nodes[n] = dict(core.read_node(n).metadata.labels or {})
+                nodes[n] = dict((raw(core.read_node, n).get("metadata") or {}).get("labels") or {})
             except Exception:  # noqa: BLE001 - a vanished node just has no labels
                 nodes[n] = {}
     return build_view(ref, masters, css, nodes, master_port, chunkserver_port, scheme)
+
+
+class SharedViews:
+    """Concurrent handlers share view fetches, and every view is fresh.
+
+    A burst of custom resources would otherwise list the pods and read the nodes once per object.
+    Here a handler asking for an installation's view gets the result of a fetch that *started
+    after it asked*: the one it starts itself when none is running, or, when one is running
+    already (begun before it asked), the next one, which it shares with everyone else who asked
+    meanwhile. So a view is never older than the request for it (a pod deleted just before a
+    Snapshot was created is never chosen), and a burst costs about one fetch per fetch duration
+    instead of one per object. A failed fetch raises in every handler that shares it."""
+
+    def __init__(self, fetch: Callable[[ClusterRef], ClusterView]) -> None:
+        self._fetch = fetch
+        self._cond = threading.Condition()
+        self._slots: dict[ClusterRef, _Slot] = {}
+
+    def get(self, ref: ClusterRef) -> ClusterView:
+        with self._cond:
+            slot = self._slots.setdefault(ref, _Slot())
+            wanted = slot.started + 1  # the first fetch to start from now on
+            while True:
+                if slot.finished >= wanted:
+                    return slot.result()
+                if not slot.running:
+                    break
+                self._cond.wait()
+            slot.running = True
+            slot.started += 1
+            mine = slot.started
+        view: ClusterView | None = None
+        error: BaseException | None = None
+        try:
+            view = self._fetch(ref)
+        except BaseException as exc:  # noqa: BLE001 - handed to every handler sharing this fetch
+            error = exc
+        with self._cond:
+            slot.running = False
+            slot.finished, slot.view, slot.error = mine, view, error
+            self._cond.notify_all()
+            return slot.result()
+
+
+@dataclass
+class _Slot:
+    started: int = 0  # fetches begun for this installation
+    finished: int = 0  # the number of the last fetch that ended (its result below)
+    running: bool = False
+    view: ClusterView | None = None
+    error: BaseException | None = None
+
+    def result(self) -> ClusterView:
+        if self.error is not None:
+            raise self.error
+        assert self.view is not None
+        return self.view

@@ -26,7 +26,7 @@ from kubegfs.tls import server_context_from_env
 from kubegfs.web import make_middlewares, metrics_handler
 
 from . import FINALIZER, GROUP, VERSION, objects, reconcile
-from .cluster import fetch_view
+from .cluster import SharedViews, fetch_view
 from .config import Config, catalog_sync_seconds
 
 log = logging.getLogger("kubegfs.operator")
@@ -79,9 +79,10 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
         out = custom.list_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", label_selector=selector)
         return [dict(o) for o in out.get("items", [])]
 
+    views = SharedViews(lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port, cfg.scheme))
     deps = reconcile.Deps(
         cfg=cfg,
-        view=lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port, cfg.scheme),
+        view=views.get,
         master=lambda url: Client(url, cfg.token, timeout=cfg.request_timeout),
         get_snapshot=get_snapshot,
         create_snapshot=create_snapshot,

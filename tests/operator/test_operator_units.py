@@ -3,7 +3,7 @@
 import pytest
 
 from kubegfs_operator import api, objects, reconcile
-from kubegfs_operator.cluster import build_view
+from kubegfs_operator.cluster import SharedViews, build_view
 from kubegfs_operator.config import Config
 
 
@@ -123,6 +123,84 @@ def test_snapshot_without_master_pod_waits():
         reconcile.snapshot(body, 2, 0.0, d)
     assert r.value.delay == 8.0 and "no ready master pod" in str(r.value)
     assert {c["type"]: c["status"] for c in r.value.status["conditions"]}["Progressing"] == "True"
+
+
+def test_shared_views_never_hand_out_a_view_fetched_before_the_request():
+    """Handlers that ask while a fetch runs share the *next* fetch, not the running one."""
+    import threading
+
+    gates = [threading.Event() for _ in range(3)]
+    began = [threading.Event() for _ in range(3)]
+    calls = []
+
+    def fetch(ref):
+        n = len(calls)
+        calls.append(ref)
+        began[n].set()
+        assert gates[n].wait(5)
+        return build_view(ref, [pod(f"master-{n}", "127.0.10.1", "m", component="master")], [], NODES)
+
+    views = SharedViews(fetch)
+    got: dict[str, str] = {}
+
+    def ask(who):
+        got[who] = views.get(REF).master.name
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    assert began[0].wait(5)
+    # fetch 0 is running: these three asked after it began, so they must not get its result
+    later = [threading.Thread(target=ask, args=(f"later-{i}",)) for i in range(3)]
+    for t in later:
+        t.start()
+    import time
+    deadline = time.monotonic() + 5
+    while len(views._cond._waiters) < 3:  # all three are waiting on the running fetch
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    gates[0].set()
+    first.join(5)
+    assert began[1].wait(5)  # one shared fetch for the three of them
+    gates[1].set()
+    for t in later:
+        t.join(5)
+    assert got == {"first": "master-0", "later-0": "master-1", "later-1": "master-1", "later-2": "master-1"}
+    assert len(calls) == 2
+    # nothing running: the next request fetches anew
+    gates[2].set()
+    assert views.get(REF).master.name == "master-2" and len(calls) == 3
+
+
+def test_shared_views_one_installation_does_not_wait_for_another_and_errors_are_shared():
+    import threading
+
+    other = api.ClusterRef("other", "ns")
+    release = threading.Event()
+
+    def fetch(ref):
+        if ref == REF:
+            assert release.wait(5)
+            raise RuntimeError("apiserver down")
+        return build_view(ref, [], [], NODES)
+
+    views = SharedViews(fetch)
+    errors = []
+
+    def ask():
+        try:
+            views.get(REF)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=ask)
+    t.start()
+    assert views.get(other).master is None  # answered while REF's fetch hangs
+    release.set()
+    t.join(5)
+    assert errors == ["apiserver down"]
+    with pytest.raises(RuntimeError):  # the error was not kept: a new request fetches (and fails) again
+        release.set()
+        views.get(REF)
 
 
 def test_placement_entry_names_pods():
