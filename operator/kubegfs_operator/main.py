@@ -183,6 +183,28 @@ def _decide(body: kopf.Body, patch: kopf.Patch, decide: Any, failed_reason: str)
     return res
 
 
+def _publish(rt: Runtime, plural: str, namespace: str, name: str, patch: kopf.Patch) -> None:
+    """Write an outcome's status now, from the handler's thread, instead of leaving it to kopf.
+
+    kopf writes a handler's patch after it has marked the object handled, in two requests queued
+    behind every other object's work on its event loop: under a burst of objects, seconds. The
+    status is the user's answer (Ready), so it goes first; kopf then only marks the object handled.
+    If this write fails, the status stays in kopf's patch. A crash between the two is harmless:
+    the next operator runs the handler again, which finds the same kubegfs object (idempotent ids)
+    and writes the same status."""
+    from kubernetes.client.exceptions import ApiException
+
+    status = dict(patch.get("status") or {})
+    if not status:
+        return
+    try:
+        rt.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, {"status": status})
+    except (ApiException, OSError) as exc:
+        log.debug("status of %s/%s left to kopf's patch: %s", namespace, name, exc)
+        return
+    del patch["status"]
+
+
 class _Failed(kopf.PermanentError):
     pass
 
@@ -223,6 +245,7 @@ def snapshot_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: s
             M.SCHED_RUNS.labels(namespace, schedule, "failure").inc()
         _done(rt, uid, namespace)
         raise
+    _publish(rt, "snapshots", namespace, body["metadata"]["name"], patch)
     M.OP_SNAPSHOTS.labels(namespace, "success").inc()
     M.OP_SNAPSHOTS.labels(namespace, "failure")  # exists at 0, so increase() alerts see a first failure
     if schedule:
@@ -288,6 +311,7 @@ def restore_create(body: kopf.Body, patch: kopf.Patch, retry: int, namespace: st
         M.OP_RESTORES.labels(namespace, "failure").inc()
         rt.first_seen.pop(uid, None)
         raise
+    _publish(rt, "restores", namespace, body["metadata"]["name"], patch)
     M.OP_RESTORES.labels(namespace, "success").inc()
     M.OP_RESTORES.labels(namespace, "failure")
     M.OP_RESTORE_DURATION.labels(namespace).observe(res.metrics["duration"])

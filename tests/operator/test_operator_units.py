@@ -232,3 +232,40 @@ def test_ready_status_shows_what_changed_since_the_previous_snapshot():
     assert st["changesSincePrevious"] == {"since": "n0", "created": 1, "deleted": 0, "modified": 2, "renamed": 0}
     first = objects.snapshot_ready_status(None, 1, {**snap, "changes": {}}, 0.5, {}, {})
     assert "changesSincePrevious" not in first
+
+
+def test_publish_writes_the_status_first_and_leaves_it_to_kopf_when_that_fails():
+    import kopf
+    from kubernetes.client.exceptions import ApiException
+
+    from kubegfs_operator import main as op_main
+
+    class Custom:
+        def __init__(self, fail):
+            self.fail, self.calls = fail, []
+
+        def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body):
+            if self.fail:
+                raise ApiException(status=500, reason="etcd timeout")
+            self.calls.append((group, version, ns, plural, name, body))
+
+    def runtime(custom):
+        return op_main.Runtime(Config(token="t"), None, custom, deps())
+
+    ok = Custom(fail=False)
+    patch = kopf.Patch()
+    patch.status["phase"] = "Ready"
+    patch.metadata.annotations["a"] = "b"
+    op_main._publish(runtime(ok), "snapshots", "ns", "s1", patch)
+    assert ok.calls == [("kubegfs.io", "v1alpha1", "ns", "snapshots", "s1", {"status": {"phase": "Ready"}})]
+    assert "status" not in patch and patch["metadata"] == {"annotations": {"a": "b"}}  # kopf writes the rest
+
+    failing = Custom(fail=True)
+    patch = kopf.Patch()
+    patch.status["phase"] = "Ready"
+    op_main._publish(runtime(failing), "snapshots", "ns", "s1", patch)
+    assert patch["status"] == {"phase": "Ready"}  # kopf's patch still carries it
+
+    nothing = Custom(fail=False)
+    op_main._publish(runtime(nothing), "snapshots", "ns", "s1", kopf.Patch())
+    assert nothing.calls == []
