@@ -70,9 +70,9 @@ def decode_checkpoint(data: bytes) -> MasterState:
     if not len(cols["version"]) == len(cols["born"]) == len(cols["snap"]) == n:
         raise CorruptData("checkpoint chunk columns disagree in length")
     # whole columns at once (C loops): the chunk table of 1M files in ~0.1 s
-    st.version = dict(zip(cols["handles"], cols["version"]))
-    st.born = dict(zip(cols["handles"], cols["born"]))
-    st.snap = {h: s for h, s in zip(cols["handles"], cols["snap"]) if s}
+    st.version = dict(zip(cols["handles"], cols["version"], strict=True))
+    st.born = dict(zip(cols["handles"], cols["born"], strict=True))
+    st.snap = {h: s for h, s in zip(cols["handles"], cols["snap"], strict=True) if s}
     st.live = dict(Counter(dec.handles))
     st.restores = dict(body.get("restores") or {})
     infos = decode_block_infos(body.get("blocks") or [])
