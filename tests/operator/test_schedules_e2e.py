@@ -332,7 +332,8 @@ def test_a_lost_master_volume_shows_on_every_object_and_the_master_pod_until_rec
     apply(stack, snapshot("s1"))
     ready(stack, "snapshots", "s1")
     apply(stack, schedule("paused", suspend=True))
-    wait_for(lambda: stack.condition("snapshotschedules", "paused") == "True", timeout=30, what="schedule Ready")
+    wait_for(lambda: (stack.get("snapshotschedules", "paused").get("status") or {}).get("phase") == "Suspended",
+             timeout=30, what="the schedule reconciled")
     assert health(stack, "snapshots", "s1") == {}  # a healthy installation adds nothing
 
     cl = stack.cluster
