@@ -281,16 +281,23 @@ def snapshot_delete(body: dict[str, Any], retry: int, d: Deps) -> Deleted:
         client.close()
 
 
+def catalog_says_nothing(status: dict[str, Any]) -> bool:
+    """The master's catalog proves nothing about what is gone (pure): it refuses (lost
+    metadata), or its directory is new and no chunkserver has confirmed it yet (a master that
+    lost its volume is in that state until the first chunkserver reports, then refuses)."""
+    return master_health(status).refusing or bool((status.get("cluster") or {}).get("provisional"))
+
+
 def fetch_catalog(ref: Any, d: Deps) -> Catalog | None:
-    """List the master's catalog; None when it cannot be asked, or when it refuses (lost
-    metadata: its empty catalog says nothing about the snapshots on the chunkservers)."""
+    """List the master's catalog; None when it cannot be asked, or when its catalog says
+    nothing (``catalog_says_nothing``)."""
     view = d.view(ref)
     if view.master is None:
         return None
     client = d.master(view.master.url)
     try:
         listed_at = time.time()
-        if master_health(client.status()).refusing:
+        if catalog_says_nothing(client.status()):
             return None
         return Catalog(listed_at, {e["id"]: e for e in client.api("GET", "/snapshots")["snapshots"]})
     except KubegfsError:

@@ -219,6 +219,10 @@ def test_a_refusing_master_marks_nothing_missing_and_says_so_on_the_object():
     d.catalog = lambda ref: reconcile.fetch_catalog(ref, d)
     d.health = lambda ref: reconcile.fetch_health(ref, d)[0]
     assert d.catalog(REF) is None  # its empty catalog proves nothing
+    new_dir = {**HEALTHY, "cluster": {"cluster_id": "kgfs-new", "provisional": True}}
+    d.master = lambda url: StatusMaster(new_dir)  # a new, empty directory before any chunkserver reported
+    assert d.catalog(REF) is None and reconcile.snapshot_sync(body, d) is None
+    d.master = lambda url: StatusMaster(REFUSING)
     res = reconcile.snapshot_sync(body, d)
     conds = {c["type"]: c for c in res.status["conditions"]}
     assert conds["Ready"]["status"] == "True" and conds["Ready"]["reason"] == "SnapshotReady"
