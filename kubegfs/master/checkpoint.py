@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from array import array
+from collections import Counter
 from typing import Any
 
 from .. import namespace as ns
@@ -55,7 +56,7 @@ def decode_checkpoint(data: bytes) -> MasterState:
     st = MasterState(header["chunk_size"], header["replication"])
     for k in ("seq", "epoch", "incarnation", "next_counter", "cow_clones"):
         setattr(st, k, header[k])
-    dec = decode_tree(body["tree"])
+    dec = decode_tree(body["tree"], long_lived=True)
     if not isinstance(dec.root, ns.Dir):
         raise CorruptData("checkpoint root is not a directory")
     st.root = dec.root
@@ -65,13 +66,14 @@ def decode_checkpoint(data: bytes) -> MasterState:
         a = array("q")
         a.frombytes(cc[k])
         cols[k] = a.tolist()
-    for h, v, b, s in zip(cols["handles"], cols["version"], cols["born"], cols["snap"], strict=True):
-        st.version[h] = v
-        st.born[h] = b
-        if s:
-            st.snap[h] = s
-    for h, _v in dec.chunks:
-        st.live[h] = st.live.get(h, 0) + 1
+    n = len(cols["handles"])
+    if not len(cols["version"]) == len(cols["born"]) == len(cols["snap"]) == n:
+        raise CorruptData("checkpoint chunk columns disagree in length")
+    # whole columns at once (C loops): the chunk table of 1M files in ~0.1 s
+    st.version = dict(zip(cols["handles"], cols["version"], strict=True))
+    st.born = dict(zip(cols["handles"], cols["born"], strict=True))
+    st.snap = {h: s for h, s in zip(cols["handles"], cols["snap"], strict=True) if s}
+    st.live = dict(Counter(dec.handles))
     st.restores = dict(body.get("restores") or {})
     infos = decode_block_infos(body.get("blocks") or [])
     refs = body.get("block_refs") or []
@@ -79,7 +81,7 @@ def decode_checkpoint(data: bytes) -> MasterState:
         raise CorruptData("checkpoint block table and its counts disagree")
     for (dg, info), n in zip(sorted(infos.items()), refs, strict=True):
         st.blocks[dg] = BlockCount(n, info)
-    st.recount()
+    st.n_files, st.n_dirs, st.n_bytes = dec.files, dec.dirs, dec.size  # what recount() would walk
     for e in body["snapshots"]:
         st.snapshots[e["id"]] = e
         st.snapshot_names[e["name"]] = e["id"]

@@ -37,7 +37,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -96,6 +96,9 @@ def choose_targets(candidates: list[Candidate], current: list[str], copies: int,
 
 @dataclass(eq=False)
 class _Batch:
+    """One group-committed batch of the log on its way to the copies; ``on_durable``'s answer
+    (``fut, wait = batch``: its future, and whether the batch's waiters wait for it)."""
+
     data: bytes
     first: int
     last: int
@@ -103,6 +106,33 @@ class _Batch:
     fut: asyncio.Future[None]
     sha256: str
     waiting: set[str] = field(default_factory=set)  # in-sync copies that have not acknowledged it
+    wait: bool = True
+    hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.fut, self.wait))
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the copies hold the batch, in the same step that settles it (a
+        future's callbacks would wait for the next pass of the event loop)."""
+        if self.fut.done():
+            fn()
+        else:
+            self.hooks.append(fn)
+
+    def resolve(self) -> None:
+        if self.fut.done():
+            return
+        self.fut.set_result(None)
+        for fn in self.hooks:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - one hook must not keep the others from running
+                log.exception("a hook of log batch %d..%d failed", self.first, self.last)
+        self.hooks.clear()
+
+    def payload(self) -> bytes:
+        return pack_stream_batch(self.first, self.last, self.sha256, self.data)
 
 
 @dataclass
@@ -121,7 +151,12 @@ class Target:
 
 class _Stream:
     """The persistent, ordered channel to one copy (``/internal/meta/stream``): batches go out as
-    they come, without waiting for the answers to earlier ones; the answers come back in order."""
+    they come, without waiting for the answers to earlier ones; the answers come back in order.
+
+    ``put`` writes the frame to the socket at once, in the caller's step (the copy starts its
+    write while the local one runs; a sender task would wait for the next pass of a busy event
+    loop). Only a send that has to wait (the transport's flow control) is finished by a task,
+    and the batches put meanwhile follow it, in order."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, on_ack: Callable[[int], None],
                  on_fail: Callable[[str], None]) -> None:
@@ -129,16 +164,46 @@ class _Stream:
         self.on_ack = on_ack
         self._on_fail = on_fail
         self.closed = False
-        self.out: asyncio.Queue[_Batch] = asyncio.Queue()
-        self.tasks = [asyncio.create_task(self._send()), asyncio.create_task(self._receive())]
+        self._backlog: deque[_Batch] = deque()
+        self._draining: asyncio.Task[None] | None = None
+        self.tasks = [asyncio.create_task(self._receive())]
 
-    async def _send(self) -> None:
+    def put(self, b: _Batch) -> None:
+        if self.closed:
+            return
+        if self._draining is not None:
+            self._backlog.append(b)
+            return
+        coro = self.ws.send_bytes(b.payload())
+        try:
+            step = coro.send(None)
+        except StopIteration:
+            return  # written
+        except (*_NET_ERRORS, RuntimeError) as exc:  # RuntimeError: sent on a closing socket
+            # in a later step, as a sender task would: the caller may be bringing this copy in sync
+            asyncio.get_running_loop().call_soon(self.on_fail, f"stream send: {exc or type(exc).__name__}")
+            return
+        self._draining = asyncio.create_task(self._drain(coro, step))
+        self.tasks.append(self._draining)
+
+    async def _drain(self, coro: Coroutine[Any, Any, None], step: Any) -> None:
+        """Finish a send that had to wait, then send what was put meanwhile."""
         try:
             while True:
-                b = await self.out.get()
-                await self.ws.send_bytes(pack_stream_batch(b.first, b.last, b.sha256, b.data))
-        except (*_NET_ERRORS, RuntimeError) as exc:  # RuntimeError: sent on a closing socket
+                if isinstance(step, asyncio.Future):
+                    await asyncio.wait([step])
+                else:  # a bare yield (asyncio.sleep(0))
+                    await asyncio.sleep(0)
+                try:
+                    step = coro.send(None)  # (a failed future raises inside the send, here)
+                except StopIteration:
+                    break
+            while self._backlog:
+                await self.ws.send_bytes(self._backlog.popleft().payload())
+        except (*_NET_ERRORS, RuntimeError) as exc:
             self.on_fail(f"stream send: {exc or type(exc).__name__}")
+        finally:
+            self._draining = None
 
     async def _receive(self) -> None:
         why = "stream closed by the copy"
@@ -202,12 +267,12 @@ class MetaReplicator:
 
     # ------------------------------------------------------------------ the write path
 
-    def on_durable(self, data: bytes, first: int, last: int) -> tuple[asyncio.Future[None], bool] | None:
+    def on_durable(self, data: bytes, first: int, last: int) -> _Batch | None:
         """A batch is being written locally (called in order by the op log): stream it to every
-        in-sync copy now, while it is written here. Returns the future of it reaching them and
-        whether its waiters wait for that (sync; async only when the copies trail by more than
-        the lag bound), or None when no copy is in sync (they are rebuilt from the files when
-        they come back)."""
+        in-sync copy now, while it is written here. Returns the batch (``Shipment``: its future
+        of reaching them, whether its waiters wait for that (sync; async only when the copies
+        trail by more than the lag bound), ``then``), or None when no copy is in sync (they are
+        rebuilt from the files when they come back)."""
         self.local_seq = last
         live = [t for t in self.targets.values() if t.in_sync]
         if not self._queue and not live and not self._joining and not self._awaiting_copy():
@@ -216,21 +281,20 @@ class MetaReplicator:
         b = _Batch(data, first, last, time.monotonic(), fut, sha256_hex(data), {t.id for t in live})
         self._queue.append(b)
         for t in live:
-            self._streams[t.id].out.put_nowait(b)
+            self._streams[t.id].put(b)
         for joined in self._joining.values():
             joined.append(b)
         self._settle()
         self._wake.set()
         lagging = bool(self._queue) and time.monotonic() - self._queue[0].t > self.cfg.max_lag_seconds
-        return fut, self.cfg.mode == "sync" or lagging
+        b.wait = self.cfg.mode == "sync" or lagging
+        return b
 
     def _settle(self) -> None:
         """Answer the batches, in order, that every copy they wait for has acknowledged (or
         dropped out); while no copy is in sync yet (``_awaiting_copy``) they wait."""
         while self._queue and not self._queue[0].waiting and not self._awaiting_copy():
-            b = self._queue.popleft()
-            if not b.fut.done():
-                b.fut.set_result(None)
+            self._queue.popleft().resolve()
 
     def _acked(self, t: Target, seq: int) -> None:
         t.last_seq = max(t.last_seq, seq)
@@ -345,8 +409,7 @@ class MetaReplicator:
                 stream.close()
             self._streams.clear()
             for b in self._queue:  # shutting down: what is durable locally is answered
-                if not b.fut.done():
-                    b.fut.set_result(None)
+                b.resolve()
 
     async def maintain(self) -> None:
         """Choose targets; bring every target that is out of sync back (under the lock)."""
@@ -418,7 +481,7 @@ class MetaReplicator:
         for b in joined:
             if id(b) in pending:
                 b.waiting.add(t.id)
-            stream.out.put_nowait(b)
+            stream.put(b)
         t.in_sync, t.last_seq, t.error = True, sent, ""
         self._gave_up = False
         self.bootstraps += 1

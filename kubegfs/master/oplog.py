@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
@@ -107,6 +107,16 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
     return state, rep
 
 
+class Shipment(Protocol):
+    """A batch on its way to the metadata copies (``metareplica``)."""
+
+    fut: asyncio.Future[None]  # done once the copies hold it
+    wait: bool  # its ops are answered only then (sync), not at the local fsync
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the copies hold it, in the step that learns it (now if they do)."""
+
+
 class OpLog:
     """Appends ops with group commit: concurrent appends share one write + fsync."""
 
@@ -125,10 +135,10 @@ class OpLog:
         self.on_durable: list[Callable[[int], None]] = []  # called with the new durable_seq
         self._flushed_last = self.durable_seq
         # metadata replication (metareplica.py): called with each group-committed batch (framed
-        # bytes, first seq, last seq) as it is written here; returns None (local only) or the
-        # future of the batch reaching the copies and whether the waiters wait for it. Either
-        # way ``durable_seq`` (what deletions wait for) advances only once the copies have it.
-        self.replicate: Callable[[bytes, int, int], tuple[asyncio.Future[None], bool] | None] | None = None
+        # bytes, first seq, last seq) as it is written here; returns None (local only) or a
+        # ``Shipment`` of the batch to the copies. Either way ``durable_seq`` (what deletions
+        # wait for) advances only once the copies have it.
+        self.replicate: Callable[[bytes, int, int], Shipment | None] | None = None
 
     def _open_segment(self, first_seq: int) -> int:
         # reuse the newest segment if it exists (append after recovery)
@@ -183,18 +193,16 @@ class OpLog:
         finally:
             self._flushing = False
 
-    def _settle(self, last: int, waiters: list[asyncio.Future[None]],
-                remote: tuple[asyncio.Future[None], bool] | None) -> None:
+    def _settle(self, last: int, waiters: list[asyncio.Future[None]], remote: Shipment | None) -> None:
         """The batch ending at ``last`` is durable here: answer its waiters and advance
         ``durable_seq`` now, or when the copies have it too (see ``replicate``)."""
         if remote is None:
             self._durable(last, waiters)
             return
-        shipped, acks_wait = remote
-        if not acks_wait:
+        if not remote.wait:
             _answer(waiters)
             waiters = []
-        shipped.add_done_callback(partial(self._durable, last, waiters))
+        remote.then(partial(self._durable, last, waiters))
 
     def _durable(self, last: int, waiters: list[asyncio.Future[None]], _done: object = None) -> None:
         self.durable_seq = max(self.durable_seq, last)

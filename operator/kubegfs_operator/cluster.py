@@ -33,6 +33,7 @@ class PodInfo:
     region: str
     port: int
     scheme: str = "http"  # https when the cluster serves TLS (the operator's KUBEGFS_SCHEME)
+    uid: str = ""  # the pod's uid (Events about the installation go on the master pod)
 
     @property
     def url(self) -> str:
@@ -92,6 +93,7 @@ def pod_info(pod: dict[str, Any], nodes: dict[str, dict[str, str]], default_port
     return PodInfo(
         name=pod["metadata"]["name"], ip=pod["status"]["podIP"], node=labels.get(HOSTNAME, node),
         zone=labels.get(ZONE, ""), region=labels.get(REGION, ""), port=_port(pod, default_port), scheme=scheme,
+        uid=str(pod["metadata"].get("uid") or ""),
     )
 
 

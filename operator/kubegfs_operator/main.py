@@ -90,20 +90,52 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
         list_snapshots=list_snapshots,
     )
     # every Snapshot's catalog check shares one listing per installation and sync interval
-    cache: dict[Any, tuple[float, reconcile.Catalog | None]] = {}
-    lock = threading.Lock()
-    ttl = catalog_sync_seconds() / 2
+    deps.catalog = _per_installation(lambda ref: reconcile.fetch_catalog(ref, deps), catalog_sync_seconds() / 2)
+    # ... and every object's ClusterHealthy condition one status call (schedules tick more often)
+    reported: dict[Any, reconcile.Health] = {}
 
-    def catalog(ref: Any) -> reconcile.Catalog | None:
+    def health(ref: Any) -> reconcile.Health | None:
+        got = reconcile.fetch_health(ref, deps)
+        if got is None:
+            return None
+        h, master = got
+        before = reported.get(ref)
+        reported[ref] = h
+        if before is not None and before.reason == h.reason or before is None and h.ok:
+            return h
+        _master_event(ref, master, h)
+        return h
+
+    deps.health = _per_installation(health, min(cfg.schedule_tick, catalog_sync_seconds()) / 2)
+    return deps
+
+
+def _per_installation(fetch: Any, ttl: float) -> Any:
+    """``fetch(ref)``, cached per installation for ``ttl`` seconds (thread-safe)."""
+    cache: dict[Any, tuple[float, Any]] = {}
+    lock = threading.Lock()
+
+    def cached(ref: Any) -> Any:
         with lock:
             hit = cache.get(ref)
             if hit is None or time.monotonic() - hit[0] > ttl:
-                hit = (time.monotonic(), reconcile.fetch_catalog(ref, deps))
+                hit = (time.monotonic(), fetch(ref))
                 cache[ref] = hit
             return hit[1]
 
-    deps.catalog = catalog
-    return deps
+    return cached
+
+
+def _master_event(ref: Any, master: Any, h: reconcile.Health) -> None:
+    """The installation's health changed: an Event on the master pod (``kubectl describe pod``,
+    ``kubectl get events``), once per change, whichever object's handler noticed it."""
+    kind = "Warning" if h.warning else "Normal"
+    pod: Any = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": master.name, "namespace": ref.namespace, "uid": master.uid}}
+    try:
+        kopf.event(pod, type=kind, reason=h.reason if not h.ok else "ClusterHealthy", message=h.message)
+    except LookupError:  # outside a handler's context (no event queue): the conditions still say it
+        log.info("installation %s/%s: %s: %s", ref.namespace, ref.name, h.reason, h.message)
 
 
 @kopf.on.startup()

@@ -9,6 +9,7 @@ from . import GROUP, VERSION
 from .api import label_value
 
 READY, PROGRESSING, FAILED = "Ready", "Progressing", "Failed"
+CLUSTER_HEALTHY = "ClusterHealthy"  # the installation as its master reports it (reconcile.master_health)
 # status.phase beside the conditions (what `kubectl get` shows)
 PENDING, SHIPPING, RESTORING = "Pending", "Shipping", "Restoring"
 SCHEDULE_LABEL = f"{GROUP}/schedule"
@@ -104,6 +105,31 @@ def reason_of(obj: dict[str, Any]) -> str:
         if isinstance(c, dict) and c.get("type") == READY:
             return str(c.get("reason") or "")
     return ""
+
+
+def with_cluster_health(status: dict[str, Any], generation: int, ok: bool, reason: str,
+                        message: str) -> dict[str, Any]:
+    """``status`` with its ``ClusterHealthy`` condition set (the others kept as they are)."""
+    cond = condition(CLUSTER_HEALTHY, ok, reason, message, generation, now_rfc3339())
+    return {**status, "conditions": merge_conditions(status.get("conditions"), [cond])}
+
+
+def cluster_health_changed(status: Any, ok: bool, reason: str, message: str) -> bool:
+    """The stored ``ClusterHealthy`` condition says something else (or there is none while the
+    installation is unhealthy: a healthy one is not written onto objects that never had it)."""
+    conds = (status or {}).get("conditions") or [] if isinstance(status, dict) else []
+    old = next((c for c in conds if isinstance(c, dict) and c.get("type") == CLUSTER_HEALTHY), None)
+    if old is None:
+        return not ok
+    return (old.get("status"), old.get("reason"), old.get("message")) != ("True" if ok else "False", reason, message)
+
+
+def healthy_again(status: dict[str, Any], generation: int) -> dict[str, Any]:
+    """An operation succeeded: a ``ClusterHealthy`` condition still saying otherwise turns True."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == CLUSTER_HEALTHY and c.get("status") != "True":
+            return with_cluster_health(status, generation, True, "Healthy", "the master served this operation")
+    return status
 
 
 def parse_time(ts: str) -> datetime:

@@ -29,7 +29,7 @@ from .api import (
     parse_restore,
     parse_snapshot,
 )
-from .cluster import ClusterView
+from .cluster import ClusterView, PodInfo
 from .config import Config
 
 
@@ -65,6 +65,86 @@ class Catalog:
     entries: dict[str, dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Health:
+    """The installation as its master reports it (``master_health``): ``ok`` False when a user
+    must act or wait (``reason`` names the situation, ``message`` the way out)."""
+
+    ok: bool
+    reason: str
+    message: str
+    warning: bool = False  # a situation to act on (a Warning Event), not one that passes by itself
+
+    @property
+    def refusing(self) -> bool:
+        """The master lost its metadata: its (empty) catalog says nothing about the snapshots."""
+        return self.reason == LOST_METADATA
+
+
+LOST_METADATA = "LostMetadataSuspected"
+RECOVERY_DOC = "docs/recovery.md"
+
+
+def master_health(status: dict[str, Any]) -> Health:
+    """The installation's health from the master's ``GET /api/v1/status`` (pure). Worst first: a
+    master refusing its chunkservers (lost metadata), chunkservers of another cluster refused,
+    safe mode (nothing deleted until the chunkservers reported), metadata copies short."""
+    conds = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+    cluster = status.get("cluster") or {}
+    ident = conds.get("ClusterIdentity") or {}
+    if cluster.get("refusing") or ident.get("reason") == LOST_METADATA:
+        msg = str(ident.get("message") or "the master's data directory was empty while chunkservers hold data")
+        return Health(False, LOST_METADATA, f"{msg}; see {RECOVERY_DOC}", warning=True)
+    if ident.get("reason") == "ForeignChunkserversRefused":
+        ids = sorted(str(f.get("id", "?")) for f in cluster.get("foreign_chunkservers") or [] if isinstance(f, dict))
+        return Health(False, "ForeignChunkserversRefused",
+                      f"the master refuses chunkserver(s) of another cluster ({', '.join(ids) or '?'}); nothing "
+                      f"was deleted: point them at their own master or wipe their data; see {RECOVERY_DOC}",
+                      warning=True)
+    safe = conds.get("SafeMode") or {}
+    if safe.get("status") == "True":
+        return Health(False, "SafeMode", f"safe mode: the master deletes nothing until the chunkservers have "
+                                         f"reported ({safe.get('message', '')})")
+    meta = conds.get("MetadataReplicated") or {}
+    if meta.get("status") == "False" and meta.get("reason") == "Degraded":
+        return Health(False, "MetadataCopiesDegraded",
+                      f"fewer metadata copies in sync than configured: {meta.get('message', '')}")
+    return Health(True, "Healthy", f"master serving cluster {cluster.get('cluster_id', '?')}")
+
+
+def fetch_health(ref: Any, d: Deps) -> tuple[Health, PodInfo] | None:
+    """Ask the installation's master for its status; None when there is none to ask."""
+    view = d.view(ref)
+    if view.master is None:
+        return None
+    client = d.master(view.master.url)
+    try:
+        return master_health(client.status()), view.master
+    except KubegfsError:
+        return None
+    finally:
+        client.close()
+
+
+def with_health(status: dict[str, Any], stored: Any, gen: int, health: Health | None) -> dict[str, Any]:
+    """``status`` (to be written) with the ``ClusterHealthy`` condition brought up to date where
+    it differs from the ``stored`` status (a healthy installation is not written onto objects
+    that never had the condition)."""
+    if health is None or not objects.cluster_health_changed(stored, health.ok, health.reason, health.message):
+        return status
+    return objects.with_cluster_health(status, gen, health.ok, health.reason, health.message)
+
+
+def _refused(d: Deps, ref: Any, conds: Any, gen: int, retry: int) -> Retry | None:
+    """The master refuses (lost metadata): a Retry that says so and what to do, or None."""
+    health = d.health(ref)
+    if health is None or not health.refusing:
+        return None
+    st = objects.with_cluster_health(objects.progressing(conds, gen, health.reason, health.message), gen,
+                                     False, health.reason, health.message)
+    return Retry(st, health.message, backoff(retry, 2))
+
+
 @dataclass
 class Deps:
     cfg: Config
@@ -77,6 +157,8 @@ class Deps:
     list_snapshots: Callable[[str, str], list[dict[str, Any]]] = lambda ns, selector: []
     # ClusterRef -> the master's catalog (id -> entry), or None when it cannot be asked
     catalog: Callable[[Any], Catalog | None] = lambda ref: None
+    # ClusterRef -> what the master's status says about the installation, or None (not asked)
+    health: Callable[[Any], Health | None] = lambda ref: None
 
 
 def _meta(body: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -130,6 +212,9 @@ def snapshot(body: dict[str, Any], retry: int, started: float, d: Deps) -> Resul
     except Conflict as exc:
         raise Fail(objects.failed(conds, gen, "NameConflict", exc.message), exc.message, "NameConflict") from exc
     except KubegfsError as exc:
+        refused = _refused(d, spec.cluster, conds, gen, retry)
+        if refused is not None:
+            raise refused from exc
         msg = f"master {view.master.name} at {view.master.url} unreachable or failing: {exc.message}"
         raise Retry(objects.progressing(conds, gen, "MasterUnreachable", msg), msg, backoff(retry)) from exc
     finally:
@@ -143,7 +228,8 @@ def snapshot(body: dict[str, Any], retry: int, started: float, d: Deps) -> Resul
         msg = f"snapshot failed on the master: {snap.get('error')}"
         raise Fail(objects.failed(conds, gen, "SnapshotFailed", msg), msg, "SnapshotFailed")
     duration = max(0.0, time.time() - started)
-    st = objects.snapshot_ready_status(conds, gen, snap, duration, view.pods_by_ip(), reasons)
+    st = objects.healthy_again(objects.snapshot_ready_status(conds, gen, snap, duration, view.pods_by_ip(), reasons),
+                               gen)
     loc = st["location"]
     msg = (f"snapshot of {spec.path} ready: {snap['files']} files, {snap['logical_bytes']} bytes; "
            f"record on {loc['pod'] or loc['chunkserver']} (node {loc['node']}, zone {loc['zone']}, {loc['reason']})")
@@ -195,14 +281,24 @@ def snapshot_delete(body: dict[str, Any], retry: int, d: Deps) -> Deleted:
         client.close()
 
 
+def catalog_says_nothing(status: dict[str, Any]) -> bool:
+    """The master's catalog proves nothing about what is gone (pure): it refuses (lost
+    metadata), or its directory is new and no chunkserver has confirmed it yet (a master that
+    lost its volume is in that state until the first chunkserver reports, then refuses)."""
+    return master_health(status).refusing or bool((status.get("cluster") or {}).get("provisional"))
+
+
 def fetch_catalog(ref: Any, d: Deps) -> Catalog | None:
-    """List the master's catalog; None when it cannot be asked."""
+    """List the master's catalog; None when it cannot be asked, or when its catalog says
+    nothing (``catalog_says_nothing``)."""
     view = d.view(ref)
     if view.master is None:
         return None
     client = d.master(view.master.url)
     try:
         listed_at = time.time()
+        if catalog_says_nothing(client.status()):
+            return None
         return Catalog(listed_at, {e["id"]: e for e in client.api("GET", "/snapshots")["snapshots"]})
     except KubegfsError:
         return None
@@ -213,18 +309,33 @@ def fetch_catalog(ref: Any, d: Deps) -> Catalog | None:
 def snapshot_sync(body: dict[str, Any], d: Deps) -> Result | None:
     """One catalog: check a settled Snapshot against the master's catalog (``d.catalog``, one
     listing per installation shared by all objects). A Ready object whose kubegfs snapshot
-    vanished turns SnapshotMissing; one that reappears turns Ready again. None = nothing
-    changed (also when the master cannot be asked right now)."""
-    ns, name, uid, gen = _meta(body)
+    vanished turns SnapshotMissing; one that reappears turns Ready again. The installation's
+    health (``d.health``) is kept in the ``ClusterHealthy`` condition; while the master refuses
+    (lost metadata) its empty catalog proves nothing and no object is marked missing. None =
+    nothing changed (also when the master cannot be asked right now)."""
+    status = body.get("status") or {}
+    gen = _meta(body)[3]
+    try:
+        ref = parse_snapshot(body.get("spec") or {}, body["metadata"]["namespace"], d.cfg.default_cluster,
+                             d.cfg.default_namespace).cluster
+    except SpecError:
+        return None
+    health = d.health(ref)
+    res = None if health is not None and health.refusing else _catalog_check(body, ref, d)
+    base = res.status if res is not None else {"conditions": status.get("conditions")}
+    st = with_health(base, status, gen, health)
+    if res is None and st is base:
+        return None
+    return Result(st, res.event if res is not None else None)
+
+
+def _catalog_check(body: dict[str, Any], ref: Any, d: Deps) -> Result | None:
+    gen = _meta(body)[3]
     status = body.get("status") or {}
     phase, reason = objects.phase_of(body), objects.reason_of(body)
     missing = phase == objects.FAILED and reason == "SnapshotMissing"
     sid = status.get("snapshotID")
     if not sid or not (phase == objects.READY or missing):
-        return None
-    try:
-        ref = parse_snapshot(body.get("spec") or {}, ns, d.cfg.default_cluster, d.cfg.default_namespace).cluster
-    except SpecError:
         return None
     catalog = d.catalog(ref)
     if catalog is None:
@@ -311,12 +422,15 @@ def restore(body: dict[str, Any], retry: int, started: float, d: Deps, now: floa
     except Conflict as exc:
         raise Retry(objects.progressing(conds, gen, "Busy", exc.message), exc.message, backoff(retry)) from exc
     except KubegfsError as exc:
+        refused = _refused(d, ref, conds, gen, retry)
+        if refused is not None:
+            raise refused from exc
         msg = f"master unreachable or failing: {exc.message}"
         raise Retry(objects.progressing(conds, gen, "MasterUnreachable", msg), msg, backoff(retry)) from exc
     finally:
         client.close()
     duration = max(0.0, time.time() - started)
-    st = objects.restore_ready_status(conds, gen, result, duration, view.pods_by_ip())
+    st = objects.healthy_again(objects.restore_ready_status(conds, gen, result, duration, view.pods_by_ip()), gen)
     msg = f"restored Snapshot {spec.snapshot_name}: {result['files']} files to {result['path']} ({result['mode']})"
     if spec.target_path is None and spec.pre_restore_snapshot and not pre:
         st["preRestoreSnapshot"] = None  # nothing was at the path: clear the name shown while waiting
@@ -457,6 +571,8 @@ def schedule_tick(body: dict[str, Any], now: datetime, d: Deps) -> Tick:
         message = f"next run at {objects.format_time(nxt)}; " + message if nxt else message
     fields["nextScheduleTime"] = objects.format_time(nxt) if nxt else None
     st = objects.schedule_status(conds, gen, phase=phase, reason=reason, message=message, fields=fields)
+    st = with_health(st, status, gen, d.health(parse_snapshot(spec.snapshot_spec, ns, d.cfg.default_cluster,
+                                                              d.cfg.default_namespace).cluster))
     wake = d.cfg.schedule_tick
     if nxt is not None:
         wake = min(wake, max(0.05, (nxt - now).total_seconds()))

@@ -2,7 +2,8 @@
 and pod are deleted, the StatefulSet gives the new pod a new, empty volume, the master refuses
 and deletes nothing, and the documented procedure (docs/recovery.md: ``kubegfs master recover``
 run in the master pod) brings back every acknowledged file and snapshot from the chunkservers'
-metadata copies; the Snapshot object the operator had marked missing is Ready again and restores.
+metadata copies; the Snapshot object, which stayed Ready and showed ClusterHealthy=False meanwhile,
+is healthy again and restores.
 
 Its own release in its own namespace (the operator watches only that one), after the chart
 tests' release is gone.
@@ -47,6 +48,11 @@ def _reason(env: Release, kind: str, name: str) -> str:
     return next((c.get("reason", "") for c in conds if c["type"] == "Ready"), "")
 
 
+def _health(env: Release, kind: str, name: str) -> dict[str, Any]:
+    conds = env.get(kind, name).get("status", {}).get("conditions", [])
+    return next((c for c in conds if c["type"] == "ClusterHealthy"), {})
+
+
 def _identity(cl: Client) -> dict[str, Any]:
     return next(c for c in cl.status()["conditions"] if c["type"] == "ClusterIdentity")
 
@@ -88,9 +94,16 @@ def test_master_pvc_and_pod_deleted_then_the_documented_recover_brings_everythin
     wait_for("the new master to refuse (LostMetadataSuspected)", lambda: cl.status()["cluster"]["refusing"], 180)
     assert _identity(cl)["reason"] == "LostMetadataSuspected", _identity(cl)
     assert chunks <= _chunk_files(env), "a refusing master must not have anything deleted"
-    # the operator sees the empty catalog of the refusing master: the Snapshot turns SnapshotMissing
-    wait_for("the Snapshot marked missing", lambda: _reason(env, "snapshot", "data-nightly") == "SnapshotMissing",
-             200)
+    # the operator says so where a user looks: the Snapshot stays Ready (its record is safe on the
+    # chunkservers; the refusing master's empty catalog proves nothing) with ClusterHealthy=False,
+    # and the master pod gets a Warning Event
+    wait_for("the Snapshot's ClusterHealthy=False (LostMetadataSuspected)",
+             lambda: _health(env, "snapshot", "data-nightly").get("reason") == "LostMetadataSuspected", 200)
+    assert _reason(env, "snapshot", "data-nightly") == "SnapshotReady"
+    assert "kubegfs master recover" in _health(env, "snapshot", "data-nightly")["message"]
+    pod_events = env.kubectl("get", "events", "-n", NS, "--field-selector",
+                             f"involvedObject.name={new['metadata']['name']}", "-o", "jsonpath={.items[*].reason}")
+    assert "LostMetadataSuspected" in pod_events, pod_events
 
     out = env.kubectl("exec", "-n", NS, f"statefulset/{RELEASE}-master", "--", "kubegfs", "master", "recover",
                       "--master", "https://127.0.0.1:9400", "--token-file", "/etc/kubegfs/token")  # the pod's env names the CA
@@ -107,6 +120,8 @@ def test_master_pvc_and_pod_deleted_then_the_documented_recover_brings_everythin
     assert sid in {s["id"] for s in cl.snapshot_list()}
 
     back = wait_for("the Snapshot Ready again", lambda: env.condition("snapshot", "data-nightly"), 200)
+    wait_for("the Snapshot's ClusterHealthy=True",
+             lambda: _health(env, "snapshot", "data-nightly").get("status") == "True", 200)
     assert back["status"]["snapshotID"] == sid
     env.kubectl("apply", "-n", NS, "-f", str(REPO / "examples" / "restore.yaml"))
     wait_for("Restore Ready", lambda: env.condition("restore", "data-nightly-restore"), 180)

@@ -269,3 +269,145 @@ def test_publish_writes_the_status_first_and_leaves_it_to_kopf_when_that_fails()
     nothing = Custom(fail=False)
     op_main._publish(runtime(nothing), "snapshots", "ns", "s1", kopf.Patch())
     assert nothing.calls == []
+
+
+REFUSING = {"cluster": {"cluster_id": "kgfs-new", "refusing": {"chunkserver": "cs-1"}},
+            "conditions": [{"type": "ClusterIdentity", "status": "False", "reason": "LostMetadataSuspected",
+                            "message": "master refuses every chunkserver: run `kubegfs master recover`"}]}
+HEALTHY = {"cluster": {"cluster_id": "kgfs-1", "refusing": None},
+           "conditions": [{"type": "ClusterIdentity", "status": "True", "reason": "Confirmed", "message": ""},
+                          {"type": "SafeMode", "status": "False", "reason": "Left", "message": ""},
+                          {"type": "MetadataReplicated", "status": "True", "reason": "InSync", "message": ""}]}
+
+
+def test_master_health_names_the_worst_situation_first():
+    h = reconcile.master_health(REFUSING)
+    assert (h.ok, h.reason, h.refusing, h.warning) == (False, "LostMetadataSuspected", True, True)
+    assert "kubegfs master recover" in h.message and "docs/recovery.md" in h.message
+    foreign = {"cluster": {"cluster_id": "kgfs-1", "foreign_chunkservers": [{"id": "cs-9"}]},
+               "conditions": [{"type": "ClusterIdentity", "status": "True", "reason": "ForeignChunkserversRefused"},
+                              {"type": "SafeMode", "status": "True", "reason": "WaitingForReports"}]}
+    h = reconcile.master_health(foreign)
+    assert (h.ok, h.reason, h.refusing, h.warning) == (False, "ForeignChunkserversRefused", False, True)
+    assert "cs-9" in h.message
+    safe = {**HEALTHY, "conditions": [{"type": "SafeMode", "status": "True", "message": "3 of 10 chunks reported"}]}
+    h = reconcile.master_health(safe)
+    assert (h.ok, h.reason, h.warning) == (False, "SafeMode", False) and "3 of 10" in h.message
+    short = {**HEALTHY, "conditions": [{"type": "MetadataReplicated", "status": "False", "reason": "Degraded",
+                                        "message": "1 of 2 copies in sync"}]}
+    assert reconcile.master_health(short).reason == "MetadataCopiesDegraded"
+    off = {**HEALTHY, "conditions": [{"type": "MetadataReplicated", "status": "False", "reason": "Off"}]}
+    assert reconcile.master_health(off).ok  # a deliberate choice, not a situation
+    assert reconcile.master_health(HEALTHY) == reconcile.Health(True, "Healthy", "master serving cluster kgfs-1")
+
+
+class StatusMaster:
+    """A master client that answers ``status`` (and the catalog) from fixed bodies."""
+
+    def __init__(self, status, snapshots=()):
+        self._status, self._snapshots = status, list(snapshots)
+
+    def status(self):
+        return self._status
+
+    def api(self, method, path, **_):
+        assert (method, path) == ("GET", "/snapshots")
+        return {"snapshots": self._snapshots}
+
+    def close(self):
+        pass
+
+
+def ready_body():
+    st = objects.ready(None, 1, "SnapshotReady", "ok")
+    for c in st["conditions"]:
+        c["lastTransitionTime"] = "2026-01-01T00:00:10Z"
+    st.update(snapshotID="k8s-u1", name="ns.s1-u1")
+    return {"metadata": {"namespace": "ns", "name": "s1", "uid": "u1", "generation": 1},
+            "spec": {"path": "/data"}, "status": st}
+
+
+def test_a_refusing_master_marks_nothing_missing_and_says_so_on_the_object():
+    body = ready_body()
+    d = deps()
+    d.master = lambda url: StatusMaster(REFUSING)
+    d.catalog = lambda ref: reconcile.fetch_catalog(ref, d)
+    d.health = lambda ref: reconcile.fetch_health(ref, d)[0]
+    assert d.catalog(REF) is None  # its empty catalog proves nothing
+    new_dir = {**HEALTHY, "cluster": {"cluster_id": "kgfs-new", "provisional": True}}
+    d.master = lambda url: StatusMaster(new_dir)  # a new, empty directory before any chunkserver reported
+    assert d.catalog(REF) is None and reconcile.snapshot_sync(body, d) is None
+    d.master = lambda url: StatusMaster(REFUSING)
+    res = reconcile.snapshot_sync(body, d)
+    conds = {c["type"]: c for c in res.status["conditions"]}
+    assert conds["Ready"]["status"] == "True" and conds["Ready"]["reason"] == "SnapshotReady"
+    assert conds["ClusterHealthy"]["status"] == "False"
+    assert conds["ClusterHealthy"]["reason"] == "LostMetadataSuspected"
+    assert "kubegfs master recover" in conds["ClusterHealthy"]["message"]
+    assert res.event is None  # the Event goes on the master pod, once per installation (main)
+    body["status"] = {**body["status"], **res.status}
+    assert reconcile.snapshot_sync(body, d) is None  # written once
+    # recovered: the catalog lists it again, the condition turns True
+    d.master = lambda url: StatusMaster(HEALTHY, [{"id": "k8s-u1", "name": "ns.s1-u1", "state": "ready"}])
+    res = reconcile.snapshot_sync(body, d)
+    conds = {c["type"]: c for c in res.status["conditions"]}
+    assert conds["ClusterHealthy"]["status"] == "True" and conds["Ready"]["status"] == "True"
+    body["status"] = {**body["status"], **res.status}
+    assert reconcile.snapshot_sync(body, d) is None
+    # a healthy installation is not written onto objects that never had the condition
+    assert reconcile.snapshot_sync(ready_body(), d) is None
+
+
+def test_snapshot_and_restore_against_a_refusing_master_wait_with_the_way_out():
+    from kubegfs.errors import Unavailable
+
+    class Refusing(StatusMaster):
+        def api(self, method, path, **_):
+            raise Unavailable("master refuses every chunkserver")
+
+    body = {"metadata": {"namespace": "ns", "name": "s1", "uid": "u-1", "generation": 1}, "spec": {"path": "/a"}}
+    d = deps()
+    d.master = lambda url: Refusing(REFUSING)
+    d.health = lambda ref: reconcile.fetch_health(ref, d)[0]
+    with pytest.raises(reconcile.Retry) as r:
+        reconcile.snapshot(body, 0, 0.0, d)
+    conds = {c["type"]: c for c in r.value.status["conditions"]}
+    assert conds["Progressing"]["reason"] == "LostMetadataSuspected"
+    assert conds["ClusterHealthy"]["status"] == "False" and "recover" in str(r.value)
+    d.health = lambda ref: reconcile.master_health(HEALTHY)  # a plain outage stays MasterUnreachable
+    with pytest.raises(reconcile.Retry) as r:
+        reconcile.snapshot(body, 0, 0.0, d)
+    assert {c["type"]: c for c in r.value.status["conditions"]}["Progressing"]["reason"] == "MasterUnreachable"
+
+    snap = ready_body()
+    rbody = {"metadata": {"namespace": "ns", "name": "r1", "uid": "u-2", "creationTimestamp": "2026-01-01T00:00:00Z"},
+             "spec": {"snapshotName": "s1", "targetPath": "/back"}}
+    d = deps(snap)
+    d.master = lambda url: Refusing(REFUSING)
+    d.health = lambda ref: reconcile.fetch_health(ref, d)[0]
+    with pytest.raises(reconcile.Retry) as r:
+        reconcile.restore(rbody, 0, 0.0, d)
+    assert {c["type"]: c for c in r.value.status["conditions"]}["ClusterHealthy"]["reason"] == "LostMetadataSuspected"
+    # once it restores, the condition it carried turns True
+    rbody["status"] = r.value.status
+
+    class Restoring(StatusMaster):
+        def api(self, method, path, **_):
+            return {"path": "/back", "files": 1, "dirs": 1, "mode": "new", "snapshot_id": "k8s-u1", "source": {}}
+
+    d.master = lambda url: Restoring(HEALTHY)
+    res = reconcile.restore(rbody, 1, 0.0, d)
+    conds = {c["type"]: c for c in res.status["conditions"]}
+    assert conds["Ready"]["status"] == "True" and conds["ClusterHealthy"]["status"] == "True"
+
+
+def test_cluster_health_condition_is_written_only_when_it_changes():
+    st = objects.ready(None, 1, "SnapshotReady", "ok")
+    assert not objects.cluster_health_changed(st, True, "Healthy", "fine")
+    assert objects.cluster_health_changed(st, False, "SafeMode", "wait")
+    st = objects.with_cluster_health(st, 1, False, "SafeMode", "wait")
+    assert [c["type"] for c in st["conditions"]] == ["Ready", "Progressing", "Failed", "ClusterHealthy"]
+    assert not objects.cluster_health_changed(st, False, "SafeMode", "wait")
+    assert objects.cluster_health_changed(st, True, "Healthy", "fine")
+    untouched = objects.healthy_again(objects.ready(None, 1, "SnapshotReady", "ok"), 1)
+    assert "ClusterHealthy" not in {c["type"] for c in untouched["conditions"]}

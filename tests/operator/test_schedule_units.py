@@ -505,3 +505,22 @@ def test_operator_interval_settings(monkeypatch):
         monkeypatch.setenv("KUBEGFS_CATALOG_SYNC_SECONDS", bad)
         with pytest.raises(SystemExit, match="KUBEGFS_CATALOG_SYNC_SECONDS"):
             config.catalog_sync_seconds()
+
+
+def test_schedule_status_carries_the_installation_health():
+    from kubegfs_operator import reconcile
+
+    k = FakeSnapshots()
+    d = k.deps()
+    seen = []
+    d.health = lambda ref: seen.append(ref) or reconcile.Health(False, "LostMetadataSuspected", "run recover",
+                                                                 warning=True)
+    tick = reconcile.schedule_tick(sched_body({}), T0 + timedelta(minutes=5), d)
+    conds = {c["type"]: c for c in tick.status["conditions"]}
+    assert conds["ClusterHealthy"]["status"] == "False" and conds["ClusterHealthy"]["message"] == "run recover"
+    assert conds["Ready"]["status"] == "True" and seen[0].name == "kubegfs" and seen[0].namespace == "team"
+    d.health = lambda ref: reconcile.Health(True, "Healthy", "fine")
+    again = reconcile.schedule_tick(sched_body({}, tick.status), T0 + timedelta(minutes=6), d)
+    assert {c["type"]: c for c in again.status["conditions"]}["ClusterHealthy"]["status"] == "True"
+    fresh = reconcile.schedule_tick(sched_body({}), T0 + timedelta(minutes=6), d)
+    assert "ClusterHealthy" not in {c["type"] for c in fresh.status["conditions"]}

@@ -311,3 +311,62 @@ def test_examples_are_valid_and_cel_rejects_bad_schedules(stack):
     assert {c["type"]: c for c in st["conditions"]}["Failed"]["reason"] == "InvalidSpec"
     assert "never fires" in st["conditions"][0]["message"] and not owned(stack, "never")
     assert [e for e in events(stack, "never") if e.startswith("InvalidSpec")]
+
+
+def health(stack, plural, name):
+    conds = (stack.get(plural, name).get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == "ClusterHealthy"), {})
+
+
+def test_a_lost_master_volume_shows_on_every_object_and_the_master_pod_until_recover(stack):
+    """The master's data directory is lost: the Snapshot stays Ready (its record is safe on the
+    chunkservers) and, like the schedule and a Restore that waits, says ClusterHealthy=False
+    LostMetadataSuspected with the way out; the master pod gets a Warning Event. After
+    `kubegfs master recover` all of it turns healthy and the Restore completes."""
+    import shutil
+    import signal
+
+    c = stack.cluster.client()
+    c.mkdir("/data", parents=True)
+    c.put("/data/a", b"kept across the loss")
+    apply(stack, snapshot("s1"))
+    ready(stack, "snapshots", "s1")
+    apply(stack, schedule("paused", suspend=True))
+    wait_for(lambda: (stack.get("snapshotschedules", "paused").get("status") or {}).get("phase") == "Suspended",
+             timeout=30, what="the schedule reconciled")
+    assert health(stack, "snapshots", "s1") == {}  # a healthy installation adds nothing
+
+    cl = stack.cluster
+    cl.kill(cl.master, signal.SIGKILL)
+    shutil.rmtree(cl.master.data)
+    cl.start_master()
+    wait_for(lambda: c.status()["cluster"]["refusing"], timeout=30, what="the empty master to refuse")
+    for plural, name in (("snapshots", "s1"), ("snapshotschedules", "paused")):
+        wait_for(lambda p=plural, n=name: health(stack, p, n).get("reason") == "LostMetadataSuspected", timeout=30,
+                 what=f"{plural}/{name} ClusterHealthy=False")
+        assert health(stack, plural, name)["status"] == "False"
+        assert "kubegfs master recover" in health(stack, plural, name)["message"]
+    assert stack.condition("snapshots", "s1") == "True"  # not SnapshotMissing: the empty catalog proves nothing
+    listed = stack.kubectl("get", "gsnap", "s1").stdout
+    assert "CLUSTER" in listed and "LostMetadataSuspected" in listed, listed
+    master_events = events(stack, stack.master_pod.name)
+    assert any(e.startswith("LostMetadataSuspected: ") and "recover" in e for e in master_events), master_events
+    warned = stack.kubectl("get", "events", "--field-selector", f"involvedObject.name={stack.master_pod.name}",
+                           "-o", "jsonpath={.items[*].type}").stdout
+    assert "Warning" in warned
+    apply(stack, restore("back", "s1", targetPath="/back"))
+    wait_for(lambda: health(stack, "restores", "back").get("reason") == "LostMetadataSuspected", timeout=30,
+             what="the Restore waiting with the reason")
+    assert stack.condition("restores", "back", "Progressing") == "True"
+
+    out = cli(stack, "master", "recover")
+    assert out.returncode == 0, out.stderr
+    obj = ready(stack, "restores", "back", timeout=90)
+    assert health(stack, "restores", "back")["status"] == "True", obj["status"]
+    assert c.get("/back/a") == b"kept across the loss"
+    for plural, name in (("snapshots", "s1"), ("snapshotschedules", "paused")):
+        wait_for(lambda p=plural, n=name: health(stack, p, n).get("status") == "True", timeout=60,
+                 what=f"{plural}/{name} ClusterHealthy=True")
+    assert stack.condition("snapshots", "s1") == "True"
+    wait_for(lambda: any(e.startswith("ClusterHealthy: ") for e in events(stack, stack.master_pod.name)),
+             timeout=30, what="the master pod's all-clear Event")

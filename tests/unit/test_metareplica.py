@@ -159,19 +159,17 @@ def test_batches_that_queued_up_are_written_with_one_fdatasync_and_a_bad_one_ref
 
 class _FakeStream:
     def __init__(self):
-        import asyncio
-
-        self.out = asyncio.Queue()
+        self.out = []
         self.closed = False
+
+    def put(self, b):
+        self.out.append(b)
 
     def close(self):
         self.closed = True
 
     def sent(self):
-        out = []
-        while not self.out.empty():
-            b = self.out.get_nowait()
-            out.append((b.first, b.last))
+        out, self.out = [(b.first, b.last) for b in self.out], []
         return out
 
 
@@ -186,13 +184,19 @@ def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answe
         r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
         r._streams = {i: _FakeStream() for i in "ab"}
         streams = dict(r._streams)
-        f1, wait1 = r.on_durable(b"one", 1, 2)
+        b1 = r.on_durable(b"one", 1, 2)
+        f1, wait1 = b1
         f2, _ = r.on_durable(b"two", 3, 3)
         assert wait1 and streams["a"].sent() == streams["b"].sent() == [(1, 2), (3, 3)]  # not held back
+        answered = []
+        b1.then(lambda: answered.append(1))
         r._acked(r.targets["a"], 3)
-        assert not f1.done() and not f2.done()  # b has not answered
+        assert not f1.done() and not f2.done() and not answered  # b has not answered
         r._acked(r.targets["b"], 2)
         assert f1.done() and not f2.done()
+        assert answered == [1]  # in the step that settled it, not at the next pass of the loop
+        b1.then(lambda: answered.append(2))
+        assert answered == [1, 2]  # settled already: at once
         r._drop(r.targets["b"], "test")  # out of sync: no longer waited for
         assert f2.done() and streams["b"].closed and r.in_sync() == 1
         f3, _ = r.on_durable(b"three", 4, 4)
@@ -210,5 +214,62 @@ def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answe
         await asyncio.sleep(0.5)
         assert f6.done() and r._gave_up
         watcher.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_stream_writes_each_batch_in_the_callers_step_and_keeps_order_behind_a_send_that_waits():
+    import asyncio
+
+    from kubegfs.master.metareplica import _Batch, _Stream
+    from kubegfs.metalayout import unpack_stream_batch
+
+    class FakeWS:
+        def __init__(self):
+            self.frames, self.gate, self.fail = [], None, None
+            self.closed = False
+
+        async def send_bytes(self, data):
+            if self.fail:
+                raise ConnectionResetError(self.fail)
+            if self.gate is not None:  # flow control: this send has to wait
+                gate, self.gate = self.gate, None
+                await gate
+            self.frames.append(unpack_stream_batch(data)[:2])
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+        async def close(self):
+            self.closed = True
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        def batch(first, last):
+            return _Batch(b"x", first, last, 0.0, loop.create_future(), "0" * 64)
+
+        ws, failed = FakeWS(), []
+        st = _Stream(ws, lambda seq: None, failed.append)
+        st.put(batch(1, 1))
+        assert ws.frames == [(1, 1)]  # on the socket before this step ends
+        gate = ws.gate = loop.create_future()
+        st.put(batch(2, 2))
+        st.put(batch(3, 3))
+        assert ws.frames == [(1, 1)] and st._draining is not None  # 3 waits behind 2
+        gate.set_result(None)  # the transport drained: 2 finishes, then 3 follows, in order
+        await asyncio.sleep(0.01)
+        assert ws.frames == [(1, 1), (2, 2), (3, 3)] and st._draining is None
+        st.put(batch(4, 4))
+        assert ws.frames[-1] == (4, 4)
+        ws.fail = "gone"
+        st.put(batch(5, 5))
+        assert not failed  # reported in a later step, as a sender task would
+        await asyncio.sleep(0)
+        assert failed and "stream send" in failed[0]
+        st.close()
 
     asyncio.run(scenario())
