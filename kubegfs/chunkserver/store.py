@@ -18,13 +18,15 @@ is back at its last acknowledged length, never a mix that fails its checksums.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import threading
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
@@ -460,15 +462,41 @@ class ChunkWriter:
             if exc.errno == 28:
                 raise NoSpace("chunkserver disk is full") from exc
             raise
+        start = self.pos
         for p in parts:
             self.crcs.update(p)
             self.pos += len(p)
+        start_writeback(self.fd, start, self.pos - start)
 
     def close(self) -> None:
         if self._open:
             self._open = False
             os.close(self.fd)
             self._claim.__exit__(None, None, None)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", fn)
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, n: int) -> None:
+    """Ask the kernel to start writing a just-written range to disk, without waiting (Linux's
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; HDFS's ``dfs.datanode.sync.behind.writes``).
+    A streamed piece's bytes then reach the disk while the rest of the chunk arrives, instead of
+    all at once in the fdatasync before the chunk's last answer; the fdatasync still decides
+    durability (this promises nothing)."""
+    if _SYNC_FILE_RANGE is not None and n > 0:
+        _SYNC_FILE_RANGE(fd, offset, n, SYNC_FILE_RANGE_WRITE)
 
 
 def _pwrite_all(fd: int, parts: list[bytes], offset: int) -> None:
