@@ -2,9 +2,13 @@
 
 Writes are chained as in GFS and HDFS: the client sends a piece to the first replica only,
 naming the rest in ``X-Kubegfs-Chain``; each replica forwards the body to the next while it is
-still arriving, writes (and, for a synced piece, fdatasyncs) its own copy, waits for the
+still arriving, writes its own copy as it arrives (a piece that extends the chunk goes to disk in
+batches while the rest is on the wire; for a synced piece it then fdatasyncs), waits for the
 downstream answer and answers with the ids of every replica that stored the piece, its own
-first. So the client uploads every byte once, and every hop reuses keep-alive connections.
+first. The client keeps several pieces in flight, so a chunk's pieces may arrive together: each
+waits for its turn in offset order (turnstile.py). So the client uploads every byte once, the
+disk, the network and the replicas work at the same time, and every hop reuses keep-alive
+connections.
 """
 
 from __future__ import annotations
