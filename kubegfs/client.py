@@ -209,6 +209,10 @@ class Client:
         self._headers = {"Authorization": f"Bearer {tok}", "Accept": MSGPACK}
         self._body_headers = {**self._headers, "Content-Type": MSGPACK}
         self._local = threading.local()
+        # the master's lean listener for stat/ls/stat_many (kubegfs/master/fastpath.py), once an
+        # answer has named its port; None until then, or after it could not be reached
+        self._fast: str | None = None
+        self._fast_off = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
@@ -286,6 +290,7 @@ class Client:
                     on_sent()
                 r = conn.response(method)
                 status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
+                fast = r.headers.get("x-kubegfs-fastpath")
             else:
                 conn.request(method, target, body=body, headers=headers)
                 if on_sent is not None:
@@ -293,6 +298,7 @@ class Client:
                 hr = conn.getresponse()
                 content = hr.read()
                 status, ctype, will_close = hr.status, hr.headers.get("Content-Type", ""), hr.will_close
+                fast = hr.headers.get("X-Kubegfs-Fastpath")
         except BaseException:
             conn.close()
             conns.pop(key, None)
@@ -300,10 +306,25 @@ class Client:
         if will_close:
             conn.close()
             conns.pop(key, None)
+        if fast is not None and self._fast is None and not self._fast_off and fast.isdigit():
+            host = u.hostname or ""
+            self._fast = f"{u.scheme}://{f'[{host}]' if ':' in host else host}:{fast}"
         return status, content, ctype
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
         return self._req(method, f"{self.master}/api/v1{path}", decode=True, **kw)
+
+    def _read_api(self, method: str, path: str, **kw: Any) -> Any:
+        """A stat/ls/stat_many call: on the master's lean listener once it is known; if that
+        cannot be reached, on the main port from then on (these calls change nothing, so asking
+        again is safe)."""
+        fast = self._fast
+        if fast is not None:
+            try:
+                return self._req(method, f"{fast}/api/v1{path}", decode=True, **kw)
+            except Unavailable:
+                self._fast, self._fast_off = None, True
+        return self.api(method, path, **kw)
 
     # ------------------------------------------------------------------ namespace
 
@@ -317,14 +338,14 @@ class Client:
         return self.api("POST", "/fs/mkdir", json={"path": path, "parents": parents, "mode": mode})
 
     def stat(self, path: str) -> Stat:
-        return self.api("GET", "/fs/stat", params={"path": path})
+        return self._read_api("GET", "/fs/stat", params={"path": path})
 
     def stat_many(self, paths: list[str]) -> list[Stat | StatError]:
         """The stats of many paths in one call per 10,000, in order; a path that cannot be
         looked up comes back as ``{"path", "error", "message"}`` instead of raising."""
         out: list[Stat | StatError] = []
         for i in range(0, len(paths), 10_000):
-            out += self.api("POST", "/fs/stat_many", json={"paths": paths[i : i + 10_000]})["stats"]
+            out += self._read_api("POST", "/fs/stat_many", json={"paths": paths[i : i + 10_000]})["stats"]
         return out
 
     def exists(self, path: str) -> bool:
@@ -340,7 +361,7 @@ class Client:
         out: list[Stat] = []
         after = ""
         while True:
-            page: LsPage = self.api("GET", "/fs/ls", params={"path": path, "after": after, "limit": 5000})
+            page: LsPage = self._read_api("GET", "/fs/ls", params={"path": path, "after": after, "limit": 5000})
             out += page["entries"]
             nxt = page.get("next")
             if not nxt:
