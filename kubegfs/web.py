@@ -34,6 +34,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # kubelet probes: no credential
 PEER_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, KubegfsError, aiohttp.ClientError, OSError)
 MAX_JSON_BODY = 8 * 1024 * 1024
 TOKEN_HEADER = "Authorization"
+CHAIN_HEADER = "X-Kubegfs-Chain"  # a piece's PUT: the replicas after this one (chunkserver/server.py)
 CLUSTER_HEADER = "X-Kubegfs-Cluster"  # master -> chunkserver calls name their cluster (master/identity.py)
 
 MSGPACK = "application/x-msgpack"

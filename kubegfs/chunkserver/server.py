@@ -31,6 +31,7 @@ from ..auth import Tokens, chunkserver_policy
 from ..errors import ClusterMismatch, CorruptData, InvalidArgument, NotFound, from_json
 from ..topology import Location
 from ..web import (
+    CHAIN_HEADER,
     CLUSTER_HEADER,
     PEER_ERRORS,
     field_int,
@@ -57,7 +58,6 @@ from .turnstile import Turnstile
 log = logging.getLogger("kubegfs.chunkserver")
 
 MAX_PIECE = 8 * 1024 * 1024
-CHAIN_HEADER = "X-Kubegfs-Chain"  # the replicas after this one, comma-separated base URLs
 MAX_CHAIN = 8
 STREAM_BATCH = 1024 * 1024  # a streamed piece goes to disk in writes of at least this much
 

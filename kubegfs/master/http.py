@@ -279,11 +279,16 @@ class Api:
             near=_writer(request)))
 
     async def h_create(self, request: web.Request) -> web.Response:
-        """An empty file in one round trip: open + commit of nothing, durable before the answer."""
+        """A file in one round trip, durable before the answer: empty (open + commit of nothing),
+        or with ``data`` (bytes, so a msgpack body; at most wire.SMALL_FILE) stored on the
+        replicas and synced first (WritePath.create_small)."""
         b = await read_json(request)
         mode = "overwrite" if field_bool(b, "overwrite") else "create"
-        out = await self.m.writes.create_empty(
-            field_str(b, "path"), mode, field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777))
+        data = b.get("data", b"")
+        if not isinstance(data, bytes):
+            raise InvalidArgument("field 'data' must be bytes (a msgpack bin; JSON cannot carry it)")
+        out = await self.m.writes.create_small(
+            field_str(b, "path"), mode, field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777), data)
         return json_response(out, status=201)
 
     async def h_alloc(self, request: web.Request) -> web.Response:

@@ -2,13 +2,16 @@
 empty-file creates, batched stats, cached ls pages, and the token on the new routes."""
 
 import json
+import os
+import signal
 import socket
 
 import msgpack
 import pytest
 import requests
 
-from kubegfs.errors import AlreadyExists, NotFound
+from kubegfs.errors import AlreadyExists, InvalidArgument, NotFound
+from kubegfs.wire import SMALL_FILE
 
 MSGPACK = "application/x-msgpack"
 NEW_ROUTES = [("POST", "/api/v1/fs/create"), ("POST", "/api/v1/fs/stat_many")]
@@ -84,7 +87,7 @@ def test_empty_file_in_one_call_is_durable(make_cluster):
 
 def test_small_file_takes_open_with_placement_then_commit(client):
     client.mkdir("/small")
-    client.put("/small/f", b"x" * 1000)
+    client.put("/small/f", iter([b"x" * 1000]))  # a stream: open (placing its chunk), the chain, commit
     assert client.get("/small/f") == b"x" * 1000
     client.put("/small/f", iter([]))  # nothing to write: the placed chunk is abandoned
     assert client.stat("/small/f")["size"] == 0
@@ -212,3 +215,65 @@ def test_the_client_finds_the_lean_listener_and_falls_back_without_it(shared_clu
     assert calls[-1].startswith(shared_cluster.master_url) and client._fast is None
     client.stat("/found")
     assert client._fast is None
+
+
+# ---------------------------------------------------------------------- small files in one call
+
+
+def _spy(c):
+    calls = []
+    real = c._req
+
+    def spy(method, url, **kw):
+        calls.append(url.split("?")[0])
+        return real(method, url, **kw)
+
+    c._req = spy
+    return calls
+
+
+def test_a_small_file_is_one_call_and_on_every_replica_when_it_returns(make_cluster):
+    cl = make_cluster()
+    c = cl.client()
+    data = os.urandom(SMALL_FILE)
+    calls = _spy(c)
+    out = c.put("/s", data, overwrite=False)
+    assert out == {"path": "/s", "size": SMALL_FILE, "chunks": 1}
+    assert calls == [cl.master_url + "/api/v1/fs/create"]  # one round trip, no chunkserver call
+    lay = c.layout("/s")
+    (ch,) = lay["chunks"]
+    assert len(ch["replicas"]) == 3
+    for r in ch["replicas"]:  # each replica holds the bytes (they were synced before the answer)
+        assert bytes(c._req("GET", f"{r['address']}/internal/chunks/{ch['handle']}",
+                            params={"offset": 0, "length": SMALL_FILE, "version": ch["version"]})) == data
+    with pytest.raises(AlreadyExists):
+        c.put("/s", b"again", overwrite=False)
+    c.put("/s", b"shorter")  # overwrite: the same one call
+    cl.kill(cl.master)  # SIGKILL: only what reached the op log survives
+    cl.start_master()
+    cl.wait_registered(3)  # the chunkservers report their chunks again
+    assert cl.client().get("/s") == b"shorter"
+
+
+def test_a_larger_file_is_written_by_the_client(client, shared_cluster):
+    calls = _spy(client)
+    client.put("/big1", b"y" * (SMALL_FILE + 1))
+    assert any("/internal/chunks/" in u for u in calls) and calls[-1].endswith("/fs/commit")
+    assert client.get("/big1") == b"y" * (SMALL_FILE + 1)
+    with pytest.raises(InvalidArgument):
+        client.api("POST", "/fs/create", json={"path": "/big2", "data": b"z" * (SMALL_FILE + 1)})
+    r = requests.post(shared_cluster.master_url + "/api/v1/fs/create", json={"path": "/big3", "data": "text"},
+                      headers=_h(shared_cluster), timeout=5)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_argument")
+    assert not client.exists("/big2") and not client.exists("/big3")
+
+
+def test_a_small_file_goes_around_a_dead_replica(make_cluster):
+    cl = make_cluster(dead_after=30)  # the master keeps placing on the dead one
+    c = cl.client()
+    for victim in cl.chunkservers[:1]:
+        cl.kill(victim, signal.SIGKILL)
+    for i in range(4):  # the dead one is the chain's head for some of them
+        c.put(f"/d{i}", b"%d" % i * 100)
+        assert c.get(f"/d{i}") == b"%d" % i * 100
+        assert len(c.layout(f"/d{i}")["chunks"][0]["replicas"]) == 2
