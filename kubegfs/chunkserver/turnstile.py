@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 
 class Turnstile:
-    def __init__(self, length: Callable[[int], int], wait: float = 10.0) -> None:
+    def __init__(self, length: Callable[[int], int], wait: float = 2.0) -> None:
         self._length = length  # a chunk's current length (0 if it does not exist)
         self.wait = wait
         self._busy: set[int] = set()
