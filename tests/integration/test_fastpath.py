@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from kubegfs.errors import AlreadyExists, InvalidArgument, NotFound
+from kubegfs.local import LocalCluster
 from kubegfs.wire import SMALL_FILE
 
 MSGPACK = "application/x-msgpack"
@@ -277,3 +278,20 @@ def test_a_small_file_goes_around_a_dead_replica(make_cluster):
         c.put(f"/d{i}", b"%d" % i * 100)
         assert c.get(f"/d{i}") == b"%d" % i * 100
         assert len(c.layout(f"/d{i}")["chunks"][0]["replicas"]) == 2
+
+
+def test_the_lean_listener_speaks_tls_when_the_master_does(tmp_path):
+    cl = LocalCluster(tmp_path / "tls", 3, chunk_size=256 * 1024, heartbeat=0.2, dead_after=1.5, tls=True)
+    cl.start()
+    try:
+        c = cl.client()
+        c.mkdir("/t")
+        c.put("/t/a", b"hello")
+        assert c.stat("/t")["type"] == "dir"
+        assert c._fast == f"https://{cl.master.host}:{cl.fast_port}"
+        assert c.stat("/t/a")["size"] == 5 and [e["path"] for e in c.ls("/t")] == ["/t/a"]
+        assert c._fast is not None and not c._fast_off  # answered there, verified, no fallback
+        with pytest.raises(requests.exceptions.ConnectionError):  # no plain http beside it
+            requests.get(f"http://{cl.master.host}:{cl.fast_port}/api/v1/fs/stat?path=/", timeout=5)
+    finally:
+        cl.stop()
