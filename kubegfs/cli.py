@@ -213,6 +213,8 @@ def topology_options(f: Any) -> Any:
               help="metadata copies on chunkservers")
 @click.option("--metadata-max-lag", default=5.0, show_default=True, type=click.FloatRange(0),
               help="async: seconds the copies may trail the master")
+@click.option("--fast-listen", default="", help="HOST:PORT of a second, lean listener for stat, ls and "
+              "stat_many (clients find it from a header on those answers); default: off")
 @click.option("--debug-fsync-delay", default=0.0, hidden=True, type=click.FloatRange(0, 60),
               help="testing: each op-log sync takes this many seconds longer (a busy disk)")
 @topology_options
@@ -222,8 +224,8 @@ def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | N
            metrics_token_file: str | None, tls_cert: str | None, tls_key: str | None,
            chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
            format_: bool, safe_mode_threshold: float, safe_mode_grace: float,
-           metadata_replication: str, metadata_copies: int, metadata_max_lag: float, debug_fsync_delay: float,
-           node: str, zone: str, region: str, topology_from_node: bool) -> None:
+           metadata_replication: str, metadata_copies: int, metadata_max_lag: float, fast_listen: str,
+           debug_fsync_delay: float, node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master (``kubegfs master recover``: rebuild one that lost its data directory)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -237,7 +239,11 @@ def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | N
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
                    format=format_, safe_mode=SafeModeConfig(safe_mode_threshold, safe_mode_grace),
                    meta=MetaReplicationConfig(metadata_replication, metadata_copies, metadata_max_lag),
-                   fsync_delay=debug_fsync_delay)
+                   fsync_delay=debug_fsync_delay, fast_listen=fast_listen)
+    if fast_listen:
+        from .web import split_listen
+
+        split_listen(fast_listen)  # a bad value is one error line now, not a crash at startup
     loc = _location(node, zone, region, topology_from_node)
     run(listen, Path(data_dir), tok, loc, parse_size(chunk_size), replication, opts, _server_ssl(tls_cert, tls_key))
 

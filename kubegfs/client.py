@@ -28,7 +28,7 @@ import msgpack
 from . import httpconn
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 from .tls import ClientTLS
-from .wire import LsPage, SnapshotInfo, Stat, StatError
+from .wire import SMALL_FILE, LsPage, SnapshotInfo, Stat, StatError
 
 MSGPACK = "application/x-msgpack"  # the master answers and reads it (kubegfs/web.py); JSON stays for curl
 PIECE = 4 * 1024 * 1024
@@ -45,15 +45,21 @@ class ReadStats:
 class _Chunk:
     """One chunk being written: the replicas that hold every piece so far, nearest first."""
 
-    def __init__(self, cur: dict[str, Any]) -> None:
+    def __init__(self, cur: dict[str, Any], index: int) -> None:
         self.handle = str(cur["handle"])
         self.version = cur["version"]
         self.cur = cur
+        self.index = index  # its place in the commit's chunk list
         self.live: list[dict[str, Any]] = list(cur["replicas"])
         self.errors: dict[str, KubegfsError] = {}
 
     def ids(self) -> list[str]:
         return [str(r["id"]) for r in self.live]
+
+    def drop(self, rid: str, why: KubegfsError) -> None:
+        """A replica that missed a piece holds none of the chunk's later ones that count."""
+        self.errors.setdefault(rid, why)
+        self.live = [r for r in self.live if str(r["id"]) != rid]
 
     def fail(self) -> NoReturn:
         why = "; ".join(f"{k}: {v.message}" for k, v in self.errors.items()) or "no replica"
@@ -65,70 +71,109 @@ class _Chunk:
 
 class _Pipeline:
     """Sends a put's pieces down replica chains (client → first replica → next → next, each
-    forwarding while it writes; see kubegfs/chunkserver/server.py), in order, from one thread
-    whose keep-alive connection lasts the whole put. The caller queues the next piece while the
-    chain still stores this one (DEPTH pieces ahead). A replica that fails a piece leaves the
-    chain for the rest of the chunk; if the first one fails, the piece goes again to the others
-    (a rewrite at the same offset is idempotent). A synced piece (a chunk's last, or the
-    write's) returns the ids of the replicas that stored every piece."""
+    forwarding while it writes; see kubegfs/chunkserver/server.py) with up to WINDOW pieces in
+    flight, as HDFS's DataStreamer keeps packets in flight ahead of their acknowledgements. Each
+    of WINDOW threads has its own keep-alive connection; they send strictly in the put's order
+    (one request at a time, under ``_send_lock``) and then wait for their answers side by side,
+    so a chunkserver receives the next piece while it still writes this one and orders them by
+    offset (kubegfs/chunkserver/turnstile.py). A replica that fails or misses a piece leaves
+    the chunk's replica set for good; if a piece's first replica fails, the piece goes again
+    to the rest of its chain (a rewrite at the same offset is idempotent). A chunk's replicas
+    are those that acknowledged every piece of it, the last one synced (fdatasync before the
+    answer), which ``finish`` returns once every answer is in."""
 
-    DEPTH = 2  # pieces queued; memory ≈ (DEPTH + 1) × PIECE
+    WINDOW = 4  # pieces sent and not yet answered; memory ≈ (WINDOW + 1) × PIECE
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self.aborted = False
-        self.q: queue.Queue[tuple[_Chunk, int, bytes, Future[list[str]] | None] | None] = queue.Queue(self.DEPTH)
-        self.thread = threading.Thread(target=self._run, daemon=True, name="kubegfs-put")
-        self.thread.start()
+        self.q: queue.Queue[tuple[_Chunk, int, bytes, bool] | None] = queue.Queue()
+        self.slots = threading.Semaphore(self.WINDOW)
+        self._send_lock = threading.Lock()  # taken to pick the next piece, released once it is sent
+        self._lock = threading.Lock()  # chunks' replica sets
+        self.chunks: list[_Chunk] = []
+        self.threads: list[threading.Thread] = []  # started one per piece, up to WINDOW
 
     def _run(self) -> None:
         try:
-            while (item := self.q.get()) is not None:
-                chunk, off, data, done = item
+            while True:
+                self._send_lock.acquire()
+                item = self.q.get()
+                if item is None:
+                    self.q.put(None)  # for the next thread
+                    self._send_lock.release()
+                    return
+                chunk, off, data, sync = item
+                held = [True]
+
+                def sent(held: list[bool] = held) -> None:
+                    if held[0]:
+                        held[0] = False
+                        self._send_lock.release()
+
                 try:
                     if not self.aborted:
-                        self._store(chunk, off, data, done is not None)
+                        self._store(chunk, off, data, sync, sent)
                 except BaseException as exc:  # noqa: BLE001 - a broken piece must not hang the writer
-                    chunk.errors["client"] = Unavailable(f"{exc.__class__.__name__}: {exc}")
-                    chunk.live = []
-                if done is not None:
-                    done.set_result(chunk.ids())
+                    with self._lock:
+                        for rid in chunk.ids():
+                            chunk.drop(rid, Unavailable(f"{exc.__class__.__name__}: {exc}"))
+                finally:
+                    sent()
+                    self.slots.release()
         finally:
             self.client.close_connections()
 
-    def _store(self, chunk: _Chunk, off: int, data: bytes, sync: bool) -> None:
-        while chunk.live:
-            head, rest = chunk.live[0], chunk.live[1:]
+    def _store(self, chunk: _Chunk, off: int, data: bytes, sync: bool, sent: Callable[[], None]) -> None:
+        with self._lock:
+            chain = list(chunk.live)
+        while chain:
+            head, rest = chain[0], chain[1:]
             try:
                 reply = self.client._req(
                     "PUT", f"{head['address']}/internal/chunks/{chunk.handle}", data=data, decode=True,
                     params={"offset": off, "version": chunk.version, "sync": "1" if sync else "0"},
-                    headers={"X-Kubegfs-Chain": ",".join(str(r["address"]) for r in rest)})
+                    headers={"X-Kubegfs-Chain": ",".join(str(r["address"]) for r in rest)}, on_sent=sent)
             except KubegfsError as exc:
-                chunk.errors[str(head["id"])] = exc
-                chunk.live = rest
+                sent()  # a resend to the rest is not ordered with the pieces after it (the turnstile is)
+                with self._lock:
+                    chunk.drop(str(head["id"]), exc)
+                    chain = [r for r in rest if r in chunk.live]
                 continue
             # a chunkserver that predates chains answers without "acked": it stored the piece alone
             acked = {str(i) for i in reply.get("acked") or [head["id"]]}
-            for r in rest:
-                if str(r["id"]) not in acked:
-                    why = (reply.get("failed") or {}).get(r["address"], "missed a piece")
-                    chunk.errors.setdefault(str(r["id"]), Unavailable(str(why)))
-            chunk.live = [r for r in chunk.live if str(r["id"]) in acked]
+            with self._lock:
+                for r in chain:
+                    if str(r["id"]) not in acked:
+                        why = (reply.get("failed") or {}).get(r["address"], "missed a piece")
+                        chunk.drop(str(r["id"]), Unavailable(str(why)))
             return
 
-    def send(self, chunk: _Chunk, offset: int, piece: bytes, sync: bool) -> list[str] | None:
-        if not chunk.live:
-            chunk.fail()
-        done: Future[list[str]] | None = Future() if sync else None
-        self.q.put((chunk, offset, piece, done))
-        if done is None:
-            return None
-        ok = done.result()
-        chunk.cur["replicas"] = list(chunk.live)
-        if not ok:
-            chunk.fail()
-        return ok
+    def send(self, chunk: _Chunk, offset: int, piece: bytes, sync: bool) -> None:
+        """Queue a piece (blocks while WINDOW pieces are unanswered); raises at once if the
+        chunk has already lost every replica."""
+        if not self.chunks or self.chunks[-1] is not chunk:
+            self.chunks.append(chunk)
+        with self._lock:
+            if not chunk.live:
+                chunk.fail()
+        self.slots.acquire()
+        if len(self.threads) < self.WINDOW:  # a one-piece put starts one thread
+            t = threading.Thread(target=self._run, daemon=True, name=f"kubegfs-put-{len(self.threads)}")
+            t.start()
+            self.threads.append(t)
+        self.q.put((chunk, offset, piece, sync))
+
+    def finish(self) -> dict[int, list[str]]:
+        """Wait for every answer; each written chunk's replicas (by its commit index), or the
+        error of a chunk that kept none."""
+        self.q.put(None)
+        for t in self.threads:
+            t.join()
+        for chunk in self.chunks:
+            if not chunk.live:
+                chunk.fail()
+        return {c.index: c.ids() for c in self.chunks}
 
     def close(self, abort: bool = False) -> None:
         self.aborted = self.aborted or abort
@@ -164,6 +209,10 @@ class Client:
         self._headers = {"Authorization": f"Bearer {tok}", "Accept": MSGPACK}
         self._body_headers = {**self._headers, "Content-Type": MSGPACK}
         self._local = threading.local()
+        # the master's lean listener for stat/ls/stat_many (kubegfs/master/fastpath.py), once an
+        # answer has named its port; None until then, or after it could not be reached
+        self._fast: str | None = None
+        self._fast_off = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
@@ -187,9 +236,11 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def _req(self, method: str, url: str, *, params: dict[str, Any] | None = None, json: Any = None,
-             data: bytes | None = None, decode: bool = False, headers: dict[str, str] | None = None) -> Any:
+             data: bytes | None = None, decode: bool = False, headers: dict[str, str] | None = None,
+             on_sent: Callable[[], None] | None = None) -> Any:
         """The response body of a 2xx answer (decoded from msgpack or JSON with ``decode``); any
-        other answer raises its KubegfsError. ``json`` is a body to encode (as msgpack)."""
+        other answer raises its KubegfsError. ``json`` is a body to encode (as msgpack);
+        ``on_sent`` is called once the whole request is sent, before its answer is read."""
         if params:
             url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
         hdrs = self._headers
@@ -198,7 +249,7 @@ class Client:
         if headers:
             hdrs = {**hdrs, **headers}
         try:
-            status, content, ctype = self._send(method, url, data, hdrs)
+            status, content, ctype = self._send(method, url, data, hdrs, on_sent)
         except (OSError, http.client.HTTPException) as exc:
             raise Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}") from exc
         if status >= 300:
@@ -209,8 +260,8 @@ class Client:
             raise from_json(status, body)
         return _decode(content, ctype) if decode else content
 
-    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]
-              ) -> tuple[int, bytes | bytearray, str]:
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+              on_sent: Callable[[], None] | None = None) -> tuple[int, bytes | bytearray, str]:
         """One request on this thread's keep-alive connection to the server, never retried (a
         create must not be sent twice): a connection the server closed while idle is noticed
         before it is reused, any other failure is the caller's error."""
@@ -234,13 +285,20 @@ class Client:
         target = f"{u.path}?{u.query}" if u.query else u.path or "/"
         try:
             if isinstance(conn, httpconn.Connection):
-                r = conn.request(method, target, body, headers)
+                conn.send(method, target, body, headers)
+                if on_sent is not None:
+                    on_sent()
+                r = conn.response(method)
                 status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
+                fast = r.headers.get("x-kubegfs-fastpath")
             else:
                 conn.request(method, target, body=body, headers=headers)
+                if on_sent is not None:
+                    on_sent()
                 hr = conn.getresponse()
                 content = hr.read()
                 status, ctype, will_close = hr.status, hr.headers.get("Content-Type", ""), hr.will_close
+                fast = hr.headers.get("X-Kubegfs-Fastpath")
         except BaseException:
             conn.close()
             conns.pop(key, None)
@@ -248,10 +306,25 @@ class Client:
         if will_close:
             conn.close()
             conns.pop(key, None)
+        if fast is not None and self._fast is None and not self._fast_off and fast.isdigit():
+            host = u.hostname or ""
+            self._fast = f"{u.scheme}://{f'[{host}]' if ':' in host else host}:{fast}"
         return status, content, ctype
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
         return self._req(method, f"{self.master}/api/v1{path}", decode=True, **kw)
+
+    def _read_api(self, method: str, path: str, **kw: Any) -> Any:
+        """A stat/ls/stat_many call: on the master's lean listener once it is known; if that
+        cannot be reached, on the main port from then on (these calls change nothing, so asking
+        again is safe)."""
+        fast = self._fast
+        if fast is not None:
+            try:
+                return self._req(method, f"{fast}/api/v1{path}", decode=True, **kw)
+            except Unavailable:
+                self._fast, self._fast_off = None, True
+        return self.api(method, path, **kw)
 
     # ------------------------------------------------------------------ namespace
 
@@ -265,14 +338,14 @@ class Client:
         return self.api("POST", "/fs/mkdir", json={"path": path, "parents": parents, "mode": mode})
 
     def stat(self, path: str) -> Stat:
-        return self.api("GET", "/fs/stat", params={"path": path})
+        return self._read_api("GET", "/fs/stat", params={"path": path})
 
     def stat_many(self, paths: list[str]) -> list[Stat | StatError]:
         """The stats of many paths in one call per 10,000, in order; a path that cannot be
         looked up comes back as ``{"path", "error", "message"}`` instead of raising."""
         out: list[Stat | StatError] = []
         for i in range(0, len(paths), 10_000):
-            out += self.api("POST", "/fs/stat_many", json={"paths": paths[i : i + 10_000]})["stats"]
+            out += self._read_api("POST", "/fs/stat_many", json={"paths": paths[i : i + 10_000]})["stats"]
         return out
 
     def exists(self, path: str) -> bool:
@@ -288,7 +361,7 @@ class Client:
         out: list[Stat] = []
         after = ""
         while True:
-            page: LsPage = self.api("GET", "/fs/ls", params={"path": path, "after": after, "limit": 5000})
+            page: LsPage = self._read_api("GET", "/fs/ls", params={"path": path, "after": after, "limit": 5000})
             out += page["entries"]
             nxt = page.get("next")
             if not nxt:
@@ -319,8 +392,14 @@ class Client:
         """Write a whole file (or append to one). ``data`` is bytes, a binary file object (read
         in pieces) or an iterable of byte pieces. Retries a write that a concurrent snapshot
         invalidated (only possible for bytes or seekable files)."""
-        if isinstance(data, (bytes, bytearray, memoryview)) and not len(data) and not append:
-            return self.create_empty(path, overwrite=overwrite, mode=mode)
+        if isinstance(data, (bytes, bytearray, memoryview)) and len(data) <= SMALL_FILE and not append:
+            out = self.create(path, bytes(data), overwrite=overwrite, mode=mode)
+            if out.get("size") == len(data):
+                if progress and len(data):
+                    progress(len(data))
+                return out
+            # a master that predates data in creates made the file empty: write it the long way
+            overwrite = True
         for attempt in range(retries + 1):
             start = _position(data)
             try:
@@ -336,7 +415,15 @@ class Client:
 
     def create_empty(self, path: str, overwrite: bool = False, mode: int = 0o644) -> dict[str, Any]:
         """An empty file, in one round trip (durable when it returns)."""
-        return self.api("POST", "/fs/create", json={"path": path, "overwrite": overwrite, "file_mode": mode})
+        return self.create(path, b"", overwrite=overwrite, mode=mode)
+
+    def create(self, path: str, data: bytes, overwrite: bool = False, mode: int = 0o644) -> dict[str, Any]:
+        """A file of at most SMALL_FILE bytes in one round trip: the master stores ``data`` on the
+        replicas (each fdatasyncs it) and commits it before answering."""
+        body: dict[str, Any] = {"path": path, "overwrite": overwrite, "file_mode": mode}
+        if data:
+            body["data"] = data
+        return self.api("POST", "/fs/create", json=body)
 
     def _pieces(self, data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -391,10 +478,8 @@ class Client:
                 nonlocal cur_off, size, chunk
                 assert cur is not None
                 if chunk is None or chunk.cur is not cur:
-                    chunk = _Chunk(cur)
-                ok = pipeline.send(chunk, cur_off, bytes(memoryview(buf)[:n]), sync)
-                if ok is not None:  # a synced piece: every earlier one has been answered too
-                    chunks[-1]["replicas"] = ok
+                    chunk = _Chunk(cur, len(chunks) - 1)
+                pipeline.send(chunk, cur_off, bytes(memoryview(buf)[:n]), sync)
                 cur_off += n
                 size += n
                 del buf[:n]
@@ -421,7 +506,8 @@ class Client:
                     cur = new_chunk()
                     cur_off = 0
                 write(len(buf), True)
-            pipeline.close()
+            for i, ids in pipeline.finish().items():
+                chunks[i]["replicas"] = ids
             return self.api("POST", "/fs/commit", json={"lease": lid, "size": size, "chunks": chunks})
         except BaseException:
             if writer is not None:

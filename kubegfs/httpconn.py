@@ -3,7 +3,8 @@
 ``http.client`` parses every answer's headers with the ``email`` package, which was the larger
 part of a metadata call's client-side CPU; kubegfs servers answer with a status line, a few
 headers and a ``Content-Length`` (or a chunked body), and this reads exactly that. Requests are
-never pipelined or retried: one request, then its whole answer.
+never pipelined or retried: one request, then its whole answer (``request``, or ``send``
+then ``response`` for a caller that does something between the two).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class Connection:
             self.sock = None
 
     def request(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Response:
+        self.send(method, target, body, headers)
+        return self.response(method)
+
+    def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> None:
+        """Send a whole request; ``response`` then reads its answer (one request at a time)."""
         sock = self.sock
         if sock is None:
             raise ConnectionError("connection closed")
@@ -54,7 +60,6 @@ class Connection:
             sock.sendall(body)
         else:
             sock.sendall(head + body if body else head)
-        return self._response(method)
 
     # ------------------------------------------------------------------ reading
 
@@ -74,7 +79,7 @@ class Connection:
         del self._buf[: end + 4]
         return head
 
-    def _response(self, method: str) -> Response:
+    def response(self, method: str) -> Response:
         head = self._line_block()
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         parts = status_line.split(" ", 2)

@@ -153,6 +153,8 @@ class LocalCluster:
         self.checkpoint_ops = checkpoint_ops
         if not master_port or not port_free(master_host, master_port):  # None or 0: any free port
             master_port = free_port(master_host)
+        # the master's lean stat/ls listener (master/fastpath.py), kept across master restarts
+        self.fast_port = free_port(master_host)
         self.master = Proc("master", master_host, master_port, self.data_dir / "master",
                            "node-0", (zones or ZONES)[0], (regions or ["region-1"])[0],
                            scheme="https" if tls else "http")
@@ -223,7 +225,8 @@ class LocalCluster:
         self._spawn(m, ["master", "--listen", f"{m.host}:{m.port}", "--data", str(m.data),
                         "--chunk-size", str(self.chunk_size), "--replication", str(self.replication),
                         "--dead-after", str(self.dead_after), "--checkpoint-ops", str(self.checkpoint_ops),
-                        "--node", m.node, "--zone", m.zone, "--region", m.region, *self.master_args])
+                        "--node", m.node, "--zone", m.zone, "--region", m.region,
+                        "--fast-listen", f"{m.host}:{self.fast_port}", *self.master_args])
         if wait:
             self._wait_http(m, "/healthz", timeout)
 

@@ -34,6 +34,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # kubelet probes: no credential
 PEER_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, KubegfsError, aiohttp.ClientError, OSError)
 MAX_JSON_BODY = 8 * 1024 * 1024
 TOKEN_HEADER = "Authorization"
+CHAIN_HEADER = "X-Kubegfs-Chain"  # a piece's PUT: the replicas after this one (chunkserver/server.py)
 CLUSTER_HEADER = "X-Kubegfs-Cluster"  # master -> chunkserver calls name their cluster (master/identity.py)
 
 MSGPACK = "application/x-msgpack"
@@ -89,16 +90,20 @@ def error_response(err: KubegfsError) -> web.Response:
 
 
 def check_token(request: web.Request, tokens: Tokens, policy: Policy) -> None:
-    """401 without a known token; 403 if its role may not call this route (auth.py)."""
-    got = request.headers.get(TOKEN_HEADER, "")
+    check_auth(request.headers.get(TOKEN_HEADER, ""), request.method, request.path, tokens, policy)
+
+
+def check_auth(got: str, method: str, path: str, tokens: Tokens, policy: Policy) -> None:
+    """401 without a known token (``Authorization`` header ``got``); 403 if its role may not
+    call this route (auth.py)."""
     if not got.startswith("Bearer "):
         raise Unauthorized("missing bearer token")
     roles = tokens.roles_of(got[7:])
     if not roles:
         raise Unauthorized("wrong token")
-    allowed = policy(request.method, request.path)
+    allowed = policy(method, path)
     if not roles & allowed:
-        raise Forbidden(f"a {'/'.join(sorted(roles))} token may not {request.method} {request.path} "
+        raise Forbidden(f"a {'/'.join(sorted(roles))} token may not {method} {path} "
                         f"(needs the {' or '.join(sorted(allowed))} token)")
 
 
@@ -107,7 +112,7 @@ def _wants_msgpack(request: web.Request) -> bool:
     return h.get("Accept", "").startswith(MSGPACK) or h.get("Content-Type", "").startswith(MSGPACK)
 
 
-class _RequestMetrics:
+class RequestMetrics:
     """The request counter and latency histogram children, looked up once per label set
     (``labels()`` on every request was a measurable part of a stat's cost)."""
 
@@ -130,7 +135,7 @@ class _RequestMetrics:
 
 def make_middlewares(token: str | Tokens, http: HttpMetrics, policy: Policy = lambda m, p: ANY) -> list[Any]:
     tokens = token if isinstance(token, Tokens) else Tokens(token)
-    metrics = _RequestMetrics(http)
+    metrics = RequestMetrics(http)
 
     @web.middleware
     async def mw(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -177,10 +182,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def read_json(request: web.Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
-    raw = await read_body(request, limit)
+    return decode_object(await read_body(request, limit), request.headers.get("Content-Type", ""))
+
+
+def decode_object(raw: bytes, ctype: str) -> dict[str, Any]:
+    """A request body that must be an object (empty: ``{}``); malformed is InvalidArgument."""
     if not raw:
         return {}
-    ctype = request.headers.get("Content-Type", "")
     kind = "msgpack" if ctype.startswith(MSGPACK) else "JSON"
     try:
         body = decode_body(raw, ctype)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
+SMALL_FILE = 64 * 1024  # ``POST /fs/create`` may carry this many bytes of ``data`` (one round trip)
+
 
 class Stat(TypedDict):
     """``GET /fs/stat``, an entry of an ls page or of ``stat_many``."""

@@ -2,9 +2,13 @@
 
 Writes are chained as in GFS and HDFS: the client sends a piece to the first replica only,
 naming the rest in ``X-Kubegfs-Chain``; each replica forwards the body to the next while it is
-still arriving, writes (and, for a synced piece, fdatasyncs) its own copy, waits for the
+still arriving, writes its own copy as it arrives (a piece that extends the chunk goes to disk in
+batches while the rest is on the wire; for a synced piece it then fdatasyncs), waits for the
 downstream answer and answers with the ids of every replica that stored the piece, its own
-first. So the client uploads every byte once, and every hop reuses keep-alive connections.
+first. The client keeps several pieces in flight, so a chunk's pieces may arrive together: each
+waits for its turn in offset order (turnstile.py). So the client uploads every byte once, the
+disk, the network and the replicas work at the same time, and every hop reuses keep-alive
+connections.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..auth import Tokens, chunkserver_policy
 from ..errors import ClusterMismatch, CorruptData, InvalidArgument, NotFound, from_json
 from ..topology import Location
 from ..web import (
+    CHAIN_HEADER,
     CLUSTER_HEADER,
     PEER_ERRORS,
     field_int,
@@ -48,12 +53,13 @@ from .blocks import BlockStore
 from .membership import Membership
 from .metastore import MetaStore
 from .store import ChunkStore
+from .turnstile import Turnstile
 
 log = logging.getLogger("kubegfs.chunkserver")
 
 MAX_PIECE = 8 * 1024 * 1024
-CHAIN_HEADER = "X-Kubegfs-Chain"  # the replicas after this one, comma-separated base URLs
 MAX_CHAIN = 8
+STREAM_BATCH = 1024 * 1024  # a streamed piece goes to disk in writes of at least this much
 
 
 class Chunkserver:
@@ -88,6 +94,7 @@ class Chunkserver:
         self._tasks: list[asyncio.Task[Any]] = []
         self.master_ok = False
         self._scrub_pos = 0
+        self.turnstile = Turnstile(lambda h: self.store.index.get(h, (0, 0))[1])
 
     # ------------------------------------------------------------------ app
 
@@ -175,11 +182,15 @@ class Chunkserver:
         version = query_int(request, "version", None, 1)
         sync = request.query.get("sync", "1") != "0"
         chain = parse_chain(request.headers.get(CHAIN_HEADER, ""))
-        if request.content_length is not None and request.content_length > MAX_PIECE:
+        expect = request.content_length
+        if expect is not None and expect > MAX_PIECE:
             raise InvalidArgument(f"piece larger than {MAX_PIECE} bytes")
-        q: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: the piece is held whole anyway
-        fwd = asyncio.create_task(self._forward(chain, h, offset, version, sync, _drain(q),
-                                                request.content_length)) if chain else None
+        fq: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: the piece is held whole anyway
+        fwd = asyncio.create_task(self._forward(chain, h, offset, version, sync, _drain(fq), expect)
+                                  ) if chain else None
+        lq: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        local = asyncio.ensure_future(self._store_piece(h, offset, version, sync, expect, lq))
+        local.add_done_callback(_quiet)  # awaited below, unless the body breaks off
         parts: list[bytes] = []
         n = 0
         try:
@@ -188,14 +199,16 @@ class Chunkserver:
                 if n > MAX_PIECE:
                     raise InvalidArgument(f"piece larger than {MAX_PIECE} bytes")
                 parts.append(part)
-                q.put_nowait(part)
-        except BaseException:
+                lq.put_nowait(part)
+                fq.put_nowait(part)
+        except BaseException as exc:
             if fwd is not None:
                 fwd.cancel()  # the next replica sees a cut body and stores nothing
+            lq.put_nowait(exc)  # the local writer stops after its current write, records nothing
             raise
-        q.put_nowait(None)
+        lq.put_nowait(None)
+        fq.put_nowait(None)
         existed = h in self.store.index
-        local = asyncio.ensure_future(self._run(self.store.write, h, offset, parts, version, sync))
         acked: list[str] = []
         failed: dict[str, str] = {}
         rest = chain
@@ -219,6 +232,32 @@ class Chunkserver:
             self._update_gauges()
         return json_response({"length": length, "version": version, "acked": [self.id, *acked],
                               "failed": failed})
+
+    async def _store_piece(self, h: int, offset: int, version: int, sync: bool, expect: int | None,
+                           q: asyncio.Queue[bytes | BaseException | None]) -> int:
+        """Write a piece's parts from ``q`` as they arrive, in its turn among the chunk's pieces.
+        A piece that extends the chunk goes to disk in batches of at least STREAM_BATCH bytes
+        while the rest is still on the wire; one that rewrites existing bytes (a resend) is
+        written only once it is whole, so a cut body never changes acknowledged bytes."""
+        async with self.turnstile.turn(h, offset):
+            if offset < self.store.index.get(h, (0, 0))[1]:
+                whole = [p async for p in _parts(q)]
+                return int(await self._run(self.store.write, h, offset, whole, version, sync))
+            w = await self._run(self.store.writer, h, offset, version, MAX_PIECE if expect is None else expect)
+            try:
+                batch: list[bytes] = []
+                size = 0
+                async for p in _parts(q):
+                    batch.append(p)
+                    size += len(p)
+                    if size >= STREAM_BATCH:
+                        await self._run(w.feed, batch)
+                        batch, size = [], 0
+                if batch:
+                    await self._run(w.feed, batch)
+                return int(await self._run(self.store.finish, w, sync))
+            finally:
+                w.close()  # no executor call is running: each was awaited (this task is never cancelled)
 
     async def _forward(self, chain: list[str], h: int, offset: int, version: int, sync: bool,
                        body: Any, length: int | None) -> dict[str, Any]:
@@ -542,6 +581,20 @@ class Chunkserver:
 async def _drain(q: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
     while (part := await q.get()) is not None:
         yield part
+
+
+async def _parts(q: asyncio.Queue[bytes | BaseException | None]) -> AsyncIterator[bytes]:
+    """A piece's parts until its end (None); a body that broke off raises what broke it."""
+    while (part := await q.get()) is not None:
+        if isinstance(part, BaseException):
+            raise InvalidArgument(f"the piece's body broke off: {part.__class__.__name__}")
+        yield part
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome (its error was already answered another way)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def parse_chain(raw: str) -> list[str]:

@@ -112,12 +112,15 @@ class Guard:
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         @web.middleware
         async def refuse_mutations(request: web.Request, handler: Any) -> web.StreamResponse:
-            if (self.refusing and request.method not in ("GET", "HEAD") and request.path.startswith("/api/")
-                    and request.path not in _ALWAYS_ALLOWED):
-                raise Unavailable(idn.refusal_message(self.ident, "", ""))
+            self.check(request.method, request.path)
             return await handler(request)
 
         return refuse_mutations
+
+    def check(self, method: str, path: str) -> None:
+        """Unavailable for an API call that may change something while the master refuses."""
+        if self.refusing and method not in ("GET", "HEAD") and path.startswith("/api/") and path not in _ALWAYS_ALLOWED:
+            raise Unavailable(idn.refusal_message(self.ident, "", ""))
 
     # ------------------------------------------------------------------ safe mode
 

@@ -9,7 +9,7 @@ import bisect
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -34,6 +34,7 @@ from ..web import (
 )
 from .checkpoint import dump
 from .chunkmap import SMALL_TABLE
+from .fastpath import HEADER as FAST_HEADER
 
 if TYPE_CHECKING:
     from .server import Master
@@ -169,14 +170,16 @@ class Api:
         return {"path": path, "type": "dir", "mode": node.mode, "mtime_ns": node.mtime,
                 "entries": len(node.children)}
 
-    async def h_stat(self, request: web.Request) -> web.Response:
-        parts, node = self.m.state.lookup(request.query.get("path", ""))
-        return json_response(self._stat(paths.join(parts), node))
+    # stat, stat_many and ls are also served by the lean listener (fastpath.py): the answers
+    # are made here, once, for both
 
-    async def h_stat_many(self, request: web.Request) -> web.Response:
+    def stat_of(self, path: str) -> wire.Stat:
+        parts, node = self.m.state.lookup(path)
+        return self._stat(paths.join(parts), node)
+
+    def stat_many_of(self, b: dict[str, Any]) -> dict[str, Any]:
         """Many stats in one call: ``{"paths": [...]}`` → ``{"stats": [...]}`` in the same
         order, a path that cannot be looked up as ``{"path", "error", "message"}``."""
-        b = await read_json(request)
         want = b.get("paths")
         if not isinstance(want, list) or not all(isinstance(p, str) for p in want):
             raise InvalidArgument("paths must be a list of strings")
@@ -190,27 +193,26 @@ class Api:
                 out.append({"path": p, "error": err.code, "message": err.message})
                 continue
             out.append(self._stat(paths.join(parts), node))
-        return json_response({"stats": out})
+        return {"stats": out}
 
-    async def h_ls(self, request: web.Request) -> web.Response:
-        """A page of a directory with every entry's stat. Directory nodes are immutable, so
-        an encoded page of one node object stays right until the directory changes (which
-        makes a new node): repeated listings of a hot directory are served from a small cache."""
-        parts, node = self.m.state.lookup(request.query.get("path", ""))
+    def ls_page(self, path: str, after: str, limit_arg: str | None, packed: bool) -> tuple[bytes, str]:
+        """A page of a directory with every entry's stat, encoded. Directory nodes are
+        immutable, so an encoded page of one node object stays right until the directory
+        changes (which makes a new node): repeated listings of a hot directory are served from a
+        small cache."""
+        parts, node = self.m.state.lookup(path)
         base = paths.join(parts)
         if isinstance(node, ns.File):
-            return json_response(wire.LsPage(path=base, entries=[self._stat(base, node)], next=None))
+            return encode_body(wire.LsPage(path=base, entries=[self._stat(base, node)], next=None), packed)
         try:
-            limit = int(request.query.get("limit", "1000"))
+            limit = int(limit_arg or "1000")
         except ValueError as exc:
             raise InvalidArgument("limit must be an integer") from exc
         limit = max(1, min(limit, 10000))
-        after = request.query.get("after", "")
-        packed = wants_msgpack()
         key = (id(node), base, after, limit, packed)
         hit = self._pages.get(key)
         if hit is not None and hit[0] is node:
-            return encoded_response(hit[1], hit[2])
+            return hit[1], hit[2]
         names = self._sorted_names(node)
         start = bisect.bisect_right(names, after) if after else 0
         page = names[start : start + limit]
@@ -221,7 +223,24 @@ class Api:
             if len(self._pages) >= PAGE_CACHE:
                 self._pages.pop(next(iter(self._pages)))
             self._pages[key] = (node, body, ctype)
-        return encoded_response(body, ctype)
+        return body, ctype
+
+    def _advertise(self, resp: web.Response) -> web.Response:
+        """Name the lean listener's port (if it runs) on the answers it could have given."""
+        if self.m.fast_port is not None:
+            resp.headers[FAST_HEADER] = str(self.m.fast_port)
+        return resp
+
+    async def h_stat(self, request: web.Request) -> web.Response:
+        return self._advertise(json_response(self.stat_of(request.query.get("path", ""))))
+
+    async def h_stat_many(self, request: web.Request) -> web.Response:
+        return self._advertise(json_response(self.stat_many_of(await read_json(request))))
+
+    async def h_ls(self, request: web.Request) -> web.Response:
+        q = request.query
+        return self._advertise(encoded_response(
+            *self.ls_page(q.get("path", ""), q.get("after", ""), q.get("limit"), wants_msgpack())))
 
     def _sorted_names(self, node: ns.Dir) -> list[str]:
         """A directory's names in order. Directories are immutable, so the sorted list of one
@@ -260,11 +279,16 @@ class Api:
             near=_writer(request)))
 
     async def h_create(self, request: web.Request) -> web.Response:
-        """An empty file in one round trip: open + commit of nothing, durable before the answer."""
+        """A file in one round trip, durable before the answer: empty (open + commit of nothing),
+        or with ``data`` (bytes, so a msgpack body; at most wire.SMALL_FILE) stored on the
+        replicas and synced first (WritePath.create_small)."""
         b = await read_json(request)
         mode = "overwrite" if field_bool(b, "overwrite") else "create"
-        out = await self.m.writes.create_empty(
-            field_str(b, "path"), mode, field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777))
+        data = b.get("data", b"")
+        if not isinstance(data, bytes):
+            raise InvalidArgument("field 'data' must be bytes (a msgpack bin; JSON cannot carry it)")
+        out = await self.m.writes.create_small(
+            field_str(b, "path"), mode, field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777), data)
         return json_response(out, status=201)
 
     async def h_alloc(self, request: web.Request) -> web.Response:

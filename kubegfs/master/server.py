@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from ..errors import (
 from ..topology import Location
 from ..web import (
     CLUSTER_HEADER,
+    RequestMetrics,
     hexh,
     make_middlewares,
     peer_session,
@@ -46,6 +48,8 @@ from ..web import (
 )
 from . import ops
 from .chunkmap import ChunkMap, ChunkserverInfo
+from .fastpath import FastProtocol
+from .fastpath import routes as fast_routes
 from .guard import Guard
 from .http import Api
 from .identity import open_identity
@@ -77,6 +81,7 @@ class Options:
     format: bool = False  # --format: confirm an empty or refusing data dir as a new cluster
     safe_mode: SafeModeConfig = field(default_factory=SafeModeConfig)
     meta: MetaReplicationConfig = field(default_factory=MetaReplicationConfig)
+    fast_listen: str = ""  # HOST:PORT of the lean stat/ls/stat_many listener (master/fastpath.py), or off
 
 
 class Master:
@@ -114,15 +119,34 @@ class Master:
         self._pending_init = state.seq == 0
         self._chunk_size_cfg = chunk_size
         self._replication_cfg = replication
+        self.fast_port = split_listen(self.opts.fast_listen)[1] if self.opts.fast_listen else None
+        self.ssl_context: ssl.SSLContext | None = None  # the listeners' TLS (run() sets it)
+        self._fast_server: asyncio.AbstractServer | None = None
 
     # ------------------------------------------------------------------ plumbing
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[*make_middlewares(self.tokens, M.MASTER_HTTP, master_policy),
                                            self.guard.middleware()], client_max_size=8 << 20)
-        Api(self).add_routes(app.router)
+        api = Api(self)
+        api.add_routes(app.router)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
+        if self.opts.fast_listen:
+            async def start_fast(app: web.Application) -> None:
+                host, port = split_listen(self.opts.fast_listen)
+                proto = partial(FastProtocol, fast_routes(api), self.tokens, master_policy, self.guard.check,
+                                RequestMetrics(M.MASTER_HTTP))
+                self._fast_server = await asyncio.get_running_loop().create_server(
+                    proto, host, port, ssl=self.ssl_context, reuse_address=True)
+                log.info("stat/ls/stat_many also on %s (lean listener)", self.opts.fast_listen)
+
+            async def stop_fast(app: web.Application) -> None:
+                if self._fast_server is not None:
+                    self._fast_server.close()
+
+            app.on_startup.append(start_fast)
+            app.on_cleanup.append(stop_fast)
         return app
 
     async def reset_session(self) -> None:
@@ -312,5 +336,6 @@ def run(listen: str, data_dir: Path, token: str | Tokens, location: Location, ch
     host, port = split_listen(listen)
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     m = Master(data_dir, token, loc, chunk_size, replication, options)
+    m.ssl_context = ssl_context
     log.info("master listening on %s (%s), data in %s", listen, "https" if ssl_context else "http", data_dir)
     run_app(m.app(), host, port, ssl_context)

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics as M
 from .. import namespace as ns
-from ..errors import Conflict, Unavailable
+from ..errors import Conflict, InvalidArgument, Unavailable, from_json
 from ..topology import Location, find_nearest, place_replicas
-from ..web import hexh
+from ..web import CHAIN_HEADER, PEER_ERRORS, hexh
+from ..wire import SMALL_FILE
 from . import ops
 from .chunkmap import ChunkserverInfo
 from .leases import Lease
@@ -68,6 +69,51 @@ class WritePath:
             return await self.commit(out["lease"], 0, [], {})
         finally:
             self.m.leases.drop(out["lease"])  # a no-op once the commit dropped it
+
+    async def create_small(self, path: str, mode: str, file_mode: int, data: bytes) -> dict[str, Any]:
+        """A small file (at most SMALL_FILE bytes) in one call from the client: the master
+        places its chunk, sends the bytes down the replica chain itself (each replica
+        fdatasyncs before it answers, as for a client's last piece) and commits the replicas
+        that stored them, answering once the commit op is durable. The bytes pass through the
+        master only because they are this few; anything larger is written by the client."""
+        if not data:
+            return await self.create_empty(path, mode, file_mode)
+        if len(data) > min(SMALL_FILE, self.m.state.chunk_size):
+            raise InvalidArgument(f"data in a create is at most {SMALL_FILE} bytes; write larger files with open")
+        out = await self.open(path, mode, file_mode, alloc=True, near=self.m.location)
+        lid = out["lease"]
+        try:
+            first = out["first"]
+            h = int(first["handle"], 16)
+            acked = await self._store_chain(first["handle"], [r["address"] for r in first["replicas"]],
+                                            {r["address"]: r["id"] for r in first["replicas"]}, data)
+            return await self.commit(lid, len(data), [h], {h: acked})
+        finally:
+            self.m.leases.drop(lid)  # a no-op once the commit dropped it
+
+    async def _store_chain(self, handle: str, chain: list[str], ids: dict[str, str], data: bytes) -> list[str]:
+        """The ids of the replicas that stored and synced ``data`` as a new chunk's only piece:
+        sent to the head of the chain, which forwards it; if the head fails, to the rest."""
+        assert self.m._session is not None
+        errors: list[str] = []
+        while chain:
+            head, rest = chain[0], chain[1:]
+            try:
+                async with self.m._session.put(
+                        f"{head}/internal/chunks/{handle}", data=data,
+                        params={"offset": "0", "version": "1", "sync": "1"},
+                        headers={CHAIN_HEADER: ",".join(rest)}) as resp:
+                    reply = await resp.json(content_type=None)
+                    if resp.status != 200:
+                        raise from_json(resp.status, reply)
+                return [str(i) for i in reply.get("acked", [])]
+            except PEER_ERRORS as exc:
+                errors.append(f"{ids.get(head, head)}: {exc}")
+                chain = rest
+            except ValueError as exc:  # not JSON
+                errors.append(f"{ids.get(head, head)}: {exc}")
+                chain = rest
+        raise Unavailable(f"no replica accepted chunk {handle}: " + "; ".join(errors))
 
     async def prepare_inplace(self, lease: Lease, parts: tuple[str, ...], node: ns.File) -> dict[str, Any]:
         """The last, partial chunk will be appended to: clone it first if it is shared (COW),

@@ -4,6 +4,10 @@ anywhere in the chain leaves a write that still succeeds on the others."""
 
 import os
 import signal
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -102,3 +106,55 @@ def test_bad_chain_header_is_400_and_stores_nothing(shared_cluster, chain):
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "invalid_argument"
     assert not [p for p in cs.data.rglob("*") if "bad0c1" in p.name]
+
+
+def test_a_chunks_pieces_sent_out_of_order_are_stored_in_order(cluster):
+    """The client keeps several pieces in flight; a chunkserver given a later piece first holds
+    it until the earlier one is written (kubegfs/chunkserver/turnstile.py), down the chain too."""
+    c = cluster.client()
+    lease = c.api("POST", "/fs/open", json={"path": "/ooo", "mode": "create", "alloc": True})
+    first = lease["first"]
+    head, rest = first["replicas"][0], first["replicas"][1:]
+    data = os.urandom(3 * 50_000)
+    answers: dict[int, object] = {}
+
+    def put(i: int) -> None:
+        answers[i] = c._req(
+            "PUT", f"{head['address']}/internal/chunks/{first['handle']}", data=data[i * 50_000:(i + 1) * 50_000],
+            decode=True, params={"offset": i * 50_000, "version": first["version"], "sync": "1" if i == 2 else "0"},
+            headers={"X-Kubegfs-Chain": ",".join(r["address"] for r in rest)})
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in (2, 1)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    put(0)
+    for t in threads:
+        t.join()
+    ids = sorted(r["id"] for r in first["replicas"])
+    assert {i: sorted(a["acked"]) for i, a in answers.items()} == {0: ids, 1: ids, 2: ids}
+    c.api("POST", "/fs/commit", json={"lease": lease["lease"], "size": len(data),
+                                      "chunks": [{"handle": first["handle"], "replicas": ids}]})
+    assert c.get("/ooo") == data
+    assert [set(g.values()) for g in _copies(cluster, c, "/ooo")] == [{data}]
+
+
+def test_a_body_that_breaks_off_stores_nothing_of_the_piece(cluster):
+    """A streamed piece is written while it arrives, but it is part of the chunk only once whole:
+    a client that dies mid-body leaves the chunk as it was, on every replica of the chain."""
+    c = cluster.client()
+    c.put("/cut", b"a" * 1000)
+    ch = c.layout("/cut")["chunks"][0]
+    head, rest = ch["replicas"][0], ch["replicas"][1:]
+    u = urlsplit(head["address"])
+    s = socket.create_connection((u.hostname, u.port))
+    s.sendall((f"PUT /internal/chunks/{ch['handle']}?offset=1000&version={ch['version']}&sync=0 HTTP/1.1\r\n"
+               f"Host: x\r\nAuthorization: Bearer {c.token}\r\nContent-Length: 200000\r\n"
+               f"X-Kubegfs-Chain: {','.join(r['address'] for r in rest)}\r\n\r\n").encode() + b"b" * 150_000)
+    time.sleep(0.5)  # the head has streamed a batch to disk and forwarded it
+    s.close()
+    time.sleep(0.5)
+    for g in _copies(cluster, c, "/cut"):
+        assert set(g.values()) == {b"a" * 1000}
+    c.put("/cut", b"c" * 10, append=True)  # the next piece goes where the cut one started
+    assert c.get("/cut") == b"a" * 1000 + b"c" * 10

@@ -197,7 +197,8 @@ def test_render(render, values):
         assert vct["metadata"]["name"] == "data"
         c = tpl["spec"]["containers"][0]
         assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
-        assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+        assert c["ports"][0] == {"name": "http", "containerPort": port, "protocol": "TCP"}
+        assert [p["name"] for p in c["ports"]] == (["http", "fast"] if comp == "master" else ["http"])
         assert c["image"] == f"{reg}kubegfs/{comp}:{'0.1.0-rc1' if full and comp == 'master' else '0.1.0'}"
         assert c["command"] == ["kubegfs"] and c["args"][0] == comp
         assert f"--listen=0.0.0.0:{port}" in c["args"] and "--token-file=/etc/kubegfs/token" in c["args"]
@@ -270,11 +271,12 @@ def test_render(render, values):
         return set(out)
 
     assert ports_from(nps["master"], "ingress") >= {("chunkserver", 9400), ("operator", 9400), ("test", 9400)}
-    assert {p for _, p in ports_from(nps["master"], "ingress")} == {9400}
+    assert {p for _, p in ports_from(nps["master"], "ingress")} == {9400, 9401}  # API, lean stat/ls listener
     assert ports_from(nps["chunkserver"], "ingress") >= {("master", 9500), ("chunkserver", 9500), ("operator", 9500)}
     assert {p for _, p in ports_from(nps["chunkserver"], "ingress")} == {9500}
     assert ports_from(nps["chunkserver"], "egress") >= {("master", 9400), ("chunkserver", 9500), ("other", 53)}
-    assert ports_from(nps["operator"], "egress") >= {("master", 9400), ("chunkserver", 9500), ("other", 53)}
+    assert ports_from(nps["operator"], "egress") >= {("master", 9400), ("master", 9401), ("chunkserver", 9500),
+                                                     ("other", 53)}
     assert {p for _, p in ports_from(nps["operator"], "ingress")} == {9090}
     api = 443
     for comp in ("operator", "master", "chunkserver"):
@@ -324,6 +326,7 @@ def test_render(render, values):
     (["--set", "filesystem.chunkSize=64MiB"], "at '/filesystem/chunkSize': '64MiB' does not match pattern"),
     (["--set", "filesystem.replication=17"], "at '/filesystem/replication': maximum: got 17, want 16"),
     (["--set", "master.port=70000"], "at '/master/port': maximum: got 70,000, want 65,535"),
+    (["--set", "master.fastPort=-1"], "at '/master/fastPort': minimum: got -1, want 0"),
     (["--set", "chunkservers.topologySpread.whenUnsatisfiable=Maybe"], "at '/chunkservers/topologySpread/whenUnsatisfiable'"),
     (["--set", "chunkservers.persistence.size=lots"], "at '/chunkservers/persistence/size'"),
     (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
@@ -337,6 +340,28 @@ def test_values_schema_rejects_bad_values(helm_cmd, args, message):
         return
     assert r.returncode != 0
     assert "values don't meet the specifications of the schema" in r.stderr and message in r.stderr, r.stderr
+
+
+def test_master_fast_listener_port_is_wired_through_pod_services_and_policy(render, helm_cmd):
+    """The lean stat/ls listener: an argument, a named container port, a port on both Services
+    (clients reach it wherever they reach the master) and an allowed ingress port; 0 turns all off."""
+
+    def fast_parts(objs):
+        sts = one(objs, "StatefulSet", "master")
+        c = sts["spec"]["template"]["spec"]["containers"][0]
+        args = [a for a in c["args"] if a.startswith("--fast-listen")]
+        ports = [p["containerPort"] for p in c["ports"] if p["name"] == "fast"]
+        svc = sorted(p["port"] for s in by_kind(objs, "Service", "master") for p in s["spec"]["ports"]
+                     if p["name"] == "fast")
+        pol = [p["port"] for r in one(objs, "NetworkPolicy", "master")["spec"]["ingress"] for p in r["ports"]]
+        return args, ports, svc, pol
+
+    args, ports, svc, pol = fast_parts(render())
+    assert args == ["--fast-listen=0.0.0.0:9401"] and ports == [9401] and svc == [9401, 9401] and 9401 in pol
+    args, ports, svc, pol = fast_parts(render("--set", "master.fastPort=0"))
+    assert args == [] and ports == [] and svc == [] and pol == [9400]
+    r = helm_cmd("template", "kubegfs", str(CHART), "--set", "master.fastPort=9400", check=False)
+    assert r.returncode != 0 and "master.fastPort must differ from master.port" in r.stderr
 
 
 # ------------------------------------------------------------------ against the real control plane

@@ -1,0 +1,200 @@
+"""A lean HTTP/1.1 listener for the master's hot read-only calls: stat, ls and stat_many.
+
+Per stat, ~85% of the master's time under aiohttp went to aiohttp's own per-request machinery
+(a task per request, the Request and Response objects, the router, the middleware chain), not to
+kubegfs. This listener is an asyncio protocol on a second port (``kubegfs master --fast-listen``)
+that parses a request's head itself and answers from the callback that received it. It serves
+``GET /api/v1/fs/stat``, ``GET /api/v1/fs/ls`` and ``POST /api/v1/fs/stat_many`` with the same
+answers (made by the same code: ``Api.stat_of`` and friends), the same token check
+(``check_auth``: ``hmac.compare_digest`` against every role's token, then the master's route
+policy), the same guard, the same JSON-or-msgpack bodies and ``{"error", "message"}`` 4xx
+answers, and the same request metrics; any other route is a 404 naming the main port. The main
+port keeps serving these routes too, and advertises this one in an ``X-Kubegfs-Fastpath``
+header on their answers, which the Python client follows (kubegfs/client.py).
+
+One request at a time per connection, in order; a request with a body larger than
+MAX_JSON_BODY, a chunked body or a malformed head is answered 4xx and the connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, cast
+from urllib.parse import unquote_plus
+
+from ..auth import Policy, Tokens
+from ..errors import InvalidArgument, KubegfsError, NotFound, PayloadTooLarge
+from ..web import MAX_JSON_BODY, MSGPACK, RequestMetrics, check_auth, decode_object, encode_body
+
+if TYPE_CHECKING:
+    from .http import Api
+
+log = logging.getLogger("kubegfs.master.fastpath")
+
+HEADER = "X-Kubegfs-Fastpath"  # on the main port's stat/ls/stat_many answers: this listener's port
+MAX_HEAD = 16 * 1024
+
+Route = Callable[[dict[str, str], bytes, str, bool], tuple[bytes, str]]
+
+
+def routes(api: Api) -> dict[tuple[str, str], Route]:
+    """(method, path) -> answer(query, body, content type, msgpack?) -> (body, content type)."""
+
+    def stat(q: dict[str, str], body: bytes, ctype: str, packed: bool) -> tuple[bytes, str]:
+        return encode_body(api.stat_of(q.get("path", "")), packed)
+
+    def ls(q: dict[str, str], body: bytes, ctype: str, packed: bool) -> tuple[bytes, str]:
+        return api.ls_page(q.get("path", ""), q.get("after", ""), q.get("limit"), packed)
+
+    def stat_many(q: dict[str, str], body: bytes, ctype: str, packed: bool) -> tuple[bytes, str]:
+        return encode_body(api.stat_many_of(decode_object(body, ctype)), packed)
+
+    return {("GET", "/api/v1/fs/stat"): stat, ("GET", "/api/v1/fs/ls"): ls,
+            ("POST", "/api/v1/fs/stat_many"): stat_many}
+
+
+class Request:
+    """One parsed request head (names of headers lowercased)."""
+
+    __slots__ = ("method", "path", "query", "headers", "length", "keep_alive")
+
+    def __init__(self, method: str, path: str, query: str, headers: dict[str, str], length: int,
+                 keep_alive: bool) -> None:
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.length, self.keep_alive = length, keep_alive
+
+
+def parse_head(head: bytes) -> Request:
+    """A request line and headers (without the blank line); InvalidArgument if malformed,
+    PayloadTooLarge if its body may not be read here."""
+    try:
+        text = head.decode("latin-1")
+        line, *lines = text.split("\r\n")
+        method, target, version = line.split(" ")
+    except ValueError as exc:
+        raise InvalidArgument("malformed request line") from exc
+    if not version.startswith("HTTP/1.") or not target.startswith("/"):
+        raise InvalidArgument("malformed request line")
+    headers: dict[str, str] = {}
+    for h in lines:
+        name, sep, value = h.partition(":")
+        if not sep or not name or name != name.strip():
+            raise InvalidArgument("malformed header line")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise InvalidArgument("chunked bodies are not read on this port")
+    raw_len = headers.get("content-length", "0")
+    if not raw_len.isdigit():
+        raise InvalidArgument("bad Content-Length")
+    length = int(raw_len)
+    if length > MAX_JSON_BODY:
+        raise PayloadTooLarge(f"body larger than {MAX_JSON_BODY} bytes")
+    conn = headers.get("connection", "").lower()
+    keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
+    path, _, query = target.partition("?")
+    return Request(method, path, query, headers, length, keep)
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """``a=1&b=%2Fx`` -> {"a": "1", "b": "/x"}; a repeated name keeps its first value (as the
+    main port's ``request.query.get`` does)."""
+    out: dict[str, str] = {}
+    if not query:
+        return out
+    for part in query.split("&"):
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        k = unquote_plus(k) if "%" in k or "+" in k else k
+        out.setdefault(k, unquote_plus(v) if "%" in v or "+" in v else v)
+    return out
+
+
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+
+
+class FastProtocol(asyncio.Protocol):
+    def __init__(self, routes: dict[tuple[str, str], Route], tokens: Tokens, policy: Policy,
+                 guard: Callable[[str, str], None], metrics: RequestMetrics) -> None:
+        self.routes = routes
+        self.tokens = tokens
+        self.policy = policy
+        self.guard = guard
+        self.metrics = metrics
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.req: Request | None = None  # a head whose body is still arriving
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while self.transport is not None:
+            if self.req is None:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0 and len(self.buf) <= MAX_HEAD:
+                    return
+                if end < 0 or end > MAX_HEAD:
+                    self._refuse(InvalidArgument("request head too large"))
+                    return
+                try:
+                    self.req = parse_head(bytes(self.buf[:end]))
+                except KubegfsError as err:
+                    self._refuse(err)
+                    return
+                del self.buf[: end + 4]
+            req = self.req
+            if len(self.buf) < req.length:
+                return
+            body = bytes(self.buf[: req.length])
+            del self.buf[: req.length]
+            self.req = None
+            self._answer(req, body)
+
+    def _answer(self, req: Request, body: bytes) -> None:
+        t0 = time.perf_counter()
+        h = req.headers
+        packed = h.get("accept", "").startswith(MSGPACK) or h.get("content-type", "").startswith(MSGPACK)
+        route = self.routes.get((req.method, req.path))
+        try:
+            check_auth(h.get("authorization", ""), req.method, req.path, self.tokens, self.policy)
+            if route is None:
+                raise NotFound(f"{req.method} {req.path} is served on the master's main port, not on "
+                               "this one (stat, ls and stat_many only)")
+            self.guard(req.method, req.path)
+            query = parse_query(req.query)
+            out, ctype = route(query, body, h.get("content-type", ""), packed)
+            status = 200
+        except KubegfsError as err:
+            status = err.status
+            out, ctype = encode_body(err.to_json(), packed)
+        except Exception as exc:  # noqa: BLE001 - answer JSON, log the trace
+            log.exception("unhandled error on %s %s", req.method, req.path)
+            status = 500
+            out, ctype = encode_body({"error": "internal", "message": f"internal error: {exc}"}, packed)
+        self._send(status, out, ctype, req.keep_alive)
+        self.metrics.observe(req.path if route is not None else "unmatched", req.method, status,
+                             time.perf_counter() - t0)
+
+    def _send(self, status: int, body: bytes, ctype: str, keep_alive: bool) -> None:
+        assert self.transport is not None
+        close = "" if keep_alive else "Connection: close\r\n"
+        head = (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n{close}\r\n")
+        self.transport.write(head.encode("latin-1") + body)
+        if not keep_alive:
+            self.transport.close()
+            self.transport = None
+
+    def _refuse(self, err: KubegfsError) -> None:
+        """A request this listener cannot read: its error, then the connection is closed."""
+        body, ctype = encode_body(err.to_json(), False)
+        self._send(err.status, body, ctype, keep_alive=False)
