@@ -1,16 +1,27 @@
 """Content-addressed directory blocks (a Merkle tree over the namespace).
 
-One directory is one *block*: its own mode and mtime, its entries in name order (files with size,
-mtime, mode, chunk handles and their versions) and, for each child directory, that directory's
-digest. A block's name is the sha256 of its bytes, so a root digest names a whole tree and two
-trees with the same content have the same root digest whatever history made them.
+A directory is a *head block* (its own mode and mtime) and, in name order, its entries (files
+with size, mtime, mode, chunk handles and their versions; for each child directory, that
+directory's head digest). A block's name is the sha256 of its bytes, so a root digest names a
+whole tree and two trees with the same content have the same root digest whatever history made
+them.
 
-Block format 1 (canonical: one tree, one byte string): a msgpack array
-``[1, mode, mtime, names, kinds, f_size, f_mtime, f_mode, f_nchunks, handles, versions, dirs]``
-where ``names`` is the entries' UTF-8 names joined by NUL in code-point order, ``kinds`` one byte
-per entry (``f`` file, ``d`` directory), the ``f_*``/``handles``/``versions`` columns packed
-little-endian int64 for the files in entry order, and ``dirs`` the 32-byte digests of the child
-directories in entry order.
+A big directory's entries are split into *sub-blocks* (a Prolly tree over its names, see
+:func:`dir_blocks`): a run of entries ends after a name whose hash has ``threshold(0)`` leading
+zero bits (2**LEAF_BITS entries per leaf on average), runs of sub-blocks end likewise at higher
+thresholds, and the head names the top run. Boundaries depend only on the names present, so the
+split is canonical, and one changed entry re-encodes, ships and re-reads one leaf, one index
+sub-block per level and the head instead of the whole directory.
+
+Block format 2 (canonical: one tree, one set of byte strings): a msgpack array
+``[2, kind, mode, mtime, names, kinds, f_size, f_mtime, f_mode, f_nchunks, handles, versions,
+dirs, parts]``: ``kind`` 0 a directory's head, 1 a sub-block (mode and mtime 0); ``names`` the
+entries' UTF-8 names joined by NUL in code-point order, ``kinds`` one byte per entry (``f``
+file, ``d`` directory), the ``f_*``/``handles``/``versions`` columns packed little-endian int64
+for the files in entry order, ``dirs`` the 32-byte digests of the child directories in entry
+order and ``parts`` the 32-byte digests of the sub-blocks holding the entries (a block has
+entries or parts, not both). Format 1 (still read, records written before the split): one block
+per directory, ``[1, mode, mtime, names, kinds, f_size, ..., versions, dirs]``.
 
 The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
 node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
@@ -25,9 +36,11 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import immutables
 import zstandard
@@ -36,9 +49,16 @@ from .errors import CorruptData
 from .formats import ZSTD_LEVEL, no_gc, packb, unpackb
 from .namespace import EMPTY, Dir, File, Node
 
-BLOCK_FORMAT = 1
+BLOCK_FORMAT = 2  # the format written; format 1 (one block per directory) is still read
 DIGEST_SIZE = 32
+KIND_DIR = 0
+KIND_PART = 1
+LEAF_BITS = 4  # a leaf sub-block holds 2**LEAF_BITS entries on average
+FANOUT_BITS = 3  # an index sub-block (or a split directory's head) names 2**FANOUT_BITS on average
+MAX_RUN = 512  # ... and at most this many (names that never hit a boundary)
+MIN_SPLIT = 1 << LEAF_BITS  # a directory of fewer entries is one block however its names hash
 _BIG_ENDIAN = sys.byteorder == "big"
+_HASH_MUL = 0x9E3779B1
 
 VersionOf = Callable[[int], int]
 
@@ -64,9 +84,38 @@ def block_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def encode_block(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> bytes:
-    """The canonical bytes of directory ``d`` (its children's digests from ``child_digest``)."""
-    items = sorted(d.children.items())
+def name_rank(name: bytes) -> int:
+    """The leading zero bits of a mixed 32-bit hash of ``name``: a run of entries ends after a
+    name whose rank reaches the level's threshold (see :func:`threshold`)."""
+    h = (zlib.crc32(name) * _HASH_MUL) & 0xFFFFFFFF
+    return 32 - h.bit_length()
+
+
+def threshold(height: int) -> int:
+    """The rank that ends a run at ``height`` (0: leaves); a boundary of one level is one of the
+    levels below too."""
+    return LEAF_BITS + height * FANOUT_BITS
+
+
+def runs(ranks: list[int], height: int) -> list[int]:
+    """The end indices (exclusive) of the runs a sequence splits into at ``height``: a run ends
+    after an item whose rank reaches ``threshold(height)`` or when it holds MAX_RUN items; the
+    last run ends at the end. A function of the sequence alone, so the same entries split the
+    same way whatever history made them."""
+    ends: list[int] = []
+    start = 0
+    n = len(ranks)
+    t = threshold(height)
+    for i, r in enumerate(ranks):
+        if i + 1 < n and (r >= t or i + 1 - start >= MAX_RUN):
+            ends.append(i + 1)
+            start = i + 1
+    ends.append(n)
+    return ends
+
+
+def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node]], version_of: VersionOf,
+                   child_digest: Callable[[Dir], bytes], parts: bytes = b"") -> bytes:
     kinds = bytearray()
     sizes: list[int] = []
     mtimes: list[int] = []
@@ -87,9 +136,60 @@ def encode_block(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], by
             kinds += b"d"
             dirs.append(child_digest(k))
     names = "\x00".join([n for n, _k in items]).encode("utf-8")
-    return packb([BLOCK_FORMAT, d.mode, d.mtime, names, bytes(kinds), _pack(sizes), _pack(mtimes),
+    return packb([BLOCK_FORMAT, kind, mode, mtime, names, bytes(kinds), _pack(sizes), _pack(mtimes),
                   _pack(modes), _pack(nch), _pack(handles), _pack([version_of(h) for h in handles]),
-                  b"".join(dirs)])
+                  b"".join(dirs), parts])
+
+
+def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]
+               ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The canonical blocks of directory ``d`` (its children's digests from ``child_digest``):
+    its head block (mode, mtime and either its entries or the digests of its top sub-blocks) and
+    its sub-blocks as (digest, bytes), each level's before the next (children before parents).
+
+    A directory of fewer than MIN_SPLIT entries, or whose entries form one run (see
+    :func:`runs`), is one block. A bigger one is a
+    tree of sub-blocks (a Prolly tree over its names): leaf parts hold runs of entries, index
+    parts runs of the level below, until one run is left, which the head names. Boundaries
+    depend only on the names, so changing an entry re-encodes its leaf and one index part per
+    level, and inserting or removing one moves at most the boundaries around it."""
+    items = sorted(d.children.items())
+    if len(items) < MIN_SPLIT:
+        return _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), []
+    ranks = [name_rank(n.encode("utf-8")) for n, _k in items]
+    ends = runs(ranks, 0)
+    if len(ends) == 1:
+        return _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), []
+    parts: list[tuple[bytes, bytes]] = []
+    level: list[bytes] = []  # this level's part digests
+    start = 0
+    for end in ends:
+        data = _entries_block(KIND_PART, 0, 0, items[start:end], version_of, child_digest)
+        dg = block_digest(data)
+        parts.append((dg, data))
+        level.append(dg)
+        start = end
+    level_ranks = [ranks[e - 1] for e in ends]  # a part's rank is that of its last name
+    height = 1
+    while True:
+        ends = runs(level_ranks, height)
+        if len(ends) == 1:
+            return _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level)), parts
+        up: list[bytes] = []
+        start = 0
+        for end in ends:
+            data = _entries_block(KIND_PART, 0, 0, [], version_of, child_digest, b"".join(level[start:end]))
+            dg = block_digest(data)
+            parts.append((dg, data))
+            up.append(dg)
+            start = end
+        level, level_ranks = up, [level_ranks[e - 1] for e in ends]
+        height += 1
+
+
+def encode_block(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> bytes:
+    """The canonical bytes of directory ``d``'s head block."""
+    return dir_blocks(d, version_of, child_digest)[0]
 
 
 def digest(d: Dir, version_of: VersionOf) -> bytes:
@@ -162,19 +262,39 @@ Entry = FileEntry | DirRef
 class Block:
     mode: int
     mtime: int
-    entries: dict[str, Entry]  # in name order
+    entries: dict[str, Entry]  # in name order (a sub-block: its run of the directory's entries)
+    parts: tuple[bytes, ...] = ()  # the sub-blocks holding the rest, in name order
+    kind: int = KIND_DIR
+
+
+def _raw(data: bytes) -> list[Any]:
+    """A block's msgpack fields in format-2 order ``[fmt, kind, mode, mtime, names, kinds, sizes,
+    mtimes, modes, nchunks, handles, versions, dirs, parts]`` (a format-1 block as a head
+    without sub-blocks)."""
+    raw = unpackb(data)
+    if isinstance(raw, list) and len(raw) == 14 and raw[0] == BLOCK_FORMAT and raw[1] in (KIND_DIR, KIND_PART):
+        out: list[Any] = raw
+    elif isinstance(raw, list) and len(raw) == 12 and raw[0] == 1:
+        out = [1, KIND_DIR, *raw[1:], b""]
+    else:
+        raise CorruptData("not a directory block of a known format")
+    if not (isinstance(out[12], bytes) and isinstance(out[13], bytes)) or len(out[12]) % DIGEST_SIZE \
+            or len(out[13]) % DIGEST_SIZE:
+        raise CorruptData("bad digests in block")
+    return out
+
+
+def _digests(data: bytes) -> tuple[bytes, ...]:
+    return tuple(data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE))
 
 
 def decode_block(data: bytes, expected: bytes | None = None) -> Block:
     """A block from its bytes, verified against ``expected`` (its name) when given."""
     if expected is not None and block_digest(data) != expected:
         raise CorruptData("directory block does not match its digest")
-    raw = unpackb(data)
-    if not (isinstance(raw, list) and len(raw) == 12 and raw[0] == BLOCK_FORMAT):
-        raise CorruptData("not a directory block of a known format")
-    _fmt, mode, mtime, names_b, kinds, *cols, dirs = raw
+    _fmt, kind, mode, mtime, names_b, kinds, *cols, dirs, parts_b = _raw(data)
     if not (isinstance(mode, int) and isinstance(mtime, int) and isinstance(names_b, bytes)
-            and isinstance(kinds, bytes) and isinstance(dirs, bytes)):
+            and isinstance(kinds, bytes)):
         raise CorruptData("bad directory block fields")
     sizes, mtimes, modes, nch, handles, versions = (_unpack(c) for c in cols)
     try:
@@ -189,10 +309,14 @@ def decode_block(data: bytes, expected: bytes | None = None) -> Block:
         raise CorruptData("directory block columns disagree")
     if any(not nm or "/" in nm for nm in names) or any(a >= b for a, b in zip(names, names[1:], strict=False)):
         raise CorruptData("block names are not valid, unique and in order")
+    if names and parts_b:
+        raise CorruptData("a block holds entries or names sub-blocks, not both")
+    if kind == KIND_PART and not (names or parts_b):
+        raise CorruptData("an empty sub-block")
     entries: dict[str, Entry] = {}
     fi = hi = di = 0
-    for name, kind in zip(names, kinds, strict=True):
-        if kind == 0x66:  # f
+    for name, kch in zip(names, kinds, strict=True):
+        if kch == 0x66:  # f
             k = nch[fi]
             entries[name] = FileEntry(sizes[fi], mtimes[fi], modes[fi], tuple(handles[hi:hi + k]),
                                       tuple(versions[hi:hi + k]))
@@ -201,11 +325,12 @@ def decode_block(data: bytes, expected: bytes | None = None) -> Block:
         else:
             entries[name] = DirRef(dirs[di:di + DIGEST_SIZE])
             di += DIGEST_SIZE
-    return Block(mode, mtime, entries)
+    return Block(mode, mtime, entries, _digests(parts_b), kind)
 
 
 def block_of(d: Dir, version_of: VersionOf) -> Block:
-    """The decoded block of a live directory (without encoding it; child digests memoised)."""
+    """The decoded block of a live directory, every entry in it (without encoding it; child
+    digests memoised)."""
     entries: dict[str, Entry] = {}
     for name, k in sorted(d.children.items()):
         if type(k) is File:
@@ -217,20 +342,60 @@ def block_of(d: Dir, version_of: VersionOf) -> Block:
 
 
 def child_digests(data: bytes) -> list[bytes]:
-    """The digests of the directories a block names (without building its entries)."""
-    raw = unpackb(data)
-    if not (isinstance(raw, list) and len(raw) == 12 and isinstance(raw[11], bytes)) or len(raw[11]) % DIGEST_SIZE:
-        raise CorruptData("not a directory block of a known format")
-    dirs: bytes = raw[11]
-    return [dirs[i:i + DIGEST_SIZE] for i in range(0, len(dirs), DIGEST_SIZE)]
+    """The digests of the blocks a block names: its directories', then its sub-blocks' (without
+    building its entries)."""
+    raw = _raw(data)
+    return [*_digests(raw[12]), *_digests(raw[13])]
 
 
 def block_chunks(data: bytes) -> list[int]:
     """The chunk handles a block's own files reference (one per reference)."""
-    raw = unpackb(data)
-    if not (isinstance(raw, list) and len(raw) == 12):
-        raise CorruptData("not a directory block of a known format")
-    return _unpack(raw[9])
+    return _unpack(_raw(data)[10])
+
+
+def missing_parts(dg: bytes, have: dict[bytes, bytes]) -> list[bytes]:
+    """The blocks of directory ``dg`` (its head, its sub-blocks) not in ``have``, as far as the
+    blocks in ``have`` tell (a missing index sub-block hides what is below it)."""
+    missing: list[bytes] = []
+    stack = [dg]
+    while stack:
+        d = stack.pop()
+        data = have.get(d)
+        if data is None:
+            missing.append(d)
+        else:
+            stack.extend(_digests(_raw(data)[13]))
+    return missing
+
+
+def whole_dir(dg: bytes, have: dict[bytes, bytes], used: list[bytes] | None = None) -> Block:
+    """Directory ``dg`` with all its entries, from its head and sub-blocks in ``have`` (each
+    verified; ``used`` collects their digests)."""
+    head = decode_block(have[dg], dg)
+    if head.kind != KIND_DIR:
+        raise CorruptData(f"block {dg.hex()[:16]}… is a sub-block, not a directory")
+    if used is not None:
+        used.append(dg)
+    if not head.parts:
+        return head
+    entries: dict[str, Entry] = {}
+    last = ""
+    stack = list(reversed(head.parts))
+    while stack:
+        d = stack.pop()
+        b = decode_block(have[d], d)
+        if b.kind != KIND_PART:
+            raise CorruptData(f"block {d.hex()[:16]}… is a directory, not a sub-block")
+        if used is not None:
+            used.append(d)
+        if b.entries:
+            first = next(iter(b.entries))
+            if entries and first <= last:
+                raise CorruptData("sub-blocks' names are not in order")
+            entries.update(b.entries)
+            last = next(reversed(b.entries))
+        stack.extend(reversed(b.parts))
+    return Block(head.mode, head.mtime, entries)
 
 
 # --------------------------------------------------------------------------- walking trees
@@ -238,9 +403,9 @@ def block_chunks(data: bytes) -> list[int]:
 
 def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool]
                 ) -> Iterator[tuple[bytes, bytes, Dir]]:
-    """(digest, bytes, node) of every directory below and including ``root`` whose digest ``skip``
-    does not accept, children before their parent; a skipped directory's subtree is not visited
-    (a holder that has a block has everything it reaches)."""
+    """(digest, bytes, directory) of every block below and including ``root``'s (heads and
+    sub-blocks) whose digest ``skip`` does not accept, children before their parents; a skipped
+    block's subtree is not visited (a holder that has a block has everything it reaches)."""
     out: list[tuple[bytes, bytes, Dir]] = []
     with no_gc():
         _collect(root, version_of, skip, out, set())
@@ -253,10 +418,32 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     if dg in seen or skip(dg):
         return
     seen.add(dg)
-    for k in d.children.values():
+    head, parts = dir_blocks(d, version_of, lambda c: digest(c, version_of))
+    wanted = _unskipped_parts(head, parts, lambda p: p in seen or skip(p))
+    for k in d.children.values():  # (one under a skipped sub-block is skipped by its own digest)
         if type(k) is Dir:
             _collect(k, version_of, skip, out, seen)
-    out.append((dg, encode_block(d, version_of, lambda c: digest(c, version_of)), d))
+    for p, data in parts:
+        if p in wanted:
+            seen.add(p)
+            out.append((p, data, d))
+    out.append((dg, head, d))
+
+
+def _unskipped_parts(head: bytes, parts: list[tuple[bytes, bytes]], skip: Callable[[bytes], bool]) -> set[bytes]:
+    """The sub-blocks of a directory not below one ``skip`` accepts (top down from the head)."""
+    if not parts:
+        return set()
+    kids = {p: _digests(_raw(data)[13]) for p, data in parts}
+    want: set[bytes] = set()
+    stack = list(_digests(_raw(head)[13]))
+    while stack:
+        p = stack.pop()
+        if p in want or skip(p):
+            continue
+        want.add(p)
+        stack.extend(kids[p])
+    return want
 
 
 def build_dir(block: Block, child: Callable[[str, DirRef], Node]) -> Dir:
@@ -363,25 +550,23 @@ def block_info(data: bytes) -> BlockInfo:
 
 def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], bool]
                     ) -> dict[bytes, BlockInfo]:
-    """The blocks below ``root`` that ``known`` does not accept, without encoding them (every
+    """The blocks below ``root`` (heads and sub-blocks) that ``known`` does not accept (every
     block a known block reaches is known too, so a known subtree is not visited)."""
     out: dict[bytes, BlockInfo] = {}
     stack = [root]
-    while stack:
-        d = stack.pop()
-        dg = digest(d, version_of)
-        if dg in out or known(dg):
-            continue
-        kids: list[bytes] = []
-        handles: list[int] = []
-        for _name, k in sorted(d.children.items()):
-            if type(k) is File:
-                handles.extend(k.chunks)
-            else:
-                assert isinstance(k, Dir)
-                kids.append(digest(k, version_of))
-                stack.append(k)
-        out[dg] = BlockInfo(tuple(kids), array("q", handles).tobytes())
+    with no_gc():
+        while stack:
+            d = stack.pop()
+            dg = digest(d, version_of)
+            if dg in out or known(dg):
+                continue
+            head, parts = dir_blocks(d, version_of, lambda c: digest(c, version_of))
+            out[dg] = block_info(head)
+            wanted = _unskipped_parts(head, parts, lambda p: p in out or known(p))
+            for p, data in parts:
+                if p in wanted:
+                    out[p] = block_info(data)
+            stack.extend(k for k in d.children.values() if type(k) is Dir)
     return out
 
 
@@ -404,7 +589,12 @@ def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ver
     ``have``. Returns the tree and the digests of the blocks it decoded. Raises
     :class:`NeedBlocks` naming every missing block of the first level that lacks some (so a
     caller fetches level by level, only where the live tree differs). ``reused`` collects each
-    live directory reused, with its path relative to the candidates' roots."""
+    live directory reused, with its path relative to the candidates' roots.
+
+    A directory rebuilt from its blocks takes the sub-blocks it shares with the live candidate
+    at its place from that candidate (re-encoded, not fetched), so undoing one change in a big
+    directory reads its head and the sub-blocks on the change's path; such a candidate is in
+    ``reused`` too (the assembly depends on it)."""
     with no_gc():
         return _assemble(root, have, live, version_of, reused if reused is not None else [])
 
@@ -413,6 +603,8 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
               reused: list[tuple[tuple[str, ...], Dir]]) -> tuple[Dir, list[bytes]]:
     built: dict[int, Dir] = {}
     used: list[bytes] = []
+    sourced: set[int] = set()  # live directories whose sub-blocks are in ``pool``
+    pool = have
     where: dict[int, tuple[str, ...]] = {0: ()}
     # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
     level: list[tuple[int, bytes, list[Dir]]] = [(0, root, [c for c in live if isinstance(c, Dir)])]
@@ -421,8 +613,16 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
     while level:
         missing = []
         for _s, dg, cands in level:
-            if not any(digest(c, version_of) == dg for c in cands) and dg not in have:
-                missing.append(dg)
+            if not any(digest(c, version_of) == dg for c in cands):
+                for c in cands:  # a changed directory's unchanged sub-blocks come from the live one
+                    if id(c) not in sourced:
+                        sourced.add(id(c))
+                        parts = dir_blocks(c, version_of, lambda k: digest(k, version_of))[1]
+                        if parts:
+                            pool = dict(have) if pool is have else pool
+                            pool.update(parts)
+                            reused.append((where[_s], c))
+                missing += [d for d in missing_parts(dg, pool) if d not in pool]
         if missing:
             raise NeedBlocks(sorted(set(missing)))
         nxt: list[tuple[int, bytes, list[Dir]]] = []
@@ -432,8 +632,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 built[s] = reuse
                 reused.append((where[s], reuse))
                 continue
-            block = decode_block(have[dg], dg)
-            used.append(dg)
+            block = whole_dir(dg, pool, used)
             kids: dict[str, int] = {}
             for name, e in block.entries.items():
                 if isinstance(e, DirRef):
@@ -448,7 +647,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
         d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
         _memoise(d, dg)
         built[s] = d
-    return built[0], used
+    return built[0], [d for d in dict.fromkeys(used) if d in have]  # not those the live tree gave
 
 
 def _memoise(d: Dir, dg: bytes) -> None:

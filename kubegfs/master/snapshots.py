@@ -56,11 +56,11 @@ log = logging.getLogger("kubegfs.master")
 def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: merkle.VersionOf
                ) -> list[snapdiff.Change]:
     """Diff two trees held in memory (every reference carries its node)."""
-    def load(refs: list[merkle.DirRef]) -> list[merkle.Block]:
+    def load(refs: list[tuple[int, merkle.DirRef]]) -> list[merkle.Block]:
         out = []
-        for i, r in enumerate(refs):  # the walk asks for (a, b) pairs
+        for side, r in refs:
             assert r.node is not None
-            out.append(merkle.block_of(r.node, va if i % 2 == 0 else vb))
+            out.append(merkle.block_of(r.node, vb if side else va))
         return out
 
     return snapdiff.run(snapdiff.diff_steps(a, b), load)
@@ -529,12 +529,12 @@ class Snapshots:
             refs = next(steps)
             while True:
                 want: dict[int, list[bytes]] = {0: [], 1: []}
-                for i, r in enumerate(refs):
+                for side, r in refs:
                     if r.node is None:
-                        want[i % 2].append(r.digest)
+                        want[side].append(r.digest)
                 got = [await self.fetch_blocks(sides[k][0], want[k]) if want[k] else {} for k in (0, 1)]
-                blocks = [merkle.block_of(r.node, sides[i % 2][1]) if r.node is not None
-                          else merkle.decode_block(got[i % 2][r.digest], r.digest) for i, r in enumerate(refs)]
+                blocks = [merkle.block_of(r.node, sides[side][1]) if r.node is not None
+                          else merkle.decode_block(got[side][r.digest], r.digest) for side, r in refs]
                 refs = steps.send(blocks)
         except StopIteration as stop:
             changes: list[snapdiff.Change] = stop.value

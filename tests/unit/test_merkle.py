@@ -24,6 +24,10 @@ def random_spec(rng, depth=0, handles=None):
     """A nested dict: name -> ("f", size, mtime, mode, chunks) | dict (with "." -> (mode, mtime))."""
     handles = handles if handles is not None else iter(range(1, 10**9))
     spec = {".": (rng.choice([0o755, 0o700]), rng.randrange(1, 50))}
+    if rng.random() < 0.15:  # a big directory: split into sub-blocks
+        for j in rng.sample(range(1000), rng.randrange(20, 400)):
+            spec[f"n{j}"] = ("f", rng.randrange(0, 3), rng.randrange(1, 50), 0o644,
+                             tuple(next(handles) for _ in range(rng.randrange(0, 2))))
     for name in rng.sample(NAMES, rng.randrange(0, 5)):
         if depth < 3 and rng.random() < 0.35:
             spec[name] = random_spec(rng, depth + 1, handles)
@@ -128,11 +132,17 @@ def test_a_mutation_reencodes_only_its_path():
 @given(st.randoms(use_true_random=False))
 def test_blocks_round_trip_and_verify(rng):
     root = build_direct(random_spec(rng))
+    have = {dg: data for dg, data, _n in merkle.iter_blocks(root, V, lambda _d: False)}
     for dg, data, node in merkle.iter_blocks(root, V, lambda _d: False):
-        assert dg == node.digest == merkle.block_digest(data)
-        assert merkle.decode_block(data, dg) == _strip(merkle.block_of(node, V))
-        assert merkle.child_digests(data) == [e.digest for e in merkle.decode_block(data).entries.values()
-                                              if isinstance(e, merkle.DirRef)]
+        blk = merkle.decode_block(data, dg)
+        assert dg == merkle.block_digest(data)
+        if blk.kind == merkle.KIND_DIR:
+            assert dg == node.digest
+            assert merkle.whole_dir(dg, have) == _strip(merkle.block_of(node, V))
+        else:
+            assert node.digest != dg and (blk.entries or blk.parts) and not (blk.entries and blk.parts)
+        assert merkle.child_digests(data) == [e.digest for e in blk.entries.values()
+                                              if isinstance(e, merkle.DirRef)] + list(blk.parts)
         bad = bytearray(data)
         bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
         with pytest.raises(CorruptData):
@@ -203,7 +213,7 @@ def mutate(root, rng, n):
 
 
 def live_loader(refs):
-    return [merkle.block_of(r.node, V) for r in refs]
+    return [merkle.block_of(r.node, V) for _side, r in refs]
 
 
 def block_loader(*trees, seen=None):
@@ -212,8 +222,8 @@ def block_loader(*trees, seen=None):
 
     def load(refs):
         if seen is not None:
-            seen.extend(r.digest for r in refs)
-        return [merkle.decode_block(store[r.digest], r.digest) for r in refs]
+            seen.extend(r.digest for _side, r in refs)
+        return [merkle.decode_block(store[r.digest], r.digest) for _side, r in refs]
     return load
 
 
@@ -315,3 +325,108 @@ def test_diff_report_names_renames_and_descends_only_into_changes():
     assert [c.line() for c in changes] == want
     assert ns.must_get(a, ("keep",)).digest not in loaded  # the unchanged directory: never read
     assert len(loaded) == 4  # the two roots and the two work/
+
+
+# --------------------------------------------------------------------------- big directories
+
+
+def big_dir(n, rng, prefix="file-"):
+    return ns.Dir(immutables.Map({f"{prefix}{rng.getrandbits(40):010x}.dat": ns.File(rng.randrange(1 << 20), 5, 0o644,
+                                                                                    (i + 1,))
+                                  for i in range(n)}), 3, 0o755)
+
+
+def test_runs_end_at_name_boundaries_or_the_cap():
+    t = merkle.threshold(0)
+    assert merkle.runs([0, t, 0, 0, t + 5, 0], 0) == [2, 5, 6]
+    assert merkle.runs([t, t], 0) == [1, 2]  # the last run ends at the end, boundary or not
+    assert merkle.runs([0] * (2 * merkle.MAX_RUN + 1), 0) == [merkle.MAX_RUN, 2 * merkle.MAX_RUN,
+                                                            2 * merkle.MAX_RUN + 1]
+    assert merkle.runs([t], 1) == [1] and merkle.runs([t, 0], 1) == [2]  # a leaf boundary is not an index one
+
+
+def test_a_big_directory_is_split_and_a_change_reencodes_a_path_of_small_blocks():
+    rng = random.Random(11)
+    d = big_dir(5000, rng)
+    head, parts = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    assert len(parts) > 5000 >> (merkle.LEAF_BITS + 1)
+    have = {merkle.block_digest(head): head, **dict(parts)}
+    whole = sum(len(merkle.compress(b)) for b in have.values())
+    name = sorted(d.children)[1234]
+    f = d.children[name]
+    d2 = ns.replace(d, (name,), ns.File(f.size + 1, f.mtime, f.mode, f.chunks), 3)
+    new = [(dg, b) for dg, b, _n in merkle.iter_blocks(d2, V, have.__contains__)]
+    levels = 1
+    while merkle.threshold(levels) <= 32 and len(parts) >> (merkle.FANOUT_BITS * levels):
+        levels += 1
+    assert 2 <= len(new) <= 1 + levels  # the leaf, an index sub-block per level, the head
+    assert sum(len(merkle.compress(b)) for _dg, b in new) * 50 < whole
+    assert new[-1][0] == merkle.digest(d2, V)
+    # inserting a name moves at most the boundaries around it
+    d3 = ns.replace(d, ("file-new.dat",), ns.File(1, 1, 0o644, ()), 3)
+    new3 = [dg for dg, _b, _n in merkle.iter_blocks(d3, V, have.__contains__)]
+    assert len(new3) <= 2 + levels
+
+
+def test_names_that_never_hit_a_boundary_are_cut_at_the_cap():
+    names = []
+    i = 0
+    while len(names) < merkle.MAX_RUN * 2 + 10:
+        n = f"n{i}"
+        if merkle.name_rank(n.encode()) < merkle.threshold(0):
+            names.append(n)
+        i += 1
+    d = ns.Dir(immutables.Map({n: ns.File(0, 1, 0o644, ()) for n in names}), 1, 0o755)
+    head, parts = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    sizes = sorted(len(merkle.decode_block(b).entries) for _p, b in parts)
+    assert sizes == [10, merkle.MAX_RUN, merkle.MAX_RUN]
+    have = {merkle.block_digest(head): head, **dict(parts)}
+    assert list(merkle.whole_dir(merkle.block_digest(head), have).entries) == sorted(names)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_a_big_directory_digest_is_canonical_whatever_the_order_of_inserts_and_removals(rng):
+    d = big_dir(rng.randrange(50, 600), rng)
+    names = list(d.children)
+    rng.shuffle(names)
+    root = ns.empty_root(3)
+    extra = [f"tmp{i}" for i in range(rng.randrange(0, 40))]
+    for n in names + extra:  # in random order, with detours, digests taken along the way
+        root = ns.replace(root, (n,), d.children.get(n) or ns.File(9, 9, 0o600, ()), 3)
+        if rng.random() < 0.05:
+            merkle.digest(root, V)
+    for n in extra:
+        root = ns.replace(root, (n,), None, 3)
+    assert merkle.digest(root, V) == merkle.digest(d, V)
+
+
+def test_diff_of_a_big_directory_reads_only_the_sub_blocks_that_differ():
+    rng = random.Random(4)
+    a = ns.Dir(immutables.Map({"big": big_dir(3000, rng)}), 1, 0o755)
+    name = sorted(ns.must_dir(a, ("big",)).children)[100]
+    b = ns.replace(a, ("big", name), ns.File(7, 7, 0o644, (99999,)), 3)  # (big keeps its mtime)
+    loaded = []
+    changes = run(diff_steps(merkle.DirRef(merkle.digest(a, V)), merkle.DirRef(merkle.digest(b, V))),
+                  block_loader(a, b, seen=loaded))
+    assert [c.line() for c in changes] == [f"M\t./big/{name}"]
+    n_blocks = sum(1 for _ in merkle.iter_blocks(a, V, lambda _d: False))
+    assert len(loaded) <= 2 * 5 and n_blocks > 100
+
+
+def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
+    rng = random.Random(2)
+    d = big_dir(400, rng)
+    head, parts = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    have = dict(parts)
+    with pytest.raises(CorruptData):
+        merkle.whole_dir(parts[0][0], have)
+    hd = merkle.block_digest(head)
+    have[hd] = head
+    raw = merkle.unpackb(head)
+    raw[13] = b"".join(reversed([raw[13][i:i + 32] for i in range(0, len(raw[13]), 32)]))
+    swapped = merkle.packb(raw)
+    have[merkle.block_digest(swapped)] = swapped
+    if len(raw[13]) > 32:
+        with pytest.raises(CorruptData):
+            merkle.whole_dir(merkle.block_digest(swapped), have)
