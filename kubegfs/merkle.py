@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import immutables
 import zstandard
@@ -84,11 +85,10 @@ def block_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def name_rank(name: bytes) -> int:
+def name_rank(name: str) -> int:
     """The leading zero bits of a mixed 32-bit hash of ``name``: a run of entries ends after a
     name whose rank reaches the level's threshold (see :func:`threshold`)."""
-    h = (zlib.crc32(name) * _HASH_MUL) & 0xFFFFFFFF
-    return 32 - h.bit_length()
+    return _ranks([name])[0]
 
 
 def threshold(height: int) -> int:
@@ -116,51 +116,53 @@ def runs(ranks: list[int], height: int) -> list[int]:
 
 def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node]], version_of: VersionOf,
                    child_digest: Callable[[Dir], bytes], parts: bytes = b"") -> bytes:
-    kinds = bytearray()
-    sizes: list[int] = []
-    mtimes: list[int] = []
-    modes: list[int] = []
-    nch: list[int] = []
-    handles: list[int] = []
-    dirs: list[bytes] = []
-    for _name, k in items:
-        if type(k) is File:
-            kinds += b"f"
-            sizes.append(k.size)
-            mtimes.append(k.mtime)
-            modes.append(k.mode)
-            nch.append(len(k.chunks))
-            handles.extend(k.chunks)
-        else:
-            assert isinstance(k, Dir)
-            kinds += b"d"
-            dirs.append(child_digest(k))
+    nodes = [k for _n, k in items]
+    files = [k for k in nodes if type(k) is File]
+    kinds = bytes([0x66 if type(k) is File else 0x64 for k in nodes])
+    handles = [h for f in files for h in f.chunks]
+    dirs = b"".join([child_digest(k) for k in nodes if type(k) is Dir])
     names = "\x00".join([n for n, _k in items]).encode("utf-8")
-    return packb([BLOCK_FORMAT, kind, mode, mtime, names, bytes(kinds), _pack(sizes), _pack(mtimes),
-                  _pack(modes), _pack(nch), _pack(handles), _pack([version_of(h) for h in handles]),
-                  b"".join(dirs), parts])
+    return packb([BLOCK_FORMAT, kind, mode, mtime, names, kinds,
+                  _pack([f.size for f in files]), _pack([f.mtime for f in files]),
+                  _pack([f.mode for f in files]), _pack([len(f.chunks) for f in files]),
+                  _pack(handles), _pack(list(map(version_of, handles))), dirs, parts])
 
 
-def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]
-               ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+class DirBlocks(NamedTuple):
+    """A directory's encoded blocks: its head, its sub-blocks (digest, bytes) children before
+    parents, and for the head and each index sub-block the digests of the sub-blocks it names."""
+    head: bytes
+    parts: list[tuple[bytes, bytes]]
+    kids: dict[bytes, tuple[bytes, ...]]
+
+
+def _ranks(names: list[str]) -> list[int]:
+    crc = zlib.crc32
+    return [32 - ((crc(n.encode("utf-8")) * _HASH_MUL) & 0xFFFFFFFF).bit_length() for n in names]
+
+
+def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> DirBlocks:
     """The canonical blocks of directory ``d`` (its children's digests from ``child_digest``):
     its head block (mode, mtime and either its entries or the digests of its top sub-blocks) and
-    its sub-blocks as (digest, bytes), each level's before the next (children before parents).
+    its sub-blocks, each level's before the next (children before parents).
 
     A directory of fewer than MIN_SPLIT entries, or whose entries form one run (see
-    :func:`runs`), is one block. A bigger one is a
-    tree of sub-blocks (a Prolly tree over its names): leaf parts hold runs of entries, index
-    parts runs of the level below, until one run is left, which the head names. Boundaries
-    depend only on the names, so changing an entry re-encodes its leaf and one index part per
-    level, and inserting or removing one moves at most the boundaries around it."""
-    items = sorted(d.children.items())
+    :func:`runs`), is one block. A bigger one is a tree of sub-blocks (a Prolly tree over its
+    names): leaf parts hold runs of entries, index parts runs of the level below, until one run
+    is left, which the head names. Boundaries depend only on the names, so changing an entry
+    re-encodes its leaf and one index part per level, and inserting or removing one moves at
+    most the boundaries around it."""
+    ch = d.children
+    names = sorted(ch.keys())
+    items = [(n, ch[n]) for n in names]
     if len(items) < MIN_SPLIT:
-        return _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), []
-    ranks = [name_rank(n.encode("utf-8")) for n, _k in items]
+        return DirBlocks(_entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), [], {})
+    ranks = _ranks(names)
     ends = runs(ranks, 0)
     if len(ends) == 1:
-        return _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), []
+        return DirBlocks(_entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), [], {})
     parts: list[tuple[bytes, bytes]] = []
+    index: dict[bytes, tuple[bytes, ...]] = {}
     level: list[bytes] = []  # this level's part digests
     start = 0
     for end in ends:
@@ -174,22 +176,51 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
     while True:
         ends = runs(level_ranks, height)
         if len(ends) == 1:
-            return _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level)), parts
+            head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level))
+            index[block_digest(head)] = tuple(level)
+            return DirBlocks(head, parts, index)
         up: list[bytes] = []
         start = 0
         for end in ends:
             data = _entries_block(KIND_PART, 0, 0, [], version_of, child_digest, b"".join(level[start:end]))
             dg = block_digest(data)
             parts.append((dg, data))
+            index[dg] = tuple(level[start:end])
             up.append(dg)
             start = end
         level, level_ranks = up, [level_ranks[e - 1] for e in ends]
         height += 1
 
 
-def encode_block(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> bytes:
-    """The canonical bytes of directory ``d``'s head block."""
-    return dir_blocks(d, version_of, child_digest)[0]
+# A directory's blocks as last encoded, by head digest (the same digest names the same bytes), so
+# a snapshot encodes a changed directory once for its digest, its shipping and its commit op.
+_CACHE: dict[bytes, DirBlocks] = {}
+_CACHE_LIMIT = 32 << 20
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+
+
+def _remember(dg: bytes, blocks: DirBlocks) -> None:
+    global _cache_bytes
+    size = len(blocks.head) + sum(len(b) for _p, b in blocks.parts)
+    with _cache_lock:
+        if dg in _CACHE or size > _CACHE_LIMIT // 4:
+            return
+        _CACHE[dg] = blocks
+        _cache_bytes += size
+        while _cache_bytes > _CACHE_LIMIT:
+            old = _CACHE.pop(next(iter(_CACHE)))
+            _cache_bytes -= len(old.head) + sum(len(b) for _p, b in old.parts)
+
+
+def blocks_of_dir(d: Dir, version_of: VersionOf) -> DirBlocks:
+    """``d``'s blocks (from the cache when it was encoded lately)."""
+    dg = digest(d, version_of)
+    got = _CACHE.get(dg)
+    if got is None:
+        got = dir_blocks(d, version_of, lambda c: digest(c, version_of))
+        _remember(dg, got)
+    return got
 
 
 def digest(d: Dir, version_of: VersionOf) -> bytes:
@@ -208,7 +239,10 @@ def _digest(d: Dir, version_of: VersionOf) -> bytes:
             if type(k) is Dir:
                 _digest(k, version_of)
         d.stats = _sum_stats(d)
-        got = d.digest = block_digest(encode_block(d, version_of, lambda c: _digest(c, version_of)))
+        blocks = dir_blocks(d, version_of, lambda c: _digest(c, version_of))
+        got = block_digest(blocks.head)
+        _remember(got, blocks)
+        d.digest = got
     return got
 
 
@@ -418,31 +452,28 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     if dg in seen or skip(dg):
         return
     seen.add(dg)
-    head, parts = dir_blocks(d, version_of, lambda c: digest(c, version_of))
-    wanted = _unskipped_parts(head, parts, lambda p: p in seen or skip(p))
     for k in d.children.values():  # (one under a skipped sub-block is skipped by its own digest)
         if type(k) is Dir:
             _collect(k, version_of, skip, out, seen)
-    for p, data in parts:
+    blocks = blocks_of_dir(d, version_of)
+    wanted = _unskipped_parts(dg, blocks, lambda p: p in seen or skip(p))
+    for p, data in blocks.parts:
         if p in wanted:
             seen.add(p)
             out.append((p, data, d))
-    out.append((dg, head, d))
+    out.append((dg, blocks.head, d))
 
 
-def _unskipped_parts(head: bytes, parts: list[tuple[bytes, bytes]], skip: Callable[[bytes], bool]) -> set[bytes]:
-    """The sub-blocks of a directory not below one ``skip`` accepts (top down from the head)."""
-    if not parts:
-        return set()
-    kids = {p: _digests(_raw(data)[13]) for p, data in parts}
+def _unskipped_parts(dg: bytes, blocks: DirBlocks, skip: Callable[[bytes], bool]) -> set[bytes]:
+    """The sub-blocks of directory ``dg`` not below one ``skip`` accepts (top down from the head)."""
     want: set[bytes] = set()
-    stack = list(_digests(_raw(head)[13]))
+    stack = list(blocks.kids.get(dg, ()))
     while stack:
         p = stack.pop()
         if p in want or skip(p):
             continue
         want.add(p)
-        stack.extend(kids[p])
+        stack.extend(blocks.kids.get(p, ()))
     return want
 
 
@@ -560,10 +591,10 @@ def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], b
             dg = digest(d, version_of)
             if dg in out or known(dg):
                 continue
-            head, parts = dir_blocks(d, version_of, lambda c: digest(c, version_of))
-            out[dg] = block_info(head)
-            wanted = _unskipped_parts(head, parts, lambda p: p in out or known(p))
-            for p, data in parts:
+            blocks = blocks_of_dir(d, version_of)
+            out[dg] = block_info(blocks.head)
+            wanted = _unskipped_parts(dg, blocks, lambda p: p in out or known(p))
+            for p, data in blocks.parts:
                 if p in wanted:
                     out[p] = block_info(data)
             stack.extend(k for k in d.children.values() if type(k) is Dir)
@@ -617,7 +648,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 for c in cands:  # a changed directory's unchanged sub-blocks come from the live one
                     if id(c) not in sourced:
                         sourced.add(id(c))
-                        parts = dir_blocks(c, version_of, lambda k: digest(k, version_of))[1]
+                        parts = blocks_of_dir(c, version_of).parts
                         if parts:
                             pool = dict(have) if pool is have else pool
                             pool.update(parts)

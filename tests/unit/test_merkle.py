@@ -119,12 +119,12 @@ def test_a_mutation_reencodes_only_its_path():
     unset = [p for p, n in ns.walk(new) if isinstance(n, ns.Dir) and n.digest is None]
     assert unset == [(), ("d1",), ("d1", "d2")]
     encoded = []
-    real = merkle.encode_block
+    real = merkle.dir_blocks
     try:
-        merkle.encode_block = lambda d, v, c: encoded.append(d) or real(d, v, c)
+        merkle.dir_blocks = lambda d, v, c: encoded.append(d) or real(d, v, c)
         merkle.digest(new, V)
     finally:
-        merkle.encode_block = real
+        merkle.dir_blocks = real
     assert len(encoded) == 3
 
 
@@ -348,7 +348,7 @@ def test_runs_end_at_name_boundaries_or_the_cap():
 def test_a_big_directory_is_split_and_a_change_reencodes_a_path_of_small_blocks():
     rng = random.Random(11)
     d = big_dir(5000, rng)
-    head, parts = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, _index = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     assert len(parts) > 5000 >> (merkle.LEAF_BITS + 1)
     have = {merkle.block_digest(head): head, **dict(parts)}
     whole = sum(len(merkle.compress(b)) for b in have.values())
@@ -373,11 +373,11 @@ def test_names_that_never_hit_a_boundary_are_cut_at_the_cap():
     i = 0
     while len(names) < merkle.MAX_RUN * 2 + 10:
         n = f"n{i}"
-        if merkle.name_rank(n.encode()) < merkle.threshold(0):
+        if merkle.name_rank(n) < merkle.threshold(0):
             names.append(n)
         i += 1
     d = ns.Dir(immutables.Map({n: ns.File(0, 1, 0o644, ()) for n in names}), 1, 0o755)
-    head, parts = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, _index = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     sizes = sorted(len(merkle.decode_block(b).entries) for _p, b in parts)
     assert sizes == [10, merkle.MAX_RUN, merkle.MAX_RUN]
     have = {merkle.block_digest(head): head, **dict(parts)}
@@ -417,7 +417,7 @@ def test_diff_of_a_big_directory_reads_only_the_sub_blocks_that_differ():
 def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
     rng = random.Random(2)
     d = big_dir(400, rng)
-    head, parts = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, _index = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     have = dict(parts)
     with pytest.raises(CorruptData):
         merkle.whole_dir(parts[0][0], have)
@@ -430,3 +430,16 @@ def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
     if len(raw[13]) > 32:
         with pytest.raises(CorruptData):
             merkle.whole_dir(merkle.block_digest(swapped), have)
+
+
+def test_encoded_blocks_are_cached_by_digest_within_a_bound(monkeypatch):
+    monkeypatch.setattr(merkle, "_CACHE", {})
+    monkeypatch.setattr(merkle, "_cache_bytes", 0)
+    monkeypatch.setattr(merkle, "_CACHE_LIMIT", 150_000)
+    rng = random.Random(8)
+    dirs = [big_dir(200, rng, prefix=f"d{i}-") for i in range(20)]
+    for d in dirs:
+        merkle.digest(d, V)
+    assert 0 < len(merkle._CACHE) < 20 and merkle._cache_bytes <= 150_000
+    for d in dirs:  # from the cache or encoded again: the same blocks
+        assert merkle.blocks_of_dir(d, V) == merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
