@@ -387,25 +387,37 @@ def block_chunks(data: bytes) -> list[int]:
     return _unpack(_raw(data)[10])
 
 
-def missing_parts(dg: bytes, have: dict[bytes, bytes]) -> list[bytes]:
+Decoded = dict[bytes, Block]  # blocks decoded (and verified) already, by digest
+
+
+def _decoded(d: bytes, have: dict[bytes, bytes], memo: Decoded | None) -> Block:
+    if memo is None:
+        return decode_block(have[d], d)
+    b = memo.get(d)
+    if b is None:
+        b = memo[d] = decode_block(have[d], d)
+    return b
+
+
+def missing_parts(dg: bytes, have: dict[bytes, bytes], memo: Decoded | None = None) -> list[bytes]:
     """The blocks of directory ``dg`` (its head, its sub-blocks) not in ``have``, as far as the
     blocks in ``have`` tell (a missing index sub-block hides what is below it)."""
     missing: list[bytes] = []
     stack = [dg]
     while stack:
         d = stack.pop()
-        data = have.get(d)
-        if data is None:
+        if d not in have:
             missing.append(d)
         else:
-            stack.extend(_digests(_raw(data)[13]))
+            stack.extend(_decoded(d, have, memo).parts)
     return missing
 
 
-def whole_dir(dg: bytes, have: dict[bytes, bytes], used: list[bytes] | None = None) -> Block:
+def whole_dir(dg: bytes, have: dict[bytes, bytes], used: list[bytes] | None = None,
+              memo: Decoded | None = None) -> Block:
     """Directory ``dg`` with all its entries, from its head and sub-blocks in ``have`` (each
-    verified; ``used`` collects their digests)."""
-    head = decode_block(have[dg], dg)
+    verified; ``used`` collects their digests; ``memo`` keeps what was decoded)."""
+    head = _decoded(dg, have, memo)
     if head.kind != KIND_DIR:
         raise CorruptData(f"block {dg.hex()[:16]}… is a sub-block, not a directory")
     if used is not None:
@@ -417,7 +429,7 @@ def whole_dir(dg: bytes, have: dict[bytes, bytes], used: list[bytes] | None = No
     stack = list(reversed(head.parts))
     while stack:
         d = stack.pop()
-        b = decode_block(have[d], d)
+        b = _decoded(d, have, memo)
         if b.kind != KIND_PART:
             raise CorruptData(f"block {d.hex()[:16]}… is a directory, not a sub-block")
         if used is not None:
@@ -430,6 +442,39 @@ def whole_dir(dg: bytes, have: dict[bytes, bytes], used: list[bytes] | None = No
             last = next(reversed(b.entries))
         stack.extend(reversed(b.parts))
     return Block(head.mode, head.mtime, entries)
+
+
+class TreeBlocks:
+    """The blocks of a tree held in memory (e.g. a snapshot this master built), served by digest
+    as a walk from its root asks for them: a block is served once its parent was."""
+
+    def __init__(self, root: Dir, version_of: VersionOf) -> None:
+        self.version_of = version_of
+        self.nodes: dict[bytes, Dir] = {digest(root, version_of): root}
+        self.parts: dict[bytes, bytes] = {}
+
+    def take(self, digests: list[bytes]) -> dict[bytes, bytes]:
+        """Those of ``digests`` this tree can give (the rest: read them elsewhere), with every
+    sub-block of each directory given."""
+        out: dict[bytes, bytes] = {}
+        for d in digests:
+            part = self.parts.get(d)
+            if part is not None:
+                out[d] = part
+                continue
+            n = self.nodes.get(d)
+            if n is None:
+                continue
+            blocks = blocks_of_dir(n, self.version_of)
+            if block_digest(blocks.head) != d:  # pragma: no cover - versions moved under the tree
+                continue
+            out[d] = blocks.head
+            out.update(blocks.parts)  # all of them at once: the walk needs those it lacks next
+            self.parts.update(blocks.parts)
+            for k in n.children.values():
+                if type(k) is Dir:
+                    self.nodes[digest(k, self.version_of)] = k
+        return out
 
 
 # --------------------------------------------------------------------------- walking trees
@@ -613,7 +658,8 @@ class NeedBlocks(Exception):
 
 
 def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf,
-             reused: list[tuple[tuple[str, ...], Dir]] | None = None) -> tuple[Dir, list[bytes]]:
+             reused: list[tuple[tuple[str, ...], Dir]] | None = None, memo: Decoded | None = None
+             ) -> tuple[Dir, list[bytes]]:
     """The tree named by ``root``: a directory whose digest equals a live candidate's at the same
     place (``live``: roots compared with ``root``, e.g. the restore target and the snapshot's
     original path) is that live node, reused as it is; any other comes from its block in
@@ -625,16 +671,18 @@ def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ver
     A directory rebuilt from its blocks takes the sub-blocks it shares with the live candidate
     at its place from that candidate (re-encoded, not fetched), so undoing one change in a big
     directory reads its head and the sub-blocks on the change's path; such a candidate is in
-    ``reused`` too (the assembly depends on it)."""
+    ``reused`` too (the assembly depends on it). ``memo``: blocks decoded by an earlier run over
+    the same ``have`` (a caller that fetches and runs again passes the same dict)."""
     with no_gc():
-        return _assemble(root, have, live, version_of, reused if reused is not None else [])
+        return _assemble(root, have, live, version_of, reused if reused is not None else [], memo)
 
 
 def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf,
-              reused: list[tuple[tuple[str, ...], Dir]]) -> tuple[Dir, list[bytes]]:
+              reused: list[tuple[tuple[str, ...], Dir]], memo: Decoded | None) -> tuple[Dir, list[bytes]]:
     built: dict[int, Dir] = {}
     used: list[bytes] = []
     sourced: set[int] = set()  # live directories whose sub-blocks are in ``pool``
+    from_live: set[bytes] = set()
     pool = have
     where: dict[int, tuple[str, ...]] = {0: ()}
     # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
@@ -652,8 +700,9 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                         if parts:
                             pool = dict(have) if pool is have else pool
                             pool.update(parts)
+                            from_live.update(p for p, _b in parts)
                             reused.append((where[_s], c))
-                missing += [d for d in missing_parts(dg, pool) if d not in pool]
+                missing += missing_parts(dg, pool, memo)
         if missing:
             raise NeedBlocks(sorted(set(missing)))
         nxt: list[tuple[int, bytes, list[Dir]]] = []
@@ -663,7 +712,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 built[s] = reuse
                 reused.append((where[s], reuse))
                 continue
-            block = whole_dir(dg, pool, used)
+            block = whole_dir(dg, pool, used, memo)
             kids: dict[str, int] = {}
             for name, e in block.entries.items():
                 if isinstance(e, DirRef):
@@ -678,7 +727,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
         d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
         _memoise(d, dg)
         built[s] = d
-    return built[0], [d for d in dict.fromkeys(used) if d in have]  # not those the live tree gave
+    return built[0], [d for d in dict.fromkeys(used) if d in have and d not in from_live]
 
 
 def _memoise(d: Dir, dg: bytes) -> None:

@@ -67,9 +67,10 @@ def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: mer
 
 
 def _assemble_job(root: bytes, have: dict[bytes, bytes], cands: list[ns.Node | None], version_of: merkle.VersionOf,
-                  reused: list[tuple[tuple[str, ...], ns.Dir]]) -> tuple[ns.Dir, list[bytes], list[int]]:
+                  reused: list[tuple[tuple[str, ...], ns.Dir]], memo: merkle.Decoded
+                  ) -> tuple[ns.Dir, list[bytes], list[int]]:
     """A restore's tree, the blocks it decoded and the chunk handles their files reference."""
-    tree, used = merkle.assemble(root, have, cands, version_of, reused)
+    tree, used = merkle.assemble(root, have, cands, version_of, reused, memo)
     return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
 
 
@@ -659,7 +660,7 @@ class Snapshots:
             return self.repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
-                   "blocks_fetched": op.pop("_fetched", 0)}
+                   "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0)}
         # ``op`` adds the format's keys (and the in-memory hints) to the common ones
         result = await self.m.mutate(cast(ops.Restore, {
             "op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
@@ -675,15 +676,27 @@ class Snapshots:
         st = self.m.state
         loop = asyncio.get_running_loop()
         have: dict[bytes, bytes] = {}
+        memo: merkle.Decoded = {}
+        # a snapshot this master built lately is still in memory: its blocks come from there
+        # (each verified against its digest as any fetched block is), without a round trip
+        cached = self.trees.get(e["id"])
+        local = merkle.TreeBlocks(cached, self._live_version) if cached is not None and cached.digest == man.root \
+            else None
+        fetched = 0
         while True:
             self.check_target(parts, mode)
             reused: list[tuple[tuple[str, ...], ns.Dir]] = []
             try:  # the O(changed) (to a new path: O(files)) assembly runs in a worker thread
                 tree, used, handles = await loop.run_in_executor(
                     None, _assemble_job, man.root, have, st.restore_candidates(parts, mode, e["path"]),
-                    st.version_or_zero, reused)
+                    st.version_or_zero, reused, memo)
             except merkle.NeedBlocks as need:
-                have.update(await self.fetch_blocks(e, need.digests))
+                got = local.take(need.digests) if local is not None else {}
+                rest = [d for d in need.digests if d not in got]
+                if rest:
+                    got.update(await self.fetch_blocks(e, rest))
+                    fetched += len(rest)
+                have.update(got)
                 continue
             # back on the loop, with no await until the op is applied: every live directory it
             # reused is still where it was, so the apply (and any replay) assembles the same tree
@@ -697,7 +710,7 @@ class Snapshots:
         return {"format": 3, "root": man.root.hex(), "source_path": e["path"],
                 "blocks": merkle.pack_frames([(dg, have[dg]) for dg in used]),
                 "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
-                "_tree": tree, "_fetched": len(used)}
+                "_tree": tree, "_fetched": fetched, "_used": len(used)}
 
     def repeated_restore(self, rid: str, ref: str, to: str | None) -> dict[str, Any]:
         """The stored result of restore ``rid``, if this request asks for the same thing."""

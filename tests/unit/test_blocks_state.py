@@ -269,3 +269,38 @@ def test_a_version_bump_refreshes_the_digests_on_its_path():
     assert ns.must_get(st.root, ("t", "g")) is side and ns.must_get(st.root, ("t", "d", "f")).chunks == (h,)
     log.do({"op": "bump", "h": h, "v": 3, "path": "/t/moved-away"})  # the file is not there: nothing else
     assert st.version[h] == 3
+
+
+def _assemble_from(serve, root, cands, v):
+    have, memo, rounds = {}, {}, 0
+    while True:
+        rounds += 1
+        try:
+            tree, used = merkle.assemble(root, have, cands, v, [], memo)
+            return tree, used, rounds
+        except merkle.NeedBlocks as need:
+            got = serve(need.digests)
+            assert set(need.digests) <= set(got)
+            have.update(got)
+
+
+def test_restore_from_a_tree_in_memory_uses_the_same_blocks_as_from_a_holder():
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    for d in ("x", "y"):
+        log.do({"op": "mkdir", "path": f"/t/{d}", "parents": False, "mode": 0o755, "mtime": 1})
+        for i in range(120):
+            log.put(f"/t/{d}/f{i}", 10)
+    sid = log.snapshot("/t")
+    st = log.state
+    snap_tree = st.pins.get(sid) or ns.must_get(st.root, ("t",))
+    log.put("/t/y/f3", 20)
+    log.put("/t/y/f90", 20)
+    cands = st.restore_candidates(("t",), "inplace", "/t")
+    root = bytes.fromhex(st.snapshots[sid]["root"])
+    local = merkle.TreeBlocks(snap_tree, st.version_or_zero)
+    a, used_a, rounds_a = _assemble_from(local.take, root, cands, st.version_or_zero)
+    b, used_b, rounds_b = _assemble_from(lambda ds: {d: log.holder[d] for d in ds}, root, cands, st.version_or_zero)
+    assert flat(a) == flat(b) == flat(snap_tree)
+    assert sorted(used_a) == sorted(used_b)  # the op carries the same blocks either way
+    assert rounds_a < rounds_b  # a directory's sub-blocks come with its head
