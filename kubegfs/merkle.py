@@ -399,16 +399,18 @@ def _decoded(d: bytes, have: dict[bytes, bytes], memo: Decoded | None) -> Block:
     return b
 
 
-def missing_parts(dg: bytes, have: dict[bytes, bytes], memo: Decoded | None = None) -> list[bytes]:
+def missing_parts(dg: bytes, have: dict[bytes, bytes], memo: Decoded | None = None,
+                  whole: set[bytes] | frozenset[bytes] = frozenset()) -> list[bytes]:
     """The blocks of directory ``dg`` (its head, its sub-blocks) not in ``have``, as far as the
-    blocks in ``have`` tell (a missing index sub-block hides what is below it)."""
+    blocks in ``have`` tell (a missing index sub-block hides what is below it); below a block in
+    ``whole`` nothing is missing."""
     missing: list[bytes] = []
     stack = [dg]
     while stack:
         d = stack.pop()
         if d not in have:
             missing.append(d)
-        else:
+        elif d not in whole:
             stack.extend(_decoded(d, have, memo).parts)
     return missing
 
@@ -683,11 +685,13 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
     used: list[bytes] = []
     sourced: set[int] = set()  # live directories whose sub-blocks are in ``pool``
     from_live: set[bytes] = set()
+    base: dict[int, tuple[Dir, DirBlocks]] = {}  # slot -> a live directory there with sub-blocks
     pool = have
     where: dict[int, tuple[str, ...]] = {0: ()}
     # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
     level: list[tuple[int, bytes, list[Dir]]] = [(0, root, [c for c in live if isinstance(c, Dir)])]
-    pending: list[tuple[int, Block, dict[str, int], bytes]] = []  # decoded blocks waiting for children
+    # decoded blocks waiting for their children (with the live directory's entries they edit)
+    pending: list[tuple[int, Block, dict[str, int], bytes, Any]] = []
     slot = 1
     while level:
         missing = []
@@ -696,13 +700,14 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 for c in cands:  # a changed directory's unchanged sub-blocks come from the live one
                     if id(c) not in sourced:
                         sourced.add(id(c))
-                        parts = blocks_of_dir(c, version_of).parts
-                        if parts:
+                        cb = blocks_of_dir(c, version_of)
+                        if cb.parts:
                             pool = dict(have) if pool is have else pool
-                            pool.update(parts)
-                            from_live.update(p for p, _b in parts)
+                            pool.update(cb.parts)
+                            from_live.update(p for p, _b in cb.parts)
                             reused.append((where[_s], c))
-                missing += missing_parts(dg, pool, memo)
+                            base.setdefault(_s, (c, cb))
+                missing += missing_parts(dg, pool, memo, from_live)
         if missing:
             raise NeedBlocks(sorted(set(missing)))
         nxt: list[tuple[int, bytes, list[Dir]]] = []
@@ -712,7 +717,11 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 built[s] = reuse
                 reused.append((where[s], reuse))
                 continue
-            block = whole_dir(dg, pool, used, memo)
+            edit = None
+            if s in base and _decoded(dg, pool, memo).parts:
+                block, edit = _edit_live(dg, base[s][0], base[s][1], pool, used, memo)
+            else:
+                block = whole_dir(dg, pool, used, memo)
             kids: dict[str, int] = {}
             for name, e in block.entries.items():
                 if isinstance(e, DirRef):
@@ -721,13 +730,53 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                     where[slot] = where[s] + (name,)
                     nxt.append((slot, e.digest, kc))
                     slot += 1
-            pending.append((s, block, kids, dg))
+            pending.append((s, block, kids, dg, edit))
         level = nxt
-    for s, block, kids, dg in reversed(pending):  # children were numbered after their parents
-        d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
+    for s, block, kids, dg, edit in reversed(pending):  # children were numbered after their parents
+        if edit is None:
+            d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
+        else:
+            for name, e in block.entries.items():
+                edit[name] = File(e.size, e.mtime, e.mode, e.chunks) if isinstance(e, FileEntry) else built[kids[name]]
+            d = Dir(edit.finish(), block.mtime, block.mode)
         _memoise(d, dg)
         built[s] = d
     return built[0], [d for d in dict.fromkeys(used) if d in have and d not in from_live]
+
+
+def _edit_live(dg: bytes, live: Dir, lb: DirBlocks, pool: dict[bytes, bytes], used: list[bytes],
+               memo: Decoded | None) -> tuple[Block, Any]:
+    """Directory ``dg`` as an edit of the live directory ``live`` at its place (blocks ``lb``):
+    a leaf sub-block both have holds the same entries on both sides, so only the leaves ``dg``
+    does not share are read. Returns ``dg``'s mode and mtime with the entries of its unshared
+    leaves, and ``live``'s entries (a mutation) without those of the leaves ``dg`` lacks."""
+    head = _decoded(dg, pool, memo)
+    if head.kind != KIND_DIR:
+        raise CorruptData(f"block {dg.hex()[:16]}… is a sub-block, not a directory")
+    used.append(dg)
+    live_leaves = {p for p, _b in lb.parts if p not in lb.kids}
+    mine: set[bytes] = set()
+    entries: dict[str, Entry] = {}
+    stack = list(head.parts)
+    while stack:
+        p = stack.pop()
+        if p in live_leaves:
+            mine.add(p)
+            continue
+        if p in lb.kids:  # an index sub-block both have: every leaf below it is shared
+            stack.extend(lb.kids[p])
+            continue
+        b = _decoded(p, pool, memo)
+        if b.kind != KIND_PART:
+            raise CorruptData(f"block {p.hex()[:16]}… is a directory, not a sub-block")
+        used.append(p)
+        entries.update(b.entries)
+        stack.extend(b.parts)
+    edit = live.children.mutate()
+    for p in live_leaves - mine:
+        for name in _decoded(p, pool, memo).entries:
+            del edit[name]
+    return Block(head.mode, head.mtime, entries), edit
 
 
 def _memoise(d: Dir, dg: bytes) -> None:

@@ -443,3 +443,41 @@ def test_encoded_blocks_are_cached_by_digest_within_a_bound(monkeypatch):
     assert 0 < len(merkle._CACHE) < 20 and merkle._cache_bytes <= 150_000
     for d in dirs:  # from the cache or encoded again: the same blocks
         assert merkle.blocks_of_dir(d, V) == merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(rng):
+    big = big_dir(rng.randrange(20, 500), rng)
+    for i in range(rng.randrange(0, 4)):  # a few subdirectories among the files
+        big = ns.replace(big, (f"file-sub{i}",), build_direct(random_spec(rng, 2)), 3)
+    snap = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
+    live = snap
+    names = sorted(big.children)
+    for _ in range(rng.randrange(0, 30)):
+        op = rng.random()
+        if op < 0.4:
+            live = ns.replace(live, ("big", rng.choice(names)), ns.File(rng.randrange(9), 9, 0o600, (777,)), 3)
+        elif op < 0.7:
+            live = ns.replace(live, ("big", f"file-x{rng.randrange(10**6)}"), ns.File(1, 1, 0o644, ()), 3)
+        elif op < 0.9 and ns.get(live, ("big", n := rng.choice(names))) is not None:
+            live = ns.replace(live, ("big", n), None, 3)
+        else:
+            b = ns.must_dir(live, ("big",))
+            live = ns.replace(live, ("big",), ns.Dir(b.children, b.mtime + 1, b.mode), 1)
+    holder = {dg: data for dg, data, _n in merkle.iter_blocks(snap, V, lambda _d: False)}
+    have: dict = {}
+    memo: dict = {}
+    while True:
+        try:
+            tree, used = merkle.assemble(merkle.digest(snap, V), have, [live], V, [], memo)
+            break
+        except merkle.NeedBlocks as need:
+            have.update({d: holder[d] for d in need.digests})
+    assert to_dict(tree) == to_dict(snap)
+    assert merkle.digest(tree, V) == merkle.digest(snap, V) == tree.digest
+    tb = tree.children["big"]  # its memoised digest is what encoding it again gives
+    assert merkle.digest(ns.Dir(tb.children, tb.mtime, tb.mode), V) == tb.digest == big.digest
+    # a replay from the blocks the op would carry, against the same live tree, gives the same
+    again, _used = merkle.assemble(merkle.digest(snap, V), {d: have[d] for d in used}, [live], V)
+    assert to_dict(again) == to_dict(snap)
