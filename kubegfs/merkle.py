@@ -543,15 +543,26 @@ _FRAME_HEAD = 36  # 32-byte digest + u32 length
 MAX_BLOCK = 1 << 30  # a block decompresses to at most this (a directory of millions of entries)
 
 
+_zstd = threading.local()  # a (de)compressor per thread: making one costs ~15x a small block's work
+
+
 def compress(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    c = getattr(_zstd, "c", None)
+    if c is None:
+        c = _zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    out: bytes = c.compress(data)
+    return out
 
 
 def decompress(data: bytes) -> bytes:
+    d = getattr(_zstd, "d", None)
+    if d is None:
+        d = _zstd.d = zstandard.ZstdDecompressor()
     try:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_BLOCK)
+        out: bytes = d.decompress(data, max_output_size=MAX_BLOCK)
     except zstandard.ZstdError as exc:
         raise CorruptData(f"bad compressed block: {exc}") from exc
+    return out
 
 
 def pack_frames(items: list[tuple[bytes, bytes]], compressed: bool = False) -> bytes:

@@ -481,3 +481,11 @@ def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(r
     # a replay from the blocks the op would carry, against the same live tree, gives the same
     again, _used = merkle.assemble(merkle.digest(snap, V), {d: have[d] for d in used}, [live], V)
     assert to_dict(again) == to_dict(snap)
+
+
+def test_a_bad_frame_does_not_spoil_the_next_decompression():
+    good = merkle.compress(b"block" * 100)
+    for bad in (b"\x28\xb5\x2f\xfd garbage", good[:-3], b""):
+        with pytest.raises(CorruptData):
+            merkle.decompress(bad)
+        assert merkle.decompress(good) == b"block" * 100
