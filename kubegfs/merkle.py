@@ -115,25 +115,28 @@ def runs(ranks: list[int], height: int) -> list[int]:
 
 
 def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node]], version_of: VersionOf,
-                   child_digest: Callable[[Dir], bytes], parts: bytes = b"") -> bytes:
+                   child_digest: Callable[[Dir], bytes], parts: bytes = b"") -> tuple[bytes, BlockInfo]:
     nodes = [k for _n, k in items]
     files = [k for k in nodes if type(k) is File]
     kinds = bytes([0x66 if type(k) is File else 0x64 for k in nodes])
     handles = [h for f in files for h in f.chunks]
     dirs = b"".join([child_digest(k) for k in nodes if type(k) is Dir])
     names = "\x00".join([n for n, _k in items]).encode("utf-8")
-    return packb([BLOCK_FORMAT, kind, mode, mtime, names, kinds,
+    data = packb([BLOCK_FORMAT, kind, mode, mtime, names, kinds,
                   _pack([f.size for f in files]), _pack([f.mtime for f in files]),
                   _pack([f.mode for f in files]), _pack([len(f.chunks) for f in files]),
                   _pack(handles), _pack(list(map(version_of, handles))), dirs, parts])
+    return data, BlockInfo((*_digests(dirs), *_digests(parts)), array("q", handles).tobytes())
 
 
 class DirBlocks(NamedTuple):
     """A directory's encoded blocks: its head, its sub-blocks (digest, bytes) children before
-    parents, and for the head and each index sub-block the digests of the sub-blocks it names."""
+    parents, for the head and each index sub-block the digests of the sub-blocks it names, and
+    each block's info (by digest)."""
     head: bytes
     parts: list[tuple[bytes, bytes]]
     kids: dict[bytes, tuple[bytes, ...]]
+    infos: dict[bytes, BlockInfo]
 
 
 def _ranks(names: list[str]) -> list[int]:
@@ -156,19 +159,21 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
     names = sorted(ch.keys())
     items = [(n, ch[n]) for n in names]
     if len(items) < MIN_SPLIT:
-        return DirBlocks(_entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), [], {})
+        return _one_block(d, items, version_of, child_digest)
     ranks = _ranks(names)
     ends = runs(ranks, 0)
     if len(ends) == 1:
-        return DirBlocks(_entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest), [], {})
+        return _one_block(d, items, version_of, child_digest)
     parts: list[tuple[bytes, bytes]] = []
     index: dict[bytes, tuple[bytes, ...]] = {}
+    infos: dict[bytes, BlockInfo] = {}
     level: list[bytes] = []  # this level's part digests
     start = 0
     for end in ends:
-        data = _entries_block(KIND_PART, 0, 0, items[start:end], version_of, child_digest)
+        data, info = _entries_block(KIND_PART, 0, 0, items[start:end], version_of, child_digest)
         dg = block_digest(data)
         parts.append((dg, data))
+        infos[dg] = info
         level.append(dg)
         start = end
     level_ranks = [ranks[e - 1] for e in ends]  # a part's rank is that of its last name
@@ -176,20 +181,29 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
     while True:
         ends = runs(level_ranks, height)
         if len(ends) == 1:
-            head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level))
-            index[block_digest(head)] = tuple(level)
-            return DirBlocks(head, parts, index)
+            head, info = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level))
+            hd = block_digest(head)
+            index[hd] = tuple(level)
+            infos[hd] = info
+            return DirBlocks(head, parts, index, infos)
         up: list[bytes] = []
         start = 0
         for end in ends:
-            data = _entries_block(KIND_PART, 0, 0, [], version_of, child_digest, b"".join(level[start:end]))
+            data, info = _entries_block(KIND_PART, 0, 0, [], version_of, child_digest, b"".join(level[start:end]))
             dg = block_digest(data)
             parts.append((dg, data))
+            infos[dg] = info
             index[dg] = tuple(level[start:end])
             up.append(dg)
             start = end
         level, level_ranks = up, [level_ranks[e - 1] for e in ends]
         height += 1
+
+
+def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,
+               child_digest: Callable[[Dir], bytes]) -> DirBlocks:
+    head, info = _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest)
+    return DirBlocks(head, [], {}, {block_digest(head): info})
 
 
 # A directory's blocks as last encoded, by head digest (the same digest names the same bytes), so
@@ -200,10 +214,28 @@ _cache_bytes = 0
 _cache_lock = threading.Lock()
 
 
+# ... and their infos (by head digest; smaller, so kept for many more directories): a commit op
+# names the new blocks' children and chunks without encoding them again
+_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]]]] = {}
+_INFOS_LIMIT = 128 << 20
+_infos_bytes = 0
+
+
+def _info_size(infos: dict[bytes, BlockInfo]) -> int:
+    return sum(64 + DIGEST_SIZE * len(i.children) + len(i.handles) for i in infos.values())
+
+
 def _remember(dg: bytes, blocks: DirBlocks) -> None:
-    global _cache_bytes
+    global _cache_bytes, _infos_bytes
     size = len(blocks.head) + sum(len(b) for _p, b in blocks.parts)
+    isize = _info_size(blocks.infos)
     with _cache_lock:
+        if dg not in _INFOS and isize <= _INFOS_LIMIT // 4:
+            _INFOS[dg] = (blocks.infos, blocks.kids)
+            _infos_bytes += isize
+            while _infos_bytes > _INFOS_LIMIT:
+                old_infos, _k = _INFOS.pop(next(iter(_INFOS)))
+                _infos_bytes -= _info_size(old_infos)
         if dg in _CACHE or size > _CACHE_LIMIT // 4:
             return
         _CACHE[dg] = blocks
@@ -211,6 +243,15 @@ def _remember(dg: bytes, blocks: DirBlocks) -> None:
         while _cache_bytes > _CACHE_LIMIT:
             old = _CACHE.pop(next(iter(_CACHE)))
             _cache_bytes -= len(old.head) + sum(len(b) for _p, b in old.parts)
+
+
+def infos_of_dir(d: Dir, version_of: VersionOf) -> tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]]]:
+    """``d``'s block infos and sub-block structure (cached; encoded again only when evicted)."""
+    got = _INFOS.get(digest(d, version_of))
+    if got is None:
+        blocks = blocks_of_dir(d, version_of)
+        got = (blocks.infos, blocks.kids)
+    return got
 
 
 def blocks_of_dir(d: Dir, version_of: VersionOf) -> DirBlocks:
@@ -503,7 +544,7 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
         if type(k) is Dir:
             _collect(k, version_of, skip, out, seen)
     blocks = blocks_of_dir(d, version_of)
-    wanted = _unskipped_parts(dg, blocks, lambda p: p in seen or skip(p))
+    wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
     for p, data in blocks.parts:
         if p in wanted:
             seen.add(p)
@@ -511,16 +552,17 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     out.append((dg, blocks.head, d))
 
 
-def _unskipped_parts(dg: bytes, blocks: DirBlocks, skip: Callable[[bytes], bool]) -> set[bytes]:
-    """The sub-blocks of directory ``dg`` not below one ``skip`` accepts (top down from the head)."""
+def _unskipped_parts(dg: bytes, kids: dict[bytes, tuple[bytes, ...]], skip: Callable[[bytes], bool]) -> set[bytes]:
+    """The sub-blocks of directory ``dg`` (``kids``: what its head and index sub-blocks name) not
+    below one ``skip`` accepts (top down from the head)."""
     want: set[bytes] = set()
-    stack = list(blocks.kids.get(dg, ()))
+    stack = list(kids.get(dg, ()))
     while stack:
         p = stack.pop()
         if p in want or skip(p):
             continue
         want.add(p)
-        stack.extend(blocks.kids.get(p, ()))
+        stack.extend(kids.get(p, ()))
     return want
 
 
@@ -649,12 +691,10 @@ def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], b
             dg = digest(d, version_of)
             if dg in out or known(dg):
                 continue
-            blocks = blocks_of_dir(d, version_of)
-            out[dg] = block_info(blocks.head)
-            wanted = _unskipped_parts(dg, blocks, lambda p: p in out or known(p))
-            for p, data in blocks.parts:
-                if p in wanted:
-                    out[p] = block_info(data)
+            infos, kids = infos_of_dir(d, version_of)
+            out[dg] = infos[dg]
+            for p in _unskipped_parts(dg, kids, lambda p: p in out or known(p)):
+                out[p] = infos[p]
             stack.extend(k for k in d.children.values() if type(k) is Dir)
     return out
 

@@ -136,6 +136,8 @@ def test_blocks_round_trip_and_verify(rng):
     for dg, data, node in merkle.iter_blocks(root, V, lambda _d: False):
         blk = merkle.decode_block(data, dg)
         assert dg == merkle.block_digest(data)
+        # the info kept from encoding (children, chunk handles) is what the bytes say
+        assert merkle.dir_blocks(node, V, lambda c: merkle.digest(c, V)).infos[dg] == merkle.block_info(data)
         if blk.kind == merkle.KIND_DIR:
             assert dg == node.digest
             assert merkle.whole_dir(dg, have) == _strip(merkle.block_of(node, V))
@@ -348,7 +350,7 @@ def test_runs_end_at_name_boundaries_or_the_cap():
 def test_a_big_directory_is_split_and_a_change_reencodes_a_path_of_small_blocks():
     rng = random.Random(11)
     d = big_dir(5000, rng)
-    head, parts, _index = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     assert len(parts) > 5000 >> (merkle.LEAF_BITS + 1)
     have = {merkle.block_digest(head): head, **dict(parts)}
     whole = sum(len(merkle.compress(b)) for b in have.values())
@@ -377,7 +379,7 @@ def test_names_that_never_hit_a_boundary_are_cut_at_the_cap():
             names.append(n)
         i += 1
     d = ns.Dir(immutables.Map({n: ns.File(0, 1, 0o644, ()) for n in names}), 1, 0o755)
-    head, parts, _index = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     sizes = sorted(len(merkle.decode_block(b).entries) for _p, b in parts)
     assert sizes == [10, merkle.MAX_RUN, merkle.MAX_RUN]
     have = {merkle.block_digest(head): head, **dict(parts)}
@@ -417,7 +419,7 @@ def test_diff_of_a_big_directory_reads_only_the_sub_blocks_that_differ():
 def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
     rng = random.Random(2)
     d = big_dir(400, rng)
-    head, parts, _index = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     have = dict(parts)
     with pytest.raises(CorruptData):
         merkle.whole_dir(parts[0][0], have)
