@@ -254,35 +254,45 @@ def infos_of_dir(d: Dir, version_of: VersionOf) -> tuple[dict[bytes, BlockInfo],
     return got
 
 
-def blocks_of_dir(d: Dir, version_of: VersionOf) -> DirBlocks:
-    """``d``'s blocks (from the cache when it was encoded lately)."""
+# A caller's own record of the directories a digest pass encoded (by head digest), kept whole
+# whatever the bounded cache evicts: a snapshot build ships them without encoding them again.
+Kept = dict[bytes, DirBlocks]
+
+
+def blocks_of_dir(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> DirBlocks:
+    """``d``'s blocks (from ``kept`` or the cache when it was encoded lately)."""
     dg = digest(d, version_of)
-    got = _CACHE.get(dg)
+    got = kept.get(dg) if kept is not None else None
+    if got is None:
+        got = _CACHE.get(dg)
     if got is None:
         got = dir_blocks(d, version_of, lambda c: digest(c, version_of))
         _remember(dg, got)
     return got
 
 
-def digest(d: Dir, version_of: VersionOf) -> bytes:
-    """``d``'s block digest, computed once per node (memoised on the immutable node)."""
+def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
+    """``d``'s block digest, computed once per node (memoised on the immutable node); every
+    directory this call encodes is also put in ``kept`` if given."""
     got = d.digest
     if got is not None:
         return got
     with no_gc():
-        return _digest(d, version_of)
+        return _digest(d, version_of, kept)
 
 
-def _digest(d: Dir, version_of: VersionOf) -> bytes:
+def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
     got = d.digest
     if got is None:
         for k in d.children.values():
             if type(k) is Dir:
-                _digest(k, version_of)
+                _digest(k, version_of, kept)
         d.stats = _sum_stats(d)
-        blocks = dir_blocks(d, version_of, lambda c: _digest(c, version_of))
+        blocks = dir_blocks(d, version_of, lambda c: _digest(c, version_of, kept))
         got = block_digest(blocks.head)
         _remember(got, blocks)
+        if kept is not None:
+            kept[got] = blocks
         d.digest = got
     return got
 
@@ -523,27 +533,28 @@ class TreeBlocks:
 # --------------------------------------------------------------------------- walking trees
 
 
-def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool]
+def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool], kept: Kept | None = None
                 ) -> Iterator[tuple[bytes, bytes, Dir]]:
     """(digest, bytes, directory) of every block below and including ``root``'s (heads and
     sub-blocks) whose digest ``skip`` does not accept, children before their parents; a skipped
-    block's subtree is not visited (a holder that has a block has everything it reaches)."""
+    block's subtree is not visited (a holder that has a block has everything it reaches).
+    ``kept``: directories encoded already (see :func:`digest`)."""
     out: list[tuple[bytes, bytes, Dir]] = []
     with no_gc():
-        _collect(root, version_of, skip, out, set())
+        _collect(root, version_of, skip, out, set(), kept)
     yield from out
 
 
 def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
-             out: list[tuple[bytes, bytes, Dir]], seen: set[bytes]) -> None:
+             out: list[tuple[bytes, bytes, Dir]], seen: set[bytes], kept: Kept | None) -> None:
     dg = digest(d, version_of)
     if dg in seen or skip(dg):
         return
     seen.add(dg)
     for k in d.children.values():  # (one under a skipped sub-block is skipped by its own digest)
         if type(k) is Dir:
-            _collect(k, version_of, skip, out, seen)
-    blocks = blocks_of_dir(d, version_of)
+            _collect(k, version_of, skip, out, seen, kept)
+    blocks = blocks_of_dir(d, version_of, kept)
     wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
     for p, data in blocks.parts:
         if p in wanted:
@@ -610,13 +621,13 @@ def decompress(data: bytes) -> bytes:
 def pack_frames(items: list[tuple[bytes, bytes]], compressed: bool = False) -> bytes:
     """Blocks on the wire (and in a chunkserver's packs): ``(<digest 32><u32 length><zstd(bytes)>)*``;
     ``compressed``: the items are compressed already."""
-    out = bytearray()
+    out: list[bytes] = []
     for dg, data in items:
         if len(dg) != DIGEST_SIZE:
             raise ValueError("digest must be 32 bytes")
         z = data if compressed else compress(data)
-        out += dg + len(z).to_bytes(4, "little") + z
-    return bytes(out)
+        out += (dg, len(z).to_bytes(4, "little"), z)
+    return b"".join(out)
 
 
 def split_frames(data: bytes) -> list[tuple[bytes, bytes]]:

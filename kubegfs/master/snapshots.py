@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from .. import merkle, paths, snapdiff, wire
 from .. import metrics as M
 from .. import namespace as ns
+from ..formats import no_gc
 from ..errors import (
     AlreadyExists,
     Conflict,
@@ -95,6 +97,16 @@ def _hex_digests(raw: list[Any]) -> list[bytes]:
         except ValueError as exc:
             raise InvalidArgument("a block digest is 64 hex digits") from exc
     return out
+
+
+@dataclass
+class Encoded:
+    """One snapshot build's blocks: the directories its digest pass encoded (kept for the build,
+    whatever merkle's bounded cache evicts, so shipping does not encode them again) and each
+    block compressed once, whichever holders it goes to."""
+    kept: merkle.Kept = field(default_factory=dict)
+    z: dict[bytes, bytes] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Snapshots:
@@ -199,6 +211,7 @@ class Snapshots:
         deadline = time.monotonic() + self.m.opts.snapshot_retry_seconds
         loop = asyncio.get_running_loop()
         claimed: list[bytes] = []
+        enc = Encoded()
         try:
             entry = st.snapshots[sid]
             pin = st.pins[sid]
@@ -208,7 +221,7 @@ class Snapshots:
             version_of = st.version.__getitem__  # the pin protects every chunk it reaches
             rec = None
             if isinstance(node, ns.Dir):
-                dg = await loop.run_in_executor(None, merkle.digest, node, version_of)
+                dg = await loop.run_in_executor(None, merkle.digest, node, version_of, enc.kept)
                 files, dirs, nchunks, size = merkle.stats(node, version_of)
                 counts = {"files": files, "dirs": dirs, "chunks": nchunks, "bytes": size}
                 data, sha = build_manifest(meta, dg, counts)
@@ -229,7 +242,7 @@ class Snapshots:
                 nonlocal last_err
                 try:
                     if isinstance(node, ns.Dir):
-                        shipped[cs.id] = await self.ship_blocks(cs, node, version_of, claimed, gens)
+                        shipped[cs.id] = await self.ship_blocks(cs, node, version_of, claimed, gens, enc)
                     await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=data, headers=headers)
                 except PEER_ERRORS as exc:
                     last_err = f"{cs.id}: {exc}"
@@ -262,7 +275,7 @@ class Snapshots:
             rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry, prefer))}
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
-                holders = await self._recheck_holders(holders, node, version_of, claimed, gens)
+                holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
             if not holders:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
@@ -335,7 +348,7 @@ class Snapshots:
             await asyncio.sleep(0.02)
 
     async def ship_blocks(self, cs: ChunkserverInfo, node: ns.Dir, version_of: merkle.VersionOf,
-                          claimed: list[bytes], gens: dict[str, int]) -> int:
+                          claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> int:
         """Ship ``cs`` the blocks of ``node``'s tree it lacks; returns the bytes sent. A block is
         skipped only if ``cs`` holds it and a committed snapshot counts it (then nothing deletes
         it or anything it reaches); every block sent is claimed (never deleted) until the build
@@ -345,11 +358,19 @@ class Snapshots:
         known = self.known.setdefault(cs.id, set())
         counted = self.m.state.blocks
 
-        def collect() -> list[tuple[bytes, bytes]]:  # encoded and compressed off the loop
-            return [(dg, merkle.compress(b)) for dg, b, _n in merkle.iter_blocks(
-                node, version_of, lambda d: d in known and d in counted)]
+        def collect() -> list[tuple[bytes, bytes]]:  # off the loop; each block compressed once per build
+            z = enc.z
+            out = []
+            with no_gc():  # acyclic, and a full collection rescans the whole namespace
+                for dg, b, _n in merkle.iter_blocks(node, version_of, lambda d: d in known and d in counted, enc.kept):
+                    got = z.get(dg)
+                    if got is None:
+                        got = z[dg] = merkle.compress(b)
+                    out.append((dg, got))
+            return out
 
-        items = await asyncio.get_running_loop().run_in_executor(None, collect)
+        async with enc.lock:  # the holders' collects one at a time: the next finds its blocks compressed
+            items = await asyncio.get_running_loop().run_in_executor(None, collect)
         for dg, _b in items:
             self.claimed[dg] = self.claimed.get(dg, 0) + 1
             claimed.append(dg)
@@ -361,7 +382,7 @@ class Snapshots:
         return sum(len(b) for _dg, b in items)
 
     async def _recheck_holders(self, holders: list[dict[str, Any]], node: ns.Dir, version_of: merkle.VersionOf,
-                               claimed: list[bytes], gens: dict[str, int]) -> list[dict[str, Any]]:
+                               claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> list[dict[str, Any]]:
         """A holder that had block deletions released since its blocks were chosen may have lost
         a block the build relied on: ship to it again (until none moved)."""
         for _round in range(10):
@@ -373,7 +394,7 @@ class Snapshots:
                 try:
                     if cs is None:
                         raise Unavailable(f"{h['id']} is gone")
-                    await self.ship_blocks(cs, node, version_of, claimed, gens)
+                    await self.ship_blocks(cs, node, version_of, claimed, gens, enc)
                 except PEER_ERRORS as exc:
                     log.warning("re-shipping blocks to %s failed: %s", h["id"], exc)
                     holders = [x for x in holders if x["id"] != h["id"]]
