@@ -84,6 +84,7 @@ def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
 
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
 BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
+BLOCK_INFLIGHT = 2  # block requests in flight per holder
 BLOCK_FETCH = 4096  # digests per block read
 
 
@@ -106,6 +107,9 @@ class Encoded:
     block compressed once, whichever holders it goes to."""
     kept: merkle.Kept = field(default_factory=dict)
     z: dict[bytes, bytes] = field(default_factory=dict)
+    # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
+    # would answer every question alike gets the same blocks without walking again)
+    walk: tuple[dict[bytes, bool], list[tuple[bytes, bytes]]] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -293,7 +297,9 @@ class Snapshots:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
                 # exactly those the catalog does not count yet
-                op["blocks"] = encode_block_infos(merkle.new_block_infos(node, version_of, st.blocks.__contains__))
+                infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
+                op["blocks"] = encode_block_infos(infos)
+                op["_infos"] = infos
             else:
                 # count the snapshot's chunk references in slices so writers never wait long; the
                 # snapshot is still pending, so every chunk in it is treated as shared meanwhile
@@ -358,26 +364,50 @@ class Snapshots:
         known = self.known.setdefault(cs.id, set())
         counted = self.m.state.blocks
 
+        def skip(d: bytes) -> bool:
+            return d in known and d in counted
+
         def collect() -> list[tuple[bytes, bytes]]:  # off the loop; each block compressed once per build
+            if enc.walk is not None:  # the last holder's walk, if this one answers every question alike
+                asked, items = enc.walk
+                if all(skip(d) == r for d, r in asked.items()):
+                    return items
+            asked = {}
+
+            def ask(d: bytes) -> bool:
+                r = asked[d] = skip(d)
+                return r
+
             z = enc.z
             out = []
             with no_gc():  # acyclic, and a full collection rescans the whole namespace
-                for dg, b, _n in merkle.iter_blocks(node, version_of, lambda d: d in known and d in counted, enc.kept):
+                for dg, b, _n in merkle.iter_blocks(node, version_of, ask, enc.kept):
                     got = z.get(dg)
                     if got is None:
                         got = z[dg] = merkle.compress(b)
                     out.append((dg, got))
+            enc.walk = (asked, out)
             return out
 
-        async with enc.lock:  # the holders' collects one at a time: the next finds its blocks compressed
+        async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
             items = await asyncio.get_running_loop().run_in_executor(None, collect)
         for dg, _b in items:
             self.claimed[dg] = self.claimed.get(dg, 0) + 1
             claimed.append(dg)
         await self.fence(cs, {dg for dg, _b in items})  # a deletion released while collecting
-        for batch in merkle.batches(items, BLOCK_BATCH):
-            await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
+        window = asyncio.Semaphore(BLOCK_INFLIGHT)  # the holder verifies and writes one batch while the next arrives
+
+        async def send(batch: list[tuple[bytes, bytes]]) -> None:
+            async with window:
+                await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
             known.update(dg for dg, _b in batch)
+
+        sends = [asyncio.ensure_future(send(b)) for b in merkle.batches(items, BLOCK_BATCH)]
+        try:
+            await asyncio.gather(*sends)
+        finally:
+            for t in sends:
+                t.cancel()
         M.M_SNAP_BLOCKS_SHIPPED.inc(len(items))
         return sum(len(b) for _dg, b in items)
 

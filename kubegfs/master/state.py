@@ -311,7 +311,8 @@ class MasterState:
         reference per chunk in ``handles_z``."""
         entry = self.snapshots[op["id"]]
         if op.get("blocks") is not None:
-            self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
+            infos = op.get("_infos")  # the server's own, as encoded into "blocks" (a replay decodes them)
+            self.ref_blocks(bytes.fromhex(op["root"]), infos if infos is not None else decode_block_infos(op["blocks"]))
         elif not op.get("_precounted"):
             self.count_snapshot_refs(unpack_handles(op["handles_z"]))
         entry.update({
@@ -343,7 +344,8 @@ class MasterState:
                 self.version[h] = v
             self.born.setdefault(h, 0)
         if op.get("blocks") is not None:  # format 3: its blocks are counted (and so its chunks)
-            self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
+            infos = op.get("_infos")  # the server's own, as encoded into "blocks" (a replay decodes them)
+            self.ref_blocks(bytes.fromhex(op["root"]), infos if infos is not None else decode_block_infos(op["blocks"]))
         else:
             self.count_snapshot_refs(handles)
         entry: ops.SnapshotEntry = {
