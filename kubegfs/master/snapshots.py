@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 from .. import merkle, paths, snapdiff, wire
 from .. import metrics as M
 from .. import namespace as ns
-from ..formats import no_gc
 from ..errors import (
     AlreadyExists,
     Conflict,
@@ -33,6 +32,7 @@ from ..errors import (
     Unavailable,
     from_json,
 )
+from ..formats import no_gc
 from ..snapobj import (
     MANIFEST_VERSION,
     Manifest,

@@ -344,8 +344,7 @@ class MasterState:
                 self.version[h] = v
             self.born.setdefault(h, 0)
         if op.get("blocks") is not None:  # format 3: its blocks are counted (and so its chunks)
-            infos = op.get("_infos")  # the server's own, as encoded into "blocks" (a replay decodes them)
-            self.ref_blocks(bytes.fromhex(op["root"]), infos if infos is not None else decode_block_infos(op["blocks"]))
+            self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
         else:
             self.count_snapshot_refs(handles)
         entry: ops.SnapshotEntry = {

@@ -39,13 +39,17 @@ class BlockLog(Log):
         st = self.state
         node = st.pins[sid].node
         v = st.version.__getitem__
-        for dg, data, _n in merkle.iter_blocks(node, v, lambda d: d in self.holder):
+        kept: merkle.Kept = {}
+        root = merkle.digest(node, v, kept)
+        for dg, data, _n in merkle.iter_blocks(node, v, lambda d: d in self.holder, kept):
             self.holder[dg] = data
         files, dirs, chunks, size = merkle.stats(node, v)
+        infos = merkle.new_block_infos(node, v, st.blocks.__contains__)
+        # the server's apply takes its infos as they are; the log (and so the replay) decodes "blocks"
         self.do({"op": "snap_commit", "id": sid, "sha256": "", "record_bytes": 0, "holders": [],
                  "files": files, "dirs": dirs, "chunks": chunks, "logical_bytes": size,
-                 "duration_seconds": 0.0, "root": merkle.digest(node, v).hex(),
-                 "blocks": encode_block_infos(merkle.new_block_infos(node, v, st.blocks.__contains__))})
+                 "duration_seconds": 0.0, "root": root.hex(),
+                 "blocks": encode_block_infos(infos), "_infos": infos})
         return sid
 
     def restore(self, sid, to=None):

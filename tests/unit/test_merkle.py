@@ -175,6 +175,25 @@ def test_iter_blocks_skips_what_a_holder_has():
     assert shipped == [ns.must_get(b, ("y",)), b]  # children first, the unchanged x not at all
 
 
+
+def test_a_digest_pass_keeps_what_it_encoded_for_shipping(monkeypatch):
+    """A build's digest pass records every directory it encodes, so shipping reads the blocks
+    from there and encodes nothing again, even when the bounded cache has dropped them."""
+    big = {".": (0o755, 1), **{f"f{i:03d}": ("f", i, 7, 0o644, (i,)) for i in range(200)}}  # sub-blocks
+    root = build_direct({".": (0o755, 1), "big": big, "x": random_spec(random.Random(9)), "y": {".": (0o755, 2)}})
+    kept: merkle.Kept = {}
+    merkle.digest(root, V, kept)
+    dirs = [n for _p, n in ns.walk(root) if isinstance(n, ns.Dir)] + [root]
+    assert set(kept) == {merkle.digest(d, V) for d in dirs}
+    assert kept[merkle.digest(ns.must_get(root, ("big",)), V)].parts  # split, and kept whole
+    want = [(dg, b) for dg, b, _n in merkle.iter_blocks(root, V, lambda _d: False)]
+    monkeypatch.setattr(merkle, "_CACHE", {})
+    monkeypatch.setattr(merkle, "dir_blocks", lambda *a: pytest.fail("encoded again"))
+    assert [(dg, b) for dg, b, _n in merkle.iter_blocks(root, V, lambda _d: False, kept)] == want
+    merkle.digest(root, V, kept2 := {})  # memoised: nothing encoded, nothing kept
+    assert kept2 == {}
+
+
 # --------------------------------------------------------------------------- diff
 
 
