@@ -14,7 +14,6 @@ copies), ``repair`` (re-replication).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import shutil
@@ -92,11 +91,6 @@ class Master:
         self.opts = options or Options()
         self.guard = Guard(data_dir, open_identity(data_dir, self.opts.format), self.opts.safe_mode)
         state, self.recovery = recover(data_dir, chunk_size, replication)
-        # the recovered namespace (millions of long-lived, acyclic objects) leaves the cyclic
-        # collector's view: each full collection would rescan it all (~0.8 s at 1M files), and a
-        # snapshot's blocks trigger several; nodes dropped later are still freed by refcount
-        gc.collect()
-        gc.freeze()
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # left by the forked builder of older versions
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))

@@ -298,7 +298,8 @@ class Snapshots:
                 # no await from here to the apply inside mutate: the blocks the op carries are
                 # exactly those the catalog does not count yet
                 infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
-                op["blocks"] = encode_block_infos(infos)
+                with no_gc():  # a row per new block: a full collection would rescan the namespace
+                    op["blocks"] = encode_block_infos(infos)
                 op["_infos"] = infos
             else:
                 # count the snapshot's chunk references in slices so writers never wait long; the
