@@ -84,7 +84,6 @@ def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
 
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
 BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
-BLOCK_INFLIGHT = 2  # block requests in flight per holder
 BLOCK_FETCH = 4096  # digests per block read
 
 
@@ -396,19 +395,11 @@ class Snapshots:
             self.claimed[dg] = self.claimed.get(dg, 0) + 1
             claimed.append(dg)
         await self.fence(cs, {dg for dg, _b in items})  # a deletion released while collecting
-        window = asyncio.Semaphore(BLOCK_INFLIGHT)  # the holder verifies and writes one batch while the next arrives
-
-        async def send(batch: list[tuple[bytes, bytes]]) -> None:
-            async with window:
-                await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
+        # one batch at a time, children before parents: whatever part of them reaches the holder
+        # (durable batch by batch), each block it has reaches only blocks it has
+        for batch in merkle.batches(items, BLOCK_BATCH):
+            await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
             known.update(dg for dg, _b in batch)
-
-        sends = [asyncio.ensure_future(send(b)) for b in merkle.batches(items, BLOCK_BATCH)]
-        try:
-            await asyncio.gather(*sends)
-        finally:
-            for t in sends:
-                t.cancel()
         M.M_SNAP_BLOCKS_SHIPPED.inc(len(items))
         return sum(len(b) for _dg, b in items)
 
