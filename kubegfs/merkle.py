@@ -1,16 +1,27 @@
 """Content-addressed directory blocks (a Merkle tree over the namespace).
 
-One directory is one *block*: its own mode and mtime, its entries in name order (files with size,
-mtime, mode, chunk handles and their versions) and, for each child directory, that directory's
-digest. A block's name is the sha256 of its bytes, so a root digest names a whole tree and two
-trees with the same content have the same root digest whatever history made them.
+A directory is a *head block* (its own mode and mtime) and, in name order, its entries (files
+with size, mtime, mode, chunk handles and their versions; for each child directory, that
+directory's head digest). A block's name is the sha256 of its bytes, so a root digest names a
+whole tree and two trees with the same content have the same root digest whatever history made
+them.
 
-Block format 1 (canonical: one tree, one byte string): a msgpack array
-``[1, mode, mtime, names, kinds, f_size, f_mtime, f_mode, f_nchunks, handles, versions, dirs]``
-where ``names`` is the entries' UTF-8 names joined by NUL in code-point order, ``kinds`` one byte
-per entry (``f`` file, ``d`` directory), the ``f_*``/``handles``/``versions`` columns packed
-little-endian int64 for the files in entry order, and ``dirs`` the 32-byte digests of the child
-directories in entry order.
+A big directory's entries are split into *sub-blocks* (a Prolly tree over its names, see
+:func:`dir_blocks`): a run of entries ends after a name whose hash has ``threshold(0)`` leading
+zero bits (2**LEAF_BITS entries per leaf on average), runs of sub-blocks end likewise at higher
+thresholds, and the head names the top run. Boundaries depend only on the names present, so the
+split is canonical, and one changed entry re-encodes, ships and re-reads one leaf, one index
+sub-block per level and the head instead of the whole directory.
+
+Block format 2 (canonical: one tree, one set of byte strings): a msgpack array
+``[2, kind, mode, mtime, names, kinds, f_size, f_mtime, f_mode, f_nchunks, handles, versions,
+dirs, parts]``: ``kind`` 0 a directory's head, 1 a sub-block (mode and mtime 0); ``names`` the
+entries' UTF-8 names joined by NUL in code-point order, ``kinds`` one byte per entry (``f``
+file, ``d`` directory), the ``f_*``/``handles``/``versions`` columns packed little-endian int64
+for the files in entry order, ``dirs`` the 32-byte digests of the child directories in entry
+order and ``parts`` the 32-byte digests of the sub-blocks holding the entries (a block has
+entries or parts, not both). Format 1 (still read, records written before the split): one block
+per directory, ``[1, mode, mtime, names, kinds, f_size, ..., versions, dirs]``.
 
 The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
 node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
@@ -25,9 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
+import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import immutables
 import zstandard
@@ -36,9 +50,16 @@ from .errors import CorruptData
 from .formats import ZSTD_LEVEL, no_gc, packb, unpackb
 from .namespace import EMPTY, Dir, File, Node
 
-BLOCK_FORMAT = 1
+BLOCK_FORMAT = 2  # the format written; format 1 (one block per directory) is still read
 DIGEST_SIZE = 32
+KIND_DIR = 0
+KIND_PART = 1
+LEAF_BITS = 4  # a leaf sub-block holds 2**LEAF_BITS entries on average
+FANOUT_BITS = 3  # an index sub-block (or a split directory's head) names 2**FANOUT_BITS on average
+MAX_RUN = 512  # ... and at most this many (names that never hit a boundary)
+MIN_SPLIT = 1 << LEAF_BITS  # a directory of fewer entries is one block however its names hash
 _BIG_ENDIAN = sys.byteorder == "big"
+_HASH_MUL = 0x9E3779B1
 
 VersionOf = Callable[[int], int]
 
@@ -64,51 +85,215 @@ def block_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def encode_block(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> bytes:
-    """The canonical bytes of directory ``d`` (its children's digests from ``child_digest``)."""
-    items = sorted(d.children.items())
-    kinds = bytearray()
-    sizes: list[int] = []
-    mtimes: list[int] = []
-    modes: list[int] = []
-    nch: list[int] = []
-    handles: list[int] = []
-    dirs: list[bytes] = []
-    for _name, k in items:
-        if type(k) is File:
-            kinds += b"f"
-            sizes.append(k.size)
-            mtimes.append(k.mtime)
-            modes.append(k.mode)
-            nch.append(len(k.chunks))
-            handles.extend(k.chunks)
-        else:
-            assert isinstance(k, Dir)
-            kinds += b"d"
-            dirs.append(child_digest(k))
+def name_rank(name: str) -> int:
+    """The leading zero bits of a mixed 32-bit hash of ``name``: a run of entries ends after a
+    name whose rank reaches the level's threshold (see :func:`threshold`)."""
+    return _ranks([name])[0]
+
+
+def threshold(height: int) -> int:
+    """The rank that ends a run at ``height`` (0: leaves); a boundary of one level is one of the
+    levels below too."""
+    return LEAF_BITS + height * FANOUT_BITS
+
+
+def runs(ranks: list[int], height: int) -> list[int]:
+    """The end indices (exclusive) of the runs a sequence splits into at ``height``: a run ends
+    after an item whose rank reaches ``threshold(height)`` or when it holds MAX_RUN items; the
+    last run ends at the end. A function of the sequence alone, so the same entries split the
+    same way whatever history made them."""
+    ends: list[int] = []
+    start = 0
+    n = len(ranks)
+    t = threshold(height)
+    for i, r in enumerate(ranks):
+        if i + 1 < n and (r >= t or i + 1 - start >= MAX_RUN):
+            ends.append(i + 1)
+            start = i + 1
+    ends.append(n)
+    return ends
+
+
+def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node]], version_of: VersionOf,
+                   child_digest: Callable[[Dir], bytes], parts: bytes = b"") -> tuple[bytes, BlockInfo]:
+    nodes = [k for _n, k in items]
+    files = [k for k in nodes if type(k) is File]
+    kinds = bytes([0x66 if type(k) is File else 0x64 for k in nodes])
+    handles = [h for f in files for h in f.chunks]
+    dirs = b"".join([child_digest(k) for k in nodes if type(k) is Dir])
     names = "\x00".join([n for n, _k in items]).encode("utf-8")
-    return packb([BLOCK_FORMAT, d.mode, d.mtime, names, bytes(kinds), _pack(sizes), _pack(mtimes),
-                  _pack(modes), _pack(nch), _pack(handles), _pack([version_of(h) for h in handles]),
-                  b"".join(dirs)])
+    data = packb([BLOCK_FORMAT, kind, mode, mtime, names, kinds,
+                  _pack([f.size for f in files]), _pack([f.mtime for f in files]),
+                  _pack([f.mode for f in files]), _pack([len(f.chunks) for f in files]),
+                  _pack(handles), _pack(list(map(version_of, handles))), dirs, parts])
+    return data, BlockInfo((*_digests(dirs), *_digests(parts)), array("q", handles).tobytes())
 
 
-def digest(d: Dir, version_of: VersionOf) -> bytes:
-    """``d``'s block digest, computed once per node (memoised on the immutable node)."""
+class DirBlocks(NamedTuple):
+    """A directory's encoded blocks: its head, its sub-blocks (digest, bytes) children before
+    parents, for the head and each index sub-block the digests of the sub-blocks it names, and
+    each block's info (by digest)."""
+    head: bytes
+    parts: list[tuple[bytes, bytes]]
+    kids: dict[bytes, tuple[bytes, ...]]
+    infos: dict[bytes, BlockInfo]
+
+
+def _ranks(names: list[str]) -> list[int]:
+    crc = zlib.crc32
+    return [32 - ((crc(n.encode("utf-8")) * _HASH_MUL) & 0xFFFFFFFF).bit_length() for n in names]
+
+
+def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> DirBlocks:
+    """The canonical blocks of directory ``d`` (its children's digests from ``child_digest``):
+    its head block (mode, mtime and either its entries or the digests of its top sub-blocks) and
+    its sub-blocks, each level's before the next (children before parents).
+
+    A directory of fewer than MIN_SPLIT entries, or whose entries form one run (see
+    :func:`runs`), is one block. A bigger one is a tree of sub-blocks (a Prolly tree over its
+    names): leaf parts hold runs of entries, index parts runs of the level below, until one run
+    is left, which the head names. Boundaries depend only on the names, so changing an entry
+    re-encodes its leaf and one index part per level, and inserting or removing one moves at
+    most the boundaries around it."""
+    ch = d.children
+    names = sorted(ch.keys())
+    items = [(n, ch[n]) for n in names]
+    if len(items) < MIN_SPLIT:
+        return _one_block(d, items, version_of, child_digest)
+    ranks = _ranks(names)
+    ends = runs(ranks, 0)
+    if len(ends) == 1:
+        return _one_block(d, items, version_of, child_digest)
+    parts: list[tuple[bytes, bytes]] = []
+    index: dict[bytes, tuple[bytes, ...]] = {}
+    infos: dict[bytes, BlockInfo] = {}
+    level: list[bytes] = []  # this level's part digests
+    start = 0
+    for end in ends:
+        data, info = _entries_block(KIND_PART, 0, 0, items[start:end], version_of, child_digest)
+        dg = block_digest(data)
+        parts.append((dg, data))
+        infos[dg] = info
+        level.append(dg)
+        start = end
+    level_ranks = [ranks[e - 1] for e in ends]  # a part's rank is that of its last name
+    height = 1
+    while True:
+        ends = runs(level_ranks, height)
+        if len(ends) == 1:
+            head, info = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level))
+            hd = block_digest(head)
+            index[hd] = tuple(level)
+            infos[hd] = info
+            return DirBlocks(head, parts, index, infos)
+        up: list[bytes] = []
+        start = 0
+        for end in ends:
+            data, info = _entries_block(KIND_PART, 0, 0, [], version_of, child_digest, b"".join(level[start:end]))
+            dg = block_digest(data)
+            parts.append((dg, data))
+            infos[dg] = info
+            index[dg] = tuple(level[start:end])
+            up.append(dg)
+            start = end
+        level, level_ranks = up, [level_ranks[e - 1] for e in ends]
+        height += 1
+
+
+def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,
+               child_digest: Callable[[Dir], bytes]) -> DirBlocks:
+    head, info = _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest)
+    return DirBlocks(head, [], {}, {block_digest(head): info})
+
+
+# A directory's blocks as last encoded, by head digest (the same digest names the same bytes), so
+# a snapshot encodes a changed directory once for its digest, its shipping and its commit op.
+_CACHE: dict[bytes, DirBlocks] = {}
+_CACHE_LIMIT = 32 << 20
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+
+
+# ... and their infos (by head digest; smaller, so kept for many more directories): a commit op
+# names the new blocks' children and chunks without encoding them again
+_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]]]] = {}
+_INFOS_LIMIT = 128 << 20
+_infos_bytes = 0
+
+
+def _info_size(infos: dict[bytes, BlockInfo]) -> int:
+    return sum(64 + DIGEST_SIZE * len(i.children) + len(i.handles) for i in infos.values())
+
+
+def _remember(dg: bytes, blocks: DirBlocks) -> None:
+    global _cache_bytes, _infos_bytes
+    size = len(blocks.head) + sum(len(b) for _p, b in blocks.parts)
+    isize = _info_size(blocks.infos)
+    with _cache_lock:
+        if dg not in _INFOS and isize <= _INFOS_LIMIT // 4:
+            _INFOS[dg] = (blocks.infos, blocks.kids)
+            _infos_bytes += isize
+            while _infos_bytes > _INFOS_LIMIT:
+                old_infos, _k = _INFOS.pop(next(iter(_INFOS)))
+                _infos_bytes -= _info_size(old_infos)
+        if dg in _CACHE or size > _CACHE_LIMIT // 4:
+            return
+        _CACHE[dg] = blocks
+        _cache_bytes += size
+        while _cache_bytes > _CACHE_LIMIT:
+            old = _CACHE.pop(next(iter(_CACHE)))
+            _cache_bytes -= len(old.head) + sum(len(b) for _p, b in old.parts)
+
+
+def infos_of_dir(d: Dir, version_of: VersionOf) -> tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]]]:
+    """``d``'s block infos and sub-block structure (cached; encoded again only when evicted)."""
+    got = _INFOS.get(digest(d, version_of))
+    if got is None:
+        blocks = blocks_of_dir(d, version_of)
+        got = (blocks.infos, blocks.kids)
+    return got
+
+
+# A caller's own record of the directories a digest pass encoded (by head digest), kept whole
+# whatever the bounded cache evicts: a snapshot build ships them without encoding them again.
+Kept = dict[bytes, DirBlocks]
+
+
+def blocks_of_dir(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> DirBlocks:
+    """``d``'s blocks (from ``kept`` or the cache when it was encoded lately)."""
+    dg = digest(d, version_of)
+    got = kept.get(dg) if kept is not None else None
+    if got is None:
+        got = _CACHE.get(dg)
+    if got is None:
+        got = dir_blocks(d, version_of, lambda c: digest(c, version_of))
+        _remember(dg, got)
+    return got
+
+
+def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
+    """``d``'s block digest, computed once per node (memoised on the immutable node); every
+    directory this call encodes is also put in ``kept`` if given."""
     got = d.digest
     if got is not None:
         return got
     with no_gc():
-        return _digest(d, version_of)
+        return _digest(d, version_of, kept)
 
 
-def _digest(d: Dir, version_of: VersionOf) -> bytes:
+def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
     got = d.digest
     if got is None:
         for k in d.children.values():
             if type(k) is Dir:
-                _digest(k, version_of)
+                _digest(k, version_of, kept)
         d.stats = _sum_stats(d)
-        got = d.digest = block_digest(encode_block(d, version_of, lambda c: _digest(c, version_of)))
+        blocks = dir_blocks(d, version_of, lambda c: _digest(c, version_of, kept))
+        got = block_digest(blocks.head)
+        _remember(got, blocks)
+        if kept is not None:
+            kept[got] = blocks
+        d.digest = got
     return got
 
 
@@ -162,19 +347,39 @@ Entry = FileEntry | DirRef
 class Block:
     mode: int
     mtime: int
-    entries: dict[str, Entry]  # in name order
+    entries: dict[str, Entry]  # in name order (a sub-block: its run of the directory's entries)
+    parts: tuple[bytes, ...] = ()  # the sub-blocks holding the rest, in name order
+    kind: int = KIND_DIR
+
+
+def _raw(data: bytes) -> list[Any]:
+    """A block's msgpack fields in format-2 order ``[fmt, kind, mode, mtime, names, kinds, sizes,
+    mtimes, modes, nchunks, handles, versions, dirs, parts]`` (a format-1 block as a head
+    without sub-blocks)."""
+    raw = unpackb(data)
+    if isinstance(raw, list) and len(raw) == 14 and raw[0] == BLOCK_FORMAT and raw[1] in (KIND_DIR, KIND_PART):
+        out: list[Any] = raw
+    elif isinstance(raw, list) and len(raw) == 12 and raw[0] == 1:
+        out = [1, KIND_DIR, *raw[1:], b""]
+    else:
+        raise CorruptData("not a directory block of a known format")
+    if not (isinstance(out[12], bytes) and isinstance(out[13], bytes)) or len(out[12]) % DIGEST_SIZE \
+            or len(out[13]) % DIGEST_SIZE:
+        raise CorruptData("bad digests in block")
+    return out
+
+
+def _digests(data: bytes) -> tuple[bytes, ...]:
+    return tuple(data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE))
 
 
 def decode_block(data: bytes, expected: bytes | None = None) -> Block:
     """A block from its bytes, verified against ``expected`` (its name) when given."""
     if expected is not None and block_digest(data) != expected:
         raise CorruptData("directory block does not match its digest")
-    raw = unpackb(data)
-    if not (isinstance(raw, list) and len(raw) == 12 and raw[0] == BLOCK_FORMAT):
-        raise CorruptData("not a directory block of a known format")
-    _fmt, mode, mtime, names_b, kinds, *cols, dirs = raw
+    _fmt, kind, mode, mtime, names_b, kinds, *cols, dirs, parts_b = _raw(data)
     if not (isinstance(mode, int) and isinstance(mtime, int) and isinstance(names_b, bytes)
-            and isinstance(kinds, bytes) and isinstance(dirs, bytes)):
+            and isinstance(kinds, bytes)):
         raise CorruptData("bad directory block fields")
     sizes, mtimes, modes, nch, handles, versions = (_unpack(c) for c in cols)
     try:
@@ -189,10 +394,14 @@ def decode_block(data: bytes, expected: bytes | None = None) -> Block:
         raise CorruptData("directory block columns disagree")
     if any(not nm or "/" in nm for nm in names) or any(a >= b for a, b in zip(names, names[1:], strict=False)):
         raise CorruptData("block names are not valid, unique and in order")
+    if names and parts_b:
+        raise CorruptData("a block holds entries or names sub-blocks, not both")
+    if kind == KIND_PART and not (names or parts_b):
+        raise CorruptData("an empty sub-block")
     entries: dict[str, Entry] = {}
     fi = hi = di = 0
-    for name, kind in zip(names, kinds, strict=True):
-        if kind == 0x66:  # f
+    for name, kch in zip(names, kinds, strict=True):
+        if kch == 0x66:  # f
             k = nch[fi]
             entries[name] = FileEntry(sizes[fi], mtimes[fi], modes[fi], tuple(handles[hi:hi + k]),
                                       tuple(versions[hi:hi + k]))
@@ -201,11 +410,12 @@ def decode_block(data: bytes, expected: bytes | None = None) -> Block:
         else:
             entries[name] = DirRef(dirs[di:di + DIGEST_SIZE])
             di += DIGEST_SIZE
-    return Block(mode, mtime, entries)
+    return Block(mode, mtime, entries, _digests(parts_b), kind)
 
 
 def block_of(d: Dir, version_of: VersionOf) -> Block:
-    """The decoded block of a live directory (without encoding it; child digests memoised)."""
+    """The decoded block of a live directory, every entry in it (without encoding it; child
+    digests memoised)."""
     entries: dict[str, Entry] = {}
     for name, k in sorted(d.children.items()):
         if type(k) is File:
@@ -217,46 +427,154 @@ def block_of(d: Dir, version_of: VersionOf) -> Block:
 
 
 def child_digests(data: bytes) -> list[bytes]:
-    """The digests of the directories a block names (without building its entries)."""
-    raw = unpackb(data)
-    if not (isinstance(raw, list) and len(raw) == 12 and isinstance(raw[11], bytes)) or len(raw[11]) % DIGEST_SIZE:
-        raise CorruptData("not a directory block of a known format")
-    dirs: bytes = raw[11]
-    return [dirs[i:i + DIGEST_SIZE] for i in range(0, len(dirs), DIGEST_SIZE)]
+    """The digests of the blocks a block names: its directories', then its sub-blocks' (without
+    building its entries)."""
+    raw = _raw(data)
+    return [*_digests(raw[12]), *_digests(raw[13])]
 
 
 def block_chunks(data: bytes) -> list[int]:
     """The chunk handles a block's own files reference (one per reference)."""
-    raw = unpackb(data)
-    if not (isinstance(raw, list) and len(raw) == 12):
-        raise CorruptData("not a directory block of a known format")
-    return _unpack(raw[9])
+    return _unpack(_raw(data)[10])
+
+
+Decoded = dict[bytes, Block]  # blocks decoded (and verified) already, by digest
+
+
+def _decoded(d: bytes, have: dict[bytes, bytes], memo: Decoded | None) -> Block:
+    if memo is None:
+        return decode_block(have[d], d)
+    b = memo.get(d)
+    if b is None:
+        b = memo[d] = decode_block(have[d], d)
+    return b
+
+
+def missing_parts(dg: bytes, have: dict[bytes, bytes], memo: Decoded | None = None,
+                  whole: set[bytes] | frozenset[bytes] = frozenset()) -> list[bytes]:
+    """The blocks of directory ``dg`` (its head, its sub-blocks) not in ``have``, as far as the
+    blocks in ``have`` tell (a missing index sub-block hides what is below it); below a block in
+    ``whole`` nothing is missing."""
+    missing: list[bytes] = []
+    stack = [dg]
+    while stack:
+        d = stack.pop()
+        if d not in have:
+            missing.append(d)
+        elif d not in whole:
+            stack.extend(_decoded(d, have, memo).parts)
+    return missing
+
+
+def whole_dir(dg: bytes, have: dict[bytes, bytes], used: list[bytes] | None = None,
+              memo: Decoded | None = None) -> Block:
+    """Directory ``dg`` with all its entries, from its head and sub-blocks in ``have`` (each
+    verified; ``used`` collects their digests; ``memo`` keeps what was decoded)."""
+    head = _decoded(dg, have, memo)
+    if head.kind != KIND_DIR:
+        raise CorruptData(f"block {dg.hex()[:16]}… is a sub-block, not a directory")
+    if used is not None:
+        used.append(dg)
+    if not head.parts:
+        return head
+    entries: dict[str, Entry] = {}
+    last = ""
+    stack = list(reversed(head.parts))
+    while stack:
+        d = stack.pop()
+        b = _decoded(d, have, memo)
+        if b.kind != KIND_PART:
+            raise CorruptData(f"block {d.hex()[:16]}… is a directory, not a sub-block")
+        if used is not None:
+            used.append(d)
+        if b.entries:
+            first = next(iter(b.entries))
+            if entries and first <= last:
+                raise CorruptData("sub-blocks' names are not in order")
+            entries.update(b.entries)
+            last = next(reversed(b.entries))
+        stack.extend(reversed(b.parts))
+    return Block(head.mode, head.mtime, entries)
+
+
+class TreeBlocks:
+    """The blocks of a tree held in memory (e.g. a snapshot this master built), served by digest
+    as a walk from its root asks for them: a block is served once its parent was."""
+
+    def __init__(self, root: Dir, version_of: VersionOf) -> None:
+        self.version_of = version_of
+        self.nodes: dict[bytes, Dir] = {digest(root, version_of): root}
+        self.parts: dict[bytes, bytes] = {}
+
+    def take(self, digests: list[bytes]) -> dict[bytes, bytes]:
+        """Those of ``digests`` this tree can give (the rest: read them elsewhere), with every
+    sub-block of each directory given."""
+        out: dict[bytes, bytes] = {}
+        for d in digests:
+            part = self.parts.get(d)
+            if part is not None:
+                out[d] = part
+                continue
+            n = self.nodes.get(d)
+            if n is None:
+                continue
+            blocks = blocks_of_dir(n, self.version_of)
+            if block_digest(blocks.head) != d:  # pragma: no cover - versions moved under the tree
+                continue
+            out[d] = blocks.head
+            out.update(blocks.parts)  # all of them at once: the walk needs those it lacks next
+            self.parts.update(blocks.parts)
+            for k in n.children.values():
+                if type(k) is Dir:
+                    self.nodes[digest(k, self.version_of)] = k
+        return out
 
 
 # --------------------------------------------------------------------------- walking trees
 
 
-def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool]
+def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool], kept: Kept | None = None
                 ) -> Iterator[tuple[bytes, bytes, Dir]]:
-    """(digest, bytes, node) of every directory below and including ``root`` whose digest ``skip``
-    does not accept, children before their parent; a skipped directory's subtree is not visited
-    (a holder that has a block has everything it reaches)."""
+    """(digest, bytes, directory) of every block below and including ``root``'s (heads and
+    sub-blocks) whose digest ``skip`` does not accept, children before their parents; a skipped
+    block's subtree is not visited (a holder that has a block has everything it reaches).
+    ``kept``: directories encoded already (see :func:`digest`)."""
     out: list[tuple[bytes, bytes, Dir]] = []
     with no_gc():
-        _collect(root, version_of, skip, out, set())
+        _collect(root, version_of, skip, out, set(), kept)
     yield from out
 
 
 def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
-             out: list[tuple[bytes, bytes, Dir]], seen: set[bytes]) -> None:
+             out: list[tuple[bytes, bytes, Dir]], seen: set[bytes], kept: Kept | None) -> None:
     dg = digest(d, version_of)
     if dg in seen or skip(dg):
         return
     seen.add(dg)
-    for k in d.children.values():
+    for k in d.children.values():  # (one under a skipped sub-block is skipped by its own digest)
         if type(k) is Dir:
-            _collect(k, version_of, skip, out, seen)
-    out.append((dg, encode_block(d, version_of, lambda c: digest(c, version_of)), d))
+            _collect(k, version_of, skip, out, seen, kept)
+    blocks = blocks_of_dir(d, version_of, kept)
+    wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
+    for p, data in blocks.parts:
+        if p in wanted:
+            seen.add(p)
+            out.append((p, data, d))
+    out.append((dg, blocks.head, d))
+
+
+def _unskipped_parts(dg: bytes, kids: dict[bytes, tuple[bytes, ...]], skip: Callable[[bytes], bool]) -> set[bytes]:
+    """The sub-blocks of directory ``dg`` (``kids``: what its head and index sub-blocks name) not
+    below one ``skip`` accepts (top down from the head)."""
+    want: set[bytes] = set()
+    stack = list(kids.get(dg, ()))
+    while stack:
+        p = stack.pop()
+        if p in want or skip(p):
+            continue
+        want.add(p)
+        stack.extend(kids.get(p, ()))
+    return want
 
 
 def build_dir(block: Block, child: Callable[[str, DirRef], Node]) -> Dir:
@@ -278,27 +596,38 @@ _FRAME_HEAD = 36  # 32-byte digest + u32 length
 MAX_BLOCK = 1 << 30  # a block decompresses to at most this (a directory of millions of entries)
 
 
+_zstd = threading.local()  # a (de)compressor per thread: making one costs ~15x a small block's work
+
+
 def compress(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    c = getattr(_zstd, "c", None)
+    if c is None:
+        c = _zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    out: bytes = c.compress(data)
+    return out
 
 
 def decompress(data: bytes) -> bytes:
+    d = getattr(_zstd, "d", None)
+    if d is None:
+        d = _zstd.d = zstandard.ZstdDecompressor()
     try:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_BLOCK)
+        out: bytes = d.decompress(data, max_output_size=MAX_BLOCK)
     except zstandard.ZstdError as exc:
         raise CorruptData(f"bad compressed block: {exc}") from exc
+    return out
 
 
 def pack_frames(items: list[tuple[bytes, bytes]], compressed: bool = False) -> bytes:
     """Blocks on the wire (and in a chunkserver's packs): ``(<digest 32><u32 length><zstd(bytes)>)*``;
     ``compressed``: the items are compressed already."""
-    out = bytearray()
+    out: list[bytes] = []
     for dg, data in items:
         if len(dg) != DIGEST_SIZE:
             raise ValueError("digest must be 32 bytes")
         z = data if compressed else compress(data)
-        out += dg + len(z).to_bytes(4, "little") + z
-    return bytes(out)
+        out += (dg, len(z).to_bytes(4, "little"), z)
+    return b"".join(out)
 
 
 def split_frames(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -363,25 +692,21 @@ def block_info(data: bytes) -> BlockInfo:
 
 def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], bool]
                     ) -> dict[bytes, BlockInfo]:
-    """The blocks below ``root`` that ``known`` does not accept, without encoding them (every
+    """The blocks below ``root`` (heads and sub-blocks) that ``known`` does not accept (every
     block a known block reaches is known too, so a known subtree is not visited)."""
     out: dict[bytes, BlockInfo] = {}
     stack = [root]
-    while stack:
-        d = stack.pop()
-        dg = digest(d, version_of)
-        if dg in out or known(dg):
-            continue
-        kids: list[bytes] = []
-        handles: list[int] = []
-        for _name, k in sorted(d.children.items()):
-            if type(k) is File:
-                handles.extend(k.chunks)
-            else:
-                assert isinstance(k, Dir)
-                kids.append(digest(k, version_of))
-                stack.append(k)
-        out[dg] = BlockInfo(tuple(kids), array("q", handles).tobytes())
+    with no_gc():
+        while stack:
+            d = stack.pop()
+            dg = digest(d, version_of)
+            if dg in out or known(dg):
+                continue
+            infos, kids = infos_of_dir(d, version_of)
+            out[dg] = infos[dg]
+            for p in _unskipped_parts(dg, kids, lambda p: p in out or known(p)):
+                out[p] = infos[p]
+            stack.extend(k for k in d.children.values() if type(k) is Dir)
     return out
 
 
@@ -397,32 +722,54 @@ class NeedBlocks(Exception):
 
 
 def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf,
-             reused: list[tuple[tuple[str, ...], Dir]] | None = None) -> tuple[Dir, list[bytes]]:
+             reused: list[tuple[tuple[str, ...], Dir]] | None = None, memo: Decoded | None = None
+             ) -> tuple[Dir, list[bytes]]:
     """The tree named by ``root``: a directory whose digest equals a live candidate's at the same
     place (``live``: roots compared with ``root``, e.g. the restore target and the snapshot's
     original path) is that live node, reused as it is; any other comes from its block in
     ``have``. Returns the tree and the digests of the blocks it decoded. Raises
     :class:`NeedBlocks` naming every missing block of the first level that lacks some (so a
     caller fetches level by level, only where the live tree differs). ``reused`` collects each
-    live directory reused, with its path relative to the candidates' roots."""
+    live directory reused, with its path relative to the candidates' roots.
+
+    A directory rebuilt from its blocks takes the sub-blocks it shares with the live candidate
+    at its place from that candidate (re-encoded, not fetched), so undoing one change in a big
+    directory reads its head and the sub-blocks on the change's path; such a candidate is in
+    ``reused`` too (the assembly depends on it). ``memo``: blocks decoded by an earlier run over
+    the same ``have`` (a caller that fetches and runs again passes the same dict)."""
     with no_gc():
-        return _assemble(root, have, live, version_of, reused if reused is not None else [])
+        return _assemble(root, have, live, version_of, reused if reused is not None else [], memo)
 
 
 def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf,
-              reused: list[tuple[tuple[str, ...], Dir]]) -> tuple[Dir, list[bytes]]:
+              reused: list[tuple[tuple[str, ...], Dir]], memo: Decoded | None) -> tuple[Dir, list[bytes]]:
     built: dict[int, Dir] = {}
     used: list[bytes] = []
+    sourced: set[int] = set()  # live directories whose sub-blocks are in ``pool``
+    from_live: set[bytes] = set()
+    base: dict[int, tuple[Dir, DirBlocks]] = {}  # slot -> a live directory there with sub-blocks
+    pool = have
     where: dict[int, tuple[str, ...]] = {0: ()}
     # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
     level: list[tuple[int, bytes, list[Dir]]] = [(0, root, [c for c in live if isinstance(c, Dir)])]
-    pending: list[tuple[int, Block, dict[str, int], bytes]] = []  # decoded blocks waiting for children
+    # decoded blocks waiting for their children (with the live directory's entries they edit)
+    pending: list[tuple[int, Block, dict[str, int], bytes, Any]] = []
     slot = 1
     while level:
         missing = []
         for _s, dg, cands in level:
-            if not any(digest(c, version_of) == dg for c in cands) and dg not in have:
-                missing.append(dg)
+            if not any(digest(c, version_of) == dg for c in cands):
+                for c in cands:  # a changed directory's unchanged sub-blocks come from the live one
+                    if id(c) not in sourced:
+                        sourced.add(id(c))
+                        cb = blocks_of_dir(c, version_of)
+                        if cb.parts:
+                            pool = dict(have) if pool is have else pool
+                            pool.update(cb.parts)
+                            from_live.update(p for p, _b in cb.parts)
+                            reused.append((where[_s], c))
+                            base.setdefault(_s, (c, cb))
+                missing += missing_parts(dg, pool, memo, from_live)
         if missing:
             raise NeedBlocks(sorted(set(missing)))
         nxt: list[tuple[int, bytes, list[Dir]]] = []
@@ -432,8 +779,11 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 built[s] = reuse
                 reused.append((where[s], reuse))
                 continue
-            block = decode_block(have[dg], dg)
-            used.append(dg)
+            edit = None
+            if s in base and _decoded(dg, pool, memo).parts:
+                block, edit = _edit_live(dg, base[s][0], base[s][1], pool, used, memo)
+            else:
+                block = whole_dir(dg, pool, used, memo)
             kids: dict[str, int] = {}
             for name, e in block.entries.items():
                 if isinstance(e, DirRef):
@@ -442,13 +792,53 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                     where[slot] = where[s] + (name,)
                     nxt.append((slot, e.digest, kc))
                     slot += 1
-            pending.append((s, block, kids, dg))
+            pending.append((s, block, kids, dg, edit))
         level = nxt
-    for s, block, kids, dg in reversed(pending):  # children were numbered after their parents
-        d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
+    for s, block, kids, dg, edit in reversed(pending):  # children were numbered after their parents
+        if edit is None:
+            d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
+        else:
+            for name, e in block.entries.items():
+                edit[name] = File(e.size, e.mtime, e.mode, e.chunks) if isinstance(e, FileEntry) else built[kids[name]]
+            d = Dir(edit.finish(), block.mtime, block.mode)
         _memoise(d, dg)
         built[s] = d
-    return built[0], used
+    return built[0], [d for d in dict.fromkeys(used) if d in have and d not in from_live]
+
+
+def _edit_live(dg: bytes, live: Dir, lb: DirBlocks, pool: dict[bytes, bytes], used: list[bytes],
+               memo: Decoded | None) -> tuple[Block, Any]:
+    """Directory ``dg`` as an edit of the live directory ``live`` at its place (blocks ``lb``):
+    a leaf sub-block both have holds the same entries on both sides, so only the leaves ``dg``
+    does not share are read. Returns ``dg``'s mode and mtime with the entries of its unshared
+    leaves, and ``live``'s entries (a mutation) without those of the leaves ``dg`` lacks."""
+    head = _decoded(dg, pool, memo)
+    if head.kind != KIND_DIR:
+        raise CorruptData(f"block {dg.hex()[:16]}… is a sub-block, not a directory")
+    used.append(dg)
+    live_leaves = {p for p, _b in lb.parts if p not in lb.kids}
+    mine: set[bytes] = set()
+    entries: dict[str, Entry] = {}
+    stack = list(head.parts)
+    while stack:
+        p = stack.pop()
+        if p in live_leaves:
+            mine.add(p)
+            continue
+        if p in lb.kids:  # an index sub-block both have: every leaf below it is shared
+            stack.extend(lb.kids[p])
+            continue
+        b = _decoded(p, pool, memo)
+        if b.kind != KIND_PART:
+            raise CorruptData(f"block {p.hex()[:16]}… is a directory, not a sub-block")
+        used.append(p)
+        entries.update(b.entries)
+        stack.extend(b.parts)
+    edit = live.children.mutate()
+    for p in live_leaves - mine:
+        for name in _decoded(p, pool, memo).entries:
+            del edit[name]
+    return Block(head.mode, head.mtime, entries), edit
 
 
 def _memoise(d: Dir, dg: bytes) -> None:

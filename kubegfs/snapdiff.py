@@ -1,7 +1,8 @@
 """Snapshot diff over Merkle directory blocks: the HDFS ``snapshotDiff`` report.
 
-Comparing two roots descends only into directories whose digests differ, level by level, so the
-work is proportional to what changed (times the size of the directories it changed in). The walk
+Comparing two roots descends only into directories whose digests differ, level by level, and
+within a big directory (split into sub-blocks, see merkle.py) only into the sub-blocks the two
+sides do not share, so the work is proportional to what changed. The walk
 is sans-I/O: :func:`diff_steps` yields the directory references it needs next (one batch per
 level) and is sent their blocks, so the master can fetch them from chunkservers in batches and a
 test can answer from memory.
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
-from .merkle import Block, DirRef, Entry, FileEntry
+from .merkle import KIND_DIR, Block, DirRef, Entry, FileEntry
 from .namespace import Dir, File, Node
 
 Kind = str  # "+", "-", "M", "R"
@@ -53,12 +54,54 @@ def _type(e: Entry) -> str:
     return "dir" if isinstance(e, DirRef) else "file"
 
 
-Steps = Generator[list[DirRef], list[Block], list[Change]]
+Steps = Generator[list[tuple[int, DirRef]], list[Block], list[Change]]
+
+
+@dataclass
+class _Side:
+    """What is known of one side of a directory pair: its own mode/mtime (from its head), the
+    entries of the blocks read so far, the sub-blocks still to read."""
+    mode: int = -1
+    mtime: int = -1
+    entries: dict[str, Entry] = field(default_factory=dict)
+    todo: list[DirRef] = field(default_factory=list)
+
+
+def _read_pairs(pairs: list[tuple[DirRef, DirRef]]) -> Generator[list[tuple[int, DirRef]], list[Block],
+                                                                list[tuple[_Side, _Side]]]:
+    """Read both sides of each directory pair: the heads, then only the sub-blocks the two sides
+    do not share (a sub-block on both sides holds the same entries on both, and no other block
+    of either side holds those names), level by level. Returns, per pair, each side's mode,
+    mtime and the entries of its unshared blocks."""
+    sides = [(_Side(todo=[x]), _Side(todo=[y])) for x, y in pairs]
+    while True:
+        refs: list[tuple[int, DirRef]] = []
+        where: list[_Side] = []
+        for sa, sb in sides:
+            shared = {r.digest for r in sa.todo} & {r.digest for r in sb.todo}
+            for k, side in enumerate((sa, sb)):
+                for r in side.todo:
+                    if r.digest not in shared:
+                        refs.append((k, r))
+                        where.append(side)
+                side.todo = []
+        if not refs:
+            return sides
+        blocks = yield refs
+        if len(blocks) != len(refs):
+            raise ValueError("diff: one block per reference expected")
+        for side, blk in zip(where, blocks, strict=True):
+            if blk.kind == KIND_DIR:
+                side.mode, side.mtime = blk.mode, blk.mtime
+            side.entries.update(blk.entries)
+            side.todo += [DirRef(p) for p in blk.parts]
 
 
 def diff_steps(a: DirRef, b: DirRef) -> Steps:
-    """The changes from tree ``a`` to tree ``b``. Yields the references whose blocks it needs
-    (a batch per level), expects them back in the same order."""
+    """The changes from tree ``a`` to tree ``b``. Yields the (side, reference) pairs whose blocks
+    it needs (side 0: ``a``'s tree, 1: ``b``'s; a batch per level, directory heads and
+    sub-blocks alike), expects the blocks back in the same order (a reference with a node may
+    be answered with the node's whole block)."""
     changes: list[Change] = []
     frontier: list[tuple[str, DirRef, DirRef]] = [(".", a, b)] if a.digest != b.digest else []
     while frontier:
@@ -72,16 +115,12 @@ def diff_steps(a: DirRef, b: DirRef) -> Steps:
         if not frontier:
             frontier = nxt_mem
             continue
-        refs = [r for _p, x, y in frontier for r in (x, y)]
-        blocks = yield refs
-        if len(blocks) != len(refs):
-            raise ValueError("diff: one block per reference expected")
+        read = yield from _read_pairs([(x, y) for _p, x, y in frontier])
         nxt: list[tuple[str, DirRef, DirRef]] = []
-        for i, (path, x, y) in enumerate(frontier):
-            ba, bb = blocks[2 * i], blocks[2 * i + 1]
-            ea, eb = ba.entries, bb.entries
-            if ba.mode != bb.mode or ba.mtime != bb.mtime or ea.keys() != eb.keys():
-                changes.append(Change("M", path, "dir", old=x, new=y, mode=bb.mode, mtime=bb.mtime))
+        for (path, x, y), (sa, sb) in zip(frontier, read, strict=True):
+            ea, eb = sa.entries, sb.entries
+            if sa.mode != sb.mode or sa.mtime != sb.mtime or ea.keys() != eb.keys():
+                changes.append(Change("M", path, "dir", old=x, new=y, mode=sb.mode, mtime=sb.mtime))
             for name, old in ea.items():
                 p = _join(path, name)
                 new = eb.get(name)
@@ -173,7 +212,7 @@ def _renames(changes: list[Change]) -> list[Change]:
     return sorted(out, key=lambda c: (c.path, c.kind))
 
 
-def run(steps: Steps, load: Callable[[list[DirRef]], list[Block]]) -> list[Change]:
+def run(steps: Steps, load: Callable[[list[tuple[int, DirRef]]], list[Block]]) -> list[Change]:
     """Drive ``steps`` with a synchronous batch loader."""
     try:
         refs = next(steps)

@@ -110,6 +110,7 @@ class SnapCommit(_Stamped):
     blocks: NotRequired[list[list[bytes]]]  # format 3: the blocks not counted yet
     handles_z: NotRequired[bytes]  # format 2: the record's chunk handles
     _precounted: NotRequired[bool]
+    _infos: NotRequired[Any]  # in memory only: ``blocks`` before encoding (dict[bytes, merkle.BlockInfo])
 
 
 class SnapFail(_Stamped):

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ from ..errors import (
     Unavailable,
     from_json,
 )
+from ..formats import no_gc
 from ..snapobj import (
     MANIFEST_VERSION,
     Manifest,
@@ -56,20 +58,21 @@ log = logging.getLogger("kubegfs.master")
 def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: merkle.VersionOf
                ) -> list[snapdiff.Change]:
     """Diff two trees held in memory (every reference carries its node)."""
-    def load(refs: list[merkle.DirRef]) -> list[merkle.Block]:
+    def load(refs: list[tuple[int, merkle.DirRef]]) -> list[merkle.Block]:
         out = []
-        for i, r in enumerate(refs):  # the walk asks for (a, b) pairs
+        for side, r in refs:
             assert r.node is not None
-            out.append(merkle.block_of(r.node, va if i % 2 == 0 else vb))
+            out.append(merkle.block_of(r.node, vb if side else va))
         return out
 
     return snapdiff.run(snapdiff.diff_steps(a, b), load)
 
 
 def _assemble_job(root: bytes, have: dict[bytes, bytes], cands: list[ns.Node | None], version_of: merkle.VersionOf,
-                  reused: list[tuple[tuple[str, ...], ns.Dir]]) -> tuple[ns.Dir, list[bytes], list[int]]:
+                  reused: list[tuple[tuple[str, ...], ns.Dir]], memo: merkle.Decoded
+                  ) -> tuple[ns.Dir, list[bytes], list[int]]:
     """A restore's tree, the blocks it decoded and the chunk handles their files reference."""
-    tree, used = merkle.assemble(root, have, cands, version_of, reused)
+    tree, used = merkle.assemble(root, have, cands, version_of, reused, memo)
     return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
 
 
@@ -94,6 +97,19 @@ def _hex_digests(raw: list[Any]) -> list[bytes]:
         except ValueError as exc:
             raise InvalidArgument("a block digest is 64 hex digits") from exc
     return out
+
+
+@dataclass
+class Encoded:
+    """One snapshot build's blocks: the directories its digest pass encoded (kept for the build,
+    whatever merkle's bounded cache evicts, so shipping does not encode them again) and each
+    block compressed once, whichever holders it goes to."""
+    kept: merkle.Kept = field(default_factory=dict)
+    z: dict[bytes, bytes] = field(default_factory=dict)
+    # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
+    # would answer every question alike gets the same blocks without walking again)
+    walk: tuple[dict[bytes, bool], list[tuple[bytes, bytes]]] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Snapshots:
@@ -198,6 +214,7 @@ class Snapshots:
         deadline = time.monotonic() + self.m.opts.snapshot_retry_seconds
         loop = asyncio.get_running_loop()
         claimed: list[bytes] = []
+        enc = Encoded()
         try:
             entry = st.snapshots[sid]
             pin = st.pins[sid]
@@ -207,7 +224,7 @@ class Snapshots:
             version_of = st.version.__getitem__  # the pin protects every chunk it reaches
             rec = None
             if isinstance(node, ns.Dir):
-                dg = await loop.run_in_executor(None, merkle.digest, node, version_of)
+                dg = await loop.run_in_executor(None, merkle.digest, node, version_of, enc.kept)
                 files, dirs, nchunks, size = merkle.stats(node, version_of)
                 counts = {"files": files, "dirs": dirs, "chunks": nchunks, "bytes": size}
                 data, sha = build_manifest(meta, dg, counts)
@@ -228,7 +245,7 @@ class Snapshots:
                 nonlocal last_err
                 try:
                     if isinstance(node, ns.Dir):
-                        shipped[cs.id] = await self.ship_blocks(cs, node, version_of, claimed, gens)
+                        shipped[cs.id] = await self.ship_blocks(cs, node, version_of, claimed, gens, enc)
                     await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=data, headers=headers)
                 except PEER_ERRORS as exc:
                     last_err = f"{cs.id}: {exc}"
@@ -261,7 +278,7 @@ class Snapshots:
             rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry, prefer))}
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
-                holders = await self._recheck_holders(holders, node, version_of, claimed, gens)
+                holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
             if not holders:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
@@ -279,7 +296,10 @@ class Snapshots:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
                 # exactly those the catalog does not count yet
-                op["blocks"] = encode_block_infos(merkle.new_block_infos(node, version_of, st.blocks.__contains__))
+                infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
+                with no_gc():  # a row per new block: a full collection would rescan the namespace
+                    op["blocks"] = encode_block_infos(infos)
+                op["_infos"] = infos
             else:
                 # count the snapshot's chunk references in slices so writers never wait long; the
                 # snapshot is still pending, so every chunk in it is treated as shared meanwhile
@@ -334,7 +354,7 @@ class Snapshots:
             await asyncio.sleep(0.02)
 
     async def ship_blocks(self, cs: ChunkserverInfo, node: ns.Dir, version_of: merkle.VersionOf,
-                          claimed: list[bytes], gens: dict[str, int]) -> int:
+                          claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> int:
         """Ship ``cs`` the blocks of ``node``'s tree it lacks; returns the bytes sent. A block is
         skipped only if ``cs`` holds it and a committed snapshot counts it (then nothing deletes
         it or anything it reaches); every block sent is claimed (never deleted) until the build
@@ -344,15 +364,39 @@ class Snapshots:
         known = self.known.setdefault(cs.id, set())
         counted = self.m.state.blocks
 
-        def collect() -> list[tuple[bytes, bytes]]:  # encoded and compressed off the loop
-            return [(dg, merkle.compress(b)) for dg, b, _n in merkle.iter_blocks(
-                node, version_of, lambda d: d in known and d in counted)]
+        def skip(d: bytes) -> bool:
+            return d in known and d in counted
 
-        items = await asyncio.get_running_loop().run_in_executor(None, collect)
+        def collect() -> list[tuple[bytes, bytes]]:  # off the loop; each block compressed once per build
+            if enc.walk is not None:  # the last holder's walk, if this one answers every question alike
+                asked, items = enc.walk
+                if all(skip(d) == r for d, r in asked.items()):
+                    return items
+            asked = {}
+
+            def ask(d: bytes) -> bool:
+                r = asked[d] = skip(d)
+                return r
+
+            z = enc.z
+            out = []
+            with no_gc():  # acyclic, and a full collection rescans the whole namespace
+                for dg, b, _n in merkle.iter_blocks(node, version_of, ask, enc.kept):
+                    got = z.get(dg)
+                    if got is None:
+                        got = z[dg] = merkle.compress(b)
+                    out.append((dg, got))
+            enc.walk = (asked, out)
+            return out
+
+        async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
+            items = await asyncio.get_running_loop().run_in_executor(None, collect)
         for dg, _b in items:
             self.claimed[dg] = self.claimed.get(dg, 0) + 1
             claimed.append(dg)
         await self.fence(cs, {dg for dg, _b in items})  # a deletion released while collecting
+        # one batch at a time, children before parents: whatever part of them reaches the holder
+        # (durable batch by batch), each block it has reaches only blocks it has
         for batch in merkle.batches(items, BLOCK_BATCH):
             await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
             known.update(dg for dg, _b in batch)
@@ -360,7 +404,7 @@ class Snapshots:
         return sum(len(b) for _dg, b in items)
 
     async def _recheck_holders(self, holders: list[dict[str, Any]], node: ns.Dir, version_of: merkle.VersionOf,
-                               claimed: list[bytes], gens: dict[str, int]) -> list[dict[str, Any]]:
+                               claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> list[dict[str, Any]]:
         """A holder that had block deletions released since its blocks were chosen may have lost
         a block the build relied on: ship to it again (until none moved)."""
         for _round in range(10):
@@ -372,7 +416,7 @@ class Snapshots:
                 try:
                     if cs is None:
                         raise Unavailable(f"{h['id']} is gone")
-                    await self.ship_blocks(cs, node, version_of, claimed, gens)
+                    await self.ship_blocks(cs, node, version_of, claimed, gens, enc)
                 except PEER_ERRORS as exc:
                     log.warning("re-shipping blocks to %s failed: %s", h["id"], exc)
                     holders = [x for x in holders if x["id"] != h["id"]]
@@ -529,12 +573,12 @@ class Snapshots:
             refs = next(steps)
             while True:
                 want: dict[int, list[bytes]] = {0: [], 1: []}
-                for i, r in enumerate(refs):
+                for side, r in refs:
                     if r.node is None:
-                        want[i % 2].append(r.digest)
+                        want[side].append(r.digest)
                 got = [await self.fetch_blocks(sides[k][0], want[k]) if want[k] else {} for k in (0, 1)]
-                blocks = [merkle.block_of(r.node, sides[i % 2][1]) if r.node is not None
-                          else merkle.decode_block(got[i % 2][r.digest], r.digest) for i, r in enumerate(refs)]
+                blocks = [merkle.block_of(r.node, sides[side][1]) if r.node is not None
+                          else merkle.decode_block(got[side][r.digest], r.digest) for side, r in refs]
                 refs = steps.send(blocks)
         except StopIteration as stop:
             changes: list[snapdiff.Change] = stop.value
@@ -659,7 +703,7 @@ class Snapshots:
             return self.repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
-                   "blocks_fetched": op.pop("_fetched", 0)}
+                   "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0)}
         # ``op`` adds the format's keys (and the in-memory hints) to the common ones
         result = await self.m.mutate(cast(ops.Restore, {
             "op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
@@ -675,15 +719,27 @@ class Snapshots:
         st = self.m.state
         loop = asyncio.get_running_loop()
         have: dict[bytes, bytes] = {}
+        memo: merkle.Decoded = {}
+        # a snapshot this master built lately is still in memory: its blocks come from there
+        # (each verified against its digest as any fetched block is), without a round trip
+        cached = self.trees.get(e["id"])
+        local = merkle.TreeBlocks(cached, self._live_version) if cached is not None and cached.digest == man.root \
+            else None
+        fetched = 0
         while True:
             self.check_target(parts, mode)
             reused: list[tuple[tuple[str, ...], ns.Dir]] = []
             try:  # the O(changed) (to a new path: O(files)) assembly runs in a worker thread
                 tree, used, handles = await loop.run_in_executor(
                     None, _assemble_job, man.root, have, st.restore_candidates(parts, mode, e["path"]),
-                    st.version_or_zero, reused)
+                    st.version_or_zero, reused, memo)
             except merkle.NeedBlocks as need:
-                have.update(await self.fetch_blocks(e, need.digests))
+                got = local.take(need.digests) if local is not None else {}
+                rest = [d for d in need.digests if d not in got]
+                if rest:
+                    got.update(await self.fetch_blocks(e, rest))
+                    fetched += len(rest)
+                have.update(got)
                 continue
             # back on the loop, with no await until the op is applied: every live directory it
             # reused is still where it was, so the apply (and any replay) assembles the same tree
@@ -697,7 +753,7 @@ class Snapshots:
         return {"format": 3, "root": man.root.hex(), "source_path": e["path"],
                 "blocks": merkle.pack_frames([(dg, have[dg]) for dg in used]),
                 "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
-                "_tree": tree, "_fetched": len(used)}
+                "_tree": tree, "_fetched": fetched, "_used": len(used)}
 
     def repeated_restore(self, rid: str, ref: str, to: str | None) -> dict[str, Any]:
         """The stored result of restore ``rid``, if this request asks for the same thing."""

@@ -31,6 +31,7 @@ from .. import merkle, paths
 from .. import namespace as ns
 from ..errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
 from ..formats import (
+    no_gc,
     unpack_handles,
 )
 from . import ops
@@ -311,7 +312,9 @@ class MasterState:
         reference per chunk in ``handles_z``."""
         entry = self.snapshots[op["id"]]
         if op.get("blocks") is not None:
-            self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
+            infos = op.get("_infos")  # the server's own, as encoded into "blocks" (a replay decodes them)
+            with no_gc():  # an entry per new block: a full collection would rescan the namespace
+                self.ref_blocks(bytes.fromhex(op["root"]), infos if infos is not None else decode_block_infos(op["blocks"]))
         elif not op.get("_precounted"):
             self.count_snapshot_refs(unpack_handles(op["handles_z"]))
         entry.update({

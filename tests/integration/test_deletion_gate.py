@@ -43,8 +43,14 @@ class PausableSync:
         self.crashed = False
         self.synced: dict[str, int] = {p.name: p.stat().st_size for p in log_dir.glob("log-*.wal")}
         self.waiting = threading.Event()
+        self.after: int | None = None
 
     def __call__(self, fd: int) -> None:
+        if self.after is not None:
+            self.after -= 1
+            if self.after < 0:
+                self.after = None
+                self.pause()
         if not self.open.is_set():
             self.waiting.set()
         self.open.wait()
@@ -56,6 +62,11 @@ class PausableSync:
     def pause(self) -> None:
         self.waiting.clear()
         self.open.clear()
+
+    def pause_after(self, n: int) -> None:
+        """Let ``n`` more syncs through, then hold the next ones (as ``pause``)."""
+        self.waiting.clear()
+        self.after = n
 
     def crash(self) -> None:
         self.crashed = True

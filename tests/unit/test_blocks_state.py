@@ -18,6 +18,12 @@ from kubegfs.master.state import encode_block_infos
 NAMES = ["a", "b", "c", "d"]
 
 
+def dir_block_set(d, v):
+    """The digests of a directory's head and sub-blocks."""
+    head, parts, _index, _infos = merkle.dir_blocks(d, v, lambda c: merkle.digest(c, v))
+    return {merkle.block_digest(head)} | {p for p, _b in parts}
+
+
 class BlockLog(Log):
     """The server's format-3 build and restore, against an in-memory holder."""
 
@@ -33,13 +39,17 @@ class BlockLog(Log):
         st = self.state
         node = st.pins[sid].node
         v = st.version.__getitem__
-        for dg, data, _n in merkle.iter_blocks(node, v, lambda d: d in self.holder):
+        kept: merkle.Kept = {}
+        root = merkle.digest(node, v, kept)
+        for dg, data, _n in merkle.iter_blocks(node, v, lambda d: d in self.holder, kept):
             self.holder[dg] = data
         files, dirs, chunks, size = merkle.stats(node, v)
+        infos = merkle.new_block_infos(node, v, st.blocks.__contains__)
+        # the server's apply takes its infos as they are; the log (and so the replay) decodes "blocks"
         self.do({"op": "snap_commit", "id": sid, "sha256": "", "record_bytes": 0, "holders": [],
                  "files": files, "dirs": dirs, "chunks": chunks, "logical_bytes": size,
-                 "duration_seconds": 0.0, "root": merkle.digest(node, v).hex(),
-                 "blocks": encode_block_infos(merkle.new_block_infos(node, v, st.blocks.__contains__))})
+                 "duration_seconds": 0.0, "root": root.hex(),
+                 "blocks": encode_block_infos(infos), "_infos": infos})
         return sid
 
     def restore(self, sid, to=None):
@@ -144,9 +154,16 @@ def test_restore_in_place_after_a_small_change_reads_only_its_path():
             log.put(f"/t/{d}/f{i}", 10)
     sid = log.snapshot("/t")
     before = ns.must_get(log.state.root, ("t",))
+    v = log.state.version_or_zero
+
     log.put("/t/y/f3", 20)
+    live_y = ns.must_get(log.state.root, ("t", "y"))
     used = log.restore(sid)
-    assert len(used) == 2  # /t and /t/y: x and z are the live nodes, reused
+    # /t and /t/y's head and the sub-blocks on f3's path: x and z are the live nodes, reused, and
+    # y's other sub-blocks are re-encoded from the live y
+    y_only = dir_block_set(before.children["y"], v) - dir_block_set(live_y, v)
+    assert set(used) == {before.digest} | y_only
+    assert len(y_only) <= 1 + 3 and len(dir_block_set(live_y, v)) > len(y_only)  # a split directory
     after = ns.must_get(log.state.root, ("t",))
     assert flat(after) == flat(before)
     assert after.children["x"] is before.children["x"]
@@ -156,7 +173,8 @@ def test_restore_in_place_after_a_small_change_reads_only_its_path():
     st = log.state
     merkle.assemble(bytes.fromhex(st.snapshots[sid]["root"]), dict(log.holder),
                     st.restore_candidates(("t",), "inplace", "/t"), st.version_or_zero, reused)
-    assert sorted(rel for rel, _n in reused) == [("x",), ("y",)]  # where the server checks they still are
+    # where the server checks they still are: x and y reused, z the source of its unchanged sub-blocks
+    assert sorted(rel for rel, _n in reused) == [("x",), ("y",), ("z",)]
     assert all(ns.get(ns.must_get(st.root, ("t",)), rel) is n for rel, n in reused)
 
 
@@ -167,13 +185,19 @@ def test_a_second_snapshot_counts_only_new_blocks():
         log.do({"op": "mkdir", "path": f"/t/d{d}", "parents": False, "mode": 0o755, "mtime": 1})
         log.put(f"/t/d{d}/f", 10)
     log.snapshot("/t")
-    assert len(log.state.blocks) == 21
+    v = log.state.version_or_zero
+    t1 = dir_block_set(ns.must_get(log.state.root, ("t",)), v)
+    assert len(t1) > 1  # 20 entries: /t is split into sub-blocks
+    assert len(log.state.blocks) == 20 + len(t1)
     log.put("/t/d7/f", 11)
     log.snapshot("/t")
+    t2 = dir_block_set(ns.must_get(log.state.root, ("t",)), v)
     op = log.ops[-1]
-    assert len(op["blocks"]) == 2 and len(log.state.blocks) == 23  # the new /t and /t/d7
+    # the new /t/d7 and /t's head and sub-blocks on d7's path, not its other sub-blocks
+    assert len(op["blocks"]) == 1 + len(t2 - t1) < 1 + len(t2)
+    assert len(log.state.blocks) == 21 + len(t1) + len(t2 - t1)
     log.do({"op": "snap_delete", "id": "s1"})
-    assert len(log.state.blocks) == 21 and len(log.state.garbage_blocks) == 2
+    assert len(log.state.blocks) == 20 + len(t2) and len(log.state.garbage_blocks) == 1 + len(t1 - t2)
     check_counts(log.state)
 
 
@@ -249,3 +273,38 @@ def test_a_version_bump_refreshes_the_digests_on_its_path():
     assert ns.must_get(st.root, ("t", "g")) is side and ns.must_get(st.root, ("t", "d", "f")).chunks == (h,)
     log.do({"op": "bump", "h": h, "v": 3, "path": "/t/moved-away"})  # the file is not there: nothing else
     assert st.version[h] == 3
+
+
+def _assemble_from(serve, root, cands, v):
+    have, memo, rounds = {}, {}, 0
+    while True:
+        rounds += 1
+        try:
+            tree, used = merkle.assemble(root, have, cands, v, [], memo)
+            return tree, used, rounds
+        except merkle.NeedBlocks as need:
+            got = serve(need.digests)
+            assert set(need.digests) <= set(got)
+            have.update(got)
+
+
+def test_restore_from_a_tree_in_memory_uses_the_same_blocks_as_from_a_holder():
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    for d in ("x", "y"):
+        log.do({"op": "mkdir", "path": f"/t/{d}", "parents": False, "mode": 0o755, "mtime": 1})
+        for i in range(120):
+            log.put(f"/t/{d}/f{i}", 10)
+    sid = log.snapshot("/t")
+    st = log.state
+    snap_tree = st.pins.get(sid) or ns.must_get(st.root, ("t",))
+    log.put("/t/y/f3", 20)
+    log.put("/t/y/f90", 20)
+    cands = st.restore_candidates(("t",), "inplace", "/t")
+    root = bytes.fromhex(st.snapshots[sid]["root"])
+    local = merkle.TreeBlocks(snap_tree, st.version_or_zero)
+    a, used_a, rounds_a = _assemble_from(local.take, root, cands, st.version_or_zero)
+    b, used_b, rounds_b = _assemble_from(lambda ds: {d: log.holder[d] for d in ds}, root, cands, st.version_or_zero)
+    assert flat(a) == flat(b) == flat(snap_tree)
+    assert sorted(used_a) == sorted(used_b)  # the op carries the same blocks either way
+    assert rounds_a < rounds_b  # a directory's sub-blocks come with its head

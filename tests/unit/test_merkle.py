@@ -24,6 +24,10 @@ def random_spec(rng, depth=0, handles=None):
     """A nested dict: name -> ("f", size, mtime, mode, chunks) | dict (with "." -> (mode, mtime))."""
     handles = handles if handles is not None else iter(range(1, 10**9))
     spec = {".": (rng.choice([0o755, 0o700]), rng.randrange(1, 50))}
+    if rng.random() < 0.15:  # a big directory: split into sub-blocks
+        for j in rng.sample(range(1000), rng.randrange(20, 400)):
+            spec[f"n{j}"] = ("f", rng.randrange(0, 3), rng.randrange(1, 50), 0o644,
+                             tuple(next(handles) for _ in range(rng.randrange(0, 2))))
     for name in rng.sample(NAMES, rng.randrange(0, 5)):
         if depth < 3 and rng.random() < 0.35:
             spec[name] = random_spec(rng, depth + 1, handles)
@@ -115,12 +119,12 @@ def test_a_mutation_reencodes_only_its_path():
     unset = [p for p, n in ns.walk(new) if isinstance(n, ns.Dir) and n.digest is None]
     assert unset == [(), ("d1",), ("d1", "d2")]
     encoded = []
-    real = merkle.encode_block
+    real = merkle.dir_blocks
     try:
-        merkle.encode_block = lambda d, v, c: encoded.append(d) or real(d, v, c)
+        merkle.dir_blocks = lambda d, v, c: encoded.append(d) or real(d, v, c)
         merkle.digest(new, V)
     finally:
-        merkle.encode_block = real
+        merkle.dir_blocks = real
     assert len(encoded) == 3
 
 
@@ -128,11 +132,19 @@ def test_a_mutation_reencodes_only_its_path():
 @given(st.randoms(use_true_random=False))
 def test_blocks_round_trip_and_verify(rng):
     root = build_direct(random_spec(rng))
+    have = {dg: data for dg, data, _n in merkle.iter_blocks(root, V, lambda _d: False)}
     for dg, data, node in merkle.iter_blocks(root, V, lambda _d: False):
-        assert dg == node.digest == merkle.block_digest(data)
-        assert merkle.decode_block(data, dg) == _strip(merkle.block_of(node, V))
-        assert merkle.child_digests(data) == [e.digest for e in merkle.decode_block(data).entries.values()
-                                              if isinstance(e, merkle.DirRef)]
+        blk = merkle.decode_block(data, dg)
+        assert dg == merkle.block_digest(data)
+        # the info kept from encoding (children, chunk handles) is what the bytes say
+        assert merkle.dir_blocks(node, V, lambda c: merkle.digest(c, V)).infos[dg] == merkle.block_info(data)
+        if blk.kind == merkle.KIND_DIR:
+            assert dg == node.digest
+            assert merkle.whole_dir(dg, have) == _strip(merkle.block_of(node, V))
+        else:
+            assert node.digest != dg and (blk.entries or blk.parts) and not (blk.entries and blk.parts)
+        assert merkle.child_digests(data) == [e.digest for e in blk.entries.values()
+                                              if isinstance(e, merkle.DirRef)] + list(blk.parts)
         bad = bytearray(data)
         bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
         with pytest.raises(CorruptData):
@@ -161,6 +173,25 @@ def test_iter_blocks_skips_what_a_holder_has():
     b = ns.replace(a, ("y", "new"), ns.File(1, 2, 0o644, (5,)), 3)
     shipped = [n for _dg, _b, n in merkle.iter_blocks(b, V, have.__contains__)]
     assert shipped == [ns.must_get(b, ("y",)), b]  # children first, the unchanged x not at all
+
+
+
+def test_a_digest_pass_keeps_what_it_encoded_for_shipping(monkeypatch):
+    """A build's digest pass records every directory it encodes, so shipping reads the blocks
+    from there and encodes nothing again, even when the bounded cache has dropped them."""
+    big = {".": (0o755, 1), **{f"f{i:03d}": ("f", i, 7, 0o644, (i,)) for i in range(200)}}  # sub-blocks
+    root = build_direct({".": (0o755, 1), "big": big, "x": random_spec(random.Random(9)), "y": {".": (0o755, 2)}})
+    kept: merkle.Kept = {}
+    merkle.digest(root, V, kept)
+    dirs = [n for _p, n in ns.walk(root) if isinstance(n, ns.Dir)] + [root]
+    assert set(kept) == {merkle.digest(d, V) for d in dirs}
+    assert kept[merkle.digest(ns.must_get(root, ("big",)), V)].parts  # split, and kept whole
+    want = [(dg, b) for dg, b, _n in merkle.iter_blocks(root, V, lambda _d: False)]
+    monkeypatch.setattr(merkle, "_CACHE", {})
+    monkeypatch.setattr(merkle, "dir_blocks", lambda *a: pytest.fail("encoded again"))
+    assert [(dg, b) for dg, b, _n in merkle.iter_blocks(root, V, lambda _d: False, kept)] == want
+    merkle.digest(root, V, kept2 := {})  # memoised: nothing encoded, nothing kept
+    assert kept2 == {}
 
 
 # --------------------------------------------------------------------------- diff
@@ -203,7 +234,7 @@ def mutate(root, rng, n):
 
 
 def live_loader(refs):
-    return [merkle.block_of(r.node, V) for r in refs]
+    return [merkle.block_of(r.node, V) for _side, r in refs]
 
 
 def block_loader(*trees, seen=None):
@@ -212,8 +243,8 @@ def block_loader(*trees, seen=None):
 
     def load(refs):
         if seen is not None:
-            seen.extend(r.digest for r in refs)
-        return [merkle.decode_block(store[r.digest], r.digest) for r in refs]
+            seen.extend(r.digest for _side, r in refs)
+        return [merkle.decode_block(store[r.digest], r.digest) for _side, r in refs]
     return load
 
 
@@ -315,3 +346,167 @@ def test_diff_report_names_renames_and_descends_only_into_changes():
     assert [c.line() for c in changes] == want
     assert ns.must_get(a, ("keep",)).digest not in loaded  # the unchanged directory: never read
     assert len(loaded) == 4  # the two roots and the two work/
+
+
+# --------------------------------------------------------------------------- big directories
+
+
+def big_dir(n, rng, prefix="file-"):
+    return ns.Dir(immutables.Map({f"{prefix}{rng.getrandbits(40):010x}.dat": ns.File(rng.randrange(1 << 20), 5, 0o644,
+                                                                                    (i + 1,))
+                                  for i in range(n)}), 3, 0o755)
+
+
+def test_runs_end_at_name_boundaries_or_the_cap():
+    t = merkle.threshold(0)
+    assert merkle.runs([0, t, 0, 0, t + 5, 0], 0) == [2, 5, 6]
+    assert merkle.runs([t, t], 0) == [1, 2]  # the last run ends at the end, boundary or not
+    assert merkle.runs([0] * (2 * merkle.MAX_RUN + 1), 0) == [merkle.MAX_RUN, 2 * merkle.MAX_RUN,
+                                                            2 * merkle.MAX_RUN + 1]
+    assert merkle.runs([t], 1) == [1] and merkle.runs([t, 0], 1) == [2]  # a leaf boundary is not an index one
+
+
+def test_a_big_directory_is_split_and_a_change_reencodes_a_path_of_small_blocks():
+    rng = random.Random(11)
+    d = big_dir(5000, rng)
+    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    assert len(parts) > 5000 >> (merkle.LEAF_BITS + 1)
+    have = {merkle.block_digest(head): head, **dict(parts)}
+    whole = sum(len(merkle.compress(b)) for b in have.values())
+    name = sorted(d.children)[1234]
+    f = d.children[name]
+    d2 = ns.replace(d, (name,), ns.File(f.size + 1, f.mtime, f.mode, f.chunks), 3)
+    new = [(dg, b) for dg, b, _n in merkle.iter_blocks(d2, V, have.__contains__)]
+    levels = 1
+    while merkle.threshold(levels) <= 32 and len(parts) >> (merkle.FANOUT_BITS * levels):
+        levels += 1
+    assert 2 <= len(new) <= 1 + levels  # the leaf, an index sub-block per level, the head
+    assert sum(len(merkle.compress(b)) for _dg, b in new) * 50 < whole
+    assert new[-1][0] == merkle.digest(d2, V)
+    # inserting a name moves at most the boundaries around it
+    d3 = ns.replace(d, ("file-new.dat",), ns.File(1, 1, 0o644, ()), 3)
+    new3 = [dg for dg, _b, _n in merkle.iter_blocks(d3, V, have.__contains__)]
+    assert len(new3) <= 2 + levels
+
+
+def test_names_that_never_hit_a_boundary_are_cut_at_the_cap():
+    names = []
+    i = 0
+    while len(names) < merkle.MAX_RUN * 2 + 10:
+        n = f"n{i}"
+        if merkle.name_rank(n) < merkle.threshold(0):
+            names.append(n)
+        i += 1
+    d = ns.Dir(immutables.Map({n: ns.File(0, 1, 0o644, ()) for n in names}), 1, 0o755)
+    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    sizes = sorted(len(merkle.decode_block(b).entries) for _p, b in parts)
+    assert sizes == [10, merkle.MAX_RUN, merkle.MAX_RUN]
+    have = {merkle.block_digest(head): head, **dict(parts)}
+    assert list(merkle.whole_dir(merkle.block_digest(head), have).entries) == sorted(names)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_a_big_directory_digest_is_canonical_whatever_the_order_of_inserts_and_removals(rng):
+    d = big_dir(rng.randrange(50, 600), rng)
+    names = list(d.children)
+    rng.shuffle(names)
+    root = ns.empty_root(3)
+    extra = [f"tmp{i}" for i in range(rng.randrange(0, 40))]
+    for n in names + extra:  # in random order, with detours, digests taken along the way
+        root = ns.replace(root, (n,), d.children.get(n) or ns.File(9, 9, 0o600, ()), 3)
+        if rng.random() < 0.05:
+            merkle.digest(root, V)
+    for n in extra:
+        root = ns.replace(root, (n,), None, 3)
+    assert merkle.digest(root, V) == merkle.digest(d, V)
+
+
+def test_diff_of_a_big_directory_reads_only_the_sub_blocks_that_differ():
+    rng = random.Random(4)
+    a = ns.Dir(immutables.Map({"big": big_dir(3000, rng)}), 1, 0o755)
+    name = sorted(ns.must_dir(a, ("big",)).children)[100]
+    b = ns.replace(a, ("big", name), ns.File(7, 7, 0o644, (99999,)), 3)  # (big keeps its mtime)
+    loaded = []
+    changes = run(diff_steps(merkle.DirRef(merkle.digest(a, V)), merkle.DirRef(merkle.digest(b, V))),
+                  block_loader(a, b, seen=loaded))
+    assert [c.line() for c in changes] == [f"M\t./big/{name}"]
+    n_blocks = sum(1 for _ in merkle.iter_blocks(a, V, lambda _d: False))
+    assert len(loaded) <= 2 * 5 and n_blocks > 100
+
+
+def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
+    rng = random.Random(2)
+    d = big_dir(400, rng)
+    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    have = dict(parts)
+    with pytest.raises(CorruptData):
+        merkle.whole_dir(parts[0][0], have)
+    hd = merkle.block_digest(head)
+    have[hd] = head
+    raw = merkle.unpackb(head)
+    raw[13] = b"".join(reversed([raw[13][i:i + 32] for i in range(0, len(raw[13]), 32)]))
+    swapped = merkle.packb(raw)
+    have[merkle.block_digest(swapped)] = swapped
+    if len(raw[13]) > 32:
+        with pytest.raises(CorruptData):
+            merkle.whole_dir(merkle.block_digest(swapped), have)
+
+
+def test_encoded_blocks_are_cached_by_digest_within_a_bound(monkeypatch):
+    monkeypatch.setattr(merkle, "_CACHE", {})
+    monkeypatch.setattr(merkle, "_cache_bytes", 0)
+    monkeypatch.setattr(merkle, "_CACHE_LIMIT", 150_000)
+    rng = random.Random(8)
+    dirs = [big_dir(200, rng, prefix=f"d{i}-") for i in range(20)]
+    for d in dirs:
+        merkle.digest(d, V)
+    assert 0 < len(merkle._CACHE) < 20 and merkle._cache_bytes <= 150_000
+    for d in dirs:  # from the cache or encoded again: the same blocks
+        assert merkle.blocks_of_dir(d, V) == merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(rng):
+    big = big_dir(rng.randrange(20, 500), rng)
+    for i in range(rng.randrange(0, 4)):  # a few subdirectories among the files
+        big = ns.replace(big, (f"file-sub{i}",), build_direct(random_spec(rng, 2)), 3)
+    snap = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
+    live = snap
+    names = sorted(big.children)
+    for _ in range(rng.randrange(0, 30)):
+        op = rng.random()
+        if op < 0.4:
+            live = ns.replace(live, ("big", rng.choice(names)), ns.File(rng.randrange(9), 9, 0o600, (777,)), 3)
+        elif op < 0.7:
+            live = ns.replace(live, ("big", f"file-x{rng.randrange(10**6)}"), ns.File(1, 1, 0o644, ()), 3)
+        elif op < 0.9 and ns.get(live, ("big", n := rng.choice(names))) is not None:
+            live = ns.replace(live, ("big", n), None, 3)
+        else:
+            b = ns.must_dir(live, ("big",))
+            live = ns.replace(live, ("big",), ns.Dir(b.children, b.mtime + 1, b.mode), 1)
+    holder = {dg: data for dg, data, _n in merkle.iter_blocks(snap, V, lambda _d: False)}
+    have: dict = {}
+    memo: dict = {}
+    while True:
+        try:
+            tree, used = merkle.assemble(merkle.digest(snap, V), have, [live], V, [], memo)
+            break
+        except merkle.NeedBlocks as need:
+            have.update({d: holder[d] for d in need.digests})
+    assert to_dict(tree) == to_dict(snap)
+    assert merkle.digest(tree, V) == merkle.digest(snap, V) == tree.digest
+    tb = tree.children["big"]  # its memoised digest is what encoding it again gives
+    assert merkle.digest(ns.Dir(tb.children, tb.mtime, tb.mode), V) == tb.digest == big.digest
+    # a replay from the blocks the op would carry, against the same live tree, gives the same
+    again, _used = merkle.assemble(merkle.digest(snap, V), {d: have[d] for d in used}, [live], V)
+    assert to_dict(again) == to_dict(snap)
+
+
+def test_a_bad_frame_does_not_spoil_the_next_decompression():
+    good = merkle.compress(b"block" * 100)
+    for bad in (b"\x28\xb5\x2f\xfd garbage", good[:-3], b""):
+        with pytest.raises(CorruptData):
+            merkle.decompress(bad)
+        assert merkle.decompress(good) == b"block" * 100

@@ -7,10 +7,12 @@ builder before content-addressed directory blocks existed; ``snapobj-v2.json`` s
 import json
 from pathlib import Path
 
+from kubegfs import merkle
 from kubegfs import namespace as ns
 from kubegfs.formats import sha256_hex
 from kubegfs.master.state import MasterState
-from kubegfs.snapobj import parse_record
+from kubegfs.snapdiff import diff_steps, run
+from kubegfs.snapobj import parse_manifest, parse_record
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -49,3 +51,77 @@ def test_v2_record_restores_through_the_state_machine():
     assert _flat(restored) == exp["tree"]
     assert st.live == {0x100000001: 1, 0x100000002: 1, 0x100000003: 1}
     assert (st.n_files, st.n_bytes) == (3, 70_000_010)
+
+
+# ``tests/data/snapobj-v3-blocks1.*``: a format-3 record (a root digest) written by the first
+# block format (one block per directory, ``[1, mode, mtime, names, ...]``), before large
+# directories were split into sub-blocks: ``.rec`` the record, ``.blocks`` the directory blocks it
+# reaches as block frames (merkle.pack_frames), ``.json`` what they hold.
+
+
+def _v3():
+    return json.loads((DATA / "snapobj-v3-blocks1.json").read_text())
+
+
+def _v3_blocks():
+    return dict(merkle.unpack_frames((DATA / "snapobj-v3-blocks1.blocks").read_bytes()))  # verified
+
+
+def test_format1_blocks_decode_and_name_their_children_and_chunks():
+    exp = _v3()
+    data = (DATA / "snapobj-v3-blocks1.rec").read_bytes()
+    man = parse_manifest(data, exp["sha256"])
+    assert man.root.hex() == exp["root"] and man.header["name"] == "compat-v3-blocks1"
+    blocks = _v3_blocks()
+    assert {d.hex() for d in blocks} == set(exp["blocks"])
+    for d, b in blocks.items():
+        merkle.decode_block(b, d)
+        info = merkle.block_info(b)
+        assert [c.hex() for c in info.children] == exp["blocks"][d.hex()]["children"]
+        assert merkle.block_chunks(b) == exp["blocks"][d.hex()]["chunks"]
+
+
+def _v3_state():
+    exp = _v3()
+    st = MasterState()
+    for h, v in exp["versions"].items():
+        st.version[int(h, 16)] = v
+    return st, exp
+
+
+def test_format1_blocks_restore_through_the_state_machine_and_are_counted():
+    st, exp = _v3_state()
+    blocks = _v3_blocks()
+    root = bytes.fromhex(exp["root"])
+    # counted as a committed snapshot's blocks are (master recover adopts them this way)
+    st.ref_blocks(root, {d: merkle.block_info(b) for d, b in blocks.items()})
+    assert set(st.blocks) == set(blocks)
+    assert sorted(st.snap) == sorted(int(h, 16) for h in exp["versions"])
+    tree, used = merkle.assemble(root, blocks, [None], st.version_or_zero)
+    assert set(used) == set(blocks)
+    out = st.apply({"op": "restore", "id": exp["meta"]["id"], "path": "/restored", "mode": "new",
+                    "mtime": 5, "format": 3, "root": exp["root"], "source_path": "/data",
+                    "blocks": merkle.pack_frames(list(blocks.items())),
+                    "counts": {k: exp["counts"][k] for k in ("files", "dirs", "chunks")}})
+    assert out == {"files": 4, "dirs": 5, "chunks": 4}
+    assert _flat(ns.must_get(st.root, ("restored",))) == exp["tree"]
+    assert _flat(tree) == exp["tree"]
+    st.unref_block(root)
+    assert not st.blocks and set(st.garbage_blocks) == set(blocks)
+
+
+def test_format1_blocks_diff_against_a_live_tree():
+    exp = _v3()
+    blocks = _v3_blocks()
+    root = bytes.fromhex(exp["root"])
+    st, _ = _v3_state()
+    tree, _used = merkle.assemble(root, blocks, [None], st.version_or_zero)
+    changed = ns.replace(tree, ("logs", "c.log"), ns.File(1, 2, 0o644, ()), 3)
+    live = merkle.DirRef(merkle.digest(changed, st.version_or_zero), changed)
+
+    def load(refs):
+        return [merkle.block_of(r.node, st.version_or_zero) if r.node is not None
+                else merkle.decode_block(blocks[r.digest], r.digest) for _side, r in refs]
+
+    got = run(diff_steps(merkle.DirRef(root), live), load)
+    assert [c.line() for c in got] == ["M\t./logs", "+\t./logs/c.log"]

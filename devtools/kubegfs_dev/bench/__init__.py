@@ -9,6 +9,9 @@ Benchmarks (``--only`` names):
 
 * ``capture``    in-loop cost of pinning a snapshot: ``MasterState.apply(snap_capture)``
 * ``seed``       the same trees captured the seed's way: ``copy.deepcopy`` + ``pickle.dumps``
+* ``incremental`` the master's own work (in process) for a snapshot after 100 files changed in
+                 100 directories (digests, diff, blocks to ship, bytes shipped), a restore in
+                 place that undoes them and the diff of two trees 100 files apart
 * ``snapshot``   end-to-end snapshot and restore (new path / in place) on a real master that
                  recovered the N-file state from a checkpoint written offline
 * ``memory``     master RSS per million files, RSS growth per snapshot after modifying K files
@@ -26,7 +29,7 @@ Benchmarks (``--only`` names):
 Outputs: a table on stdout, ``DIR/results.json`` (raw samples + machine), PNG plots in ``DIR``.
 """
 
-ALL = ("capture", "seed", "snapshot", "memory", "during", "throughput", "datapath", "operator", "recovery")
+ALL = ("capture", "seed", "incremental", "snapshot", "memory", "during", "throughput", "datapath", "operator", "recovery")
 CLUSTER_BENCHES = {"snapshot", "memory", "during"}
 PEERS = ("hdfs",)  # never in the default set: the first build fetches ~140 MB from Maven Central
 OPT_IN = (*PEERS, "pods")  # pods: root, a real-node cluster and an image build; minutes

@@ -1,5 +1,6 @@
-"""In-process benchmarks on a master state: the snapshot capture pause (``capture``) and the
-seed's deepcopy + pickle of the same trees (``seed``)."""
+"""In-process benchmarks on a master state: the snapshot capture pause (``capture``), the
+seed's deepcopy + pickle of the same trees (``seed``) and the master's work for an incremental
+snapshot, diff and restore (``incremental``)."""
 
 from __future__ import annotations
 
@@ -69,4 +70,92 @@ def bench_seed(trees: dict[int, Tree], capture_rows: list[Row], repeats: dict[in
             ratios = [s / cap[n] for s in samples]
             rows.append(at_least(Row("seed", f"seed / kubegfs capture, {human_n(n)} files", "x", ratios,
                                      extra={"files": n}), 100, "≥ 100×"))
+    return rows
+
+
+def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 3) -> list[Row]:
+    """The master's own work for a snapshot after ``changed`` files in as many directories changed, in
+    process (no fsync, no round trip): digests, the since-previous diff, encoding + compressing
+    the blocks to ship, the commit op's block infos; the bytes shipped per copy; then a restore
+    in place of the previous snapshot over the changed tree (assembly, the op's blocks, the
+    subtrees it swaps) from the tree in memory and from blocks read back; and the diff of two
+    trees as many files apart."""
+    import random
+
+    from kubegfs import merkle
+    from kubegfs import namespace as ns
+    from kubegfs.master.snapshots import _assemble_job, diff_nodes
+
+    def version(_h: int) -> int:
+        return 1
+
+    rows: list[Row] = []
+    for n, t in trees.items():
+        rng = random.Random(n)
+        prev = t.root
+        merkle.digest(prev, version)
+        holder = {dg: b for dg, b, _node in merkle.iter_blocks(prev, version, lambda _d: False)}
+        picks = list({p[:-1]: p for p, x in ns.walk(prev) if isinstance(x, ns.File)}.values())
+        k = min(changed, len(picks))
+        got: dict[str, list[float]] = {}
+        for _round in range(rounds):
+            live = prev
+            for p in rng.sample(picks, k):
+                f = ns.must_get(live, p)
+                assert isinstance(f, ns.File)
+                live = ns.replace(live, p, ns.File(f.size + 1, f.mtime + 1, f.mode, ((1 << 60) + rng.randrange(1 << 30),)),
+                                  f.mtime + 1)
+            t0 = time.perf_counter()
+            dg = merkle.digest(live, version)
+            merkle.stats(live, version)
+            t1 = time.perf_counter()
+            diff_nodes(merkle.DirRef(merkle.digest(prev, version), prev), version, merkle.DirRef(dg, live), version)
+            t2 = time.perf_counter()
+            new = [(d, merkle.compress(b)) for d, b, _node in merkle.iter_blocks(live, version, holder.__contains__)]
+            t3 = time.perf_counter()
+            merkle.new_block_infos(live, version, holder.__contains__)
+            t4 = time.perf_counter()
+            for key, v in (("digests", t1 - t0), ("since-previous diff", t2 - t1), ("encode + compress to ship", t3 - t2),
+                           ("commit op's block infos", t4 - t3), ("build total", t4 - t0),
+                           ("bytes shipped", float(sum(len(b) for _d, b in new)))):
+                got.setdefault(key, []).append(v)
+            holder.update((d, merkle.decompress(b)) for d, b in new)
+            for src in ("tree in memory", "blocks read back"):
+                local = merkle.TreeBlocks(prev, version) if src == "tree in memory" else None
+                have: dict[bytes, bytes] = {}
+                memo: merkle.Decoded = {}
+                t0 = time.perf_counter()
+                while True:
+                    try:
+                        tree, used, _h = _assemble_job(merkle.digest(prev, version), have, [live], version, [], memo)
+                        break
+                    except merkle.NeedBlocks as need:
+                        have.update(local.take(need.digests) if local is not None else
+                                    {d: holder[d] for d in need.digests})
+                merkle.pack_frames([(d, have[d]) for d in used])
+                ns.changed_subtrees(live, tree)
+                got.setdefault(f"restore in place ({src})", []).append(time.perf_counter() - t0)
+            prev = live
+        b = prev
+        for p in rng.sample(picks, k):
+            f = ns.must_get(b, p)
+            assert isinstance(f, ns.File)
+            b = ns.replace(b, p, ns.File(f.size + 2, f.mtime + 2, f.mode, f.chunks), f.mtime + 2)
+        db = merkle.digest(b, version)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            diff_nodes(merkle.DirRef(merkle.digest(prev, version), prev), version, merkle.DirRef(db, b), version)
+            got.setdefault("diff of two trees", []).append(time.perf_counter() - t0)
+        ex = {"files": n, "changed": k}
+        for key, vals in got.items():
+            unit = "B" if key.startswith("bytes") else "s"
+            name = (f"{key} after {k} changed, {human_n(n)} files (in process)" if key != "diff of two trees"
+                    else f"diff of two trees {k} files apart, {human_n(n)} files (in process)")
+            row = Row("incremental", name, unit, vals, extra=ex)
+            if n >= 1_000_000:
+                limit = {"build total": 0.020, "bytes shipped": 64 * 1024, "diff of two trees": 0.020,
+                         "restore in place (blocks read back)": 0.050}.get(key)
+                if limit is not None:
+                    at_most(row, limit, "≤ 64 KiB" if unit == "B" else f"≤ {limit * 1e3:.0f} ms")
+            rows.append(row)
     return rows

@@ -16,7 +16,7 @@ from . import ALL, CLUSTER_BENCHES, OPT_IN
 from .cluster import ClusterCfg, bench_cluster
 from .datapath import bench_small_cluster
 from .hdfs_peer import bench_hdfs_peer, ratio_rows, render_peer_table
-from .inprocess import bench_capture, bench_seed
+from .inprocess import bench_capture, bench_incremental, bench_seed
 from .operator_e2e import bench_operator
 from .pods import bench_pods
 from .recovery import bench_recovery
@@ -31,7 +31,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
 
     console = console or Console()
     sizes = sizes or ([1_000, 10_000] if quick else [10_000, 100_000, 1_000_000])
-    phases = [p for p in ("trees", "capture", "seed", "cluster", "small", "operator", "recovery", "hdfs", "pods")
+    phases = [p for p in ("trees", "capture", "seed", "incremental", "cluster", "small", "operator", "recovery", "hdfs", "pods")
               if p == "trees" or p in only or (p == "cluster" and only & CLUSTER_BENCHES)
               or (p == "small" and only & {"throughput", "datapath"})]
     rows: list[Row] = []
@@ -58,6 +58,9 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 cap = bench_capture(trees, repeats=101 if quick else 201)
                 rows += cap
                 prog.advance(task)
+            if "incremental" in phases:
+                say("incremental snapshot, diff and restore: the master's work, in process")
+                rows += bench_incremental(trees)
             if "seed" in phases:
                 if not cap:
                     cap = bench_capture(trees, repeats=51)
