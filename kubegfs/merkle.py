@@ -167,37 +167,31 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
     parts: list[tuple[bytes, bytes]] = []
     index: dict[bytes, tuple[bytes, ...]] = {}
     infos: dict[bytes, BlockInfo] = {}
-    level: list[bytes] = []  # this level's part digests
-    start = 0
-    for end in ends:
-        data, info = _entries_block(KIND_PART, 0, 0, items[start:end], version_of, child_digest)
+
+    def part(entries: list[tuple[str, Node]], named: list[bytes]) -> bytes:
+        """A sub-block of ``entries`` (a leaf) or naming the sub-blocks ``named`` (an index)."""
+        data, info = _entries_block(KIND_PART, 0, 0, entries, version_of, child_digest, b"".join(named))
         dg = block_digest(data)
         parts.append((dg, data))
         infos[dg] = info
-        level.append(dg)
-        start = end
+        if named:
+            index[dg] = tuple(named)
+        return dg
+
+    starts = [0, *ends[:-1]]
+    level = [part(items[a:b], []) for a, b in zip(starts, ends, strict=True)]  # this level's digests
     level_ranks = [ranks[e - 1] for e in ends]  # a part's rank is that of its last name
     height = 1
-    while True:
-        ends = runs(level_ranks, height)
-        if len(ends) == 1:
-            head, info = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level))
-            hd = block_digest(head)
-            index[hd] = tuple(level)
-            infos[hd] = info
-            return DirBlocks(head, parts, index, infos)
-        up: list[bytes] = []
-        start = 0
-        for end in ends:
-            data, info = _entries_block(KIND_PART, 0, 0, [], version_of, child_digest, b"".join(level[start:end]))
-            dg = block_digest(data)
-            parts.append((dg, data))
-            infos[dg] = info
-            index[dg] = tuple(level[start:end])
-            up.append(dg)
-            start = end
-        level, level_ranks = up, [level_ranks[e - 1] for e in ends]
+    while len(ends := runs(level_ranks, height)) > 1:
+        starts = [0, *ends[:-1]]
+        level = [part([], level[a:b]) for a, b in zip(starts, ends, strict=True)]
+        level_ranks = [level_ranks[e - 1] for e in ends]
         height += 1
+    head, info = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level))
+    hd = block_digest(head)
+    index[hd] = tuple(level)
+    infos[hd] = info
+    return DirBlocks(head, parts, index, infos)
 
 
 def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,

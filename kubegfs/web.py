@@ -107,9 +107,9 @@ def check_auth(got: str, method: str, path: str, tokens: Tokens, policy: Policy)
                         f"(needs the {' or '.join(sorted(allowed))} token)")
 
 
-def _wants_msgpack(request: web.Request) -> bool:
-    h = request.headers
-    return h.get("Accept", "").startswith(MSGPACK) or h.get("Content-Type", "").startswith(MSGPACK)
+def msgpack_wanted(accept: str, ctype: str) -> bool:
+    """Whether a request (its ``Accept`` and ``Content-Type``) is answered in msgpack."""
+    return accept.startswith(MSGPACK) or ctype.startswith(MSGPACK)
 
 
 class RequestMetrics:
@@ -143,7 +143,8 @@ def make_middlewares(token: str | Tokens, http: HttpMetrics, policy: Policy = la
         resource = request.match_info.route.resource
         route = resource.canonical if resource else "unmatched"
         code = 500
-        _WANT_MSGPACK.set(_wants_msgpack(request))
+        h = request.headers
+        _WANT_MSGPACK.set(msgpack_wanted(h.get("Accept", ""), h.get("Content-Type", "")))
         try:
             if request.path not in OPEN_PATHS:
                 check_token(request, tokens, policy)

@@ -188,6 +188,7 @@ class Chunkserver:
         fq: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: the piece is held whole anyway
         fwd = asyncio.create_task(self._forward(chain, h, offset, version, sync, _drain(fq), expect)
                                   ) if chain else None
+        existed = h in self.store.index  # before the local write below can create it
         lq: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         local = asyncio.ensure_future(self._store_piece(h, offset, version, sync, expect, lq))
         local.add_done_callback(_quiet)  # awaited below, unless the body breaks off
@@ -208,7 +209,6 @@ class Chunkserver:
             raise
         lq.put_nowait(None)
         fq.put_nowait(None)
-        existed = h in self.store.index
         acked: list[str] = []
         failed: dict[str, str] = {}
         rest = chain

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import threading
@@ -232,14 +233,10 @@ class ChunkStore:
     def _finish(self, w: ChunkWriter, sync: bool) -> int:
         """(caller holds the chunk's lock)"""
         _, meta_path = self._paths(w.h)
-        try:
+        with disk_full_is_no_space():
             os.ftruncate(w.fd, w.pos)
             if sync:
                 os.fdatasync(w.fd)
-        except OSError as exc:
-            if exc.errno == 28:
-                raise NoSpace("chunkserver disk is full") from exc
-            raise
         crcs = w.crcs.done()
         cur = self.index.get(w.h)
         new_v = max(w.version, cur[0] if cur else 0)
@@ -343,22 +340,19 @@ class ChunkStore:
         h = hashlib.sha256()
         n = 0
         try:
-            with open(tmp, "wb") as f:
-                for p in pieces:
-                    h.update(p)
-                    f.write(p)
-                    n += len(p)
-                f.flush()
-                os.fsync(f.fileno())
-            digest = h.hexdigest()
-            if digest != expected_sha256:
-                raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
-            os.replace(tmp, rec)
-            atomic_write(sha_path, digest.encode())  # its directory fsync covers both renames
-        except OSError as exc:
-            if exc.errno == 28:
-                raise NoSpace("chunkserver disk is full") from exc
-            raise
+            with disk_full_is_no_space():
+                with open(tmp, "wb") as f:
+                    for p in pieces:
+                        h.update(p)
+                        f.write(p)
+                        n += len(p)
+                    f.flush()
+                    os.fsync(f.fileno())
+                digest = h.hexdigest()
+                if digest != expected_sha256:
+                    raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
+                os.replace(tmp, rec)
+                atomic_write(sha_path, digest.encode())  # its directory fsync covers both renames
         finally:
             tmp.unlink(missing_ok=True)
         return n, digest
@@ -401,6 +395,17 @@ class ChunkStore:
                 size = rec.stat().st_size
             out[rec.stem] = [size, sha]
         return out
+
+
+@contextlib.contextmanager
+def disk_full_is_no_space() -> Iterator[None]:
+    """A full disk (ENOSPC) is the caller's NoSpace, not an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NoSpace("chunkserver disk is full") from exc
+        raise
 
 
 class BlockCrcs:
@@ -456,12 +461,8 @@ class ChunkWriter:
 
     def feed(self, parts: list[bytes]) -> None:
         """Write the next parts (one ``pwritev``) and checksum them."""
-        try:
+        with disk_full_is_no_space():
             _pwrite_all(self.fd, parts, self.pos)
-        except OSError as exc:
-            if exc.errno == 28:
-                raise NoSpace("chunkserver disk is full") from exc
-            raise
         start = self.pos
         for p in parts:
             self.crcs.update(p)

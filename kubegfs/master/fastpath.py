@@ -28,7 +28,14 @@ from urllib.parse import unquote_plus
 
 from ..auth import Policy, Tokens
 from ..errors import InvalidArgument, KubegfsError, NotFound, PayloadTooLarge
-from ..web import MAX_JSON_BODY, MSGPACK, RequestMetrics, check_auth, decode_object, encode_body
+from ..web import (
+    MAX_JSON_BODY,
+    RequestMetrics,
+    check_auth,
+    decode_object,
+    encode_body,
+    msgpack_wanted,
+)
 
 if TYPE_CHECKING:
     from .http import Api
@@ -162,7 +169,7 @@ class FastProtocol(asyncio.Protocol):
     def _answer(self, req: Request, body: bytes) -> None:
         t0 = time.perf_counter()
         h = req.headers
-        packed = h.get("accept", "").startswith(MSGPACK) or h.get("content-type", "").startswith(MSGPACK)
+        packed = msgpack_wanted(h.get("accept", ""), h.get("content-type", ""))
         route = self.routes.get((req.method, req.path))
         try:
             check_auth(h.get("authorization", ""), req.method, req.path, self.tokens, self.policy)

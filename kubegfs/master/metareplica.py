@@ -37,7 +37,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -96,8 +96,8 @@ def choose_targets(candidates: list[Candidate], current: list[str], copies: int,
 
 @dataclass(eq=False)
 class _Batch:
-    """One group-committed batch of the log on its way to the copies; ``on_durable``'s answer
-    (``fut, wait = batch``: its future, and whether the batch's waiters wait for it)."""
+    """One group-committed batch of the log on its way to the copies (``on_durable``'s answer,
+    an ``oplog.Shipment``)."""
 
     data: bytes
     first: int
@@ -108,9 +108,6 @@ class _Batch:
     waiting: set[str] = field(default_factory=set)  # in-sync copies that have not acknowledged it
     wait: bool = True
     hooks: list[Callable[[], None]] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.fut, self.wait))
 
     def then(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the copies hold the batch, in the same step that settles it (a

@@ -204,7 +204,7 @@ class OpLog:
             waiters = []
         remote.then(partial(self._durable, last, waiters))
 
-    def _durable(self, last: int, waiters: list[asyncio.Future[None]], _done: object = None) -> None:
+    def _durable(self, last: int, waiters: list[asyncio.Future[None]]) -> None:
         self.durable_seq = max(self.durable_seq, last)
         for cb in self.on_durable:
             cb(self.durable_seq)

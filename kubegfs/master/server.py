@@ -207,8 +207,12 @@ class Master:
         return result
 
     async def call_cs(self, cs: ChunkserverInfo, method: str, path: str, **kw: Any) -> Any:
+        return await self.call_url(method, cs.address + path, **kw)
+
+    async def call_url(self, method: str, url: str, **kw: Any) -> Any:
+        """A chunkserver's answer, decoded; a non-2xx answer raises its KubegfsError."""
         assert self._session is not None
-        async with self._session.request(method, cs.address + path, **kw) as resp:
+        async with self._session.request(method, url, **kw) as resp:
             try:
                 body = await resp.json(content_type=None)
             except (ValueError, aiohttp.ContentTypeError):

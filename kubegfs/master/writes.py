@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics as M
 from .. import namespace as ns
-from ..errors import Conflict, InvalidArgument, Unavailable, from_json
+from ..errors import Conflict, InvalidArgument, Unavailable
 from ..topology import Location, find_nearest, place_replicas
 from ..web import CHAIN_HEADER, PEER_ERRORS, hexh
 from ..wire import SMALL_FILE
@@ -94,23 +94,15 @@ class WritePath:
     async def _store_chain(self, handle: str, chain: list[str], ids: dict[str, str], data: bytes) -> list[str]:
         """The ids of the replicas that stored and synced ``data`` as a new chunk's only piece:
         sent to the head of the chain, which forwards it; if the head fails, to the rest."""
-        assert self.m._session is not None
         errors: list[str] = []
         while chain:
             head, rest = chain[0], chain[1:]
             try:
-                async with self.m._session.put(
-                        f"{head}/internal/chunks/{handle}", data=data,
-                        params={"offset": "0", "version": "1", "sync": "1"},
-                        headers={CHAIN_HEADER: ",".join(rest)}) as resp:
-                    reply = await resp.json(content_type=None)
-                    if resp.status != 200:
-                        raise from_json(resp.status, reply)
+                reply = await self.m.call_url("PUT", f"{head}/internal/chunks/{handle}", data=data,
+                                              params={"offset": "0", "version": "1", "sync": "1"},
+                                              headers={CHAIN_HEADER: ",".join(rest)})
                 return [str(i) for i in reply.get("acked", [])]
             except PEER_ERRORS as exc:
-                errors.append(f"{ids.get(head, head)}: {exc}")
-                chain = rest
-            except ValueError as exc:  # not JSON
                 errors.append(f"{ids.get(head, head)}: {exc}")
                 chain = rest
         raise Unavailable(f"no replica accepted chunk {handle}: " + "; ".join(errors))

@@ -185,8 +185,8 @@ def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answe
         r._streams = {i: _FakeStream() for i in "ab"}
         streams = dict(r._streams)
         b1 = r.on_durable(b"one", 1, 2)
-        f1, wait1 = b1
-        f2, _ = r.on_durable(b"two", 3, 3)
+        f1, wait1 = b1.fut, b1.wait
+        f2 = r.on_durable(b"two", 3, 3).fut
         assert wait1 and streams["a"].sent() == streams["b"].sent() == [(1, 2), (3, 3)]  # not held back
         answered = []
         b1.then(lambda: answered.append(1))
@@ -199,7 +199,7 @@ def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answe
         assert answered == [1, 2]  # settled already: at once
         r._drop(r.targets["b"], "test")  # out of sync: no longer waited for
         assert f2.done() and streams["b"].closed and r.in_sync() == 1
-        f3, _ = r.on_durable(b"three", 4, 4)
+        f3 = r.on_durable(b"three", 4, 4).fut
         assert streams["a"].sent() == [(4, 4)] and streams["b"].sent() == []
         watcher = asyncio.create_task(r._watch())
         await asyncio.sleep(0.6)  # a never answers batch 4: dropped after timeout_seconds
@@ -208,7 +208,8 @@ def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answe
         assert r._gave_up and r.on_durable(b"four", 5, 5) is None
         # after a restart (no copy in sync yet, chunkservers there) they wait, then give up
         r._gave_up = False
-        f6, wait6 = r.on_durable(b"six", 6, 6)
+        b6 = r.on_durable(b"six", 6, 6)
+        f6, wait6 = b6.fut, b6.wait
         await asyncio.sleep(0.1)
         assert wait6 and not f6.done() and r._kick.is_set()  # a copy is being brought in sync
         await asyncio.sleep(0.5)
