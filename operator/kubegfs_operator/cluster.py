@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from kubegfs.topology import Candidate, Location, Ranked, pick_record_holders
 
@@ -22,6 +23,8 @@ REGION = "topology.kubernetes.io/region"
 NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+
+C = TypeVar("C")  # a master client (MasterClients)
 
 
 @dataclass(frozen=True)
@@ -191,3 +194,30 @@ class _Slot:
             raise self.error
         assert self.view is not None
         return self.view
+
+
+class MasterClients(Generic[C]):
+    """One long-lived client per master URL, shared by every handler thread.
+
+    A client keeps one keep-alive connection per thread, so a burst of objects costs each of the
+    operator's worker threads one TLS handshake with the master instead of one per call, and the
+    client's TLS context (its CA bundle) is loaded once. At most ``keep`` URLs are remembered; a
+    master pod that moved to another IP leaves its old client to be dropped (its connections close
+    when it is garbage-collected). Callers never close a client they were given."""
+
+    def __init__(self, make: Callable[[str], C], keep: int = 8) -> None:
+        self._make = make
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._clients: OrderedDict[str, C] = OrderedDict()
+
+    def get(self, url: str) -> C:
+        with self._lock:
+            c = self._clients.get(url)
+            if c is None:
+                c = self._clients[url] = self._make(url)
+                while len(self._clients) > self._keep:
+                    self._clients.popitem(last=False)
+            else:
+                self._clients.move_to_end(url)
+            return c

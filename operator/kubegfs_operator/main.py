@@ -26,7 +26,7 @@ from kubegfs.tls import server_context_from_env
 from kubegfs.web import make_middlewares, metrics_handler
 
 from . import FINALIZER, GROUP, VERSION, objects, reconcile
-from .cluster import SharedViews, fetch_view
+from .cluster import MasterClients, SharedViews, fetch_view
 from .config import Config, catalog_sync_seconds
 
 log = logging.getLogger("kubegfs.operator")
@@ -83,7 +83,7 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
     deps = reconcile.Deps(
         cfg=cfg,
         view=views.get,
-        master=lambda url: Client(url, cfg.token, timeout=cfg.request_timeout),
+        master=MasterClients(lambda url: Client(url, cfg.token, timeout=cfg.request_timeout)).get,
         get_snapshot=get_snapshot,
         create_snapshot=create_snapshot,
         delete_snapshot=delete_snapshot,
@@ -146,7 +146,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
-    settings.posting.level = logging.INFO
+    # Events: the operator posts its own (SnapshotCreated, RestoreCompleted, failures…) explicitly;
+    # kopf's per-handler INFO lines ("Handler … succeeded", "Creation is processed") would each be
+    # one more Event, i.e. two more API writes per object, which a burst of objects waits behind
+    settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubegfs-operator"  # Events' source, not "kopf"
     settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
     settings.posting.event_name_prefix = "kubegfs-"
@@ -161,6 +164,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    # one pooled API connection per handler thread (the default pool, 5 per CPU, is smaller than
+    # the thread pool: a burst would reconnect, TLS handshake included, on every overflow)
+    api_conf = client.Configuration.get_default_copy()
+    api_conf.connection_pool_maxsize = settings.execution.max_workers + 4
+    client.Configuration.set_default(api_conf)
     cfg = Config.from_env()
     core, custom = client.CoreV1Api(), client.CustomObjectsApi()
     memo["rt"] = Runtime(cfg, core, custom, _deps(cfg, core, custom))

@@ -122,8 +122,6 @@ def fetch_health(ref: Any, d: Deps) -> tuple[Health, PodInfo] | None:
         return master_health(client.status()), view.master
     except KubegfsError:
         return None
-    finally:
-        client.close()
 
 
 def with_health(status: dict[str, Any], stored: Any, gen: int, health: Health | None) -> dict[str, Any]:
@@ -149,7 +147,7 @@ def _refused(d: Deps, ref: Any, conds: Any, gen: int, retry: int) -> Retry | Non
 class Deps:
     cfg: Config
     view: Callable[[Any], ClusterView]                # ClusterRef -> view
-    master: Callable[[str], Client]                   # url -> client
+    master: Callable[[str], Client]                   # url -> the master's client (shared: never closed)
     get_snapshot: Callable[[str, str], dict[str, Any] | None]  # (namespace, name) -> object or None
     # (namespace, body) -> the object created, or the one already there under that name
     create_snapshot: Callable[[str, dict[str, Any]], dict[str, Any]] = lambda ns, body: body
@@ -217,8 +215,6 @@ def snapshot(body: dict[str, Any], retry: int, started: float, d: Deps) -> Resul
             raise refused from exc
         msg = f"master {view.master.name} at {view.master.url} unreachable or failing: {exc.message}"
         raise Retry(objects.progressing(conds, gen, "MasterUnreachable", msg), msg, backoff(retry)) from exc
-    finally:
-        client.close()
     if snap["state"] == "pending":
         msg = f"captured {spec.path}; building and shipping the record to {ranked[0].candidate.id}"
         first = retry == 0
@@ -277,8 +273,6 @@ def snapshot_delete(body: dict[str, Any], retry: int, d: Deps) -> Deleted:
             return Deleted(f"gave up after {retry} attempts ({exc.message}); snapshot {sid} may remain in kubegfs",
                            True)
         raise Retry(status, f"master unreachable: {exc.message}", backoff(retry)) from exc
-    finally:
-        client.close()
 
 
 def catalog_says_nothing(status: dict[str, Any]) -> bool:
@@ -302,8 +296,6 @@ def fetch_catalog(ref: Any, d: Deps) -> Catalog | None:
         return Catalog(listed_at, {e["id"]: e for e in client.api("GET", "/snapshots")["snapshots"]})
     except KubegfsError:
         return None
-    finally:
-        client.close()
 
 
 def snapshot_sync(body: dict[str, Any], d: Deps) -> Result | None:
@@ -427,8 +419,6 @@ def restore(body: dict[str, Any], retry: int, started: float, d: Deps, now: floa
             raise refused from exc
         msg = f"master unreachable or failing: {exc.message}"
         raise Retry(objects.progressing(conds, gen, "MasterUnreachable", msg), msg, backoff(retry)) from exc
-    finally:
-        client.close()
     duration = max(0.0, time.time() - started)
     st = objects.healthy_again(objects.restore_ready_status(conds, gen, result, duration, view.pods_by_ip()), gen)
     msg = f"restored Snapshot {spec.snapshot_name}: {result['files']} files to {result['path']} ({result['mode']})"

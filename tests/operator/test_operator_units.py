@@ -1,9 +1,11 @@
 """The operator's pure parts: spec parsing, conditions, topology view, reconcile decisions."""
 
+import threading
+
 import pytest
 
 from kubegfs_operator import api, objects, reconcile
-from kubegfs_operator.cluster import SharedViews, build_view
+from kubegfs_operator.cluster import MasterClients, SharedViews, build_view
 from kubegfs_operator.config import Config
 
 
@@ -127,7 +129,6 @@ def test_snapshot_without_master_pod_waits():
 
 def test_shared_views_never_hand_out_a_view_fetched_before_the_request():
     """Handlers that ask while a fetch runs share the *next* fetch, not the running one."""
-    import threading
 
     gates = [threading.Event() for _ in range(3)]
     began = [threading.Event() for _ in range(3)]
@@ -172,7 +173,6 @@ def test_shared_views_never_hand_out_a_view_fetched_before_the_request():
 
 
 def test_shared_views_one_installation_does_not_wait_for_another_and_errors_are_shared():
-    import threading
 
     other = api.ClusterRef("other", "ns")
     release = threading.Event()
@@ -201,6 +201,36 @@ def test_shared_views_one_installation_does_not_wait_for_another_and_errors_are_
     with pytest.raises(RuntimeError):  # the error was not kept: a new request fetches (and fails) again
         release.set()
         views.get(REF)
+
+
+def test_master_clients_one_per_url_shared_by_threads_and_bounded():
+    made: list[str] = []
+    gate = threading.Barrier(8)
+
+    def make(url):
+        made.append(url)
+        return object()
+
+    clients = MasterClients(make, keep=2)
+    got: list[object] = []
+
+    def ask():
+        gate.wait(5)
+        got.append(clients.get("https://m0:9400"))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert made == ["https://m0:9400"] and len(got) == 8 and len({id(c) for c in got}) == 1
+    first = got[0]
+    b = clients.get("https://m1:9400")
+    assert clients.get("https://m0:9400") is first  # used last: m1 is now the oldest
+    clients.get("https://m2:9400")  # a third URL drops the least recently used one (m1)
+    assert clients.get("https://m0:9400") is first
+    assert clients.get("https://m1:9400") is not b
+    assert made == ["https://m0:9400", "https://m1:9400", "https://m2:9400", "https://m1:9400"]
 
 
 def test_placement_entry_names_pods():
