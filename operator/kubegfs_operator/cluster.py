@@ -1,13 +1,15 @@
 """The kubegfs installation as the operator sees it: master and chunkserver pods, their nodes'
 topology labels, and the chunkservers ranked by distance to the master pod's node.
 
-``build_view`` is pure (dicts in, view out); ``fetch_view`` does the API calls; ``SharedViews``
-lets concurrent handlers share fetches without ever using a view older than their request."""
+``build_view`` is pure (dicts in, view out); ``fetch_view`` does the API calls (nodes' labels
+through ``NodeLabels``); ``SharedViews`` lets concurrent handlers share fetches without ever using
+a view older than their request."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,8 +70,11 @@ class ClusterView:
         return {p.ip: p.to_json() for p in self.chunkservers}
 
 
-def selector(ref: ClusterRef, component: str) -> str:
-    return f"{NAME_LABEL}=kubegfs,{INSTANCE_LABEL}={ref.name},{COMPONENT_LABEL}={component}"
+def selector(ref: ClusterRef, *components: str) -> str:
+    """The label selector of the installation's pods of ``components``."""
+    comp = f"{COMPONENT_LABEL}={components[0]}" if len(components) == 1 else \
+        f"{COMPONENT_LABEL} in ({','.join(components)})"
+    return f"{NAME_LABEL}=kubegfs,{INSTANCE_LABEL}={ref.name},{comp}"
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
@@ -111,9 +116,10 @@ def build_view(ref: ClusterRef, masters: list[dict[str, Any]], chunkservers: lis
 
 
 def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: int,
-               scheme: str = "http") -> ClusterView:
-    """Two pod listings and one read per node, taken as the API's JSON (no model objects: what
-    ``build_view`` reads is the wire form, and decoding into models costs more than the call)."""
+               scheme: str = "http", node_labels: NodeLabels | None = None) -> ClusterView:
+    """One listing of the installation's master and chunkserver pods, taken as the API's JSON (no
+    model objects: what ``build_view`` reads is the wire form, and decoding into models costs more
+    than the call), and their nodes' labels (from ``node_labels``, or read now)."""
 
     def raw(call: Callable[..., Any], *args: Any, **kw: Any) -> dict[str, Any]:
         r = call(*args, _preload_content=False, **kw)
@@ -123,20 +129,53 @@ def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: i
         finally:
             r.release_conn()
 
-    def pods(component: str) -> list[dict[str, Any]]:
-        listed = raw(core.list_namespaced_pod, ref.namespace, label_selector=selector(ref, component))
-        return list(listed.get("items") or [])
+    listed = raw(core.list_namespaced_pod, ref.namespace, label_selector=selector(ref, "master", "chunkserver"))
+    pods = list(listed.get("items") or [])
+    by = {c: [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL) == c]
+          for c in ("master", "chunkserver")}
 
-    masters, css = pods("master"), pods("chunkserver")
+    def read(name: str) -> dict[str, str]:
+        return dict((raw(core.read_node, name).get("metadata") or {}).get("labels") or {})
+
+    labels = node_labels or NodeLabels(ttl=0)
     nodes: dict[str, dict[str, str]] = {}
-    for p in masters + css:
+    for p in pods:
         n = (p.get("spec") or {}).get("nodeName")
         if n and n not in nodes:
-            try:
-                nodes[n] = dict((raw(core.read_node, n).get("metadata") or {}).get("labels") or {})
-            except Exception:  # noqa: BLE001 - a vanished node just has no labels
-                nodes[n] = {}
-    return build_view(ref, masters, css, nodes, master_port, chunkserver_port, scheme)
+            nodes[n] = labels.get(n, read)
+    return build_view(ref, by["master"], by["chunkserver"], nodes, master_port, chunkserver_port, scheme)
+
+
+class NodeLabels:
+    """Nodes' labels, each read at most once per ``ttl`` seconds (a burst of objects costs no node
+    reads). Pods are listed fresh for every view (``SharedViews``): a deleted pod is never chosen.
+    Node topology labels (zone, region) are set when a node joins and rarely change; a relabelled
+    node is seen within ``ttl``, and until then a record may go to a pod that is no longer the
+    nearest, never to one that is gone. A node that cannot be read has no labels and is read again
+    next time."""
+
+    def __init__(self, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl, self._clock = ttl, clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, dict[str, str]]] = {}
+
+    def get(self, name: str, read: Callable[[str], dict[str, str]]) -> dict[str, str]:
+        """``name``'s labels: remembered, or ``read(name)`` now."""
+        now = self._clock()
+        with self._lock:
+            hit = self._seen.get(name)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            labels = read(name)
+        except Exception:  # noqa: BLE001 - a vanished node just has no labels
+            return {}
+        with self._lock:
+            self._seen[name] = (now, labels)
+            if len(self._seen) > 4096:  # nodes come and go: forget the oldest reads
+                for old in sorted(self._seen, key=lambda k: self._seen[k][0])[:1024]:
+                    del self._seen[old]
+        return labels
 
 
 class SharedViews:

@@ -26,7 +26,7 @@ from kubegfs.tls import server_context_from_env
 from kubegfs.web import make_middlewares, metrics_handler
 
 from . import FINALIZER, GROUP, VERSION, objects, reconcile
-from .cluster import MasterClients, SharedViews, fetch_view
+from .cluster import MasterClients, NodeLabels, SharedViews, fetch_view
 from .config import Config, catalog_sync_seconds
 
 log = logging.getLogger("kubegfs.operator")
@@ -79,7 +79,9 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
         out = custom.list_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", label_selector=selector)
         return [dict(o) for o in out.get("items", [])]
 
-    views = SharedViews(lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port, cfg.scheme))
+    node_labels = NodeLabels()
+    views = SharedViews(lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port, cfg.scheme,
+                                               node_labels))
     deps = reconcile.Deps(
         cfg=cfg,
         view=views.get,
@@ -155,7 +157,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.event_name_prefix = "kubegfs-"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.execution.max_workers = 16
+    # sync handlers run in this many threads; a Snapshot's handler mostly waits on the master's
+    # long poll, so a burst of objects is served this many at a time
+    settings.execution.max_workers = 32
     # a deleted object keeps its finalizer until its timers/daemons exit: look again soon, not
     # after kopf's default minute (they exit within one tick)
     settings.background.instant_exit_timeout = 1.0
@@ -325,8 +329,10 @@ def _catalog_checked(body: kopf.Body, **_: Any) -> bool:
 
 
 # one catalog: a Snapshot whose kubegfs snapshot vanished (e.g. `kubegfs snapshot delete --force`)
+# (first look one interval after the Snapshot settled: it was just checked against the catalog,
+# and a burst of new Snapshots would otherwise call this once each while the rest wait)
 @kopf.timer(GROUP, VERSION, "snapshots", id="catalog-sync", interval=catalog_sync_seconds(),
-            when=_catalog_checked)
+            initial_delay=catalog_sync_seconds(), when=_catalog_checked)
 def snapshot_sync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     res = reconcile.snapshot_sync(dict(body), _rt(memo).deps)
     if res is not None:

@@ -1,11 +1,19 @@
 """The operator's pure parts: spec parsing, conditions, topology view, reconcile decisions."""
 
+import json
 import threading
 
 import pytest
 
 from kubegfs_operator import api, objects, reconcile
-from kubegfs_operator.cluster import MasterClients, SharedViews, build_view
+from kubegfs_operator.cluster import (
+    MasterClients,
+    NodeLabels,
+    SharedViews,
+    build_view,
+    fetch_view,
+    selector,
+)
 from kubegfs_operator.config import Config
 
 
@@ -231,6 +239,55 @@ def test_master_clients_one_per_url_shared_by_threads_and_bounded():
     assert clients.get("https://m0:9400") is first
     assert clients.get("https://m1:9400") is not b
     assert made == ["https://m0:9400", "https://m1:9400", "https://m2:9400", "https://m1:9400"]
+
+
+class _Raw:
+    def __init__(self, obj):
+        self.data = json.dumps(obj).encode()
+
+    def release_conn(self):
+        pass
+
+
+class FakeCore:
+    """The two CoreV1Api calls fetch_view makes, answering raw JSON as with _preload_content=False."""
+
+    def __init__(self, pods, nodes):
+        self.pods, self.nodes, self.calls = pods, nodes, []
+
+    def list_namespaced_pod(self, ns, label_selector, _preload_content):
+        assert _preload_content is False
+        self.calls.append(("list", ns, label_selector))
+        return _Raw({"items": self.pods})
+
+    def read_node(self, name, _preload_content):
+        self.calls.append(("node", name))
+        if name not in self.nodes:
+            raise RuntimeError("404")
+        return _Raw({"metadata": {"name": name, "labels": self.nodes[name]}})
+
+
+def test_fetch_view_lists_pods_once_and_reads_each_node_once_per_ttl():
+    pods = [pod("kubegfs-master-0", "10.0.0.1", "m", component="master"), pod("cs-0", "10.0.0.2", "m"),
+            pod("cs-1", "10.0.0.3", "b"), pod("cs-gone-node", "10.0.0.4", "gone")]
+    core = FakeCore(pods, NODES)
+    now = [0.0]
+    labels = NodeLabels(ttl=30, clock=lambda: now[0])
+    v = fetch_view(core, REF, 9400, 9500, "https", labels)
+    assert v.master is not None and v.master.name == "kubegfs-master-0" and v.master.zone == "za"
+    assert [c.name for c in v.chunkservers] == ["cs-0", "cs-1", "cs-gone-node"]
+    assert v.chunkservers[2].zone == ""  # an unreadable node: no labels, not an error
+    assert core.calls == [("list", "ns", selector(REF, "master", "chunkserver")),
+                          ("node", "m"), ("node", "b"), ("node", "gone")]
+    assert selector(REF, "master", "chunkserver").endswith("app.kubernetes.io/component in (master,chunkserver)")
+    core.calls.clear()
+    fetch_view(core, REF, 9400, 9500, "https", labels)
+    assert core.calls == [("list", "ns", selector(REF, "master", "chunkserver")), ("node", "gone")]
+    now[0] = 31.0  # past the ttl: every node is read again
+    core.calls.clear()
+    core.nodes = {**NODES, "b": {**NODES["b"], "topology.kubernetes.io/zone": "zz"}}
+    v = fetch_view(core, REF, 9400, 9500, "https", labels)
+    assert len(core.calls) == 4 and [c.zone for c in v.chunkservers][1] == "zz"
 
 
 def test_placement_entry_names_pods():

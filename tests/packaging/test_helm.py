@@ -392,6 +392,31 @@ def _label_restricted(kubectl, ns):
             "pod-security.kubernetes.io/warn=restricted", "pod-security.kubernetes.io/audit=restricted")
 
 
+def test_finalizer_policy_only_where_the_api_is_served(render):
+    """The MutatingAdmissionPolicy that puts the operator's finalizer on new Snapshots and
+    SnapshotSchedules: rendered only when the cluster serves its API (helm asks discovery), adds
+    exactly the operator's finalizer, and follows watchNamespaces and the switches."""
+    from kubegfs_operator import FINALIZER
+
+    api = ("--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy")
+    assert by_kind(render(), "MutatingAdmissionPolicy") == []  # a cluster without the API
+    objs = render(*api, namespace="team")
+    pol, bind = one(objs, "MutatingAdmissionPolicy", "operator"), one(objs, "MutatingAdmissionPolicyBinding", "operator")
+    assert bind["spec"]["policyName"] == pol["metadata"]["name"] and "matchResources" not in bind["spec"]
+    rules = pol["spec"]["matchConstraints"]["resourceRules"]
+    assert rules == [{"apiGroups": ["kubegfs.io"], "apiVersions": ["v1alpha1"], "operations": ["CREATE"],
+                      "resources": ["snapshots", "snapshotschedules"]}]  # a Restore needs none
+    [mutation] = pol["spec"]["mutations"]
+    assert mutation["jsonPatch"]["expression"].count(f'"{FINALIZER}"') == 2
+    assert f'"{FINALIZER}" in object.metadata.finalizers' in pol["spec"]["matchConditions"][0]["expression"]
+    assert pol["spec"]["failurePolicy"] == "Ignore"  # kopf adds it itself when the policy cannot
+    scoped = one(render(*api, "--set", "operator.watchNamespaces={a,b}"), "MutatingAdmissionPolicyBinding", "operator")
+    assert scoped["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["a", "b"]}]
+    assert by_kind(render(*api, "--set", "operator.finalizerPolicy=false"), "MutatingAdmissionPolicy") == []
+    assert by_kind(render(*api, "--set", "operator.enabled=false"), "MutatingAdmissionPolicy") == []
+
+
 @pytest.mark.parametrize("values", ["default", "full"])
 def test_dry_run_server(controlplane, k8s_namespace, kubectl, helm_cmd, values):
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))

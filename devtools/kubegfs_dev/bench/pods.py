@@ -86,9 +86,20 @@ def _master_back(rel: Any, timeout: float = 300) -> float:
     raise RuntimeError(f"no new master pod answered status within {timeout:.0f}s")
 
 
+def _save_logs(rel: Any, to: Path) -> None:
+    """The master's and the operator's logs of the burst, next to the results (``pods-logs/``):
+    the operator's handler lines and the master's per-snapshot build/ship/commit times."""
+    to.mkdir(parents=True, exist_ok=True)
+    for component in ("master", "operator"):
+        for pod in rel.pods(component):
+            name = pod["metadata"]["name"]
+            (to / f"{name}.log").write_text(rel.kubectl("logs", "-n", rel.ns, name, check=False))
+
+
 def bench_pods(tmp: Path, say: Callable[[str], None]) -> list[Row]:
     """Build the images, bring the real-node cluster up, time install / Snapshot burst / master
-    restart, and tear the cluster down."""
+    restart, and tear the cluster down. The pods' logs of the burst are kept in ``pods-logs/``
+    beside ``tmp``."""
     from kubegfs_dev.cluster import Cluster, wait_free
     from kubegfs_dev.realchart import REPO, Release, checkout_tag, wait_for
 
@@ -124,6 +135,7 @@ def bench_pods(tmp: Path, say: Callable[[str], None]) -> list[Row]:
         say(f"pods: {BURST} Snapshot CRs at once -> each Ready")
         b = _burst(rel, BURST)
         applied, lat, own = b.applied, b.from_apply, b.own
+        _save_logs(rel, tmp.parent / "pods-logs")
         say("pods: master pod deleted -> serving again")
         back = _master_back(rel)
     finally:
