@@ -3,7 +3,9 @@
 checkout, the release of :mod:`kubegfs_dev.realchart`, and three timings:
 
 * ``helm install`` -> every pod (master, chunkservers, operator) Running and Ready;
-* a burst of Snapshot CRs applied in one ``kubectl apply`` -> each one Ready, counted from its
+* a burst of Snapshot CRs applied in one ``kubectl apply`` right after install, then ten created
+  one at a time, then the burst again (the target's case: an installation that has served
+  Snapshots before) -> each one Ready, counted from its
   creation (p50, p95: what the operator and the master take) and from before the apply (what the
   user waits for, the ``kubectl`` process included);
 * the master pod deleted -> a new master pod answering the client's ``status``.
@@ -26,6 +28,7 @@ from .report import Row, at_most, pct
 
 NS = "kgfs-bench"
 BURST = 50
+SEQ = 10  # Snapshot CRs created one at a time, between the two bursts
 POLL = 0.05  # seconds between looks at the new master
 
 
@@ -54,12 +57,12 @@ def _snapshot(ns: str, name: str) -> dict[str, Any]:
             "spec": {"path": "/data", "copies": 2, "cluster": {"name": "kubegfs"}}}
 
 
-def _burst(rel: Any, n: int, timeout: float = 300) -> Burst:
+def _burst(rel: Any, n: int, prefix: str = "burst", timeout: float = 300) -> Burst:
     """Apply ``n`` Snapshot CRs in one ``kubectl apply`` (see :func:`watch_burst`)."""
     from kubernetes import client
 
     api = client.CustomObjectsApi(rel.cp.api_client(rel.c.kubeconfig))
-    names = [f"burst-{i}" for i in range(n)]
+    names = [f"{prefix}-{i}" for i in range(n)]
     return watch_burst(api, rel.ns, names, lambda: rel.c.apply([_snapshot(rel.ns, nm) for nm in names]), timeout)
 
 
@@ -132,6 +135,10 @@ def bench_pods(tmp: Path, say: Callable[[str], None]) -> list[Row]:
                  lambda: sum(1 for s in cl.chunkservers() if s.get("alive")) == 3, timeout=180)
         cl.mkdir("/data")
         cl.put("/data/f", b"x" * 10_000)
+        say(f"pods: {BURST} Snapshot CRs at once, the first after install -> each Ready")
+        first = _burst(rel, BURST, "first")
+        say(f"pods: {SEQ} Snapshot CRs one at a time -> each Ready")
+        seq = [_burst(rel, 1, f"seq-{i}").own[0] for i in range(SEQ)]
         say(f"pods: {BURST} Snapshot CRs at once -> each Ready")
         b = _burst(rel, BURST)
         applied, lat, own = b.applied, b.from_apply, b.own
@@ -145,6 +152,11 @@ def bench_pods(tmp: Path, say: Callable[[str], None]) -> list[Row]:
         Row("pods", "images built (layer-cached) + cluster up + images imported", "s", [build + up],
             extra={"build": build, "cluster_up_and_import": up}),
         Row("pods", "helm install -> every pod Ready (1 master, 3 chunkservers, operator)", "s", [install]),
+        Row("pods", f"{BURST} Snapshot CRs at once, the first after install -> each Ready from its creation, p50",
+            "s", [pct(first.own, 0.5)], extra={"samples": first.own, "applied": first.applied}),
+        Row("pods", f"{BURST} Snapshot CRs at once, the first after install -> each Ready from its creation, p95",
+            "s", [pct(first.own, 0.95)]),
+        Row("pods", f"one Snapshot CR at a time ({SEQ}) -> Ready from its creation", "s", seq),
         Row("pods", f"{BURST} Snapshot CRs at once -> each Ready from its creation, p50", "s", [pct(own, 0.5)],
             extra={"samples": own}),
         at_most(Row("pods", f"{BURST} Snapshot CRs at once -> each Ready from its creation, p95", "s",
