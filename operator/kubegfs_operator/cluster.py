@@ -1,13 +1,11 @@
 """The kubegfs installation as the operator sees it: master and chunkserver pods, their nodes'
 topology labels, and the chunkservers ranked by distance to the master pod's node.
 
-``build_view`` is pure (dicts in, view out); ``fetch_view`` does the API calls (nodes' labels
-through ``NodeLabels``); ``SharedViews`` lets concurrent handlers share fetches without ever using
-a view older than their request."""
+``build_view`` is pure (dicts in, view out); ``WatchedViews`` builds views from watched pods
+(``podwatch``) and nodes' labels (``NodeLabels``, read at most every 30 s)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +23,8 @@ REGION = "topology.kubernetes.io/region"
 NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+
+PODS_SELECTOR = f"{NAME_LABEL}=kubegfs"  # every kubegfs pod of a namespace (WatchedViews)
 
 C = TypeVar("C")  # a master client (MasterClients)
 
@@ -70,13 +70,6 @@ class ClusterView:
         return {p.ip: p.to_json() for p in self.chunkservers}
 
 
-def selector(ref: ClusterRef, *components: str) -> str:
-    """The label selector of the installation's pods of ``components``."""
-    comp = f"{COMPONENT_LABEL}={components[0]}" if len(components) == 1 else \
-        f"{COMPONENT_LABEL} in ({','.join(components)})"
-    return f"{NAME_LABEL}=kubegfs,{INSTANCE_LABEL}={ref.name},{comp}"
-
-
 def _pod_ready(pod: dict[str, Any]) -> bool:
     st = pod.get("status") or {}
     if st.get("phase") != "Running" or not st.get("podIP"):
@@ -115,41 +108,9 @@ def build_view(ref: ClusterRef, masters: list[dict[str, Any]], chunkservers: lis
     return ClusterView(ref, master, cs)
 
 
-def fetch_view(core: Any, ref: ClusterRef, master_port: int, chunkserver_port: int,
-               scheme: str = "http", node_labels: NodeLabels | None = None) -> ClusterView:
-    """One listing of the installation's master and chunkserver pods, taken as the API's JSON (no
-    model objects: what ``build_view`` reads is the wire form, and decoding into models costs more
-    than the call), and their nodes' labels (from ``node_labels``, or read now)."""
-
-    def raw(call: Callable[..., Any], *args: Any, **kw: Any) -> dict[str, Any]:
-        r = call(*args, _preload_content=False, **kw)
-        try:
-            out: dict[str, Any] = json.loads(r.data)
-            return out
-        finally:
-            r.release_conn()
-
-    listed = raw(core.list_namespaced_pod, ref.namespace, label_selector=selector(ref, "master", "chunkserver"))
-    pods = list(listed.get("items") or [])
-    by = {c: [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL) == c]
-          for c in ("master", "chunkserver")}
-
-    def read(name: str) -> dict[str, str]:
-        return dict((raw(core.read_node, name).get("metadata") or {}).get("labels") or {})
-
-    labels = node_labels or NodeLabels(ttl=0)
-    nodes: dict[str, dict[str, str]] = {}
-    for p in pods:
-        n = (p.get("spec") or {}).get("nodeName")
-        if n and n not in nodes:
-            nodes[n] = labels.get(n, read)
-    return build_view(ref, by["master"], by["chunkserver"], nodes, master_port, chunkserver_port, scheme)
-
-
 class NodeLabels:
     """Nodes' labels, each read at most once per ``ttl`` seconds (a burst of objects costs no node
-    reads). Pods are listed fresh for every view (``SharedViews``): a deleted pod is never chosen.
-    Node topology labels (zone, region) are set when a node joins and rarely change; a relabelled
+    reads). Node topology labels (zone, region) are set when a node joins and rarely change; a relabelled
     node is seen within ``ttl``, and until then a record may go to a pod that is no longer the
     nearest, never to one that is gone. A node that cannot be read has no labels and is read again
     next time."""
@@ -178,61 +139,47 @@ class NodeLabels:
         return labels
 
 
-class SharedViews:
-    """Concurrent handlers share view fetches, and every view is fresh.
+class WatchedViews:
+    """Views of installations from watched pods: one ``PodWatch`` per namespace (made by ``watch``
+    on the first view asked of it, then kept), nodes' labels through ``node_labels``.
 
-    A burst of custom resources would otherwise list the pods and read the nodes once per object.
-    Here a handler asking for an installation's view gets the result of a fetch that *started
-    after it asked*: the one it starts itself when none is running, or, when one is running
-    already (begun before it asked), the next one, which it shares with everyone else who asked
-    meanwhile. So a view is never older than the request for it (a pod deleted just before a
-    Snapshot was created is never chosen), and a burst costs about one fetch per fetch duration
-    instead of one per object. A failed fetch raises in every handler that shares it."""
+    Pods come from a watch, as any controller's informer cache: a view costs no API call, so a
+    burst of objects does not wait on pod listings. A pod deleted in the last moments before a view
+    may still be offered; the master then ships to the next pod in the ranking. Until a
+    namespace's first listing is in (at most ``sync_timeout`` seconds) ``get`` waits; past that
+    it raises, and the handler is retried."""
 
-    def __init__(self, fetch: Callable[[ClusterRef], ClusterView]) -> None:
-        self._fetch = fetch
-        self._cond = threading.Condition()
-        self._slots: dict[ClusterRef, _Slot] = {}
+    def __init__(self, watch: Callable[[str], Any], read_node: Callable[[str], dict[str, str]],
+                 node_labels: NodeLabels, master_port: int = 9400, chunkserver_port: int = 9500,
+                 scheme: str = "http", sync_timeout: float = 10.0) -> None:
+        self._watch, self._read_node, self._labels = watch, read_node, node_labels
+        self._ports = (master_port, chunkserver_port)
+        self._scheme, self._sync_timeout = scheme, sync_timeout
+        self._lock = threading.Lock()
+        self._watches: dict[str, Any] = {}
 
     def get(self, ref: ClusterRef) -> ClusterView:
-        with self._cond:
-            slot = self._slots.setdefault(ref, _Slot())
-            wanted = slot.started + 1  # the first fetch to start from now on
-            while True:
-                if slot.finished >= wanted:
-                    return slot.result()
-                if not slot.running:
-                    break
-                self._cond.wait()
-            slot.running = True
-            slot.started += 1
-            mine = slot.started
-        view: ClusterView | None = None
-        error: BaseException | None = None
-        try:
-            view = self._fetch(ref)
-        except BaseException as exc:  # noqa: BLE001 - handed to every handler sharing this fetch
-            error = exc
-        with self._cond:
-            slot.running = False
-            slot.finished, slot.view, slot.error = mine, view, error
-            self._cond.notify_all()
-            return slot.result()
+        with self._lock:
+            w = self._watches.get(ref.namespace)
+            if w is None:
+                w = self._watches[ref.namespace] = self._watch(ref.namespace)
+        if not w.wait_synced(self._sync_timeout):
+            raise RuntimeError(f"the pods of namespace {ref.namespace} are not listed yet"
+                               + (f": {w.error}" if w.error else ""))
+        mine = [p for p in w.pods() if ((p.get("metadata") or {}).get("labels") or {}).get(INSTANCE_LABEL) == ref.name]
+        by = {c: [p for p in mine if p["metadata"]["labels"].get(COMPONENT_LABEL) == c] for c in ("master", "chunkserver")}
+        nodes: dict[str, dict[str, str]] = {}
+        for p in by["master"] + by["chunkserver"]:
+            n = (p.get("spec") or {}).get("nodeName")
+            if n and n not in nodes:
+                nodes[n] = self._labels.get(n, self._read_node)
+        return build_view(ref, by["master"], by["chunkserver"], nodes, *self._ports, self._scheme)
 
-
-@dataclass
-class _Slot:
-    started: int = 0  # fetches begun for this installation
-    finished: int = 0  # the number of the last fetch that ended (its result below)
-    running: bool = False
-    view: ClusterView | None = None
-    error: BaseException | None = None
-
-    def result(self) -> ClusterView:
-        if self.error is not None:
-            raise self.error
-        assert self.view is not None
-        return self.view
+    def stop(self) -> None:
+        with self._lock:
+            watches, self._watches = list(self._watches.values()), {}
+        for w in watches:
+            w.stop()
 
 
 class MasterClients(Generic[C]):

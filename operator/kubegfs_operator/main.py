@@ -7,6 +7,7 @@ The operator's state lives in kopf's ``memo`` (one ``Runtime``), never in module
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -26,8 +27,9 @@ from kubegfs.tls import server_context_from_env
 from kubegfs.web import make_middlewares, metrics_handler
 
 from . import FINALIZER, GROUP, VERSION, objects, reconcile
-from .cluster import MasterClients, NodeLabels, SharedViews, fetch_view
+from .cluster import PODS_SELECTOR, MasterClients, NodeLabels, WatchedViews
 from .config import Config, catalog_sync_seconds
+from .podwatch import PodWatch
 
 log = logging.getLogger("kubegfs.operator")
 
@@ -48,7 +50,21 @@ def _rt(memo: kopf.Memo) -> Runtime:
     return rt
 
 
-def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
+def _views(cfg: Config, core: Any) -> WatchedViews:
+    """Installations' views: their namespaces' kubegfs pods watched, nodes' labels remembered."""
+
+    def read_node(name: str) -> dict[str, str]:
+        r = core.read_node(name, _preload_content=False)
+        try:
+            return dict((json.loads(r.data).get("metadata") or {}).get("labels") or {})
+        finally:
+            r.release_conn()
+
+    return WatchedViews(lambda ns: PodWatch(core, ns, PODS_SELECTOR).start(), read_node, NodeLabels(),
+                        cfg.master_port, cfg.chunkserver_port, cfg.scheme)
+
+
+def _deps(cfg: Config, core: Any, custom: Any, views: WatchedViews) -> reconcile.Deps:
     from kubernetes.client.exceptions import ApiException
 
     def get_snapshot(ns: str, name: str) -> dict[str, Any] | None:
@@ -79,9 +95,6 @@ def _deps(cfg: Config, core: Any, custom: Any) -> reconcile.Deps:
         out = custom.list_namespaced_custom_object(GROUP, VERSION, ns, "snapshots", label_selector=selector)
         return [dict(o) for o in out.get("items", [])]
 
-    node_labels = NodeLabels()
-    views = SharedViews(lambda ref: fetch_view(core, ref, cfg.master_port, cfg.chunkserver_port, cfg.scheme,
-                                               node_labels))
     deps = reconcile.Deps(
         cfg=cfg,
         view=views.get,
@@ -171,11 +184,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # one pooled API connection per handler thread (the default pool, 5 per CPU, is smaller than
     # the thread pool: a burst would reconnect, TLS handshake included, on every overflow)
     api_conf = client.Configuration.get_default_copy()
-    api_conf.connection_pool_maxsize = settings.execution.max_workers + 4
+    api_conf.connection_pool_maxsize = (settings.execution.max_workers or 32) + 4
     client.Configuration.set_default(api_conf)
     cfg = Config.from_env()
     core, custom = client.CoreV1Api(), client.CustomObjectsApi()
-    memo["rt"] = Runtime(cfg, core, custom, _deps(cfg, core, custom))
+    memo["views"] = views = _views(cfg, core)
+    memo["rt"] = Runtime(cfg, core, custom, _deps(cfg, core, custom, views))
     tokens = Tokens(cfg.token, metrics=cfg.metrics_token)
     app = web.Application(middlewares=make_middlewares(tokens, M.OPERATOR_HTTP, metrics_only_policy))
     app.router.add_get("/metrics", metrics_handler(M.OPERATOR))
@@ -190,6 +204,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    views = memo.get("views")
+    if views is not None:
+        await asyncio.get_running_loop().run_in_executor(None, views.stop)
     runner = memo.get("metrics_runner")
     if runner is not None:
         await runner.cleanup()

@@ -5,15 +5,8 @@ import threading
 
 import pytest
 
-from kubegfs_operator import api, objects, reconcile
-from kubegfs_operator.cluster import (
-    MasterClients,
-    NodeLabels,
-    SharedViews,
-    build_view,
-    fetch_view,
-    selector,
-)
+from kubegfs_operator import api, objects, podwatch, reconcile
+from kubegfs_operator.cluster import MasterClients, NodeLabels, WatchedViews, build_view
 from kubegfs_operator.config import Config
 
 
@@ -135,82 +128,6 @@ def test_snapshot_without_master_pod_waits():
     assert {c["type"]: c["status"] for c in r.value.status["conditions"]}["Progressing"] == "True"
 
 
-def test_shared_views_never_hand_out_a_view_fetched_before_the_request():
-    """Handlers that ask while a fetch runs share the *next* fetch, not the running one."""
-
-    gates = [threading.Event() for _ in range(3)]
-    began = [threading.Event() for _ in range(3)]
-    calls = []
-
-    def fetch(ref):
-        n = len(calls)
-        calls.append(ref)
-        began[n].set()
-        assert gates[n].wait(5)
-        return build_view(ref, [pod(f"master-{n}", "127.0.10.1", "m", component="master")], [], NODES)
-
-    views = SharedViews(fetch)
-    got: dict[str, str] = {}
-
-    def ask(who):
-        got[who] = views.get(REF).master.name
-
-    first = threading.Thread(target=ask, args=("first",))
-    first.start()
-    assert began[0].wait(5)
-    # fetch 0 is running: these three asked after it began, so they must not get its result
-    later = [threading.Thread(target=ask, args=(f"later-{i}",)) for i in range(3)]
-    for t in later:
-        t.start()
-    import time
-    deadline = time.monotonic() + 5
-    while len(views._cond._waiters) < 3:  # all three are waiting on the running fetch
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    gates[0].set()
-    first.join(5)
-    assert began[1].wait(5)  # one shared fetch for the three of them
-    gates[1].set()
-    for t in later:
-        t.join(5)
-    assert got == {"first": "master-0", "later-0": "master-1", "later-1": "master-1", "later-2": "master-1"}
-    assert len(calls) == 2
-    # nothing running: the next request fetches anew
-    gates[2].set()
-    assert views.get(REF).master.name == "master-2" and len(calls) == 3
-
-
-def test_shared_views_one_installation_does_not_wait_for_another_and_errors_are_shared():
-
-    other = api.ClusterRef("other", "ns")
-    release = threading.Event()
-
-    def fetch(ref):
-        if ref == REF:
-            assert release.wait(5)
-            raise RuntimeError("apiserver down")
-        return build_view(ref, [], [], NODES)
-
-    views = SharedViews(fetch)
-    errors = []
-
-    def ask():
-        try:
-            views.get(REF)
-        except RuntimeError as exc:
-            errors.append(str(exc))
-
-    t = threading.Thread(target=ask)
-    t.start()
-    assert views.get(other).master is None  # answered while REF's fetch hangs
-    release.set()
-    t.join(5)
-    assert errors == ["apiserver down"]
-    with pytest.raises(RuntimeError):  # the error was not kept: a new request fetches (and fails) again
-        release.set()
-        views.get(REF)
-
-
 def test_master_clients_one_per_url_shared_by_threads_and_bounded():
     made: list[str] = []
     gate = threading.Barrier(8)
@@ -249,45 +166,128 @@ class _Raw:
         pass
 
 
-class FakeCore:
-    """The two CoreV1Api calls fetch_view makes, answering raw JSON as with _preload_content=False."""
+class _Stream:
+    """A streamed watch response: the events' JSON lines, cut into awkward chunks."""
 
-    def __init__(self, pods, nodes):
-        self.pods, self.nodes, self.calls = pods, nodes, []
+    def __init__(self, events, then=None):
+        body = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+        self.chunks = [body[i:i + 7] for i in range(0, len(body), 7)]
+        self.then = then  # raised after the last chunk (a broken connection)
 
-    def list_namespaced_pod(self, ns, label_selector, _preload_content):
-        assert _preload_content is False
-        self.calls.append(("list", ns, label_selector))
-        return _Raw({"items": self.pods})
+    def stream(self, amt=None, decode_content=False):
+        yield from self.chunks
+        if self.then is not None:
+            raise self.then
 
-    def read_node(self, name, _preload_content):
-        self.calls.append(("node", name))
-        if name not in self.nodes:
-            raise RuntimeError("404")
-        return _Raw({"metadata": {"name": name, "labels": self.nodes[name]}})
+    def release_conn(self):
+        pass
+
+    def close(self):
+        pass
 
 
-def test_fetch_view_lists_pods_once_and_reads_each_node_once_per_ttl():
+def ev(kind, name, rv, **fields):
+    return {"type": kind, "object": {"metadata": {"name": name, "resourceVersion": str(rv)}, **fields}}
+
+
+def test_apply_event_keeps_the_pods_and_the_resource_version():
+    pods = {}
+    assert podwatch.apply_event(pods, ev("ADDED", "a", 5, spec={"nodeName": "m"})) == "5"
+    assert podwatch.apply_event(pods, ev("MODIFIED", "a", 6, spec={"nodeName": "b"})) == "6"
+    assert pods["a"]["spec"] == {"nodeName": "b"}
+    assert podwatch.apply_event(pods, {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}) == "9"
+    assert podwatch.apply_event(pods, ev("DELETED", "a", 10)) == "10" and pods == {}
+    with pytest.raises(podwatch.Expired):
+        podwatch.apply_event(pods, {"type": "ERROR", "object": {"code": 410, "message": "too old"}})
+    with pytest.raises(podwatch.WatchError):
+        podwatch.apply_event(pods, {"type": "ERROR", "object": {"code": 500, "reason": "InternalError"}})
+
+
+class WatchCore:
+    """list_namespaced_pod as a LIST and as a WATCH; each WATCH answers the next scripted stream."""
+
+    def __init__(self, items, rv, streams):
+        self.items, self.rv, self.streams, self.calls = items, rv, list(streams), []
+        self.done, self.release = threading.Event(), threading.Event()
+
+    def list_namespaced_pod(self, ns, label_selector, _preload_content, watch=False, resource_version=None, **kw):
+        assert _preload_content is False and label_selector == "app.kubernetes.io/name=kubegfs"
+        if not watch:
+            self.calls.append(("list",))
+            return _Raw({"metadata": {"resourceVersion": str(self.rv)}, "items": self.items})
+        self.calls.append(("watch", resource_version))
+        if not self.streams:
+            self.done.set()
+            self.release.wait(5)  # a quiet watch
+            return _Stream([])
+        return self.streams.pop(0)
+
+
+def test_pod_watch_follows_events_resumes_and_lists_again_after_expiry_or_failure():
+    a, b = pod("cs-a", "10.0.0.2", "m"), pod("cs-b", "10.0.0.3", "b")
+    a["metadata"]["resourceVersion"] = "3"
+    b_del = {"type": "DELETED", "object": {**b, "metadata": {**b["metadata"], "resourceVersion": "12"}}}
+    core = WatchCore([a], 3, [
+        _Stream([{"type": "ADDED", "object": {**b, "metadata": {**b["metadata"], "resourceVersion": "11"}}}]),
+        _Stream([b_del, {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "20"}}}]),
+        _Stream([{"type": "ERROR", "object": {"code": 410}}]),  # expired: list again at once
+        _Stream([], then=ConnectionError("reset")),  # broken: list again after the backoff
+    ])
+    w = podwatch.PodWatch(core, "ns", "app.kubernetes.io/name=kubegfs", backoff=(0.01, 0.01)).start()
+    try:
+        assert w.wait_synced(5)
+        assert core.done.wait(5)
+        assert [p["metadata"]["name"] for p in w.pods()] == ["cs-a"]  # cs-b came and went
+        assert core.calls == [("list",), ("watch", "3"), ("watch", "11"), ("watch", "20"), ("list",),
+                              ("watch", "3"), ("list",), ("watch", "3")]
+        assert w.error is None  # the last LIST succeeded
+    finally:
+        core.release.set()
+        w.stop()
+
+
+class FakeWatch:
+    def __init__(self, pods, synced=True, error=None):
+        self._pods, self.synced, self.error, self.stopped = pods, synced, error, False
+
+    def wait_synced(self, timeout):
+        return self.synced
+
+    def pods(self):
+        return self._pods
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_watched_views_one_watch_per_namespace_and_node_reads_remembered():
+    other = pod("cs-other", "10.0.0.9", "c")
+    other["metadata"]["labels"]["app.kubernetes.io/instance"] = "another"
     pods = [pod("kubegfs-master-0", "10.0.0.1", "m", component="master"), pod("cs-0", "10.0.0.2", "m"),
-            pod("cs-1", "10.0.0.3", "b"), pod("cs-gone-node", "10.0.0.4", "gone")]
-    core = FakeCore(pods, NODES)
-    now = [0.0]
-    labels = NodeLabels(ttl=30, clock=lambda: now[0])
-    v = fetch_view(core, REF, 9400, 9500, "https", labels)
+            pod("cs-1", "10.0.0.3", "b"), pod("cs-gone-node", "10.0.0.4", "gone"), other]
+    for p in pods[:-1]:
+        p["metadata"]["labels"]["app.kubernetes.io/instance"] = "kubegfs"
+    made, reads = [], []
+    watches = {"ns": FakeWatch(pods), "late": FakeWatch([], synced=False, error="Forbidden: pods")}
+
+    def read_node(name):
+        reads.append(name)
+        if name not in NODES:
+            raise RuntimeError("404")
+        return NODES[name]
+
+    views = WatchedViews(lambda ns: made.append(ns) or watches[ns], read_node, NodeLabels(ttl=30), 9400, 9500,
+                         "https", sync_timeout=0.01)
+    v = views.get(REF)
     assert v.master is not None and v.master.name == "kubegfs-master-0" and v.master.zone == "za"
-    assert [c.name for c in v.chunkservers] == ["cs-0", "cs-1", "cs-gone-node"]
+    assert [c.name for c in v.chunkservers] == ["cs-0", "cs-1", "cs-gone-node"]  # not another instance's
     assert v.chunkservers[2].zone == ""  # an unreadable node: no labels, not an error
-    assert core.calls == [("list", "ns", selector(REF, "master", "chunkserver")),
-                          ("node", "m"), ("node", "b"), ("node", "gone")]
-    assert selector(REF, "master", "chunkserver").endswith("app.kubernetes.io/component in (master,chunkserver)")
-    core.calls.clear()
-    fetch_view(core, REF, 9400, 9500, "https", labels)
-    assert core.calls == [("list", "ns", selector(REF, "master", "chunkserver")), ("node", "gone")]
-    now[0] = 31.0  # past the ttl: every node is read again
-    core.calls.clear()
-    core.nodes = {**NODES, "b": {**NODES["b"], "topology.kubernetes.io/zone": "zz"}}
-    v = fetch_view(core, REF, 9400, 9500, "https", labels)
-    assert len(core.calls) == 4 and [c.zone for c in v.chunkservers][1] == "zz"
+    views.get(REF)
+    assert made == ["ns"] and reads == ["m", "b", "gone", "gone"]  # read labels are remembered
+    with pytest.raises(RuntimeError, match="not listed yet: Forbidden"):
+        views.get(api.ClusterRef("kubegfs", "late"))
+    views.stop()
+    assert watches["ns"].stopped and watches["late"].stopped
 
 
 def test_placement_entry_names_pods():

@@ -28,6 +28,8 @@ class Burst:
     finalized: list[float]
     """Seconds from its creation until the operator's finalizer was first seen on it (kopf's first
     cycle for the object: its queue and one API write); the rest of ``own`` is the handler's cycle."""
+    created_at: list[float]
+    """Wall-clock time (``time.time()``) of each CR's ADDED event, to line up with the pods' logs."""
 
 
 def watch_burst(api: Any, ns: str, names: list[str], apply: Callable[[], object],
@@ -38,6 +40,7 @@ def watch_burst(api: Any, ns: str, names: list[str], apply: Callable[[], object]
 
     added: dict[str, float] = {}
     final: dict[str, float] = {}
+    wall: dict[str, float] = {}
     ready: dict[str, float] = {}
     listening, done = threading.Event(), threading.Event()
     failure: list[BaseException] = []
@@ -53,7 +56,8 @@ def watch_burst(api: Any, ns: str, names: list[str], apply: Callable[[], object]
                 now = time.perf_counter()
                 obj = ev["object"]
                 nm = obj["metadata"]["name"]
-                added.setdefault(nm, now)
+                if nm not in added:
+                    added[nm], wall[nm] = now, time.time()
                 if obj["metadata"].get("finalizers"):
                     final.setdefault(nm, now)
                 conds = {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions") or []}
@@ -80,7 +84,7 @@ def watch_burst(api: Any, ns: str, names: list[str], apply: Callable[[], object]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(names)} Snapshot CRs not Ready after {timeout:.0f}s")
     return Burst(applied, [ready[nm] - t0 for nm in names], [ready[nm] - added[nm] for nm in names],
-                 [final.get(nm, ready[nm]) - added[nm] for nm in names])
+                 [final.get(nm, ready[nm]) - added[nm] for nm in names], [wall[nm] for nm in names])
 
 
 def bench_operator(tmp: Path, quick: bool, say: Callable[[str], None]) -> list[Row]:
