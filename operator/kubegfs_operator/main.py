@@ -259,7 +259,9 @@ def _publish(rt: Runtime, plural: str, namespace: str, name: str, patch: kopf.Pa
     if not status:
         return
     try:
-        rt.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, {"status": status})
+        # the answer (the whole object) is not decoded: nothing here reads it
+        rt.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, {"status": status},
+                                                        _preload_content=False).release_conn()
     except (ApiException, OSError) as exc:
         log.debug("status of %s/%s left to kopf's patch: %s", namespace, name, exc)
         return

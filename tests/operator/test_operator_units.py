@@ -331,10 +331,11 @@ def test_publish_writes_the_status_first_and_leaves_it_to_kopf_when_that_fails()
         def __init__(self, fail):
             self.fail, self.calls = fail, []
 
-        def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body):
+        def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body, _preload_content=True):
             if self.fail:
                 raise ApiException(status=500, reason="etcd timeout")
             self.calls.append((group, version, ns, plural, name, body))
+            return _Raw({})
 
     def runtime(custom):
         return op_main.Runtime(Config(token="t"), None, custom, deps())
