@@ -34,6 +34,7 @@ in a replay alike.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import sys
 import threading
@@ -41,7 +42,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import immutables
 import zstandard
@@ -198,6 +199,46 @@ def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,
                child_digest: Callable[[Dir], bytes]) -> DirBlocks:
     head, info = _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest)
     return DirBlocks(head, [], {}, {block_digest(head): info})
+
+
+def older_block(data: bytes, old: Dir, version_of: VersionOf, subst: dict[bytes, bytes],
+                held: Callable[[bytes], bool], sorted_names: dict[int, list[str]]) -> tuple[bytes, bytes] | None:
+    """(digest, bytes) of the block ``old`` (the previous version of the directory block
+    ``data`` belongs to) has at ``data``'s place, if ``held`` accepts its digest, else None.
+    Guessed, cheapest first: ``data`` naming, for each directory and sub-block it names, the
+    older digest ``subst`` has for it, with ``old``'s mode and mtime if a head; then, for a block
+    of entries, ``old``'s entries in the same name range (those of ``data``'s names it has, then
+    all of its names in that range). ``sorted_names``: ``old``'s names in order, by ``id(old)``,
+    filled as needed."""
+    raw = _raw(data)
+    kind = raw[1]
+    if kind == KIND_DIR:
+        raw[2], raw[3] = old.mode, old.mtime
+    for col in (12, 13):
+        if raw[col]:
+            raw[col] = b"".join([subst.get(d, d) for d in _digests(raw[col])])
+    guess = packb(raw)
+    dg = block_digest(guess)
+    if held(dg):
+        return dg, guess
+    if not raw[4]:
+        return None
+    ch = old.children
+    mine = raw[4].decode("utf-8").split("\x00")
+    tries = [[n for n in mine if n in ch]]
+    if kind == KIND_DIR or len(tries[0]) < len(mine):
+        names = sorted_names.get(id(old))
+        if names is None:
+            names = sorted_names[id(old)] = sorted(ch.keys())
+        tries.append(names if kind == KIND_DIR else
+                     names[bisect.bisect_left(names, mine[0]):bisect.bisect_right(names, mine[-1])])
+    for span in tries:
+        guess = _entries_block(kind, raw[2], raw[3], [(n, ch[n]) for n in span], version_of,
+                               lambda c: digest(c, version_of))[0]
+        dg = block_digest(guess)
+        if held(dg):
+            return dg, guess
+    return None
 
 
 # A directory's blocks as last encoded, by head digest (the same digest names the same bytes), so
@@ -654,9 +695,13 @@ def unpack_frames(data: bytes, verify: bool = True) -> list[tuple[bytes, bytes]]
     return [(dg, verified(dg, z) if verify else decompress(z)) for dg, z in split_frames(data)]
 
 
-def batches(items: list[tuple[bytes, bytes]], limit: int) -> Iterator[list[tuple[bytes, bytes]]]:
-    """``items`` in consecutive groups of at most ``limit`` bytes (one oversized block alone)."""
-    cur: list[tuple[bytes, bytes]] = []
+_Item = TypeVar("_Item", bound=tuple[Any, ...])
+
+
+def batches(items: list[_Item], limit: int) -> Iterator[list[_Item]]:
+    """``items`` ((digest, bytes, ...)) in consecutive groups of at most ``limit`` bytes (one
+    oversized block alone)."""
+    cur: list[_Item] = []
     size = 0
     for it in items:
         if cur and size + len(it[1]) + _FRAME_HEAD > limit:
