@@ -771,7 +771,7 @@ class Snapshots:
         st = self.m.state
         loop = asyncio.get_running_loop()
         have: dict[bytes, bytes] = {}
-        memo: merkle.Decoded = {}
+        memo = merkle.Decoded()
         # a snapshot this master built lately is still in memory: its blocks come from there
         # (each verified against its digest as any fetched block is), without a round trip
         cached = self.trees.get(e["id"])
