@@ -63,6 +63,7 @@ _BIG_ENDIAN = sys.byteorder == "big"
 _HASH_MUL = 0x9E3779B1
 
 VersionOf = Callable[[int], int]
+Counts = tuple[int, int, int, int]  # files, directories, chunk references, logical bytes
 
 
 def _pack(values: list[int]) -> bytes:
@@ -435,10 +436,15 @@ def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
 def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
     got = d.digest
     if got is None:
-        for k in d.children.values():
+        ch = d.children
+        derived = d.base is not None and d.base.digest is not None and d.changed is not None
+        # a derived directory's unchanged children are its base's, digested with it
+        for k in ([ch.get(n) for n in d.changed] if derived and d.changed is not None else ch.values()):
             if type(k) is Dir:
                 _digest(k, version_of, kept)
-        d.stats = _sum_stats(d)
+        d.stats = _derived_stats(d) if d.base is not None and d.changed is not None else None
+        if d.stats is None:
+            d.stats = _sum_stats(d)
         blocks = None
         child = lambda c: _digest(c, version_of, kept)  # noqa: E731
         if d.base is not None and d.base.digest is not None and d.changed is not None:
@@ -452,6 +458,19 @@ def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
             kept[got] = blocks
         d.digest = got
     return got
+
+
+def _derived_stats(d: Dir) -> Counts | None:
+    """``d``'s counts from its base's (see Dir.base), less the changed names' entries there, plus theirs here."""
+    assert d.base is not None and d.changed is not None
+    counts = d.base.stats
+    bch, ch = d.base.children, d.children
+    for name in d.changed:
+        if (old := bch.get(name)) is not None:
+            counts = _add(counts, old, -1)
+        if (new := ch.get(name)) is not None:
+            counts = _add(counts, new, 1)
+    return counts
 
 
 def _sum_stats(d: Dir) -> tuple[int, int, int, int] | None:
@@ -989,11 +1008,21 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
     for s, block, kids, dg, edit in reversed(pending):  # children were numbered after their parents
         if edit is None:
             d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
-        else:
+            counts = None
+        else:  # the live directory's counts, less what went, plus what came
+            mut, lv, removed = edit
+            lch = lv.children
+            counts = lv.stats
+            for name in removed:
+                counts = _add(counts, lch[name], -1)
             for name, e in block.entries.items():
-                edit[name] = File(e.size, e.mtime, e.mode, e.chunks) if isinstance(e, FileEntry) else built[kids[name]]
-            d = Dir(edit.finish(), block.mtime, block.mode)
-        _memoise(d, dg)
+                node = File(e.size, e.mtime, e.mode, e.chunks) if isinstance(e, FileEntry) else built[kids[name]]
+                if name not in removed and name in lch:
+                    counts = _add(counts, lch[name], -1)
+                counts = _add(counts, node, 1)
+                mut[name] = node
+            d = Dir(mut.finish(), block.mtime, block.mode)
+        _memoise(d, dg, counts)
         built[s] = d
     reused_here.extend(found)
     return built[0], [d for d in dict.fromkeys(used) if d in have and d not in from_live]
@@ -1030,20 +1059,37 @@ def _edit_live(dg: bytes, live: Dir, lb: DirBlocks, pool: dict[bytes, bytes], us
         stack.extend(b.parts)
     edit = live.children.mutate()
     gone = live_leaves - mine
+    removed: set[str] = set()
     if gone:  # a leaf's names are those after the previous leaf's last name up to its own
         names = sorted(live.children.keys())
         for i, p in enumerate(order):
             if p in gone:
                 a = bisect.bisect_right(names, lb.lasts[i - 1]) if i else 0
-                for name in names[a:bisect.bisect_right(names, lb.lasts[i])]:
-                    del edit[name]
-    return Block(head.mode, head.mtime, entries), edit
+                removed.update(names[a:bisect.bisect_right(names, lb.lasts[i])])
+        for name in removed:
+            del edit[name]
+    return Block(head.mode, head.mtime, entries), (edit, live, removed)
 
 
-def _memoise(d: Dir, dg: bytes) -> None:
-    """Give a directory built from block ``dg`` its digest and counts (its children have theirs),
-    so the next snapshot or diff of the restored tree does not encode it again."""
-    counts = _sum_stats(d)
+def _add(counts: Counts | None, k: Node, sign: int) -> Counts | None:
+    """``counts`` (see :func:`stats`) with node ``k``'s added (``sign`` 1) or taken away (-1)."""
+    if counts is None:
+        return None
+    if type(k) is File:
+        return counts[0] + sign, counts[1], counts[2] + sign * len(k.chunks), counts[3] + sign * k.size
+    assert isinstance(k, Dir)
+    if k.stats is None:
+        return None
+    f, d, c, b = k.stats
+    return counts[0] + sign * f, counts[1] + sign * d, counts[2] + sign * c, counts[3] + sign * b
+
+
+def _memoise(d: Dir, dg: bytes, counts: Counts | None = None) -> None:
+    """Give a directory built from block ``dg`` its digest and counts (``counts``, or from its
+    children's, which have theirs), so the next snapshot or diff of the restored tree does not
+    encode it again."""
+    if counts is None:
+        counts = _sum_stats(d)
     if counts is not None:
         d.stats = counts
         d.digest = dg

@@ -259,6 +259,7 @@ class Snapshots:
         loop = asyncio.get_running_loop()
         claimed: list[bytes] = []
         enc = Encoded()
+        since: asyncio.Future[tuple[str, dict[str, Any]]] | None = None
         try:
             entry = st.snapshots[sid]
             pin = st.pins[sid]
@@ -275,7 +276,9 @@ class Snapshots:
             else:
                 rec = await loop.run_in_executor(None, build_record, meta, node, version_of)
                 data, sha, counts = rec.data, rec.sha256, rec.counts
-            root_hex, changes = await self.since_previous(entry, node)
+            # what changed since the previous snapshot (for its status) is worked out while the
+            # blocks go out: the commit is the first to need it
+            since = asyncio.ensure_future(self.since_previous(entry, node))
             t_built = time.perf_counter()
             holders: list[dict[str, Any]] = []
             shipped: dict[str, int] = {}
@@ -324,6 +327,7 @@ class Snapshots:
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
+            root_hex, changes = await since
             if not holders:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
@@ -372,6 +376,8 @@ class Snapshots:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": str(exc)})
                 M.M_SNAP_RESULT.labels("failed").inc()
         finally:
+            if since is not None and not since.done():
+                since.cancel()
             self.unclaim(claimed)
             self.builders.pop(sid, None)
 

@@ -501,6 +501,7 @@ def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(r
             have.update({d: holder[d] for d in need.digests})
     assert to_dict(tree) == to_dict(snap)
     assert merkle.digest(tree, V) == merkle.digest(snap, V) == tree.digest
+    assert tree.stats == merkle.stats(_copy(snap), V) and tree.children["big"].stats == merkle.stats(_copy(big), V)
     tb = tree.children["big"]  # its memoised digest is what encoding it again gives
     assert merkle.digest(ns.Dir(tb.children, tb.mtime, tb.mode), V) == tb.digest == big.digest
     # a replay from the blocks the op would carry, against the same live tree, gives the same
@@ -516,13 +517,17 @@ def test_a_bad_frame_does_not_spoil_the_next_decompression():
         assert merkle.decompress(good) == b"block" * 100
 
 
+def _copy(x):
+    """A tree with ``x``'s content, every directory a new node (nothing memoised)."""
+    if isinstance(x, ns.File):
+        return x
+    return ns.Dir(immutables.Map({k: _copy(v) for k, v in x.children.items()}), x.mtime, x.mode)
+
+
 def _fresh_digest(d):
-    """``d``'s digest encoded from scratch (every directory a new node, nothing memoised)."""
-    def copy(x):
-        if isinstance(x, ns.File):
-            return x
-        return ns.Dir(immutables.Map({k: copy(v) for k, v in x.children.items()}), x.mtime, x.mode)
-    return merkle.digest(copy(d), V)
+    """``d``'s digest and counts encoded from scratch."""
+    c = _copy(d)
+    return merkle.digest(c, V), merkle.stats(c, V)
 
 
 @settings(max_examples=60, deadline=None)
@@ -551,7 +556,7 @@ def test_a_changed_big_directory_encodes_only_the_runs_around_its_changes(rng, c
                     root = ns.replace(root, ("big", rng.choice(sorted(big.children))), None, 7)
                 else:
                     root = ns.replace(root, ("big", rng.choice(pool)), ns.File(3, 3, 0o644, (5,)), 7)
-            assert merkle.digest(root, V) == _fresh_digest(root)
+            assert (merkle.digest(root, V), merkle.stats(root, V)) == _fresh_digest(root)
     finally:
         merkle._dir_blocks_from = real
     if len(ns.must_dir(root, ("big",)).children) > 200 and not capped:
