@@ -746,6 +746,7 @@ class Snapshots:
             mode = "inplace"
         self.check_target(parts, mode)
         parsed, blob, source = await self.fetch_record(e)
+        t_record = time.perf_counter()
         st = self.m.state
         if isinstance(parsed, Manifest):
             op = await self._plan_restore(e, parsed, parts, mode)
@@ -763,9 +764,13 @@ class Snapshots:
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
                    "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0)}
         # ``op`` adds the format's keys (and the in-memory hints) to the common ones
+        t_planned = time.perf_counter()
         result = await self.m.mutate(cast(ops.Restore, {
             "op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
             "mtime": now_ns(), "rid": rid, "summary": summary, **op}))
+        log.info("snapshot %s restored %s to %s in %.3fs (record %.3fs, planned %.3fs with %d blocks fetched, "
+                 "applied %.3fs)", e["name"], mode, paths.join(parts), time.perf_counter() - t0, t_record - t0,
+                 t_planned - t_record, summary["blocks_fetched"], time.perf_counter() - t_planned)
         return {**summary, **result}
 
     async def _plan_restore(self, e: ops.SnapshotEntry, man: Manifest, parts: tuple[str, ...],
