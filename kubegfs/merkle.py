@@ -437,18 +437,20 @@ def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
     got = d.digest
     if got is None:
         ch = d.children
-        derived = d.base is not None and d.base.digest is not None and d.changed is not None
+        # read once: another digest pass of the same node (a restore's, a snapshot's) may run
+        # in another thread and clear them; both compute the same
+        base, changed = d.base, d.changed
+        bdg = base.digest if base is not None else None
         # a derived directory's unchanged children are its base's, digested with it
-        for k in ([ch.get(n) for n in d.changed] if derived and d.changed is not None else ch.values()):
+        for k in ([ch.get(n) for n in changed] if bdg is not None and changed is not None else ch.values()):
             if type(k) is Dir:
                 _digest(k, version_of, kept)
-        d.stats = _derived_stats(d) if d.base is not None and d.changed is not None else None
-        if d.stats is None:
-            d.stats = _sum_stats(d)
+        counts = _derived_stats(d, base, changed) if base is not None and changed is not None else None
+        d.stats = counts if counts is not None else _sum_stats(d)
         blocks = None
         child = lambda c: _digest(c, version_of, kept)  # noqa: E731
-        if d.base is not None and d.base.digest is not None and d.changed is not None:
-            blocks = _dir_blocks_from(d, d.base.digest, d.changed, version_of, child)
+        if bdg is not None and changed is not None:
+            blocks = _dir_blocks_from(d, bdg, changed, version_of, child)
         if blocks is None:
             blocks = dir_blocks(d, version_of, child)
         d.base = d.changed = None
@@ -460,12 +462,12 @@ def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
     return got
 
 
-def _derived_stats(d: Dir) -> Counts | None:
-    """``d``'s counts from its base's (see Dir.base), less the changed names' entries there, plus theirs here."""
-    assert d.base is not None and d.changed is not None
-    counts = d.base.stats
-    bch, ch = d.base.children, d.children
-    for name in d.changed:
+def _derived_stats(d: Dir, base: Dir, changed: frozenset[str]) -> Counts | None:
+    """``d``'s counts from its base's (see Dir.base), less the ``changed`` names' entries
+    there, plus theirs here."""
+    counts = base.stats
+    bch, ch = base.children, d.children
+    for name in changed:
         if (old := bch.get(name)) is not None:
             counts = _add(counts, old, -1)
         if (new := ch.get(name)) is not None:

@@ -138,10 +138,12 @@ def _derive(new: Dir, old: Dir, name: str) -> None:
     """``new`` is ``old`` with entry ``name`` changed: remember the last version of it whose
     digest was computed and what changed since (undigested versions in between are skipped, so
     a directory keeps at most one older version alive)."""
+    # each slot read once: a digest pass in a worker thread may be clearing ``old``'s meanwhile
+    base, changed = old.base, old.changed
     if old.digest is not None:
         new.base, new.changed = old, frozenset((name,))
-    elif old.base is not None and old.changed is not None and len(old.changed) < MAX_CHANGED:
-        new.base, new.changed = old.base, old.changed | {name}
+    elif base is not None and changed is not None and len(changed) < MAX_CHANGED:
+        new.base, new.changed = base, changed | {name}
 
 
 def mkdir(root: Dir, parts: tuple[str, ...], mtime: int, mode: int, parents: bool) -> Dir:
