@@ -378,6 +378,8 @@ class Snapshots:
         finally:
             if since is not None and not since.done():
                 since.cancel()
+            elif since is not None and not since.cancelled():
+                since.exception()  # retrieved: the build failed or used its result already
             self.unclaim(claimed)
             self.builders.pop(sid, None)
 
