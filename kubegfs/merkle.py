@@ -418,10 +418,34 @@ def blocks_of_dir(d: Dir, version_of: VersionOf, kept: Kept | None = None, whole
     got = kept.get(dg) if kept is not None else None
     if got is None or (whole and not got.whole):
         got = _CACHE.get(dg)
+    if got is None and not whole:
+        got = _from_infos(d, dg, version_of)
     if got is None or (whole and not got.whole):
         got = dir_blocks(d, version_of, lambda c: digest(c, version_of))
         _remember(dg, got)
     return got
+
+
+def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
+    """Split directory ``d``'s (head digest ``dg``) head and index sub-blocks, made from its cached
+    infos (what each names) without encoding its entries; its leaves are left out (not whole)."""
+    lay = _INFOS.get(dg)
+    if lay is None or not lay[2]:
+        return None
+    infos, kids, lasts = lay
+    head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, _no_dirs, b"".join(kids[dg]))[0]
+    if block_digest(head) != dg:  # pragma: no cover - a stale entry
+        return None
+    parts: list[tuple[bytes, bytes]] = []
+
+    def below(p: bytes) -> None:  # index sub-blocks, children before parents
+        for c in kids[p]:
+            if c in kids:
+                below(c)
+                parts.append((c, _entries_block(KIND_PART, 0, 0, [], version_of, _no_dirs, b"".join(kids[c]))[0]))
+
+    below(dg)
+    return DirBlocks(head, parts, kids, infos, lasts, whole=False)
 
 
 def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:

@@ -579,3 +579,25 @@ def test_a_derived_directory_keeps_one_older_version_and_forgets_it_once_digeste
     for n in names[: ns.MAX_CHANGED + 1]:  # too many changes: encoded whole next time
         root = ns.replace(root, ("big", n), ns.File(8, 8, 0o644, ()), 9)
     assert ns.must_dir(root, ("big",)).base is None
+
+
+def test_blocks_from_cached_infos_and_leaves_encoded_one_at_a_time(monkeypatch):
+    rng = random.Random(4)
+    root = ns.Dir(immutables.Map({"big": big_dir(2000, rng)}), 1, 0o755)
+    merkle.digest(root, V)
+    big = ns.must_dir(root, ("big",))
+    full = merkle.dir_blocks(big, V, lambda c: merkle.digest(c, V))
+    monkeypatch.setattr(merkle, "_CACHE", {})  # encoded blocks evicted, infos kept
+    part = merkle.blocks_of_dir(big, V, whole=False)
+    assert not part.whole and part.head == full.head and part.kids == full.kids and part.lasts == full.lasts
+    assert set(part.parts) == {(p, b) for p, b in full.parts if p in full.kids}  # the index sub-blocks
+    served, asked = {}, set()
+    tb = merkle.TreeBlocks(root, V)
+    want = [merkle.digest(root, V)]
+    while want:  # a walk from the root, as a restore asks
+        got = tb.take(want)
+        assert set(want) <= set(got)
+        served.update(got)
+        asked.update(want)
+        want = [c for d in want for c in merkle.child_digests(got[d]) if c not in asked]
+    assert {p: b for p, b in full.parts} == {p: served[p] for p, _b in full.parts}
