@@ -25,7 +25,8 @@ per directory, ``[1, mode, mtime, names, kinds, f_size, ..., versions, dirs]``.
 
 The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
 node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
-again. Invariant: a block records each chunk's version as of the block's encoding, and a memoised
+again, and of each only the leaves around the names changed since the version of it last
+digested (``Dir.base``, ``Dir.changed``; see :func:`_dir_blocks_from`). Invariant: a block records each chunk's version as of the block's encoding, and a memoised
 digest is never stale: a chunk's version changes only through a bump (before an in-place append
 to a chunk no snapshot shares), and the bump op names the file, whose directories it replaces
 with new nodes (state._apply_bump), so their digests are computed afresh, in the original run and
@@ -34,6 +35,7 @@ in a replay alike.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import sys
 import threading
@@ -41,7 +43,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import immutables
 import zstandard
@@ -62,6 +64,7 @@ _BIG_ENDIAN = sys.byteorder == "big"
 _HASH_MUL = 0x9E3779B1
 
 VersionOf = Callable[[int], int]
+Counts = tuple[int, int, int, int]  # files, directories, chunk references, logical bytes
 
 
 def _pack(values: list[int]) -> bytes:
@@ -132,16 +135,40 @@ def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node
 class DirBlocks(NamedTuple):
     """A directory's encoded blocks: its head, its sub-blocks (digest, bytes) children before
     parents, for the head and each index sub-block the digests of the sub-blocks it names, and
-    each block's info (by digest)."""
+    each block's info (by digest); a split directory's leaves' last names."""
     head: bytes
     parts: list[tuple[bytes, bytes]]
     kids: dict[bytes, tuple[bytes, ...]]
     infos: dict[bytes, BlockInfo]
+    lasts: tuple[str, ...] = ()  # a split directory's leaves' last names, in order
+    whole: bool = True  # False: ``parts`` holds only the sub-blocks encoded anew (see _digest)
 
 
 def _ranks(names: list[str]) -> list[int]:
     crc = zlib.crc32
     return [32 - ((crc(n.encode("utf-8")) * _HASH_MUL) & 0xFFFFFFFF).bit_length() for n in names]
+
+
+class _Parts:
+    """The sub-blocks made for one directory: (digest, bytes) children before parents, what each
+    index sub-block names, and each one's info."""
+
+    def __init__(self, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> None:
+        self.version_of = version_of
+        self.child_digest = child_digest
+        self.parts: list[tuple[bytes, bytes]] = []
+        self.index: dict[bytes, tuple[bytes, ...]] = {}
+        self.infos: dict[bytes, BlockInfo] = {}
+
+    def __call__(self, entries: list[tuple[str, Node]], named: list[bytes]) -> bytes:
+        """A sub-block of ``entries`` (a leaf) or naming the sub-blocks ``named`` (an index)."""
+        data, info = _entries_block(KIND_PART, 0, 0, entries, self.version_of, self.child_digest, b"".join(named))
+        dg = block_digest(data)
+        self.parts.append((dg, data))
+        self.infos[dg] = info
+        if named:
+            self.index[dg] = tuple(named)
+        return dg
 
 
 def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> DirBlocks:
@@ -164,40 +191,166 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
     ends = runs(ranks, 0)
     if len(ends) == 1:
         return _one_block(d, items, version_of, child_digest)
-    parts: list[tuple[bytes, bytes]] = []
-    index: dict[bytes, tuple[bytes, ...]] = {}
-    infos: dict[bytes, BlockInfo] = {}
-
-    def part(entries: list[tuple[str, Node]], named: list[bytes]) -> bytes:
-        """A sub-block of ``entries`` (a leaf) or naming the sub-blocks ``named`` (an index)."""
-        data, info = _entries_block(KIND_PART, 0, 0, entries, version_of, child_digest, b"".join(named))
-        dg = block_digest(data)
-        parts.append((dg, data))
-        infos[dg] = info
-        if named:
-            index[dg] = tuple(named)
-        return dg
-
+    part = _Parts(version_of, child_digest)
+    parts, index, infos = part.parts, part.index, part.infos
     starts = [0, *ends[:-1]]
     level = [part(items[a:b], []) for a, b in zip(starts, ends, strict=True)]  # this level's digests
-    level_ranks = [ranks[e - 1] for e in ends]  # a part's rank is that of its last name
+    head = _upper(d, level, [ranks[e - 1] for e in ends], part, index, infos, version_of)
+    return DirBlocks(head, parts, index, infos, tuple(names[e - 1] for e in ends))
+
+
+def _upper(d: Dir, level: list[bytes], level_ranks: list[int], part: Callable[[list[tuple[str, Node]], list[bytes]], bytes],
+           index: dict[bytes, tuple[bytes, ...]], infos: dict[bytes, BlockInfo], version_of: VersionOf) -> bytes:
+    """The index sub-blocks over the leaves ``level`` (a leaf's rank is that of its last name),
+    made by ``part``, and the head naming the top run; returns the head."""
     height = 1
     while len(ends := runs(level_ranks, height)) > 1:
         starts = [0, *ends[:-1]]
         level = [part([], level[a:b]) for a, b in zip(starts, ends, strict=True)]
         level_ranks = [level_ranks[e - 1] for e in ends]
         height += 1
-    head, info = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, child_digest, b"".join(level))
+    head, info = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, _no_dirs, b"".join(level))
     hd = block_digest(head)
     index[hd] = tuple(level)
     infos[hd] = info
-    return DirBlocks(head, parts, index, infos)
+    return head
+
+
+def leaf_block(d: Dir, blocks: DirBlocks, i: int, version_of: VersionOf) -> bytes | None:
+    """The bytes of split directory ``d``'s ``i``-th leaf (its names: after the previous leaf's
+    last name up to its own), None if they do not give the digest ``blocks`` has for it."""
+    names = sorted(d.children.keys())
+    a = bisect.bisect_right(names, blocks.lasts[i - 1]) if i else 0
+    ch = d.children
+    data = _entries_block(KIND_PART, 0, 0, [(n, ch[n]) for n in names[a:bisect.bisect_right(names, blocks.lasts[i])]],
+                          version_of, lambda c: digest(c, version_of))[0]
+    want = _leaves(digest(d, version_of), blocks.kids)[i]
+    return data if block_digest(data) == want else None
+
+
+def _no_dirs(_d: Dir) -> bytes:  # pragma: no cover - a block naming sub-blocks has no entries
+    raise AssertionError("no entries")
+
+
+def _leaves(dg: bytes, kids: dict[bytes, tuple[bytes, ...]]) -> list[bytes]:
+    """The leaf sub-blocks of split directory ``dg``, in name order."""
+    out: list[bytes] = []
+    stack = [dg]
+    while stack:
+        p = stack.pop()
+        below = kids.get(p)
+        if below is None:
+            out.append(p)
+        else:
+            stack.extend(reversed(below))
+    return out
+
+
+def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: VersionOf,
+                     child_digest: Callable[[Dir], bytes]) -> DirBlocks | None:
+    """``d``'s blocks from those of an earlier version of it (head digest ``base``, its infos
+    and leaves' last names cached) when only the entries named ``changed`` may differ: the
+    leaves holding no changed name are taken as they are, the runs around the changed names are
+    cut again (further, while a boundary moved) and encoded, the index sub-blocks and head
+    rebuilt. None when there is nothing to start from (then encode it all). The result is not
+    ``whole``: ``parts`` holds the leaves encoded here and the index sub-blocks."""
+    lay = _INFOS.get(base)
+    if lay is None or not lay[2]:
+        return None
+    binfos, bkids, lasts = lay
+    old = _leaves(base, bkids)
+    ch = d.children
+    names = sorted(ch.keys())
+    n = len(names)
+    if n < MIN_SPLIT or len(old) != len(lasts):
+        return None
+    nl = len(lasts)
+    hit = sorted({min(bisect.bisect_left(lasts, c), nl - 1) for c in changed})
+    part = _Parts(version_of, child_digest)
+    parts, index, infos = part.parts, part.index, part.infos
+    t0 = threshold(0)
+    level: list[bytes] = []
+    new_lasts: list[str] = []
+    i = pos = h = 0
+    while i < nl:
+        if h < len(hit) and hit[h] == i:  # cut the runs from old leaf i on again
+            j = i
+            while True:
+                e = n if j == nl - 1 else bisect.bisect_right(names, lasts[j])
+                ends: list[int] = []
+                start = pos
+                for k, r in enumerate(_ranks(names[pos:e]), pos):
+                    if (r >= t0 or k + 1 - start >= MAX_RUN) and k + 1 < n:
+                        ends.append(k + 1)
+                        start = k + 1
+                if e == n or (ends and ends[-1] == e):
+                    break
+                j += 1  # the region's end is no boundary any more: the next leaf joins it
+            if not ends or ends[-1] != e:
+                ends.append(e)
+            for a, b in zip([pos, *ends[:-1]], ends, strict=True):
+                if a < b:
+                    level.append(part([(nm, ch[nm]) for nm in names[a:b]], []))
+                    new_lasts.append(names[b - 1])
+            pos, i = e, j + 1
+            while h < len(hit) and hit[h] <= j:
+                h += 1
+        else:  # as it was
+            level.append(old[i])
+            infos[old[i]] = binfos[old[i]]
+            new_lasts.append(lasts[i])
+            pos = bisect.bisect_right(names, lasts[i])
+            i += 1
+    if len(level) < 2:
+        return None
+    head = _upper(d, level, _ranks(new_lasts), part, index, infos, version_of)
+    return DirBlocks(head, parts, index, infos, tuple(new_lasts), whole=False)
 
 
 def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,
                child_digest: Callable[[Dir], bytes]) -> DirBlocks:
     head, info = _entries_block(KIND_DIR, d.mode, d.mtime, items, version_of, child_digest)
     return DirBlocks(head, [], {}, {block_digest(head): info})
+
+
+def older_block(data: bytes, old: Dir, version_of: VersionOf, subst: dict[bytes, bytes],
+                held: Callable[[bytes], bool], sorted_names: dict[int, list[str]]) -> tuple[bytes, bytes] | None:
+    """(digest, bytes) of the block ``old`` (the previous version of the directory block
+    ``data`` belongs to) has at ``data``'s place, if ``held`` accepts its digest, else None.
+    Guessed, cheapest first: ``data`` naming, for each directory and sub-block it names, the
+    older digest ``subst`` has for it, with ``old``'s mode and mtime if a head; then, for a block
+    of entries, ``old``'s entries in the same name range (those of ``data``'s names it has, then
+    all of its names in that range). ``sorted_names``: ``old``'s names in order, by ``id(old)``,
+    filled as needed."""
+    raw = _raw(data)
+    kind = raw[1]
+    if kind == KIND_DIR:
+        raw[2], raw[3] = old.mode, old.mtime
+    for col in (12, 13):
+        if raw[col]:
+            raw[col] = b"".join([subst.get(d, d) for d in _digests(raw[col])])
+    guess = packb(raw)
+    dg = block_digest(guess)
+    if held(dg):
+        return dg, guess
+    if not raw[4]:
+        return None
+    ch = old.children
+    mine = raw[4].decode("utf-8").split("\x00")
+    tries = [[n for n in mine if n in ch]]
+    if kind == KIND_DIR or len(tries[0]) < len(mine):
+        names = sorted_names.get(id(old))
+        if names is None:
+            names = sorted_names[id(old)] = sorted(ch.keys())
+        tries.append(names if kind == KIND_DIR else
+                     names[bisect.bisect_left(names, mine[0]):bisect.bisect_right(names, mine[-1])])
+    for span in tries:
+        guess = _entries_block(kind, raw[2], raw[3], [(n, ch[n]) for n in span], version_of,
+                               lambda c: digest(c, version_of))[0]
+        dg = block_digest(guess)
+        if held(dg):
+            return dg, guess
+    return None
 
 
 # A directory's blocks as last encoded, by head digest (the same digest names the same bytes), so
@@ -210,7 +363,7 @@ _cache_lock = threading.Lock()
 
 # ... and their infos (by head digest; smaller, so kept for many more directories): a commit op
 # names the new blocks' children and chunks without encoding them again
-_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]]]] = {}
+_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...]]] = {}
 _INFOS_LIMIT = 128 << 20
 _infos_bytes = 0
 
@@ -225,13 +378,17 @@ def _remember(dg: bytes, blocks: DirBlocks) -> None:
     isize = _info_size(blocks.infos)
     with _cache_lock:
         if dg not in _INFOS and isize <= _INFOS_LIMIT // 4:
-            _INFOS[dg] = (blocks.infos, blocks.kids)
+            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts)
             _infos_bytes += isize
             while _infos_bytes > _INFOS_LIMIT:
-                old_infos, _k = _INFOS.pop(next(iter(_INFOS)))
+                old_infos, _k, _l = _INFOS.pop(next(iter(_INFOS)))
                 _infos_bytes -= _info_size(old_infos)
-        if dg in _CACHE or size > _CACHE_LIMIT // 4:
+        had = _CACHE.get(dg)
+        if (had is not None and (had.whole or not blocks.whole)) or size > _CACHE_LIMIT // 4:
             return
+        if had is not None:
+            del _CACHE[dg]
+            _cache_bytes -= len(had.head) + sum(len(b) for _p, b in had.parts)
         _CACHE[dg] = blocks
         _cache_bytes += size
         while _cache_bytes > _CACHE_LIMIT:
@@ -244,8 +401,8 @@ def infos_of_dir(d: Dir, version_of: VersionOf) -> tuple[dict[bytes, BlockInfo],
     got = _INFOS.get(digest(d, version_of))
     if got is None:
         blocks = blocks_of_dir(d, version_of)
-        got = (blocks.infos, blocks.kids)
-    return got
+        return blocks.infos, blocks.kids
+    return got[0], got[1]
 
 
 # A caller's own record of the directories a digest pass encoded (by head digest), kept whole
@@ -253,16 +410,42 @@ def infos_of_dir(d: Dir, version_of: VersionOf) -> tuple[dict[bytes, BlockInfo],
 Kept = dict[bytes, DirBlocks]
 
 
-def blocks_of_dir(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> DirBlocks:
-    """``d``'s blocks (from ``kept`` or the cache when it was encoded lately)."""
+def blocks_of_dir(d: Dir, version_of: VersionOf, kept: Kept | None = None, whole: bool = True) -> DirBlocks:
+    """``d``'s blocks (from ``kept`` or the cache when it was encoded lately): all of them, or
+    (not ``whole``) maybe only those its digest pass encoded anew (see :func:`_dir_blocks_from`;
+    its ``kids``, ``infos`` and ``lasts`` are whole)."""
     dg = digest(d, version_of)
     got = kept.get(dg) if kept is not None else None
-    if got is None:
+    if got is None or (whole and not got.whole):
         got = _CACHE.get(dg)
-    if got is None:
+    if got is None and not whole:
+        got = _from_infos(d, dg, version_of)
+    if got is None or (whole and not got.whole):
         got = dir_blocks(d, version_of, lambda c: digest(c, version_of))
         _remember(dg, got)
     return got
+
+
+def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
+    """Split directory ``d``'s (head digest ``dg``) head and index sub-blocks, made from its cached
+    infos (what each names) without encoding its entries; its leaves are left out (not whole)."""
+    lay = _INFOS.get(dg)
+    if lay is None or not lay[2]:
+        return None
+    infos, kids, lasts = lay
+    head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, _no_dirs, b"".join(kids[dg]))[0]
+    if block_digest(head) != dg:  # pragma: no cover - a stale entry
+        return None
+    parts: list[tuple[bytes, bytes]] = []
+
+    def below(p: bytes) -> None:  # index sub-blocks, children before parents
+        for c in kids[p]:
+            if c in kids:
+                below(c)
+                parts.append((c, _entries_block(KIND_PART, 0, 0, [], version_of, _no_dirs, b"".join(kids[c]))[0]))
+
+    below(dg)
+    return DirBlocks(head, parts, kids, infos, lasts, whole=False)
 
 
 def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
@@ -278,17 +461,43 @@ def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
 def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
     got = d.digest
     if got is None:
-        for k in d.children.values():
+        ch = d.children
+        # read once: another digest pass of the same node (a restore's, a snapshot's) may run
+        # in another thread and clear them; both compute the same
+        base, changed = d.base, d.changed
+        bdg = base.digest if base is not None else None
+        # a derived directory's unchanged children are its base's, digested with it
+        for k in ([ch.get(n) for n in changed] if bdg is not None and changed is not None else ch.values()):
             if type(k) is Dir:
                 _digest(k, version_of, kept)
-        d.stats = _sum_stats(d)
-        blocks = dir_blocks(d, version_of, lambda c: _digest(c, version_of, kept))
+        counts = _derived_stats(d, base, changed) if base is not None and changed is not None else None
+        d.stats = counts if counts is not None else _sum_stats(d)
+        blocks = None
+        child = lambda c: _digest(c, version_of, kept)  # noqa: E731
+        if bdg is not None and changed is not None:
+            blocks = _dir_blocks_from(d, bdg, changed, version_of, child)
+        if blocks is None:
+            blocks = dir_blocks(d, version_of, child)
+        d.base = d.changed = None
         got = block_digest(blocks.head)
         _remember(got, blocks)
         if kept is not None:
             kept[got] = blocks
         d.digest = got
     return got
+
+
+def _derived_stats(d: Dir, base: Dir, changed: frozenset[str]) -> Counts | None:
+    """``d``'s counts from its base's (see Dir.base), less the ``changed`` names' entries
+    there, plus theirs here."""
+    counts = base.stats
+    bch, ch = base.children, d.children
+    for name in changed:
+        if (old := bch.get(name)) is not None:
+            counts = _add(counts, old, -1)
+        if (new := ch.get(name)) is not None:
+            counts = _add(counts, new, 1)
+    return counts
 
 
 def _sum_stats(d: Dir) -> tuple[int, int, int, int] | None:
@@ -432,7 +641,11 @@ def block_chunks(data: bytes) -> list[int]:
     return _unpack(_raw(data)[10])
 
 
-Decoded = dict[bytes, Block]  # blocks decoded (and verified) already, by digest
+class Decoded(dict[bytes, Block]):
+    """Blocks decoded (and verified) already, by digest; an assembly that asked for blocks keeps
+    how far it got here, and the next run over the same blocks and live roots goes on from there
+    (see :func:`assemble`)."""
+    progress: Any = None
 
 
 def _decoded(d: bytes, have: dict[bytes, bytes], memo: Decoded | None) -> Block:
@@ -448,14 +661,16 @@ def missing_parts(dg: bytes, have: dict[bytes, bytes], memo: Decoded | None = No
                   whole: set[bytes] | frozenset[bytes] = frozenset()) -> list[bytes]:
     """The blocks of directory ``dg`` (its head, its sub-blocks) not in ``have``, as far as the
     blocks in ``have`` tell (a missing index sub-block hides what is below it); below a block in
-    ``whole`` nothing is missing."""
+    ``whole`` (which is not missing either) nothing is missing."""
     missing: list[bytes] = []
     stack = [dg]
     while stack:
         d = stack.pop()
+        if d in whole:
+            continue
         if d not in have:
             missing.append(d)
-        elif d not in whole:
+        else:
             stack.extend(_decoded(d, have, memo).parts)
     return missing
 
@@ -499,25 +714,32 @@ class TreeBlocks:
         self.version_of = version_of
         self.nodes: dict[bytes, Dir] = {digest(root, version_of): root}
         self.parts: dict[bytes, bytes] = {}
+        self.leaves: dict[bytes, tuple[Dir, DirBlocks, int]] = {}  # a leaf not encoded yet: its place
 
     def take(self, digests: list[bytes]) -> dict[bytes, bytes]:
         """Those of ``digests`` this tree can give (the rest: read them elsewhere), with every
-    sub-block of each directory given."""
+    sub-block of each directory given that is at hand (a leaf that is not is encoded when asked)."""
         out: dict[bytes, bytes] = {}
         for d in digests:
             part = self.parts.get(d)
+            if part is None and d in self.leaves:
+                part = leaf_block(*self.leaves[d], self.version_of)
             if part is not None:
                 out[d] = part
                 continue
             n = self.nodes.get(d)
             if n is None:
                 continue
-            blocks = blocks_of_dir(n, self.version_of)
+            blocks = blocks_of_dir(n, self.version_of, whole=False)
             if block_digest(blocks.head) != d:  # pragma: no cover - versions moved under the tree
                 continue
             out[d] = blocks.head
             out.update(blocks.parts)  # all of them at once: the walk needs those it lacks next
             self.parts.update(blocks.parts)
+            if not blocks.whole:
+                for i, leaf in enumerate(_leaves(d, blocks.kids)):
+                    if leaf not in self.parts:
+                        self.leaves[leaf] = (n, blocks, i)
             for k in n.children.values():
                 if type(k) is Dir:
                     self.nodes[digest(k, self.version_of)] = k
@@ -548,8 +770,10 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     for k in d.children.values():  # (one under a skipped sub-block is skipped by its own digest)
         if type(k) is Dir:
             _collect(k, version_of, skip, out, seen, kept)
-    blocks = blocks_of_dir(d, version_of, kept)
+    blocks = blocks_of_dir(d, version_of, kept, whole=False)
     wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
+    if not blocks.whole and len(wanted.intersection(p for p, _b in blocks.parts)) < len(wanted):
+        blocks = blocks_of_dir(d, version_of)  # a sub-block it did not encode anew is wanted
     for p, data in blocks.parts:
         if p in wanted:
             seen.add(p)
@@ -654,9 +878,13 @@ def unpack_frames(data: bytes, verify: bool = True) -> list[tuple[bytes, bytes]]
     return [(dg, verified(dg, z) if verify else decompress(z)) for dg, z in split_frames(data)]
 
 
-def batches(items: list[tuple[bytes, bytes]], limit: int) -> Iterator[list[tuple[bytes, bytes]]]:
-    """``items`` in consecutive groups of at most ``limit`` bytes (one oversized block alone)."""
-    cur: list[tuple[bytes, bytes]] = []
+_Item = TypeVar("_Item", bound=tuple[Any, ...])
+
+
+def batches(items: list[_Item], limit: int) -> Iterator[list[_Item]]:
+    """``items`` ((digest, bytes, ...)) in consecutive groups of at most ``limit`` bytes (one
+    oversized block alone)."""
+    cur: list[_Item] = []
     size = 0
     for it in items:
         if cur and size + len(it[1]) + _FRAME_HEAD > limit:
@@ -735,20 +963,31 @@ def assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ver
         return _assemble(root, have, live, version_of, reused if reused is not None else [], memo)
 
 
+# An assembly's progress: directories built (by slot), blocks used, live directories whose
+# sub-blocks are in the pool, those sub-blocks' digests, per slot the live directory there with
+# sub-blocks and its leaves (edited, not read: see _edit_live), the pool of blocks (``have`` and
+# those sub-blocks), each slot's path, the level to do (slot, digest, live candidates at this
+# place), decoded blocks waiting for their children (with the live entries they edit), the next
+# slot, and the live directories reused so far.
+_Progress = tuple[dict[int, Dir], list[bytes], set[int], set[bytes], dict[int, tuple[Dir, DirBlocks]],
+                  dict[int, set[bytes]], dict[bytes, bytes], dict[int, tuple[str, ...]],
+                  list[tuple[int, bytes, list[Dir]]], list[tuple[int, Block, dict[str, int], bytes, Any]], int,
+                  list[tuple[tuple[str, ...], Dir]]]
+
+
 def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], version_of: VersionOf,
               reused: list[tuple[tuple[str, ...], Dir]], memo: Decoded | None) -> tuple[Dir, list[bytes]]:
-    built: dict[int, Dir] = {}
-    used: list[bytes] = []
-    sourced: set[int] = set()  # live directories whose sub-blocks are in ``pool``
-    from_live: set[bytes] = set()
-    base: dict[int, tuple[Dir, DirBlocks]] = {}  # slot -> a live directory there with sub-blocks
-    pool = have
-    where: dict[int, tuple[str, ...]] = {0: ()}
-    # breadth-first: (slot, digest, live candidates at this place); parent slot -> child slots
-    level: list[tuple[int, bytes, list[Dir]]] = [(0, root, [c for c in live if isinstance(c, Dir)])]
-    # decoded blocks waiting for their children (with the live directory's entries they edit)
-    pending: list[tuple[int, Block, dict[str, int], bytes, Any]] = []
-    slot = 1
+    key = (root, id(have), [id(c) for c in live])
+    got = memo.progress if isinstance(memo, Decoded) else None
+    resumed = got is not None and got[0] == key  # the run that asked for blocks goes on
+    state: _Progress = got[1] if got is not None and resumed else (
+        {}, [], set(), set(), {}, {}, have, {0: ()}, [(0, root, [c for c in live if isinstance(c, Dir)])], [], 1, [])
+    built, used, sourced, from_live, base, shared, pool, where, level, pending, slot, found = state
+    if resumed and pool is not have:
+        pool.update(have)
+    if isinstance(memo, Decoded):
+        memo.progress = None
+    reused_here, reused = reused, found
     while level:
         missing = []
         for _s, dg, cands in level:
@@ -756,15 +995,20 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 for c in cands:  # a changed directory's unchanged sub-blocks come from the live one
                     if id(c) not in sourced:
                         sourced.add(id(c))
-                        cb = blocks_of_dir(c, version_of)
-                        if cb.parts:
+                        cb = blocks_of_dir(c, version_of, whole=False)
+                        if cb.kids:
                             pool = dict(have) if pool is have else pool
                             pool.update(cb.parts)
                             from_live.update(p for p, _b in cb.parts)
                             reused.append((where[_s], c))
-                            base.setdefault(_s, (c, cb))
-                missing += missing_parts(dg, pool, memo, from_live)
+                            if _s not in base:
+                                base[_s] = (c, cb)
+                                shared[_s] = set(_leaves(digest(c, version_of), cb.kids))
+                missing += missing_parts(dg, pool, memo, from_live | shared.get(_s, set()))
         if missing:
+            if isinstance(memo, Decoded):
+                memo.progress = (key, (built, used, sourced, from_live, base, shared, pool, where, level,
+                                       pending, slot, found))
             raise NeedBlocks(sorted(set(missing)))
         nxt: list[tuple[int, bytes, list[Dir]]] = []
         for s, dg, cands in level:
@@ -791,12 +1035,23 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
     for s, block, kids, dg, edit in reversed(pending):  # children were numbered after their parents
         if edit is None:
             d = build_dir(block, lambda name, _ref, kids=kids: built[kids[name]])  # type: ignore[misc]
-        else:
+            counts = None
+        else:  # the live directory's counts, less what went, plus what came
+            mut, lv, removed = edit
+            lch = lv.children
+            counts = lv.stats
+            for name in removed:
+                counts = _add(counts, lch[name], -1)
             for name, e in block.entries.items():
-                edit[name] = File(e.size, e.mtime, e.mode, e.chunks) if isinstance(e, FileEntry) else built[kids[name]]
-            d = Dir(edit.finish(), block.mtime, block.mode)
-        _memoise(d, dg)
+                node = File(e.size, e.mtime, e.mode, e.chunks) if isinstance(e, FileEntry) else built[kids[name]]
+                if name not in removed and name in lch:
+                    counts = _add(counts, lch[name], -1)
+                counts = _add(counts, node, 1)
+                mut[name] = node
+            d = Dir(mut.finish(), block.mtime, block.mode)
+        _memoise(d, dg, counts)
         built[s] = d
+    reused_here.extend(found)
     return built[0], [d for d in dict.fromkeys(used) if d in have and d not in from_live]
 
 
@@ -810,7 +1065,8 @@ def _edit_live(dg: bytes, live: Dir, lb: DirBlocks, pool: dict[bytes, bytes], us
     if head.kind != KIND_DIR:
         raise CorruptData(f"block {dg.hex()[:16]}… is a sub-block, not a directory")
     used.append(dg)
-    live_leaves = {p for p, _b in lb.parts if p not in lb.kids}
+    order = _leaves(live.digest or b"", lb.kids)
+    live_leaves = set(order)
     mine: set[bytes] = set()
     entries: dict[str, Entry] = {}
     stack = list(head.parts)
@@ -829,16 +1085,38 @@ def _edit_live(dg: bytes, live: Dir, lb: DirBlocks, pool: dict[bytes, bytes], us
         entries.update(b.entries)
         stack.extend(b.parts)
     edit = live.children.mutate()
-    for p in live_leaves - mine:
-        for name in _decoded(p, pool, memo).entries:
+    gone = live_leaves - mine
+    removed: set[str] = set()
+    if gone:  # a leaf's names are those after the previous leaf's last name up to its own
+        names = sorted(live.children.keys())
+        for i, p in enumerate(order):
+            if p in gone:
+                a = bisect.bisect_right(names, lb.lasts[i - 1]) if i else 0
+                removed.update(names[a:bisect.bisect_right(names, lb.lasts[i])])
+        for name in removed:
             del edit[name]
-    return Block(head.mode, head.mtime, entries), edit
+    return Block(head.mode, head.mtime, entries), (edit, live, removed)
 
 
-def _memoise(d: Dir, dg: bytes) -> None:
-    """Give a directory built from block ``dg`` its digest and counts (its children have theirs),
-    so the next snapshot or diff of the restored tree does not encode it again."""
-    counts = _sum_stats(d)
+def _add(counts: Counts | None, k: Node, sign: int) -> Counts | None:
+    """``counts`` (see :func:`stats`) with node ``k``'s added (``sign`` 1) or taken away (-1)."""
+    if counts is None:
+        return None
+    if type(k) is File:
+        return counts[0] + sign, counts[1], counts[2] + sign * len(k.chunks), counts[3] + sign * k.size
+    assert isinstance(k, Dir)
+    if k.stats is None:
+        return None
+    f, d, c, b = k.stats
+    return counts[0] + sign * f, counts[1] + sign * d, counts[2] + sign * c, counts[3] + sign * b
+
+
+def _memoise(d: Dir, dg: bytes, counts: Counts | None = None) -> None:
+    """Give a directory built from block ``dg`` its digest and counts (``counts``, or from its
+    children's, which have theirs), so the next snapshot or diff of the restored tree does not
+    encode it again."""
+    if counts is None:
+        counts = _sum_stats(d)
     if counts is not None:
         d.stats = counts
         d.digest = dg

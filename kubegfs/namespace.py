@@ -40,7 +40,7 @@ class Dir:
     """Immutable directory: ``children`` maps a name to a File or Dir. ``digest`` is its Merkle
     block digest once computed (``merkle.digest`` memoises it; the node never changes)."""
 
-    __slots__ = ("children", "mtime", "mode", "digest", "stats")
+    __slots__ = ("children", "mtime", "mode", "digest", "stats", "base", "changed")
 
     def __init__(self, children: immutables.Map[str, Node], mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
         self.children = children
@@ -48,6 +48,11 @@ class Dir:
         self.mode = mode
         self.digest: bytes | None = None
         self.stats: tuple[int, int, int, int] | None = None  # (files, dirs, chunk refs, bytes), with digest
+        # until its digest is computed: an earlier version of this directory whose digest was
+        # (``base``) and the names whose entries may differ from it, so that only the blocks
+        # holding those are encoded again (see merkle); None: not derived, or too many changes
+        self.base: Dir | None = None
+        self.changed: frozenset[str] | None = None
 
     def __repr__(self) -> str:
         return f"Dir({len(self.children)} entries)"
@@ -117,10 +122,28 @@ def replace(root: Dir, parts: tuple[str, ...], node: Node | None, mtime: int) ->
     else:
         children = parent.children.set(parts[-1], node)
     new: Dir = Dir(children, mtime, parent.mode)
+    _derive(new, parent, parts[-1])
     for depth in range(len(chain) - 2, -1, -1):
         d = chain[depth]
-        new = Dir(d.children.set(parts[depth], new), d.mtime, d.mode)
+        up = Dir(d.children.set(parts[depth], new), d.mtime, d.mode)
+        _derive(up, d, parts[depth])
+        new = up
     return new
+
+
+MAX_CHANGED = 64  # names tracked per derived directory; beyond, its blocks are all encoded again
+
+
+def _derive(new: Dir, old: Dir, name: str) -> None:
+    """``new`` is ``old`` with entry ``name`` changed: remember the last version of it whose
+    digest was computed and what changed since (undigested versions in between are skipped, so
+    a directory keeps at most one older version alive)."""
+    # each slot read once: a digest pass in a worker thread may be clearing ``old``'s meanwhile
+    base, changed = old.base, old.changed
+    if old.digest is not None:
+        new.base, new.changed = old, frozenset((name,))
+    elif base is not None and changed is not None and len(changed) < MAX_CHANGED:
+        new.base, new.changed = base, changed | {name}
 
 
 def mkdir(root: Dir, parts: tuple[str, ...], mtime: int, mode: int, parents: bool) -> Dir:

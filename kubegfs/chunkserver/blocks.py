@@ -5,7 +5,9 @@ match is refused whole) and on every read (a block that no longer matches is dro
 to the master, which re-ships it or fetches another copy).
 
 Layout: ``<data>/blocks/<16 hex digits>.pack``, one pack per put (``KGBLKPK1`` then the
-frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see merkle.pack_frames), written tmp + fsync + rename + fsync of the directory, so
+frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see merkle.pack_frames; blocks
+that came as deltas against blocks held here, see blockdelta, are stored whole like the others),
+written tmp + fsync + rename + fsync of the directory, so
 a put of many blocks costs one fsync and a pack is whole or absent. An in-memory index maps a
 digest to (pack, offset, length); a pack is unlinked once none of its blocks is wanted. A block
 deleted from a pack that still holds others comes back after a restart and is then reported in
@@ -19,8 +21,9 @@ import os
 import threading
 from pathlib import Path
 
+from ..blockdelta import PREFIX, unpack
 from ..errors import CorruptData
-from ..merkle import DIGEST_SIZE, verified
+from ..merkle import DIGEST_SIZE, compress, verified
 
 log = logging.getLogger("kubegfs.chunkserver.blocks")
 
@@ -33,6 +36,7 @@ class BlockStore:
         self.dir = root / "blocks"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[bytes, tuple[str, int, int]] = {}
+        self.by_prefix: dict[bytes, bytes] = {}  # a digest's first PREFIX bytes -> digest (delta bases)
         self.live: dict[str, int] = {}  # pack name -> blocks of it in the index
         self.dropped: set[bytes] = set()  # failed their digest since the last heartbeat
         self._lock = threading.Lock()
@@ -64,6 +68,7 @@ class BlockStore:
                 break
             if dg not in self.index:
                 self.index[dg] = (p.name, pos + _HEAD, ln)
+                self.by_prefix[dg[:PREFIX]] = dg
                 n += 1
             pos += _HEAD + ln
         if n:
@@ -81,6 +86,29 @@ class BlockStore:
             if len(dg) != DIGEST_SIZE:
                 raise CorruptData("a block digest is 32 bytes")
             verified(dg, z)
+        return self._store(items)
+
+    def put_delta(self, body: bytes) -> tuple[int, int]:
+        """Store a batch of blocks sent as deltas against blocks held here (see blockdelta), each
+        rebuilt and checked first (all or nothing; a missing base raises MissingBase); returns
+        (blocks in the batch, how many were new)."""
+        fds: dict[str, int] = {}
+        try:
+            got = unpack(body, lambda prefix: self._base(prefix, fds))
+        finally:
+            _close(fds)
+        return len(got), self._store([(dg, z if z is not None else compress(blk)) for dg, blk, z in got])
+
+    def _base(self, prefix: bytes, fds: dict[str, int]) -> bytes | None:
+        dg = self.by_prefix.get(prefix)
+        if dg is None or dg not in self.index:
+            return None
+        try:
+            return self._read(dg, fds)[1]
+        except (KeyError, OSError, CorruptData):
+            return None
+
+    def _store(self, items: list[tuple[bytes, bytes]]) -> int:
         with self._lock:
             new: dict[bytes, bytes] = {}
             for dg, data in items:
@@ -109,6 +137,7 @@ class BlockStore:
                 os.close(fd)
             for dg, (off, ln) in where.items():
                 self.index[dg] = (name, off, ln)
+                self.by_prefix[dg[:PREFIX]] = dg
             self.live[name] = len(new)
             return len(new)
 
@@ -116,23 +145,34 @@ class BlockStore:
         """The blocks, compressed as stored, each verified; a missing one raises KeyError
         (named), a damaged one is dropped from the index and raises CorruptData."""
         out: list[tuple[bytes, bytes]] = []
-        for dg in digests:
-            where = self.index.get(dg)
-            if where is None:
-                raise KeyError(dg.hex())
-            name, off, ln = where
-            with open(self.dir / name, "rb") as f:
-                f.seek(off)
-                data = f.read(ln)
-            try:
-                verified(dg, data)
-            except CorruptData:
-                log.error("block %s in %s failed its digest; dropped", dg.hex(), name)
-                self._forget(dg)
-                self.dropped.add(dg)
-                raise CorruptData(f"block {dg.hex()[:16]}… failed its digest") from None
-            out.append((dg, data))
+        fds: dict[str, int] = {}
+        try:
+            for dg in digests:
+                data, _blk = self._read(dg, fds)
+                out.append((dg, data))
+        finally:
+            _close(fds)
         return out
+
+    def _read(self, dg: bytes, fds: dict[str, int]) -> tuple[bytes, bytes]:
+        """(compressed, block) of ``dg``, verified; a damaged one is dropped and reported.
+        ``fds``: the packs opened so far by the caller (it closes them)."""
+        where = self.index.get(dg)
+        if where is None:
+            raise KeyError(dg.hex())
+        name, off, ln = where
+        fd = fds.get(name)
+        if fd is None:
+            fd = fds[name] = os.open(self.dir / name, os.O_RDONLY)
+        data = os.pread(fd, ln, off)
+        try:
+            blk = verified(dg, data)
+        except CorruptData:
+            log.error("block %s in %s failed its digest; dropped", dg.hex(), name)
+            self._forget(dg)
+            self.dropped.add(dg)
+            raise CorruptData(f"block {dg.hex()[:16]}… failed its digest") from None
+        return data, blk
 
     def delete(self, digests: list[bytes]) -> int:
         n = 0
@@ -145,6 +185,8 @@ class BlockStore:
 
     def _forget(self, dg: bytes) -> None:
         name, _off, _ln = self.index.pop(dg)
+        if self.by_prefix.get(dg[:PREFIX]) == dg:
+            del self.by_prefix[dg[:PREFIX]]
         left = self.live.get(name, 1) - 1
         if left > 0:
             self.live[name] = left
@@ -157,3 +199,8 @@ class BlockStore:
 
     def bytes_used(self) -> int:
         return sum(p.stat().st_size for p in self.dir.glob("*.pack"))
+
+
+def _close(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)

@@ -119,6 +119,7 @@ class Chunkserver:
         r.add_delete("/internal/records/{id}", self.delete_record)
         r.add_post("/internal/blocks", self.put_blocks)
         r.add_post("/internal/blocks/get", self.get_blocks)
+        r.add_post("/internal/blocks/delta", self.put_block_deltas)
         r.add_get("/internal/info", self.info)
         r.add_post("/internal/scrub", self.scrub)
         metaapi.add_routes(app, self.meta)
@@ -421,6 +422,18 @@ class Chunkserver:
             M.CS_CHECKSUM_FAIL.labels("block").inc()
             raise
         return json_response({"stored": len(items), "new": new}, status=201)
+
+    async def put_block_deltas(self, request: web.Request) -> web.Response:
+        """Body: a batch of blocks, some as deltas against blocks held here (blockdelta.pack);
+        every block is rebuilt and the batch refused whole unless all match the digests it was
+        sent for; 409 if a delta's base is not here."""
+        data = await request.read()
+        try:
+            stored, new = await self._run(self.blocks.put_delta, data)
+        except CorruptData:
+            M.CS_CHECKSUM_FAIL.labels("block").inc()
+            raise
+        return json_response({"stored": stored, "new": new}, status=201)
 
     async def get_blocks(self, request: web.Request) -> web.Response:
         """Body ``{"digests": [hex, ...]}``; answers block frames, each verified before it goes."""

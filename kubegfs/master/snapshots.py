@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from .. import merkle, paths, snapdiff, wire
+from .. import blockdelta, merkle, paths, snapdiff, wire
 from .. import metrics as M
 from .. import namespace as ns
 from ..errors import (
@@ -106,10 +107,53 @@ class Encoded:
     block compressed once, whichever holders it goes to."""
     kept: merkle.Kept = field(default_factory=dict)
     z: dict[bytes, bytes] = field(default_factory=dict)
+    # the previous snapshot tree of the same path: a block goes as a delta against the block at
+    # its place there when the holder has that one (see blockdelta); the directories that differ
+    # from theirs there (by id), the deltas made (by block and base digest) and the blocks sent
+    # as deltas (to send whole if a holder lacks a base after all)
+    prev: ns.Dir | None = None
+    olds: dict[int, ns.Dir] | None = None
+    deltas: dict[bytes, blockdelta.Outgoing] = field(default_factory=dict)
+    raw: dict[bytes, bytes] = field(default_factory=dict)
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
-    walk: tuple[dict[bytes, bool], list[tuple[bytes, bytes]]] | None = None
+    walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
+             old_version: merkle.VersionOf) -> list[blockdelta.Outgoing]:
+    """The blocks of ``node``'s tree a holder lacks (``ask``: does it have this block, counted),
+    children before parents, each compressed once per build: as a delta against the block at
+    its place in the previous snapshot tree (``enc.prev``, chunk versions ``old_version``) when
+    the holder has that one, else whole."""
+    z = enc.z
+    out = []
+    with no_gc():  # acyclic, and a full collection rescans the whole namespace
+        if enc.prev is not None and enc.olds is None:
+            enc.olds = blockdelta.counterparts(enc.prev, node)
+        olds = enc.olds or {}
+        subst: dict[bytes, bytes] = {}  # a block's digest -> its base's (the older block at its place)
+        names: dict[int, list[str]] = {}
+        for dg, b, d in merkle.iter_blocks(node, version_of, ask, enc.kept):
+            o = olds.get(id(d))
+            if o is not None:  # a delta against the older block at its place, if the holder has it
+                older = merkle.older_block(b, o, old_version, subst, ask, names)
+                if older is not None:
+                    bdg, base = older
+                    subst[dg] = bdg
+                    it = enc.deltas.get(dg + bdg)
+                    if it is None:
+                        kind, payload = blockdelta.delta(b, base)
+                        it = enc.deltas[dg + bdg] = blockdelta.Outgoing(dg, payload, bdg, kind)
+                        enc.raw[dg] = b
+                    out.append(it)
+                    continue
+            got = z.get(dg)
+            if got is None:
+                got = z[dg] = merkle.compress(b)
+            out.append(blockdelta.Outgoing(dg, got))
+    return out
 
 
 class Snapshots:
@@ -215,6 +259,7 @@ class Snapshots:
         loop = asyncio.get_running_loop()
         claimed: list[bytes] = []
         enc = Encoded()
+        since: asyncio.Future[tuple[str, dict[str, Any]]] | None = None
         try:
             entry = st.snapshots[sid]
             pin = st.pins[sid]
@@ -231,7 +276,9 @@ class Snapshots:
             else:
                 rec = await loop.run_in_executor(None, build_record, meta, node, version_of)
                 data, sha, counts = rec.data, rec.sha256, rec.counts
-            root_hex, changes = await self.since_previous(entry, node)
+            # what changed since the previous snapshot (for its status) is worked out while the
+            # blocks go out: the commit is the first to need it
+            since = asyncio.ensure_future(self.since_previous(entry, node))
             t_built = time.perf_counter()
             holders: list[dict[str, Any]] = []
             shipped: dict[str, int] = {}
@@ -257,6 +304,7 @@ class Snapshots:
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
 
             prev = self.previous_of(entry) if isinstance(node, ns.Dir) else None
+            enc.prev = prev[1] if prev else None
             prefer = {h["id"] for h in st.snapshots[prev[0]]["holders"]} if prev else set()
             while True:
                 # ship to the nearest candidates at once; fall back down the ranking for failures
@@ -279,6 +327,7 @@ class Snapshots:
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
+            root_hex, changes = await since
             if not holders:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
@@ -327,6 +376,10 @@ class Snapshots:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": str(exc)})
                 M.M_SNAP_RESULT.labels("failed").inc()
         finally:
+            if since is not None and not since.done():
+                since.cancel()
+            elif since is not None and not since.cancelled():
+                since.exception()  # retrieved: the build failed or used its result already
             self.unclaim(claimed)
             self.builders.pop(sid, None)
 
@@ -367,7 +420,7 @@ class Snapshots:
         def skip(d: bytes) -> bool:
             return d in known and d in counted
 
-        def collect() -> list[tuple[bytes, bytes]]:  # off the loop; each block compressed once per build
+        def collect() -> list[blockdelta.Outgoing]:  # off the loop; each block compressed once per build
             if enc.walk is not None:  # the last holder's walk, if this one answers every question alike
                 asked, items = enc.walk
                 if all(skip(d) == r for d, r in asked.items()):
@@ -378,30 +431,37 @@ class Snapshots:
                 r = asked[d] = skip(d)
                 return r
 
-            z = enc.z
-            out = []
-            with no_gc():  # acyclic, and a full collection rescans the whole namespace
-                for dg, b, _n in merkle.iter_blocks(node, version_of, ask, enc.kept):
-                    got = z.get(dg)
-                    if got is None:
-                        got = z[dg] = merkle.compress(b)
-                    out.append((dg, got))
+            out = outgoing(node, version_of, ask, enc, self._live_version)
             enc.walk = (asked, out)
             return out
 
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
             items = await asyncio.get_running_loop().run_in_executor(None, collect)
-        for dg, _b in items:
+        # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
+        needed = {it.digest for it in items} | {it.base for it in items if it.base is not None}
+        for dg in needed:
             self.claimed[dg] = self.claimed.get(dg, 0) + 1
             claimed.append(dg)
-        await self.fence(cs, {dg for dg, _b in items})  # a deletion released while collecting
+        await self.fence(cs, needed)  # a deletion released while collecting
         # one batch at a time, children before parents: whatever part of them reaches the holder
         # (durable batch by batch), each block it has reaches only blocks it has
+        sent = 0
         for batch in merkle.batches(items, BLOCK_BATCH):
-            await self.m.call_cs(cs, "POST", "/internal/blocks", data=merkle.pack_frames(batch, compressed=True))
-            known.update(dg for dg, _b in batch)
+            body = blockdelta.pack(batch)
+            try:
+                await self.m.call_cs(cs, "POST", "/internal/blocks/delta", data=body)
+            except (Conflict, CorruptData) as exc:  # a base it lacks after all (damaged): send them whole
+                if not any(it.base is not None for it in batch):
+                    raise
+                log.warning("%s refused block deltas (%s); sending those blocks whole", cs.id, exc)
+                body = blockdelta.pack([it if it.base is None else
+                                        blockdelta.Outgoing(it.digest, merkle.compress(enc.raw[it.digest]))
+                                        for it in batch])
+                await self.m.call_cs(cs, "POST", "/internal/blocks/delta", data=body)
+            sent += len(body)
+            known.update(it.digest for it in batch)
         M.M_SNAP_BLOCKS_SHIPPED.inc(len(items))
-        return sum(len(b) for _dg, b in items)
+        return sent
 
     async def _recheck_holders(self, holders: list[dict[str, Any]], node: ns.Dir, version_of: merkle.VersionOf,
                                claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> list[dict[str, Any]]:
@@ -688,6 +748,7 @@ class Snapshots:
             mode = "inplace"
         self.check_target(parts, mode)
         parsed, blob, source = await self.fetch_record(e)
+        t_record = time.perf_counter()
         st = self.m.state
         if isinstance(parsed, Manifest):
             op = await self._plan_restore(e, parsed, parts, mode)
@@ -705,9 +766,13 @@ class Snapshots:
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
                    "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0)}
         # ``op`` adds the format's keys (and the in-memory hints) to the common ones
+        t_planned = time.perf_counter()
         result = await self.m.mutate(cast(ops.Restore, {
             "op": "restore", "id": e["id"], "path": paths.join(parts), "mode": mode,
             "mtime": now_ns(), "rid": rid, "summary": summary, **op}))
+        log.info("snapshot %s restored %s to %s in %.3fs (record %.3fs, planned %.3fs with %d blocks fetched, "
+                 "applied %.3fs)", e["name"], mode, paths.join(parts), time.perf_counter() - t0, t_record - t0,
+                 t_planned - t_record, summary["blocks_fetched"], time.perf_counter() - t_planned)
         return {**summary, **result}
 
     async def _plan_restore(self, e: ops.SnapshotEntry, man: Manifest, parts: tuple[str, ...],
@@ -719,7 +784,7 @@ class Snapshots:
         st = self.m.state
         loop = asyncio.get_running_loop()
         have: dict[bytes, bytes] = {}
-        memo: merkle.Decoded = {}
+        memo = merkle.Decoded()
         # a snapshot this master built lately is still in memory: its blocks come from there
         # (each verified against its digest as any fetched block is), without a round trip
         cached = self.trees.get(e["id"])

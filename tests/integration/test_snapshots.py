@@ -288,3 +288,44 @@ def test_a_snapshot_of_a_single_file_is_a_format_2_record(client):
     assert client.get(f"{d}/back") == b"just me"
     client.snapshot_restore(s["name"])
     assert client.get(f"{d}/only") == b"just me"
+
+
+def _damage_block(cluster, hex_digest):
+    """Flip a byte of block ``hex_digest`` in every chunkserver's packs (as if it had rotted)."""
+    dg = bytes.fromhex(hex_digest)
+    hit = 0
+    for p in cluster.chunkservers:
+        for pack in (p.data / "blocks").glob("*.pack"):
+            data = bytearray(pack.read_bytes())
+            pos = data.find(dg)
+            if pos >= 0:
+                ln = int.from_bytes(data[pos + 32:pos + 36], "little")
+                data[pos + 36 + ln // 2] ^= 0xFF
+                pack.write_bytes(bytes(data))
+                hit += 1
+    return hit
+
+
+def test_a_small_change_ships_deltas_and_a_holder_without_the_base_gets_blocks_whole(shared_cluster, client):
+    d = fresh(client)
+    client.mkdir(f"{d}/big")
+    for i in range(80):  # a directory of several sub-blocks
+        client.put(f"{d}/big/file-{i:03d}-{random.getrandbits(32):08x}", b"x")
+    names = sorted(e["path"] for e in client.walk(f"{d}/big") if e["type"] == "file")
+    a = client.snapshot_create(d, f"delta-a-{d[3:]}")
+    client.put(names[40], b"changed")
+    b = client.snapshot_create(d, f"delta-b-{d[3:]}")
+    # the big directory's changed leaf, its head and the root, each as a delta against a's
+    assert b["shipped_bytes"] - b["record_bytes"] < 400 < a["shipped_bytes"] - a["record_bytes"]
+    after_b = tree_digest(client, d)
+    assert _damage_block(shared_cluster, b["root"]) == 2  # the base of c's root block
+    client.put(names[41], b"changed too")
+    c = client.snapshot_create(d, f"delta-c-{d[3:]}")
+    assert c["state"] == "ready" and c["shipped_bytes"] > b["shipped_bytes"]  # sent whole instead
+    assert "refused block deltas" in shared_cluster.master.log_path.read_text()
+    urls = [p.url for p in shared_cluster.chunkservers]
+    assert block_copies(urls, shared_cluster.internal_token, c["root"]) == 2
+    after_c = tree_digest(client, d)
+    for s, want in ((b, after_b), (c, after_c)):
+        client.snapshot_restore(s["name"], to=f"{d}-{s['name']}")
+        assert tree_digest(client, f"{d}-{s['name']}") == want

@@ -20,7 +20,7 @@ NAMES = ["a", "b", "c", "d"]
 
 def dir_block_set(d, v):
     """The digests of a directory's head and sub-blocks."""
-    head, parts, _index, _infos = merkle.dir_blocks(d, v, lambda c: merkle.digest(c, v))
+    head, parts, *_rest = merkle.dir_blocks(d, v, lambda c: merkle.digest(c, v))
     return {merkle.block_digest(head)} | {p for p, _b in parts}
 
 

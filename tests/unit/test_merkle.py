@@ -369,7 +369,7 @@ def test_runs_end_at_name_boundaries_or_the_cap():
 def test_a_big_directory_is_split_and_a_change_reencodes_a_path_of_small_blocks():
     rng = random.Random(11)
     d = big_dir(5000, rng)
-    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, *_rest = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     assert len(parts) > 5000 >> (merkle.LEAF_BITS + 1)
     have = {merkle.block_digest(head): head, **dict(parts)}
     whole = sum(len(merkle.compress(b)) for b in have.values())
@@ -398,7 +398,7 @@ def test_names_that_never_hit_a_boundary_are_cut_at_the_cap():
             names.append(n)
         i += 1
     d = ns.Dir(immutables.Map({n: ns.File(0, 1, 0o644, ()) for n in names}), 1, 0o755)
-    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, *_rest = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     sizes = sorted(len(merkle.decode_block(b).entries) for _p, b in parts)
     assert sizes == [10, merkle.MAX_RUN, merkle.MAX_RUN]
     have = {merkle.block_digest(head): head, **dict(parts)}
@@ -438,7 +438,7 @@ def test_diff_of_a_big_directory_reads_only_the_sub_blocks_that_differ():
 def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
     rng = random.Random(2)
     d = big_dir(400, rng)
-    head, parts, _index, _infos = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    head, parts, *_rest = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
     have = dict(parts)
     with pytest.raises(CorruptData):
         merkle.whole_dir(parts[0][0], have)
@@ -473,9 +473,13 @@ def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(r
     for i in range(rng.randrange(0, 4)):  # a few subdirectories among the files
         big = ns.replace(big, (f"file-sub{i}",), build_direct(random_spec(rng, 2)), 3)
     snap = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
+    if rng.random() < 0.7:  # digested before the changes: the live directory's digest pass encodes
+        merkle.digest(snap, V)  # only what changed (its blocks are not whole)
     live = snap
     names = sorted(big.children)
-    for _ in range(rng.randrange(0, 30)):
+    for i in range(rng.randrange(0, 30)):
+        if i == 10 and rng.random() < 0.5:
+            merkle.digest(live, V)  # and again in between
         op = rng.random()
         if op < 0.4:
             live = ns.replace(live, ("big", rng.choice(names)), ns.File(rng.randrange(9), 9, 0o600, (777,)), 3)
@@ -488,7 +492,7 @@ def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(r
             live = ns.replace(live, ("big",), ns.Dir(b.children, b.mtime + 1, b.mode), 1)
     holder = {dg: data for dg, data, _n in merkle.iter_blocks(snap, V, lambda _d: False)}
     have: dict = {}
-    memo: dict = {}
+    memo = merkle.Decoded() if rng.random() < 0.7 else {}
     while True:
         try:
             tree, used = merkle.assemble(merkle.digest(snap, V), have, [live], V, [], memo)
@@ -497,6 +501,7 @@ def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(r
             have.update({d: holder[d] for d in need.digests})
     assert to_dict(tree) == to_dict(snap)
     assert merkle.digest(tree, V) == merkle.digest(snap, V) == tree.digest
+    assert tree.stats == merkle.stats(_copy(snap), V) and tree.children["big"].stats == merkle.stats(_copy(big), V)
     tb = tree.children["big"]  # its memoised digest is what encoding it again gives
     assert merkle.digest(ns.Dir(tb.children, tb.mtime, tb.mode), V) == tb.digest == big.digest
     # a replay from the blocks the op would carry, against the same live tree, gives the same
@@ -510,3 +515,89 @@ def test_a_bad_frame_does_not_spoil_the_next_decompression():
         with pytest.raises(CorruptData):
             merkle.decompress(bad)
         assert merkle.decompress(good) == b"block" * 100
+
+
+def _copy(x):
+    """A tree with ``x``'s content, every directory a new node (nothing memoised)."""
+    if isinstance(x, ns.File):
+        return x
+    return ns.Dir(immutables.Map({k: _copy(v) for k, v in x.children.items()}), x.mtime, x.mode)
+
+
+def _fresh_digest(d):
+    """``d``'s digest and counts encoded from scratch."""
+    c = _copy(d)
+    return merkle.digest(c, V), merkle.stats(c, V)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False), st.booleans())
+def test_a_changed_big_directory_encodes_only_the_runs_around_its_changes(rng, capped):
+    if capped:  # names that never end a run: leaves cut at the cap, a change shifts every later cut
+        pool = [n for n in (f"c{i}" for i in range(6000)) if merkle.name_rank(n) < merkle.threshold(0)]
+    else:
+        pool = [f"n{i}" for i in range(3000)]
+    names = rng.sample(pool, rng.randrange(20, min(len(pool), 1300)))
+    root = ns.Dir(immutables.Map({"big": ns.Dir(immutables.Map(
+        {n: ns.File(1, 1, 0o644, (i,)) for i, n in enumerate(names)}), 1, 0o755)}), 1, 0o755)
+    merkle.digest(root, V)
+    taken = []
+    real = merkle._dir_blocks_from
+    try:
+        merkle._dir_blocks_from = lambda *a: taken.append(r := real(*a)) or r
+        for _round in range(rng.randrange(1, 4)):
+            for _ in range(rng.randrange(1, 12)):
+                big = ns.must_dir(root, ("big",))
+                op = rng.random()
+                if op < 0.4 and big.children:
+                    n = rng.choice(sorted(big.children))
+                    root = ns.replace(root, ("big", n), ns.File(2, rng.randrange(9), 0o644, ()), 7)
+                elif op < 0.7 and big.children:
+                    root = ns.replace(root, ("big", rng.choice(sorted(big.children))), None, 7)
+                else:
+                    root = ns.replace(root, ("big", rng.choice(pool)), ns.File(3, 3, 0o644, (5,)), 7)
+            assert (merkle.digest(root, V), merkle.stats(root, V)) == _fresh_digest(root)
+    finally:
+        merkle._dir_blocks_from = real
+    if len(ns.must_dir(root, ("big",)).children) > 200 and not capped:
+        assert any(r is not None and not r.whole for r in taken)  # the incremental path ran
+
+
+def test_a_derived_directory_keeps_one_older_version_and_forgets_it_once_digested():
+    rng = random.Random(2)
+    root = ns.Dir(immutables.Map({"big": big_dir(300, rng)}), 1, 0o755)
+    merkle.digest(root, V)
+    first = ns.must_dir(root, ("big",))
+    names = sorted(first.children)
+    for n in names[:3]:
+        root = ns.replace(root, ("big", n), ns.File(9, 9, 0o644, ()), 9)
+    big = ns.must_dir(root, ("big",))
+    assert big.base is first and big.changed == frozenset(names[:3]) and root.changed == {"big"}
+    blocks = merkle.dir_blocks(big, V, lambda c: merkle.digest(c, V))
+    merkle.digest(root, V)
+    assert big.base is None and big.changed is None and big.digest == merkle.block_digest(blocks.head)
+    for n in names[: ns.MAX_CHANGED + 1]:  # too many changes: encoded whole next time
+        root = ns.replace(root, ("big", n), ns.File(8, 8, 0o644, ()), 9)
+    assert ns.must_dir(root, ("big",)).base is None
+
+
+def test_blocks_from_cached_infos_and_leaves_encoded_one_at_a_time(monkeypatch):
+    rng = random.Random(4)
+    root = ns.Dir(immutables.Map({"big": big_dir(2000, rng)}), 1, 0o755)
+    merkle.digest(root, V)
+    big = ns.must_dir(root, ("big",))
+    full = merkle.dir_blocks(big, V, lambda c: merkle.digest(c, V))
+    monkeypatch.setattr(merkle, "_CACHE", {})  # encoded blocks evicted, infos kept
+    part = merkle.blocks_of_dir(big, V, whole=False)
+    assert not part.whole and part.head == full.head and part.kids == full.kids and part.lasts == full.lasts
+    assert set(part.parts) == {(p, b) for p, b in full.parts if p in full.kids}  # the index sub-blocks
+    served, asked = {}, set()
+    tb = merkle.TreeBlocks(root, V)
+    want = [merkle.digest(root, V)]
+    while want:  # a walk from the root, as a restore asks
+        got = tb.take(want)
+        assert set(want) <= set(got)
+        served.update(got)
+        asked.update(want)
+        want = [c for d in want for c in merkle.child_digests(got[d]) if c not in asked]
+    assert {p: b for p, b in full.parts} == {p: served[p] for p, _b in full.parts}

@@ -9,6 +9,7 @@ import gc
 import pickle
 import statistics
 import time
+from collections.abc import Callable
 
 from kubegfs.master.ops import SnapCapture
 from kubegfs.master.state import now_ns
@@ -73,18 +74,24 @@ def bench_seed(trees: dict[int, Tree], capture_rows: list[Row], repeats: dict[in
     return rows
 
 
+def _base_in(holder: dict[bytes, bytes], by_prefix: dict[bytes, bytes]) -> Callable[[bytes], bytes | None]:
+    """A delta's base from a dict standing in for a holder, by digest prefix."""
+    return lambda p: holder.get(by_prefix.get(p, b""))
+
+
 def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 3) -> list[Row]:
     """The master's own work for a snapshot after ``changed`` files in as many directories changed, in
     process (no fsync, no round trip): digests, the since-previous diff, encoding + compressing
-    the blocks to ship, the commit op's block infos; the bytes shipped per copy; then a restore
+    the blocks to ship (deltas against the previous tree's where the holder has those), the
+    commit op's block infos; the bytes shipped per copy (the request bodies); then a restore
     in place of the previous snapshot over the changed tree (assembly, the op's blocks, the
     subtrees it swaps) from the tree in memory and from blocks read back; and the diff of two
     trees as many files apart."""
     import random
 
-    from kubegfs import merkle
+    from kubegfs import blockdelta, merkle
     from kubegfs import namespace as ns
-    from kubegfs.master.snapshots import _assemble_job, diff_nodes
+    from kubegfs.master.snapshots import Encoded, _assemble_job, diff_nodes, outgoing
 
     def version(_h: int) -> int:
         return 1
@@ -95,6 +102,7 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
         prev = t.root
         merkle.digest(prev, version)
         holder = {dg: b for dg, b, _node in merkle.iter_blocks(prev, version, lambda _d: False)}
+        by_prefix = {dg[:blockdelta.PREFIX]: dg for dg in holder}
         picks = list({p[:-1]: p for p, x in ns.walk(prev) if isinstance(x, ns.File)}.values())
         k = min(changed, len(picks))
         got: dict[str, list[float]] = {}
@@ -106,24 +114,28 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
                 live = ns.replace(live, p, ns.File(f.size + 1, f.mtime + 1, f.mode, ((1 << 60) + rng.randrange(1 << 30),)),
                                   f.mtime + 1)
             t0 = time.perf_counter()
-            dg = merkle.digest(live, version)
+            kept: merkle.Kept = {}  # as a build keeps what its digest pass encoded, for shipping
+            dg = merkle.digest(live, version, kept)
             merkle.stats(live, version)
             t1 = time.perf_counter()
             diff_nodes(merkle.DirRef(merkle.digest(prev, version), prev), version, merkle.DirRef(dg, live), version)
             t2 = time.perf_counter()
-            new = [(d, merkle.compress(b)) for d, b, _node in merkle.iter_blocks(live, version, holder.__contains__)]
+            new = outgoing(live, version, holder.__contains__, Encoded(kept=kept, prev=prev), version)
+            body = blockdelta.pack(new)
             t3 = time.perf_counter()
             merkle.new_block_infos(live, version, holder.__contains__)
             t4 = time.perf_counter()
             for key, v in (("digests", t1 - t0), ("since-previous diff", t2 - t1), ("encode + compress to ship", t3 - t2),
                            ("commit op's block infos", t4 - t3), ("build total", t4 - t0),
-                           ("bytes shipped", float(sum(len(b) for _d, b in new)))):
+                           ("bytes shipped", float(len(body)))):
                 got.setdefault(key, []).append(v)
-            holder.update((d, merkle.decompress(b)) for d, b in new)
+            for blk_dg, blk, _z in blockdelta.unpack(body, _base_in(holder, by_prefix)):
+                holder[blk_dg] = blk
+                by_prefix[blk_dg[:blockdelta.PREFIX]] = blk_dg
             for src in ("tree in memory", "blocks read back"):
                 local = merkle.TreeBlocks(prev, version) if src == "tree in memory" else None
                 have: dict[bytes, bytes] = {}
-                memo: merkle.Decoded = {}
+                memo = merkle.Decoded()
                 t0 = time.perf_counter()
                 while True:
                     try:
