@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import msgpack
 
-from . import httpconn
+from . import httpconn, sharedconn
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 from .tls import ClientTLS
 from .wire import SMALL_FILE, LsPage, SnapshotInfo, Stat, StatError
@@ -213,6 +213,7 @@ class Client:
         # answer has named its port; None until then, or after it could not be reached
         self._fast: str | None = None
         self._fast_off = False
+        self._shared: dict[str, sharedconn.SharedConnection] = {}  # by the listener's base URL
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
@@ -242,7 +243,7 @@ class Client:
         other answer raises its KubegfsError. ``json`` is a body to encode (as msgpack);
         ``on_sent`` is called once the whole request is sent, before its answer is read."""
         if params:
-            url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
+            url += "?" + _query(params)
         hdrs = self._headers
         if json is not None:
             data, hdrs = msgpack.packb(json, use_bin_type=True), self._body_headers
@@ -251,14 +252,33 @@ class Client:
         try:
             status, content, ctype = self._send(method, url, data, hdrs, on_sent)
         except (OSError, http.client.HTTPException) as exc:
-            raise Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}") from exc
-        if status >= 300:
+            raise _unreachable(url, exc) from exc
+        return _answer(status, content, ctype, decode)
+
+    def _shared_req(self, method: str, base: str, path: str, params: dict[str, Any] | None = None,
+                    json: Any = None) -> Any:
+        """A read-only call to the master's lean listener at ``base`` on the process's shared
+        pipelined connection (kubegfs/sharedconn.py), asked once more on a new connection if
+        that one broke (e.g. the master restarted since); an https listener is called the
+        ordinary way."""
+        if not base.startswith("http://"):
+            return self._req(method, f"{base}/api/v1{path}", decode=True, params=params, json=json)
+        target = f"/api/v1{path}?{_query(params)}" if params else f"/api/v1{path}"
+        body, hdrs = (None, self._headers) if json is None else (
+            msgpack.packb(json, use_bin_type=True), self._body_headers)
+        conn = self._shared.get(base)
+        if conn is None:
+            u = urlsplit(base)
+            conn = self._shared[base] = sharedconn.shared(u.hostname or "", u.port or 80, self.timeout)
+        try:
             try:
-                body = _decode(content, ctype)
-            except ValueError:
-                body = content.decode("utf-8", "replace")
-            raise from_json(status, body)
-        return _decode(content, ctype) if decode else content
+                r = conn.call(method, target, body, hdrs)
+            except ConnectionError:
+                r = conn.call(method, target, body, hdrs)
+        except OSError as exc:
+            raise _unreachable(base, exc) from exc
+        return _answer(r.status, r.body, r.headers.get("content-type", ""), True)
+
 
     def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
               on_sent: Callable[[], None] | None = None) -> tuple[int, bytes | bytearray, str]:
@@ -321,7 +341,7 @@ class Client:
         fast = self._fast
         if fast is not None:
             try:
-                return self._req(method, f"{fast}/api/v1{path}", decode=True, **kw)
+                return self._shared_req(method, fast, path, **kw)
             except Unavailable:
                 self._fast, self._fast_off = None, True
         return self.api(method, path, **kw)
@@ -627,6 +647,28 @@ class Client:
 
     def checkpoint(self) -> dict[str, Any]:
         return self.api("POST", "/admin/checkpoint")
+
+
+def _query(params: dict[str, Any]) -> str:
+    """``params`` (None values left out) as a query string; ``/`` is left as it is, so a
+    path needs no escaping (nor unescaping on the master) unless it has other characters."""
+    return "&".join(f"{quote_plus(str(k))}={quote_plus(str(v), safe='/')}" for k, v in params.items()
+                    if v is not None)
+
+
+def _unreachable(url: str, exc: BaseException) -> Unavailable:
+    return Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}")
+
+
+def _answer(status: int, content: bytes | bytearray, ctype: str, decode: bool) -> Any:
+    """A 2xx answer's body (decoded with ``decode``); any other answer raises its error."""
+    if status >= 300:
+        try:
+            body = _decode(content, ctype)
+        except ValueError:
+            body = content.decode("utf-8", "replace")
+        raise from_json(status, body)
+    return _decode(content, ctype) if decode else content
 
 
 def _decode(content: bytes | bytearray, content_type: str) -> Any:
