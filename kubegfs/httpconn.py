@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import socket
 
+Body = bytes | bytearray | memoryview | list[memoryview]  # a request body, whole or in parts
+
 MAX_HEAD = 64 * 1024  # status line + headers
 SMALL_BODY = 64 * 1024  # bodies up to this go out in the same send as the head
 RECV = 32 * 1024  # a metadata answer in one recv; a big body is read straight into its buffer
@@ -61,17 +63,21 @@ class Connection:
             raise ConnectionError("connection closed")
         self.sock.sendall(data)
 
-    def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> None:
-        """Send a whole request; ``response`` then reads its answer (one request at a time)."""
+    def send(self, method: str, target: str, body: Body | None, headers: dict[str, str]) -> None:
+        """Send a whole request; ``response`` then reads its answer (one request at a time). A
+        body given as parts is sent part by part, not joined."""
         sock = self.sock
         if sock is None:
             raise ConnectionError("connection closed")
-        head = encode_head(self.host_header, method, target, len(body) if body else 0, headers)
-        if body and len(body) > SMALL_BODY:
+        parts = [] if body is None else body if isinstance(body, list) else [body]
+        length = sum(memoryview(p).nbytes for p in parts)
+        head = encode_head(self.host_header, method, target, length, headers)
+        if length > SMALL_BODY:
             sock.sendall(head)
-            sock.sendall(body)
+            for p in parts:
+                sock.sendall(p)
         else:
-            sock.sendall(head + body if body else head)
+            sock.sendall(b"".join([head, *parts]))
 
     # ------------------------------------------------------------------ reading
 
@@ -123,7 +129,7 @@ class Connection:
 
     def _exactly(self, n: int) -> bytes | bytearray:
         """The next ``n`` bytes. A body larger than what is buffered is received straight into
-        one buffer and returned as it is (a ``bytearray``: no second copy of a 4 MiB piece)."""
+        one buffer and returned as it is (a ``bytearray``: no second copy of a piece)."""
         if len(self._buf) >= n:
             body = bytes(self._buf[:n])
             del self._buf[:n]
