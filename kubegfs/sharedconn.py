@@ -112,17 +112,24 @@ class SharedConnection:
                 c.wake.release()
 
 
+KEEP = 32  # listeners remembered; an older one is forgotten (its Clients keep their reference)
 _shared: dict[tuple[str, int], SharedConnection] = {}
 _shared_lock = threading.Lock()
 
 
 def shared(host: str, port: int, timeout: float) -> SharedConnection:
-    """The process's shared connection to ``host:port``."""
+    """The process's shared connection to ``host:port``. A process that talks to many masters
+    over its life (a test suite) keeps the last KEEP: a forgotten one is closed once no Client
+    holds it any more."""
     key = (host, port)
     conn = _shared.get(key)
     if conn is None:
         with _shared_lock:
-            conn = _shared.setdefault(key, SharedConnection(host, port, timeout))
+            conn = _shared.get(key)
+            if conn is None:
+                conn = _shared[key] = SharedConnection(host, port, timeout)
+                while len(_shared) > KEEP:
+                    del _shared[next(iter(_shared))]
     return conn
 
 

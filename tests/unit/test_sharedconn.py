@@ -115,3 +115,14 @@ def test_an_answer_that_closes_the_connection_is_delivered():
     assert bytes(conn.call("GET", "/again", None, {}).body) == b"/again"
     assert srv.connections == 2
     srv.close()
+
+
+def test_the_process_remembers_a_bounded_number_of_listeners():
+    from kubegfs import sharedconn
+
+    first = sharedconn.shared("127.0.0.1", 1, 5)
+    assert sharedconn.shared("127.0.0.1", 1, 5) is first  # one per listener
+    for port in range(2, sharedconn.KEEP + 3):
+        sharedconn.shared("127.0.0.1", port, 5)
+    assert len(sharedconn._shared) == sharedconn.KEEP
+    assert sharedconn.shared("127.0.0.1", 1, 5) is not first  # the oldest was forgotten
