@@ -21,17 +21,17 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import msgpack
 
-from . import httpconn
+from . import httpconn, sharedconn
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
 from .tls import ClientTLS
 from .wire import SMALL_FILE, LsPage, SnapshotInfo, Stat, StatError
 
 MSGPACK = "application/x-msgpack"  # the master answers and reads it (kubegfs/web.py); JSON stays for curl
-PIECE = 4 * 1024 * 1024
+PIECE = 8 * 1024 * 1024  # the chunkserver takes up to 8 MiB (MAX_PIECE)
 READ_AHEAD = 2  # pieces fetched ahead of the one being consumed
 Progress = Callable[[int], None]
 
@@ -69,6 +69,43 @@ class _Chunk:
         raise Unavailable(msg)
 
 
+class _Parts:
+    """A put's bytes not yet sent, held as the pieces they came in: ``take`` hands out the first
+    n bytes as views of those pieces, so no byte is copied on its way to the socket. A piece the
+    caller may change afterwards (anything but bytes) is copied once when it is added."""
+
+    def __init__(self) -> None:
+        self.parts: deque[memoryview] = deque()
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, piece: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(piece)
+        if not isinstance(mv.obj, bytes):
+            mv = memoryview(mv.tobytes())
+        elif mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        if mv.nbytes:
+            self.parts.append(mv)
+            self.n += mv.nbytes
+
+    def take(self, n: int) -> list[memoryview]:
+        """The first ``n`` bytes (at most all of them), removed."""
+        out: list[memoryview] = []
+        while n > 0 and self.parts:
+            p = self.parts[0]
+            if p.nbytes <= n:
+                out.append(self.parts.popleft())
+            else:
+                out.append(p[:n])
+                self.parts[0] = p[n:]
+            n -= out[-1].nbytes
+            self.n -= out[-1].nbytes
+        return out
+
+
 class _Pipeline:
     """Sends a put's pieces down replica chains (client → first replica → next → next, each
     forwarding while it writes; see kubegfs/chunkserver/server.py) with up to WINDOW pieces in
@@ -87,7 +124,7 @@ class _Pipeline:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.aborted = False
-        self.q: queue.Queue[tuple[_Chunk, int, bytes, bool] | None] = queue.Queue()
+        self.q: queue.Queue[tuple[_Chunk, int, list[memoryview], bool] | None] = queue.Queue()
         self.slots = threading.Semaphore(self.WINDOW)
         self._send_lock = threading.Lock()  # taken to pick the next piece, released once it is sent
         self._lock = threading.Lock()  # chunks' replica sets
@@ -124,7 +161,7 @@ class _Pipeline:
         finally:
             self.client.close_connections()
 
-    def _store(self, chunk: _Chunk, off: int, data: bytes, sync: bool, sent: Callable[[], None]) -> None:
+    def _store(self, chunk: _Chunk, off: int, data: list[memoryview], sync: bool, sent: Callable[[], None]) -> None:
         with self._lock:
             chain = list(chunk.live)
         while chain:
@@ -149,7 +186,7 @@ class _Pipeline:
                         chunk.drop(str(r["id"]), Unavailable(str(why)))
             return
 
-    def send(self, chunk: _Chunk, offset: int, piece: bytes, sync: bool) -> None:
+    def send(self, chunk: _Chunk, offset: int, piece: list[memoryview], sync: bool) -> None:
         """Queue a piece (blocks while WINDOW pieces are unanswered); raises at once if the
         chunk has already lost every replica."""
         if not self.chunks or self.chunks[-1] is not chunk:
@@ -213,6 +250,7 @@ class Client:
         # answer has named its port; None until then, or after it could not be reached
         self._fast: str | None = None
         self._fast_off = False
+        self._shared: dict[str, sharedconn.SharedConnection] = {}  # by the listener's base URL
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
@@ -236,13 +274,13 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def _req(self, method: str, url: str, *, params: dict[str, Any] | None = None, json: Any = None,
-             data: bytes | None = None, decode: bool = False, headers: dict[str, str] | None = None,
+             data: httpconn.Body | None = None, decode: bool = False, headers: dict[str, str] | None = None,
              on_sent: Callable[[], None] | None = None) -> Any:
         """The response body of a 2xx answer (decoded from msgpack or JSON with ``decode``); any
         other answer raises its KubegfsError. ``json`` is a body to encode (as msgpack);
         ``on_sent`` is called once the whole request is sent, before its answer is read."""
         if params:
-            url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
+            url += "?" + _query(params)
         hdrs = self._headers
         if json is not None:
             data, hdrs = msgpack.packb(json, use_bin_type=True), self._body_headers
@@ -251,16 +289,35 @@ class Client:
         try:
             status, content, ctype = self._send(method, url, data, hdrs, on_sent)
         except (OSError, http.client.HTTPException) as exc:
-            raise Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}") from exc
-        if status >= 300:
-            try:
-                body = _decode(content, ctype)
-            except ValueError:
-                body = content.decode("utf-8", "replace")
-            raise from_json(status, body)
-        return _decode(content, ctype) if decode else content
+            raise _unreachable(url, exc) from exc
+        return _answer(status, content, ctype, decode)
 
-    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+    def _shared_req(self, method: str, base: str, path: str, params: dict[str, Any] | None = None,
+                    json: Any = None) -> Any:
+        """A read-only call to the master's lean listener at ``base`` on the process's shared
+        pipelined connection (kubegfs/sharedconn.py), asked once more on a new connection if
+        that one broke (e.g. the master restarted since); an https listener is called the
+        ordinary way."""
+        if not base.startswith("http://"):
+            return self._req(method, f"{base}/api/v1{path}", decode=True, params=params, json=json)
+        target = f"/api/v1{path}?{_query(params)}" if params else f"/api/v1{path}"
+        body, hdrs = (None, self._headers) if json is None else (
+            msgpack.packb(json, use_bin_type=True), self._body_headers)
+        conn = self._shared.get(base)
+        if conn is None:
+            u = urlsplit(base)
+            conn = self._shared[base] = sharedconn.shared(u.hostname or "", u.port or 80, self.timeout)
+        try:
+            try:
+                r = conn.call(method, target, body, hdrs)
+            except ConnectionError:
+                r = conn.call(method, target, body, hdrs)
+        except OSError as exc:
+            raise _unreachable(base, exc) from exc
+        return _answer(r.status, r.body, r.headers.get("content-type", ""), True)
+
+
+    def _send(self, method: str, url: str, body: httpconn.Body | None, headers: dict[str, str],
               on_sent: Callable[[], None] | None = None) -> tuple[int, bytes | bytearray, str]:
         """One request on this thread's keep-alive connection to the server, never retried (a
         create must not be sent twice): a connection the server closed while idle is noticed
@@ -292,6 +349,8 @@ class Client:
                 status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
                 fast = r.headers.get("x-kubegfs-fastpath")
             else:
+                if isinstance(body, list):
+                    body = b"".join(body)
                 conn.request(method, target, body=body, headers=headers)
                 if on_sent is not None:
                     on_sent()
@@ -321,7 +380,7 @@ class Client:
         fast = self._fast
         if fast is not None:
             try:
-                return self._req(method, f"{fast}/api/v1{path}", decode=True, **kw)
+                return self._shared_req(method, fast, path, **kw)
             except Unavailable:
                 self._fast, self._fast_off = None, True
         return self.api(method, path, **kw)
@@ -425,11 +484,12 @@ class Client:
             body["data"] = data
         return self.api("POST", "/fs/create", json=body)
 
-    def _pieces(self, data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
+    def _pieces(self, data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes | bytearray | memoryview]:
+        """``data`` in pieces of at most PIECE bytes (views of a large bytes object, not copies)."""
         if isinstance(data, (bytes, bytearray, memoryview)):
             mv = memoryview(data)
             for i in range(0, len(mv), PIECE):
-                yield bytes(mv[i : i + PIECE])
+                yield mv[i : i + PIECE]
         elif hasattr(data, "read"):
             while True:
                 piece = data.read(PIECE)
@@ -438,8 +498,12 @@ class Client:
                 yield piece
         else:
             for piece in data:
-                for i in range(0, len(piece), PIECE):
-                    yield piece[i : i + PIECE]
+                if len(piece) <= PIECE:
+                    yield piece
+                    continue
+                mv = memoryview(piece)
+                for i in range(0, len(mv), PIECE):
+                    yield mv[i : i + PIECE]
 
     def _put_once(self, path: str, data: Any, overwrite: bool, append: bool, mode: int,
                   progress: Progress | None) -> dict[str, Any]:
@@ -461,7 +525,7 @@ class Client:
                 cur = {"handle": last["handle"], "version": last["version"], "replicas": last["replicas"]}
                 cur_off = last["offset"]
                 chunks[-1]["handle"] = last["handle"]  # a copy-on-write clone may have replaced it
-            buf = bytearray()
+            buf = _Parts()
             unsynced = False
             pipeline = writer = _Pipeline(self)
             chunk: _Chunk | None = None
@@ -479,15 +543,14 @@ class Client:
                 assert cur is not None
                 if chunk is None or chunk.cur is not cur:
                     chunk = _Chunk(cur, len(chunks) - 1)
-                pipeline.send(chunk, cur_off, bytes(memoryview(buf)[:n]), sync)
+                pipeline.send(chunk, cur_off, buf.take(n), sync)
                 cur_off += n
                 size += n
-                del buf[:n]
                 if progress and n:
                     progress(n)
 
             for piece in self._pieces(data):
-                buf += piece
+                buf.add(piece)
                 while buf:
                     if cur is None or cur_off >= cs:
                         cur = new_chunk()
@@ -627,6 +690,28 @@ class Client:
 
     def checkpoint(self) -> dict[str, Any]:
         return self.api("POST", "/admin/checkpoint")
+
+
+def _query(params: dict[str, Any]) -> str:
+    """``params`` (None values left out) as a query string; ``/`` is left as it is, so a
+    path needs no escaping (nor unescaping on the master) unless it has other characters."""
+    return "&".join(f"{quote_plus(str(k))}={quote_plus(str(v), safe='/')}" for k, v in params.items()
+                    if v is not None)
+
+
+def _unreachable(url: str, exc: BaseException) -> Unavailable:
+    return Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}")
+
+
+def _answer(status: int, content: bytes | bytearray, ctype: str, decode: bool) -> Any:
+    """A 2xx answer's body (decoded with ``decode``); any other answer raises its error."""
+    if status >= 300:
+        try:
+            body = _decode(content, ctype)
+        except ValueError:
+            body = content.decode("utf-8", "replace")
+        raise from_json(status, body)
+    return _decode(content, ctype) if decode else content
 
 
 def _decode(content: bytes | bytearray, content_type: str) -> Any:

@@ -3,17 +3,28 @@
 ``http.client`` parses every answer's headers with the ``email`` package, which was the larger
 part of a metadata call's client-side CPU; kubegfs servers answer with a status line, a few
 headers and a ``Content-Length`` (or a chunked body), and this reads exactly that. Requests are
-never pipelined or retried: one request, then its whole answer (``request``, or ``send``
-then ``response`` for a caller that does something between the two).
+never retried: one request, then its whole answer (``request``, or ``send`` then ``response``
+for a caller that does something between the two); ``send_raw`` sends several at once, whose
+answers ``response`` then reads in order (kubegfs/sharedconn.py).
 """
 
 from __future__ import annotations
 
 import socket
 
+Body = bytes | bytearray | memoryview | list[memoryview]  # a request body, whole or in parts
+
 MAX_HEAD = 64 * 1024  # status line + headers
 SMALL_BODY = 64 * 1024  # bodies up to this go out in the same send as the head
 RECV = 32 * 1024  # a metadata answer in one recv; a big body is read straight into its buffer
+
+
+def encode_head(host_header: str, method: str, target: str, length: int, headers: dict[str, str]) -> bytes:
+    """A request's line and headers, ``Host`` and ``Content-Length`` included."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class BadResponse(ConnectionError):
@@ -46,20 +57,27 @@ class Connection:
         self.send(method, target, body, headers)
         return self.response(method)
 
-    def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> None:
-        """Send a whole request; ``response`` then reads its answer (one request at a time)."""
+    def send_raw(self, data: bytes) -> None:
+        """Bytes that are already whole requests (a pipelined batch: ``response`` once each)."""
+        if self.sock is None:
+            raise ConnectionError("connection closed")
+        self.sock.sendall(data)
+
+    def send(self, method: str, target: str, body: Body | None, headers: dict[str, str]) -> None:
+        """Send a whole request; ``response`` then reads its answer (one request at a time). A
+        body given as parts is sent part by part, not joined."""
         sock = self.sock
         if sock is None:
             raise ConnectionError("connection closed")
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        lines.append(f"Content-Length: {len(body) if body else 0}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if body and len(body) > SMALL_BODY:
+        parts = [] if body is None else body if isinstance(body, list) else [body]
+        length = sum(memoryview(p).nbytes for p in parts)
+        head = encode_head(self.host_header, method, target, length, headers)
+        if length > SMALL_BODY:
             sock.sendall(head)
-            sock.sendall(body)
+            for p in parts:
+                sock.sendall(p)
         else:
-            sock.sendall(head + body if body else head)
+            sock.sendall(b"".join([head, *parts]))
 
     # ------------------------------------------------------------------ reading
 
@@ -111,7 +129,7 @@ class Connection:
 
     def _exactly(self, n: int) -> bytes | bytearray:
         """The next ``n`` bytes. A body larger than what is buffered is received straight into
-        one buffer and returned as it is (a ``bytearray``: no second copy of a 4 MiB piece)."""
+        one buffer and returned as it is (a ``bytearray``: no second copy of a piece)."""
         if len(self._buf) >= n:
             body = bytes(self._buf[:n])
             del self._buf[:n]

@@ -12,8 +12,10 @@ answers, and the same request metrics; any other route is a 404 naming the main 
 port keeps serving these routes too, and advertises this one in an ``X-Kubegfs-Fastpath``
 header on their answers, which the Python client follows (kubegfs/client.py).
 
-One request at a time per connection, in order; a request with a body larger than
-MAX_JSON_BODY, a chunked body or a malformed head is answered 4xx and the connection closed.
+Requests on a connection are answered in order; pipelined ones (the client's shared connection
+sends several threads' requests in one write) are all answered from the one read that brought
+them, and their answers go out in one write. A request with a body larger than MAX_JSON_BODY, a
+chunked body or a malformed head is answered 4xx and the connection closed.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class FastProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.req: Request | None = None  # a head whose body is still arriving
+        self.out: list[bytes] = []  # answers made during this read, written together at its end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
@@ -144,6 +147,13 @@ class FastProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        try:
+            self._serve()
+        finally:
+            self._flush()
+
+    def _serve(self) -> None:
+        """Answer every whole request in the buffer."""
         while self.transport is not None:
             if self.req is None:
                 end = self.buf.find(b"\r\n\r\n")
@@ -196,10 +206,18 @@ class FastProtocol(asyncio.Protocol):
         close = "" if keep_alive else "Connection: close\r\n"
         head = (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\n{close}\r\n")
-        self.transport.write(head.encode("latin-1") + body)
+        self.out += (head.encode("latin-1"), body)
         if not keep_alive:
+            self._flush()
             self.transport.close()
             self.transport = None
+
+    def _flush(self) -> None:
+        """Write the answers made so far (one write, whatever their number)."""
+        if self.out:
+            if self.transport is not None:
+                self.transport.write(b"".join(self.out))
+            self.out.clear()
 
     def _refuse(self, err: KubegfsError) -> None:
         """A request this listener cannot read: its error, then the connection is closed."""

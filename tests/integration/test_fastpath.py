@@ -196,20 +196,39 @@ def test_the_lean_listener_closes_on_a_head_it_cannot_read(shared_cluster):
         assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"] == "invalid_argument"
 
 
+def test_the_lean_listener_answers_pipelined_requests_in_order(shared_cluster, client):
+    client.mkdir("/piped")
+    client.create_empty("/piped/a")
+    reqs = [f"GET /api/v1/fs/stat?path={p} HTTP/1.1\r\nAuthorization: Bearer {shared_cluster.token}\r\n\r\n"
+            for p in ("/piped/a", "/piped/none", "/piped")]
+    s = socket.create_connection((shared_cluster.master.host, shared_cluster.fast_port), timeout=5)
+    s.sendall("".join(reqs).encode())  # three requests in one write: three answers, in order
+    got = b""
+    while got.count(b"HTTP/1.1 ") < 3 or not got.endswith(b"}"):
+        got += s.recv(65536)
+    s.close()
+    answers = [json.loads(a.partition(b"\r\n\r\n")[2].split(b"HTTP/1.1 ")[0]) for a in got.split(b"HTTP/1.1 ")[1:]]
+    assert [a.get("path", a.get("error")) for a in answers] == ["/piped/a", "not_found", "/piped"]
+
+
 def test_the_client_finds_the_lean_listener_and_falls_back_without_it(shared_cluster, client):
     client.mkdir("/found")
     assert client.stat("/found")["type"] == "dir"
     assert client._fast == _fast(shared_cluster)  # named by the main port's answer
     calls = []
-    real = client._req
+    real, real_shared = client._req, client._shared_req
 
     def spy(method, url, **kw):
         calls.append(url)
         return real(method, url, **kw)
 
-    client._req = spy
+    def spy_shared(method, base, path, **kw):
+        calls.append(base + path)
+        return real_shared(method, base, path, **kw)
+
+    client._req, client._shared_req = spy, spy_shared
     assert client.stat("/found")["type"] == "dir" and client.ls("/found") == []
-    assert all(u.startswith(_fast(shared_cluster)) for u in calls)
+    assert len(calls) == 2 and all(u.startswith(_fast(shared_cluster)) for u in calls)
     client._fast = "http://127.0.0.1:1"  # unreachable: asked again on the main port, from then on
     calls.clear()
     assert client.stat("/found")["type"] == "dir"

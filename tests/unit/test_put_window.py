@@ -74,3 +74,29 @@ def test_a_chunk_without_replicas_fails_the_put():
     c = FakeClient(down={(r, 0) for r in ("r1", "r2", "r3")})
     with pytest.raises(Unavailable, match="no replica accepted"):
         _put(c, 1)
+
+
+def test_parts_hand_out_views_of_the_pieces_in_order():
+    from kubegfs.client import _Parts
+
+    buf = _Parts()
+    a, b = b"a" * 5, b"b" * 7
+    buf.add(a)
+    buf.add(memoryview(b))
+    buf.add(b"")
+    assert len(buf) == 12
+    first = buf.take(3)
+    assert [bytes(p) for p in first] == [b"aaa"] and first[0].obj is a  # a view, not a copy
+    assert [bytes(p) for p in buf.take(6)] == [b"aa", b"bbbb"]
+    assert len(buf) == 3 and [bytes(p) for p in buf.take(10)] == [b"bbb"]
+    assert buf.take(4) == [] and len(buf) == 0
+
+
+def test_parts_copy_a_buffer_the_caller_may_change():
+    from kubegfs.client import _Parts
+
+    buf = _Parts()
+    mine = bytearray(b"12345")
+    buf.add(mine)
+    mine[:] = b"xxxxx"  # the caller reuses its buffer once put has read it
+    assert b"".join(buf.take(5)) == b"12345"
