@@ -146,10 +146,11 @@ class _Api:
         return json_response({"checkpoint": seq}, status=201)
 
     async def get_checkpoint(self, request: web.Request) -> web.StreamResponse:
-        return await _send_files(request, [self.store.checkpoint_path(_seq(request))])
+        path = self.store.checkpoint_path(_seq(request))
+        return await _send_files(request, [(path, path.stat().st_size)])
 
     async def get_log(self, request: web.Request) -> web.StreamResponse:
-        return await _send_files(request, self.store.segments())
+        return await _send_files(request, self.store.log_extent())
 
 
 async def _refuse(ws: web.WebSocketResponse, exc: KubegfsError) -> None:
@@ -182,13 +183,15 @@ def _seq(request: web.Request) -> int:
     return int(raw)
 
 
-async def _send_files(request: web.Request, files: list[Path]) -> web.StreamResponse:
-    """The files' bytes one after the other (log segments concatenate into one valid log)."""
+async def _send_files(request: web.Request, files: list[tuple[Path, int]]) -> web.StreamResponse:
+    """The first ``n`` bytes of each file, one after the other (the records of the log segments
+    concatenate into one valid log; the open segment's pre-filled zeros are left out)."""
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await resp.prepare(request)
-    for path in files:
+    for path, n in files:
         with open(path, "rb") as f:
-            while piece := f.read(1 << 20):
+            while n > 0 and (piece := f.read(min(n, 1 << 20))):
+                n -= len(piece)
                 await resp.write(piece)
     await resp.write_eof()
     return resp
