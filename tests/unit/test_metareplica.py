@@ -336,3 +336,65 @@ def test_stream_writes_each_batch_in_the_callers_step_and_keeps_order_behind_a_s
         st.close()
 
     asyncio.run(scenario())
+
+
+def test_stream_writer_writes_what_queued_up_at_once_answers_in_order_and_stops_on_a_refusal(tmp_path):
+    import asyncio
+    import threading
+
+    from kubegfs.chunkserver import metastore
+    from kubegfs.chunkserver.metaapi import StreamWriter
+
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    calls, hold = [], threading.Event()
+    real = st.append_many
+
+    def append_many(history, batches):
+        calls.append([(b.first, b.last) for b in batches])
+        hold.wait(5)
+        return real(history, batches)
+
+    st.append_many = append_many
+
+    async def run():
+        w = StreamWriter(st, "h", asyncio.get_running_loop())
+        w.put(metastore.LogBatch(1, 2, *batch(1, 2)))
+        while not calls:  # the first write is under way (held) ...
+            await asyncio.sleep(0.001)
+        w.put(metastore.LogBatch(3, 3, *batch(3, 3)))  # ... while these two queue up
+        w.put(metastore.LogBatch(4, 5, *batch(4, 5)))
+        hold.set()
+        got = [await w.answers.get(), await w.answers.get()]
+        w.put(metastore.LogBatch(7, 7, *batch(7, 7)))  # a gap: refused, and the writer stops
+        got.append(await w.answers.get())
+        got.append(await w.answers.get())
+        w.put(metastore.LogBatch(6, 6, *batch(6, 6)))  # not written any more
+        w.close()
+        await asyncio.sleep(0.05)
+        return got
+
+    got = asyncio.run(run())
+    assert got[:2] == [2, 5] and isinstance(got[2], Conflict) and got[3] is None
+    assert calls == [[(1, 2)], [(3, 3), (4, 5)], [(7, 7)]] and st.last_seq == 5
+
+
+def test_stream_writer_writes_what_was_put_before_close_then_answers_none(tmp_path):
+    import asyncio
+
+    from kubegfs.chunkserver import metastore
+    from kubegfs.chunkserver.metaapi import StreamWriter
+
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+
+    async def run():
+        w = StreamWriter(st, "h", asyncio.get_running_loop())
+        w.put(metastore.LogBatch(1, 3, *batch(1, 3)))
+        w.close()
+        out = []
+        while (got := await w.answers.get()) is not None:
+            out.append(got)
+        return out
+
+    assert asyncio.run(run()) == [3] and st.last_seq == 3
