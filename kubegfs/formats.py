@@ -68,12 +68,20 @@ class LogScan:
     problem: str  # "" if the whole file was valid
 
 
-def scan_log(data: bytes) -> LogScan:
-    """Decode framed records; stop at the first torn or corrupt one and say why."""
+def scan_log(data: bytes, padded: bool = False) -> LogScan:
+    """Decode framed records; stop at the first torn or corrupt one and say why.
+
+    ``padded``: the log was written over zeros (a pre-filled segment, ``chunkserver/metastore``),
+    so a zero header (no record is empty) ends it cleanly when only zeros follow; ``good_bytes``
+    is then the records' end, short of ``len(data)``. Anything else after it is a torn tail."""
     out: list[Any] = []
     pos = 0
     n = len(data)
     while pos < n:
+        if padded and data[pos] == 0 and not data[pos:pos + _REC_HDR.size].strip(b"\0"):
+            if len(data.rstrip(b"\0")) > pos:
+                return LogScan(out, pos, f"non-zero bytes after the end of the records at byte {pos}")
+            return LogScan(out, pos, "")
         if n - pos < _REC_HDR.size:
             return LogScan(out, pos, f"torn record header at byte {pos}")
         length, crc = _REC_HDR.unpack_from(data, pos)

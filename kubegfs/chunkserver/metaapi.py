@@ -2,16 +2,19 @@
 ``metareplica`` to ship checkpoints and op-log batches and by ``recover`` to read them back.
 
 The master's group-committed batches arrive on one persistent WebSocket per copy
-(``/internal/meta/stream``, the format in ``metalayout``): batches are received while earlier
-ones are being written, what queued up meanwhile is written with one fdatasync, and each
-write is answered in order with the copy's ``last_seq``. A bad batch is answered with its error
-and the stream closed (the master drops the copy out of sync and rebuilds it)."""
+(``/internal/meta/stream``, the format in ``metalayout``): the event loop hands each batch to the
+stream's writer thread (``StreamWriter``) as it arrives, the thread writes what queued up
+meanwhile with one fdatasync, and each write is answered in order with the copy's ``last_seq``.
+A bad batch is answered with its error and the stream closed (the master drops the copy out of
+sync and rebuilds it)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,8 +93,8 @@ class _Api:
         ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE, autoping=True)
         await ws.prepare(request)
         self.streams.add(ws)
-        inbox: asyncio.Queue[LogBatch | None] = asyncio.Queue()
-        writer = asyncio.create_task(self._write_stream(ws, history, inbox))
+        writer = StreamWriter(self.store, history, asyncio.get_running_loop())
+        answering = asyncio.create_task(_answer(ws, writer.answers))
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.BINARY:
@@ -101,43 +104,15 @@ class _Api:
                 except ValueError as exc:
                     await _refuse(ws, InvalidArgument(str(exc)))
                     break
-                inbox.put_nowait(LogBatch(first, last, data, sha))
+                writer.put(LogBatch(first, last, data, sha))
         finally:
-            inbox.put_nowait(None)
+            writer.close()
             try:
-                await writer
+                await answering
             finally:
                 self.streams.discard(ws)
                 await ws.close()
         return ws
-
-    async def _write_stream(self, ws: web.WebSocketResponse, history: str,
-                            inbox: asyncio.Queue[LogBatch | None]) -> None:
-        """Write what arrived, in order, one fdatasync for all that queued up meanwhile."""
-        more = True
-        while more:
-            first = await inbox.get()
-            if first is None:
-                return
-            batches = [first]
-            while not inbox.empty():
-                b = inbox.get_nowait()
-                if b is None:
-                    more = False
-                    break
-                batches.append(b)
-            try:
-                last = await self._run(self.store.append_many, history, batches)
-            except KubegfsError as exc:
-                await _refuse(ws, exc)
-                return
-            except OSError as exc:
-                await _refuse(ws, KubegfsError(f"metadata copy write failed: {exc}"))
-                return
-            try:
-                await ws.send_str(json.dumps({"last_seq": last}))
-            except (ConnectionError, RuntimeError):  # the master went away: nothing to answer
-                return
 
     async def put_checkpoint(self, request: web.Request) -> web.Response:
         seq = _seq(request)
@@ -146,10 +121,83 @@ class _Api:
         return json_response({"checkpoint": seq}, status=201)
 
     async def get_checkpoint(self, request: web.Request) -> web.StreamResponse:
-        return await _send_files(request, [self.store.checkpoint_path(_seq(request))])
+        path = self.store.checkpoint_path(_seq(request))
+        return await _send_files(request, [(path, path.stat().st_size)])
 
     async def get_log(self, request: web.Request) -> web.StreamResponse:
-        return await _send_files(request, self.store.segments())
+        return await _send_files(request, self.store.log_extent())
+
+
+class StreamWriter:
+    """The writer thread of one stream: it writes what queued up since its last write with one
+    ``append_many`` (one fdatasync) and puts each result on ``answers`` (the event loop's), in
+    order: the new ``last_seq``, or the error that refused the write, after which it stops; None
+    once ``close`` was reached. The event loop only hands batches over (no task or executor
+    future per write) and never waits for the disk."""
+
+    def __init__(self, store: MetaStore, history: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.answers: asyncio.Queue[int | KubegfsError | None] = asyncio.Queue()
+        self._store = store
+        self._history = history
+        self._loop = loop
+        self._inbox: queue.SimpleQueue[LogBatch | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="meta-stream-writer", daemon=True).start()
+
+    def put(self, b: LogBatch) -> None:
+        self._inbox.put(b)
+
+    def close(self) -> None:
+        """Write what was put, then stop."""
+        self._inbox.put(None)
+
+    def _take(self) -> tuple[list[LogBatch], bool]:
+        """Everything queued up (waiting for the first), and False once ``close`` was reached."""
+        first = self._inbox.get()
+        if first is None:
+            return [], False
+        batches = [first]
+        while True:
+            try:
+                b = self._inbox.get_nowait()
+            except queue.Empty:
+                return batches, True
+            if b is None:
+                return batches, False
+            batches.append(b)
+
+    def _run(self) -> None:
+        more = True
+        while more:
+            batches, more = self._take()
+            if not batches:
+                break
+            got: int | KubegfsError
+            try:
+                got = self._store.append_many(self._history, batches)
+            except KubegfsError as exc:
+                got, more = exc, False
+            except OSError as exc:
+                got, more = KubegfsError(f"metadata copy write failed: {exc}"), False
+            self._answer(got)
+        self._answer(None)
+
+    def _answer(self, got: int | KubegfsError | None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.answers.put_nowait, got)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody to answer
+            pass
+
+
+async def _answer(ws: web.WebSocketResponse, answers: asyncio.Queue[int | KubegfsError | None]) -> None:
+    """Send the writer's answers in order; a refusal closes the stream."""
+    while (got := await answers.get()) is not None:
+        if isinstance(got, KubegfsError):
+            await _refuse(ws, got)
+            return
+        try:
+            await ws.send_str(json.dumps({"last_seq": got}))
+        except (ConnectionError, RuntimeError):  # the master went away: nothing to answer
+            return
 
 
 async def _refuse(ws: web.WebSocketResponse, exc: KubegfsError) -> None:
@@ -182,13 +230,15 @@ def _seq(request: web.Request) -> int:
     return int(raw)
 
 
-async def _send_files(request: web.Request, files: list[Path]) -> web.StreamResponse:
-    """The files' bytes one after the other (log segments concatenate into one valid log)."""
+async def _send_files(request: web.Request, files: list[tuple[Path, int]]) -> web.StreamResponse:
+    """The first ``n`` bytes of each file, one after the other (the records of the log segments
+    concatenate into one valid log; the open segment's pre-filled zeros are left out)."""
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await resp.prepare(request)
-    for path in files:
+    for path, n in files:
         with open(path, "rb") as f:
-            while piece := f.read(1 << 20):
+            while n > 0 and (piece := f.read(min(n, 1 << 20))):
+                n -= len(piece)
                 await resp.write(piece)
     await resp.write_eof()
     return resp

@@ -8,7 +8,17 @@ Invariants: the copy is always *complete*: a checkpoint (or base 0) and then eve
 ``last_seq`` without a gap, each batch verified (sha256 of the body, CRC and seq of every
 record) and fdatasynced before it is acknowledged. Anything else is refused with 409 and the
 copy's position, and the master re-sends or starts the copy over (``reset``).
-All methods are blocking; the server calls them from worker threads.
+
+The segment being appended to is pre-filled: zeros are written ``PREFILL_BYTES`` ahead of the
+records (with the batch that needs them, under the same fdatasync) and the records then
+overwrite them in place, so the fdatasync of a batch flushes its data alone and needs no
+journal commit for a new size or new blocks (on a disk the master's log shares, those commits
+queue behind each other). The end of the records is found by their framing (``scan_log`` with
+``padded``), never the file size: at start every segment is cut back to its last good record
+(a zero tail or a torn batch goes), and a segment is cut to its records' end when the next one
+starts; ``log_extent`` says how much of each segment is records, for readers.
+All methods are blocking; the server calls them from worker threads (``log_extent`` too may be
+called from the event loop).
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from ..errors import Conflict, CorruptData, NotFound
 from ..formats import frame, packb, record_digest, scan_log, sha256_hex
 from ..fsutil import atomic_write, fsync_dir
 from ..metalayout import checkpoint_name, prune_superseded, segment_name, seq_of
+
+PREFILL_BYTES = 2 << 20  # zeros kept ahead of the records in the open segment
 
 
 class LogBatch(NamedTuple):
@@ -48,18 +60,22 @@ class MetaStore:
         self.last_seq = self._scan_last()
         self._new_segment = True  # the next append opens a segment named after its first record
         self._fd: int | None = None
+        self._end = 0  # bytes of records in the open segment; zeros follow up to ``_filled``
+        self._filled = 0
+        self._open: tuple[Path, int] | None = None  # (open segment, _end) for readers, set at once
+        self._switch = threading.Lock()  # held while the open segment changes (``log_extent``)
 
     def _scan_last(self) -> int:
         """The last good record's seq; a torn tail (a crash mid-append) is cut off."""
         last = max([self.base] + [seq_of(c) for c in self.dir.glob("checkpoint-*.ckpt")])
         for seg in sorted(self.dir.glob("log-*.wal")):
             data = seg.read_bytes()
-            scan = scan_log(data)
+            scan = scan_log(data, padded=True)
             for rec in scan.records:
                 if isinstance(rec, dict) and isinstance(rec.get("seq"), int) and rec["seq"] > last:
                     last = rec["seq"]
                     self.last_digest = record_digest(rec)
-            if scan.problem:
+            if scan.good_bytes < len(data):  # a zero tail (pre-filled) or a torn batch
                 with open(seg, "r+b") as f:
                     f.truncate(scan.good_bytes)
                     os.fsync(f.fileno())
@@ -71,7 +87,7 @@ class MetaStore:
             sha = c.with_suffix(".sha256")
             if sha.exists():
                 cks.append({"seq": seq_of(c), "sha256": sha.read_text().strip(), "bytes": c.stat().st_size})
-        segs = [{"first": seq_of(s), "bytes": s.stat().st_size} for s in sorted(self.dir.glob("log-*.wal"))]
+        segs = [{"first": seq_of(s), "bytes": n} for s, n in self.log_extent()]
         return {"history": self.history, "base": self.base, "last_seq": self.last_seq,
                 "last_digest": self.last_digest,
                 "checkpoints": cks, "segments": segs}
@@ -140,32 +156,54 @@ class MetaStore:
                 last_seq, digest = b.last, record_digest(scan.records[-1])
             if last_seq == self.last_seq:
                 return last_seq
-            fd = self._segment(self.last_seq + 1)
-            view = memoryview(b"".join(out))
+            fd, path = self._segment(self.last_seq + 1)
+            data = b"".join(out)
+            end = self._end + len(data)
+            if end > self._filled:  # zero the next stretch now: the next batches only overwrite
+                self._filled = end + PREFILL_BYTES
+                data += bytes(self._filled - end)
+            view = memoryview(data)
+            at = self._end
             while view:
-                view = view[os.write(fd, view):]
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
             os.fdatasync(fd)
+            self._end = end
+            self._open = (path, end)
             self.last_seq, self.last_digest = last_seq, digest
             return last_seq
 
-    def _segment(self, first: int) -> int:
+    def _segment(self, first: int) -> tuple[int, Path]:
         """The open segment to append to; a new one (named after ``first``, its first record)
-        after a checkpoint or a reset."""
-        if self._fd is not None and not self._new_segment:
-            return self._fd
+        after a checkpoint, a reset or a restart."""
+        if self._fd is not None and self._open is not None and not self._new_segment:
+            return self._fd, self._open[0]
         self._close()
-        segs = sorted(self.dir.glob("log-*.wal"))
-        path = segs[-1] if segs and not self._new_segment else self.dir / segment_name(first)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        path = self.dir / segment_name(first)
+        with self._switch:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            self._end = self._filled = os.fstat(self._fd).st_size  # 0, or records only (cut at start)
+            self._open = (path, self._end)
         self._new_segment = False
-        if path not in segs:
-            fsync_dir(self.dir)
-        return self._fd
+        fsync_dir(self.dir)
+        return self._fd, path
 
     def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Close the open segment, cut to its records (readers then take its size)."""
+        with self._switch:
+            if self._fd is not None:
+                os.ftruncate(self._fd, self._end)
+                os.close(self._fd)
+                self._fd = None
+            self._open = None
+
+    def log_extent(self) -> list[tuple[Path, int]]:
+        """Each segment and how many of its bytes are records, in order (the open one's zero
+        tail excluded): concatenated, those bytes are one valid log."""
+        with self._switch:
+            current = self._open
+            return [(s, current[1] if current is not None and s == current[0] else s.stat().st_size)
+                    for s in sorted(self.dir.glob("log-*.wal"))]
 
     def checkpoint_path(self, seq: int) -> Path:
         p = self.dir / checkpoint_name(seq)
@@ -173,5 +211,3 @@ class MetaStore:
             raise NotFound(f"no metadata checkpoint {seq}")
         return p
 
-    def segments(self) -> list[Path]:
-        return sorted(self.dir.glob("log-*.wal"))

@@ -6,6 +6,8 @@ Files in the data directory:
   ``checkpoint-<seq, 20 digits>.ckpt`` encoded MasterState as of op ``seq``
 A torn or corrupt record stops replay at the last good record; the damaged file is kept beside as
 ``*.corrupt-<unix time>`` and the log is truncated to the good prefix, with an ERROR log line.
+Zeros after the last record (a chunkserver's pre-filled copy, ``chunkserver/metastore``) are
+cut off without complaint: appends go after the records.
 
 Invariants of :class:`OpLog`:
   * ``durable_seq`` is the highest seq whose record was written *and* synced; it only grows, and
@@ -78,7 +80,7 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
             seg.rename(seg.with_name(seg.name + f".corrupt-{int(time.time())}"))
             continue
         data = seg.read_bytes()
-        scan = scan_log(data)
+        scan = scan_log(data, padded=True)
         for op in scan.records:
             if not isinstance(op, dict) or "seq" not in op or "op" not in op:
                 scan.problem = scan.problem or "record without seq/op"
@@ -103,6 +105,10 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
                 f.truncate(scan.good_bytes)
                 os.fsync(f.fileno())
             stop = True
+        elif scan.good_bytes < len(data):  # a zero tail
+            with open(seg, "r+b") as f:
+                f.truncate(scan.good_bytes)
+                os.fsync(f.fileno())
     rep.seconds = time.perf_counter() - t0
     return state, rep
 

@@ -33,6 +33,22 @@ def test_log_torn_tail_dropped(cut):
     assert scan.good_bytes == len(b"".join(frame(packb(r)) for r in records(9)))
 
 
+def test_log_padded_with_zeros_ends_at_the_records_and_only_there():
+    data = b"".join(frame(packb(r)) for r in records(5))
+    scan = scan_log(data + bytes(100), padded=True)
+    assert (scan.records, scan.good_bytes, scan.problem) == (records(5), len(data), "")
+    assert scan_log(data + bytes(3), padded=True).problem == ""  # fewer zeros than a header
+    assert scan_log(data, padded=True).good_bytes == len(data)  # no zeros at all
+    assert scan_log(bytes(64), padded=True) == scan_log(b"")  # nothing written yet
+    assert "undecodable" in scan_log(data + bytes(100)).problem  # not padded: zeros are damage
+    torn = data + frame(packb(records(6)[5]))[:-4] + bytes(50)  # a batch cut short over the zeros
+    scan = scan_log(torn, padded=True)
+    assert scan.records == records(5) and scan.good_bytes == len(data) and scan.problem
+    late = data + bytes(30) + frame(packb(records(7)[6])) + bytes(30)  # a later page kept, not this one
+    scan = scan_log(late, padded=True)
+    assert scan.records == records(5) and scan.good_bytes == len(data) and "non-zero" in scan.problem
+
+
 def test_log_flipped_byte_detected_at_every_position():
     data = b"".join(frame(packb(r)) for r in records(5))
     for pos in range(len(data)):

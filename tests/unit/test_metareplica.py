@@ -60,15 +60,72 @@ def test_store_survives_a_torn_tail_and_a_restart(tmp_path):
     st.reset("h", 0)
     st.append("h", 1, 4, *batch(1, 4))
     seg = tmp_path / "meta" / segment_name(1)
-    seg.write_bytes(seg.read_bytes()[:-3])  # a crash mid-write
+    size = seg.stat().st_size
+    assert size > len(batch(1, 4)[0])  # pre-filled
+    # a crash mid-write: the last batch only partly over the zeros
+    seg.write_bytes(batch(1, 4)[0][:-3] + bytes(size - len(batch(1, 4)[0]) + 3))
     again = MetaStore(tmp_path)
     assert (again.history, again.last_seq) == ("h", 3)
-    again.append("h", 4, 4, *batch(4, 4))
+    assert seg.stat().st_size == len(batch(1, 3)[0])  # cut back to the last good record
+    again.append("h", 4, 5, *batch(4, 5))
     state, rep = recover(tmp_path / "meta", 0, 0)
-    assert state.seq == 4 and rep.problems == []
+    assert state.seq == 5 and rep.problems == []
 
 
-def test_checkpoints_must_not_run_ahead_and_old_ones_are_pruned(tmp_path):
+def _extent_bytes(st):
+    return b"".join(path.read_bytes()[:n] for path, n in st.log_extent())
+
+
+def test_store_overwrites_zeros_ahead_and_readers_get_records_only(tmp_path, monkeypatch):
+    import os
+
+    from kubegfs.chunkserver import metastore
+    from kubegfs.formats import scan_log
+
+    monkeypatch.setattr(metastore, "PREFILL_BYTES", 300)  # so batches span the pre-filled end
+    sizes = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(metastore.os, "fdatasync",
+                        lambda fd: sizes.append(os.fstat(fd).st_size) or real_fdatasync(fd))
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    seg = tmp_path / "meta" / segment_name(1)
+    for i in range(1, 41):
+        assert st.append("h", i, i, *batch(i, i)) == i
+        records = batch(1, i)[0]
+        assert seg.stat().st_size >= len(records) + 1  # zeros ahead of the records
+        assert seg.read_bytes()[:len(records)] == records and not seg.read_bytes()[len(records):].strip(b"\0")
+        assert st.log_extent() == [(seg, len(records))]
+    assert len(sizes) == 40 and len(set(sizes)) < 40  # most appends overwrite without growing the file
+    assert len(set(sizes)) > 2  # and a batch past the zeros grows it by more zeros
+    assert st.inventory()["segments"] == [{"first": 1, "bytes": len(batch(1, 40)[0])}]
+    scan = scan_log(_extent_bytes(st))  # what get_log sends: a plain valid log, no padding
+    assert scan.problem == "" and [r["seq"] for r in scan.records] == list(range(1, 41))
+    again = MetaStore(tmp_path)  # a restart cuts the zero tail and opens a new segment
+    assert again.last_seq == 40 and seg.stat().st_size == len(batch(1, 40)[0])
+    again.append("h", 41, 42, *batch(41, 42))
+    assert [n for _p, n in again.log_extent()] == [len(batch(1, 40)[0]), len(batch(41, 42)[0])]
+    assert scan_log(_extent_bytes(again)).records == scan_log(batch(1, 42)[0]).records
+
+
+def test_store_cuts_records_left_beyond_a_gap_of_zeros(tmp_path):
+    """A crash can keep a later page of an unsynced batch and lose an earlier one: records
+    after zeros. They are cut at start, so a later append cannot end up in front of them."""
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    st.append("h", 1, 3, *batch(1, 3))
+    seg = tmp_path / "meta" / segment_name(1)
+    size = seg.stat().st_size
+    head = batch(1, 3)[0] + bytes(len(batch(4, 4)[0]))
+    seg.write_bytes(head + batch(5, 5)[0] + bytes(size - len(head) - len(batch(5, 5)[0])))
+    again = MetaStore(tmp_path)
+    assert again.last_seq == 3 and seg.stat().st_size == len(batch(1, 3)[0])
+    again.append("h", 4, 6, *batch(4, 6))
+    state, rep = recover(tmp_path / "meta", 0, 0)
+    assert state.seq == 6 and rep.problems == []
+
+
+def test_checkpoints_must_not_run_ahead_old_ones_are_pruned_and_segments_are_cut(tmp_path):
     from kubegfs.master.checkpoint import encode_checkpoint
     from kubegfs.master.state import MasterState
 
@@ -85,8 +142,13 @@ def test_checkpoints_must_not_run_ahead_and_old_ones_are_pruned(tmp_path):
     st.append("h", 3, 5, *batch(3, 5))
     inv = st.inventory()
     assert [c["seq"] for c in inv["checkpoints"]] == [2] and [s["first"] for s in inv["segments"]] == [1, 3]
-    state, rep = recover(tmp_path / "meta", 0, 0)
+    # the segment before the new one is cut to its records; the open one keeps its zeros
+    first, second = tmp_path / "meta" / segment_name(1), tmp_path / "meta" / segment_name(3)
+    assert first.stat().st_size == len(batch(1, 2)[0]) and second.stat().st_size > len(batch(3, 5)[0])
+    assert st.log_extent() == [(first, len(batch(1, 2)[0])), (second, len(batch(3, 5)[0]))]
+    state, rep = recover(tmp_path / "meta", 0, 0)  # a copy's directory replays as it is
     assert state.seq == 5 and state.n_dirs == 6 and not rep.problems
+    assert second.stat().st_size == len(batch(3, 5)[0])  # its zero tail cut, quietly
     assert (tmp_path / "meta" / checkpoint_name(2)).with_suffix(".sha256").read_text() == sha256_hex(ck)
 
 
@@ -274,3 +336,65 @@ def test_stream_writes_each_batch_in_the_callers_step_and_keeps_order_behind_a_s
         st.close()
 
     asyncio.run(scenario())
+
+
+def test_stream_writer_writes_what_queued_up_at_once_answers_in_order_and_stops_on_a_refusal(tmp_path):
+    import asyncio
+    import threading
+
+    from kubegfs.chunkserver import metastore
+    from kubegfs.chunkserver.metaapi import StreamWriter
+
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+    calls, hold = [], threading.Event()
+    real = st.append_many
+
+    def append_many(history, batches):
+        calls.append([(b.first, b.last) for b in batches])
+        hold.wait(5)
+        return real(history, batches)
+
+    st.append_many = append_many
+
+    async def run():
+        w = StreamWriter(st, "h", asyncio.get_running_loop())
+        w.put(metastore.LogBatch(1, 2, *batch(1, 2)))
+        while not calls:  # the first write is under way (held) ...
+            await asyncio.sleep(0.001)
+        w.put(metastore.LogBatch(3, 3, *batch(3, 3)))  # ... while these two queue up
+        w.put(metastore.LogBatch(4, 5, *batch(4, 5)))
+        hold.set()
+        got = [await w.answers.get(), await w.answers.get()]
+        w.put(metastore.LogBatch(7, 7, *batch(7, 7)))  # a gap: refused, and the writer stops
+        got.append(await w.answers.get())
+        got.append(await w.answers.get())
+        w.put(metastore.LogBatch(6, 6, *batch(6, 6)))  # not written any more
+        w.close()
+        await asyncio.sleep(0.05)
+        return got
+
+    got = asyncio.run(run())
+    assert got[:2] == [2, 5] and isinstance(got[2], Conflict) and got[3] is None
+    assert calls == [[(1, 2)], [(3, 3), (4, 5)], [(7, 7)]] and st.last_seq == 5
+
+
+def test_stream_writer_writes_what_was_put_before_close_then_answers_none(tmp_path):
+    import asyncio
+
+    from kubegfs.chunkserver import metastore
+    from kubegfs.chunkserver.metaapi import StreamWriter
+
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+
+    async def run():
+        w = StreamWriter(st, "h", asyncio.get_running_loop())
+        w.put(metastore.LogBatch(1, 3, *batch(1, 3)))
+        w.close()
+        out = []
+        while (got := await w.answers.get()) is not None:
+            out.append(got)
+        return out
+
+    assert asyncio.run(run()) == [3] and st.last_seq == 3
