@@ -7,7 +7,6 @@ The operator's state lives in kopf's ``memo`` (one ``Runtime``), never in module
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -29,7 +28,7 @@ from kubegfs.web import make_middlewares, metrics_handler
 from . import FINALIZER, GROUP, VERSION, objects, reconcile
 from .cluster import PODS_SELECTOR, MasterClients, NodeLabels, WatchedViews
 from .config import Config, catalog_sync_seconds
-from .podwatch import PodWatch
+from .podwatch import PodWatch, raw_json
 
 log = logging.getLogger("kubegfs.operator")
 
@@ -54,11 +53,7 @@ def _views(cfg: Config, core: Any) -> WatchedViews:
     """Installations' views: their namespaces' kubegfs pods watched, nodes' labels remembered."""
 
     def read_node(name: str) -> dict[str, str]:
-        r = core.read_node(name, _preload_content=False)
-        try:
-            return dict((json.loads(r.data).get("metadata") or {}).get("labels") or {})
-        finally:
-            r.release_conn()
+        return dict((raw_json(core.read_node, name).get("metadata") or {}).get("labels") or {})
 
     return WatchedViews(lambda ns: PodWatch(core, ns, PODS_SELECTOR).start(), read_node, NodeLabels(),
                         cfg.master_port, cfg.chunkserver_port, cfg.scheme)
@@ -348,8 +343,8 @@ def _catalog_checked(body: kopf.Body, **_: Any) -> bool:
 
 
 # one catalog: a Snapshot whose kubegfs snapshot vanished (e.g. `kubegfs snapshot delete --force`)
-# (first look one interval after the Snapshot settled: it was just checked against the catalog,
-# and a burst of new Snapshots would otherwise call this once each while the rest wait)
+# (first look one interval after the Snapshot settled: the master has just answered for it, and a
+# burst of new Snapshots would otherwise call this once each while the rest wait)
 @kopf.timer(GROUP, VERSION, "snapshots", id="catalog-sync", interval=catalog_sync_seconds(),
             initial_delay=catalog_sync_seconds(), when=_catalog_checked)
 def snapshot_sync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:

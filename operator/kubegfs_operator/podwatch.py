@@ -50,6 +50,17 @@ def apply_event(pods: dict[str, dict[str, Any]], event: dict[str, Any]) -> str |
     return str(rv) if rv else None
 
 
+def raw_json(call: Any, *args: Any, **kw: Any) -> dict[str, Any]:
+    """A kubernetes-client API call's answer as the API's JSON (``_preload_content=False``: no
+    model objects, whose decoding costs more than the call)."""
+    resp = call(*args, _preload_content=False, **kw)
+    try:
+        out: dict[str, Any] = json.loads(resp.data)
+        return out
+    finally:
+        resp.release_conn()
+
+
 def lines(resp: Any) -> Iterator[str]:
     """The newline-delimited JSON events of a streamed watch response."""
     buf = bytearray()
@@ -122,12 +133,7 @@ class PodWatch:
                 delay = min(delay * 2, self._backoff[1])
 
     def _list(self) -> str:
-        resp = self._core.list_namespaced_pod(self.namespace, label_selector=self._selector,
-                                              _preload_content=False)
-        try:
-            listed = json.loads(resp.data)
-        finally:
-            resp.release_conn()
+        listed = raw_json(self._core.list_namespaced_pod, self.namespace, label_selector=self._selector)
         pods = {p["metadata"]["name"]: p for p in listed.get("items") or []}
         with self._lock:
             self._pods = pods
@@ -146,7 +152,10 @@ class PodWatch:
                 event = json.loads(line)
                 with self._lock:
                     rv = apply_event(self._pods, event) or rv
+        except BaseException:
+            resp.close()  # left mid-stream: never back into the pool with unread events on it
+            raise
         finally:
             self._resp = None
-            resp.release_conn()
+        resp.release_conn()
         return rv
