@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import msgpack
 
@@ -695,8 +695,7 @@ class Client:
 def _query(params: dict[str, Any]) -> str:
     """``params`` (None values left out) as a query string; ``/`` is left as it is, so a
     path needs no escaping (nor unescaping on the master) unless it has other characters."""
-    return "&".join(f"{quote_plus(str(k))}={quote_plus(str(v), safe='/')}" for k, v in params.items()
-                    if v is not None)
+    return urlencode({k: v for k, v in params.items() if v is not None}, safe="/")
 
 
 def _unreachable(url: str, exc: BaseException) -> Unavailable:

@@ -216,15 +216,15 @@ def _upper(d: Dir, level: list[bytes], level_ranks: list[int], part: Callable[[l
     return head
 
 
-def leaf_block(d: Dir, blocks: DirBlocks, i: int, version_of: VersionOf) -> bytes | None:
+def leaf_block(d: Dir, names: list[str], lasts: tuple[str, ...], i: int, want: bytes,
+               version_of: VersionOf) -> bytes | None:
     """The bytes of split directory ``d``'s ``i``-th leaf (its names: after the previous leaf's
-    last name up to its own), None if they do not give the digest ``blocks`` has for it."""
-    names = sorted(d.children.keys())
-    a = bisect.bisect_right(names, blocks.lasts[i - 1]) if i else 0
+    last name up to its own; ``names``: ``d``'s names sorted, ``lasts``: each leaf's last name),
+    None if they do not give the leaf's digest ``want``."""
+    a = bisect.bisect_right(names, lasts[i - 1]) if i else 0
     ch = d.children
-    data = _entries_block(KIND_PART, 0, 0, [(n, ch[n]) for n in names[a:bisect.bisect_right(names, blocks.lasts[i])]],
+    data = _entries_block(KIND_PART, 0, 0, [(n, ch[n]) for n in names[a:bisect.bisect_right(names, lasts[i])]],
                           version_of, lambda c: digest(c, version_of))[0]
-    want = _leaves(digest(d, version_of), blocks.kids)[i]
     return data if block_digest(data) == want else None
 
 
@@ -714,7 +714,8 @@ class TreeBlocks:
         self.version_of = version_of
         self.nodes: dict[bytes, Dir] = {digest(root, version_of): root}
         self.parts: dict[bytes, bytes] = {}
-        self.leaves: dict[bytes, tuple[Dir, DirBlocks, int]] = {}  # a leaf not encoded yet: its place
+        # a leaf not encoded yet: its directory, that directory's sorted names, its leaves' last names, its index
+        self.leaves: dict[bytes, tuple[Dir, list[str], tuple[str, ...], int]] = {}
 
     def take(self, digests: list[bytes]) -> dict[bytes, bytes]:
         """Those of ``digests`` this tree can give (the rest: read them elsewhere), with every
@@ -723,7 +724,7 @@ class TreeBlocks:
         for d in digests:
             part = self.parts.get(d)
             if part is None and d in self.leaves:
-                part = leaf_block(*self.leaves[d], self.version_of)
+                part = leaf_block(*self.leaves[d], d, self.version_of)
             if part is not None:
                 out[d] = part
                 continue
@@ -737,9 +738,10 @@ class TreeBlocks:
             out.update(blocks.parts)  # all of them at once: the walk needs those it lacks next
             self.parts.update(blocks.parts)
             if not blocks.whole:
+                names = sorted(n.children.keys())  # once per directory, not once per leaf asked for
                 for i, leaf in enumerate(_leaves(d, blocks.kids)):
                     if leaf not in self.parts:
-                        self.leaves[leaf] = (n, blocks, i)
+                        self.leaves[leaf] = (n, names, blocks.lasts, i)
             for k in n.children.values():
                 if type(k) is Dir:
                     self.nodes[digest(k, self.version_of)] = k

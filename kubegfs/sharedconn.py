@@ -89,6 +89,8 @@ class SharedConnection:
                     self._fail("the server closed the connection", me)
         except BaseException as exc:  # noqa: BLE001 - every caller on the connection gets it
             self._fail(f"{exc.__class__.__name__}: {exc}", me)
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C, SystemExit: the others fail, this caller stops (never a retried ConnectionError)
         finally:
             with self._mu:
                 nxt = self._calls[0] if self._calls else None

@@ -181,7 +181,6 @@ class _Stream:
             asyncio.get_running_loop().call_soon(self.on_fail, f"stream send: {exc or type(exc).__name__}")
             return
         self._draining = asyncio.create_task(self._drain(coro, step))
-        self.tasks.append(self._draining)
 
     async def _drain(self, coro: Coroutine[Any, Any, None], step: Any) -> None:
         """Finish a send that had to wait, then send what was put meanwhile."""
@@ -227,8 +226,8 @@ class _Stream:
     def close(self) -> None:
         self.closed = True
         current = asyncio.current_task()
-        for task in self.tasks:
-            if task is not current:
+        for task in (*self.tasks, self._draining):  # the drain, if one runs, is not kept in tasks
+            if task is not None and task is not current:
                 task.cancel()
         if not self.ws.closed:
             asyncio.get_running_loop().create_task(self.ws.close())

@@ -101,11 +101,8 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
             rep.problems.append(msg)
             keep = seg.with_name(seg.name + f".corrupt-{int(time.time())}")
             keep.write_bytes(data)
-            with open(seg, "r+b") as f:
-                f.truncate(scan.good_bytes)
-                os.fsync(f.fileno())
             stop = True
-        elif scan.good_bytes < len(data):  # a zero tail
+        if scan.good_bytes < len(data):  # cut back to the last good record (or a zero tail off)
             with open(seg, "r+b") as f:
                 f.truncate(scan.good_bytes)
                 os.fsync(f.fileno())

@@ -297,7 +297,7 @@ def test_restore_from_a_tree_in_memory_uses_the_same_blocks_as_from_a_holder():
             log.put(f"/t/{d}/f{i}", 10)
     sid = log.snapshot("/t")
     st = log.state
-    snap_tree = st.pins.get(sid) or ns.must_get(st.root, ("t",))
+    snap_tree = ns.must_get(st.root, ("t",))  # the committed snapshot's tree: /t as it is now
     log.put("/t/y/f3", 20)
     log.put("/t/y/f90", 20)
     cands = st.restore_candidates(("t",), "inplace", "/t")

@@ -448,9 +448,9 @@ def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
     raw[13] = b"".join(reversed([raw[13][i:i + 32] for i in range(0, len(raw[13]), 32)]))
     swapped = merkle.packb(raw)
     have[merkle.block_digest(swapped)] = swapped
-    if len(raw[13]) > 32:
-        with pytest.raises(CorruptData):
-            merkle.whole_dir(merkle.block_digest(swapped), have)
+    assert len(raw[13]) > 32  # a split directory's head names two or more sub-blocks
+    with pytest.raises(CorruptData):
+        merkle.whole_dir(merkle.block_digest(swapped), have)
 
 
 def test_encoded_blocks_are_cached_by_digest_within_a_bound(monkeypatch):
