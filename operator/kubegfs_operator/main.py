@@ -121,11 +121,16 @@ def _deps(cfg: Config, core: Any, custom: Any, views: WatchedViews) -> reconcile
 
 
 def _per_installation(fetch: Any, ttl: float) -> Any:
-    """``fetch(ref)``, cached per installation for ``ttl`` seconds (thread-safe)."""
+    """``fetch(ref)``, cached per installation for ``ttl`` seconds (thread-safe). Handlers of one
+    installation wait for one fetch; an installation whose master is slow to answer does not hold
+    up the others."""
     cache: dict[Any, tuple[float, Any]] = {}
-    lock = threading.Lock()
+    locks: dict[Any, threading.Lock] = {}
+    guard = threading.Lock()
 
     def cached(ref: Any) -> Any:
+        with guard:
+            lock = locks.setdefault(ref, threading.Lock())
         with lock:
             hit = cache.get(ref)
             if hit is None or time.monotonic() - hit[0] > ttl:

@@ -499,3 +499,31 @@ def test_cluster_health_condition_is_written_only_when_it_changes():
     assert objects.cluster_health_changed(st, True, "Healthy", "fine")
     untouched = objects.healthy_again(objects.ready(None, 1, "SnapshotReady", "ok"), 1)
     assert "ClusterHealthy" not in {c["type"] for c in untouched["conditions"]}
+
+
+def test_per_installation_cache_does_not_hold_one_installation_behind_another():
+    from kubegfs_operator import main as op_main
+
+    slow_started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def fetch(ref):
+        calls.append(ref)
+        if ref == "slow":
+            slow_started.set()
+            release.wait(5)
+        return ref.upper()
+
+    cached = op_main._per_installation(fetch, ttl=60)
+    t = threading.Thread(target=cached, args=("slow",))
+    t.start()
+    assert slow_started.wait(5)
+    done = threading.Event()
+    got: list[str] = []
+    threading.Thread(target=lambda: (got.append(cached("fast")), done.set())).start()
+    # the other installation is answered while the slow master is still being asked
+    assert done.wait(2) and got == ["FAST"]
+    release.set()
+    t.join(5)
+    assert cached("slow") == "SLOW" and cached("fast") == "FAST"
+    assert calls == ["slow", "fast"]  # both cached: one fetch each
