@@ -7,8 +7,10 @@ we. The replicator picks ``copies`` live chunkservers, each in a zone of its own
 
 Each group-committed batch of the op log is sent once to every in-sync target, while it is
 written locally, over one persistent ordered stream per target (``_Stream``, a WebSocket to
-``/internal/meta/stream``): batches are not held back until earlier ones are answered, and the
-answers (the copy's last seq, in order) settle the batches they cover.
+``/internal/meta/stream``); the answers (the copy's last seq, in order) settle the batches they
+cover. The streams do not hold a batch back until earlier ones are answered; in ``sync`` the op
+log makes its next batch only once the copies answered this one (``oplog.OpLog``), so a batch
+carries every op of a round trip.
 
 Modes:
   ``sync``  the ops of a batch are acknowledged once it is durable here and every in-sync

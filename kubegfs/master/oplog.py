@@ -121,7 +121,10 @@ class Shipment(Protocol):
 
 
 class OpLog:
-    """Appends ops with group commit: concurrent appends share one write + fsync."""
+    """Appends ops with group commit: the ops that arrive while a batch is written share the
+    next write + fsync. With replication that waits for the copies (``sync``) the next batch
+    also waits until the copies hold this one (one batch in flight, as HDFS's edit log has one
+    sync at a time), so it holds the ops of the whole round trip in one write and one send."""
 
     def __init__(self, data_dir: Path, next_seq: int, fsync: bool = True,
                  sync: Callable[[int], None] | None = None) -> None:
@@ -193,6 +196,11 @@ class OpLog:
                     self._buf, self._waiters = [], []
                     raise
                 self._settle(last, waiters, remote)
+                if remote is not None and remote.wait and not remote.fut.done():
+                    # sync: one batch in flight to the copies. What arrives meanwhile goes out
+                    # in the next write and send, so a batch holds more ops and each costs the
+                    # master and the copies their per-batch work fewer times
+                    await asyncio.wait([remote.fut])
         finally:
             self._flushing = False
 

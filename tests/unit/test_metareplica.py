@@ -398,3 +398,53 @@ def test_stream_writer_writes_what_was_put_before_close_then_answers_none(tmp_pa
         return out
 
     assert asyncio.run(run()) == [3] and st.last_seq == 3
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["sync", "async"])
+def test_sync_keeps_one_batch_in_flight_to_the_copies_and_the_next_takes_what_queued(tmp_path, wait):
+    import asyncio
+
+    from kubegfs.master.oplog import OpLog
+
+    class Shipment:
+        def __init__(self):
+            self.fut = asyncio.get_running_loop().create_future()
+            self.wait = wait
+
+        def then(self, fn):
+            self.fut.add_done_callback(lambda _f: fn())
+
+    async def scenario():
+        log = OpLog(tmp_path, 1, fsync=False)
+        shipped = []
+
+        def replicate(data, first, last):
+            shipped.append((first, last, Shipment()))
+            return shipped[-1][2]
+
+        def ranges():
+            return [(first, last) for first, last, _ in shipped]
+
+        def create(i):
+            return log.enqueue(log.stamp({"op": "mkdir", "path": f"/d{i}"}))
+
+        log.replicate = replicate
+        f1 = create(1)
+        await asyncio.sleep(0.05)  # batch 1 is written here and on its way to the copies
+        later = [create(i) for i in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        if wait:  # held until the copies hold batch 1: then 2..4 go as one batch
+            assert ranges() == [(1, 1)] and not f1.done() and log.durable_seq == 0
+        else:  # async: the next batch does not wait for the copies
+            assert ranges() == [(1, 1), (2, 4)] and f1.done()
+        shipped[0][2].fut.set_result(None)
+        await asyncio.sleep(0.05)
+        assert ranges() == [(1, 1), (2, 4)] and f1.done() and log.durable_seq == 1
+        assert not any(f.done() for f in later) if wait else all(f.done() for f in later)
+        shipped[1][2].fut.set_result(None)
+        await asyncio.sleep(0.01)
+        assert all(f.done() for f in later) and log.durable_seq == 4
+        await log.drain()
+        log.close()
+
+    asyncio.run(scenario())
