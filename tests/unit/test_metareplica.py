@@ -448,3 +448,72 @@ def test_sync_keeps_one_batch_in_flight_to_the_copies_and_the_next_takes_what_qu
         log.close()
 
     asyncio.run(scenario())
+
+
+def test_sync_batch_of_several_waits_briefly_for_half_the_clients_it_answered(tmp_path, monkeypatch):
+    import asyncio
+
+    from kubegfs.master import oplog
+    from kubegfs.master.oplog import OpLog
+
+    class Shipment:
+        def __init__(self):
+            self.fut = asyncio.get_running_loop().create_future()
+            self.wait = True
+
+        def then(self, fn):
+            self.fut.add_done_callback(lambda _f: fn())
+
+    async def scenario():
+        log = OpLog(tmp_path, 1, fsync=False)
+        shipped = []
+
+        def replicate(data, first, last):
+            shipped.append((first, last, Shipment()))
+            return shipped[-1][2]
+
+        def ranges():
+            return [(first, last) for first, last, _ in shipped]
+
+        def create(i):
+            return log.enqueue(log.stamp({"op": "mkdir", "path": f"/d{i}"}))
+
+        log.replicate = replicate
+        monkeypatch.setattr(oplog, "COMMIT_DELAY", 30.0)
+        first = [create(i) for i in range(1, 5)]  # four clients in one batch
+        await asyncio.sleep(0.5)  # its round trip
+        create(5)  # arrives while it is at the copies
+        shipped[0][2].fut.set_result(None)
+        await asyncio.sleep(0.05)
+        assert all(f.done() for f in first) and len(shipped) == 1  # waits for 2 of the 4 answered
+        create(6)
+        await asyncio.sleep(0.05)
+        assert len(shipped) == 1
+        create(7)  # the second: the batch goes at once, with what queued
+        await asyncio.sleep(0.01)
+        assert ranges() == [(1, 4), (5, 7)]
+        monkeypatch.setattr(oplog, "COMMIT_DELAY", 0.01)
+        shipped[1][2].fut.set_result(None)  # answered 3: waits for 2, for at most the delay
+        create(8)
+        await asyncio.sleep(0.05)
+        assert ranges()[-1] == (8, 8)
+        monkeypatch.setattr(oplog, "COMMIT_DELAY", 30.0)
+        create(9)
+        create(10)
+        await asyncio.sleep(0.5)
+        shipped[2][2].fut.set_result(None)  # a batch of one: a lone writer never waits
+        for _ in range(30):
+            await asyncio.sleep(0.01)
+            if ranges()[-1] == (9, 10):
+                break
+        assert ranges()[-1] == (9, 10)  # well before the 0.5 s its round trip would allow
+        await asyncio.sleep(0.005)
+        shipped[3][2].fut.set_result(None)  # answered 2 after ~5 ms: waits no longer than that
+        create(11)
+        await asyncio.sleep(0.1)
+        assert ranges()[-1] == (11, 11)
+        shipped[4][2].fut.set_result(None)
+        await log.drain()
+        log.close()
+
+    asyncio.run(scenario())
