@@ -400,52 +400,69 @@ def test_stream_writer_writes_what_was_put_before_close_then_answers_none(tmp_pa
     assert asyncio.run(run()) == [3] and st.last_seq == 3
 
 
+class _Shipment:
+    def __init__(self, wait):
+        import asyncio
+
+        self.fut = asyncio.get_running_loop().create_future()
+        self.wait = wait
+
+    def then(self, fn):
+        self.fut.add_done_callback(lambda _f: fn())
+
+
+class _FakeCopies:
+    """An op log whose batches go to stand-in copies: ``shipped`` holds each batch's range and
+    its shipment, which the test answers by hand."""
+
+    def __init__(self, tmp_path, wait=True):
+        from kubegfs.master.oplog import OpLog
+
+        self.log = OpLog(tmp_path, 1, fsync=False)
+        self.log.replicate = self.replicate
+        self.wait = wait
+        self.shipped = []
+
+    def replicate(self, data, first, last):
+        self.shipped.append((first, last, _Shipment(self.wait)))
+        return self.shipped[-1][2]
+
+    def ranges(self):
+        return [(first, last) for first, last, _ in self.shipped]
+
+    def answer(self, i):
+        self.shipped[i][2].fut.set_result(None)
+
+    def create(self, i):
+        return self.log.enqueue(self.log.stamp({"op": "mkdir", "path": f"/d{i}"}))
+
+    async def close(self):
+        await self.log.drain()
+        self.log.close()
+
+
 @pytest.mark.parametrize("wait", [True, False], ids=["sync", "async"])
 def test_sync_keeps_one_batch_in_flight_to_the_copies_and_the_next_takes_what_queued(tmp_path, wait):
     import asyncio
 
-    from kubegfs.master.oplog import OpLog
-
-    class Shipment:
-        def __init__(self):
-            self.fut = asyncio.get_running_loop().create_future()
-            self.wait = wait
-
-        def then(self, fn):
-            self.fut.add_done_callback(lambda _f: fn())
-
     async def scenario():
-        log = OpLog(tmp_path, 1, fsync=False)
-        shipped = []
-
-        def replicate(data, first, last):
-            shipped.append((first, last, Shipment()))
-            return shipped[-1][2]
-
-        def ranges():
-            return [(first, last) for first, last, _ in shipped]
-
-        def create(i):
-            return log.enqueue(log.stamp({"op": "mkdir", "path": f"/d{i}"}))
-
-        log.replicate = replicate
-        f1 = create(1)
+        c = _FakeCopies(tmp_path, wait)
+        f1 = c.create(1)
         await asyncio.sleep(0.05)  # batch 1 is written here and on its way to the copies
-        later = [create(i) for i in (2, 3, 4)]
+        later = [c.create(i) for i in (2, 3, 4)]
         await asyncio.sleep(0.05)
         if wait:  # held until the copies hold batch 1: then 2..4 go as one batch
-            assert ranges() == [(1, 1)] and not f1.done() and log.durable_seq == 0
+            assert c.ranges() == [(1, 1)] and not f1.done() and c.log.durable_seq == 0
         else:  # async: the next batch does not wait for the copies
-            assert ranges() == [(1, 1), (2, 4)] and f1.done()
-        shipped[0][2].fut.set_result(None)
+            assert c.ranges() == [(1, 1), (2, 4)] and f1.done()
+        c.answer(0)
         await asyncio.sleep(0.05)
-        assert ranges() == [(1, 1), (2, 4)] and f1.done() and log.durable_seq == 1
+        assert c.ranges() == [(1, 1), (2, 4)] and f1.done() and c.log.durable_seq == 1
         assert not any(f.done() for f in later) if wait else all(f.done() for f in later)
-        shipped[1][2].fut.set_result(None)
+        c.answer(1)
         await asyncio.sleep(0.01)
-        assert all(f.done() for f in later) and log.durable_seq == 4
-        await log.drain()
-        log.close()
+        assert all(f.done() for f in later) and c.log.durable_seq == 4
+        await c.close()
 
     asyncio.run(scenario())
 
@@ -454,66 +471,43 @@ def test_sync_batch_of_several_waits_briefly_for_half_the_clients_it_answered(tm
     import asyncio
 
     from kubegfs.master import oplog
-    from kubegfs.master.oplog import OpLog
-
-    class Shipment:
-        def __init__(self):
-            self.fut = asyncio.get_running_loop().create_future()
-            self.wait = True
-
-        def then(self, fn):
-            self.fut.add_done_callback(lambda _f: fn())
 
     async def scenario():
-        log = OpLog(tmp_path, 1, fsync=False)
-        shipped = []
-
-        def replicate(data, first, last):
-            shipped.append((first, last, Shipment()))
-            return shipped[-1][2]
-
-        def ranges():
-            return [(first, last) for first, last, _ in shipped]
-
-        def create(i):
-            return log.enqueue(log.stamp({"op": "mkdir", "path": f"/d{i}"}))
-
-        log.replicate = replicate
+        c = _FakeCopies(tmp_path)
         monkeypatch.setattr(oplog, "COMMIT_DELAY", 30.0)
-        first = [create(i) for i in range(1, 5)]  # four clients in one batch
+        first = [c.create(i) for i in range(1, 5)]  # four clients in one batch
         await asyncio.sleep(0.5)  # its round trip
-        create(5)  # arrives while it is at the copies
-        shipped[0][2].fut.set_result(None)
+        c.create(5)  # arrives while it is at the copies
+        c.answer(0)
         await asyncio.sleep(0.05)
-        assert all(f.done() for f in first) and len(shipped) == 1  # waits for 2 of the 4 answered
-        create(6)
+        assert all(f.done() for f in first) and len(c.shipped) == 1  # waits for 2 of the 4 answered
+        c.create(6)
         await asyncio.sleep(0.05)
-        assert len(shipped) == 1
-        create(7)  # the second: the batch goes at once, with what queued
+        assert len(c.shipped) == 1
+        c.create(7)  # the second: the batch goes at once, with what queued
         await asyncio.sleep(0.01)
-        assert ranges() == [(1, 4), (5, 7)]
+        assert c.ranges() == [(1, 4), (5, 7)]
         monkeypatch.setattr(oplog, "COMMIT_DELAY", 0.01)
-        shipped[1][2].fut.set_result(None)  # answered 3: waits for 2, for at most the delay
-        create(8)
+        c.answer(1)  # answered 3: waits for 2, for at most the delay
+        c.create(8)
         await asyncio.sleep(0.05)
-        assert ranges()[-1] == (8, 8)
+        assert c.ranges()[-1] == (8, 8)
         monkeypatch.setattr(oplog, "COMMIT_DELAY", 30.0)
-        create(9)
-        create(10)
+        c.create(9)
+        c.create(10)
         await asyncio.sleep(0.5)
-        shipped[2][2].fut.set_result(None)  # a batch of one: a lone writer never waits
+        c.answer(2)  # a batch of one: a lone writer never waits
         for _ in range(30):
             await asyncio.sleep(0.01)
-            if ranges()[-1] == (9, 10):
+            if c.ranges()[-1] == (9, 10):
                 break
-        assert ranges()[-1] == (9, 10)  # well before the 0.5 s its round trip would allow
+        assert c.ranges()[-1] == (9, 10)  # well before the 0.5 s its round trip would allow
         await asyncio.sleep(0.005)
-        shipped[3][2].fut.set_result(None)  # answered 2 after ~5 ms: waits no longer than that
-        create(11)
+        c.answer(3)  # answered 2 after ~5 ms: waits no longer than that
+        c.create(11)
         await asyncio.sleep(0.1)
-        assert ranges()[-1] == (11, 11)
-        shipped[4][2].fut.set_result(None)
-        await log.drain()
-        log.close()
+        assert c.ranges()[-1] == (11, 11)
+        c.answer(4)
+        await c.close()
 
     asyncio.run(scenario())
