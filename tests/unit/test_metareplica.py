@@ -511,3 +511,26 @@ def test_sync_batch_of_several_waits_briefly_for_half_the_clients_it_answered(tm
         await c.close()
 
     asyncio.run(scenario())
+
+
+def test_a_stopped_replicator_answers_what_it_held_and_ships_nothing_more(tmp_path):
+    import asyncio
+
+    from kubegfs.master.metareplica import MetaReplicationConfig, MetaReplicator, Target
+
+    async def scenario():
+        r = MetaReplicator(MetaReplicationConfig("sync", 2), tmp_path, lambda: "h", lambda: None,
+                           lambda: [cand("a", "za"), cand("b", "zb")], Location("m", "zm", "r"))
+        r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
+        r._streams = {i: _FakeStream() for i in "ab"}
+        held = r.on_durable(b"one", 1, 1)
+        running = asyncio.create_task(r.run())
+        await asyncio.sleep(0.05)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        # the master is stopping: what it held is answered (durable locally), and a batch made
+        # after that (the op log draining) is not left waiting for copies nobody will answer
+        assert held.fut.done() and r.in_sync() == 0
+        assert r.on_durable(b"two", 2, 2) is None
+
+    asyncio.run(scenario())
