@@ -218,9 +218,9 @@ class OpLog:
         """``sync``, once a batch of several ops is answered (``took`` seconds after it was
         made): wait until half of the clients it answered sent their next op, so that those ops
         share the next batch rather than each group of them taking one of its own; for at most
-        ``COMMIT_DELAY`` and never longer than the batch took, so an op that waits here is
-        durable within twice a round trip. It is PostgreSQL's ``commit_delay``, which applies
-        only while other transactions are active: a lone writer never waits."""
+        ``COMMIT_DELAY`` and never longer than the batch took, so the wait adds at most one round
+        trip to an op's. It is PostgreSQL's ``commit_delay``, which applies only while other
+        transactions are active: a lone writer never waits."""
         if answered < 2:
             return
         self._want = len(self._buf) + (answered + 1) // 2
