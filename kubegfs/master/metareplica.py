@@ -7,8 +7,10 @@ we. The replicator picks ``copies`` live chunkservers, each in a zone of its own
 
 Each group-committed batch of the op log is sent once to every in-sync target, while it is
 written locally, over one persistent ordered stream per target (``_Stream``, a WebSocket to
-``/internal/meta/stream``): batches are not held back until earlier ones are answered, and the
-answers (the copy's last seq, in order) settle the batches they cover.
+``/internal/meta/stream``); the answers (the copy's last seq, in order) settle the batches they
+cover. The streams do not hold a batch back until earlier ones are answered; in ``sync`` the op
+log makes its next batch only once the copies answered this one (``oplog.OpLog``), so a batch
+carries every op of a round trip.
 
 Modes:
   ``sync``  the ops of a batch are acknowledged once it is durable here and every in-sync
@@ -254,6 +256,7 @@ class MetaReplicator:
         self._wake = asyncio.Event()
         self._kick = asyncio.Event()  # run a maintenance pass now
         self._gave_up = False
+        self._stopped = False  # ``run`` ended: the master is stopping
         self.shipped_batches = 0
         self.bootstraps = 0
 
@@ -270,6 +273,8 @@ class MetaReplicator:
         trail by more than the lag bound), ``then``), or None when no copy is in sync (they are
         rebuilt from the files when they come back)."""
         self.local_seq = last
+        if self._stopped:  # nothing would answer a batch now
+            return None
         live = [t for t in self.targets.values() if t.in_sync]
         if not self._queue and not live and not self._joining and not self._awaiting_copy():
             return None
@@ -400,12 +405,15 @@ class MetaReplicator:
                     await asyncio.wait_for(self._kick.wait(), 1.0)
                 self._kick.clear()
         finally:
+            self._stopped = True
             watcher.cancel()
             for stream in self._streams.values():
                 stream.close()
             self._streams.clear()
-            for b in self._queue:  # shutting down: what is durable locally is answered
-                b.resolve()
+            for t in self.targets.values():
+                t.in_sync = False
+            while self._queue:  # shutting down: what is durable locally is answered
+                self._queue.popleft().resolve()
 
     async def maintain(self) -> None:
         """Choose targets; bring every target that is out of sync back (under the lock)."""

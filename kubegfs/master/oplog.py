@@ -110,6 +110,10 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
     return state, rep
 
 
+# sync: the longest a batch waits for the clients the previous one answered (``_gather``)
+COMMIT_DELAY = 0.002
+
+
 class Shipment(Protocol):
     """A batch on its way to the metadata copies (``metareplica``)."""
 
@@ -121,7 +125,10 @@ class Shipment(Protocol):
 
 
 class OpLog:
-    """Appends ops with group commit: concurrent appends share one write + fsync."""
+    """Appends ops with group commit: the ops that arrive while a batch is written share the
+    next write + fsync. With replication that waits for the copies (``sync``) the next batch
+    also waits until the copies hold this one (one batch in flight, as HDFS's edit log has one
+    sync at a time), so it holds the ops of the whole round trip in one write and one send."""
 
     def __init__(self, data_dir: Path, next_seq: int, fsync: bool = True,
                  sync: Callable[[int], None] | None = None) -> None:
@@ -137,6 +144,8 @@ class OpLog:
         self.failed: BaseException | None = None
         self.on_durable: list[Callable[[int], None]] = []  # called with the new durable_seq
         self._flushed_last = self.durable_seq
+        self._want = 0  # ``_gather``: the next batch goes once this many ops are queued ...
+        self._more: asyncio.Future[None] | None = None  # ... which sets this
         # metadata replication (metareplica.py): called with each group-committed batch (framed
         # bytes, first seq, last seq) as it is written here; returns None (local only) or a
         # ``Shipment`` of the batch to the copies. Either way ``durable_seq`` (what deletions
@@ -165,6 +174,8 @@ class OpLog:
         self._buf_last_seq = op["seq"]
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        if self._more is not None and len(self._buf) >= self._want and not self._more.done():
+            self._more.set_result(None)  # enough ops for the next batch (``_gather``)
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush_loop())
@@ -179,6 +190,7 @@ class OpLog:
                 first = self._flushed_last + 1
                 self._flushed_last = last
                 data = b"".join(buf)
+                t0 = loop.time()
                 # the copies get the batch while it is written here (GFS: local and remote log
                 # writes in parallel); the waiters are answered when both are durable
                 remote = self.replicate(data, first, last) if self.replicate is not None else None
@@ -193,8 +205,30 @@ class OpLog:
                     self._buf, self._waiters = [], []
                     raise
                 self._settle(last, waiters, remote)
+                if remote is not None and remote.wait and not remote.fut.done():
+                    # sync: one batch in flight to the copies. What arrives meanwhile goes out
+                    # in the next write and send, so a batch holds more ops and each costs the
+                    # master and the copies their per-batch work fewer times
+                    await asyncio.wait([remote.fut])
+                    await self._gather(len(waiters), loop.time() - t0)
         finally:
             self._flushing = False
+
+    async def _gather(self, answered: int, took: float) -> None:
+        """``sync``, once a batch of several ops is answered (``took`` seconds after it was
+        made): wait until half of the clients it answered sent their next op, so that those ops
+        share the next batch rather than each group of them taking one of its own; for at most
+        ``COMMIT_DELAY`` and never longer than the batch took, so the wait adds at most one round
+        trip to an op's. It is PostgreSQL's ``commit_delay``, which applies only while other
+        transactions are active: a lone writer never waits."""
+        if answered < 2:
+            return
+        self._want = len(self._buf) + (answered + 1) // 2
+        self._more = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait([self._more], timeout=min(COMMIT_DELAY, took))
+        finally:
+            self._want, self._more = 0, None
 
     def _settle(self, last: int, waiters: list[asyncio.Future[None]], remote: Shipment | None) -> None:
         """The batch ending at ``last`` is durable here: answer its waiters and advance

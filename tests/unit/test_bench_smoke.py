@@ -95,3 +95,18 @@ def test_pods_bench_is_opt_in_and_its_crs_carry_the_namespace(capsys: pytest.Cap
     assert "pods" in capsys.readouterr().err
     # a CR without a namespace lands in `default`, where no operator of the release watches
     assert _snapshot("kgfs-bench", "b-1")["metadata"] == {"name": "b-1", "namespace": "kgfs-bench"}
+
+
+def test_ab_creates_arms_name_mode_copies_and_revision(tmp_path: Path) -> None:
+    import argparse
+
+    from kubegfs_dev.bench.abcreates import parse_arm, source_tree
+
+    a = parse_arm("main=sync/1@main")
+    assert (a.label, a.mode, a.copies, a.rev) == ("main", "sync", 1, "main")
+    b = parse_arm("off=off")
+    assert (b.mode, b.copies, b.rev) == ("off", 2, "")
+    for bad in ("sync", "x=fast", "x=sync/two", "=off"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_arm(bad)
+    assert (source_tree("HEAD", tmp_path) / "kubegfs" / "master" / "oplog.py").is_file()

@@ -398,3 +398,139 @@ def test_stream_writer_writes_what_was_put_before_close_then_answers_none(tmp_pa
         return out
 
     assert asyncio.run(run()) == [3] and st.last_seq == 3
+
+
+class _Shipment:
+    def __init__(self, wait):
+        import asyncio
+
+        self.fut = asyncio.get_running_loop().create_future()
+        self.wait = wait
+
+    def then(self, fn):
+        self.fut.add_done_callback(lambda _f: fn())
+
+
+class _FakeCopies:
+    """An op log whose batches go to stand-in copies: ``shipped`` holds each batch's range and
+    its shipment, which the test answers by hand."""
+
+    def __init__(self, tmp_path, wait=True):
+        from kubegfs.master.oplog import OpLog
+
+        self.log = OpLog(tmp_path, 1, fsync=False)
+        self.log.replicate = self.replicate
+        self.wait = wait
+        self.shipped = []
+
+    def replicate(self, data, first, last):
+        self.shipped.append((first, last, _Shipment(self.wait)))
+        return self.shipped[-1][2]
+
+    def ranges(self):
+        return [(first, last) for first, last, _ in self.shipped]
+
+    def answer(self, i):
+        self.shipped[i][2].fut.set_result(None)
+
+    def create(self, i):
+        return self.log.enqueue(self.log.stamp({"op": "mkdir", "path": f"/d{i}"}))
+
+    async def close(self):
+        await self.log.drain()
+        self.log.close()
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["sync", "async"])
+def test_sync_keeps_one_batch_in_flight_to_the_copies_and_the_next_takes_what_queued(tmp_path, wait):
+    import asyncio
+
+    async def scenario():
+        c = _FakeCopies(tmp_path, wait)
+        f1 = c.create(1)
+        await asyncio.sleep(0.05)  # batch 1 is written here and on its way to the copies
+        later = [c.create(i) for i in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        if wait:  # held until the copies hold batch 1: then 2..4 go as one batch
+            assert c.ranges() == [(1, 1)] and not f1.done() and c.log.durable_seq == 0
+        else:  # async: the next batch does not wait for the copies
+            assert c.ranges() == [(1, 1), (2, 4)] and f1.done()
+        c.answer(0)
+        await asyncio.sleep(0.05)
+        assert c.ranges() == [(1, 1), (2, 4)] and f1.done() and c.log.durable_seq == 1
+        assert not any(f.done() for f in later) if wait else all(f.done() for f in later)
+        c.answer(1)
+        await asyncio.sleep(0.01)
+        assert all(f.done() for f in later) and c.log.durable_seq == 4
+        await c.close()
+
+    asyncio.run(scenario())
+
+
+def test_sync_batch_of_several_waits_briefly_for_half_the_clients_it_answered(tmp_path, monkeypatch):
+    import asyncio
+
+    from kubegfs.master import oplog
+
+    async def scenario():
+        c = _FakeCopies(tmp_path)
+        monkeypatch.setattr(oplog, "COMMIT_DELAY", 30.0)
+        first = [c.create(i) for i in range(1, 5)]  # four clients in one batch
+        await asyncio.sleep(0.5)  # its round trip
+        c.create(5)  # arrives while it is at the copies
+        c.answer(0)
+        await asyncio.sleep(0.05)
+        assert all(f.done() for f in first) and len(c.shipped) == 1  # waits for 2 of the 4 answered
+        c.create(6)
+        await asyncio.sleep(0.05)
+        assert len(c.shipped) == 1
+        c.create(7)  # the second: the batch goes at once, with what queued
+        await asyncio.sleep(0.01)
+        assert c.ranges() == [(1, 4), (5, 7)]
+        monkeypatch.setattr(oplog, "COMMIT_DELAY", 0.01)
+        c.answer(1)  # answered 3: waits for 2, for at most the delay
+        c.create(8)
+        await asyncio.sleep(0.05)
+        assert c.ranges()[-1] == (8, 8)
+        monkeypatch.setattr(oplog, "COMMIT_DELAY", 30.0)
+        c.create(9)
+        c.create(10)
+        await asyncio.sleep(0.5)
+        c.answer(2)  # a batch of one: a lone writer never waits
+        for _ in range(30):
+            await asyncio.sleep(0.01)
+            if c.ranges()[-1] == (9, 10):
+                break
+        assert c.ranges()[-1] == (9, 10)  # well before the 0.5 s its round trip would allow
+        await asyncio.sleep(0.005)
+        c.answer(3)  # answered 2 after ~5 ms: waits no longer than that
+        c.create(11)
+        await asyncio.sleep(0.1)
+        assert c.ranges()[-1] == (11, 11)
+        c.answer(4)
+        await c.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_replicator_answers_what_it_held_and_ships_nothing_more(tmp_path):
+    import asyncio
+
+    from kubegfs.master.metareplica import MetaReplicationConfig, MetaReplicator, Target
+
+    async def scenario():
+        r = MetaReplicator(MetaReplicationConfig("sync", 2), tmp_path, lambda: "h", lambda: None,
+                           lambda: [cand("a", "za"), cand("b", "zb")], Location("m", "zm", "r"))
+        r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
+        r._streams = {i: _FakeStream() for i in "ab"}
+        held = r.on_durable(b"one", 1, 1)
+        running = asyncio.create_task(r.run())
+        await asyncio.sleep(0.05)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        # the master is stopping: what it held is answered (durable locally), and a batch made
+        # after that (the op log draining) is not left waiting for copies nobody will answer
+        assert held.fut.done() and r.in_sync() == 0
+        assert r.on_durable(b"two", 2, 2) is None
+
+    asyncio.run(scenario())
