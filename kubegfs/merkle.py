@@ -59,6 +59,7 @@ KIND_PART = 1
 LEAF_BITS = 4  # a leaf sub-block holds 2**LEAF_BITS entries on average
 FANOUT_BITS = 3  # an index sub-block (or a split directory's head) names 2**FANOUT_BITS on average
 MAX_RUN = 512  # ... and at most this many (names that never hit a boundary)
+MAX_DELTA = 256  # names a restored directory remembers as changed from the live one it edited (Dir.delta)
 MIN_SPLIT = 1 << LEAF_BITS  # a directory of fewer entries is one block however its names hash
 _BIG_ENDIAN = sys.byteorder == "big"
 _HASH_MUL = 0x9E3779B1
@@ -479,6 +480,8 @@ def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
         if blocks is None:
             blocks = dir_blocks(d, version_of, child)
         d.base = d.changed = None
+        if bdg is not None and changed is not None:
+            d.delta = (bdg, changed)
         got = block_digest(blocks.head)
         _remember(got, blocks)
         if kept is not None:
@@ -1051,6 +1054,9 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 counts = _add(counts, node, 1)
                 mut[name] = node
             d = Dir(mut.finish(), block.mtime, block.mode)
+            touched = removed.union(block.entries)
+            if lv.digest is not None and len(touched) <= MAX_DELTA:
+                d.delta = (lv.digest, frozenset(touched))  # the live directory but for these
         _memoise(d, dg, counts)
         built[s] = d
     reused_here.extend(found)

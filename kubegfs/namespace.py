@@ -40,7 +40,7 @@ class Dir:
     """Immutable directory: ``children`` maps a name to a File or Dir. ``digest`` is its Merkle
     block digest once computed (``merkle.digest`` memoises it; the node never changes)."""
 
-    __slots__ = ("children", "mtime", "mode", "digest", "stats", "base", "changed")
+    __slots__ = ("children", "mtime", "mode", "digest", "stats", "base", "changed", "delta")
 
     def __init__(self, children: immutables.Map[str, Node], mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
         self.children = children
@@ -53,6 +53,11 @@ class Dir:
         # holding those are encoded again (see merkle); None: not derived, or too many changes
         self.base: Dir | None = None
         self.changed: frozenset[str] | None = None
+        # once its digest is known: the digest of a directory it differs from only in the
+        # entries of these names (its base, or the live directory a restore edited), so two
+        # directories one of which is the other plus a few changes are compared by those names
+        # alone (see changed_names); None: unknown
+        self.delta: tuple[bytes, frozenset[str]] | None = None
 
     def __repr__(self) -> str:
         return f"Dir({len(self.children)} entries)"
@@ -202,10 +207,26 @@ def count(node: Node) -> tuple[int, int, int, int]:
     return files, dirs, chunks, size
 
 
+def changed_names(a: Dir, b: Dir) -> frozenset[str] | None:
+    """The names whose entries may differ between ``a`` and ``b`` when one is known to be a
+    directory with the other's digest plus changes to those names (``Dir.delta``; a digest names
+    the entries' content), else None (compare every name). The same digest means the same
+    entries, so any name outside the set has equal entries on both sides."""
+    got = None
+    bd, ad = b.delta, a.delta
+    if bd is not None and a.digest is not None and bd[0] == a.digest:
+        got = bd[1]
+    if ad is not None and b.digest is not None and ad[0] == b.digest and (got is None or len(ad[1]) < len(got)):
+        got = ad[1]
+    return got
+
+
 def changed_subtrees(old: Node | None, new: Node | None) -> tuple[list[Node], list[Node]]:
     """(subtrees only in ``new``, subtrees only in ``old``) when ``new`` replaces ``old``:
     identical nodes (the same object) are skipped, directories on both sides are compared by
-    name, so the work is proportional to what differs."""
+    name (only by the names :func:`changed_names` gives when it knows them), so the work is
+    proportional to what differs. An entry left out that way has equal content on both sides,
+    so what the caller counts from the result comes out the same."""
     added: list[Node] = []
     removed: list[Node] = []
     stack: list[tuple[Node | None, Node | None]] = [(old, new)]
@@ -214,7 +235,10 @@ def changed_subtrees(old: Node | None, new: Node | None) -> tuple[list[Node], li
         if a is b:
             continue
         if isinstance(a, Dir) and isinstance(b, Dir):
-            for name in _union(a, b):
+            if a.digest is not None and a.digest == b.digest:  # the same entries
+                continue
+            names = changed_names(a, b)
+            for name in (_union(a, b) if names is None else names):
                 stack.append((a.children.get(name), b.children.get(name)))
             continue
         if a is not None:

@@ -601,3 +601,104 @@ def test_blocks_from_cached_infos_and_leaves_encoded_one_at_a_time(monkeypatch):
         asked.update(want)
         want = [c for d in want for c in merkle.child_digests(got[d]) if c not in asked]
     assert {p: b for p, b in full.parts} == {p: served[p] for p, _b in full.parts}
+
+
+# --------------------------------------------------------------------------- changed names (Dir.delta)
+
+
+def _dirs_of(node):
+    stack = [node]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, ns.Dir):
+            yield d
+            stack.extend(d.children.values())
+
+
+def _without_hints(fn, *trees):
+    """``fn(*trees)`` with every directory's ``delta`` hidden (every name compared), then put back."""
+    saved = [(d, d.delta) for t in trees for d in _dirs_of(t)]
+    for d, _h in saved:
+        d.delta = None
+    try:
+        return fn(*trees)
+    finally:
+        for d, h in saved:
+            d.delta = h
+
+
+def _net(added, removed):
+    """What a caller of changed_subtrees counts: chunk references and (files, dirs, bytes) in minus out."""
+    from collections import Counter
+
+    refs = Counter(h for n in added for h in ns.iter_chunks(n))
+    refs.subtract(h for n in removed for h in ns.iter_chunks(n))
+    counts = [sum(ns.count(n)[i] for n in added) - sum(ns.count(n)[i] for n in removed) for i in (0, 1, 3)]
+    return {h: c for h, c in refs.items() if c}, counts
+
+
+def test_a_digested_derived_directory_names_what_changed_since_its_base():
+    big = big_dir(300, random.Random(3))
+    root = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
+    merkle.digest(root, V)
+    name = sorted(big.children)[7]
+    live = ns.replace(root, ("big", name), ns.File(5, 5, 0o644, (99,)), 2)
+    assert ns.changed_names(root.children["big"], live.children["big"]) is None  # not digested yet
+    merkle.digest(live, V)
+    assert ns.changed_names(root.children["big"], live.children["big"]) == {name}
+    assert ns.changed_names(live.children["big"], root.children["big"]) == {name}
+    assert ns.changed_names(big_dir(300, random.Random(4)), live.children["big"]) is None  # another base
+    added, removed = ns.changed_subtrees(root, live)
+    assert [type(n) for n in added] == [ns.File] and added[0].chunks == (99,) and len(removed) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans())
+def test_diff_and_changed_subtrees_by_changed_names_are_those_of_every_name(rng, n, between):
+    a = build_direct(random_spec(rng))
+    merkle.digest(a, V)
+    b = mutate(a, rng, n)
+    if between:  # a digest pass in between: the next one's base is that version, not ``a``'s
+        merkle.digest(b, V)
+        b = mutate(b, rng, rng.randrange(0, 4))
+    merkle.digest(b, V)
+    for x, y in ((a, b), (b, a)):
+        assert [c.line() for c in diff_trees(x, y)] == [c.line() for c in _without_hints(diff_trees, x, y)]
+        assert _net(*ns.changed_subtrees(x, y)) == _net(*_without_hints(ns.changed_subtrees, x, y))
+    from kubegfs import blockdelta
+
+    def older(x, y):  # each newer directory's older counterpart, by the ids of both
+        return {k: id(v) for k, v in blockdelta.counterparts(x, y).items()}
+
+    assert older(a, b) == _without_hints(older, a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_a_restored_directory_names_what_it_changed_in_the_live_one(rng):
+    big = big_dir(rng.randrange(40, 400), rng)
+    snap = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
+    merkle.digest(snap, V)
+    live = snap
+    names = sorted(big.children)
+    for _ in range(rng.randrange(1, 6)):
+        if rng.random() < 0.6:
+            live = ns.replace(live, ("big", rng.choice(names)), ns.File(rng.randrange(9), 9, 0o600, (777,)), 3)
+        else:
+            live = ns.replace(live, ("big", f"file-x{rng.randrange(10**6)}"), ns.File(1, 1, 0o644, (778,)), 3)
+    holder = {dg: data for dg, data, _n in merkle.iter_blocks(snap, V, lambda _d: False)}
+    have: dict = {}
+    while True:
+        try:
+            tree, _used = merkle.assemble(merkle.digest(snap, V), have, [live], V)
+            break
+        except merkle.NeedBlocks as need:
+            have.update({d: holder[d] for d in need.digests})
+    tb, lb = tree.children["big"], live.children["big"]
+    split = bool(merkle.decode_block(holder[big.digest]).parts)
+    assert (tb.delta is not None) == (split and lb is not big)  # an edit of the live one, when split
+    if tb.delta is not None:
+        assert tb.delta[0] == merkle.digest(lb, V)
+        assert ns.changed_names(lb, tb) is not None and len(ns.changed_names(lb, tb)) < len(tb.children)
+    assert _net(*ns.changed_subtrees(live, tree)) == _net(*_without_hints(ns.changed_subtrees, live, tree))
+    assert to_dict(tree) == to_dict(snap)
