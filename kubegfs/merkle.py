@@ -229,6 +229,14 @@ def leaf_block(d: Dir, names: list[str], lasts: tuple[str, ...], i: int, want: b
     return data if block_digest(data) == want else None
 
 
+def _subdirs(d: Dir) -> list[Dir]:
+    """``d``'s subdirectories (none to look for when its memoised counts say it has none)."""
+    counts = d.stats
+    if counts is not None and counts[1] == 1:
+        return []
+    return [k for k in d.children.values() if type(k) is Dir]
+
+
 def _no_dirs(_d: Dir) -> bytes:  # pragma: no cover - a block naming sub-blocks has no entries
     raise AssertionError("no entries")
 
@@ -745,9 +753,8 @@ class TreeBlocks:
                 for i, leaf in enumerate(_leaves(d, blocks.kids)):
                     if leaf not in self.parts:
                         self.leaves[leaf] = (n, names, blocks.lasts, i)
-            for k in n.children.values():
-                if type(k) is Dir:
-                    self.nodes[digest(k, self.version_of)] = k
+            for k in _subdirs(n):
+                self.nodes[digest(k, self.version_of)] = k
         return out
 
 
@@ -772,9 +779,8 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     if dg in seen or skip(dg):
         return
     seen.add(dg)
-    for k in d.children.values():  # (one under a skipped sub-block is skipped by its own digest)
-        if type(k) is Dir:
-            _collect(k, version_of, skip, out, seen, kept)
+    for k in _subdirs(d):  # (one under a skipped sub-block is skipped by its own digest)
+        _collect(k, version_of, skip, out, seen, kept)
     blocks = blocks_of_dir(d, version_of, kept, whole=False)
     wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
     if not blocks.whole and len(wanted.intersection(p for p, _b in blocks.parts)) < len(wanted):
@@ -933,7 +939,7 @@ def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], b
             out[dg] = infos[dg]
             for p in _unskipped_parts(dg, kids, lambda p: p in out or known(p)):
                 out[p] = infos[p]
-            stack.extend(k for k in d.children.values() if type(k) is Dir)
+            stack.extend(_subdirs(d))
     return out
 
 

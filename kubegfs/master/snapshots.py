@@ -70,11 +70,24 @@ def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: mer
 
 
 def _assemble_job(root: bytes, have: dict[bytes, bytes], cands: list[ns.Node | None], version_of: merkle.VersionOf,
-                  reused: list[tuple[tuple[str, ...], ns.Dir]], memo: merkle.Decoded
-                  ) -> tuple[ns.Dir, list[bytes], list[int]]:
-    """A restore's tree, the blocks it decoded and the chunk handles their files reference."""
-    tree, used = merkle.assemble(root, have, cands, version_of, reused, memo)
-    return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
+                  reused: list[tuple[tuple[str, ...], ns.Dir]], memo: merkle.Decoded,
+                  local: merkle.TreeBlocks | None = None) -> tuple[ns.Dir, list[bytes], list[int]]:
+    """A restore's tree, the blocks it decoded and the chunk handles their files reference.
+    Blocks a snapshot tree in memory (``local``) gives are taken round after round here, in
+    one worker job with the collector paused throughout; :class:`merkle.NeedBlocks` names only
+    those it cannot give (fetch them and run again)."""
+    with no_gc():
+        while True:
+            try:
+                tree, used = merkle.assemble(root, have, cands, version_of, reused, memo)
+                break
+            except merkle.NeedBlocks as need:
+                got = local.take(need.digests) if local is not None else {}
+                rest = [d for d in need.digests if d not in got]
+                have.update(got)
+                if rest:
+                    raise merkle.NeedBlocks(rest) from None
+        return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
 
 
 def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
@@ -797,14 +810,10 @@ class Snapshots:
             try:  # the O(changed) (to a new path: O(files)) assembly runs in a worker thread
                 tree, used, handles = await loop.run_in_executor(
                     None, _assemble_job, man.root, have, st.restore_candidates(parts, mode, e["path"]),
-                    st.version_or_zero, reused, memo)
-            except merkle.NeedBlocks as need:
-                got = local.take(need.digests) if local is not None else {}
-                rest = [d for d in need.digests if d not in got]
-                if rest:
-                    got.update(await self.fetch_blocks(e, rest))
-                    fetched += len(rest)
-                have.update(got)
+                    st.version_or_zero, reused, memo, local)
+            except merkle.NeedBlocks as need:  # what the tree in memory (if any) could not give
+                have.update(await self.fetch_blocks(e, need.digests))
+                fetched += len(need.digests)
                 continue
             # back on the loop, with no await until the op is applied: every live directory it
             # reused is still where it was, so the apply (and any replay) assembles the same tree

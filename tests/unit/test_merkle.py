@@ -702,3 +702,20 @@ def test_a_restored_directory_names_what_it_changed_in_the_live_one(rng):
         assert ns.changed_names(lb, tb) is not None and len(ns.changed_names(lb, tb)) < len(tb.children)
     assert _net(*ns.changed_subtrees(live, tree)) == _net(*_without_hints(ns.changed_subtrees, live, tree))
     assert to_dict(tree) == to_dict(snap)
+
+
+def test_a_restore_job_takes_the_blocks_a_tree_in_memory_gives_and_asks_only_for_the_rest():
+    from kubegfs.master.snapshots import _assemble_job
+
+    rng = random.Random(5)
+    snap = ns.Dir(immutables.Map({"big": big_dir(200, rng), "d": build_direct(random_spec(rng))}), 1, 0o755)
+    root = merkle.digest(snap, V)
+    live = ns.replace(snap, ("big", sorted(snap.children["big"].children)[0]), ns.File(1, 2, 0o644, (5,)), 3)
+    have: dict = {}
+    tree, used, handles = _assemble_job(root, have, [live], V, [], merkle.Decoded(), merkle.TreeBlocks(snap, V))
+    assert to_dict(tree) == to_dict(snap) and set(used) <= set(have)
+    assert sorted(handles) == sorted(h for dg in used for h in merkle.block_chunks(have[dg]))
+    other = ns.Dir(immutables.Map({"x": big_dir(30, rng)}), 1, 0o755)  # gives none of them
+    with pytest.raises(merkle.NeedBlocks) as need:
+        _assemble_job(root, {}, [live], V, [], merkle.Decoded(), merkle.TreeBlocks(other, V))
+    assert need.value.digests == [root]

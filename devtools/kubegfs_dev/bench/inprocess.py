@@ -139,11 +139,11 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
                 t0 = time.perf_counter()
                 while True:
                     try:
-                        tree, used, _h = _assemble_job(merkle.digest(prev, version), have, [live], version, [], memo)
+                        tree, used, _h = _assemble_job(merkle.digest(prev, version), have, [live], version, [], memo,
+                                                       local)
                         break
                     except merkle.NeedBlocks as need:
-                        have.update(local.take(need.digests) if local is not None else
-                                    {d: holder[d] for d in need.digests})
+                        have.update({d: holder[d] for d in need.digests})
                 merkle.pack_frames([(d, have[d]) for d in used])
                 ns.changed_subtrees(live, tree)
                 got.setdefault(f"restore in place ({src})", []).append(time.perf_counter() - t0)
