@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -94,6 +95,47 @@ def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
     if record_format(data) == MANIFEST_VERSION:
         return parse_manifest(data, sha256)
     return parse_record(data, sha256)
+
+
+class QuietGC:
+    """The cyclic collector paused for a whole snapshot build or restore, awaits included (the
+    worker jobs inside pause it anyway, and it is one switch for the process), and switched on
+    again GC_AFTER seconds after the last such operation ends, so the collection their
+    allocations call for runs after their replies are out, not before. A job's temporaries
+    (decoded blocks, the encodings shipped, the blocks fetched) are freed by reference counting
+    meanwhile, so that collection scans what the operations keep (new directories, cached
+    encodings), not everything they made, and not once per worker job on the way. The
+    namespace and blocks are acyclic; other requests' cycles wait until then."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.owed = False  # the collector was on when the first of the running operations began
+        self.timer: asyncio.TimerHandle | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.active == 0:
+            self.owed = self.owed or gc.isenabled()
+            gc.disable()
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if self.active == 0 and self.owed:
+                self.timer = asyncio.get_running_loop().call_later(GC_AFTER, self._resume)
+
+    def _resume(self) -> None:
+        self.timer = None
+        if self.active == 0 and self.owed:
+            self.owed = False
+            gc.enable()
+
+
+GC_AFTER = 0.05  # seconds after the last snapshot operation before the collector runs again
 
 
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
@@ -188,6 +230,7 @@ class Snapshots:
         self.deleting: dict[str, set[bytes]] = {}
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
+        self.quiet_gc = QuietGC()
 
     def snap_json(self, e: ops.SnapshotEntry) -> wire.SnapshotInfo:
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
@@ -262,6 +305,11 @@ class Snapshots:
         return [(alive[r.candidate.id], r.reason) for r in ranked]
 
     async def build(self, sid: str) -> None:
+        """:meth:`_build` with the cyclic collector paused throughout (see :class:`QuietGC`)."""
+        with self.quiet_gc():
+            await self._build(sid)
+
+    async def _build(self, sid: str) -> None:
         """Build and ship snapshot ``sid``'s record, then commit it. A directory snapshot is
         format 3: its root digest (memoised on the pinned immutable tree, so after a small change
         this re-encodes only the changed directories, on a worker thread, no fork) and, to each
@@ -746,7 +794,12 @@ class Snapshots:
 
     async def restore(self, ref: str, rid: str, to: str | None) -> dict[str, Any]:
         """Restore snapshot ``ref`` in place (``to`` None) or to the new path ``to``; ``rid``
-        names the request so a retry answers with the first result instead of restoring again."""
+        names the request so a retry answers with the first result instead of restoring again.
+        The cyclic collector is paused throughout (see :class:`QuietGC`)."""
+        with self.quiet_gc():
+            return await self._restore(ref, rid, to)
+
+    async def _restore(self, ref: str, rid: str, to: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         if rid and rid in self.m.state.restores:
             return self.repeated_restore(rid, ref, to)
