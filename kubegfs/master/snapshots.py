@@ -830,7 +830,8 @@ class Snapshots:
             return self.repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
-                   "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0)}
+                   "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0),
+                   "edits": len(op.get("edits", ()))}
         # ``op`` adds the format's keys (and the in-memory hints) to the common ones
         t_planned = time.perf_counter()
         result = await self.m.mutate(cast(ops.Restore, {
@@ -854,6 +855,11 @@ class Snapshots:
         # a snapshot this master built lately is still in memory: its blocks come from there
         # (each verified against its digest as any fetched block is), without a round trip
         cached = self.trees.get(e["id"])
+        if mode == "inplace" and cached is not None and cached.digest == man.root:
+            self.check_target(parts, mode)
+            edits = self._edits(e, parts, cached)
+            if edits is not None:
+                return edits
         local = merkle.TreeBlocks(cached, self._live_version) if cached is not None and cached.digest == man.root \
             else None
         fetched = 0
@@ -881,6 +887,25 @@ class Snapshots:
                 "blocks": merkle.pack_frames([(dg, have[dg]) for dg in used]),
                 "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
                 "_tree": tree, "_fetched": fetched, "_used": len(used)}
+
+    def _edits(self, e: ops.SnapshotEntry, parts: tuple[str, ...], snap: ns.Dir) -> dict[str, Any] | None:
+        """The format-4 op of an in-place restore whose snapshot tree is in memory: the edits
+        that turn the live tree into it, found where the two differ (after a few changes, a
+        walk down their paths: no digest of the live tree, no block). Its apply swaps in the
+        snapshot's own tree (the same content); a replay makes the edits. None when the edits
+        would carry whole subtrees (a directory the live tree lacks): restore from blocks."""
+        live = ns.get(self.m.state.root, parts)
+        if not isinstance(live, ns.Dir):
+            return None
+        edits = ns.edits_to(live, snap)
+        if edits is None:
+            return None
+        version = self.m.state.version
+        missing = sum(1 for ed in edits if ed[0] == "f" for h in cast(list[int], ed[5]) if h not in version)
+        if missing:
+            raise CorruptData(f"snapshot references {missing} chunks the master no longer has")
+        return {"format": 4, "edits": edits, "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
+                "_tree": snap, "_fetched": 0, "_used": 0}
 
     def repeated_restore(self, rid: str, ref: str, to: str | None) -> dict[str, Any]:
         """The stored result of restore ``rid``, if this request asks for the same thing."""

@@ -242,12 +242,12 @@ def test_restore_in_place_reads_only_changed_directories(client):
     client.put(f"{d}/b/deep/f3", b"overwritten")
     r = client.snapshot_restore(s["name"])
     assert tree_digest(client, d) == before
-    # the root, b/ and b/deep/: a/ and c/ were reused as they are; the snapshot's tree is still
-    # in this master's memory, so none of them is read from a holder
-    assert r["blocks_used"] == 3 and r["blocks_fetched"] == 0
+    # the snapshot's tree is still in this master's memory: it is swapped in, and the op carries
+    # the edits that make the live tree it (f2 back, f3's old content, b/deep's mtime), no block
+    assert r["edits"] == 3 and r["blocks_used"] == 0 and r["blocks_fetched"] == 0
     assert r["files"] == 15
     r = client.snapshot_restore(s["name"])  # nothing differs: nothing read but the record
-    assert r["blocks_used"] == r["blocks_fetched"] == 0 and tree_digest(client, d) == before
+    assert r["edits"] == r["blocks_used"] == r["blocks_fetched"] == 0 and tree_digest(client, d) == before
     r = client.snapshot_restore(s["name"], to=f"{d}-new")
     assert tree_digest(client, f"{d}-new") == before
     client.put(f"{d}-new/a/deep/f0", b"x", append=True)  # copy-on-write: the original is untouched

@@ -643,8 +643,10 @@ def test_a_digested_derived_directory_names_what_changed_since_its_base():
     merkle.digest(root, V)
     name = sorted(big.children)[7]
     live = ns.replace(root, ("big", name), ns.File(5, 5, 0o644, (99,)), 2)
-    assert ns.changed_names(root.children["big"], live.children["big"]) is None  # not digested yet
+    assert live.children["big"].base is big  # not digested yet: through its base
+    assert ns.changed_names(root.children["big"], live.children["big"]) == {name}
     merkle.digest(live, V)
+    assert live.children["big"].base is None and live.children["big"].delta is not None  # through its delta
     assert ns.changed_names(root.children["big"], live.children["big"]) == {name}
     assert ns.changed_names(live.children["big"], root.children["big"]) == {name}
     assert ns.changed_names(big_dir(300, random.Random(4)), live.children["big"]) is None  # another base
@@ -719,3 +721,36 @@ def test_a_restore_job_takes_the_blocks_a_tree_in_memory_gives_and_asks_only_for
     with pytest.raises(merkle.NeedBlocks) as need:
         _assemble_job(root, {}, [live], V, [], merkle.Decoded(), merkle.TreeBlocks(other, V))
     assert need.value.digests == [root]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans(), st.booleans())
+def test_edits_from_a_live_tree_to_a_snapshot_give_the_snapshot(rng, n, between, hints):
+    from kubegfs.formats import packb, unpackb
+
+    snap = build_direct(random_spec(rng))
+    merkle.digest(snap, V)  # as a snapshot's build does
+    live = mutate(snap, rng, n)
+    if between:
+        merkle.digest(live, V)  # a digest pass in between (a diff against the live tree)
+        live = mutate(live, rng, rng.randrange(0, 4))
+    edits = ns.edits_to(live, snap) if hints else _without_hints(ns.edits_to, live, snap)
+    missing = any(not isinstance(ns.get(live, p), ns.Dir) for p, x in ns.walk(snap) if isinstance(x, ns.Dir))
+    if edits is None:  # only when a directory of the snapshot is not one in the live tree
+        assert missing
+        return
+    got = ns.apply_edits(live, unpackb(packb(edits)))
+    assert to_dict(got) == to_dict(snap)
+    if not n and not between:
+        assert edits == []
+    for parts, node in ns.walk(got):  # what no edit names is the live tree's own node
+        if not any(e[1][:len(parts)] == list(parts) for e in edits) and parts:
+            assert ns.get(live, parts) is node
+
+
+def test_bad_restore_edits_are_refused():
+    live = build_direct({".": (0o755, 1), "f": ("f", 1, 1, 0o644, (1,))})
+    for bad in (["q", []], ["f", ["f", "x"], 1, 1, 0o644, []], ["x", []], ["d", ["a"], "m", 1], ["f", "f"]):
+        with pytest.raises(Exception) as exc:
+            ns.apply_edits(live, [bad])
+        assert type(exc.value).__name__ == "InvalidArgument"
