@@ -264,7 +264,7 @@ def changed_subtrees(old: Node | None, new: Node | None) -> tuple[list[Node], li
 # ["d", parts, mode, mtime] a directory's own mode and mtime; ["f", parts, size, mtime, mode,
 # chunks] a file put at ``parts``; ["x", parts] the entry at ``parts`` removed.
 Edit = list[object]
-MAX_EDITS = 100_000
+MAX_EDITS = 10_000  # beyond, a restore goes by blocks (an op of edits grows with them)
 
 
 def edits_to(live: Dir, target: Dir) -> list[Edit] | None:

@@ -856,8 +856,7 @@ class Snapshots:
         # (each verified against its digest as any fetched block is), without a round trip
         cached = self.trees.get(e["id"])
         if mode == "inplace" and cached is not None and cached.digest == man.root:
-            self.check_target(parts, mode)
-            edits = self._edits(e, parts, cached)
+            edits = await self._edits(e, parts, cached)
             if edits is not None:
                 return edits
         local = merkle.TreeBlocks(cached, self._live_version) if cached is not None and cached.digest == man.root \
@@ -888,18 +887,25 @@ class Snapshots:
                 "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
                 "_tree": tree, "_fetched": fetched, "_used": len(used)}
 
-    def _edits(self, e: ops.SnapshotEntry, parts: tuple[str, ...], snap: ns.Dir) -> dict[str, Any] | None:
+    async def _edits(self, e: ops.SnapshotEntry, parts: tuple[str, ...], snap: ns.Dir) -> dict[str, Any] | None:
         """The format-4 op of an in-place restore whose snapshot tree is in memory: the edits
         that turn the live tree into it, found where the two differ (after a few changes, a
-        walk down their paths: no digest of the live tree, no block). Its apply swaps in the
-        snapshot's own tree (the same content); a replay makes the edits. None when the edits
-        would carry whole subtrees (a directory the live tree lacks): restore from blocks."""
-        live = ns.get(self.m.state.root, parts)
-        if not isinstance(live, ns.Dir):
-            return None
-        edits = ns.edits_to(live, snap)
-        if edits is None:
-            return None
+        walk down their paths: no digest of the live tree, no block; in a worker thread, and
+        again if the live tree moved meanwhile). Its apply swaps in the snapshot's own tree (the
+        same content); a replay makes the edits. None when the edits would carry whole subtrees
+        (a directory the live tree lacks) or are too many: restore from blocks. The caller
+        applies it with no await in between."""
+        while True:
+            self.check_target(parts, "inplace")
+            live = ns.get(self.m.state.root, parts)
+            if not isinstance(live, ns.Dir):
+                return None
+            edits = await asyncio.get_running_loop().run_in_executor(None, ns.edits_to, live, snap)
+            if edits is None:
+                return None
+            self.check_target(parts, "inplace")
+            if ns.get(self.m.state.root, parts) is live:
+                break
         version = self.m.state.version
         missing = sum(1 for ed in edits if ed[0] == "f" for h in cast(list[int], ed[5]) if h not in version)
         if missing:

@@ -754,3 +754,14 @@ def test_bad_restore_edits_are_refused():
         with pytest.raises(Exception) as exc:
             ns.apply_edits(live, [bad])
         assert type(exc.value).__name__ == "InvalidArgument"
+
+
+def test_too_many_edits_go_by_blocks(monkeypatch):
+    snap = build_direct({".": (0o755, 1), **{f"f{i}": ("f", i, 1, 0o644, (i + 1,)) for i in range(5)}})
+    merkle.digest(snap, V)
+    live = snap
+    for i in range(3):
+        live = ns.replace(live, (f"f{i}",), None, 2)
+    assert len(ns.edits_to(live, snap)) == 4  # three files back, the directory's mtime
+    monkeypatch.setattr(ns, "MAX_EDITS", 3)
+    assert ns.edits_to(live, snap) is None
