@@ -266,8 +266,12 @@ class Snapshots:
         op = ops.SnapCapture(op="snap_capture", id=sid, name=name, path=path, created=now_ns(),
                              copies=copies, targets=targets, near=Location.from_json(near).to_json(),
                              labels=labels)
-        await self.m.mutate(op, apply_seconds=M.M_SNAP_CAPTURE)  # O(1): pins the current immutable root
+        # O(1): pins the current immutable root. The build starts on it at once, while the op
+        # becomes durable: its commit is logged after this op, so durable only after it, and
+        # what it ships before a crash that loses this op is garbage to the recovered master
+        _result, durable = self.m.submit(op, apply_seconds=M.M_SNAP_CAPTURE)
         self.start_builder(sid)
+        await durable
         await self.wait_built(sid, wait)
         e = st.snapshots[sid]
         return e
