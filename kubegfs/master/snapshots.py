@@ -356,14 +356,17 @@ class Snapshots:
             async def ship(cs: ChunkserverInfo, reason: str) -> dict[str, Any] | None:
                 nonlocal last_err
                 try:
+                    carried = False
                     if isinstance(node, ns.Dir):
-                        shipped[cs.id] = await self.ship_blocks(cs, node, version_of, claimed, gens, enc)
-                    await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=data, headers=headers)
+                        shipped[cs.id], carried = await self.ship_blocks(cs, node, version_of, claimed, gens, enc,
+                                                                         (sid, data, headers))
+                    if not carried:
+                        await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=data, headers=headers)
+                        shipped[cs.id] = shipped.get(cs.id, 0) + len(data)
                 except PEER_ERRORS as exc:
                     last_err = f"{cs.id}: {exc}"
                     log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
                     return None
-                shipped[cs.id] = shipped.get(cs.id, 0) + len(data)
                 cs.records.add(sid)
                 self.m.outbox.cancel(cs.id, "record", sid)
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
@@ -472,11 +475,14 @@ class Snapshots:
             await asyncio.sleep(0.02)
 
     async def ship_blocks(self, cs: ChunkserverInfo, node: ns.Dir, version_of: merkle.VersionOf,
-                          claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> int:
-        """Ship ``cs`` the blocks of ``node``'s tree it lacks; returns the bytes sent. A block is
-        skipped only if ``cs`` holds it and a committed snapshot counts it (then nothing deletes
-        it or anything it reaches); every block sent is claimed (never deleted) until the build
-        commits or fails."""
+                          claimed: list[bytes], gens: dict[str, int], enc: Encoded,
+                          record: tuple[str, bytes, dict[str, str]] | None = None) -> tuple[int, bool]:
+        """Ship ``cs`` the blocks of ``node``'s tree it lacks; returns the bytes sent and whether
+        ``record`` (snapshot id, bytes, headers) went with the last batch (one round trip: the
+        holder stores it once that batch is durable; any refusal of the two together sends the
+        batch alone, for the caller to put the record after it). A block is skipped only if
+        ``cs`` holds it and a committed snapshot counts it (then nothing deletes it or anything
+        it reaches); every block sent is claimed (never deleted) until the build commits or fails."""
         await self.fence(cs)
         gens[cs.id] = self.gen.get(cs.id, 0)
         known = self.known.setdefault(cs.id, set())
@@ -511,8 +517,16 @@ class Snapshots:
         # one batch at a time, children before parents: whatever part of them reaches the holder
         # (durable batch by batch), each block it has reaches only blocks it has
         sent = 0
-        for batch in merkle.batches(items, BLOCK_BATCH):
+        carried = False
+        groups = list(merkle.batches(items, BLOCK_BATCH))
+        for i, batch in enumerate(groups):
             body = blockdelta.pack(batch)
+            if record is not None and i == len(groups) - 1:
+                carried = await self._with_record(cs, body, record)
+                if carried:
+                    sent += len(body) + len(record[1])
+                    known.update(it.digest for it in batch)
+                    continue
             try:
                 await self.m.call_cs(cs, "POST", "/internal/blocks/delta", data=body)
             except (Conflict, CorruptData) as exc:  # a base it lacks after all (damaged): send them whole
@@ -526,7 +540,21 @@ class Snapshots:
             sent += len(body)
             known.update(it.digest for it in batch)
         M.M_SNAP_BLOCKS_SHIPPED.inc(len(items))
-        return sent
+        return sent, carried
+
+    async def _with_record(self, cs: ChunkserverInfo, body: bytes, record: tuple[str, bytes, dict[str, str]]) -> bool:
+        """Send a batch of blocks with the snapshot's record after it in one request; False if the
+        holder refused the two (e.g. a base it lacks) or did not store the record (a holder that
+        does not know the headers would have refused the body)."""
+        sid, data, headers = record
+        try:
+            got = await self.m.call_cs(cs, "POST", "/internal/blocks/delta", data=body + data,
+                                       headers={**headers, "X-Kubegfs-Record": sid,
+                                                "X-Kubegfs-Record-Length": str(len(data))})
+        except (Conflict, CorruptData, InvalidArgument) as exc:
+            log.info("%s refused blocks with the record (%s); sending them apart", cs.id, exc)
+            return False
+        return isinstance(got, dict) and isinstance(got.get("record"), dict)
 
     async def _recheck_holders(self, holders: list[dict[str, Any]], node: ns.Dir, version_of: merkle.VersionOf,
                                claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> list[dict[str, Any]]:
