@@ -173,6 +173,9 @@ class Encoded:
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
+    # the blocks no committed snapshot counted, with their infos, worked out in the first collect
+    # (off the loop) and the catalog's blocks_gen before: the commit takes them if it has not moved
+    infos: tuple[int, dict[bytes, merkle.BlockInfo]] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -412,8 +415,11 @@ class Snapshots:
             if rec is None:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
-                # exactly those the catalog does not count yet
-                infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
+                # exactly those the catalog does not count yet (as the first collect found them,
+                # off the loop, if no block was counted or uncounted since)
+                pre = enc.infos
+                infos = pre[1] if pre is not None and pre[0] == st.blocks_gen else \
+                    merkle.new_block_infos(node, version_of, st.blocks.__contains__)
                 with no_gc():  # a row per new block: a full collection would rescan the namespace
                     op["blocks"] = encode_block_infos(infos)
                 op["_infos"] = infos
@@ -504,6 +510,9 @@ class Snapshots:
 
             out = outgoing(node, version_of, ask, enc, self._live_version)
             enc.walk = (asked, out)
+            if enc.infos is None:
+                gen = self.m.state.blocks_gen
+                enc.infos = (gen, merkle.new_block_infos(node, version_of, counted.__contains__))
             return out
 
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression

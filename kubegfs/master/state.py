@@ -86,6 +86,7 @@ class MasterState:
         self.cow_clones = 0
         self.restores: dict[str, dict[str, Any]] = {}  # restore id -> result (idempotency)
         self.blocks: dict[bytes, BlockCount] = {}  # directory blocks committed snapshots reach
+        self.blocks_gen = 0  # moves whenever a block is counted for the first time or no longer
         self.garbage_blocks: set[bytes] = set()  # freed blocks to delete from chunkservers (soft)
         self.n_files = 0  # kept up to date by apply: status and metrics never walk the tree
         self.n_dirs = 1
@@ -471,6 +472,7 @@ class MasterState:
                 continue
             info = new[d]
             blocks[d] = BlockCount(1, info)
+            self.blocks_gen += 1
             self.garbage_blocks.discard(d)
             self.count_snapshot_refs(_handles(info.handles))
             stack.extend(info.children)
@@ -485,6 +487,7 @@ class MasterState:
             if b.refs:
                 continue
             del blocks[d]
+            self.blocks_gen += 1
             self.garbage_blocks.add(d)
             self._release(self.snap, _handles(b.info.handles))
             stack.extend(b.info.children)

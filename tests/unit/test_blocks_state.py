@@ -352,3 +352,19 @@ def test_restore_in_place_as_edits_gives_the_tree_at_capture_and_replays_identic
     replayed = log.replay()
     assert dump(replayed) == dump(log.state)
     assert flat(replayed.root) == flat(log.state.root)
+
+
+def test_the_catalogs_blocks_generation_moves_with_every_block_counted_or_released():
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    log.put("/t/a", 5)
+    g0 = log.state.blocks_gen
+    a = log.snapshot("/t")
+    g1 = log.state.blocks_gen
+    assert g1 > g0
+    b = log.snapshot("/t")  # the same blocks: counted again, none new
+    assert log.state.blocks_gen == g1
+    log.do({"op": "snap_delete", "id": a})  # still reached by b
+    assert log.state.blocks_gen == g1
+    log.do({"op": "snap_delete", "id": b})
+    assert log.state.blocks_gen > g1
