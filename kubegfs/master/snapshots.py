@@ -101,7 +101,10 @@ class QuietGC:
     """The cyclic collector paused for a whole snapshot build or restore, awaits included (the
     worker jobs inside pause it anyway, and it is one switch for the process), and switched on
     again GC_AFTER seconds after the last such operation ends, so the collection their
-    allocations call for runs after their replies are out, not before. A job's temporaries
+    allocations call for runs after their replies are out, not before; one that leaves more
+    than GC_NOW young objects (a first snapshot of a big tree) has a full collection as it
+    ends instead, billed to it rather than to a small operation some rounds later (its
+    survivors would bring one on). A job's temporaries
     (decoded blocks, the encodings shipped, the blocks fetched) are freed by reference counting
     meanwhile, so that collection scans what the operations keep (new directories, cached
     encodings), not everything they made, and not once per worker job on the way. The
@@ -126,7 +129,11 @@ class QuietGC:
         finally:
             self.active -= 1
             if self.active == 0 and self.owed:
-                self.timer = asyncio.get_running_loop().call_later(GC_AFTER, self._resume)
+                if gc.get_count()[0] > GC_NOW:  # a big one (a first snapshot): collect now, fully,
+                    self._resume()               # so its survivors do not bring a full pass later
+                    gc.collect()
+                else:
+                    self.timer = asyncio.get_running_loop().call_later(GC_AFTER, self._resume)
 
     def _resume(self) -> None:
         self.timer = None
@@ -136,6 +143,7 @@ class QuietGC:
 
 
 GC_AFTER = 0.05  # seconds after the last snapshot operation before the collector runs again
+GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
 
 
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)

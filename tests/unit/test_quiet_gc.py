@@ -42,3 +42,31 @@ def test_a_collector_that_was_off_stays_off(monkeypatch):
             gc.enable()
 
     asyncio.run(scenario())
+
+
+def test_a_big_operation_has_its_full_collection_as_it_ends(monkeypatch):
+    monkeypatch.setattr(snapshots, "GC_NOW", 1000)
+    monkeypatch.setattr(snapshots, "GC_AFTER", 10.0)
+    q = snapshots.QuietGC()
+    passes: list[int] = []
+
+    def seen(phase, info):
+        if phase == "stop":
+            passes.append(info["generation"])
+
+    async def scenario():
+        with q():
+            keep = [[i] for i in range(5000)]  # young objects that survive
+        assert gc.isenabled() and q.timer is None and passes == [2]
+        with q():
+            small = [[1]]
+        assert not gc.isenabled() and q.timer is not None  # a small one waits for the timer
+        q.timer.cancel()
+        q._resume()
+        return keep, small
+
+    gc.callbacks.append(seen)
+    try:
+        asyncio.run(scenario())
+    finally:
+        gc.callbacks.remove(seen)
