@@ -29,7 +29,7 @@ import zstandard
 from .errors import Conflict, CorruptData
 from .formats import ZSTD_LEVEL
 from .merkle import DIGEST_SIZE, MAX_BLOCK, block_digest, compress, decompress
-from .namespace import Dir
+from .namespace import Dir, changed_names
 
 MAGIC = b"KGBD"
 PREFIX = 8  # bytes of a base's digest naming it in a frame
@@ -155,8 +155,9 @@ def counterparts(old: Dir, new: Dir) -> dict[int, Dir]:
         out[id(b)] = a
         if b.stats is not None and b.stats[1] == 1:  # no subdirectories
             continue
-        ach = a.children
-        for name, k in b.children.items():
+        ach, bch = a.children, b.children
+        names = changed_names(a, b)
+        for name, k in (bch.items() if names is None else ((n, bch.get(n)) for n in names)):
             if type(k) is Dir:
                 o = ach.get(name)
                 if type(o) is Dir:

@@ -59,6 +59,7 @@ KIND_PART = 1
 LEAF_BITS = 4  # a leaf sub-block holds 2**LEAF_BITS entries on average
 FANOUT_BITS = 3  # an index sub-block (or a split directory's head) names 2**FANOUT_BITS on average
 MAX_RUN = 512  # ... and at most this many (names that never hit a boundary)
+MAX_DELTA = 256  # names a restored directory remembers as changed from the live one it edited (Dir.delta)
 MIN_SPLIT = 1 << LEAF_BITS  # a directory of fewer entries is one block however its names hash
 _BIG_ENDIAN = sys.byteorder == "big"
 _HASH_MUL = 0x9E3779B1
@@ -226,6 +227,14 @@ def leaf_block(d: Dir, names: list[str], lasts: tuple[str, ...], i: int, want: b
     data = _entries_block(KIND_PART, 0, 0, [(n, ch[n]) for n in names[a:bisect.bisect_right(names, lasts[i])]],
                           version_of, lambda c: digest(c, version_of))[0]
     return data if block_digest(data) == want else None
+
+
+def _subdirs(d: Dir) -> list[Dir]:
+    """``d``'s subdirectories (none to look for when its memoised counts say it has none)."""
+    counts = d.stats
+    if counts is not None and counts[1] == 1:
+        return []
+    return [k for k in d.children.values() if type(k) is Dir]
 
 
 def _no_dirs(_d: Dir) -> bytes:  # pragma: no cover - a block naming sub-blocks has no entries
@@ -479,6 +488,8 @@ def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
         if blocks is None:
             blocks = dir_blocks(d, version_of, child)
         d.base = d.changed = None
+        if bdg is not None and changed is not None:
+            d.delta = (bdg, changed)
         got = block_digest(blocks.head)
         _remember(got, blocks)
         if kept is not None:
@@ -742,9 +753,8 @@ class TreeBlocks:
                 for i, leaf in enumerate(_leaves(d, blocks.kids)):
                     if leaf not in self.parts:
                         self.leaves[leaf] = (n, names, blocks.lasts, i)
-            for k in n.children.values():
-                if type(k) is Dir:
-                    self.nodes[digest(k, self.version_of)] = k
+            for k in _subdirs(n):
+                self.nodes[digest(k, self.version_of)] = k
         return out
 
 
@@ -769,9 +779,8 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     if dg in seen or skip(dg):
         return
     seen.add(dg)
-    for k in d.children.values():  # (one under a skipped sub-block is skipped by its own digest)
-        if type(k) is Dir:
-            _collect(k, version_of, skip, out, seen, kept)
+    for k in _subdirs(d):  # (one under a skipped sub-block is skipped by its own digest)
+        _collect(k, version_of, skip, out, seen, kept)
     blocks = blocks_of_dir(d, version_of, kept, whole=False)
     wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
     if not blocks.whole and len(wanted.intersection(p for p, _b in blocks.parts)) < len(wanted):
@@ -930,7 +939,7 @@ def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], b
             out[dg] = infos[dg]
             for p in _unskipped_parts(dg, kids, lambda p: p in out or known(p)):
                 out[p] = infos[p]
-            stack.extend(k for k in d.children.values() if type(k) is Dir)
+            stack.extend(_subdirs(d))
     return out
 
 
@@ -1051,6 +1060,9 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
                 counts = _add(counts, node, 1)
                 mut[name] = node
             d = Dir(mut.finish(), block.mtime, block.mode)
+            touched = removed.union(block.entries)
+            if lv.digest is not None and len(touched) <= MAX_DELTA:
+                d.delta = (lv.digest, frozenset(touched))  # the live directory but for these
         _memoise(d, dg, counts)
         built[s] = d
     reused_here.extend(found)

@@ -40,7 +40,7 @@ class Dir:
     """Immutable directory: ``children`` maps a name to a File or Dir. ``digest`` is its Merkle
     block digest once computed (``merkle.digest`` memoises it; the node never changes)."""
 
-    __slots__ = ("children", "mtime", "mode", "digest", "stats", "base", "changed")
+    __slots__ = ("children", "mtime", "mode", "digest", "stats", "base", "changed", "delta")
 
     def __init__(self, children: immutables.Map[str, Node], mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
         self.children = children
@@ -53,6 +53,11 @@ class Dir:
         # holding those are encoded again (see merkle); None: not derived, or too many changes
         self.base: Dir | None = None
         self.changed: frozenset[str] | None = None
+        # once its digest is known: the digest of a directory it differs from only in the
+        # entries of these names (its base, or the live directory a restore edited), so two
+        # directories one of which is the other plus a few changes are compared by those names
+        # alone (see changed_names); None: unknown
+        self.delta: tuple[bytes, frozenset[str]] | None = None
 
     def __repr__(self) -> str:
         return f"Dir({len(self.children)} entries)"
@@ -202,10 +207,38 @@ def count(node: Node) -> tuple[int, int, int, int]:
     return files, dirs, chunks, size
 
 
+def _changed_since(y: Dir, x: Dir) -> frozenset[str] | None:
+    """Names whose entries may differ between ``y`` and ``x`` if ``y`` is known to be ``x``'s
+    content plus changes to them: through its ``delta`` (once digested) or its ``base`` and
+    ``changed`` (until then), each slot read once (a digest pass may clear them meanwhile)."""
+    got = None
+    dl = y.delta
+    if dl is not None and x.digest is not None and dl[0] == x.digest:
+        got = dl[1]
+    base, changed = y.base, y.changed
+    if base is not None and changed is not None and (base is x or (base.digest is not None and base.digest == x.digest)) \
+            and (got is None or len(changed) < len(got)):
+        got = changed
+    return got
+
+
+def changed_names(a: Dir, b: Dir) -> frozenset[str] | None:
+    """The names whose entries may differ between ``a`` and ``b`` when one is known to be a
+    directory with the other's content plus changes to those names (``Dir.delta``, or
+    ``Dir.base`` and ``Dir.changed``; a digest names the entries' content), else None (compare
+    every name). Any name outside the set has equal entries on both sides."""
+    one, two = _changed_since(b, a), _changed_since(a, b)
+    if one is None or (two is not None and len(two) < len(one)):
+        return two
+    return one
+
+
 def changed_subtrees(old: Node | None, new: Node | None) -> tuple[list[Node], list[Node]]:
     """(subtrees only in ``new``, subtrees only in ``old``) when ``new`` replaces ``old``:
     identical nodes (the same object) are skipped, directories on both sides are compared by
-    name, so the work is proportional to what differs."""
+    name (only by the names :func:`changed_names` gives when it knows them), so the work is
+    proportional to what differs. An entry left out that way has equal content on both sides,
+    so what the caller counts from the result comes out the same."""
     added: list[Node] = []
     removed: list[Node] = []
     stack: list[tuple[Node | None, Node | None]] = [(old, new)]
@@ -214,7 +247,10 @@ def changed_subtrees(old: Node | None, new: Node | None) -> tuple[list[Node], li
         if a is b:
             continue
         if isinstance(a, Dir) and isinstance(b, Dir):
-            for name in _union(a, b):
+            if a.digest is not None and a.digest == b.digest:  # the same entries
+                continue
+            names = changed_names(a, b)
+            for name in (_union(a, b) if names is None else names):
                 stack.append((a.children.get(name), b.children.get(name)))
             continue
         if a is not None:
@@ -222,6 +258,91 @@ def changed_subtrees(old: Node | None, new: Node | None) -> tuple[list[Node], li
         if b is not None:
             added.append(b)
     return added, removed
+
+
+# A restore's edit of a live directory tree (msgpack-able lists, paths relative to its root):
+# ["d", parts, mode, mtime] a directory's own mode and mtime; ["f", parts, size, mtime, mode,
+# chunks] a file put at ``parts``; ["x", parts] the entry at ``parts`` removed.
+Edit = list[object]
+MAX_EDITS = 10_000  # beyond, a restore goes by blocks (an op of edits grows with them)
+
+
+def edits_to(live: Dir, target: Dir) -> list[Edit] | None:
+    """The edits that turn ``live`` into a tree with ``target``'s content (see
+    :func:`apply_edits`), found where the two differ (identical nodes and equal digests are
+    skipped, directories compared by :func:`changed_names` where known); None when a directory
+    of ``target`` has none at its place in ``live`` (the edits would have to carry its whole
+    tree) or there are more than MAX_EDITS."""
+    out: list[Edit] = []
+    stack: list[tuple[tuple[str, ...], Dir, Dir]] = [((), live, target)]
+    while stack:
+        parts, lv, tg = stack.pop()
+        if lv is tg or (lv.digest is not None and lv.digest == tg.digest):
+            continue
+        if (lv.mode, lv.mtime) != (tg.mode, tg.mtime):
+            out.append(["d", list(parts), tg.mode, tg.mtime])
+        names = changed_names(lv, tg)
+        lch, tch = lv.children, tg.children
+        for name in sorted(_union(lv, tg) if names is None else names):
+            a, b = lch.get(name), tch.get(name)
+            if a is b:
+                continue
+            path = [*parts, name]
+            if isinstance(b, Dir):
+                if not isinstance(a, Dir):
+                    return None
+                stack.append(((*parts, name), a, b))
+            elif b is None:
+                out.append(["x", path])
+            elif not (isinstance(a, File) and (a.size, a.mtime, a.mode, a.chunks) == (b.size, b.mtime, b.mode, b.chunks)):
+                out.append(["f", path, b.size, b.mtime, b.mode, list(b.chunks)])
+        if len(out) > MAX_EDITS:
+            return None
+    return out
+
+
+def apply_edits(live: Dir, edits: list[Edit]) -> Dir:
+    """``live`` with ``edits`` (see :func:`edits_to`) made; only the directories on their paths
+    are copied. A path through something that is not a directory is a bad edit (InvalidArgument)."""
+    meta: dict[tuple[str, ...], tuple[int, int]] = {}
+    below: dict[tuple[str, ...], dict[str, Node | None]] = {}  # a directory's entries set or removed
+    kids: dict[tuple[str, ...], set[str]] = {}  # a directory's subdirectories with edits in them
+    for e in edits:
+        kind, raw = e[0], e[1]
+        if not (isinstance(raw, list) and all(isinstance(p, str) for p in raw)):
+            raise InvalidArgument(f"bad restore edit {e[:2]!r}")
+        parts: tuple[str, ...] = tuple(raw)
+        nums = [x for x in e[2:] if isinstance(x, int)]
+        if kind == "d" and len(nums) == len(e) - 2 == 2:
+            meta[parts] = (nums[0], nums[1])
+        elif kind == "f" and parts and len(nums) == 3 and len(e) == 6 and isinstance(e[5], list):
+            below.setdefault(parts[:-1], {})[parts[-1]] = File(nums[0], nums[1], nums[2], tuple(e[5]))
+            parts = parts[:-1]
+        elif kind == "x" and parts and len(e) == 2:
+            below.setdefault(parts[:-1], {})[parts[-1]] = None
+            parts = parts[:-1]
+        else:
+            raise InvalidArgument(f"bad restore edit {e[:2]!r}")
+        for i in range(len(parts)):
+            kids.setdefault(parts[:i], set()).add(parts[i])
+
+    def rebuild(d: Dir, parts: tuple[str, ...]) -> Dir:
+        m = d.children.mutate()
+        for name, node in below.get(parts, {}).items():
+            if node is None:
+                if name in m:
+                    del m[name]
+            else:
+                m[name] = node
+        for name in kids.get(parts, ()):
+            sub = d.children.get(name)
+            if not isinstance(sub, Dir):
+                raise InvalidArgument("a restore edit goes through a non-directory: /" + "/".join((*parts, name)))
+            m[name] = rebuild(sub, (*parts, name))
+        mode, mtime = meta.get(parts, (d.mode, d.mtime))
+        return Dir(m.finish(), mtime, mode)
+
+    return rebuild(live, ())
 
 
 def _union(a: Dir, b: Dir) -> list[str]:

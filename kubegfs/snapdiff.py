@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from .merkle import KIND_DIR, Block, DirRef, Entry, FileEntry
-from .namespace import Dir, File, Node
+from .namespace import Dir, File, Node, changed_names
 
 Kind = str  # "+", "-", "M", "R"
 
@@ -153,20 +153,29 @@ def _entry(node: Node) -> Entry:
 def _compare_nodes(path: str, x: DirRef, y: DirRef, changes: list[Change],
                    nxt: list[tuple[str, DirRef, DirRef]]) -> None:
     """One level of the diff between two in-memory directories (same rules as for blocks; file
-    versions are not compared: in one master a chunk's version moves only with its file)."""
+    versions are not compared: in one master a chunk's version moves only with its file). An
+    unchanged entry is the same object on both sides, or (where one directory is known to be
+    the other but for some names, see namespace.changed_names) outside those names; only the
+    names that differ are put in order."""
     a, b = x.node, y.node
     assert a is not None and b is not None
     ca, cb = a.children, b.children
-    if a.mode != b.mode or a.mtime != b.mtime or len(ca) != len(cb) or any(n not in cb for n in ca):
+    hint = changed_names(a, b)
+    if hint is None:
+        differ = [n for n, old in ca.items() if cb.get(n) is not old]
+        differ += [n for n in cb.keys() if n not in ca]
+    else:
+        differ = [n for n in hint if ca.get(n) is not cb.get(n)]
+    if a.mode != b.mode or a.mtime != b.mtime or any((n in ca) != (n in cb) for n in differ):
         changes.append(Change("M", path, "dir", old=x, new=y, mode=b.mode, mtime=b.mtime))
-    for name in sorted(ca.keys()):
-        old = ca[name]
-        new = cb.get(name)
+    for name in sorted(differ):
+        old, new = ca.get(name), cb.get(name)
         p = _join(path, name)
-        if new is old:
-            continue
         if new is None:
+            assert old is not None
             changes.append(Change("-", p, "dir" if isinstance(old, Dir) else "file", old=_entry(old)))
+        elif old is None:
+            changes.append(Change("+", p, "dir" if isinstance(new, Dir) else "file", new=_entry(new)))
         elif isinstance(old, Dir) and isinstance(new, Dir):
             if old.digest != new.digest:
                 nxt.append((p, DirRef(old.digest or b"", old), DirRef(new.digest or b"", new)))
@@ -176,9 +185,6 @@ def _compare_nodes(path: str, x: DirRef, y: DirRef, changes: list[Change],
         else:
             changes.append(Change("-", p, "dir" if isinstance(old, Dir) else "file", old=_entry(old)))
             changes.append(Change("+", p, "dir" if isinstance(new, Dir) else "file", new=_entry(new)))
-    for name in sorted(n for n in cb.keys() if n not in ca):
-        new = cb[name]
-        changes.append(Change("+", _join(path, name), "dir" if isinstance(new, Dir) else "file", new=_entry(new)))
 
 
 def _rename_key(e: Entry | None) -> object:

@@ -373,6 +373,10 @@ class Chunkserver:
         pieces: list[bytes] = []
         async for piece in request.content.iter_chunked(1 << 20):
             pieces.append(piece)
+        return json_response(await self._store_record(rid, pieces, sha), status=201)
+
+    async def _store_record(self, rid: str, pieces: list[bytes], sha: str) -> dict[str, Any]:
+        """Store a snapshot record (verified against ``sha``, fsynced); what the answer says of it."""
         try:
             n, digest = await self._run(self.store.put_record, rid, iter(pieces), sha)
         except CorruptData:
@@ -381,7 +385,7 @@ class Chunkserver:
         self.corrupt_records.discard(rid)
         self._update_gauges()
         log.info("stored snapshot record %s (%d bytes, sha256 %s…)", rid, n, digest[:12])
-        return json_response({"id": rid, "bytes": n, "sha256": digest, "holder": self.id}, status=201)
+        return {"id": rid, "bytes": n, "sha256": digest, "holder": self.id}
 
     async def get_record(self, request: web.Request) -> web.StreamResponse:
         rid = record_id(request.match_info["id"])
@@ -426,14 +430,35 @@ class Chunkserver:
     async def put_block_deltas(self, request: web.Request) -> web.Response:
         """Body: a batch of blocks, some as deltas against blocks held here (blockdelta.pack);
         every block is rebuilt and the batch refused whole unless all match the digests it was
-        sent for; 409 if a delta's base is not here."""
+        sent for; 409 if a delta's base is not here. With ``X-Kubegfs-Record`` (a snapshot id),
+        ``X-Kubegfs-Record-Length`` and ``X-Kubegfs-Sha256``, the body's last that many bytes
+        are the snapshot's record, stored as by ``PUT /internal/records/{id}`` once the blocks
+        are durable (the record reaches only blocks stored before it); the answer's ``record``
+        says it was."""
         data = await request.read()
+        rid = request.headers.get("X-Kubegfs-Record")
+        record = b""
+        if rid is not None:
+            rid = record_id(rid)
+            sha = request.headers.get("X-Kubegfs-Sha256", "")
+            if len(sha) != 64:
+                raise InvalidArgument("missing or malformed X-Kubegfs-Sha256 header")
+            try:
+                n = int(request.headers.get("X-Kubegfs-Record-Length", ""))
+            except ValueError:
+                raise InvalidArgument("missing or malformed X-Kubegfs-Record-Length header") from None
+            if not 0 < n <= len(data):
+                raise InvalidArgument("X-Kubegfs-Record-Length does not fit the body")
+            data, record = data[:-n], data[-n:]
         try:
-            stored, new = await self._run(self.blocks.put_delta, data)
+            stored, new = await self._run(self.blocks.put_delta, data) if data else (0, 0)
         except CorruptData:
             M.CS_CHECKSUM_FAIL.labels("block").inc()
             raise
-        return json_response({"stored": stored, "new": new}, status=201)
+        out: dict[str, Any] = {"stored": stored, "new": new}
+        if rid is not None:
+            out["record"] = await self._store_record(rid, [record], sha)
+        return json_response(out, status=201)
 
     async def get_blocks(self, request: web.Request) -> web.Response:
         """Body ``{"digests": [hex, ...]}``; answers block frames, each verified before it goes."""

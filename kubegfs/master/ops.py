@@ -164,6 +164,7 @@ class Restore(_Stamped):
     source_path: NotRequired[str]
     blocks: NotRequired[bytes]  # format 3: the framed blocks the live tree lacks
     counts: NotRequired[dict[str, int]]
+    edits: NotRequired[list[list[Any]]]  # format 4: the edits that turn the live tree into the snapshot's
     _tree: NotRequired[Dir]
 
 

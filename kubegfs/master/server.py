@@ -19,7 +19,7 @@ import os
 import shutil
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -190,6 +190,14 @@ class Master:
     async def mutate(self, op: ops.Op, apply_seconds: Histogram | None = None) -> Any:
         """Apply ``op`` and wait until it is durable. The only way state changes.
         ``apply_seconds`` observes how long the in-memory apply held the loop."""
+        result, durable = self.submit(op, apply_seconds)
+        await durable
+        return result
+
+    def submit(self, op: ops.Op, apply_seconds: Histogram | None = None) -> tuple[Any, Awaitable[None]]:
+        """Apply ``op`` now and log it: its result and what to await for it to be durable. Work
+        that only the op's own later ops (logged after it, so durable only after it) can make
+        visible may start before then."""
         t0 = time.perf_counter()
         self.oplog.stamp(op)
         try:
@@ -201,10 +209,13 @@ class Master:
             apply_seconds.observe(time.perf_counter() - t0)
         fut = self.oplog.enqueue(op)
         self._ops_since_checkpoint += 1
-        await fut
-        M.M_OPLOG_RECORDS.inc()
-        M.M_OPLOG_FSYNC.observe(time.perf_counter() - t0)
-        return result
+
+        async def durable() -> None:
+            await fut
+            M.M_OPLOG_RECORDS.inc()
+            M.M_OPLOG_FSYNC.observe(time.perf_counter() - t0)
+
+        return result, durable()
 
     async def call_cs(self, cs: ChunkserverInfo, method: str, path: str, **kw: Any) -> Any:
         return await self.call_url(method, cs.address + path, **kw)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -70,17 +71,79 @@ def diff_nodes(a: merkle.DirRef, va: merkle.VersionOf, b: merkle.DirRef, vb: mer
 
 
 def _assemble_job(root: bytes, have: dict[bytes, bytes], cands: list[ns.Node | None], version_of: merkle.VersionOf,
-                  reused: list[tuple[tuple[str, ...], ns.Dir]], memo: merkle.Decoded
-                  ) -> tuple[ns.Dir, list[bytes], list[int]]:
-    """A restore's tree, the blocks it decoded and the chunk handles their files reference."""
-    tree, used = merkle.assemble(root, have, cands, version_of, reused, memo)
-    return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
+                  reused: list[tuple[tuple[str, ...], ns.Dir]], memo: merkle.Decoded,
+                  local: merkle.TreeBlocks | None = None) -> tuple[ns.Dir, list[bytes], list[int]]:
+    """A restore's tree, the blocks it decoded and the chunk handles their files reference.
+    Blocks a snapshot tree in memory (``local``) gives are taken round after round here, in
+    one worker job with the collector paused throughout; :class:`merkle.NeedBlocks` names only
+    those it cannot give (fetch them and run again)."""
+    with no_gc():
+        while True:
+            try:
+                tree, used = merkle.assemble(root, have, cands, version_of, reused, memo)
+                break
+            except merkle.NeedBlocks as need:
+                got = local.take(need.digests) if local is not None else {}
+                rest = [d for d in need.digests if d not in got]
+                have.update(got)
+                if rest:
+                    raise merkle.NeedBlocks(rest) from None
+        return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
 
 
 def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
     if record_format(data) == MANIFEST_VERSION:
         return parse_manifest(data, sha256)
     return parse_record(data, sha256)
+
+
+class QuietGC:
+    """The cyclic collector paused for a whole snapshot build or restore, awaits included (the
+    worker jobs inside pause it anyway, and it is one switch for the process), and switched on
+    again GC_AFTER seconds after the last such operation ends, so the collection their
+    allocations call for runs after their replies are out, not before; one that leaves more
+    than GC_NOW young objects (a first snapshot of a big tree) has a full collection as it
+    ends instead, billed to it rather than to a small operation some rounds later (its
+    survivors would bring one on). A job's temporaries
+    (decoded blocks, the encodings shipped, the blocks fetched) are freed by reference counting
+    meanwhile, so that collection scans what the operations keep (new directories, cached
+    encodings), not everything they made, and not once per worker job on the way. The
+    namespace and blocks are acyclic; other requests' cycles wait until then."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.owed = False  # the collector was on when the first of the running operations began
+        self.timer: asyncio.TimerHandle | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.active == 0:
+            self.owed = self.owed or gc.isenabled()
+            gc.disable()
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if self.active == 0 and self.owed:
+                if gc.get_count()[0] > GC_NOW:  # a big one (a first snapshot): collect now, fully,
+                    self._resume()               # so its survivors do not bring a full pass later
+                    gc.collect()
+                else:
+                    self.timer = asyncio.get_running_loop().call_later(GC_AFTER, self._resume)
+
+    def _resume(self) -> None:
+        self.timer = None
+        if self.active == 0 and self.owed:
+            self.owed = False
+            gc.enable()
+
+
+GC_AFTER = 0.05  # seconds after the last snapshot operation before the collector runs again
+GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
 
 
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
@@ -118,6 +181,9 @@ class Encoded:
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
+    # the blocks no committed snapshot counted, with their infos, worked out in the first collect
+    # (off the loop) and the catalog's blocks_gen before: the commit takes them if it has not moved
+    infos: tuple[int, dict[bytes, merkle.BlockInfo]] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -175,6 +241,7 @@ class Snapshots:
         self.deleting: dict[str, set[bytes]] = {}
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
+        self.quiet_gc = QuietGC()
 
     def snap_json(self, e: ops.SnapshotEntry) -> wire.SnapshotInfo:
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
@@ -210,8 +277,12 @@ class Snapshots:
         op = ops.SnapCapture(op="snap_capture", id=sid, name=name, path=path, created=now_ns(),
                              copies=copies, targets=targets, near=Location.from_json(near).to_json(),
                              labels=labels)
-        await self.m.mutate(op, apply_seconds=M.M_SNAP_CAPTURE)  # O(1): pins the current immutable root
+        # O(1): pins the current immutable root. The build starts on it at once, while the op
+        # becomes durable: its commit is logged after this op, so durable only after it, and
+        # what it ships before a crash that loses this op is garbage to the recovered master
+        _result, durable = self.m.submit(op, apply_seconds=M.M_SNAP_CAPTURE)
         self.start_builder(sid)
+        await durable
         await self.wait_built(sid, wait)
         e = st.snapshots[sid]
         return e
@@ -249,6 +320,11 @@ class Snapshots:
         return [(alive[r.candidate.id], r.reason) for r in ranked]
 
     async def build(self, sid: str) -> None:
+        """:meth:`_build` with the cyclic collector paused throughout (see :class:`QuietGC`)."""
+        with self.quiet_gc():
+            await self._build(sid)
+
+    async def _build(self, sid: str) -> None:
         """Build and ship snapshot ``sid``'s record, then commit it. A directory snapshot is
         format 3: its root digest (memoised on the pinned immutable tree, so after a small change
         this re-encodes only the changed directories, on a worker thread, no fork) and, to each
@@ -291,14 +367,17 @@ class Snapshots:
             async def ship(cs: ChunkserverInfo, reason: str) -> dict[str, Any] | None:
                 nonlocal last_err
                 try:
+                    carried = False
                     if isinstance(node, ns.Dir):
-                        shipped[cs.id] = await self.ship_blocks(cs, node, version_of, claimed, gens, enc)
-                    await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=data, headers=headers)
+                        shipped[cs.id], carried = await self.ship_blocks(cs, node, version_of, claimed, gens, enc,
+                                                                         (sid, data, headers))
+                    if not carried:
+                        await self.m.call_cs(cs, "PUT", f"/internal/records/{sid}", data=data, headers=headers)
+                        shipped[cs.id] = shipped.get(cs.id, 0) + len(data)
                 except PEER_ERRORS as exc:
                     last_err = f"{cs.id}: {exc}"
                     log.warning("snapshot %s: shipping to %s failed: %s", sid, cs.id, exc)
                     return None
-                shipped[cs.id] = shipped.get(cs.id, 0) + len(data)
                 cs.records.add(sid)
                 self.m.outbox.cancel(cs.id, "record", sid)
                 return {"id": cs.id, "address": cs.address, **cs.location.to_json(), "reason": reason}
@@ -344,8 +423,11 @@ class Snapshots:
             if rec is None:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
-                # exactly those the catalog does not count yet
-                infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
+                # exactly those the catalog does not count yet (as the first collect found them,
+                # off the loop, if no block was counted or uncounted since)
+                pre = enc.infos
+                infos = pre[1] if pre is not None and pre[0] == st.blocks_gen else \
+                    merkle.new_block_infos(node, version_of, st.blocks.__contains__)
                 with no_gc():  # a row per new block: a full collection would rescan the namespace
                     op["blocks"] = encode_block_infos(infos)
                 op["_infos"] = infos
@@ -407,11 +489,14 @@ class Snapshots:
             await asyncio.sleep(0.02)
 
     async def ship_blocks(self, cs: ChunkserverInfo, node: ns.Dir, version_of: merkle.VersionOf,
-                          claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> int:
-        """Ship ``cs`` the blocks of ``node``'s tree it lacks; returns the bytes sent. A block is
-        skipped only if ``cs`` holds it and a committed snapshot counts it (then nothing deletes
-        it or anything it reaches); every block sent is claimed (never deleted) until the build
-        commits or fails."""
+                          claimed: list[bytes], gens: dict[str, int], enc: Encoded,
+                          record: tuple[str, bytes, dict[str, str]] | None = None) -> tuple[int, bool]:
+        """Ship ``cs`` the blocks of ``node``'s tree it lacks; returns the bytes sent and whether
+        ``record`` (snapshot id, bytes, headers) went with the last batch (one round trip: the
+        holder stores it once that batch is durable; any refusal of the two together sends the
+        batch alone, for the caller to put the record after it). A block is skipped only if
+        ``cs`` holds it and a committed snapshot counts it (then nothing deletes it or anything
+        it reaches); every block sent is claimed (never deleted) until the build commits or fails."""
         await self.fence(cs)
         gens[cs.id] = self.gen.get(cs.id, 0)
         known = self.known.setdefault(cs.id, set())
@@ -433,6 +518,9 @@ class Snapshots:
 
             out = outgoing(node, version_of, ask, enc, self._live_version)
             enc.walk = (asked, out)
+            if enc.infos is None:
+                gen = self.m.state.blocks_gen
+                enc.infos = (gen, merkle.new_block_infos(node, version_of, counted.__contains__))
             return out
 
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
@@ -446,8 +534,16 @@ class Snapshots:
         # one batch at a time, children before parents: whatever part of them reaches the holder
         # (durable batch by batch), each block it has reaches only blocks it has
         sent = 0
-        for batch in merkle.batches(items, BLOCK_BATCH):
+        carried = False
+        groups = list(merkle.batches(items, BLOCK_BATCH))
+        for i, batch in enumerate(groups):
             body = blockdelta.pack(batch)
+            if record is not None and i == len(groups) - 1:
+                carried = await self._with_record(cs, body, record)
+                if carried:
+                    sent += len(body) + len(record[1])
+                    known.update(it.digest for it in batch)
+                    continue
             try:
                 await self.m.call_cs(cs, "POST", "/internal/blocks/delta", data=body)
             except (Conflict, CorruptData) as exc:  # a base it lacks after all (damaged): send them whole
@@ -461,7 +557,21 @@ class Snapshots:
             sent += len(body)
             known.update(it.digest for it in batch)
         M.M_SNAP_BLOCKS_SHIPPED.inc(len(items))
-        return sent
+        return sent, carried
+
+    async def _with_record(self, cs: ChunkserverInfo, body: bytes, record: tuple[str, bytes, dict[str, str]]) -> bool:
+        """Send a batch of blocks with the snapshot's record after it in one request; False if the
+        holder refused the two (e.g. a base it lacks) or did not store the record (a holder that
+        does not know the headers would have refused the body)."""
+        sid, data, headers = record
+        try:
+            got = await self.m.call_cs(cs, "POST", "/internal/blocks/delta", data=body + data,
+                                       headers={**headers, "X-Kubegfs-Record": sid,
+                                                "X-Kubegfs-Record-Length": str(len(data))})
+        except (Conflict, CorruptData, InvalidArgument) as exc:
+            log.info("%s refused blocks with the record (%s); sending them apart", cs.id, exc)
+            return False
+        return isinstance(got, dict) and isinstance(got.get("record"), dict)
 
     async def _recheck_holders(self, holders: list[dict[str, Any]], node: ns.Dir, version_of: merkle.VersionOf,
                                claimed: list[bytes], gens: dict[str, int], enc: Encoded) -> list[dict[str, Any]]:
@@ -733,7 +843,12 @@ class Snapshots:
 
     async def restore(self, ref: str, rid: str, to: str | None) -> dict[str, Any]:
         """Restore snapshot ``ref`` in place (``to`` None) or to the new path ``to``; ``rid``
-        names the request so a retry answers with the first result instead of restoring again."""
+        names the request so a retry answers with the first result instead of restoring again.
+        The cyclic collector is paused throughout (see :class:`QuietGC`)."""
+        with self.quiet_gc():
+            return await self._restore(ref, rid, to)
+
+    async def _restore(self, ref: str, rid: str, to: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         if rid and rid in self.m.state.restores:
             return self.repeated_restore(rid, ref, to)
@@ -764,7 +879,8 @@ class Snapshots:
             return self.repeated_restore(rid, ref, to)
         summary = {"snapshot": e["name"], "snapshot_id": e["id"], "path": paths.join(parts), "mode": mode,
                    "source": source, "duration_seconds": round(time.perf_counter() - t0, 6),
-                   "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0)}
+                   "blocks_fetched": op.pop("_fetched", 0), "blocks_used": op.pop("_used", 0),
+                   "edits": len(op.get("edits", ()))}
         # ``op`` adds the format's keys (and the in-memory hints) to the common ones
         t_planned = time.perf_counter()
         result = await self.m.mutate(cast(ops.Restore, {
@@ -788,6 +904,10 @@ class Snapshots:
         # a snapshot this master built lately is still in memory: its blocks come from there
         # (each verified against its digest as any fetched block is), without a round trip
         cached = self.trees.get(e["id"])
+        if mode == "inplace" and cached is not None and cached.digest == man.root:
+            edits = await self._edits(e, parts, cached)
+            if edits is not None:
+                return edits
         local = merkle.TreeBlocks(cached, self._live_version) if cached is not None and cached.digest == man.root \
             else None
         fetched = 0
@@ -797,14 +917,10 @@ class Snapshots:
             try:  # the O(changed) (to a new path: O(files)) assembly runs in a worker thread
                 tree, used, handles = await loop.run_in_executor(
                     None, _assemble_job, man.root, have, st.restore_candidates(parts, mode, e["path"]),
-                    st.version_or_zero, reused, memo)
-            except merkle.NeedBlocks as need:
-                got = local.take(need.digests) if local is not None else {}
-                rest = [d for d in need.digests if d not in got]
-                if rest:
-                    got.update(await self.fetch_blocks(e, rest))
-                    fetched += len(rest)
-                have.update(got)
+                    st.version_or_zero, reused, memo, local)
+            except merkle.NeedBlocks as need:  # what the tree in memory (if any) could not give
+                have.update(await self.fetch_blocks(e, need.digests))
+                fetched += len(need.digests)
                 continue
             # back on the loop, with no await until the op is applied: every live directory it
             # reused is still where it was, so the apply (and any replay) assembles the same tree
@@ -819,6 +935,32 @@ class Snapshots:
                 "blocks": merkle.pack_frames([(dg, have[dg]) for dg in used]),
                 "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
                 "_tree": tree, "_fetched": fetched, "_used": len(used)}
+
+    async def _edits(self, e: ops.SnapshotEntry, parts: tuple[str, ...], snap: ns.Dir) -> dict[str, Any] | None:
+        """The format-4 op of an in-place restore whose snapshot tree is in memory: the edits
+        that turn the live tree into it, found where the two differ (after a few changes, a
+        walk down their paths: no digest of the live tree, no block; in a worker thread, and
+        again if the live tree moved meanwhile). Its apply swaps in the snapshot's own tree (the
+        same content); a replay makes the edits. None when the edits would carry whole subtrees
+        (a directory the live tree lacks) or are too many: restore from blocks. The caller
+        applies it with no await in between."""
+        while True:
+            self.check_target(parts, "inplace")
+            live = ns.get(self.m.state.root, parts)
+            if not isinstance(live, ns.Dir):
+                return None
+            edits = await asyncio.get_running_loop().run_in_executor(None, ns.edits_to, live, snap)
+            if edits is None:
+                return None
+            self.check_target(parts, "inplace")
+            if ns.get(self.m.state.root, parts) is live:
+                break
+        version = self.m.state.version
+        missing = sum(1 for ed in edits if ed[0] == "f" for h in cast(list[int], ed[5]) if h not in version)
+        if missing:
+            raise CorruptData(f"snapshot references {missing} chunks the master no longer has")
+        return {"format": 4, "edits": edits, "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
+                "_tree": snap, "_fetched": 0, "_used": 0}
 
     def repeated_restore(self, rid: str, ref: str, to: str | None) -> dict[str, Any]:
         """The stored result of restore ``rid``, if this request asks for the same thing."""

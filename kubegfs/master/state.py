@@ -86,6 +86,7 @@ class MasterState:
         self.cow_clones = 0
         self.restores: dict[str, dict[str, Any]] = {}  # restore id -> result (idempotency)
         self.blocks: dict[bytes, BlockCount] = {}  # directory blocks committed snapshots reach
+        self.blocks_gen = 0  # moves whenever a block is counted for the first time or no longer
         self.garbage_blocks: set[bytes] = set()  # freed blocks to delete from chunkservers (soft)
         self.n_files = 0  # kept up to date by apply: status and metrics never walk the tree
         self.n_dirs = 1
@@ -377,7 +378,7 @@ class MasterState:
         self._recheck_protected()
 
     def _apply_restore(self, op: ops.Restore) -> dict[str, Any]:
-        if op.get("format") == 3:
+        if op.get("format") in (3, 4):
             return self._apply_restore_blocks(op)
         from ..snapobj import parse_record
 
@@ -423,12 +424,18 @@ class MasterState:
     def _apply_restore_blocks(self, op: ops.Restore) -> dict[str, Any]:
         """Swap in the tree named by ``root``: live directories whose digests match are reused
         as they are, the rest is built from the blocks the op carries (the server checked that
-        they suffice against this very state). Reference counts change only where the new tree
+        they suffice against this very state); format 4, in place: the live tree with the op's
+        edits made (see namespace.edits_to; the server swaps in the snapshot's tree in memory,
+        which has the same content). Reference counts change only where the new tree
         differs from the old one (identical nodes are skipped), so an in-place restore costs
         what changed."""
         parts = paths.split(op["path"])
         old = ns.get(self.root, parts) if op["mode"] == "inplace" else None
         tree = op.get("_tree")  # assembled by the server against this very state
+        if tree is None and op.get("format") == 4:  # an in-place restore as edits of the live tree
+            if not isinstance(old, ns.Dir):
+                raise InvalidArgument(f"restore edits need a directory at {op['path']}")
+            tree = ns.apply_edits(old, op["edits"])
         if tree is None:
             have = dict(merkle.unpack_frames(op["blocks"], verify=False))
             tree, _used = merkle.assemble(bytes.fromhex(op["root"]), have,
@@ -465,6 +472,7 @@ class MasterState:
                 continue
             info = new[d]
             blocks[d] = BlockCount(1, info)
+            self.blocks_gen += 1
             self.garbage_blocks.discard(d)
             self.count_snapshot_refs(_handles(info.handles))
             stack.extend(info.children)
@@ -479,6 +487,7 @@ class MasterState:
             if b.refs:
                 continue
             del blocks[d]
+            self.blocks_gen += 1
             self.garbage_blocks.add(d)
             self._release(self.snap, _handles(b.info.handles))
             stack.extend(b.info.children)

@@ -286,3 +286,42 @@ def test_unlogged_version_bump_retires_no_replica(gate_cluster):
     with Client(cl.master_url, cl.token) as c:
         assert len(c.layout(path)["chunks"][-1]["replicas"]) == 3
         assert c.status()["under_replicated"] == 0
+
+
+def test_a_build_started_before_its_capture_is_durable_leaves_only_garbage(gate_cluster):
+    """A snapshot's build starts as soon as its capture is applied, while the capture becomes
+    durable: with the log held, the record and blocks reach holders, but nothing is committed,
+    and a master that lost the capture deletes them as garbage."""
+    cl = gate_cluster
+    d = f"/early-build-{random.randrange(1 << 30)}"
+    sid = f"s-early-{random.randrange(1 << 30)}"
+
+    def setup(c: Client) -> None:
+        c.mkdir(d)
+        c.put(f"{d}/f", b"x")
+
+    def op(c: Client) -> None:
+        c.snapshot_create(d, sid, id=sid)
+
+    holder_saw: list[int] = []
+    real_heartbeats_seen = InProcessMaster.heartbeats_seen
+
+    def watch(self: InProcessMaster, rounds: int = 3) -> None:  # the record reached holders meanwhile
+        deadline = time.monotonic() + 10
+        while not record_files(cl, sid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        holder_saw.append(record_files(cl, sid))
+        real_heartbeats_seen(self, rounds)
+
+    InProcessMaster.heartbeats_seen = watch  # type: ignore[method-assign]
+    try:
+        c = unacknowledged(cl, setup, op)
+    finally:
+        InProcessMaster.heartbeats_seen = real_heartbeats_seen  # type: ignore[method-assign]
+    assert holder_saw and holder_saw[0] >= 1  # shipped before its capture was durable
+    assert all(s["id"] != sid for s in c.snapshot_list())
+    deadline = time.monotonic() + 20
+    while record_files(cl, sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert record_files(cl, sid) == 0  # the recovered master had the copies deleted
+    c.close()

@@ -242,12 +242,12 @@ def test_restore_in_place_reads_only_changed_directories(client):
     client.put(f"{d}/b/deep/f3", b"overwritten")
     r = client.snapshot_restore(s["name"])
     assert tree_digest(client, d) == before
-    # the root, b/ and b/deep/: a/ and c/ were reused as they are; the snapshot's tree is still
-    # in this master's memory, so none of them is read from a holder
-    assert r["blocks_used"] == 3 and r["blocks_fetched"] == 0
+    # the snapshot's tree is still in this master's memory: it is swapped in, and the op carries
+    # the edits that make the live tree it (f2 back, f3's old content, b/deep's mtime), no block
+    assert r["edits"] == 3 and r["blocks_used"] == 0 and r["blocks_fetched"] == 0
     assert r["files"] == 15
     r = client.snapshot_restore(s["name"])  # nothing differs: nothing read but the record
-    assert r["blocks_used"] == r["blocks_fetched"] == 0 and tree_digest(client, d) == before
+    assert r["edits"] == r["blocks_used"] == r["blocks_fetched"] == 0 and tree_digest(client, d) == before
     r = client.snapshot_restore(s["name"], to=f"{d}-new")
     assert tree_digest(client, f"{d}-new") == before
     client.put(f"{d}-new/a/deep/f0", b"x", append=True)  # copy-on-write: the original is untouched
@@ -329,3 +329,50 @@ def test_a_small_change_ships_deltas_and_a_holder_without_the_base_gets_blocks_w
     for s, want in ((b, after_b), (c, after_c)):
         client.snapshot_restore(s["name"], to=f"{d}-{s['name']}")
         assert tree_digest(client, f"{d}-{s['name']}") == want
+
+
+def _post_blocks(url, token, body, headers):
+    import urllib.error
+    import urllib.request
+
+    from kubegfs_dev.util import bearer
+
+    req = urllib.request.Request(f"{url}/internal/blocks/delta", method="POST", data=body,
+                                 headers={**bearer(token), **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            import json
+
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def test_a_holder_stores_a_record_sent_after_its_blocks_in_one_request(shared_cluster):
+    from kubegfs import blockdelta, merkle
+
+    cs = shared_cluster.chunkservers[0]
+    tok = shared_cluster.internal_token
+    block = merkle.decode_block  # a real block: an empty directory's head
+    import immutables
+
+    from kubegfs import namespace as ns
+
+    d = ns.Dir(immutables.Map(), 5, 0o755)
+    dg = merkle.digest(d, lambda h: 1)
+    data = merkle.blocks_of_dir(d, lambda h: 1).head
+    assert block(data, dg).entries == {}
+    body = blockdelta.pack([blockdelta.Outgoing(dg, merkle.compress(data))])
+    record = b"a record " + uuid.uuid4().hex.encode()
+    sha = hashlib.sha256(record).hexdigest()
+    rid = f"s-one-trip-{uuid.uuid4().hex[:8]}"
+    hdr = {"X-Kubegfs-Record": rid, "X-Kubegfs-Record-Length": str(len(record)), "X-Kubegfs-Sha256": sha}
+    for bad in ({**hdr, "X-Kubegfs-Record-Length": str(len(body) + len(record) + 1)},
+                {**hdr, "X-Kubegfs-Record-Length": "x"}, {**hdr, "X-Kubegfs-Sha256": "0" * 63}):
+        assert _post_blocks(cs.url, tok, body + record, bad)[0] == 400
+    status, _out = _post_blocks(cs.url, tok, body[:-1] + record, hdr)  # a batch that fails its check
+    assert status >= 400 and not (cs.data / "records" / f"{rid}.rec").exists()  # no record without its blocks
+    status, out = _post_blocks(cs.url, tok, body + record, hdr)
+    assert status == 201 and out["stored"] == 1 and out["record"]["sha256"] == sha
+    assert (cs.data / "records" / f"{rid}.rec").read_bytes() == record
+    assert block_copies([cs.url], tok, dg.hex()) == 1

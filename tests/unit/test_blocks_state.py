@@ -308,3 +308,63 @@ def test_restore_from_a_tree_in_memory_uses_the_same_blocks_as_from_a_holder():
     assert flat(a) == flat(b) == flat(snap_tree)
     assert sorted(used_a) == sorted(used_b)  # the op carries the same blocks either way
     assert rounds_a < rounds_b  # a directory's sub-blocks come with its head
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_restore_in_place_as_edits_gives_the_tree_at_capture_and_replays_identically(rng):
+    """Format 4, as the server makes it when the snapshot's tree is in memory: the edits that
+    turn the live tree into it (the apply swaps in that tree; the log, replayed, makes the edits)."""
+    from kubegfs.formats import packb, unpackb
+
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    mutate(log, rng, 8)
+    trees = {}
+    for _ in range(3):
+        sid = log.snapshot("/t")
+        trees[sid] = log.state.pins.get(sid, None) or ns.must_dir(log.state.root, ("t",))
+        mutate(log, rng, rng.randrange(0, 6))
+    made = 0
+    for sid, snap in rng.sample(sorted(trees.items()), len(trees)):
+        if rng.random() < 0.5:
+            mutate(log, rng, rng.randrange(1, 5))
+        want = flat(snap)
+        live = ns.must_dir(log.state.root, ("t",))
+        edits = ns.edits_to(live, snap)
+        if edits is None:  # a directory of the snapshot is gone from the live tree: from blocks
+            log.restore(sid)
+        else:
+            made += 1
+            edits = unpackb(packb(edits))  # as the log holds them
+            assert flat(ns.apply_edits(live, edits)) == want
+            e = log.state.snapshots[sid]
+            log.do({"op": "restore", "format": 4, "id": sid, "path": "/t", "mode": "inplace", "mtime": 9,
+                    "edits": edits, "counts": {"files": e["files"], "dirs": e["dirs"], "chunks": e["chunks"]},
+                    "_tree": snap})
+        assert flat(ns.must_get(log.state.root, ("t",))) == want
+        live_refs = {}
+        for h in ns.iter_chunks(log.state.root):
+            live_refs[h] = live_refs.get(h, 0) + 1
+        assert log.state.live == live_refs
+        assert (log.state.n_files, log.state.n_dirs, log.state.n_bytes) == (*ns.count(log.state.root)[:2],
+                                                                            ns.count(log.state.root)[3])
+    replayed = log.replay()
+    assert dump(replayed) == dump(log.state)
+    assert flat(replayed.root) == flat(log.state.root)
+
+
+def test_the_catalogs_blocks_generation_moves_with_every_block_counted_or_released():
+    log = BlockLog()
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    log.put("/t/a", 5)
+    g0 = log.state.blocks_gen
+    a = log.snapshot("/t")
+    g1 = log.state.blocks_gen
+    assert g1 > g0
+    b = log.snapshot("/t")  # the same blocks: counted again, none new
+    assert log.state.blocks_gen == g1
+    log.do({"op": "snap_delete", "id": a})  # still reached by b
+    assert log.state.blocks_gen == g1
+    log.do({"op": "snap_delete", "id": b})
+    assert log.state.blocks_gen > g1

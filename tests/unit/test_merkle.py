@@ -601,3 +601,167 @@ def test_blocks_from_cached_infos_and_leaves_encoded_one_at_a_time(monkeypatch):
         asked.update(want)
         want = [c for d in want for c in merkle.child_digests(got[d]) if c not in asked]
     assert {p: b for p, b in full.parts} == {p: served[p] for p, _b in full.parts}
+
+
+# --------------------------------------------------------------------------- changed names (Dir.delta)
+
+
+def _dirs_of(node):
+    stack = [node]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, ns.Dir):
+            yield d
+            stack.extend(d.children.values())
+
+
+def _without_hints(fn, *trees):
+    """``fn(*trees)`` with every directory's ``delta`` hidden (every name compared), then put back."""
+    saved = [(d, d.delta) for t in trees for d in _dirs_of(t)]
+    for d, _h in saved:
+        d.delta = None
+    try:
+        return fn(*trees)
+    finally:
+        for d, h in saved:
+            d.delta = h
+
+
+def _net(added, removed):
+    """What a caller of changed_subtrees counts: chunk references and (files, dirs, bytes) in minus out."""
+    from collections import Counter
+
+    refs = Counter(h for n in added for h in ns.iter_chunks(n))
+    refs.subtract(h for n in removed for h in ns.iter_chunks(n))
+    counts = [sum(ns.count(n)[i] for n in added) - sum(ns.count(n)[i] for n in removed) for i in (0, 1, 3)]
+    return {h: c for h, c in refs.items() if c}, counts
+
+
+def test_a_digested_derived_directory_names_what_changed_since_its_base():
+    big = big_dir(300, random.Random(3))
+    root = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
+    merkle.digest(root, V)
+    name = sorted(big.children)[7]
+    live = ns.replace(root, ("big", name), ns.File(5, 5, 0o644, (99,)), 2)
+    assert live.children["big"].base is big  # not digested yet: through its base
+    assert ns.changed_names(root.children["big"], live.children["big"]) == {name}
+    merkle.digest(live, V)
+    assert live.children["big"].base is None and live.children["big"].delta is not None  # through its delta
+    assert ns.changed_names(root.children["big"], live.children["big"]) == {name}
+    assert ns.changed_names(live.children["big"], root.children["big"]) == {name}
+    assert ns.changed_names(big_dir(300, random.Random(4)), live.children["big"]) is None  # another base
+    added, removed = ns.changed_subtrees(root, live)
+    assert [type(n) for n in added] == [ns.File] and added[0].chunks == (99,) and len(removed) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans())
+def test_diff_and_changed_subtrees_by_changed_names_are_those_of_every_name(rng, n, between):
+    a = build_direct(random_spec(rng))
+    merkle.digest(a, V)
+    b = mutate(a, rng, n)
+    if between:  # a digest pass in between: the next one's base is that version, not ``a``'s
+        merkle.digest(b, V)
+        b = mutate(b, rng, rng.randrange(0, 4))
+    merkle.digest(b, V)
+    for x, y in ((a, b), (b, a)):
+        assert [c.line() for c in diff_trees(x, y)] == [c.line() for c in _without_hints(diff_trees, x, y)]
+        assert _net(*ns.changed_subtrees(x, y)) == _net(*_without_hints(ns.changed_subtrees, x, y))
+    from kubegfs import blockdelta
+
+    def older(x, y):  # each newer directory's older counterpart, by the ids of both
+        return {k: id(v) for k, v in blockdelta.counterparts(x, y).items()}
+
+    assert older(a, b) == _without_hints(older, a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_a_restored_directory_names_what_it_changed_in_the_live_one(rng):
+    big = big_dir(rng.randrange(40, 400), rng)
+    snap = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
+    merkle.digest(snap, V)
+    live = snap
+    names = sorted(big.children)
+    for _ in range(rng.randrange(1, 6)):
+        if rng.random() < 0.6:
+            live = ns.replace(live, ("big", rng.choice(names)), ns.File(rng.randrange(9), 9, 0o600, (777,)), 3)
+        else:
+            live = ns.replace(live, ("big", f"file-x{rng.randrange(10**6)}"), ns.File(1, 1, 0o644, (778,)), 3)
+    holder = {dg: data for dg, data, _n in merkle.iter_blocks(snap, V, lambda _d: False)}
+    have: dict = {}
+    while True:
+        try:
+            tree, _used = merkle.assemble(merkle.digest(snap, V), have, [live], V)
+            break
+        except merkle.NeedBlocks as need:
+            have.update({d: holder[d] for d in need.digests})
+    tb, lb = tree.children["big"], live.children["big"]
+    split = bool(merkle.decode_block(holder[big.digest]).parts)
+    assert (tb.delta is not None) == (split and lb is not big)  # an edit of the live one, when split
+    if tb.delta is not None:
+        assert tb.delta[0] == merkle.digest(lb, V)
+        assert ns.changed_names(lb, tb) is not None and len(ns.changed_names(lb, tb)) < len(tb.children)
+    assert _net(*ns.changed_subtrees(live, tree)) == _net(*_without_hints(ns.changed_subtrees, live, tree))
+    assert to_dict(tree) == to_dict(snap)
+
+
+def test_a_restore_job_takes_the_blocks_a_tree_in_memory_gives_and_asks_only_for_the_rest():
+    from kubegfs.master.snapshots import _assemble_job
+
+    rng = random.Random(5)
+    snap = ns.Dir(immutables.Map({"big": big_dir(200, rng), "d": build_direct(random_spec(rng))}), 1, 0o755)
+    root = merkle.digest(snap, V)
+    live = ns.replace(snap, ("big", sorted(snap.children["big"].children)[0]), ns.File(1, 2, 0o644, (5,)), 3)
+    have: dict = {}
+    tree, used, handles = _assemble_job(root, have, [live], V, [], merkle.Decoded(), merkle.TreeBlocks(snap, V))
+    assert to_dict(tree) == to_dict(snap) and set(used) <= set(have)
+    assert sorted(handles) == sorted(h for dg in used for h in merkle.block_chunks(have[dg]))
+    other = ns.Dir(immutables.Map({"x": big_dir(30, rng)}), 1, 0o755)  # gives none of them
+    with pytest.raises(merkle.NeedBlocks) as need:
+        _assemble_job(root, {}, [live], V, [], merkle.Decoded(), merkle.TreeBlocks(other, V))
+    assert need.value.digests == [root]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans(), st.booleans())
+def test_edits_from_a_live_tree_to_a_snapshot_give_the_snapshot(rng, n, between, hints):
+    from kubegfs.formats import packb, unpackb
+
+    snap = build_direct(random_spec(rng))
+    merkle.digest(snap, V)  # as a snapshot's build does
+    live = mutate(snap, rng, n)
+    if between:
+        merkle.digest(live, V)  # a digest pass in between (a diff against the live tree)
+        live = mutate(live, rng, rng.randrange(0, 4))
+    edits = ns.edits_to(live, snap) if hints else _without_hints(ns.edits_to, live, snap)
+    missing = any(not isinstance(ns.get(live, p), ns.Dir) for p, x in ns.walk(snap) if isinstance(x, ns.Dir))
+    if edits is None:  # only when a directory of the snapshot is not one in the live tree
+        assert missing
+        return
+    got = ns.apply_edits(live, unpackb(packb(edits)))
+    assert to_dict(got) == to_dict(snap)
+    if not n and not between:
+        assert edits == []
+    for parts, node in ns.walk(got):  # what no edit names is the live tree's own node
+        if not any(e[1][:len(parts)] == list(parts) for e in edits) and parts:
+            assert ns.get(live, parts) is node
+
+
+def test_bad_restore_edits_are_refused():
+    live = build_direct({".": (0o755, 1), "f": ("f", 1, 1, 0o644, (1,))})
+    for bad in (["q", []], ["f", ["f", "x"], 1, 1, 0o644, []], ["x", []], ["d", ["a"], "m", 1], ["f", "f"]):
+        with pytest.raises(Exception) as exc:
+            ns.apply_edits(live, [bad])
+        assert type(exc.value).__name__ == "InvalidArgument"
+
+
+def test_too_many_edits_go_by_blocks(monkeypatch):
+    snap = build_direct({".": (0o755, 1), **{f"f{i}": ("f", i, 1, 0o644, (i + 1,)) for i in range(5)}})
+    merkle.digest(snap, V)
+    live = snap
+    for i in range(3):
+        live = ns.replace(live, (f"f{i}",), None, 2)
+    assert len(ns.edits_to(live, snap)) == 4  # three files back, the directory's mtime
+    monkeypatch.setattr(ns, "MAX_EDITS", 3)
+    assert ns.edits_to(live, snap) is None

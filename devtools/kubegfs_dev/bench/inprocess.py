@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+from kubegfs.formats import packb
 from kubegfs.master.ops import SnapCapture
 from kubegfs.master.state import now_ns
 
@@ -85,8 +86,9 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
     the blocks to ship (deltas against the previous tree's where the holder has those), the
     commit op's block infos; the bytes shipped per copy (the request bodies); then a restore
     in place of the previous snapshot over the changed tree (assembly, the op's blocks, the
-    subtrees it swaps) from the tree in memory and from blocks read back; and the diff of two
-    trees as many files apart."""
+    subtrees it swaps) from the tree in memory and from blocks read back, and as the master
+    makes it when the tree is in memory (the edits to the live tree, the subtrees it swaps);
+    and the diff of two trees as many files apart."""
     import random
 
     from kubegfs import blockdelta, merkle
@@ -139,14 +141,20 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
                 t0 = time.perf_counter()
                 while True:
                     try:
-                        tree, used, _h = _assemble_job(merkle.digest(prev, version), have, [live], version, [], memo)
+                        tree, used, _h = _assemble_job(merkle.digest(prev, version), have, [live], version, [], memo,
+                                                       local)
                         break
                     except merkle.NeedBlocks as need:
-                        have.update(local.take(need.digests) if local is not None else
-                                    {d: holder[d] for d in need.digests})
+                        have.update({d: holder[d] for d in need.digests})
                 merkle.pack_frames([(d, have[d]) for d in used])
                 ns.changed_subtrees(live, tree)
                 got.setdefault(f"restore in place ({src})", []).append(time.perf_counter() - t0)
+            t0 = time.perf_counter()  # what the master does with the snapshot's tree in memory
+            edits = ns.edits_to(live, prev)
+            assert edits is not None
+            packb(edits)
+            ns.changed_subtrees(live, prev)
+            got.setdefault("restore in place (edits, tree in memory)", []).append(time.perf_counter() - t0)
             prev = live
         b = prev
         for p in rng.sample(picks, k):

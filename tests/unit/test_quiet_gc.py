@@ -1,0 +1,72 @@
+"""The cyclic collector paused across snapshot operations and switched on again after the last."""
+
+import asyncio
+import gc
+
+from kubegfs.master import snapshots
+
+
+def test_the_collector_comes_back_after_the_last_operation_ends(monkeypatch):
+    monkeypatch.setattr(snapshots, "GC_AFTER", 0.01)
+    q = snapshots.QuietGC()
+
+    async def scenario():
+        assert gc.isenabled()
+        with q():
+            assert not gc.isenabled()
+            with q():  # two at once: it stays off until both are done
+                pass
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # its replies go out first
+        with q():  # another one before it came back: still off, and back only after this one
+            await asyncio.sleep(0.03)
+            assert not gc.isenabled()
+        await asyncio.sleep(0.03)
+        assert gc.isenabled()
+
+    asyncio.run(scenario())
+
+
+def test_a_collector_that_was_off_stays_off(monkeypatch):
+    monkeypatch.setattr(snapshots, "GC_AFTER", 0.0)
+    q = snapshots.QuietGC()
+
+    async def scenario():
+        gc.disable()
+        try:
+            with q():
+                pass
+            await asyncio.sleep(0.01)
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+
+    asyncio.run(scenario())
+
+
+def test_a_big_operation_has_its_full_collection_as_it_ends(monkeypatch):
+    monkeypatch.setattr(snapshots, "GC_NOW", 1000)
+    monkeypatch.setattr(snapshots, "GC_AFTER", 10.0)
+    q = snapshots.QuietGC()
+    passes: list[int] = []
+
+    def seen(phase, info):
+        if phase == "stop":
+            passes.append(info["generation"])
+
+    async def scenario():
+        with q():
+            keep = [[i] for i in range(5000)]  # young objects that survive
+        assert gc.isenabled() and q.timer is None and passes == [2]
+        with q():
+            small = [[1]]
+        assert not gc.isenabled() and q.timer is not None  # a small one waits for the timer
+        q.timer.cancel()
+        q._resume()
+        return keep, small
+
+    gc.callbacks.append(seen)
+    try:
+        asyncio.run(scenario())
+    finally:
+        gc.callbacks.remove(seen)
