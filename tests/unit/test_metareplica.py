@@ -405,21 +405,22 @@ def test_async_stream_starts_its_sends_an_interval_apart_and_a_timer_sends_what_
     async def scenario():
         loop = asyncio.get_running_loop()
         ws = _FakeWS()
-        st = _Stream(ws, lambda seq: None, lambda why: None, interval=0.2)
+        st = _Stream(ws, lambda seq: None, lambda why: None, interval=0.5)
         b = _batches(loop, (1, 1), (2, 2), (3, 3), (4, 4))
+        t0 = loop.time()
         st.put(b[0])
         assert ws.ranges() == [(1, 1)]  # the first goes at once
         ws.answer(1)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         st.put(b[1])
-        await asyncio.sleep(0.05)
         st.put(b[2])
-        await asyncio.sleep(0.05)
-        assert ws.ranges() == [(1, 1)]  # answered, but the interval has not passed
-        await asyncio.sleep(0.15)
-        assert ws.ranges() == [(1, 1), (2, 3)]  # the timer sent both as one
+        assert st._inflight == 0 and st._timer is not None  # answered, but the interval has not passed
+        while len(ws.frames) < 2 and loop.time() - t0 < 5:
+            await asyncio.sleep(0.01)
+        assert ws.ranges() == [(1, 1), (2, 3)] and loop.time() - t0 >= 0.5  # the timer sent both as one
         ws.answer(3)
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.6)
         st.put(b[3])
         assert ws.ranges()[-1] == (4, 4)  # the interval has passed: at once
         st.close()
