@@ -20,8 +20,9 @@ few hundred times a second, not once per local batch.
 Modes:
   ``sync``  the ops of a batch are acknowledged once it is durable here and every in-sync
             target has answered it: an acknowledged op is durable here and on every in-sync copy.
-  ``async`` batches are sent in the background; a writer waits only when the oldest unsent batch
-            is older than ``max_lag_seconds`` (the bound on what losing the master can cost).
+  ``async`` batches are sent in the background; a writer waits only when the oldest batch the
+            copies have not answered is older than ``max_lag_seconds`` (the bound on what losing
+            the master can cost).
   ``off``   local only.
 
 A target that fails a batch drops out of sync (the op is still acknowledged by the others, and
@@ -559,7 +560,8 @@ class MetaReplicator:
         return sum(1 for t in self.targets.values() if t.in_sync)
 
     def lag_seconds(self) -> float:
-        """How far the copies trail: the oldest unsent batch's age (0 when every op is copied)."""
+        """How far the copies trail: the age of the oldest batch they have not all answered (0
+        when every op is copied)."""
         return time.monotonic() - self._queue[0].t if self._queue else 0.0
 
     def status(self) -> dict[str, Any]:
