@@ -428,6 +428,53 @@ def test_async_stream_starts_its_sends_an_interval_apart_and_a_timer_sends_what_
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sync_never_holds_a_batch_back_in_a_stream_async_does(tmp_path, mode):
+    import asyncio
+
+    from kubegfs.master.metareplica import MetaReplicationConfig, MetaReplicator, Target, _Stream
+    from kubegfs.master.oplog import OpLog
+
+    class AnsweringWS(_FakeWS):
+        async def send_bytes(self, data):
+            await super().send_bytes(data)
+            asyncio.get_running_loop().call_later(0.002, self.answer, self.frames[-1][1])
+
+    async def scenario():
+        log = OpLog(tmp_path, 1, fsync=False)
+        r = MetaReplicator(MetaReplicationConfig(mode, 2), tmp_path, lambda: "h", lambda: None,
+                           lambda: [cand("a", "za"), cand("b", "zb")], Location("m", "zm", "r"))
+        r.attach(log)
+        r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
+        ws = {i: AnsweringWS() for i in "ab"}
+        held = []
+        r._streams = {i: _Stream(ws[i], partial(r._acked, r.targets[i]), partial(r._drop, r.targets[i]))
+                      for i in "ab"}
+        for st in r._streams.values():
+            put = st.put
+            st.put = lambda b, st=st, put=put: (held.append(bool(st._inflight or st._backlog)), put(b))
+
+        async def client(c):
+            for i in range(20):
+                await log.enqueue(log.stamp({"op": "mkdir", "path": f"/c{c}/{i}"}))
+
+        await asyncio.gather(*(client(c) for c in range(8)))
+        await log.drain()
+        for _ in range(100):
+            if not r._queue:
+                break
+            await asyncio.sleep(0.01)
+        assert [w.frames[-1][1] for w in ws.values()] == [160, 160]
+        for w in ws.values():  # every seq once, in order
+            assert [f[0] for f in w.frames] == [1] + [f[1] + 1 for f in w.frames[:-1]]
+        assert not any(held) if mode == "sync" else any(held)
+        for st in r._streams.values():
+            st.close()
+        log.close()
+
+    asyncio.run(scenario())
+
+
 def test_async_gathers_the_batches_made_during_a_round_trip_and_still_bounds_the_lag(tmp_path):
     import asyncio
 
