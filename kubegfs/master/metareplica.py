@@ -5,18 +5,24 @@ we. The replicator picks ``copies`` live chunkservers, each in a zone of its own
 (``choose_targets``), and keeps on each a *complete* copy of the master's data directory
 (``chunkserver/metastore.py``): a checkpoint and every op after it.
 
-Each group-committed batch of the op log is sent once to every in-sync target, while it is
-written locally, over one persistent ordered stream per target (``_Stream``, a WebSocket to
+Each group-committed batch of the op log is sent to every in-sync target, while it is written
+locally, over one persistent ordered stream per target (``_Stream``, a WebSocket to
 ``/internal/meta/stream``); the answers (the copy's last seq, in order) settle the batches they
-cover. The streams do not hold a batch back until earlier ones are answered; in ``sync`` the op
-log makes its next batch only once the copies answered this one (``oplog.OpLog``), so a batch
-carries every op of a round trip.
+cover. A stream keeps one send in flight: the batches made while the copy has not answered the
+last send go out together, as one send of their records (``take_run``), once it has. In ``sync``
+the op log makes its next batch only once the copies answered this one (``oplog.OpLog``), so a
+batch carries every op of a round trip; in ``async`` the op log makes batches at the local
+disk's pace and a stream also starts its sends ``ASYNC_SEND_INTERVAL`` apart, so one send
+carries the batches of a round trip or of the interval, whichever is longer. Either way the
+copies pay their per-send work (a message, a checksum, a wake-up, an fdatasync, an answer) a
+few hundred times a second, not once per local batch.
 
 Modes:
   ``sync``  the ops of a batch are acknowledged once it is durable here and every in-sync
             target has answered it: an acknowledged op is durable here and on every in-sync copy.
-  ``async`` batches are sent in the background; a writer waits only when the oldest unsent batch
-            is older than ``max_lag_seconds`` (the bound on what losing the master can cost).
+  ``async`` batches are sent in the background; a writer waits only when the oldest batch the
+            copies have not answered is older than ``max_lag_seconds`` (the bound on what losing
+            the master can cost).
   ``off``   local only.
 
 A target that fails a batch drops out of sync (the op is still acknowledged by the others, and
@@ -41,7 +47,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +65,10 @@ log = logging.getLogger("kubegfs.master.metareplica")
 
 MODES = ("sync", "async", "off")
 BATCH_BYTES = 4 << 20  # bootstrap sends the log in pieces of about this size
+# async: a stream's sends start at least this far apart, so that one carries what the op log
+# made meanwhile (at the local disk's pace) rather than a batch or two; the copies trail by it
+# at most once more, against a lag bound of seconds. Clients do not wait for it.
+ASYNC_SEND_INTERVAL = 0.005
 _NET_ERRORS = (TimeoutError, KubegfsError, aiohttp.ClientError, OSError)
 
 
@@ -106,7 +116,6 @@ class _Batch:
     last: int
     t: float
     fut: asyncio.Future[None]
-    sha256: str
     waiting: set[str] = field(default_factory=set)  # in-sync copies that have not acknowledged it
     wait: bool = True
     hooks: list[Callable[[], None]] = field(default_factory=list)
@@ -130,8 +139,28 @@ class _Batch:
                 log.exception("a hook of log batch %d..%d failed", self.first, self.last)
         self.hooks.clear()
 
-    def payload(self) -> bytes:
-        return pack_stream_batch(self.first, self.last, self.sha256, self.data)
+    @cached_property
+    def sha256(self) -> str:
+        """Computed when it is sent alone (a batch that goes out in a run is summed with it)."""
+        return sha256_hex(self.data)
+
+
+def take_run(backlog: deque[_Batch], limit: int = BATCH_BYTES) -> tuple[bytes, int]:
+    """Pop the batches at the front of ``backlog`` that continue each other's seqs, up to
+    ``limit`` bytes of records (always the first), and make them one stream message: the copy
+    takes concatenated framed records ``first..last`` as one batch. Returns (message, last seq).
+    Pure but for popping ``backlog``, which must not be empty."""
+    b = backlog.popleft()
+    first, last, parts, n = b.first, b.last, [b.data], len(b.data)
+    while backlog and backlog[0].first == last + 1 and n + len(backlog[0].data) <= limit:
+        nxt = backlog.popleft()
+        parts.append(nxt.data)
+        n += len(nxt.data)
+        last = nxt.last
+    if len(parts) == 1:
+        return pack_stream_batch(first, last, b.sha256, b.data), last
+    data = b"".join(parts)
+    return pack_stream_batch(first, last, sha256_hex(data), data), last
 
 
 @dataclass
@@ -149,31 +178,57 @@ class Target:
 
 
 class _Stream:
-    """The persistent, ordered channel to one copy (``/internal/meta/stream``): batches go out as
-    they come, without waiting for the answers to earlier ones; the answers come back in order.
+    """The persistent, ordered channel to one copy (``/internal/meta/stream``), one send in
+    flight: a batch put while the copy has not answered the last send waits, and once it has,
+    everything that waited goes out as one send (``take_run``); the answers come back in order.
 
-    ``put`` writes the frame to the socket at once, in the caller's step (the copy starts its
-    write while the local one runs; a sender task would wait for the next pass of a busy event
-    loop). Only a send that has to wait (the transport's flow control) is finished by a task,
-    and the batches put meanwhile follow it, in order."""
+    A send goes to the socket at once, in the step that allows it (``put`` or the answer): the
+    copy starts its write while the local one runs; a sender task would wait for the next pass
+    of a busy event loop. Only a send that has to wait (the transport's flow control) is
+    finished by a task (``_drain``), which then sends what it may. With an ``interval`` (async)
+    a send starts no sooner than that after the previous one (a timer sends what waited)."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, on_ack: Callable[[int], None],
-                 on_fail: Callable[[str], None]) -> None:
+                 on_fail: Callable[[str], None], interval: float = 0.0) -> None:
         self.ws = ws
         self.on_ack = on_ack
         self._on_fail = on_fail
         self.closed = False
         self._backlog: deque[_Batch] = deque()
+        self._inflight = 0  # the last seq of the send the copy has not answered yet (0: none)
+        self._interval = interval
+        self._next_at = 0.0  # (loop time) the next send starts no sooner
+        self._timer: asyncio.TimerHandle | None = None
         self._draining: asyncio.Task[None] | None = None
         self.tasks = [asyncio.create_task(self._receive())]
 
     def put(self, b: _Batch) -> None:
         if self.closed:
             return
-        if self._draining is not None:
-            self._backlog.append(b)
+        self._backlog.append(b)
+        self._send()
+
+    def _answered(self, seq: int) -> None:
+        if seq >= self._inflight:
+            self._inflight = 0
+            self._send()  # before the batches settle: the copy starts on the next ones sooner
+        self.on_ack(seq)
+
+    def _send(self) -> None:
+        """Send what waits, if nothing is in flight, no send is being finished and the interval
+        since the last one has passed (else a timer calls again once it has)."""
+        if self.closed or self._inflight or self._draining is not None or not self._backlog:
             return
-        coro = self.ws.send_bytes(b.payload())
+        if self._interval:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            if now < self._next_at:
+                if self._timer is None:
+                    self._timer = loop.call_at(self._next_at, self._timed)
+                return
+            self._next_at = now + self._interval
+        msg, self._inflight = take_run(self._backlog)
+        coro = self.ws.send_bytes(msg)
         try:
             step = coro.send(None)
         except StopIteration:
@@ -185,7 +240,7 @@ class _Stream:
         self._draining = asyncio.create_task(self._drain(coro, step))
 
     async def _drain(self, coro: Coroutine[Any, Any, None], step: Any) -> None:
-        """Finish a send that had to wait, then send what was put meanwhile."""
+        """Finish a send that had to wait; then send what waits if the copy answered meanwhile."""
         try:
             while True:
                 if isinstance(step, asyncio.Future):
@@ -196,12 +251,16 @@ class _Stream:
                     step = coro.send(None)  # (a failed future raises inside the send, here)
                 except StopIteration:
                     break
-            while self._backlog:
-                await self.ws.send_bytes(self._backlog.popleft().payload())
         except (*_NET_ERRORS, RuntimeError) as exc:
             self.on_fail(f"stream send: {exc or type(exc).__name__}")
+            return
         finally:
             self._draining = None
+        self._send()
+
+    def _timed(self) -> None:
+        self._timer = None
+        self._send()
 
     async def _receive(self) -> None:
         why = "stream closed by the copy"
@@ -212,7 +271,7 @@ class _Stream:
                     break
                 body = json.loads(msg.data)
                 if isinstance(body, dict) and isinstance(body.get("last_seq"), int):
-                    self.on_ack(body["last_seq"])
+                    self._answered(body["last_seq"])
                     continue
                 status = int(body.get("status", 500)) if isinstance(body, dict) else 500
                 why = f"refused: {from_json(status, body)}"
@@ -227,6 +286,8 @@ class _Stream:
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         current = asyncio.current_task()
         for task in (*self.tasks, self._draining):  # the drain, if one runs, is not kept in tasks
             if task is not None and task is not current:
@@ -279,7 +340,7 @@ class MetaReplicator:
         if not self._queue and not live and not self._joining and not self._awaiting_copy():
             return None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        b = _Batch(data, first, last, time.monotonic(), fut, sha256_hex(data), {t.id for t in live})
+        b = _Batch(data, first, last, time.monotonic(), fut, {t.id for t in live})
         self._queue.append(b)
         for t in live:
             self._streams[t.id].put(b)
@@ -479,7 +540,8 @@ class MetaReplicator:
         finally:
             del self._joining[t.id]
         # no await from here on: the batches made since ``upto`` go out first, in order
-        stream = _Stream(ws, partial(self._acked, t), partial(self._drop, t))
+        stream = _Stream(ws, partial(self._acked, t), partial(self._drop, t),
+                         ASYNC_SEND_INTERVAL if self.cfg.mode == "async" else 0.0)
         self._streams[t.id] = stream
         pending = {id(b) for b in self._queue}
         for b in joined:
@@ -498,7 +560,8 @@ class MetaReplicator:
         return sum(1 for t in self.targets.values() if t.in_sync)
 
     def lag_seconds(self) -> float:
-        """How far the copies trail: the oldest unsent batch's age (0 when every op is copied)."""
+        """How far the copies trail: the age of the oldest batch they have not all answered (0
+        when every op is copied)."""
         return time.monotonic() - self._queue[0].t if self._queue else 0.0
 
     def status(self) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Metadata copies without servers: target choice, the chunkserver's store, the local log reader."""
 
+from functools import partial
+
 import pytest
 
 from kubegfs.chunkserver.metastore import MetaStore
@@ -281,59 +283,231 @@ def test_batches_stream_to_every_copy_at_once_and_settle_in_order_when_all_answe
     asyncio.run(scenario())
 
 
-def test_stream_writes_each_batch_in_the_callers_step_and_keeps_order_behind_a_send_that_waits():
+class _FakeWS:
+    """The master's end of a stream: ``frames`` holds each message sent, unpacked; ``answer``
+    makes the copy answer with its last seq; ``gate`` makes the next send wait (flow control)."""
+
+    def __init__(self):
+        import asyncio
+
+        self.frames, self.gate, self.fail = [], None, None
+        self.closed = False
+        self._answers = asyncio.Queue()
+
+    async def send_bytes(self, data):
+        from kubegfs.metalayout import unpack_stream_batch
+
+        if self.fail:
+            raise ConnectionResetError(self.fail)
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            await gate
+        self.frames.append(unpack_stream_batch(data))
+
+    def ranges(self):
+        return [(first, last) for first, last, _sha, _data in self.frames]
+
+    def answer(self, seq):
+        import aiohttp
+
+        self._answers.put_nowait(aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, f'{{"last_seq": {seq}}}', None))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._answers.get()
+
+    async def close(self):
+        self.closed = True
+
+
+def _batches(loop, *ranges):
+    from kubegfs.master.metareplica import _Batch
+
+    return [_Batch(batch(f, la)[0], f, la, 0.0, loop.create_future()) for f, la in ranges]
+
+
+def test_take_run_joins_contiguous_batches_into_one_message_a_copy_accepts(tmp_path):
     import asyncio
+    from collections import deque
 
-    from kubegfs.master.metareplica import _Batch, _Stream
+    from kubegfs.chunkserver.metastore import LogBatch
+    from kubegfs.master.metareplica import take_run
     from kubegfs.metalayout import unpack_stream_batch
-
-    class FakeWS:
-        def __init__(self):
-            self.frames, self.gate, self.fail = [], None, None
-            self.closed = False
-
-        async def send_bytes(self, data):
-            if self.fail:
-                raise ConnectionResetError(self.fail)
-            if self.gate is not None:  # flow control: this send has to wait
-                gate, self.gate = self.gate, None
-                await gate
-            self.frames.append(unpack_stream_batch(data)[:2])
-
-        def __aiter__(self):
-            return self
-
-        async def __anext__(self):
-            await asyncio.sleep(3600)
-
-        async def close(self):
-            self.closed = True
 
     async def scenario():
         loop = asyncio.get_running_loop()
+        backlog = deque(_batches(loop, (1, 2), (3, 3), (4, 6), (8, 8), (9, 9)))
+        msg, last = take_run(backlog)
+        assert last == 6 and [b.first for b in backlog] == [8, 9]  # stops at the gap before 8
+        first, last, sha, data = unpack_stream_batch(msg)
+        assert (first, last) == (1, 6) and data == batch(1, 6)[0] and sha == sha256_hex(data)
+        st = MetaStore(tmp_path)
+        st.reset("h", 0)
+        assert st.append_many("h", [LogBatch(first, last, data, sha)]) == 6  # one batch to the copy
+        assert take_run(backlog)[1] == 9 and not backlog
+        one = deque(_batches(loop, (1, 1), (2, 2)))
+        msg, last = take_run(one, limit=len(one[0].data))  # the limit stops a run, never its first
+        assert last == 1 and unpack_stream_batch(msg)[:3] == (1, 1, sha256_hex(batch(1, 1)[0]))
 
-        def batch(first, last):
-            return _Batch(b"x", first, last, 0.0, loop.create_future(), "0" * 64)
+    asyncio.run(scenario())
 
-        ws, failed = FakeWS(), []
-        st = _Stream(ws, lambda seq: None, failed.append)
-        st.put(batch(1, 1))
-        assert ws.frames == [(1, 1)]  # on the socket before this step ends
-        gate = ws.gate = loop.create_future()
-        st.put(batch(2, 2))
-        st.put(batch(3, 3))
-        assert ws.frames == [(1, 1)] and st._draining is not None  # 3 waits behind 2
-        gate.set_result(None)  # the transport drained: 2 finishes, then 3 follows, in order
+
+def test_stream_keeps_one_send_in_flight_and_sends_what_waited_as_one_when_answered():
+    import asyncio
+
+    from kubegfs.master.metareplica import _Stream
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        ws, failed, acks = _FakeWS(), [], []
+        st = _Stream(ws, acks.append, failed.append)
+        b = _batches(loop, (1, 1), (2, 2), (3, 4), (5, 5), (6, 6), (7, 7))
+        st.put(b[0])
+        assert ws.ranges() == [(1, 1)]  # on the socket before this step ends
+        st.put(b[1])
+        st.put(b[2])
         await asyncio.sleep(0.01)
-        assert ws.frames == [(1, 1), (2, 2), (3, 3)] and st._draining is None
-        st.put(batch(4, 4))
-        assert ws.frames[-1] == (4, 4)
+        assert ws.ranges() == [(1, 1)]  # the copy has not answered 1: 2..4 wait
+        ws.answer(1)
+        await asyncio.sleep(0.01)
+        assert acks == [1] and ws.ranges() == [(1, 1), (2, 4)]  # one send for both
+        assert ws.frames[1][3] == batch(2, 4)[0] and ws.frames[1][2] == sha256_hex(batch(2, 4)[0])
+        ws.answer(4)
+        await asyncio.sleep(0.01)
+        gate = ws.gate = loop.create_future()
+        st.put(b[3])  # has to wait for the transport
+        st.put(b[4])
+        ws.answer(5)  # (the copy cannot answer before the send is written; the stream copes)
+        await asyncio.sleep(0.01)
+        assert ws.ranges()[2:] == [] and st._draining is not None
+        gate.set_result(None)  # 5 is written; the copy answered it: 6 follows
+        await asyncio.sleep(0.01)
+        assert ws.ranges()[2:] == [(5, 5), (6, 6)] and st._draining is None and acks == [1, 4, 5]
         ws.fail = "gone"
-        st.put(batch(5, 5))
+        ws.answer(6)
+        await asyncio.sleep(0.01)
+        st.put(b[5])
         assert not failed  # reported in a later step, as a sender task would
         await asyncio.sleep(0)
         assert failed and "stream send" in failed[0]
         st.close()
+
+    asyncio.run(scenario())
+
+
+def test_async_stream_starts_its_sends_an_interval_apart_and_a_timer_sends_what_waited():
+    import asyncio
+
+    from kubegfs.master.metareplica import _Stream
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        ws = _FakeWS()
+        st = _Stream(ws, lambda seq: None, lambda why: None, interval=0.5)
+        b = _batches(loop, (1, 1), (2, 2), (3, 3), (4, 4))
+        t0 = loop.time()
+        st.put(b[0])
+        assert ws.ranges() == [(1, 1)]  # the first goes at once
+        ws.answer(1)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        st.put(b[1])
+        st.put(b[2])
+        assert st._inflight == 0 and st._timer is not None  # answered, but the interval has not passed
+        while len(ws.frames) < 2 and loop.time() - t0 < 5:
+            await asyncio.sleep(0.01)
+        assert ws.ranges() == [(1, 1), (2, 3)] and loop.time() - t0 >= 0.5  # the timer sent both as one
+        ws.answer(3)
+        await asyncio.sleep(0.6)
+        st.put(b[3])
+        assert ws.ranges()[-1] == (4, 4)  # the interval has passed: at once
+        st.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sync_never_holds_a_batch_back_in_a_stream_async_does(tmp_path, mode):
+    import asyncio
+
+    from kubegfs.master.metareplica import MetaReplicationConfig, MetaReplicator, Target, _Stream
+    from kubegfs.master.oplog import OpLog
+
+    class AnsweringWS(_FakeWS):
+        async def send_bytes(self, data):
+            await super().send_bytes(data)
+            asyncio.get_running_loop().call_later(0.002, self.answer, self.frames[-1][1])
+
+    async def scenario():
+        log = OpLog(tmp_path, 1, fsync=False)
+        r = MetaReplicator(MetaReplicationConfig(mode, 2), tmp_path, lambda: "h", lambda: None,
+                           lambda: [cand("a", "za"), cand("b", "zb")], Location("m", "zm", "r"))
+        r.attach(log)
+        r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
+        ws = {i: AnsweringWS() for i in "ab"}
+        held = []
+        r._streams = {i: _Stream(ws[i], partial(r._acked, r.targets[i]), partial(r._drop, r.targets[i]))
+                      for i in "ab"}
+        for st in r._streams.values():
+            put = st.put
+            st.put = lambda b, st=st, put=put: (held.append(bool(st._inflight or st._backlog)), put(b))
+
+        async def client(c):
+            for i in range(20):
+                await log.enqueue(log.stamp({"op": "mkdir", "path": f"/c{c}/{i}"}))
+
+        await asyncio.gather(*(client(c) for c in range(8)))
+        await log.drain()
+        for _ in range(100):
+            if not r._queue:
+                break
+            await asyncio.sleep(0.01)
+        assert [w.frames[-1][1] for w in ws.values()] == [160, 160]
+        for w in ws.values():  # every seq once, in order
+            assert [f[0] for f in w.frames] == [1] + [f[1] + 1 for f in w.frames[:-1]]
+        assert not any(held) if mode == "sync" else any(held)
+        for st in r._streams.values():
+            st.close()
+        log.close()
+
+    asyncio.run(scenario())
+
+
+def test_async_gathers_the_batches_made_during_a_round_trip_and_still_bounds_the_lag(tmp_path):
+    import asyncio
+
+    from kubegfs.master.metareplica import MetaReplicationConfig, MetaReplicator, Target, _Stream
+
+    async def scenario():
+        r = MetaReplicator(MetaReplicationConfig("async", 2, max_lag_seconds=0.2), tmp_path, lambda: "h",
+                           lambda: None, lambda: [cand("a", "za"), cand("b", "zb")], Location("m", "zm", "r"))
+        r.targets = {i: Target(i, f"http://{i}", f"z{i}", in_sync=True) for i in "ab"}
+        ws = {i: _FakeWS() for i in "ab"}
+        r._streams = {i: _Stream(ws[i], partial(r._acked, r.targets[i]), partial(r._drop, r.targets[i]))
+                      for i in "ab"}
+        made = [r.on_durable(batch(i, i)[0], i, i) for i in range(1, 5)]  # at the local disk's pace
+        assert not any(b.wait for b in made)  # async: answered at the local fsync
+        assert ws["a"].ranges() == ws["b"].ranges() == [(1, 1)]  # 2..4 wait for the answer to 1
+        ws["a"].answer(1)
+        ws["b"].answer(1)
+        await asyncio.sleep(0.01)
+        assert ws["a"].ranges() == ws["b"].ranges() == [(1, 1), (2, 4)] and made[0].fut.done()
+        ws["a"].answer(4)  # b does not answer: the copies trail
+        await asyncio.sleep(0.3)
+        late = r.on_durable(batch(5, 5)[0], 5, 5)
+        assert late.wait and r.lag_seconds() > 0.2  # past the bound: its writers wait for the copies
+        assert not made[3].fut.done() and ws["a"].ranges()[-1] == (5, 5) and ws["b"].ranges()[-1] == (2, 4)
+        ws["b"].answer(4)
+        await asyncio.sleep(0.01)
+        assert ws["b"].ranges()[-1] == (5, 5) and made[3].fut.done() and not late.fut.done()
+        ws["a"].answer(5)
+        ws["b"].answer(5)
+        await asyncio.sleep(0.01)
+        assert late.fut.done() and r.lag_seconds() == 0 and not r.on_durable(batch(6, 6)[0], 6, 6).wait
+        for s in r._streams.values():
+            s.close()
 
     asyncio.run(scenario())
 
