@@ -275,10 +275,11 @@ class Client:
 
     def _req(self, method: str, url: str, *, params: dict[str, Any] | None = None, json: Any = None,
              data: httpconn.Body | None = None, decode: bool = False, headers: dict[str, str] | None = None,
-             on_sent: Callable[[], None] | None = None) -> Any:
+             on_sent: Callable[[], None] | None = None, into: bytearray | None = None) -> Any:
         """The response body of a 2xx answer (decoded from msgpack or JSON with ``decode``); any
         other answer raises its KubegfsError. ``json`` is a body to encode (as msgpack);
-        ``on_sent`` is called once the whole request is sent, before its answer is read."""
+        ``on_sent`` is called once the whole request is sent, before its answer is read; a large
+        200 body may be received into ``into`` (httpconn.Connection.response)."""
         if params:
             url += "?" + _query(params)
         hdrs = self._headers
@@ -287,7 +288,7 @@ class Client:
         if headers:
             hdrs = {**hdrs, **headers}
         try:
-            status, content, ctype = self._send(method, url, data, hdrs, on_sent)
+            status, content, ctype = self._send(method, url, data, hdrs, on_sent, into)
         except (OSError, http.client.HTTPException) as exc:
             raise _unreachable(url, exc) from exc
         return _answer(status, content, ctype, decode)
@@ -318,7 +319,8 @@ class Client:
 
 
     def _send(self, method: str, url: str, body: httpconn.Body | None, headers: dict[str, str],
-              on_sent: Callable[[], None] | None = None) -> tuple[int, bytes | bytearray, str]:
+              on_sent: Callable[[], None] | None = None,
+              into: bytearray | None = None) -> tuple[int, bytes | bytearray | memoryview, str]:
         """One request on this thread's keep-alive connection to the server, never retried (a
         create must not be sent twice): a connection the server closed while idle is noticed
         before it is reused, any other failure is the caller's error."""
@@ -345,7 +347,7 @@ class Client:
                 conn.send(method, target, body, headers)
                 if on_sent is not None:
                     on_sent()
-                r = conn.response(method)
+                r = conn.response(method, into=into)
                 status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
                 fast = r.headers.get("x-kubegfs-fastpath")
             else:
@@ -586,7 +588,8 @@ class Client:
     def layout(self, path: str) -> dict[str, Any]:
         return self.api("GET", "/fs/layout", params={"path": path})
 
-    def read_iter(self, path: str, progress: Progress | None = None) -> Iterator[bytes]:
+    def read_iter(self, path: str, progress: Progress | None = None,
+                  recycle: bool = False) -> Iterator[bytes | bytearray | memoryview]:
         """The file's bytes in pieces (bytes-like: a large piece is the ``bytearray`` it was
         received into, not copied again), in order. Up to READ_AHEAD pieces are fetched ahead on the
         I/O pool, so a chunkserver reads and checksums the next piece while this one is consumed
@@ -595,31 +598,42 @@ class Client:
         size, cs = lay["size"], lay["chunk_size"]
         todo = ((c, off, min(PIECE, min(cs, size - i * cs) - off))
                 for i, c in enumerate(lay["chunks"]) for off in range(0, min(cs, size - i * cs), PIECE))
-        inflight: deque[Future[bytes]] = deque()
+        inflight: deque[tuple[Future[bytes | bytearray | memoryview], bytearray | None]] = deque()
+        free: list[bytearray] = []  # with ``recycle``: buffers whose pieces were consumed
+
+        def done() -> Iterator[bytes | bytearray | memoryview]:
+            f, buf = inflight.popleft()
+            yield self._piece_done(f, progress)
+            if buf is not None:  # the caller came back for the next piece: this one is done with
+                free.append(buf)
+
         try:
             for c, off, n in todo:
-                inflight.append(self._pool.submit(self._read_piece, c, off, n))
+                buf = (free.pop() if free else bytearray(PIECE)) if recycle else None
+                inflight.append((self._pool.submit(self._read_piece, c, off, n, buf), buf))
                 if len(inflight) > READ_AHEAD:
-                    yield self._piece_done(inflight.popleft(), progress)
+                    yield from done()
             while inflight:
-                yield self._piece_done(inflight.popleft(), progress)
+                yield from done()
         finally:
-            for f in inflight:
+            for f, _ in inflight:
                 f.cancel()
 
     @staticmethod
-    def _piece_done(f: Future[bytes], progress: Progress | None) -> bytes:
+    def _piece_done(f: Future[bytes | bytearray | memoryview],
+                    progress: Progress | None) -> bytes | bytearray | memoryview:
         piece = f.result()
         if progress:
             progress(len(piece))
         return piece
 
-    def _read_piece(self, c: dict[str, Any], off: int, n: int) -> bytes:
+    def _read_piece(self, c: dict[str, Any], off: int, n: int,
+                    into: bytearray | None = None) -> bytes | bytearray | memoryview:
         errors = []
-        for rep in c["replicas"]:
+        for rep in read_order(c["replicas"], off // PIECE):
             try:
                 piece = self._req("GET", f"{rep['address']}/internal/chunks/{c['handle']}",
-                                  params={"offset": off, "length": n, "version": c["version"]})
+                                  params={"offset": off, "length": n, "version": c["version"]}, into=into)
                 if len(piece) != n:
                     raise CorruptData(f"short read from {rep['id']}: {len(piece)} of {n}")
                 return piece
@@ -634,8 +648,11 @@ class Client:
         return b"".join(self.read_iter(path, progress))
 
     def get_to(self, path: str, out: BinaryIO, progress: Progress | None = None) -> int:
+        """Write the file to ``out`` piece by piece; each piece is received into one of a few
+        buffers that are reused once ``out.write`` returned (a file object copies what it is
+        given), so a large read takes no fresh memory per piece."""
         n = 0
-        for piece in self.read_iter(path, progress):
+        for piece in self.read_iter(path, progress, recycle=True):
             out.write(piece)
             n += len(piece)
         return n
@@ -692,6 +709,17 @@ class Client:
         return self.api("POST", "/admin/checkpoint")
 
 
+def read_order(replicas: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The replicas to ask for a chunk's ``k``-th piece, in turn: those the master marked
+    ``near`` (as near as the nearest) rotated by ``k``, so consecutive pieces are read from each
+    of them in turn (their disks and CPUs work side by side), then the rest nearest first."""
+    near = [r for r in replicas if r.get("near")]
+    if len(near) < 2:
+        return replicas
+    i = k % len(near)
+    return near[i:] + near[:i] + [r for r in replicas if not r.get("near")]
+
+
 def _query(params: dict[str, Any]) -> str:
     """``params`` (None values left out) as a query string; ``/`` is left as it is, so a
     path needs no escaping (nor unescaping on the master) unless it has other characters."""
@@ -702,18 +730,20 @@ def _unreachable(url: str, exc: BaseException) -> Unavailable:
     return Unavailable(f"cannot reach {url.split('/api')[0].split('/internal')[0]}: {exc.__class__.__name__}")
 
 
-def _answer(status: int, content: bytes | bytearray, ctype: str, decode: bool) -> Any:
+def _answer(status: int, content: bytes | bytearray | memoryview, ctype: str, decode: bool) -> Any:
     """A 2xx answer's body (decoded with ``decode``); any other answer raises its error."""
     if status >= 300:
         try:
             body = _decode(content, ctype)
         except ValueError:
-            body = content.decode("utf-8", "replace")
+            body = bytes(content).decode("utf-8", "replace")
         raise from_json(status, body)
     return _decode(content, ctype) if decode else content
 
 
-def _decode(content: bytes | bytearray, content_type: str) -> Any:
+def _decode(content: bytes | bytearray | memoryview, content_type: str) -> Any:
+    if isinstance(content, memoryview):
+        content = bytes(content)
     if content_type.startswith(MSGPACK):
         try:
             return msgpack.unpackb(content, raw=False, strict_map_key=True)

@@ -24,6 +24,8 @@ from collections import deque
 
 from . import httpconn
 
+SPIN = 200e-6  # a lone caller polls this long for its answer before sleeping (httpconn._poll)
+
 
 class _Call:
     __slots__ = ("request", "wake", "answer", "error", "lead")
@@ -79,7 +81,9 @@ class SharedConnection:
                     conn = self._conn = httpconn.Connection(self.host, self.port, self.timeout)
                 if batch:
                     conn.send_raw(b"".join(batch))
-                answer = conn.response("GET")  # never HEAD here: every answer has its body
+                with self._mu:
+                    alone = len(self._calls) == 1  # others waiting: leave them the CPU
+                answer = conn.response("GET", SPIN if alone else 0.0)  # never HEAD here: every answer has its body
                 with self._mu:
                     call = self._calls.popleft()
                 call.answer = answer

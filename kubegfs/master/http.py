@@ -331,8 +331,13 @@ class Api:
         for h in node.chunks:
             reps = [c.candidate() for c in self.m.chunkmap.replicas_of(h)]
             ranked = find_nearest(near, reps)
+            best = ranked[0].reason if ranked else None
+            # "near": in the nearest one's distance class (same node, zone, region, or only IP
+            # proximity; the IP prefix length only orders them). A client spreads its reads over
+            # those, as HDFS shuffles the replicas at the same network distance.
             chunks.append({"handle": hexh(h), "version": self.m.state.version.get(h, 0),
-                           "replicas": [{"id": r.candidate.id, "address": r.candidate.address} for r in ranked]})
+                           "replicas": [{"id": r.candidate.id, "address": r.candidate.address,
+                                         "near": r.reason == best} for r in ranked]})
         return json_response({"path": paths.join(parts), "size": node.size, "mode": node.mode,
                               "mtime_ns": node.mtime, "chunk_size": self.m.state.chunk_size, "chunks": chunks})
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from kubegfs.httpconn import BadResponse, Connection
+from kubegfs.httpconn import BadResponse, Connection, _poll
 
 
 def _serve(answers: list[bytes]) -> tuple[int, list[bytes]]:
@@ -75,3 +75,32 @@ def test_a_cut_body_is_a_connection_error():
     port, _ = _serve([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
     with pytest.raises(ConnectionError):
         Connection("127.0.0.1", port, 5).request("GET", "/", None, {})
+
+
+def test_a_big_body_goes_into_the_given_buffer_and_an_error_body_does_not():
+    big = bytes(range(256)) * 1_000
+    port, _ = _serve([
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+    ])
+    c = Connection("127.0.0.1", port, 5)
+    buf = bytearray(len(big) + 10)
+    c.send("GET", "/x", None, {})
+    r = c.response("GET", into=buf)
+    assert isinstance(r.body, memoryview) and r.body.obj is buf and bytes(r.body) == big
+    c.send("GET", "/y", None, {})
+    r = c.response("GET", into=buf)
+    assert r.status == 404 and not isinstance(r.body, memoryview) and bytes(r.body) == big
+    c.close()
+
+
+def test_polling_returns_what_arrives_during_the_spin_and_gives_up_after_it():
+    a, b = socket.socketpair()
+    a.settimeout(5)  # non-blocking underneath, as every client socket
+    with a, b:
+        assert _poll(a, 0.002) is None  # nothing came
+        threading.Timer(0.001, b.sendall, (b"hello",)).start()
+        got = _poll(a, 2.0)
+        assert got == b"hello"
+        a.settimeout(None)
+        assert _poll(a, 0.01) is None  # a blocking socket is never polled (os.read would sleep)
