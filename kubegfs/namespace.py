@@ -287,15 +287,15 @@ def edits_to(live: Dir, target: Dir) -> list[Edit] | None:
             a, b = lch.get(name), tch.get(name)
             if a is b:
                 continue
-            path = [*parts, name]
+            path = (*parts, name)
             if isinstance(b, Dir):
                 if not isinstance(a, Dir):
                     return None
-                stack.append(((*parts, name), a, b))
+                stack.append((path, a, b))
             elif b is None:
-                out.append(["x", path])
+                out.append(["x", list(path)])
             elif not (isinstance(a, File) and (a.size, a.mtime, a.mode, a.chunks) == (b.size, b.mtime, b.mode, b.chunks)):
-                out.append(["f", path, b.size, b.mtime, b.mode, list(b.chunks)])
+                out.append(["f", list(path), b.size, b.mtime, b.mode, list(b.chunks)])
         if len(out) > MAX_EDITS:
             return None
     return out

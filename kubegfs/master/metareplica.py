@@ -157,7 +157,7 @@ def take_run(backlog: deque[_Batch], limit: int = BATCH_BYTES) -> tuple[bytes, i
         parts.append(nxt.data)
         n += len(nxt.data)
         last = nxt.last
-    if len(parts) == 1:
+    if len(parts) == 1:  # alone: its sum is shared by every copy's stream
         return pack_stream_batch(first, last, b.sha256, b.data), last
     data = b"".join(parts)
     return pack_stream_batch(first, last, sha256_hex(data), data), last
