@@ -51,6 +51,7 @@ from .chunkmap import ChunkMap, ChunkserverInfo
 from .fastpath import FastProtocol
 from .fastpath import routes as fast_routes
 from .guard import Guard
+from .heap import trim_heap
 from .http import Api
 from .identity import open_identity
 from .leases import LeaseTable
@@ -96,6 +97,7 @@ class Master:
         self.opts = options or Options()
         self.guard = Guard(data_dir, open_identity(data_dir, self.opts.format), self.opts.safe_mode)
         state, self.recovery = recover(data_dir, chunk_size, replication)
+        trim_heap()  # the recovery's transients: gone from the heap, not yet from RSS
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # left by the forked builder of older versions
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
