@@ -51,7 +51,7 @@ from .chunkmap import ChunkMap, ChunkserverInfo
 from .fastpath import FastProtocol
 from .fastpath import routes as fast_routes
 from .guard import Guard
-from .heap import trim_heap
+from .heap import map_big_blocks, trim_heap
 from .http import Api
 from .identity import open_identity
 from .leases import LeaseTable
@@ -352,6 +352,7 @@ def run(listen: str, data_dir: Path, token: str | Tokens, location: Location, ch
         replication: int, options: Options | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
     host, port = split_listen(listen)
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
+    map_big_blocks()
     m = Master(data_dir, token, loc, chunk_size, replication, options)
     m.ssl_context = ssl_context
     log.info("master listening on %s (%s), data in %s", listen, "https" if ssl_context else "http", data_dir)
