@@ -259,11 +259,19 @@ def _encode_tree(node: Node, version_of: Callable[[int], int]
 @dataclass
 class DecodedTree:
     root: Node
-    chunks: list[tuple[int, int]]  # (handle, version) per reference, file order
     files: int
     dirs: int
-    size: int = 0  # the files' logical bytes
-    handles: list[int] = field(default_factory=list)  # the handles of ``chunks``, in order
+    size: int  # the files' logical bytes
+    # every chunk reference's handle and version, file order; the handles are the very int
+    # objects the tree's files hold (a caller keying a table by them adds no copy of each)
+    handles: list[int] = field(default_factory=list)
+    versions: array[int] = field(default_factory=lambda: array("q"))
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        """(handle, version) per reference, file order (made on demand: a recovering master
+        does not need a tuple per chunk)."""
+        return list(zip(self.handles, self.versions, strict=True))
 
 
 def _build_tree(shape: list[int], names: list[str], modes: list[int], mtimes: list[int],
@@ -362,12 +370,13 @@ def _decode_tree(cols: dict[str, Any]) -> DecodedTree:
         raise CorruptData("tree columns disagree in length")
     if n == 0:
         raise CorruptData("empty tree")
-    root = _build_tree(shape.tolist(), names, modes.tolist(), mtimes.tolist(), sizes.tolist(),
-                       nch.tolist(), handles.tolist())
     hlist = handles.tolist()
-    chunks = list(zip(hlist, versions.tolist(), strict=True))
+    ml = modes.tolist()
+    same: dict[int, int] = {}  # one int object per distinct mode (a few), not one per entry
+    root = _build_tree(shape.tolist(), names, list(map(same.setdefault, ml, ml)), mtimes.tolist(),
+                       sizes.tolist(), nch.tolist(), hlist)
     files = len(sizes)
-    return DecodedTree(root, chunks, files, n - files, sum(sizes), hlist)
+    return DecodedTree(root, files, n - files, sum(sizes), hlist, versions)
 
 
 # --------------------------------------------------------------------------- chunk metadata

@@ -65,15 +65,25 @@ def decode_checkpoint(data: bytes) -> MasterState:
     for k in ("handles", "version", "born", "snap"):
         a = array("q")
         a.frombytes(cc[k])
-        cols[k] = a.tolist()
+        cols[k] = a
     n = len(cols["handles"])
     if not len(cols["version"]) == len(cols["born"]) == len(cols["snap"]) == n:
         raise CorruptData("checkpoint chunk columns disagree in length")
-    # whole columns at once (C loops): the chunk table of 1M files in ~0.1 s
-    st.version = dict(zip(cols["handles"], cols["version"], strict=True))
-    st.born = dict(zip(cols["handles"], cols["born"], strict=True))
-    st.snap = {h: s for h, s in zip(cols["handles"], cols["snap"], strict=True) if s}
-    st.live = dict(Counter(dec.handles))
+    # whole columns at once (C loops): the chunk table of 1M files in ~0.1 s. Every table is
+    # keyed by the int objects the tree's files already hold (one object per handle, not three:
+    # 64 B a chunk), a handle no file holds (only snapshots do) by one of its own
+    hl = dec.handles
+    st.live = dict(Counter(hl))
+    same = dict(zip(hl, hl, strict=True))
+    handles = list(map(same.get, cols["handles"], cols["handles"]))
+    del same
+    st.version = dict(zip(handles, cols["version"], strict=True))
+    # a chunk's birth epoch is only ever compared with the epoch of a pending capture (is it
+    # older: shared, so written copy-on-write / not freed yet); every capture from now on gets
+    # an epoch above the current one, so each birth epoch up to it answers as "older" just as
+    # a missing entry (0) does: none is kept (a whole table: ~40 MiB per million chunks)
+    st.born = {h: b for h, b in zip(handles, cols["born"], strict=True) if b > st.epoch}
+    st.snap = {h: s for h, s in zip(handles, cols["snap"], strict=True) if s}
     st.restores = dict(body.get("restores") or {})
     infos = decode_block_infos(body.get("blocks") or [])
     refs = body.get("block_refs") or []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +139,17 @@ class Guard:
     def holds(self) -> bool:
         return self.hold_reason() is not None
 
-    def tick(self, known: Iterable[int], locations: Mapping[int, set[str]]) -> None:
-        """Count reported chunks while in safe mode (an O(chunks) pass, only then)."""
+    def tick(self, known: Collection[int], locations: Mapping[int, set[str]]) -> None:
+        """Count reported chunks while in safe mode (only then), walking the smaller side: the
+        few chunks reported so far while reports come in (a walk of a big chunk table on every
+        tick would hold the event loop each time: 1M chunks, ~30 ms), all of them only at the end."""
         if not self.safemode.on:
             return
-        n = reported = 0
-        for h in known:
-            n += 1
-            if locations.get(h):
-                reported += 1
+        n = len(known)
+        if len(locations) < n:
+            reported = sum(1 for h, ids in locations.items() if ids and h in known)
+        else:
+            reported = sum(1 for h in known if locations.get(h))
         if self.safemode.update(reported, n, time.monotonic()):
             log.info("safe mode off after %.1fs: %s", self.safemode.left_after, self.safemode.reason)
 

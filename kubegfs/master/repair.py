@@ -41,7 +41,7 @@ class Repair:
         m.chunkmap.dirty = False
         await m.snapshots.repair_records()
         alive = [c.candidate() for c in m.chunkmap.alive()]
-        _under, _lost, todo = m.chunkmap.scan_replication(limit=200)
+        _under, _lost, todo = await m.chunkmap.scan_replication_sliced(limit=200)
         sem = asyncio.Semaphore(8)
         done = 0
 

@@ -51,6 +51,7 @@ from .chunkmap import ChunkMap, ChunkserverInfo
 from .fastpath import FastProtocol
 from .fastpath import routes as fast_routes
 from .guard import Guard
+from .heap import map_big_blocks, trim_heap
 from .http import Api
 from .identity import open_identity
 from .leases import LeaseTable
@@ -96,6 +97,7 @@ class Master:
         self.opts = options or Options()
         self.guard = Guard(data_dir, open_identity(data_dir, self.opts.format), self.opts.safe_mode)
         state, self.recovery = recover(data_dir, chunk_size, replication)
+        trim_heap()  # the recovery's transients: gone from the heap, not yet from RSS
         shutil.rmtree(data_dir / "scratch", ignore_errors=True)  # left by the forked builder of older versions
         self.state: MasterState = state
         self.oplog = OpLog(data_dir, state.seq + 1, fsync=self.opts.fsync, sync=_slow_sync(self.opts))
@@ -350,6 +352,7 @@ def run(listen: str, data_dir: Path, token: str | Tokens, location: Location, ch
         replication: int, options: Options | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
     host, port = split_listen(listen)
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
+    map_big_blocks()
     m = Master(data_dir, token, loc, chunk_size, replication, options)
     m.ssl_context = ssl_context
     log.info("master listening on %s (%s), data in %s", listen, "https" if ssl_context else "http", data_dir)

@@ -64,3 +64,43 @@ def test_silent_servers_die_and_a_new_identity_at_an_address_replaces_the_old():
     assert not a.alive and cm.locations[h] == set()
     under, lost, _todo = cm.scan_replication()
     assert (under, lost) == (1, 1) and cm.under_replicated_count() == 1
+
+
+def test_a_sliced_scan_gives_the_event_loop_turns_and_the_same_answer(monkeypatch):
+    import asyncio
+
+    from kubegfs.master import chunkmap
+
+    monkeypatch.setattr(chunkmap, "SCAN_SLICE", 3)
+    st, h, _leases, cm, _ = setup()
+
+    def commit(path):
+        n = st.new_handle()
+        st.apply({"op": "commit", "path": path, "size": 10, "chunks": [n], "new": [[n, 1]], "mode": 0o644,
+                  "mtime": 1, "seq": st.seq + 1})
+        return n
+
+    made = [commit(f"/g{i}") for i in range(10)]
+    register(cm, "a", [(h, 3), (made[0], 1)])
+    want = cm.scan_replication(limit=5)
+    assert want[:2] == (11, 9)
+    cm._lost_reported.clear()
+    turns = []
+
+    async def meanwhile():
+        while True:
+            turns.append(len(st.version))
+            if len(turns) == 2:
+                commit("/late")  # the chunk table changes in the middle of the pass
+            await asyncio.sleep(0)
+
+    async def scenario():
+        other = asyncio.create_task(meanwhile())
+        await asyncio.sleep(0)
+        got = await cm.scan_replication_sliced(limit=5)
+        other.cancel()
+        return got
+
+    assert asyncio.run(scenario()) == want  # the late chunk waits for the next pass
+    assert len(turns) >= 4  # 11 chunks in slices of 3: the loop ran between them
+    assert cm.scan_replication(limit=5)[:2] == (12, 10)

@@ -128,6 +128,22 @@ def test_guard_holds_deletions_in_the_gate_until_safe_mode_ends(tmp_path):
     assert gate.take("cs-1") == ([7], [])
 
 
+def test_safe_mode_counts_only_known_chunks_with_a_replica_whichever_side_it_walks(tmp_path):
+    g = _guard(tmp_path)
+    known = dict.fromkeys(range(1, 9), 1)
+    # few reports (walks the reports): an unknown handle and an empty entry do not count
+    g.tick(known, {1: {"cs-1"}, 2: set(), 100: {"cs-1"}, 101: {"cs-2"}, 102: {"cs-2"}})
+    assert (g.safemode.reported, g.safemode.known) == (1, 8) and g.holds()
+    # more entries than known chunks (walks the chunk table): the same rule
+    locs: dict[int, set[str]] = {h: set() for h in range(1, 9)}
+    locs.update({1: {"cs-1"}, 2: {"cs-1"}, 3: {"cs-2"}, 200: {"cs-1"}, 201: {"cs-1"}})
+    g.tick(known, locs)
+    assert (g.safemode.reported, g.safemode.known) == (3, 8) and g.holds()
+    locs[4] = {"cs-3"}
+    g.tick(known, locs)  # half reported, threshold 0.5
+    assert not g.holds()
+
+
 def test_rfc3339_round_trip():
     ns = 1_764_553_200_123_456_789
     assert rfc3339(parse_rfc3339(rfc3339(ns))) == rfc3339(ns)

@@ -182,6 +182,39 @@ def test_checkpoint_roundtrip_equals_state():
         decode_checkpoint(bytes(bad))
 
 
+def test_a_recovered_chunk_table_holds_no_copy_of_the_handles_and_modes_files_hold():
+    """Memory per file: the chunk tables are keyed by the int objects the files hold, and files
+    of one mode share one int object (0o644 is not one of the small ints Python shares)."""
+    L = Log()
+    s = L.state
+    L.do(s.prepare_mkdir("/d"))
+    for i in range(20):
+        L.put(f"/d/f{i}", 10 + i, nchunks=1 + i % 3)
+    L.do({"op": "snap_capture", "id": "s1", "name": "one", "path": "/d", "created": 5, "copies": 2})
+    L.commit_snapshot("s1")
+    L.put("/d/f0", 99)  # f0's old chunk is held by the snapshot alone now
+    s2 = decode_checkpoint(encode_checkpoint(s.checkpoint_view()))
+    assert dump(s2) == dump(s)
+    files = [n for _p, n in ns.walk(s2.root) if isinstance(n, ns.File)]
+    held = {id(h) for f in files for h in f.chunks}
+    for table in (s2.version, s2.live):
+        assert {id(h) for h in table if h in s2.live} == held
+    assert len(s2.version) == len(s2.live) + 1 and len(s2.snap) == len(s2.version) - 1  # f0's new chunk
+    assert len({f.mode for f in files}) == 1 and len({id(f.mode) for f in files}) == 1
+    # no birth epoch is kept (all are older than any capture to come), and sharing answers alike
+    assert s2.born == {} and s.born
+    L.put("/d/g", 5)  # born in the checkpoint's epoch (not in it: written after)
+    s3 = decode_checkpoint(encode_checkpoint(s.checkpoint_view()))
+    L.do({"op": "snap_capture", "id": "s2", "name": "two", "path": "/d", "created": 6, "copies": 2})
+    cap = dict(L.ops[-1])
+    s3.apply(cap)
+    L.put("/d/h", 6)  # born after that capture: not shared
+    s3.apply(dict(L.ops[-1]))
+    assert {h: s.is_shared(h) for h in s.version} == {h: s3.is_shared(h) for h in s3.version}
+    assert not s.is_shared(ns.get(s.root, ("d", "h")).chunks[0])
+    assert s.is_shared(ns.get(s.root, ("d", "g")).chunks[0])
+
+
 def test_checkpoint_refused_while_snapshot_pending():
     L = Log()
     L.do(L.state.prepare_mkdir("/d"))

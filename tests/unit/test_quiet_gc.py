@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import weakref
 
 from kubegfs.master import snapshots
 
@@ -70,3 +71,32 @@ def test_a_big_operation_has_its_full_collection_as_it_ends(monkeypatch):
         asyncio.run(scenario())
     finally:
         gc.callbacks.remove(seen)
+        gc.unfreeze()
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def test_a_big_operation_freezes_what_survives_its_collection_but_not_its_garbage(monkeypatch):
+    """Later full passes do not traverse its survivors again; a cycle it dropped is collected."""
+    monkeypatch.setattr(snapshots, "GC_NOW", 1000)
+    q = snapshots.QuietGC()
+
+    async def scenario() -> tuple[list[list[int]], weakref.ref[_Node]]:
+        before = gc.get_freeze_count()
+        with q():
+            keep = [[i] for i in range(5000)]  # young objects that survive
+            a, b = _Node(), _Node()
+            a.other, b.other = b, a  # a cycle, garbage once the names go
+            dropped = weakref.ref(a)
+            del a, b
+        assert gc.isenabled() and dropped() is None
+        assert gc.get_freeze_count() >= before + len(keep)
+        return keep, dropped
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gc.unfreeze()
