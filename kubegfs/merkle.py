@@ -120,6 +120,9 @@ def runs(ranks: list[int], height: int) -> list[int]:
 
 def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node]], version_of: VersionOf,
                    child_digest: Callable[[Dir], bytes], parts: bytes = b"") -> tuple[bytes, BlockInfo]:
+    if not items:  # a head or index sub-block naming sub-blocks: every entry column is empty
+        return (packb([BLOCK_FORMAT, kind, mode, mtime, b"", b"", b"", b"", b"", b"", b"", b"", b"", parts]),
+                BlockInfo(_digests(parts), b""))
     nodes = [k for _n, k in items]
     files = [k for k in nodes if type(k) is File]
     kinds = bytes([0x66 if type(k) is File else 0x64 for k in nodes])
@@ -136,13 +139,14 @@ def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node
 class DirBlocks(NamedTuple):
     """A directory's encoded blocks: its head, its sub-blocks (digest, bytes) children before
     parents, for the head and each index sub-block the digests of the sub-blocks it names, and
-    each block's info (by digest); a split directory's leaves' last names."""
+    each block's info (by digest); a split directory's leaves' last names and digests."""
     head: bytes
     parts: list[tuple[bytes, bytes]]
     kids: dict[bytes, tuple[bytes, ...]]
     infos: dict[bytes, BlockInfo]
     lasts: tuple[str, ...] = ()  # a split directory's leaves' last names, in order
     whole: bool = True  # False: ``parts`` holds only the sub-blocks encoded anew (see _digest)
+    leaves: tuple[bytes, ...] = ()  # a split directory's leaves' digests, in order (as ``lasts``)
 
 
 def _ranks(names: list[str]) -> list[int]:
@@ -196,8 +200,9 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
     parts, index, infos = part.parts, part.index, part.infos
     starts = [0, *ends[:-1]]
     level = [part(items[a:b], []) for a, b in zip(starts, ends, strict=True)]  # this level's digests
+    leaves = tuple(level)
     head = _upper(d, level, [ranks[e - 1] for e in ends], part, index, infos, version_of)
-    return DirBlocks(head, parts, index, infos, tuple(names[e - 1] for e in ends))
+    return DirBlocks(head, parts, index, infos, tuple(names[e - 1] for e in ends), leaves=leaves)
 
 
 def _upper(d: Dir, level: list[bytes], level_ranks: list[int], part: Callable[[list[tuple[str, Node]], list[bytes]], bytes],
@@ -266,8 +271,7 @@ def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: V
     lay = _INFOS.get(base)
     if lay is None or not lay[2]:
         return None
-    binfos, bkids, lasts = lay
-    old = _leaves(base, bkids)
+    binfos, bkids, lasts, old = lay
     ch = d.children
     names = sorted(ch.keys())
     n = len(names)
@@ -312,8 +316,9 @@ def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: V
             i += 1
     if len(level) < 2:
         return None
+    leaves = tuple(level)
     head = _upper(d, level, _ranks(new_lasts), part, index, infos, version_of)
-    return DirBlocks(head, parts, index, infos, tuple(new_lasts), whole=False)
+    return DirBlocks(head, parts, index, infos, tuple(new_lasts), whole=False, leaves=leaves)
 
 
 def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,
@@ -371,8 +376,9 @@ _cache_lock = threading.Lock()
 
 
 # ... and their infos (by head digest; smaller, so kept for many more directories): a commit op
-# names the new blocks' children and chunks without encoding them again
-_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...]]] = {}
+# names the new blocks' children and chunks without encoding them again; with what each head and
+# index sub-block names, and a split directory's leaves' last names and digests
+_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...], tuple[bytes, ...]]] = {}
 _INFOS_LIMIT = 128 << 20
 _infos_bytes = 0
 
@@ -384,14 +390,15 @@ def _info_size(infos: dict[bytes, BlockInfo]) -> int:
 def _remember(dg: bytes, blocks: DirBlocks) -> None:
     global _cache_bytes, _infos_bytes
     size = len(blocks.head) + sum(len(b) for _p, b in blocks.parts)
-    isize = _info_size(blocks.infos)
+    isize = _info_size(blocks.infos) + 8 * len(blocks.lasts)
     with _cache_lock:
         if dg not in _INFOS and isize <= _INFOS_LIMIT // 4:
-            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts)
+            leaves = blocks.leaves if len(blocks.leaves) == len(blocks.lasts) else tuple(_leaves(dg, blocks.kids))
+            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts, leaves)
             _infos_bytes += isize
             while _infos_bytes > _INFOS_LIMIT:
-                old_infos, _k, _l = _INFOS.pop(next(iter(_INFOS)))
-                _infos_bytes -= _info_size(old_infos)
+                old_infos, _k, old_lasts, _v = _INFOS.pop(next(iter(_INFOS)))
+                _infos_bytes -= _info_size(old_infos) + 8 * len(old_lasts)
         had = _CACHE.get(dg)
         if (had is not None and (had.whole or not blocks.whole)) or size > _CACHE_LIMIT // 4:
             return
@@ -441,7 +448,7 @@ def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
     lay = _INFOS.get(dg)
     if lay is None or not lay[2]:
         return None
-    infos, kids, lasts = lay
+    infos, kids, lasts, leaves = lay
     head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, _no_dirs, b"".join(kids[dg]))[0]
     if block_digest(head) != dg:  # pragma: no cover - a stale entry
         return None
@@ -454,7 +461,7 @@ def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
                 parts.append((c, _entries_block(KIND_PART, 0, 0, [], version_of, _no_dirs, b"".join(kids[c]))[0]))
 
     below(dg)
-    return DirBlocks(head, parts, kids, infos, lasts, whole=False)
+    return DirBlocks(head, parts, kids, infos, lasts, whole=False, leaves=leaves)
 
 
 def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
@@ -584,7 +591,7 @@ def _raw(data: bytes) -> list[Any]:
 
 
 def _digests(data: bytes) -> tuple[bytes, ...]:
-    return tuple(data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE))
+    return tuple([data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)])
 
 
 def decode_block(data: bytes, expected: bytes | None = None) -> Block:
