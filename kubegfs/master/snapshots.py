@@ -181,9 +181,11 @@ class Encoded:
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
-    # the blocks no committed snapshot counted, with their infos, worked out in the first collect
-    # (off the loop) and the catalog's blocks_gen before: the commit takes them if it has not moved
+    # the blocks no committed snapshot counted, with their infos, worked out off the loop while
+    # the first holder's blocks go out (``infos_job``), and the catalog's blocks_gen before: the
+    # commit takes them if it has not moved
     infos: tuple[int, dict[bytes, merkle.BlockInfo]] | None = None
+    infos_job: asyncio.Future[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -407,6 +409,8 @@ class Snapshots:
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
             root_hex, changes = await since
+            if enc.infos_job is not None:
+                await enc.infos_job
             if not holders:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
@@ -462,6 +466,9 @@ class Snapshots:
                 since.cancel()
             elif since is not None and not since.cancelled():
                 since.exception()  # retrieved: the build failed or used its result already
+            job = enc.infos_job
+            if job is not None:  # retrieved whenever it ends (the build may have failed before it did)
+                job.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.unclaim(claimed)
             self.builders.pop(sid, None)
 
@@ -518,13 +525,17 @@ class Snapshots:
 
             out = outgoing(node, version_of, ask, enc, self._live_version)
             enc.walk = (asked, out)
-            if enc.infos is None:
-                gen = self.m.state.blocks_gen
-                enc.infos = (gen, merkle.new_block_infos(node, version_of, counted.__contains__))
             return out
 
+        def infos() -> None:  # off the loop, while the blocks are on their way (the commit needs them)
+            gen = self.m.state.blocks_gen
+            enc.infos = (gen, merkle.new_block_infos(node, version_of, counted.__contains__))
+
+        loop = asyncio.get_running_loop()
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
-            items = await asyncio.get_running_loop().run_in_executor(None, collect)
+            items = await loop.run_in_executor(None, collect)
+            if enc.infos_job is None:
+                enc.infos_job = loop.run_in_executor(None, infos)
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
         needed = {it.digest for it in items} | {it.base for it in items if it.base is not None}
         for dg in needed:
