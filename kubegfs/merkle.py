@@ -133,7 +133,7 @@ def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node
                   _pack([f.size for f in files]), _pack([f.mtime for f in files]),
                   _pack([f.mode for f in files]), _pack([len(f.chunks) for f in files]),
                   _pack(handles), _pack(list(map(version_of, handles))), dirs, parts])
-    return data, BlockInfo((*_digests(dirs), *_digests(parts)), array("q", handles).tobytes())
+    return data, BlockInfo(_digests(dirs + parts) if dirs or parts else (), array("q", handles).tobytes())
 
 
 class DirBlocks(NamedTuple):
@@ -271,7 +271,7 @@ def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: V
     lay = _INFOS.get(base)
     if lay is None or not lay[2]:
         return None
-    binfos, bkids, lasts, old = lay
+    binfos, bkids, lasts, old, _size = lay
     ch = d.children
     names = sorted(ch.keys())
     n = len(names)
@@ -377,8 +377,10 @@ _cache_lock = threading.Lock()
 
 # ... and their infos (by head digest; smaller, so kept for many more directories): a commit op
 # names the new blocks' children and chunks without encoding them again; with what each head and
-# index sub-block names, and a split directory's leaves' last names and digests
-_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...], tuple[bytes, ...]]] = {}
+# index sub-block names, a split directory's leaves' last names and digests,
+# and its size as counted against the bound
+_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...], tuple[bytes, ...],
+                          int]] = {}
 _INFOS_LIMIT = 128 << 20
 _infos_bytes = 0
 
@@ -394,11 +396,10 @@ def _remember(dg: bytes, blocks: DirBlocks) -> None:
     with _cache_lock:
         if dg not in _INFOS and isize <= _INFOS_LIMIT // 4:
             leaves = blocks.leaves if len(blocks.leaves) == len(blocks.lasts) else tuple(_leaves(dg, blocks.kids))
-            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts, leaves)
+            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts, leaves, isize)
             _infos_bytes += isize
             while _infos_bytes > _INFOS_LIMIT:
-                old_infos, _k, old_lasts, _v = _INFOS.pop(next(iter(_INFOS)))
-                _infos_bytes -= _info_size(old_infos) + 8 * len(old_lasts)
+                _infos_bytes -= _INFOS.pop(next(iter(_INFOS)))[4]
         had = _CACHE.get(dg)
         if (had is not None and (had.whole or not blocks.whole)) or size > _CACHE_LIMIT // 4:
             return
@@ -448,7 +449,7 @@ def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
     lay = _INFOS.get(dg)
     if lay is None or not lay[2]:
         return None
-    infos, kids, lasts, leaves = lay
+    infos, kids, lasts, leaves, _size = lay
     head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, _no_dirs, b"".join(kids[dg]))[0]
     if block_digest(head) != dg:  # pragma: no cover - a stale entry
         return None

@@ -146,6 +146,7 @@ GC_AFTER = 0.05  # seconds after the last snapshot operation before the collecto
 GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
 
 
+INLINE_REUSE = 4096  # blocks asked by the last holder's walk up to which the next checks it on the loop
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
 BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
 BLOCK_FETCH = 4096  # digests per block read
@@ -512,12 +513,18 @@ class Snapshots:
         def skip(d: bytes) -> bool:
             return d in known and d in counted
 
+        def reused() -> list[blockdelta.Outgoing] | None:
+            """The last holder's walk, if this one answers every question alike."""
+            if enc.walk is None:
+                return None
+            asked, items = enc.walk
+            return items if all(skip(d) == r for d, r in asked.items()) else None
+
         def collect() -> list[blockdelta.Outgoing]:  # off the loop; each block compressed once per build
-            if enc.walk is not None:  # the last holder's walk, if this one answers every question alike
-                asked, items = enc.walk
-                if all(skip(d) == r for d, r in asked.items()):
-                    return items
-            asked = {}
+            got = reused()
+            if got is not None:
+                return got
+            asked: dict[bytes, bool] = {}
 
             def ask(d: bytes) -> bool:
                 r = asked[d] = skip(d)
@@ -533,7 +540,9 @@ class Snapshots:
 
         loop = asyncio.get_running_loop()
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
-            items = await loop.run_in_executor(None, collect)
+            # a short walk's check is a few dict lookups: on the loop, not worth a worker's hop
+            got = reused() if enc.walk is not None and len(enc.walk[0]) <= INLINE_REUSE else None
+            items = got if got is not None else await loop.run_in_executor(None, collect)
             if enc.infos_job is None:
                 enc.infos_job = loop.run_in_executor(None, infos)
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends

@@ -24,6 +24,7 @@ from kubegfs import merkle
 from kubegfs.client import Client
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
+from kubegfs.master import snapshots
 from kubegfs_dev.util import bearer
 
 
@@ -177,6 +178,9 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
             return real_infos(*a)
 
         monkeypatch.setattr(merkle, "new_block_infos", infos)
+        walks: list[int] = []
+        real_outgoing = snapshots.outgoing
+        monkeypatch.setattr(snapshots, "outgoing", lambda *a: walks.append(1) or real_outgoing(*a))
         with Client(cl.master_url, cl.token) as c:
             c.mkdir("/t/big", parents=True)
             for i in range(40):
@@ -188,3 +192,4 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
             s2 = c.snapshot_create("/t", "s2", copies=2)
             assert s2["state"] == "ready" and s2["shipped_bytes"] > 0
             assert seen[1:] == [(False, True)]
+            assert len(walks) == 2  # one walk per build: the second holder takes the first one's
