@@ -789,3 +789,22 @@ def test_too_many_edits_go_by_blocks(monkeypatch):
     assert len(ns.edits_to(live, snap)) == 4  # three files back, the directory's mtime
     monkeypatch.setattr(ns, "MAX_EDITS", 3)
     assert ns.edits_to(live, snap) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_leaves_encoded_together_are_those_encoded_one_by_one(rng):
+    kids = {}
+    for i in range(rng.randrange(1, 300)):
+        if rng.random() < 0.2:
+            kids[f"d{i}"] = ns.Dir(immutables.Map({"x": ns.File(1, 1, 0o644, (i,))}), 2, 0o700)
+        else:
+            kids[f"f{i}"] = ns.File(rng.randrange(1 << 40), rng.randrange(1 << 60), 0o600,
+                                    tuple(rng.randrange(1 << 50) for _ in range(rng.choice((0, 1, 1, 3)))))
+    names = sorted(kids)
+    items = [(n, kids[n]) for n in names]
+    ends = merkle.runs(merkle._ranks(names), 0)
+    child = lambda c: merkle.digest(c, V)  # noqa: E731
+    one_by_one = [merkle._entries_block(merkle.KIND_PART, 0, 0, items[a:b], V, child)
+                  for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    assert merkle._leaf_blocks(items, ends, V, child) == one_by_one
