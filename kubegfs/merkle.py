@@ -380,15 +380,16 @@ def older_block(data: bytes, old: Dir, version_of: VersionOf, subst: dict[bytes,
     filled as needed."""
     raw = _raw(data)
     kind = raw[1]
-    if kind == KIND_DIR:
-        raw[2], raw[3] = old.mode, old.mtime
-    for col in (12, 13):
-        if raw[col]:
-            raw[col] = b"".join([subst.get(d, d) for d in _digests(raw[col])])
-    guess = packb(raw)
-    dg = block_digest(guess)
-    if held(dg):
-        return dg, guess
+    if kind == KIND_DIR or raw[12] or raw[13]:  # (a sub-block of files alone would be ``data`` again)
+        if kind == KIND_DIR:
+            raw[2], raw[3] = old.mode, old.mtime
+        for col in (12, 13):
+            if raw[col]:
+                raw[col] = b"".join([subst.get(d, d) for d in _digests(raw[col])])
+        guess = packb(raw)
+        dg = block_digest(guess)
+        if held(dg):
+            return dg, guess
     if not raw[4]:
         return None
     ch = old.children
