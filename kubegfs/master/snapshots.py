@@ -182,10 +182,10 @@ class Encoded:
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
-    # the blocks no committed snapshot counted, with their infos, worked out off the loop while
-    # the first holder's blocks go out (``infos_job``), and the catalog's blocks_gen before: the
-    # commit takes them if it has not moved
-    infos: tuple[int, dict[bytes, merkle.BlockInfo]] | None = None
+    # the blocks no committed snapshot counted, with their infos and the commit op's rows of
+    # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
+    # the catalog's blocks_gen before: the commit takes them if it has not moved
+    infos: tuple[int, dict[bytes, merkle.BlockInfo], list[list[bytes]]] | None = None
     infos_job: asyncio.Future[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -428,13 +428,16 @@ class Snapshots:
             if rec is None:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
-                # exactly those the catalog does not count yet (as the first collect found them,
-                # off the loop, if no block was counted or uncounted since)
+                # exactly those the catalog does not count yet (as the infos job found them, off
+                # the loop while the blocks shipped, with their rows, if no block was counted or
+                # uncounted since)
                 pre = enc.infos
-                infos = pre[1] if pre is not None and pre[0] == st.blocks_gen else \
-                    merkle.new_block_infos(node, version_of, st.blocks.__contains__)
-                with no_gc():  # a row per new block: a full collection would rescan the namespace
-                    op["blocks"] = encode_block_infos(infos)
+                if pre is not None and pre[0] == st.blocks_gen:
+                    infos, op["blocks"] = pre[1], pre[2]
+                else:
+                    infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
+                    with no_gc():  # a row per new block: a full collection would rescan the namespace
+                        op["blocks"] = encode_block_infos(infos)
                 op["_infos"] = infos
             else:
                 # count the snapshot's chunk references in slices so writers never wait long; the
@@ -536,7 +539,9 @@ class Snapshots:
 
         def infos() -> None:  # off the loop, while the blocks are on their way (the commit needs them)
             gen = self.m.state.blocks_gen
-            enc.infos = (gen, merkle.new_block_infos(node, version_of, counted.__contains__))
+            got = merkle.new_block_infos(node, version_of, counted.__contains__)
+            with no_gc():  # a row per new block (see the commit)
+                enc.infos = (gen, got, encode_block_infos(got))
 
         loop = asyncio.get_running_loop()
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression

@@ -158,7 +158,8 @@ def test_a_crash_between_ship_and_commit_loses_no_block(tmp_path):
 
 def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, monkeypatch):
     """The commit op's rows (the new blocks' infos) are worked out once per build, off the
-    loop, after the blocks went out to their holders: not on the way to the first request."""
+    loop, after the blocks went out to their holders: not on the way to the first request, nor
+    on the loop at the commit."""
     with master_in_process(tmp_path) as (cl, m):
         posted = threading.Event()
         real_call = m.master.call_cs
@@ -181,6 +182,10 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
         walks: list[int] = []
         real_outgoing = snapshots.outgoing
         monkeypatch.setattr(snapshots, "outgoing", lambda *a: walks.append(1) or real_outgoing(*a))
+        rows_on_loop: list[bool] = []  # the op's rows of them too
+        real_rows = snapshots.encode_block_infos
+        monkeypatch.setattr(snapshots, "encode_block_infos",
+                            lambda i: rows_on_loop.append(threading.current_thread() is loop_thread) or real_rows(i))
         with Client(cl.master_url, cl.token) as c:
             c.mkdir("/t/big", parents=True)
             for i in range(40):
@@ -193,3 +198,4 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
             assert s2["state"] == "ready" and s2["shipped_bytes"] > 0
             assert seen[1:] == [(False, True)]
             assert len(walks) == 2  # one walk per build: the second holder takes the first one's
+            assert rows_on_loop == [False, False]
