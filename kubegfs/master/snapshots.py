@@ -187,6 +187,7 @@ class Encoded:
     # the catalog's blocks_gen before: the commit takes them if it has not moved
     infos: tuple[int, dict[bytes, merkle.BlockInfo], list[list[bytes]]] | None = None
     infos_job: asyncio.Future[None] | None = None
+    collected: Callable[[], None] | None = None  # called once a holder's blocks are collected
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -356,8 +357,15 @@ class Snapshots:
                 rec = await loop.run_in_executor(None, build_record, meta, node, version_of)
                 data, sha, counts = rec.data, rec.sha256, rec.counts
             # what changed since the previous snapshot (for its status) is worked out while the
-            # blocks go out: the commit is the first to need it
-            since = asyncio.ensure_future(self.since_previous(entry, node))
+            # blocks go out, once the first holder's are collected (beside the collect it would
+            # take the interpreter from it): the commit is the first to need it
+
+            def start_since() -> None:
+                nonlocal since
+                if since is None:
+                    since = asyncio.ensure_future(self.since_previous(entry, node))
+
+            enc.collected = start_since
             t_built = time.perf_counter()
             holders: list[dict[str, Any]] = []
             shipped: dict[str, int] = {}
@@ -409,6 +417,8 @@ class Snapshots:
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
+            start_since()  # (if no holder's blocks were collected)
+            assert since is not None
             root_hex, changes = await since
             if enc.infos_job is not None:
                 await enc.infos_job
@@ -550,6 +560,8 @@ class Snapshots:
             items = got if got is not None else await loop.run_in_executor(None, collect)
             if enc.infos_job is None:
                 enc.infos_job = loop.run_in_executor(None, infos)
+            if enc.collected is not None:
+                enc.collected()
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
         needed = {it.digest for it in items} | {it.base for it in items if it.base is not None}
         for dg in needed:

@@ -182,6 +182,14 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
         walks: list[int] = []
         real_outgoing = snapshots.outgoing
         monkeypatch.setattr(snapshots, "outgoing", lambda *a: walks.append(1) or real_outgoing(*a))
+        diffs_after_walk: list[int] = []  # the since-previous diff starts once the blocks are collected
+        real_since = m.master.snapshots.since_previous
+
+        async def since_previous(*a):  # type: ignore[no-untyped-def]
+            diffs_after_walk.append(len(walks))
+            return await real_since(*a)
+
+        m.master.snapshots.since_previous = since_previous  # type: ignore[method-assign]
         rows_on_loop: list[bool] = []  # the op's rows of them too
         real_rows = snapshots.encode_block_infos
         monkeypatch.setattr(snapshots, "encode_block_infos",
@@ -199,3 +207,4 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
             assert seen[1:] == [(False, True)]
             assert len(walks) == 2  # one walk per build: the second holder takes the first one's
             assert rows_on_loop == [False, False]
+            assert diffs_after_walk == [1, 2]
