@@ -43,6 +43,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, NamedTuple, TypeVar
 
 import immutables
@@ -120,6 +121,9 @@ def runs(ranks: list[int], height: int) -> list[int]:
 
 def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node]], version_of: VersionOf,
                    child_digest: Callable[[Dir], bytes], parts: bytes = b"") -> tuple[bytes, BlockInfo]:
+    if not items:  # a head or index sub-block naming sub-blocks: every entry column is empty
+        return (packb([BLOCK_FORMAT, kind, mode, mtime, b"", b"", b"", b"", b"", b"", b"", b"", b"", parts]),
+                BlockInfo(_digests(parts), b""))
     nodes = [k for _n, k in items]
     files = [k for k in nodes if type(k) is File]
     kinds = bytes([0x66 if type(k) is File else 0x64 for k in nodes])
@@ -130,19 +134,52 @@ def _entries_block(kind: int, mode: int, mtime: int, items: list[tuple[str, Node
                   _pack([f.size for f in files]), _pack([f.mtime for f in files]),
                   _pack([f.mode for f in files]), _pack([len(f.chunks) for f in files]),
                   _pack(handles), _pack(list(map(version_of, handles))), dirs, parts])
-    return data, BlockInfo((*_digests(dirs), *_digests(parts)), array("q", handles).tobytes())
+    return data, BlockInfo(_digests(dirs + parts) if dirs or parts else (), array("q", handles).tobytes())
+
+
+def _leaf_blocks(items: list[tuple[str, Node]], ends: list[int], version_of: VersionOf,
+                 child_digest: Callable[[Dir], bytes]) -> list[tuple[bytes, BlockInfo]]:
+    """The leaf sub-blocks of a directory's ``items`` cut at ``ends`` (each as
+    :func:`_entries_block` makes it, byte for byte): every column is packed once for the whole
+    directory and each leaf takes its slices, instead of building six arrays per leaf."""
+    nodes = [k for _n, k in items]
+    files = [k for k in nodes if type(k) is File]
+    kinds = bytes([0x66 if type(k) is File else 0x64 for k in nodes])
+    handles = [h for f in files for h in f.chunks]
+    dirs = b"".join([child_digest(k) for k in nodes if type(k) is Dir])
+    nch = [len(f.chunks) for f in files]
+    sizes, mtimes = _pack([f.size for f in files]), _pack([f.mtime for f in files])
+    modes, counts = _pack([f.mode for f in files]), _pack(nch)
+    hb, vb = _pack(handles), _pack(list(map(version_of, handles)))
+    native = hb if not _BIG_ENDIAN else array("q", handles).tobytes()
+    fpos = [0, *accumulate([1 if c == 0x66 else 0 for c in kinds])]  # files before each entry
+    hpos = [0, *accumulate(nch)]  # handles before each file
+    out = []
+    a = 0
+    for b in ends:
+        fa, fb = 8 * fpos[a], 8 * fpos[b]
+        ha, hz = 8 * hpos[fpos[a]], 8 * hpos[fpos[b]]
+        da, dz = DIGEST_SIZE * (a - fpos[a]), DIGEST_SIZE * (b - fpos[b])
+        d = dirs[da:dz]
+        data = packb([BLOCK_FORMAT, KIND_PART, 0, 0, "\x00".join([n for n, _k in items[a:b]]).encode("utf-8"),
+                      kinds[a:b], sizes[fa:fb], mtimes[fa:fb], modes[fa:fb], counts[fa:fb], hb[ha:hz], vb[ha:hz],
+                      d, b""])
+        out.append((data, BlockInfo(_digests(d) if d else (), native[ha:hz])))
+        a = b
+    return out
 
 
 class DirBlocks(NamedTuple):
     """A directory's encoded blocks: its head, its sub-blocks (digest, bytes) children before
     parents, for the head and each index sub-block the digests of the sub-blocks it names, and
-    each block's info (by digest); a split directory's leaves' last names."""
+    each block's info (by digest); a split directory's leaves' last names and digests."""
     head: bytes
     parts: list[tuple[bytes, bytes]]
     kids: dict[bytes, tuple[bytes, ...]]
     infos: dict[bytes, BlockInfo]
     lasts: tuple[str, ...] = ()  # a split directory's leaves' last names, in order
     whole: bool = True  # False: ``parts`` holds only the sub-blocks encoded anew (see _digest)
+    leaves: tuple[bytes, ...] = ()  # a split directory's leaves' digests, in order (as ``lasts``)
 
 
 def _ranks(names: list[str]) -> list[int]:
@@ -171,6 +208,16 @@ class _Parts:
             self.index[dg] = tuple(named)
         return dg
 
+    def leaves(self, items: list[tuple[str, Node]], ends: list[int]) -> list[bytes]:
+        """The leaf sub-blocks of ``items`` cut at ``ends`` (see :func:`_leaf_blocks`)."""
+        out = []
+        for data, info in _leaf_blocks(items, ends, self.version_of, self.child_digest):
+            dg = block_digest(data)
+            self.parts.append((dg, data))
+            self.infos[dg] = info
+            out.append(dg)
+        return out
+
 
 def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], bytes]) -> DirBlocks:
     """The canonical blocks of directory ``d`` (its children's digests from ``child_digest``):
@@ -194,10 +241,10 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
         return _one_block(d, items, version_of, child_digest)
     part = _Parts(version_of, child_digest)
     parts, index, infos = part.parts, part.index, part.infos
-    starts = [0, *ends[:-1]]
-    level = [part(items[a:b], []) for a, b in zip(starts, ends, strict=True)]  # this level's digests
+    level = part.leaves(items, ends)  # this level's digests
+    leaves = tuple(level)
     head = _upper(d, level, [ranks[e - 1] for e in ends], part, index, infos, version_of)
-    return DirBlocks(head, parts, index, infos, tuple(names[e - 1] for e in ends))
+    return DirBlocks(head, parts, index, infos, tuple(names[e - 1] for e in ends), leaves=leaves)
 
 
 def _upper(d: Dir, level: list[bytes], level_ranks: list[int], part: Callable[[list[tuple[str, Node]], list[bytes]], bytes],
@@ -266,8 +313,7 @@ def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: V
     lay = _INFOS.get(base)
     if lay is None or not lay[2]:
         return None
-    binfos, bkids, lasts = lay
-    old = _leaves(base, bkids)
+    binfos, bkids, lasts, old, _size = lay
     ch = d.children
     names = sorted(ch.keys())
     n = len(names)
@@ -312,8 +358,9 @@ def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: V
             i += 1
     if len(level) < 2:
         return None
+    leaves = tuple(level)
     head = _upper(d, level, _ranks(new_lasts), part, index, infos, version_of)
-    return DirBlocks(head, parts, index, infos, tuple(new_lasts), whole=False)
+    return DirBlocks(head, parts, index, infos, tuple(new_lasts), whole=False, leaves=leaves)
 
 
 def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,
@@ -333,15 +380,16 @@ def older_block(data: bytes, old: Dir, version_of: VersionOf, subst: dict[bytes,
     filled as needed."""
     raw = _raw(data)
     kind = raw[1]
-    if kind == KIND_DIR:
-        raw[2], raw[3] = old.mode, old.mtime
-    for col in (12, 13):
-        if raw[col]:
-            raw[col] = b"".join([subst.get(d, d) for d in _digests(raw[col])])
-    guess = packb(raw)
-    dg = block_digest(guess)
-    if held(dg):
-        return dg, guess
+    if kind == KIND_DIR or raw[12] or raw[13]:  # (a sub-block of files alone would be ``data`` again)
+        if kind == KIND_DIR:
+            raw[2], raw[3] = old.mode, old.mtime
+        for col in (12, 13):
+            if raw[col]:
+                raw[col] = b"".join([subst.get(d, d) for d in _digests(raw[col])])
+        guess = packb(raw)
+        dg = block_digest(guess)
+        if held(dg):
+            return dg, guess
     if not raw[4]:
         return None
     ch = old.children
@@ -371,8 +419,11 @@ _cache_lock = threading.Lock()
 
 
 # ... and their infos (by head digest; smaller, so kept for many more directories): a commit op
-# names the new blocks' children and chunks without encoding them again
-_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...]]] = {}
+# names the new blocks' children and chunks without encoding them again; with what each head and
+# index sub-block names, a split directory's leaves' last names and digests,
+# and its size as counted against the bound
+_INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...], tuple[bytes, ...],
+                          int]] = {}
 _INFOS_LIMIT = 128 << 20
 _infos_bytes = 0
 
@@ -384,14 +435,14 @@ def _info_size(infos: dict[bytes, BlockInfo]) -> int:
 def _remember(dg: bytes, blocks: DirBlocks) -> None:
     global _cache_bytes, _infos_bytes
     size = len(blocks.head) + sum(len(b) for _p, b in blocks.parts)
-    isize = _info_size(blocks.infos)
+    isize = _info_size(blocks.infos) + 8 * len(blocks.lasts)
     with _cache_lock:
         if dg not in _INFOS and isize <= _INFOS_LIMIT // 4:
-            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts)
+            leaves = blocks.leaves if len(blocks.leaves) == len(blocks.lasts) else tuple(_leaves(dg, blocks.kids))
+            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts, leaves, isize)
             _infos_bytes += isize
             while _infos_bytes > _INFOS_LIMIT:
-                old_infos, _k, _l = _INFOS.pop(next(iter(_INFOS)))
-                _infos_bytes -= _info_size(old_infos)
+                _infos_bytes -= _INFOS.pop(next(iter(_INFOS)))[4]
         had = _CACHE.get(dg)
         if (had is not None and (had.whole or not blocks.whole)) or size > _CACHE_LIMIT // 4:
             return
@@ -441,7 +492,7 @@ def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
     lay = _INFOS.get(dg)
     if lay is None or not lay[2]:
         return None
-    infos, kids, lasts = lay
+    infos, kids, lasts, leaves, _size = lay
     head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, _no_dirs, b"".join(kids[dg]))[0]
     if block_digest(head) != dg:  # pragma: no cover - a stale entry
         return None
@@ -454,7 +505,7 @@ def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
                 parts.append((c, _entries_block(KIND_PART, 0, 0, [], version_of, _no_dirs, b"".join(kids[c]))[0]))
 
     below(dg)
-    return DirBlocks(head, parts, kids, infos, lasts, whole=False)
+    return DirBlocks(head, parts, kids, infos, lasts, whole=False, leaves=leaves)
 
 
 def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
@@ -584,7 +635,7 @@ def _raw(data: bytes) -> list[Any]:
 
 
 def _digests(data: bytes) -> tuple[bytes, ...]:
-    return tuple(data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE))
+    return tuple([data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)])
 
 
 def decode_block(data: bytes, expected: bytes | None = None) -> Block:

@@ -155,6 +155,7 @@ GC_AFTER = 0.05  # seconds after the last snapshot operation before the collecto
 GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
 
 
+INLINE_REUSE = 4096  # blocks asked by the last holder's walk up to which the next checks it on the loop
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
 BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
 BLOCK_FETCH = 4096  # digests per block read
@@ -190,9 +191,12 @@ class Encoded:
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
-    # the blocks no committed snapshot counted, with their infos, worked out in the first collect
-    # (off the loop) and the catalog's blocks_gen before: the commit takes them if it has not moved
-    infos: tuple[int, dict[bytes, merkle.BlockInfo]] | None = None
+    # the blocks no committed snapshot counted, with their infos and the commit op's rows of
+    # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
+    # the catalog's blocks_gen before: the commit takes them if it has not moved
+    infos: tuple[int, dict[bytes, merkle.BlockInfo], list[list[bytes]]] | None = None
+    infos_job: asyncio.Future[None] | None = None
+    collected: Callable[[], None] | None = None  # called once a holder's blocks are collected
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -362,8 +366,15 @@ class Snapshots:
                 rec = await loop.run_in_executor(None, build_record, meta, node, version_of)
                 data, sha, counts = rec.data, rec.sha256, rec.counts
             # what changed since the previous snapshot (for its status) is worked out while the
-            # blocks go out: the commit is the first to need it
-            since = asyncio.ensure_future(self.since_previous(entry, node))
+            # blocks go out, once the first holder's are collected (beside the collect it would
+            # take the interpreter from it): the commit is the first to need it
+
+            def start_since() -> None:
+                nonlocal since
+                if since is None:
+                    since = asyncio.ensure_future(self.since_previous(entry, node))
+
+            enc.collected = start_since
             t_built = time.perf_counter()
             holders: list[dict[str, Any]] = []
             shipped: dict[str, int] = {}
@@ -415,7 +426,11 @@ class Snapshots:
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
+            start_since()  # (if no holder's blocks were collected)
+            assert since is not None
             root_hex, changes = await since
+            if enc.infos_job is not None:
+                await enc.infos_job
             if not holders:
                 await self.m.mutate({"op": "snap_fail", "id": sid, "error": f"no chunkserver took the record: {last_err}"})
                 M.M_SNAP_RESULT.labels("failed").inc()
@@ -432,13 +447,16 @@ class Snapshots:
             if rec is None:
                 assert isinstance(node, ns.Dir)
                 # no await from here to the apply inside mutate: the blocks the op carries are
-                # exactly those the catalog does not count yet (as the first collect found them,
-                # off the loop, if no block was counted or uncounted since)
+                # exactly those the catalog does not count yet (as the infos job found them, off
+                # the loop while the blocks shipped, with their rows, if no block was counted or
+                # uncounted since)
                 pre = enc.infos
-                infos = pre[1] if pre is not None and pre[0] == st.blocks_gen else \
-                    merkle.new_block_infos(node, version_of, st.blocks.__contains__)
-                with no_gc():  # a row per new block: a full collection would rescan the namespace
-                    op["blocks"] = encode_block_infos(infos)
+                if pre is not None and pre[0] == st.blocks_gen:
+                    infos, op["blocks"] = pre[1], pre[2]
+                else:
+                    infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
+                    with no_gc():  # a row per new block: a full collection would rescan the namespace
+                        op["blocks"] = encode_block_infos(infos)
                 op["_infos"] = infos
             else:
                 # count the snapshot's chunk references in slices so writers never wait long; the
@@ -471,6 +489,9 @@ class Snapshots:
                 since.cancel()
             elif since is not None and not since.cancelled():
                 since.exception()  # retrieved: the build failed or used its result already
+            job = enc.infos_job
+            if job is not None:  # retrieved whenever it ends (the build may have failed before it did)
+                job.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.unclaim(claimed)
             self.builders.pop(sid, None)
 
@@ -514,12 +535,18 @@ class Snapshots:
         def skip(d: bytes) -> bool:
             return d in known and d in counted
 
+        def reused() -> list[blockdelta.Outgoing] | None:
+            """The last holder's walk, if this one answers every question alike."""
+            if enc.walk is None:
+                return None
+            asked, items = enc.walk
+            return items if all(skip(d) == r for d, r in asked.items()) else None
+
         def collect() -> list[blockdelta.Outgoing]:  # off the loop; each block compressed once per build
-            if enc.walk is not None:  # the last holder's walk, if this one answers every question alike
-                asked, items = enc.walk
-                if all(skip(d) == r for d, r in asked.items()):
-                    return items
-            asked = {}
+            got = reused()
+            if got is not None:
+                return got
+            asked: dict[bytes, bool] = {}
 
             def ask(d: bytes) -> bool:
                 r = asked[d] = skip(d)
@@ -527,13 +554,23 @@ class Snapshots:
 
             out = outgoing(node, version_of, ask, enc, self._live_version)
             enc.walk = (asked, out)
-            if enc.infos is None:
-                gen = self.m.state.blocks_gen
-                enc.infos = (gen, merkle.new_block_infos(node, version_of, counted.__contains__))
             return out
 
+        def infos() -> None:  # off the loop, while the blocks are on their way (the commit needs them)
+            gen = self.m.state.blocks_gen
+            got = merkle.new_block_infos(node, version_of, counted.__contains__)
+            with no_gc():  # a row per new block (see the commit)
+                enc.infos = (gen, got, encode_block_infos(got))
+
+        loop = asyncio.get_running_loop()
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
-            items = await asyncio.get_running_loop().run_in_executor(None, collect)
+            # a short walk's check is a few dict lookups: on the loop, not worth a worker's hop
+            got = reused() if enc.walk is not None and len(enc.walk[0]) <= INLINE_REUSE else None
+            items = got if got is not None else await loop.run_in_executor(None, collect)
+            if enc.infos_job is None:
+                enc.infos_job = loop.run_in_executor(None, infos)
+            if enc.collected is not None:
+                enc.collected()
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
         needed = {it.digest for it in items} | {it.base for it in items if it.base is not None}
         for dg in needed:

@@ -8,12 +8,15 @@ keeps every block the newer one shares with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 from test_deletion_gate import CHUNK, InProcessMaster
 
@@ -21,6 +24,7 @@ from kubegfs import merkle
 from kubegfs.client import Client
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
+from kubegfs.master import snapshots
 from kubegfs_dev.util import bearer
 
 
@@ -65,7 +69,10 @@ def wait_state(c: Client, name: str, timeout: float = 60.0) -> str:
         time.sleep(0.1)
 
 
-def test_a_crash_between_ship_and_commit_loses_no_block(tmp_path):
+@contextlib.contextmanager
+def master_in_process(tmp_path: Path) -> Iterator[tuple[LocalCluster, InProcessMaster]]:
+    """A cluster of 3 chunkservers whose master runs in this process (crashed at the end if it
+    still runs), stopped at the end."""
     cl = LocalCluster(tmp_path, 3, chunk_size=CHUNK, heartbeat=0.1, dead_after=3.0)
     cl.start()
     try:
@@ -73,6 +80,17 @@ def test_a_crash_between_ship_and_commit_loses_no_block(tmp_path):
         m = InProcessMaster(cl)
         try:
             cl.wait_registered(3)
+            yield cl, m
+        finally:
+            if m.thread.is_alive():
+                m.crash()
+    finally:
+        cl.stop()
+
+
+def test_a_crash_between_ship_and_commit_loses_no_block(tmp_path):
+    with master_in_process(tmp_path) as (cl, m):
+        try:
             with Client(cl.master_url, cl.token) as c:
                 c.mkdir("/t/big", parents=True)
                 c.mkdir("/t/other")
@@ -136,5 +154,57 @@ def test_a_crash_between_ship_and_commit_loses_no_block(tmp_path):
             c.rm("/r2", recursive=True)
             c.snapshot_restore("s2", to="/r2")
             assert tree(c, "/r2") == at_s2
-    finally:
-        cl.stop()
+
+
+def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, monkeypatch):
+    """The commit op's rows (the new blocks' infos) are worked out once per build, off the
+    loop, after the blocks went out to their holders: not on the way to the first request, nor
+    on the loop at the commit."""
+    with master_in_process(tmp_path) as (cl, m):
+        posted = threading.Event()
+        real_call = m.master.call_cs
+
+        async def call_cs(cs, method, path, **kw):  # type: ignore[no-untyped-def]
+            if path == "/internal/blocks/delta":
+                posted.set()
+            return await real_call(cs, method, path, **kw)
+
+        m.master.call_cs = call_cs  # type: ignore[method-assign]
+        loop_thread = m.thread
+        seen: list[tuple[bool, bool]] = []
+        real_infos = merkle.new_block_infos
+
+        def infos(*a):  # type: ignore[no-untyped-def]
+            seen.append((threading.current_thread() is loop_thread, posted.wait(5)))
+            return real_infos(*a)
+
+        monkeypatch.setattr(merkle, "new_block_infos", infos)
+        walks: list[int] = []
+        real_outgoing = snapshots.outgoing
+        monkeypatch.setattr(snapshots, "outgoing", lambda *a: walks.append(1) or real_outgoing(*a))
+        diffs_after_walk: list[int] = []  # the since-previous diff starts once the blocks are collected
+        real_since = m.master.snapshots.since_previous
+
+        async def since_previous(*a):  # type: ignore[no-untyped-def]
+            diffs_after_walk.append(len(walks))
+            return await real_since(*a)
+
+        m.master.snapshots.since_previous = since_previous  # type: ignore[method-assign]
+        rows_on_loop: list[bool] = []  # the op's rows of them too
+        real_rows = snapshots.encode_block_infos
+        monkeypatch.setattr(snapshots, "encode_block_infos",
+                            lambda i: rows_on_loop.append(threading.current_thread() is loop_thread) or real_rows(i))
+        with Client(cl.master_url, cl.token) as c:
+            c.mkdir("/t/big", parents=True)
+            for i in range(40):
+                c.put(f"/t/big/f{i:03d}", f"v1-{i}".encode())
+            assert c.snapshot_create("/t", "s1", copies=2)["state"] == "ready"
+            assert seen == [(False, True)]
+            c.put("/t/big/f007", b"changed")
+            posted.clear()
+            s2 = c.snapshot_create("/t", "s2", copies=2)
+            assert s2["state"] == "ready" and s2["shipped_bytes"] > 0
+            assert seen[1:] == [(False, True)]
+            assert len(walks) == 2  # one walk per build: the second holder takes the first one's
+            assert rows_on_loop == [False, False]
+            assert diffs_after_walk == [1, 2]

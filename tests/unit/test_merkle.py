@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from kubegfs import merkle
 from kubegfs import namespace as ns
 from kubegfs.errors import CorruptData
+from kubegfs.formats import unpackb
 from kubegfs.snapdiff import diff_steps, run, summarize
 
 
@@ -561,6 +562,29 @@ def test_a_changed_big_directory_encodes_only_the_runs_around_its_changes(rng, c
         merkle._dir_blocks_from = real
     if len(ns.must_dir(root, ("big",)).children) > 200 and not capped:
         assert any(r is not None and not r.whole for r in taken)  # the incremental path ran
+    for r in taken:  # the leaves it names, in order, as the next change of it takes them
+        if r is not None:
+            assert list(r.leaves) == merkle._leaves(merkle.block_digest(r.head), r.kids)
+            assert merkle._INFOS[merkle.block_digest(r.head)][3] == r.leaves
+
+
+def test_a_split_directory_names_its_leaves_in_order():
+    d = big_dir(700, random.Random(3))
+    blocks = merkle.dir_blocks(d, V, lambda c: merkle.digest(c, V))
+    assert len(blocks.leaves) == len(blocks.lasts) > 1
+    assert list(blocks.leaves) == merkle._leaves(merkle.block_digest(blocks.head), blocks.kids)
+    for leaf, last in zip(blocks.leaves, blocks.lasts, strict=True):
+        assert next(reversed(merkle.decode_block(dict(blocks.parts)[leaf]).entries)) == last
+    assert merkle.dir_blocks(big_dir(5, random.Random(3)), V, lambda c: merkle.digest(c, V)).leaves == ()
+
+
+def test_a_block_naming_sub_blocks_has_every_entry_column_empty():
+    parts = bytes(range(64))
+    for kind, mode, mtime in ((merkle.KIND_DIR, 0o755, 12), (merkle.KIND_PART, 0, 0)):
+        data, info = merkle._entries_block(kind, mode, mtime, [], V, merkle._no_dirs, parts)
+        assert unpackb(data) == [merkle.BLOCK_FORMAT, kind, mode, mtime, *[b""] * 9, parts]
+        assert info == merkle.BlockInfo((parts[:32], parts[32:]), b"")
+        assert merkle.decode_block(data).parts == (parts[:32], parts[32:])
 
 
 def test_a_derived_directory_keeps_one_older_version_and_forgets_it_once_digested():
@@ -765,3 +789,22 @@ def test_too_many_edits_go_by_blocks(monkeypatch):
     assert len(ns.edits_to(live, snap)) == 4  # three files back, the directory's mtime
     monkeypatch.setattr(ns, "MAX_EDITS", 3)
     assert ns.edits_to(live, snap) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_leaves_encoded_together_are_those_encoded_one_by_one(rng):
+    kids = {}
+    for i in range(rng.randrange(1, 300)):
+        if rng.random() < 0.2:
+            kids[f"d{i}"] = ns.Dir(immutables.Map({"x": ns.File(1, 1, 0o644, (i,))}), 2, 0o700)
+        else:
+            kids[f"f{i}"] = ns.File(rng.randrange(1 << 40), rng.randrange(1 << 60), 0o600,
+                                    tuple(rng.randrange(1 << 50) for _ in range(rng.choice((0, 1, 1, 3)))))
+    names = sorted(kids)
+    items = [(n, kids[n]) for n in names]
+    ends = merkle.runs(merkle._ranks(names), 0)
+    child = lambda c: merkle.digest(c, V)  # noqa: E731
+    one_by_one = [merkle._entries_block(merkle.KIND_PART, 0, 0, items[a:b], V, child)
+                  for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    assert merkle._leaf_blocks(items, ends, V, child) == one_by_one
