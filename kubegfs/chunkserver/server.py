@@ -146,7 +146,7 @@ class Chunkserver:
     def _update_gauges(self) -> None:
         M.CS_CHUNKS.set(len(self.store.index))
         M.CS_BYTES.set(self.store.chunk_bytes)
-        M.CS_RECORDS.set(len(self.store.list_records()))
+        M.CS_RECORDS.set(len(self.store.record_sizes))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"ok": True, "id": self.id})
@@ -482,7 +482,7 @@ class Chunkserver:
 
     # ------------------------------------------------------------------ heartbeats
 
-    def _heartbeat_body(self) -> dict[str, Any]:
+    def _heartbeat_body(self, record_digests: dict[str, list[int | str]]) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.id,
             "cluster_id": self.membership.cluster_id,
@@ -492,8 +492,8 @@ class Chunkserver:
             "used_bytes": self.store.used_bytes(),
             "free_bytes": self.store.free_bytes(),
             "chunk_size": self.chunk_size,
-            "records": self.store.list_records(),
-            "record_digests": self.store.record_digests(),
+            "records": sorted(record_digests),
+            "record_digests": record_digests,
             # after a (re-)registration the master may have forgotten earlier reports: repeat all
             "corrupt": [hexh(h) for h in (self.store.corrupt if not self._registered
                                           else self.store.corrupt - self._reported_corrupt)],
@@ -511,7 +511,7 @@ class Chunkserver:
 
     async def _heartbeat_once(self) -> None:
         assert self._session is not None
-        body = self._heartbeat_body()
+        body = self._heartbeat_body(await self._run(self.store.record_digests))  # disk reads off the loop
         added, removed = dict(self._added), set(self._removed)
         corrupt = set(self.store.corrupt)
         dropped = set(self.blocks.dropped)

@@ -53,6 +53,8 @@ class ChunkStore:
         self.chunk_bytes = 0  # sum of the lengths in ``index``, kept as it changes
         self.corrupt: set[int] = set()
         self._pending: dict[int, tuple[int, int, array]] = {}  # handle -> unsynced (version, length, CRCs)
+        self.record_sizes: dict[str, int] = {}  # record id -> bytes, as of the last pass or store
+        self._sidecars: dict[str, tuple[tuple[int, int, int], str]] = {}  # id -> (sidecar stat, sha256)
         self._load()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -84,6 +86,7 @@ class ChunkStore:
         for data in self.chunks_dir.glob("*/*.chk"):
             if not data.with_suffix(".meta").exists():
                 data.unlink(missing_ok=True)
+        self.record_digests()
 
     def lock(self, h: int) -> threading.Lock:
         with self._lock:
@@ -103,9 +106,7 @@ class ChunkStore:
         self.index[h] = (version, length)
 
     def used_bytes(self) -> int:
-        return self.chunk_bytes + sum(
-            p.stat().st_size for p in self.records_dir.glob("*.rec")
-        )
+        return self.chunk_bytes + sum(self.record_sizes.values())
 
     def capacity_bytes(self) -> int:
         st = os.statvfs(self.root)
@@ -355,6 +356,7 @@ class ChunkStore:
                 atomic_write(sha_path, digest.encode())  # its directory fsync covers both renames
         finally:
             tmp.unlink(missing_ok=True)
+        self.record_sizes[rid] = n
         return n, digest
 
     def record_path(self, rid: str) -> tuple[Path, str]:
@@ -375,6 +377,7 @@ class ChunkStore:
         rec, sha = self._rec_paths(rid)
         rec.unlink(missing_ok=True)
         sha.unlink(missing_ok=True)
+        self.record_sizes.pop(rid, None)
 
     def list_records(self) -> list[str]:
         return sorted(p.stem for p in self.records_dir.glob("*.rec"))
@@ -382,18 +385,42 @@ class ChunkStore:
     def record_digests(self) -> dict[str, list[int | str]]:
         """Each record's size and the sha256 its sidecar claims ("" while it is being written):
         the master compares them with its catalog, so a truncated copy or another record's bytes
-        under this id are noticed at the next heartbeat, not only by a full scrub."""
-        out: dict[str, list[int | str]] = {}
-        for rec in self.records_dir.glob("*.rec"):
-            try:
-                size = rec.stat().st_size
-                sha = rec.with_suffix(".sha256").read_text().strip()
-            except FileNotFoundError:
-                sha = ""
-                if not rec.exists():
+        under this id are noticed at the next heartbeat, not only by a full scrub. One pass of
+        the directory's entries and their stats; a sidecar is read again only when its stat
+        (inode, mtime, size) changed since the last pass, so a heartbeat at a thousand records
+        costs stats (~2 ms), not a thousand file reads (~20 ms). Refreshes ``record_sizes``."""
+        sizes: dict[str, int] = {}
+        sides: dict[str, tuple[int, int, int]] = {}
+        with os.scandir(self.records_dir) as entries:
+            for e in entries:
+                rid, _, ext = e.name.rpartition(".")
+                if ext not in ("rec", "sha256"):
                     continue
-                size = rec.stat().st_size
-            out[rec.stem] = [size, sha]
+                try:
+                    st = e.stat()
+                except FileNotFoundError:
+                    continue
+                if ext == "rec":
+                    sizes[rid] = st.st_size
+                else:
+                    sides[rid] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        known, seen = self._sidecars, {}
+        out: dict[str, list[int | str]] = {}
+        for rid, size in sizes.items():
+            sha, key = "", sides.get(rid)
+            if key is not None:
+                hit = known.get(rid)
+                if hit is not None and hit[0] == key:
+                    sha = hit[1]
+                else:
+                    try:
+                        sha = (self.records_dir / f"{rid}.sha256").read_bytes().decode("ascii", "replace").strip()
+                    except FileNotFoundError:
+                        key = None
+                if key is not None:
+                    seen[rid] = (key, sha)
+            out[rid] = [size, sha]
+        self._sidecars, self.record_sizes = seen, sizes
         return out
 
 

@@ -1,5 +1,7 @@
 """On-disk formats: op-log framing (torn tails, flipped bytes), SnapObj codec, chunk store."""
 
+import hashlib
+import os
 import random
 
 import immutables
@@ -221,7 +223,6 @@ def test_chunk_clone_is_independent(tmp_path):
 
 def test_record_store_verifies(tmp_path):
     s = ChunkStore(tmp_path, BLOCK_SIZE)
-    import hashlib
     body = b"record" * 1000
     sha = hashlib.sha256(body).hexdigest()
     with pytest.raises(CorruptData):
@@ -280,3 +281,29 @@ def test_snapobj_bytes_do_not_depend_on_the_hash_seed():
     shas = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            capture_output=True, text=True, check=True).stdout for seed in (1, 2, 3)}
     assert len(shas) == 1, shas
+
+
+def test_record_digests_notice_a_truncated_record_and_a_new_sidecar_without_rereading_old_ones(tmp_path):
+    s = ChunkStore(tmp_path, 4 * BLOCK_SIZE)
+    body = b"record" * 100
+    sha = hashlib.sha256(body).hexdigest()
+    s.put_record("r1", iter([body]), sha)
+    s.put_record("r2", iter([body]), sha)
+    assert s.record_digests() == {"r1": [600, sha], "r2": [600, sha]}
+    assert s.used_bytes() == 1200 and len(s.record_sizes) == 2
+    rec1, side1 = s._rec_paths("r1")
+    # the same sidecar file rewritten in place with its stat unchanged is not read again
+    st = side1.stat()
+    with open(side1, "r+b") as f:
+        f.write(b"f" * 64)
+    os.utime(side1, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert s.record_digests()["r1"] == [600, sha]
+    # a truncated record and a replaced sidecar (a new file, as every write makes) are noticed
+    os.truncate(rec1, 10)
+    tmp = side1.with_suffix(".new")
+    tmp.write_bytes(b"e" * 64)
+    os.replace(tmp, side1)
+    assert s.record_digests()["r1"] == [10, "e" * 64]
+    s.delete_record("r2")
+    assert "r2" not in s.record_sizes and s.used_bytes() == 10
+    assert ChunkStore(tmp_path, 4 * BLOCK_SIZE).record_sizes == {"r1": 10}  # a restart counts them again
