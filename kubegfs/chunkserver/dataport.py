@@ -55,6 +55,7 @@ MAX_HEAD = 16 * 1024
 HEAD_RECV = 64 * 1024
 POOLED = 8  # piece buffers kept for reuse (a window of pieces in flight, both directions)
 ROUTE = "/internal/chunks/{h} (data port)"  # the request metrics' route label
+PART = 256 * 1024  # a piece's body is handed on in parts of at least this (server.py's STREAM_BATCH)
 PEER_TIMEOUT = 60.0  # a forwarded piece's whole exchange, as the main port's peer session
 
 # (h, offset, version, sync, chain, length, body parts) -> the answer's JSON object
@@ -100,21 +101,27 @@ async def read_head(loop: asyncio.AbstractEventLoop, sock: socket.socket, buf: b
 
 
 async def receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview,
-                  early: bytearray) -> AsyncIterator[memoryview]:
+                  early: bytearray, part: int = PART) -> AsyncIterator[memoryview]:
     """Fill ``view`` (a body of exactly its length) from ``early`` (bytes that came with the
-    head, taken out of it) and then ``sock``, yielding each part as a view of it."""
+    head, taken out of it) and then ``sock``, yielding it in views of at least ``part`` bytes
+    (the last may be shorter): each is one disk write and one send down the chain, whatever
+    the sizes the socket hands out."""
     have = min(len(early), len(view))
     if have:
         view[:have] = early[:have]
         del early[:have]
-        yield view[:have]
     n = len(view)
+    start = 0
     while have < n:
+        if have - start >= part:
+            yield view[start:have]
+            start = have
         k = await loop.sock_recv_into(sock, view[have:])
         if not k:
             raise ConnectionError("the connection closed inside a piece's body")
-        yield view[have : have + k]
         have += k
+    if have > start:
+        yield view[start:have]
 
 
 def answer(status: int, body: Any, keep_alive: bool, port: int | None) -> bytes:
