@@ -63,29 +63,35 @@ def test_a_put_sends_its_pieces_to_the_data_ports_it_learned(cluster):
         assert len(copies) == 1
 
 
-def test_a_chunkserver_forwards_to_the_data_port_it_learned(shared_cluster):
-    """A piece forwarded once through the main ports names the next replicas' data ports; the
-    next piece goes down the chain through the data ports only."""
-    cs = shared_cluster.chunkservers
-    tok = shared_cluster.token
-    h = {"Authorization": f"Bearer {tok}", "X-Kubegfs-Chain": f"{cs[1].url},{cs[2].url}"}
-    r = requests.put(cs[0].url + "/internal/chunks/00000000000da7a5?version=1&offset=0", data=b"one",
-                     headers=h, timeout=10)
-    assert r.status_code == 200 and len(r.json()["acked"]) == 3, r.text
-    main = [_metric(p, "/internal/chunks/{h}", tok) for p in cs]
-    lean = [_metric(p, LEAN, tok) for p in cs]
-    r2 = _put(_data_url(cs[0], tok), "/internal/chunks/00000000000da7a5?version=1&offset=3", b"two", h)
-    assert r2.status == 200, bytes(r2.body)
-    assert len(json.loads(bytes(r2.body))["acked"]) == 3
-    assert [_metric(p, "/internal/chunks/{h}", tok) for p in cs] == [main[0] + 1, main[1], main[2]]  # _data_url's
-    assert [_metric(p, LEAN, tok) - n for p, n in zip(cs, lean, strict=True)] == [1, 1, 1]
-
-
 def _open_chunk(c, path):
     """A chunk placed for an open write (its lease held, so the master keeps it): its handle,
     version and replicas."""
     lease = c.api("POST", "/fs/open", json={"path": path, "mode": "create", "alloc": True})
     return lease["first"]
+
+
+def test_a_chunkserver_forwards_to_the_data_port_it_learned(shared_cluster):
+    """A piece forwarded once through the main ports names the next replicas' data ports; the
+    next piece goes down the chain through the data ports only."""
+    c = shared_cluster.client()
+    tok = shared_cluster.token
+    first = _open_chunk(c, "/forwarded")
+    by_url = {p.url: p for p in shared_cluster.chunkservers}
+    cs = [by_url[r["address"]] for r in first["replicas"]]
+    h = {"Authorization": f"Bearer {tok}", "X-Kubegfs-Chain": f"{cs[1].url},{cs[2].url}"}
+    target = f"/internal/chunks/{first['handle']}?version={first['version']}"
+    r = requests.put(f"{cs[0].url}{target}&offset=0", data=b"one", headers=h, timeout=10)
+    assert r.status_code == 200 and len(r.json()["acked"]) == 3, r.text
+    url = _data_url(cs[0], tok)
+    main = [_metric(p, "/internal/chunks/{h}", tok) for p in cs]
+    lean = [_metric(p, LEAN, tok) for p in cs]
+    r2 = _put(url, f"{target}&offset=3", b"two", h)
+    assert r2.status == 200, bytes(r2.body)
+    assert len(json.loads(bytes(r2.body))["acked"]) == 3
+    assert [_metric(p, "/internal/chunks/{h}", tok) for p in cs] == main
+    assert [_metric(p, LEAN, tok) - n for p, n in zip(cs, lean, strict=True)] == [1, 1, 1]
+    for p in cs:
+        assert bytes(c._req("GET", f"{p.url}{target}")) == b"onetwo"
 
 
 def test_a_direct_piece_on_the_data_port_goes_down_the_chain(shared_cluster):
