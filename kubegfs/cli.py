@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .errors import KubegfsError
+from .errors import InvalidArgument, KubegfsError
 from .topology import Location
 
 
@@ -299,7 +299,10 @@ def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, 
     if data_listen and data_listen != "off":
         from .web import split_listen
 
-        split_listen(data_listen)  # a bad value is one error line now, not a crash at startup
+        try:
+            split_listen(data_listen)  # a bad value is one error line now, not a crash at startup
+        except InvalidArgument:
+            raise InvalidArgument(f"--data-listen must be HOST:PORT or off, got {data_listen!r}") from None
     run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
         parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval, ssl_context=_server_ssl(tls_cert, tls_key),
         data_listen=data_listen)
