@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .errors import KubegfsError
+from .errors import InvalidArgument, KubegfsError
 from .topology import Location
 
 
@@ -285,17 +285,27 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
 @click.option("--heartbeat-interval", default=1.0, show_default=True, help="seconds between heartbeats to the master")
 @click.option("--scrub-interval", default=60.0, show_default=True,
               help="seconds between background checksum passes (0 = off)")
+@click.option("--data-listen", default="", help="HOST:PORT of the lean listener for written pieces "
+              "(default: --listen's host, any free port; 'off' for none; never with TLS)")
 @topology_options
 def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
                 internal_token: str | None, internal_token_file: str | None, metrics_token: str | None,
                 metrics_token_file: str | None, tls_cert: str | None, tls_key: str | None, advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
-                node: str, zone: str, region: str, topology_from_node: bool) -> None:
+                data_listen: str, node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run a chunkserver."""
     from .chunkserver.server import run
 
     tok = server_tokens(token, token_file, internal_token, internal_token_file, metrics_token, metrics_token_file)
+    if data_listen and data_listen != "off":
+        from .web import split_listen
+
+        try:
+            split_listen(data_listen)  # a bad value is one error line now, not a crash at startup
+        except InvalidArgument:
+            raise InvalidArgument(f"--data-listen must be HOST:PORT or off, got {data_listen!r}") from None
     run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
-        parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval, ssl_context=_server_ssl(tls_cert, tls_key))
+        parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval, ssl_context=_server_ssl(tls_cert, tls_key),
+        data_listen=data_listen)
 
 
 # ----------------------------------------------------------------------------- fs

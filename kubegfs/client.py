@@ -166,13 +166,18 @@ class _Pipeline:
             chain = list(chunk.live)
         while chain:
             head, rest = chain[0], chain[1:]
+            addr = str(head["address"])
+            lean = self.client.data_ports.get(addr)  # the chunkserver's data port, once it named it
             try:
                 reply = self.client._req(
-                    "PUT", f"{head['address']}/internal/chunks/{chunk.handle}", data=data, decode=True,
+                    "PUT", f"{lean or addr}/internal/chunks/{chunk.handle}", data=data, decode=True,
                     params={"offset": off, "version": chunk.version, "sync": "1" if sync else "0"},
                     headers={"X-Kubegfs-Chain": ",".join(str(r["address"]) for r in rest)}, on_sent=sent)
             except KubegfsError as exc:
                 sent()  # a resend to the rest is not ordered with the pieces after it (the turnstile is)
+                if lean is not None and isinstance(exc, Unavailable):
+                    self.client.data_ports.pop(addr, None)  # its main port gets the piece (again)
+                    continue
                 with self._lock:
                     chunk.drop(str(head["id"]), exc)
                     chain = [r for r in rest if r in chunk.live]
@@ -251,6 +256,9 @@ class Client:
         self._fast: str | None = None
         self._fast_off = False
         self._shared: dict[str, sharedconn.SharedConnection] = {}  # by the listener's base URL
+        # chunkservers' data ports (kubegfs/chunkserver/dataport.py) as base URLs, by their main
+        # base URL, as their answers named them; a put sends its pieces there
+        self.data_ports: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
@@ -350,6 +358,9 @@ class Client:
                 r = conn.response(method, into=into)
                 status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
                 fast = r.headers.get("x-kubegfs-fastpath")
+                data_port = r.headers.get("x-kubegfs-data-port")
+                if data_port is not None and data_port.isdigit():
+                    self._learn_data_port(u, data_port)
             else:
                 if isinstance(body, list):
                     body = b"".join(body)
@@ -371,6 +382,12 @@ class Client:
             host = u.hostname or ""
             self._fast = f"{u.scheme}://{f'[{host}]' if ':' in host else host}:{fast}"
         return status, content, ctype
+
+    def _learn_data_port(self, u: Any, port: str) -> None:
+        base = f"{u.scheme}://{u.netloc}"
+        if base not in self.data_ports and base not in self.data_ports.values():
+            host = u.hostname or ""
+            self.data_ports[base] = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
         return self._req(method, f"{self.master}/api/v1{path}", decode=True, **kw)

@@ -140,6 +140,7 @@ class LocalCluster:
         self.cacert: Path | None = None
         self.scrub_interval = scrub_interval
         self.master_args = master_args or []  # extra ``kubegfs master`` flags
+        self.chunkserver_args: list[str] = []  # extra ``kubegfs chunkserver`` flags
         self.data_dir = data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # one token per role (kubegfs/auth.py), made once and kept in the data dir: zero config
@@ -236,7 +237,7 @@ class LocalCluster:
                         "--heartbeat-interval", str(self.heartbeat),
                         "--scrub-interval", str(self.scrub_interval),
                         "--node", p.node, "--zone", p.zone, "--region", p.region,
-                        *(["--advertise", p.advertise] if p.advertise else [])])
+                        *(["--advertise", p.advertise] if p.advertise else []), *self.chunkserver_args])
         if wait:
             self._wait_http(p, "/healthz")
 

@@ -1,4 +1,5 @@
-"""What every kubegfs HTTP server shares: token auth by role, JSON errors, body limits, metrics, and
+"""What every kubegfs HTTP server shares: token auth by role, JSON errors, body limits, metrics, the
+request-head parsing of the lean listeners (master/fastpath.py, chunkserver/dataport.py), and
 the body encoding: JSON (curl, and the default), or msgpack when the request's ``Content-Type``
 or ``Accept`` names ``application/x-msgpack`` (the Python client's choice: cheaper to encode and
 decode than JSON on the hot metadata calls). msgpack bodies decode to plain maps, lists, strings
@@ -13,8 +14,9 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 import aiohttp
 import msgpack
@@ -35,6 +37,7 @@ PEER_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, KubegfsError, aioh
 MAX_JSON_BODY = 8 * 1024 * 1024
 TOKEN_HEADER = "Authorization"
 CHAIN_HEADER = "X-Kubegfs-Chain"  # a piece's PUT: the replicas after this one (chunkserver/server.py)
+MAX_CHAIN = 8  # replicas a piece's chain may name
 CLUSTER_HEADER = "X-Kubegfs-Cluster"  # master -> chunkserver calls name their cluster (master/identity.py)
 
 MSGPACK = "application/x-msgpack"
@@ -219,6 +222,76 @@ def run_app(app: web.Application, host: str, port: int, ssl_context: ssl.SSLCont
                 ssl_context=ssl_context)
 
 
+class Request:
+    """One parsed request head (names of headers lowercased)."""
+
+    __slots__ = ("method", "path", "query", "headers", "length", "keep_alive")
+
+    def __init__(self, method: str, path: str, query: str, headers: dict[str, str], length: int,
+                 keep_alive: bool) -> None:
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.length, self.keep_alive = length, keep_alive
+
+
+def parse_head(head: bytes) -> Request:
+    """A request line and headers (without the blank line); InvalidArgument if malformed,
+    PayloadTooLarge if its body may not be read here."""
+    try:
+        text = head.decode("latin-1")
+        line, *lines = text.split("\r\n")
+        method, target, version = line.split(" ")
+    except ValueError as exc:
+        raise InvalidArgument("malformed request line") from exc
+    if not version.startswith("HTTP/1.") or not target.startswith("/"):
+        raise InvalidArgument("malformed request line")
+    headers: dict[str, str] = {}
+    for h in lines:
+        name, sep, value = h.partition(":")
+        if not sep or not name or name != name.strip():
+            raise InvalidArgument("malformed header line")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise InvalidArgument("chunked bodies are not read on this port")
+    raw_len = headers.get("content-length", "0")
+    if not raw_len.isdigit():
+        raise InvalidArgument("bad Content-Length")
+    length = int(raw_len)
+    if length > MAX_JSON_BODY:
+        raise PayloadTooLarge(f"body larger than {MAX_JSON_BODY} bytes")
+    conn = headers.get("connection", "").lower()
+    keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
+    path, _, query = target.partition("?")
+    return Request(method, path, query, headers, length, keep)
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """``a=1&b=%2Fx`` -> {"a": "1", "b": "/x"}; a repeated name keeps its first value (as the
+    main port's ``request.query.get`` does)."""
+    out: dict[str, str] = {}
+    if not query:
+        return out
+    for part in query.split("&"):
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        k = unquote_plus(k) if "%" in k or "+" in k else k
+        out.setdefault(k, unquote_plus(v) if "%" in v or "+" in v else v)
+    return out
+
+
+def parse_chain(raw: str) -> list[str]:
+    """The replicas a piece is forwarded to: up to MAX_CHAIN distinct http(s) base URLs."""
+    if not raw:
+        return []
+    chain = [u.strip().rstrip("/") for u in raw.split(",")]
+    if len(chain) > MAX_CHAIN or len(set(chain)) != len(chain):
+        raise InvalidArgument(f"{CHAIN_HEADER}: at most {MAX_CHAIN} distinct replicas")
+    for u in chain:
+        if not u.startswith(("http://", "https://")) or len(u) > 300 or any(c in u for c in " ?#\r\n"):
+            raise InvalidArgument(f"{CHAIN_HEADER}: {u[:60]!r} is not an http(s) base URL")
+    return chain
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) of a ``--listen`` option."""
     host, _, port = listen.rpartition(":")
@@ -267,7 +340,12 @@ def field_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
 
 
 def query_int(request: web.Request, key: str, default: int | None = None, lo: int = 0, hi: int = 1 << 62) -> int:
-    raw = request.query.get(key)
+    return int_param(request.query, key, default, lo, hi)
+
+
+def int_param(query: Mapping[str, str], key: str, default: int | None = None, lo: int = 0, hi: int = 1 << 62) -> int:
+    """An integer query parameter in [lo, hi] (``default`` if absent); InvalidArgument otherwise."""
+    raw = query.get(key)
     if raw is None:
         if default is None:
             raise InvalidArgument(f"missing query parameter {key!r}")

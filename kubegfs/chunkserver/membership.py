@@ -65,14 +65,17 @@ class Membership:
             log.error("%s", why)
         self.refused = why
 
+    def check_caller(self, theirs: str) -> None:
+        """Refuse a call that names another cluster (``theirs``: its CLUSTER_HEADER, or "")."""
+        if theirs and self.cluster_id and theirs != self.cluster_id:
+            M.CS_CLUSTER_REFUSALS.inc()
+            raise ClusterMismatch(f"this chunkserver belongs to cluster {self.cluster_id}, the "
+                                  f"caller to {theirs}; refused")
+
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         @web.middleware
         async def same_cluster(request: web.Request, handler: Any) -> web.StreamResponse:
-            theirs = request.headers.get(CLUSTER_HEADER, "")
-            if theirs and self.cluster_id and theirs != self.cluster_id:
-                M.CS_CLUSTER_REFUSALS.inc()
-                raise ClusterMismatch(f"this chunkserver belongs to cluster {self.cluster_id}, the "
-                                      f"caller to {theirs}; refused")
+            self.check_caller(request.headers.get(CLUSTER_HEADER, ""))
             return await handler(request)
 
         return same_cluster

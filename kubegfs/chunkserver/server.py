@@ -8,7 +8,8 @@ downstream answer and answers with the ids of every replica that stored the piec
 first. The client keeps several pieces in flight, so a chunk's pieces may arrive together: each
 waits for its turn in offset order (turnstile.py). So the client uploads every byte once, the
 disk, the network and the replicas work at the same time, and every hop reuses keep-alive
-connections.
+connections. Pieces take the same path (``accept_piece``) when they arrive on the lean data port
+(dataport.py), which the piece answers here name and which clients and forwards then use.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -42,6 +44,7 @@ from ..web import (
     json_response,
     make_middlewares,
     metrics_handler,
+    parse_chain,
     peer_session,
     query_int,
     read_json,
@@ -51,6 +54,7 @@ from ..web import (
 )
 from . import metaapi
 from .blocks import BlockStore
+from .dataport import DATA_PORT_HEADER, BufferPool, DataListener, PeerLinks
 from .membership import Membership
 from .metastore import MetaStore
 from .store import ChunkStore
@@ -59,7 +63,6 @@ from .turnstile import Turnstile
 log = logging.getLogger("kubegfs.chunkserver")
 
 MAX_PIECE = 8 * 1024 * 1024
-MAX_CHAIN = 8
 STREAM_BATCH = 256 * 1024  # a streamed piece goes to disk in writes of at least this much (its CRC and copy
 # then run on bytes that arrived moments ago, still in the CPU cache: 256 KiB measured ~25% faster puts than 1 MiB)
 
@@ -68,9 +71,10 @@ class Chunkserver:
     def __init__(
         self, data_dir: Path, master_url: str, token: str | Tokens, advertise: str, location: Location,
         chunk_size: int | None = None, heartbeat_interval: float = 1.0, cs_id: str | None = None,
-        scrub_interval: float = 60.0,
+        scrub_interval: float = 60.0, data_listen: tuple[str, int] | None = None,
     ) -> None:
         self.scrub_interval = scrub_interval
+        self.data_listen = data_listen  # HOST, PORT (0: any free one) of the data port; None: none
         self.corrupt_records: set[str] = set()
         self.data_dir = data_dir
         self.master_url = master_url.rstrip("/")
@@ -97,6 +101,9 @@ class Chunkserver:
         self.master_ok = False
         self._scrub_pos = 0
         self.turnstile = Turnstile(lambda h: self.store.index.get(h, (0, 0))[1])
+        self.data = DataListener(self.accept_piece, self.tokens, self.membership.check_caller, self.chunk_size,
+                                 BufferPool(MAX_PIECE))
+        self.peers = PeerLinks(self.token, lambda: self.membership.cluster_id)
 
     # ------------------------------------------------------------------ app
 
@@ -131,6 +138,9 @@ class Chunkserver:
 
     async def _start(self, app: web.Application) -> None:
         self._session = peer_session(self.token, aiohttp.ClientTimeout(total=60, connect=5))
+        if self.data_listen is not None:
+            port = await self.data.start(*self.data_listen)
+            log.info("chunkserver %s takes pieces on data port %d too", self.id, port)
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         if self.scrub_interval > 0:
             self._tasks.append(asyncio.create_task(self._scrub_loop()))
@@ -140,6 +150,8 @@ class Chunkserver:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.data.stop()
+        self.peers.close()
         if self._session:
             await self._session.close()
 
@@ -179,7 +191,8 @@ class Chunkserver:
         ``{"length", "version", "acked": [ids], "failed": {who: message}}``: ``acked`` lists this
         replica and every downstream one that stored the piece; one that did not is in
         ``failed``. If this replica's own write fails the answer is that error (the client
-        then sends the piece to the rest of the chain itself)."""
+        then sends the piece to the rest of the chain itself). The answer names the data port
+        (dataport.py), where later pieces may go."""
         h = handle_hex(request.match_info["h"])
         offset = query_int(request, "offset", 0, 0, self.chunk_size)
         version = query_int(request, "version", None, 1)
@@ -188,17 +201,27 @@ class Chunkserver:
         expect = request.content_length
         if expect is not None and expect > MAX_PIECE:
             raise InvalidArgument(f"piece larger than {MAX_PIECE} bytes")
-        fq: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: the piece is held whole anyway
+        reply = await self.accept_piece(h, offset, version, sync, chain, expect, request.content.iter_any())
+        resp = json_response(reply)
+        if self.data.port is not None:
+            resp.headers[DATA_PORT_HEADER] = str(self.data.port)
+        return resp
+
+    async def accept_piece(self, h: int, offset: int, version: int, sync: bool, chain: list[str],
+                           expect: int | None, body: AsyncIterator[bytes | memoryview]) -> dict[str, Any]:
+        """A piece whose ``body`` parts arrive on either port: stored here and forwarded to
+        ``chain`` as they arrive; the answer's JSON object (see ``put_chunk``)."""
+        fq: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue()  # unbounded: the piece is held whole anyway
         fwd = asyncio.create_task(self._forward(chain, h, offset, version, sync, _drain(fq), expect)
                                   ) if chain else None
         existed = h in self.store.index  # before the local write below can create it
-        lq: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        lq: asyncio.Queue[bytes | memoryview | BaseException | None] = asyncio.Queue()
         local = asyncio.ensure_future(self._store_piece(h, offset, version, sync, expect, lq))
         local.add_done_callback(_quiet)  # awaited below, unless the body breaks off
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         n = 0
         try:
-            async for part in request.content.iter_any():
+            async for part in body:
                 n += len(part)
                 if n > MAX_PIECE:
                     raise InvalidArgument(f"piece larger than {MAX_PIECE} bytes")
@@ -226,18 +249,17 @@ class Chunkserver:
                 failed[rest[0]] = f"{exc.__class__.__name__}: {exc}"
                 rest = rest[1:]
                 fwd = asyncio.ensure_future(
-                    self._forward(rest, h, offset, version, sync, b"".join(parts), n)) if rest else None
+                    self._forward(rest, h, offset, version, sync, _once(parts), n)) if rest else None
         length = await local
         M.CS_WRITE_BYTES.inc(n)
         self._added[h] = version
         self._removed.discard(h)
         if not existed:
             self._update_gauges()
-        return json_response({"length": length, "version": version, "acked": [self.id, *acked],
-                              "failed": failed})
+        return {"length": length, "version": version, "acked": [self.id, *acked], "failed": failed}
 
     async def _store_piece(self, h: int, offset: int, version: int, sync: bool, expect: int | None,
-                           q: asyncio.Queue[bytes | BaseException | None]) -> int:
+                           q: asyncio.Queue[bytes | memoryview | BaseException | None]) -> int:
         """Write a piece's parts from ``q`` as they arrive, in its turn among the chunk's pieces.
         A piece that extends the chunk goes to disk in batches of at least STREAM_BATCH bytes
         while the rest is still on the wire; one that rewrites existing bytes (a resend) is
@@ -248,7 +270,7 @@ class Chunkserver:
                 return int(await self._run(self.store.write, h, offset, whole, version, sync))
             w = await self._run(self.store.writer, h, offset, version, MAX_PIECE if expect is None else expect)
             try:
-                batch: list[bytes] = []
+                batch: list[bytes | memoryview] = []
                 size = 0
                 async for p in _parts(q):
                     batch.append(p)
@@ -263,23 +285,29 @@ class Chunkserver:
                 w.close()  # no executor call is running: each was awaited (this task is never cancelled)
 
     async def _forward(self, chain: list[str], h: int, offset: int, version: int, sync: bool,
-                       body: Any, length: int | None) -> dict[str, Any]:
-        """Send the piece (bytes, or its parts as they arrive) to ``chain[0]``, naming the rest."""
+                       body: AsyncIterator[bytes | memoryview], length: int | None) -> dict[str, Any]:
+        """Send the piece (its parts as they arrive) to ``chain[0]``, naming the rest: to its
+        data port once an answer has named it (dataport.py), else to its main port."""
         assert self._session is not None
+        base = chain[0]
+        target = f"/internal/chunks/{hexh(h)}?offset={offset}&version={version}&sync={'1' if sync else '0'}"
+        if length is not None and base in self.peers.ports:
+            try:
+                return await self.peers.forward(base, urlsplit(base).hostname or "", target, chain[1:], length, body)
+            except ConnectionRefusedError:
+                self.peers.forget(base)  # nothing was sent: the main port gets the whole piece
         headers = {CHAIN_HEADER: ",".join(chain[1:])}
         if length is not None:
             headers["Content-Length"] = str(length)
         if self.membership.cluster_id:
             headers[CLUSTER_HEADER] = self.membership.cluster_id
-        async with self._session.put(
-            f"{chain[0]}/internal/chunks/{hexh(h)}", data=body, headers=headers,
-            params={"offset": str(offset), "version": str(version), "sync": "1" if sync else "0"},
-        ) as resp:
+        async with self._session.put(f"{base}{target}", data=body, headers=headers) as resp:
+            self.peers.learn(base, resp.headers.get(DATA_PORT_HEADER))
             reply = await _safe_json(resp)
             if resp.status != 200:
                 raise from_json(resp.status, reply)
             if not isinstance(reply, dict):
-                raise InvalidArgument(f"{chain[0]} answered a piece with {str(reply)[:100]}")
+                raise InvalidArgument(f"{base} answered a piece with {str(reply)[:100]}")
             return reply
 
     async def get_chunk(self, request: web.Request) -> web.StreamResponse:
@@ -615,12 +643,18 @@ class Chunkserver:
             await asyncio.sleep(self.heartbeat_interval * (0.8 + 0.4 * random.random()))
 
 
-async def _drain(q: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+async def _drain(q: asyncio.Queue[bytes | memoryview | None]) -> AsyncIterator[bytes | memoryview]:
     while (part := await q.get()) is not None:
         yield part
 
 
-async def _parts(q: asyncio.Queue[bytes | BaseException | None]) -> AsyncIterator[bytes]:
+async def _once(parts: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    """A piece already received, as the parts it came in (to resend it down the chain)."""
+    for p in parts:
+        yield p
+
+
+async def _parts(q: asyncio.Queue[bytes | memoryview | BaseException | None]) -> AsyncIterator[bytes | memoryview]:
     """A piece's parts until its end (None); a body that broke off raises what broke it."""
     while (part := await q.get()) is not None:
         if isinstance(part, BaseException):
@@ -632,19 +666,6 @@ def _quiet(task: asyncio.Future[Any]) -> None:
     """Retrieve an abandoned task's outcome (its error was already answered another way)."""
     if not task.cancelled():
         task.exception()
-
-
-def parse_chain(raw: str) -> list[str]:
-    """The replicas a piece is forwarded to: up to MAX_CHAIN distinct http(s) base URLs."""
-    if not raw:
-        return []
-    chain = [u.strip().rstrip("/") for u in raw.split(",")]
-    if len(chain) > MAX_CHAIN or len(set(chain)) != len(chain):
-        raise InvalidArgument(f"{CHAIN_HEADER}: at most {MAX_CHAIN} distinct replicas")
-    for u in chain:
-        if not u.startswith(("http://", "https://")) or len(u) > 300 or any(c in u for c in " ?#\r\n"):
-            raise InvalidArgument(f"{CHAIN_HEADER}: {u[:60]!r} is not an http(s) base URL")
-    return chain
 
 
 async def send_body(request: web.Request, data: bytes, headers: dict[str, str]) -> web.StreamResponse:
@@ -697,13 +718,18 @@ def keep_heap(keep: int = 256 << 20) -> bool:
 def run(
     listen: str, data_dir: Path, master_url: str, token: str | Tokens, location: Location,
     advertise: str | None = None, chunk_size: int | None = None, heartbeat_interval: float = 1.0,
-    scrub_interval: float = 60.0, ssl_context: ssl.SSLContext | None = None,
+    scrub_interval: float = 60.0, ssl_context: ssl.SSLContext | None = None, data_listen: str = "",
 ) -> None:
+    """``data_listen``: HOST:PORT of the data port (dataport.py), "" for the main port's host and
+    any free port, "off" for none (a TLS chunkserver opens none: the data port is plain TCP)."""
     host, port = split_listen(listen)
+    data: tuple[str, int] | None = None
+    if data_listen != "off" and ssl_context is None:
+        data = split_listen(data_listen) if data_listen else (host, 0)
     adv = advertise or f"{'https' if ssl_context else 'http'}://{host}:{port}"
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     cs = Chunkserver(data_dir, master_url, token, adv, loc, chunk_size, heartbeat_interval,
-                     scrub_interval=scrub_interval)
+                     scrub_interval=scrub_interval, data_listen=data)
     log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
              loc.node, loc.zone, loc.region)
     keep_heap()

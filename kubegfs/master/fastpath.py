@@ -26,17 +26,18 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
-from urllib.parse import unquote_plus
 
 from ..auth import Policy, Tokens
-from ..errors import InvalidArgument, KubegfsError, NotFound, PayloadTooLarge
+from ..errors import InvalidArgument, KubegfsError, NotFound
 from ..web import (
-    MAX_JSON_BODY,
+    Request,
     RequestMetrics,
     check_auth,
     decode_object,
     encode_body,
     msgpack_wanted,
+    parse_head,
+    parse_query,
 )
 
 if TYPE_CHECKING:
@@ -64,63 +65,6 @@ def routes(api: Api) -> dict[tuple[str, str], Route]:
 
     return {("GET", "/api/v1/fs/stat"): stat, ("GET", "/api/v1/fs/ls"): ls,
             ("POST", "/api/v1/fs/stat_many"): stat_many}
-
-
-class Request:
-    """One parsed request head (names of headers lowercased)."""
-
-    __slots__ = ("method", "path", "query", "headers", "length", "keep_alive")
-
-    def __init__(self, method: str, path: str, query: str, headers: dict[str, str], length: int,
-                 keep_alive: bool) -> None:
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.length, self.keep_alive = length, keep_alive
-
-
-def parse_head(head: bytes) -> Request:
-    """A request line and headers (without the blank line); InvalidArgument if malformed,
-    PayloadTooLarge if its body may not be read here."""
-    try:
-        text = head.decode("latin-1")
-        line, *lines = text.split("\r\n")
-        method, target, version = line.split(" ")
-    except ValueError as exc:
-        raise InvalidArgument("malformed request line") from exc
-    if not version.startswith("HTTP/1.") or not target.startswith("/"):
-        raise InvalidArgument("malformed request line")
-    headers: dict[str, str] = {}
-    for h in lines:
-        name, sep, value = h.partition(":")
-        if not sep or not name or name != name.strip():
-            raise InvalidArgument("malformed header line")
-        headers[name.lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        raise InvalidArgument("chunked bodies are not read on this port")
-    raw_len = headers.get("content-length", "0")
-    if not raw_len.isdigit():
-        raise InvalidArgument("bad Content-Length")
-    length = int(raw_len)
-    if length > MAX_JSON_BODY:
-        raise PayloadTooLarge(f"body larger than {MAX_JSON_BODY} bytes")
-    conn = headers.get("connection", "").lower()
-    keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
-    path, _, query = target.partition("?")
-    return Request(method, path, query, headers, length, keep)
-
-
-def parse_query(query: str) -> dict[str, str]:
-    """``a=1&b=%2Fx`` -> {"a": "1", "b": "/x"}; a repeated name keeps its first value (as the
-    main port's ``request.query.get`` does)."""
-    out: dict[str, str] = {}
-    if not query:
-        return out
-    for part in query.split("&"):
-        if not part:
-            continue
-        k, _, v = part.partition("=")
-        k = unquote_plus(k) if "%" in k or "+" in k else k
-        out.setdefault(k, unquote_plus(v) if "%" in v or "+" in v else v)
-    return out
 
 
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}

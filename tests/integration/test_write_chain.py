@@ -139,14 +139,20 @@ def test_a_chunks_pieces_sent_out_of_order_are_stored_in_order(cluster):
     assert [set(g.values()) for g in _copies(cluster, c, "/ooo")] == [{data}]
 
 
-def test_a_body_that_breaks_off_stores_nothing_of_the_piece(cluster):
+@pytest.mark.parametrize("port", ["main", "data"])
+def test_a_body_that_breaks_off_stores_nothing_of_the_piece(cluster, port):
     """A streamed piece is written while it arrives, but it is part of the chunk only once whole:
-    a client that dies mid-body leaves the chunk as it was, on every replica of the chain."""
+    a client that dies mid-body leaves the chunk as it was, on every replica of the chain (on
+    the main port or on the data port, kubegfs/chunkserver/dataport.py)."""
     c = cluster.client()
     c.put("/cut", b"a" * 1000)
     ch = c.layout("/cut")["chunks"][0]
     head, rest = ch["replicas"][0], ch["replicas"][1:]
     u = urlsplit(head["address"])
+    if port == "data":  # named by any piece's answer
+        named = requests.put(head["address"] + "/internal/chunks/00000000000da7a0?version=1", data=b"p",
+                             headers={"Authorization": f"Bearer {c.token}"}, timeout=10)
+        u = urlsplit(f"http://{u.hostname}:{named.headers['X-Kubegfs-Data-Port']}")
     s = socket.create_connection((u.hostname, u.port))
     s.sendall((f"PUT /internal/chunks/{ch['handle']}?offset=1000&version={ch['version']}&sync=0 HTTP/1.1\r\n"
                f"Host: x\r\nAuthorization: Bearer {c.token}\r\nContent-Length: 200000\r\n"

@@ -327,6 +327,7 @@ def test_render(render, values):
     (["--set", "filesystem.replication=17"], "at '/filesystem/replication': maximum: got 17, want 16"),
     (["--set", "master.port=70000"], "at '/master/port': maximum: got 70,000, want 65,535"),
     (["--set", "master.fastPort=-1"], "at '/master/fastPort': minimum: got -1, want 0"),
+    (["--set", "chunkservers.dataPort=-1"], "at '/chunkservers/dataPort': minimum: got -1, want 0"),
     (["--set", "chunkservers.topologySpread.whenUnsatisfiable=Maybe"], "at '/chunkservers/topologySpread/whenUnsatisfiable'"),
     (["--set", "chunkservers.persistence.size=lots"], "at '/chunkservers/persistence/size'"),
     (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
@@ -362,6 +363,29 @@ def test_master_fast_listener_port_is_wired_through_pod_services_and_policy(rend
     assert args == [] and ports == [] and svc == [] and pol == [9400]
     r = helm_cmd("template", "kubegfs", str(CHART), "--set", "master.fastPort=9400", check=False)
     assert r.returncode != 0 and "master.fastPort must differ from master.port" in r.stderr
+
+
+def test_chunkserver_data_port_is_wired_through_pod_and_policies(render, helm_cmd):
+    """The data port for written pieces (plain TCP, so only without TLS): an argument, a named
+    container port and an allowed port into and out of chunkservers (forwards); 0 or TLS turns it off."""
+
+    def data_parts(objs):
+        sts = one(objs, "StatefulSet", "chunkserver")
+        c = sts["spec"]["template"]["spec"]["containers"][0]
+        args = [a for a in c["args"] if a.startswith("--data-listen")]
+        ports = [p["containerPort"] for p in c["ports"] if p["name"] == "data"]
+        pol = one(objs, "NetworkPolicy", "chunkserver")["spec"]
+        into = [p["port"] for r in pol["ingress"] for p in r["ports"]]
+        out = [p.get("port") for r in pol["egress"] for p in r.get("ports", [])]
+        return args, ports, into, out
+
+    args, ports, into, out = data_parts(render("--set", "tls.enabled=false"))
+    assert args == ["--data-listen=0.0.0.0:9501"] and ports == [9501] and 9501 in into and 9501 in out
+    for off in (["--set", "tls.enabled=false", "--set", "chunkservers.dataPort=0"], []):  # the default has TLS
+        args, ports, into, out = data_parts(render(*off))
+        assert args == ["--data-listen=off"] and ports == [] and 9501 not in into and 9501 not in out
+    r = helm_cmd("template", "kubegfs", str(CHART), "--set", "chunkservers.dataPort=9500", check=False)
+    assert r.returncode != 0 and "chunkservers.dataPort must differ from chunkservers.port" in r.stderr
 
 
 # ------------------------------------------------------------------ against the real control plane

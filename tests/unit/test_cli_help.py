@@ -52,3 +52,11 @@ def test_master_without_data_is_a_usage_error():
     p = subprocess.run([sys.executable, "-m", "kubegfs", "master", "--token", "t"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and "--data is required" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_bad_data_listen_is_one_error_line():
+    p = subprocess.run([sys.executable, "-m", "kubegfs", "chunkserver", "--token", "t", "--master", "http://127.0.0.1:1",
+                        "--data", "/nonexistent-kubegfs-test", "--data-listen", "nonsense"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "--data-listen must be HOST:PORT or off" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -21,6 +21,7 @@ class FakeClient:
         self.inflight = self.most = 0
         self.miss = miss or {}  # offset -> replica id that does not store it
         self.down = down or set()  # (head id, offset) whose request fails
+        self.data_ports: dict[str, str] = {}  # main base URL -> data port base URL
 
     def _req(self, method, url, *, data, decode, params, headers, on_sent):
         head = url.split("//")[1].split("/")[0]
@@ -35,7 +36,7 @@ class FakeClient:
             self.inflight -= 1
         if (head, off) in self.down:
             raise Unavailable(f"{head} is down")
-        chain = [head] + [u.split("//")[1] for u in headers["X-Kubegfs-Chain"].split(",") if u]
+        chain = [head.removesuffix("-data")] + [u.split("//")[1] for u in headers["X-Kubegfs-Chain"].split(",") if u]
         return {"acked": [r for r in chain if self.miss.get(off) != r]}
 
     def close_connections(self) -> None:
@@ -100,3 +101,22 @@ def test_parts_copy_a_buffer_the_caller_may_change():
     buf.add(mine)
     mine[:] = b"xxxxx"  # the caller reuses its buffer once put has read it
     assert b"".join(buf.take(5)) == b"12345"
+
+
+def test_a_piece_whose_data_port_cannot_be_reached_goes_to_the_same_heads_main_port():
+    """The head's data port fails: each piece goes to the head again, on its main port, with the
+    same chain (not to the rest of the chain, and no replica is dropped); the port is forgotten."""
+    c = FakeClient(down={("r1-data", off) for off in (0, 10, 20)})
+    c.data_ports["http://r1"] = "http://r1-data"
+    assert _put(c, 3) == {0: ["r1", "r2", "r3"]}
+    assert {off for h, off, _ in c.sent if h == "r1"} == {0, 10, 20}
+    assert {h for h, _, _ in c.sent} == {"r1", "r1-data"}
+    assert {chain for _, _, chain in c.sent} == {"http://r2,http://r3"}
+    assert c.data_ports == {}
+
+
+def test_pieces_go_to_a_heads_data_port_once_it_is_known():
+    c = FakeClient()
+    c.data_ports["http://r1"] = "http://r1-data"
+    assert _put(c, 3) == {0: ["r1", "r2", "r3"]}
+    assert {h for h, _, _ in c.sent} == {"r1-data"}

@@ -213,6 +213,10 @@ annotations:
 
 {{/* ---- TLS (tls.enabled): one certificate per release, from tls.existingSecret, a cert-manager
      Certificate (tls.certManager.enabled) or generated here with the chart's own CA. */}}
+{{- /* the chunkservers' data port for written pieces: plain TCP, so none with TLS */ -}}
+{{- define "kubegfs.dataPort" -}}
+{{- if and .Values.chunkservers.dataPort (not .Values.tls.enabled) }}{{ .Values.chunkservers.dataPort }}{{ end }}
+{{- end }}
 {{- define "kubegfs.scheme" -}}
 {{- if .Values.tls.enabled }}https{{ else }}http{{ end }}
 {{- end }}
