@@ -57,6 +57,7 @@ POOLED = 8  # piece buffers kept for reuse (a window of pieces in flight, both d
 ROUTE = "/internal/chunks/{h} (data port)"  # the request metrics' route label
 PART = 256 * 1024  # a piece's body is handed on in parts of at least this (server.py's STREAM_BATCH)
 PEER_TIMEOUT = 60.0  # a forwarded piece's whole exchange, as the main port's peer session
+HEAD_TIMEOUT = 75.0  # a connection sends its next request's whole head within this (aiohttp's keep-alive)
 
 # (h, offset, version, sync, chain, length, body parts) -> the answer's JSON object
 AcceptPiece = Callable[[int, int, int, bool, list[str], int, AsyncIterator[memoryview]], Awaitable[dict[str, Any]]]
@@ -191,7 +192,11 @@ class DataListener:
         try:
             while True:
                 try:
-                    head = await read_head(loop, sock, buf)
+                    try:  # an idle or trickling connection is not held forever (nothing authenticated it yet)
+                        async with asyncio.timeout(HEAD_TIMEOUT):
+                            head = await read_head(loop, sock, buf)
+                    except TimeoutError:
+                        return
                     if head is None:
                         return
                     req = parse_head(head)

@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from kubegfs.chunkserver import dataport
 from kubegfs.chunkserver.dataport import BufferPool, receive
 
 
@@ -75,3 +76,28 @@ def test_the_buffer_pool_reuses_and_bounds_what_it_keeps():
     pool.give(a)
     pool.give(b)  # beyond ``keep``: dropped
     assert pool.take() is a and len(pool.free) == 0
+
+
+def test_a_connection_that_never_finishes_a_head_is_closed(monkeypatch):
+    """Nothing has authenticated a connection before its head: one that trickles or idles is
+    dropped after HEAD_TIMEOUT rather than held (and its socket kept) for ever."""
+    monkeypatch.setattr(dataport, "HEAD_TIMEOUT", 0.2)
+
+    async def scenario() -> bytes:
+        async def accept(*args: object) -> dict[str, object]:
+            raise AssertionError("no piece may be accepted")
+
+        listener = dataport.DataListener(accept, {}, lambda cid: None, 1 << 20, BufferPool(1 << 20))
+        port = await listener.start("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            await loop.sock_connect(s, ("127.0.0.1", port))
+            await loop.sock_sendall(s, b"PUT /internal/chunks/00 HTTP/1.1\r\nHost: x\r\n")  # no blank line
+            return await asyncio.wait_for(loop.sock_recv(s, 100), 5)  # b"": the server closed it
+        finally:
+            s.close()
+            await listener.stop()
+
+    assert asyncio.run(scenario()) == b""
