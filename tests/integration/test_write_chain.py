@@ -83,15 +83,20 @@ def test_all_replicas_down_fails_the_write_and_commits_nothing(make_cluster):
 
 
 def test_direct_chain_request_answers_every_replica(shared_cluster):
-    cs = shared_cluster.chunkservers
+    # a chunk placed for an open write (its lease held): a made-up handle is a copy the master
+    # does not know, which a heartbeat may order deleted before the reads below
+    c = shared_cluster.client()
+    first = c.api("POST", "/fs/open", json={"path": "/direct-chain", "mode": "create", "alloc": True})["first"]
+    by_url = {p.url: p for p in shared_cluster.chunkservers}
+    cs = [by_url[r["address"]] for r in first["replicas"]]
     h = {"Authorization": f"Bearer {shared_cluster.token}", "X-Kubegfs-Chain": f"{cs[1].url},{cs[2].url}"}
-    r = requests.put(cs[0].url + "/internal/chunks/00000000000c4a17?version=1&offset=0", data=b"chained",
-                     headers=h, timeout=10)
+    target = f"/internal/chunks/{first['handle']}?version={first['version']}"
+    r = requests.put(f"{cs[0].url}{target}&offset=0", data=b"chained", headers=h, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["acked"]) == 3 and body["failed"] == {}
     for p in cs:
-        got = requests.get(p.url + "/internal/chunks/00000000000c4a17?version=1", headers=h, timeout=10)
+        got = requests.get(p.url + target, headers=h, timeout=10)
         assert got.content == b"chained"
 
 
