@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -24,8 +25,30 @@ from .client import Client
 ZONES = ["zone-a", "zone-b", "zone-c"]
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections and binds to port 0."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port free on ``host`` now, for a server started later. It is chosen below the kernel's
+    ephemeral range (and Kubernetes' NodePort range, 30000-32767), never twice in this process:
+    a port the kernel hands out can be taken, between this check and the server's own bind, by
+    any process's outgoing connection or bind to port 0 (a master once failed to start on a
+    port picked that way while other tests ran)."""
+    top = min(_ephemeral_low(), 30000)
+    for _ in range(200):
+        port = random.randrange(max(1024, top - 10000), top)
+        if port not in _handed_out and port_free(host, port):
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # that range is crowded: take what the kernel gives
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
