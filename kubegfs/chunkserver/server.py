@@ -15,7 +15,6 @@ connections. Pieces take the same path (``accept_piece``) when they arrive on th
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import random
 import ssl
@@ -32,6 +31,7 @@ from .. import merkle
 from .. import metrics as M
 from ..auth import Tokens, chunkserver_policy
 from ..errors import ClusterMismatch, CorruptData, InvalidArgument, NotFound, from_json
+from ..heap import keep_heap
 from ..topology import Location
 from ..web import (
     CHAIN_HEADER,
@@ -695,24 +695,6 @@ async def _safe_json(resp: aiohttp.ClientResponse) -> Any:
         return await resp.json(content_type=None)
     except (ValueError, aiohttp.ContentTypeError):
         return {"error": "internal", "message": (await resp.text())[:300]}
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def keep_heap(keep: int = 256 << 20) -> bool:
-    """Keep freed memory in this process's heap (glibc), so a piece's 8 MiB buffers reuse pages
-    that are mapped already: by default glibc gives a large free block back to the kernel (the
-    heap's top trimmed with ``brk``, a large block unmapped) and takes fresh pages for the next
-    piece, whose first touches (page faults, zeroing, on a VM the host's faults too) showed as
-    ~20% of a chunkserver's CPU serving reads. What the heap keeps is bounded by the peak use;
-    ``False`` where this is not glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, keep))
 
 
 def run(

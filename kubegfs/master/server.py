@@ -36,6 +36,7 @@ from ..errors import (
     InvalidArgument,
     from_json,
 )
+from ..heap import map_big_blocks, trim_heap
 from ..topology import Location
 from ..web import (
     CLUSTER_HEADER,
@@ -51,7 +52,6 @@ from .chunkmap import ChunkMap, ChunkserverInfo
 from .fastpath import FastProtocol
 from .fastpath import routes as fast_routes
 from .guard import Guard
-from .heap import map_big_blocks, trim_heap
 from .http import Api
 from .identity import open_identity
 from .leases import LeaseTable

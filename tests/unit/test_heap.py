@@ -5,12 +5,12 @@ import platform
 import psutil
 import pytest
 
-from kubegfs.master.heap import trim_heap
+from kubegfs.heap import keep_heap, trim_heap
 
 BIG_BLOCKS = """
 import sys
 import psutil
-from kubegfs.master.heap import map_big_blocks
+from kubegfs.heap import map_big_blocks
 raise_threshold = bytearray(20 << 20)  # freed: glibc now serves blocks below 20 MiB from its heap
 del raise_threshold
 if sys.argv[1] == "map":
@@ -66,3 +66,10 @@ def test_big_blocks_leave_rss_as_they_are_freed_once_mapped_on_their_own():
 
     assert freed_mib("map") > 80  # 96 MiB freed, all of it gone from RSS
     assert freed_mib("heap") < 32  # glibc's default: kept below the live block
+
+
+def test_a_chunkserver_keeps_its_heap_where_malloc_is_glibc():
+    if platform.libc_ver()[0] != "glibc":
+        assert keep_heap() is False or keep_heap() is True
+        return
+    assert keep_heap() is True  # mallopt accepted both settings

@@ -19,14 +19,3 @@ def test_a_single_nearest_replica_or_an_old_master_keeps_the_masters_order():
     assert [r["id"] for r in read_order(reps, 5)] == ["cs0", "cs1", "cs2"]
     old = [{"id": "a", "address": "x"}, {"id": "b", "address": "y"}]  # no "near": as ranked
     assert read_order(old, 1) == old
-
-
-def test_a_chunkserver_keeps_its_heap_where_malloc_is_glibc():
-    import platform
-
-    from kubegfs.chunkserver.server import keep_heap
-
-    if platform.libc_ver()[0] != "glibc":
-        assert keep_heap() is False or keep_heap() is True
-        return
-    assert keep_heap() is True  # mallopt accepted both settings
