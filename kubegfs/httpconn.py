@@ -33,6 +33,22 @@ class BadResponse(ConnectionError):
     """The server's answer was not HTTP/1.1 we can read (the connection is then dropped)."""
 
 
+def parse_response_head(head: bytes) -> tuple[str, int, dict[str, str]]:
+    """A response's HTTP version, status and headers (names lowercased) from its head (without
+    the blank line); BadResponse if malformed."""
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise BadResponse(f"bad status line {status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise BadResponse(f"bad header line {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return parts[0], int(parts[1]), headers
+
+
 class Response:
     __slots__ = ("status", "headers", "body", "will_close")
 
@@ -110,19 +126,8 @@ class Connection:
         """The next answer. ``spin``: how long to poll for its first bytes before sleeping in
         ``recv`` (see ``_poll``). ``into``: a buffer for a large ``Content-Length`` body, which is
         then received into it and answered as a view of it (no new buffer per answer)."""
-        head = self._line_block(spin)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise BadResponse(f"bad status line {status_line[:80]!r}")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        for line in header_lines:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise BadResponse(f"bad header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        will_close = headers.get("connection", "").lower() == "close" or parts[0] == "HTTP/1.0"
+        version, status, headers = parse_response_head(self._line_block(spin))
+        will_close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
         body: bytes | bytearray | memoryview
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             body = b""

@@ -15,6 +15,7 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -262,6 +263,16 @@ def parse_head(head: bytes) -> Request:
     keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
     path, _, query = target.partition("?")
     return Request(method, path, query, headers, length, keep)
+
+
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+
+
+def answer_head(status: int, ctype: str, length: int, keep_alive: bool, extra: str = "") -> bytes:
+    """A lean listener's response head (``extra``: more header lines, each ending in CRLF)."""
+    close = "" if keep_alive else "Connection: close\r\n"
+    return (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {length}\r\n{extra}{close}\r\n").encode("latin-1")
 
 
 def parse_query(query: str) -> dict[str, str]:

@@ -29,17 +29,17 @@ import select
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from http import HTTPStatus
 from typing import Any
 
 from .. import metrics as M
 from ..auth import chunkserver_policy
 from ..errors import InvalidArgument, KubegfsError, NotFound, PayloadTooLarge, from_json
-from ..httpconn import encode_head
+from ..httpconn import encode_head, parse_response_head
 from ..web import (
     CHAIN_HEADER,
     CLUSTER_HEADER,
     RequestMetrics,
+    answer_head,
     check_auth,
     handle_hex,
     int_param,
@@ -62,7 +62,6 @@ HEAD_TIMEOUT = 75.0  # a connection sends its next request's whole head within t
 # (h, offset, version, sync, chain, length, body parts) -> the answer's JSON object
 AcceptPiece = Callable[[int, int, int, bool, list[str], int, AsyncIterator[memoryview]], Awaitable[dict[str, Any]]]
 
-_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
 class BufferPool:
@@ -128,9 +127,7 @@ async def receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: me
 def answer(status: int, body: Any, keep_alive: bool, port: int | None) -> bytes:
     raw = json.dumps(body, separators=(",", ":")).encode()
     extra = f"{DATA_PORT_HEADER}: {port}\r\n" if port else ""
-    close = "" if keep_alive else "Connection: close\r\n"
-    return (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(raw)}\r\n{extra}{close}\r\n").encode("latin-1") + raw
+    return answer_head(status, "application/json", len(raw), keep_alive, extra) + raw
 
 
 class DataListener:
@@ -314,7 +311,7 @@ class PeerLinks:
                 head = await read_head(loop, sock, buf)
                 if head is None:
                     raise ConnectionError(f"{base} closed the connection before answering")
-                status, hdrs = _status(head)
+                _, status, hdrs = parse_response_head(head)
                 n = int(hdrs.get("content-length", "0"))
                 while len(buf) < n:
                     data = await loop.sock_recv(sock, n - len(buf))
@@ -342,18 +339,6 @@ class PeerLinks:
             for s in socks:
                 s.close()
         self.idle.clear()
-
-
-def _status(head: bytes) -> tuple[int, dict[str, str]]:
-    line, *lines = head.decode("latin-1").split("\r\n")
-    parts = line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ConnectionError(f"bad status line {line[:80]!r}")
-    hdrs = {}
-    for h in lines:
-        name, _, value = h.partition(":")
-        hdrs[name.strip().lower()] = value.strip()
-    return int(parts[1]), hdrs
 
 
 def _readable(s: socket.socket) -> bool:

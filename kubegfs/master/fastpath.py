@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
 from ..auth import Policy, Tokens
@@ -32,6 +31,7 @@ from ..errors import InvalidArgument, KubegfsError, NotFound
 from ..web import (
     Request,
     RequestMetrics,
+    answer_head,
     check_auth,
     decode_object,
     encode_body,
@@ -67,7 +67,6 @@ def routes(api: Api) -> dict[tuple[str, str], Route]:
             ("POST", "/api/v1/fs/stat_many"): stat_many}
 
 
-_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
 class FastProtocol(asyncio.Protocol):
@@ -147,10 +146,7 @@ class FastProtocol(asyncio.Protocol):
 
     def _send(self, status: int, body: bytes, ctype: str, keep_alive: bool) -> None:
         assert self.transport is not None
-        close = "" if keep_alive else "Connection: close\r\n"
-        head = (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n{close}\r\n")
-        self.out += (head.encode("latin-1"), body)
+        self.out += (answer_head(status, ctype, len(body), keep_alive), body)
         if not keep_alive:
             self._flush()
             self.transport.close()
