@@ -379,15 +379,13 @@ class Client:
             conn.close()
             conns.pop(key, None)
         if fast is not None and self._fast is None and not self._fast_off and fast.isdigit():
-            host = u.hostname or ""
-            self._fast = f"{u.scheme}://{f'[{host}]' if ':' in host else host}:{fast}"
+            self._fast = _other_port(u, u.scheme, fast)
         return status, content, ctype
 
     def _learn_data_port(self, u: Any, port: str) -> None:
         base = f"{u.scheme}://{u.netloc}"
         if base not in self.data_ports and base not in self.data_ports.values():
-            host = u.hostname or ""
-            self.data_ports[base] = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            self.data_ports[base] = _other_port(u, "http", port)
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
         return self._req(method, f"{self.master}/api/v1{path}", decode=True, **kw)
@@ -735,6 +733,12 @@ def read_order(replicas: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
         return replicas
     i = k % len(near)
     return near[i:] + near[:i] + [r for r in replicas if not r.get("near")]
+
+
+def _other_port(u: Any, scheme: str, port: str) -> str:
+    """The base URL of another listener on the host of ``u`` (a parsed URL)."""
+    host = u.hostname or ""
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _query(params: dict[str, Any]) -> str:
