@@ -251,4 +251,3 @@ class ChunkMap:
     @property
     def last_under_count(self) -> int:
         return self._under_count
-
