@@ -109,14 +109,16 @@ class QuietGC:
     infos of a 1M-file tree (~200k objects and the tuples they hold) would otherwise be
     traversed again by every later full pass (Python starts one whenever what reached the
     oldest generation since the last exceeds a quarter of what that one kept), on whatever
-    thread allocates, i.e. in front of the loop: ~0.15 s each, ~0.04 s frozen (measured). Only objects that just survived a full pass are frozen, so no garbage is;
-    what could leak is a cycle among them that becomes garbage later: the namespace, blocks and
-    catalog are acyclic (freed by reference counting when dropped), which leaves the state of
-    the requests in flight at that moment, once per such operation. A job's temporaries
-    (decoded blocks, the encodings shipped, the blocks fetched) are freed by reference counting
-    meanwhile, so that collection scans what the operations keep (new directories, cached
-    encodings), not everything they made, and not once per worker job on the way. The
-    namespace and blocks are acyclic; other requests' cycles wait until then."""
+    thread allocates, i.e. in front of the loop: ~0.15 s each, ~0.04 s frozen (measured).
+
+    Only objects that just survived a full pass are frozen, so no garbage is; what could leak is
+    a cycle among them that becomes garbage later. The namespace, blocks and catalog are acyclic
+    (freed by reference counting when dropped), which leaves the state of the requests in
+    flight at that moment, once per such operation. A job's temporaries (decoded blocks, the
+    encodings shipped, the blocks fetched) are freed by reference counting meanwhile, so the
+    collection scans what the operations keep (new directories, cached encodings), not
+    everything they made, and not once per worker job on the way; other requests' cycles wait
+    until then."""
 
     def __init__(self) -> None:
         self.active = 0
