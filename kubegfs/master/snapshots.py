@@ -47,7 +47,7 @@ from ..snapobj import (
 )
 from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
-from . import ops
+from . import ops, precount
 from .chunkmap import ChunkserverInfo
 from .state import encode_block_infos, now_ns
 
@@ -448,12 +448,14 @@ class Snapshots:
             )
             if rec is None:
                 assert isinstance(node, ns.Dir)
-                # no await from here to the apply inside mutate: the blocks the op carries are
-                # exactly those the catalog does not count yet (as the infos job found them, off
-                # the loop while the blocks shipped, with their rows, if no block was counted or
-                # uncounted since)
+                # no await from here (or from a precount that kept to its blocks_gen) to the
+                # apply inside mutate: the blocks the op carries are exactly those the catalog
+                # does not count yet (as the infos job found them, off the loop while the blocks
+                # shipped, with their rows, if no block was counted or uncounted since)
                 pre = enc.infos
-                if pre is not None and pre[0] == st.blocks_gen:
+                if pre is not None and len(pre[1]) >= precount.PRECOUNT_MIN and await precount.precount(st, pre[0], pre[1]):
+                    infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                elif pre is not None and pre[0] == st.blocks_gen:
                     infos, op["blocks"] = pre[1], pre[2]
                 else:
                     infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
