@@ -36,7 +36,7 @@ def slices(infos: Iterable[merkle.BlockInfo], per: int) -> Iterator[list[merkle.
 
 
 async def precount(st: MasterState, gen: int, infos: dict[bytes, merkle.BlockInfo],
-                   per: int = PRECOUNT_SLICE) -> bool:
+                   per: int | None = None) -> bool:
     """Count the chunk references of ``infos`` (the blocks not counted at ``blocks_gen``
     ``gen``) into ``st`` in slices. True: they are counted and ``gen`` still holds, so the
     commit may carry ``_precounted`` (the caller must apply it before its next await); False:
@@ -44,6 +44,7 @@ async def precount(st: MasterState, gen: int, infos: dict[bytes, merkle.BlockInf
     the start: the references went back, in slices too), so the commit counts as usual."""
     if st.blocks_gen != gen:
         return False
+    per = per or PRECOUNT_SLICE
     done: list[list[merkle.BlockInfo]] = []
     try:
         for part in slices(infos.values(), per):
