@@ -53,13 +53,14 @@ async def precount(st: MasterState, gen: int, infos: dict[bytes, merkle.BlockInf
             st.precount_blocks(part)
             done.append(part)
             await asyncio.sleep(0)
+        if st.blocks_gen == gen:
+            return True
+        while done:
+            st.unprecount_blocks(done[-1])
+            done.pop()
+            await asyncio.sleep(0)
+        return False
     except BaseException:  # cancelled: nothing stays counted
         for part in done:
             st.unprecount_blocks(part)
         raise
-    if st.blocks_gen == gen:
-        return True
-    while done:
-        st.unprecount_blocks(done.pop())
-        await asyncio.sleep(0)
-    return False

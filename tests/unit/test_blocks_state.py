@@ -480,3 +480,24 @@ def test_precount_slices_keep_blocks_whole():
     parts = list(precount.slices(infos, 6))
     assert [x for p in parts for x in p] == infos
     assert [sum(len(i.handles) // 8 for i in p) for p in parts] == [8, 8, 2]
+
+
+def test_a_precount_cancelled_while_it_goes_back_leaves_nothing_counted():
+    log = BlockLog()
+    _tree(log)
+    first, second = log.capture("/t"), log.capture("/t")
+    gen, infos = log.state.blocks_gen, log.new_infos(second)
+
+    async def race():
+        task = asyncio.ensure_future(precount.precount(log.state, gen, infos, per=1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        log.commit(first)  # blocks_gen moves: the precount starts going back, a slice a turn
+        await asyncio.sleep(0)  # one slice taken back, two to go
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(race())
+    check_counts(log.state)
