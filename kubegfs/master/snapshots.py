@@ -47,7 +47,7 @@ from ..snapobj import (
 )
 from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
-from . import ops
+from . import ops, precount
 from .chunkmap import ChunkserverInfo
 from .state import encode_block_infos, now_ns
 
@@ -157,6 +157,7 @@ GC_AFTER = 0.05  # seconds after the last snapshot operation before the collecto
 GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
 
 
+UNCLAIM_SLICE = 20_000  # claims a finished build drops per turn of the event loop
 INLINE_REUSE = 4096  # blocks asked by the last holder's walk up to which the next checks it on the loop
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
 BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
@@ -256,6 +257,7 @@ class Snapshots:
         self.deleting: dict[str, set[bytes]] = {}
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
+        self._unclaiming: set[asyncio.Task[None]] = set()  # big builds' claims going in slices
         self.quiet_gc = QuietGC()
 
     def snap_json(self, e: ops.SnapshotEntry) -> wire.SnapshotInfo:
@@ -448,12 +450,14 @@ class Snapshots:
             )
             if rec is None:
                 assert isinstance(node, ns.Dir)
-                # no await from here to the apply inside mutate: the blocks the op carries are
-                # exactly those the catalog does not count yet (as the infos job found them, off
-                # the loop while the blocks shipped, with their rows, if no block was counted or
-                # uncounted since)
+                # no await from here (or from a precount that kept to its blocks_gen) to the
+                # apply inside mutate: the blocks the op carries are exactly those the catalog
+                # does not count yet (as the infos job found them, off the loop while the blocks
+                # shipped, with their rows, if no block was counted or uncounted since)
                 pre = enc.infos
-                if pre is not None and pre[0] == st.blocks_gen:
+                if pre is not None and len(pre[1]) >= precount.PRECOUNT_MIN and await precount.precount(st, pre[0], pre[1]):
+                    infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                elif pre is not None and pre[0] == st.blocks_gen:
                     infos, op["blocks"] = pre[1], pre[2]
                 else:
                     infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
@@ -494,10 +498,23 @@ class Snapshots:
             job = enc.infos_job
             if job is not None:  # retrieved whenever it ends (the build may have failed before it did)
                 job.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self.unclaim(claimed)
+            if len(claimed) > UNCLAIM_SLICE:  # a big build's: in slices (a block stays claimed a little longer)
+                task = asyncio.ensure_future(self.unclaim_slices(claimed[:]))
+                self._unclaiming.add(task)
+                task.add_done_callback(self._unclaiming.discard)
+                claimed.clear()
+            else:
+                self.unclaim(claimed)
             self.builders.pop(sid, None)
 
     # ------------------------------------------------------------------ directory blocks
+
+    async def unclaim_slices(self, digests: list[bytes]) -> None:
+        """:meth:`unclaim`, a slice per turn of the event loop (a first 1M snapshot's ~170k
+        claims would hold it ~0.1-0.3 s)."""
+        for i in range(0, len(digests), UNCLAIM_SLICE):
+            self.unclaim(digests[i : i + UNCLAIM_SLICE])
+            await asyncio.sleep(0)
 
     def unclaim(self, digests: list[bytes]) -> None:
         for dg in digests:

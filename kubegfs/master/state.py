@@ -309,13 +309,17 @@ class MasterState:
 
     def _apply_snap_commit(self, op: ops.SnapCommit) -> None:
         """Format 3 (``blocks`` present): count the root and, through it, the blocks the op
-        carries (exactly those not counted when it was prepared); format 2: one snapshot
-        reference per chunk in ``handles_z``."""
+        carries (exactly those not counted when it was prepared; their chunk references
+        already, if the server ``_precounted`` them: see ``precount_blocks``); format 2: one
+        snapshot reference per chunk in ``handles_z``."""
         entry = self.snapshots[op["id"]]
         if op.get("blocks") is not None:
             infos = op.get("_infos")  # the server's own, as encoded into "blocks" (a replay decodes them)
             with no_gc():  # an entry per new block: a full collection would rescan the namespace
-                self.ref_blocks(bytes.fromhex(op["root"]), infos if infos is not None else decode_block_infos(op["blocks"]))
+                if infos is not None:
+                    self.ref_blocks(bytes.fromhex(op["root"]), infos, bool(op.get("_precounted")))
+                else:
+                    self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
         elif not op.get("_precounted"):
             self.count_snapshot_refs(unpack_handles(op["handles_z"]))
         entry.update({
@@ -459,9 +463,11 @@ class MasterState:
 
     # ------------------------------------------------------------------ directory blocks
 
-    def ref_blocks(self, root: bytes, new: dict[bytes, merkle.BlockInfo]) -> None:
+    def ref_blocks(self, root: bytes, new: dict[bytes, merkle.BlockInfo], precounted: bool = False) -> None:
         """Count one more reference to ``root``; a block counted for the first time counts its
-        children and its files' chunks (its info comes from ``new``)."""
+        children and its files' chunks (its info comes from ``new``), the chunks only if not
+        ``precounted`` (``new`` is then exactly the blocks not counted, and
+        ``precount_blocks`` counted the chunks of every one of them)."""
         stack = [root]
         blocks = self.blocks
         while stack:
@@ -474,7 +480,8 @@ class MasterState:
             blocks[d] = BlockCount(1, info)
             self.blocks_gen += 1
             self.garbage_blocks.discard(d)
-            self.count_snapshot_refs(_handles(info.handles))
+            if not precounted:
+                self.count_snapshot_refs(_handles(info.handles))
             stack.extend(info.children)
 
     def unref_block(self, root: bytes) -> None:
@@ -511,6 +518,23 @@ class MasterState:
         get = snap.get
         for h in handles:
             snap[h] = get(h, 0) + 1
+
+    def precount_blocks(self, infos: Iterable[merkle.BlockInfo]) -> None:
+        """The snapshot references of the chunks of ``infos``, blocks a pending snapshot's
+        commit is to count, counted before that commit is logged (a big first snapshot's ~1M
+        references, in slices between other requests instead of in one apply). Meanwhile they
+        only keep chunks that the pin protects anyway from being freed. The commit's apply
+        takes them as its own (``_precounted``) only if no block was counted or released since
+        they were worked out (``blocks_gen``: then they are still exactly the blocks it counts);
+        else ``unprecount_blocks`` takes them back first. Replay counts inside the commit."""
+        for info in infos:
+            self.count_snapshot_refs(_handles(info.handles))
+
+    def unprecount_blocks(self, infos: Iterable[merkle.BlockInfo]) -> None:
+        """Take back ``precount_blocks``: a chunk whose last reference that was is freed, as
+        if it had never been counted."""
+        for info in infos:
+            self._release(self.snap, _handles(info.handles))
 
     def _unref_live(self, handles: Iterable[int]) -> None:
         self._release(self.live, handles)

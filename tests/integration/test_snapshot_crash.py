@@ -24,7 +24,8 @@ from kubegfs import merkle
 from kubegfs.client import Client
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
-from kubegfs.master import snapshots
+from kubegfs.master import precount, snapshots
+from kubegfs.master.oplog import recover
 from kubegfs_dev.util import bearer
 
 
@@ -208,3 +209,55 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
             assert len(walks) == 2  # one walk per build: the second holder takes the first one's
             assert rows_on_loop == [False, False]
             assert diffs_after_walk == [1, 2]
+
+
+def test_precounted_commits_replay_to_the_same_counts(tmp_path, monkeypatch):
+    """Commits whose chunk references were counted in slices before they were logged (every
+    one here, in slices of one block, with writes going on) leave the state a replay of the
+    log gives: the same chunk references and block counts."""
+    monkeypatch.setattr(precount, "PRECOUNT_MIN", 1)
+    monkeypatch.setattr(precount, "PRECOUNT_SLICE", 1)
+    took: list[bool] = []
+    real = precount.precount
+
+    async def counted(*a, **kw):  # type: ignore[no-untyped-def]
+        took.append(await real(*a, **kw))
+        return took[-1]
+
+    monkeypatch.setattr(precount, "precount", counted)
+    with master_in_process(tmp_path) as (cl, m):
+        with Client(cl.master_url, cl.token) as c:
+            for d in range(4):
+                c.mkdir(f"/t/d{d}", parents=True)
+                for i in range(30):
+                    c.put(f"/t/d{d}/f{i:02d}", f"{d}-{i}".encode())
+            assert c.snapshot_create("/t", "s1", copies=2)["state"] == "ready"
+            c.put("/t/d2/f07", b"changed")
+            c.rm("/t/d3", recursive=True)
+            stop = threading.Event()
+
+            def writes() -> None:
+                with Client(cl.master_url, cl.token) as w:
+                    i = 0
+                    while not stop.is_set():
+                        w.put(f"/t/d1/w{i}", b"w")
+                        i += 1
+
+            t = threading.Thread(target=writes)
+            t.start()
+            try:
+                for n in range(2, 5):
+                    assert c.snapshot_create("/t", f"s{n}", copies=2)["state"] == "ready"
+            finally:
+                stop.set()
+                t.join(30)
+            c.snapshot_delete("s1")
+        assert took and all(took)
+
+        def counts() -> tuple[dict[int, int], dict[bytes, tuple[int, object]]]:
+            st = m.master.state
+            return dict(st.snap), {d: (b.refs, b.info) for d, b in st.blocks.items()}
+
+        live = m.call(counts)
+        replayed, _rep = recover(cl.master.data, CHUNK, cl.replication)
+        assert live == (replayed.snap, {d: (b.refs, b.info) for d, b in replayed.blocks.items()})

@@ -1,6 +1,7 @@
 """Format-3 snapshots in the state machine (block counts, restore assembly) and the chunkserver's
 content-addressed block store, without servers."""
 
+import asyncio
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from kubegfs import merkle
 from kubegfs import namespace as ns
 from kubegfs.chunkserver.blocks import BlockStore
 from kubegfs.errors import CorruptData
+from kubegfs.master import precount
 from kubegfs.master.checkpoint import decode_checkpoint, dump, encode_checkpoint
 from kubegfs.master.state import encode_block_infos
 
@@ -33,24 +35,39 @@ class BlockLog(Log):
         self.n = 0
 
     def snapshot(self, path):
+        sid = self.capture(path)
+        self.commit(sid)
+        return sid
+
+    def capture(self, path):
+        """A snapshot captured and its blocks on the holder, not committed."""
         self.n += 1
         sid = f"s{self.n}"
         self.do({"op": "snap_capture", "id": sid, "name": sid, "path": path, "created": 1, "copies": 1})
+        node = self.state.pins[sid].node
+        v = self.state.version.__getitem__
+        kept: merkle.Kept = {}
+        merkle.digest(node, v, kept)
+        for dg, data, _n in merkle.iter_blocks(node, v, lambda d: d in self.holder, kept):
+            self.holder[dg] = data
+        return sid
+
+    def new_infos(self, sid):
+        st = self.state
+        return merkle.new_block_infos(st.pins[sid].node, st.version.__getitem__, st.blocks.__contains__)
+
+    def commit(self, sid, infos=None, precounted=False):
         st = self.state
         node = st.pins[sid].node
         v = st.version.__getitem__
-        kept: merkle.Kept = {}
-        root = merkle.digest(node, v, kept)
-        for dg, data, _n in merkle.iter_blocks(node, v, lambda d: d in self.holder, kept):
-            self.holder[dg] = data
+        root = merkle.digest(node, v)
         files, dirs, chunks, size = merkle.stats(node, v)
-        infos = merkle.new_block_infos(node, v, st.blocks.__contains__)
+        infos = self.new_infos(sid) if infos is None else infos
         # the server's apply takes its infos as they are; the log (and so the replay) decodes "blocks"
         self.do({"op": "snap_commit", "id": sid, "sha256": "", "record_bytes": 0, "holders": [],
                  "files": files, "dirs": dirs, "chunks": chunks, "logical_bytes": size,
                  "duration_seconds": 0.0, "root": root.hex(),
-                 "blocks": encode_block_infos(infos), "_infos": infos})
-        return sid
+                 "blocks": encode_block_infos(infos), "_infos": infos, "_precounted": precounted})
 
     def restore(self, sid, to=None):
         st = self.state
@@ -368,3 +385,119 @@ def test_the_catalogs_blocks_generation_moves_with_every_block_counted_or_releas
     assert log.state.blocks_gen == g1
     log.do({"op": "snap_delete", "id": b})
     assert log.state.blocks_gen > g1
+
+
+# --------------------------------------------------------------------------- precounted commits
+
+
+def _tree(log, dirs=6, files=5):
+    log.do({"op": "mkdir", "path": "/t", "parents": False, "mode": 0o755, "mtime": 1})
+    for d in range(dirs):
+        log.do({"op": "mkdir", "path": f"/t/d{d}", "parents": False, "mode": 0o755, "mtime": 1})
+        for f in range(files):
+            log.put(f"/t/d{d}/f{f}", 10, 1 + f % 2)
+
+
+def _same_state(a, b):
+    assert a.snap == b.snap and a.live == b.live and a.version == b.version
+    assert {d: (c.refs, c.info) for d, c in a.blocks.items()} == {d: (c.refs, c.info) for d, c in b.blocks.items()}
+    assert a.blocks_gen == b.blocks_gen and a.garbage == b.garbage
+
+
+def test_a_precounted_commit_counts_what_the_commit_would_and_replays_identically():
+    plain, pre = BlockLog(), BlockLog()
+    for log in (plain, pre):
+        _tree(log)
+        log.snapshot("/t")
+        log.put("/t/d3/f1", 12)  # a second snapshot with new blocks and old ones
+        log.do({"op": "rm", "path": "/t/d5/f0", "mtime": 2})
+    plain.snapshot("/t")
+    sid = pre.capture("/t")
+    gen, infos, before = pre.state.blocks_gen, pre.new_infos(sid), dict(pre.state.snap)
+    assert asyncio.run(precount.precount(pre.state, gen, infos, per=1))  # one block per slice
+    assert pre.state.snap == plain.state.snap != before  # counted before the commit
+    pre.commit(sid, infos, precounted=True)
+    _same_state(pre.state, plain.state)
+    check_counts(pre.state)
+    _same_state(pre.replay(), pre.state)  # the log never says it was precounted
+    assert all("_precounted" not in op for op in pre.ops)
+
+
+def test_a_precount_goes_back_when_a_block_is_counted_meanwhile():
+    """Two snapshots of the same tree pending at once: the second one's precount is under way
+    when the first one commits (counting the blocks both reach), so it takes its references
+    back and the second commit counts as usual."""
+    log = BlockLog()
+    _tree(log)
+    first = log.capture("/t")
+    second = log.capture("/t")
+    before = dict(log.state.snap)
+    gen, infos = log.state.blocks_gen, log.new_infos(second)
+
+    async def race():
+        task = asyncio.ensure_future(precount.precount(log.state, gen, infos, per=1))
+        await asyncio.sleep(0)  # its first slice is counted
+        assert log.state.snap != before
+        log.commit(first)  # counts the same blocks: blocks_gen moves
+        return await task
+
+    assert asyncio.run(race()) is False
+    check_counts(log.state)  # exactly the first snapshot's references: the precount is gone
+    assert log.new_infos(second) == {}  # nothing new left for the second one
+    log.commit(second)
+    check_counts(log.state)
+    _same_state(log.replay(), log.state)
+
+
+def test_a_precount_of_a_stale_generation_counts_nothing():
+    log = BlockLog()
+    _tree(log, dirs=2)
+    sid = log.capture("/t")
+    before = dict(log.state.snap)
+    assert asyncio.run(precount.precount(log.state, log.state.blocks_gen - 1, log.new_infos(sid))) is False
+    assert log.state.snap == before
+
+
+def test_a_cancelled_precount_leaves_nothing_counted():
+    log = BlockLog()
+    _tree(log)
+    sid = log.capture("/t")
+    before = dict(log.state.snap)
+
+    async def cancel():
+        task = asyncio.ensure_future(precount.precount(log.state, log.state.blocks_gen, log.new_infos(sid), per=1))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel())
+    assert log.state.snap == before
+
+
+def test_precount_slices_keep_blocks_whole():
+    infos = [merkle.BlockInfo((), bytes(8 * n)) for n in (3, 0, 5, 1, 7, 2)]
+    parts = list(precount.slices(infos, 6))
+    assert [x for p in parts for x in p] == infos
+    assert [sum(len(i.handles) // 8 for i in p) for p in parts] == [8, 8, 2]
+
+
+def test_a_precount_cancelled_while_it_goes_back_leaves_nothing_counted():
+    log = BlockLog()
+    _tree(log)
+    first, second = log.capture("/t"), log.capture("/t")
+    gen, infos = log.state.blocks_gen, log.new_infos(second)
+
+    async def race():
+        task = asyncio.ensure_future(precount.precount(log.state, gen, infos, per=1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        log.commit(first)  # blocks_gen moves: the precount starts going back, a slice a turn
+        await asyncio.sleep(0)  # one slice taken back, two to go
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(race())
+    check_counts(log.state)
