@@ -816,7 +816,8 @@ def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
                 ) -> Iterator[tuple[bytes, bytes, Dir]]:
     """(digest, bytes, directory) of every block below and including ``root``'s (heads and
     sub-blocks) whose digest ``skip`` does not accept, children before their parents; a skipped
-    block's subtree is not visited (a holder that has a block has everything it reaches).
+    block's subtree is not visited (a holder that has a block has everything it reaches), nor
+    the unchanged entries of a directory whose base's block is skipped (see _changed_subdirs).
     ``kept``: directories encoded already (see :func:`digest`)."""
     out: list[tuple[bytes, bytes, Dir]] = []
     with no_gc():
@@ -830,7 +831,7 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     if dg in seen or skip(dg):
         return
     seen.add(dg)
-    for k in _subdirs(d):  # (one under a skipped sub-block is skipped by its own digest)
+    for k in _changed_subdirs(d, skip):  # (one under a skipped sub-block is skipped by its own digest)
         _collect(k, version_of, skip, out, seen, kept)
     blocks = blocks_of_dir(d, version_of, kept, whole=False)
     wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
@@ -841,6 +842,18 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
             seen.add(p)
             out.append((p, data, d))
     out.append((dg, blocks.head, d))
+
+
+def _changed_subdirs(d: Dir, skip: Callable[[bytes], bool]) -> list[Dir]:
+    """The subdirectories of ``d`` to visit for blocks ``skip`` does not accept: when ``d`` is
+    known to be a directory plus changes to a few names (``Dir.delta``) and ``skip`` accepts that
+    directory's block, only those names' (every other entry is that directory's, so its block
+    reaches them and they are skipped too); else all of them."""
+    dl = d.delta
+    if dl is not None and skip(dl[0]):
+        ch = d.children
+        return [k for k in (ch.get(n) for n in dl[1]) if type(k) is Dir]
+    return _subdirs(d)
 
 
 def _unskipped_parts(dg: bytes, kids: dict[bytes, tuple[bytes, ...]], skip: Callable[[bytes], bool]) -> set[bytes]:

@@ -699,6 +699,53 @@ def test_diff_and_changed_subtrees_by_changed_names_are_those_of_every_name(rng,
     assert older(a, b) == _without_hints(older, a, b)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans())
+def test_a_holder_walk_asks_only_about_changed_children_and_finds_every_block_it_lacks(rng, n, between):
+    """Below a directory known to be another plus a few changed names whose block the holder
+    has, only those names' subdirectories are visited; the blocks found are exactly those of
+    the tree the holder lacks, children before parents, as a walk over every name finds."""
+    a = build_direct(random_spec(rng))
+    merkle.digest(a, V)
+    holder = {dg for dg, _b, _n in merkle.iter_blocks(a, V, lambda _d: False)}
+    b = mutate(a, rng, n)
+    if between:  # a version the holder never got in between
+        merkle.digest(b, V)
+        b = mutate(b, rng, rng.randrange(0, 4))
+    merkle.digest(b, V)
+    asked: list[bytes] = []
+
+    def ask(d):
+        asked.append(d)
+        return d in holder
+
+    got = [(dg, blk) for dg, blk, _n in merkle.iter_blocks(b, V, ask)]
+    every = {dg: blk for dg, blk, _n in merkle.iter_blocks(b, V, lambda _d: False)}
+    assert dict(got) == {dg: blk for dg, blk in every.items() if dg not in holder}
+    assert sorted(got) == sorted(_without_hints(lambda t: list(
+        (dg, blk) for dg, blk, _n in merkle.iter_blocks(t, V, holder.__contains__)), b))
+    order = {dg: i for i, (dg, _blk) in enumerate(got)}
+    for dg, blk in got:  # children before parents
+        assert all(order[c] < order[dg] for c in merkle.child_digests(blk) if c in order)
+    every_asked: list[bytes] = []
+    _without_hints(lambda t: list(merkle.iter_blocks(t, V, lambda d: every_asked.append(d) or d in holder)), b)
+    assert len(asked) <= len(every_asked) + len(got)  # at most one question more (the base) per visited block
+
+
+def test_a_holder_walk_does_not_ask_about_the_unchanged_siblings_of_a_change():
+    root = build_direct({".": (0o755, 1), **{f"d{i}": {".": (0o755, 1), "f": ("f", i, 1, 0o644, (i,))}
+                                             for i in range(12)}})
+    merkle.digest(root, V)
+    holder = {dg for dg, _b, _n in merkle.iter_blocks(root, V, lambda _d: False)}
+    live = ns.replace(root, ("d3", "f"), ns.File(9, 2, 0o644, (99,)), 2)
+    merkle.digest(live, V)
+    asked: list[bytes] = []
+    got = [n for _dg, _b, n in merkle.iter_blocks(live, V, lambda d: asked.append(d) or d in holder)]
+    assert got == [live.children["d3"], live]
+    siblings = {merkle.digest(k, V) for name, k in live.children.items() if name != "d3"}
+    assert not siblings & set(asked)  # the root's base is held: only d3 below it is visited
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.randoms(use_true_random=False))
 def test_a_restored_directory_names_what_it_changed_in_the_live_one(rng):
