@@ -1008,7 +1008,8 @@ def block_info(data: bytes) -> BlockInfo:
 def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], bool]
                     ) -> dict[bytes, BlockInfo]:
     """The blocks below ``root`` (heads and sub-blocks) that ``known`` does not accept (every
-    block a known block reaches is known too, so a known subtree is not visited)."""
+    block a known block reaches is known too, so a known subtree is not visited, nor the
+    unchanged entries of a directory whose base's block is known: see _changed_subdirs)."""
     out: dict[bytes, BlockInfo] = {}
     stack = [root]
     with no_gc():
@@ -1021,7 +1022,7 @@ def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], b
             out[dg] = infos[dg]
             for p in _unskipped_parts(dg, kids, lambda p: p in out or known(p)):
                 out[p] = infos[p]
-            stack.extend(_subdirs(d))
+            stack.extend(_changed_subdirs(d, known))
     return out
 
 

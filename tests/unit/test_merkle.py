@@ -757,9 +757,13 @@ def test_a_holder_walk_asks_only_about_changed_children_and_finds_every_block_it
     every_asked: list[bytes] = []
     _without_hints(lambda t: list(merkle.iter_blocks(t, V, lambda d: every_asked.append(d) or d in holder)), b)
     assert len(asked) <= len(every_asked) + len(got)  # at most one question more (the base) per visited block
+    # the commit's infos of the blocks the catalog lacks: the same blocks, by the same walk
+    infos = merkle.new_block_infos(b, V, holder.__contains__)
+    assert set(infos) == {dg for dg, _blk in got}
+    assert infos == _without_hints(lambda t: merkle.new_block_infos(t, V, holder.__contains__), b)
 
 
-def test_a_holder_walk_does_not_ask_about_the_unchanged_siblings_of_a_change():
+def test_a_holder_walk_and_the_commits_infos_do_not_ask_about_the_unchanged_siblings_of_a_change():
     root = build_direct({".": (0o755, 1), **{f"d{i}": {".": (0o755, 1), "f": ("f", i, 1, 0o644, (i,))}
                                              for i in range(12)}})
     merkle.digest(root, V)
@@ -771,6 +775,10 @@ def test_a_holder_walk_does_not_ask_about_the_unchanged_siblings_of_a_change():
     assert got == [live.children["d3"], live]
     siblings = {merkle.digest(k, V) for name, k in live.children.items() if name != "d3"}
     assert not siblings & set(asked)  # the root's base is held: only d3 below it is visited
+    asked.clear()
+    infos = merkle.new_block_infos(live, V, lambda d: asked.append(d) or d in holder)
+    assert set(infos) == {merkle.digest(live, V), merkle.digest(live.children["d3"], V)}
+    assert not siblings & set(asked)
 
 
 @settings(max_examples=40, deadline=None)
