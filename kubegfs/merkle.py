@@ -41,7 +41,7 @@ import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, NamedTuple, TypeVar
@@ -180,6 +180,7 @@ class DirBlocks(NamedTuple):
     lasts: tuple[str, ...] = ()  # a split directory's leaves' last names, in order
     whole: bool = True  # False: ``parts`` holds only the sub-blocks encoded anew (see _digest)
     leaves: tuple[bytes, ...] = ()  # a split directory's leaves' digests, in order (as ``lasts``)
+    names: tuple[str, ...] = ()  # a split directory's names, in order (its next version's start from them)
 
 
 def _ranks(names: list[str]) -> list[int]:
@@ -244,7 +245,7 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
     level = part.leaves(items, ends)  # this level's digests
     leaves = tuple(level)
     head = _upper(d, level, [ranks[e - 1] for e in ends], part, index, infos, version_of)
-    return DirBlocks(head, parts, index, infos, tuple(names[e - 1] for e in ends), leaves=leaves)
+    return DirBlocks(head, parts, index, infos, tuple(names[e - 1] for e in ends), leaves=leaves, names=tuple(names))
 
 
 def _upper(d: Dir, level: list[bytes], level_ranks: list[int], part: Callable[[list[tuple[str, Node]], list[bytes]], bytes],
@@ -313,9 +314,9 @@ def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: V
     lay = _INFOS.get(base)
     if lay is None or not lay[2]:
         return None
-    binfos, bkids, lasts, old, _size = lay
+    binfos, bkids, lasts, old, _size, bnames = lay
     ch = d.children
-    names = sorted(ch.keys())
+    names = names_after(bnames, changed, ch) if bnames else sorted(ch.keys())
     n = len(names)
     if n < MIN_SPLIT or len(old) != len(lasts):
         return None
@@ -360,7 +361,23 @@ def _dir_blocks_from(d: Dir, base: bytes, changed: frozenset[str], version_of: V
         return None
     leaves = tuple(level)
     head = _upper(d, level, _ranks(new_lasts), part, index, infos, version_of)
-    return DirBlocks(head, parts, index, infos, tuple(new_lasts), whole=False, leaves=leaves)
+    return DirBlocks(head, parts, index, infos, tuple(new_lasts), whole=False, leaves=leaves, names=tuple(names))
+
+
+def names_after(before: tuple[str, ...], changed: frozenset[str], children: Mapping[str, object]) -> list[str]:
+    """The names of ``children`` in order, from ``before`` (the names, in order, of a directory
+    that differs from it only in the names ``changed``): each changed name inserted or removed
+    where it falls, instead of sorting them all again."""
+    names = list(before)
+    for c in changed:
+        i = bisect.bisect_left(names, c)
+        there = i < len(names) and names[i] == c
+        if c in children:
+            if not there:
+                names.insert(i, c)
+        elif there:
+            del names[i]
+    return names
 
 
 def _one_block(d: Dir, items: list[tuple[str, Node]], version_of: VersionOf,
@@ -421,9 +438,10 @@ _cache_lock = threading.Lock()
 # ... and their infos (by head digest; smaller, so kept for many more directories): a commit op
 # names the new blocks' children and chunks without encoding them again; with what each head and
 # index sub-block names, a split directory's leaves' last names and digests,
-# and its size as counted against the bound
+# its size as counted against the bound, and a split directory's names in order (a changed
+# version of it inserts and removes its changed names there instead of sorting all of them)
 _INFOS: dict[bytes, tuple[dict[bytes, BlockInfo], dict[bytes, tuple[bytes, ...]], tuple[str, ...], tuple[bytes, ...],
-                          int]] = {}
+                          int, tuple[str, ...]]] = {}
 _INFOS_LIMIT = 128 << 20
 _infos_bytes = 0
 
@@ -435,11 +453,11 @@ def _info_size(infos: dict[bytes, BlockInfo]) -> int:
 def _remember(dg: bytes, blocks: DirBlocks) -> None:
     global _cache_bytes, _infos_bytes
     size = len(blocks.head) + sum(len(b) for _p, b in blocks.parts)
-    isize = _info_size(blocks.infos) + 8 * len(blocks.lasts)
+    isize = _info_size(blocks.infos) + 8 * (len(blocks.lasts) + len(blocks.names))
     with _cache_lock:
         if dg not in _INFOS and isize <= _INFOS_LIMIT // 4:
             leaves = blocks.leaves if len(blocks.leaves) == len(blocks.lasts) else tuple(_leaves(dg, blocks.kids))
-            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts, leaves, isize)
+            _INFOS[dg] = (blocks.infos, blocks.kids, blocks.lasts, leaves, isize, blocks.names)
             _infos_bytes += isize
             while _infos_bytes > _INFOS_LIMIT:
                 _infos_bytes -= _INFOS.pop(next(iter(_INFOS)))[4]
@@ -492,7 +510,7 @@ def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
     lay = _INFOS.get(dg)
     if lay is None or not lay[2]:
         return None
-    infos, kids, lasts, leaves, _size = lay
+    infos, kids, lasts, leaves, _size, names = lay
     head = _entries_block(KIND_DIR, d.mode, d.mtime, [], version_of, _no_dirs, b"".join(kids[dg]))[0]
     if block_digest(head) != dg:  # pragma: no cover - a stale entry
         return None
@@ -505,7 +523,7 @@ def _from_infos(d: Dir, dg: bytes, version_of: VersionOf) -> DirBlocks | None:
                 parts.append((c, _entries_block(KIND_PART, 0, 0, [], version_of, _no_dirs, b"".join(kids[c]))[0]))
 
     below(dg)
-    return DirBlocks(head, parts, kids, infos, lasts, whole=False, leaves=leaves)
+    return DirBlocks(head, parts, kids, infos, lasts, whole=False, leaves=leaves, names=names)
 
 
 def digest(d: Dir, version_of: VersionOf, kept: Kept | None = None) -> bytes:
@@ -816,7 +834,8 @@ def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
                 ) -> Iterator[tuple[bytes, bytes, Dir]]:
     """(digest, bytes, directory) of every block below and including ``root``'s (heads and
     sub-blocks) whose digest ``skip`` does not accept, children before their parents; a skipped
-    block's subtree is not visited (a holder that has a block has everything it reaches).
+    block's subtree is not visited (a holder that has a block has everything it reaches), nor
+    the unchanged entries of a directory whose base's block is skipped (see _changed_subdirs).
     ``kept``: directories encoded already (see :func:`digest`)."""
     out: list[tuple[bytes, bytes, Dir]] = []
     with no_gc():
@@ -830,7 +849,7 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
     if dg in seen or skip(dg):
         return
     seen.add(dg)
-    for k in _subdirs(d):  # (one under a skipped sub-block is skipped by its own digest)
+    for k in _changed_subdirs(d, skip):  # (one under a skipped sub-block is skipped by its own digest)
         _collect(k, version_of, skip, out, seen, kept)
     blocks = blocks_of_dir(d, version_of, kept, whole=False)
     wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
@@ -841,6 +860,18 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
             seen.add(p)
             out.append((p, data, d))
     out.append((dg, blocks.head, d))
+
+
+def _changed_subdirs(d: Dir, skip: Callable[[bytes], bool]) -> list[Dir]:
+    """The subdirectories of ``d`` to visit for blocks ``skip`` does not accept: when ``d`` is
+    known to be a directory plus changes to a few names (``Dir.delta``) and ``skip`` accepts that
+    directory's block, only those names' (every other entry is that directory's, so its block
+    reaches them and they are skipped too); else all of them."""
+    dl = d.delta
+    if dl is not None and skip(dl[0]):
+        ch = d.children
+        return [k for k in (ch.get(n) for n in dl[1]) if type(k) is Dir]
+    return _subdirs(d)
 
 
 def _unskipped_parts(dg: bytes, kids: dict[bytes, tuple[bytes, ...]], skip: Callable[[bytes], bool]) -> set[bytes]:
@@ -977,7 +1008,8 @@ def block_info(data: bytes) -> BlockInfo:
 def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], bool]
                     ) -> dict[bytes, BlockInfo]:
     """The blocks below ``root`` (heads and sub-blocks) that ``known`` does not accept (every
-    block a known block reaches is known too, so a known subtree is not visited)."""
+    block a known block reaches is known too, so a known subtree is not visited, nor the
+    unchanged entries of a directory whose base's block is known: see _changed_subdirs)."""
     out: dict[bytes, BlockInfo] = {}
     stack = [root]
     with no_gc():
@@ -990,7 +1022,7 @@ def new_block_infos(root: Dir, version_of: VersionOf, known: Callable[[bytes], b
             out[dg] = infos[dg]
             for p in _unskipped_parts(dg, kids, lambda p: p in out or known(p)):
                 out[p] = infos[p]
-            stack.extend(_subdirs(d))
+            stack.extend(_changed_subdirs(d, known))
     return out
 
 

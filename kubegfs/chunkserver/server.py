@@ -19,7 +19,7 @@ import logging
 import random
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -400,19 +400,26 @@ class Chunkserver:
         pieces: list[bytes] = []
         async for piece in request.content.iter_chunked(1 << 20):
             pieces.append(piece)
-        return json_response(await self._store_record(rid, pieces, sha), status=201)
+        return json_response((await self._store_record(rid, pieces, sha))[1], status=201)
 
-    async def _store_record(self, rid: str, pieces: list[bytes], sha: str) -> dict[str, Any]:
-        """Store a snapshot record (verified against ``sha``, fsynced); what the answer says of it."""
-        try:
-            n, digest = await self._run(self.store.put_record, rid, iter(pieces), sha)
-        except CorruptData:
-            M.CS_CHECKSUM_FAIL.labels("record").inc()
-            raise
+    async def _store_record(self, rid: str, pieces: list[bytes], sha: str,
+                            before: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Store a snapshot record (verified against ``sha``, fsynced) in one worker job after
+        ``before()`` returns (the blocks it reaches, stored durably first); (what ``before``
+        returned, what the answer says of the record)."""
+        def job() -> tuple[Any, tuple[int, str]]:
+            first = before() if before is not None else None
+            try:
+                return first, self.store.put_record(rid, iter(pieces), sha)
+            except CorruptData:
+                M.CS_CHECKSUM_FAIL.labels("record").inc()
+                raise
+
+        first, (n, digest) = await self._run(job)
         self.corrupt_records.discard(rid)
         self._update_gauges()
         log.info("stored snapshot record %s (%d bytes, sha256 %s…)", rid, n, digest[:12])
-        return {"id": rid, "bytes": n, "sha256": digest, "holder": self.id}
+        return first, {"id": rid, "bytes": n, "sha256": digest, "holder": self.id}
 
     async def get_record(self, request: web.Request) -> web.StreamResponse:
         rid = record_id(request.match_info["id"])
@@ -477,15 +484,19 @@ class Chunkserver:
             if not 0 < n <= len(data):
                 raise InvalidArgument("X-Kubegfs-Record-Length does not fit the body")
             data, record = data[:-n], data[-n:]
-        try:
-            stored, new = await self._run(self.blocks.put_delta, data) if data else (0, 0)
-        except CorruptData:
-            M.CS_CHECKSUM_FAIL.labels("block").inc()
-            raise
-        out: dict[str, Any] = {"stored": stored, "new": new}
-        if rid is not None:
-            out["record"] = await self._store_record(rid, [record], sha)
-        return json_response(out, status=201)
+        def blocks() -> tuple[int, int]:
+            try:
+                return self.blocks.put_delta(data) if data else (0, 0)
+            except CorruptData:
+                M.CS_CHECKSUM_FAIL.labels("block").inc()
+                raise
+
+        if rid is None:
+            stored, new = await self._run(blocks)
+            return json_response({"stored": stored, "new": new}, status=201)
+        # one worker job: the blocks durable, then the record
+        (stored, new), rec = await self._store_record(rid, [record], sha, blocks)
+        return json_response({"stored": stored, "new": new, "record": rec}, status=201)
 
     async def get_blocks(self, request: web.Request) -> web.Response:
         """Body ``{"digests": [hex, ...]}``; answers block frames, each verified before it goes."""

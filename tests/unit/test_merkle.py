@@ -566,6 +566,33 @@ def test_a_changed_big_directory_encodes_only_the_runs_around_its_changes(rng, c
         if r is not None:
             assert list(r.leaves) == merkle._leaves(merkle.block_digest(r.head), r.kids)
             assert merkle._INFOS[merkle.block_digest(r.head)][3] == r.leaves
+    big = ns.must_dir(root, ("big",))
+    got = merkle._INFOS.get(merkle.digest(big, V))
+    if got is not None and got[2]:  # split: its names in order, as its next version starts from them
+        assert list(got[5]) == sorted(big.children)
+
+
+@given(st.lists(st.text(max_size=4), max_size=40, unique=True), st.lists(st.text(max_size=4), max_size=12),
+       st.lists(st.text(max_size=4), max_size=12))
+def test_names_after_changes_are_the_sorted_names(before, added, removed):
+    after = ({n: 1 for n in before} | {n: 1 for n in added})
+    for n in removed:
+        after.pop(n, None)
+    changed = frozenset(added) | frozenset(removed)
+    assert merkle.names_after(tuple(sorted(before)), changed, after) == sorted(after)
+
+
+def test_a_changed_big_directory_takes_its_names_from_its_base(monkeypatch):
+    root = ns.Dir(immutables.Map({"big": big_dir(400, random.Random(8))}), 1, 0o755)
+    merkle.digest(root, V)
+    calls = []
+    real = merkle.names_after
+    monkeypatch.setattr(merkle, "names_after", lambda *a: calls.append(a[1]) or real(*a))
+    name = sorted(ns.must_dir(root, ("big",)).children)[5]
+    live = ns.replace(root, ("big", name), ns.File(9, 9, 0o644, (77,)), 2)
+    live = ns.replace(live, ("big", "zz-new"), ns.File(1, 1, 0o644, ()), 2)
+    assert merkle.digest(live, V) == _fresh_digest(live)[0]
+    assert calls == [frozenset({name, "zz-new"})]  # not sorted again from its children
 
 
 def test_a_split_directory_names_its_leaves_in_order():
@@ -697,6 +724,61 @@ def test_diff_and_changed_subtrees_by_changed_names_are_those_of_every_name(rng,
         return {k: id(v) for k, v in blockdelta.counterparts(x, y).items()}
 
     assert older(a, b) == _without_hints(older, a, b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 12), st.booleans())
+def test_a_holder_walk_asks_only_about_changed_children_and_finds_every_block_it_lacks(rng, n, between):
+    """Below a directory known to be another plus a few changed names whose block the holder
+    has, only those names' subdirectories are visited; the blocks found are exactly those of
+    the tree the holder lacks, children before parents, as a walk over every name finds."""
+    a = build_direct(random_spec(rng))
+    merkle.digest(a, V)
+    holder = {dg for dg, _b, _n in merkle.iter_blocks(a, V, lambda _d: False)}
+    b = mutate(a, rng, n)
+    if between:  # a version the holder never got in between
+        merkle.digest(b, V)
+        b = mutate(b, rng, rng.randrange(0, 4))
+    merkle.digest(b, V)
+    asked: list[bytes] = []
+
+    def ask(d):
+        asked.append(d)
+        return d in holder
+
+    got = [(dg, blk) for dg, blk, _n in merkle.iter_blocks(b, V, ask)]
+    every = {dg: blk for dg, blk, _n in merkle.iter_blocks(b, V, lambda _d: False)}
+    assert dict(got) == {dg: blk for dg, blk in every.items() if dg not in holder}
+    assert sorted(got) == sorted(_without_hints(lambda t: list(
+        (dg, blk) for dg, blk, _n in merkle.iter_blocks(t, V, holder.__contains__)), b))
+    order = {dg: i for i, (dg, _blk) in enumerate(got)}
+    for dg, blk in got:  # children before parents
+        assert all(order[c] < order[dg] for c in merkle.child_digests(blk) if c in order)
+    every_asked: list[bytes] = []
+    _without_hints(lambda t: list(merkle.iter_blocks(t, V, lambda d: every_asked.append(d) or d in holder)), b)
+    assert len(asked) <= len(every_asked) + len(got)  # at most one question more (the base) per visited block
+    # the commit's infos of the blocks the catalog lacks: the same blocks, by the same walk
+    infos = merkle.new_block_infos(b, V, holder.__contains__)
+    assert set(infos) == {dg for dg, _blk in got}
+    assert infos == _without_hints(lambda t: merkle.new_block_infos(t, V, holder.__contains__), b)
+
+
+def test_a_holder_walk_and_the_commits_infos_do_not_ask_about_the_unchanged_siblings_of_a_change():
+    root = build_direct({".": (0o755, 1), **{f"d{i}": {".": (0o755, 1), "f": ("f", i, 1, 0o644, (i,))}
+                                             for i in range(12)}})
+    merkle.digest(root, V)
+    holder = {dg for dg, _b, _n in merkle.iter_blocks(root, V, lambda _d: False)}
+    live = ns.replace(root, ("d3", "f"), ns.File(9, 2, 0o644, (99,)), 2)
+    merkle.digest(live, V)
+    asked: list[bytes] = []
+    got = [n for _dg, _b, n in merkle.iter_blocks(live, V, lambda d: asked.append(d) or d in holder)]
+    assert got == [live.children["d3"], live]
+    siblings = {merkle.digest(k, V) for name, k in live.children.items() if name != "d3"}
+    assert not siblings & set(asked)  # the root's base is held: only d3 below it is visited
+    asked.clear()
+    infos = merkle.new_block_infos(live, V, lambda d: asked.append(d) or d in holder)
+    assert set(infos) == {merkle.digest(live, V), merkle.digest(live.children["d3"], V)}
+    assert not siblings & set(asked)
 
 
 @settings(max_examples=40, deadline=None)
