@@ -16,9 +16,9 @@ verifies them the same way). The answer's headers:
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 
+from .crc import crc32
 from .errors import CorruptData
 from .formats import BLOCK_SIZE
 
@@ -69,7 +69,7 @@ def check(body: memoryview, base: int, size: int, crcs: Sequence[int]) -> None:
     if len(crcs) != -(-n // BLOCK_SIZE):
         raise CorruptData(f"{len(crcs)} block CRCs for {n} bytes")
     for i, crc in enumerate(crcs):
-        if zlib.crc32(body[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) != crc:
+        if crc32(body[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) != crc:
             raise CorruptData(f"block {base // BLOCK_SIZE + i} failed its checksum")
 
 

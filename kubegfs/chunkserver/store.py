@@ -23,13 +23,13 @@ import errno
 import hashlib
 import os
 import threading
-import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
 from .. import rangecrc
+from ..crc import crc32
 from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
 from ..fsutil import atomic_write, fsync_path
@@ -221,7 +221,7 @@ class ChunkStore:
                     raise CorruptData("short chunk file")
                 old_len = min(BLOCK_SIZE, length - first * BLOCK_SIZE)
                 old = prefix + os.pread(fd, old_len - head, offset) if old_len > head else prefix
-                if first < len(crcs) and zlib.crc32(old) != crcs[first]:
+                if first < len(crcs) and crc32(old) != crcs[first]:
                     self.corrupt.add(h)
                     raise CorruptData(f"chunk {h:016x} block {first} is corrupt")
             kept = array("I", crcs[:first])  # readers may hold the pending array: never change it
@@ -277,7 +277,7 @@ class ChunkStore:
         for b in range(first, last + 1):
             lo = (b - first) * BLOCK_SIZE
             block = view[lo : lo + BLOCK_SIZE]
-            if len(block) != min(BLOCK_SIZE, size - b * BLOCK_SIZE) or b >= len(crcs) or zlib.crc32(block) != crcs[b]:
+            if len(block) != min(BLOCK_SIZE, size - b * BLOCK_SIZE) or b >= len(crcs) or crc32(block) != crcs[b]:
                 self.corrupt.add(h)
                 raise CorruptData(f"chunk {h:016x} block {b} failed its checksum")
         start = offset - base
@@ -476,7 +476,7 @@ class BlockCrcs:
         mv = memoryview(p)
         while mv:
             take = min(BLOCK_SIZE - self.fill, len(mv))
-            self.crc = zlib.crc32(mv[:take], self.crc)
+            self.crc = crc32(mv[:take], self.crc)
             self.fill += take
             mv = mv[take:]
             if self.fill == BLOCK_SIZE:
