@@ -1,4 +1,5 @@
-"""The chunkserver's lean data listener: a second port that takes only a piece's PUT.
+"""The chunkserver's lean data listener: a second port for a piece's PUT and a
+client-verified GET.
 
 Under aiohttp a written piece paid for the request machinery and, per part, for its body
 reader joining what it had buffered into one more copy (~10% of a chunkserver's CPU in a
@@ -16,15 +17,27 @@ chunkserver's route policy), the same cluster check and the same JSON answers; a
 a 4xx JSON answer, after which the connection is closed. The main port keeps serving every
 route and names this port in an ``X-Kubegfs-Data-Port`` header on its piece answers; clients and
 chunkservers that saw it send later pieces here (kubegfs/client.py, ``Chunkserver._forward``),
-and go back to the main port if this one cannot be reached. Plain TCP only: a chunkserver that
-serves TLS does not open it.
+and go back to the main port if this one cannot be reached.
+
+It also serves ``GET /internal/chunks/{h}?offset=&length=&version=`` with ``X-Kubegfs-Verify:
+client`` (and the same token and cluster checks), HDFS's way: the whole blocks covering the
+range go from the chunk file to the socket with ``sendfile`` (no copy into the process, no CRC
+pass here), with their stored CRCs in the answer's head, and the client checks every block
+(kubegfs/rangecrc.py). The refusals are the main port's: a stale version (409), an offset past
+the chunk (400), no such chunk (404), a file shorter than its metadata (502, reported to the
+master). The main port names this port in ``X-Kubegfs-Read-Port`` on its read answers; a GET
+without the header is refused (400): the main port's read, verified here, is the one for curl.
+
+Plain TCP only: a chunkserver that serves TLS does not open it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import select
 import socket
 import time
@@ -35,6 +48,7 @@ from .. import metrics as M
 from ..auth import chunkserver_policy
 from ..errors import InvalidArgument, KubegfsError, NotFound, PayloadTooLarge, from_json
 from ..httpconn import encode_head, parse_response_head
+from ..rangecrc import BASE_HEADER, CRCS_HEADER, LENGTH_HEADER, VERIFY_HEADER, encode
 from ..web import (
     CHAIN_HEADER,
     CLUSTER_HEADER,
@@ -61,6 +75,8 @@ HEAD_TIMEOUT = 75.0  # a connection sends its next request's whole head within t
 
 # (h, offset, version, sync, chain, length, body parts) -> the answer's JSON object
 AcceptPiece = Callable[[int, int, int, bool, list[str], int, AsyncIterator[memoryview]], Awaitable[dict[str, Any]]]
+# (h, offset, length, min version) -> the chunk file opened and the blocks to send (store.ReadRange)
+OpenRead = Callable[[int, int, int, int], Awaitable[Any]]
 
 
 
@@ -132,8 +148,9 @@ def answer(status: int, body: Any, keep_alive: bool, port: int | None) -> bytes:
 
 class DataListener:
     def __init__(self, accept: AcceptPiece, tokens: Any, check_cluster: Callable[[str], None],
-                 chunk_size: int, pool: BufferPool) -> None:
+                 chunk_size: int, pool: BufferPool, open_read: OpenRead) -> None:
         self.accept = accept
+        self.open_read = open_read
         self.tokens = tokens
         self.check_cluster = check_cluster
         self.chunk_size = chunk_size
@@ -201,9 +218,12 @@ class DataListener:
                     await loop.sock_sendall(sock, answer(err.status, err.to_json(), False, self.port))
                     return
                 t0 = time.perf_counter()
-                status, body, whole = await self._piece(loop, sock, req, buf)
-                keep = whole and req.keep_alive
-                await loop.sock_sendall(sock, answer(status, body, keep, self.port))
+                if req.method == "GET":
+                    status, keep = await self._read(loop, sock, req)
+                else:
+                    status, body, whole = await self._piece(loop, sock, req, buf)
+                    keep = whole and req.keep_alive
+                    await loop.sock_sendall(sock, answer(status, body, keep, self.port))
                 self.metrics.observe(ROUTE if status != 404 else "unmatched", req.method, status,
                                      time.perf_counter() - t0)
                 if not keep:
@@ -212,6 +232,48 @@ class DataListener:
             return
         finally:
             sock.close()
+
+    async def _read(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, req: Any) -> tuple[int, bool]:
+        """A client-verified GET, answered (see the module docstring): (status, whether the
+        connection may go on)."""
+        h = req.headers
+        keep = req.keep_alive and req.length == 0
+        try:
+            check_auth(h.get("authorization", ""), req.method, req.path, self.tokens, chunkserver_policy)
+            parts = req.path.split("/")
+            if len(parts) != 4 or parts[:3] != ["", "internal", "chunks"]:
+                raise NotFound(f"GET {req.path} is served on the chunkserver's main port, not on its data port")
+            self.check_cluster(h.get(CLUSTER_HEADER.lower(), ""))
+            if req.length:
+                raise InvalidArgument("a GET has no body")
+            if h.get(VERIFY_HEADER.lower(), "") != "client":
+                raise InvalidArgument(f"a read on the data port is verified by the client: send {VERIFY_HEADER}: "
+                                      "client, or read on the main port")
+            handle = handle_hex(parts[3])
+            q = parse_query(req.query)
+            offset = int_param(q, "offset", 0, 0, self.chunk_size)
+            length = int_param(q, "length", self.pool.size, 0, self.pool.size)
+            version = int_param(q, "version", 0, 0)
+            rr = await self.open_read(handle, offset, length, version)
+        except KubegfsError as err:
+            await loop.sock_sendall(sock, answer(err.status, err.to_json(), keep, self.port))
+            return err.status, keep
+        extra = (f"{BASE_HEADER}: {rr.base}\r\n{CRCS_HEADER}: {encode(rr.crcs)}\r\n"
+                 f"{LENGTH_HEADER}: {rr.size}\r\nX-Kubegfs-Version: {rr.version}\r\n")
+        head = answer_head(200, "application/octet-stream", rr.length, keep, extra)
+        try:
+            sent = loop.run_in_executor(None, send_range, sock, head, rr.fd, rr.base, rr.length, PEER_TIMEOUT)
+        except BaseException:
+            os.close(rr.fd)
+            raise
+        try:
+            await asyncio.shield(sent)  # the thread owns the socket until it returns
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # its next send fails at once
+            await asyncio.wait([sent])
+            raise
+        return 200, keep
 
     async def _piece(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, req: Any,
                      early: bytearray) -> tuple[int, Any, bool]:
@@ -339,6 +401,41 @@ class PeerLinks:
             for s in socks:
                 s.close()
         self.idle.clear()
+
+
+def send_range(sock: socket.socket, head: bytes, fd: int, offset: int, count: int, timeout: float) -> None:
+    """In a worker thread: ``head``, then ``count`` bytes of the file ``fd`` from ``offset``
+    with ``sendfile`` (page cache to socket, never through this process), on the event loop's
+    non-blocking socket, waiting in ``poll`` while it is full (at most ``timeout`` seconds at a
+    time); closes ``fd``. A file that ends early (truncated meanwhile) is a ConnectionError: the
+    answer cannot be completed and the caller closes the connection."""
+    try:
+        out = sock.fileno()
+        p = select.poll()
+        p.register(out, select.POLLOUT)
+
+        def room() -> None:
+            if not p.poll(timeout * 1000):
+                raise TimeoutError("the reader took no bytes")
+
+        view = memoryview(head)
+        while view:
+            try:
+                view = view[sock.send(view, socket.MSG_MORE if count else 0):]  # the head leaves with the first bytes
+            except BlockingIOError:
+                room()
+        while count:
+            try:
+                n = os.sendfile(out, fd, offset, count)
+            except BlockingIOError:
+                room()
+                continue
+            if n == 0:
+                raise ConnectionError("the chunk file ended before the range did")
+            offset += n
+            count -= n
+    finally:
+        os.close(fd)
 
 
 def _readable(s: socket.socket) -> bool:

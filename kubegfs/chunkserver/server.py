@@ -32,6 +32,7 @@ from .. import metrics as M
 from ..auth import Tokens, chunkserver_policy
 from ..errors import ClusterMismatch, CorruptData, InvalidArgument, NotFound, from_json
 from ..heap import keep_heap
+from ..rangecrc import READ_PORT_HEADER
 from ..topology import Location
 from ..web import (
     CHAIN_HEADER,
@@ -57,7 +58,7 @@ from .blocks import BlockStore
 from .dataport import DATA_PORT_HEADER, BufferPool, DataListener, PeerLinks
 from .membership import Membership
 from .metastore import MetaStore
-from .store import ChunkStore
+from .store import ChunkStore, ReadRange
 from .turnstile import Turnstile
 
 log = logging.getLogger("kubegfs.chunkserver")
@@ -102,7 +103,7 @@ class Chunkserver:
         self._scrub_pos = 0
         self.turnstile = Turnstile(lambda h: self.store.index.get(h, (0, 0))[1])
         self.data = DataListener(self.accept_piece, self.tokens, self.membership.check_caller, self.chunk_size,
-                                 BufferPool(MAX_PIECE))
+                                 BufferPool(MAX_PIECE), self.open_read)
         self.peers = PeerLinks(self.token, lambda: self.membership.cluster_id)
 
     # ------------------------------------------------------------------ app
@@ -318,14 +319,31 @@ class Chunkserver:
         try:
             data = await self._run(self.store.read, h, offset, length, min_version)
         except CorruptData:
-            M.CS_CHECKSUM_FAIL.labels("chunk").inc()
-            log.error("checksum failure on chunk %016x; reporting it to the master", h)
-            asyncio.create_task(self._heartbeat_once())
+            self._read_corrupt(h)
             raise
         M.CS_READ_BYTES.inc(len(data))
         v, size = self.store.index.get(h, (0, 0))
-        return await send_body(request, data, {"X-Kubegfs-Chunk-Length": str(size), "X-Kubegfs-Version": str(v),
-                                               "Content-Type": "application/octet-stream"})
+        headers = {"X-Kubegfs-Chunk-Length": str(size), "X-Kubegfs-Version": str(v),
+                   "Content-Type": "application/octet-stream"}
+        if self.data.port is not None:
+            headers[READ_PORT_HEADER] = str(self.data.port)
+        return await send_body(request, data, headers)
+
+    async def open_read(self, h: int, offset: int, length: int, min_version: int) -> ReadRange:
+        """A client-verified read on the data port (dataport.py): the chunk file opened and the
+        blocks to send, with the same refusals as ``get_chunk``."""
+        try:
+            rr: ReadRange = await self._run(self.store.open_range, h, offset, length, min_version)
+        except CorruptData:
+            self._read_corrupt(h)
+            raise
+        M.CS_READ_BYTES.inc(rr.length)
+        return rr
+
+    def _read_corrupt(self, h: int) -> None:
+        M.CS_CHECKSUM_FAIL.labels("chunk").inc()
+        log.error("checksum failure on chunk %016x; reporting it to the master", h)
+        asyncio.create_task(self._heartbeat_once())
 
     async def delete_chunk(self, request: web.Request) -> web.Response:
         h = handle_hex(request.match_info["h"])

@@ -23,12 +23,13 @@ import errno
 import hashlib
 import os
 import threading
-import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
+from .. import rangecrc
+from ..crc import crc32
 from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
 from ..fsutil import atomic_write, fsync_path
@@ -220,7 +221,7 @@ class ChunkStore:
                     raise CorruptData("short chunk file")
                 old_len = min(BLOCK_SIZE, length - first * BLOCK_SIZE)
                 old = prefix + os.pread(fd, old_len - head, offset) if old_len > head else prefix
-                if first < len(crcs) and zlib.crc32(old) != crcs[first]:
+                if first < len(crcs) and crc32(old) != crcs[first]:
                     self.corrupt.add(h)
                     raise CorruptData(f"chunk {h:016x} block {first} is corrupt")
             kept = array("I", crcs[:first])  # readers may hold the pending array: never change it
@@ -249,19 +250,24 @@ class ChunkStore:
         self._index_set(w.h, new_v, w.pos)
         return w.pos
 
-    def read(self, h: int, offset: int, length: int, min_version: int = 0) -> bytes:
-        """Read and verify; raises CorruptData (and remembers the chunk) on a checksum failure."""
-        data_path, _ = self._paths(h)
+    def _readable(self, h: int, offset: int, min_version: int) -> tuple[int, int, array]:
+        """The version, length and CRCs of a chunk about to be read at ``offset``: Conflict for
+        a replica older than ``min_version``, InvalidArgument for an offset past its end."""
         v, size, crcs = self._meta(h)
         if v < min_version:
             raise Conflict(f"stale replica: version {v} < {min_version}")
         if offset > size:
             raise InvalidArgument(f"offset {offset} beyond chunk length {size}")
+        return v, size, crcs
+
+    def read(self, h: int, offset: int, length: int, min_version: int = 0) -> bytes:
+        """Read and verify; raises CorruptData (and remembers the chunk) on a checksum failure."""
+        data_path, _ = self._paths(h)
+        _, size, crcs = self._readable(h, offset, min_version)
         end = min(size, offset + length)
-        first = offset // BLOCK_SIZE
-        last = (end - 1) // BLOCK_SIZE if end > offset else first - 1
-        base = first * BLOCK_SIZE
-        span = min(size, (last + 1) * BLOCK_SIZE) - base
+        first, count = rangecrc.covering(offset, length, size)
+        last = first + count - 1
+        base, span = rangecrc.span(first, count, size)
         fd = os.open(data_path, os.O_RDONLY)
         try:
             buf = os.pread(fd, span, base) if span > 0 else b""  # whole blocks, one call, one copy
@@ -271,13 +277,36 @@ class ChunkStore:
         for b in range(first, last + 1):
             lo = (b - first) * BLOCK_SIZE
             block = view[lo : lo + BLOCK_SIZE]
-            if len(block) != min(BLOCK_SIZE, size - b * BLOCK_SIZE) or b >= len(crcs) or zlib.crc32(block) != crcs[b]:
+            if len(block) != min(BLOCK_SIZE, size - b * BLOCK_SIZE) or b >= len(crcs) or crc32(block) != crcs[b]:
                 self.corrupt.add(h)
                 raise CorruptData(f"chunk {h:016x} block {b} failed its checksum")
         start = offset - base
         if start == 0 and end - offset == len(buf):
             return buf
         return bytes(view[start : start + (end - offset)])
+
+    def open_range(self, h: int, offset: int, length: int, min_version: int = 0) -> ReadRange:
+        """A client-verified read (rangecrc.py): the chunk file opened and where the whole blocks
+        covering the range are in it, with their stored CRCs; the caller sends those bytes and
+        closes the file. Nothing is read or checked here: the client checks every block. Refused
+        as ``read`` refuses (a stale version, an offset past the end, no such chunk); a file
+        shorter than its metadata says, or CRCs missing, is CorruptData (and remembered)."""
+        data_path, _ = self._paths(h)
+        v, size, crcs = self._readable(h, offset, min_version)
+        first, count = rangecrc.covering(offset, length, size)
+        base, n = rangecrc.span(first, count, size)
+        if first + count > len(crcs):
+            self.corrupt.add(h)
+            raise CorruptData(f"chunk {h:016x} lacks the CRCs of blocks {first}–{first + count - 1}")
+        fd = os.open(data_path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < base + n:
+                self.corrupt.add(h)
+                raise CorruptData(f"chunk {h:016x}'s file is shorter than its length {size}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return ReadRange(fd, base, n, crcs[first : first + count].tolist(), size, v)
 
     def verify(self, h: int) -> bool:
         try:
@@ -447,7 +476,7 @@ class BlockCrcs:
         mv = memoryview(p)
         while mv:
             take = min(BLOCK_SIZE - self.fill, len(mv))
-            self.crc = zlib.crc32(mv[:take], self.crc)
+            self.crc = crc32(mv[:take], self.crc)
             self.fill += take
             mv = mv[take:]
             if self.fill == BLOCK_SIZE:
@@ -468,6 +497,20 @@ def block_crcs(parts: list[bytes]) -> array:
     for p in parts:
         c.update(p)
     return c.done()
+
+
+class ReadRange:
+    """An open chunk file and the whole blocks of it a client-verified read sends (``open_range``)."""
+
+    __slots__ = ("fd", "base", "length", "crcs", "size", "version")
+
+    def __init__(self, fd: int, base: int, length: int, crcs: list[int], size: int, version: int) -> None:
+        self.fd = fd
+        self.base = base  # where the blocks start in the chunk
+        self.length = length  # how many bytes they are
+        self.crcs = crcs  # their stored CRC32s
+        self.size = size  # the chunk's length
+        self.version = version
 
 
 class ChunkWriter:

@@ -1,15 +1,18 @@
-"""The chunkserver's data port (kubegfs/chunkserver/dataport.py): a piece's PUT only, with the
-main port's token check, cluster check and JSON answers; clients and chunkservers learn it from
-the main port's answers and send later pieces (and forward them) there."""
+"""The chunkserver's data port (kubegfs/chunkserver/dataport.py): a piece's PUT and a
+client-verified GET, with the main port's token check, cluster check and JSON answers; clients
+and chunkservers learn it from the main port's answers and send later pieces (and forward them,
+and read them) there."""
 
 import json
 import os
 import socket
+import zlib
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
+from kubegfs.formats import BLOCK_SIZE
 from kubegfs.httpconn import Connection
 
 CHUNK = 256 * 1024  # tests/integration/conftest.py: the clusters' chunk size
@@ -25,12 +28,12 @@ def _data_url(cs, token):
     return f"http://{urlsplit(cs.url).hostname}:{port}"
 
 
-def _put(url, path, body, headers):
+def _call(method, url, path, body, headers):
     u = urlsplit(url)
     conn = Connection(u.hostname, u.port, 10)
     try:
-        conn.send("PUT", path, body, headers)
-        return conn.response("PUT")
+        conn.send(method, path, body, headers)
+        return conn.response(method)
     finally:
         conn.close()
 
@@ -85,7 +88,7 @@ def test_a_chunkserver_forwards_to_the_data_port_it_learned(shared_cluster):
     url = _data_url(cs[0], tok)
     main = [_metric(p, "/internal/chunks/{h}", tok) for p in cs]
     lean = [_metric(p, LEAN, tok) for p in cs]
-    r2 = _put(url, f"{target}&offset=3", b"two", h)
+    r2 = _call("PUT", url, f"{target}&offset=3", b"two", h)
     assert r2.status == 200, bytes(r2.body)
     assert len(json.loads(bytes(r2.body))["acked"]) == 3
     assert [_metric(p, "/internal/chunks/{h}", tok) for p in cs] == main
@@ -101,8 +104,8 @@ def test_a_direct_piece_on_the_data_port_goes_down_the_chain(shared_cluster):
     head, *rest = [by_url[r["address"]] for r in first["replicas"]]
     url = _data_url(head, shared_cluster.token)
     target = f"/internal/chunks/{first['handle']}?version={first['version']}&offset=0"
-    r = _put(url, target, b"lean piece", {"Authorization": f"Bearer {shared_cluster.token}",
-                                          "X-Kubegfs-Chain": ",".join(p.url for p in rest)})
+    r = _call("PUT", url, target, b"lean piece", {"Authorization": f"Bearer {shared_cluster.token}",
+                                                  "X-Kubegfs-Chain": ",".join(p.url for p in rest)})
     assert r.status == 200, bytes(r.body)
     assert r.headers["x-kubegfs-data-port"] == url.rsplit(":", 1)[1]
     body = json.loads(bytes(r.body))
@@ -115,7 +118,8 @@ def test_a_direct_piece_on_the_data_port_goes_down_the_chain(shared_cluster):
 @pytest.mark.parametrize("method,path,headers,status,error", [
     ("PUT", "/internal/chunks/00000000000da7a2?version=1", {}, 401, "unauthorized"),
     ("PUT", "/internal/chunks/00000000000da7a2?version=1", {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
-    ("GET", "/internal/chunks/00000000000da7a2?version=1", "token", 404, "not_found"),
+    ("GET", "/internal/chunks/00000000000da7a2?version=1", "token", 400, "invalid_argument"),  # a body
+    ("GET", "/metrics", "token", 404, "not_found"),  # served on the main port
     ("PUT", "/internal/records/x", "token", 403, "forbidden"),
     ("PUT", "/internal/chunks/NOTHEX?version=1", "token", 400, "invalid_argument"),
     ("PUT", "/internal/chunks/00000000000da7a2", "token", 400, "invalid_argument"),  # no version
@@ -163,3 +167,72 @@ def test_a_chunkserver_started_with_the_data_port_off_names_none(make_cluster):
     r = requests.put(cs.url + "/internal/chunks/00000000000da7a4?version=1", data=b"p", headers=h, timeout=10)
     assert r.status_code == 200, r.text
     assert "X-Kubegfs-Data-Port" not in r.headers
+
+
+@pytest.fixture(scope="module")
+def stored(shared_cluster):
+    """A chunk of a file on every chunkserver: (its bytes, handle, version)."""
+    c = shared_cluster.client()
+    data = os.urandom(CHUNK - 1000)
+    c.put("/read-port", data)
+    ch = c.layout("/read-port")["chunks"][0]
+    c.close()
+    return data, ch["handle"], ch["version"]
+
+
+def test_a_client_verified_get_is_whole_blocks_with_their_stored_crcs(shared_cluster, stored):
+    data, h, v = stored
+    cs = shared_cluster.chunkservers[0]
+    main = requests.get(f"{cs.url}/internal/chunks/{h}?offset=0&length=1&version={v}",
+                        headers={"Authorization": f"Bearer {shared_cluster.token}"}, timeout=10)
+    assert main.status_code == 200
+    url = f"http://{urlsplit(cs.url).hostname}:{main.headers['X-Kubegfs-Read-Port']}"
+    r = _call("GET", url, f"/internal/chunks/{h}?offset=70000&length=5&version={v}", None,
+              {"Authorization": f"Bearer {shared_cluster.token}", "X-Kubegfs-Verify": "client"})
+    assert r.status == 200, bytes(r.body)
+    assert int(r.headers["x-kubegfs-base"]) == BLOCK_SIZE and bytes(r.body) == data[BLOCK_SIZE : 2 * BLOCK_SIZE]
+    assert r.headers["x-kubegfs-crcs"] == f"{zlib.crc32(data[BLOCK_SIZE : 2 * BLOCK_SIZE]):08x}"
+    assert int(r.headers["x-kubegfs-chunk-length"]) == len(data)
+
+
+@pytest.mark.parametrize("query,headers,status,error", [
+    ("offset=0&length=10&version={v}", {"Authorization": None}, 401, "unauthorized"),
+    ("offset=0&length=10&version={v}", {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
+    ("offset=0&length=10&version={v}", {"Authorization": "metrics"}, 403, "forbidden"),
+    ("offset=0&length=10&version={v}", {"X-Kubegfs-Verify": None}, 400, "invalid_argument"),  # curl: main port
+    ("offset=0&length=10&version={v}", {"X-Kubegfs-Cluster": "another"}, 409, "cluster_mismatch"),
+    ("offset=0&length=10&version={stale}", {}, 409, "conflict"),  # a stale replica is refused
+    ("offset={past}&length=10&version={v}", {}, 400, "invalid_argument"),
+    ("offset=-1&length=10&version={v}", {}, 400, "invalid_argument"),
+    ("offset=0&length={big}&version={v}", {}, 400, "invalid_argument"),
+    ("offset=0&length=ten&version={v}", {}, 400, "invalid_argument"),
+])
+def test_bad_gets_on_the_data_port_are_4xx_json(shared_cluster, stored, query, headers, status, error):
+    data, h, v = stored
+    cs = shared_cluster.chunkservers[0]
+    url = _data_url(cs, shared_cluster.token)
+    hdrs = {"Authorization": f"Bearer {shared_cluster.token}", "X-Kubegfs-Verify": "client", **headers}
+    if hdrs["Authorization"] == "metrics":
+        hdrs["Authorization"] = f"Bearer {shared_cluster.metrics_token}"
+    hdrs = {k: val for k, val in hdrs.items() if val is not None}
+    q = query.format(v=v, stale=v + 1, past=len(data) + 1, big=(8 << 20) + 1)
+    r = _call("GET", url, f"/internal/chunks/{h}?{q}", None, hdrs)
+    assert r.status == status, bytes(r.body)
+    assert json.loads(bytes(r.body))["error"] == error
+
+
+def test_a_get_of_a_missing_chunk_on_the_data_port_is_404_and_the_connection_goes_on(shared_cluster, stored):
+    data, h, v = stored
+    url = _data_url(shared_cluster.chunkservers[0], shared_cluster.token)
+    u = urlsplit(url)
+    conn = Connection(u.hostname, u.port, 10)
+    hdrs = {"Authorization": f"Bearer {shared_cluster.token}", "X-Kubegfs-Verify": "client"}
+    try:
+        conn.send("GET", "/internal/chunks/00000000000da7a9?offset=0&length=10", None, hdrs)
+        r = conn.response("GET")
+        assert r.status == 404 and json.loads(bytes(r.body))["error"] == "not_found"
+        conn.send("GET", f"/internal/chunks/{h}?offset=0&length=10&version={v}", None, hdrs)
+        r = conn.response("GET")
+        assert r.status == 200 and bytes(r.body) == data[:BLOCK_SIZE]
+    finally:
+        conn.close()

@@ -6,6 +6,7 @@ import signal
 import pytest
 import requests
 
+from kubegfs.client import read_order
 from kubegfs.errors import KubegfsError, Unavailable
 from kubegfs_dev.util import wait_for
 
@@ -89,6 +90,37 @@ def test_flipped_byte_in_chunk_fails_over_and_is_repaired(cluster):
     m = requests.get(victim.url + "/metrics", headers={"Authorization": f"Bearer {cluster.token}"}).text
     assert 'kubegfs_chunkserver_checksum_failures_total{kind="chunk"} 1.0' in m
     # the master learns of it, drops the bad replica and re-replicates to the goal
+    def healed():
+        reps = c.layout("/f")["chunks"][0]["replicas"]
+        return len(reps) == 3 and c.status()["under_replicated"] == 0
+    wait_for(healed, what="re-replication of the corrupt replica")
+    c3 = cluster.client()
+    assert c3.get("/f") == body and c3.stats.corrupt == 0
+
+
+def test_flipped_byte_is_caught_by_the_client_on_a_read_port_and_repaired(cluster):
+    """A client-verified read (the chunkserver sends its stored CRCs, the client checks): the
+    bad block is never returned; the same replica's main port checks its copy, reports it and
+    answers corrupt; the piece comes from another replica; the master re-replicates."""
+    c = cluster.client()
+    body = random.Random(6).randbytes(CHUNK + 1000)
+    c.put("/f", body)
+    ch = c.layout("/f")["chunks"][0]
+    for r in ch["replicas"]:  # the main ports' answers name the read ports
+        c._req("GET", f"{r['address']}/internal/chunks/{ch['handle']}",
+               params={"offset": 0, "length": 1, "version": ch["version"]})
+    assert len(c.read_ports) == 3
+    first = read_order(ch["replicas"], 0)[0]["id"]
+    victim = next(p for p in cluster.chunkservers if first.startswith(f"cs-{p.node}-"))
+    path = victim.data / "chunks" / ch["handle"][-2:] / f"{ch['handle']}.chk"
+    raw = bytearray(path.read_bytes())
+    raw[CHUNK - 100] ^= 0x01  # in the chunk's last block
+    path.write_bytes(bytes(raw))
+    assert c.get("/f") == body
+    assert (c.stats.mismatches, c.stats.corrupt, c.stats.failovers) == (1, 1, 1)
+    m = requests.get(victim.url + "/metrics", headers={"Authorization": f"Bearer {cluster.token}"}).text
+    assert 'kubegfs_chunkserver_checksum_failures_total{kind="chunk"} 1.0' in m
+
     def healed():
         reps = c.layout("/f")["chunks"][0]["replicas"]
         return len(reps) == 3 and c.status()["under_replicated"] == 0

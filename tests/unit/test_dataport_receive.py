@@ -87,7 +87,10 @@ def test_a_connection_that_never_finishes_a_head_is_closed(monkeypatch):
         async def accept(*args: object) -> dict[str, object]:
             raise AssertionError("no piece may be accepted")
 
-        listener = dataport.DataListener(accept, {}, lambda cid: None, 1 << 20, BufferPool(1 << 20))
+        async def open_read(*args: object) -> object:
+            raise AssertionError("nothing may be read")
+
+        listener = dataport.DataListener(accept, {}, lambda cid: None, 1 << 20, BufferPool(1 << 20), open_read)
         port = await listener.start("127.0.0.1", 0)
         loop = asyncio.get_running_loop()
         s = socket.socket()
