@@ -79,7 +79,6 @@ AcceptPiece = Callable[[int, int, int, bool, list[str], int, AsyncIterator[memor
 OpenRead = Callable[[int, int, int, int], Awaitable[Any]]
 
 
-
 class BufferPool:
     """Piece-sized buffers reused across pieces: a fresh 8 MiB buffer per piece is zeroed and its
     pages faulted in again."""

@@ -67,8 +67,6 @@ def routes(api: Api) -> dict[tuple[str, str], Route]:
             ("POST", "/api/v1/fs/stat_many"): stat_many}
 
 
-
-
 class FastProtocol(asyncio.Protocol):
     def __init__(self, routes: dict[tuple[str, str], Route], tokens: Tokens, policy: Policy,
                  guard: Callable[[str, str], None], metrics: RequestMetrics) -> None:

@@ -115,3 +115,23 @@ def test_open_range_refuses_as_a_read_does(tmp_path):
     with pytest.raises(CorruptData):
         store.open_range(9, B, 10)
     assert 9 in store.corrupt
+
+
+def test_a_server_verified_read_fails_on_a_flipped_byte_or_a_short_file(tmp_path):
+    store = ChunkStore(tmp_path, 8 * B)
+    data = os.urandom(3 * B + 7)
+    store.write(9, 0, data, 2)
+    assert store.read(9, B - 3, B + 6) == data[B - 3 : 2 * B + 3]  # unaligned: its covering blocks checked
+    path = store._paths(9)[0]
+    with open(path, "r+b") as f:  # one byte of the third block
+        f.seek(2 * B + 1)
+        f.write(bytes([data[2 * B + 1] ^ 1]))
+    assert store.read(9, 0, B) == data[:B]  # blocks the range does not cover are not read
+    with pytest.raises(CorruptData, match="block 2"):
+        store.read(9, 2 * B, 1)
+    assert 9 in store.corrupt
+    store.corrupt.clear()
+    os.truncate(path, B)  # the file lost whole blocks: fewer bytes than the CRCs name
+    with pytest.raises(CorruptData):
+        store.read(9, 0, 3 * B)
+    assert 9 in store.corrupt
