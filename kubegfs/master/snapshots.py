@@ -336,8 +336,13 @@ class Snapshots:
                 await asyncio.shield(fut)
 
     def snap_json(self, e: ops.SnapshotEntry) -> wire.SnapshotInfo:
+        """A snapshot as answered; ``pending`` until its build has ended: its commit is applied
+        (``ready`` in memory) before it is durable, and nothing is acknowledged before that."""
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
         out["live_copies"] = self.live_copies(e)
+        task = self.builders.get(e["id"])
+        if out["state"] == "ready" and task is not None and not task.done():
+            out["state"] = "pending"
         return cast(wire.SnapshotInfo, out)
 
     def live_copies(self, e: ops.SnapshotEntry) -> int:
@@ -380,11 +385,15 @@ class Snapshots:
         return e
 
     async def wait_built(self, sid: str, wait: float) -> None:
-        """Long poll: give a small snapshot the chance to be ready in the same request."""
+        """Long poll: give a small snapshot the chance to be ready in the same request. A build
+        that ended because the operation log failed leaves its commit applied, never durable:
+        that is not answered (the master must restart)."""
         task = self.builders.get(sid)
         if wait > 0 and task is not None and not task.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), wait)
+        if self.m.oplog.failed is not None:
+            raise Unavailable(f"the operation log failed ({self.m.oplog.failed}); the master must restart")
 
     def start_builder(self, sid: str) -> None:
         if sid not in self.builders or self.builders[sid].done():
