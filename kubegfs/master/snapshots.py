@@ -222,13 +222,11 @@ class Encoded:
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
     # the blocks no committed snapshot counted, with their infos and the commit op's rows of
-    # them, worked out off the loop while the blocks go out (``infos_job``), and
+    # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
     # the catalog's blocks_gen before: the commit takes them if it has not moved
     infos: tuple[int, dict[bytes, merkle.BlockInfo], list[list[bytes]]] | None = None
     infos_job: asyncio.Future[None] | None = None
-    collected: Callable[[], None] | None = None  # called once every holder's blocks are collected
-    expect: int = 1  # holders shipped to at once (their collects take turns)
-    collects: int = 0
+    collected: Callable[[], None] | None = None  # called once a holder's blocks are collected
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -458,9 +456,8 @@ class Snapshots:
                 rec = await loop.run_in_executor(None, build_record, meta, node, version_of)
                 data, sha, counts = rec.data, rec.sha256, rec.counts
             # what changed since the previous snapshot (for its status) is worked out while the
-            # blocks go out, once every holder's are collected (beside a collect, or the next
-            # holder's check of the last one's walk, it would take the interpreter from it): the
-            # commit is the first to need it
+            # blocks go out, once the first holder's are collected (beside the collect it would
+            # take the interpreter from it): the commit is the first to need it
 
             def start_since() -> None:
                 nonlocal since
@@ -508,7 +505,6 @@ class Snapshots:
                     if not todo:
                         break
                     tried |= {cs.id for cs, _ in todo}
-                    enc.expect = enc.collects + len(todo)
                     done = await asyncio.gather(*(ship(cs, why) for cs, why in todo))
                     holders += [h for h in done if h is not None]
                 if holders or time.monotonic() > deadline:
@@ -676,12 +672,10 @@ class Snapshots:
             # a short walk's check is a few dict lookups: on the loop, not worth a worker's hop
             got = reused() if enc.walk is not None and len(enc.walk[0]) <= INLINE_REUSE else None
             items = got if got is not None else await loop.run_in_executor(None, collect)
-            enc.collects += 1
-            if enc.collects >= enc.expect:  # every holder's blocks collected: the commit's jobs
-                if enc.infos_job is None:   # (beside the last collect they would slow it down)
-                    enc.infos_job = loop.run_in_executor(None, infos)
-                if enc.collected is not None:
-                    enc.collected()
+            if enc.infos_job is None:
+                enc.infos_job = loop.run_in_executor(None, infos)
+            if enc.collected is not None:
+                enc.collected()
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
         needed = {it.digest for it in items} | {it.base for it in items if it.base is not None}
         for dg in needed:
@@ -915,16 +909,13 @@ class Snapshots:
                 "seconds": round(time.perf_counter() - t0, 6)}
 
     def remember_tree(self, path: str, sid: str, node: ns.Dir) -> None:
-        """Keep ``node`` as ``path``'s newest snapshot tree, and the newest KEEP_TREES per path.
-        The trees let go are freed GC_AFTER later, after the build's reply: freeing a tree's
-        own directories (those changed since) takes ~1 ms per few hundred."""
         self.latest[path] = (sid, node)
         self.trees[sid] = node
         mine = [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
-        dropped = [self.trees.pop(old) for old in mine[:-KEEP_TREES]]
-        dropped += [self.trees.pop(gone) for gone in [i for i in self.trees if i not in self.m.state.snapshots]]
-        if dropped:
-            asyncio.get_running_loop().call_later(GC_AFTER, dropped.clear)
+        for old in mine[:-KEEP_TREES]:
+            del self.trees[old]
+        for gone in [i for i in self.trees if i not in self.m.state.snapshots]:
+            del self.trees[gone]
 
     def previous_of(self, e: ops.SnapshotEntry) -> tuple[str, ns.Dir] | None:
         """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""
