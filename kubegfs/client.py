@@ -723,7 +723,7 @@ class Client:
                         timeout: float = 600.0, **extra: Any) -> SnapshotInfo:
         body = {"path": path, "name": name, "copies": copies, **extra}
         snap = self.api("POST", "/snapshots", json=body, params={"wait": "5"} if wait else None)
-        if not wait:
+        if not wait or snap["state"] == "ready":  # (the long poll's answer: ready already, no second call)
             return snap
         return self.snapshot_wait(snap["id"], timeout)
 

@@ -365,7 +365,8 @@ class Api:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise InvalidArgument("labels must be a string map")
         e = await self.m.snapshots.create(sid, name, path, copies, targets, near, labels, wait)
-        return json_response(self.m.snapshots.snap_json(e), status=200 if e["state"] != "pending" else 202)
+        info = self.m.snapshots.snap_json(e)
+        return json_response(info, status=200 if info["state"] != "pending" else 202)
 
     async def h_snap_list(self, request: web.Request) -> web.Response:
         snaps = sorted(self.m.state.snapshots.values(), key=lambda e: e["created_ns"])

@@ -211,6 +211,7 @@ class Master:
             apply_seconds.observe(time.perf_counter() - t0)
         fut = self.oplog.enqueue(op)
         self._ops_since_checkpoint += 1
+        self.snapshots.changed()
 
         async def durable() -> None:
             await fut

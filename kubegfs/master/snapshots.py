@@ -17,7 +17,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -91,6 +91,32 @@ def _assemble_job(root: bytes, have: dict[bytes, bytes], cands: list[ns.Node | N
         return tree, used, [h for dg in used for h in merkle.block_chunks(have[dg])]
 
 
+def warm_job(nodes: list[ns.Dir], version_of: merkle.VersionOf) -> int:
+    """Digest ``nodes`` (live trees of snapshotted paths) ahead of their next snapshot; how many
+    were digested. A chunk freed meanwhile (its file removed since the pass began) ends that
+    tree's pass: its directory is no longer live, and what was digested below it stays valid."""
+    n = 0
+    for node in nodes:
+        try:
+            merkle.digest(node, version_of)
+            n += 1
+        except KeyError:
+            continue
+    return n
+
+
+def stale_trees(root: ns.Dir, paths_: Iterable[str]) -> list[ns.Dir]:
+    """The live directories at ``paths_`` whose digest is not memoised yet (each once)."""
+    out: list[ns.Dir] = []
+    seen: set[int] = set()
+    for p in paths_:
+        node = ns.get(root, paths.split(p))
+        if isinstance(node, ns.Dir) and node.digest is None and id(node) not in seen:
+            seen.add(id(node))
+            out.append(node)
+    return out
+
+
 def parse_any(data: bytes, sha256: str) -> ParsedRecord | Manifest:
     if record_format(data) == MANIFEST_VERSION:
         return parse_manifest(data, sha256)
@@ -157,6 +183,7 @@ GC_AFTER = 0.05  # seconds after the last snapshot operation before the collecto
 GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
 
 
+WARM_AFTER = 0.01  # seconds after a change before the trees of snapshotted paths are digested ahead
 UNCLAIM_SLICE = 20_000  # claims a finished build drops per turn of the event loop
 INLINE_REUSE = 4096  # blocks asked by the last holder's walk up to which the next checks it on the loop
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
@@ -259,10 +286,61 @@ class Snapshots:
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
         self._unclaiming: set[asyncio.Task[None]] = set()  # big builds' claims going in slices
         self.quiet_gc = QuietGC()
+        # the live trees of the paths in ``latest`` are digested ahead of their next snapshot, in
+        # a worker thread, WARM_AFTER after a change (or as long after as the last such pass
+        # took, whichever is longer): directories' digests are memoised on the immutable nodes,
+        # so that snapshot's own digest pass finds all but the last few changes done
+        self._warm_timer: asyncio.TimerHandle | None = None
+        self._warming: asyncio.Future[int] | None = None
+        self._warm_took = 0.0
+
+    def changed(self) -> None:
+        """The namespace changed (called for every op the master applies): digest the live
+        trees of snapshotted paths soon, unless that is scheduled or running already. A pass
+        does not start while a build or restore runs (they pause the collector, see QuietGC;
+        a build digests the tree itself); their ops schedule the next. Digests memoised on live
+        nodes are what every snapshot already leaves on the nodes the live tree shares with it:
+        whatever changes a directory's encoding (an entry, a chunk's version: see
+        MasterState._apply_bump) makes new nodes on its path."""
+        if self.latest and self._warm_timer is None and self._warming is None:
+            self._warm_timer = asyncio.get_running_loop().call_later(max(WARM_AFTER, self._warm_took), self._warm)
+
+    def _warm(self) -> None:
+        self._warm_timer = None
+        if self._warming is not None or self.quiet_gc.active or any(not t.done() for t in self.builders.values()):
+            return  # a build digests them itself (its commit is a change: it schedules the next)
+        todo = stale_trees(self.m.state.root, self.latest)
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        fut = self._warming = asyncio.get_running_loop().run_in_executor(
+            None, warm_job, todo, self.m.state.version.__getitem__)
+
+        def done(f: asyncio.Future[int]) -> None:
+            self._warming = None
+            self._warm_took = time.perf_counter() - t0
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("digesting snapshotted trees ahead failed: %s", f.exception())
+            self.changed()  # what changed while it ran
+
+        fut.add_done_callback(done)
+
+    async def warmed(self) -> None:
+        """Wait for a running pass of :meth:`_warm` (a build's digest pass would repeat its work
+        beside it)."""
+        fut = self._warming
+        if fut is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(fut)
 
     def snap_json(self, e: ops.SnapshotEntry) -> wire.SnapshotInfo:
+        """A snapshot as answered; ``pending`` until its build has ended: its commit is applied
+        (``ready`` in memory) before it is durable, and nothing is acknowledged before that."""
         out = {k: v for k, v in e.items() if k not in ("handles_z", "created_ns")}
         out["live_copies"] = self.live_copies(e)
+        task = self.builders.get(e["id"])
+        if out["state"] == "ready" and task is not None and not task.done():
+            out["state"] = "pending"
         return cast(wire.SnapshotInfo, out)
 
     def live_copies(self, e: ops.SnapshotEntry) -> int:
@@ -305,11 +383,15 @@ class Snapshots:
         return e
 
     async def wait_built(self, sid: str, wait: float) -> None:
-        """Long poll: give a small snapshot the chance to be ready in the same request."""
+        """Long poll: give a small snapshot the chance to be ready in the same request. A build
+        that ended because the operation log failed leaves its commit applied, never durable:
+        that is not answered (the master must restart)."""
         task = self.builders.get(sid)
         if wait > 0 and task is not None and not task.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), wait)
+        if self.m.oplog.failed is not None:
+            raise Unavailable(f"the operation log failed ({self.m.oplog.failed}); the master must restart")
 
     def start_builder(self, sid: str) -> None:
         if sid not in self.builders or self.builders[sid].done():
@@ -337,7 +419,11 @@ class Snapshots:
         return [(alive[r.candidate.id], r.reason) for r in ranked]
 
     async def build(self, sid: str) -> None:
-        """:meth:`_build` with the cyclic collector paused throughout (see :class:`QuietGC`)."""
+        """:meth:`_build` with the cyclic collector paused throughout (see :class:`QuietGC`),
+        after a pass digesting the tree ahead (see :meth:`changed`) ends: its own pause of the
+        collector would end inside this one's otherwise, and the pass does the work this build's
+        digest pass starts with."""
+        await self.warmed()
         with self.quiet_gc():
             await self._build(sid)
 
@@ -909,7 +995,9 @@ class Snapshots:
     async def restore(self, ref: str, rid: str, to: str | None) -> dict[str, Any]:
         """Restore snapshot ``ref`` in place (``to`` None) or to the new path ``to``; ``rid``
         names the request so a retry answers with the first result instead of restoring again.
-        The cyclic collector is paused throughout (see :class:`QuietGC`)."""
+        The cyclic collector is paused throughout (see :class:`QuietGC`; as in :meth:`build`, once
+        a pass digesting snapshotted trees ahead ends)."""
+        await self.warmed()
         with self.quiet_gc():
             return await self._restore(ref, rid, to)
 
