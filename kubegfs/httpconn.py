@@ -202,16 +202,22 @@ def _poll(sock: socket.socket, spin: float) -> bytes | None:
     nothing came by then. A small answer from a server on the same machine comes back in tens of
     microseconds, and a thread that sleeps in ``recv`` meanwhile pays a wake-up that costs more
     than that (measured: a lone thread's stat spent ~70 µs of CPU on each side in sleeps and
-    wake-ups); each poll is one non-blocking read, and ``sched_yield`` between polls lets any
-    thread that is ready run first."""
+    wake-ups)."""
     if sock.gettimeout() is None:
         return None  # a blocking socket: os.read would sleep
-    fd = sock.fileno()  # non-blocking underneath (it has a timeout); os.read skips the poll before it
-    end = time.perf_counter() + spin
+    return poll_read(sock.fileno(), time.perf_counter() + spin)  # non-blocking underneath (it has a timeout)
+
+
+def poll_read(fd: int, until: float, size: int = RECV) -> bytes | None:
+    """Up to ``size`` bytes from the non-blocking descriptor ``fd``, polled until the
+    ``time.perf_counter()`` value ``until``: None if nothing came by then, b"" at the end of the
+    stream (a failed read raises its OSError). Each poll is one non-blocking read (``os.read`` skips the poll a
+    socket with a timeout makes before it), and ``sched_yield`` between polls lets any thread
+    that is ready run first."""
     while True:
         try:
-            return os.read(fd, RECV)
+            return os.read(fd, size)
         except BlockingIOError:
-            if time.perf_counter() >= end:
+            if time.perf_counter() >= until:
                 return None
             os.sched_yield()

@@ -14,7 +14,13 @@ header on their answers, which the Python client follows (kubegfs/client.py).
 
 Requests on a connection are answered in order; pipelined ones (the client's shared connection
 sends several threads' requests in one write) are all answered from the one read that brought
-them, and their answers go out in one write. A request with a body larger than MAX_JSON_BODY, a
+them, and their answers go out in one write. After answering, a plain-TCP connection is polled
+for its next request for up to SPIN (``httpconn.poll_read``: non-blocking reads, yielding the CPU
+between them), at most SPIN_BUDGET in one turn of the event loop before it goes back to the
+loop's other work: a client that asks again right away (a stat loop, the shared connection's
+next batch) is then read without the master going to sleep in ``epoll_wait`` first. Its
+wake-up from that sleep, on this project's 2-core VM, was most of a lone thread's stat round
+trip (see docs/benchmarks.md); the client polls for its answer the same way (sharedconn.SPIN). A request with a body larger than MAX_JSON_BODY, a
 chunked body or a malformed head is answered 4xx and the connection closed.
 """
 
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING, cast
 
 from ..auth import Policy, Tokens
 from ..errors import InvalidArgument, KubegfsError, NotFound
+from ..httpconn import poll_read
 from ..web import (
     Request,
     RequestMetrics,
@@ -47,6 +54,8 @@ log = logging.getLogger("kubegfs.master.fastpath")
 
 HEADER = "X-Kubegfs-Fastpath"  # on the main port's stat/ls/stat_many answers: this listener's port
 MAX_HEAD = 16 * 1024
+SPIN = 100e-6  # after answering, poll the connection this long for its next request
+SPIN_BUDGET = 1e-3  # at most this long polling and answering in one turn of the event loop
 
 Route = Callable[[dict[str, str], bytes, str, bool], tuple[bytes, str]]
 
@@ -69,8 +78,12 @@ def routes(api: Api) -> dict[tuple[str, str], Route]:
 
 class FastProtocol(asyncio.Protocol):
     def __init__(self, routes: dict[tuple[str, str], Route], tokens: Tokens, policy: Policy,
-                 guard: Callable[[str, str], None], metrics: RequestMetrics) -> None:
+                 guard: Callable[[str, str], None], metrics: RequestMetrics, spin: float = SPIN,
+                 budget: float = SPIN_BUDGET) -> None:
         self.routes = routes
+        self.spin = spin  # 0: never poll (a TLS listener: its bytes must go through the transport)
+        self.budget = budget
+        self.fd = -1  # the connection's socket, polled after answering (-1: not polled)
         self.tokens = tokens
         self.policy = policy
         self.guard = guard
@@ -82,16 +95,41 @@ class FastProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        sock = transport.get_extra_info("socket")
+        if self.spin > 0 and sock is not None and transport.get_extra_info("sslcontext") is None:
+            self.fd = sock.fileno()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.fd = -1
 
     def data_received(self, data: bytes) -> None:
+        self._take(data)
+        if self.fd >= 0:
+            self._linger()
+
+    def _take(self, data: bytes) -> None:
         self.buf += data
         try:
             self._serve()
         finally:
             self._flush()
+
+    def _linger(self) -> None:
+        """Read and answer what the client sends next while it comes within ``spin`` of the last
+        answer, for at most ``budget`` in all (see the module docstring). The end of the stream
+        or an error is left for the transport, which reads the socket again and sees it too."""
+        now = time.perf_counter()
+        stop = now + self.budget
+        while self.transport is not None and now < stop:
+            try:
+                more = poll_read(self.fd, min(now + self.spin, stop), 256 * 1024)
+            except OSError:
+                return
+            if not more:
+                return
+            self._take(more)
+            now = time.perf_counter()
 
     def _serve(self) -> None:
         """Answer every whole request in the buffer."""

@@ -49,7 +49,7 @@ from ..web import (
 )
 from . import ops
 from .chunkmap import ChunkMap, ChunkserverInfo
-from .fastpath import FastProtocol
+from .fastpath import SPIN, FastProtocol
 from .fastpath import routes as fast_routes
 from .guard import Guard
 from .http import Api
@@ -138,7 +138,7 @@ class Master:
             async def start_fast(app: web.Application) -> None:
                 host, port = split_listen(self.opts.fast_listen)
                 proto = partial(FastProtocol, fast_routes(api), self.tokens, master_policy, self.guard.check,
-                                RequestMetrics(M.MASTER_HTTP))
+                                RequestMetrics(M.MASTER_HTTP), spin=0.0 if self.ssl_context else SPIN)
                 self._fast_server = await asyncio.get_running_loop().create_server(
                     proto, host, port, ssl=self.ssl_context, reuse_address=True)
                 log.info("stat/ls/stat_many also on %s (lean listener)", self.opts.fast_listen)

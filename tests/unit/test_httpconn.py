@@ -3,10 +3,11 @@ broken answer is a connection error, never a wrong body."""
 
 import socket
 import threading
+import time
 
 import pytest
 
-from kubegfs.httpconn import BadResponse, Connection, _poll
+from kubegfs.httpconn import BadResponse, Connection, _poll, poll_read
 
 
 def _serve(answers: list[bytes]) -> tuple[int, list[bytes]]:
@@ -104,3 +105,13 @@ def test_polling_returns_what_arrives_during_the_spin_and_gives_up_after_it():
         assert got == b"hello"
         a.settimeout(None)
         assert _poll(a, 0.01) is None  # a blocking socket is never polled (os.read would sleep)
+
+
+def test_poll_read_gives_the_end_of_the_stream_and_raises_a_failed_read():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a:
+        b.close()
+        assert poll_read(a.fileno(), time.perf_counter() + 1.0) == b""  # EOF: at once, not after the spin
+    with pytest.raises(OSError):
+        poll_read(a.fileno(), time.perf_counter() + 0.01)  # closed
