@@ -18,10 +18,11 @@ them, and their answers go out in one write. After answering, a plain-TCP connec
 for its next request for up to SPIN (``httpconn.poll_read``: non-blocking reads, yielding the CPU
 between them), at most SPIN_BUDGET in one turn of the event loop before it goes back to the
 loop's other work: a client that asks again right away (a stat loop, the shared connection's
-next batch) is then read without the master going to sleep in ``epoll_wait`` first. Its
-wake-up from that sleep, on this project's 2-core VM, was most of a lone thread's stat round
-trip (see docs/benchmarks.md); the client polls for its answer the same way (sharedconn.SPIN). A request with a body larger than MAX_JSON_BODY, a
-chunked body or a malformed head is answered 4xx and the connection closed.
+next batch) is then read without the master going to sleep in ``epoll_wait`` first. A wake-up
+from that sleep can cost more than the answer (on a small virtual machine it was most of a lone
+thread's stat round trip, see docs/benchmarks.md); the client polls for its answer the same way
+(sharedconn.SPIN). A request with a body larger than MAX_JSON_BODY, a chunked body or a malformed
+head is answered 4xx and the connection closed.
 """
 
 from __future__ import annotations

@@ -184,6 +184,7 @@ GC_NOW = 200_000  # ... unless it left more young objects than this: then a full
 
 
 WARM_AFTER = 0.01  # seconds after a change before the trees of snapshotted paths are digested ahead
+WARM_SHARE = 0.25  # ... and at most this share of a core's time between passes: a pass that took t waits t * (1 / share - 1)
 UNCLAIM_SLICE = 20_000  # claims a finished build drops per turn of the event loop
 INLINE_REUSE = 4096  # blocks asked by the last holder's walk up to which the next checks it on the loop
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
@@ -287,8 +288,8 @@ class Snapshots:
         self._unclaiming: set[asyncio.Task[None]] = set()  # big builds' claims going in slices
         self.quiet_gc = QuietGC()
         # the live trees of the paths in ``latest`` are digested ahead of their next snapshot, in
-        # a worker thread, WARM_AFTER after a change (or as long after as the last such pass
-        # took, whichever is longer): directories' digests are memoised on the immutable nodes,
+        # a worker thread, WARM_AFTER after a change (or later, so that passes take at most
+        # WARM_SHARE of a core under a stream of changes): directories' digests are memoised on the immutable nodes,
         # so that snapshot's own digest pass finds all but the last few changes done
         self._warm_timer: asyncio.TimerHandle | None = None
         self._warming: asyncio.Future[int] | None = None
@@ -303,7 +304,8 @@ class Snapshots:
         whatever changes a directory's encoding (an entry, a chunk's version: see
         MasterState._apply_bump) makes new nodes on its path."""
         if self.latest and self._warm_timer is None and self._warming is None:
-            self._warm_timer = asyncio.get_running_loop().call_later(max(WARM_AFTER, self._warm_took), self._warm)
+            self._warm_timer = asyncio.get_running_loop().call_later(
+                max(WARM_AFTER, self._warm_took * (1 / WARM_SHARE - 1)), self._warm)
 
     def _warm(self) -> None:
         self._warm_timer = None

@@ -159,3 +159,19 @@ def test_warmed_returns_once_a_pass_ends_even_a_failed_one():
         await waiter
 
     asyncio.run(go())
+
+
+def test_passes_under_a_stream_of_changes_take_at_most_their_share_of_a_core(monkeypatch):
+    monkeypatch.setattr(snapshots, "WARM_AFTER", 0.001)
+    root = tree()
+
+    async def go():
+        s, _m = make(root)
+        s._warm_took = 0.03  # the last pass took 30 ms: the next waits 90 ms (WARM_SHARE 0.25)
+        loop = asyncio.get_running_loop()
+        s.changed()
+        assert s._warm_timer is not None
+        return s._warm_timer.when() - loop.time()
+
+    delay = asyncio.run(go())
+    assert 0.08 < delay <= 0.09 + 1e-3
