@@ -215,6 +215,10 @@ def topology_options(f: Any) -> Any:
               help="async: seconds the copies may trail the master")
 @click.option("--fast-listen", default="", help="HOST:PORT of a second, lean listener for stat, ls and "
               "stat_many (clients find it from a header on those answers); default: off")
+@click.option("--fast-spin-us", default=100, show_default=True, type=click.IntRange(0, 10_000),
+              help="after answering on the lean listener, poll the connection this many microseconds for the "
+              "next request before sleeping (less latency for a client that asks again at once, some CPU; "
+              "0: off; never over TLS)")
 @click.option("--debug-fsync-delay", default=0.0, hidden=True, type=click.FloatRange(0, 60),
               help="testing: each op-log sync takes this many seconds longer (a busy disk)")
 @topology_options
@@ -225,7 +229,7 @@ def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | N
            chunk_size: str, replication: int, dead_after: float, checkpoint_interval: float, checkpoint_ops: int,
            format_: bool, safe_mode_threshold: float, safe_mode_grace: float,
            metadata_replication: str, metadata_copies: int, metadata_max_lag: float, fast_listen: str,
-           debug_fsync_delay: float, node: str, zone: str, region: str, topology_from_node: bool) -> None:
+           fast_spin_us: int, debug_fsync_delay: float, node: str, zone: str, region: str, topology_from_node: bool) -> None:
     """Run the master (``kubegfs master recover``: rebuild one that lost its data directory)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -239,7 +243,8 @@ def master(ctx: click.Context, listen: str, data_dir: str | None, token: str | N
     opts = Options(dead_after=dead_after, checkpoint_interval=checkpoint_interval, checkpoint_ops=checkpoint_ops,
                    format=format_, safe_mode=SafeModeConfig(safe_mode_threshold, safe_mode_grace),
                    meta=MetaReplicationConfig(metadata_replication, metadata_copies, metadata_max_lag),
-                   fsync_delay=debug_fsync_delay, fast_listen=fast_listen)
+                   fsync_delay=debug_fsync_delay, fast_listen=fast_listen,
+                   fast_spin=fast_spin_us / 1e6)
     if fast_listen:
         from .web import split_listen
 

@@ -83,6 +83,7 @@ class Options:
     safe_mode: SafeModeConfig = field(default_factory=SafeModeConfig)
     meta: MetaReplicationConfig = field(default_factory=MetaReplicationConfig)
     fast_listen: str = ""  # HOST:PORT of the lean stat/ls/stat_many listener (master/fastpath.py), or off
+    fast_spin: float = SPIN  # seconds it polls a connection for the next request after answering (0: off)
 
 
 class Master:
@@ -138,7 +139,7 @@ class Master:
             async def start_fast(app: web.Application) -> None:
                 host, port = split_listen(self.opts.fast_listen)
                 proto = partial(FastProtocol, fast_routes(api), self.tokens, master_policy, self.guard.check,
-                                RequestMetrics(M.MASTER_HTTP), spin=0.0 if self.ssl_context else SPIN)
+                                RequestMetrics(M.MASTER_HTTP), spin=0.0 if self.ssl_context else self.opts.fast_spin)
                 self._fast_server = await asyncio.get_running_loop().create_server(
                     proto, host, port, ssl=self.ssl_context, reuse_address=True)
                 log.info("stat/ls/stat_many also on %s (lean listener)", self.opts.fast_listen)

@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from kubegfs import metrics as M
 from kubegfs.auth import Tokens, master_policy
 from kubegfs.master.fastpath import FastProtocol
@@ -79,3 +81,20 @@ def test_the_turn_ends_after_the_spin_when_nothing_comes():
         t0 = time.perf_counter()
         proto.data_received(REQ)
         assert _answers(t) == 1 and 0.01 <= time.perf_counter() - t0 < 0.5
+
+
+def test_the_master_cli_sets_the_spin_and_zero_turns_it_off(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from kubegfs.cli import main
+    from kubegfs.master import server
+
+    seen = []
+    monkeypatch.setattr(server, "run", lambda *a: seen.append(a[6].fast_spin))
+    base = ["master", "--token", "t", "--data", str(tmp_path)]
+    for extra, want in (([], 100e-6), (["--fast-spin-us", "0"], 0.0), (["--fast-spin-us", "250"], 250e-6)):
+        r = CliRunner().invoke(main, base + extra)
+        assert r.exit_code == 0, r.output
+        assert seen.pop() == pytest.approx(want)
+    r = CliRunner().invoke(main, [*base, "--fast-spin-us", "-1"])
+    assert r.exit_code == 2 and not seen
