@@ -754,16 +754,18 @@ def test_lean_stream_thread_writes_what_arrived_with_one_fdatasync_answers_in_or
         return lean_message(pack_stream_batch(first, last, sha, data))
 
     master, copy = socket.socketpair()
+    master.settimeout(10)
     early = msg(1, 2)[:10]  # came with the head: the rest follows on the socket
+    master.sendall(msg(1, 2)[10:] + msg(3, 3) + msg(4, 5))  # arrived together: one write, one answer
     t = threading.Thread(target=serve_lean_stream, args=(st, copy, "h", early))
     t.start()
-    master.sendall(msg(1, 2)[10:] + msg(3, 3) + msg(4, 5))  # arrived together: one write, one answer
     buf = bytearray()
-    while not take_lean_answers(bytearray(buf))[0]:
+    while len(buf) < 8:
         buf += master.recv(100)
     assert take_lean_answers(buf) == ([5], None) and len(syncs) == 1
     master.sendall(msg(7, 7))  # a gap: refused with its error, and the stream ends
     t.join(5)
+    copy.close()
     while (more := master.recv(4096)):
         buf += more
     seqs, refusal = take_lean_answers(buf)
@@ -776,6 +778,8 @@ def test_lean_stream_thread_writes_what_arrived_with_one_fdatasync_answers_in_or
     t.start()
     master.sendall(lean_message(b"\0" * 10))
     t.join(5)
+    copy.close()
+    master.settimeout(10)
     buf = bytearray(master.recv(4096))
     assert take_lean_answers(buf)[1]["status"] == 400 and st.last_seq == 5
     master.close()
@@ -786,3 +790,4 @@ def test_lean_stream_thread_writes_what_arrived_with_one_fdatasync_answers_in_or
     master.close()
     t.join(5)
     assert not t.is_alive()
+    copy.close()
