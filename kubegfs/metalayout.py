@@ -7,14 +7,85 @@ chunkservers keep (``chunkserver/metastore.py``):
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
+from typing import Any
 
 # the op-log stream from the master to a copy (``/internal/meta/stream``, a WebSocket): each
 # binary message is one group-committed batch, ``_STREAM_HEAD`` (first seq, last seq, sha256 of
 # the records) then the framed records; the copy answers, in order, with a JSON text message
 # ``{"last_seq": n}`` once the batch is fdatasynced, or with an error object and closes.
 _STREAM_HEAD = struct.Struct(">QQ32s")
+
+# The same stream on a chunkserver's data port (``POST /internal/meta/stream``, plain TCP once
+# its head is answered 200): each message is ``_LEAN_LEN`` (its length) then the WebSocket's
+# binary message; each answer is ``_LEAN_SEQ`` (the copy's last seq), or ``LEAN_REFUSED`` then
+# ``_LEAN_LEN`` and the error object as JSON, after which the copy closes the connection.
+_LEAN_LEN = struct.Struct(">I")
+_LEAN_SEQ = struct.Struct(">Q")
+LEAN_REFUSED = (1 << 64) - 1
+LEAN_MAX_MESSAGE = 1 << 30  # one group-committed batch of the master's log
+
+
+def lean_message(msg: bytes) -> bytes:
+    return _LEAN_LEN.pack(len(msg)) + msg
+
+
+def take_lean_messages(buf: bytearray) -> list[bytes]:
+    """Pop the whole messages at the front of ``buf`` (a partial one stays); ValueError for a
+    length over ``LEAN_MAX_MESSAGE``."""
+    out: list[bytes] = []
+    at = 0
+    while len(buf) - at >= _LEAN_LEN.size:
+        (n,) = _LEAN_LEN.unpack_from(buf, at)
+        if n > LEAN_MAX_MESSAGE:
+            raise ValueError(f"op-log stream message of {n} bytes (at most {LEAN_MAX_MESSAGE})")
+        if len(buf) - at - _LEAN_LEN.size < n:
+            break
+        at += _LEAN_LEN.size
+        out.append(bytes(buf[at:at + n]))
+        at += n
+    del buf[:at]
+    return out
+
+
+def lean_answer(last_seq: int) -> bytes:
+    return _LEAN_SEQ.pack(last_seq)
+
+
+def lean_refusal(body: dict[str, Any]) -> bytes:
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    return _LEAN_SEQ.pack(LEAN_REFUSED) + _LEAN_LEN.pack(len(raw)) + raw
+
+
+def take_lean_answers(buf: bytearray) -> tuple[list[int], dict[str, Any] | None]:
+    """Pop the whole answers at the front of ``buf``: the seqs, then the refusal's error object
+    if one came whole (nothing follows a refusal). ValueError for a refusal that is not a JSON
+    object."""
+    seqs: list[int] = []
+    at = 0
+    refusal: dict[str, Any] | None = None
+    while len(buf) - at >= _LEAN_SEQ.size:
+        (seq,) = _LEAN_SEQ.unpack_from(buf, at)
+        if seq != LEAN_REFUSED:
+            seqs.append(seq)
+            at += _LEAN_SEQ.size
+            continue
+        start = at + _LEAN_SEQ.size
+        if len(buf) - start < _LEAN_LEN.size:
+            break
+        (n,) = _LEAN_LEN.unpack_from(buf, start)
+        if len(buf) - start - _LEAN_LEN.size < n:
+            break
+        body = json.loads(bytes(buf[start + _LEAN_LEN.size:start + _LEAN_LEN.size + n]))
+        if not isinstance(body, dict):
+            raise ValueError("op-log stream refusal is not a JSON object")
+        refusal = body
+        at = start + _LEAN_LEN.size + n
+        break
+    del buf[:at]
+    return seqs, refusal
 
 
 def seq_of(p: Path) -> int:

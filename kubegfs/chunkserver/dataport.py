@@ -28,6 +28,10 @@ the chunk (400), no such chunk (404), a file shorter than its metadata (502, rep
 master). The main port names this port in ``X-Kubegfs-Read-Port`` on its read answers; a GET
 without the header is refused (400): the main port's read, verified here, is the one for curl.
 
+It also serves the master's op-log stream to this chunkserver's metadata copy, ``POST
+/internal/meta/stream?history=`` (the same token and cluster checks, no body): answered 200, the
+connection then belongs to a thread of its own (``metaapi.serve_lean_stream``) until it ends.
+
 Plain TCP only: a chunkserver that serves TLS does not open it.
 """
 
@@ -40,6 +44,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -61,6 +66,7 @@ from ..web import (
     parse_head,
     parse_query,
 )
+from .metaapi import check_history
 
 log = logging.getLogger("kubegfs.chunkserver.dataport")
 
@@ -77,6 +83,9 @@ HEAD_TIMEOUT = 75.0  # a connection sends its next request's whole head within t
 AcceptPiece = Callable[[int, int, int, bool, list[str], int, AsyncIterator[memoryview]], Awaitable[dict[str, Any]]]
 # (h, offset, length, min version) -> the chunk file opened and the blocks to send (store.ReadRange)
 OpenRead = Callable[[int, int, int, int], Awaitable[Any]]
+# (socket, history, bytes that came after the head) -> serves the op-log stream, blocking
+MetaStream = Callable[[socket.socket, str, bytes], None]
+META_STREAM_PATH = "/internal/meta/stream"
 
 
 class BufferPool:
@@ -147,9 +156,11 @@ def answer(status: int, body: Any, keep_alive: bool, port: int | None) -> bytes:
 
 class DataListener:
     def __init__(self, accept: AcceptPiece, tokens: Any, check_cluster: Callable[[str], None],
-                 chunk_size: int, pool: BufferPool, open_read: OpenRead) -> None:
+                 chunk_size: int, pool: BufferPool, open_read: OpenRead,
+                 meta_stream: MetaStream | None = None) -> None:
         self.accept = accept
         self.open_read = open_read
+        self.meta_stream = meta_stream
         self.tokens = tokens
         self.check_cluster = check_cluster
         self.chunk_size = chunk_size
@@ -217,6 +228,9 @@ class DataListener:
                     await loop.sock_sendall(sock, answer(err.status, err.to_json(), False, self.port))
                     return
                 t0 = time.perf_counter()
+                if req.method == "POST" and req.path == META_STREAM_PATH:
+                    await self._meta(loop, sock, req, buf)
+                    return
                 if req.method == "GET":
                     status, keep = await self._read(loop, sock, req)
                 else:
@@ -231,6 +245,50 @@ class DataListener:
             return
         finally:
             sock.close()
+
+    async def _meta(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, req: Any, early: bytearray) -> None:
+        """The op-log stream: checked and answered here, then served by a thread of its own
+        (which owns the socket) until it ends."""
+        h = req.headers
+        t0 = time.perf_counter()
+        try:
+            check_auth(h.get("authorization", ""), req.method, req.path, self.tokens, chunkserver_policy)
+            self.check_cluster(h.get(CLUSTER_HEADER.lower(), ""))
+            if self.meta_stream is None:
+                raise NotFound("this chunkserver serves the op-log stream on its main port only")
+            history = check_history(parse_query(req.query).get("history", ""))
+            if req.length:
+                raise InvalidArgument("the op-log stream's head has no body")
+        except KubegfsError as err:
+            self.metrics.observe(META_STREAM_PATH, req.method, err.status, time.perf_counter() - t0)
+            await loop.sock_sendall(sock, answer(err.status, err.to_json(), False, self.port))
+            return
+        self.metrics.observe(META_STREAM_PATH, req.method, 200, time.perf_counter() - t0)
+        await loop.sock_sendall(sock, answer_head(200, "application/octet-stream", 0, True))
+        done: asyncio.Future[None] = loop.create_future()
+        serve, rest = self.meta_stream, bytes(early)
+
+        def ended() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            try:
+                serve(sock, history, rest)
+            except Exception:  # noqa: BLE001 - a thread's failure is logged, the stream ends
+                log.exception("op-log stream failed")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(ended)
+
+        threading.Thread(target=run, name="meta-stream", daemon=True).start()
+        try:
+            await asyncio.shield(done)  # the thread owns the socket until it returns
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # its recv returns at once
+            await asyncio.wait([done], timeout=5)
+            raise
 
     async def _read(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, req: Any) -> tuple[int, bool]:
         """A client-verified GET, answered (see the module docstring): (status, whether the

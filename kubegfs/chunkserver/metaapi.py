@@ -6,7 +6,13 @@ The master's group-committed batches arrive on one persistent WebSocket per copy
 stream's writer thread (``StreamWriter``) as it arrives, the thread writes what queued up
 meanwhile with one fdatasync, and each write is answered in order with the copy's ``last_seq``.
 A bad batch is answered with its error and the stream closed (the master drops the copy out of
-sync and rebuilds it)."""
+sync and rebuilds it).
+
+The same stream is served on the chunkserver's data port (``dataport.py``, plain TCP), which the
+inventory names (``stream_port``): after its head (token, cluster and ``history`` checked as on
+the main port) the connection belongs to one thread (``serve_lean_stream``) that reads a batch
+from the socket, writes what has arrived with one fdatasync and sends the answer itself, with no
+event loop, task or thread hand-off per batch (the framing is ``metalayout``'s ``lean_*``)."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import asyncio
 import json
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +29,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..errors import InvalidArgument, KubegfsError, PayloadTooLarge
-from ..metalayout import unpack_stream_batch
+from ..metalayout import lean_answer, lean_refusal, take_lean_messages, unpack_stream_batch
 from ..web import json_response, query_int
 from .metastore import LogBatch, MetaStore
 
@@ -32,8 +39,9 @@ MAX_META_BODY = 1 << 34  # a checkpoint of a very large namespace
 MAX_STREAM_MESSAGE = 1 << 30  # one group-committed batch of the master's log
 
 
-def add_routes(app: web.Application, store: MetaStore) -> None:
-    api = _Api(store)
+def add_routes(app: web.Application, store: MetaStore, stream_port: Callable[[], int | None] = lambda: None) -> None:
+    """``stream_port``: the data port that serves the stream too (``serve_lean_stream``), if any."""
+    api = _Api(store, stream_port)
     app.on_shutdown.append(api.close_streams)  # an open stream would hold a graceful stop
     router = app.router
     router.add_get("/internal/meta", api.inventory)
@@ -46,8 +54,9 @@ def add_routes(app: web.Application, store: MetaStore) -> None:
 
 
 class _Api:
-    def __init__(self, store: MetaStore) -> None:
+    def __init__(self, store: MetaStore, stream_port: Callable[[], int | None]) -> None:
         self.store = store
+        self.stream_port = stream_port
         self.streams: set[web.WebSocketResponse] = set()
 
     async def close_streams(self, _app: web.Application) -> None:
@@ -59,10 +68,7 @@ class _Api:
 
     @staticmethod
     def _history(request: web.Request) -> str:
-        h = request.query.get("history", "")
-        if not h or len(h) > 128:
-            raise InvalidArgument("history is required (at most 128 characters)")
-        return h
+        return check_history(request.query.get("history", ""))
 
     @staticmethod
     def _sha(request: web.Request) -> str:
@@ -72,7 +78,11 @@ class _Api:
         return sha
 
     async def inventory(self, request: web.Request) -> web.Response:
-        return json_response(await self._run(self.store.inventory))
+        inv = await self._run(self.store.inventory)
+        port = self.stream_port()
+        if port is not None:
+            inv["stream_port"] = port
+        return json_response(inv)
 
     async def reset(self, request: web.Request) -> web.Response:
         base = query_int(request, "base", None, 0)
@@ -126,6 +136,68 @@ class _Api:
 
     async def get_log(self, request: web.Request) -> web.StreamResponse:
         return await _send_files(request, self.store.log_extent())
+
+
+def check_history(h: str) -> str:
+    if not h or len(h) > 128:
+        raise InvalidArgument("history is required (at most 128 characters)")
+    return h
+
+
+def _batch(msg: bytes) -> LogBatch:
+    first, last, sha, data = unpack_stream_batch(msg)
+    return LogBatch(first, last, data, sha)
+
+
+def serve_lean_stream(store: MetaStore, sock: socket.socket, history: str, early: bytes) -> None:
+    """The stream on the data port, in a thread of its own that owns ``sock`` (blocking) until
+    the master closes it or a batch is refused: each turn reads at least one whole message
+    (``early``: bytes that came with the head), takes whatever else has arrived, verifies and
+    writes them with one ``append_many`` (one fdatasync) and answers the copy's last seq; a bad
+    message or a refused write is answered with its error, and the stream ends."""
+    sock.setblocking(True)
+    buf = bytearray(early)
+    while True:
+        got: int | KubegfsError
+        try:
+            msgs = take_lean_messages(buf)
+            while not msgs:
+                data = sock.recv(1 << 20)
+                if not data:
+                    return
+                buf += data
+                msgs = take_lean_messages(buf)
+            while True:  # what else is already here shares the write (the master sends more only after an answer in sync)
+                try:
+                    data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                buf += data
+                msgs += take_lean_messages(buf)
+            batches = [_batch(m) for m in msgs]
+        except ValueError as exc:
+            got = InvalidArgument(str(exc))
+        except OSError:
+            return  # the master went away
+        else:
+            try:
+                got = store.append_many(history, batches)
+            except KubegfsError as exc:
+                got = exc
+            except OSError as exc:
+                got = KubegfsError(f"metadata copy write failed: {exc}")
+        try:
+            if isinstance(got, KubegfsError):
+                log.warning("metadata stream from the master refused: %s", got.message)
+                body = got.to_json()
+                body["status"] = got.status
+                sock.sendall(lean_refusal(body))
+                return
+            sock.sendall(lean_answer(got))
+        except OSError:
+            return
 
 
 class StreamWriter:

@@ -20,6 +20,7 @@ import random
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,7 +104,8 @@ class Chunkserver:
         self._scrub_pos = 0
         self.turnstile = Turnstile(lambda h: self.store.index.get(h, (0, 0))[1])
         self.data = DataListener(self.accept_piece, self.tokens, self.membership.check_caller, self.chunk_size,
-                                 BufferPool(MAX_PIECE), self.open_read)
+                                 BufferPool(MAX_PIECE), self.open_read,
+                                 partial(metaapi.serve_lean_stream, self.meta))
         self.peers = PeerLinks(self.token, lambda: self.membership.cluster_id)
 
     # ------------------------------------------------------------------ app
@@ -132,7 +134,7 @@ class Chunkserver:
         r.add_post("/internal/blocks/delta", self.put_block_deltas)
         r.add_get("/internal/info", self.info)
         r.add_post("/internal/scrub", self.scrub)
-        metaapi.add_routes(app, self.meta)
+        metaapi.add_routes(app, self.meta, lambda: self.data.port)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app

@@ -15,7 +15,10 @@ batch carries every op of a round trip; in ``async`` the op log makes batches at
 disk's pace and a stream also starts its sends ``ASYNC_SEND_INTERVAL`` apart, so one send
 carries the batches of a round trip or of the interval, whichever is longer. Either way the
 copies pay their per-send work (a message, a checksum, a wake-up, an fdatasync, an answer) a
-few hundred times a second, not once per local batch.
+few hundred times a second, not once per local batch. Where the copy's inventory names a
+``stream_port`` (its data port, plain TCP) the stream is a bare connection there instead
+(``_LeanLink``: length-prefixed messages, 8-byte answers read in the read callback; the copy
+serves it from one thread), else the WebSocket on its main port.
 
 Modes:
   ``sync``  the ops of a batch are acknowledged once it is durable here and every in-sync
@@ -49,14 +52,16 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
 from .. import metrics as M
 from ..errors import KubegfsError, from_json
 from ..formats import frame, packb, record_digest, scan_log, sha256_hex
-from ..metalayout import checkpoint_name, pack_stream_batch, seq_of
+from ..httpconn import parse_response_head
+from ..metalayout import checkpoint_name, lean_message, pack_stream_batch, seq_of, take_lean_answers
 from ..topology import Location
 from .oplog import OpLog, RecoveryReport, recover
 from .state import MasterState
@@ -171,10 +176,11 @@ class Target:
     in_sync: bool = False
     last_seq: int = 0
     error: str = ""
+    stream: str = ""  # how its batches go: "data-port" (``_LeanLink``) or "websocket"
 
     def status(self) -> dict[str, Any]:
         return {"id": self.id, "address": self.address, "zone": self.zone, "in_sync": self.in_sync,
-                "last_seq": self.last_seq, "error": self.error}
+                "last_seq": self.last_seq, "error": self.error, "stream": self.stream}
 
 
 class _Stream:
@@ -188,7 +194,7 @@ class _Stream:
     finished by a task (``_drain``), which then sends what it may. With an ``interval`` (async)
     a send starts no sooner than that after the previous one (a timer sends what waited)."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, on_ack: Callable[[int], None],
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse | _LeanLink, on_ack: Callable[[int], None],
                  on_fail: Callable[[str], None], interval: float = 0.0) -> None:
         self.ws = ws
         self.on_ack = on_ack
@@ -200,7 +206,11 @@ class _Stream:
         self._next_at = 0.0  # (loop time) the next send starts no sooner
         self._timer: asyncio.TimerHandle | None = None
         self._draining: asyncio.Task[None] | None = None
-        self.tasks = [asyncio.create_task(self._receive())]
+        self.tasks: list[asyncio.Task[None]] = []
+        if isinstance(ws, _LeanLink):
+            ws.attach(self)  # its read callback answers
+        else:
+            self.tasks.append(asyncio.create_task(self._receive()))
 
     def put(self, b: _Batch) -> None:
         if self.closed:
@@ -263,9 +273,10 @@ class _Stream:
         self._send()
 
     async def _receive(self) -> None:
+        ws = cast(aiohttp.ClientWebSocketResponse, self.ws)  # (a _LeanLink answers from its read callback)
         why = "stream closed by the copy"
         try:
-            async for msg in self.ws:
+            async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     why = f"stream: unexpected {msg.type.name} message"
                     break
@@ -294,6 +305,119 @@ class _Stream:
                 task.cancel()
         if not self.ws.closed:
             asyncio.get_running_loop().create_task(self.ws.close())
+
+
+class _LeanLink(asyncio.Protocol):
+    """A stream's bare connection to a copy's data port: the answer to its head, then the
+    ``metalayout`` lean framing. A send is written at once; the copy's answers go to the stream
+    from the read callback (``attach``), a refusal or the end of the connection as its failure."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.head: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self._buf = bytearray()
+        self._stream: _Stream | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+
+    def attach(self, stream: _Stream) -> None:
+        self._stream = stream
+        if self.closed:
+            stream.on_fail("stream closed by the copy")
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if not self.head.done():
+            end = self._buf.find(b"\r\n\r\n")
+            try:
+                if end < 0:
+                    if len(self._buf) > 1 << 16:
+                        raise ValueError("answer head too large")
+                    return
+                _, status, headers = parse_response_head(bytes(self._buf[:end]))
+                n = int(headers.get("content-length", "0"))
+            except (KubegfsError, ValueError) as exc:
+                self.head.set_exception(OSError(f"stream head: {exc}"))
+                self._close()
+                return
+            if len(self._buf) < end + 4 + n:
+                return
+            body = bytes(self._buf[end + 4:end + 4 + n])
+            del self._buf[:end + 4 + n]
+            self.head.set_result((status, body))
+            if status != 200:
+                self._close()
+                return
+        if self._stream is None:
+            return
+        try:
+            seqs, refusal = take_lean_answers(self._buf)
+        except ValueError as exc:
+            self._fail(f"stream receive: {exc}")
+            return
+        for seq in seqs:
+            self._stream._answered(seq)
+        if refusal is not None:
+            self._fail(f"refused: {from_json(int(refusal.get('status', 500)), refusal)}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.head.done():
+            self.head.set_exception(OSError(f"stream closed before its answer: {exc or 'end of stream'}"))
+        self._fail(f"stream receive: {exc}" if exc else "stream closed by the copy")
+
+    def _fail(self, why: str) -> None:
+        self._close()
+        if self._stream is not None:
+            self._stream.on_fail(why)
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def send_bytes(self, msg: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise ConnectionError("stream closed")
+        self.transport.write(lean_message(msg))
+
+    async def close(self) -> None:
+        self._close()
+
+
+async def connect_lean(address: str, port: int, headers: dict[str, str], history: str,
+                       timeout: float) -> _LeanLink:
+    """The stream on the data port ``port`` of the copy at ``address`` (http only), its head
+    answered 200; the copy's error otherwise."""
+    u = urlsplit(address)
+    if u.scheme != "http" or not u.hostname:
+        raise OSError(f"the op-log stream on a data port is plain TCP, not {address}")
+    loop = asyncio.get_running_loop()
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    head = (f"POST /internal/meta/stream?history={quote(history, safe='')} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "Content-Length: 0\r\n\r\n")
+    link: _LeanLink | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            _, link = await loop.create_connection(_LeanLink, u.hostname, port)
+            if link.transport is None:
+                raise OSError("stream connection without a transport")
+            link.transport.write(head.encode("latin-1"))
+            status, body = await link.head
+    except BaseException:
+        if link is not None:
+            link._close()
+        raise
+    if status != 200:
+        link._close()
+        try:
+            err = json.loads(body) if body else {}
+        except ValueError:
+            err = {}
+        raise from_json(status, err if isinstance(err, dict) else {})
+    return link
 
 
 class MetaReplicator:
@@ -532,8 +656,7 @@ class MetaReplicator:
                         raise OSError(f"seq {sent + 1}..{upto} not on the local disk after "
                                       f"{self.cfg.timeout_seconds:g}s")
                     await asyncio.sleep(0.01)
-            ws = await self._client().ws_connect(t.address + "/internal/meta/stream", params={"history": history},
-                                                 heartbeat=None, max_msg_size=1 << 20)
+            ws = await self._open_stream(t, inv.get("stream_port"), history)
         except _NET_ERRORS as exc:
             t.error = f"bootstrap: {exc}"
             return
@@ -549,10 +672,24 @@ class MetaReplicator:
                 b.waiting.add(t.id)
             stream.put(b)
         t.in_sync, t.last_seq, t.error = True, sent, ""
+        t.stream = "data-port" if isinstance(ws, _LeanLink) else "websocket"
         self._gave_up = False
         self.bootstraps += 1
         log.info("metadata copy on %s (%s) in sync at seq %d (sent from %d)", t.id, t.zone or "no zone", sent, start)
         self._settle()
+
+    async def _open_stream(self, t: Target, port: Any, history: str) -> aiohttp.ClientWebSocketResponse | _LeanLink:
+        """The copy's data port when its inventory names one (``_LeanLink``), else (or if that
+        cannot be reached) the WebSocket on its main port."""
+        if isinstance(port, int) and 0 < port < 65536 and t.address.startswith("http://"):
+            headers = {k: v for k, v in self._client().headers.items()}
+            try:
+                return await connect_lean(t.address, port, headers, history, self.cfg.timeout_seconds)
+            except _NET_ERRORS as exc:
+                log.warning("metadata copy on %s: stream on data port %d failed (%s); using the main port",
+                            t.id, port, exc)
+        return await self._client().ws_connect(t.address + "/internal/meta/stream", params={"history": history},
+                                               heartbeat=None, max_msg_size=1 << 20)
 
     # ------------------------------------------------------------------ reporting
 

@@ -126,12 +126,21 @@ def test_a_direct_piece_on_the_data_port_goes_down_the_chain(shared_cluster):
     ("PUT", "/internal/chunks/00000000000da7a2?version=1&offset=-1", "token", 400, "invalid_argument"),
     ("PUT", "/internal/chunks/00000000000da7a2?version=1", {"X-Kubegfs-Chain": "ftp://x"}, 400, "invalid_argument"),
     ("PUT", "/internal/chunks/00000000000da7a2?version=1", {"X-Kubegfs-Cluster": "another"}, 409, "cluster_mismatch"),
+    ("POST", "/internal/meta/stream?history=h", {}, 401, "unauthorized"),  # the op-log stream
+    ("POST", "/internal/meta/stream?history=h", "token", 403, "forbidden"),  # the master's (internal) token only
+    ("POST", "/internal/meta/stream?history=h", {"X-Kubegfs-Cluster": "another", "internal": 1}, 409,
+     "cluster_mismatch"),
+    ("POST", "/internal/meta/stream?history=h", {"internal": 1}, 400, "invalid_argument"),  # a body
+    ("POST", "/internal/meta/stream", {"internal": 1}, 400, "invalid_argument"),  # no history
 ])
 def test_bad_requests_on_the_data_port_are_4xx_json_and_store_nothing(shared_cluster, method, path, headers, status, error):
     cs = shared_cluster.chunkservers[0]
     url = _data_url(cs, shared_cluster.token)
     if headers == "token":
         headers = {"Authorization": f"Bearer {shared_cluster.token}"}
+    elif headers.get("internal"):
+        headers = {k: v for k, v in headers.items() if k != "internal"}
+        headers["Authorization"] = f"Bearer {shared_cluster.internal_token}"
     elif "Authorization" not in headers and status != 401:
         headers = {**headers, "Authorization": f"Bearer {shared_cluster.token}"}
     u = urlsplit(url)

@@ -242,6 +242,8 @@ def test_recover_from_metadata_copies_is_byte_identical(tmp_path, mode, tls):
         wait_copies(c)
         zones = {t["zone"] for t in c.status()["metadata_replication"]["targets"] if t["in_sync"]}
         assert len(zones) == 2  # copies in two zones
+        streams = {t["stream"] for t in c.status()["metadata_replication"]["targets"] if t["in_sync"]}
+        assert streams == {"websocket" if tls else "data-port"}  # a TLS chunkserver has no data port
         files, _snap = populate(c)
         for i in range(60):  # enough ops for checkpoints to be written and shipped
             c.mkdir(f"/many/d{i}", parents=True)

@@ -708,3 +708,86 @@ def test_a_stopped_replicator_answers_what_it_held_and_ships_nothing_more(tmp_pa
         assert r.on_durable(b"two", 2, 2) is None
 
     asyncio.run(scenario())
+
+
+def test_lean_messages_and_answers_are_taken_whole_and_a_partial_one_waits():
+    from kubegfs.metalayout import (
+        LEAN_MAX_MESSAGE,
+        lean_answer,
+        lean_message,
+        lean_refusal,
+        take_lean_answers,
+        take_lean_messages,
+    )
+
+    buf = bytearray(lean_message(b"one") + lean_message(b"") + lean_message(b"three")[:5])
+    assert take_lean_messages(buf) == [b"one", b""] and bytes(buf) == lean_message(b"three")[:5]
+    buf += lean_message(b"three")[5:]
+    assert take_lean_messages(buf) == [b"three"] and not buf
+    with pytest.raises(ValueError, match="at most"):
+        take_lean_messages(bytearray((LEAN_MAX_MESSAGE + 1).to_bytes(4, "big")))
+    refusal = lean_refusal({"error": "conflict", "status": 409})
+    buf = bytearray(lean_answer(5) + lean_answer(9) + refusal[:-2])
+    assert take_lean_answers(buf) == ([5, 9], None) and bytes(buf) == refusal[:-2]  # the refusal is not whole yet
+    buf += refusal[-2:]
+    assert take_lean_answers(buf) == ([], {"error": "conflict", "status": 409}) and not buf
+    assert take_lean_answers(bytearray(lean_answer(3)[:7])) == ([], None)
+
+
+def test_lean_stream_thread_writes_what_arrived_with_one_fdatasync_answers_in_order_and_ends_on_a_refusal(
+        tmp_path, monkeypatch):
+    import os
+    import socket
+    import threading
+
+    from kubegfs.chunkserver import metastore
+    from kubegfs.chunkserver.metaapi import serve_lean_stream
+    from kubegfs.metalayout import lean_message, pack_stream_batch, take_lean_answers
+
+    syncs = []
+    monkeypatch.setattr(metastore.os, "fdatasync", lambda fd: syncs.append(fd) or os.fsync(fd))
+    st = MetaStore(tmp_path)
+    st.reset("h", 0)
+
+    def msg(first, last):
+        data, sha = batch(first, last)
+        return lean_message(pack_stream_batch(first, last, sha, data))
+
+    master, copy = socket.socketpair()
+    master.settimeout(10)
+    early = msg(1, 2)[:10]  # came with the head: the rest follows on the socket
+    master.sendall(msg(1, 2)[10:] + msg(3, 3) + msg(4, 5))  # arrived together: one write, one answer
+    t = threading.Thread(target=serve_lean_stream, args=(st, copy, "h", early))
+    t.start()
+    buf = bytearray()
+    while len(buf) < 8:
+        buf += master.recv(100)
+    assert take_lean_answers(buf) == ([5], None) and len(syncs) == 1
+    master.sendall(msg(7, 7))  # a gap: refused with its error, and the stream ends
+    t.join(5)
+    copy.close()
+    while (more := master.recv(4096)):
+        buf += more
+    seqs, refusal = take_lean_answers(buf)
+    assert not t.is_alive() and seqs == [] and refusal["status"] == 409 and refusal["error"] == "conflict"
+    assert st.last_seq == 5 and len(syncs) == 1
+    master.close()
+
+    master, copy = socket.socketpair()  # a malformed message: 400, nothing written
+    t = threading.Thread(target=serve_lean_stream, args=(st, copy, "h", b""))
+    t.start()
+    master.sendall(lean_message(b"\0" * 10))
+    t.join(5)
+    copy.close()
+    master.settimeout(10)
+    buf = bytearray(master.recv(4096))
+    assert take_lean_answers(buf)[1]["status"] == 400 and st.last_seq == 5
+    master.close()
+
+    master, copy = socket.socketpair()  # the master going away ends the thread quietly
+    t = threading.Thread(target=serve_lean_stream, args=(st, copy, "h", b""))
+    t.start()
+    master.close()
+    t.join(5)
+    assert not t.is_alive()
+    copy.close()
