@@ -131,11 +131,17 @@ def bench_cluster(trees: dict[int, Tree], tmp: Path, cfg: ClusterCfg, want: set[
                     server.append(done["duration_seconds"])
                     if r == 0:  # the first snapshot ships every block; later ones (unchanged) none
                         bpf = done.get("shipped_bytes", done["record_bytes"]) / done["files"]
-                if "snapshot" in want:
-                    rows.append(at_least(Row("snapshot", f"end-to-end snapshot, {human_n(n)} files", "files/s",
-                                             [n / t for t in ts],
-                                             extra={"files": n, "seconds": ts, "server_seconds": server}),
-                                         500_000, "≥ 500k files/s"))
+                if "snapshot" in want:  # the first ships every block; later ones of the unchanged tree none
+                    rows.append(at_least(Row("snapshot", f"end-to-end first snapshot, {human_n(n)} files", "files/s",
+                                             [n / ts[0]],
+                                             extra={"files": n, "seconds": ts[:1], "server_seconds": server[:1]}),
+                                         1_000_000, "≥ 1M files/s"))
+                    if len(ts) > 1:
+                        rows.append(at_least(Row("snapshot", f"end-to-end snapshot of the unchanged tree, "
+                                                 f"{human_n(n)} files", "files/s", [n / t for t in ts[1:]],
+                                                 extra={"files": n, "seconds": ts[1:],
+                                                        "server_seconds": server[1:]}),
+                                             500_000, "≥ 500k files/s"))
                     rows.append(at_most(Row("snapshot", f"record size (blocks + record), {human_n(n)} files",
                                             "B/file", [bpf], extra={"files": n}), 40, "≤ 40 B/file"))
                     rows += bench_incremental(client, n, samples[n], cfg, say)

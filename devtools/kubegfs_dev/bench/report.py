@@ -182,7 +182,7 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
     series: dict[str, tuple[str, list[Row]]] = {
         "kubegfs capture pause": ("capture pause", []),
         "seed deepcopy+pickle": ("seed capture", []),
-        "end-to-end snapshot": ("end-to-end snapshot", []),
+        "end-to-end first snapshot": ("end-to-end first snapshot", []),
         "restore to a new path": ("restore to a new path", []),
         "restore in place": ("restore in place", []),
     }
