@@ -229,7 +229,7 @@ class DataListener:
                     return
                 t0 = time.perf_counter()
                 if req.method == "POST" and req.path == META_STREAM_PATH:
-                    await self._meta(loop, sock, req, buf)
+                    await self._meta(loop, sock, req, buf, t0)
                     return
                 if req.method == "GET":
                     status, keep = await self._read(loop, sock, req)
@@ -246,11 +246,11 @@ class DataListener:
         finally:
             sock.close()
 
-    async def _meta(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, req: Any, early: bytearray) -> None:
+    async def _meta(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, req: Any, early: bytearray,
+                    t0: float) -> None:
         """The op-log stream: checked and answered here, then served by a thread of its own
         (which owns the socket) until it ends."""
         h = req.headers
-        t0 = time.perf_counter()
         try:
             check_auth(h.get("authorization", ""), req.method, req.path, self.tokens, chunkserver_policy)
             self.check_cluster(h.get(CLUSTER_HEADER.lower(), ""))

@@ -682,9 +682,9 @@ class MetaReplicator:
         """The copy's data port when its inventory names one (``_LeanLink``), else (or if that
         cannot be reached) the WebSocket on its main port."""
         if isinstance(port, int) and 0 < port < 65536 and t.address.startswith("http://"):
-            headers = {k: v for k, v in self._client().headers.items()}
             try:
-                return await connect_lean(t.address, port, headers, history, self.cfg.timeout_seconds)
+                return await connect_lean(t.address, port, dict(self._client().headers), history,
+                                          self.cfg.timeout_seconds)
             except _NET_ERRORS as exc:
                 log.warning("metadata copy on %s: stream on data port %d failed (%s); using the main port",
                             t.id, port, exc)
