@@ -327,6 +327,7 @@ def test_render(render, values):
     (["--set", "filesystem.replication=17"], "at '/filesystem/replication': maximum: got 17, want 16"),
     (["--set", "master.port=70000"], "at '/master/port': maximum: got 70,000, want 65,535"),
     (["--set", "master.fastPort=-1"], "at '/master/fastPort': minimum: got -1, want 0"),
+    (["--set", "master.fastSpinMicroseconds=20000"], "at '/master/fastSpinMicroseconds': maximum: got 20,000, want 10,000"),
     (["--set", "chunkservers.dataPort=-1"], "at '/chunkservers/dataPort': minimum: got -1, want 0"),
     (["--set", "chunkservers.topologySpread.whenUnsatisfiable=Maybe"], "at '/chunkservers/topologySpread/whenUnsatisfiable'"),
     (["--set", "chunkservers.persistence.size=lots"], "at '/chunkservers/persistence/size'"),
@@ -350,7 +351,7 @@ def test_master_fast_listener_port_is_wired_through_pod_services_and_policy(rend
     def fast_parts(objs):
         sts = one(objs, "StatefulSet", "master")
         c = sts["spec"]["template"]["spec"]["containers"][0]
-        args = [a for a in c["args"] if a.startswith("--fast-listen")]
+        args = [a for a in c["args"] if a.startswith("--fast-")]
         ports = [p["containerPort"] for p in c["ports"] if p["name"] == "fast"]
         svc = sorted(p["port"] for s in by_kind(objs, "Service", "master") for p in s["spec"]["ports"]
                      if p["name"] == "fast")
@@ -358,7 +359,9 @@ def test_master_fast_listener_port_is_wired_through_pod_services_and_policy(rend
         return args, ports, svc, pol
 
     args, ports, svc, pol = fast_parts(render())
-    assert args == ["--fast-listen=0.0.0.0:9401"] and ports == [9401] and svc == [9401, 9401] and 9401 in pol
+    assert args == ["--fast-listen=0.0.0.0:9401", "--fast-spin-us=100"] and ports == [9401] and svc == [9401, 9401] and 9401 in pol
+    args, *_ = fast_parts(render("--set", "master.fastSpinMicroseconds=0"))
+    assert args == ["--fast-listen=0.0.0.0:9401", "--fast-spin-us=0"]
     args, ports, svc, pol = fast_parts(render("--set", "master.fastPort=0"))
     assert args == [] and ports == [] and svc == [] and pol == [9400]
     r = helm_cmd("template", "kubegfs", str(CHART), "--set", "master.fastPort=9400", check=False)
