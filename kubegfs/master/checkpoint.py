@@ -95,6 +95,7 @@ def decode_checkpoint(data: bytes) -> MasterState:
     for e in body["snapshots"]:
         st.snapshots[e["id"]] = e
         st.snapshot_names[e["name"]] = e["id"]
+    st.catalog_gen += 1
     return st
 
 

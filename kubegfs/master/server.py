@@ -249,7 +249,7 @@ class Master:
         delete = self.chunkmap.reconcile(cs, b, full)
         if full:  # records this chunkserver should hold but lost (e.g. a new disk)
             recs = set(b.get("records") or [])
-            for e in list(st.snapshots.values()):
+            for e in list(st.held_by(cid)):
                 if e["state"] == "ready" and any(h["id"] == cid for h in e["holders"]) and e["id"] not in recs:
                     await self.snapshots.drop_record_copy(e["id"], cid, "missing")
         records = b.get("records") or []

@@ -1141,9 +1141,9 @@ class Snapshots:
         heartbeats in a row (one may predate a copy just shipped), of the wrong size or with
         another sha256 is dropped and re-made elsewhere. Returns the ids whose bad copy to delete."""
         bad: set[str] = set()
-        for e in list(self.m.state.snapshots.values()):
+        for e in list(self.m.state.held_by(cs.id)):
             if e["state"] != "ready" or all(h["id"] != cs.id for h in e["holders"]):
-                continue
+                continue  # (its holders changed while an earlier one was dropped)
             key = (cs.id, e["id"])
             if e["id"] not in cs.records:
                 self._record_missing[key] = self._record_missing.get(key, 0) + 1

@@ -80,6 +80,8 @@ class MasterState:
         self.next_counter = 0
         self.snapshots: dict[str, ops.SnapshotEntry] = {}  # id -> catalog entry
         self.snapshot_names: dict[str, str] = {}  # name -> id
+        self.catalog_gen = 0  # moves with every applied snapshot op (see held_by)
+        self._held: tuple[int, dict[str, list[ops.SnapshotEntry]]] | None = None
         self.pins: dict[str, Pin] = {}  # pending snapshots' pinned subtrees
         self.protected: set[int] = set()  # unreferenced but maybe in a pending snapshot
         self.garbage: set[int] = set()  # freed handles to delete from chunkservers (soft)
@@ -118,6 +120,19 @@ class MasterState:
         if entry is None:
             raise NotFound(f"no such snapshot: {ref}")
         return entry
+
+    def held_by(self, cs_id: str) -> list[ops.SnapshotEntry]:
+        """The ready snapshots whose holders name chunkserver ``cs_id``. Every heartbeat asks
+        this of its sender, so it is an index, made again on the first question after a
+        snapshot op was applied (``catalog_gen``), not a walk of the whole catalog each time."""
+        if self._held is None or self._held[0] != self.catalog_gen:
+            idx: dict[str, list[ops.SnapshotEntry]] = {}
+            for e in self.snapshots.values():
+                if e["state"] == "ready":
+                    for h in e["holders"]:
+                        idx.setdefault(h["id"], []).append(e)
+            self._held = (self.catalog_gen, idx)
+        return self._held[1].get(cs_id, [])
 
     # ------------------------------------------------------------------ prepare (validate)
 
@@ -284,6 +299,7 @@ class MasterState:
         self.root = ns.replace(root, d, node, op["mtime"])
 
     def _apply_snap_capture(self, op: ops.SnapCapture) -> None:
+        self.catalog_gen += 1
         parts = paths.split(op["path"])
         node = ns.must_get(self.root, parts)
         self.epoch += 1
@@ -312,6 +328,7 @@ class MasterState:
         carries (exactly those not counted when it was prepared; their chunk references
         already, if the server ``_precounted`` them: see ``precount_blocks``); format 2: one
         snapshot reference per chunk in ``handles_z``."""
+        self.catalog_gen += 1
         entry = self.snapshots[op["id"]]
         if op.get("blocks") is not None:
             infos = op.get("_infos")  # the server's own, as encoded into "blocks" (a replay decodes them)
@@ -335,6 +352,7 @@ class MasterState:
         self._recheck_protected()
 
     def _apply_snap_fail(self, op: ops.SnapFail) -> None:
+        self.catalog_gen += 1
         entry = self.snapshots[op["id"]]
         entry.update({"state": "failed", "error": op["error"]})
         self.pins.pop(op["id"], None)
@@ -343,6 +361,7 @@ class MasterState:
     def _apply_snap_adopt(self, op: ops.SnapAdopt) -> None:
         """A snapshot record found on the chunkservers is a catalog entry again (``master
         recover`` without metadata): its chunks, at the record's versions, count as referenced."""
+        self.catalog_gen += 1
         handles = unpack_handles(op["handles_z"])
         versions = array("q")
         versions.frombytes(op["versions"])
@@ -367,9 +386,11 @@ class MasterState:
         self.snapshot_names[op["name"]] = op["id"]
 
     def _apply_snap_holders(self, op: ops.SnapHolders) -> None:
+        self.catalog_gen += 1
         self.snapshots[op["id"]]["holders"] = op["holders"]
 
     def _apply_snap_delete(self, op: ops.SnapDelete) -> None:
+        self.catalog_gen += 1
         entry = self.snapshots.pop(op["id"])
         if self.snapshot_names.get(entry["name"]) == op["id"]:
             del self.snapshot_names[entry["name"]]

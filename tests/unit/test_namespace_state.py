@@ -308,3 +308,36 @@ def test_prepare_commit_validates_the_chunk_list_and_notices_changes():
     lg.do({"op": "snap_capture", "id": "s", "name": "s", "path": "/", "created": 1, "copies": 1})
     with pytest.raises(Conflict):  # a pending snapshot shares the chunk appended in place
         st.prepare_commit("/f", 3, list(now.chunks), [], 0o600, now, now.chunks[0])
+
+
+def test_held_by_follows_every_snapshot_op_and_a_checkpoint():
+    """The per-holder index heartbeats use: ready snapshots only, made again after commits,
+    holder changes, failures and deletions, and right on a state loaded from a checkpoint."""
+    L = Log()
+    L.do(L.state.prepare_mkdir("/d"))
+    L.put("/d/f", 3)
+
+    def ids(s, cs):
+        return sorted(e["id"] for e in s.held_by(cs))
+
+    def commit(sid, holders):
+        L.do({"op": "snap_capture", "id": sid, "name": sid, "path": "/d", "created": 5, "copies": 2})
+        assert ids(L.state, "a") == sorted(x for x in ["s1", "s2"] if x in L.state.snapshots and x != sid
+                                           and any(h["id"] == "a" for h in L.state.snapshots[x]["holders"]))
+        L.commit_snapshot(sid)
+        L.do({"op": "snap_holders", "id": sid, "holders": [{"id": h} for h in holders]})
+
+    commit("s1", ["a", "b"])
+    assert ids(L.state, "a") == ["s1"] and ids(L.state, "b") == ["s1"] and ids(L.state, "c") == []
+    commit("s2", ["a", "c"])
+    assert ids(L.state, "a") == ["s1", "s2"] and ids(L.state, "c") == ["s2"]
+    L.do({"op": "snap_holders", "id": "s1", "holders": [{"id": "b"}, {"id": "c"}]})
+    assert ids(L.state, "a") == ["s2"] and ids(L.state, "c") == ["s1", "s2"]
+    L.do({"op": "snap_capture", "id": "s3", "name": "s3", "path": "/d", "created": 6, "copies": 1})
+    L.do({"op": "snap_fail", "id": "s3", "error": "no chunkserver"})
+    assert ids(L.state, "a") == ["s2"]
+    loaded = decode_checkpoint(encode_checkpoint(L.state.checkpoint_view()))
+    assert ids(loaded, "c") == ["s1", "s2"] and ids(loaded, "b") == ["s1"]
+    L.do({"op": "snap_delete", "id": "s2"})
+    assert ids(L.state, "a") == [] and ids(L.state, "c") == ["s1"]
+    assert ids(L.replay(), "c") == ["s1"]
