@@ -26,6 +26,7 @@ _LEAN_LEN = struct.Struct(">I")
 _LEAN_SEQ = struct.Struct(">Q")
 LEAN_REFUSED = (1 << 64) - 1
 LEAN_MAX_MESSAGE = 1 << 30  # one group-committed batch of the master's log
+LEAN_MAX_REFUSAL = 1 << 16  # a copy's error object (the master buffers it whole)
 
 
 def lean_message(msg: bytes) -> bytes:
@@ -62,7 +63,7 @@ def lean_refusal(body: dict[str, Any]) -> bytes:
 def take_lean_answers(buf: bytearray) -> tuple[list[int], dict[str, Any] | None]:
     """Pop the whole answers at the front of ``buf``: the seqs, then the refusal's error object
     if one came whole (nothing follows a refusal). ValueError for a refusal that is not a JSON
-    object."""
+    object or says it is longer than ``LEAN_MAX_REFUSAL`` (it is not waited for)."""
     seqs: list[int] = []
     at = 0
     refusal: dict[str, Any] | None = None
@@ -76,6 +77,8 @@ def take_lean_answers(buf: bytearray) -> tuple[list[int], dict[str, Any] | None]
         if len(buf) - start < _LEAN_LEN.size:
             break
         (n,) = _LEAN_LEN.unpack_from(buf, start)
+        if n > LEAN_MAX_REFUSAL:
+            raise ValueError(f"op-log stream refusal of {n} bytes (at most {LEAN_MAX_REFUSAL})")
         if len(buf) - start - _LEAN_LEN.size < n:
             break
         body = json.loads(bytes(buf[start + _LEAN_LEN.size:start + _LEAN_LEN.size + n]))

@@ -61,7 +61,14 @@ from .. import metrics as M
 from ..errors import KubegfsError, from_json
 from ..formats import frame, packb, record_digest, scan_log, sha256_hex
 from ..httpconn import parse_response_head
-from ..metalayout import checkpoint_name, lean_message, pack_stream_batch, seq_of, take_lean_answers
+from ..metalayout import (
+    LEAN_MAX_REFUSAL,
+    checkpoint_name,
+    lean_message,
+    pack_stream_batch,
+    seq_of,
+    take_lean_answers,
+)
 from ..topology import Location
 from .oplog import OpLog, RecoveryReport, recover
 from .state import MasterState
@@ -338,6 +345,8 @@ class _LeanLink(asyncio.Protocol):
                     return
                 _, status, headers = parse_response_head(bytes(self._buf[:end]))
                 n = int(headers.get("content-length", "0"))
+                if not 0 <= n <= LEAN_MAX_REFUSAL:  # the answer to the head is an error object or empty
+                    raise ValueError(f"answer body of {n} bytes (at most {LEAN_MAX_REFUSAL})")
             except (KubegfsError, ValueError) as exc:
                 self.head.set_exception(OSError(f"stream head: {exc}"))
                 self._close()

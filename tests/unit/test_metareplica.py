@@ -713,6 +713,7 @@ def test_a_stopped_replicator_answers_what_it_held_and_ships_nothing_more(tmp_pa
 def test_lean_messages_and_answers_are_taken_whole_and_a_partial_one_waits():
     from kubegfs.metalayout import (
         LEAN_MAX_MESSAGE,
+        LEAN_MAX_REFUSAL,
         lean_answer,
         lean_message,
         lean_refusal,
@@ -732,6 +733,10 @@ def test_lean_messages_and_answers_are_taken_whole_and_a_partial_one_waits():
     buf += refusal[-2:]
     assert take_lean_answers(buf) == ([], {"error": "conflict", "status": 409}) and not buf
     assert take_lean_answers(bytearray(lean_answer(3)[:7])) == ([], None)
+    # a refusal longer than the cap is an error at once, not bytes to wait for
+    huge = lean_answer((1 << 64) - 1) + (LEAN_MAX_REFUSAL + 1).to_bytes(4, "big")
+    with pytest.raises(ValueError, match="at most"):
+        take_lean_answers(bytearray(huge))
 
 
 def test_lean_stream_thread_writes_what_arrived_with_one_fdatasync_answers_in_order_and_ends_on_a_refusal(
@@ -791,3 +796,23 @@ def test_lean_stream_thread_writes_what_arrived_with_one_fdatasync_answers_in_or
     t.join(5)
     assert not t.is_alive()
     copy.close()
+
+
+def test_lean_link_refuses_an_answer_head_announcing_a_body_over_the_cap():
+    """The copy's answer to the stream's head is an error object or nothing: a head that says its
+    body is longer than LEAN_MAX_REFUSAL fails the link at once instead of being buffered."""
+    import asyncio
+
+    from kubegfs.master.metareplica import _LeanLink
+    from kubegfs.metalayout import LEAN_MAX_REFUSAL
+
+    async def scenario():
+        link = _LeanLink()
+        link.data_received(b"HTTP/1.1 409 Conflict\r\nContent-Length: %d\r\n\r\n{" % (LEAN_MAX_REFUSAL + 1))
+        with pytest.raises(OSError, match="at most"):
+            await asyncio.wait_for(link.head, 5)  # (without the cap it waits for the body)
+        ok = _LeanLink()
+        ok.data_received(b'HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\n{}')
+        assert await ok.head == (409, b"{}")
+
+    asyncio.run(scenario())
