@@ -424,16 +424,25 @@ class Chunkserver:
 
     async def _store_record(self, rid: str, pieces: list[bytes], sha: str,
                             before: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        """Store a snapshot record (verified against ``sha``, fsynced) in one worker job after
-        ``before()`` returns (the blocks it reaches, stored durably first); (what ``before``
-        returned, what the answer says of the record)."""
+        """Store a snapshot record (verified against ``sha``, fsynced) in one worker job, in
+        place once ``before()`` has returned (the blocks it reaches, stored durably first: it
+        runs while the record's files are fsynced); (what ``before`` returned, what the answer
+        says of the record)."""
+        first: list[Any] = []  # [] until ``before`` runs (the record is checked before), then what it returned
+
+        def blocks() -> None:
+            assert before is not None
+            first.append(None)
+            first[0] = before()
+
         def job() -> tuple[Any, tuple[int, str]]:
-            first = before() if before is not None else None
             try:
-                return first, self.store.put_record(rid, iter(pieces), sha)
+                got = self.store.put_record(rid, iter(pieces), sha, None if before is None else blocks)
             except CorruptData:
-                M.CS_CHECKSUM_FAIL.labels("record").inc()
+                if not first:  # the record's bytes (a block's count as such in ``before``)
+                    M.CS_CHECKSUM_FAIL.labels("record").inc()
                 raise
+            return (first[0] if first else None), got
 
         first, (n, digest) = await self._run(job)
         self.corrupt_records.discard(rid)

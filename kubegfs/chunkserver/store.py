@@ -32,7 +32,7 @@ from .. import rangecrc
 from ..crc import crc32
 from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
-from ..fsutil import atomic_write, fsync_path
+from ..fsutil import atomic_write, fsync_dir, fsync_path, fsync_together
 
 RESERVE = 1 << 20  # free space a write never takes (for metadata, records and the OS)
 NEW_FILES = 3 * 4096  # a new chunk's data and metadata files (and the metadata's temporary copy)
@@ -362,27 +362,38 @@ class ChunkStore:
     def _rec_paths(self, rid: str) -> tuple[Path, Path]:
         return self.records_dir / f"{rid}.rec", self.records_dir / f"{rid}.sha256"
 
-    def put_record(self, rid: str, pieces: Iterator[bytes], expected_sha256: str) -> tuple[int, str]:
+    def put_record(self, rid: str, pieces: Iterator[bytes], expected_sha256: str,
+                   before: Callable[[], object] | None = None) -> tuple[int, str]:
+        """Store a snapshot record, verified against ``expected_sha256``: the record and its
+        sha256 sidecar written as temporary files and fsynced together (``fsync_together``),
+        then renamed into place and the directory fsynced. ``before`` (the blocks the record
+        reaches, stored durably) runs while those two are fsynced, and the record is renamed
+        into place only once it has returned: the record is never there without them."""
         rec, sha_path = self._rec_paths(rid)
         tmp = rec.with_suffix(".rec.tmp")
+        sha_tmp = sha_path.with_name(sha_path.name + ".tmp")
         h = hashlib.sha256()
         n = 0
         try:
             with disk_full_is_no_space():
-                with open(tmp, "wb") as f:
+                with open(tmp, "wb") as f, open(sha_tmp, "wb") as g:
                     for p in pieces:
                         h.update(p)
                         f.write(p)
                         n += len(p)
                     f.flush()
-                    os.fsync(f.fileno())
-                digest = h.hexdigest()
-                if digest != expected_sha256:
-                    raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
+                    digest = h.hexdigest()
+                    if digest != expected_sha256:
+                        raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
+                    g.write(digest.encode())
+                    g.flush()
+                    fsync_together([f.fileno(), g.fileno()], before)
                 os.replace(tmp, rec)
-                atomic_write(sha_path, digest.encode())  # its directory fsync covers both renames
+                os.replace(sha_tmp, sha_path)
+                fsync_dir(self.records_dir)
         finally:
             tmp.unlink(missing_ok=True)
+            sha_tmp.unlink(missing_ok=True)
         self.record_sizes[rid] = n
         return n, digest
 

@@ -450,7 +450,9 @@ class Snapshots:
             version_of = st.version.__getitem__  # the pin protects every chunk it reaches
             rec = None
             if isinstance(node, ns.Dir):
-                dg = await loop.run_in_executor(None, merkle.digest, node, version_of, enc.kept)
+                dg = node.digest  # memoised (digested ahead, or unchanged since a snapshot): no worker's hop
+                if dg is None:
+                    dg = await loop.run_in_executor(None, merkle.digest, node, version_of, enc.kept)
                 files, dirs, nchunks, size = merkle.stats(node, version_of)
                 counts = {"files": files, "dirs": dirs, "chunks": nchunks, "bytes": size}
                 data, sha = build_manifest(meta, dg, counts)
@@ -671,11 +673,17 @@ class Snapshots:
 
         loop = asyncio.get_running_loop()
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
+            # a holder with the root (counted) lacks nothing: an unchanged tree ships no block
+            got: list[blockdelta.Outgoing] | None = [] if node.digest is not None and skip(node.digest) else None
             # a short walk's check is a few dict lookups: on the loop, not worth a worker's hop
-            got = reused() if enc.walk is not None and len(enc.walk[0]) <= INLINE_REUSE else None
+            if got is None and enc.walk is not None and len(enc.walk[0]) <= INLINE_REUSE:
+                got = reused()
             items = got if got is not None else await loop.run_in_executor(None, collect)
-            if enc.infos_job is None:
-                enc.infos_job = loop.run_in_executor(None, infos)
+            if enc.infos is None and enc.infos_job is None:
+                if node.digest is not None and node.digest in counted:
+                    infos()  # no new block: nothing to walk, on the loop
+                else:
+                    enc.infos_job = loop.run_in_executor(None, infos)
             if enc.collected is not None:
                 enc.collected()
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
@@ -934,14 +942,16 @@ class Snapshots:
             return "", {}
         loop = asyncio.get_running_loop()
         version_of = self.m.state.version.__getitem__  # the pin protects every chunk it reaches
-        dg = await loop.run_in_executor(None, merkle.digest, node, version_of)
+        dg = node.digest
+        if dg is None:
+            dg = await loop.run_in_executor(None, merkle.digest, node, version_of)
         prev = self.previous_of(entry)
         if prev is None:
             return dg.hex(), {}
         pe = self.m.state.snapshots[prev[0]]
         pa = merkle.DirRef(merkle.digest(prev[1], self._live_version), prev[1])
-        changes = await loop.run_in_executor(None, diff_nodes, pa, self._live_version,
-                                             merkle.DirRef(dg, node), version_of)
+        changes = [] if pa.digest == dg else await loop.run_in_executor(
+            None, diff_nodes, pa, self._live_version, merkle.DirRef(dg, node), version_of)
         return dg.hex(), {"since": pe["name"], "since_id": pe["id"], **snapdiff.summarize(changes).to_json()}
 
     async def delete(self, ref: str) -> dict[str, Any]:

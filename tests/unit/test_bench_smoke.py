@@ -110,3 +110,39 @@ def test_ab_creates_arms_name_mode_copies_and_revision(tmp_path: Path) -> None:
         with pytest.raises(argparse.ArgumentTypeError):
             parse_arm(bad)
     assert (source_tree("HEAD", tmp_path) / "kubegfs" / "master" / "oplog.py").is_file()
+
+
+class _FakeClient:
+    """Answers the snapshot calls ``snapshot_e2e`` makes and a status whose copies catch up."""
+
+    def __init__(self, ready_in_create: bool, in_sync: list[int]) -> None:
+        self.ready_in_create, self.in_sync, self.calls = ready_in_create, in_sync, []
+
+    def api(self, method: str, path: str, **kw: object) -> dict[str, object]:
+        self.calls.append((method, path, kw.get("params")))
+        return {"id": "s-1", "name": "a", "state": "ready" if self.ready_in_create else "pending"}
+
+    def snapshot_show(self, ref: str) -> dict[str, object]:
+        self.calls.append(("GET", ref, None))
+        return {"id": ref, "name": "a", "state": "ready"}
+
+    def status(self) -> dict[str, object]:
+        n = self.in_sync.pop(0) if len(self.in_sync) > 1 else self.in_sync[0]
+        return {"metadata_replication": {"mode": "sync", "copies": 2, "in_sync": n}}
+
+
+def test_snapshot_e2e_long_polls_as_a_user_and_polls_only_what_is_not_ready_by_then() -> None:
+    from kubegfs_dev.bench.cluster import snapshot_e2e, wait_metadata_copies
+
+    c = _FakeClient(True, [2])
+    _t, done = snapshot_e2e(c, "/d", "a")
+    assert done["state"] == "ready" and c.calls == [("POST", "/snapshots", {"wait": "5"})]
+    c = _FakeClient(False, [2])
+    snapshot_e2e(c, "/d", "a")
+    assert c.calls == [("POST", "/snapshots", {"wait": "5"}), ("GET", "s-1", None)]
+    c = _FakeClient(False, [2])
+    snapshot_e2e(c, "/d", "a", long_poll=False)  # (the ``during`` benchmark's pace)
+    assert c.calls == [("POST", "/snapshots", None), ("GET", "s-1", None)]
+    c = _FakeClient(True, [0, 1, 1, 2])
+    wait_metadata_copies(c)
+    assert c.in_sync == [2]

@@ -307,3 +307,60 @@ def test_record_digests_notice_a_truncated_record_and_a_new_sidecar_without_rere
     s.delete_record("r2")
     assert "r2" not in s.record_sizes and s.used_bytes() == 10
     assert ChunkStore(tmp_path, 4 * BLOCK_SIZE).record_sizes == {"r1": 10}  # a restart counts them again
+
+
+def test_fsync_together_syncs_every_file_at_once_and_returns_what_ran_meanwhile(monkeypatch):
+    import threading
+
+    from kubegfs import fsutil
+
+    seen, gate = [], threading.Barrier(3, timeout=5)
+
+    def fsync(fd):  # all three at once, or the barrier breaks
+        gate.wait()
+        seen.append(fd)
+
+    monkeypatch.setattr(fsutil.os, "fsync", fsync)
+    assert fsutil.fsync_together([3, 4, 5]) is None and sorted(seen) == [3, 4, 5]
+    gate, seen[:] = threading.Barrier(3, timeout=5), []
+    assert fsutil.fsync_together([6, 7], lambda: (gate.wait(), "done")[1]) == "done" and sorted(seen) == [6, 7]
+
+    def boom():
+        raise ValueError("meanwhile failed")
+
+    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: seen.append(fd))
+    with pytest.raises(ValueError, match="meanwhile"):
+        fsutil.fsync_together([8], boom)
+    assert 8 in seen  # (waited for)
+
+    def bad(fd):
+        raise OSError(5, "EIO")
+
+    monkeypatch.setattr(fsutil.os, "fsync", bad)
+    with pytest.raises(OSError):
+        fsutil.fsync_together([9, 10])
+
+
+def test_a_record_is_in_place_only_after_what_runs_before_it_and_not_at_all_if_that_fails(tmp_path):
+    s = ChunkStore(tmp_path, BLOCK_SIZE)
+    body = b"record" * 100
+    sha = hashlib.sha256(body).hexdigest()
+    rec, side = s._rec_paths("r1")
+
+    def blocks():
+        assert not rec.exists() and not side.exists()  # not before the blocks are durable
+        return "stored"
+
+    assert s.put_record("r1", iter([body]), sha, blocks) == (600, sha)
+    assert s.record_digests() == {"r1": [600, sha]} and s.verify_record("r1")
+
+    def fails():
+        raise CorruptData("a block failed its digest")
+
+    with pytest.raises(CorruptData, match="a block"):
+        s.put_record("r2", iter([body]), sha, fails)
+    ran = []
+    with pytest.raises(CorruptData, match="record checksum"):  # checked before the blocks are stored
+        s.put_record("r3", iter([body]), "0" * 64, lambda: ran.append(1))
+    assert ran == [] and s.list_records() == ["r1"]
+    assert sorted(p.name for p in s.records_dir.iterdir()) == ["r1.rec", "r1.sha256"]  # no temporary left

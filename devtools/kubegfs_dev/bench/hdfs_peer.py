@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cluster import snapshot_e2e
+from .cluster import snapshot_e2e, wait_metadata_copies
 from .datapath import _Sink
 from .report import GiB, MiB, Row, fmt, human_mib, human_n
 from .throughput import _threads
@@ -201,6 +201,7 @@ def bench_kubegfs(tmp: Path, cfg: PeerCfg, say: Callable[[str], None]) -> dict[s
             for name, samples in rates.items():
                 rows[f"{name}/{nt}"] = Row("hdfs-peer", f"{name}, {nt} threads: kubegfs", "ops/s", samples)
         rows.update(_kubegfs_data(c0, cfg, say))
+        wait_metadata_copies(c0)  # (long since, after the rates above)
         for n, t in trees.items():
             say(f"kubegfs: snapshots of {human_n(n)} files")
             first, _ = snapshot_e2e(c0, f"/t{n}", f"peer-{n}-0")
