@@ -128,9 +128,10 @@ class QuietGC:
     worker jobs inside pause it anyway, and it is one switch for the process), and switched on
     again GC_AFTER seconds after the last such operation ends, so the collection their
     allocations call for runs after their replies are out, not before; one that leaves more
-    than GC_NOW young objects (a first snapshot of a big tree) has a full collection as it
-    ends instead, billed to it rather than to a small operation some rounds later (its
-    survivors would bring one on), and what survives that pass goes to the permanent generation
+    than GC_NOW young objects (a first snapshot of a big tree) has a full collection GC_REPLY
+    after it ends instead (once its replies are out; ~0.17 s at 1M files), billed to it rather
+    than to a small operation some rounds later (its survivors would bring one on; one that
+    starts before it runs has it as it ends), and what survives that pass goes to the permanent generation
     (``gc.freeze``, as the namespace recovered from a checkpoint does): the blocks and block
     infos of a 1M-file tree (~200k objects and the tuples they hold) would otherwise be
     traversed again by every later full pass (Python starts one whenever what reached the
@@ -165,12 +166,9 @@ class QuietGC:
         finally:
             self.active -= 1
             if self.active == 0 and self.owed:
-                if gc.get_count()[0] > GC_NOW:  # a big one (a first snapshot): collect now, fully,
-                    self._resume()               # so its survivors do not bring a full pass later,
-                    gc.collect()                 # and keep them out of every later one
-                    gc.freeze()
-                else:
-                    self.timer = asyncio.get_running_loop().call_later(GC_AFTER, self._resume)
+                big = gc.get_count()[0] > GC_NOW  # a big one (a first snapshot): a full pass once its replies are out
+                self.timer = asyncio.get_running_loop().call_later(GC_REPLY if big else GC_AFTER,
+                                                                   self._collect if big else self._resume)
 
     def _resume(self) -> None:
         self.timer = None
@@ -178,9 +176,19 @@ class QuietGC:
             self.owed = False
             gc.enable()
 
+    def _collect(self) -> None:
+        """After a big operation: the collector on, a full pass (its survivors would bring one on
+        later) and what survives it kept out of every later one."""
+        if self.active == 0 and self.owed:
+            self._resume()
+            gc.collect()
+            gc.freeze()
+        self.timer = None
+
 
 GC_AFTER = 0.05  # seconds after the last snapshot operation before the collector runs again
-GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
+GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass GC_REPLY after it ends
+GC_REPLY = 0.01  # seconds: its replies (a long poll's, the next poll's) go out before that pass holds the loop
 
 
 WARM_AFTER = 0.01  # seconds after a change before the trees of snapshotted paths are digested ahead
