@@ -227,6 +227,12 @@ class Encoded:
     olds: dict[int, ns.Dir] | None = None
     deltas: dict[bytes, blockdelta.Outgoing] = field(default_factory=dict)
     raw: dict[bytes, bytes] = field(default_factory=dict)
+    # blocks a walk left to compress later (see ``deferred``), and each batch of a walk's blocks
+    # compressed and packed (by the walk's id and the batch's place), shared by the holders that
+    # reuse that walk
+    todo: dict[bytes, bytes] = field(default_factory=dict)
+    packed: dict[tuple[int, int], tuple[list[blockdelta.Outgoing],
+                                        asyncio.Future[tuple[list[blockdelta.Outgoing], bytes]]]] = field(default_factory=dict)
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
@@ -240,11 +246,13 @@ class Encoded:
 
 
 def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
-             old_version: merkle.VersionOf) -> list[blockdelta.Outgoing]:
+             old_version: merkle.VersionOf, deferred: bool = False) -> list[blockdelta.Outgoing]:
     """The blocks of ``node``'s tree a holder lacks (``ask``: does it have this block, counted),
     children before parents, each compressed once per build: as a delta against the block at
     its place in the previous snapshot tree (``enc.prev``, chunk versions ``old_version``) when
-    the holder has that one, else whole."""
+    the holder has that one, else whole. ``deferred``: a block going whole that is not
+    compressed yet is left so (an empty payload; its bytes in ``enc.todo``), for
+    :func:`filled` to compress batch by batch while earlier batches are on their way."""
     z = enc.z
     out = []
     with no_gc():  # acyclic, and a full collection rescans the whole namespace
@@ -269,9 +277,58 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
                     continue
             got = z.get(dg)
             if got is None:
-                got = z[dg] = merkle.compress(b)
+                if deferred:
+                    enc.todo[dg] = b
+                    got = b""
+                else:
+                    got = z[dg] = merkle.compress(b)
             out.append(blockdelta.Outgoing(dg, got))
     return out
+
+
+def filled(items: list[blockdelta.Outgoing], enc: Encoded) -> list[blockdelta.Outgoing]:
+    """``items`` with every block :func:`outgoing` left uncompressed (``deferred``) compressed,
+    once per build (``enc.z``)."""
+    z, todo = enc.z, enc.todo
+    out = []
+    with no_gc():
+        for it in items:
+            if it.payload or it.base is not None:
+                out.append(it)
+                continue
+            got = z.get(it.digest)
+            if got is None:
+                got = z[it.digest] = merkle.compress(todo[it.digest])
+            out.append(blockdelta.Outgoing(it.digest, got))
+    return out
+
+
+def pack_job(items: list[blockdelta.Outgoing], enc: Encoded) -> tuple[list[blockdelta.Outgoing], bytes]:
+    """A batch of blocks compressed (see :func:`filled`) and packed for the wire (a worker job)."""
+    batch = filled(items, enc)
+    return batch, blockdelta.pack(batch)
+
+
+def groups(items: list[blockdelta.Outgoing], enc: Encoded, limit: int) -> list[list[blockdelta.Outgoing]]:
+    """``items`` in consecutive batches of about ``limit`` bytes on the wire (a block not
+    compressed yet counted at half its size) or one oversized block alone."""
+    out: list[list[blockdelta.Outgoing]] = []
+    cur: list[blockdelta.Outgoing] = []
+    size = 0
+    todo = enc.todo
+    for it in items:
+        n = len(it.payload) if it.payload or it.base is not None else len(todo[it.digest]) // 2
+        if cur and size + n + FRAME_EST > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += n + FRAME_EST
+    if cur:
+        out.append(cur)
+    return out
+
+
+FRAME_EST = 36  # bytes a frame adds to its payload on the wire, at most (blockdelta: 1 + varint + prefix)
 
 
 class Snapshots:
@@ -657,7 +714,7 @@ class Snapshots:
             asked, items = enc.walk
             return items if all(skip(d) == r for d, r in asked.items()) else None
 
-        def collect() -> list[blockdelta.Outgoing]:  # off the loop; each block compressed once per build
+        def collect() -> list[blockdelta.Outgoing]:  # off the loop; compressed batch by batch (``filled``)
             got = reused()
             if got is not None:
                 return got
@@ -667,7 +724,7 @@ class Snapshots:
                 r = asked[d] = skip(d)
                 return r
 
-            out = outgoing(node, version_of, ask, enc, self._live_version)
+            out = outgoing(node, version_of, ask, enc, self._live_version, True)
             enc.walk = (asked, out)
             return out
 
@@ -693,13 +750,29 @@ class Snapshots:
             claimed.append(dg)
         await self.fence(cs, needed)  # a deletion released while collecting
         # one batch at a time, children before parents: whatever part of them reaches the holder
-        # (durable batch by batch), each block it has reaches only blocks it has
+        # (durable batch by batch), each block it has reaches only blocks it has. The next batch
+        # is compressed and packed in a worker while one is on its way (holders that reuse the
+        # same walk share that work: see ``Encoded.packed``)
         sent = 0
         carried = False
-        groups = list(merkle.batches(items, BLOCK_BATCH))
-        for i, batch in enumerate(groups):
-            body = blockdelta.pack(batch)
-            if record is not None and i == len(groups) - 1:
+        parts = groups(items, enc, BLOCK_BATCH)
+
+        def packing(i: int) -> asyncio.Future[tuple[list[blockdelta.Outgoing], bytes]]:
+            key = (id(items), i)  # (the entry holds ``items``: its id is not reused meanwhile)
+            got = enc.packed.get(key)
+            if got is not None:
+                return got[1]
+            fut = loop.run_in_executor(None, pack_job, parts[i], enc)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if no holder awaits it
+            enc.packed[key] = (items, fut)
+            return fut
+
+        ahead = packing(0) if parts else None
+        for i in range(len(parts)):
+            assert ahead is not None
+            batch, body = await asyncio.shield(ahead)
+            ahead = packing(i + 1) if i + 1 < len(parts) else None
+            if record is not None and i == len(parts) - 1:
                 carried = await self._with_record(cs, body, record)
                 if carried:
                     sent += len(body) + len(record[1])
