@@ -17,7 +17,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -49,7 +49,7 @@ from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
 from . import ops, precount
 from .chunkmap import ChunkserverInfo
-from .state import encode_block_infos, now_ns
+from .state import encode_block_infos_z, now_ns
 
 if TYPE_CHECKING:
     from .server import Master
@@ -239,8 +239,13 @@ class Encoded:
     # the blocks no committed snapshot counted, with their infos and the commit op's rows of
     # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
     # the catalog's blocks_gen before: the commit takes them if it has not moved
-    infos: tuple[int, dict[bytes, merkle.BlockInfo], list[list[bytes]]] | None = None
+    infos: tuple[int, dict[bytes, merkle.BlockInfo], bytes] | None = None
     infos_job: asyncio.Future[None] | None = None
+    # those blocks' chunk references counted in slices (see precount) as soon as the infos job
+    # ends, while the blocks are still on their way: True if counted at that blocks_gen; and
+    # whether the commit took them (else they are taken back when the build ends)
+    early: asyncio.Future[bool] | None = None
+    taken: bool = False
     collected: Callable[[], None] | None = None  # called once a holder's blocks are collected
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -350,7 +355,7 @@ class Snapshots:
         self.deleting: dict[str, set[bytes]] = {}
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
-        self._unclaiming: set[asyncio.Task[None]] = set()  # big builds' claims going in slices
+        self._unclaiming: set[asyncio.Task[None]] = set()  # big builds' clean-up going in slices
         self.quiet_gc = QuietGC()
         # the live trees of the paths in ``latest`` are digested ahead of their next snapshot, in
         # a worker thread, WARM_AFTER after a change (or later, so that passes take at most
@@ -608,14 +613,23 @@ class Snapshots:
                 # does not count yet (as the infos job found them, off the loop while the blocks
                 # shipped, with their rows, if no block was counted or uncounted since)
                 pre = enc.infos
-                if pre is not None and len(pre[1]) >= precount.PRECOUNT_MIN and await precount.precount(st, pre[0], pre[1]):
+                early = await enc.early if enc.early is not None else False
+                if early and pre is not None and pre[0] != st.blocks_gen:  # a block counted or released since
+                    enc.taken = True
+                    await precount.release(st, pre[1])
+                    early = False
+                if early and pre is not None:
+                    enc.taken = True
+                    infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                elif pre is not None and enc.early is None and len(pre[1]) >= precount.PRECOUNT_MIN \
+                        and await precount.precount(st, pre[0], pre[1]):
                     infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
                 elif pre is not None and pre[0] == st.blocks_gen:
                     infos, op["blocks"] = pre[1], pre[2]
                 else:
                     infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
                     with no_gc():  # a row per new block: a full collection would rescan the namespace
-                        op["blocks"] = encode_block_infos(infos)
+                        op["blocks"] = encode_block_infos_z(infos)
                 op["_infos"] = infos
             else:
                 # count the snapshot's chunk references in slices so writers never wait long; the
@@ -651,16 +665,40 @@ class Snapshots:
             job = enc.infos_job
             if job is not None:  # retrieved whenever it ends (the build may have failed before it did)
                 job.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._drop_early(enc)
             if len(claimed) > UNCLAIM_SLICE:  # a big build's: in slices (a block stays claimed a little longer)
-                task = asyncio.ensure_future(self.unclaim_slices(claimed[:]))
-                self._unclaiming.add(task)
-                task.add_done_callback(self._unclaiming.discard)
+                self._later(self.unclaim_slices(claimed[:]))
                 claimed.clear()
             else:
                 self.unclaim(claimed)
             self.builders.pop(sid, None)
 
     # ------------------------------------------------------------------ directory blocks
+
+    def _later(self, job: Coroutine[Any, Any, None]) -> None:
+        """Run a build's clean-up in slices after it (kept referenced until done)."""
+        task = asyncio.ensure_future(job)
+        self._unclaiming.add(task)
+        task.add_done_callback(self._unclaiming.discard)
+
+    def _precount_early(self, enc: Encoded) -> None:
+        """Once the infos job ended: count its blocks' chunk references in slices while the blocks
+        are still on their way (``Encoded.early``)."""
+        pre = enc.infos
+        if pre is not None and enc.early is None and len(pre[1]) >= precount.PRECOUNT_MIN:
+            enc.early = asyncio.ensure_future(precount.precount(self.m.state, pre[0], pre[1]))
+
+    def _drop_early(self, enc: Encoded) -> None:
+        """As a build ends: the references its early precount counted, unless its commit took
+        them, are taken back (a precount still running stops and takes back what it counted)."""
+        early = enc.early
+        if early is None or enc.taken:
+            return
+        if not early.done():
+            early.cancel()
+        elif not early.cancelled() and early.exception() is None and early.result():
+            assert enc.infos is not None
+            self._later(precount.release(self.m.state, enc.infos[1]))
 
     async def unclaim_slices(self, digests: list[bytes]) -> None:
         """:meth:`unclaim`, a slice per turn of the event loop (a first 1M snapshot's ~170k
@@ -732,7 +770,7 @@ class Snapshots:
             gen = self.m.state.blocks_gen
             got = merkle.new_block_infos(node, version_of, counted.__contains__)
             with no_gc():  # a row per new block (see the commit)
-                enc.infos = (gen, got, encode_block_infos(got))
+                enc.infos = (gen, got, encode_block_infos_z(got))
 
         loop = asyncio.get_running_loop()
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
@@ -741,6 +779,7 @@ class Snapshots:
             items = got if got is not None else await loop.run_in_executor(None, collect)
             if enc.infos_job is None:
                 enc.infos_job = loop.run_in_executor(None, infos)
+                enc.infos_job.add_done_callback(lambda _f: self._precount_early(enc))
             if enc.collected is not None:
                 enc.collected()
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
