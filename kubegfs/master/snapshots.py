@@ -246,6 +246,7 @@ class Encoded:
     # whether the commit took them (else they are taken back when the build ends)
     early: asyncio.Future[bool] | None = None
     taken: bool = False
+    ended: bool = False  # the build ended: no precount starts after that
     collected: Callable[[], None] | None = None  # called once a holder's blocks are collected
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -685,12 +686,13 @@ class Snapshots:
         """Once the infos job ended: count its blocks' chunk references in slices while the blocks
         are still on their way (``Encoded.early``)."""
         pre = enc.infos
-        if pre is not None and enc.early is None and len(pre[1]) >= precount.PRECOUNT_MIN:
+        if pre is not None and enc.early is None and not enc.ended and len(pre[1]) >= precount.PRECOUNT_MIN:
             enc.early = asyncio.ensure_future(precount.precount(self.m.state, pre[0], pre[1]))
 
     def _drop_early(self, enc: Encoded) -> None:
         """As a build ends: the references its early precount counted, unless its commit took
         them, are taken back (a precount still running stops and takes back what it counted)."""
+        enc.ended = True
         early = enc.early
         if early is None or enc.taken:
             return

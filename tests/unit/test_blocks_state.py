@@ -523,6 +523,17 @@ def test_an_early_precount_the_commit_never_took_is_taken_back_as_the_build_ends
         asyncio.run(build_that_fails(running))
         assert log.state.snap == before
 
+    async def infos_after_the_end():  # the infos job ends after a build that failed
+        s = Snapshots(SimpleNamespace(state=log.state))  # type: ignore[arg-type]
+        enc = Encoded()
+        s._drop_early(enc)
+        enc.infos = (gen, infos, encode_block_infos_z(infos))
+        s._precount_early(enc)
+        assert enc.early is None
+
+    asyncio.run(infos_after_the_end())
+    assert log.state.snap == before
+
 
 def test_a_precount_of_a_stale_generation_counts_nothing():
     log = BlockLog()
