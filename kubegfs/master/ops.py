@@ -107,7 +107,7 @@ class SnapCommit(_Stamped):
     root: NotRequired[str]  # format 3: the root block's digest (hex)
     changes: NotRequired[dict[str, Any]]
     shipped_bytes: NotRequired[int]
-    blocks: NotRequired[list[list[bytes]]]  # format 3: the blocks not counted yet
+    blocks: NotRequired[list[list[bytes]] | bytes]  # format 3: the blocks not counted yet (state.encode_block_infos(_z))
     handles_z: NotRequired[bytes]  # format 2: the record's chunk handles
     _precounted: NotRequired[bool]
     _infos: NotRequired[Any]  # in memory only: ``blocks`` before encoding (dict[bytes, merkle.BlockInfo])

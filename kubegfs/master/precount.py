@@ -3,9 +3,11 @@
 A first format-3 snapshot of a 1M-file tree commits ~200k new blocks holding ~1M chunk
 references; counted inside the commit's apply they would hold the event loop for ~0.5 s (every
 writer waits). The server counts them here instead, a slice at a time with the loop turning in
-between, while the snapshot is still pending (its pin protects every chunk it reaches, so the
-early references change no decision: see ``MasterState.precount_blocks``), and the commit
-takes them as its own only if no block was counted or released meanwhile. Replay never sees
+between, as soon as the new blocks' infos are known (while the blocks are still on their way to
+the holders), while the snapshot is still pending (its pin protects every chunk it reaches, so
+the early references change no decision: see ``MasterState.precount_blocks``), and the commit
+takes them as its own only if no block was counted or released meanwhile (else, or if the build
+ends without a commit, :func:`release` takes them back). Replay never sees
 any of this: the logged op is the same, and its apply counts the references itself.
 """
 
@@ -64,3 +66,13 @@ async def precount(st: MasterState, gen: int, infos: dict[bytes, merkle.BlockInf
         for part in done:
             st.unprecount_blocks(part)
         raise
+
+
+async def release(st: MasterState, infos: dict[bytes, merkle.BlockInfo],
+                  per: int | None = None) -> None:
+    """Take back, in slices, the references :func:`precount` counted for all of ``infos`` (it
+    returned True, and the commit did not take them: ``blocks_gen`` moved since, or the build
+    ended without it)."""
+    for part in slices(infos.values(), per or PRECOUNT_SLICE):
+        st.unprecount_blocks(part)
+        await asyncio.sleep(0)

@@ -17,7 +17,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -49,7 +49,7 @@ from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
 from . import ops, precount
 from .chunkmap import ChunkserverInfo
-from .state import encode_block_infos, now_ns
+from .state import encode_block_infos_z, now_ns
 
 if TYPE_CHECKING:
     from .server import Master
@@ -128,9 +128,10 @@ class QuietGC:
     worker jobs inside pause it anyway, and it is one switch for the process), and switched on
     again GC_AFTER seconds after the last such operation ends, so the collection their
     allocations call for runs after their replies are out, not before; one that leaves more
-    than GC_NOW young objects (a first snapshot of a big tree) has a full collection as it
-    ends instead, billed to it rather than to a small operation some rounds later (its
-    survivors would bring one on), and what survives that pass goes to the permanent generation
+    than GC_NOW young objects (a first snapshot of a big tree) has a full collection GC_REPLY
+    after it ends instead (once its replies are out; ~0.17 s at 1M files), billed to it rather
+    than to a small operation some rounds later (its survivors would bring one on; one that
+    starts before it runs has it as it ends), and what survives that pass goes to the permanent generation
     (``gc.freeze``, as the namespace recovered from a checkpoint does): the blocks and block
     infos of a 1M-file tree (~200k objects and the tuples they hold) would otherwise be
     traversed again by every later full pass (Python starts one whenever what reached the
@@ -165,12 +166,9 @@ class QuietGC:
         finally:
             self.active -= 1
             if self.active == 0 and self.owed:
-                if gc.get_count()[0] > GC_NOW:  # a big one (a first snapshot): collect now, fully,
-                    self._resume()               # so its survivors do not bring a full pass later,
-                    gc.collect()                 # and keep them out of every later one
-                    gc.freeze()
-                else:
-                    self.timer = asyncio.get_running_loop().call_later(GC_AFTER, self._resume)
+                big = gc.get_count()[0] > GC_NOW  # a big one (a first snapshot): a full pass once its replies are out
+                self.timer = asyncio.get_running_loop().call_later(GC_REPLY if big else GC_AFTER,
+                                                                   self._collect if big else self._resume)
 
     def _resume(self) -> None:
         self.timer = None
@@ -178,9 +176,19 @@ class QuietGC:
             self.owed = False
             gc.enable()
 
+    def _collect(self) -> None:
+        """After a big operation: the collector on, a full pass (its survivors would bring one on
+        later) and what survives it kept out of every later one."""
+        if self.active == 0 and self.owed:
+            self._resume()
+            gc.collect()
+            gc.freeze()
+        self.timer = None
+
 
 GC_AFTER = 0.05  # seconds after the last snapshot operation before the collector runs again
-GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass as it ends
+GC_NOW = 200_000  # ... unless it left more young objects than this: then a full pass GC_REPLY after it ends
+GC_REPLY = 0.01  # seconds: its replies (a long poll's, the next poll's) go out before that pass holds the loop
 
 
 WARM_AFTER = 0.01  # seconds after a change before the trees of snapshotted paths are digested ahead
@@ -219,24 +227,38 @@ class Encoded:
     olds: dict[int, ns.Dir] | None = None
     deltas: dict[bytes, blockdelta.Outgoing] = field(default_factory=dict)
     raw: dict[bytes, bytes] = field(default_factory=dict)
+    # blocks a walk left to compress later (see ``deferred``), and each batch of a walk's blocks
+    # compressed and packed (by the walk's id and the batch's place), shared by the holders that
+    # reuse that walk
+    todo: dict[bytes, bytes] = field(default_factory=dict)
+    packed: dict[tuple[int, int], tuple[list[blockdelta.Outgoing],
+                                        asyncio.Future[tuple[list[blockdelta.Outgoing], bytes]]]] = field(default_factory=dict)
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
     # the blocks no committed snapshot counted, with their infos and the commit op's rows of
     # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
     # the catalog's blocks_gen before: the commit takes them if it has not moved
-    infos: tuple[int, dict[bytes, merkle.BlockInfo], list[list[bytes]]] | None = None
+    infos: tuple[int, dict[bytes, merkle.BlockInfo], bytes] | None = None
     infos_job: asyncio.Future[None] | None = None
+    # those blocks' chunk references counted in slices (see precount) as soon as the infos job
+    # ends, while the blocks are still on their way: True if counted at that blocks_gen; and
+    # whether the commit took them (else they are taken back when the build ends)
+    early: asyncio.Future[bool] | None = None
+    taken: bool = False
+    ended: bool = False  # the build ended: no precount starts after that
     collected: Callable[[], None] | None = None  # called once a holder's blocks are collected
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
-             old_version: merkle.VersionOf) -> list[blockdelta.Outgoing]:
+             old_version: merkle.VersionOf, deferred: bool = False) -> list[blockdelta.Outgoing]:
     """The blocks of ``node``'s tree a holder lacks (``ask``: does it have this block, counted),
     children before parents, each compressed once per build: as a delta against the block at
     its place in the previous snapshot tree (``enc.prev``, chunk versions ``old_version``) when
-    the holder has that one, else whole."""
+    the holder has that one, else whole. ``deferred``: a block going whole that is not
+    compressed yet is left so (an empty payload; its bytes in ``enc.todo``), for
+    :func:`filled` to compress batch by batch while earlier batches are on their way."""
     z = enc.z
     out = []
     with no_gc():  # acyclic, and a full collection rescans the whole namespace
@@ -261,9 +283,58 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
                     continue
             got = z.get(dg)
             if got is None:
-                got = z[dg] = merkle.compress(b)
+                if deferred:
+                    enc.todo[dg] = b
+                    got = b""
+                else:
+                    got = z[dg] = merkle.compress(b)
             out.append(blockdelta.Outgoing(dg, got))
     return out
+
+
+def filled(items: list[blockdelta.Outgoing], enc: Encoded) -> list[blockdelta.Outgoing]:
+    """``items`` with every block :func:`outgoing` left uncompressed (``deferred``) compressed,
+    once per build (``enc.z``)."""
+    z, todo = enc.z, enc.todo
+    out = []
+    with no_gc():
+        for it in items:
+            if it.payload or it.base is not None:
+                out.append(it)
+                continue
+            got = z.get(it.digest)
+            if got is None:
+                got = z[it.digest] = merkle.compress(todo[it.digest])
+            out.append(blockdelta.Outgoing(it.digest, got))
+    return out
+
+
+def pack_job(items: list[blockdelta.Outgoing], enc: Encoded) -> tuple[list[blockdelta.Outgoing], bytes]:
+    """A batch of blocks compressed (see :func:`filled`) and packed for the wire (a worker job)."""
+    batch = filled(items, enc)
+    return batch, blockdelta.pack(batch)
+
+
+def groups(items: list[blockdelta.Outgoing], enc: Encoded, limit: int) -> list[list[blockdelta.Outgoing]]:
+    """``items`` in consecutive batches of about ``limit`` bytes on the wire (a block not
+    compressed yet counted at half its size) or one oversized block alone."""
+    out: list[list[blockdelta.Outgoing]] = []
+    cur: list[blockdelta.Outgoing] = []
+    size = 0
+    todo = enc.todo
+    for it in items:
+        n = len(it.payload) if it.payload or it.base is not None else len(todo[it.digest]) // 2
+        if cur and size + n + FRAME_EST > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += n + FRAME_EST
+    if cur:
+        out.append(cur)
+    return out
+
+
+FRAME_EST = 36  # bytes a frame adds to its payload on the wire, at most (blockdelta: 1 + varint + prefix)
 
 
 class Snapshots:
@@ -285,7 +356,7 @@ class Snapshots:
         self.deleting: dict[str, set[bytes]] = {}
         self.gen: dict[str, int] = {}
         self.claimed: dict[bytes, int] = {}  # blocks a build shipped and has not committed yet
-        self._unclaiming: set[asyncio.Task[None]] = set()  # big builds' claims going in slices
+        self._unclaiming: set[asyncio.Task[None]] = set()  # big builds' clean-up going in slices
         self.quiet_gc = QuietGC()
         # the live trees of the paths in ``latest`` are digested ahead of their next snapshot, in
         # a worker thread, WARM_AFTER after a change (or later, so that passes take at most
@@ -545,14 +616,23 @@ class Snapshots:
                 # does not count yet (as the infos job found them, off the loop while the blocks
                 # shipped, with their rows, if no block was counted or uncounted since)
                 pre = enc.infos
-                if pre is not None and len(pre[1]) >= precount.PRECOUNT_MIN and await precount.precount(st, pre[0], pre[1]):
+                early = await enc.early if enc.early is not None else False
+                if early and pre is not None and pre[0] != st.blocks_gen:  # a block counted or released since
+                    enc.taken = True
+                    await precount.release(st, pre[1])
+                    early = False
+                if early and pre is not None:
+                    enc.taken = True
+                    infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                elif pre is not None and enc.early is None and len(pre[1]) >= precount.PRECOUNT_MIN \
+                        and await precount.precount(st, pre[0], pre[1]):
                     infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
                 elif pre is not None and pre[0] == st.blocks_gen:
                     infos, op["blocks"] = pre[1], pre[2]
                 else:
                     infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
                     with no_gc():  # a row per new block: a full collection would rescan the namespace
-                        op["blocks"] = encode_block_infos(infos)
+                        op["blocks"] = encode_block_infos_z(infos)
                 op["_infos"] = infos
             else:
                 # count the snapshot's chunk references in slices so writers never wait long; the
@@ -588,16 +668,41 @@ class Snapshots:
             job = enc.infos_job
             if job is not None:  # retrieved whenever it ends (the build may have failed before it did)
                 job.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._drop_early(enc)
             if len(claimed) > UNCLAIM_SLICE:  # a big build's: in slices (a block stays claimed a little longer)
-                task = asyncio.ensure_future(self.unclaim_slices(claimed[:]))
-                self._unclaiming.add(task)
-                task.add_done_callback(self._unclaiming.discard)
+                self._later(self.unclaim_slices(claimed[:]))
                 claimed.clear()
             else:
                 self.unclaim(claimed)
             self.builders.pop(sid, None)
 
     # ------------------------------------------------------------------ directory blocks
+
+    def _later(self, job: Coroutine[Any, Any, None]) -> None:
+        """Run a build's clean-up in slices after it (kept referenced until done)."""
+        task = asyncio.ensure_future(job)
+        self._unclaiming.add(task)
+        task.add_done_callback(self._unclaiming.discard)
+
+    def _precount_early(self, enc: Encoded) -> None:
+        """Once the infos job ended: count its blocks' chunk references in slices while the blocks
+        are still on their way (``Encoded.early``)."""
+        pre = enc.infos
+        if pre is not None and enc.early is None and not enc.ended and len(pre[1]) >= precount.PRECOUNT_MIN:
+            enc.early = asyncio.ensure_future(precount.precount(self.m.state, pre[0], pre[1]))
+
+    def _drop_early(self, enc: Encoded) -> None:
+        """As a build ends: the references its early precount counted, unless its commit took
+        them, are taken back (a precount still running stops and takes back what it counted)."""
+        enc.ended = True
+        early = enc.early
+        if early is None or enc.taken:
+            return
+        if not early.done():
+            early.cancel()
+        elif not early.cancelled() and early.exception() is None and early.result():
+            assert enc.infos is not None
+            self._later(precount.release(self.m.state, enc.infos[1]))
 
     async def unclaim_slices(self, digests: list[bytes]) -> None:
         """:meth:`unclaim`, a slice per turn of the event loop (a first 1M snapshot's ~170k
@@ -651,7 +756,7 @@ class Snapshots:
             asked, items = enc.walk
             return items if all(skip(d) == r for d, r in asked.items()) else None
 
-        def collect() -> list[blockdelta.Outgoing]:  # off the loop; each block compressed once per build
+        def collect() -> list[blockdelta.Outgoing]:  # off the loop; compressed batch by batch (``filled``)
             got = reused()
             if got is not None:
                 return got
@@ -661,7 +766,7 @@ class Snapshots:
                 r = asked[d] = skip(d)
                 return r
 
-            out = outgoing(node, version_of, ask, enc, self._live_version)
+            out = outgoing(node, version_of, ask, enc, self._live_version, True)
             enc.walk = (asked, out)
             return out
 
@@ -669,7 +774,7 @@ class Snapshots:
             gen = self.m.state.blocks_gen
             got = merkle.new_block_infos(node, version_of, counted.__contains__)
             with no_gc():  # a row per new block (see the commit)
-                enc.infos = (gen, got, encode_block_infos(got))
+                enc.infos = (gen, got, encode_block_infos_z(got))
 
         loop = asyncio.get_running_loop()
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
@@ -684,6 +789,7 @@ class Snapshots:
                     infos()  # no new block: nothing to walk, on the loop
                 else:
                     enc.infos_job = loop.run_in_executor(None, infos)
+                    enc.infos_job.add_done_callback(lambda _f: self._precount_early(enc))
             if enc.collected is not None:
                 enc.collected()
         # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
@@ -693,13 +799,29 @@ class Snapshots:
             claimed.append(dg)
         await self.fence(cs, needed)  # a deletion released while collecting
         # one batch at a time, children before parents: whatever part of them reaches the holder
-        # (durable batch by batch), each block it has reaches only blocks it has
+        # (durable batch by batch), each block it has reaches only blocks it has. The next batch
+        # is compressed and packed in a worker while one is on its way (holders that reuse the
+        # same walk share that work: see ``Encoded.packed``)
         sent = 0
         carried = False
-        groups = list(merkle.batches(items, BLOCK_BATCH))
-        for i, batch in enumerate(groups):
-            body = blockdelta.pack(batch)
-            if record is not None and i == len(groups) - 1:
+        parts = groups(items, enc, BLOCK_BATCH)
+
+        def packing(i: int) -> asyncio.Future[tuple[list[blockdelta.Outgoing], bytes]]:
+            key = (id(items), i)  # (the entry holds ``items``: its id is not reused meanwhile)
+            got = enc.packed.get(key)
+            if got is not None:
+                return got[1]
+            fut = loop.run_in_executor(None, pack_job, parts[i], enc)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if no holder awaits it
+            enc.packed[key] = (items, fut)
+            return fut
+
+        ahead = packing(0) if parts else None
+        for i in range(len(parts)):
+            assert ahead is not None
+            batch, body = await asyncio.shield(ahead)
+            ahead = packing(i + 1) if i + 1 < len(parts) else None
+            if record is not None and i == len(parts) - 1:
                 carried = await self._with_record(cs, body, record)
                 if carried:
                     sent += len(body) + len(record[1])

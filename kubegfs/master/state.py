@@ -27,12 +27,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import zstandard
+
 from .. import merkle, paths
 from .. import namespace as ns
 from ..errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
 from ..formats import (
+    ZSTD_LEVEL,
     no_gc,
+    packb,
     unpack_handles,
+    unpackb,
 )
 from . import ops
 
@@ -646,7 +651,23 @@ def encode_block_infos(infos: dict[bytes, merkle.BlockInfo]) -> list[list[bytes]
     return [[dg, b"".join(i.children), i.handles] for dg, i in sorted(infos.items())]
 
 
-def decode_block_infos(rows: list[list[bytes]]) -> dict[bytes, merkle.BlockInfo]:
+def encode_block_infos_z(infos: dict[bytes, merkle.BlockInfo]) -> bytes:
+    """:func:`encode_block_infos` packed and compressed, as a commit op carries them: the rows
+    are mostly digests and handles, and a first snapshot's are big (~86k rows, 14 MB at 1M
+    files: 8 MB compressed, that much less to log, fsync and send to the metadata copies, and
+    one bytes object to pack on the event loop instead of a list per row)."""
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(packb(encode_block_infos(infos)))
+
+
+def decode_block_infos(rows: list[list[bytes]] | bytes) -> dict[bytes, merkle.BlockInfo]:
+    """Block infos from :func:`encode_block_infos` rows or :func:`encode_block_infos_z` bytes."""
+    if isinstance(rows, bytes):
+        try:
+            rows = unpackb(zstandard.ZstdDecompressor().decompress(rows))
+        except zstandard.ZstdError as exc:
+            raise CorruptData(f"bad compressed block infos: {exc}") from exc
+        if not isinstance(rows, list):
+            raise CorruptData("block infos are not a list of rows")
     out = {}
     for dg, kids, handles in rows:
         out[dg] = merkle.BlockInfo(tuple(kids[i:i + 32] for i in range(0, len(kids), 32)), handles)

@@ -192,8 +192,8 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
 
         m.master.snapshots.since_previous = since_previous  # type: ignore[method-assign]
         rows_on_loop: list[bool] = []  # the op's rows of them too
-        real_rows = snapshots.encode_block_infos
-        monkeypatch.setattr(snapshots, "encode_block_infos",
+        real_rows = snapshots.encode_block_infos_z
+        monkeypatch.setattr(snapshots, "encode_block_infos_z",
                             lambda i: rows_on_loop.append(threading.current_thread() is loop_thread) or real_rows(i))
         with Client(cl.master_url, cl.token) as c:
             c.mkdir("/t/big", parents=True)

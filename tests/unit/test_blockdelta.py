@@ -12,7 +12,7 @@ from kubegfs import blockdelta, merkle
 from kubegfs import namespace as ns
 from kubegfs.chunkserver.blocks import BlockStore
 from kubegfs.errors import CorruptData
-from kubegfs.master.snapshots import Encoded, outgoing
+from kubegfs.master.snapshots import Encoded, groups, outgoing, pack_job
 
 
 def holder_of(root):
@@ -131,3 +131,30 @@ def test_a_block_store_keeps_delta_blocks_whole(tmp_path):
     with pytest.raises(blockdelta.MissingBase):
         missing.put_delta(blockdelta.pack(items))
     assert missing.digests() == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 6), st.integers(300, 20_000))
+def test_blocks_compressed_batch_by_batch_are_the_blocks_a_walk_compresses(rng, n, limit):
+    """What ship_blocks sends (a walk that leaves whole blocks uncompressed, then batches each
+    compressed and packed in turn) is what the walk sends compressed, in the same order."""
+    old = build_direct(random_spec(rng))
+    holder = holder_of(old) if n else {}
+    new = mutate(old, rng, n) if n else old
+    merkle.digest(new, V)
+    want = outgoing(new, V, holder.__contains__, Encoded(prev=old if n else None), V)
+    enc = Encoded(prev=old if n else None)
+    items = outgoing(new, V, holder.__contains__, enc, V, True)
+    assert [it.digest for it in items] == [it.digest for it in want]
+    assert any(not it.payload for it in items) or not any(it.base is None for it in want)  # left to compress
+    parts = groups(items, enc, limit)
+    assert [it for p in parts for it in p] == items and all(parts)
+    got = []
+    for p in parts:
+        batch, body = pack_job(p, enc)
+        assert len(p) == 1 or len(body) <= 2 * limit + 64 * len(p)  # about the limit (a half-size estimate)
+        assert blockdelta.pack(batch) == body
+        got += batch
+    assert got == want
+    received = receive(dict(holder), blockdelta.pack(got))
+    assert [dg for dg, _b, _z in received] == [it.digest for it in want]

@@ -3,6 +3,7 @@ content-addressed block store, without servers."""
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -13,9 +14,11 @@ from kubegfs import merkle
 from kubegfs import namespace as ns
 from kubegfs.chunkserver.blocks import BlockStore
 from kubegfs.errors import CorruptData
+from kubegfs.formats import packb
 from kubegfs.master import precount
 from kubegfs.master.checkpoint import decode_checkpoint, dump, encode_checkpoint
-from kubegfs.master.state import encode_block_infos
+from kubegfs.master.snapshots import Encoded, Snapshots
+from kubegfs.master.state import decode_block_infos, encode_block_infos, encode_block_infos_z
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -56,7 +59,7 @@ class BlockLog(Log):
         st = self.state
         return merkle.new_block_infos(st.pins[sid].node, st.version.__getitem__, st.blocks.__contains__)
 
-    def commit(self, sid, infos=None, precounted=False):
+    def commit(self, sid, infos=None, precounted=False, compressed=True):
         st = self.state
         node = st.pins[sid].node
         v = st.version.__getitem__
@@ -67,7 +70,8 @@ class BlockLog(Log):
         self.do({"op": "snap_commit", "id": sid, "sha256": "", "record_bytes": 0, "holders": [],
                  "files": files, "dirs": dirs, "chunks": chunks, "logical_bytes": size,
                  "duration_seconds": 0.0, "root": root.hex(),
-                 "blocks": encode_block_infos(infos), "_infos": infos, "_precounted": precounted})
+                 "blocks": (encode_block_infos_z if compressed else encode_block_infos)(infos),
+                 "_infos": infos, "_precounted": precounted})
 
     def restore(self, sid, to=None):
         st = self.state
@@ -211,7 +215,7 @@ def test_a_second_snapshot_counts_only_new_blocks():
     t2 = dir_block_set(ns.must_get(log.state.root, ("t",)), v)
     op = log.ops[-1]
     # the new /t/d7 and /t's head and sub-blocks on d7's path, not its other sub-blocks
-    assert len(op["blocks"]) == 1 + len(t2 - t1) < 1 + len(t2)
+    assert len(decode_block_infos(op["blocks"])) == 1 + len(t2 - t1) < 1 + len(t2)
     assert len(log.state.blocks) == 21 + len(t1) + len(t2 - t1)
     log.do({"op": "snap_delete", "id": "s1"})
     assert len(log.state.blocks) == 20 + len(t2) and len(log.state.garbage_blocks) == 1 + len(t1 - t2)
@@ -447,6 +451,88 @@ def test_a_precount_goes_back_when_a_block_is_counted_meanwhile():
     log.commit(second)
     check_counts(log.state)
     _same_state(log.replay(), log.state)
+
+
+def test_a_commit_logged_with_its_rows_compressed_or_not_replays_the_same():
+    """A commit op's ``blocks`` are compressed rows; a log written with plain rows (before)
+    replays to the same state."""
+    logs = {}
+    for compressed in (True, False):
+        log = BlockLog()
+        _tree(log, dirs=40)
+        sid = log.capture("/t")
+        infos = log.new_infos(sid)
+        log.commit(sid, infos, compressed=compressed)
+        blocks = log.ops[-1]["blocks"]
+        assert isinstance(blocks, bytes) == compressed
+        assert decode_block_infos(blocks) == infos
+        _same_state(log.replay(), log.state)
+        logs[compressed] = (log, len(packb(blocks)))
+    _same_state(logs[True][0].state, logs[False][0].state)
+    assert logs[True][1] < logs[False][1]
+    with pytest.raises(CorruptData):
+        decode_block_infos(b"not zstd")
+
+
+def test_a_precount_done_before_another_commit_is_released_and_the_commit_counts_as_usual():
+    """The server precounts while the blocks ship: when another snapshot commits first,
+    precount.release takes the references back and the commit counts as usual."""
+    log = BlockLog()
+    _tree(log)
+    first, second = log.capture("/t"), log.capture("/t")
+    before = dict(log.state.snap)
+    gen, infos = log.state.blocks_gen, log.new_infos(second)
+    assert asyncio.run(precount.precount(log.state, gen, infos, per=1))
+    assert log.state.snap != before
+    log.commit(first)
+    assert log.state.blocks_gen != gen  # the second commit may not take them
+    asyncio.run(precount.release(log.state, infos, per=1))
+    check_counts(log.state)
+    log.commit(second)
+    check_counts(log.state)
+    _same_state(log.replay(), log.state)
+
+
+def test_an_early_precount_the_commit_never_took_is_taken_back_as_the_build_ends(monkeypatch):
+    monkeypatch.setattr(precount, "PRECOUNT_MIN", 1)
+    monkeypatch.setattr(precount, "PRECOUNT_SLICE", 1)
+    log = BlockLog()
+    _tree(log)
+    sid = log.capture("/t")
+    before = dict(log.state.snap)
+    gen, infos = log.state.blocks_gen, log.new_infos(sid)
+
+    async def build_that_fails(running: bool):
+        s = Snapshots(SimpleNamespace(state=log.state))  # type: ignore[arg-type]
+        enc = Encoded(infos=(gen, infos, encode_block_infos(infos)))
+        s._precount_early(enc)
+        assert enc.early is not None
+        if running:  # stopped after its first slice
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert not enc.early.done()
+        else:
+            assert await enc.early
+        assert log.state.snap != before
+        s._drop_early(enc)  # the build ended without its commit
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not s._unclaiming
+
+    for running in (False, True):
+        asyncio.run(build_that_fails(running))
+        assert log.state.snap == before
+
+    async def infos_after_the_end():  # the infos job ends after a build that failed
+        s = Snapshots(SimpleNamespace(state=log.state))  # type: ignore[arg-type]
+        enc = Encoded()
+        s._drop_early(enc)
+        enc.infos = (gen, infos, encode_block_infos_z(infos))
+        s._precount_early(enc)
+        assert enc.early is None
+
+    asyncio.run(infos_after_the_end())
+    assert log.state.snap == before
 
 
 def test_a_precount_of_a_stale_generation_counts_nothing():

@@ -4,6 +4,8 @@ import asyncio
 import gc
 import weakref
 
+import pytest
+
 from kubegfs.master import snapshots
 
 
@@ -45,20 +47,35 @@ def test_a_collector_that_was_off_stays_off(monkeypatch):
     asyncio.run(scenario())
 
 
-def test_a_big_operation_has_its_full_collection_as_it_ends(monkeypatch):
+@pytest.fixture
+def passes():
+    """The generations of the collector's passes while a test runs (what survives is unfrozen after)."""
+    seen: list[int] = []
+
+    def note(phase, info):
+        if phase == "stop":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(note)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(note)
+        gc.unfreeze()
+
+
+def test_a_big_operation_has_its_full_collection_once_its_replies_are_out(monkeypatch, passes):
     monkeypatch.setattr(snapshots, "GC_NOW", 1000)
     monkeypatch.setattr(snapshots, "GC_AFTER", 10.0)
+    monkeypatch.setattr(snapshots, "GC_REPLY", 0.01)
     q = snapshots.QuietGC()
-    passes: list[int] = []
-
-    def seen(phase, info):
-        if phase == "stop":
-            passes.append(info["generation"])
 
     async def scenario():
         passes.clear()  # an automatic pass while asyncio.run set up the loop is not the operation's
         with q():
             keep = [[i] for i in range(5000)]  # young objects that survive
+        assert not gc.isenabled() and passes == []  # not before the loop turns (its replies go out first)
+        await asyncio.sleep(0.03)
         assert gc.isenabled() and q.timer is None and passes == [2]
         with q():
             small = [[1]]
@@ -67,12 +84,7 @@ def test_a_big_operation_has_its_full_collection_as_it_ends(monkeypatch):
         q._resume()
         return keep, small
 
-    gc.callbacks.append(seen)
-    try:
-        asyncio.run(scenario())
-    finally:
-        gc.callbacks.remove(seen)
-        gc.unfreeze()
+    asyncio.run(scenario())
 
 
 class _Node:
@@ -93,6 +105,7 @@ def test_a_big_operation_freezes_what_survives_its_collection_but_not_its_garbag
             a.other, b.other = b, a  # a cycle, garbage once the names go
             dropped = weakref.ref(a)
             del a, b
+        await asyncio.sleep(snapshots.GC_REPLY + 0.02)
         assert gc.isenabled() and dropped() is None
         assert gc.get_freeze_count() >= before + len(keep)
         return keep, dropped
@@ -101,3 +114,23 @@ def test_a_big_operation_freezes_what_survives_its_collection_but_not_its_garbag
         asyncio.run(scenario())
     finally:
         gc.unfreeze()
+
+
+def test_an_operation_starting_before_the_big_collection_has_it_as_it_ends(monkeypatch, passes):
+    monkeypatch.setattr(snapshots, "GC_NOW", 1000)
+    monkeypatch.setattr(snapshots, "GC_REPLY", 10.0)
+    q = snapshots.QuietGC()
+
+    async def scenario():
+        passes.clear()
+        with q():
+            keep = [[i] for i in range(5000)]
+        with q():  # before the big one's pass: the collector stays off throughout this one
+            assert not gc.isenabled() and passes == []
+        assert passes == [] and q.timer is not None  # ... and its end owes the pass in turn
+        q.timer.cancel()
+        q._collect()
+        assert gc.isenabled() and passes == [2]
+        return keep
+
+    asyncio.run(scenario())
