@@ -10,6 +10,7 @@ import immutables
 from kubegfs import merkle
 from kubegfs import namespace as ns
 from kubegfs.master.snapshots import Encoded, Snapshots
+from kubegfs.master.state import decode_block_infos
 
 
 def V(h):
@@ -66,7 +67,8 @@ def test_an_unchanged_tree_ships_no_block_and_starts_no_worker_job():
     enc, claimed, jobs = Encoded(), [], Jobs()
     sent, carried = asyncio.run(jobs.run(s.ship_blocks(SimpleNamespace(id="cs"), root, V, claimed, {}, enc)))
     assert (sent, carried, claimed, jobs.n) == (0, False, [], 0)
-    assert enc.infos == (3, {}, []) and enc.infos_job is None  # nothing new for the commit to count
+    assert enc.infos is not None and enc.infos[:2] == (3, {}) and enc.infos_job is None  # nothing new for the commit to count
+    assert decode_block_infos(enc.infos[2]) == {}
 
     prev = tree()  # the previous snapshot's tree: another node, the same content
     merkle.digest(prev, V)
@@ -95,7 +97,7 @@ def test_a_changed_tree_still_gets_its_blocks_infos_and_diff_from_workers():
     asyncio.run(jobs.run(s.ship_blocks(SimpleNamespace(id="cs"), new, V, claimed, {}, enc)))
     new_blocks = set(blocks_of(new)) - set(blocks_of(old))
     assert new_blocks and set(claimed) >= new_blocks and calls == [("POST", "/internal/blocks/delta")]
-    assert jobs.n == 2  # the collect and the infos
+    assert jobs.n == 3  # the collect, the infos and the one batch's compression
     s.latest["/p"] = ("s-1", old)
     jobs = Jobs()
     _dg, changes = asyncio.run(jobs.run(s.since_previous({"id": "s-2", "path": "/p"}, new)))  # type: ignore[arg-type]
