@@ -106,10 +106,12 @@ def warm_job(nodes: list[ns.Dir], version_of: merkle.VersionOf) -> int:
     return n
 
 
-Prepared = tuple[str, str, bytes, dict[bytes, blockdelta.Outgoing] | None]  # path, snapshot id, live digest, blocks
+Blocks = dict[bytes, blockdelta.Outgoing]
+Ahead = tuple[Blocks, dict[bytes, bytes]]  # blocks prepared ahead by digest, and each one's bytes
+Prepared = tuple[str, str, bytes, Ahead | None]  # path, snapshot id, live digest, blocks
 
 
-def ahead_job(pairs: list[tuple[str, str, ns.Dir, ns.Dir, dict[bytes, blockdelta.Outgoing]]],
+def ahead_job(pairs: list[tuple[str, str, ns.Dir, ns.Dir, Ahead]],
               version_of: merkle.VersionOf, held: Callable[[bytes], bool], old_version: merkle.VersionOf,
               stop: threading.Event | None = None) -> list[Prepared]:
     """For each (path, snapshot id, live tree, that snapshot's tree, blocks prepared before): the
@@ -255,7 +257,8 @@ class Encoded:
     # blocks prepared ahead (see :func:`prepare`), by digest: a block found here goes as prepared
     # when the holder has its base (content-addressed: a delta against a base gives the block
     # whoever made it); whether the holder lacks the block is still decided by the walk
-    ahead: dict[bytes, blockdelta.Outgoing] = field(default_factory=dict)
+    ahead: Blocks = field(default_factory=dict)
+    ahead_raw: dict[bytes, bytes] = field(default_factory=dict)  # their bytes (a leaf there is not encoded again)
 
 
 def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
@@ -276,7 +279,7 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
         if subst is None:
             subst = {}  # a block's digest -> its base's (the older block at its place)
         names: dict[int, list[str]] = {}
-        for dg, b, d in merkle.iter_blocks(node, version_of, skip or ask, enc.kept):
+        for dg, b, d in merkle.iter_blocks(node, version_of, skip or ask, enc.kept, enc.ahead_raw):
             it = ahead.get(dg)
             if it is not None and (it.base is None or ask(it.base)):  # prepared ahead
                 if it.base is None:
@@ -316,12 +319,12 @@ class _Stopped(Exception):
 
 
 def prepare(node: ns.Dir, prev: ns.Dir, version_of: merkle.VersionOf, held: Callable[[bytes], bool],
-            old_version: merkle.VersionOf, had: dict[bytes, blockdelta.Outgoing],
-            stop: threading.Event | None = None) -> dict[bytes, blockdelta.Outgoing] | None:
+            old_version: merkle.VersionOf, had: Ahead, stop: threading.Event | None = None) -> Ahead | None:
     """The blocks of the live tree ``node`` that ``held`` does not accept (the blocks committed
     snapshots count), each made as :func:`outgoing` makes it for a holder that has all of those
     (a delta against the block at its place in ``prev``, the path's latest snapshot tree, else
-    whole), by digest, added to ``had`` (an earlier pass's against the same ``prev``): the walk
+    whole), by digest, with each block's bytes, added to ``had`` (an earlier pass's against the
+    same ``prev``): the walk
     does not visit those, nor what they reach (a block is added after every block below it), so
     a pass costs the blocks new since the last. Raises _Stopped once ``stop`` is set (a snapshot
     or restore is starting); None past AHEAD_MAX blocks (a big change: the snapshot's own
@@ -338,16 +341,19 @@ def prepare(node: ns.Dir, prev: ns.Dir, version_of: merkle.VersionOf, held: Call
             raise _Stopped
         return held(d)
 
-    subst = {dg: it.base for dg, it in had.items() if it.base is not None}
+    blocks, raw = had
+    subst = {dg: it.base for dg, it in blocks.items() if it.base is not None}
+    enc = Encoded(prev=prev, ahead_raw=raw)
     try:
-        items = outgoing(node, version_of, ask, Encoded(prev=prev), old_version,
-                         lambda d: d in had or ask(d), subst)
+        items = outgoing(node, version_of, ask, enc, old_version, lambda d: d in blocks or ask(d), subst)
     except _TooMany:
         return None
     if not items:
         return had
-    got = {**had, **{it.digest: it for it in items}}
-    return got if len(got) <= AHEAD_MAX else None
+    got = {**blocks, **{it.digest: it for it in items}}
+    made = {**raw, **{it.digest: enc.raw[it.digest] if it.base is not None else merkle.decompress(it.payload)
+                      for it in items}}
+    return (got, made) if len(got) <= AHEAD_MAX else None
 
 
 class Snapshots:
@@ -382,7 +388,7 @@ class Snapshots:
         # prepare): per path, that snapshot's id, the live tree's digest they were made for and
         # the blocks; and the paths whose live tree changed too much since their latest snapshot
         # (its id) to prepare them (the snapshot's own collect does)
-        self.ahead: dict[str, tuple[str, bytes, dict[bytes, blockdelta.Outgoing]]] = {}
+        self.ahead: dict[str, tuple[str, bytes, Ahead]] = {}
         self._ahead_off: dict[str, str] = {}
         self._stop_ahead = threading.Event()  # set: a build or restore is waiting for the pass
 
@@ -436,7 +442,7 @@ class Snapshots:
 
         fut.add_done_callback(done)
 
-    def _ahead_todo(self, root: ns.Dir) -> list[tuple[str, str, ns.Dir, ns.Dir, dict[bytes, blockdelta.Outgoing]]]:
+    def _ahead_todo(self, root: ns.Dir) -> list[tuple[str, str, ns.Dir, ns.Dir, Ahead]]:
         """(path, latest snapshot id, live tree, latest snapshot tree, the blocks prepared so far)
         of each snapshotted path whose live tree's blocks are not prepared yet (those of a path
         no longer snapshotted are dropped)."""
@@ -450,13 +456,13 @@ class Snapshots:
             cur = self.ahead.get(p)
             if cur is not None and cur[0] == sid and node.digest is not None and cur[1] == node.digest:
                 continue
-            out.append((p, sid, node, tree, cur[2] if cur is not None and cur[0] == sid else {}))
+            out.append((p, sid, node, tree, cur[2] if cur is not None and cur[0] == sid else ({}, {})))
         return out
 
-    def ahead_of(self, path: str, prev_sid: str) -> dict[bytes, blockdelta.Outgoing]:
+    def ahead_of(self, path: str, prev_sid: str) -> Ahead:
         """The blocks prepared ahead for ``path``'s next snapshot against snapshot ``prev_sid``."""
         cur = self.ahead.get(path)
-        return cur[2] if cur is not None and cur[0] == prev_sid else {}
+        return cur[2] if cur is not None and cur[0] == prev_sid else ({}, {})
 
     async def warmed(self) -> None:
         """Wait for a running pass of :meth:`_warm` (a build's digest pass would repeat its work
@@ -628,7 +634,7 @@ class Snapshots:
 
             prev = self.previous_of(entry) if isinstance(node, ns.Dir) else None
             enc.prev = prev[1] if prev else None
-            enc.ahead = self.ahead_of(entry["path"], prev[0]) if prev else {}
+            enc.ahead, enc.ahead_raw = self.ahead_of(entry["path"], prev[0]) if prev else ({}, {})
             prefer = {h["id"] for h in st.snapshots[prev[0]]["holders"]} if prev else set()
             while True:
                 # ship to the nearest candidates at once; fall back down the ranking for failures
