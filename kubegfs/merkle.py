@@ -830,32 +830,39 @@ class TreeBlocks:
 # --------------------------------------------------------------------------- walking trees
 
 
-def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool], kept: Kept | None = None
-                ) -> Iterator[tuple[bytes, bytes, Dir]]:
+def iter_blocks(root: Dir, version_of: VersionOf, skip: Callable[[bytes], bool], kept: Kept | None = None,
+                leaves: Mapping[bytes, bytes] | None = None) -> Iterator[tuple[bytes, bytes, Dir]]:
     """(digest, bytes, directory) of every block below and including ``root``'s (heads and
     sub-blocks) whose digest ``skip`` does not accept, children before their parents; a skipped
     block's subtree is not visited (a holder that has a block has everything it reaches), nor
     the unchanged entries of a directory whose base's block is skipped (see _changed_subdirs).
-    ``kept``: directories encoded already (see :func:`digest`)."""
+    ``kept``: directories encoded already (see :func:`digest`); ``leaves``: blocks at hand by
+    digest (a leaf sub-block found there is not encoded again)."""
     out: list[tuple[bytes, bytes, Dir]] = []
     with no_gc():
-        _collect(root, version_of, skip, out, set(), kept)
+        _collect(root, version_of, skip, out, set(), kept, leaves or {})
     yield from out
 
 
 def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
-             out: list[tuple[bytes, bytes, Dir]], seen: set[bytes], kept: Kept | None) -> None:
+             out: list[tuple[bytes, bytes, Dir]], seen: set[bytes], kept: Kept | None,
+             leaves: Mapping[bytes, bytes]) -> None:
     dg = digest(d, version_of)
     if dg in seen or skip(dg):
         return
     seen.add(dg)
     for k in _changed_subdirs(d, skip):  # (one under a skipped sub-block is skipped by its own digest)
-        _collect(k, version_of, skip, out, seen, kept)
+        _collect(k, version_of, skip, out, seen, kept, leaves)
     blocks = blocks_of_dir(d, version_of, kept, whole=False)
     wanted = _unskipped_parts(dg, blocks.kids, lambda p: p in seen or skip(p))
-    if not blocks.whole and len(wanted.intersection(p for p, _b in blocks.parts)) < len(wanted):
-        blocks = blocks_of_dir(d, version_of)  # a sub-block it did not encode anew is wanted
-    for p, data in blocks.parts:
+    parts = blocks.parts
+    if not blocks.whole:
+        lack = wanted.difference(p for p, _b in parts)
+        if lack and all(p in leaves and p not in blocks.kids for p in lack):
+            parts = [*((p, leaves[p]) for p in lack), *parts]  # leaves at hand, before what names them
+        elif lack:
+            parts = blocks_of_dir(d, version_of).parts  # a sub-block it did not encode anew is wanted
+    for p, data in parts:
         if p in wanted:
             seen.add(p)
             out.append((p, data, d))

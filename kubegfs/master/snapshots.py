@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -103,6 +104,29 @@ def warm_job(nodes: list[ns.Dir], version_of: merkle.VersionOf) -> int:
         except KeyError:
             continue
     return n
+
+
+Blocks = dict[bytes, blockdelta.Outgoing]
+Ahead = tuple[Blocks, dict[bytes, bytes]]  # blocks prepared ahead by digest, and each one's bytes
+Prepared = tuple[str, str, bytes, Ahead | None]  # path, snapshot id, live digest, blocks
+
+
+def ahead_job(pairs: list[tuple[str, str, ns.Dir, ns.Dir, Ahead]],
+              version_of: merkle.VersionOf, held: Callable[[bytes], bool], old_version: merkle.VersionOf,
+              stop: threading.Event | None = None) -> list[Prepared]:
+    """For each (path, snapshot id, live tree, that snapshot's tree, blocks prepared before): the
+    live tree's blocks prepared against the snapshot's (see :func:`prepare`); a tree with a chunk
+    freed meanwhile is left for the next pass, and every tree once ``stop`` is set."""
+    out: list[Prepared] = []
+    for p, sid, node, tree, had in pairs:
+        try:
+            dg = merkle.digest(node, version_of)
+            out.append((p, sid, dg, prepare(node, tree, version_of, held, old_version, had, stop)))
+        except KeyError:
+            continue
+        except _Stopped:
+            break
+    return out
 
 
 def stale_trees(root: ns.Dir, paths_: Iterable[str]) -> list[ns.Dir]:
@@ -195,6 +219,7 @@ WARM_AFTER = 0.01  # seconds after a change before the trees of snapshotted path
 WARM_SHARE = 0.25  # ... and at most this share of a core's time between passes: a pass that took t waits t * (1 / share - 1)
 UNCLAIM_SLICE = 20_000  # claims a finished build drops per turn of the event loop
 INLINE_REUSE = 4096  # blocks asked by the last holder's walk up to which the next checks it on the loop
+AHEAD_MAX = 16_384  # blocks (and questions of one pass) per path past which none are prepared ahead for it
 KEEP_TREES = 2  # snapshot trees kept in memory per path (shared with the live tree but for changes)
 BLOCK_BATCH = 4 << 20  # bytes of directory blocks per request
 BLOCK_FETCH = 4096  # digests per block read
@@ -249,25 +274,45 @@ class Encoded:
     ended: bool = False  # the build ended: no precount starts after that
     collected: Callable[[], None] | None = None  # called once a holder's blocks are collected
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # blocks prepared ahead (see :func:`prepare`), by digest: a block found here goes as prepared
+    # when the holder has its base (content-addressed: a delta against a base gives the block
+    # whoever made it); whether the holder lacks the block is still decided by the walk
+    ahead: Blocks = field(default_factory=dict)
+    ahead_raw: dict[bytes, bytes] = field(default_factory=dict)  # their bytes (a leaf there is not encoded again)
 
 
 def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
-             old_version: merkle.VersionOf, deferred: bool = False) -> list[blockdelta.Outgoing]:
+             old_version: merkle.VersionOf, skip: Callable[[bytes], bool] | None = None,
+             subst: dict[bytes, bytes] | None = None, deferred: bool = False) -> list[blockdelta.Outgoing]:
     """The blocks of ``node``'s tree a holder lacks (``ask``: does it have this block, counted),
     children before parents, each compressed once per build: as a delta against the block at
     its place in the previous snapshot tree (``enc.prev``, chunk versions ``old_version``) when
-    the holder has that one, else whole. ``deferred``: a block going whole that is not
-    compressed yet is left so (an empty payload; its bytes in ``enc.todo``), for
-    :func:`filled` to compress batch by batch while earlier batches are on their way."""
+    the holder has that one, else whole. ``skip``: the blocks not to visit, if not those ``ask``
+    accepts; ``subst``: the bases of blocks not visited (see :func:`prepare`). ``deferred``: a
+    block going whole that is not compressed yet is left so (an empty payload; its bytes in
+    ``enc.todo``), for :func:`filled` to compress batch by batch while earlier batches are on
+    their way."""
     z = enc.z
+    ahead = enc.ahead
     out = []
     with no_gc():  # acyclic, and a full collection rescans the whole namespace
         if enc.prev is not None and enc.olds is None:
             enc.olds = blockdelta.counterparts(enc.prev, node)
         olds = enc.olds or {}
-        subst: dict[bytes, bytes] = {}  # a block's digest -> its base's (the older block at its place)
+        if subst is None:
+            subst = {}  # a block's digest -> its base's (the older block at its place)
         names: dict[int, list[str]] = {}
-        for dg, b, d in merkle.iter_blocks(node, version_of, ask, enc.kept):
+        for dg, b, d in merkle.iter_blocks(node, version_of, skip or ask, enc.kept, enc.ahead_raw):
+            it = ahead.get(dg)
+            if it is not None and (it.base is None or ask(it.base)):  # prepared ahead
+                if it.base is None:
+                    z[dg] = it.payload
+                else:
+                    subst[dg] = it.base
+                    enc.deltas[dg + it.base] = it
+                    enc.raw[dg] = b
+                out.append(it)
+                continue
             o = olds.get(id(d))
             if o is not None:  # a delta against the older block at its place, if the holder has it
                 older = merkle.older_block(b, o, old_version, subst, ask, names)
@@ -337,6 +382,52 @@ def groups(items: list[blockdelta.Outgoing], enc: Encoded, limit: int) -> list[l
 FRAME_EST = 36  # bytes a frame adds to its payload on the wire, at most (blockdelta: 1 + varint + prefix)
 
 
+class _TooMany(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+def prepare(node: ns.Dir, prev: ns.Dir, version_of: merkle.VersionOf, held: Callable[[bytes], bool],
+            old_version: merkle.VersionOf, had: Ahead, stop: threading.Event | None = None) -> Ahead | None:
+    """The blocks of the live tree ``node`` that ``held`` does not accept (the blocks committed
+    snapshots count), each made as :func:`outgoing` makes it for a holder that has all of those
+    (a delta against the block at its place in ``prev``, the path's latest snapshot tree, else
+    whole), by digest, with each block's bytes, added to ``had`` (an earlier pass's against the
+    same ``prev``): the walk
+    does not visit those, nor what they reach (a block is added after every block below it), so
+    a pass costs the blocks new since the last. Raises _Stopped once ``stop`` is set (a snapshot
+    or restore is starting); None past AHEAD_MAX blocks (a big change: the snapshot's own
+    collect makes them). Only the bytes are prepared: which blocks a holder lacks, and whether
+    it has a base, is decided when the snapshot ships."""
+    asked = 0
+
+    def ask(d: bytes) -> bool:
+        nonlocal asked
+        asked += 1
+        if asked > AHEAD_MAX:
+            raise _TooMany
+        if stop is not None and stop.is_set():
+            raise _Stopped
+        return held(d)
+
+    blocks, raw = had
+    subst = {dg: it.base for dg, it in blocks.items() if it.base is not None}
+    enc = Encoded(prev=prev, ahead_raw=raw)
+    try:
+        items = outgoing(node, version_of, ask, enc, old_version, lambda d: d in blocks or ask(d), subst)
+    except _TooMany:
+        return None
+    if not items:
+        return had
+    got = {**blocks, **{it.digest: it for it in items}}
+    made = {**raw, **{it.digest: enc.raw[it.digest] if it.base is not None else merkle.decompress(it.payload)
+                      for it in items}}
+    return (got, made) if len(got) <= AHEAD_MAX else None
+
+
 class Snapshots:
     def __init__(self, m: Master) -> None:
         self.m = m
@@ -363,8 +454,15 @@ class Snapshots:
         # WARM_SHARE of a core under a stream of changes): directories' digests are memoised on the immutable nodes,
         # so that snapshot's own digest pass finds all but the last few changes done
         self._warm_timer: asyncio.TimerHandle | None = None
-        self._warming: asyncio.Future[int] | None = None
+        self._warming: asyncio.Future[tuple[int, list[Prepared]]] | None = None
         self._warm_took = 0.0
+        # ... and their blocks prepared ahead against the path's latest snapshot tree (see
+        # prepare): per path, that snapshot's id, the live tree's digest they were made for and
+        # the blocks; and the paths whose live tree changed too much since their latest snapshot
+        # (its id) to prepare them (the snapshot's own collect does)
+        self.ahead: dict[str, tuple[str, bytes, Ahead]] = {}
+        self._ahead_off: dict[str, str] = {}
+        self._stop_ahead = threading.Event()  # set: a build or restore is waiting for the pass
 
     def changed(self) -> None:
         """The namespace changed (called for every op the master applies): digest the live
@@ -382,26 +480,67 @@ class Snapshots:
         self._warm_timer = None
         if self._warming is not None or self.quiet_gc.active or any(not t.done() for t in self.builders.values()):
             return  # a build digests them itself (its commit is a change: it schedules the next)
-        todo = stale_trees(self.m.state.root, self.latest)
-        if not todo:
+        root = self.m.state.root
+        todo = stale_trees(root, self.latest)
+        pairs = self._ahead_todo(root)
+        if not todo and not pairs:
             return
         t0 = time.perf_counter()
-        fut = self._warming = asyncio.get_running_loop().run_in_executor(
-            None, warm_job, todo, self.m.state.version.__getitem__)
+        version_of = self.m.state.version.__getitem__
+        held = self.m.state.blocks.__contains__
+        stop = self._stop_ahead
+        stop.clear()
 
-        def done(f: asyncio.Future[int]) -> None:
+        def job() -> tuple[int, list[Prepared]]:
+            return warm_job(todo, version_of), ahead_job(pairs, version_of, held, self._live_version, stop)
+
+        fut = self._warming = asyncio.get_running_loop().run_in_executor(None, job)
+
+        def done(f: asyncio.Future[tuple[int, list[Prepared]]]) -> None:
             self._warming = None
             self._warm_took = time.perf_counter() - t0
             if not f.cancelled() and f.exception() is not None:
                 log.warning("digesting snapshotted trees ahead failed: %s", f.exception())
+            elif not f.cancelled():
+                for p, sid, dg, got in f.result()[1]:
+                    if self.latest.get(p, ("",))[0] != sid:
+                        continue  # snapshotted again meanwhile
+                    if got is None:
+                        self._ahead_off[p] = sid
+                        self.ahead.pop(p, None)
+                    else:
+                        self.ahead[p] = (sid, dg, got)
             self.changed()  # what changed while it ran
 
         fut.add_done_callback(done)
 
+    def _ahead_todo(self, root: ns.Dir) -> list[tuple[str, str, ns.Dir, ns.Dir, Ahead]]:
+        """(path, latest snapshot id, live tree, latest snapshot tree, the blocks prepared so far)
+        of each snapshotted path whose live tree's blocks are not prepared yet (those of a path
+        no longer snapshotted are dropped)."""
+        for gone in [p for p in self.ahead if p not in self.latest]:
+            del self.ahead[gone]
+        out = []
+        for p, (sid, tree) in self.latest.items():
+            node = ns.get(root, paths.split(p))
+            if not isinstance(node, ns.Dir) or self._ahead_off.get(p) == sid:
+                continue
+            cur = self.ahead.get(p)
+            if cur is not None and cur[0] == sid and node.digest is not None and cur[1] == node.digest:
+                continue
+            out.append((p, sid, node, tree, cur[2] if cur is not None and cur[0] == sid else ({}, {})))
+        return out
+
+    def ahead_of(self, path: str, prev_sid: str) -> Ahead:
+        """The blocks prepared ahead for ``path``'s next snapshot against snapshot ``prev_sid``."""
+        cur = self.ahead.get(path)
+        return cur[2] if cur is not None and cur[0] == prev_sid else ({}, {})
+
     async def warmed(self) -> None:
         """Wait for a running pass of :meth:`_warm` (a build's digest pass would repeat its work
-        beside it)."""
+        beside it); its preparing of blocks stops at once (what it prepared before stays)."""
         fut = self._warming
+        self._stop_ahead.set()
         if fut is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(fut)
@@ -569,6 +708,7 @@ class Snapshots:
 
             prev = self.previous_of(entry) if isinstance(node, ns.Dir) else None
             enc.prev = prev[1] if prev else None
+            enc.ahead, enc.ahead_raw = self.ahead_of(entry["path"], prev[0]) if prev else ({}, {})
             prefer = {h["id"] for h in st.snapshots[prev[0]]["holders"]} if prev else set()
             while True:
                 # ship to the nearest candidates at once; fall back down the ranking for failures
@@ -766,7 +906,7 @@ class Snapshots:
                 r = asked[d] = skip(d)
                 return r
 
-            out = outgoing(node, version_of, ask, enc, self._live_version, True)
+            out = outgoing(node, version_of, ask, enc, self._live_version, deferred=True)
             enc.walk = (asked, out)
             return out
 

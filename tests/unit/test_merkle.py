@@ -890,3 +890,35 @@ def test_leaves_encoded_together_are_those_encoded_one_by_one(rng):
     one_by_one = [merkle._entries_block(merkle.KIND_PART, 0, 0, items[a:b], V, child)
                   for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     assert merkle._leaf_blocks(items, ends, V, child) == one_by_one
+
+
+def test_a_walk_takes_leaves_at_hand_instead_of_encoding_a_directory_again(monkeypatch):
+    rng = random.Random(21)
+    old = ns.Dir(immutables.Map({"big": big_dir(300, rng)}), 1, 0o755)
+    merkle.digest(old, V)
+    holder = {dg for dg, _b, _d in merkle.iter_blocks(old, V, lambda _d: False)}
+    names = sorted(ns.must_dir(old, ("big",)).children)
+
+    def write(root, name, t):
+        f = ns.must_get(root, ("big", name))
+        return ns.replace(root, ("big", name), ns.File(f.size + 1, t, f.mode, (rng.randrange(1 << 40),)), t)
+
+    v1 = write(old, names[10], 7)
+    merkle.digest(v1, V)
+    at_hand = {dg: b for dg, b, _d in merkle.iter_blocks(v1, V, holder.__contains__)}
+    v2 = write(v1, names[250], 8)  # another leaf: v2's own encoding holds only that one anew
+    merkle.digest(v2, V)
+    encoded = []
+    real = merkle.dir_blocks
+    monkeypatch.setattr(merkle, "dir_blocks", lambda *a: encoded.append(1) or real(*a))
+    got = list(merkle.iter_blocks(v2, V, holder.__contains__, None, at_hand))
+    assert not encoded
+    want = list(merkle.iter_blocks(v2, V, holder.__contains__))  # (encodes "big" whole)
+    assert encoded
+    assert sorted(g[:2] for g in got) == sorted(w[:2] for w in want)
+    seen: set[bytes] = set()
+    wanted = {w[0] for w in want}
+    for dg, b, _d in got:  # children before parents
+        assert all(c in seen for c in merkle.child_digests(b) if c in wanted)
+        seen.add(dg)
+    assert any(dg in at_hand for dg, _b, _d in got)  # the leaf v1 changed, v2 not

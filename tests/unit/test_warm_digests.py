@@ -63,7 +63,7 @@ def test_warm_job_digests_what_it_can_and_skips_a_tree_whose_chunk_is_gone():
 
 
 def make(root):
-    m = SimpleNamespace(state=SimpleNamespace(root=root, version={h: V(h) for h in range(1, 2000)}))
+    m = SimpleNamespace(state=SimpleNamespace(root=root, version={h: V(h) for h in range(1, 2000)}, blocks={}))
     s = Snapshots(m)  # type: ignore[arg-type]
     s.latest["/d"] = ("s-1", root.children["d"])
     return s, m
