@@ -182,7 +182,7 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
         monkeypatch.setattr(merkle, "new_block_infos", infos)
         walks: list[int] = []
         real_outgoing = snapshots.outgoing
-        monkeypatch.setattr(snapshots, "outgoing", lambda *a: walks.append(1) or real_outgoing(*a))
+        monkeypatch.setattr(snapshots, "outgoing", lambda *a, **k: walks.append(1) or real_outgoing(*a, **k))
         diffs_after_walk: list[int] = []  # the since-previous diff starts once the blocks are collected
         real_since = m.master.snapshots.since_previous
 

@@ -144,7 +144,7 @@ def test_blocks_compressed_batch_by_batch_are_the_blocks_a_walk_compresses(rng, 
     merkle.digest(new, V)
     want = outgoing(new, V, holder.__contains__, Encoded(prev=old if n else None), V)
     enc = Encoded(prev=old if n else None)
-    items = outgoing(new, V, holder.__contains__, enc, V, True)
+    items = outgoing(new, V, holder.__contains__, enc, V, deferred=True)
     assert [it.digest for it in items] == [it.digest for it in want]
     assert any(not it.payload for it in items) or not any(it.base is None for it in want)  # left to compress
     parts = groups(items, enc, limit)
