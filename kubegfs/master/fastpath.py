@@ -21,6 +21,7 @@ aiohttp's request machinery was the largest part of the master's CPU after the o
 request waits for the disk, so it runs as a task and the connection reads no further request
 until it is answered: a client sends its creates on a connection of its own per thread, not on
 the stat/ls connection it shares (a 2 ms create there would hold up every stat behind it).
+After that answer the connection is polled for its next request as after any other (below).
 
 Requests on a connection are answered in order; pipelined ones (the client's shared connection
 sends several threads' requests in one write) are all answered from the one read that brought
@@ -235,6 +236,8 @@ class FastProtocol(asyncio.Protocol):
                 self.paused = False
                 self.transport.resume_reading()
             self._take(b"")
+            if self.fd >= 0 and self.pending is None:
+                self._linger()  # the client's next create comes right after this answer
         self.metrics.observe(req.path, req.method, status, time.perf_counter() - t0)
 
     def _failure(self, req: Request, exc: BaseException, packed: bool) -> tuple[int, bytes, str]:

@@ -4,6 +4,7 @@ answer and then come in order, and the checks before a route runs answer at once
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 from kubegfs import metrics as M
@@ -14,13 +15,14 @@ from kubegfs.web import RequestMetrics
 
 
 class _Transport:
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket | None = None) -> None:
         self.out = bytearray()
         self.closed = False
         self.paused = 0
+        self.extra: dict[str, Any] = {"socket": sock}
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+        return self.extra.get(name, default)
 
     def write(self, data: bytes) -> None:
         self.out += data
@@ -52,8 +54,8 @@ def _answers(t: _Transport) -> list[tuple[int, Any]]:
     return out
 
 
-def _listener(gates: dict[str, asyncio.Future[None]], ran: list[str],
-              guard: Any = lambda m, p: None) -> tuple[FastProtocol, _Transport]:
+def _listener(gates: dict[str, asyncio.Future[None]], ran: list[str], guard: Any = lambda m, p: None,
+              sock: socket.socket | None = None) -> tuple[FastProtocol, _Transport]:
     async def mkdir(q: dict[str, str], body: bytes, ctype: str, packed: bool) -> tuple[bytes, str]:
         path = json.loads(body)["path"]
         ran.append(path)
@@ -63,9 +65,9 @@ def _listener(gates: dict[str, asyncio.Future[None]], ran: list[str],
         return json.dumps({"path": path}).encode(), "application/json"
 
     routes = {("GET", "/api/v1/fs/stat"): lambda q, b, c, p: (b'{"stat":"%s"}' % q["path"].encode(), "application/json")}
-    proto = FastProtocol(routes, Tokens("tok"), master_policy, guard, RequestMetrics(M.MASTER_HTTP), spin=0.0,
-                         deferred={("POST", "/api/v1/fs/mkdir"): mkdir})
-    t = _Transport()
+    proto = FastProtocol(routes, Tokens("tok"), master_policy, guard, RequestMetrics(M.MASTER_HTTP),
+                         spin=0.0 if sock is None else 0.5, deferred={("POST", "/api/v1/fs/mkdir"): mkdir})
+    t = _Transport(sock)
     proto.connection_made(t)  # type: ignore[arg-type]
     return proto, t
 
@@ -149,5 +151,22 @@ def test_reading_pauses_when_much_waits_behind_a_create():
         gates["/x"].set_result(None)
         await asyncio.sleep(0.01)
         assert t.paused == 0 and len(_answers(t)) == 200_001
+
+    asyncio.run(run())
+
+
+def test_after_a_create_is_answered_the_connection_is_polled_for_the_next_request():
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        gates = {"/x": loop.create_future()}
+        served, peer = socket.socketpair()
+        served.setblocking(False)
+        with served, peer:
+            proto, t = _listener(gates, [], sock=served)
+            proto.data_received(_post("/api/v1/fs/mkdir", {"path": "/x"}))
+            peer.sendall(STAT)  # the client's next request, still in the socket (not delivered)
+            gates["/x"].set_result(None)
+            await asyncio.sleep(0.01)
+            assert _answers(t) == [(201, {"path": "/x"}), (200, {"stat": "/a"})]  # read in the same turn
 
     asyncio.run(run())
