@@ -13,27 +13,28 @@ answers, and the same request metrics; any other route is a 404 naming the main 
 port keeps serving these routes too, and advertises this one in an ``X-Kubegfs-Fastpath``
 header on their answers, which the Python client follows (kubegfs/client.py).
 
-``POST /api/v1/fs/mkdir`` and ``POST /api/v1/fs/create`` are served here too (``writes``: the
-same ``Api.mkdir_of`` and ``Api.create_of`` as on the main port, so the same op, log and
-durability: answered 201 only once the op is durable here and on the metadata copies); the main
-port names this listener on their answers in ``X-Kubegfs-Fastpath-Writes``. Per create,
-aiohttp's request machinery was the largest part of the master's CPU after the op log's. Such a
-request waits for the disk, so it runs as a task and the connection reads no further request
-until it is answered: a client sends its creates on a connection of its own per thread, not on
-the stat/ls connection it shares (a 2 ms create there would hold up every stat behind it).
-After that answer the connection is polled for its next request as after any other (below).
+``POST /api/v1/fs/mkdir`` and ``POST /api/v1/fs/create`` are served here too (``writes``: the same
+``Api.mkdir_of`` and ``Api.create_of`` as on the main port, so the same op, log and durability:
+answered 201 only once the op is durable here and on the metadata copies); the main port names this
+listener on their answers in ``X-Kubegfs-Fastpath-Writes``. Per create from four threads, aiohttp's
+request machinery was about a quarter of the master's samples, more than the create's own work or
+the op log's flush (docs/benchmarks.md). Such a request waits for the disk, so it runs as a task
+and the connection reads no further request until it is answered: a client sends its creates on a
+connection of its own per thread, not on the stat/ls connection it shares (a 2 ms create there
+would hold up every stat behind it). After that answer the connection is polled for its next
+request as after any other (below).
 
 Requests on a connection are answered in order; pipelined ones (the client's shared connection
-sends several threads' requests in one write) are all answered from the one read that brought
-them, and their answers go out in one write (up to a create or mkdir, whose answer waits). After answering, a plain-TCP connection is polled
-for its next request for up to SPIN (``httpconn.poll_read``: non-blocking reads, yielding the CPU
-between them), at most SPIN_BUDGET in one turn of the event loop before it goes back to the
-loop's other work: a client that asks again right away (a stat loop, the shared connection's
-next batch) is then read without the master going to sleep in ``epoll_wait`` first. A wake-up
-from that sleep can cost more than the answer (on a small virtual machine it was most of a lone
-thread's stat round trip, see docs/benchmarks.md); the client polls for its answer the same way
-(sharedconn.SPIN). A request with a body larger than MAX_JSON_BODY, a chunked body or a malformed
-head is answered 4xx and the connection closed.
+sends several threads' requests in one write) are all answered from the one read that brought them,
+and their answers go out in one write (up to a create or mkdir, whose answer waits). After
+answering, a plain-TCP connection is polled for its next request for up to SPIN
+(``httpconn.poll_read``: non-blocking reads, yielding the CPU between them), at most SPIN_BUDGET in
+one turn of the event loop before it goes back to the loop's other work: a client that asks again
+right away (a stat loop, the shared connection's next batch) is then read without the master going
+to sleep in ``epoll_wait`` first. A wake-up from that sleep can cost more than the answer (on a
+small virtual machine it was most of a lone thread's stat round trip, see docs/benchmarks.md); the
+client polls for its answer the same way (sharedconn.SPIN). A request with a body larger than
+MAX_JSON_BODY, a chunked body or a malformed head is answered 4xx and the connection closed.
 """
 
 from __future__ import annotations
