@@ -213,8 +213,8 @@ def topology_options(f: Any) -> Any:
               help="metadata copies on chunkservers")
 @click.option("--metadata-max-lag", default=5.0, show_default=True, type=click.FloatRange(0),
               help="async: seconds the copies may trail the master")
-@click.option("--fast-listen", default="", help="HOST:PORT of a second, lean listener for stat, ls and "
-              "stat_many (clients find it from a header on those answers); default: off")
+@click.option("--fast-listen", default="", help="HOST:PORT of a second, lean listener for stat, ls, "
+              "stat_many, mkdir and create (clients find it from a header on those answers); default: off")
 @click.option("--fast-spin-us", default=100, show_default=True, type=click.IntRange(0, 10_000),
               help="after answering on the lean listener, poll the connection this many microseconds for the "
               "next request before sleeping (less latency for a client that asks again at once, some CPU; "

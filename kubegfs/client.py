@@ -261,6 +261,9 @@ class Client:
         # answer has named its port; None until then, or after it could not be reached
         self._fast: str | None = None
         self._fast_off = False
+        # the same listener for mkdir and create, once a mkdir or create answer named it: each
+        # thread sends them on a connection of its own there (not the shared stat/ls one)
+        self._fast_writes: str | None = None
         self._shared: dict[str, sharedconn.SharedConnection] = {}  # by the listener's base URL
         # chunkservers' data ports (kubegfs/chunkserver/dataport.py) as base URLs, by their main
         # base URL, as their answers named them; a put sends its pieces there
@@ -371,6 +374,7 @@ class Client:
                 r = conn.response(method, into=into)
                 status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
                 fast = r.headers.get("x-kubegfs-fastpath")
+                writes = r.headers.get("x-kubegfs-fastpath-writes")
                 data_port = r.headers.get("x-kubegfs-data-port")
                 if data_port is not None and data_port.isdigit():
                     self._learn_data_port(u, data_port)
@@ -389,6 +393,7 @@ class Client:
                 content = hr.read()
                 status, ctype, will_close = hr.status, hr.headers.get("Content-Type", ""), hr.will_close
                 fast = hr.headers.get("X-Kubegfs-Fastpath")
+                writes = hr.headers.get("X-Kubegfs-Fastpath-Writes")
                 if answer_headers is not None:
                     answer_headers.update((k.lower(), v) for k, v in hr.headers.items())
         except BaseException:
@@ -400,6 +405,8 @@ class Client:
             conns.pop(key, None)
         if fast is not None and self._fast is None and not self._fast_off and fast.isdigit():
             self._fast = _other_port(u, u.scheme, fast)
+        if writes is not None and self._fast_writes is None and not self._fast_off and writes.isdigit():
+            self._fast_writes = _other_port(u, u.scheme, writes)
         return status, content, ctype
 
     def _learn_data_port(self, u: Any, port: str) -> None:
@@ -427,6 +434,21 @@ class Client:
                 self._fast, self._fast_off = None, True
         return self.api(method, path, **kw)
 
+    def _write_api(self, path: str, body: dict[str, Any]) -> Any:
+        """A mkdir or create: on the master's lean listener once it is known, on this thread's
+        own connection there. Never sent twice: only a connection the listener refused (so the
+        request never left) goes to the main port instead, from then on."""
+        fast = self._fast_writes
+        if fast is not None:
+            try:
+                return self._req("POST", f"{fast}/api/v1{path}", decode=True, json=body)
+            except Unavailable as exc:
+                if not isinstance(exc.__cause__, ConnectionRefusedError):
+                    raise
+                self._fast_writes = None
+                self._fast, self._fast_off = None, True
+        return self.api("POST", path, json=body)
+
     # ------------------------------------------------------------------ namespace
 
     def status(self) -> dict[str, Any]:
@@ -436,7 +458,7 @@ class Client:
         return self.api("GET", "/chunkservers")["chunkservers"]
 
     def mkdir(self, path: str, parents: bool = False, mode: int = 0o755) -> dict[str, Any]:
-        return self.api("POST", "/fs/mkdir", json={"path": path, "parents": parents, "mode": mode})
+        return self._write_api("/fs/mkdir", {"path": path, "parents": parents, "mode": mode})
 
     def stat(self, path: str) -> Stat:
         return self._read_api("GET", "/fs/stat", params={"path": path})
@@ -524,7 +546,7 @@ class Client:
         body: dict[str, Any] = {"path": path, "overwrite": overwrite, "file_mode": mode}
         if data:
             body["data"] = data
-        return self.api("POST", "/fs/create", json=body)
+        return self._write_api("/fs/create", body)
 
     def _pieces(self, data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes | bytearray | memoryview]:
         """``data`` in pieces of at most PIECE bytes (views of a large bytes object, not copies)."""

@@ -35,6 +35,7 @@ from ..web import (
 from .checkpoint import dump
 from .chunkmap import SMALL_TABLE
 from .fastpath import HEADER as FAST_HEADER
+from .fastpath import WRITES_HEADER as FAST_WRITES_HEADER
 
 if TYPE_CHECKING:
     from .server import Master
@@ -157,11 +158,26 @@ class Api:
     # ------------------------------------------------------------------ namespace
 
     async def h_mkdir(self, request: web.Request) -> web.Response:
-        b = await read_json(request)
+        return self._advertise_writes(json_response(await self.mkdir_of(await read_json(request)), status=201))
+
+    # mkdir and create are also served by the lean listener (fastpath.py), answered 201 there too
+
+    async def mkdir_of(self, b: dict[str, Any]) -> dict[str, Any]:
         op = self.m.state.prepare_mkdir(field_str(b, "path"), field_bool(b, "parents"),
                                       field_int(b, "mode", ns.DEFAULT_DIR_MODE, 0, 0o7777))
         await self.m.mutate(op)
-        return json_response({"path": op["path"]}, status=201)
+        return {"path": op["path"]}
+
+    async def create_of(self, b: dict[str, Any]) -> dict[str, Any]:
+        """A file in one round trip, durable before the answer: empty (open + commit of nothing),
+        or with ``data`` (bytes, so a msgpack body; at most wire.SMALL_FILE) stored on the
+        replicas and synced first (WritePath.create_small)."""
+        mode = "overwrite" if field_bool(b, "overwrite") else "create"
+        data = b.get("data", b"")
+        if not isinstance(data, bytes):
+            raise InvalidArgument("field 'data' must be bytes (a msgpack bin; JSON cannot carry it)")
+        return await self.m.writes.create_small(
+            field_str(b, "path"), mode, field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777), data)
 
     def _stat(self, path: str, node: ns.Node) -> wire.Stat:
         if isinstance(node, ns.File):
@@ -231,6 +247,12 @@ class Api:
             resp.headers[FAST_HEADER] = str(self.m.fast_port)
         return resp
 
+    def _advertise_writes(self, resp: web.Response) -> web.Response:
+        """Name the lean listener's port on mkdir and create answers (which it serves too)."""
+        if self.m.fast_port is not None:
+            resp.headers[FAST_WRITES_HEADER] = str(self.m.fast_port)
+        return resp
+
     async def h_stat(self, request: web.Request) -> web.Response:
         return self._advertise(json_response(self.stat_of(request.query.get("path", ""))))
 
@@ -279,17 +301,7 @@ class Api:
             near=_writer(request)))
 
     async def h_create(self, request: web.Request) -> web.Response:
-        """A file in one round trip, durable before the answer: empty (open + commit of nothing),
-        or with ``data`` (bytes, so a msgpack body; at most wire.SMALL_FILE) stored on the
-        replicas and synced first (WritePath.create_small)."""
-        b = await read_json(request)
-        mode = "overwrite" if field_bool(b, "overwrite") else "create"
-        data = b.get("data", b"")
-        if not isinstance(data, bytes):
-            raise InvalidArgument("field 'data' must be bytes (a msgpack bin; JSON cannot carry it)")
-        out = await self.m.writes.create_small(
-            field_str(b, "path"), mode, field_int(b, "file_mode", ns.DEFAULT_FILE_MODE, 0, 0o7777), data)
-        return json_response(out, status=201)
+        return self._advertise_writes(json_response(await self.create_of(await read_json(request)), status=201))
 
     async def h_alloc(self, request: web.Request) -> web.Response:
         b = await read_json(request)

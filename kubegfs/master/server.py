@@ -51,6 +51,7 @@ from . import ops
 from .chunkmap import ChunkMap, ChunkserverInfo
 from .fastpath import SPIN, FastProtocol
 from .fastpath import routes as fast_routes
+from .fastpath import writes as fast_writes
 from .guard import Guard
 from .http import Api
 from .identity import open_identity
@@ -139,10 +140,11 @@ class Master:
             async def start_fast(app: web.Application) -> None:
                 host, port = split_listen(self.opts.fast_listen)
                 proto = partial(FastProtocol, fast_routes(api), self.tokens, master_policy, self.guard.check,
-                                RequestMetrics(M.MASTER_HTTP), spin=0.0 if self.ssl_context else self.opts.fast_spin)
+                                RequestMetrics(M.MASTER_HTTP), spin=0.0 if self.ssl_context else self.opts.fast_spin,
+                                deferred=fast_writes(api))
                 self._fast_server = await asyncio.get_running_loop().create_server(
                     proto, host, port, ssl=self.ssl_context, reuse_address=True)
-                log.info("stat/ls/stat_many also on %s (lean listener)", self.opts.fast_listen)
+                log.info("stat/ls/stat_many/mkdir/create also on %s (lean listener)", self.opts.fast_listen)
 
             async def stop_fast(app: web.Application) -> None:
                 if self._fast_server is not None:

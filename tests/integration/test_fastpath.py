@@ -5,12 +5,13 @@ import json
 import os
 import signal
 import socket
+import threading
 
 import msgpack
 import pytest
 import requests
 
-from kubegfs.errors import AlreadyExists, InvalidArgument, NotFound
+from kubegfs.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from kubegfs.local import LocalCluster
 from kubegfs.wire import SMALL_FILE
 
@@ -174,8 +175,11 @@ def test_the_lean_listener_refuses_a_token_whose_role_may_not_read(shared_cluste
 def test_the_lean_listener_answers_errors_as_json(shared_cluster):
     r = requests.get(_fast(shared_cluster) + "/api/v1/fs/stat?path=/no/such", headers=_h(shared_cluster), timeout=5)
     assert (r.status_code, r.json()["error"]) == (404, "not_found")
-    r = requests.post(_fast(shared_cluster) + "/api/v1/fs/mkdir", json={"path": "/x"}, headers=_h(shared_cluster), timeout=5)
-    assert r.status_code == 404 and "main port" in r.json()["message"]  # only the read-only routes here
+    r = requests.post(_fast(shared_cluster) + "/api/v1/fs/rm", json={"path": "/x"}, headers=_h(shared_cluster), timeout=5)
+    assert r.status_code == 404 and "main port" in r.json()["message"]  # only the hot routes here
+    r = requests.post(_fast(shared_cluster) + "/api/v1/fs/mkdir", json={"path": "/no/such/x"},
+                      headers=_h(shared_cluster), timeout=5)
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
     r = requests.get(_fast(shared_cluster) + "/api/v1/fs/ls?path=/&limit=x", headers=_h(shared_cluster), timeout=5)
     assert (r.status_code, r.json()["error"]) == (400, "invalid_argument")
     r = requests.post(_fast(shared_cluster) + "/api/v1/fs/stat_many", data=b"\xc1", timeout=5,
@@ -235,6 +239,61 @@ def test_the_client_finds_the_lean_listener_and_falls_back_without_it(shared_clu
     assert calls[-1].startswith(shared_cluster.master_url) and client._fast is None
     client.stat("/found")
     assert client._fast is None
+
+
+def test_mkdir_and_create_on_the_lean_listener_are_durable_and_checked(make_cluster):
+    cl = make_cluster()
+    c = cl.client()
+    main = c.mkdir("/w")  # the main port's answer names the listener for these calls
+    assert c._fast_writes == _fast(cl)
+    calls = _spy(c)
+    assert c.mkdir("/w/d") == {"path": "/w/d"} and c.create_empty("/w/e")["size"] == 0
+    assert c.put("/w/s", b"small", overwrite=False)["size"] == 5
+    assert calls == [_fast(cl) + "/api/v1/fs/" + k for k in ("mkdir", "create", "create")]
+    with pytest.raises(AlreadyExists):  # errors as on the main port
+        c.mkdir("/w/d")
+    with pytest.raises(NotFound):
+        c.create_empty("/nope/e")
+    for auth, status in [(None, 401), ("Bearer wrong", 401), (f"Bearer {cl.metrics_token}", 403)]:
+        h = {"Authorization": auth} if auth else {}
+        r = requests.post(_fast(cl) + "/api/v1/fs/mkdir", json={"path": "/w/no"}, headers=h, timeout=5)
+        assert r.status_code == status
+    r = requests.post(_fast(cl) + "/api/v1/fs/mkdir", json={"path": "/w/j"}, headers=_h(cl), timeout=5)
+    assert (r.status_code, r.json()) == (201, {"path": "/w/j"}) and main == {"path": "/w"}
+    assert not c.exists("/w/no")
+    cl.kill(cl.master)  # SIGKILL: whatever was answered was durable
+    cl.start_master()
+    cl.wait_registered(3)
+    c2 = cl.client()
+    assert sorted(e["path"] for e in c2.ls("/w")) == ["/w/d", "/w/e", "/w/j", "/w/s"]
+    assert c2.get("/w/s") == b"small"
+
+
+def test_a_create_goes_to_the_main_port_only_if_the_listener_refused_the_connection(shared_cluster, client):
+    client.mkdir("/fb")
+    calls = _spy(client)
+    client._fast_writes = "http://127.0.0.1:1"  # refused: nothing was sent, so the main port gets it
+    client.create_empty("/fb/a")
+    assert calls == ["http://127.0.0.1:1/api/v1/fs/create", shared_cluster.master_url + "/api/v1/fs/create"]
+    assert client._fast_writes is None and client.exists("/fb/a")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()  # accepts, then closes without an answer: the create may have happened, so no resend
+    client._fast_writes = f"http://127.0.0.1:{s.getsockname()[1]}"
+    calls.clear()
+
+    def drop() -> None:
+        conn, _ = s.accept()
+        conn.recv(65536)
+        conn.close()
+
+    t = threading.Thread(target=drop)
+    t.start()
+    with pytest.raises(Unavailable):
+        client.create_empty("/fb/b")
+    t.join()
+    s.close()
+    assert len(calls) == 1 and not client.exists("/fb/b")
 
 
 # ---------------------------------------------------------------------- small files in one call

@@ -85,6 +85,17 @@ def test_hdfs_peer_pairs_rows_by_id_and_ratio_means_kubegfs_faster() -> None:
     assert md.splitlines()[-1].split("|")[2].strip() == "—"  # a workload only HDFS reported: no ratio
 
 
+def test_hdfs_peer_metadata_only_drops_the_data_and_snapshot_workloads_on_both_sides() -> None:
+    from kubegfs_dev.bench import hdfs_peer
+
+    full, meta = hdfs_peer.PeerCfg.for_run(False), hdfs_peer.PeerCfg.for_run(False, metadata_only=True)
+    assert full.write_bytes and full.trees  # what --peer all runs
+    assert (meta.write_bytes, meta.trees) == (0, [])  # the harness skips data at --write-mib 0, snapshots without trees
+    assert (meta.seconds, meta.reps) == (full.seconds, full.reps)  # the rates themselves are measured alike
+    java = (hdfs_peer.HARNESS / "src/main/java/kubegfs/hdfspeer/Main.java").read_text()
+    assert "if (writeMiB > 0)" in java
+
+
 def test_pods_bench_is_opt_in_and_its_crs_carry_the_namespace(capsys: pytest.CaptureFixture[str]) -> None:
     from kubegfs_dev.bench import ALL, OPT_IN
     from kubegfs_dev.bench.pods import _snapshot

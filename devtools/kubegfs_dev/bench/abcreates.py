@@ -5,7 +5,9 @@
 Each ``LABEL=MODE[/COPIES][@REV]`` is a cluster (master + 3 chunkservers) started side by side
 with the others: ``--metadata-replication MODE`` (``--metadata-copies COPIES``), running this
 tree's ``kubegfs`` or, with ``@REV``, the one ``git archive REV`` holds. Every round measures
-each cluster in turn (``mkdir`` over raw keep-alive HTTP from ``--connections`` connections),
+each cluster in turn (``mkdir`` over raw keep-alive HTTP from ``--connections`` connections, or
+with ``--client`` empty-file creates through this tree's client library, one ``Client`` per
+connection: ``Client.put(path, b"", overwrite=False)``, the HDFS peer's create row),
 so a ratio taken within a round holds on a machine whose load drifts; it prints each round's
 rates and the master's and chunkservers' CPU per create (psutil), then per label the median
 rate, and the median of the per-round ratios against the first label and between the others.
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -66,7 +69,21 @@ def source_tree(rev: str, into: Path) -> Path:
     return out
 
 
-def measure(cl: LocalCluster, arm: Arm, base: str, connections: int, seconds: float) -> None:
+def _client_worker(cl: LocalCluster, base: str) -> Callable[[int, float], int]:
+    """A :func:`_threads` worker: empty-file creates through a ``Client`` of its own."""
+
+    def work(i: int, deadline: float) -> int:
+        with cl.client() as c:
+            k = 0
+            while time.monotonic() < deadline:
+                c.put(f"{base}/w{i}-{k}", b"", overwrite=False)
+                k += 1
+        return k
+
+    return work
+
+
+def measure(cl: LocalCluster, arm: Arm, base: str, connections: int, seconds: float, client: bool = False) -> None:
     RawHTTP(cl.master.host, cl.master.port, cl.token).call("POST", "/api/v1/fs/mkdir", {"path": base})
     assert cl.master.popen is not None
     master = psutil.Process(cl.master.popen.pid)
@@ -77,7 +94,8 @@ def measure(cl: LocalCluster, arm: Arm, base: str, connections: int, seconds: fl
 
     m0, c0 = cpu([master]), cpu(chunkservers)
     t0 = time.perf_counter()
-    rate = _threads(connections, _raw_worker(cl, partial(_mkdir, base)), seconds)
+    work = _client_worker(cl, base) if client else _raw_worker(cl, partial(_mkdir, base))
+    rate = _threads(connections, work, seconds)
     n = rate * (time.perf_counter() - t0)
     arm.rates.append(rate)
     arm.master_us.append((cpu([master]) - m0) / n * 1e6)
@@ -96,6 +114,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--client", action="store_true",
+                    help="empty-file creates through the client library instead of mkdir over raw HTTP")
     args = ap.parse_args()
     arms: list[Arm] = args.arms
     tmp = Path(tempfile.mkdtemp(prefix="kubegfs-ab-"))
@@ -117,7 +137,7 @@ def main() -> None:
         for r in range(args.rounds):
             loads.append(os.getloadavg()[0])
             for arm, cl in zip(arms, clusters, strict=True):
-                measure(cl, arm, f"/ab{r}", args.connections, args.seconds)
+                measure(cl, arm, f"/ab{r}", args.connections, args.seconds, args.client)
             print(f"round {r + 1} (load {loads[-1]:.2f}): " + "  ".join(
                 f"{a.label} {a.rates[-1]:,.0f}/s master {a.master_us[-1]:.0f} µs chunkservers "
                 f"{a.chunkservers_us[-1]:.0f} µs" for a in arms), flush=True)

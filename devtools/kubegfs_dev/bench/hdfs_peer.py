@@ -53,10 +53,13 @@ class PeerCfg:
     modify: int = 100
 
     @classmethod
-    def for_run(cls, quick: bool) -> PeerCfg:
-        if quick:
-            return cls(256 * MiB, [10_000], 1.0, 2)
-        return cls(GiB, [10_000, 100_000], 3.0, 3)
+    def for_run(cls, quick: bool, metadata_only: bool = False) -> PeerCfg:
+        """``metadata_only`` (``--peer metadata``): the stat, ls and create rows alone, on both
+        sides (no write, read or snapshot), to compare code versions in a few minutes."""
+        cfg = cls(256 * MiB, [10_000], 1.0, 2) if quick else cls(GiB, [10_000, 100_000], 3.0, 3)
+        if metadata_only:
+            cfg.write_bytes, cfg.trees = 0, []
+        return cfg
 
 
 @dataclass
@@ -200,7 +203,8 @@ def bench_kubegfs(tmp: Path, cfg: PeerCfg, say: Callable[[str], None]) -> dict[s
                     rates[name].append(_threads(nt, fn, cfg.seconds))
             for name, samples in rates.items():
                 rows[f"{name}/{nt}"] = Row("hdfs-peer", f"{name}, {nt} threads: kubegfs", "ops/s", samples)
-        rows.update(_kubegfs_data(c0, cfg, say))
+        if cfg.write_bytes:
+            rows.update(_kubegfs_data(c0, cfg, say))
         wait_metadata_copies(c0)  # (long since, after the rates above)
         for n, t in trees.items():
             say(f"kubegfs: snapshots of {human_n(n)} files")
@@ -328,11 +332,11 @@ def markdown_peer_table(pairs: list[Pair]) -> str:
     return "\n".join(out)
 
 
-def bench_hdfs_peer(tmp: Path, out: Path, quick: bool, say: Callable[[str], None]
+def bench_hdfs_peer(tmp: Path, out: Path, quick: bool, say: Callable[[str], None], metadata_only: bool = False
                     ) -> tuple[list[Pair], dict[str, Any]]:
     """Build and run the HDFS harness, then the same workloads on kubegfs (one after the other,
     never at the same time: the machine is shared). Writes DIR/hdfs-peer.{json,md}."""
-    cfg = PeerCfg.for_run(quick)
+    cfg = PeerCfg.for_run(quick, metadata_only)
     cmd = build_harness(say)
     hdfs = run_hdfs(cmd, tmp / "hdfs", cfg, say)
     kube = bench_kubegfs(tmp, cfg, say)

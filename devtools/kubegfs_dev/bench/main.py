@@ -25,7 +25,7 @@ from .trees import Tree, make_trees
 
 
 def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
-        console: Any = None) -> list[Row]:
+        console: Any = None, peer: str = "all") -> list[Row]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -90,7 +90,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 rows += bench_recovery(tmp, quick, say, max(sizes))
                 prog.advance(task)
             if "hdfs" in phases:
-                pairs, hdfs = bench_hdfs_peer(tmp, out, quick, say)
+                pairs, hdfs = bench_hdfs_peer(tmp, out, quick, say, peer == "metadata")
                 rows += ratio_rows(pairs)
                 peer_table = render_peer_table(pairs, hdfs)
                 prog.advance(task)
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hdfs", action="store_true",
                     help="also run the HDFS MiniDFSCluster peer (Java 17 + Maven; ~140 MB fetched once)")
     ap.add_argument("--sizes", default="", help="override the tree sizes (comma-separated file counts)")
+    ap.add_argument("--peer", choices=("all", "metadata"), default="all",
+                    help="the HDFS peer's workloads: all, or metadata (stat, ls and creates only, both sides)")
     a = ap.parse_args(argv)
     only = ({s.strip() for s in a.only.split(",") if s.strip()} or set(ALL)) | ({"hdfs"} if a.hdfs else set())
     bad = only - set(ALL + OPT_IN)
@@ -126,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     machine = machine_info()
     t0 = time.perf_counter()
-    rows = run(a.quick, out, only, sizes, console)
+    rows = run(a.quick, out, only, sizes, console, a.peer)
     wall = time.perf_counter() - t0
-    config = {"quick": a.quick, "only": sorted(only), "sizes": sizes, "wall_seconds": round(wall, 1),
+    config = {"quick": a.quick, "only": sorted(only), "sizes": sizes, "peer": a.peer, "wall_seconds": round(wall, 1),
               "argv": sys.argv[1:] if argv is None else argv}
     console.print(render_table(rows, machine))
     p = write_results(rows, machine, out, config)

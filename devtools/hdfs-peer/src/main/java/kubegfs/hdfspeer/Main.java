@@ -334,7 +334,9 @@ public final class Main {
         double startup = (System.nanoTime() - t0) / 1e9;
         try {
             m.metadata(seconds, reps);
-            m.data(writeMiB * MiB, reps);
+            if (writeMiB > 0) { // 0 (the bench's --peer metadata): stat, ls and creates only
+                m.data(writeMiB * MiB, reps);
+            }
             m.snapshots(trees, modify, reps);
         } finally {
             m.close();
