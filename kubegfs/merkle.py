@@ -981,17 +981,18 @@ def unpack_frames(data: bytes, verify: bool = True) -> list[tuple[bytes, bytes]]
 _Item = TypeVar("_Item", bound=tuple[Any, ...])
 
 
-def batches(items: list[_Item], limit: int) -> Iterator[list[_Item]]:
+def batches(items: list[_Item], limit: int, size_of: Callable[[_Item], int] | None = None) -> Iterator[list[_Item]]:
     """``items`` ((digest, bytes, ...)) in consecutive groups of at most ``limit`` bytes (one
-    oversized block alone)."""
+    oversized block alone); ``size_of``: an item's bytes, if not ``len(item[1])``."""
     cur: list[_Item] = []
     size = 0
     for it in items:
-        if cur and size + len(it[1]) + _FRAME_HEAD > limit:
+        n = (len(it[1]) if size_of is None else size_of(it)) + _FRAME_HEAD
+        if cur and size + n > limit:
             yield cur
             cur, size = [], 0
         cur.append(it)
-        size += len(it[1]) + _FRAME_HEAD
+        size += n
     if cur:
         yield cur
 

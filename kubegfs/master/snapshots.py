@@ -361,25 +361,14 @@ def pack_job(items: list[blockdelta.Outgoing], enc: Encoded) -> tuple[list[block
 
 
 def groups(items: list[blockdelta.Outgoing], enc: Encoded, limit: int) -> list[list[blockdelta.Outgoing]]:
-    """``items`` in consecutive batches of about ``limit`` bytes on the wire (a block not
-    compressed yet counted at half its size) or one oversized block alone."""
-    out: list[list[blockdelta.Outgoing]] = []
-    cur: list[blockdelta.Outgoing] = []
-    size = 0
+    """``items`` in consecutive batches of about ``limit`` bytes on the wire (``merkle.batches``;
+    a block not compressed yet counted at half its size) or one oversized block alone."""
     todo = enc.todo
-    for it in items:
-        n = len(it.payload) if it.payload or it.base is not None else len(todo[it.digest]) // 2
-        if cur and size + n + FRAME_EST > limit:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(it)
-        size += n + FRAME_EST
-    if cur:
-        out.append(cur)
-    return out
 
+    def size_of(it: blockdelta.Outgoing) -> int:
+        return len(it.payload) if it.payload or it.base is not None else len(todo[it.digest]) // 2
 
-FRAME_EST = 36  # bytes a frame adds to its payload on the wire, at most (blockdelta: 1 + varint + prefix)
+    return list(merkle.batches(items, limit, size_of))
 
 
 class _TooMany(Exception):
@@ -417,13 +406,15 @@ def prepare(node: ns.Dir, prev: ns.Dir, version_of: merkle.VersionOf, held: Call
     subst = {dg: it.base for dg, it in blocks.items() if it.base is not None}
     enc = Encoded(prev=prev, ahead_raw=raw)
     try:
-        items = outgoing(node, version_of, ask, enc, old_version, lambda d: d in blocks or ask(d), subst)
+        items = outgoing(node, version_of, ask, enc, old_version, lambda d: d in blocks or ask(d), subst,
+                         deferred=True)
     except _TooMany:
         return None
     if not items:
         return had
+    items = filled(items, enc)  # the whole blocks compressed; their bytes stay in enc.todo
     got = {**blocks, **{it.digest: it for it in items}}
-    made = {**raw, **{it.digest: enc.raw[it.digest] if it.base is not None else merkle.decompress(it.payload)
+    made = {**raw, **{it.digest: enc.raw[it.digest] if it.base is not None else enc.todo[it.digest]
                       for it in items}}
     return (got, made) if len(got) <= AHEAD_MAX else None
 
