@@ -73,11 +73,11 @@ class FaultyLink:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         sel = selectors.DefaultSelector()
-        a.setblocking(False)
-        b.setblocking(False)
-        sel.register(a, selectors.EVENT_READ, b)
-        sel.register(b, selectors.EVENT_READ, a)
         try:
+            a.setblocking(False)  # (a cut may have closed them before this thread started)
+            b.setblocking(False)
+            sel.register(a, selectors.EVENT_READ, b)
+            sel.register(b, selectors.EVENT_READ, a)
             while self._up.is_set() and not self._stop.is_set():
                 for key, _ in sel.select(timeout=0.2):
                     src: socket.socket = key.fileobj  # type: ignore[assignment]
