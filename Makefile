@@ -71,10 +71,10 @@ chaos: $(STAMP) ## seeded random ops + faults against a witness model (make chao
 	$(PYTHON) -m kubegfs_dev.chaos --trials $(TRIALS) --ops $(OPS) $(if $(SEED),--seed $(SEED)) \
 	  $(if $(SLOW_FSYNC),--slow-fsync $(SLOW_FSYNC))
 
-bench: $(STAMP) ## the benchmark suite: table on stdout, JSON + PNG under bench-results/
-	$(PYTHON) -m kubegfs_dev.bench --out bench-results
+bench: $(STAMP) ## the benchmark suite with the HDFS peer side by side: table on stdout, JSON + PNG under bench-results/
+	$(PYTHON) -m kubegfs_dev.bench --hdfs --out bench-results
 
-bench-hdfs: $(STAMP) ## kubegfs vs an HDFS MiniDFSCluster side by side (Java 17 + Maven; not in bench-quick)
+bench-hdfs: $(STAMP) ## the HDFS peer alone: kubegfs vs an HDFS MiniDFSCluster side by side (Java 17 + Maven; not in bench-quick)
 	$(PYTHON) -m kubegfs_dev.bench --only hdfs --out bench-results
 
 bench-pods: $(STAMP) ## the chart on a real 3-node cluster: install, 50 Snapshot CRs, master restart (root; not in bench-quick)

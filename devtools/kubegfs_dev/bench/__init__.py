@@ -20,7 +20,7 @@ Benchmarks (``--only`` names):
 * ``datapath``   1 GiB put/get at RF=3 vs the machine's disk and loopback ceilings
 * ``recovery``   durable creates with metadata replication sync/async/off; ``master recover``
                  time of the largest size
-* ``hdfs``       (only when asked: ``--hdfs`` or ``--only hdfs``) the same workloads on kubegfs
+* ``hdfs``       (only when asked: ``--hdfs``, as ``make bench`` does, or ``--only hdfs``) the same workloads on kubegfs
                  and an HDFS MiniDFSCluster, side by side with a ratio column (``hdfs_peer``)
 * ``pods``       (only when asked: ``--only pods``; root) the Helm chart on a 3-node kubelet +
                  containerd cluster: install -> all Ready, 50 Snapshot CRs at once -> each Ready,
