@@ -1,0 +1,108 @@
+"""A snapshot's long poll is answered as soon as its commit is durable (before the build's last
+steps), and the second holder of a build takes the first one's walk when it would answer every
+question of it alike; without servers."""
+
+import asyncio
+import random
+from types import SimpleNamespace
+
+import immutables
+
+from kubegfs import namespace as ns
+from kubegfs.master.snapshots import Snapshots, Walk
+
+
+def _snapshots(entries):
+    m = SimpleNamespace(oplog=SimpleNamespace(failed=None), chunkmap=SimpleNamespace(cs={}),
+                        state=SimpleNamespace(snapshots=entries))
+    return Snapshots(m)  # type: ignore[arg-type]
+
+
+def test_the_long_poll_is_answered_once_the_commit_is_durable_before_the_builds_last_steps():
+    entry = {"id": "s1", "name": "a", "path": "/p", "state": "pending", "holders": []}
+    s = _snapshots({"s1": entry})
+    order: list[object] = []
+
+    async def main() -> None:
+        durable = asyncio.Event()
+
+        async def build(sid: str) -> None:
+            await durable.wait()
+            entry["state"] = "ready"  # the commit's apply
+            order.append(("applied", s.snap_json(entry)["state"]))  # type: ignore[arg-type]
+            s._answer(sid, durable=True)
+            await asyncio.sleep(0)
+            order.append("last steps")
+            await asyncio.sleep(0.05)
+
+        s.build = build  # type: ignore[method-assign]
+        s.start_builder("s1")
+
+        async def poll() -> None:
+            await s.wait_built("s1", 5)
+            order.append(("answered", s.snap_json(entry)["state"]))  # type: ignore[arg-type]
+
+        p = asyncio.ensure_future(poll())
+        await asyncio.sleep(0.01)
+        assert order == [] and len(s.waiting["s1"]) == 1
+        durable.set()
+        await p
+        assert not s.builders["s1"].done()  # answered while the build still runs
+        await s.builders["s1"]
+
+    asyncio.run(main())
+    assert order == [("applied", "pending"), ("answered", "ready"), "last steps"]
+    assert s.waiting == {}
+
+
+def test_a_long_poll_that_times_out_leaves_no_waiter_behind():
+    entry = {"id": "s1", "name": "a", "path": "/p", "state": "pending", "holders": []}
+    s = _snapshots({"s1": entry})
+
+    async def main() -> str:
+        never = asyncio.Event()
+
+        async def build(_sid: str) -> None:
+            await never.wait()
+
+        s.build = build  # type: ignore[method-assign]
+        s.start_builder("s1")
+        await s.wait_built("s1", 0.02)
+        state = s.snap_json(entry)["state"]  # type: ignore[arg-type]
+        assert s.waiting == {"s1": []}
+        s.builders["s1"].cancel()
+        return state
+
+    assert asyncio.run(main()) == "pending"
+
+
+def test_a_walk_is_reused_only_by_a_holder_that_answers_every_question_alike():
+    rng = random.Random(5)
+    for _ in range(300):
+        universe = [bytes([i]) * 4 for i in range(40)]
+        known = {d for d in universe if rng.random() < 0.6}
+        counted = {d: object() for d in universe if rng.random() < 0.7}
+        asked = rng.sample(universe, rng.randrange(0, 20))
+        first_known = {d for d in universe if rng.random() < 0.5} if rng.random() < 0.5 else known
+
+        def skip(d, k):
+            return d in k and d in counted
+
+        walk = Walk([d for d in asked if skip(d, first_known)], [d for d in asked if not skip(d, first_known)], [])
+        assert len(walk) == len(asked)
+        assert walk.alike(known, counted) == all(skip(d, known) == skip(d, first_known) for d in asked)
+
+
+def test_remember_tree_lets_go_of_trees_past_the_kept_ones():
+    def snap_tree(i):
+        return ns.Dir(immutables.Map({"f": ns.File(i, 1, 0o644, ())}), 1)
+
+    entries = {f"s{i}": {"id": f"s{i}", "path": "/p"} for i in range(4)}
+    s = _snapshots(entries)
+    trees = [snap_tree(i) for i in range(4)]
+    assert s.remember_tree("/p", "s0", trees[0]) == []
+    assert s.remember_tree("/p", "s1", trees[1]) == []
+    assert s.remember_tree("/p", "s2", trees[2]) == [trees[0]]
+    del entries["s1"]  # deleted from the catalog meanwhile
+    assert s.remember_tree("/p", "s3", trees[3]) == [trees[1]]
+    assert s.trees == {"s2": trees[2], "s3": trees[3]} and s.latest["/p"] == ("s3", trees[3])
