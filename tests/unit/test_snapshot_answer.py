@@ -85,7 +85,7 @@ def test_a_walk_is_reused_only_by_a_holder_that_answers_every_question_alike():
         asked = rng.sample(universe, rng.randrange(0, 20))
         first_known = {d for d in universe if rng.random() < 0.5} if rng.random() < 0.5 else known
 
-        def skip(d, k):
+        def skip(d, k, counted=counted):
             return d in k and d in counted
 
         walk = Walk([d for d in asked if skip(d, first_known)], [d for d in asked if not skip(d, first_known)], [])
