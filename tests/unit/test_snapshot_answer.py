@@ -1,6 +1,6 @@
 """A snapshot's long poll is answered as soon as its commit is durable (before the build's last
-steps), and the second holder of a build takes the first one's walk when it would answer every
-question of it alike; without servers."""
+steps), the second holder of a build takes the first one's walk when it would answer every
+question of it alike, and a small change's one batch is packed on the loop; without servers."""
 
 import asyncio
 import random
@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import immutables
 
+from kubegfs import blockdelta
 from kubegfs import namespace as ns
-from kubegfs.master.snapshots import Snapshots, Walk
+from kubegfs.master import snapshots
+from kubegfs.master.snapshots import Encoded, Snapshots, Walk, inline_pack
 
 
 def _snapshots(entries):
@@ -88,9 +90,13 @@ def test_a_walk_is_reused_only_by_a_holder_that_answers_every_question_alike():
         def skip(d, k, counted=counted):
             return d in k and d in counted
 
-        walk = Walk([d for d in asked if skip(d, first_known)], [d for d in asked if not skip(d, first_known)], [])
+        walk = Walk([d for d in asked if skip(d, first_known)], [d for d in asked if not skip(d, first_known)], [], 7)
         assert len(walk) == len(asked)
-        assert walk.alike(known, counted) == all(skip(d, known) == skip(d, first_known) for d in asked)
+        same = all(skip(d, known) == skip(d, first_known) for d in asked)
+        assert walk.alike(known, counted, 7) == walk.alike(known, counted, 8) == same
+        if walk.had and same:  # a block it had released since (the catalog's generation moved)
+            del counted[walk.had[0]]
+            assert not walk.alike(known, counted, 8)
 
 
 def test_remember_tree_lets_go_of_trees_past_the_kept_ones():
@@ -106,3 +112,16 @@ def test_remember_tree_lets_go_of_trees_past_the_kept_ones():
     del entries["s1"]  # deleted from the catalog meanwhile
     assert s.remember_tree("/p", "s3", trees[3]) == [trees[1]]
     assert s.trees == {"s2": trees[2], "s3": trees[3]} and s.latest["/p"] == ("s3", trees[3])
+
+
+def test_only_a_small_batch_is_packed_on_the_loop(monkeypatch):
+    monkeypatch.setattr(snapshots, "INLINE_PACK", 4)
+    monkeypatch.setattr(snapshots, "INLINE_PACK_RAW", 100)
+    enc = Encoded()
+    prepared = [blockdelta.Outgoing(bytes([i]) * 32, b"z") for i in range(4)]
+    assert inline_pack(prepared, enc)
+    assert not inline_pack([*prepared, blockdelta.Outgoing(b"\x09" * 32, b"z")], enc)  # too many blocks
+    enc.todo[b"\x08" * 32] = b"x" * 60  # whole blocks left to compress: 60 bytes, then 120
+    enc.todo[b"\x07" * 32] = b"x" * 60
+    assert inline_pack([prepared[0], blockdelta.Outgoing(b"\x08" * 32, b"")], enc)
+    assert not inline_pack([blockdelta.Outgoing(b"\x08" * 32, b""), blockdelta.Outgoing(b"\x07" * 32, b"")], enc)
