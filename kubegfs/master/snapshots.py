@@ -336,7 +336,7 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
     out = []
     with no_gc():  # acyclic, and a full collection rescans the whole namespace
         if enc.prev is not None and enc.olds is None:
-            enc.olds = blockdelta.counterparts(enc.prev, node)
+            enc.olds = blockdelta.counterparts(enc.prev, node, ahead)  # (none needed where all is prepared)
         olds = enc.olds or {}
         if subst is None:
             subst = {}  # a block's digest -> its base's (the older block at its place)
