@@ -318,6 +318,8 @@ class Encoded:
     # whoever made it); whether the holder lacks the block is still decided by the walk
     ahead: Blocks = field(default_factory=dict)
     ahead_raw: dict[bytes, bytes] = field(default_factory=dict)  # their bytes (a leaf there is not encoded again)
+    # the blocks claimed for each walk's blocks (by its id; the entry holds them, so the id is not reused)
+    claims: dict[int, tuple[list[blockdelta.Outgoing], set[bytes]]] = field(default_factory=dict)
 
 
 def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
@@ -1029,11 +1031,17 @@ class Snapshots:
                     infos()  # no new block: nothing to walk, on the loop
                 elif enc.start_infos is None:
                     enc.start_infos = start_infos
-        # every block sent, and every base a delta needs, is claimed (not deleted) until the build ends
-        needed = {it.digest for it in items} | {it.base for it in items if it.base is not None}
-        for dg in needed:
-            self.claimed[dg] = self.claimed.get(dg, 0) + 1
-            claimed.append(dg)
+        # every block sent, and every base a delta needs, is claimed (not deleted) until the build
+        # ends: once per build for the blocks of one walk (a holder reusing it adds no claim)
+        held = enc.claims.get(id(items))
+        if held is None:
+            needed = {it.digest for it in items} | {it.base for it in items if it.base is not None}
+            for dg in needed:
+                self.claimed[dg] = self.claimed.get(dg, 0) + 1
+                claimed.append(dg)
+            enc.claims[id(items)] = (items, needed)
+        else:
+            needed = held[1]
         await self.fence(cs, needed)  # a deletion released while collecting
         # one batch at a time, children before parents: whatever part of them reaches the holder
         # (durable batch by batch), each block it has reaches only blocks it has. The next batch

@@ -125,3 +125,32 @@ def test_only_a_small_batch_is_packed_on_the_loop(monkeypatch):
     enc.todo[b"\x07" * 32] = b"x" * 60
     assert inline_pack([prepared[0], blockdelta.Outgoing(b"\x08" * 32, b"")], enc)
     assert not inline_pack([blockdelta.Outgoing(b"\x08" * 32, b""), blockdelta.Outgoing(b"\x07" * 32, b"")], enc)
+
+
+def test_a_second_holder_reusing_the_walk_adds_no_claim():
+    from test_unchanged_snapshot import V, blocks_of, make, tree
+
+    from kubegfs import merkle
+
+    old = tree()
+    merkle.digest(old, V)
+    new = ns.replace(old, ("d", "leaf", "f001"), ns.File(77, 9, 0o644, (90,)), 9)
+    merkle.digest(new, V)
+    s = make(new, blocks_of(old))
+    s.known["cs2"] = set(s.known["cs"])
+    sent: list[str] = []
+
+    async def call_cs(cs, method, path, **kw):  # type: ignore[no-untyped-def]
+        sent.append(cs.id)
+        return {}
+
+    s.m.call_cs = call_cs  # type: ignore[attr-defined]
+    enc, claimed = Encoded(), []
+
+    async def both() -> None:
+        for cid in ("cs", "cs2"):
+            await s.ship_blocks(SimpleNamespace(id=cid), new, V, claimed, {}, enc)  # type: ignore[arg-type]
+
+    asyncio.run(both())
+    assert sent == ["cs", "cs2"] and claimed and len(claimed) == len(set(claimed))
+    assert s.claimed == dict.fromkeys(claimed, 1)
