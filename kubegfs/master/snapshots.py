@@ -751,6 +751,10 @@ class Snapshots:
                 start_since()
                 if enc.start_infos is not None:
                     enc.start_infos()
+                if isinstance(node, ns.Dir) and not trimmed:  # (freed here, while the holders work)
+                    trimmed.append(len(self.make_room(entry["path"])))
+
+            trimmed: list[int] = []
 
             unsent = 0  # holders of the round whose first request is not out yet
 
@@ -1303,6 +1307,14 @@ class Snapshots:
         mine = [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
         gone = [i for i in self.trees if i not in self.m.state.snapshots] + mine[:-KEEP_TREES]
         return [self.trees.pop(i) for i in dict.fromkeys(gone)]
+
+    def make_room(self, path: str) -> list[ns.Dir]:
+        """The trees of ``path``'s snapshots but the newest KEEP_TREES - 1, taken out (a build of
+        its next snapshot does it while the holders work, so that its commit's remember_tree
+        lets none go on the way to its answer, nor right after it in front of the next request);
+        the caller drops them."""
+        mine = [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
+        return [self.trees.pop(i) for i in mine[:max(0, len(mine) - (KEEP_TREES - 1))]]
 
     def previous_of(self, e: ops.SnapshotEntry) -> tuple[str, ns.Dir] | None:
         """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""

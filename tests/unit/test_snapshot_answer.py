@@ -154,3 +154,21 @@ def test_a_second_holder_reusing_the_walk_adds_no_claim():
     asyncio.run(both())
     assert sent == ["cs", "cs2"] and claimed and len(claimed) == len(set(claimed))
     assert s.claimed == dict.fromkeys(claimed, 1)
+
+
+def test_make_room_keeps_a_paths_newest_trees_but_one():
+    def snap_tree(i):
+        return ns.Dir(immutables.Map({"f": ns.File(i, 1, 0o644, ())}), 1)
+
+    entries = {f"s{i}": {"id": f"s{i}", "path": "/p"} for i in range(3)}
+    entries["q0"] = {"id": "q0", "path": "/q"}
+    s = _snapshots(entries)
+    trees = [snap_tree(i) for i in range(3)]
+    other = snap_tree(9)
+    s.remember_tree("/q", "q0", other)
+    s.remember_tree("/p", "s0", trees[0])
+    s.remember_tree("/p", "s1", trees[1])
+    assert s.make_room("/p") == [trees[0]]  # (its next snapshot's tree makes two again)
+    assert s.trees == {"q0": other, "s1": trees[1]}
+    assert s.remember_tree("/p", "s2", trees[2]) == []  # nothing to let go on the way to the answer
+    assert s.make_room("/nowhere") == []
