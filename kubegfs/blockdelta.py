@@ -21,7 +21,7 @@ had come whole: a stored block never depends on another.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import NamedTuple
 
 import zstandard
@@ -142,15 +142,16 @@ def unpack(body: bytes, base_of: Callable[[bytes], bytes | None]) -> list[tuple[
     return out
 
 
-def counterparts(old: Dir, new: Dir) -> dict[int, Dir]:
+def counterparts(old: Dir, new: Dir, done: Container[bytes] = ()) -> dict[int, Dir]:
     """For each directory of ``new``'s tree whose digest differs from that of the directory at
     its place in ``old``'s, that older directory (by ``id`` of the newer one); both trees'
-    digests are memoised."""
+    digests are memoised. A directory whose digest is in ``done`` (its blocks and all below it
+    prepared already: see ``snapshots.prepare``) is not entered, nor counted."""
     out: dict[int, Dir] = {}
     stack = [(old, new)]
     while stack:
         a, b = stack.pop()
-        if a.digest is not None and a.digest == b.digest:
+        if a.digest is not None and a.digest == b.digest or b.digest in done:
             continue
         out[id(b)] = a
         if b.stats is not None and b.stats[1] == 1:  # no subdirectories

@@ -1,10 +1,11 @@
-"""A big snapshot commit's chunk references, counted in slices before the commit is logged.
+"""A snapshot commit's chunk references, counted in slices before the commit is logged.
 
 A first format-3 snapshot of a 1M-file tree commits ~200k new blocks holding ~1M chunk
 references; counted inside the commit's apply they would hold the event loop for ~0.5 s (every
-writer waits). The server counts them here instead, a slice at a time with the loop turning in
-between, as soon as the new blocks' infos are known (while the blocks are still on their way to
-the holders), while the snapshot is still pending (its pin protects every chunk it reaches, so
+writer waits), and even a small one's (~500 blocks after 100 files changed) are 1-2 ms of the
+apply on the way to its answer. The server counts them here instead, a slice at a time with the
+loop turning in between, as soon as the new blocks' infos are known (while the blocks are still
+on their way to the holders), while the snapshot is still pending (its pin protects every chunk it reaches, so
 the early references change no decision: see ``MasterState.precount_blocks``), and the commit
 takes them as its own only if no block was counted or released meanwhile (else, or if the build
 ends without a commit, :func:`release` takes them back). Replay never sees
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from .. import merkle
 from .state import MasterState
 
-PRECOUNT_MIN = 4096  # new blocks below which the commit's apply counts their chunks (no slices)
+PRECOUNT_MIN = 4096  # new blocks from which a commit not counted early (Snapshots._precount_early) is counted at the commit in slices
 PRECOUNT_SLICE = 10_000  # chunk references per turn of the event loop
 
 

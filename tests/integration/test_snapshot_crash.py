@@ -158,9 +158,9 @@ def test_a_crash_between_ship_and_commit_loses_no_block(tmp_path):
 
 
 def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, monkeypatch):
-    """The commit op's rows (the new blocks' infos) are worked out once per build, off the
-    loop, after the blocks went out to their holders: not on the way to the first request, nor
-    on the loop at the commit."""
+    """The commit op's rows (the new blocks' infos) and the since-previous diff are worked out
+    once per build, off the loop, once the blocks went out to their holders: not on the way to
+    the first request (beside the collect and the packing), nor on the loop at the commit."""
     with master_in_process(tmp_path) as (cl, m):
         posted = threading.Event()
         real_call = m.master.call_cs
@@ -176,7 +176,7 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
         real_infos = merkle.new_block_infos
 
         def infos(*a):  # type: ignore[no-untyped-def]
-            seen.append((threading.current_thread() is loop_thread, posted.wait(5)))
+            seen.append((threading.current_thread() is loop_thread, posted.is_set()))
             return real_infos(*a)
 
         monkeypatch.setattr(merkle, "new_block_infos", infos)
@@ -186,8 +186,11 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
         diffs_after_walk: list[int] = []  # the since-previous diff starts once the blocks are collected
         real_since = m.master.snapshots.since_previous
 
+        since_after_post: list[bool] = []
+
         async def since_previous(*a):  # type: ignore[no-untyped-def]
             diffs_after_walk.append(len(walks))
+            since_after_post.append(posted.is_set())
             return await real_since(*a)
 
         m.master.snapshots.since_previous = since_previous  # type: ignore[method-assign]
@@ -209,6 +212,7 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
             assert len(walks) == 2  # one walk per build: the second holder takes the first one's
             assert rows_on_loop == [False, False]
             assert diffs_after_walk == [1, 2]
+            assert since_after_post == [True, True]
 
 
 def test_precounted_commits_replay_to_the_same_counts(tmp_path, monkeypatch):

@@ -158,3 +158,21 @@ def test_blocks_compressed_batch_by_batch_are_the_blocks_a_walk_compresses(rng, 
     assert got == want
     received = receive(dict(holder), blockdelta.pack(got))
     assert [dg for dg, _b, _z in received] == [it.digest for it in want]
+
+
+def test_counterparts_do_not_enter_a_directory_whose_blocks_are_prepared():
+    rng = random.Random(3)
+    old = ns.Dir(immutables.Map({
+        d: ns.Dir(immutables.Map({s: ns.Dir(immutables.Map({f"f{i}": ns.File(i, 1, 0o644, (i + 1,)) for i in range(5)}), 1)
+                                  for s in ("x", "y")}), 1)
+        for d in ("a", "b")}), 1)
+    merkle.digest(old, V)
+    new = write_in(write_in(old, ("a", "x", "f1"), rng), ("b", "y", "f2"), rng)
+    merkle.digest(new, V)
+    a = ns.must_get(new, ("a",))
+    every = blockdelta.counterparts(old, new)
+    assert set(every) == {id(new), id(a), id(ns.must_get(new, ("a", "x"))), id(ns.must_get(new, ("b",))),
+                          id(ns.must_get(new, ("b", "y")))}
+    assert a.digest is not None
+    some = blockdelta.counterparts(old, new, {a.digest: None})  # "a" and all below it prepared
+    assert some == {k: v for k, v in every.items() if k not in (id(a), id(ns.must_get(new, ("a", "x"))))}

@@ -587,3 +587,30 @@ def test_a_precount_cancelled_while_it_goes_back_leaves_nothing_counted():
 
     asyncio.run(race())
     check_counts(log.state)
+
+
+def test_a_small_commit_is_counted_early_too():
+    """However few its new blocks (a snapshot after a small change), their chunk references
+    are counted while the blocks are on their way, not in the commit's apply."""
+    plain, pre = BlockLog(), BlockLog()
+    for log in (plain, pre):
+        _tree(log)
+        log.snapshot("/t")
+        log.put("/t/d3/f1", 12)
+    plain.snapshot("/t")
+    sid = pre.capture("/t")
+    gen, infos, before = pre.state.blocks_gen, pre.new_infos(sid), dict(pre.state.snap)
+    assert 0 < len(infos) < precount.PRECOUNT_MIN
+
+    async def early() -> bool:
+        s = Snapshots(SimpleNamespace(state=pre.state))  # type: ignore[arg-type]
+        enc = Encoded(infos=(gen, infos, encode_block_infos_z(infos)))
+        s._precount_early(enc)
+        assert enc.early is not None
+        return await enc.early
+
+    assert asyncio.run(early())
+    assert pre.state.snap == plain.state.snap != before
+    pre.commit(sid, infos, precounted=True)
+    _same_state(pre.state, plain.state)
+    _same_state(pre.replay(), pre.state)

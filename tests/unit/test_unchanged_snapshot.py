@@ -32,6 +32,7 @@ def make(root, held):
     counted = dict.fromkeys(held, 1)
     m = SimpleNamespace(opts=SimpleNamespace(dead_after=1.0),
                         state=SimpleNamespace(root=root, blocks=counted, blocks_gen=3,
+                                              precount_blocks=lambda _i: None, unprecount_blocks=lambda _i: None,
                                               version={h: V(h) for h in range(1, 100)},
                                               snapshots={"s-1": {"id": "s-1", "name": "a", "state": "ready"}}))
     s = Snapshots(m)  # type: ignore[arg-type]
@@ -94,10 +95,21 @@ def test_a_changed_tree_still_gets_its_blocks_infos_and_diff_from_workers():
 
     s.m.call_cs = call_cs
     s.claimed = {}
-    asyncio.run(jobs.run(s.ship_blocks(SimpleNamespace(id="cs"), new, V, claimed, {}, enc)))
+    sending = []
+    enc.sending = lambda: sending.append(list(calls))
+
+    async def ship_then_infos():
+        await s.ship_blocks(SimpleNamespace(id="cs"), new, V, claimed, {}, enc)
+        assert enc.infos_job is None and enc.start_infos is not None  # left for the build to start
+        enc.start_infos()
+        await enc.infos_job
+
+    asyncio.run(jobs.run(ship_then_infos()))
     new_blocks = set(blocks_of(new)) - set(blocks_of(old))
     assert new_blocks and set(claimed) >= new_blocks and calls == [("POST", "/internal/blocks/delta")]
-    assert jobs.n == 3  # the collect, the infos and the one batch's compression
+    assert sending == [[]]  # called once, as its first request goes
+    assert jobs.n == 2  # the collect and the infos (the one small batch is packed on the loop)
+    assert enc.infos is not None and set(enc.infos[1]) == new_blocks
     s.latest["/p"] = ("s-1", old)
     jobs = Jobs()
     _dg, changes = asyncio.run(jobs.run(s.since_previous({"id": "s-2", "path": "/p"}, new)))  # type: ignore[arg-type]
