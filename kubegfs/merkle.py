@@ -1006,12 +1006,31 @@ MAX_BLOCK = 1 << 30  # a block decompresses to at most this (a directory of mill
 _zstd = threading.local()  # a (de)compressor per thread: making one costs ~15x a small block's work
 
 
-def compress(data: bytes) -> bytes:
-    c = getattr(_zstd, "c", None)
+def _compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_zstd, "c", None)
     if c is None:
         c = _zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    out: bytes = c.compress(data)
+    return c
+
+
+def compress(data: bytes) -> bytes:
+    out: bytes = _compressor().compress(data)
     return out
+
+
+def compress_many(blocks: list[bytes]) -> list[bytes]:
+    """Each of ``blocks`` as :func:`compress` makes it, in one call that lets the interpreter
+    lock go once for them all: block by block, a thread takes the lock back after every block,
+    and beside a busy Python thread (the loop, another worker) each take waits for that
+    thread's switch interval (a batch of 8,000 small blocks: ~25 ms alone, ~150 ms so)."""
+    c = _compressor()
+    if not any(blocks):  # (zstandard refuses a call with no bytes at all)
+        return [c.compress(b) for b in blocks]
+    try:
+        got = c.multi_compress_to_buffer(cast(list[bytes | bytearray | memoryview], blocks), threads=0)
+    except NotImplementedError:  # pragma: no cover - zstandard's cffi backend lacks it
+        return [c.compress(b) for b in blocks]
+    return [got[i].tobytes() for i in range(len(got))]
 
 
 def decompress(data: bytes) -> bytes:

@@ -339,19 +339,13 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
 
 def filled(items: list[blockdelta.Outgoing], enc: Encoded) -> list[blockdelta.Outgoing]:
     """``items`` with every block :func:`outgoing` left uncompressed (``deferred``) compressed,
-    once per build (``enc.z``)."""
+    once per build (``enc.z``), in one call (see :func:`merkle.compress_many`)."""
     z, todo = enc.z, enc.todo
-    out = []
     with no_gc():
-        for it in items:
-            if it.payload or it.base is not None:
-                out.append(it)
-                continue
-            got = z.get(it.digest)
-            if got is None:
-                got = z[it.digest] = merkle.compress(todo[it.digest])
-            out.append(blockdelta.Outgoing(it.digest, got))
-    return out
+        new = list(dict.fromkeys([it.digest for it in items if not it.payload and it.base is None and it.digest not in z]))
+        z.update(zip(new, merkle.compress_many([todo[dg] for dg in new]), strict=True))
+        return [it if it.payload or it.base is not None else blockdelta.Outgoing(it.digest, z[it.digest])
+                for it in items]
 
 
 def pack_job(items: list[blockdelta.Outgoing], enc: Encoded) -> tuple[list[blockdelta.Outgoing], bytes]:

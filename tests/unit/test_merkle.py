@@ -944,3 +944,11 @@ def test_ranks_are_those_of_each_name_alone():
                                     for n in names]
     assert merkle._encoded(["a", "b\x00c"]) == [b"a", b"b\x00c"]  # a NUL in a name: one by one
     assert merkle._encoded([]) == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.binary(max_size=3000), max_size=40))
+def test_blocks_compressed_in_one_call_are_those_compressed_one_by_one(blocks):
+    got = merkle.compress_many(blocks)
+    assert got == [merkle.compress(b) for b in blocks]
+    assert [merkle.decompress(z) for z in got] == blocks
