@@ -261,6 +261,7 @@ class Encoded:
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: tuple[dict[bytes, bool], list[blockdelta.Outgoing]] | None = None
+    batched: tuple[list[blockdelta.Outgoing], list[list[blockdelta.Outgoing]]] | None = None  # a walk's blocks in batches
     # the blocks no committed snapshot counted, with their infos and the commit op's rows of
     # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
     # the catalog's blocks_gen before: the commit takes them if it has not moved
@@ -924,7 +925,11 @@ class Snapshots:
             if got is None and enc.walk is not None and len(enc.walk[0]) <= INLINE_REUSE:
                 got = reused()
             items = got if got is not None else await loop.run_in_executor(None, collect)
-            parts = groups(items, enc, BLOCK_BATCH)
+            if enc.batched is not None and enc.batched[0] is items:  # the same walk's: the same batches
+                parts = enc.batched[1]
+            else:
+                parts = groups(items, enc, BLOCK_BATCH)
+                enc.batched = (items, parts)
             # the first batch is packed at once: until it is on its way the holder has nothing to do
             ahead = packing(0) if parts else None
             if enc.infos is None and enc.infos_job is None and node.digest is not None and node.digest in counted:
