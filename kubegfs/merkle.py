@@ -41,7 +41,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from typing import Any, NamedTuple, TypeVar, cast
@@ -70,7 +70,7 @@ VersionOf = Callable[[int], int]
 Counts = tuple[int, int, int, int]  # files, directories, chunk references, logical bytes
 
 
-def _pack(values: Iterable[int]) -> bytes:
+def _pack(values: list[int]) -> bytes:
     a = array("q", values)
     if _BIG_ENDIAN:  # pragma: no cover - canonical bytes on every machine
         a.byteswap()
@@ -242,8 +242,8 @@ assert LEAF_BITS <= 8  # leaf_ends reads the bits of a boundary from one byte pe
 def leaf_ends(crcs: list[int]) -> list[int]:
     """``runs(ranks, 0)`` for names whose crc32s are ``crcs``, with Python work per boundary
     instead of per name: every crc times _HASH_MUL at once, as 64-bit lanes of one integer (no
-    carry crosses a lane), and a name ends a run where its product's bits from threshold(0)
-    up to 32 are all zero (its rank reaches threshold(0))."""
+    carry crosses a lane), and a name ends a run where the top threshold(0) of its product's
+    low 32 bits are all zero (its rank reaches threshold(0))."""
     n = len(crcs)
     if not n:
         return [0]
@@ -251,7 +251,7 @@ def leaf_ends(crcs: list[int]) -> list[int]:
     if _BIG_ENDIAN:  # pragma: no cover
         lanes.byteswap()
     wide = int.from_bytes(lanes.tobytes(), "little") * _HASH_MUL
-    # each lane's low byte now holds its product's bits from 32 - threshold(0) up; 0: a boundary
+    # each lane's low byte now starts with its product's bits 32 - threshold(0) .. 31
     hits = (wide >> (32 - threshold(0))).to_bytes(8 * n + 8, "little")[::8].translate(_BOUNDARY)[:n]
     ends: list[int] = []
     start = 0
