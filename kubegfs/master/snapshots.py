@@ -295,6 +295,7 @@ class Encoded:
     # the last walk for a holder: the skip answers it asked and the blocks it chose (a holder that
     # would answer every question alike gets the same blocks without walking again)
     walk: Walk | None = None
+    batched: tuple[list[blockdelta.Outgoing], list[list[blockdelta.Outgoing]]] | None = None  # a walk's blocks in batches
     # the blocks no committed snapshot counted, with their infos and the commit op's rows of
     # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
     # the catalog's blocks_gen before: the commit takes them if it has not moved
@@ -380,19 +381,13 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
 
 def filled(items: list[blockdelta.Outgoing], enc: Encoded) -> list[blockdelta.Outgoing]:
     """``items`` with every block :func:`outgoing` left uncompressed (``deferred``) compressed,
-    once per build (``enc.z``)."""
+    once per build (``enc.z``), in one call (see :func:`merkle.compress_many`)."""
     z, todo = enc.z, enc.todo
-    out = []
     with no_gc():
-        for it in items:
-            if it.payload or it.base is not None:
-                out.append(it)
-                continue
-            got = z.get(it.digest)
-            if got is None:
-                got = z[it.digest] = merkle.compress(todo[it.digest])
-            out.append(blockdelta.Outgoing(it.digest, got))
-    return out
+        new = list(dict.fromkeys([it.digest for it in items if not it.payload and it.base is None and it.digest not in z]))
+        z.update(zip(new, merkle.compress_many([todo[dg] for dg in new]), strict=True))
+        return [it if it.payload or it.base is not None else blockdelta.Outgoing(it.digest, z[it.digest])
+                for it in items]
 
 
 def pack_job(items: list[blockdelta.Outgoing], enc: Encoded) -> tuple[list[blockdelta.Outgoing], bytes]:
@@ -1023,6 +1018,23 @@ class Snapshots:
                 enc.infos_job.add_done_callback(lambda _f: self._precount_early(enc))
 
         loop = asyncio.get_running_loop()
+        parts: list[list[blockdelta.Outgoing]] = []
+
+        def packing(i: int) -> asyncio.Future[tuple[list[blockdelta.Outgoing], bytes]]:
+            key = (id(items), i)  # (the entry holds ``items``: its id is not reused meanwhile)
+            got = enc.packed.get(key)
+            if got is not None:
+                return got[1]
+            if len(parts) == 1 and inline_pack(parts[0], enc):  # a small change's one batch: on the loop
+                fut = loop.create_future()
+                fut.set_result(pack_job(parts[0], enc))
+                enc.packed[key] = (items, fut)
+                return fut
+            fut = loop.run_in_executor(None, pack_job, parts[i], enc)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if no holder awaits it
+            enc.packed[key] = (items, fut)
+            return fut
+
         async with enc.lock:  # the holders' collects one at a time: the next reuses the walk or the compression
             # a holder with the root (counted) lacks nothing: an unchanged tree ships no block
             got: list[blockdelta.Outgoing] | None = [] if node.digest is not None and skip(node.digest) else None
@@ -1030,6 +1042,13 @@ class Snapshots:
             if got is None and enc.walk is not None and len(enc.walk) <= INLINE_REUSE:
                 got = reused()
             items = got if got is not None else await loop.run_in_executor(None, collect)
+            if enc.batched is not None and enc.batched[0] is items:  # the same walk's: the same batches
+                parts = enc.batched[1]
+            else:
+                parts = groups(items, enc, BLOCK_BATCH)
+                enc.batched = (items, parts)
+            # the first batch is packed at once: until it is on its way the holder has nothing to do
+            ahead = packing(0) if parts else None
             if enc.infos is None and enc.infos_job is None:
                 if node.digest is not None and node.digest in counted:
                     infos()  # no new block: nothing to walk, on the loop
@@ -1053,24 +1072,6 @@ class Snapshots:
         # same walk share that work: see ``Encoded.packed``)
         sent = 0
         carried = False
-        parts = groups(items, enc, BLOCK_BATCH)
-
-        def packing(i: int) -> asyncio.Future[tuple[list[blockdelta.Outgoing], bytes]]:
-            key = (id(items), i)  # (the entry holds ``items``: its id is not reused meanwhile)
-            got = enc.packed.get(key)
-            if got is not None:
-                return got[1]
-            if len(parts) == 1 and inline_pack(parts[0], enc):  # a small change's one batch: on the loop
-                fut = loop.create_future()
-                fut.set_result(pack_job(parts[0], enc))
-                enc.packed[key] = (items, fut)
-                return fut
-            fut = loop.run_in_executor(None, pack_job, parts[i], enc)
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if no holder awaits it
-            enc.packed[key] = (items, fut)
-            return fut
-
-        ahead = packing(0) if parts else None
         for i in range(len(parts)):
             assert ahead is not None
             batch, body = await asyncio.shield(ahead)

@@ -541,8 +541,12 @@ class MasterState:
         logs the commit (the snapshot is still pending, so sharing is already assumed); replay
         does it inside the commit."""
         snap = self.snap
+        hs = handles if isinstance(handles, list) else list(handles)
+        if snap.keys().isdisjoint(hs) and len(set(hs)) == len(hs):
+            snap.update(dict.fromkeys(hs, 1))  # none counted yet, each once (a first snapshot's): no Python per handle
+            return
         get = snap.get
-        for h in handles:
+        for h in hs:
             snap[h] = get(h, 0) + 1
 
     def precount_blocks(self, infos: Iterable[merkle.BlockInfo]) -> None:
@@ -553,8 +557,7 @@ class MasterState:
         takes them as its own (``_precounted``) only if no block was counted or released since
         they were worked out (``blocks_gen``: then they are still exactly the blocks it counts);
         else ``unprecount_blocks`` takes them back first. Replay counts inside the commit."""
-        for info in infos:
-            self.count_snapshot_refs(_handles(info.handles))
+        self.count_snapshot_refs(_handles(b"".join([info.handles for info in infos])))
 
     def unprecount_blocks(self, infos: Iterable[merkle.BlockInfo]) -> None:
         """Take back ``precount_blocks``: a chunk whose last reference that was is freed, as

@@ -3,6 +3,8 @@ content-addressed block store, without servers."""
 
 import asyncio
 import random
+from array import array
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -614,3 +616,20 @@ def test_a_small_commit_is_counted_early_too():
     pre.commit(sid, infos, precounted=True)
     _same_state(pre.state, plain.state)
     _same_state(pre.replay(), pre.state)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40), max_size=60), st.lists(st.lists(st.integers(1, 60), max_size=8), max_size=20))
+def test_snapshot_references_count_each_handle_as_often_as_it_comes(before, blocks):
+    """Handles none of which is counted yet, each once (a first snapshot's: counted in one step),
+    or some counted already or repeated (one at a time): the same counts either way."""
+    state = BlockLog().state
+    state.count_snapshot_refs(before)
+    want = dict(state.snap)
+    for h in [h for b in blocks for h in b]:
+        want[h] = want.get(h, 0) + 1
+    infos = [merkle.BlockInfo((), array("q", b).tobytes()) for b in blocks]
+    state.precount_blocks(infos)
+    assert state.snap == want
+    state.unprecount_blocks(infos)
+    assert state.snap == dict(Counter(before))

@@ -1,6 +1,7 @@
 """Merkle directory blocks and snapshot diff: canonical digests, memoisation, diff completeness."""
 
 import random
+import zlib
 
 import immutables
 import pytest
@@ -877,8 +878,9 @@ def test_too_many_edits_go_by_blocks(monkeypatch):
 @given(st.randoms(use_true_random=False))
 def test_leaves_encoded_together_are_those_encoded_one_by_one(rng):
     kids = {}
+    dirs = rng.choice((0.0, 0.2))  # a directory of files alone takes a path of its own
     for i in range(rng.randrange(1, 300)):
-        if rng.random() < 0.2:
+        if rng.random() < dirs:
             kids[f"d{i}"] = ns.Dir(immutables.Map({"x": ns.File(1, 1, 0o644, (i,))}), 2, 0o700)
         else:
             kids[f"f{i}"] = ns.File(rng.randrange(1 << 40), rng.randrange(1 << 60), 0o600,
@@ -889,7 +891,10 @@ def test_leaves_encoded_together_are_those_encoded_one_by_one(rng):
     child = lambda c: merkle.digest(c, V)  # noqa: E731
     one_by_one = [merkle._entries_block(merkle.KIND_PART, 0, 0, items[a:b], V, child)
                   for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-    assert merkle._leaf_blocks(items, ends, V, child) == one_by_one
+    raw = [n.encode("utf-8") for n in names]
+    blocks, counts = merkle._leaf_blocks(raw, [k for _n, k in items], ends, V, child)
+    assert blocks == one_by_one
+    assert counts == merkle._sum_stats(ns.Dir(immutables.Map(kids), 1, 0o755))  # the counts from the same columns
 
 
 def test_a_walk_takes_leaves_at_hand_instead_of_encoding_a_directory_again(monkeypatch):
@@ -922,3 +927,28 @@ def test_a_walk_takes_leaves_at_hand_instead_of_encoding_a_directory_again(monke
         assert all(c in seen for c in merkle.child_digests(b) if c in wanted)
         seen.add(dg)
     assert any(dg in at_hand for dg, _b, _d in got)  # the leaf v1 changed, v2 not
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, (1 << 32) - 1), st.sampled_from([0x12345678, 0x0, 0xFFFFFFFF])),
+                max_size=1500))
+def test_leaf_ends_cut_where_runs_cuts_by_ranks(crcs):
+    # the sampled values rank below a leaf's threshold (0x0 above it): long runs hit MAX_RUN
+    assert merkle.leaf_ends(crcs) == merkle.runs([merkle._rank(c) for c in crcs], 0)
+
+
+def test_ranks_are_those_of_each_name_alone():
+    names = ["", "a", "é", "x" * 300, "part-00001.parquet", "\u4e2d\u6587"]
+    assert merkle._ranks(names) == [merkle.name_rank(n) for n in names]
+    assert merkle._ranks(names) == [32 - ((zlib.crc32(n.encode()) * 0x9E3779B1) & 0xFFFFFFFF).bit_length()
+                                    for n in names]
+    assert merkle._encoded(["a", "b\x00c"]) == [b"a", b"b\x00c"]  # a NUL in a name: one by one
+    assert merkle._encoded([]) == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.binary(max_size=3000), max_size=40))
+def test_blocks_compressed_in_one_call_are_those_compressed_one_by_one(blocks):
+    got = merkle.compress_many(blocks)
+    assert got == [merkle.compress(b) for b in blocks]
+    assert [merkle.decompress(z) for z in got] == blocks
