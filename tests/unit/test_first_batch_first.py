@@ -1,7 +1,7 @@
 """A holder's blocks ship batch by batch: its first batch is packed as soon as its blocks are
-collected, before the infos job (the commit's rows, needed only after the last batch) starts
-beside the batches, unless they are one batch (a small change: its few rows start at once);
-holders that reuse a walk reuse its batches and their packing."""
+collected, and the infos job (the commit's rows, needed only after the last batch) starts once
+the holders' first requests are out (the build's ``Encoded.sending``); a small change's one
+batch is packed on the loop; holders that reuse a walk reuse its batches and their packing."""
 
 import asyncio
 from types import SimpleNamespace
@@ -40,6 +40,12 @@ def ship_to_two(root, monkeypatch, batch):
     enc = Encoded()
     jobs: list[tuple[str, bool]] = []
 
+    def sending():  # (the build starts the infos job once every holder's first request is out)
+        if enc.start_infos is not None:
+            enc.start_infos()
+
+    enc.sending = sending
+
     async def ship():
         loop = asyncio.get_running_loop()
         real = loop.run_in_executor
@@ -54,7 +60,10 @@ def ship_to_two(root, monkeypatch, batch):
 
         loop.run_in_executor = counted  # type: ignore[method-assign]
         try:
-            return await asyncio.gather(*(s.ship_blocks(SimpleNamespace(id=h), root, V, [], {}, enc) for h in "ab"))
+            got = await asyncio.gather(*(s.ship_blocks(SimpleNamespace(id=h), root, V, [], {}, enc) for h in "ab"))
+            if enc.infos_job is not None:
+                await enc.infos_job
+            return got
         finally:
             del loop.run_in_executor
 
@@ -73,7 +82,7 @@ def test_the_first_batch_is_packed_before_the_infos_job_starts_and_holders_share
     assert bodies["a"] == bodies["b"] and len(bodies["a"]) == len(enc.batched[1])
 
 
-def test_one_batch_starts_the_infos_job_beside_its_packing(monkeypatch):
+def test_one_small_batch_is_packed_on_the_loop_before_the_infos_job_starts(monkeypatch):
     jobs, bodies, enc = ship_to_two(big_tree(dirs=2, files=40), monkeypatch, 4 << 20)
     assert enc.batched is not None and len(enc.batched[1]) == 1 and len(bodies["a"]) == 1
-    assert jobs == [("collect", False), ("pack_job", False), ("infos", False)]
+    assert [n for n, _ in jobs] == ["collect", "infos"]  # no worker's pack job: packed on the loop
