@@ -29,11 +29,16 @@ class BlockCache:
         return len(self._m)
 
     def get(self, dg: bytes) -> bytes | None:
-        with self._lock:
-            blk = self._m.get(dg)
-            if blk is not None:
-                self._m.move_to_end(dg)
-            return blk
+        # without the lock: each OrderedDict call is atomic, and one that lost its key to a
+        # concurrent add's eviction or a discard leaves a miss or a hit that is no longer counted
+        m = self._m
+        blk = m.get(dg)
+        if blk is not None:
+            try:
+                m.move_to_end(dg)
+            except KeyError:
+                pass
+        return blk
 
     def add(self, items: list[tuple[bytes, bytes]]) -> None:
         """Keep these verified (digest, block) pairs, the last the most recent."""

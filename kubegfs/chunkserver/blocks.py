@@ -108,8 +108,15 @@ class BlockStore:
         rebuilt and checked first (all or nothing; a missing base raises MissingBase); returns
         (blocks in the batch, how many were new)."""
         fds: dict[str, int] = {}
+        by_prefix, index, recent = self.by_prefix, self.index, self.recent.get
+
+        def base_of(prefix: bytes) -> bytes | None:
+            dg = by_prefix.get(prefix)
+            blk = None if dg is None or dg not in index else recent(dg)
+            return blk if blk is not None else self._base(prefix, fds)
+
         try:
-            got = unpack(body, lambda prefix: self._base(prefix, fds))
+            got = unpack(body, base_of)
         finally:
             _close(fds)
         n = self._store([(dg, z if z is not None else store_compress(blk)) for dg, blk, z in got])

@@ -119,3 +119,37 @@ def test_blocks_rebuilt_from_deltas_are_stored_at_the_store_level(tmp_path, monk
     assert sorted(made) == sorted(want[it.digest] for it in items if it.base is not None)
     again = BlockStore(tmp_path)  # read back from the packs after a restart, each verified
     assert dict(merkle.unpack_frames(merkle.pack_frames(again.get(list(want)), compressed=True))) == want
+
+
+def test_gets_beside_adds_and_discards_in_other_threads_keep_the_count_of_bytes_exact():
+    import threading
+
+    c = BlockCache(50 * (64 + ENTRY_OVERHEAD))
+    keys = [bytes([i]) * 32 for i in range(200)]
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            for k in keys:
+                got = c.get(k)
+                assert got is None or got == k * 2
+
+    def writer(seed):
+        rng = random.Random(seed)
+        for _ in range(3000):
+            k = rng.choice(keys)
+            if rng.random() < 0.3:
+                c.discard(k)
+            else:
+                c.add([(k, k * 2)])
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(s,)) for s in range(3)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert c.size == len(c) * (64 + ENTRY_OVERHEAD) <= c.limit
