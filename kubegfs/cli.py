@@ -292,7 +292,7 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
               help="seconds between background checksum passes (0 = off)")
 @click.option("--data-listen", default="", help="HOST:PORT of the lean listener for written pieces "
               "(default: --listen's host, any free port; 'off' for none; never with TLS)")
-@click.option("--block-cache", default="64Mi", show_default=True, envvar="KUBEGFS_BLOCK_CACHE",
+@click.option("--block-cache", default="128Mi", show_default=True, envvar="KUBEGFS_BLOCK_CACHE",
               help="a quantity: recent snapshot directory blocks kept in memory as delta bases (0 = none; "
               "env KUBEGFS_BLOCK_CACHE)")
 @topology_options
