@@ -292,11 +292,15 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
               help="seconds between background checksum passes (0 = off)")
 @click.option("--data-listen", default="", help="HOST:PORT of the lean listener for written pieces "
               "(default: --listen's host, any free port; 'off' for none; never with TLS)")
+@click.option("--block-cache", default="128Mi", show_default=True, envvar="KUBEGFS_BLOCK_CACHE",
+              help="a quantity: recent snapshot directory blocks kept in memory as delta bases (0 = none; "
+              "env KUBEGFS_BLOCK_CACHE)")
 @topology_options
 def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
                 internal_token: str | None, internal_token_file: str | None, metrics_token: str | None,
                 metrics_token_file: str | None, tls_cert: str | None, tls_key: str | None, advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
-                data_listen: str, node: str, zone: str, region: str, topology_from_node: bool) -> None:
+                data_listen: str, block_cache: str, node: str, zone: str, region: str,
+                topology_from_node: bool) -> None:
     """Run a chunkserver."""
     from .chunkserver.server import run
 
@@ -310,7 +314,7 @@ def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, 
             raise InvalidArgument(f"--data-listen must be HOST:PORT or off, got {data_listen!r}") from None
     run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
         parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval, ssl_context=_server_ssl(tls_cert, tls_key),
-        data_listen=data_listen)
+        data_listen=data_listen, block_cache=parse_size(block_cache))
 
 
 # ----------------------------------------------------------------------------- fs

@@ -1006,15 +1006,18 @@ MAX_BLOCK = 1 << 30  # a block decompresses to at most this (a directory of mill
 _zstd = threading.local()  # a (de)compressor per thread: making one costs ~15x a small block's work
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    c: zstandard.ZstdCompressor | None = getattr(_zstd, "c", None)
+def _compressor(level: int = ZSTD_LEVEL) -> zstandard.ZstdCompressor:
+    cs: dict[int, zstandard.ZstdCompressor] | None = getattr(_zstd, "c", None)
+    if cs is None:
+        cs = _zstd.c = {}
+    c = cs.get(level)
     if c is None:
-        c = _zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        c = cs[level] = zstandard.ZstdCompressor(level=level)
     return c
 
 
-def compress(data: bytes) -> bytes:
-    out: bytes = _compressor().compress(data)
+def compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
+    out: bytes = _compressor(level).compress(data)
     return out
 
 

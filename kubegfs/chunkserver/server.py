@@ -55,6 +55,7 @@ from ..web import (
     split_listen,
 )
 from . import metaapi
+from .blockcache import DEFAULT_BYTES as DEFAULT_BLOCK_CACHE
 from .blocks import BlockStore
 from .dataport import DATA_PORT_HEADER, BufferPool, DataListener, PeerLinks
 from .membership import Membership
@@ -74,6 +75,7 @@ class Chunkserver:
         self, data_dir: Path, master_url: str, token: str | Tokens, advertise: str, location: Location,
         chunk_size: int | None = None, heartbeat_interval: float = 1.0, cs_id: str | None = None,
         scrub_interval: float = 60.0, data_listen: tuple[str, int] | None = None,
+        block_cache: int = DEFAULT_BLOCK_CACHE,
     ) -> None:
         self.scrub_interval = scrub_interval
         self.data_listen = data_listen  # HOST, PORT (0: any free one) of the data port; None: none
@@ -92,7 +94,7 @@ class Chunkserver:
         self.chunk_size = chunk_size or saved.get("chunk_size") or 64 * 1024 * 1024
         self.membership.save(id=self.id, chunk_size=self.chunk_size)
         self.store = ChunkStore(data_dir, self.chunk_size)
-        self.blocks = BlockStore(data_dir)  # directory blocks of format-3 snapshot records
+        self.blocks = BlockStore(data_dir, block_cache)  # directory blocks of format-3 snapshot records
         self.meta = MetaStore(data_dir)  # the master's metadata, if it ships a copy here
         self._registered = False
         self._added: dict[int, int] = {}
@@ -655,7 +657,7 @@ class Chunkserver:
                 log.error("scrubber: snapshot record %s failed its checksum", rid)
         for dg in self.blocks.digests():  # a damaged block is dropped and reported (blocks_dropped)
             try:
-                await self._run(self.blocks.get, [dg])
+                await self._run(self.blocks.get, [dg], False)
             except KeyError:
                 continue
             except CorruptData:
@@ -741,9 +743,11 @@ def run(
     listen: str, data_dir: Path, master_url: str, token: str | Tokens, location: Location,
     advertise: str | None = None, chunk_size: int | None = None, heartbeat_interval: float = 1.0,
     scrub_interval: float = 60.0, ssl_context: ssl.SSLContext | None = None, data_listen: str = "",
+    block_cache: int = DEFAULT_BLOCK_CACHE,
 ) -> None:
     """``data_listen``: HOST:PORT of the data port (dataport.py), "" for the main port's host and
-    any free port, "off" for none (a TLS chunkserver opens none: the data port is plain TCP)."""
+    any free port, "off" for none (a TLS chunkserver opens none: the data port is plain TCP).
+    ``block_cache``: bytes of recent directory blocks kept in memory as delta bases (blockcache)."""
     host, port = split_listen(listen)
     data: tuple[str, int] | None = None
     if data_listen != "off" and ssl_context is None:
@@ -751,7 +755,7 @@ def run(
     adv = advertise or f"{'https' if ssl_context else 'http'}://{host}:{port}"
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     cs = Chunkserver(data_dir, master_url, token, adv, loc, chunk_size, heartbeat_interval,
-                     scrub_interval=scrub_interval, data_listen=data)
+                     scrub_interval=scrub_interval, data_listen=data, block_cache=block_cache)
     log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
              loc.node, loc.zone, loc.region)
     keep_heap()

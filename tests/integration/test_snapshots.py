@@ -3,6 +3,7 @@
 import hashlib
 import random
 import time
+import urllib.error
 import uuid
 
 import pytest
@@ -306,7 +307,27 @@ def _damage_block(cluster, hex_digest):
     return hit
 
 
-def test_a_small_change_ships_deltas_and_a_holder_without_the_base_gets_blocks_whole(shared_cluster, client):
+def test_a_small_change_ships_deltas_and_a_holder_without_the_base_gets_blocks_whole(make_cluster, monkeypatch):
+    # holders without their cache of recent blocks: a base is read from its pack (and found damaged)
+    monkeypatch.setenv("KUBEGFS_BLOCK_CACHE", "0")
+    cl = make_cluster()
+    client = cl.client()
+    d, names, a, b, after_b = _two_snapshots_of_a_big_directory(client)
+    assert _damage_block(cl, b["root"]) == 2  # the base of c's root block
+    client.put(names[41], b"changed too")
+    c = client.snapshot_create(d, f"delta-c-{d[3:]}")
+    assert c["state"] == "ready" and c["shipped_bytes"] > b["shipped_bytes"]  # sent whole instead
+    assert "refused block deltas" in cl.master.log_path.read_text()
+    urls = [p.url for p in cl.chunkservers]
+    assert block_copies(urls, cl.internal_token, c["root"]) == 2
+    after_c = tree_digest(client, d)
+    for s, want in ((b, after_b), (c, after_c)):
+        client.snapshot_restore(s["name"], to=f"{d}-{s['name']}")
+        assert tree_digest(client, f"{d}-{s['name']}") == want
+    client.close()
+
+
+def _two_snapshots_of_a_big_directory(client):
     d = fresh(client)
     client.mkdir(f"{d}/big")
     for i in range(80):  # a directory of several sub-blocks
@@ -317,18 +338,22 @@ def test_a_small_change_ships_deltas_and_a_holder_without_the_base_gets_blocks_w
     b = client.snapshot_create(d, f"delta-b-{d[3:]}")
     # the big directory's changed leaf, its head and the root, each as a delta against a's
     assert b["shipped_bytes"] - b["record_bytes"] < 400 < a["shipped_bytes"] - a["record_bytes"]
-    after_b = tree_digest(client, d)
-    assert _damage_block(shared_cluster, b["root"]) == 2  # the base of c's root block
+    return d, names, a, b, tree_digest(client, d)
+
+
+def test_a_base_held_in_memory_takes_deltas_though_its_pack_rotted_and_the_rot_is_caught_when_read(shared_cluster,
+                                                                                                  client):
+    d, names, _a, b, _after_b = _two_snapshots_of_a_big_directory(client)
+    assert _damage_block(shared_cluster, b["root"]) == 2  # on disk; whole and verified in the holders' memory
     client.put(names[41], b"changed too")
     c = client.snapshot_create(d, f"delta-c-{d[3:]}")
-    assert c["state"] == "ready" and c["shipped_bytes"] > b["shipped_bytes"]  # sent whole instead
-    assert "refused block deltas" in shared_cluster.master.log_path.read_text()
-    urls = [p.url for p in shared_cluster.chunkservers]
-    assert block_copies(urls, shared_cluster.internal_token, c["root"]) == 2
+    assert c["state"] == "ready" and c["shipped_bytes"] - c["record_bytes"] < 400  # deltas, rebuilt and checked
     after_c = tree_digest(client, d)
-    for s, want in ((b, after_b), (c, after_c)):
-        client.snapshot_restore(s["name"], to=f"{d}-{s['name']}")
-        assert tree_digest(client, f"{d}-{s['name']}") == want
+    client.snapshot_restore(c["name"], to=f"{d}-c")
+    assert tree_digest(client, f"{d}-c") == after_c
+    urls = [p.url for p in shared_cluster.chunkservers]
+    with pytest.raises(urllib.error.HTTPError):  # the rotted copy fails its digest when read from disk
+        block_copies(urls, shared_cluster.internal_token, b["root"])
 
 
 def _post_blocks(url, token, body, headers):

@@ -10,7 +10,8 @@ Benchmarks (``--only`` names):
 * ``capture``    in-loop cost of pinning a snapshot: ``MasterState.apply(snap_capture)``
 * ``seed``       the same trees captured the seed's way: ``copy.deepcopy`` + ``pickle.dumps``
 * ``incremental`` the master's own work (in process) for a snapshot after 100 files changed in
-                 100 directories (digests, diff, blocks to ship, bytes shipped), a restore in
+                 100 directories (digests, diff, blocks to ship, bytes shipped), a holder
+                 storing those blocks (rebuilt, hashed, packed, fsynced), a restore in
                  place that undoes them and the diff of two trees 100 files apart
 * ``snapshot``   end-to-end snapshot and restore (new path / in place) on a real master that
                  recovered the N-file state from a checkpoint written offline

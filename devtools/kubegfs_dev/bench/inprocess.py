@@ -84,15 +84,21 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
     """The master's own work for a snapshot after ``changed`` files in as many directories changed, in
     process (no fsync, no round trip): digests, the since-previous diff, encoding + compressing
     the blocks to ship (deltas against the previous tree's where the holder has those), the
-    commit op's block infos; the bytes shipped per copy (the request bodies); then a restore
+    commit op's block infos; the bytes shipped per copy (the request bodies); a holder's work
+    on that body (a chunkserver's block store in a temporary directory that stored the first
+    snapshot's blocks: each block rebuilt from its base, hashed, compressed, the pack written
+    and fsynced); then a restore
     in place of the previous snapshot over the changed tree (assembly, the op's blocks, the
     subtrees it swaps) from the tree in memory and from blocks read back, and as the master
     makes it when the tree is in memory (the edits to the live tree, the subtrees it swaps);
     and the diff of two trees as many files apart."""
     import random
+    import tempfile
+    from pathlib import Path
 
     from kubegfs import blockdelta, merkle
     from kubegfs import namespace as ns
+    from kubegfs.chunkserver.blocks import BlockStore
     from kubegfs.master.snapshots import Encoded, _assemble_job, diff_nodes, outgoing
 
     def version(_h: int) -> int:
@@ -105,6 +111,10 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
         merkle.digest(prev, version)
         holder = {dg: b for dg, b, _node in merkle.iter_blocks(prev, version, lambda _d: False)}
         by_prefix = {dg[:blockdelta.PREFIX]: dg for dg in holder}
+        store_dir = tempfile.TemporaryDirectory(prefix="kubegfs-bench-blocks-")
+        store = BlockStore(Path(store_dir.name))
+        for part in merkle.batches(list(holder.items()), 4 << 20):  # as the first snapshot's batches come
+            store.put([(dg, merkle.compress(b)) for dg, b in part])
         picks = list({p[:-1]: p for p, x in ns.walk(prev) if isinstance(x, ns.File)}.values())
         k = min(changed, len(picks))
         got: dict[str, list[float]] = {}
@@ -131,6 +141,9 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
                            ("commit op's block infos", t4 - t3), ("build total", t4 - t0),
                            ("bytes shipped", float(len(body)))):
                 got.setdefault(key, []).append(v)
+            t0 = time.perf_counter()
+            store.put_delta(body)
+            got.setdefault("a holder storing them", []).append(time.perf_counter() - t0)
             for blk_dg, blk, _z in blockdelta.unpack(body, _base_in(holder, by_prefix)):
                 holder[blk_dg] = blk
                 by_prefix[blk_dg[:blockdelta.PREFIX]] = blk_dg
@@ -156,6 +169,7 @@ def bench_incremental(trees: dict[int, Tree], changed: int = 100, rounds: int = 
             ns.changed_subtrees(live, prev)
             got.setdefault("restore in place (edits, tree in memory)", []).append(time.perf_counter() - t0)
             prev = live
+        store_dir.cleanup()
         b = prev
         for p in rng.sample(picks, k):
             f = ns.must_get(b, p)
