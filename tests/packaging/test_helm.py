@@ -331,6 +331,8 @@ def test_render(render, values):
     (["--set", "chunkservers.dataPort=-1"], "at '/chunkservers/dataPort': minimum: got -1, want 0"),
     (["--set", "chunkservers.topologySpread.whenUnsatisfiable=Maybe"], "at '/chunkservers/topologySpread/whenUnsatisfiable'"),
     (["--set", "chunkservers.persistence.size=lots"], "at '/chunkservers/persistence/size'"),
+    (["--set", "chunkservers.blockCache=lots"], "at '/chunkservers/blockCache'"),
+    (["--set", "chunkservers.blockCache=-1"], "at '/chunkservers/blockCache'"),
     (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
     (["--set", "master.metadataReplication.mode=maybe"], "at '/master/metadataReplication/mode'"),
     (["--set", "chunkserver.replicas=3"], "additional properties 'chunkserver' not allowed"),
@@ -389,6 +391,19 @@ def test_chunkserver_data_port_is_wired_through_pod_and_policies(render, helm_cm
         assert args == ["--data-listen=off"] and ports == [] and 9501 not in into and 9501 not in out
     r = helm_cmd("template", "kubegfs", str(CHART), "--set", "chunkservers.dataPort=9500", check=False)
     assert r.returncode != 0 and "chunkservers.dataPort must differ from chunkservers.port" in r.stderr
+
+
+def test_chunkserver_block_cache_is_an_argument(render):
+    """The memory for recent directory blocks (delta bases): a quantity or a number of bytes, 0 for none."""
+
+    def arg(objs):
+        c = one(objs, "StatefulSet", "chunkserver")["spec"]["template"]["spec"]["containers"][0]
+        return [a for a in c["args"] if a.startswith("--block-cache")]
+
+    assert arg(render()) == ["--block-cache=128Mi"]
+    assert arg(render("--set", "chunkservers.blockCache=0")) == ["--block-cache=0"]
+    assert arg(render("--set", "chunkservers.blockCache=268435456")) == ["--block-cache=268435456"]
+    assert arg(render("--set", "chunkservers.blockCache=64Mi")) == ["--block-cache=64Mi"]
 
 
 # ------------------------------------------------------------------ against the real control plane
