@@ -112,8 +112,10 @@ class BlockStore:
 
         def base_of(prefix: bytes) -> bytes | None:
             dg = by_prefix.get(prefix)
-            blk = None if dg is None or dg not in index else recent(dg)
-            return blk if blk is not None else self._base(prefix, fds)
+            if dg is None or dg not in index:
+                return None
+            blk = recent(dg)
+            return blk if blk is not None else self._base(dg, fds)
 
         try:
             got = unpack(body, base_of)
@@ -123,13 +125,9 @@ class BlockStore:
         self.recent.add([(dg, blk) for dg, blk, _z in got])
         return len(got), n
 
-    def _base(self, prefix: bytes, fds: dict[str, int]) -> bytes | None:
-        dg = self.by_prefix.get(prefix)
-        if dg is None or dg not in self.index:
-            return None
-        blk = self.recent.get(dg)
-        if blk is not None:
-            return blk
+    def _base(self, dg: bytes, fds: dict[str, int]) -> bytes | None:
+        """Block ``dg``, held here but not among the recent ones, read from its pack (verified)
+        and kept among them; None if it cannot be read whole."""
         try:
             blk = self._read(dg, fds)[1]
         except (KeyError, OSError, CorruptData):

@@ -742,14 +742,16 @@ class Snapshots:
                 if since is None:
                     since = asyncio.ensure_future(self.since_previous(entry, node))
 
+            room_made = False
+
             def behind() -> None:
+                nonlocal room_made
                 start_since()
                 if enc.start_infos is not None:
                     enc.start_infos()
-                if isinstance(node, ns.Dir) and not trimmed:  # (freed here, while the holders work)
-                    trimmed.append(len(self.make_room(entry["path"])))
-
-            trimmed: list[int] = []
+                if isinstance(node, ns.Dir) and not room_made:  # (the trees freed here, while the holders work)
+                    self.make_room(entry["path"])
+                    room_made = True
 
             unsent = 0  # holders of the round whose first request is not out yet
 
@@ -1305,8 +1307,7 @@ class Snapshots:
         files, which a build does after its answer)."""
         self.latest[path] = (sid, node)
         self.trees[sid] = node
-        mine = [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
-        gone = [i for i in self.trees if i not in self.m.state.snapshots] + mine[:-KEEP_TREES]
+        gone = [i for i in self.trees if i not in self.m.state.snapshots] + self._trees_of(path)[:-KEEP_TREES]
         return [self.trees.pop(i) for i in dict.fromkeys(gone)]
 
     def make_room(self, path: str) -> list[ns.Dir]:
@@ -1314,8 +1315,12 @@ class Snapshots:
         its next snapshot does it while the holders work, so that its commit's remember_tree
         lets none go on the way to its answer, nor right after it in front of the next request);
         the caller drops them."""
-        mine = [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
+        mine = self._trees_of(path)
         return [self.trees.pop(i) for i in mine[:max(0, len(mine) - (KEEP_TREES - 1))]]
+
+    def _trees_of(self, path: str) -> list[str]:
+        """The ids of the snapshot trees kept for ``path``, oldest first."""
+        return [i for i in self.trees if (e := self.m.state.snapshots.get(i)) is not None and e["path"] == path]
 
     def previous_of(self, e: ops.SnapshotEntry) -> tuple[str, ns.Dir] | None:
         """The newest snapshot tree of ``e``'s path this master built, if still in the catalog."""
