@@ -1541,12 +1541,23 @@ class Snapshots:
         if mode == "new" and ns.get(st.root, parts) is not None:
             raise AlreadyExists(f"restore target {paths.join(parts)} already exists")
 
-    async def check_record_copies(self, cs: ChunkserverInfo, digests: dict[str, Any]) -> set[str]:
+    async def check_record_copies(self, cs: ChunkserverInfo, digests: dict[str, Any],
+                                  only: set[str] | None = None) -> set[str]:
         """Compare the records a holder reports with the catalog: a copy missing from two
         heartbeats in a row (one may predate a copy just shipped), of the wrong size or with
-        another sha256 is dropped and re-made elsewhere. Returns the ids whose bad copy to delete."""
+        another sha256 is dropped and re-made elsewhere. ``only``: the ids a report of changes
+        named (recordreport.py), with those found missing before; None: every copy it holds.
+        Returns the ids whose bad copy to delete."""
         bad: set[str] = set()
-        for e in list(self.m.state.held_by(cs.id)):
+        if only is None:
+            held = list(self.m.state.held_by(cs.id))
+        else:
+            snaps = self.m.state.snapshots
+            ids = only | {sid for (cid, sid) in self._record_missing if cid == cs.id}
+            for i in ids - snaps.keys():  # (deleted meanwhile)
+                self._record_missing.pop((cs.id, i), None)
+            held = [snaps[i] for i in sorted(ids) if i in snaps]
+        for e in held:
             if e["state"] != "ready" or all(h["id"] != cs.id for h in e["holders"]):
                 continue  # (its holders changed while an earlier one was dropped)
             key = (cs.id, e["id"])
