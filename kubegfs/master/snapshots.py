@@ -793,11 +793,13 @@ class Snapshots:
             enc.prev = prev[1] if prev else None
             enc.ahead, enc.ahead_raw = self.ahead_of(entry["path"], prev[0]) if prev else ({}, {})
             prefer = {h["id"] for h in st.snapshots[prev[0]]["holders"]} if prev else set()
+            ranked: list[tuple[ChunkserverInfo, str]] = []
             while True:
                 # ship to the nearest candidates at once; fall back down the ranking for failures
                 tried: set[str] = set()
                 while len(holders) < entry["copies"]:
-                    todo = [(cs, why) for cs, why in self.rank_holders(entry, prefer)
+                    ranked = self.rank_holders(entry, prefer)
+                    todo = [(cs, why) for cs, why in ranked
                             if cs.id not in tried and all(h["id"] != cs.id for h in holders)]
                     todo = todo[: entry["copies"] - len(holders)]
                     if not todo:
@@ -810,8 +812,9 @@ class Snapshots:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            # keep the ranking's order (nearest first) whatever order the copies finished in
-            rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry, prefer))}
+            # keep the ranking's order (nearest first) whatever order the copies finished in (the
+            # last round's ranking: one per round, not one more for this)
+            rank = {cs.id: i for i, (cs, _why) in enumerate(ranked)}
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
