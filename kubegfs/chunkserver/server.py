@@ -34,6 +34,7 @@ from ..auth import Tokens, chunkserver_policy
 from ..errors import ClusterMismatch, CorruptData, InvalidArgument, NotFound, from_json
 from ..heap import keep_heap
 from ..rangecrc import READ_PORT_HEADER
+from ..recordreport import RECORD_SCAN_EVERY, Reporter
 from ..topology import Location
 from ..web import (
     CHAIN_HEADER,
@@ -97,6 +98,8 @@ class Chunkserver:
         self.blocks = BlockStore(data_dir, block_cache)  # directory blocks of format-3 snapshot records
         self.meta = MetaStore(data_dir)  # the master's metadata, if it ships a copy here
         self._registered = False
+        self._records = Reporter()  # how its heartbeats report its records (kubegfs/recordreport.py)
+        self._beats = 0
         self._added: dict[int, int] = {}
         self._removed: set[int] = set()
         self._reported_corrupt: set[int] = set()
@@ -562,8 +565,8 @@ class Chunkserver:
             "used_bytes": self.store.used_bytes(),
             "free_bytes": self.store.free_bytes(),
             "chunk_size": self.chunk_size,
-            "records": sorted(record_digests),
-            "record_digests": record_digests,
+            # its records in full, or what changed since the report the master took last
+            **self._records.report(record_digests, full=not self._registered),
             # after a (re-)registration the master may have forgotten earlier reports: repeat all
             "corrupt": [hexh(h) for h in (self.store.corrupt if not self._registered
                                           else self.store.corrupt - self._reported_corrupt)],
@@ -581,7 +584,12 @@ class Chunkserver:
 
     async def _heartbeat_once(self) -> None:
         assert self._session is not None
-        body = self._heartbeat_body(await self._run(self.store.record_digests))  # disk reads off the loop
+        # the records directory is passed over (disk reads off the loop) every RECORD_SCAN_EVERY
+        # heartbeats and at a registration; in between, the stores and deletes since
+        self._beats += 1
+        now = await self._run(self.store.record_digests,
+                              not self._registered or self._beats % RECORD_SCAN_EVERY == 0)
+        body = self._heartbeat_body(now)
         added, removed = dict(self._added), set(self._removed)
         corrupt = set(self.store.corrupt)
         dropped = set(self.blocks.dropped)
@@ -603,6 +611,7 @@ class Chunkserver:
         if not self.membership.accept_reply(reply):
             self.master_ok = False
             return
+        self._records.answered(body, now, reply)
         self.master_ok = True
         self._reported_corrupt |= corrupt
         self.blocks.dropped -= dropped

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import metrics as M
 from ..errors import InvalidArgument
+from ..recordreport import RecordView
 from ..topology import Candidate, Location
 from ..web import handle_hex, hexh
 from .leases import LeaseTable
@@ -45,6 +46,7 @@ class ChunkserverInfo:
     alive: bool = True
     chunks: dict[int, int] = field(default_factory=dict)  # handle -> version it reported
     records: set[str] = field(default_factory=set)
+    record_view: RecordView = field(default_factory=RecordView)  # its records as its heartbeats report them
     registered: bool = False
     stale: set[int] = field(default_factory=set)  # copies to delete with the next heartbeat reply
 

@@ -249,20 +249,24 @@ class Master:
         st = self.state
         cid = cs.id
         delete = self.chunkmap.reconcile(cs, b, full)
-        if full:  # records this chunkserver should hold but lost (e.g. a new disk)
-            recs = set(b.get("records") or [])
+        # the records: a full report, or what changed since the one taken last (recordreport.py)
+        kind, named = cs.record_view.fold(b)
+        if kind == "full":
+            cs.records = named
+        elif kind == "changes":
+            for r in named:
+                if r in cs.record_view.digests:
+                    cs.records.add(r)
+                else:
+                    cs.records.discard(r)
+        if full and kind == "full":  # records this chunkserver should hold but lost (e.g. a new disk)
             for e in list(st.held_by(cid)):
-                if e["state"] == "ready" and any(h["id"] == cid for h in e["holders"]) and e["id"] not in recs:
+                if e["state"] == "ready" and any(h["id"] == cid for h in e["holders"]) and e["id"] not in named:
                     await self.snapshots.drop_record_copy(e["id"], cid, "missing")
-        records = b.get("records") or []
-        if not isinstance(records, list):
-            raise InvalidArgument("records must be a list")
-        cs.records = {r for r in records if isinstance(r, str)}
-        delete_records = {r for r in cs.records if r not in st.snapshots}
-        digests = b.get("record_digests") or {}
-        if not isinstance(digests, dict):
-            raise InvalidArgument("record_digests must be an object {id: [size, sha256]}")
-        delete_records |= await self.snapshots.check_record_copies(cs, digests)
+        delete_records = {r for r in (cs.records if kind == "full" else named & cs.records) if r not in st.snapshots}
+        if kind != "stale":
+            delete_records |= await self.snapshots.check_record_copies(
+                cs, cs.record_view.digests, None if kind == "full" else named)
         bad_records = b.get("corrupt_records") or []
         if not isinstance(bad_records, list):
             raise InvalidArgument("corrupt_records must be a list")
@@ -283,7 +287,7 @@ class Master:
         if gone:
             M.M_GC.inc(len(gone))
         return {"delete_chunks": [hexh(h) for h in gone], "delete_records": gone_records,
-                "delete_blocks": gone_blocks,
+                "delete_blocks": gone_blocks, "records_delta": True, **({"records_full": True} if kind == "stale" else {}),
                 "chunk_size": st.chunk_size, **self.guard.reply()}
 
     def _still_wanted(self, cid: str, kind: Kind, key: Key) -> bool | None:

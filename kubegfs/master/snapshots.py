@@ -793,11 +793,13 @@ class Snapshots:
             enc.prev = prev[1] if prev else None
             enc.ahead, enc.ahead_raw = self.ahead_of(entry["path"], prev[0]) if prev else ({}, {})
             prefer = {h["id"] for h in st.snapshots[prev[0]]["holders"]} if prev else set()
+            ranked: list[tuple[ChunkserverInfo, str]] = []
             while True:
                 # ship to the nearest candidates at once; fall back down the ranking for failures
                 tried: set[str] = set()
                 while len(holders) < entry["copies"]:
-                    todo = [(cs, why) for cs, why in self.rank_holders(entry, prefer)
+                    ranked = self.rank_holders(entry, prefer)
+                    todo = [(cs, why) for cs, why in ranked
                             if cs.id not in tried and all(h["id"] != cs.id for h in holders)]
                     todo = todo[: entry["copies"] - len(holders)]
                     if not todo:
@@ -810,8 +812,9 @@ class Snapshots:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            # keep the ranking's order (nearest first) whatever order the copies finished in
-            rank = {cs.id: i for i, (cs, _why) in enumerate(self.rank_holders(entry, prefer))}
+            # keep the ranking's order (nearest first) whatever order the copies finished in (the
+            # last round's ranking: one per round, not one more for this)
+            rank = {cs.id: i for i, (cs, _why) in enumerate(ranked)}
             holders.sort(key=lambda h: rank.get(h["id"], len(rank)))
             if isinstance(node, ns.Dir):
                 holders = await self._recheck_holders(holders, node, version_of, claimed, gens, enc)
@@ -1541,12 +1544,23 @@ class Snapshots:
         if mode == "new" and ns.get(st.root, parts) is not None:
             raise AlreadyExists(f"restore target {paths.join(parts)} already exists")
 
-    async def check_record_copies(self, cs: ChunkserverInfo, digests: dict[str, Any]) -> set[str]:
+    async def check_record_copies(self, cs: ChunkserverInfo, digests: dict[str, Any],
+                                  only: set[str] | None = None) -> set[str]:
         """Compare the records a holder reports with the catalog: a copy missing from two
         heartbeats in a row (one may predate a copy just shipped), of the wrong size or with
-        another sha256 is dropped and re-made elsewhere. Returns the ids whose bad copy to delete."""
+        another sha256 is dropped and re-made elsewhere. ``only``: the ids a report of changes
+        named (recordreport.py), with those found missing before; None: every copy it holds.
+        Returns the ids whose bad copy to delete."""
         bad: set[str] = set()
-        for e in list(self.m.state.held_by(cs.id)):
+        if only is None:
+            held = list(self.m.state.held_by(cs.id))
+        else:
+            snaps = self.m.state.snapshots
+            ids = only | {sid for (cid, sid) in self._record_missing if cid == cs.id}
+            for i in ids - snaps.keys():  # (deleted meanwhile)
+                self._record_missing.pop((cs.id, i), None)
+            held = [snaps[i] for i in sorted(ids) if i in snaps]
+        for e in held:
             if e["state"] != "ready" or all(h["id"] != cs.id for h in e["holders"]):
                 continue  # (its holders changed while an earlier one was dropped)
             key = (cs.id, e["id"])

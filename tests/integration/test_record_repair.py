@@ -119,3 +119,32 @@ def test_a_damaged_directory_block_is_read_from_the_other_copy_and_scrubbed(make
     c.snapshot_restore("s2", to="/d")
     assert c.get("/d/a/f2") == b"aaa" and c.get("/d/b/f4") == b"changed"
     c.close()
+
+
+def test_heartbeats_report_records_as_changes_and_a_stale_report_is_asked_again_in_full(make_cluster):
+    cl = make_cluster(n=1)
+    h = {"Authorization": f"Bearer {cl.internal_token}"}
+    base = {"id": "cs-fake", "address": "http://127.0.0.1:9", "capacity_bytes": 1 << 40, "used_bytes": 0,
+            "free_bytes": 1 << 40}
+
+    def beat(**kw):
+        r = requests.post(cl.master_url + "/internal/heartbeat", json={**base, **kw}, headers=h, timeout=10)
+        assert r.status_code == 200, r.text
+        base["cluster_id"] = r.json()["cluster_id"]
+        return r.json()
+
+    def listed():
+        cs = requests.get(cl.master_url + "/api/v1/chunkservers", headers={"Authorization": f"Bearer {cl.token}"},
+                          timeout=5).json()["chunkservers"]
+        return next(c["records"] for c in cs if c["id"] == "cs-fake")
+
+    beat(full=True, chunks=[], records=[], records_seq=1)
+    got = beat(records=["s-gone", "s-kept"], record_digests={"s-gone": [1, ""], "s-kept": [2, ""]}, records_seq=2)
+    assert got["records_delta"] is True and "records_full" not in got
+    assert listed() == ["s-gone", "s-kept"]
+    got = beat(records_seq=3, records_base=2, records_changed={"s-new": [3, ""]}, records_gone=["s-gone"])
+    assert "records_full" not in got and listed() == ["s-kept", "s-new"]
+    # none of them is in the catalog: the records the changes named are to be deleted, not the others
+    assert set(got["delete_records"]) <= {"s-new", "s-gone"}
+    got = beat(records_seq=5, records_base=4, records_changed={"s-other": [4, ""]}, records_gone=[])
+    assert got["records_full"] is True and listed() == ["s-kept", "s-new"]  # not the report taken last: nothing taken

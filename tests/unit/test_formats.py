@@ -283,12 +283,18 @@ def test_snapobj_bytes_do_not_depend_on_the_hash_seed():
     assert len(shas) == 1, shas
 
 
-def test_record_digests_notice_a_truncated_record_and_a_new_sidecar_without_rereading_old_ones(tmp_path):
+def _two_records(tmp_path):
+    """A store holding records r1 and r2 (the same 600 bytes); the store, the bytes, their sha256."""
     s = ChunkStore(tmp_path, 4 * BLOCK_SIZE)
     body = b"record" * 100
     sha = hashlib.sha256(body).hexdigest()
     s.put_record("r1", iter([body]), sha)
     s.put_record("r2", iter([body]), sha)
+    return s, body, sha
+
+
+def test_record_digests_notice_a_truncated_record_and_a_new_sidecar_without_rereading_old_ones(tmp_path):
+    s, body, sha = _two_records(tmp_path)
     assert s.record_digests() == {"r1": [600, sha], "r2": [600, sha]}
     assert s.used_bytes() == 1200 and len(s.record_sizes) == 2
     rec1, side1 = s._rec_paths("r1")
@@ -307,6 +313,22 @@ def test_record_digests_notice_a_truncated_record_and_a_new_sidecar_without_rere
     s.delete_record("r2")
     assert "r2" not in s.record_sizes and s.used_bytes() == 10
     assert ChunkStore(tmp_path, 4 * BLOCK_SIZE).record_sizes == {"r1": 10}  # a restart counts them again
+
+
+def test_record_digests_without_a_pass_are_the_last_pass_with_the_stores_and_deletes_since(tmp_path):
+    s, body, sha = _two_records(tmp_path)
+    s.delete_record("r1")
+    s.put_record("r3", iter([body[:60]]), hashlib.sha256(body[:60]).hexdigest())
+    want = {"r2": [600, sha], "r3": [60, hashlib.sha256(body[:60]).hexdigest()]}
+    assert s.record_digests(scan=False) == want == s.record_digests()
+    got = s.record_digests(scan=False)
+    got["r9"] = [1, ""]  # a copy: the caller's to keep
+    assert "r9" not in s.record_digests(scan=False)
+    rec2, side2 = s._rec_paths("r2")
+    os.truncate(rec2, 10)  # damage from outside: not seen without a pass, seen by the next one
+    assert s.record_digests(scan=False)["r2"] == [600, sha]
+    assert s.record_digests()["r2"] == [10, sha]
+    assert s.record_digests(scan=False)["r2"] == [10, sha]
 
 
 def test_fsync_together_syncs_every_file_at_once_and_returns_what_ran_meanwhile(monkeypatch):
