@@ -100,12 +100,14 @@ def pack(items: list[Outgoing]) -> bytes:
 def unpack(body: bytes, base_of: Callable[[bytes], bytes | None]) -> list[tuple[bytes, bytes, bytes | None]]:
     """A batch back into (digest, block, ``zstd(block)`` if the frame carried it whole), each
     block hashed and the batch checked; ``base_of`` gives the block a digest prefix names on
-    this holder (None: absent, :class:`MissingBase`)."""
+    this holder (None: absent, :class:`MissingBase`). The common frame, an XOR delta, is
+    rebuilt inline (a holder takes ~500 of them after 100 files changed in a 1M-file tree)."""
     if body[:4] != MAGIC or len(body) < 4 + DIGEST_SIZE:
         raise CorruptData("not a block delta batch")
     check = body[4:4 + DIGEST_SIZE]
     pos, n = 4 + DIGEST_SIZE, len(body)
     out: list[tuple[bytes, bytes, bytes | None]] = []
+    add, from_bytes = out.append, int.from_bytes
     while pos < n:
         kind = body[pos]
         pos += 1
@@ -122,22 +124,28 @@ def unpack(body: bytes, base_of: Callable[[bytes], bytes | None]) -> list[tuple[
         end = pos + ln
         if end > n:
             raise CorruptData("truncated block frame")
-        if kind == WHOLE:
-            z = body[pos:end]
-            blk = decompress(z)
-            out.append((block_digest(blk), blk, z))
-        elif kind in (XOR, DICT):
+        if kind == XOR or kind == DICT:
             if ln < PREFIX:
                 raise CorruptData("truncated block frame")
             base = base_of(body[pos:pos + PREFIX])
             if base is None:
                 raise MissingBase(f"the base {body[pos:pos + PREFIX].hex()}… of a block delta is not here")
-            blk = undelta(kind, body[pos + PREFIX:end], base)
-            out.append((block_digest(blk), blk, None))
+            if kind == XOR:
+                x = decompress(body[pos + PREFIX:end])
+                if len(x) != len(base):
+                    raise CorruptData("a block delta does not match its base's length")
+                blk = (from_bytes(x, "little") ^ from_bytes(base, "little")).to_bytes(len(x), "little")
+            else:
+                blk = undelta(kind, body[pos + PREFIX:end], base)
+            add((block_digest(blk), blk, None))
+        elif kind == WHOLE:
+            z = body[pos:end]
+            blk = decompress(z)
+            add((block_digest(blk), blk, z))
         else:
             raise CorruptData(f"unknown block frame kind {kind}")
         pos = end
-    if hashlib.sha256(b"".join(dg for dg, _b, _z in out)).digest() != check:
+    if hashlib.sha256(b"".join([dg for dg, _b, _z in out])).digest() != check:
         raise CorruptData("a block of the batch does not match the digest it was sent for")
     return out
 

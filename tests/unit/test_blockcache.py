@@ -105,18 +105,13 @@ def test_a_base_read_from_disk_enters_the_cache_and_a_scrub_does_not_fill_it(tmp
     assert store.recent.get(some[0]) is None
 
 
-def test_blocks_rebuilt_from_deltas_are_stored_at_the_store_level(tmp_path, monkeypatch):
+def test_blocks_rebuilt_from_deltas_are_stored_at_the_store_level(tmp_path):
     store, items, want = _changed(tmp_path, 1 << 20)
-    made = []
-    real = blocks_mod.store_compress
-
-    def spy(blk):
-        made.append(blk)
-        return real(blk)
-
-    monkeypatch.setattr(blocks_mod, "store_compress", spy)
     store.put_delta(blockdelta.pack(items))
-    assert sorted(made) == sorted(want[it.digest] for it in items if it.base is not None)
+    rebuilt = [it.digest for it in items if it.base is not None]
+    stored = dict(store.get(rebuilt))  # compressed as stored, each verified
+    assert stored == {dg: merkle.compress(want[dg], blocks_mod.STORE_LEVEL) for dg in rebuilt}
+    assert stored != {dg: merkle.compress(want[dg]) for dg in rebuilt}  # not the shipping level
     again = BlockStore(tmp_path)  # read back from the packs after a restart, each verified
     assert dict(merkle.unpack_frames(merkle.pack_frames(again.get(list(want)), compressed=True))) == want
 

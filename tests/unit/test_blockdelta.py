@@ -176,3 +176,26 @@ def test_counterparts_do_not_enter_a_directory_whose_blocks_are_prepared():
     assert a.digest is not None
     some = blockdelta.counterparts(old, new, {a.digest: None})  # "a" and all below it prepared
     assert some == {k: v for k, v in every.items() if k not in (id(a), id(ns.must_get(new, ("a", "x"))))}
+
+
+def test_frames_of_every_kind_come_back_in_order_and_a_delta_of_another_length_is_refused():
+    base = bytes(range(256)) * 4
+    same, longer, whole = bytearray(base), bytearray(base) + b"more", b"a block sent whole"
+    same[10:14] = b"edit"
+    items = []
+    for data in (bytes(same), bytes(longer), whole):
+        dg = merkle.block_digest(data)
+        if data is whole:
+            items.append(blockdelta.Outgoing(dg, merkle.compress(data)))
+        else:
+            kind, payload = blockdelta.delta(data, base)
+            items.append(blockdelta.Outgoing(dg, payload, merkle.block_digest(base), kind))
+    holder = {merkle.block_digest(base): base}
+    got = receive(dict(holder), blockdelta.pack(items))
+    assert [(b, z is not None) for _dg, b, z in got] == [(bytes(same), False), (bytes(longer), False), (whole, True)]
+    assert [it.kind for it in items] == [blockdelta.XOR, blockdelta.DICT, blockdelta.WHOLE]
+    short = {merkle.block_digest(base): base[:-1]}  # an XOR delta against a base of another length
+    with pytest.raises(CorruptData, match="length"):
+        blockdelta.unpack(blockdelta.pack(items[:1]), lambda _p: short[merkle.block_digest(base)])
+    with pytest.raises(CorruptData, match="kind"):
+        blockdelta.unpack(blockdelta.pack([items[2]._replace(kind=7)]), lambda _p: None)

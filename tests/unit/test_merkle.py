@@ -947,8 +947,8 @@ def test_ranks_are_those_of_each_name_alone():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.binary(max_size=3000), max_size=40))
-def test_blocks_compressed_in_one_call_are_those_compressed_one_by_one(blocks):
-    got = merkle.compress_many(blocks)
-    assert got == [merkle.compress(b) for b in blocks]
+@given(st.lists(st.binary(max_size=3000), max_size=40), st.sampled_from([merkle.ZSTD_LEVEL, -1, 3]))
+def test_blocks_compressed_in_one_call_are_those_compressed_one_by_one(blocks, level):
+    got = merkle.compress_many(blocks, level)
+    assert got == [merkle.compress(b, level) for b in blocks]
     assert [merkle.decompress(z) for z in got] == blocks
