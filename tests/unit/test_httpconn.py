@@ -195,3 +195,28 @@ def test_what_a_watch_raises_ends_the_answer():
     c.send("GET", "/", None, {})
     with pytest.raises(ValueError):
         c.response("GET", watch=lambda headers, body: arrived)
+
+
+def test_a_big_receive_buffer_is_asked_for_only_where_the_kernel_grants_it_all():
+    big = httpconn.RCVBUF
+    assert httpconn.rcvbuf_to_ask(big, 131072) == big
+    assert httpconn.rcvbuf_to_ask(4 * big, 131072) == big
+    assert httpconn.rcvbuf_to_ask(212992, 131072) is None  # a default rmem_max: autotuning stays
+    assert httpconn.rcvbuf_to_ask(None, 131072) is None  # unknown (not Linux)
+    assert httpconn.rcvbuf_to_ask(big, 2 * big) is None  # as big already
+
+
+def test_a_connection_widens_its_receive_buffer_once_it_receives_a_big_body():
+    big = os.urandom(2 * httpconn.WAITALL)
+    port, _ = _serve([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+                      b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big])
+    c = Connection("127.0.0.1", port, 5)
+    assert c.sock is not None
+    before = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert c.request("GET", "/a", None, {}).body == b"abc"
+    assert c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before and not c._widened
+    assert bytes(c.request("GET", "/b", None, {}).body) == big
+    assert c._widened
+    if httpconn.rcvbuf_to_ask(httpconn.rmem_max(), before) is not None:
+        assert c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= httpconn.RCVBUF
+    c.close()
