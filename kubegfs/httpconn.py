@@ -188,8 +188,8 @@ class Connection:
     def _widen(self) -> None:
         """Ask for a receive buffer of RCVBUF, once, on a connection that receives big bodies
         (where the kernel grants it: ``rcvbuf_to_ask``). Measured on loopback: a new client's 1 GiB
-        get took 0.68-1.0 ms of client CPU per MiB with the kernel's autotuned buffers, which grow
-        from 128 KiB, and 0.53-0.58 with this (docs/benchmarks.md)."""
+        get took 0.63-1.0 ms of client CPU per MiB with the kernel's autotuned buffers, which grow
+        from 128 KiB, and 0.49-0.58 with this (docs/benchmarks.md, "Ninth round")."""
         assert self.sock is not None
         self._widened = True
         ask = rcvbuf_to_ask(rmem_max(), self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
