@@ -298,12 +298,13 @@ class Client:
     def _req(self, method: str, url: str, *, params: dict[str, Any] | None = None, json: Any = None,
              data: httpconn.Body | None = None, decode: bool = False, headers: dict[str, str] | None = None,
              on_sent: Callable[[], None] | None = None, into: bytearray | None = None,
-             answer_headers: dict[str, str] | None = None) -> Any:
+             answer_headers: dict[str, str] | None = None, watch: httpconn.Watch | None = None) -> Any:
         """The response body of a 2xx answer (decoded from msgpack or JSON with ``decode``); any
         other answer raises its KubegfsError. ``json`` is a body to encode (as msgpack);
         ``on_sent`` is called once the whole request is sent, before its answer is read; a large
-        200 body may be received into ``into`` (httpconn.Connection.response); the answer's
-        headers (names lowercased) are put in ``answer_headers``."""
+        200 body may be received into ``into``, and watched as it arrives by ``watch``
+        (httpconn.Connection.response; plain http only); the answer's headers (names lowercased)
+        are put in ``answer_headers``."""
         if params:
             url += "?" + _query(params)
         hdrs = self._headers
@@ -312,7 +313,7 @@ class Client:
         if headers:
             hdrs = {**hdrs, **headers}
         try:
-            status, content, ctype = self._send(method, url, data, hdrs, on_sent, into, answer_headers)
+            status, content, ctype = self._send(method, url, data, hdrs, on_sent, into, answer_headers, watch)
         except (OSError, http.client.HTTPException) as exc:
             raise _unreachable(url, exc) from exc
         return _answer(status, content, ctype, decode)
@@ -344,7 +345,8 @@ class Client:
 
     def _send(self, method: str, url: str, body: httpconn.Body | None, headers: dict[str, str],
               on_sent: Callable[[], None] | None = None, into: bytearray | None = None,
-              answer_headers: dict[str, str] | None = None) -> tuple[int, bytes | bytearray | memoryview, str]:
+              answer_headers: dict[str, str] | None = None,
+              watch: httpconn.Watch | None = None) -> tuple[int, bytes | bytearray | memoryview, str]:
         """One request on this thread's keep-alive connection to the server, never retried (a
         create must not be sent twice): a connection the server closed while idle is noticed
         before it is reused, any other failure is the caller's error."""
@@ -371,7 +373,7 @@ class Client:
                 conn.send(method, target, body, headers)
                 if on_sent is not None:
                     on_sent()
-                r = conn.response(method, into=into)
+                r = conn.response(method, into=into, watch=watch)
                 status, content, ctype, will_close = r.status, r.body, r.headers.get("content-type", ""), r.will_close
                 fast = r.headers.get("x-kubegfs-fastpath")
                 writes = r.headers.get("x-kubegfs-fastpath-writes")
@@ -715,10 +717,18 @@ class Client:
         lean = self.read_ports.get(base)
         if lean is not None:
             hdrs: dict[str, str] = {}
+            checks: list[rangecrc.Check] = []  # the body's blocks, checked as they arrive
+
+            def watch(headers: dict[str, str], body: memoryview) -> httpconn.Arrived:
+                checks.append(_check(body, headers))
+                return checks[0].arrived
+
             try:
                 body = self._req("GET", f"{lean}/internal/chunks/{c['handle']}", params=params, into=into,
-                                 headers={rangecrc.VERIFY_HEADER: "client"}, answer_headers=hdrs)
-                return _checked(memoryview(body), hdrs, off, n)
+                                 headers={rangecrc.VERIFY_HEADER: "client"}, answer_headers=hdrs, watch=watch)
+                if checks and checks[0].complete:
+                    return _cut(memoryview(body), hdrs, off, n)
+                return _checked(memoryview(body), hdrs, off, n)  # (an answer the watch did not see whole)
             except Unavailable:  # not reachable (or broke off): its main port from now on
                 self.read_ports.pop(base, None)
                 self._read_off.add(base)
@@ -802,15 +812,27 @@ def read_order(replicas: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     return near[i:] + near[:i] + [r for r in replicas if not r.get("near")]
 
 
-def _checked(body: memoryview, headers: dict[str, str], off: int, n: int) -> memoryview:
-    """The ``n`` bytes at ``off`` of a client-verified answer (rangecrc.py), once every block
-    it carries matched its CRC (fewer if the answer ends sooner: the caller's length check
-    catches that); CorruptData otherwise."""
+def _check(body: memoryview, headers: dict[str, str]) -> rangecrc.Check:
+    """The check of a client-verified answer's blocks (rangecrc.py) from its headers;
+    CorruptData if they do not say how."""
     try:
         base, size = int(headers[rangecrc.BASE_HEADER.lower()]), int(headers[rangecrc.LENGTH_HEADER.lower()])
     except (KeyError, ValueError):
         raise CorruptData("a client-verified answer without its base and chunk length") from None
-    rangecrc.check(body, base, size, rangecrc.decode(headers.get(rangecrc.CRCS_HEADER.lower(), "")))
+    return rangecrc.Check(body, base, size, rangecrc.decode(headers.get(rangecrc.CRCS_HEADER.lower(), "")))
+
+
+def _checked(body: memoryview, headers: dict[str, str], off: int, n: int) -> memoryview:
+    """The ``n`` bytes at ``off`` of a client-verified answer received whole, once every block
+    it carries matched its CRC; CorruptData otherwise."""
+    _check(body, headers).arrived(len(body))
+    return _cut(body, headers, off, n)
+
+
+def _cut(body: memoryview, headers: dict[str, str], off: int, n: int) -> memoryview:
+    """The ``n`` bytes at ``off`` of a client-verified answer whose blocks were checked (fewer if
+    the answer ends sooner: the caller's length check catches that)."""
+    base = int(headers[rangecrc.BASE_HEADER.lower()])
     if base > off:
         raise CorruptData(f"the answer starts at {base}, after {off}")
     return rangecrc.cut(body, base, off, n)

@@ -16,6 +16,7 @@ verifies them the same way). The answer's headers:
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 from .crc import crc32
@@ -52,25 +53,51 @@ def encode(crcs: Sequence[int]) -> str:
 
 def decode(text: str) -> list[int]:
     """CorruptData if ``text`` is not 8 hex digits per CRC (the answer cannot be checked)."""
-    if len(text) % 8:
+    raw = b""
+    if not len(text) % 8:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            pass
+    if len(raw) * 2 != len(text):  # (fromhex also takes spaces between bytes: not here)
         raise CorruptData("malformed block CRCs in the answer")
-    try:
-        return [int(text[i : i + 8], 16) for i in range(0, len(text), 8)]
-    except ValueError:
-        raise CorruptData("malformed block CRCs in the answer") from None
+    return list(struct.unpack(f">{len(raw) // 4}I", raw))
+
+
+class Check:
+    """``check`` of a body that is still arriving: ``arrived(end)`` checks every block that is
+    whole in ``body[:end]`` and not checked yet (the last, short one once ``end`` is the body's
+    length), so each block is checked right after it is received, while it is in the CPU's
+    cache. Raises CorruptData as ``check`` does; the body's shape is checked on creation."""
+
+    def __init__(self, body: memoryview, base: int, size: int, crcs: Sequence[int]) -> None:
+        n = len(body)
+        if base % BLOCK_SIZE or base + n > size or (n % BLOCK_SIZE and base + n != size):
+            raise CorruptData(f"the answer is not whole blocks: {n} bytes at {base} of {size}")
+        if len(crcs) != -(-n // BLOCK_SIZE):
+            raise CorruptData(f"{len(crcs)} block CRCs for {n} bytes")
+        self.body, self.base, self.crcs = body, base, crcs
+        self.checked = 0  # blocks checked, from the first
+
+    @property
+    def complete(self) -> bool:
+        return self.checked == len(self.crcs)
+
+    def arrived(self, end: int) -> None:
+        body, crcs, i = self.body, self.crcs, self.checked
+        last = len(crcs) if end >= len(body) else end // BLOCK_SIZE
+        while i < last:
+            if crc32(body[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) != crcs[i]:
+                self.checked = i
+                raise CorruptData(f"block {self.base // BLOCK_SIZE + i} failed its checksum")
+            i += 1
+        self.checked = i
 
 
 def check(body: memoryview, base: int, size: int, crcs: Sequence[int]) -> None:
     """Raise CorruptData unless ``body`` is whole blocks of a chunk of ``size`` bytes starting
     at ``base`` (only the chunk's last block short) and every block matches its CRC."""
-    n = len(body)
-    if base % BLOCK_SIZE or base + n > size or (n % BLOCK_SIZE and base + n != size):
-        raise CorruptData(f"the answer is not whole blocks: {n} bytes at {base} of {size}")
-    if len(crcs) != -(-n // BLOCK_SIZE):
-        raise CorruptData(f"{len(crcs)} block CRCs for {n} bytes")
-    for i, crc in enumerate(crcs):
-        if crc32(body[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) != crc:
-            raise CorruptData(f"block {base // BLOCK_SIZE + i} failed its checksum")
+    Check(body, base, size, crcs).arrived(len(body))
 
 
 def cut(body: memoryview, base: int, offset: int, length: int) -> memoryview:

@@ -6,8 +6,9 @@ import signal
 import pytest
 import requests
 
+from kubegfs import httpconn
 from kubegfs.client import read_order
-from kubegfs.errors import KubegfsError, Unavailable
+from kubegfs.errors import CorruptData, KubegfsError, Unavailable
 from kubegfs_dev.util import wait_for
 
 CHUNK = 256 * 1024
@@ -96,6 +97,35 @@ def test_flipped_byte_in_chunk_fails_over_and_is_repaired(cluster):
     wait_for(healed, what="re-replication of the corrupt replica")
     c3 = cluster.client()
     assert c3.get("/f") == body and c3.stats.corrupt == 0
+
+
+def test_a_bad_block_mid_piece_ends_the_answer_as_it_arrives_and_the_connection_is_not_reused(make_cluster):
+    """A piece big enough to be received slice by slice (httpconn.WAITALL), its blocks checked
+    as they arrive: a bad block in the middle ends the answer there (the rest is never read on
+    that connection, which is dropped), the same replica's main port answers corrupt, and the
+    next piece from that replica's read port is exact."""
+    big = 4 * httpconn.WAITALL
+    cl = make_cluster(chunk_size=big)
+    c = cl.client()
+    body = random.Random(7).randbytes(2 * big)
+    c.put("/g", body)
+    ch0, ch1 = c.layout("/g")["chunks"]
+    first = read_order(ch0["replicas"], 0)[0]
+    c._req("GET", f"{first['address']}/internal/chunks/{ch0['handle']}",
+           params={"offset": 0, "length": 1, "version": ch0["version"]})
+    assert first["address"] in c.read_ports
+    victim = next(p for p in cl.chunkservers if first["id"].startswith(f"cs-{p.node}-"))
+    path = victim.data / "chunks" / ch0["handle"][-2:] / f"{ch0['handle']}.chk"
+    raw = bytearray(path.read_bytes())
+    raw[5 * httpconn.SLICE + 10] ^= 0x01  # in the sixth slice of the piece
+    path.write_bytes(bytes(raw))
+    with pytest.raises(KubegfsError) as err:  # this thread's connections: read port, then main port
+        c._fetch(first["address"], ch0, 0, big, None)
+    assert isinstance(err.value, CorruptData) or err.value.code == "corrupt"
+    assert c.stats.mismatches == 1 and first["address"] in c.read_ports
+    assert bytes(c._fetch(first["address"], ch1, 0, big, None)) == body[big:]
+    assert c.stats.mismatches == 1
+    assert c.get("/g") == body
 
 
 def test_flipped_byte_is_caught_by_the_client_on_a_read_port_and_repaired(cluster):

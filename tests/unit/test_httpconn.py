@@ -1,12 +1,15 @@
 """The client's lean HTTP/1.1 connection reads every answer shape kubegfs servers send, and a
 broken answer is a connection error, never a wrong body."""
 
+import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
+from kubegfs import httpconn
 from kubegfs.httpconn import BadResponse, Connection, _poll, poll_read
 
 
@@ -115,3 +118,105 @@ def test_poll_read_gives_the_end_of_the_stream_and_raises_a_failed_read():
         assert poll_read(a.fileno(), time.perf_counter() + 1.0) == b""  # EOF: at once, not after the spin
     with pytest.raises(OSError):
         poll_read(a.fileno(), time.perf_counter() + 0.01)  # closed
+
+
+def _serve_raw(send: Callable[[socket.socket], None]) -> int:
+    """A one-connection server that reads one request head, then runs ``send(conn)``."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(65536)
+            send(conn)
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def test_a_big_body_arriving_in_bursts_is_received_whole_and_watched_slice_by_slice():
+    big = os.urandom(httpconn.WAITALL + 3 * httpconn.SLICE + 12_345)
+    assert len(big) >= httpconn.WAITALL  # received with blocking MSG_WAITALL receives
+
+    def send(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: %d\r\n\r\n" % len(big) + big[:1000])
+        for i in range(1000, len(big), 300_000):
+            time.sleep(0.02)
+            conn.sendall(big[i : i + 300_000])
+        time.sleep(0.5)
+
+    c = Connection("127.0.0.1", _serve_raw(send), 5)
+    seen: list[int] = []
+    bodies: list[memoryview] = []
+
+    def watch(headers: dict[str, str], body: memoryview) -> httpconn.Arrived:
+        assert headers["x-a"] == "b" and len(body) == len(big)
+        bodies.append(body)
+        return seen.append
+
+    buf = bytearray(len(big))
+    c.send("GET", "/", None, {})
+    r = c.response("GET", into=buf, watch=watch)
+    assert bytes(r.body) == big and bodies[0].obj is buf
+    assert seen[-1] == len(big) and seen == sorted(seen)
+    assert all(b - a <= httpconn.SLICE for a, b in zip(seen, seen[1:], strict=False))
+    assert c.sock is not None and c.sock.gettimeout() == 5  # (blocking only while receiving the body)
+    c.close()
+
+
+def test_a_server_that_stalls_mid_body_is_a_timeout_not_a_hang():
+    def send(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 * httpconn.WAITALL) + b"x" * 500_000)
+        time.sleep(5)  # then nothing, the connection open
+
+    c = Connection("127.0.0.1", _serve_raw(send), 0.3)
+    c.send("GET", "/", None, {})
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        c.response("GET", into=bytearray(4 * httpconn.WAITALL))
+    assert time.monotonic() - t0 < 3
+
+
+def test_what_a_watch_raises_ends_the_answer():
+    big = os.urandom(2 * httpconn.WAITALL)
+
+    def send(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+
+    def arrived(end: int) -> None:
+        if end > httpconn.SLICE:
+            raise ValueError("bad block")
+
+    c = Connection("127.0.0.1", _serve_raw(send), 5)
+    c.send("GET", "/", None, {})
+    with pytest.raises(ValueError):
+        c.response("GET", watch=lambda headers, body: arrived)
+
+
+def test_a_big_receive_buffer_is_asked_for_only_where_the_kernel_grants_it_all():
+    big = httpconn.RCVBUF
+    assert httpconn.rcvbuf_to_ask(big, 131072) == big
+    assert httpconn.rcvbuf_to_ask(4 * big, 131072) == big
+    assert httpconn.rcvbuf_to_ask(212992, 131072) is None  # a default rmem_max: autotuning stays
+    assert httpconn.rcvbuf_to_ask(None, 131072) is None  # unknown (not Linux)
+    assert httpconn.rcvbuf_to_ask(big, 2 * big) is None  # as big already
+
+
+def test_a_connection_widens_its_receive_buffer_once_it_receives_a_big_body():
+    big = os.urandom(2 * httpconn.WAITALL)
+    port, _ = _serve([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+                      b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big])
+    c = Connection("127.0.0.1", port, 5)
+    assert c.sock is not None
+    before = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert c.request("GET", "/a", None, {}).body == b"abc"
+    assert c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before and not c._widened
+    assert bytes(c.request("GET", "/b", None, {}).body) == big
+    assert c._widened
+    if httpconn.rcvbuf_to_ask(httpconn.rmem_max(), before) is not None:
+        assert c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= httpconn.RCVBUF
+    c.close()

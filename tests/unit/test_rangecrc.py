@@ -135,3 +135,36 @@ def test_a_server_verified_read_fails_on_a_flipped_byte_or_a_short_file(tmp_path
     with pytest.raises(CorruptData):
         store.read(9, 0, 3 * B)
     assert 9 in store.corrupt
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4 * B + 9), st.lists(st.integers(0, 2 * B), max_size=12), st.integers(0, 10**9))
+def test_a_body_checked_as_it_arrives_checks_each_block_once_when_it_is_in(size, steps, flip):
+    chunk = os.urandom(size)
+    body, headers = _answer(chunk, 0, size)
+    bad = bytearray(body)
+    pos = flip % size
+    bad[pos] ^= 0x40
+    for data, broken in ((body, False), (memoryview(bad), True)):
+        chk = rangecrc.Check(memoryview(data), 0, size, rangecrc.decode(headers["x-kubegfs-crcs"]))
+        end = 0
+        for step in [*steps, size]:
+            end = min(size, end + step)
+            whole = len(chk.crcs) if end == size else end // B  # the blocks that are in
+            if broken and whole > pos // B:  # the bad block is in: caught now, not before
+                with pytest.raises(CorruptData, match=f"block {pos // B} "):
+                    chk.arrived(end)
+                assert not chk.complete
+                break
+            chk.arrived(end)
+            assert chk.checked == whole
+        else:
+            assert chk.complete and not broken
+
+
+def test_block_crcs_are_8_hex_digits_each_and_nothing_else():
+    assert rangecrc.decode(rangecrc.encode([0, 1, 0xDEADBEEF])) == [0, 1, 0xDEADBEEF]
+    assert rangecrc.decode("DEADBEEF") == [0xDEADBEEF] and rangecrc.decode("") == []
+    for text in ("00 00 01", "0000000", "+0000001", "0x000001", "0000000g"):
+        with pytest.raises(CorruptData):
+            rangecrc.decode(text)
