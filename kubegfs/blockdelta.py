@@ -100,14 +100,13 @@ def pack(items: list[Outgoing]) -> bytes:
 def unpack(body: bytes, base_of: Callable[[bytes], bytes | None]) -> list[tuple[bytes, bytes, bytes | None]]:
     """A batch back into (digest, block, ``zstd(block)`` if the frame carried it whole), each
     block hashed and the batch checked; ``base_of`` gives the block a digest prefix names on
-    this holder (None: absent, :class:`MissingBase`). The common frame, an XOR delta, is
-    rebuilt inline (a holder takes ~500 of them after 100 files changed in a 1M-file tree)."""
+    this holder (None: absent, :class:`MissingBase`)."""
     if body[:4] != MAGIC or len(body) < 4 + DIGEST_SIZE:
         raise CorruptData("not a block delta batch")
     check = body[4:4 + DIGEST_SIZE]
     pos, n = 4 + DIGEST_SIZE, len(body)
     out: list[tuple[bytes, bytes, bytes | None]] = []
-    add, from_bytes = out.append, int.from_bytes
+    add = out.append
     while pos < n:
         kind = body[pos]
         pos += 1
@@ -130,13 +129,7 @@ def unpack(body: bytes, base_of: Callable[[bytes], bytes | None]) -> list[tuple[
             base = base_of(body[pos:pos + PREFIX])
             if base is None:
                 raise MissingBase(f"the base {body[pos:pos + PREFIX].hex()}… of a block delta is not here")
-            if kind == XOR:
-                x = decompress(body[pos + PREFIX:end])
-                if len(x) != len(base):
-                    raise CorruptData("a block delta does not match its base's length")
-                blk = (from_bytes(x, "little") ^ from_bytes(base, "little")).to_bytes(len(x), "little")
-            else:
-                blk = undelta(kind, body[pos + PREFIX:end], base)
+            blk = undelta(kind, body[pos + PREFIX:end], base)
             add((block_digest(blk), blk, None))
         elif kind == WHOLE:
             z = body[pos:end]
