@@ -15,12 +15,17 @@ the chunkserver (and be sent the token); the answer must name the replica the ma
 
 Bounded: at most ``size`` descriptors are held, each for at most ``ttl`` seconds (a descriptor
 of a deleted chunk holds its disk space); one evicted while a read uses it is closed when that
-read is done.
+read is done. Descriptors are closed by a thread of their own, never on a read's path: the last
+close of a chunk file the chunkserver deleted meanwhile frees its pages and blocks in the
+closing thread (15-25 ms per 64 MiB chunk here; a 1 GiB read that closed the descriptors of
+the file it replaced took 0.5-0.9 s longer), work that the chunkserver's unlink does when no
+descriptor is open. That thread also closes descriptors unused for ``ttl`` seconds.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import stat
 import struct
@@ -38,7 +43,7 @@ class NotLocal(Unavailable):
     """The socket is not the named chunkserver's, or not to be trusted: not used again."""
 
 
-CACHE = 16  # descriptors held
+CACHE = 64  # descriptors held (HDFS keeps 256 streams for 5 minutes; a descriptor of a deleted chunk holds its space)
 TTL = 30.0  # seconds a descriptor is used before it is asked for again
 SLICE = 256 * 1024  # read and checked at a time (4 blocks: they stay in the CPU's cache in between)
 TIMEOUT = 5.0  # a grant's whole exchange
@@ -62,6 +67,9 @@ class LocalReads:
         self._lock = threading.Lock()
         self._held: OrderedDict[tuple[str, int], _Held] = OrderedDict()  # by (socket path, handle)
         self.grants = 0  # descriptors asked for and received
+        self._closing: queue.SimpleQueue[int] = queue.SimpleQueue()  # descriptors the closer closes
+        self._closer: threading.Thread | None = None
+        self._stop = False
 
     def read(self, path: str, cs_id: str, handle: int, version: int, off: int, n: int,
              into: bytearray | None = None) -> memoryview:
@@ -78,9 +86,20 @@ class LocalReads:
             self._release(held)
 
     def close(self) -> None:
+        """Close every descriptor not in use now (those in use: when their reads are done)."""
         with self._lock:
+            self._stop = True
             for h in list(self._held.values()):
                 self._evict(h)
+        self.settle()
+
+    def settle(self) -> None:
+        """Close the descriptors waiting for the closer, in this thread."""
+        while True:
+            try:
+                os.close(self._closing.get_nowait())
+            except queue.Empty:
+                return
 
     # ------------------------------------------------------------------ the cache
 
@@ -113,13 +132,14 @@ class LocalReads:
             self._held[key] = h
             while len(self._held) > self.size:
                 self._evict(next(iter(self._held.values())))
+            self._ensure_closer()
         return h
 
     def _release(self, h: _Held) -> None:
         with self._lock:
             h.users -= 1
             if h.dropped and h.users == 0:
-                os.close(h.fd)
+                self._close_later(h.fd)
 
     def _drop(self, h: _Held) -> None:
         with self._lock:
@@ -133,7 +153,40 @@ class LocalReads:
         if not h.dropped:
             h.dropped = True
             if h.users == 0:
-                os.close(h.fd)
+                self._close_later(h.fd)
+
+    def _close_later(self, fd: int) -> None:
+        """(lock held)"""
+        if self._stop:
+            os.close(fd)
+            return
+        self._closing.put(fd)
+        self._ensure_closer()
+
+    def _ensure_closer(self) -> None:
+        """(lock held) The closer runs while anything is held or waits to be closed."""
+        if self._closer is None and not self._stop:
+            self._closer = threading.Thread(target=self._close_loop, name="kubegfs-localread-closer", daemon=True)
+            self._closer.start()
+
+    def _close_loop(self) -> None:
+        """Close what is queued; every ``ttl`` / 2 seconds, evict what was not used for ``ttl``;
+        end once nothing is held or queued (started again when something is)."""
+        period = max(0.05, self.ttl / 2)
+        while True:
+            try:
+                os.close(self._closing.get(timeout=period))
+                continue
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            with self._lock:
+                for h in [h for h in self._held.values() if now - h.at >= self.ttl]:
+                    self._evict(h)
+                if self._stop or (not self._held and self._closing.empty()):
+                    self._closer = None
+                    break
+        self.settle()
 
 
 def ask(path: str, token: str, handle: int, version: int) -> tuple[sc.Grant, int]:

@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from array import array
 
 import msgpack
@@ -267,6 +268,14 @@ class _Asks:
         return sc.Grant(self.cs_id, handle, self.version, len(self.data), _crcs(self.data)), fd
 
 
+def _gone(held: tuple[int, int, int]) -> bool:
+    """Whether that descriptor is closed within 2 s (the closer thread closes them)."""
+    deadline = time.monotonic() + 2
+    while not _closed(held) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _closed(held)
+
+
 def _closed(held: tuple[int, int, int]) -> bool:
     """Whether that descriptor is closed (its number may have been reused for another file)."""
     fd, ino, dev = held
@@ -287,14 +296,14 @@ def test_descriptors_are_cached_evicted_lru_and_closed(tmp_path, monkeypatch):
     assert asks.n == 1  # one grant per chunk
     lr.read("s", "cs", 2, 1, 0, 1)
     lr.read("s", "cs", 3, 1, 0, 1)  # evicts chunk 1's descriptor
-    assert asks.n == 3 and _closed(asks.fds[0]) and not _closed(asks.fds[1])
+    assert asks.n == 3 and _gone(asks.fds[0]) and not _closed(asks.fds[1])
     asks.version = 2
     lr.read("s", "cs", 2, 2, 0, 1)  # a newer version than the one held: asked again...
-    assert asks.n == 4 and _closed(asks.fds[1])
+    assert asks.n == 4 and _gone(asks.fds[1])
     with pytest.raises(Unavailable):  # ...and a grant older than asked is refused
         lr.read("s", "cs", 4, 3, 0, 1)
     lr.close()
-    assert all(_closed(fd) for fd in asks.fds)
+    assert all(_gone(fd) for fd in asks.fds)
 
 
 def test_a_descriptor_expires_and_a_wrong_chunkserver_is_refused(tmp_path, monkeypatch):
@@ -304,11 +313,11 @@ def test_a_descriptor_expires_and_a_wrong_chunkserver_is_refused(tmp_path, monke
     lr = localread.LocalReads("t", ttl=0.0)
     with pytest.raises(localread.NotLocal):
         lr.read("s", "cs", 1, 1, 0, 10)
-    assert _closed(asks.fds[0])
+    assert _closed(asks.fds[0])  # never held
     asks.cs_id = "cs"
     lr.read("s", "cs", 1, 1, 0, 10)
     lr.read("s", "cs", 1, 1, 0, 10)
-    assert asks.n == 3 and _closed(asks.fds[1])  # expired at once (ttl 0): asked again, the old one closed
+    assert asks.n == 3 and _gone(asks.fds[1])  # expired at once (ttl 0): asked again, the old one closed
     lr.close()
 
 
@@ -321,7 +330,21 @@ def test_a_descriptor_evicted_while_read_is_closed_by_its_reader(tmp_path, monke
     lr.read("s", "cs", 2, 1, 0, 10)  # evicts it
     assert not _closed(asks.fds[0])
     lr._release(h)
-    assert _closed(asks.fds[0])
+    assert _gone(asks.fds[0])
+    lr.close()
+
+
+def test_an_unused_descriptor_is_closed_after_its_ttl_and_the_closer_ends(tmp_path, monkeypatch):
+    asks = _Asks(tmp_path, os.urandom(100))
+    monkeypatch.setattr(localread, "ask", asks)
+    lr = localread.LocalReads("t", ttl=0.2)
+    lr.read("s", "cs", 1, 1, 0, 10)
+    assert not _closed(asks.fds[0]) and lr._closer is not None
+    assert _gone(asks.fds[0])  # nobody read again: the closer expired it
+    deadline = time.monotonic() + 2
+    while lr._closer is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lr._closer is None and not lr._held  # nothing held: no thread left behind
     lr.close()
 
 
@@ -334,7 +357,7 @@ def test_a_mismatch_drops_the_descriptor(tmp_path, monkeypatch):
     (tmp_path / "c1-1").write_bytes(b"\0" * B)  # the file changed under the descriptor
     with pytest.raises(CorruptData):
         lr.read("s", "cs", 1, 1, 0, 10)
-    assert _closed(asks.fds[0])
+    assert _gone(asks.fds[0])
     lr.read("s", "cs", 1, 1, 0, 10)  # asked again (the stand-in writes the right bytes back)
     assert asks.n == 2
     lr.close()

@@ -323,7 +323,8 @@ def ratio_rows(pairs: list[Pair]) -> list[Row]:
         if p.kubegfs is None:
             continue
         r = Row("hdfs-peer", f"{p.case}: kubegfs ÷ HDFS speed", "x", [p.speed],
-                extra={"unit": p.unit, "kubegfs": p.kubegfs.samples, "hdfs": p.hdfs.samples, **p.hdfs.extra})
+                extra={"unit": p.unit, "kubegfs": p.kubegfs.samples, "hdfs": p.hdfs.samples, **p.hdfs.extra,
+                       **({"kubegfs_extra": p.kubegfs.extra} if p.kubegfs.extra else {})})
         if p.target is not None:
             r.target, r.met = f"≥ {p.target:g}×", p.speed >= p.target
         rows.append(r)
