@@ -749,7 +749,7 @@ class Client:
                 piece = self._local_reads.read(local, rid, int(c["handle"], 16), c["version"], off, n, into)
                 self.stats.short_circuit += 1
                 return piece
-            except (KubegfsError, OSError) as exc:
+            except (KubegfsError, OSError, ValueError) as exc:
                 self.stats.short_circuit_fallbacks += 1
                 why = exc.message if isinstance(exc, KubegfsError) else repr(exc)
                 log.debug("short-circuit read of chunk %s at %d from %s failed, reading over TCP: %s",

@@ -272,8 +272,10 @@ def _kubegfs_data(client: Any, local: Any, cfg: PeerCfg, say: Callable[[str], No
             samples.append(sink.n / (time.perf_counter() - t0) / 1e6)
     size = human_mib(cfg.write_bytes)
     put = Row("hdfs-peer", f"write {size}: kubegfs", "MB/s", puts)
-    st = local.stats
-    frac = st.short_circuit / max(1, st.short_circuit + st.short_circuit_fallbacks + st.failovers) if gets[local] else 0.0
+    from kubegfs.client import PIECE
+
+    st = local.stats  # its pieces: the first from each replica goes to that replica's main port, which names its socket
+    frac = st.short_circuit / (cfg.reps * -(-cfg.write_bytes // PIECE))
     return {"write_default": put, "write_sync": put,
             "read": Row("hdfs-peer", f"read {size}: kubegfs", "MB/s", gets[client]),
             "read_sc": Row("hdfs-peer", f"read {size} short-circuit: kubegfs", "MB/s", gets[local],
