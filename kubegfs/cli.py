@@ -97,7 +97,8 @@ class Ctx:
         from .tls import ClientTLS
 
         try:
-            return Client(self.master, self.token, tls=ClientTLS.from_env(self.cacert))
+            return Client(self.master, self.token, tls=ClientTLS.from_env(self.cacert),
+                          short_circuit=click.get_current_context().meta.get(SHORT_CIRCUIT_KEY))
         except KubegfsError as exc:
             fail(exc.message)
 
@@ -125,6 +126,12 @@ def _set_output(ctx: click.Context, _param: click.Parameter, value: str | None) 
 
 
 TOKEN_FILE_META = "kubegfs.token_file"
+SHORT_CIRCUIT_KEY = "kubegfs.short_circuit"
+
+
+def _set_short_circuit(ctx: click.Context, _param: click.Parameter, value: bool | None) -> None:
+    if value is not None:
+        ctx.meta[SHORT_CIRCUIT_KEY] = value
 
 
 def _token_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -138,6 +145,10 @@ def client_options(f: Any) -> Any:
     f = click.option("-o", "--output", type=click.Choice(FORMATS), expose_value=False, callback=_set_output,
                      help="json or yaml (the API objects), name (one per line), wide (more columns)")(f)
     f = click.option("--json", "as_json", is_flag=True, help="same as -o json")(f)
+    f = click.option("--short-circuit/--no-short-circuit", default=None, envvar="KUBEGFS_SHORT_CIRCUIT",
+                     expose_value=False, callback=_set_short_circuit,
+                     help="read chunks of chunkservers on this host through their files' descriptors "
+                     "(default on; env KUBEGFS_SHORT_CIRCUIT=off)")(f)
     f = click.option("--cacert", envvar="KUBEGFS_CACERT", type=click.Path(dir_okay=False), expose_value=False,
                      callback=_set_cacert, help="verify an https:// master against this CA bundle (env KUBEGFS_CACERT)")(f)
     f = click.option("--token-file", envvar="KUBEGFS_TOKEN_FILE", expose_value=False, callback=_token_file,
@@ -292,6 +303,9 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
               help="seconds between background checksum passes (0 = off)")
 @click.option("--data-listen", default="", help="HOST:PORT of the lean listener for written pieces "
               "(default: --listen's host, any free port; 'off' for none; never with TLS)")
+@click.option("--short-circuit-socket", default="", envvar="KUBEGFS_SHORT_CIRCUIT_SOCKET",
+              help="Unix socket that hands local clients chunk files' descriptors (default: "
+              "DATA/run/short-circuit.sock; 'off' for none; env KUBEGFS_SHORT_CIRCUIT_SOCKET)")
 @click.option("--block-cache", default="128Mi", show_default=True, envvar="KUBEGFS_BLOCK_CACHE",
               help="a quantity: recent snapshot directory blocks kept in memory as delta bases (0 = none; "
               "env KUBEGFS_BLOCK_CACHE)")
@@ -299,7 +313,7 @@ def _location(node: str, zone: str, region: str, from_node: bool) -> Location:
 def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, token_file: str | None,
                 internal_token: str | None, internal_token_file: str | None, metrics_token: str | None,
                 metrics_token_file: str | None, tls_cert: str | None, tls_key: str | None, advertise: str | None, chunk_size: str | None, heartbeat_interval: float, scrub_interval: float,
-                data_listen: str, block_cache: str, node: str, zone: str, region: str,
+                data_listen: str, short_circuit_socket: str, block_cache: str, node: str, zone: str, region: str,
                 topology_from_node: bool) -> None:
     """Run a chunkserver."""
     from .chunkserver.server import run
@@ -314,7 +328,7 @@ def chunkserver(listen: str, master_url: str, data_dir: str, token: str | None, 
             raise InvalidArgument(f"--data-listen must be HOST:PORT or off, got {data_listen!r}") from None
     run(listen, Path(data_dir), master_url, tok, _location(node, zone, region, topology_from_node), advertise,
         parse_size(chunk_size) if chunk_size else None, heartbeat_interval, scrub_interval, ssl_context=_server_ssl(tls_cert, tls_key),
-        data_listen=data_listen, block_cache=parse_size(block_cache))
+        data_listen=data_listen, block_cache=parse_size(block_cache), short_circuit=short_circuit_socket)
 
 
 # ----------------------------------------------------------------------------- fs

@@ -7,13 +7,16 @@ replica when one is down or returns a checksum error. A chunkserver whose answer
 port (its data port) is read there: it sends the stored block CRCs with the bytes and the client
 checks every block (kubegfs/rangecrc.py); a block that fails is asked of the same replica's main
 port, which checks its copy itself (and reports it to the master if it is bad), so no
-unverified byte is ever returned.
+unverified byte is ever returned. A chunkserver on this host that named its short-circuit
+socket is read without TCP: the client gets the chunk file's descriptor and reads and checks the
+blocks itself (kubegfs/localread.py), and reads that piece over TCP if anything fails there.
 """
 
 from __future__ import annotations
 
 import http.client
 import json as jsonlib
+import logging
 import os
 import queue
 import select
@@ -30,7 +33,9 @@ from urllib.parse import quote, urlencode, urlsplit
 import msgpack
 
 from . import httpconn, rangecrc, sharedconn
+from . import shortcircuit as sc
 from .errors import Conflict, CorruptData, KubegfsError, NoSpace, Unavailable, from_json
+from .localread import LocalReads, NotLocal
 from .tls import ClientTLS
 from .wire import SMALL_FILE, LsPage, SnapshotInfo, Stat, StatError
 
@@ -39,6 +44,9 @@ PIECE = 8 * 1024 * 1024  # the chunkserver takes up to 8 MiB (MAX_PIECE)
 READ_AHEAD = 4  # pieces fetched ahead of the one being consumed (with client-verified reads, 4 read
 # 1 GiB at 1.9-2.2 GB/s where 2 left the CPUs ~20% idle at 1.3-2.0 GB/s: docs/benchmarks.md)
 Progress = Callable[[int], None]
+SHORT_CIRCUIT_ENV = "KUBEGFS_SHORT_CIRCUIT"  # "off" (or 0, false, no): never read through chunk file descriptors
+
+log = logging.getLogger("kubegfs.client")
 
 
 @dataclass
@@ -46,6 +54,8 @@ class ReadStats:
     failovers: int = 0
     corrupt: int = 0
     mismatches: int = 0  # client-verified pieces that failed a block CRC here
+    short_circuit: int = 0  # pieces read through a local chunkserver's file descriptor
+    short_circuit_fallbacks: int = 0  # pieces a short-circuit read failed for (read over TCP instead)
 
 
 class _Chunk:
@@ -242,7 +252,9 @@ def _dropped(conn: Any) -> bool:
 
 class Client:
     def __init__(self, master: str | None = None, token: str | None = None, timeout: float = 120.0,
-                 tls: ClientTLS | None = None) -> None:
+                 tls: ClientTLS | None = None, short_circuit: bool | None = None) -> None:
+        """``short_circuit``: read chunks of chunkservers on this host through their files'
+        descriptors (localread.py); None: unless ``$KUBEGFS_SHORT_CIRCUIT`` is off."""
         self.master = (master or os.environ.get("KUBEGFS_MASTER") or "http://127.0.0.1:9400").rstrip("/")
         tok = token if token is not None else os.environ.get("KUBEGFS_TOKEN", "")
         if not tok:
@@ -273,12 +285,21 @@ class Client:
         # not used again by this client.
         self.read_ports: dict[str, str] = {}
         self._read_off: set[str] = set()
+        if short_circuit is None:
+            short_circuit = os.environ.get(SHORT_CIRCUIT_ENV, "").strip().lower() not in ("off", "0", "false", "no")
+        # chunkservers on this host: their short-circuit sockets, by main base URL, as their read
+        # answers named them (with this host's identity)
+        self.local_sockets: dict[str, str] = {}
+        self._local_reads = LocalReads(tok) if short_circuit else None
+        self._host = sc.host_id() if short_circuit else ""
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubegfs-io")
         self.stats = ReadStats()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.close_connections()
+        if self._local_reads is not None:
+            self._local_reads.close()
 
     def close_connections(self) -> None:
         """Close the calling thread's connections (other threads' close when those threads end)."""
@@ -383,6 +404,7 @@ class Client:
                 read_port = r.headers.get("x-kubegfs-read-port")
                 if read_port is not None and read_port.isdigit():
                     self._learn_read_port(u, read_port)
+                self._learn_local(u, r.headers)
                 if answer_headers is not None:
                     answer_headers.update(r.headers)
             else:
@@ -396,6 +418,7 @@ class Client:
                 status, ctype, will_close = hr.status, hr.headers.get("Content-Type", ""), hr.will_close
                 fast = hr.headers.get("X-Kubegfs-Fastpath")
                 writes = hr.headers.get("X-Kubegfs-Fastpath-Writes")
+                self._learn_local(u, {k.lower(): v for k, v in hr.headers.items()})
                 if answer_headers is not None:
                     answer_headers.update((k.lower(), v) for k, v in hr.headers.items())
         except BaseException:
@@ -420,6 +443,12 @@ class Client:
         base = f"{u.scheme}://{u.netloc}"
         if u.scheme == "http" and base not in self.read_ports and base not in self._read_off:
             self.read_ports[base] = _other_port(u, "http", port)
+
+    def _learn_local(self, u: Any, headers: dict[str, str]) -> None:
+        """A chunkserver's short-circuit socket, if its answer says it runs on this host."""
+        path = headers.get(sc.SOCKET_HEADER.lower())
+        if path and self._host and headers.get(sc.HOST_HEADER.lower()) == self._host:
+            self.local_sockets.setdefault(f"{u.scheme}://{u.netloc}", path)
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
         return self._req(method, f"{self.master}/api/v1{path}", decode=True, **kw)
@@ -696,7 +725,7 @@ class Client:
         errors = []
         for rep in read_order(c["replicas"], off // PIECE):
             try:
-                piece = self._fetch(str(rep["address"]), c, off, n, into)
+                piece = self._fetch(str(rep["address"]), c, off, n, into, str(rep["id"]))
                 if len(piece) != n:
                     raise CorruptData(f"short read from {rep['id']}: {len(piece)} of {n}")
                 return piece
@@ -708,11 +737,25 @@ class Client:
         raise Unavailable(f"no replica of chunk {c['handle']} could serve it: " + "; ".join(errors or ["none live"]))
 
     def _fetch(self, base: str, c: dict[str, Any], off: int, n: int,
-               into: bytearray | None) -> bytes | bytearray | memoryview:
-        """A piece from the replica at ``base``: from its read port, every block checked here,
-        once it is known; else (or if that port cannot be reached, or a block fails its CRC)
-        from its main port, which checks the blocks itself (a copy that fails there is reported
-        to the master and answered as corrupt)."""
+               into: bytearray | None, rid: str = "") -> bytes | bytearray | memoryview:
+        """A piece from the replica at ``base``: through its chunk file's descriptor if it runs
+        on this host (localread.py); else (or if that fails) from its read port, every block
+        checked here, once it is known; else (or if that port cannot be reached, or a block
+        fails its CRC) from its main port, which checks the blocks itself (a copy that fails
+        there is reported to the master and answered as corrupt)."""
+        local = self.local_sockets.get(base)
+        if local is not None and self._local_reads is not None and rid:
+            try:
+                piece = self._local_reads.read(local, rid, int(c["handle"], 16), c["version"], off, n, into)
+                self.stats.short_circuit += 1
+                return piece
+            except (KubegfsError, OSError, ValueError) as exc:
+                self.stats.short_circuit_fallbacks += 1
+                why = exc.message if isinstance(exc, KubegfsError) else repr(exc)
+                log.debug("short-circuit read of chunk %s at %d from %s failed, reading over TCP: %s",
+                          c["handle"], off, rid, why)
+                if isinstance(exc, OSError | NotLocal):  # not reachable, or not to be trusted
+                    self.local_sockets.pop(base, None)
         params = {"offset": off, "length": n, "version": c["version"]}
         lean = self.read_ports.get(base)
         if lean is not None:

@@ -333,11 +333,11 @@ class LocalCluster:
                     raise ChildExited(p.name, p.popen.returncode, p.log_path)
             time.sleep(0.5)
 
-    def client(self) -> Client:
+    def client(self, short_circuit: bool | None = None) -> Client:
         from .tls import ClientTLS
 
         tls = ClientTLS(str(self.cacert), self.tls_server_name) if self.cacert else ClientTLS()
-        return Client(self.master_url, self.token, tls=tls)
+        return Client(self.master_url, self.token, tls=tls, short_circuit=short_circuit)
 
     def __enter__(self) -> LocalCluster:
         self.start()

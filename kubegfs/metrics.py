@@ -176,6 +176,15 @@ CS_HEARTBEAT_FAIL = Counter(
     "kubegfs_chunkserver_heartbeat_failures_total", "Heartbeats the master did not answer",
     registry=CHUNKSERVER,
 )
+CS_SHORT_CIRCUIT_GRANTS = Counter(
+    "kubegfs_chunkserver_short_circuit_grants_total",
+    "Chunk file descriptors handed to local clients over the short-circuit socket", registry=CHUNKSERVER,
+)
+CS_SHORT_CIRCUIT_REFUSALS = Counter(
+    "kubegfs_chunkserver_short_circuit_refusals_total",
+    "Short-circuit requests answered without a descriptor, by reason (the error code; busy: too many clients)",
+    ["reason"], registry=CHUNKSERVER,
+)
 CS_CLUSTER_REFUSALS = Counter(
     "kubegfs_chunkserver_cluster_refusals_total",
     "Masters refused or refusing us because the cluster ids differ", registry=CHUNKSERVER,

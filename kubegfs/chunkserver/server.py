@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 import uuid
@@ -35,6 +36,7 @@ from ..errors import ClusterMismatch, CorruptData, InvalidArgument, NotFound, fr
 from ..heap import keep_heap
 from ..rangecrc import READ_PORT_HEADER
 from ..recordreport import RECORD_SCAN_EVERY, Reporter
+from ..shortcircuit import HOST_HEADER, SOCKET_HEADER, host_id
 from ..topology import Location
 from ..web import (
     CHAIN_HEADER,
@@ -61,6 +63,7 @@ from .blocks import BlockStore
 from .dataport import DATA_PORT_HEADER, BufferPool, DataListener, PeerLinks
 from .membership import Membership
 from .metastore import MetaStore
+from .shortcircuit import ShortCircuitServer, SocketUnusable
 from .store import ChunkStore, ReadRange
 from .turnstile import Turnstile
 
@@ -76,7 +79,7 @@ class Chunkserver:
         self, data_dir: Path, master_url: str, token: str | Tokens, advertise: str, location: Location,
         chunk_size: int | None = None, heartbeat_interval: float = 1.0, cs_id: str | None = None,
         scrub_interval: float = 60.0, data_listen: tuple[str, int] | None = None,
-        block_cache: int = DEFAULT_BLOCK_CACHE,
+        block_cache: int = DEFAULT_BLOCK_CACHE, short_circuit: Path | None = None,
     ) -> None:
         self.scrub_interval = scrub_interval
         self.data_listen = data_listen  # HOST, PORT (0: any free one) of the data port; None: none
@@ -112,6 +115,9 @@ class Chunkserver:
                                  BufferPool(MAX_PIECE), self.open_read,
                                  partial(metaapi.serve_lean_stream, self.meta))
         self.peers = PeerLinks(self.token, lambda: self.membership.cluster_id)
+        self.short_circuit_path = short_circuit  # the Unix socket for local clients' reads; None: none
+        self.short_circuit: ShortCircuitServer | None = None  # serving, once started
+        self._read_headers: dict[str, str] = {}  # named on every main-port read answer
 
     # ------------------------------------------------------------------ app
 
@@ -149,6 +155,9 @@ class Chunkserver:
         if self.data_listen is not None:
             port = await self.data.start(*self.data_listen)
             log.info("chunkserver %s takes pieces on data port %d too", self.id, port)
+            self._read_headers[READ_PORT_HEADER] = str(port)
+        if self.short_circuit_path is not None:
+            self._start_short_circuit(self.short_circuit_path)
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         if self.scrub_interval > 0:
             self._tasks.append(asyncio.create_task(self._scrub_loop()))
@@ -159,9 +168,25 @@ class Chunkserver:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.data.stop()
+        if self.short_circuit is not None:
+            self.short_circuit.stop()
         self.peers.close()
         if self._session:
             await self._session.close()
+
+    def _start_short_circuit(self, path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        srv = ShortCircuitServer(path, self.tokens, self.id, self.store.open_local,
+                                 lambda h: loop.call_soon_threadsafe(self._read_corrupt, h))
+        try:
+            srv.start()
+        except SocketUnusable as exc:
+            log.warning("short-circuit local reads off: %s", exc)
+            return
+        self.short_circuit = srv
+        if host := host_id():
+            self._read_headers.update({SOCKET_HEADER: os.fspath(path), HOST_HEADER: host})
+        log.info("chunkserver %s hands local clients chunk files on %s", self.id, path)
 
     def _update_gauges(self) -> None:
         M.CS_CHUNKS.set(len(self.store.index))
@@ -332,8 +357,7 @@ class Chunkserver:
         v, size = self.store.index.get(h, (0, 0))
         headers = {"X-Kubegfs-Chunk-Length": str(size), "X-Kubegfs-Version": str(v),
                    "Content-Type": "application/octet-stream"}
-        if self.data.port is not None:
-            headers[READ_PORT_HEADER] = str(self.data.port)
+        headers.update(self._read_headers)
         return await send_body(request, data, headers)
 
     async def open_read(self, h: int, offset: int, length: int, min_version: int) -> ReadRange:
@@ -752,11 +776,13 @@ def run(
     listen: str, data_dir: Path, master_url: str, token: str | Tokens, location: Location,
     advertise: str | None = None, chunk_size: int | None = None, heartbeat_interval: float = 1.0,
     scrub_interval: float = 60.0, ssl_context: ssl.SSLContext | None = None, data_listen: str = "",
-    block_cache: int = DEFAULT_BLOCK_CACHE,
+    block_cache: int = DEFAULT_BLOCK_CACHE, short_circuit: str = "",
 ) -> None:
     """``data_listen``: HOST:PORT of the data port (dataport.py), "" for the main port's host and
     any free port, "off" for none (a TLS chunkserver opens none: the data port is plain TCP).
-    ``block_cache``: bytes of recent directory blocks kept in memory as delta bases (blockcache)."""
+    ``block_cache``: bytes of recent directory blocks kept in memory as delta bases (blockcache).
+    ``short_circuit``: the Unix socket for local clients' short-circuit reads (shortcircuit.py),
+    "" for ``<data>/run/short-circuit.sock``, "off" for none."""
     host, port = split_listen(listen)
     data: tuple[str, int] | None = None
     if data_listen != "off" and ssl_context is None:
@@ -764,7 +790,9 @@ def run(
     adv = advertise or f"{'https' if ssl_context else 'http'}://{host}:{port}"
     loc = location if location.ip else Location(location.node, location.zone, location.region, host)
     cs = Chunkserver(data_dir, master_url, token, adv, loc, chunk_size, heartbeat_interval,
-                     scrub_interval=scrub_interval, data_listen=data, block_cache=block_cache)
+                     scrub_interval=scrub_interval, data_listen=data, block_cache=block_cache,
+                     short_circuit=None if short_circuit == "off" else
+                     Path(short_circuit) if short_circuit else data_dir / "run" / "short-circuit.sock")
     log.info("chunkserver %s listening on %s (node=%s zone=%s region=%s)", cs.id, listen,
              loc.node, loc.zone, loc.region)
     keep_heap()

@@ -310,6 +310,34 @@ class ChunkStore:
             raise
         return ReadRange(fd, base, n, crcs[first : first + count].tolist(), size, v)
 
+    def open_local(self, h: int, min_version: int) -> tuple[int, int, int, array]:
+        """A short-circuit read's grant (kubegfs/chunkserver/shortcircuit.py): the chunk file
+        opened ``O_RDONLY`` (a handle the store knows, never a path from the caller) with its
+        durable version, length and block CRCs, all taken under the chunk's lock, so no write
+        can finish between reading the metadata and opening the file. Returns (fd, version,
+        length, CRCs); the caller sends and closes the fd. Refused as ``read`` refuses (no such
+        chunk, a stale version); a file shorter than its metadata, or CRCs missing, is
+        CorruptData (and remembered)."""
+        data_path, _ = self._paths(h)
+        with self.lock(h):
+            if h not in self.index:
+                raise NotFound(f"no such chunk {h:016x}")
+            v, size, crcs = self._read_meta(h)  # the durable state (a pending write is not in it)
+            if v < min_version:
+                raise Conflict(f"stale replica: version {v} < {min_version}")
+            if len(crcs) < -(-size // BLOCK_SIZE):
+                self.corrupt.add(h)
+                raise CorruptData(f"chunk {h:016x} lacks block CRCs")
+            fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size < size:
+                    self.corrupt.add(h)
+                    raise CorruptData(f"chunk {h:016x}'s file is shorter than its length {size}")
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd, v, size, crcs
+
     def verify(self, h: int) -> bool:
         try:
             _, size, _ = self._meta(h)

@@ -87,7 +87,7 @@ def _data_port_gets(cluster):
 
 def test_reads_on_the_read_ports_are_checked_here_and_exact(cluster, monkeypatch):
     monkeypatch.setattr(client_mod, "PIECE", 64 * 1024)
-    c = cluster.client()
+    c = cluster.client(short_circuit=False)  # the TCP path
     data = os.urandom(3 * CHUNK + 4321)
     c.put("/v", data)
     lay = c.layout("/v")
@@ -111,7 +111,7 @@ def test_reads_on_the_read_ports_are_checked_here_and_exact(cluster, monkeypatch
 
 
 def test_a_read_port_that_cannot_be_reached_falls_back_to_the_main_port(cluster):
-    c = cluster.client()
+    c = cluster.client(short_circuit=False)  # the TCP path
     data = os.urandom(CHUNK + 10)
     c.put("/u", data)
     lay = c.layout("/u")

@@ -96,6 +96,17 @@ def test_hdfs_peer_metadata_only_drops_the_data_and_snapshot_workloads_on_both_s
     assert "if (writeMiB > 0)" in java
 
 
+def test_hdfs_peer_data_only_runs_the_writes_and_both_reads_on_both_sides() -> None:
+    from kubegfs_dev.bench import hdfs_peer
+
+    data = hdfs_peer.PeerCfg.for_run(False, data_only=True)
+    assert data.write_bytes and (data.trees, data.metadata) == ([], False)
+    java = (hdfs_peer.HARNESS / "src/main/java/kubegfs/hdfspeer/Main.java").read_text()
+    assert 'case "--metadata"' in java and 'row("read_sc"' in java
+    assert 'setBoolean("dfs.client.use.legacy.blockreader.local", true)' in java
+    assert "TCP" in hdfs_peer._label("read", data) and "short-circuit" in hdfs_peer._label("read_sc", data)
+
+
 def test_pods_bench_is_opt_in_and_its_crs_carry_the_namespace(capsys: pytest.CaptureFixture[str]) -> None:
     from kubegfs_dev.bench import ALL, OPT_IN
     from kubegfs_dev.bench.pods import _snapshot

@@ -60,3 +60,29 @@ def test_a_bad_data_listen_is_one_error_line():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "--data-listen must be HOST:PORT or off" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_short_circuit_reads_are_switched_off_by_flag_or_environment(monkeypatch):
+    """``--no-short-circuit`` or ``KUBEGFS_SHORT_CIRCUIT=off`` reach the Client; the default
+    leaves it to the Client (on unless the environment says off)."""
+    from click.testing import CliRunner
+
+    import kubegfs.client as client_mod
+
+    seen = []
+
+    class Stub:
+        def __init__(self, master, token, tls=None, short_circuit=None):
+            seen.append(short_circuit)
+
+        def stat(self, path):
+            return {"path": path, "type": "file", "size": 0, "mode": 0o644, "mtime": 0, "chunks": 0}
+
+    monkeypatch.setattr(client_mod, "Client", Stub)
+    monkeypatch.delenv("KUBEGFS_SHORT_CIRCUIT", raising=False)
+    r = CliRunner()
+    base = ["fs", "stat", "--token", "t", "/x", "-o", "json"]
+    for extra, env, want in (([], {}, None), (["--no-short-circuit"], {}, False),
+                             ([], {"KUBEGFS_SHORT_CIRCUIT": "off"}, False), (["--short-circuit"], {}, True)):
+        res = r.invoke(main, [*base[:2], *extra, *base[2:]], env=env)
+        assert seen[-1] is want, (extra, env, res.output)

@@ -17,6 +17,17 @@ Durability of each side, as run:
   hold the bytes in their page cache (no fsync, ``dfs.datanode.synconclose=false``); "HDFS sync"
   writes use ``CreateFlag.SYNC_BLOCK`` and ``hsync()`` before ``close()``.
 
+Reads, each round on both sides, right after the round's write: first over TCP (kubegfs: a client
+with short-circuit reads off, its pieces from the chunkservers' read ports, every block checked by
+the client; HDFS: its default TCP block reader from the DataNodes), then short-circuit local reads
+(kubegfs: a second client that gets each chunk file's descriptor from its chunkserver's Unix
+socket and reads and checks the blocks itself, kubegfs/localread.py; HDFS: the legacy
+``BlockReaderLocalLegacy``, which asks the DataNode for the block and checksum files' paths and
+reads and verifies them itself; the modern HDFS-347 reader needs libhadoop, which the Maven
+artifacts lack). Each side's short-circuit row reports the share of what it read that way
+(``short_circuit_fraction``), so a silent fallback to TCP shows. ``--peer data``: the write and
+read rows alone.
+
 Both sides: 1 metadata server + 3 data servers on 127.0.0.1, replication 3, each driven by its own
 client library with one client per thread (the HDFS clients of one JVM share one RPC connection,
 as HDFS clients do). Empty files for creates, stat and ls; 1 KiB rewrites for "changing" files.
@@ -51,14 +62,18 @@ class PeerCfg:
     seconds: float
     reps: int
     modify: int = 100
+    metadata: bool = True  # the stat, ls and create rows
 
     @classmethod
-    def for_run(cls, quick: bool, metadata_only: bool = False) -> PeerCfg:
+    def for_run(cls, quick: bool, metadata_only: bool = False, data_only: bool = False) -> PeerCfg:
         """``metadata_only`` (``--peer metadata``): the stat, ls and create rows alone, on both
-        sides (no write, read or snapshot), to compare code versions in a few minutes."""
+        sides (no write, read or snapshot), to compare code versions in a few minutes;
+        ``data_only`` (``--peer data``): the write and read rows alone."""
         cfg = cls(256 * MiB, [10_000], 1.0, 2) if quick else cls(GiB, [10_000, 100_000], 3.0, 3)
         if metadata_only:
             cfg.write_bytes, cfg.trees = 0, []
+        if data_only:
+            cfg.trees, cfg.metadata = [], False
         return cfg
 
 
@@ -120,7 +135,7 @@ def run_hdfs(cmd: list[str], base: Path, cfg: PeerCfg, say: Callable[[str], None
         f"{', '.join(human_n(n) for n in cfg.trees)} files")
     args = ["--base", str(base), "--write-mib", str(cfg.write_bytes // MiB),
             "--trees", ",".join(map(str, cfg.trees)), "--seconds", str(cfg.seconds),
-            "--reps", str(cfg.reps), "--modify", str(cfg.modify)]
+            "--reps", str(cfg.reps), "--modify", str(cfg.modify), "--metadata", "1" if cfg.metadata else "0"]
     try:
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=3600)
     finally:
@@ -164,12 +179,12 @@ def bench_kubegfs(tmp: Path, cfg: PeerCfg, say: Callable[[str], None]) -> dict[s
         for p in cluster.chunkservers:
             cluster.start_chunkserver(p, wait=False)
         cluster.wait_registered(3, 120)
-        clients = [cluster.client() for _ in range(4)]
+        clients = [cluster.client(short_circuit=False) for _ in range(4)]
         c0 = clients[0]
         c0.mkdir("/st")
         for i in range(100):
             c0.put(f"/st/f{i}", b"")
-        for nt in (1, 4):
+        for nt in (1, 4) if cfg.metadata else ():
             rates: dict[str, list[float]] = {"stat": [], "ls": [], "create": []}
             for r in range(cfg.reps):
                 say(f"kubegfs: stat / ls / creates, {nt} threads ({r + 1}/{cfg.reps})")
@@ -204,7 +219,9 @@ def bench_kubegfs(tmp: Path, cfg: PeerCfg, say: Callable[[str], None]) -> dict[s
             for name, samples in rates.items():
                 rows[f"{name}/{nt}"] = Row("hdfs-peer", f"{name}, {nt} threads: kubegfs", "ops/s", samples)
         if cfg.write_bytes:
-            rows.update(_kubegfs_data(c0, cfg, say))
+            local = cluster.client(short_circuit=True)
+            clients.append(local)
+            rows.update(_kubegfs_data(c0, local, cfg, say))
         wait_metadata_copies(c0)  # (long since, after the rates above)
         for n, t in trees.items():
             say(f"kubegfs: snapshots of {human_n(n)} files")
@@ -232,33 +249,44 @@ def bench_kubegfs(tmp: Path, cfg: PeerCfg, say: Callable[[str], None]) -> dict[s
     return rows
 
 
-def _kubegfs_data(client: Any, cfg: PeerCfg, say: Callable[[str], None]) -> dict[str, Row]:
+def _kubegfs_data(client: Any, local: Any, cfg: PeerCfg, say: Callable[[str], None]) -> dict[str, Row]:
+    """Puts and gets by ``client`` (over TCP), then a get by ``local`` (short-circuit local reads:
+    kubegfs/localread.py) in each round, as the HDFS side reads over TCP, then short-circuit."""
     block = os.urandom(4 * MiB)
 
     def pieces() -> Iterator[bytes]:
         for i in range(cfg.write_bytes // len(block)):
             yield bytes([i & 0xFF]) + block[1:]  # every piece differs, as on the HDFS side
 
-    puts, gets = [], []
+    puts: list[float] = []
+    gets: dict[Any, list[float]] = {client: [], local: []}
     for r in range(cfg.reps):
-        say(f"kubegfs: put / get {human_mib(cfg.write_bytes)} at RF=3 ({r + 1}/{cfg.reps})")
+        say(f"kubegfs: put / get / short-circuit get {human_mib(cfg.write_bytes)} at RF=3 ({r + 1}/{cfg.reps})")
         t0 = time.perf_counter()
         client.put("/big.bin", pieces())
         puts.append(cfg.write_bytes / (time.perf_counter() - t0) / 1e6)
-        sink = _Sink()
-        t0 = time.perf_counter()
-        client.get_to("/big.bin", sink)
-        gets.append(sink.n / (time.perf_counter() - t0) / 1e6)
+        for c, samples in gets.items():
+            sink = _Sink()
+            t0 = time.perf_counter()
+            c.get_to("/big.bin", sink)
+            samples.append(sink.n / (time.perf_counter() - t0) / 1e6)
     size = human_mib(cfg.write_bytes)
     put = Row("hdfs-peer", f"write {size}: kubegfs", "MB/s", puts)
+    from kubegfs.client import PIECE
+
+    st = local.stats  # its pieces: the first from each replica goes to that replica's main port, which names its socket
+    frac = st.short_circuit / (cfg.reps * -(-cfg.write_bytes // PIECE))
     return {"write_default": put, "write_sync": put,
-            "read": Row("hdfs-peer", f"read {size}: kubegfs", "MB/s", gets)}
+            "read": Row("hdfs-peer", f"read {size}: kubegfs", "MB/s", gets[client]),
+            "read_sc": Row("hdfs-peer", f"read {size} short-circuit: kubegfs", "MB/s", gets[local],
+                           extra={"short_circuit_pieces": st.short_circuit, "fallbacks": st.short_circuit_fallbacks,
+                                  "short_circuit_fraction": round(frac, 4)})}
 
 
 # ---------------------------------------------------------------------- pairing and tables
 
 _TARGETS = {"stat": 1.0, "ls": 1.0, "create": 1.5, "write_default": 0.8, "write_sync": 1.0,
-            "read": 1.0, "snapshot": 0.2}
+            "read": 1.0, "read_sc": 1.0, "snapshot": 0.2}
 
 
 def _label(hid: str, cfg: PeerCfg) -> str:
@@ -270,7 +298,8 @@ def _label(hid: str, cfg: PeerCfg) -> str:
         "create": f"durable creates of empty files, {arg} thread{'s' if arg != '1' else ''}",
         "write_default": f"write {size} at RF=3 vs HDFS default (no fsync)",
         "write_sync": f"write {size} at RF=3 vs HDFS SYNC_BLOCK + hsync",
-        "read": f"read {size} (page cache warm)",
+        "read": f"read {size} (page cache warm), over TCP on both sides",
+        "read_sc": f"read {size} (page cache warm), short-circuit local reads on both sides",
         "snapshot_first": f"first snapshot of {human_n(int(arg or 0))} files (kubegfs: to Ready)",
         "snapshot": f"snapshot after {cfg.modify} changed, {human_n(int(arg or 0))} files (kubegfs: to Ready)",
         "diff": f"snapshot diff, {human_n(int(arg or 0))} files, {cfg.modify} changed",
@@ -296,7 +325,8 @@ def ratio_rows(pairs: list[Pair]) -> list[Row]:
         if p.kubegfs is None:
             continue
         r = Row("hdfs-peer", f"{p.case}: kubegfs ÷ HDFS speed", "x", [p.speed],
-                extra={"unit": p.unit, "kubegfs": p.kubegfs.samples, "hdfs": p.hdfs.samples, **p.hdfs.extra})
+                extra={"unit": p.unit, "kubegfs": p.kubegfs.samples, "hdfs": p.hdfs.samples, **p.hdfs.extra,
+                       **({"kubegfs_extra": p.kubegfs.extra} if p.kubegfs.extra else {})})
         if p.target is not None:
             r.target, r.met = f"≥ {p.target:g}×", p.speed >= p.target
         rows.append(r)
@@ -332,11 +362,11 @@ def markdown_peer_table(pairs: list[Pair]) -> str:
     return "\n".join(out)
 
 
-def bench_hdfs_peer(tmp: Path, out: Path, quick: bool, say: Callable[[str], None], metadata_only: bool = False
-                    ) -> tuple[list[Pair], dict[str, Any]]:
+def bench_hdfs_peer(tmp: Path, out: Path, quick: bool, say: Callable[[str], None], metadata_only: bool = False,
+                    data_only: bool = False) -> tuple[list[Pair], dict[str, Any]]:
     """Build and run the HDFS harness, then the same workloads on kubegfs (one after the other,
     never at the same time: the machine is shared). Writes DIR/hdfs-peer.{json,md}."""
-    cfg = PeerCfg.for_run(quick, metadata_only)
+    cfg = PeerCfg.for_run(quick, metadata_only, data_only)
     cmd = build_harness(say)
     hdfs = run_hdfs(cmd, tmp / "hdfs", cfg, say)
     kube = bench_kubegfs(tmp, cfg, say)

@@ -90,7 +90,7 @@ def run(quick: bool, out: Path, only: set[str], sizes: list[int] | None = None,
                 rows += bench_recovery(tmp, quick, say, max(sizes))
                 prog.advance(task)
             if "hdfs" in phases:
-                pairs, hdfs = bench_hdfs_peer(tmp, out, quick, say, peer == "metadata")
+                pairs, hdfs = bench_hdfs_peer(tmp, out, quick, say, peer == "metadata", peer == "data")
                 rows += ratio_rows(pairs)
                 peer_table = render_peer_table(pairs, hdfs)
                 prog.advance(task)
@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hdfs", action="store_true",
                     help="also run the HDFS MiniDFSCluster peer (Java 17 + Maven; ~140 MB fetched once)")
     ap.add_argument("--sizes", default="", help="override the tree sizes (comma-separated file counts)")
-    ap.add_argument("--peer", choices=("all", "metadata"), default="all",
-                    help="the HDFS peer's workloads: all, or metadata (stat, ls and creates only, both sides)")
+    ap.add_argument("--peer", choices=("all", "metadata", "data"), default="all",
+                    help="the HDFS peer's workloads: all, metadata (stat, ls and creates only, both sides) "
+                    "or data (writes and reads only)")
     a = ap.parse_args(argv)
     only = ({s.strip() for s in a.only.split(",") if s.strip()} or set(ALL)) | ({"hdfs"} if a.hdfs else set())
     bad = only - set(ALL + OPT_IN)

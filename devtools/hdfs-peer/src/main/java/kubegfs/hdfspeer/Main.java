@@ -20,6 +20,7 @@ import org.apache.hadoop.fs.permission.FsPermission;
 import org.apache.hadoop.hdfs.DistributedFileSystem;
 import org.apache.hadoop.hdfs.HdfsConfiguration;
 import org.apache.hadoop.hdfs.MiniDFSCluster;
+import org.apache.hadoop.hdfs.client.HdfsDataInputStream;
 import org.apache.hadoop.hdfs.protocol.SnapshotDiffReport;
 import org.apache.hadoop.util.VersionInfo;
 
@@ -36,7 +37,18 @@ import org.apache.hadoop.util.VersionInfo;
  * pipeline has them in its page cache; close() does not fsync) and "sync" (CreateFlag.SYNC_BLOCK
  * plus hsync() before close(): every DataNode fsyncs each block as it is finalized).
  *
- * <p>Arguments: {@code --base DIR --write-mib N --trees N,N --seconds S --reps R --modify K}.
+ * <p>Reads run twice per round: "read" over TCP from the DataNodes (the client's default), and
+ * "read_sc" with HDFS's legacy short-circuit local reads ({@code BlockReaderLocalLegacy},
+ * HDFS-2246: {@code dfs.client.read.shortcircuit} and {@code dfs.client.use.legacy.blockreader.local}
+ * on a client of its own {@code dfs.client.context}, the DataNodes allowing this user through
+ * {@code dfs.block.local-path-access.user}): the client asks the DataNode for the block and
+ * checksum files' paths over RPC and reads and verifies them itself. The modern one (HDFS-347,
+ * descriptors over a Unix socket) needs libhadoop, which the Maven artifacts do not carry. The
+ * row's {@code short_circuit_fraction} is the share of bytes the HDFS client counted as read
+ * short-circuit ({@code getReadStatistics}), so a silent fallback to TCP shows.
+ *
+ * <p>Arguments: {@code --base DIR --write-mib N --trees N,N --seconds S --reps R --modify K
+ * [--metadata 0]} ({@code --metadata 0}: no stat, ls or create rows).
  */
 public final class Main {
     private static final int MiB = 1 << 20;
@@ -51,6 +63,8 @@ public final class Main {
         conf.set(MiniDFSCluster.HDFS_MINIDFS_BASEDIR, base.getAbsolutePath());
         conf.setInt("dfs.replication", 3);
         conf.setBoolean("dfs.datanode.synconclose", false); // the HDFS default, stated
+        // who may ask a DataNode for its block files' paths (legacy short-circuit reads): this user
+        conf.set("dfs.block.local-path-access.user", System.getProperty("user.name"));
         cluster = new MiniDFSCluster.Builder(conf)
                 .numDataNodes(3)
                 .skipFsyncForTesting(false) // edit-log fsync ON
@@ -194,6 +208,14 @@ public final class Main {
         List<Double> def = new ArrayList<>();
         List<Double> sync = new ArrayList<>();
         List<Double> read = new ArrayList<>();
+        List<Double> readSc = new ArrayList<>();
+        long scBytes = 0;
+        long scTotal = 0;
+        Configuration scConf = new Configuration(conf);
+        scConf.setBoolean("dfs.client.read.shortcircuit", true);
+        scConf.setBoolean("dfs.client.use.legacy.blockreader.local", true);
+        scConf.set("dfs.client.context", "short-circuit"); // a ClientContext of its own (it caches the mode)
+        FileSystem scFs = FileSystem.newInstance(fs.getUri(), scConf);
         long blockSize = fs.getDefaultBlockSize(new Path("/"));
         for (int r = 0; r < reps; r++) {
             for (boolean syncMode : new boolean[] {false, true}) {
@@ -214,22 +236,31 @@ public final class Main {
                 out.close();
                 (syncMode ? sync : def).add(size / ((System.nanoTime() - t0) / 1e9) / 1e6);
             }
-            long t0 = System.nanoTime();
-            long got = 0;
-            try (InputStream in = fs.open(new Path("/big.bin"))) {
-                for (int n; (n = in.read(buf)) > 0; ) {
-                    got += n;
+            for (boolean local : new boolean[] {false, true}) {
+                long t0 = System.nanoTime();
+                long got = 0;
+                try (InputStream in = (local ? scFs : fs).open(new Path("/big.bin"))) {
+                    for (int n; (n = in.read(buf)) > 0; ) {
+                        got += n;
+                    }
+                    if (local) {
+                        scBytes += ((HdfsDataInputStream) in).getReadStatistics().getTotalShortCircuitBytesRead();
+                        scTotal += got;
+                    }
                 }
+                if (got != size) {
+                    throw new IOException("read " + got + " bytes, wrote " + size);
+                }
+                (local ? readSc : read).add(got / ((System.nanoTime() - t0) / 1e9) / 1e6);
             }
-            if (got != size) {
-                throw new IOException("read " + got + " bytes, wrote " + size);
-            }
-            read.add(got / ((System.nanoTime() - t0) / 1e9) / 1e6);
         }
+        scFs.close();
         String e = "\"bytes\":" + size + ",\"block_size\":" + blockSize;
         row("write_default", "MB/s", def, e);
         row("write_sync", "MB/s", sync, e);
         row("read", "MB/s", read, e);
+        row("read_sc", "MB/s", readSc, e + String.format(Locale.ROOT, ",\"short_circuit_fraction\":%.4f",
+                scTotal == 0 ? 0.0 : (double) scBytes / scTotal));
     }
 
     /** N empty files, 250 to a directory, created from 16 threads (the edit log groups their fsyncs). */
@@ -309,6 +340,7 @@ public final class Main {
         double seconds = 2.0;
         int reps = 3;
         int modify = 100;
+        boolean metadata = true;
         for (int i = 0; i < args.length; i += 2) {
             String v = i + 1 < args.length ? args[i + 1] : "";
             switch (args[i]) {
@@ -319,6 +351,7 @@ public final class Main {
                 case "--seconds" -> seconds = Double.parseDouble(v);
                 case "--reps" -> reps = Integer.parseInt(v);
                 case "--modify" -> modify = Integer.parseInt(v);
+                case "--metadata" -> metadata = !v.equals("0");
                 default -> {
                     System.err.println("hdfs-peer: unknown argument " + args[i]);
                     System.exit(2);
@@ -333,7 +366,9 @@ public final class Main {
         Main m = new Main(base);
         double startup = (System.nanoTime() - t0) / 1e9;
         try {
-            m.metadata(seconds, reps);
+            if (metadata) {
+                m.metadata(seconds, reps);
+            }
             if (writeMiB > 0) { // 0 (the bench's --peer metadata): stat, ls and creates only
                 m.data(writeMiB * MiB, reps);
             }
