@@ -57,3 +57,21 @@ def fsync_together(fds: Sequence[int], meanwhile: Callable[[], T] | None = None)
     for f in futs:
         f.result()
     return got
+
+
+def pwrite_all(fd: int, parts: Sequence[bytes], offset: int) -> None:
+    """All of ``parts`` at ``offset``: ``pwritev`` (at most IOV_MAX parts at a time), resumed
+    after a short write."""
+    i = 0
+    while i < len(parts):
+        batch = parts[i : i + 512]
+        want = sum(len(p) for p in batch)
+        n = os.pwritev(fd, batch, offset)
+        if n < want:  # short write: finish this batch the plain way
+            rest = b"".join(bytes(p) for p in batch)[n:]
+            while rest:
+                k = os.pwrite(fd, rest, offset + n)
+                n += k
+                rest = rest[k:]
+        offset += want
+        i += len(batch)

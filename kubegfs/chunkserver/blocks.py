@@ -4,16 +4,21 @@ A block's name is the sha256 of its bytes: it is checked on receipt (a put whose
 match is refused whole) and on every read (a block that no longer matches is dropped and reported
 to the master, which re-ships it or fetches another copy).
 
-Layout: ``<data>/blocks/<16 hex digits>.pack``, one pack per put (``KGBLKPK1`` then the
-frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see merkle.pack_frames; blocks
-that came as deltas against blocks held here, see blockdelta, are stored whole like the others,
+Layout: ``<data>/blocks/<16 hex digits>.log``, the segments of the block log (blocklog.py): a put
+is one entry appended to the head segment and made durable by one ``fdatasync`` (no file
+created, renamed or directory fsynced per put), and is whole or absent after a crash. Blocks that
+came as deltas against blocks held here (see blockdelta) are stored whole like the others,
 compressed at zstd level STORE_LEVEL, which takes half the time of the shipping level for ~8%
-more bytes),
-written tmp + fsync + rename + fsync of the directory, so
-a put of many blocks costs one fsync and a pack is whole or absent. An in-memory index maps a
-digest to (pack, offset, length); a pack is unlinked once none of its blocks is wanted. A block
-deleted from a pack that still holds others comes back after a restart and is then reported in
-the full heartbeat, where the master orders it deleted again (deletions are idempotent).
+more bytes. Still read, never written: ``<data>/blocks/<16 hex digits>.pack``, one pack per put
+(``KGBLKPK1`` then the frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see
+merkle.pack_frames), which earlier versions wrote tmp + fsync + rename + fsync of the directory.
+
+An in-memory index maps a digest to (pack or segment, offset, length). A pack or segment is
+unlinked once none of its blocks is wanted, and a segment other than the head is compacted (its
+wanted blocks appended to the head, then it is unlinked) once less than a quarter of its bytes
+are wanted. A block deleted from a file that still holds others comes back after a restart and
+is then reported in the full heartbeat, where the master orders it deleted again (deletions are
+idempotent).
 
 The blocks stored or read lately are also kept whole in memory (blockcache: verified when they
 entered it), so a delta's base is mostly not read from its pack, decompressed and hashed again.
@@ -29,6 +34,7 @@ from pathlib import Path
 from ..blockdelta import PREFIX, unpack
 from ..errors import CorruptData
 from ..merkle import DIGEST_SIZE, compress_many, verified
+from . import blocklog
 from .blockcache import DEFAULT_BYTES, BlockCache
 
 log = logging.getLogger("kubegfs.chunkserver.blocks")
@@ -49,23 +55,32 @@ class BlockStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[bytes, tuple[str, int, int]] = {}
         self.by_prefix: dict[bytes, bytes] = {}  # a digest's first PREFIX bytes -> digest (delta bases)
-        self.live: dict[str, int] = {}  # pack name -> blocks of it in the index
+        self.live: dict[str, int] = {}  # pack or segment name -> blocks of it in the index
+        self.sizes: dict[str, int] = {}  # segment name -> its bytes
+        self.wanted: dict[str, int] = {}  # segment name -> bytes of the frames of its blocks in the index
         self.dropped: set[bytes] = set()  # failed their digest since the last heartbeat
         self.recent = BlockCache(cache_bytes)  # verified blocks, whole, stored or read lately
         self._lock = threading.Lock()
-        self._seq = 0
+        seq = 0
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
-        for p in sorted(self.dir.glob("*.pack")):
-            self._load(p)
+        files: list[tuple[int, Path]] = []
+        for p in [*self.dir.glob("*.pack"), *self.dir.glob("*.log")]:
+            try:
+                files.append((int(p.stem, 16), p))
+            except ValueError:
+                log.error("ignoring a block file with a foreign name: %s", p.name)
+        files.sort()
+        for n, p in files:
+            seq = max(seq, n)
+            if p.suffix == ".pack":
+                self._load(p)
+            else:
+                self._load_segment(p, p == files[-1][1])
+        self.head = blocklog.Head(self.dir, seq)
 
     def _load(self, p: Path) -> None:
         data = p.read_bytes()
-        try:
-            self._seq = max(self._seq, int(p.stem, 16))
-        except ValueError:
-            log.error("ignoring block pack with a foreign name: %s", p.name)
-            return
         if data[:8] != PACK_MAGIC:
             log.error("block pack %s has a bad magic; ignored", p.name)
             return
@@ -86,6 +101,26 @@ class BlockStore:
             pos += _HEAD + ln
         if n:
             self.live[p.name] = n
+        else:
+            p.unlink()
+
+    def _load_segment(self, p: Path, newest: bool) -> None:
+        data = p.read_bytes()
+        if data[:len(blocklog.SEGMENT_MAGIC)] != blocklog.SEGMENT_MAGIC:
+            log.error("block log segment %s has a bad magic; ignored", p.name)
+            return
+        n = wanted = 0
+        for _at, _ln, blocks in blocklog.scan(data, p.name, newest):
+            for dg, off, ln in blocks:
+                if dg not in self.index:
+                    self.index[dg] = (p.name, off, ln)
+                    self.by_prefix[dg[:PREFIX]] = dg
+                    n += 1
+                    wanted += ln + _HEAD
+        if n:
+            self.live[p.name] = n
+            self.sizes[p.name] = len(data)
+            self.wanted[p.name] = wanted
         else:
             p.unlink()
 
@@ -145,31 +180,34 @@ class BlockStore:
                     new[dg] = data
             if not new:
                 return 0
-            self._seq += 1
-            name = f"{self._seq:016x}.pack"
-            tmp = self.dir / (name + ".tmp")
-            parts = [PACK_MAGIC]
-            where: list[tuple[str, int, int]] = []
-            off = len(PACK_MAGIC) + _HEAD
-            for dg, data in new.items():
-                ln = len(data)
-                parts += (dg, ln.to_bytes(4, "little"), data)
-                where.append((name, off, ln))
-                off += ln + _HEAD
-            with open(tmp, "wb") as f:
-                f.write(b"".join(parts))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / name)
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.index.update(zip(new, where, strict=True))
-            self.by_prefix.update({dg[:PREFIX]: dg for dg in new})
-            self.live[name] = len(new)
+            self._append(list(new.items()))
             return len(new)
+
+    def _append(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Append blocks (not in the index, or in a segment being compacted) to the block log as
+        one entry, durably, and index them there (caller holds the lock)."""
+        payload, where = blocklog.frames(items)
+        prev = self.head.name
+        name, at = self.head.append(blocklog.entry(payload))
+        base = at + blocklog.ENTRY_HEAD
+        moved = [old for dg, _z in items if (old := self.index.get(dg)) is not None]  # compaction's
+        self.index.update({dg: (name, base + off, len(z)) for (dg, z), off in zip(items, where, strict=True)})
+        for old in moved:
+            self._unwant(old)
+        self.by_prefix.update({dg[:PREFIX]: dg for dg, _z in items})
+        self.live[name] = self.live.get(name, 0) + len(items)
+        self.wanted[name] = self.wanted.get(name, 0) + len(payload)
+        self.sizes[name] = self.head.size
+        if prev and prev != name:  # the previous head, sealed now, may be all or mostly unwanted
+            if prev not in self.live:
+                self._unlink(prev)
+            else:
+                self._compact_if_sparse(prev)
+
+    def _unlink(self, name: str) -> None:
+        self.sizes.pop(name, None)
+        self.wanted.pop(name, None)
+        (self.dir / name).unlink(missing_ok=True)
 
     def get(self, digests: list[bytes], remember: bool = True) -> list[tuple[bytes, bytes]]:
         """The blocks, compressed as stored, each verified; a missing one raises KeyError
@@ -198,7 +236,12 @@ class BlockStore:
         name, off, ln = where
         fd = fds.get(name)
         if fd is None:
-            fd = fds[name] = os.open(self.dir / name, os.O_RDONLY)
+            try:
+                fd = fds[name] = os.open(self.dir / name, os.O_RDONLY)
+            except FileNotFoundError:  # compacted since the index was read: read where it went
+                if self.index.get(dg, where) == where:
+                    raise
+                return self._read(dg, fds)
         data = os.pread(fd, ln, off)
         try:
             blk = verified(dg, data)
@@ -212,29 +255,57 @@ class BlockStore:
     def delete(self, digests: list[bytes]) -> int:
         n = 0
         with self._lock:
+            touched: set[str] = set()
             for dg in digests:
-                if dg in self.index:
+                where = self.index.get(dg)
+                if where is not None:
                     self._forget(dg)
+                    touched.add(where[0])
                     n += 1
+            for name in sorted(touched):
+                self._compact_if_sparse(name)
         return n
 
     def _forget(self, dg: bytes) -> None:
-        name, _off, _ln = self.index.pop(dg)
+        where = self.index.pop(dg)
         self.recent.discard(dg)
         if self.by_prefix.get(dg[:PREFIX]) == dg:
             del self.by_prefix[dg[:PREFIX]]
+        self._unwant(where)
+
+    def _unwant(self, where: tuple[str, int, int]) -> None:
+        """A block's copy at ``where`` is no longer indexed: its file is unlinked if it was the
+        last one wanted there (never the head segment)."""
+        name, _off, ln = where
+        if name in self.wanted:
+            self.wanted[name] -= ln + _HEAD
         left = self.live.get(name, 1) - 1
         if left > 0:
             self.live[name] = left
             return
         self.live.pop(name, None)
-        (self.dir / name).unlink(missing_ok=True)
+        if name != self.head.name:
+            self._unlink(name)
+
+    def _compact_if_sparse(self, name: str) -> None:
+        """A segment other than the head with less than a quarter of its bytes wanted: its wanted
+        blocks appended to the head as one entry (durable), then the segment unlinked (caller
+        holds the lock). A crash in between leaves both copies, each whole."""
+        size = self.sizes.get(name)
+        if size is None or name == self.head.name or self.wanted.get(name, 0) * 4 >= size:
+            return
+        keep = [(dg, off, ln) for dg, (n, off, ln) in self.index.items() if n == name]
+        with open(self.dir / name, "rb") as f:
+            items = [(dg, os.pread(f.fileno(), ln, off)) for dg, off, ln in keep]
+        if items:
+            self._append(items)  # the segment's last block moved unlinks it
+        log.info("compacted block log segment %s: %d blocks moved to %s", name, len(items), self.head.name)
 
     def digests(self) -> list[bytes]:
         return list(self.index)
 
     def bytes_used(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob("*.pack"))
+        return sum(p.stat().st_size for p in [*self.dir.glob("*.pack"), *self.dir.glob("*.log")])
 
 
 def _close(fds: dict[str, int]) -> None:

@@ -32,7 +32,7 @@ from .. import rangecrc
 from ..crc import crc32
 from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
-from ..fsutil import atomic_write, fsync_dir, fsync_path, fsync_together
+from ..fsutil import atomic_write, fsync_dir, fsync_path, fsync_together, pwrite_all
 
 RESERVE = 1 << 20  # free space a write never takes (for metadata, records and the OS)
 NEW_FILES = 3 * 4096  # a new chunk's data and metadata files (and the metadata's temporary copy)
@@ -563,7 +563,7 @@ class ChunkWriter:
     def feed(self, parts: list[bytes]) -> None:
         """Write the next parts (one ``pwritev``) and checksum them."""
         with disk_full_is_no_space():
-            _pwrite_all(self.fd, parts, self.pos)
+            pwrite_all(self.fd, parts, self.pos)
         start = self.pos
         for p in parts:
             self.crcs.update(p)
@@ -599,24 +599,6 @@ def start_writeback(fd: int, offset: int, n: int) -> None:
     durability (this promises nothing)."""
     if _SYNC_FILE_RANGE is not None and n > 0:
         _SYNC_FILE_RANGE(fd, offset, n, SYNC_FILE_RANGE_WRITE)
-
-
-def _pwrite_all(fd: int, parts: list[bytes], offset: int) -> None:
-    """All of ``parts`` at ``offset``: ``pwritev`` (at most IOV_MAX parts at a time), resumed
-    after a short write."""
-    i = 0
-    while i < len(parts):
-        batch = parts[i : i + 512]
-        want = sum(len(p) for p in batch)
-        n = os.pwritev(fd, batch, offset)
-        if n < want:  # short write: finish this batch the plain way
-            rest = b"".join(bytes(p) for p in batch)[n:]
-            while rest:
-                k = os.pwrite(fd, rest, offset + n)
-                n += k
-                rest = rest[k:]
-        offset += want
-        i += len(batch)
 
 
 def _copy(src: Path, dst: Path, size: int) -> None:

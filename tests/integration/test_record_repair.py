@@ -101,7 +101,7 @@ def test_a_damaged_directory_block_is_read_from_the_other_copy_and_scrubbed(make
     victim = next(p for p in cl.chunkservers if victim_id.startswith(f"cs-{p.node}-"))
     urls = [p.url for p in cl.chunkservers]
     assert block_copies(urls, cl.internal_token, s["root"]) == 2
-    for pack in (victim.data / "blocks").glob("*.pack"):  # the root block is the last of its pack
+    for pack in (victim.data / "blocks").glob("*.log"):  # the root block is the last of the log
         raw = bytearray(pack.read_bytes())
         raw[-1] ^= 0xFF
         pack.write_bytes(bytes(raw))

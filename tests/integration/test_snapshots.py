@@ -292,11 +292,11 @@ def test_a_snapshot_of_a_single_file_is_a_format_2_record(client):
 
 
 def _damage_block(cluster, hex_digest):
-    """Flip a byte of block ``hex_digest`` in every chunkserver's packs (as if it had rotted)."""
+    """Flip a byte of block ``hex_digest`` in every chunkserver's block log (as if it had rotted)."""
     dg = bytes.fromhex(hex_digest)
     hit = 0
     for p in cluster.chunkservers:
-        for pack in (p.data / "blocks").glob("*.pack"):
+        for pack in (p.data / "blocks").glob("*.log"):
             data = bytearray(pack.read_bytes())
             pos = data.find(dg)
             if pos >= 0:
