@@ -1,5 +1,6 @@
 """The small helpers every harness, benchmark and test needs: a free loopback port, polling for a
-condition, and waiting for an HTTP endpoint to answer. Standard library only (plus kubegfs)."""
+condition, waiting for an HTTP endpoint to answer, finding a chunkserver's copy of a snapshot record
+on its disk. Standard library only (plus kubegfs)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from kubegfs.chunkserver import blocklog
 
 # One implementation of the port checks: the product's own, which `kubegfs local up` uses.
 from kubegfs.local import free_port, port_free
@@ -95,3 +99,63 @@ def block_copies(chunkserver_urls: list[str], token: str, digest_hex: str) -> in
             if exc.code != 404:
                 raise
     return n
+
+
+def stored_record(data_dir: Path, rid: str) -> tuple[Path, int, int] | None:
+    """Where a chunkserver keeps snapshot record ``rid`` on disk, read without changing anything:
+    (file, offset, length) of its copy in the log (``blocks/*.log``: the last one no tombstone
+    deletes) or of the file an earlier version stored it in (``records/<id>.rec``); None if it
+    has none."""
+    found: tuple[Path, int, int] | None = None
+    segs = sorted(data_dir.glob("blocks/*.log"))
+    for p in segs:
+        for e in blocklog.scan(p.read_bytes(), p.name, p == segs[-1]):
+            if e.rid != rid:
+                continue
+            if e.kind == blocklog.RECORD:
+                found = (p, e.off, e.length)
+            elif found is not None and (found[0].name, found[1]) == (e.target, e.off):
+                found = None
+    if found is not None:
+        return found
+    f = data_dir / "records" / f"{rid}.rec"
+    return (f, 0, f.stat().st_size) if f.exists() else None
+
+
+def stored_record_bytes(data_dir: Path, rid: str) -> bytes | None:
+    """The bytes of ``stored_record``'s copy, or None."""
+    where = stored_record(data_dir, rid)
+    if where is None:
+        return None
+    with open(where[0], "rb") as f:
+        f.seek(where[1])
+        return f.read(where[2])
+
+
+def damage_record(data_dir: Path, rid: str, at: int, mask: int = 0xFF) -> None:
+    """Flip the bits ``mask`` of byte ``at`` (from the end if negative) of a chunkserver's copy of
+    record ``rid``, in place, as if it had rotted."""
+    where = stored_record(data_dir, rid)
+    assert where is not None, f"no record {rid} in {data_dir}"
+    path, off, n = where
+    pos = off + (at % n)
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def damage_block(data_dir: Path, digest: bytes) -> int:
+    """Flip a byte of directory block ``digest`` wherever a chunkserver's log (or a pack of an
+    earlier version) holds it, in place, as if it had rotted; how many copies were hit."""
+    hit = 0
+    for f in [*data_dir.glob("blocks/*.log"), *data_dir.glob("blocks/*.pack")]:
+        raw = bytearray(f.read_bytes())
+        pos = raw.find(digest)
+        if pos >= 0:
+            ln = int.from_bytes(raw[pos + 32:pos + 36], "little")
+            raw[pos + 36 + ln // 2] ^= 0xFF
+            f.write_bytes(bytes(raw))
+            hit += 1
+    return hit

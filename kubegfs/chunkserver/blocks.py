@@ -4,16 +4,21 @@ A block's name is the sha256 of its bytes: it is checked on receipt (a put whose
 match is refused whole) and on every read (a block that no longer matches is dropped and reported
 to the master, which re-ships it or fetches another copy).
 
-Layout: ``<data>/blocks/<16 hex digits>.pack``, one pack per put (``KGBLKPK1`` then the
-frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see merkle.pack_frames; blocks
-that came as deltas against blocks held here, see blockdelta, are stored whole like the others,
+Layout: ``<data>/blocks/<16 hex digits>.log``, the segments of the block log (blocklog.py): a put
+is one entry appended to the head segment and made durable by one ``fdatasync`` (no file
+created, renamed or directory fsynced per put), and is whole or absent after a crash. Blocks that
+came as deltas against blocks held here (see blockdelta) are stored whole like the others,
 compressed at zstd level STORE_LEVEL, which takes half the time of the shipping level for ~8%
-more bytes),
-written tmp + fsync + rename + fsync of the directory, so
-a put of many blocks costs one fsync and a pack is whole or absent. An in-memory index maps a
-digest to (pack, offset, length); a pack is unlinked once none of its blocks is wanted. A block
-deleted from a pack that still holds others comes back after a restart and is then reported in
-the full heartbeat, where the master orders it deleted again (deletions are idempotent).
+more bytes. Still read, never written: ``<data>/blocks/<16 hex digits>.pack``, one pack per put
+(``KGBLKPK1`` then the frames as they came, ``(<digest 32><u32 length><zstd(bytes)>)*``, see
+merkle.pack_frames), which earlier versions wrote tmp + fsync + rename + fsync of the directory.
+
+An in-memory index maps a digest to (pack or segment, offset, length). A pack or segment is
+unlinked once none of its blocks is wanted, and a segment other than the head is compacted (its
+wanted blocks appended to the head, then it is unlinked) once less than a quarter of its bytes
+are wanted. A block deleted from a file that still holds others comes back after a restart and
+is then reported in the full heartbeat, where the master orders it deleted again (deletions are
+idempotent).
 
 The blocks stored or read lately are also kept whole in memory (blockcache: verified when they
 entered it), so a delta's base is mostly not read from its pack, decompressed and hashed again.
@@ -25,10 +30,12 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from ..blockdelta import PREFIX, unpack
 from ..errors import CorruptData
 from ..merkle import DIGEST_SIZE, compress_many, verified
+from . import blocklog
 from .blockcache import DEFAULT_BYTES, BlockCache
 
 log = logging.getLogger("kubegfs.chunkserver.blocks")
@@ -43,29 +50,77 @@ def store_compress(blocks: list[bytes]) -> list[bytes]:
     return compress_many(blocks, STORE_LEVEL)
 
 
+class LogRecord(NamedTuple):
+    """A snapshot record to store in the log (its sha256 checked by the caller)."""
+
+    rid: str
+    sha256: str  # hex
+    data: bytes
+
+
+class RecordAt(NamedTuple):
+    """Where a record is in the log."""
+
+    name: str  # its segment
+    off: int  # where its bytes start in it
+    length: int
+    sha256: str  # hex, as stored with it
+    size: int  # its entry's bytes
+
+
+class Tomb(NamedTuple):
+    """A tombstone in the log, wanted while the segment of the entry it deletes exists."""
+
+    rid: str
+    target: str  # the deleted record entry's segment
+    off: int  # and where its bytes start there
+    name: str  # the tombstone's segment
+    size: int  # its entry's bytes
+
+
 class BlockStore:
+    """Directory blocks, and the snapshot records stored with them in the log (see the module
+    docstring and blocklog's)."""
+
     def __init__(self, root: Path, cache_bytes: int = DEFAULT_BYTES) -> None:
         self.dir = root / "blocks"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[bytes, tuple[str, int, int]] = {}
         self.by_prefix: dict[bytes, bytes] = {}  # a digest's first PREFIX bytes -> digest (delta bases)
-        self.live: dict[str, int] = {}  # pack name -> blocks of it in the index
+        self.records: dict[str, RecordAt] = {}  # the records in the log
+        self.tombs: dict[str, list[Tomb]] = {}  # the wanted tombstones, by the segment they point into
+        self.live: dict[str, int] = {}  # pack or segment name -> blocks, records and tombstones of it wanted
+        self.sizes: dict[str, int] = {}  # segment name -> its bytes
+        self.wanted: dict[str, int] = {}  # segment name -> bytes of what is wanted in it
         self.dropped: set[bytes] = set()  # failed their digest since the last heartbeat
         self.recent = BlockCache(cache_bytes)  # verified blocks, whole, stored or read lately
         self._lock = threading.Lock()
-        self._seq = 0
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
-        for p in sorted(self.dir.glob("*.pack")):
-            self._load(p)
+        files: list[tuple[int, Path]] = []
+        for p in [*self.dir.glob("*.pack"), *self.dir.glob("*.log")]:
+            try:
+                files.append((int(p.stem, 16), p))
+            except ValueError:
+                log.error("ignoring a block file with a foreign name: %s", p.name)
+        files.sort()
+        self.head = blocklog.Head(self.dir, files[-1][0] if files else 0)
+        self._loading = True  # nothing is unlinked until every file is read
+        for _n, p in files:
+            if p.suffix == ".pack":
+                self._load(p)
+            else:
+                self._load_segment(p, p == files[-1][1])
+        self._loading = False
+        for _n, p in files:
+            if p.suffix == ".log" and p.name in self.sizes and not self.live.get(p.name):
+                self._unlink(p.name)
+        for target in [t for t in self.tombs if t not in self.live]:  # deleting what is gone
+            for tomb in self.tombs.pop(target, []):
+                self._unwant(tomb.name, tomb.size)
 
     def _load(self, p: Path) -> None:
         data = p.read_bytes()
-        try:
-            self._seq = max(self._seq, int(p.stem, 16))
-        except ValueError:
-            log.error("ignoring block pack with a foreign name: %s", p.name)
-            return
         if data[:8] != PACK_MAGIC:
             log.error("block pack %s has a bad magic; ignored", p.name)
             return
@@ -89,25 +144,62 @@ class BlockStore:
         else:
             p.unlink()
 
+    def _load_segment(self, p: Path, newest: bool) -> None:
+        data = p.read_bytes()
+        if data[:len(blocklog.SEGMENT_MAGIC)] != blocklog.SEGMENT_MAGIC:
+            log.error("block log segment %s has a bad magic; ignored", p.name)
+            return
+        name = p.name
+        self.sizes[name] = len(data)
+        self.wanted[name] = 0
+        good = len(blocklog.SEGMENT_MAGIC)
+        for e in blocklog.scan(data, name, newest):
+            good = e.end
+            size = e.end - e.at
+            if e.kind == blocklog.BLOCKS:
+                for dg, off, ln in e.blocks:
+                    if dg not in self.index:
+                        self.index[dg] = (name, off, ln)
+                        self.by_prefix[dg[:PREFIX]] = dg
+                        self._want(name, 1, ln + _HEAD)
+            elif e.kind == blocklog.RECORD:
+                old = self.records.get(e.rid)
+                self.records[e.rid] = RecordAt(name, e.off, e.length, e.sha256, size)
+                self._want(name, 1, size)
+                if old is not None:
+                    self._unwant(old.name, old.size)
+            else:
+                cur = self.records.get(e.rid)
+                if cur is not None and (cur.name, cur.off) == (e.target, e.off):
+                    del self.records[e.rid]
+                    self._unwant(cur.name, cur.size)
+                if e.target != name:
+                    self.tombs.setdefault(e.target, []).append(Tomb(e.rid, e.target, e.off, name, size))
+                    self._want(name, 1, size)
+        if newest and good < len(data):  # an append a crash cut: never read past this point again
+            blocklog.cut(p, good)
+            self.sizes[name] = good
+
     def missing(self, digests: list[bytes]) -> list[bytes]:
         return [d for d in digests if d not in self.index]
 
-    def put(self, items: list[tuple[bytes, bytes]]) -> int:
+    def put(self, items: list[tuple[bytes, bytes]], record: LogRecord | None = None) -> int:
         """Store compressed blocks (as framed on the wire), each verified against its digest
-        first (all or nothing); returns how many were new."""
+        first (all or nothing), and ``record`` after them in the same append; returns how many
+        blocks were new."""
         whole: list[tuple[bytes, bytes]] = []
         for dg, z in items:
             if len(dg) != DIGEST_SIZE:
                 raise CorruptData("a block digest is 32 bytes")
             whole.append((dg, verified(dg, z)))
-        n = self._store(items)
+        n = self._store(items, record)
         self.recent.add(whole)
         return n
 
-    def put_delta(self, body: bytes) -> tuple[int, int]:
+    def put_delta(self, body: bytes, record: LogRecord | None = None) -> tuple[int, int]:
         """Store a batch of blocks sent as deltas against blocks held here (see blockdelta), each
-        rebuilt and checked first (all or nothing; a missing base raises MissingBase); returns
-        (blocks in the batch, how many were new)."""
+        rebuilt and checked first (all or nothing; a missing base raises MissingBase), and
+        ``record`` after them in the same append; returns (blocks in the batch, how many were new)."""
         fds: dict[str, int] = {}
         by_prefix, index, recent = self.by_prefix.get, self.index, self.recent.get
 
@@ -119,11 +211,11 @@ class BlockStore:
             return blk if blk is not None else self._base(dg, fds)
 
         try:
-            got = unpack(body, base_of)
+            got = unpack(body, base_of) if body else []
         finally:
             _close(fds)
         zs = iter(store_compress([blk for _dg, blk, z in got if z is None]))
-        n = self._store([(dg, z if z is not None else next(zs)) for dg, _blk, z in got])
+        n = self._store([(dg, z if z is not None else next(zs)) for dg, _blk, z in got], record)
         self.recent.add([(dg, blk) for dg, blk, _z in got])
         return len(got), n
 
@@ -137,39 +229,92 @@ class BlockStore:
         self.recent.add([(dg, blk)])
         return blk
 
-    def _store(self, items: list[tuple[bytes, bytes]]) -> int:
+    def _store(self, items: list[tuple[bytes, bytes]], record: LogRecord | None = None) -> int:
         with self._lock:
             new: dict[bytes, bytes] = {}
             for dg, data in items:
                 if dg not in self.index:
                     new[dg] = data
-            if not new:
-                return 0
-            self._seq += 1
-            name = f"{self._seq:016x}.pack"
-            tmp = self.dir / (name + ".tmp")
-            parts = [PACK_MAGIC]
-            where: list[tuple[str, int, int]] = []
-            off = len(PACK_MAGIC) + _HEAD
-            for dg, data in new.items():
-                ln = len(data)
-                parts += (dg, ln.to_bytes(4, "little"), data)
-                where.append((name, off, ln))
-                off += ln + _HEAD
-            with open(tmp, "wb") as f:
-                f.write(b"".join(parts))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / name)
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.index.update(zip(new, where, strict=True))
-            self.by_prefix.update({dg[:PREFIX]: dg for dg in new})
-            self.live[name] = len(new)
+            if new or record is not None:
+                self._append(list(new.items()), [record] if record is not None else [])
             return len(new)
+
+    def _append(self, blocks: list[tuple[bytes, bytes]], records: list[LogRecord],
+                tombs: list[tuple[str, str, int]] | None = None, sync: bool = True) -> None:
+        """Append blocks (not in the index, or in a segment being compacted), then records, then
+        tombstones (id, segment, offset) to the log as one write (durable with ``sync``), and
+        index them there (caller holds the lock)."""
+        parts: list[bytes] = []
+        where: list[int] = []
+        if blocks:
+            payload, where = blocklog.frames(blocks)
+            parts += blocklog.entry(payload)
+        placed: list[tuple[int, int]] = []  # each record's bytes and entry size, from the append's start
+        for r in records:
+            pay, head = blocklog.record(r.rid, r.sha256, r.data)
+            placed.append((sum(map(len, parts)) + blocklog.ENTRY_HEAD + head, blocklog.ENTRY_HEAD + len(pay)))
+            parts += blocklog.entry(pay, blocklog.RECORD)
+        tombs = tombs or []
+        sizes = []
+        for rid, target, off in tombs:
+            pay = blocklog.tombstone(rid, target, off)
+            sizes.append(blocklog.ENTRY_HEAD + len(pay))
+            parts += blocklog.entry(pay, blocklog.TOMBSTONE)
+        if not parts:
+            return
+        prev = self.head.name
+        name, at = self.head.append(parts, sync)
+        self.sizes[name] = self.head.size
+        self.wanted.setdefault(name, 0)
+        if blocks:
+            base = at + blocklog.ENTRY_HEAD
+            moved = [old for dg, _z in blocks if (old := self.index.get(dg)) is not None]  # compaction's
+            self.index.update({dg: (name, base + off, len(z)) for (dg, z), off in zip(blocks, where, strict=True)})
+            self.by_prefix.update({dg[:PREFIX]: dg for dg, _z in blocks})
+            self._want(name, len(blocks), len(payload))
+            for old_name, _off, ln in moved:
+                self._unwant(old_name, ln + _HEAD)
+        for r, (off, size) in zip(records, placed, strict=True):
+            was = self.records.get(r.rid)
+            self.records[r.rid] = RecordAt(name, at + off, len(r.data), r.sha256, size)
+            self._want(name, 1, size)
+            if was is not None:
+                self._unwant(was.name, was.size)
+        for (rid, target, off), size in zip(tombs, sizes, strict=True):
+            if target != name:
+                self.tombs.setdefault(target, []).append(Tomb(rid, target, off, name, size))
+                self._want(name, 1, size)
+        if prev and prev != name:  # the previous head, sealed now, may be all or mostly unwanted
+            if not self.live.get(prev):
+                self._unlink(prev)
+            else:
+                self._compact_if_sparse(prev)
+
+    def _want(self, name: str, n: int, nbytes: int) -> None:
+        self.live[name] = self.live.get(name, 0) + n
+        self.wanted[name] = self.wanted.get(name, 0) + nbytes
+
+    def _unwant(self, name: str, nbytes: int) -> None:
+        """One thing in file ``name`` (of ``nbytes`` in a segment) is no longer wanted: the file
+        is unlinked if it was the last (never the head segment)."""
+        if name in self.wanted:
+            self.wanted[name] -= nbytes
+        left = self.live.get(name, 1) - 1
+        if left > 0:
+            self.live[name] = left
+            return
+        self.live.pop(name, None)
+        if name != self.head.name and not self._loading:
+            self._unlink(name)
+
+    def _unlink(self, name: str) -> None:
+        """(its tombstones elsewhere are no longer wanted either)"""
+        self.sizes.pop(name, None)
+        self.wanted.pop(name, None)
+        self.live.pop(name, None)
+        (self.dir / name).unlink(missing_ok=True)
+        for tomb in self.tombs.pop(name, []):
+            self._unwant(tomb.name, tomb.size)
 
     def get(self, digests: list[bytes], remember: bool = True) -> list[tuple[bytes, bytes]]:
         """The blocks, compressed as stored, each verified; a missing one raises KeyError
@@ -198,7 +343,12 @@ class BlockStore:
         name, off, ln = where
         fd = fds.get(name)
         if fd is None:
-            fd = fds[name] = os.open(self.dir / name, os.O_RDONLY)
+            try:
+                fd = fds[name] = os.open(self.dir / name, os.O_RDONLY)
+            except FileNotFoundError:  # compacted since the index was read: read where it went
+                if self.index.get(dg, where) == where:
+                    raise
+                return self._read(dg, fds)
         data = os.pread(fd, ln, off)
         try:
             blk = verified(dg, data)
@@ -212,29 +362,80 @@ class BlockStore:
     def delete(self, digests: list[bytes]) -> int:
         n = 0
         with self._lock:
+            touched: set[str] = set()
             for dg in digests:
-                if dg in self.index:
+                where = self.index.get(dg)
+                if where is not None:
                     self._forget(dg)
+                    touched.add(where[0])
                     n += 1
+            for name in sorted(touched):
+                self._compact_if_sparse(name)
         return n
 
     def _forget(self, dg: bytes) -> None:
-        name, _off, _ln = self.index.pop(dg)
+        name, _off, ln = self.index.pop(dg)
         self.recent.discard(dg)
         if self.by_prefix.get(dg[:PREFIX]) == dg:
             del self.by_prefix[dg[:PREFIX]]
-        left = self.live.get(name, 1) - 1
-        if left > 0:
-            self.live[name] = left
+        self._unwant(name, ln + _HEAD)
+
+    def _compact_if_sparse(self, name: str) -> None:
+        """A segment other than the head with less than a quarter of its bytes wanted: its wanted
+        blocks, records and tombstones appended to the head in one synced write, in that order,
+        then the segment unlinked (caller holds the lock). A crash in between leaves both
+        copies, each whole."""
+        size = self.sizes.get(name)
+        if size is None or name == self.head.name or name not in self.live or self.wanted.get(name, 0) * 4 >= size:
             return
-        self.live.pop(name, None)
-        (self.dir / name).unlink(missing_ok=True)
+        keep = [(dg, off, ln) for dg, (n, off, ln) in self.index.items() if n == name]
+        recs = [(rid, r) for rid, r in self.records.items() if r.name == name]
+        tombs = [t for ts in self.tombs.values() for t in ts if t.name == name]
+        with open(self.dir / name, "rb") as f:
+            items = [(dg, os.pread(f.fileno(), ln, off)) for dg, off, ln in keep]
+            moved = [LogRecord(rid, r.sha256, os.pread(f.fileno(), r.length, r.off)) for rid, r in recs]
+        for t in tombs:
+            self.tombs[t.target].remove(t)
+        self._append(items, moved, [(t.rid, t.target, t.off) for t in tombs])
+        for t in tombs:
+            self._unwant(name, t.size)  # the last thing moved unlinks the segment
+        log.info("compacted block log segment %s: %d blocks, %d records, %d tombstones moved to %s",
+                 name, len(items), len(moved), len(tombs), self.head.name)
+
+    # ------------------------------------------------------------------ records in the log
+
+    def put_record(self, record: LogRecord) -> None:
+        """Store a record (its sha256 checked by the caller) with one synced append."""
+        with self._lock:
+            self._append([], [record])
+
+    def read_record(self, rid: str) -> tuple[bytes, str]:
+        """A record's bytes as stored and the sha256 stored with it; KeyError if it is not here."""
+        r = self.records[rid]
+        try:
+            with open(self.dir / r.name, "rb") as f:
+                return os.pread(f.fileno(), r.length, r.off), r.sha256
+        except FileNotFoundError:  # compacted since: read where it went
+            if self.records.get(rid, r) == r:
+                raise KeyError(rid) from None
+            return self.read_record(rid)
+
+    def delete_record(self, rid: str) -> bool:
+        """Delete a record from the log (a tombstone appended without a sync: see blocklog)."""
+        with self._lock:
+            r = self.records.pop(rid, None)
+            if r is None:
+                return False
+            self._append([], [], [(rid, r.name, r.off)], sync=False)
+            self._unwant(r.name, r.size)
+            self._compact_if_sparse(r.name)
+            return True
 
     def digests(self) -> list[bytes]:
         return list(self.index)
 
     def bytes_used(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob("*.pack"))
+        return sum(p.stat().st_size for p in [*self.dir.glob("*.pack"), *self.dir.glob("*.log")])
 
 
 def _close(fds: dict[str, int]) -> None:

@@ -59,7 +59,7 @@ from ..web import (
 )
 from . import metaapi
 from .blockcache import DEFAULT_BYTES as DEFAULT_BLOCK_CACHE
-from .blocks import BlockStore
+from .blocks import BlockStore, LogRecord
 from .dataport import DATA_PORT_HEADER, BufferPool, DataListener, PeerLinks
 from .membership import Membership
 from .metastore import MetaStore
@@ -97,8 +97,8 @@ class Chunkserver:
         self.id = saved.get("id") or cs_id or f"cs-{location.node or 'x'}-{uuid.uuid4().hex[:8]}"
         self.chunk_size = chunk_size or saved.get("chunk_size") or 64 * 1024 * 1024
         self.membership.save(id=self.id, chunk_size=self.chunk_size)
-        self.store = ChunkStore(data_dir, self.chunk_size)
-        self.blocks = BlockStore(data_dir, block_cache)  # directory blocks of format-3 snapshot records
+        self.blocks = BlockStore(data_dir, block_cache)  # directory blocks and snapshot records
+        self.store = ChunkStore(data_dir, self.chunk_size, self.blocks)
         self.meta = MetaStore(data_dir)  # the master's metadata, if it ships a copy here
         self._registered = False
         self._records = Reporter()  # how its heartbeats report its records (kubegfs/recordreport.py)
@@ -452,23 +452,22 @@ class Chunkserver:
         return json_response((await self._store_record(rid, pieces, sha))[1], status=201)
 
     async def _store_record(self, rid: str, pieces: list[bytes], sha: str,
-                            before: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        """Store a snapshot record (verified against ``sha``, fsynced) in one worker job, in
-        place once ``before()`` has returned (the blocks it reaches, stored durably first: it
-        runs while the record's files are fsynced); (what ``before`` returned, what the answer
-        says of the record)."""
-        first: list[Any] = []  # [] until ``before`` runs (the record is checked before), then what it returned
+                            store: Callable[[LogRecord], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Store a snapshot record (verified against ``sha``, durable) in one worker job, alone or
+        by ``store(record)`` (the blocks it reaches and the record in one synced append); (what
+        ``store`` returned, what the answer says of the record)."""
+        first: list[Any] = []  # [] until ``store`` runs (the record is checked before), then what it returned
 
-        def blocks() -> None:
-            assert before is not None
+        def blocks(rec: LogRecord) -> None:
+            assert store is not None
             first.append(None)
-            first[0] = before()
+            first[0] = store(rec)
 
         def job() -> tuple[Any, tuple[int, str]]:
             try:
-                got = self.store.put_record(rid, iter(pieces), sha, None if before is None else blocks)
+                got = self.store.put_record(rid, iter(pieces), sha, None if store is None else blocks)
             except CorruptData:
-                if not first:  # the record's bytes (a block's count as such in ``before``)
+                if not first:  # the record's bytes (a block's count as such in ``store``)
                     M.CS_CHECKSUM_FAIL.labels("record").inc()
                 raise
             return (first[0] if first else None), got
@@ -481,7 +480,7 @@ class Chunkserver:
 
     async def get_record(self, request: web.Request) -> web.StreamResponse:
         rid = record_id(request.match_info["id"])
-        path, sha = self.store.record_path(rid)
+        src, sha = await self._run(self.store.record, rid)
         if request.query.get("verify", "1") != "0":
             ok = await self._run(self.store.verify_record, rid)
             if not ok:
@@ -489,10 +488,13 @@ class Chunkserver:
                 self.corrupt_records.add(rid)
                 log.error("snapshot record %s failed its checksum", rid)
                 raise CorruptData(f"record {rid} on {self.id} failed its checksum")
-        resp = web.StreamResponse(headers={"X-Kubegfs-Sha256": sha, "Content-Type": "application/octet-stream"})
-        resp.content_length = path.stat().st_size
+        headers = {"X-Kubegfs-Sha256": sha, "Content-Type": "application/octet-stream"}
+        if isinstance(src, bytes):
+            return web.Response(body=src, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = src.stat().st_size
         await resp.prepare(request)
-        with open(path, "rb") as f:
+        with open(src, "rb") as f:
             for piece in _iter_file(f):
                 await resp.write(piece)
         await resp.write_eof()
@@ -524,9 +526,9 @@ class Chunkserver:
         every block is rebuilt and the batch refused whole unless all match the digests it was
         sent for; 409 if a delta's base is not here. With ``X-Kubegfs-Record`` (a snapshot id),
         ``X-Kubegfs-Record-Length`` and ``X-Kubegfs-Sha256``, the body's last that many bytes
-        are the snapshot's record, stored as by ``PUT /internal/records/{id}`` once the blocks
-        are durable (the record reaches only blocks stored before it); the answer's ``record``
-        says it was."""
+        are the snapshot's record, stored as by ``PUT /internal/records/{id}`` but in the same
+        synced append as the blocks, after them (the record reaches only blocks stored before
+        it); the answer's ``record`` says it was."""
         data = await request.read()
         rid = request.headers.get("X-Kubegfs-Record")
         record = b""
@@ -542,9 +544,9 @@ class Chunkserver:
             if not 0 < n <= len(data):
                 raise InvalidArgument("X-Kubegfs-Record-Length does not fit the body")
             data, record = data[:-n], data[-n:]
-        def blocks() -> tuple[int, int]:
+        def blocks(rec: LogRecord | None = None) -> tuple[int, int]:
             try:
-                return self.blocks.put_delta(data) if data else (0, 0)
+                return self.blocks.put_delta(data, rec)
             except CorruptData:
                 M.CS_CHECKSUM_FAIL.labels("block").inc()
                 raise
@@ -552,7 +554,7 @@ class Chunkserver:
         if rid is None:
             stored, new = await self._run(blocks)
             return json_response({"stored": stored, "new": new}, status=201)
-        # one worker job: the blocks durable, then the record
+        # one worker job: the blocks and the record after them in one synced append
         (stored, new), rec = await self._store_record(rid, [record], sha, blocks)
         return json_response({"stored": stored, "new": new, "record": rec}, status=201)
 

@@ -4,9 +4,13 @@ snapshot record store. Handles are opaque integers; no client-supplied path is e
 Layout:  <data>/chunks/<2 hex>/<16 hex>.chk   chunk bytes
          <data>/chunks/<2 hex>/<16 hex>.meta  version, length, block CRCs (formats.chunk meta)
                                               of the chunk's last *durable* state
-         <data>/records/<id>.rec               a SnapObj record, written tmp + fsync + rename
+Snapshot records are stored in the log of directory blocks (blocks.py, blocklog.py), with the
+blocks they reach in the same append. Still read (and deleted), never written: the files earlier
+versions stored them in,
+         <data>/records/<id>.rec               a SnapObj record
          <data>/records/<id>.sha256            its sha256 (hex)
-All methods are blocking; the server calls them from worker threads.
+(a record in the log is the one served when both are there). Every record's sha256 is checked on
+receipt and on every read. All methods are blocking; the server calls them from worker threads.
 
 A write with ``sync=False`` (a piece in the middle of a chunk) is not acknowledged as durable: its
 bytes go to the page cache and its length and CRCs stay in memory (``_pending``). The next synced
@@ -32,15 +36,17 @@ from .. import rangecrc
 from ..crc import crc32
 from ..errors import Conflict, CorruptData, InvalidArgument, NoSpace, NotFound
 from ..formats import BLOCK_SIZE, decode_chunk_meta, encode_chunk_meta
-from ..fsutil import atomic_write, fsync_dir, fsync_path, fsync_together
+from ..fsutil import atomic_write, fsync_path, pwrite_all
+from .blocks import BlockStore, LogRecord
 
 RESERVE = 1 << 20  # free space a write never takes (for metadata, records and the OS)
 NEW_FILES = 3 * 4096  # a new chunk's data and metadata files (and the metadata's temporary copy)
 
 
 class ChunkStore:
-    def __init__(self, root: Path, chunk_size: int) -> None:
+    def __init__(self, root: Path, chunk_size: int, log: BlockStore | None = None) -> None:
         self.root = root
+        self.log = log if log is not None else BlockStore(root, 0)  # where records are stored
         self.chunk_size = chunk_size
         self.chunks_dir = root / "chunks"
         self.records_dir = root / "records"
@@ -395,58 +401,61 @@ class ChunkStore:
         return self.records_dir / f"{rid}.rec", self.records_dir / f"{rid}.sha256"
 
     def put_record(self, rid: str, pieces: Iterator[bytes], expected_sha256: str,
-                   before: Callable[[], object] | None = None) -> tuple[int, str]:
-        """Store a snapshot record, verified against ``expected_sha256``: the record and its
-        sha256 sidecar written as temporary files and fsynced together (``fsync_together``),
-        then renamed into place and the directory fsynced. ``before`` (the blocks the record
-        reaches, stored durably) runs while those two are fsynced, and the record is renamed
-        into place only once it has returned: the record is never there without them."""
-        rec, sha_path = self._rec_paths(rid)
-        tmp = rec.with_suffix(".rec.tmp")
-        sha_tmp = sha_path.with_name(sha_path.name + ".tmp")
+                   store: Callable[[LogRecord], object] | None = None) -> tuple[int, str]:
+        """Store a snapshot record, verified against ``expected_sha256`` first, in the log
+        (blocks.py): alone, or by ``store`` (which appends the blocks the record reaches and the
+        record after them in one synced write: the record is never there without them). What an
+        earlier version left under this id as files goes."""
         h = hashlib.sha256()
-        n = 0
-        try:
-            with disk_full_is_no_space():
-                with open(tmp, "wb") as f, open(sha_tmp, "wb") as g:
-                    for p in pieces:
-                        h.update(p)
-                        f.write(p)
-                        n += len(p)
-                    f.flush()
-                    digest = h.hexdigest()
-                    if digest != expected_sha256:
-                        raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
-                    g.write(digest.encode())
-                    g.flush()
-                    fsync_together([f.fileno(), g.fileno()], before)
-                os.replace(tmp, rec)
-                os.replace(sha_tmp, sha_path)
-                fsync_dir(self.records_dir)
-        finally:
-            tmp.unlink(missing_ok=True)
-            sha_tmp.unlink(missing_ok=True)
+        parts: list[bytes] = []
+        for p in pieces:
+            h.update(p)
+            parts.append(p)
+        digest = h.hexdigest()
+        if digest != expected_sha256:
+            raise CorruptData(f"record checksum mismatch: got {digest}, header said {expected_sha256}")
+        rec = LogRecord(rid, digest, b"".join(parts))
+        with disk_full_is_no_space():
+            if store is None:
+                self.log.put_record(rec)
+            else:
+                store(rec)
+        for f in self._rec_paths(rid):
+            f.unlink(missing_ok=True)
+        n = len(rec.data)
         self.record_sizes[rid] = n
         with self._digests_lock:
             if self._digests is not None:
                 self._digests[rid] = [n, digest]
         return n, digest
 
-    def record_path(self, rid: str) -> tuple[Path, str]:
+    def record(self, rid: str) -> tuple[bytes | Path, str]:
+        """A record (its bytes if it is in the log, its file if an earlier version stored it)
+        and the sha256 stored with it; NotFound if there is none."""
+        try:
+            return self.log.read_record(rid)
+        except KeyError:
+            pass
         rec, sha_path = self._rec_paths(rid)
-        if not rec.exists() or not sha_path.exists():
-            raise NotFound(f"no such snapshot record: {rid}")
-        return rec, sha_path.read_text().strip()
+        try:
+            if rec.exists():
+                return rec, sha_path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        raise NotFound(f"no such snapshot record: {rid}")
 
     def verify_record(self, rid: str) -> bool:
-        rec, sha = self.record_path(rid)
+        src, sha = self.record(rid)
+        if isinstance(src, bytes):
+            return hashlib.sha256(src).hexdigest() == sha
         h = hashlib.sha256()
-        with open(rec, "rb") as f:
+        with open(src, "rb") as f:
             for piece in iter(lambda: f.read(1 << 20), b""):
                 h.update(piece)
         return h.hexdigest() == sha
 
     def delete_record(self, rid: str) -> None:
+        self.log.delete_record(rid)
         rec, sha = self._rec_paths(rid)
         rec.unlink(missing_ok=True)
         sha.unlink(missing_ok=True)
@@ -456,12 +465,14 @@ class ChunkStore:
                 self._digests.pop(rid, None)
 
     def list_records(self) -> list[str]:
-        return sorted(p.stem for p in self.records_dir.glob("*.rec"))
+        return sorted({p.stem for p in self.records_dir.glob("*.rec")} | set(self.log.records))
 
     def record_digests(self, scan: bool = True) -> dict[str, list[int | str]]:
-        """Each record's size and the sha256 its sidecar claims ("" while it is being written):
-        the master compares them with its catalog, so a truncated copy or another record's bytes
-        under this id are noticed by a heartbeat, not only by a full scrub. With ``scan``, one
+        """Each record's size and the sha256 stored with it: the master compares them with its
+        catalog, so a copy lost, or a record file of an earlier version truncated or holding
+        another record's bytes, is noticed by a heartbeat, not only by a full scrub. The log's
+        records come from memory (bytes damaged in the log show when the record is read or
+        scrubbed). The files: ("" for a sha256 while a sidecar is missing) with ``scan``, one
         pass of the directory's entries and their stats; a sidecar is read again only when its
         stat (inode, mtime, size) changed since the last pass, so a pass at a thousand records
         costs stats (~6 ms), not a thousand file reads (~20 ms). Refreshes ``record_sizes``.
@@ -508,6 +519,9 @@ class ChunkStore:
                 if key is not None:
                     seen[rid] = (key, sha)
             out[rid] = [size, sha]
+        for rid, r in list(self.log.records.items()):  # the log's copy is the one served
+            out[rid] = [r.length, r.sha256]
+            sizes[rid] = r.length
         self._sidecars, self.record_sizes = seen, sizes
         return out
 
@@ -591,7 +605,7 @@ class ChunkWriter:
     def feed(self, parts: list[bytes]) -> None:
         """Write the next parts (one ``pwritev``) and checksum them."""
         with disk_full_is_no_space():
-            _pwrite_all(self.fd, parts, self.pos)
+            pwrite_all(self.fd, parts, self.pos)
         start = self.pos
         for p in parts:
             self.crcs.update(p)
@@ -627,24 +641,6 @@ def start_writeback(fd: int, offset: int, n: int) -> None:
     durability (this promises nothing)."""
     if _SYNC_FILE_RANGE is not None and n > 0:
         _SYNC_FILE_RANGE(fd, offset, n, SYNC_FILE_RANGE_WRITE)
-
-
-def _pwrite_all(fd: int, parts: list[bytes], offset: int) -> None:
-    """All of ``parts`` at ``offset``: ``pwritev`` (at most IOV_MAX parts at a time), resumed
-    after a short write."""
-    i = 0
-    while i < len(parts):
-        batch = parts[i : i + 512]
-        want = sum(len(p) for p in batch)
-        n = os.pwritev(fd, batch, offset)
-        if n < want:  # short write: finish this batch the plain way
-            rest = b"".join(bytes(p) for p in batch)[n:]
-            while rest:
-                k = os.pwrite(fd, rest, offset + n)
-                n += k
-                rest = rest[k:]
-        offset += want
-        i += len(batch)
 
 
 def _copy(src: Path, dst: Path, size: int) -> None:

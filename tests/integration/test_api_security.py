@@ -3,6 +3,8 @@
 import pytest
 import requests
 
+from kubegfs_dev.util import stored_record
+
 MASTER_ROUTES = [
     ("GET", "/metrics"), ("GET", "/api/v1/status"), ("GET", "/api/v1/chunkservers"),
     ("POST", "/api/v1/fs/mkdir"), ("GET", "/api/v1/fs/stat"), ("GET", "/api/v1/fs/ls"),
@@ -184,4 +186,4 @@ def test_record_with_wrong_checksum_is_refused(shared_cluster):
     h = {"Authorization": f"Bearer {shared_cluster.internal_token}", "X-Kubegfs-Sha256": "0" * 64}
     r = requests.put(cs.url + "/internal/records/forged", data=b"payload", headers=h, timeout=5)
     assert r.status_code == 502 and r.json()["error"] == "corrupt"
-    assert not (cs.data / "records" / "forged.rec").exists()
+    assert stored_record(cs.data, "forged") is None

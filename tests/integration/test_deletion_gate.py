@@ -28,7 +28,7 @@ from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
 from kubegfs.master.server import Master, Options
 from kubegfs.topology import Location
-from kubegfs_dev.util import block_copies
+from kubegfs_dev.util import block_copies, stored_record
 
 CHUNK = 64 * 1024
 
@@ -148,7 +148,7 @@ def chunk_files(cl: LocalCluster, handles: list[str]) -> int:
 
 
 def record_files(cl: LocalCluster, sid: str) -> int:
-    return sum((p.data / "records" / f"{sid}.rec").exists() for p in cl.chunkservers)
+    return sum(stored_record(p.data, sid) is not None for p in cl.chunkservers)
 
 
 def unacknowledged(cl: LocalCluster, setup: Callable[[Client], object], op: Callable[[Client], object]) -> Client:

@@ -7,7 +7,7 @@ import signal
 import pytest
 import requests
 
-from kubegfs_dev.util import wait_for
+from kubegfs_dev.util import damage_record, stored_record, wait_for
 
 CHUNK = 256 * 1024
 
@@ -97,14 +97,11 @@ def test_scrubber_finds_corrupt_record_and_master_recopies(tmp_path):
         c.put("/d/f", b"x" * 1000)
         s = c.snapshot_create("/d", "s", copies=2)
         bad = cs_of(cl, s["holders"][0]["id"])
-        rec = bad.data / "records" / f"{s['id']}.rec"
-        raw = bytearray(rec.read_bytes())
-        raw[10] ^= 0xFF
-        rec.write_bytes(bytes(raw))
+        damage_record(bad.data, s["id"], 10)
         # the scrubber notices, the master drops that copy and re-copies from the good one
         wait_for(lambda: s["holders"][0]["id"] not in holders(c, "s") and len(holders(c, "s")) == 2,
                  what="record repair")
-        wait_for(lambda: not rec.exists(), what="corrupt copy deleted")
+        wait_for(lambda: stored_record(bad.data, s["id"]) is None, what="corrupt copy deleted")
         m = requests.get(bad.url + "/metrics", headers={"Authorization": f"Bearer {cl.token}"}).text
         assert 'kubegfs_chunkserver_checksum_failures_total{kind="record"}' in m
         # scrubbing also finds a chunk that nobody read

@@ -9,7 +9,7 @@ import requests
 from kubegfs import httpconn
 from kubegfs.client import read_order
 from kubegfs.errors import CorruptData, KubegfsError, Unavailable
-from kubegfs_dev.util import wait_for
+from kubegfs_dev.util import damage_record, wait_for
 
 CHUNK = 256 * 1024
 
@@ -188,10 +188,7 @@ def test_corrupt_record_copy_is_never_restored(cluster):
     s = c.snapshot_create("/d", "s1", copies=2)
     for h in s["holders"]:
         p = next(p for p in cluster.chunkservers if h["id"].startswith(f"cs-{p.node}-"))
-        rec = p.data / "records" / f"{s['id']}.rec"
-        raw = bytearray(rec.read_bytes())
-        raw[-3] ^= 0x55
-        rec.write_bytes(bytes(raw))
+        damage_record(p.data, s["id"], -3, 0x55)
     before = c.dump()
     with pytest.raises(Unavailable) as ei:
         c.snapshot_restore("s1", to="/copy")

@@ -4,20 +4,47 @@ heartbeats and reads notice), and a restore whose every copy is bad says so."""
 
 from __future__ import annotations
 
-import shutil
+import signal
 
 import pytest
 import requests
 
+from kubegfs.chunkserver.blocks import BlockStore
 from kubegfs.errors import Unavailable
-from kubegfs_dev.util import block_copies, wait_for
+from kubegfs_dev.util import (
+    block_copies,
+    damage_block,
+    stored_record,
+    stored_record_bytes,
+    wait_for,
+)
 
 CHUNK = 64 * 1024
 
 
-def rec_files(cl, cs_id: str, sid: str):
-    p = next(p for p in cl.chunkservers if cs_id.startswith(f"cs-{p.node}-"))
-    return p.data / "records" / f"{sid}.rec", p.data / "records" / f"{sid}.sha256"
+def cs_of(cl, cs_id: str):
+    return next(p for p in cl.chunkservers if cs_id.startswith(f"cs-{p.node}-"))
+
+
+def as_files(cl, cs_id: str, sid: str, body: bytes | None, sha: str = "") -> None:
+    """Damage from outside, which heartbeats notice in record files (those earlier versions
+    wrote, still read): the chunkserver stopped, its copy of record ``sid`` deleted from its log,
+    ``body`` and ``sha`` written as the record's files (none if ``body`` is None), the
+    chunkserver started again."""
+    p = cs_of(cl, cs_id)
+    proc = p.popen
+    cl.kill(p, signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert BlockStore(p.data, 0).delete_record(sid)
+    if body is not None:
+        (p.data / "records" / f"{sid}.rec").write_bytes(body)
+        (p.data / "records" / f"{sid}.sha256").write_text(sha)
+    cl.start_chunkserver(p)
+
+
+def stored_length(cl, cs_id: str, sid: str) -> int | None:
+    where = stored_record(cs_of(cl, cs_id).data, sid)
+    return None if where is None else where[2]
 
 
 def metric(cl, name: str) -> float:
@@ -29,9 +56,7 @@ def healthy(c, cl, name: str) -> bool:
     s = c.snapshot_show(name)
     ids = [h["id"] for h in s["holders"]]
     return (len(ids) == 2 and s["live_copies"] == 2
-            and all(rec_files(cl, i, s["id"])[0].stat().st_size == s["record_bytes"]
-                    for i in ids if rec_files(cl, i, s["id"])[0].exists())
-            and all(rec_files(cl, i, s["id"])[0].exists() for i in ids))
+            and all(stored_length(cl, i, s["id"]) == s["record_bytes"] for i in ids))
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "another record's bytes"])
@@ -45,16 +70,15 @@ def test_a_bad_record_copy_is_dropped_and_remade(make_cluster, damage):
     s = c.snapshot_create("/d", "s", copies=2)
     other = c.snapshot_create("/e", "other", copies=2)
     victim = s["holders"][0]["id"]
-    rec, sha = rec_files(cl, victim, s["id"])
+    body = stored_record_bytes(cs_of(cl, victim).data, s["id"])
+    assert body is not None and len(body) == s["record_bytes"]
     if damage == "missing":
-        rec.unlink()
-        sha.unlink()
+        as_files(cl, victim, s["id"], None)
     elif damage == "truncated":
-        rec.write_bytes(rec.read_bytes()[: s["record_bytes"] // 2])
+        as_files(cl, victim, s["id"], body[: s["record_bytes"] // 2], s["sha256"])
     else:  # self-consistent, just not this snapshot's record
-        src = next(p for p in cl.chunkservers if (p.data / "records" / f"{other['id']}.rec").exists())
-        shutil.copy(src.data / "records" / f"{other['id']}.rec", rec)
-        shutil.copy(src.data / "records" / f"{other['id']}.sha256", sha)
+        src = next(p for p in cl.chunkservers if stored_record(p.data, other["id"]) is not None)
+        as_files(cl, victim, s["id"], stored_record_bytes(src.data, other["id"]), other["sha256"])
     wait_for(lambda: victim not in [h["id"] for h in c.snapshot_show("s")["holders"]], timeout=30,
              interval=0.2, what="the bad copy dropped from the catalog")
     wait_for(lambda: healthy(c, cl, "s"), timeout=30, interval=0.2, what="a good second copy re-made")
@@ -63,7 +87,7 @@ def test_a_bad_record_copy_is_dropped_and_remade(make_cluster, damage):
     assert metric(cl, "kubegfs_snapshots_under_copied") == 0
     if damage != "missing":  # the bad bytes do not stay behind under that id
         wait_for(lambda: victim in [h["id"] for h in c.snapshot_show("s")["holders"]]
-                 or not rec.exists(), timeout=30, interval=0.2, what="the bad copy deleted")
+                 or stored_length(cl, victim, s["id"]) is None, timeout=30, interval=0.2, what="the bad copy deleted")
     c.snapshot_restore("s", to="/r")
     assert c.get("/r/f") == b"x" * 5000
     c.close()
@@ -76,8 +100,9 @@ def test_a_restore_whose_every_copy_is_bad_says_so(make_cluster):
     c.put("/d/f", b"x" * 5000)
     s = c.snapshot_create("/d", "s", copies=2)
     for h in s["holders"]:
-        rec, _sha = rec_files(cl, h["id"], s["id"])
-        rec.write_bytes(rec.read_bytes()[:100])
+        body = stored_record_bytes(cs_of(cl, h["id"]).data, s["id"])
+        assert body is not None
+        as_files(cl, h["id"], s["id"], body[:100], s["sha256"])
     with pytest.raises(Unavailable) as ei:
         c.snapshot_restore("s", to="/r")
     assert "every record copy of snapshot s is missing or damaged" in ei.value.message
@@ -101,10 +126,7 @@ def test_a_damaged_directory_block_is_read_from_the_other_copy_and_scrubbed(make
     victim = next(p for p in cl.chunkservers if victim_id.startswith(f"cs-{p.node}-"))
     urls = [p.url for p in cl.chunkservers]
     assert block_copies(urls, cl.internal_token, s["root"]) == 2
-    for pack in (victim.data / "blocks").glob("*.pack"):  # the root block is the last of its pack
-        raw = bytearray(pack.read_bytes())
-        raw[-1] ^= 0xFF
-        pack.write_bytes(bytes(raw))
+    assert damage_block(victim.data, bytes.fromhex(s["root"])) == 1
     c.snapshot_restore("s", to="/r")  # whichever copy it reads first, the restore is whole
     assert c.get("/r/b/f4") == b"bbbbb" and c.get("/r/a/f0") == b"a"
     r = requests.post(f"{victim.url}/internal/scrub", headers={"Authorization": f"Bearer {cl.internal_token}"}, timeout=30)

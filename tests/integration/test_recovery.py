@@ -23,10 +23,11 @@ def wait_for(pred, timeout=20.0, what="condition"):
 
 
 def on_disk(cluster):
-    """Every chunk and record file on every chunkserver: name -> bytes."""
+    """Every chunk file, record file and segment of the log of blocks and records on every
+    chunkserver: name -> bytes."""
     out = {}
     for p in cluster.chunkservers:
-        for f in [*p.data.glob("chunks/*/*.chk"), *p.data.glob("records/*.rec")]:
+        for f in [*p.data.glob("chunks/*/*.chk"), *p.data.glob("records/*.rec"), *p.data.glob("blocks/*.log")]:
             out[f"{p.name}/{f.name}"] = f.read_bytes()
     return out
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from kubegfs.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from kubegfs_dev.util import block_copies
+from kubegfs_dev.util import block_copies, damage_block, stored_record, stored_record_bytes
 
 CHUNK = 256 * 1024  # matches conftest.CHUNK
 
@@ -292,19 +292,8 @@ def test_a_snapshot_of_a_single_file_is_a_format_2_record(client):
 
 
 def _damage_block(cluster, hex_digest):
-    """Flip a byte of block ``hex_digest`` in every chunkserver's packs (as if it had rotted)."""
-    dg = bytes.fromhex(hex_digest)
-    hit = 0
-    for p in cluster.chunkservers:
-        for pack in (p.data / "blocks").glob("*.pack"):
-            data = bytearray(pack.read_bytes())
-            pos = data.find(dg)
-            if pos >= 0:
-                ln = int.from_bytes(data[pos + 32:pos + 36], "little")
-                data[pos + 36 + ln // 2] ^= 0xFF
-                pack.write_bytes(bytes(data))
-                hit += 1
-    return hit
+    """Flip a byte of block ``hex_digest`` in every chunkserver's block log (as if it had rotted)."""
+    return sum(damage_block(p.data, bytes.fromhex(hex_digest)) for p in cluster.chunkservers)
 
 
 def test_a_small_change_ships_deltas_and_a_holder_without_the_base_gets_blocks_whole(make_cluster, monkeypatch):
@@ -400,8 +389,8 @@ def test_a_holder_stores_a_record_sent_after_its_blocks_in_one_request(shared_cl
                 {**hdr, "X-Kubegfs-Record-Length": "x"}, {**hdr, "X-Kubegfs-Sha256": "0" * 63}):
         assert _post_blocks(cs.url, tok, body + record, bad)[0] == 400
     status, _out = _post_blocks(cs.url, tok, body[:-1] + record, hdr)  # a batch that fails its check
-    assert status >= 400 and not (cs.data / "records" / f"{rid}.rec").exists()  # no record without its blocks
+    assert status >= 400 and stored_record(cs.data, rid) is None  # no record without its blocks
     status, out = _post_blocks(cs.url, tok, body + record, hdr)
     assert status == 201 and out["stored"] == 1 and out["record"]["sha256"] == sha
-    assert (cs.data / "records" / f"{rid}.rec").read_bytes() == record
+    assert stored_record_bytes(cs.data, rid) == record
     assert block_copies([cs.url], tok, dg.hex()) == 1

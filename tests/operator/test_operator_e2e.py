@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from kubegfs_dev.util import wait_for
+from kubegfs_dev.util import stored_record, wait_for
 
 
 def snap_yaml(name, path="/data", copies=2, policy="Delete"):
@@ -72,8 +72,7 @@ def test_snapshot_location_follows_topology_and_restore_round_trips(stack):
     assert conds["Ready"]["observedGeneration"] == 1 and conds["Failed"]["status"] == "False"
     # the record really is on those chunkservers' disks
     for copy in s1["copies"]:
-        rec = stack.cs_procs[copy["pod"]].data / "records" / f"{s1['snapshotID']}.rec"
-        assert rec.exists(), copy
+        assert stored_record(stack.cs_procs[copy["pod"]].data, s1["snapshotID"]) is not None, copy
     events = stack.kubectl("get", "events", "--field-selector", "involvedObject.name=s1", "-o",
                            "jsonpath={.items[*].reason}").stdout
     assert "SnapshotCreated" in events
@@ -144,9 +143,10 @@ def test_delete_policies(stack):
     ids = {s["id"] for s in c.snapshot_list()}
     assert d["snapshotID"] not in ids and k["snapshotID"] in ids
     # the copy goes with its holder's next heartbeat once the delete is durable (master/outbox.py)
-    gone = stack.cs_procs[d["location"]["pod"]].data / "records" / f"{d['snapshotID']}.rec"
-    wait_for(lambda: not gone.exists(), timeout=30, what="the deleted snapshot's record copy to go")
-    assert (stack.cs_procs[k["location"]["pod"]].data / "records" / f"{k['snapshotID']}.rec").exists()
+    gone = stack.cs_procs[d["location"]["pod"]].data
+    wait_for(lambda: stored_record(gone, d["snapshotID"]) is None, timeout=30,
+             what="the deleted snapshot's record copy to go")
+    assert stored_record(stack.cs_procs[k["location"]["pod"]].data, k["snapshotID"]) is not None
 
 
 def test_bad_specs_and_missing_things(stack):

@@ -14,6 +14,7 @@ from test_namespace_state import Log
 
 from kubegfs import merkle
 from kubegfs import namespace as ns
+from kubegfs.chunkserver import blocklog
 from kubegfs.chunkserver.blocks import BlockStore
 from kubegfs.errors import CorruptData
 from kubegfs.formats import packb
@@ -261,19 +262,20 @@ def test_block_store_verifies_on_receipt_and_read_and_survives_restart(tmp_path)
         s2.get([items[3][0]])
 
 
-def test_block_store_unlinks_a_pack_once_nothing_in_it_is_wanted(tmp_path):
+def test_block_store_unlinks_a_segment_once_nothing_in_it_is_wanted(tmp_path, monkeypatch):
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", 1)  # a segment per put
     rng = random.Random(2)
     s = BlockStore(tmp_path)
     a, b = _blocks(5, rng), _blocks(5, rng)
     s.put(a)
     s.put(b)
-    assert len(list((tmp_path / "blocks").glob("*.pack"))) == 2
+    assert len(list((tmp_path / "blocks").glob("*.log"))) == 2
     assert s.delete([d for d, _ in a]) == 5
-    assert len(list((tmp_path / "blocks").glob("*.pack"))) == 1
+    assert len(list((tmp_path / "blocks").glob("*.log"))) == 1
     s.delete([b[0][0]])
     assert s.missing([b[0][0]]) == [b[0][0]]
-    # its pack still holds wanted blocks, so after a restart it is back (and reported in the full
-    # heartbeat, where the master orders it deleted again)
+    # its segment still holds wanted blocks, so after a restart it is back (and reported in the
+    # full heartbeat, where the master orders it deleted again)
     assert BlockStore(tmp_path).missing([b[0][0]]) == []
     assert BlockStore(tmp_path).get([d for d, _ in b[1:]]) == b[1:]
 

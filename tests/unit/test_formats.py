@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kubegfs import merkle
 from kubegfs import namespace as ns
 from kubegfs.chunkserver.store import ChunkStore
 from kubegfs.errors import Conflict, CorruptData, InvalidArgument
@@ -229,9 +230,11 @@ def test_record_store_verifies(tmp_path):
         s.put_record("r1", iter([body]), "0" * 64)
     assert s.list_records() == []
     s.put_record("r1", iter([body[:10], body[10:]]), sha)
-    assert s.list_records() == ["r1"] and s.verify_record("r1")
-    p, _ = s.record_path("r1")
-    p.write_bytes(b"X" + body[1:])
+    assert s.list_records() == ["r1"] and s.verify_record("r1") and s.record("r1") == (body, sha)
+    at = s.log.records["r1"]
+    with open(s.log.dir / at.name, "r+b") as f:  # a byte of it rots in the log
+        f.seek(at.off)
+        f.write(b"X")
     assert not s.verify_record("r1")
 
 
@@ -283,14 +286,21 @@ def test_snapobj_bytes_do_not_depend_on_the_hash_seed():
     assert len(shas) == 1, shas
 
 
+def _old_record(tmp_path, rid, body):
+    """A record as earlier versions stored it: ``records/<id>.rec`` and its sha256 sidecar."""
+    (tmp_path / "records").mkdir(exist_ok=True)
+    (tmp_path / "records" / f"{rid}.rec").write_bytes(body)
+    (tmp_path / "records" / f"{rid}.sha256").write_text(hashlib.sha256(body).hexdigest())
+
+
 def _two_records(tmp_path):
-    """A store holding records r1 and r2 (the same 600 bytes); the store, the bytes, their sha256."""
-    s = ChunkStore(tmp_path, 4 * BLOCK_SIZE)
+    """A store holding records r1 and r2 (the same 600 bytes) as files of an earlier version;
+    the store, the bytes, their sha256."""
     body = b"record" * 100
     sha = hashlib.sha256(body).hexdigest()
-    s.put_record("r1", iter([body]), sha)
-    s.put_record("r2", iter([body]), sha)
-    return s, body, sha
+    _old_record(tmp_path, "r1", body)
+    _old_record(tmp_path, "r2", body)
+    return ChunkStore(tmp_path, 4 * BLOCK_SIZE), body, sha
 
 
 def test_record_digests_notice_a_truncated_record_and_a_new_sidecar_without_rereading_old_ones(tmp_path):
@@ -331,58 +341,28 @@ def test_record_digests_without_a_pass_are_the_last_pass_with_the_stores_and_del
     assert s.record_digests(scan=False)["r2"] == [10, sha]
 
 
-def test_fsync_together_syncs_every_file_at_once_and_returns_what_ran_meanwhile(monkeypatch):
-    import threading
-
-    from kubegfs import fsutil
-
-    seen, gate = [], threading.Barrier(3, timeout=5)
-
-    def fsync(fd):  # all three at once, or the barrier breaks
-        gate.wait()
-        seen.append(fd)
-
-    monkeypatch.setattr(fsutil.os, "fsync", fsync)
-    assert fsutil.fsync_together([3, 4, 5]) is None and sorted(seen) == [3, 4, 5]
-    gate, seen[:] = threading.Barrier(3, timeout=5), []
-    assert fsutil.fsync_together([6, 7], lambda: (gate.wait(), "done")[1]) == "done" and sorted(seen) == [6, 7]
-
-    def boom():
-        raise ValueError("meanwhile failed")
-
-    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: seen.append(fd))
-    with pytest.raises(ValueError, match="meanwhile"):
-        fsutil.fsync_together([8], boom)
-    assert 8 in seen  # (waited for)
-
-    def bad(fd):
-        raise OSError(5, "EIO")
-
-    monkeypatch.setattr(fsutil.os, "fsync", bad)
-    with pytest.raises(OSError):
-        fsutil.fsync_together([9, 10])
-
-
-def test_a_record_is_in_place_only_after_what_runs_before_it_and_not_at_all_if_that_fails(tmp_path):
+def test_a_record_is_stored_by_what_stores_its_blocks_and_not_at_all_if_that_fails(tmp_path):
     s = ChunkStore(tmp_path, BLOCK_SIZE)
     body = b"record" * 100
     sha = hashlib.sha256(body).hexdigest()
-    rec, side = s._rec_paths("r1")
+    data = b"a directory block"
+    blk = (merkle.block_digest(data), merkle.compress(data))
 
-    def blocks():
-        assert not rec.exists() and not side.exists()  # not before the blocks are durable
-        return "stored"
+    def blocks(rec):
+        assert "r1" not in s.list_records()  # not before the blocks are durable
+        return s.log.put([blk], rec)
 
     assert s.put_record("r1", iter([body]), sha, blocks) == (600, sha)
     assert s.record_digests() == {"r1": [600, sha]} and s.verify_record("r1")
+    assert s.log.records["r1"].name == s.log.index[blk[0]][0]  # one append: the blocks, then the record
 
-    def fails():
+    def fails(rec):
         raise CorruptData("a block failed its digest")
 
     with pytest.raises(CorruptData, match="a block"):
         s.put_record("r2", iter([body]), sha, fails)
     ran = []
     with pytest.raises(CorruptData, match="record checksum"):  # checked before the blocks are stored
-        s.put_record("r3", iter([body]), "0" * 64, lambda: ran.append(1))
+        s.put_record("r3", iter([body]), "0" * 64, lambda rec: ran.append(1))
     assert ran == [] and s.list_records() == ["r1"]
-    assert sorted(p.name for p in s.records_dir.iterdir()) == ["r1.rec", "r1.sha256"]  # no temporary left
+    assert list(s.records_dir.iterdir()) == []  # no file at all

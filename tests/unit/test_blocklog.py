@@ -1,0 +1,300 @@
+"""The block log (kubegfs/chunkserver/blocklog.py) and the stores on it: framing, a torn last
+entry cut at every byte, a damaged entry mid-file, segments rolled, unlinked and compacted, the
+older pack files read beside the log; records with their blocks in one append, tombstones, and
+the record files of earlier versions read beside the log."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+
+import pytest
+
+from kubegfs import merkle
+from kubegfs.chunkserver import blocklog
+from kubegfs.chunkserver.blocks import PACK_MAGIC, BlockStore, LogRecord
+from kubegfs.chunkserver.store import ChunkStore
+from kubegfs.errors import NotFound
+
+
+def _blocks(n: int, rng: random.Random) -> list[tuple[bytes, bytes]]:
+    out = []
+    for _ in range(n):
+        data = rng.randbytes(rng.randrange(1, 300))
+        out.append((merkle.block_digest(data), merkle.compress(data)))
+    return out
+
+
+def _segment(*puts: list[tuple[bytes, bytes]]) -> tuple[bytes, list[int]]:
+    """A segment holding one entry per put, and where each entry starts."""
+    data = bytearray(blocklog.SEGMENT_MAGIC)
+    starts = []
+    for items in puts:
+        starts.append(len(data))
+        data += b"".join(blocklog.entry(blocklog.frames(items)[0]))
+    return bytes(data), starts
+
+
+def _segments(tmp_path):
+    return sorted(p.name for p in (tmp_path / "blocks").glob("*.log"))
+
+
+def test_an_entry_frames_its_blocks_and_the_scan_finds_each_where_it_is():
+    rng = random.Random(1)
+    a, b = _blocks(3, rng), _blocks(4, rng)
+    data, starts = _segment(a, b)
+    got = list(blocklog.scan(data))
+    assert [e.at for e in got] == starts and {e.kind for e in got} == {blocklog.BLOCKS}
+    assert [e.end for e in got] == [*starts[1:], len(data)]
+    blocks = [blk for e in got for blk in e.blocks]
+    assert [(dg, data[off:off + ln]) for dg, off, ln in blocks] == a + b
+
+
+def test_a_torn_last_entry_is_dropped_at_every_byte_it_can_be_cut_at(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # (the cut's syncs: not what is tested here)
+    caplog.set_level(logging.WARNING)
+    rng = random.Random(2)
+    a, b = _blocks(3, rng), _blocks(2, rng)
+    data, starts = _segment(a, b)
+    (tmp_path / "blocks").mkdir()
+    seg = tmp_path / "blocks" / blocklog.segment_name(1)
+    for cut in range(starts[1], len(data)):
+        for tail in (b"", bytes(len(data) - cut)):  # the file ends there, or zeros to its length
+            seg.write_bytes(data[:cut] + tail)
+            s = BlockStore(tmp_path)
+            assert sorted(s.digests()) == sorted(dg for dg, _ in a), (cut, len(tail))
+            assert s.get([dg for dg, _ in a]) == a and seg.stat().st_size == starts[1]
+    assert "nothing after it is read" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # in the newest segment: a warning
+    seg.write_bytes(data)
+    assert sorted(BlockStore(tmp_path).digests()) == sorted(dg for dg, _ in a + b)
+
+
+def test_the_newest_segment_is_cut_at_its_first_bad_entry_so_no_later_start_reads_past_it(tmp_path, caplog):
+    """Also the crash order the log relies on: a later entry whose pages reached the disk while an
+    earlier one's did not is never taken (a record is stored in the append of its blocks, after
+    them), neither at this start nor at a later one, when the segment is no longer the newest."""
+    rng = random.Random(3)
+    a, b, c = _blocks(2, rng), _blocks(2, rng), _blocks(2, rng)
+    data, starts = _segment(a, b, c)
+    (tmp_path / "blocks").mkdir()
+    seg = tmp_path / "blocks" / blocklog.segment_name(1)
+    for damage in ("a bit", "lost pages"):
+        bad = bytearray(data)
+        if damage == "a bit":
+            bad[starts[1] + blocklog.ENTRY_HEAD + 40] ^= 0x01  # of b's first block
+        else:
+            bad[starts[1]:starts[2]] = bytes(starts[2] - starts[1])  # b's pages lost, c's on disk
+        seg.write_bytes(bytes(bad))
+        s = BlockStore(tmp_path)
+        assert sorted(s.digests()) == sorted(dg for dg, _ in a)
+        assert seg.stat().st_size == starts[1]
+        aside = list((tmp_path / "blocks").glob("*.corrupt-*"))
+        assert len(aside) == 1 and aside[0].read_bytes() == bad[starts[1]:]
+        aside[0].unlink()
+        s.put(_blocks(1, rng))  # a new head: segment 1 is an older one now
+        assert sorted(BlockStore(tmp_path).missing([dg for dg, _ in b + c])) == sorted(dg for dg, _ in b + c)
+        for p in (tmp_path / "blocks").glob("*.log"):
+            p.unlink()
+
+
+def test_in_an_older_segment_a_damaged_entry_is_skipped_and_a_damaged_head_stops_the_scan(tmp_path, caplog):
+    rng = random.Random(11)
+    a, b, c = _blocks(2, rng), _blocks(2, rng), _blocks(2, rng)
+    data, starts = _segment(a, b, c)
+    (tmp_path / "blocks").mkdir()
+    seg = tmp_path / "blocks" / blocklog.segment_name(1)
+    (tmp_path / "blocks" / blocklog.segment_name(2)).write_bytes(blocklog.SEGMENT_MAGIC + b"".join(
+        blocklog.entry(blocklog.frames(_blocks(1, rng))[0])))  # the newest
+    bad = bytearray(data)
+    bad[starts[1] + blocklog.ENTRY_HEAD + 40] ^= 0x01  # a bit of b's first block: rot
+    seg.write_bytes(bytes(bad))
+    with caplog.at_level(logging.ERROR):
+        s = BlockStore(tmp_path)
+    assert sorted(s.missing([dg for dg, _ in a + b + c])) == sorted(dg for dg, _ in b)
+    assert "fails its checksum; skipped" in caplog.text and seg.read_bytes() == bytes(bad)  # nothing cut
+    bad[starts[1]:starts[1] + 4] = b"XXXX"  # b's head: where c starts is not known
+    seg.write_bytes(bytes(bad))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        s = BlockStore(tmp_path)
+    assert sorted(s.missing([dg for dg, _ in a + b + c])) == sorted(dg for dg, _ in b + c)
+    assert "has no known kind; nothing after it is read" in caplog.text
+
+
+def test_puts_append_to_one_segment_and_a_restart_starts_a_new_one(tmp_path):
+    rng = random.Random(4)
+    puts = [_blocks(3, rng) for _ in range(4)]
+    s = BlockStore(tmp_path)
+    for p in puts[:3]:
+        assert s.put(p) == 3
+    assert _segments(tmp_path) == [blocklog.segment_name(1)]
+    s2 = BlockStore(tmp_path)  # reopened: everything back, the old head never appended to again
+    assert s2.get([dg for p in puts[:3] for dg, _ in p]) == [it for p in puts[:3] for it in p]
+    s2.put(puts[3])
+    assert _segments(tmp_path) == [blocklog.segment_name(1), blocklog.segment_name(2)]
+    assert sorted(BlockStore(tmp_path).digests()) == sorted(dg for p in puts for dg, _ in p)
+
+
+def test_a_failed_append_is_never_followed_in_its_segment(tmp_path, monkeypatch):
+    rng = random.Random(5)
+    a, b, c = _blocks(2, rng), _blocks(2, rng), _blocks(2, rng)
+    s = BlockStore(tmp_path)
+    s.put(a)
+    real = os.fdatasync
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(OSError):
+        s.put(b)
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert s.missing([dg for dg, _ in b]) == [dg for dg, _ in b]  # not acknowledged, not indexed
+    s.put(c)
+    assert _segments(tmp_path) == [blocklog.segment_name(1), blocklog.segment_name(2)]
+    assert BlockStore(tmp_path).get([dg for dg, _ in a + c]) == a + c
+
+
+def test_a_mostly_unwanted_segment_is_compacted_into_the_head(tmp_path, monkeypatch):
+    rng = random.Random(6)
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", 1500)
+    s = BlockStore(tmp_path)
+    first = [_blocks(4, rng) for _ in range(6)]
+    for p in first:
+        s.put(p)
+    segs = _segments(tmp_path)
+    assert len(segs) >= 2
+    old = segs[0]
+    in_old = [dg for dg, (name, _o, _l) in s.index.items() if name == old]
+    keep = in_old[:1]
+    s.delete([dg for dg in in_old if dg not in keep][:len(in_old) // 2])  # half unwanted: kept
+    assert old in _segments(tmp_path)
+    s.delete([dg for dg in in_old if dg not in keep])  # under a quarter wanted: compacted
+    assert old not in _segments(tmp_path)
+    assert all(s.index[dg][0] == s.head.name for dg in keep)
+    want = {dg: z for p in first for dg, z in p if dg in s.index}
+    assert dict(s.get(list(want))) == want
+    again = BlockStore(tmp_path)
+    assert sorted(again.digests()) == sorted(want) and dict(again.get(list(want))) == want
+
+
+def test_a_segment_all_unwanted_is_unlinked_once_it_is_no_longer_the_head(tmp_path, monkeypatch):
+    rng = random.Random(7)
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", 1)
+    s = BlockStore(tmp_path)
+    a, b = _blocks(3, rng), _blocks(3, rng)
+    s.put(a)
+    s.delete([dg for dg, _ in a])
+    assert _segments(tmp_path) == [blocklog.segment_name(1)]  # the head stays until the next put
+    s.put(b)
+    assert _segments(tmp_path) == [blocklog.segment_name(2)]
+
+
+def test_packs_of_earlier_versions_are_read_beside_the_log(tmp_path):
+    rng = random.Random(8)
+    a, b = _blocks(3, rng), _blocks(3, rng)
+    (tmp_path / "blocks").mkdir()
+    pack = tmp_path / "blocks" / "0000000000000007.pack"
+    pack.write_bytes(PACK_MAGIC + merkle.pack_frames(a, compressed=True))
+    s = BlockStore(tmp_path)
+    assert s.get([dg for dg, _ in a]) == a
+    s.put(b + a[:1])  # what the pack holds is not stored again
+    assert _segments(tmp_path) == [blocklog.segment_name(8)]  # numbered after the pack
+    again = BlockStore(tmp_path)
+    assert again.get([dg for dg, _ in a + b]) == a + b
+    assert again.live == {pack.name: 3, blocklog.segment_name(8): 3}
+    again.delete([dg for dg, _ in a])
+    assert not pack.exists()
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+def _record(rid: str, body: bytes) -> LogRecord:
+    return LogRecord(rid, hashlib.sha256(body).hexdigest(), body)
+
+
+def test_a_record_is_never_there_without_its_blocks_wherever_a_crash_cuts_their_append(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # (the cut's syncs: not what is tested here)
+    rng = random.Random(9)
+    a, b = _blocks(3, rng), _blocks(4, rng)
+    s = BlockStore(tmp_path)
+    s.put(a)
+    s.put(b, _record("r1", b"the record" * 40))
+    seg = tmp_path / "blocks" / s.head.name
+    data = seg.read_bytes()
+    start = max(off for _n, off, _l in (s.index[dg] for dg, _ in a)) + 1  # inside a's entry's last block...
+    start = next(e.end for e in blocklog.scan(data) if e.at < start <= e.end)  # ...so the second append starts here
+    for cut in range(start, len(data) + 1):
+        for tail in (b"", bytes(len(data) - cut)):
+            seg.write_bytes(data[:cut] + tail)
+            again = BlockStore(tmp_path)
+            if "r1" in again.records:
+                assert again.missing([dg for dg, _ in b]) == [] and cut == len(data)
+            assert again.missing([dg for dg, _ in a]) == []
+    lost = bytearray(data)  # the record's page on disk, a page of the blocks before it not
+    lost[start:start + 100] = bytes(100)
+    seg.write_bytes(bytes(lost))
+    again = BlockStore(tmp_path)
+    assert "r1" not in again.records and again.missing([b[0][0]]) == [b[0][0]]
+
+
+def test_a_deleted_record_stays_deleted_after_a_restart_and_one_stored_again_stays(tmp_path):
+    s = BlockStore(tmp_path)
+    one, two = _record("r1", b"first" * 50), _record("r1", b"second" * 50)
+    s.put_record(one)
+    s.put_record(_record("r2", b"other" * 50))
+    assert s.delete_record("r1") and not s.delete_record("r1")
+    assert "r1" not in BlockStore(tmp_path).records  # the tombstone, read back
+    s = BlockStore(tmp_path)
+    s.put_record(two)
+    again = BlockStore(tmp_path)
+    assert again.read_record("r1") == (two.data, two.sha256)  # the tombstone deletes only the copy it names
+    assert again.read_record("r2")[0] == b"other" * 50
+
+
+def test_compaction_moves_records_and_tombstones_and_unlinks_what_nothing_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", 1)  # a segment per append
+    rng = random.Random(10)
+    s = BlockStore(tmp_path)
+    a, b = _blocks(3, rng), _blocks(20, rng)
+    s.put(a, _record("r0", b"zero" * 10))  # segment 1
+    s.put(b, _record("r2", b"two" * 10))  # segment 2
+    s.delete_record("r0")  # segment 3: its tombstone, wanted while segment 1 is there
+    assert _segments(tmp_path) == [blocklog.segment_name(n) for n in (1, 2, 3)]
+    s.delete([dg for dg, _ in b])  # segment 2 under a quarter wanted: r2 moved to a new head
+    assert blocklog.segment_name(2) not in _segments(tmp_path)
+    assert s.read_record("r2")[0] == b"two" * 10
+    again = BlockStore(tmp_path)
+    assert set(again.records) == {"r2"} and again.read_record("r2")[0] == b"two" * 10
+    s.delete([dg for dg, _ in a])  # segment 1 unwanted: unlinked, and with it the tombstone's need
+    segs = _segments(tmp_path)
+    assert blocklog.segment_name(1) not in segs and blocklog.segment_name(3) not in segs
+    again = BlockStore(tmp_path)
+    assert set(again.records) == {"r2"} and again.missing([dg for dg, _ in a + b]) == [dg for dg, _ in a + b]
+
+
+def test_records_of_both_formats_side_by_side(tmp_path):
+    old, new = b"old record" * 30, b"new record" * 30
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "old.rec").write_bytes(old)
+    (tmp_path / "records" / "old.sha256").write_text(hashlib.sha256(old).hexdigest())
+    s = ChunkStore(tmp_path, 1 << 20)
+    s.put_record("new", iter([new]), hashlib.sha256(new).hexdigest())
+    assert s.list_records() == ["new", "old"]
+    assert s.record_digests() == {"old": [len(old), hashlib.sha256(old).hexdigest()],
+                                  "new": [len(new), hashlib.sha256(new).hexdigest()]}
+    src, sha = s.record("old")
+    assert src == tmp_path / "records" / "old.rec" and sha == hashlib.sha256(old).hexdigest()
+    assert s.record("new") == (new, hashlib.sha256(new).hexdigest())
+    assert s.verify_record("old") and s.verify_record("new")
+    with pytest.raises(NotFound):
+        s.record("none")
+    s.put_record("old", iter([old]), hashlib.sha256(old).hexdigest())  # stored again: into the log, the files go
+    assert not (tmp_path / "records" / "old.rec").exists() and s.record("old")[0] == old
+    s.delete_record("new")
+    again = ChunkStore(tmp_path, 1 << 20)
+    assert again.list_records() == ["old"] and again.record_sizes == {"old": len(old)}
