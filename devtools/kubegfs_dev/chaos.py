@@ -36,6 +36,8 @@ from kubegfs.client import Client
 from kubegfs.errors import KubegfsError
 from kubegfs.local import LocalCluster
 
+from .util import damage_record, stored_records
+
 DIR = None  # marker for directories in the model
 CHUNK = 64 * 1024
 
@@ -80,6 +82,44 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] or "/"
 
 
+@dataclass
+class _ChunkRot:
+    """A chunk file a fault flipped a bit in: repaired once the file is gone or differs."""
+
+    path: Path
+    bad: bytes
+
+    def still_there(self) -> bool:
+        return self.path.exists() and self.path.read_bytes() == self.bad
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass
+class _RecordRot:
+    """A chunkserver's copy of a record a fault flipped a byte of (in its block log, or its file
+    of an earlier version): repaired once that chunkserver no longer answers it as corrupt (it
+    serves a good copy again, or has none)."""
+
+    url: str
+    token: str
+    rid: str
+
+    def still_there(self) -> bool:
+        import requests
+
+        try:
+            r = requests.get(f"{self.url}/internal/records/{self.rid}", timeout=10,
+                             headers={"Authorization": f"Bearer {self.token}"})
+        except requests.RequestException:
+            return True  # (down: a restart is under way)
+        return r.status_code not in (200, 404)
+
+    def __str__(self) -> str:
+        return f"record {self.rid} on {self.url}"
+
+
 class Model:
     def __init__(self) -> None:
         self.tree: Tree = {"/": DIR}
@@ -119,7 +159,7 @@ class Trial:
         self.c: Client | None = None
         self.n = 0
         self.down: list[Any] = []
-        self.corrupted: list[tuple[Path, bytes]] = []  # (file, its corrupted bytes) not yet repaired
+        self.corrupted: list[_ChunkRot | _RecordRot] = []  # injected corruptions not yet repaired
 
     # ------------------------------------------------------------------ helpers
 
@@ -341,17 +381,16 @@ class Trial:
                 i = rng.randrange(len(raw))
                 raw[i] ^= 1 << rng.randrange(8)
                 f.write_bytes(bytes(raw))
-                self.corrupted.append((f, bytes(raw)))
+                self.corrupted.append(_ChunkRot(f, bytes(raw)))
                 self.st.corruptions_injected += 1
         elif kind == "corrupt-record":
             self.heal()
-            recs = [f for p in self.cl.chunkservers for f in p.data.glob("records/*.rec")]
+            recs = [(p, rid, n) for p in self.cl.chunkservers
+                    for rid, (_f, _off, n) in sorted(stored_records(p.data).items()) if n]
             if recs:
-                f = rng.choice(recs)
-                raw = bytearray(f.read_bytes())
-                raw[rng.randrange(len(raw))] ^= 0xFF
-                f.write_bytes(bytes(raw))
-                self.corrupted.append((f, bytes(raw)))
+                p, rid, n = rng.choice(recs)
+                damage_record(p.data, rid, rng.randrange(n))
+                self.corrupted.append(_RecordRot(p.url, self.cl.internal_token, rid))
                 self.st.corruptions_injected += 1
         else:
             self.client().checkpoint()
@@ -376,15 +415,14 @@ class Trial:
             alive = {x["id"] for x in c.chunkservers() if x["alive"]}
             recs_ok = all(len([h for h in s["holders"] if h["id"] in alive]) >= min(2, len(alive))
                           for s in c.snapshot_list() if s["state"] == "ready")
-            fixed = [(f, b) for f, b in self.corrupted if not f.exists() or f.read_bytes() != b]
             if st["under_replicated"] == 0 and st["chunkservers"]["alive"] >= 4 and recs_ok \
-                    and len(fixed) == len(self.corrupted):
+                    and not any(r.still_there() for r in self.corrupted):
                 self.st.corruptions_detected += len(self.corrupted)
                 self.corrupted = []
                 self.st.recovery_seconds.append(time.monotonic() - t0)
                 return
             time.sleep(0.1)
-        left = [str(f) for f, b in self.corrupted if f.exists() and f.read_bytes() == b]
+        left = [str(r) for r in self.corrupted if r.still_there()]
         raise Lost(f"cluster did not heal within {timeout}s: {c.status()}; undetected corruption: {left}")
 
     def master_kill_mid_op(self) -> None:

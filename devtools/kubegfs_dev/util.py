@@ -101,25 +101,27 @@ def block_copies(chunkserver_urls: list[str], token: str, digest_hex: str) -> in
     return n
 
 
-def stored_record(data_dir: Path, rid: str) -> tuple[Path, int, int] | None:
-    """Where a chunkserver keeps snapshot record ``rid`` on disk, read without changing anything:
-    (file, offset, length) of its copy in the log (``blocks/*.log``: the last one no tombstone
-    deletes) or of the file an earlier version stored it in (``records/<id>.rec``); None if it
-    has none."""
-    found: tuple[Path, int, int] | None = None
+def stored_records(data_dir: Path) -> dict[str, tuple[Path, int, int]]:
+    """Every snapshot record a chunkserver keeps on disk, read without changing anything: its id
+    -> (file, offset, length) of its copy in the log (``blocks/*.log``: the last one no tombstone
+    deletes) or of the file an earlier version stored it in (``records/<id>.rec``)."""
+    found: dict[str, tuple[Path, int, int]] = {}
     segs = sorted(data_dir.glob("blocks/*.log"))
     for p in segs:
         for e in blocklog.scan(p.read_bytes(), p.name, p == segs[-1]):
-            if e.rid != rid:
-                continue
             if e.kind == blocklog.RECORD:
-                found = (p, e.off, e.length)
-            elif found is not None and (found[0].name, found[1]) == (e.target, e.off):
-                found = None
-    if found is not None:
-        return found
-    f = data_dir / "records" / f"{rid}.rec"
-    return (f, 0, f.stat().st_size) if f.exists() else None
+                found[e.rid] = (p, e.off, e.length)
+            elif e.kind == blocklog.TOMBSTONE and e.rid in found \
+                    and (found[e.rid][0].name, found[e.rid][1]) == (e.target, e.off):
+                del found[e.rid]
+    for f in data_dir.glob("records/*.rec"):
+        found.setdefault(f.stem, (f, 0, f.stat().st_size))
+    return found
+
+
+def stored_record(data_dir: Path, rid: str) -> tuple[Path, int, int] | None:
+    """``stored_records``' place of record ``rid``, or None if the chunkserver has none."""
+    return stored_records(data_dir).get(rid)
 
 
 def stored_record_bytes(data_dir: Path, rid: str) -> bytes | None:

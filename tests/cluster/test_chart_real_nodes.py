@@ -39,7 +39,7 @@ from kubegfs_dev.realchart import (
     pod_ready,
     wait_for,
 )
-from kubegfs_dev.util import free_port
+from kubegfs_dev.util import free_port, stored_records
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -138,9 +138,9 @@ def test_snapshot_cr_nearest_chunkserver_and_restore_bytes(env: Release) -> None
     assert st["files"] == len(digests)
     # the record's bytes are on that pod's volume (the local PV's host directory)
     pod = next(p for p in env.pods("chunkserver") if p["metadata"]["name"] == st["location"]["pod"])
-    recs = list((env.pv_path(pod) / "records").glob("*.rec"))
-    assert recs, f"no record file on {pod['metadata']['name']}'s volume {env.pv_path(pod)}"
-    assert st["recordBytes"] in {r.stat().st_size for r in recs}, (st["recordBytes"], recs)
+    recs = stored_records(env.pv_path(pod))
+    assert st["snapshotID"] in recs, f"no record {st['snapshotID']} on {pod['metadata']['name']}'s volume {env.pv_path(pod)}"
+    assert recs[st["snapshotID"]][2] == st["recordBytes"], (st["recordBytes"], recs)
     # a second copy in another zone
     assert len(st["copies"]) == 2 and st["copies"][1]["zone"] != st["copies"][0]["zone"], st["copies"]
 
