@@ -482,7 +482,7 @@ class Chunkserver:
         rid = record_id(request.match_info["id"])
         src, sha = await self._run(self.store.record, rid)
         if request.query.get("verify", "1") != "0":
-            ok = await self._run(self.store.verify_record, rid)
+            ok = await self._run(self.store.record_matches, src, sha)  # the bytes served, read once
             if not ok:
                 M.CS_CHECKSUM_FAIL.labels("record").inc()
                 self.corrupt_records.add(rid)

@@ -445,7 +445,11 @@ class ChunkStore:
         raise NotFound(f"no such snapshot record: {rid}")
 
     def verify_record(self, rid: str) -> bool:
-        src, sha = self.record(rid)
+        return self.record_matches(*self.record(rid))
+
+    @staticmethod
+    def record_matches(src: bytes | Path, sha: str) -> bool:
+        """Whether a record as ``record`` gave it (its bytes, or its file) has the sha256 ``sha``."""
         if isinstance(src, bytes):
             return hashlib.sha256(src).hexdigest() == sha
         h = hashlib.sha256()
