@@ -44,6 +44,7 @@ PIECE = 8 * 1024 * 1024  # the chunkserver takes up to 8 MiB (MAX_PIECE)
 READ_AHEAD = 4  # pieces fetched ahead of the one being consumed (with client-verified reads, 4 read
 # 1 GiB at 1.9-2.2 GB/s where 2 left the CPUs ~20% idle at 1.3-2.0 GB/s: docs/benchmarks.md)
 Progress = Callable[[int], None]
+_SOCKET_KEY, _HOST_KEY = sc.SOCKET_HEADER.lower(), sc.HOST_HEADER.lower()  # (the lean reader's header keys)
 SHORT_CIRCUIT_ENV = "KUBEGFS_SHORT_CIRCUIT"  # "off" (or 0, false, no): never read through chunk file descriptors
 
 log = logging.getLogger("kubegfs.client")
@@ -404,7 +405,7 @@ class Client:
                 read_port = r.headers.get("x-kubegfs-read-port")
                 if read_port is not None and read_port.isdigit():
                     self._learn_read_port(u, read_port)
-                self._learn_local(u, r.headers)
+                self._learn_local(u, r.headers.get(_SOCKET_KEY), r.headers.get(_HOST_KEY))
                 if answer_headers is not None:
                     answer_headers.update(r.headers)
             else:
@@ -418,7 +419,7 @@ class Client:
                 status, ctype, will_close = hr.status, hr.headers.get("Content-Type", ""), hr.will_close
                 fast = hr.headers.get("X-Kubegfs-Fastpath")
                 writes = hr.headers.get("X-Kubegfs-Fastpath-Writes")
-                self._learn_local(u, {k.lower(): v for k, v in hr.headers.items()})
+                self._learn_local(u, hr.headers.get(sc.SOCKET_HEADER), hr.headers.get(sc.HOST_HEADER))
                 if answer_headers is not None:
                     answer_headers.update((k.lower(), v) for k, v in hr.headers.items())
         except BaseException:
@@ -444,10 +445,10 @@ class Client:
         if u.scheme == "http" and base not in self.read_ports and base not in self._read_off:
             self.read_ports[base] = _other_port(u, "http", port)
 
-    def _learn_local(self, u: Any, headers: dict[str, str]) -> None:
-        """A chunkserver's short-circuit socket, if its answer says it runs on this host."""
-        path = headers.get(sc.SOCKET_HEADER.lower())
-        if path and self._host and headers.get(sc.HOST_HEADER.lower()) == self._host:
+    def _learn_local(self, u: Any, path: str | None, host: str | None) -> None:
+        """A chunkserver's short-circuit socket, if its answer (these two headers) says it runs
+        on this host."""
+        if path and self._host and host == self._host:
             self.local_sockets.setdefault(f"{u.scheme}://{u.netloc}", path)
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
