@@ -103,6 +103,9 @@ class Chunkserver:
         self._registered = False
         self._records = Reporter()  # how its heartbeats report its records (kubegfs/recordreport.py)
         self._beats = 0
+        # one heartbeat at a time: a reply's deletes are carried out before the next heartbeat is
+        # built, which the master relies on (chunkmap.ChunkserverInfo.deleting)
+        self._beat_lock = asyncio.Lock()
         self._added: dict[int, int] = {}
         self._removed: set[int] = set()
         self._reported_corrupt: set[int] = set()
@@ -609,6 +612,10 @@ class Chunkserver:
         return body
 
     async def _heartbeat_once(self) -> None:
+        async with self._beat_lock:
+            await self._heartbeat_locked()
+
+    async def _heartbeat_locked(self) -> None:
         assert self._session is not None
         # the records directory is passed over (disk reads off the loop) every RECORD_SCAN_EVERY
         # heartbeats and at a registration; in between, the stores and deletes since

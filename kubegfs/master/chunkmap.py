@@ -49,6 +49,9 @@ class ChunkserverInfo:
     record_view: RecordView = field(default_factory=RecordView)  # its records as its heartbeats report them
     registered: bool = False
     stale: set[int] = field(default_factory=set)  # copies to delete with the next heartbeat reply
+    # chunk deletes sent in the last heartbeat reply: the chunkserver carries them out before it
+    # sends its next heartbeat, so until then it is no target for a new copy of those chunks
+    deleting: set[int] = field(default_factory=set)
 
     def candidate(self) -> Candidate:
         return Candidate(self.id, self.location, self.used, self.capacity, self.address)
@@ -85,6 +88,10 @@ class ChunkMap:
     def holding(self, h: int) -> set[str]:
         """Chunkservers with any copy of ``h``, replica or not."""
         return {c for c in self.cs if h in self.cs[c].chunks}
+
+    def deleting(self, h: int) -> set[str]:
+        """Chunkservers told to delete their copy of ``h`` that have not sent a heartbeat since."""
+        return {c for c, info in self.cs.items() if h in info.deleting}
 
     # ------------------------------------------------------------------ liveness
 
@@ -169,7 +176,10 @@ class ChunkMap:
             for hs in body.get("removed", []) or []:
                 h = handle_hex(hs)
                 cs.chunks.pop(h, None)
-                self.locations.get(h, set()).discard(cid)
+                locs = self.locations.get(h)
+                if locs is not None and cid in locs:
+                    locs.discard(cid)
+                    self.dirty = True  # a counted replica is gone: re-replication has work
         for hs in body.get("corrupt", []) or []:
             h = handle_hex(hs)
             M.M_CORRUPT.inc()

@@ -1,9 +1,9 @@
 """Re-replication (GFS §4.3): bring every chunk back to its replication level from a live
 replica, each new copy placed by the topology (a new zone first), never onto a server that still
-holds an uncounted copy or has a delete of that chunk queued, and never while an append writes
-the chunk in place (a copy taken then could miss acknowledged bytes). A pass runs when the chunk
-map is ``dirty`` (a server died, a copy went bad, a write left a chunk short).
-"""
+holds an uncounted copy or has a delete of that chunk queued or sent and not yet carried out, and
+never while an append writes the chunk in place (a copy taken then could miss acknowledged
+bytes). A pass runs when the chunk map is ``dirty`` (a server died, a copy went bad or went away,
+a write left a chunk short)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ class Repair:
                     # delete it, or it would block this server as a target forever
                     m.chunkmap.cs[cid].stale.add(h)
                     m.chunkmap.dirty = True
-            # not onto a server with a queued delete of this chunk: the order could land after the copy
-            pending = m.outbox.pending_on("chunk", h)
+            # not onto a server with a delete of this chunk queued, or sent and not yet carried
+            # out: the delete could land after the copy and remove it
+            pending = m.outbox.pending_on("chunk", h) | m.chunkmap.deleting(h)
             targets = place_replicas(alive, need, existing=existing, exclude=holding | pending)
             if len(targets) < need and pending - holding:
                 m.chunkmap.dirty = True  # that server is a target again once its delete went out

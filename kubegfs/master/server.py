@@ -248,6 +248,7 @@ class Master:
         deletions the gate releases (see outbox.py)."""
         st = self.state
         cid = cs.id
+        cs.deleting.clear()  # the last reply's deletes are done (heartbeats come one at a time)
         delete = self.chunkmap.reconcile(cs, b, full)
         # the records: a full report, or what changed since the one taken last (recordreport.py)
         kind, named = cs.record_view.fold(b)
@@ -282,6 +283,7 @@ class Master:
         for rid in delete_records:
             self.outbox.order(cid, "record", rid)
         gone, gone_records = self.outbox.take(cid)  # only what rests on durable ops (see outbox.py)
+        cs.deleting.update(gone)
         gone_blocks = self.outbox.take_blocks(cid)
         self.snapshots.blocks_released(cid, gone_blocks)
         if gone:

@@ -104,3 +104,17 @@ def test_a_sliced_scan_gives_the_event_loop_turns_and_the_same_answer(monkeypatc
     assert asyncio.run(scenario()) == want  # the late chunk waits for the next pass
     assert len(turns) >= 4  # 11 chunks in slices of 3: the loop ran between them
     assert cm.scan_replication(limit=5)[:2] == (12, 10)
+
+
+def test_a_counted_replica_reported_removed_marks_the_map_dirty():
+    """A replica that went away (its server deleted it) leaves the chunk short: re-replication
+    must run again, or the chunk stays under-replicated until something else happens."""
+    _st, h, _leases, cm, _ = setup()
+    a, _ = register(cm, "a", [(h, 3)])
+    cm.dirty = False
+    cm.reconcile(a, {"removed": [f"{h:016x}"]}, full=False)
+    assert cm.locations[h] == set() and h not in a.chunks and cm.dirty
+    cm.dirty = False
+    cm.reconcile(a, {"removed": [f"{0x55:016x}"]}, full=False)  # never a replica: nothing to repair
+    assert not cm.dirty
+
