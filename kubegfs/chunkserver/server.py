@@ -99,6 +99,11 @@ class Chunkserver:
         self.membership.save(id=self.id, chunk_size=self.chunk_size)
         self.blocks = BlockStore(data_dir, block_cache)  # directory blocks and snapshot records
         self.store = ChunkStore(data_dir, self.chunk_size, self.blocks)
+        for rid in self.blocks.damaged_records:  # rot found in the log at the start: as a scrub's finding
+            try:
+                self.corrupt_records.add(record_id(rid))
+            except InvalidArgument:  # (the id itself was hit)
+                log.error("a damaged record entry names no valid record id: %r", rid[:200])
         self.meta = MetaStore(data_dir)  # the master's metadata, if it ships a copy here
         self._registered = False
         self._records = Reporter()  # how its heartbeats report its records (kubegfs/recordreport.py)
