@@ -30,6 +30,7 @@ entered it), so a delta's base is mostly not read from its pack, decompressed an
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -98,6 +99,8 @@ class BlockStore:
         self.wanted: dict[str, int] = {}  # segment name -> bytes of what is wanted in it
         self.dropped: set[bytes] = set()  # failed their digest since the last heartbeat
         self.damaged_records: set[str] = set()  # named by damaged record entries found at the start
+        self._check_order: list[str] = []  # the ids check_records goes over in this cycle
+        self._check_at = 0  # and how many of them it went over
         self.recent = BlockCache(cache_bytes)  # verified blocks, whole, stored or read lately
         self._lock = threading.Lock()
         for tmp in self.dir.glob("*.tmp"):
@@ -450,6 +453,35 @@ class BlockStore:
             if self.records.get(rid, r) == r:
                 raise KeyError(rid) from None
             return self.read_record(rid)
+
+    def check_records(self, count: int, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """The next ``count`` records of the log in turn (a cycle goes over the ids held when it
+        began; one stored since waits for the next cycle), each read and checked against the
+        sha256 stored with it: the ids that fail (kept: the caller reports them as a scrub does).
+        ``skip``: ids not to check (already reported)."""
+        if self._check_at >= len(self._check_order):
+            self._check_order, self._check_at = list(self.records), 0
+        batch = self._check_order[self._check_at:self._check_at + count]
+        self._check_at += len(batch)
+        bad: list[str] = []
+        fds: dict[str, int] = {}
+        try:
+            for rid in batch:
+                r = self.records.get(rid)
+                if r is None or rid in skip:
+                    continue
+                try:
+                    fd = fds.get(r.name)
+                    if fd is None:
+                        fd = fds[r.name] = os.open(self.dir / r.name, os.O_RDONLY)
+                    data = os.pread(fd, r.length, r.off)
+                except FileNotFoundError:  # compacted meanwhile: checked where it went next cycle
+                    continue
+                if hashlib.sha256(data).hexdigest() != r.sha256 and self.records.get(rid) == r:
+                    bad.append(rid)
+        finally:
+            _close(fds)
+        return bad
 
     def delete_record(self, rid: str) -> bool:
         """Delete a record from the log (a tombstone appended without a sync: see blocklog)."""

@@ -357,6 +357,23 @@ def test_rot_in_a_record_or_its_blocks_keeps_every_later_append_and_reports_the_
     seg.write_bytes(data)
 
 
+def test_the_records_check_goes_over_the_log_in_turn_and_names_the_rotted_ones(tmp_path):
+    """What a heartbeat's records pass adds (server.RECORD_CHECK_COUNT a pass): a few records
+    read and checked each time, in turn, so that rot is reported before the next scrub."""
+    s = BlockStore(tmp_path)
+    recs = [_record(f"r{i}", f"record {i} ".encode() * 30) for i in range(10)]
+    for r in recs:
+        s.put_record(r)
+    assert [s.check_records(4) for _ in range(3)] == [[], [], []]  # 4 + 4 + 2: a cycle
+    seg = tmp_path / "blocks" / s.head.name
+    seg.write_bytes(_flip(seg.read_bytes(), s.records["r6"].off + 7))
+    s.put_record(_record("r10", b"stored since" * 30))
+    got = [s.check_records(4) for _ in range(4)]
+    assert got == [[], ["r6"], [], []]  # r0-r3, r4-r7, r8-r10 (a new cycle: r10 too), r0-r3
+    assert [s.check_records(100, {"r6"})] == [[]]  # (already reported: not read again)
+    assert s.check_records(100) == ["r6"] and "r6" in s.records  # kept: the caller reports it
+
+
 def test_a_deleted_record_stays_deleted_after_a_restart_and_one_stored_again_stays(tmp_path):
     s = BlockStore(tmp_path)
     one, two = _record("r1", b"first" * 50), _record("r1", b"second" * 50)
