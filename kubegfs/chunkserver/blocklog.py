@@ -38,7 +38,11 @@ Invariants:
   * **A torn append is the last thing in its segment; damage anywhere else is rot.** Each append
     is written only after the one before it returned from ``fdatasync``, so a crash can tear only
     the last append of the newest segment, and any byte after an append's end was written after
-    that append was synced. A segment is read append by append; an append is damaged if its head
+    that append was synced. (The one exception, an append of tombstones alone, is not synced
+    before the next append is written: a crash may tear it with a later one on disk, and it is
+    then taken as rot; what it loses is deletions, which the master orders again. Every append
+    that holds a block or a record is synced before anything after it is written.) A segment is
+    read append by append; an append is damaged if its head
     is bad (cut short, not ``KGAP``, a CRC that fails, an offset not its own) or one of its
     entries is (cut short, no known kind, a CRC that fails, contents that do not fill its
     payload, past its append's end):
