@@ -109,6 +109,8 @@ def stored_records(data_dir: Path) -> dict[str, tuple[Path, int, int]]:
     segs = sorted(data_dir.glob("blocks/*.log"))
     for p in segs:
         for e in blocklog.scan(p.read_bytes(), p.name, p == segs[-1]):
+            if isinstance(e, blocklog.Bad):
+                continue
             if e.kind == blocklog.RECORD:
                 found[e.rid] = (p, e.off, e.length)
             elif e.kind == blocklog.TOMBSTONE and e.rid in found \

@@ -4,15 +4,25 @@ created, renamed or directory fsynced per snapshot.
 
 Files: ``<data>/blocks/<16 hex digits>.log``, segments numbered in the order they were created
 (after the numbers of the older ``*.pack`` files, which blocks.py still reads). A segment is
-``KGBLKLG1`` followed by entries; an entry is a 4-byte kind, the payload's length (u32 LE), the
+``KGBLKLG2`` followed by appends; an append (one write, one ``fdatasync``) is an append head then
+the entries it was written with. An entry is a 4-byte kind, the payload's length (u32 LE), the
 CRC32 of that length's 4 bytes and the payload (u32 LE), then the payload:
 
+  ``KGAP`` append head ``<u64 where this head starts in the segment><u64 bytes of the entries after
+                       it in its append>`` (``APPEND_HEAD`` bytes in all): where the next append
+                       starts is known without trusting the entries of this one, and when a head
+                       is damaged the next one is found by scanning forward (see below)
   ``KGBE`` blocks      a put's frames as a pack holds them, ``(<digest 32><u32 length><zstd(bytes)>)*``
                        (merkle.pack_frames)
   ``KGRE`` record      ``<u16 id length><id><sha256 32><the record's bytes>``
   ``KGRT`` tombstone   ``<u16 id length><id><u64 segment number><u64 offset>``: the record entry
                        of that id at that place is deleted (a record stored again later under
                        the same id, elsewhere, is not)
+
+Segments of earlier versions (``KGBLKLG1``: entries with no append heads) are read, never written,
+by the rules those versions had: the newest is cut at its first bad entry; in an older one an
+entry whose head is whole but whose contents fail is skipped, and the scan stops at one whose head
+is not.
 
 Invariants:
   * An entry is acknowledged only after its bytes were written and ``fdatasync`` returned; every
@@ -21,31 +31,50 @@ Invariants:
     may come back after a crash until the next synced append, as an unlinked file's name may
     before its directory is fsynced): the master orders it again.
   * A new segment is made durable once, when it is created (its header written and fsynced, then
-    the directory fsynced), before any entry goes into it; it is the head until the next one is
-    created. One append (one or more entries) never spans two segments; an append bigger than
-    ``SEGMENT_BYTES`` is a segment of its own. After a restart the first append creates a new
-    head: an old segment is never appended to again, so what follows a torn or damaged entry in
-    it can never be taken for an entry.
-  * On start, the newest segment (the head a crash may have stopped in the middle of an append
-    that was never acknowledged) is read up to its first bad entry (cut short, no known kind:
-    zeros where a crash lost a page, a CRC that fails, contents that do not fill the payload),
-    and cut there: what followed is moved aside to ``<segment>.corrupt-<unix time>`` (a warning
-    in the log) and the segment truncated and fsynced, so that no later start reads past that
-    point. In an older segment every entry was synced before anything after it in the file was
-    written (one append is one write, and the next segment is created only after the last
-    append to this one returned and was synced; an append that failed ends its segment), so a bad
-    entry there is damage, or the end of an append that failed, never a crash: one whose head
-    is whole is skipped, an error in the log; the scan stops at one whose head is not (also an
-    error). Nothing is ever appended to a segment after a restart (a new head is created).
-  * **A record is never there without its blocks.** A snapshot's new blocks and its record are
-    one append, the blocks' entry first; the blocks it reaches that were already held were
-    acknowledged earlier, so they are in an earlier append that was synced first (in this
-    segment, or in an older one, which was never appended to after this one was created). A crash
-    during the append may persist the record's page and lose an earlier one of the blocks: the
-    scan then stops at the blocks' entry (its CRC or kind fails) and never reaches the record,
-    and the segment is cut there before it can ever be read as an older one.
-    Compaction copies a segment's wanted blocks before its wanted records in one append, and
-    unlinks the segment only after that append was synced.
+    the directory fsynced), before any append goes into it; it is the head until the next one is
+    created. One append never spans two segments; an append bigger than ``SEGMENT_BYTES`` is a
+    segment of its own. After a restart, or an append that failed, the next append creates a new
+    head: an old segment is never appended to again.
+  * **A torn append is the last thing in its segment; damage anywhere else is rot.** Each append
+    is written only after the one before it returned from ``fdatasync``, so a crash can tear only
+    the last append of the newest segment, and any byte after an append's end was written after
+    that append was synced. (The one exception, an append of tombstones alone, is not synced
+    before the next append is written: a crash may tear it with a later one on disk, and it is
+    then taken as rot; what it loses is deletions, which the master orders again. Every append
+    that holds a block or a record is synced before anything after it is written.) A segment is
+    read append by append; an append is damaged if its head
+    is bad (cut short, not ``KGAP``, a CRC that fails, an offset not its own) or one of its
+    entries is (cut short, no known kind, a CRC that fails, contents that do not fill its
+    payload, past its append's end):
+      - A damaged append that runs to the end of the segment (its head good and its end the
+        segment's end or past it; or its head bad and no good head after it) is a torn tail,
+        never acknowledged: nothing in it is used. In the newest segment the file is cut at its
+        start: what followed is moved aside to ``<segment>.corrupt-<unix time>`` (a warning in the
+        log), the segment truncated and fsynced, so that no later start reads past that point.
+        In an older one (an append that failed ends its segment) nothing is cut.
+      - Any other damaged append is rot, and nothing is cut: it was synced and acknowledged
+        before what follows was written. The scan goes on at the next append: at its head's end,
+        or, if the head is bad, at the next offset where a good head names that offset as its
+        own (heads have a fixed size and their own CRC, so neither a length field nor garbage
+        that looks like a head can make the scan read out of bounds, loop, or resync inside a
+        payload). Inside the damaged append, an entry whose CRC holds is kept; one that fails is
+        passed over by its length only if the entries after it are good and end exactly at the
+        append's end, else the rest of the append is one damaged region. What a damaged entry or
+        region held is reported as a scrub's finding is (blocks.py): each block of a blocks
+        entry whose frames can still be walked is checked against its digest and kept if it
+        matches, else reported dropped; the id a record entry names is reported as a corrupt
+        record (its copy is not served); a tombstone is lost (the master orders the deletion
+        again). An error in the log.
+  * **A record is never there without its blocks** (after a crash). A snapshot's new blocks and
+    its record are one append, the blocks' entry first; the blocks it reaches that were already
+    held were acknowledged earlier, so they are in an earlier append that was synced first (in
+    this segment, or in an older one, which was never appended to after this one was created). A
+    crash during the append may persist the record's page and lose an earlier one of the blocks:
+    that append is then the torn tail, nothing in it is used, and it is cut before it can ever be
+    read as anything else. (Rot after the append was acknowledged can take blocks a record
+    reaches: they are reported dropped, as when a scrub finds them, and the master ships them
+    again.) Compaction copies a segment's wanted blocks before its wanted records in one append,
+    and unlinks the segment only after that append was synced.
   * A segment's space is reclaimed by its owner (blocks.py): unlinked once nothing in it is
     wanted (a tombstone is wanted while the segment of the record it deletes exists), compacted
     (what is wanted appended to the head, synced, then the segment unlinked) once less than a
@@ -68,17 +97,21 @@ from ..fsutil import fsync_dir, pwrite_all
 
 log = logging.getLogger("kubegfs.chunkserver.blocklog")
 
-SEGMENT_MAGIC = b"KGBLKLG1"
+SEGMENT_MAGIC = b"KGBLKLG2"  # segments with append heads
+V1_MAGIC = b"KGBLKLG1"  # segments of earlier versions, read only
+APPEND = b"KGAP"
 BLOCKS = b"KGBE"
 RECORD = b"KGRE"
 TOMBSTONE = b"KGRT"
 KINDS = (BLOCKS, RECORD, TOMBSTONE)
 ENTRY_HEAD = 12  # magic, length, CRC
+APPEND_HEAD = ENTRY_HEAD + 16  # an append head: its entry head, its offset and its entries' bytes
 FRAME_HEAD = 36  # digest, length
 SEGMENT_BYTES = 8 << 20  # a head at least this big is followed by a new segment
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _PLACE = struct.Struct("<QQ")
+_APPEND_LEN = _U32.pack(16)
 
 
 class Entry(NamedTuple):
@@ -93,6 +126,18 @@ class Entry(NamedTuple):
     off: int = 0  # RECORD: where its bytes start in the file; TOMBSTONE: the deleted entry's offset
     length: int = 0  # RECORD: how many bytes it is
     target: str = ""  # TOMBSTONE: the segment of the deleted entry
+
+
+class Bad(NamedTuple):
+    """A damaged part of a segment as ``scan`` finds it (see the module docstring)."""
+
+    at: int
+    end: int
+    why: str
+    tail: bool  # runs to the segment's end: never acknowledged, nothing in it is used (in the newest: cut)
+    # not a tail (rot): what it held, as far as can be read (not to be trusted: to be reported)
+    blocks: tuple[tuple[bytes, int, int], ...] = ()  # frames of a blocks entry, each to check by its digest
+    rid: str = ""  # the id a record entry names
 
 
 def segment_name(seq: int) -> str:
@@ -152,18 +197,148 @@ def frames(items: list[tuple[bytes, bytes]]) -> tuple[bytes, list[int]]:
     return b"".join(parts), where
 
 
-def scan(data: bytes, name: str = "", newest: bool = True) -> Iterator[Entry]:
-    """The good entries of segment ``data`` in order (see the module docstring): in the
-    ``newest`` segment up to the first bad one (a warning: the caller cuts the file there); in an
-    older one, an entry whose head is whole but whose contents fail their CRC is skipped (an
-    error: damage), and the scan stops at an entry whose head is bad (an error)."""
+def scan(data: bytes, name: str = "", newest: bool = True) -> Iterator[Entry | Bad]:
+    """The entries of segment ``data`` in order, good ones as ``Entry`` and damaged parts as
+    ``Bad`` (see the module docstring): a damaged append that is not the segment's tail (rot) is
+    reported with an error and the scan goes on after it; a tail ends the scan (a warning in the
+    newest segment, where the caller cuts the file at its start; an error in an older one)."""
+    if data[:len(SEGMENT_MAGIC)] == V1_MAGIC:
+        yield from _scan_v1(data, name, newest)
+        return
     if data[:len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
         log.error("block log segment %s has a bad magic; ignored", name)
         return
+    view = memoryview(data)
+    total = len(data)
     pos = len(SEGMENT_MAGIC)
+    while pos < total:
+        size = _append_head_at(data, pos)
+        if size is None:
+            nxt = _next_append(data, pos + 1)
+            if nxt is None:
+                yield _tail(name, newest, pos, total, "has a bad head")
+                return
+            log.error("block log segment %s: the append at byte %d has a bad head; a good one follows at byte "
+                      "%d, so it is damage, not an append a crash cut: the rest of the segment is read",
+                      name, pos, nxt)
+            got = _walk(data, view, pos + APPEND_HEAD, nxt)
+            if not any(isinstance(e, Bad) for e in got):  # (only the head was hit)
+                got.insert(0, Bad(pos, min(pos + APPEND_HEAD, nxt), "has a bad head", False))
+            yield from _reported(got, name)
+            pos = nxt
+            continue
+        end = pos + APPEND_HEAD + size
+        if end > total:
+            yield _tail(name, newest, pos, total, "is cut short")
+            return
+        got = _walk(data, view, pos + APPEND_HEAD, end)
+        if end == total and any(isinstance(e, Bad) for e in got):
+            yield _tail(name, newest, pos, total, "has a bad entry")
+            return
+        yield from _reported(got, name)
+        pos = end
+
+
+def _reported(got: list[Entry | Bad], name: str) -> list[Entry | Bad]:
+    for e in got:
+        if isinstance(e, Bad):
+            log.error("block log segment %s: the entry at byte %d %s, in an append that is not the last one (damage, "
+                      "not an append a crash cut): bytes %d to %d are reported damaged, the rest is read",
+                      name, e.at, e.why, e.at, e.end)
+    return got
+
+
+def _tail(name: str, newest: bool, pos: int, total: int, why: str) -> Bad:
+    if newest:
+        log.warning("block log segment %s: the append at byte %d %s and nothing good follows it (an append a "
+                    "crash cut); nothing after it is read", name, pos, why)
+    else:
+        log.error("block log segment %s: the append at byte %d %s and nothing good follows it (an append that "
+                  "failed, or damage); nothing after it is read", name, pos, why)
+    return Bad(pos, total, why, True)
+
+
+def _append_head_at(data: bytes, pos: int) -> int | None:
+    """The bytes of the entries after the good append head at ``pos``, or None."""
+    if len(data) - pos < APPEND_HEAD or data[pos:pos + 4] != APPEND or data[pos + 4:pos + 8] != _APPEND_LEN:
+        return None
+    if zlib.crc32(data[pos + 12:pos + APPEND_HEAD], zlib.crc32(_APPEND_LEN)) != _U32.unpack_from(data, pos + 8)[0]:
+        return None
+    at, size = _PLACE.unpack_from(data, pos + 12)
+    return size if at == pos else None
+
+
+def _next_append(data: bytes, pos: int) -> int | None:
+    """Where the first good append head at or after ``pos`` starts, or None."""
+    while (pos := data.find(APPEND, pos)) >= 0:
+        if _append_head_at(data, pos) is not None:
+            return pos
+        pos += 1
+    return None
+
+
+def _walk(data: bytes, view: memoryview, pos: int, end: int) -> list[Entry | Bad]:
+    """The entries of an append from ``pos`` to its ``end``: good ones, and what is damaged (an
+    entry passed over by its length only if what follows it is good and ends at ``end``; else the
+    rest, one damaged region)."""
+    out: list[Entry | Bad] = []
+    while pos < end:
+        got = _entry_at(data, view, pos, end)
+        if isinstance(got, Entry):
+            out.append(got)
+            pos = got.end
+            continue
+        why, nxt = got
+        rest = _chain(data, view, nxt, end) if nxt is not None else None
+        out.append(_salvage(data, pos, nxt if rest is not None and nxt is not None else end, why))
+        out += rest or []
+        break
+    return out
+
+
+def _chain(data: bytes, view: memoryview, pos: int, end: int) -> list[Entry | Bad] | None:
+    """The good entries from ``pos`` that end exactly at ``end``, or None if one is not good."""
+    out: list[Entry | Bad] = []
+    while pos < end:
+        got = _entry_at(data, view, pos, end)
+        if not isinstance(got, Entry):
+            return None
+        out.append(got)
+        pos = got.end
+    return out
+
+
+def _salvage(data: bytes, pos: int, end: int, why: str) -> Bad:
+    """A damaged entry (or region starting with one) at ``pos`` up to ``end``, with what it seems
+    to hold: the frames of a blocks entry as far as they can be walked, the id of a record entry."""
+    kind = data[pos:pos + 4]
+    start = pos + ENTRY_HEAD
+    blocks: list[tuple[bytes, int, int]] = []
+    rid = ""
+    if kind == BLOCKS:
+        p = start
+        while end - p >= FRAME_HEAD:
+            ln = _U32.unpack_from(data, p + 32)[0]
+            if p + FRAME_HEAD + ln > end:
+                break
+            blocks.append((data[p:p + 32], p + FRAME_HEAD, ln))
+            p += FRAME_HEAD + ln
+    elif kind == RECORD and end - start >= 2:
+        p = start + 2 + _U16.unpack_from(data, start)[0]
+        if p + 32 <= end:
+            try:
+                rid = data[start + 2:p].decode()
+            except UnicodeDecodeError:
+                pass
+    return Bad(pos, end, why, False, tuple(blocks), rid)
+
+
+def _scan_v1(data: bytes, name: str, newest: bool) -> Iterator[Entry | Bad]:
+    """A segment of an earlier version (no append heads; see the module docstring)."""
+    pos = len(V1_MAGIC)
     view = memoryview(data)
     while pos < len(data):
-        got = _entry_at(data, view, pos)
+        got = _entry_at(data, view, pos, len(data))
         if isinstance(got, Entry):
             yield got
             pos = got.end
@@ -172,24 +347,28 @@ def scan(data: bytes, name: str = "", newest: bool = True) -> Iterator[Entry]:
         if newest:
             log.warning("block log segment %s: the entry at byte %d %s (an append a crash cut, or damage); "
                         "nothing after it is read", name, pos, why)
+            yield Bad(pos, len(data), why, True)
             return
         if end is None:
             log.error("block log segment %s: the entry at byte %d %s; nothing after it is read", name, pos, why)
+            yield Bad(pos, len(data), why, True)
             return
         log.error("block log segment %s: the entry at byte %d %s; skipped", name, pos, why)
+        yield _salvage(data, pos, end, why)
         pos = end
 
 
-def _entry_at(data: bytes, view: memoryview, pos: int) -> Entry | tuple[str, int | None]:
-    """The entry at ``pos``, or why it is not good and where it ends if its head is whole."""
-    if len(data) - pos < ENTRY_HEAD:
+def _entry_at(data: bytes, view: memoryview, pos: int, limit: int) -> Entry | tuple[str, int | None]:
+    """The entry at ``pos`` (which must end by ``limit``), or why it is not good and where it ends
+    if its head is whole."""
+    if limit - pos < ENTRY_HEAD:
         return "is cut short", None
     kind = data[pos:pos + 4]
     if kind not in KINDS:
         return "has no known kind", None
     n = _U32.unpack_from(data, pos + 4)[0]
     start, end = pos + ENTRY_HEAD, pos + ENTRY_HEAD + n
-    if end > len(data):
+    if end > limit:
         return "is cut short", None
     crc = zlib.crc32(view[start:end], zlib.crc32(view[pos + 4:pos + 8]))
     if crc != _U32.unpack_from(data, pos + 8)[0]:
@@ -222,6 +401,11 @@ def _entry_at(data: bytes, view: memoryview, pos: int) -> Entry | tuple[str, int
     return Entry(kind, pos, end, blocks)
 
 
+def append_head(at: int, size: int) -> list[bytes]:
+    """The head of an append at offset ``at`` whose entries are ``size`` bytes."""
+    return entry(_PLACE.pack(at, size), APPEND)
+
+
 class Head:
     """The segment puts are appended to (created on first use; see the module docstring)."""
 
@@ -234,21 +418,22 @@ class Head:
         self._unsynced = False  # a tombstone was appended after the last fdatasync
 
     def append(self, parts: list[bytes], sync: bool = True) -> tuple[str, int]:
-        """Append the entries ``parts`` (durably with ``sync``); (the segment's name, where they start)."""
+        """Append the entries ``parts`` after an append head (durably with ``sync``); (the
+        segment's name, where ``parts`` start)."""
         n = sum(len(p) for p in parts)
         if self._fd < 0 or self.size >= SEGMENT_BYTES:
             self._roll()
         at = self.size
         try:
-            pwrite_all(self._fd, parts, at)
+            pwrite_all(self._fd, [*append_head(at, n), *parts], at)
             if sync:
                 os.fdatasync(self._fd)
             self._unsynced = not sync
         except BaseException:
             self._abandon()  # what was written may be torn: no entry ever goes after it
             raise
-        self.size = at + n
-        return self.name, at
+        self.size = at + APPEND_HEAD + n
+        return self.name, at + APPEND_HEAD
 
     def _roll(self) -> None:
         if self._fd >= 0 and self._unsynced:  # everything in a segment is synced before the next exists

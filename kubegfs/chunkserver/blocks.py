@@ -5,8 +5,12 @@ match is refused whole) and on every read (a block that no longer matches is dro
 to the master, which re-ships it or fetches another copy).
 
 Layout: ``<data>/blocks/<16 hex digits>.log``, the segments of the block log (blocklog.py): a put
-is one entry appended to the head segment and made durable by one ``fdatasync`` (no file
-created, renamed or directory fsynced per put), and is whole or absent after a crash. Blocks that
+is one append (its blocks' entry, and its record's) to the head segment, made durable by one
+``fdatasync`` (no file created, renamed or directory fsynced per put), and is whole or absent
+after a crash. Rot found in the log at a start (blocklog: a damaged append that is not a torn
+last one) is handled as a scrub's finding: its blocks that still match their digests are kept,
+the others reported dropped, the records it named reported corrupt (``damaged_records``, which
+the chunkserver reports as ``corrupt_records``) unless a good copy of the id is in the log. Blocks that
 came as deltas against blocks held here (see blockdelta) are stored whole like the others,
 compressed at zstd level STORE_LEVEL, which takes half the time of the shipping level for ~8%
 more bytes. Still read, never written: ``<data>/blocks/<16 hex digits>.pack``, one pack per put
@@ -26,6 +30,7 @@ entered it), so a delta's base is mostly not read from its pack, decompressed an
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -93,6 +98,9 @@ class BlockStore:
         self.sizes: dict[str, int] = {}  # segment name -> its bytes
         self.wanted: dict[str, int] = {}  # segment name -> bytes of what is wanted in it
         self.dropped: set[bytes] = set()  # failed their digest since the last heartbeat
+        self.damaged_records: set[str] = set()  # named by damaged record entries found at the start
+        self._check_order: list[str] = []  # the ids check_records goes over in this cycle
+        self._check_at = 0  # and how many of them it went over
         self.recent = BlockCache(cache_bytes)  # verified blocks, whole, stored or read lately
         self._lock = threading.Lock()
         for tmp in self.dir.glob("*.tmp"):
@@ -112,6 +120,7 @@ class BlockStore:
             else:
                 self._load_segment(p, p == files[-1][1])
         self._loading = False
+        self.damaged_records -= self.records.keys()  # a good copy of it is in the log (e.g. before compaction's unlink)
         for _n, p in files:
             if p.suffix == ".log" and p.name in self.sizes and not self.live.get(p.name):
                 self._unlink(p.name)
@@ -146,15 +155,20 @@ class BlockStore:
 
     def _load_segment(self, p: Path, newest: bool) -> None:
         data = p.read_bytes()
-        if data[:len(blocklog.SEGMENT_MAGIC)] != blocklog.SEGMENT_MAGIC:
+        if data[:len(blocklog.SEGMENT_MAGIC)] not in (blocklog.SEGMENT_MAGIC, blocklog.V1_MAGIC):
             log.error("block log segment %s has a bad magic; ignored", p.name)
             return
         name = p.name
         self.sizes[name] = len(data)
         self.wanted[name] = 0
-        good = len(blocklog.SEGMENT_MAGIC)
+        torn = None
         for e in blocklog.scan(data, name, newest):
-            good = e.end
+            if isinstance(e, blocklog.Bad):
+                if e.tail:
+                    torn = e.at
+                else:
+                    self._damaged(name, data, e)
+                continue
             size = e.end - e.at
             if e.kind == blocklog.BLOCKS:
                 for dg, off, ln in e.blocks:
@@ -176,9 +190,29 @@ class BlockStore:
                 if e.target != name:
                     self.tombs.setdefault(e.target, []).append(Tomb(e.rid, e.target, e.off, name, size))
                     self._want(name, 1, size)
-        if newest and good < len(data):  # an append a crash cut: never read past this point again
-            blocklog.cut(p, good)
-            self.sizes[name] = good
+        if newest and torn is not None:  # an append a crash cut: never read past this point again
+            blocklog.cut(p, torn)
+            self.sizes[name] = torn
+
+    def _damaged(self, name: str, data: bytes, bad: blocklog.Bad) -> None:
+        """What a damaged part of a segment (rot: see blocklog) held, found at a start, as a
+        scrub's finding is: each block it seems to hold is kept if it matches its digest, else
+        reported dropped; the record it names is reported (``damaged_records``), its copy not served."""
+        for dg, off, ln in bad.blocks:
+            if dg in self.index:
+                continue
+            try:
+                verified(dg, data[off:off + ln])
+            except CorruptData:
+                log.error("block %s in damaged bytes of %s failed its digest; reported dropped", dg.hex(), name)
+                self.dropped.add(dg)
+                continue
+            self.index[dg] = (name, off, ln)
+            self.by_prefix[dg[:PREFIX]] = dg
+            self._want(name, 1, ln + _HEAD)
+        if bad.rid:
+            log.error("snapshot record %s in damaged bytes of %s; reported corrupt", bad.rid, name)
+            self.damaged_records.add(bad.rid)
 
     def missing(self, digests: list[bytes]) -> list[bytes]:
         return [d for d in digests if d not in self.index]
@@ -419,6 +453,35 @@ class BlockStore:
             if self.records.get(rid, r) == r:
                 raise KeyError(rid) from None
             return self.read_record(rid)
+
+    def check_records(self, count: int, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """The next ``count`` records of the log in turn (a cycle goes over the ids held when it
+        began; one stored since waits for the next cycle), each read and checked against the
+        sha256 stored with it: the ids that fail (kept: the caller reports them as a scrub does).
+        ``skip``: ids not to check (already reported)."""
+        if self._check_at >= len(self._check_order):
+            self._check_order, self._check_at = list(self.records), 0
+        batch = self._check_order[self._check_at:self._check_at + count]
+        self._check_at += len(batch)
+        bad: list[str] = []
+        fds: dict[str, int] = {}
+        try:
+            for rid in batch:
+                r = self.records.get(rid)
+                if r is None or rid in skip:
+                    continue
+                try:
+                    fd = fds.get(r.name)
+                    if fd is None:
+                        fd = fds[r.name] = os.open(self.dir / r.name, os.O_RDONLY)
+                    data = os.pread(fd, r.length, r.off)
+                except FileNotFoundError:  # compacted meanwhile: checked where it went next cycle
+                    continue
+                if hashlib.sha256(data).hexdigest() != r.sha256 and self.records.get(rid) == r:
+                    bad.append(rid)
+        finally:
+            _close(fds)
+        return bad
 
     def delete_record(self, rid: str) -> bool:
         """Delete a record from the log (a tombstone appended without a sync: see blocklog)."""

@@ -475,8 +475,9 @@ class ChunkStore:
         """Each record's size and the sha256 stored with it: the master compares them with its
         catalog, so a copy lost, or a record file of an earlier version truncated or holding
         another record's bytes, is noticed by a heartbeat, not only by a full scrub. The log's
-        records come from memory (bytes damaged in the log show when the record is read or
-        scrubbed). The files: ("" for a sha256 while a sidecar is missing) with ``scan``, one
+        records come from memory (bytes damaged in the log show when the record is read,
+        checked by the heartbeats' records pass (server.RECORD_CHECK_COUNT of them a pass, in
+        turn) or scrubbed). The files: ("" for a sha256 while a sidecar is missing) with ``scan``, one
         pass of the directory's entries and their stats; a sidecar is read again only when its
         stat (inode, mtime, size) changed since the last pass, so a pass at a thousand records
         costs stats (~6 ms), not a thousand file reads (~20 ms). Refreshes ``record_sizes``.

@@ -14,6 +14,7 @@ from kubegfs.errors import Unavailable
 from kubegfs_dev.util import (
     block_copies,
     damage_block,
+    damage_record,
     stored_record,
     stored_record_bytes,
     wait_for,
@@ -170,3 +171,58 @@ def test_heartbeats_report_records_as_changes_and_a_stale_report_is_asked_again_
     assert set(got["delete_records"]) <= {"s-new", "s-gone"}
     got = beat(records_seq=5, records_base=4, records_changed={"s-other": [4, ""]}, records_gone=[])
     assert got["records_full"] is True and listed() == ["s-kept", "s-new"]  # not the report taken last: nothing taken
+
+
+def test_a_record_rotted_in_a_holders_log_is_reported_by_its_heartbeats_before_a_scrub(make_cluster):
+    """The scrubber runs every ~60 s here; the heartbeats' records pass reads and checks some of
+    the log's records every RECORD_SCAN_EVERY beats (2 s), so the rotted copy is dropped and
+    re-made well before."""
+    cl = make_cluster(n=3)
+    c = cl.client()
+    c.mkdir("/d")
+    c.put("/d/f", b"x" * 5000)
+    s = c.snapshot_create("/d", "s", copies=2)
+    victim = s["holders"][0]["id"]
+    damage_record(cs_of(cl, victim).data, s["id"], s["record_bytes"] // 2)
+    wait_for(lambda: victim not in [h["id"] for h in c.snapshot_show("s")["holders"]], timeout=25,
+             interval=0.2, what="the rotted copy dropped from the catalog")
+    wait_for(lambda: healthy(c, cl, "s"), timeout=30, interval=0.2, what="a good second copy re-made")
+    c.snapshot_restore("s", to="/r")
+    assert c.get("/r/f") == b"x" * 5000
+    c.close()
+
+
+def test_rot_in_the_middle_of_a_holders_newest_segment_loses_nothing_written_after_it(make_cluster):
+    """Three snapshots, three appends in each holder's newest segment; the first one's record
+    rots while the holder is down. At its start the later appends are kept (not cut off as a
+    torn tail would be): their records and blocks are still there, and only the damaged copy is
+    re-made."""
+    cl = make_cluster(n=2)
+    c = cl.client()
+    snaps = []
+    for name in ("s", "t", "u"):
+        c.mkdir(f"/{name}/sub", parents=True)
+        c.put(f"/{name}/sub/f", name.encode() * 100)
+        snaps.append(c.snapshot_create(f"/{name}", name, copies=2))
+    s, t, u = snaps
+    p = cs_of(cl, s["holders"][0]["id"])
+    victim = s["holders"][0]["id"]
+    proc = p.popen
+    cl.kill(p, signal.SIGTERM)
+    proc.wait(timeout=30)
+    damage_record(p.data, s["id"], s["record_bytes"] // 2)
+    cl.start_chunkserver(p)
+    urls = [q.url for q in cl.chunkservers]
+    wait_for(lambda: victim not in [h["id"] for h in c.snapshot_show("s")["holders"]]
+             or stored_length(cl, victim, s["id"]) == s["record_bytes"], timeout=30, interval=0.2,
+             what="the damaged copy reported")
+    for later in (t, u):  # written after the rot: kept, whole
+        assert stored_length(cl, victim, later["id"]) == later["record_bytes"]
+        assert victim in [h["id"] for h in c.snapshot_show(later["name"])["holders"]]
+        assert block_copies(urls, cl.internal_token, later["root"]) == 2
+    assert not list((p.data / "blocks").glob("*.corrupt-*"))  # nothing cut
+    wait_for(lambda: healthy(c, cl, "s"), timeout=30, interval=0.2, what="the damaged copy re-made")
+    for snap in snaps:
+        c.snapshot_restore(snap["name"], to=f"/r-{snap['name']}")
+        assert c.get(f"/r-{snap['name']}/sub/f") == snap["name"].encode() * 100
+    c.close()

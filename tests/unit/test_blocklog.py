@@ -27,13 +27,17 @@ def _blocks(n: int, rng: random.Random) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _segment(*puts: list[tuple[bytes, bytes]]) -> tuple[bytes, list[int]]:
-    """A segment holding one entry per put, and where each entry starts."""
-    data = bytearray(blocklog.SEGMENT_MAGIC)
+def _segment(*puts: list[tuple[bytes, bytes]], v1: bool = False) -> tuple[bytes, list[int]]:
+    """A segment holding one append (or, ``v1``, one entry as earlier versions wrote) per put,
+    and where each starts."""
+    data = bytearray(blocklog.V1_MAGIC if v1 else blocklog.SEGMENT_MAGIC)
     starts = []
     for items in puts:
         starts.append(len(data))
-        data += b"".join(blocklog.entry(blocklog.frames(items)[0]))
+        parts = blocklog.entry(blocklog.frames(items)[0])
+        if not v1:
+            parts = [*blocklog.append_head(len(data), sum(map(len, parts))), *parts]
+        data += b"".join(parts)
     return bytes(data), starts
 
 
@@ -41,12 +45,19 @@ def _segments(tmp_path):
     return sorted(p.name for p in (tmp_path / "blocks").glob("*.log"))
 
 
+def _digests(*puts):
+    return sorted(dg for p in puts for dg, _ in p)
+
+
+H = blocklog.APPEND_HEAD
+
+
 def test_an_entry_frames_its_blocks_and_the_scan_finds_each_where_it_is():
     rng = random.Random(1)
     a, b = _blocks(3, rng), _blocks(4, rng)
     data, starts = _segment(a, b)
     got = list(blocklog.scan(data))
-    assert [e.at for e in got] == starts and {e.kind for e in got} == {blocklog.BLOCKS}
+    assert [e.at for e in got] == [s + H for s in starts] and {e.kind for e in got} == {blocklog.BLOCKS}
     assert [e.end for e in got] == [*starts[1:], len(data)]
     blocks = [blk for e in got for blk in e.blocks]
     assert [(dg, data[off:off + ln]) for dg, off, ln in blocks] == a + b
@@ -66,61 +77,127 @@ def test_a_torn_last_entry_is_dropped_at_every_byte_it_can_be_cut_at(tmp_path, c
             s = BlockStore(tmp_path)
             assert sorted(s.digests()) == sorted(dg for dg, _ in a), (cut, len(tail))
             assert s.get([dg for dg, _ in a]) == a and seg.stat().st_size == starts[1]
+            assert not s.dropped and not s.damaged_records  # never acknowledged: nothing reported
     assert "nothing after it is read" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # in the newest segment: a warning
     seg.write_bytes(data)
     assert sorted(BlockStore(tmp_path).digests()) == sorted(dg for dg, _ in a + b)
 
 
-def test_the_newest_segment_is_cut_at_its_first_bad_entry_so_no_later_start_reads_past_it(tmp_path, caplog):
-    """Also the crash order the log relies on: a later entry whose pages reached the disk while an
-    earlier one's did not is never taken (a record is stored in the append of its blocks, after
-    them), neither at this start nor at a later one, when the segment is no longer the newest."""
+def _flip(data: bytes, at: int, mask: int = 0x01) -> bytes:
+    bad = bytearray(data)
+    bad[at] ^= mask
+    return bytes(bad)
+
+
+def test_rot_in_the_newest_segment_keeps_every_later_append_and_reports_what_it_hit(tmp_path, caplog):
+    """A damaged append followed by another was synced before it (appends are written one after
+    the other, each after the last one's fdatasync): damage, not a torn append; nothing is cut,
+    neither at this start nor at a later one, when the segment is no longer the newest."""
     rng = random.Random(3)
     a, b, c = _blocks(2, rng), _blocks(2, rng), _blocks(2, rng)
     data, starts = _segment(a, b, c)
     (tmp_path / "blocks").mkdir()
     seg = tmp_path / "blocks" / blocklog.segment_name(1)
-    for damage in ("a bit", "lost pages"):
-        bad = bytearray(data)
-        if damage == "a bit":
-            bad[starts[1] + blocklog.ENTRY_HEAD + 40] ^= 0x01  # of b's first block
-        else:
-            bad[starts[1]:starts[2]] = bytes(starts[2] - starts[1])  # b's pages lost, c's on disk
-        seg.write_bytes(bytes(bad))
-        s = BlockStore(tmp_path)
-        assert sorted(s.digests()) == sorted(dg for dg, _ in a)
-        assert seg.stat().st_size == starts[1]
-        aside = list((tmp_path / "blocks").glob("*.corrupt-*"))
-        assert len(aside) == 1 and aside[0].read_bytes() == bad[starts[1]:]
-        aside[0].unlink()
-        s.put(_blocks(1, rng))  # a new head: segment 1 is an older one now
-        assert sorted(BlockStore(tmp_path).missing([dg for dg, _ in b + c])) == sorted(dg for dg, _ in b + c)
+    first = starts[1] + H + blocklog.ENTRY_HEAD + blocklog.FRAME_HEAD  # b's first block's bytes
+    for damage, bad, kept, dropped in [
+        ("a bit of b's first block", _flip(data, first + 3), a + b[1:] + c, [b[0][0]]),
+        ("b's pages lost, c's on disk", data[:starts[1]] + bytes(starts[2] - starts[1]) + data[starts[2]:], a + c, []),
+        ("a bit of b's append head", _flip(data, starts[1] + 14), a + b + c, []),
+        # a length that fails: b's frames, walked, each still matching its digest
+        ("a bit of b's entry's length", _flip(data, starts[1] + H + 5), a + b + c, []),
+        ("b's length past the segment", _flip(data, starts[1] + H + 7, 0x80), a + b + c, []),
+        ("b's entry's length and a block", _flip(_flip(data, starts[1] + H + 5), first + 3), a + b[1:] + c, [b[0][0]]),
+        ("b's append head's length", _flip(data, starts[1] + 12 + 8 + 3, 0x40), a + b + c, []),
+    ]:
+        seg.write_bytes(bad)
+        caplog.clear()
+        for _again in range(2):  # the newest segment, then (after a put) an older one
+            with caplog.at_level(logging.ERROR):
+                s = BlockStore(tmp_path)
+            assert sorted(s.missing(_digests(a, b, c))) == sorted(set(_digests(a, b, c)) - set(_digests(kept))), damage
+            assert s.get([dg for dg, _ in kept]) == kept  # (each verified)
+            assert sorted(s.dropped) == sorted(dropped), damage
+            assert seg.read_bytes() == bad and not list((tmp_path / "blocks").glob("*.corrupt-*"))  # nothing cut
+            assert "reported damaged" in caplog.text
+            s.put(_blocks(1, rng))
         for p in (tmp_path / "blocks").glob("*.log"):
             p.unlink()
 
 
-def test_in_an_older_segment_a_damaged_entry_is_skipped_and_a_damaged_head_stops_the_scan(tmp_path, caplog):
-    rng = random.Random(11)
-    a, b, c = _blocks(2, rng), _blocks(2, rng), _blocks(2, rng)
-    data, starts = _segment(a, b, c)
+def test_a_torn_tail_that_holds_what_looks_like_an_append_head_is_still_cut(tmp_path, monkeypatch):
+    """A head is taken only where its CRC holds and it names its own offset: garbage in a torn
+    append (here the bytes of heads naming another offset, or with a CRC that fails) is not a
+    later append, so the torn one is still the tail and is cut."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    rng = random.Random(12)
+    a, b = _blocks(2, rng), _blocks(3, rng)
+    data, starts = _segment(a, b)
     (tmp_path / "blocks").mkdir()
     seg = tmp_path / "blocks" / blocklog.segment_name(1)
-    (tmp_path / "blocks" / blocklog.segment_name(2)).write_bytes(blocklog.SEGMENT_MAGIC + b"".join(
-        blocklog.entry(blocklog.frames(_blocks(1, rng))[0])))  # the newest
-    bad = bytearray(data)
-    bad[starts[1] + blocklog.ENTRY_HEAD + 40] ^= 0x01  # a bit of b's first block: rot
+    inside = starts[1] + H + 60
+    for fake in (b"".join(blocklog.append_head(starts[1], 10)),  # another offset than its own
+                 _flip(b"".join(blocklog.append_head(inside, 10)), 9)):  # its own, but a CRC that fails
+        torn = bytearray(data)
+        torn[starts[1]:starts[1] + H] = bytes(H)  # b's head lost
+        torn[inside:inside + len(fake)] = fake
+        seg.write_bytes(bytes(torn))
+        s = BlockStore(tmp_path)
+        assert sorted(s.digests()) == _digests(a) and seg.stat().st_size == starts[1]
+        assert not s.dropped
+        for p in (tmp_path / "blocks").glob("*.corrupt-*"):
+            p.unlink()
+
+
+def test_no_damage_makes_the_scan_read_out_of_bounds_or_loop():
+    rng = random.Random(13)
+    puts = [_blocks(rng.randrange(1, 4), rng) for _ in range(5)]
+    data, starts = _segment(*puts)
+    for i in range(3000):
+        bad = bytearray(data)
+        for _ in range(rng.choice((1, 1, 2, 8))):
+            at = rng.randrange(len(blocklog.SEGMENT_MAGIC), len(bad))
+            if rng.random() < 0.3:  # a length field of an append head or an entry: anything
+                at = rng.choice(starts) + rng.choice((4, 12, 20, H + 4)) + rng.randrange(4)
+            bad[at] = rng.randrange(256)
+        bad = bad[:rng.randrange(len(bad) // 2, len(bad) + 1)] if i % 3 == 0 else bad
+        got = list(blocklog.scan(bytes(bad), newest=i % 2 == 0))
+        pos = 0
+        for e in got:
+            assert pos <= e.at < e.end <= len(bad)  # in order, in bounds, each taking bytes
+            pos = e.end
+            for _dg, off, ln in e.blocks:
+                assert e.at < off and off + ln <= e.end
+        assert sum(isinstance(e, blocklog.Bad) and e.tail for e in got) <= (1 if got and got[-1].end == len(bad) else 0)
+
+
+def test_segments_of_earlier_versions_are_read_by_their_rules(tmp_path, caplog, monkeypatch):
+    """``KGBLKLG1``, no append heads: the newest cut at its first bad entry; in an older one a
+    damaged entry is skipped (what it holds reported, as for rot now) and a damaged head stops the scan."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    rng = random.Random(11)
+    a, b, c = _blocks(2, rng), _blocks(2, rng), _blocks(2, rng)
+    data, starts = _segment(a, b, c, v1=True)
+    (tmp_path / "blocks").mkdir()
+    seg = tmp_path / "blocks" / blocklog.segment_name(1)
+    bad = bytearray(_flip(data, starts[1] + blocklog.ENTRY_HEAD + blocklog.FRAME_HEAD + 3))  # a bit of b[0]: rot
     seg.write_bytes(bytes(bad))
+    s = BlockStore(tmp_path)
+    assert sorted(s.digests()) == _digests(a) and seg.stat().st_size == starts[1]  # the newest: cut
+    for p in (tmp_path / "blocks").glob("*.corrupt-*"):
+        p.unlink()
+    seg.write_bytes(bytes(bad))
+    (tmp_path / "blocks" / blocklog.segment_name(2)).write_bytes(b"".join(_segment(_blocks(1, rng))[:1]))  # the newest
     with caplog.at_level(logging.ERROR):
         s = BlockStore(tmp_path)
-    assert sorted(s.missing([dg for dg, _ in a + b + c])) == sorted(dg for dg, _ in b)
+    assert sorted(s.missing([dg for dg, _ in a + b + c])) == [b[0][0]] and s.dropped == {b[0][0]}
     assert "fails its checksum; skipped" in caplog.text and seg.read_bytes() == bytes(bad)  # nothing cut
     bad[starts[1]:starts[1] + 4] = b"XXXX"  # b's head: where c starts is not known
     seg.write_bytes(bytes(bad))
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         s = BlockStore(tmp_path)
-    assert sorted(s.missing([dg for dg, _ in a + b + c])) == sorted(dg for dg, _ in b + c)
+    assert sorted(s.missing([dg for dg, _ in a + b + c])) == _digests(b, c)
     assert "has no known kind; nothing after it is read" in caplog.text
 
 
@@ -240,6 +317,61 @@ def test_a_record_is_never_there_without_its_blocks_wherever_a_crash_cuts_their_
     seg.write_bytes(bytes(lost))
     again = BlockStore(tmp_path)
     assert "r1" not in again.records and again.missing([b[0][0]]) == [b[0][0]]
+
+
+def test_rot_in_a_record_or_its_blocks_keeps_every_later_append_and_reports_the_damaged_ones(tmp_path):
+    """Snapshots (blocks and record, one append each) in the newest segment; a byte of the
+    middle one rots; at the restart everything after it is still served, verified, and the
+    damaged part is reported as a scrub would report it (the record as corrupt, a block as
+    dropped); the chunkserver takes the damaged record as one of its corrupt ones."""
+    from kubegfs.chunkserver.server import Chunkserver
+    from kubegfs.topology import Location
+
+    rng = random.Random(14)
+    puts = [(_blocks(3, rng), _record(f"r{i}", rng.randbytes(400))) for i in range(3)]
+    s = BlockStore(tmp_path)
+    for blocks, rec in puts:
+        s.put(blocks, rec)
+    seg = tmp_path / "blocks" / s.head.name
+    data = seg.read_bytes()
+    r1 = s.records["r1"]
+    b1 = puts[1][0][1][0]
+    _n, blk_off, _ln = s.index[b1]
+    for damage, at, corrupt, dropped in [("r1's bytes", r1.off + 200, {"r1"}, set()),
+                                         ("r1's sha256", r1.off - 5, {"r1"}, set()),
+                                         ("a block r1 reaches", blk_off + 2, set(), {b1})]:
+        seg.write_bytes(_flip(data, at, 0x10))
+        again = ChunkStore(tmp_path, 1 << 20)
+        log = again.log
+        assert seg.read_bytes() == _flip(data, at, 0x10), damage  # nothing cut
+        assert log.damaged_records == corrupt and log.dropped == dropped, damage
+        assert sorted(log.records) == sorted({"r0", "r1", "r2"} - corrupt), damage
+        for rid in log.records:
+            assert again.verify_record(rid), (damage, rid)
+        held = [it for blocks, _rec in puts for it in blocks if it[0] not in dropped]
+        assert log.get([dg for dg, _ in held]) == held  # each verified
+        assert again.record("r2") == (puts[2][1].data, puts[2][1].sha256)
+        cs = Chunkserver(tmp_path, "http://127.0.0.1:9", "t", "127.0.0.1:1", Location(), chunk_size=1 << 20)
+        assert cs.corrupt_records == corrupt and cs.blocks.dropped == dropped
+        cs.blocks.head.close()
+    seg.write_bytes(data)
+
+
+def test_the_records_check_goes_over_the_log_in_turn_and_names_the_rotted_ones(tmp_path):
+    """What a heartbeat's records pass adds (server.RECORD_CHECK_COUNT a pass): a few records
+    read and checked each time, in turn, so that rot is reported before the next scrub."""
+    s = BlockStore(tmp_path)
+    recs = [_record(f"r{i}", f"record {i} ".encode() * 30) for i in range(10)]
+    for r in recs:
+        s.put_record(r)
+    assert [s.check_records(4) for _ in range(3)] == [[], [], []]  # 4 + 4 + 2: a cycle
+    seg = tmp_path / "blocks" / s.head.name
+    seg.write_bytes(_flip(seg.read_bytes(), s.records["r6"].off + 7))
+    s.put_record(_record("r10", b"stored since" * 30))
+    got = [s.check_records(4) for _ in range(4)]
+    assert got == [[], ["r6"], [], []]  # r0-r3, r4-r7, r8-r10 (a new cycle: r10 too), r0-r3
+    assert [s.check_records(100, {"r6"})] == [[]]  # (already reported: not read again)
+    assert s.check_records(100) == ["r6"] and "r6" in s.records  # kept: the caller reports it
 
 
 def test_a_deleted_record_stays_deleted_after_a_restart_and_one_stored_again_stays(tmp_path):
