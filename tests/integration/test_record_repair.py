@@ -100,10 +100,17 @@ def test_a_restore_whose_every_copy_is_bad_says_so(make_cluster):
     c.mkdir("/d")
     c.put("/d/f", b"x" * 5000)
     s = c.snapshot_create("/d", "s", copies=2)
-    for h in s["holders"]:
-        body = stored_record_bytes(cs_of(cl, h["id"]).data, s["id"])
-        assert body is not None
-        as_files(cl, h["id"], s["id"], body[:100], s["sha256"])
+    # both copies go bad while the master is paused: otherwise it may re-make the first damaged
+    # copy from the second before the second is damaged (heartbeats report rot within seconds)
+    assert cl.master.popen is not None
+    cl.master.popen.send_signal(signal.SIGSTOP)
+    try:
+        for h in s["holders"]:
+            body = stored_record_bytes(cs_of(cl, h["id"]).data, s["id"])
+            assert body is not None
+            as_files(cl, h["id"], s["id"], body[:100], s["sha256"])
+    finally:
+        cl.master.popen.send_signal(signal.SIGCONT)
     with pytest.raises(Unavailable) as ei:
         c.snapshot_restore("s", to="/r")
     assert "every record copy of snapshot s is missing or damaged" in ei.value.message
