@@ -50,7 +50,7 @@ from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
 from . import ops, precount
 from .chunkmap import ChunkserverInfo
-from .state import encode_block_infos_z, now_ns
+from .state import RefPlan, encode_block_infos_z, now_ns
 
 if TYPE_CHECKING:
     from .server import Master
@@ -299,7 +299,7 @@ class Encoded:
     # the blocks no committed snapshot counted, with their infos and the commit op's rows of
     # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
     # the catalog's blocks_gen before: the commit takes them if it has not moved
-    infos: tuple[int, dict[bytes, merkle.BlockInfo], bytes] | None = None
+    infos: tuple[int, dict[bytes, merkle.BlockInfo], bytes, RefPlan | None] | None = None
     infos_job: asyncio.Future[None] | None = None
     # those blocks' chunk references counted in slices (see precount) as soon as the infos job
     # ends, while the blocks are still on their way: True if counted at that blocks_gen; and
@@ -851,11 +851,14 @@ class Snapshots:
                 if early and pre is not None:
                     enc.taken = True
                     infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                    op["_plan"] = pre[3]
                 elif pre is not None and enc.early is None and len(pre[1]) >= precount.PRECOUNT_MIN \
                         and await precount.precount(st, pre[0], pre[1]):
                     infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                    op["_plan"] = pre[3]
                 elif pre is not None and pre[0] == st.blocks_gen:
                     infos, op["blocks"] = pre[1], pre[2]
+                    op["_plan"] = pre[3]
                 else:
                     infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
                     with no_gc():  # a row per new block: a full collection would rescan the namespace
@@ -1012,10 +1015,14 @@ class Snapshots:
             return out
 
         def infos() -> None:  # off the loop, while the blocks are on their way (the commit needs them)
-            gen = self.m.state.blocks_gen
+            st = self.m.state
+            gen = st.blocks_gen
             got = merkle.new_block_infos(node, version_of, counted.__contains__)
             with no_gc():  # a row per new block (see the commit)
-                enc.infos = (gen, got, encode_block_infos_z(got))
+                rows = encode_block_infos_z(got)
+                # and their counting, so that the commit's apply only installs it (see RefPlan)
+                plan = st.plan_blocks(merkle.digest(node, version_of), got, gen)
+                enc.infos = (gen, got, rows, plan)
 
         def start_infos() -> None:
             if enc.infos is None and enc.infos_job is None:
