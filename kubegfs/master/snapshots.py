@@ -321,11 +321,15 @@ class Encoded:
     ahead_raw: dict[bytes, bytes] = field(default_factory=dict)  # their bytes (a leaf there is not encoded again)
     # the blocks claimed for each walk's blocks (by its id; the entry holds them, so the id is not reused)
     claims: dict[int, tuple[list[blockdelta.Outgoing], set[bytes]]] = field(default_factory=dict)
+    # the directories whose head blocks the walks chose: marked shipped once the commit counts
+    # them (see merkle.mark_shipped)
+    visited: list[ns.Dir] = field(default_factory=list)
 
 
 def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
              old_version: merkle.VersionOf, skip: Callable[[bytes], bool] | None = None,
-             subst: dict[bytes, bytes] | None = None, deferred: bool = False) -> list[blockdelta.Outgoing]:
+             subst: dict[bytes, bytes] | None = None, deferred: bool = False,
+             visited: list[ns.Dir] | None = None) -> list[blockdelta.Outgoing]:
     """The blocks of ``node``'s tree a holder lacks (``ask``: does it have this block, counted),
     children before parents, each compressed once per build: as a delta against the block at
     its place in the previous snapshot tree (``enc.prev``, chunk versions ``old_version``) when
@@ -333,7 +337,7 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
     accepts; ``subst``: the bases of blocks not visited (see :func:`prepare`). ``deferred``: a
     block going whole that is not compressed yet is left so (an empty payload; its bytes in
     ``enc.todo``), for :func:`filled` to compress batch by batch while earlier batches are on
-    their way."""
+    their way. ``visited``: gets each directory whose head block it chose."""
     z = enc.z
     ahead = enc.ahead
     out = []
@@ -345,6 +349,8 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
             subst = {}  # a block's digest -> its base's (the older block at its place)
         names: dict[int, list[str]] = {}
         for dg, b, d in merkle.iter_blocks(node, version_of, skip or ask, enc.kept, enc.ahead_raw):
+            if visited is not None and dg == d.digest:
+                visited.append(d)
             it = ahead.get(dg)
             if it is not None and (it.base is None or ask(it.base)):  # prepared ahead
                 if it.base is None:
@@ -876,6 +882,7 @@ class Snapshots:
             # (soft state, kept while the commit becomes durable; the trees it lets go are freed
             # once the answer is out)
             let_go = self.remember_tree(entry["path"], sid, node) if isinstance(node, ns.Dir) else []
+            merkle.mark_shipped(enc.visited)  # (counted now: the next versions' walks start from them)
             await durable
             # the long polls are answered first; the log line, metrics and the clean-up after
             self._answer(sid, durable=True)
@@ -1010,7 +1017,7 @@ class Snapshots:
                 lacked.append(d)
                 return False
 
-            out = outgoing(node, version_of, ask, enc, self._live_version, deferred=True)
+            out = outgoing(node, version_of, ask, enc, self._live_version, deferred=True, visited=enc.visited)
             enc.walk = Walk(had, lacked, out, gen)
             return out
 
