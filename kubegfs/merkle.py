@@ -26,7 +26,12 @@ per directory, ``[1, mode, mtime, names, kinds, f_size, ..., versions, dirs]``.
 The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
 node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
 again, and of each only the leaves around the names changed since the version of it last
-digested (``Dir.base``, ``Dir.changed``; see :func:`_dir_blocks_from`). Invariant: a block records each chunk's version as of the block's encoding, and a memoised
+digested (``Dir.base``, ``Dir.changed``; see :func:`_dir_blocks_from`). A digested directory
+remembers the names changed since that base (``Dir.delta``) and since the version the last
+snapshot's build shipped (``Dir.far``, see :func:`mark_shipped`), so that a walk for the blocks
+a holder lacks visits only those names' subdirectories below one whose anchor it has; each is
+true by construction (a directory is its anchor plus changes to those names) whoever has the
+anchor's block, so neither can make a walk miss a block. Invariant: a block records each chunk's version as of the block's encoding, and a memoised
 digest is never stale: a chunk's version changes only through a bump (before an in-place append
 to a chunk no snapshot shares), and the bump op names the file, whose directories it replaces
 with new nodes (state._apply_bump), so their digests are computed afresh, in the original run and

@@ -516,7 +516,7 @@ def test_an_early_precount_the_commit_never_took_is_taken_back_as_the_build_ends
 
     async def build_that_fails(running: bool):
         s = Snapshots(SimpleNamespace(state=log.state))  # type: ignore[arg-type]
-        enc = Encoded(infos=(gen, infos, encode_block_infos(infos)))
+        enc = Encoded(infos=(gen, infos, encode_block_infos(infos), None))
         s._precount_early(enc)
         assert enc.early is not None
         if running:  # stopped after its first slice
@@ -539,7 +539,7 @@ def test_an_early_precount_the_commit_never_took_is_taken_back_as_the_build_ends
         s = Snapshots(SimpleNamespace(state=log.state))  # type: ignore[arg-type]
         enc = Encoded()
         s._drop_early(enc)
-        enc.infos = (gen, infos, encode_block_infos_z(infos))
+        enc.infos = (gen, infos, encode_block_infos_z(infos), None)
         s._precount_early(enc)
         assert enc.early is None
 
@@ -616,7 +616,7 @@ def test_a_small_commit_is_counted_early_too():
 
     async def early() -> bool:
         s = Snapshots(SimpleNamespace(state=pre.state))  # type: ignore[arg-type]
-        enc = Encoded(infos=(gen, infos, encode_block_infos_z(infos)))
+        enc = Encoded(infos=(gen, infos, encode_block_infos_z(infos), None))
         s._precount_early(enc)
         assert enc.early is not None
         return await enc.early
