@@ -296,9 +296,10 @@ class Encoded:
     # would answer every question alike gets the same blocks without walking again)
     walk: Walk | None = None
     batched: tuple[list[blockdelta.Outgoing], list[list[blockdelta.Outgoing]]] | None = None  # a walk's blocks in batches
-    # the blocks no committed snapshot counted, with their infos and the commit op's rows of
-    # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
-    # the catalog's blocks_gen before: the commit takes them if it has not moved
+    # the blocks no committed snapshot counted, with their infos, the commit op's rows of them
+    # and their counting planned (see state.RefPlan; None if it could not be), worked out off
+    # the loop while the first holder's blocks go out (``infos_job``), and the catalog's
+    # blocks_gen before: the commit takes them if it has not moved
     infos: tuple[int, dict[bytes, merkle.BlockInfo], bytes, RefPlan | None] | None = None
     infos_job: asyncio.Future[None] | None = None
     # those blocks' chunk references counted in slices (see precount) as soon as the infos job
