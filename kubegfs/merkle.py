@@ -26,7 +26,12 @@ per directory, ``[1, mode, mtime, names, kinds, f_size, ..., versions, dirs]``.
 The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
 node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
 again, and of each only the leaves around the names changed since the version of it last
-digested (``Dir.base``, ``Dir.changed``; see :func:`_dir_blocks_from`). Invariant: a block records each chunk's version as of the block's encoding, and a memoised
+digested (``Dir.base``, ``Dir.changed``; see :func:`_dir_blocks_from`). A digested directory
+remembers the names changed since that base (``Dir.delta``) and since the version the last
+snapshot's build shipped (``Dir.far``, see :func:`mark_shipped`), so that a walk for the blocks
+a holder lacks visits only those names' subdirectories below one whose anchor it has; each is
+true by construction (a directory is its anchor plus changes to those names) whoever has the
+anchor's block, so neither can make a walk miss a block. Invariant: a block records each chunk's version as of the block's encoding, and a memoised
 digest is never stale: a chunk's version changes only through a bump (before an in-place append
 to a chunk no snapshot shares), and the bump op names the file, whose directories it replaces
 with new nodes (state._apply_bump), so their digests are computed afresh, in the original run and
@@ -41,7 +46,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from typing import Any, NamedTuple, TypeVar, cast
@@ -647,13 +652,35 @@ def _digest(d: Dir, version_of: VersionOf, kept: Kept | None) -> bytes:
         d.stats = counts
         d.base = d.changed = None
         if bdg is not None and changed is not None:
-            d.delta = (bdg, changed)
+            d.delta = dl = (bdg, changed)
+            d.far = _far(base, dl)
         got = block_digest(blocks.head)
         _remember(got, blocks)
         if kept is not None:
             kept[got] = blocks
         d.digest = got
     return got
+
+
+def _far(base: Dir | None, delta: tuple[bytes, frozenset[str]]) -> tuple[bytes, frozenset[str]] | None:
+    """A directory's ``Dir.far`` from its base's and its own ``delta`` against that base: the
+    base's far anchor with the names changed since added (at most MAX_DELTA of them), else its
+    delta (the base is its own anchor: marked shipped, or never given one)."""
+    fa = base.far if base is not None else None  # (read once: a build may mark it meanwhile)
+    if fa is None or fa[0] == delta[0]:
+        return delta
+    names = fa[1] | delta[1]
+    return (fa[0], names) if len(names) <= MAX_DELTA else delta
+
+
+def mark_shipped(dirs: Iterable[Dir]) -> None:
+    """The directories (digested) of a snapshot's tree that its build shipped: each is its own
+    far anchor (``Dir.far``), so the versions of it made later remember their changes from it,
+    the version holders of that snapshot have, across the digests in between."""
+    for d in dirs:
+        dg = d.digest
+        if dg is not None:
+            d.far = (dg, frozenset())
 
 
 def _derived_stats(d: Dir, base: Dir, changed: frozenset[str]) -> Counts | None:
@@ -960,13 +987,17 @@ def _collect(d: Dir, version_of: VersionOf, skip: Callable[[bytes], bool],
 
 def _changed_subdirs(d: Dir, skip: Callable[[bytes], bool]) -> list[Dir]:
     """The subdirectories of ``d`` to visit for blocks ``skip`` does not accept: when ``d`` is
-    known to be a directory plus changes to a few names (``Dir.delta``) and ``skip`` accepts that
-    directory's block, only those names' (every other entry is that directory's, so its block
-    reaches them and they are skipped too); else all of them."""
+    known to be a directory plus changes to a few names (``Dir.delta``, else ``Dir.far``) and
+    ``skip`` accepts that directory's block, only those names' (every other entry is that
+    directory's, so its block reaches them and they are skipped too); else all of them."""
     dl = d.delta
     if dl is not None and skip(dl[0]):
         ch = d.children
         return [k for k in (ch.get(n) for n in dl[1]) if type(k) is Dir]
+    fa = d.far  # (a delta against a version digested ahead: the one its last snapshot shipped)
+    if fa is not None and fa is not dl and skip(fa[0]):
+        ch = d.children
+        return [k for k in (ch.get(n) for n in fa[1]) if type(k) is Dir]
     return _subdirs(d)
 
 

@@ -40,7 +40,7 @@ class Dir:
     """Immutable directory: ``children`` maps a name to a File or Dir. ``digest`` is its Merkle
     block digest once computed (``merkle.digest`` memoises it; the node never changes)."""
 
-    __slots__ = ("children", "mtime", "mode", "digest", "stats", "base", "changed", "delta")
+    __slots__ = ("children", "mtime", "mode", "digest", "stats", "base", "changed", "delta", "far")
 
     def __init__(self, children: immutables.Map[str, Node], mtime: int, mode: int = DEFAULT_DIR_MODE) -> None:
         self.children = children
@@ -58,6 +58,12 @@ class Dir:
         # directories one of which is the other plus a few changes are compared by those names
         # alone (see changed_names); None: unknown
         self.delta: tuple[bytes, frozenset[str]] | None = None
+        # the same against an older version, kept across digests (each adds its ``delta``'s
+        # names) from the last version a snapshot's build shipped (marked with no names, see
+        # merkle.mark_shipped), so that a walk for what a holder of that snapshot lacks visits
+        # only those names even when ``delta``'s is a version digested ahead that no holder
+        # has; None: unknown
+        self.far: tuple[bytes, frozenset[str]] | None = None
 
     def __repr__(self) -> str:
         return f"Dir({len(self.children)} entries)"

@@ -111,6 +111,7 @@ class SnapCommit(_Stamped):
     handles_z: NotRequired[bytes]  # format 2: the record's chunk handles
     _precounted: NotRequired[bool]
     _infos: NotRequired[Any]  # in memory only: ``blocks`` before encoding (dict[bytes, merkle.BlockInfo])
+    _plan: NotRequired[Any]  # in memory only: their counting worked out ahead (state.RefPlan)
 
 
 class SnapFail(_Stamped):

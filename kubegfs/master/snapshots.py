@@ -50,7 +50,7 @@ from ..topology import Location, diversify, find_nearest
 from ..web import PEER_ERRORS
 from . import ops, precount
 from .chunkmap import ChunkserverInfo
-from .state import encode_block_infos_z, now_ns
+from .state import RefPlan, encode_block_infos_z, now_ns
 
 if TYPE_CHECKING:
     from .server import Master
@@ -296,10 +296,11 @@ class Encoded:
     # would answer every question alike gets the same blocks without walking again)
     walk: Walk | None = None
     batched: tuple[list[blockdelta.Outgoing], list[list[blockdelta.Outgoing]]] | None = None  # a walk's blocks in batches
-    # the blocks no committed snapshot counted, with their infos and the commit op's rows of
-    # them, worked out off the loop while the first holder's blocks go out (``infos_job``), and
-    # the catalog's blocks_gen before: the commit takes them if it has not moved
-    infos: tuple[int, dict[bytes, merkle.BlockInfo], bytes] | None = None
+    # the blocks no committed snapshot counted, with their infos, the commit op's rows of them
+    # and their counting planned (see state.RefPlan; None if it could not be), worked out off
+    # the loop while the first holder's blocks go out (``infos_job``), and the catalog's
+    # blocks_gen before: the commit takes them if it has not moved
+    infos: tuple[int, dict[bytes, merkle.BlockInfo], bytes, RefPlan | None] | None = None
     infos_job: asyncio.Future[None] | None = None
     # those blocks' chunk references counted in slices (see precount) as soon as the infos job
     # ends, while the blocks are still on their way: True if counted at that blocks_gen; and
@@ -321,11 +322,15 @@ class Encoded:
     ahead_raw: dict[bytes, bytes] = field(default_factory=dict)  # their bytes (a leaf there is not encoded again)
     # the blocks claimed for each walk's blocks (by its id; the entry holds them, so the id is not reused)
     claims: dict[int, tuple[list[blockdelta.Outgoing], set[bytes]]] = field(default_factory=dict)
+    # the directories whose head blocks the walks chose: marked shipped once the commit counts
+    # them (see merkle.mark_shipped)
+    visited: list[ns.Dir] = field(default_factory=list)
 
 
 def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], bool], enc: Encoded,
              old_version: merkle.VersionOf, skip: Callable[[bytes], bool] | None = None,
-             subst: dict[bytes, bytes] | None = None, deferred: bool = False) -> list[blockdelta.Outgoing]:
+             subst: dict[bytes, bytes] | None = None, deferred: bool = False,
+             visited: list[ns.Dir] | None = None) -> list[blockdelta.Outgoing]:
     """The blocks of ``node``'s tree a holder lacks (``ask``: does it have this block, counted),
     children before parents, each compressed once per build: as a delta against the block at
     its place in the previous snapshot tree (``enc.prev``, chunk versions ``old_version``) when
@@ -333,7 +338,7 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
     accepts; ``subst``: the bases of blocks not visited (see :func:`prepare`). ``deferred``: a
     block going whole that is not compressed yet is left so (an empty payload; its bytes in
     ``enc.todo``), for :func:`filled` to compress batch by batch while earlier batches are on
-    their way."""
+    their way. ``visited``: gets each directory whose head block it chose."""
     z = enc.z
     ahead = enc.ahead
     out = []
@@ -345,6 +350,8 @@ def outgoing(node: ns.Dir, version_of: merkle.VersionOf, ask: Callable[[bytes], 
             subst = {}  # a block's digest -> its base's (the older block at its place)
         names: dict[int, list[str]] = {}
         for dg, b, d in merkle.iter_blocks(node, version_of, skip or ask, enc.kept, enc.ahead_raw):
+            if visited is not None and dg == d.digest:
+                visited.append(d)
             it = ahead.get(dg)
             if it is not None and (it.base is None or ask(it.base)):  # prepared ahead
                 if it.base is None:
@@ -851,11 +858,14 @@ class Snapshots:
                 if early and pre is not None:
                     enc.taken = True
                     infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                    op["_plan"] = pre[3]
                 elif pre is not None and enc.early is None and len(pre[1]) >= precount.PRECOUNT_MIN \
                         and await precount.precount(st, pre[0], pre[1]):
                     infos, op["blocks"], op["_precounted"] = pre[1], pre[2], True  # counted in slices
+                    op["_plan"] = pre[3]
                 elif pre is not None and pre[0] == st.blocks_gen:
                     infos, op["blocks"] = pre[1], pre[2]
+                    op["_plan"] = pre[3]
                 else:
                     infos = merkle.new_block_infos(node, version_of, st.blocks.__contains__)
                     with no_gc():  # a row per new block: a full collection would rescan the namespace
@@ -873,6 +883,7 @@ class Snapshots:
             # (soft state, kept while the commit becomes durable; the trees it lets go are freed
             # once the answer is out)
             let_go = self.remember_tree(entry["path"], sid, node) if isinstance(node, ns.Dir) else []
+            merkle.mark_shipped(enc.visited)  # (counted now: the next versions' walks start from them)
             await durable
             # the long polls are answered first; the log line, metrics and the clean-up after
             self._answer(sid, durable=True)
@@ -1007,15 +1018,19 @@ class Snapshots:
                 lacked.append(d)
                 return False
 
-            out = outgoing(node, version_of, ask, enc, self._live_version, deferred=True)
+            out = outgoing(node, version_of, ask, enc, self._live_version, deferred=True, visited=enc.visited)
             enc.walk = Walk(had, lacked, out, gen)
             return out
 
         def infos() -> None:  # off the loop, while the blocks are on their way (the commit needs them)
-            gen = self.m.state.blocks_gen
+            st = self.m.state
+            gen = st.blocks_gen
             got = merkle.new_block_infos(node, version_of, counted.__contains__)
             with no_gc():  # a row per new block (see the commit)
-                enc.infos = (gen, got, encode_block_infos_z(got))
+                rows = encode_block_infos_z(got)
+                # and their counting, so that the commit's apply only installs it (see RefPlan)
+                plan = st.plan_blocks(merkle.digest(node, version_of), got, gen)
+                enc.infos = (gen, got, rows, plan)
 
         def start_infos() -> None:
             if enc.infos is None and enc.infos_job is None:

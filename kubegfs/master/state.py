@@ -64,6 +64,20 @@ class BlockCount:
         self.info = info
 
 
+class RefPlan:
+    """A commit's counting of its new blocks worked out ahead (see ``MasterState.plan_blocks``):
+    the root it counts, the catalog's ``blocks_gen`` it holds for, the new blocks' rows (with their counts) and the
+    counted blocks' rows with what each gains."""
+    __slots__ = ("root", "gen", "rows", "bumps", "used")
+
+    def __init__(self, root: bytes, gen: int, rows: dict[bytes, BlockCount], bumps: list[tuple[BlockCount, int]]) -> None:
+        self.root = root
+        self.gen = gen
+        self.rows = rows
+        self.bumps = bumps
+        self.used = False
+
+
 @dataclass
 class Pin:
     node: ns.Node
@@ -331,17 +345,22 @@ class MasterState:
     def _apply_snap_commit(self, op: ops.SnapCommit) -> None:
         """Format 3 (``blocks`` present): count the root and, through it, the blocks the op
         carries (exactly those not counted when it was prepared; their chunk references
-        already, if the server ``_precounted`` them: see ``precount_blocks``); format 2: one
-        snapshot reference per chunk in ``handles_z``."""
+        already, if the server ``_precounted`` them: see ``precount_blocks``; as the server
+        planned it while the blocks were on their way, ``_plan``, if no block was counted or
+        released since: see ``plan_blocks``); format 2: one snapshot reference per chunk in
+        ``handles_z``."""
         self.catalog_gen += 1
         entry = self.snapshots[op["id"]]
         if op.get("blocks") is not None:
+            root = bytes.fromhex(op["root"])
             infos = op.get("_infos")  # the server's own, as encoded into "blocks" (a replay decodes them)
+            plan = op.get("_plan")
+            precounted = bool(op.get("_precounted"))
             with no_gc():  # an entry per new block: a full collection would rescan the namespace
-                if infos is not None:
-                    self.ref_blocks(bytes.fromhex(op["root"]), infos, bool(op.get("_precounted")))
-                else:
-                    self.ref_blocks(bytes.fromhex(op["root"]), decode_block_infos(op["blocks"]))
+                if infos is None:
+                    self.ref_blocks(root, decode_block_infos(op["blocks"]))
+                elif plan is None or not self.install_plan(root, plan, infos, precounted):
+                    self.ref_blocks(root, infos, precounted)
         elif not op.get("_precounted"):
             self.count_snapshot_refs(unpack_handles(op["handles_z"]))
         entry.update({
@@ -509,6 +528,63 @@ class MasterState:
             if not precounted:
                 self.count_snapshot_refs(_handles(info.handles))
             stack.extend(info.children)
+
+    def plan_blocks(self, root: bytes, new: dict[bytes, merkle.BlockInfo], gen: int) -> RefPlan | None:
+        """What :meth:`ref_blocks` of ``root`` would do with ``new`` (the blocks not counted at
+        ``blocks_gen`` ``gen``), worked out without changing anything (a worker may run it while
+        the blocks are on their way): a row for each new block with its count (the new blocks
+        and the root naming it), and what each counted block named by a new block (or the root,
+        if counted) gains. None if ``new`` is not exactly that here: a child neither new nor
+        counted, a new block counted already or reached by nothing new, or ``blocks_gen`` not
+        ``gen`` before or after (a block was counted or released: counted blocks' rows are
+        never removed or made anew without it moving)."""
+        if self.blocks_gen != gen:
+            return None
+        blocks = self.blocks
+        rows = {d: BlockCount(0, info) for d, info in new.items()}
+        more: dict[bytes, int] = {}
+        with no_gc():
+            for info in new.values():
+                for c in info.children:
+                    r = rows.get(c)
+                    if r is not None:
+                        r.refs += 1
+                    else:
+                        more[c] = more.get(c, 0) + 1
+            r = rows.get(root)
+            if r is not None:
+                r.refs += 1
+            else:
+                more[root] = more.get(root, 0) + 1
+            bumps = []
+            for c, n in more.items():
+                b = blocks.get(c)
+                if b is None:
+                    return None
+                bumps.append((b, n))
+        if any(r.refs == 0 for r in rows.values()) or not blocks.keys().isdisjoint(rows):
+            return None
+        return RefPlan(root, gen, rows, bumps) if self.blocks_gen == gen else None
+
+    def install_plan(self, root: bytes, plan: RefPlan, new: dict[bytes, merkle.BlockInfo],
+                     precounted: bool = False) -> bool:
+        """Count ``plan`` (from :meth:`plan_blocks` of ``root`` and ``new``) as :meth:`ref_blocks`
+        would count it, if ``blocks_gen`` has not moved since it was made (then the counted
+        blocks are the same rows, and the counts it adds to are relative); False (nothing
+        changed) if it has: the caller counts with ``ref_blocks``. Each plan is installed at
+        most once."""
+        if plan.gen != self.blocks_gen or plan.used or plan.root != root:
+            return False
+        plan.used = True
+        self.blocks.update(plan.rows)
+        for b, n in plan.bumps:
+            b.refs += n
+        self.blocks_gen += len(plan.rows)
+        if self.garbage_blocks:
+            self.garbage_blocks.difference_update(plan.rows)
+        if not precounted:
+            self.precount_blocks(new.values())
+        return True
 
     def unref_block(self, root: bytes) -> None:
         stack = [root]

@@ -62,7 +62,11 @@ class BlockLog(Log):
         st = self.state
         return merkle.new_block_infos(st.pins[sid].node, st.version.__getitem__, st.blocks.__contains__)
 
-    def commit(self, sid, infos=None, precounted=False, compressed=True):
+    def plan(self, sid, infos):
+        st = self.state
+        return st.plan_blocks(merkle.digest(st.pins[sid].node, st.version.__getitem__), infos, st.blocks_gen)
+
+    def commit(self, sid, infos=None, precounted=False, compressed=True, plan=None):
         st = self.state
         node = st.pins[sid].node
         v = st.version.__getitem__
@@ -74,7 +78,7 @@ class BlockLog(Log):
                  "files": files, "dirs": dirs, "chunks": chunks, "logical_bytes": size,
                  "duration_seconds": 0.0, "root": root.hex(),
                  "blocks": (encode_block_infos_z if compressed else encode_block_infos)(infos),
-                 "_infos": infos, "_precounted": precounted})
+                 "_infos": infos, "_precounted": precounted, "_plan": plan})
 
     def restore(self, sid, to=None):
         st = self.state
@@ -134,6 +138,10 @@ def check_counts(s):
     assert s.snap == want
     for b in s.blocks.values():
         assert all(c in s.blocks for c in b.info.children)
+    refs = Counter(bytes.fromhex(e["root"]) for e in s.snapshots.values()
+                   if e["state"] == "ready" and e.get("format") == 3)
+    refs.update(c for b in s.blocks.values() for c in b.info.children)
+    assert {d: b.refs for d, b in s.blocks.items()} == dict(refs)  # a root's and each naming block's
 
 
 @settings(max_examples=40, deadline=None)
@@ -508,7 +516,7 @@ def test_an_early_precount_the_commit_never_took_is_taken_back_as_the_build_ends
 
     async def build_that_fails(running: bool):
         s = Snapshots(SimpleNamespace(state=log.state))  # type: ignore[arg-type]
-        enc = Encoded(infos=(gen, infos, encode_block_infos(infos)))
+        enc = Encoded(infos=(gen, infos, encode_block_infos(infos), None))
         s._precount_early(enc)
         assert enc.early is not None
         if running:  # stopped after its first slice
@@ -531,7 +539,7 @@ def test_an_early_precount_the_commit_never_took_is_taken_back_as_the_build_ends
         s = Snapshots(SimpleNamespace(state=log.state))  # type: ignore[arg-type]
         enc = Encoded()
         s._drop_early(enc)
-        enc.infos = (gen, infos, encode_block_infos_z(infos))
+        enc.infos = (gen, infos, encode_block_infos_z(infos), None)
         s._precount_early(enc)
         assert enc.early is None
 
@@ -608,7 +616,7 @@ def test_a_small_commit_is_counted_early_too():
 
     async def early() -> bool:
         s = Snapshots(SimpleNamespace(state=pre.state))  # type: ignore[arg-type]
-        enc = Encoded(infos=(gen, infos, encode_block_infos_z(infos)))
+        enc = Encoded(infos=(gen, infos, encode_block_infos_z(infos), None))
         s._precount_early(enc)
         assert enc.early is not None
         return await enc.early
@@ -635,3 +643,91 @@ def test_snapshot_references_count_each_handle_as_often_as_it_comes(before, bloc
     assert state.snap == want
     state.unprecount_blocks(infos)
     assert state.snap == dict(Counter(before))
+
+
+# --------------------------------------------------------------------------- the commit's counting planned ahead
+
+
+def test_a_planned_commit_counts_what_the_commit_would_and_replays_identically():
+    """The commit's block rows and child references worked out while the blocks ship
+    (``plan_blocks``), installed by the apply: the same catalog as counting in the apply, also
+    when other snapshots added references to the same blocks meanwhile (counts, not rows)."""
+    plain, planned = BlockLog(), BlockLog()
+    for log in (plain, planned):
+        _tree(log)
+        log.snapshot("/t")
+        old = log.capture("/t")  # committed after the plan: references only, no new block
+        log.put("/t/d3/f1", 12)
+        log.do({"op": "rm", "path": "/t/d5/f0", "mtime": 2})
+        log.do({"op": "mkdir", "path": "/t/d3/e", "parents": False, "mode": 0o755, "mtime": 1})
+        log.do({"op": "mkdir", "path": "/t/d4/e", "parents": False, "mode": 0o755, "mtime": 1})  # the same block twice
+    plain.commit(old)
+    plain.snapshot("/t")
+    sid = planned.capture("/t")
+    infos = planned.new_infos(sid)
+    plan = planned.plan(sid, infos)
+    assert plan is not None and set(plan.rows) == set(infos) and plan.bumps
+    gen = planned.state.blocks_gen
+    planned.commit(old)
+    assert planned.state.blocks_gen == gen  # no block counted or released: the plan holds
+    planned.commit(sid, infos, plan=plan)
+    assert plan.used
+    _same_state(planned.state, plain.state)
+    check_counts(planned.state)
+    _same_state(planned.replay(), planned.state)  # the log never carries the plan
+    assert all("_plan" not in op for op in planned.ops)
+
+
+def test_a_plan_made_before_another_commit_counted_blocks_is_not_installed():
+    """Two snapshots of the same tree pending: the first one's commit counts the blocks the
+    second one's plan made rows for (``blocks_gen`` moves), so the second commit counts in its
+    apply, as if there were no plan; a plan is also not installed after blocks were released."""
+    log = BlockLog()
+    _tree(log)
+    first, second = log.capture("/t"), log.capture("/t")
+    plan = log.plan(second, log.new_infos(second))
+    assert plan is not None
+    log.commit(first)
+    log.commit(second, log.new_infos(second), plan=plan)
+    assert not plan.used
+    check_counts(log.state)
+    _same_state(log.replay(), log.state)
+    log.put("/t/d0/f0", 3)
+    third = log.capture("/t")
+    infos = log.new_infos(third)
+    plan = log.plan(third, infos)
+    log.do({"op": "snap_delete", "id": first})  # still reached by the second: nothing released
+    log.do({"op": "snap_delete", "id": second})  # every block of the old tree not in the new one is released
+    assert log.state.garbage_blocks
+    log.commit(third, log.new_infos(third), plan=plan)
+    assert not plan.used
+    check_counts(log.state)
+    _same_state(log.replay(), log.state)
+
+
+def test_a_plan_is_made_only_for_exactly_the_blocks_not_counted():
+    log = BlockLog()
+    _tree(log)
+    log.snapshot("/t")
+    log.put("/t/d2/f2", 5)
+    sid = log.capture("/t")
+    st = log.state
+    infos = log.new_infos(sid)
+    root = merkle.digest(st.pins[sid].node, st.version.__getitem__)
+    assert st.plan_blocks(root, infos, st.blocks_gen - 1) is None  # a stale generation
+    some = next(d for d in infos if d != root)
+    assert st.plan_blocks(root, {d: i for d, i in infos.items() if d != some}, st.blocks_gen) is None  # a child missing
+    counted = next(iter(st.blocks))
+    assert st.plan_blocks(root, {**infos, counted: st.blocks[counted].info}, st.blocks_gen) is None  # counted already
+    stray = merkle.BlockInfo((), b"")
+    assert st.plan_blocks(root, {**infos, b"x" * 32: stray}, st.blocks_gen) is None  # reached by nothing new
+    before = {d: b.refs for d, b in st.blocks.items()}, st.blocks_gen, dict(st.snap)
+    plan = st.plan_blocks(root, infos, st.blocks_gen)
+    assert plan is not None
+    assert ({d: b.refs for d, b in st.blocks.items()}, st.blocks_gen, dict(st.snap)) == before  # nothing counted
+    assert not st.install_plan(b"y" * 32, plan, infos)  # not the op's root
+    assert ({d: b.refs for d, b in st.blocks.items()}, st.blocks_gen, dict(st.snap)) == before
+    log.commit(sid, infos, plan=plan)
+    assert plan.used and not st.install_plan(root, plan, infos)  # once only
+    check_counts(st)
+    _same_state(log.replay(), st)

@@ -668,15 +668,16 @@ def _dirs_of(node):
 
 
 def _without_hints(fn, *trees):
-    """``fn(*trees)`` with every directory's ``delta`` hidden (every name compared), then put back."""
-    saved = [(d, d.delta) for t in trees for d in _dirs_of(t)]
-    for d, _h in saved:
-        d.delta = None
+    """``fn(*trees)`` with every directory's ``delta`` and ``far`` hidden (every name compared),
+    then put back."""
+    saved = [(d, d.delta, d.far) for t in trees for d in _dirs_of(t)]
+    for d, _h, _f in saved:
+        d.delta = d.far = None
     try:
         return fn(*trees)
     finally:
-        for d, h in saved:
-            d.delta = h
+        for d, h, f in saved:
+            d.delta, d.far = h, f
 
 
 def _net(added, removed):
@@ -741,6 +742,14 @@ def test_a_holder_walk_asks_only_about_changed_children_and_finds_every_block_it
         merkle.digest(b, V)
         b = mutate(b, rng, rng.randrange(0, 4))
     merkle.digest(b, V)
+    _walk_finds_what_every_name_finds(b, holder)
+
+
+def _walk_finds_what_every_name_finds(b, holder):
+    """The walk for what ``holder`` lacks below ``b`` finds exactly the blocks a walk over every
+    name finds, children before parents, with at most two questions more (the anchors, see
+    Dir.delta and Dir.far) per block it finds; the commit's infos of the blocks the catalog
+    lacks are the same blocks."""
     asked: list[bytes] = []
 
     def ask(d):
@@ -757,8 +766,7 @@ def test_a_holder_walk_asks_only_about_changed_children_and_finds_every_block_it
         assert all(order[c] < order[dg] for c in merkle.child_digests(blk) if c in order)
     every_asked: list[bytes] = []
     _without_hints(lambda t: list(merkle.iter_blocks(t, V, lambda d: every_asked.append(d) or d in holder)), b)
-    assert len(asked) <= len(every_asked) + len(got)  # at most one question more (the base) per visited block
-    # the commit's infos of the blocks the catalog lacks: the same blocks, by the same walk
+    assert len(asked) <= len(every_asked) + 2 * len(got)
     infos = merkle.new_block_infos(b, V, holder.__contains__)
     assert set(infos) == {dg for dg, _blk in got}
     assert infos == _without_hints(lambda t: merkle.new_block_infos(t, V, holder.__contains__), b)
@@ -780,6 +788,50 @@ def test_a_holder_walk_and_the_commits_infos_do_not_ask_about_the_unchanged_sibl
     infos = merkle.new_block_infos(live, V, lambda d: asked.append(d) or d in holder)
     assert set(infos) == {merkle.digest(live, V), merkle.digest(live.children["d3"], V)}
     assert not siblings & set(asked)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(1, 4), st.booleans())
+def test_a_walk_from_the_version_a_holder_got_finds_every_block_it_lacks_across_digests_ahead(rng, passes, ship_between):
+    """Versions digested ahead between two snapshots (no holder has their blocks): each
+    directory keeps its changes since the version the last build shipped (``Dir.far``), the
+    walk for what a holder of that snapshot lacks visits only those names, and finds exactly
+    the blocks a walk over every name finds, children before parents."""
+    a = build_direct(random_spec(rng))
+    merkle.digest(a, V)
+    holder = {dg for dg, _b, _n in merkle.iter_blocks(a, V, lambda _d: False)}
+    merkle.mark_shipped(_dirs_of(a))
+    b = a
+    for i in range(passes):  # digest passes ahead of the snapshot
+        b = mutate(b, rng, rng.randrange(0, 5))
+        merkle.digest(b, V)
+        if ship_between and i == 0:  # a snapshot shipped in between: the anchor moves to it
+            got = list(merkle.iter_blocks(b, V, holder.__contains__))
+            holder.update(dg for dg, _b, _n in got)
+            merkle.mark_shipped(d for dg, _b, d in got if dg == d.digest)
+    _walk_finds_what_every_name_finds(b, holder)
+
+
+def test_a_walk_after_a_digest_ahead_does_not_ask_about_the_unchanged_siblings_of_a_change():
+    root = build_direct({".": (0o755, 1), **{f"d{i}": {".": (0o755, 1), "f": ("f", i, 1, 0o644, (i,))}
+                                             for i in range(12)}})
+    merkle.digest(root, V)
+    holder = {dg for dg, _b, _n in merkle.iter_blocks(root, V, lambda _d: False)}
+    merkle.mark_shipped(_dirs_of(root))
+    live = ns.replace(root, ("d3", "f"), ns.File(9, 2, 0o644, (99,)), 2)
+    merkle.digest(live, V)  # a pass ahead: the next version's base is this one, which no holder has
+    live = ns.replace(live, ("d5", "f"), ns.File(9, 2, 0o644, (98,)), 3)
+    merkle.digest(live, V)
+    assert live.delta[0] not in holder and live.far == (merkle.digest(root, V), frozenset({"d3", "d5"}))
+    asked: list[bytes] = []
+    got = [n for _dg, _b, n in merkle.iter_blocks(live, V, lambda d: asked.append(d) or d in holder)]
+    assert got == [live.children["d5"], live.children["d3"], live] or got == [live.children["d3"], live.children["d5"], live]
+    siblings = {merkle.digest(k, V) for name, k in live.children.items() if name not in ("d3", "d5")}
+    assert not siblings & set(asked)
+    merkle.mark_shipped(got)  # shipped: the next version's anchor is this one
+    nxt = ns.replace(live, ("d7", "f"), ns.File(9, 2, 0o644, (97,)), 4)
+    merkle.digest(nxt, V)
+    assert nxt.far == nxt.delta == (merkle.digest(live, V), frozenset({"d7"}))
 
 
 @settings(max_examples=40, deadline=None)

@@ -33,6 +33,7 @@ def make(root, held):
     m = SimpleNamespace(opts=SimpleNamespace(dead_after=1.0),
                         state=SimpleNamespace(root=root, blocks=counted, blocks_gen=3,
                                               precount_blocks=lambda _i: None, unprecount_blocks=lambda _i: None,
+                                              plan_blocks=lambda *_a: None,
                                               version={h: V(h) for h in range(1, 100)},
                                               snapshots={"s-1": {"id": "s-1", "name": "a", "state": "ready"}}))
     s = Snapshots(m)  # type: ignore[arg-type]
