@@ -35,7 +35,9 @@ anchor's block, so neither can make a walk miss a block. Invariant: a block reco
 digest is never stale: a chunk's version changes only through a bump (before an in-place append
 to a chunk no snapshot shares), and the bump op names the file, whose directories it replaces
 with new nodes (state._apply_bump), so their digests are computed afresh, in the original run and
-in a replay alike.
+in a replay alike. A directory restored from blocks is memoised with their head's digest only
+when they are in BLOCK_FORMAT (see :func:`_memoise`): a node's digest is always the one this
+version's encoding of it gives.
 """
 
 from __future__ import annotations
@@ -751,6 +753,12 @@ class Block:
     kind: int = KIND_DIR
 
 
+def format_of(data: bytes) -> int:
+    """The format number of a directory block's bytes (-1: not a block of a known layout), read
+    from its first two bytes (a msgpack array of 12 or 14 fields starting with a small int)."""
+    return data[1] if data[:1] in (b"\x9c", b"\x9e") and len(data) > 1 and data[1] < 0x80 else -1
+
+
 def _raw(data: bytes) -> list[Any]:
     """A block's msgpack fields in format-2 order ``[fmt, kind, mode, mtime, names, kinds, sizes,
     mtimes, modes, nchunks, handles, versions, dirs, parts]`` (a format-1 block as a head
@@ -1296,7 +1304,7 @@ def _assemble(root: bytes, have: dict[bytes, bytes], live: list[Node | None], ve
             touched = removed.union(block.entries)
             if lv.digest is not None and len(touched) <= MAX_DELTA:
                 d.delta = (lv.digest, frozenset(touched))  # the live directory but for these
-        _memoise(d, dg, counts)
+        _memoise(d, dg, counts, format_of(pool.get(dg, b"")) == BLOCK_FORMAT)
         built[s] = d
     reused_here.extend(found)
     return built[0], [d for d in dict.fromkeys(used) if d in have and d not in from_live]
@@ -1358,12 +1366,17 @@ def _add(counts: Counts | None, k: Node, sign: int) -> Counts | None:
     return counts[0] + sign * f, counts[1] + sign * d, counts[2] + sign * c, counts[3] + sign * b
 
 
-def _memoise(d: Dir, dg: bytes, counts: Counts | None = None) -> None:
+def _memoise(d: Dir, dg: bytes, counts: Counts | None = None, current: bool = True) -> None:
     """Give a directory built from block ``dg`` its digest and counts (``counts``, or from its
     children's, which have theirs), so the next snapshot or diff of the restored tree does not
-    encode it again."""
+    encode it again. Not its digest unless ``current`` (``dg`` is in BLOCK_FORMAT): a memoised
+    digest must be the one encoding the node gives, since its blocks are looked up, encoded and
+    shipped by it (a format-1 digest over format-2 blocks: a restore in place over the node
+    took its head for its only leaf and kept entries it had to remove); a directory restored
+    from an older format's blocks is encoded afresh when first digested."""
     if counts is None:
         counts = _sum_stats(d)
     if counts is not None:
         d.stats = counts
-        d.digest = dg
+        if current:
+            d.digest = dg

@@ -353,6 +353,16 @@ def test_diff_report_names_renames_and_descends_only_into_changes():
 # --------------------------------------------------------------------------- big directories
 
 
+def assemble_fetching(root, held, live, version_of):
+    """The tree ``root`` names assembled over ``live``, the blocks it asks for taken from ``held``."""
+    have: dict = {}
+    while True:
+        try:
+            return merkle.assemble(root, have, live, version_of)[0]
+        except merkle.NeedBlocks as need:
+            have.update({d: held[d] for d in need.digests})
+
+
 def big_dir(n, rng, prefix="file-"):
     return ns.Dir(immutables.Map({f"{prefix}{rng.getrandbits(40):010x}.dat": ns.File(rng.randrange(1 << 20), 5, 0o644,
                                                                                     (i + 1,))
@@ -848,13 +858,7 @@ def test_a_restored_directory_names_what_it_changed_in_the_live_one(rng):
         else:
             live = ns.replace(live, ("big", f"file-x{rng.randrange(10**6)}"), ns.File(1, 1, 0o644, (778,)), 3)
     holder = {dg: data for dg, data, _n in merkle.iter_blocks(snap, V, lambda _d: False)}
-    have: dict = {}
-    while True:
-        try:
-            tree, _used = merkle.assemble(merkle.digest(snap, V), have, [live], V)
-            break
-        except merkle.NeedBlocks as need:
-            have.update({d: holder[d] for d in need.digests})
+    tree = assemble_fetching(merkle.digest(snap, V), holder, [live], V)
     tb, lb = tree.children["big"], live.children["big"]
     split = bool(merkle.decode_block(holder[big.digest]).parts)
     assert (tb.delta is not None) == (split and lb is not big)  # an edit of the live one, when split
