@@ -204,14 +204,18 @@ def test_the_commit_works_out_its_block_infos_while_the_blocks_ship(tmp_path, mo
                 c.put(f"/t/big/f{i:03d}", f"v1-{i}".encode())
             assert c.snapshot_create("/t", "s1", copies=2)["state"] == "ready"
             assert seen == [(False, True)]
+            w1 = len(walks)
             c.put("/t/big/f007", b"changed")
             posted.clear()
             s2 = c.snapshot_create("/t", "s2", copies=2)
             assert s2["state"] == "ready" and s2["shipped_bytes"] > 0
             assert seen[1:] == [(False, True)]
-            assert len(walks) == 2  # one walk per build: the second holder takes the first one's
+            # a walk per holder at most: the second holder takes the first one's unless what it
+            # is known to hold differs from the first's at that moment (a heartbeat in between)
+            w2 = len(walks) - w1
+            assert 1 <= w1 <= 2 and 1 <= w2 <= 2
             assert rows_on_loop == [False, False]
-            assert diffs_after_walk == [1, 2]
+            assert diffs_after_walk == [w1, w1 + w2]  # each build's diff after its walks
             assert since_after_post == [True, True]
 
 
