@@ -100,17 +100,30 @@ def test_a_restore_whose_every_copy_is_bad_says_so(make_cluster):
     c.mkdir("/d")
     c.put("/d/f", b"x" * 5000)
     s = c.snapshot_create("/d", "s", copies=2)
-    # both copies go bad while the master is paused: otherwise it may re-make the first damaged
-    # copy from the second before the second is damaged (heartbeats report rot within seconds)
-    assert cl.master.popen is not None
-    cl.master.popen.send_signal(signal.SIGSTOP)
-    try:
-        for h in s["holders"]:
-            body = stored_record_bytes(cs_of(cl, h["id"]).data, s["id"])
-            assert body is not None
-            as_files(cl, h["id"], s["id"], body[:100], s["sha256"])
-    finally:
-        cl.master.popen.send_signal(signal.SIGCONT)
+    # both holders stopped before either copy is damaged: otherwise the master may re-make the
+    # first damaged copy from the second before the second is damaged (heartbeats report rot
+    # within seconds)
+    holders = [cs_of(cl, h["id"]) for h in s["holders"]]
+    bodies = [stored_record_bytes(p.data, s["id"]) for p in holders]
+    assert all(b is not None for b in bodies)
+    procs = [p.popen for p in holders]
+    for p in holders:
+        cl.kill(p, signal.SIGTERM)
+    for proc in procs:
+        proc.wait(timeout=30)
+    for p, body in zip(holders, bodies, strict=True):
+        assert BlockStore(p.data, 0).delete_record(s["id"])
+        (p.data / "records" / f"{s['id']}.rec").write_bytes(body[:100])
+        (p.data / "records" / f"{s['id']}.sha256").write_text(s["sha256"])
+    for p in holders:
+        cl.start_chunkserver(p)
+    ids = {h["id"] for h in s["holders"]}
+
+    def heard_again() -> bool:  # alive, and heard from since their restart (not about to be marked dead)
+        seen = [x for x in c.chunkservers() if x["id"] in ids]
+        return len(seen) == 2 and all(x["alive"] and x["last_seen_seconds_ago"] < 0.5 for x in seen)
+
+    wait_for(heard_again, timeout=30, interval=0.1, what="the restarted holders' heartbeats")
     with pytest.raises(Unavailable) as ei:
         c.snapshot_restore("s", to="/r")
     assert "every record copy of snapshot s is missing or damaged" in ei.value.message
