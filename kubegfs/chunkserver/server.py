@@ -70,7 +70,7 @@ from .turnstile import Turnstile
 log = logging.getLogger("kubegfs.chunkserver")
 # how many of the log's records a heartbeat's records pass (every RECORD_SCAN_EVERY) reads and
 # checks, in turn, so that a record rotted in the log is reported within a few such passes, not
-# only at its next read or scrub (~1.5-4 ms a pass at 400 B records: docs/benchmarks.md, lane rot12)
+# only at its next read or scrub (1.4-8 ms a pass at 1k-10k records of 400 B, off the loop: docs/benchmarks.md, lane rot12)
 RECORD_CHECK_COUNT = 1024
 
 MAX_PIECE = 8 * 1024 * 1024
