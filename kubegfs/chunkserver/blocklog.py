@@ -242,7 +242,9 @@ def scan(data: bytes, name: str = "", newest: bool = True) -> Iterator[Entry | B
     """The entries of segment ``data`` in order, good ones as ``Entry`` and damaged parts as
     ``Bad`` (see the module docstring): a damaged append that is not the segment's tail (rot) is
     reported with an error and the scan goes on after it; a tail ends the scan (a warning in the
-    newest segment, where the caller cuts the file at its start; an error in an older one)."""
+    newest segment, where the caller cuts the file at its start; an error in an older one). Only
+    zeros where an append would start end it with a tail whose ``zeros`` is set, and nothing said
+    (the pre-filled end: the caller cuts it off the newest segment, keeping nothing aside)."""
     if data[:len(SEGMENT_MAGIC)] == V1_MAGIC:
         yield from _scan_v1(data, name, newest)
         return
