@@ -73,20 +73,20 @@ Invariants:
         (the pre-filled end, or an append of which nothing reached the disk) end the scan
         quietly; a start cuts them off the newest segment (truncated and fsynced, nothing kept
         aside).
-      - Any other damaged append is rot, and nothing is cut: it was synced and acknowledged
-        before what follows was written. (Rot that zeroes bytes, even a whole append, is told
-        from the zero end by what follows them: a good append head.) The scan goes on at the next append: at its head's end,
-        or, if the head is bad, at the next offset where a good head names that offset as its
-        own (heads have a fixed size and their own CRC, so neither a length field nor garbage
+      - Any other damaged append is rot, and nothing is cut: it was synced and acknowledged before
+        what follows was written. (Rot that zeroes bytes, even a whole append, is told from the zero
+        end by what follows them: a good append head.) The scan goes on at the next append: at its
+        head's end, or, if the head is bad, at the next offset where a good head names that offset
+        as its own (heads have a fixed size and their own CRC, so neither a length field nor garbage
         that looks like a head can make the scan read out of bounds, loop, or resync inside a
         payload). Inside the damaged append, an entry whose CRC holds is kept; one that fails is
         passed over by its length only if the entries after it are good and end exactly at the
         append's end, else the rest of the append is one damaged region. What a damaged entry or
-        region held is reported as a scrub's finding is (blocks.py): each block of a blocks
-        entry whose frames can still be walked is checked against its digest and kept if it
-        matches, else reported dropped; the id a record entry names is reported as a corrupt
-        record (its copy is not served); a tombstone is lost (the master orders the deletion
-        again). An error in the log.
+        region held is reported as a scrub's finding is (blocks.py): each block of a blocks entry
+        whose frames can still be walked is checked against its digest and kept if it matches, else
+        reported dropped; the id a record entry names is reported as a corrupt record (its copy is
+        not served); a tombstone is lost (the master orders the deletion again). An error in the
+        log.
   * **A record is never there without its blocks** (after a crash). A snapshot's new blocks and
     its record are one append, the blocks' entry first; the blocks it reaches that were already
     held were acknowledged earlier, so they are in an earlier append that was synced first (in
@@ -200,8 +200,8 @@ def cut(path: Path, good: int, zeros: bool = False) -> None:
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(path.parent)
-    log.warning("block log segment %s cut after byte %d; the %d bytes after it (to the last one not zero) kept as %s",
-                path.name, good, len(tail), aside.name)
+    log.warning("block log segment %s cut after byte %d; the %d bytes after it (to the last one not zero) "
+                "kept as %s", path.name, good, len(tail), aside.name)
 
 
 def entry(payload: bytes, kind: bytes = BLOCKS) -> list[bytes]:

@@ -9,8 +9,8 @@ is one append (its blocks' entry, and its record's) to the head segment, written
 pre-filled ahead of its appends and made durable by one ``fdatasync`` (no file created, renamed or
 directory fsynced per put, and mostly no new size or blocks to commit), and is whole or absent
 after a crash. A segment's size here (``sizes``, compaction's quarter) is where its appends end,
-never the head's file size. Rot found in the log at a start (blocklog: a damaged append that is not a torn
-last one) is handled as a scrub's finding: its blocks that still match their digests are kept,
+never the head's file size. Rot found in the log at a start (blocklog: a damaged append that is
+not a torn last one) is handled as a scrub's finding: its blocks that still match their digests are kept,
 the others reported dropped, the records it named reported corrupt (``damaged_records``, which
 the chunkserver reports as ``corrupt_records``) unless a good copy of the id is in the log. Blocks that
 came as deltas against blocks held here (see blockdelta) are stored whole like the others,
