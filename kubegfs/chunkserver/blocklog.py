@@ -19,10 +19,23 @@ CRC32 of that length's 4 bytes and the payload (u32 LE), then the payload:
                        of that id at that place is deleted (a record stored again later under
                        the same id, elsewhere, is not)
 
+The head segment (the one appended to) is pre-filled: zeros are written ``PREFILL_BYTES`` ahead of
+its appends (when it is created, and then with each append that reaches past them, in the same
+write and under the same ``fdatasync``; never past ``SEGMENT_BYTES``), and appends overwrite them in
+place, so the ``fdatasync`` of an append flushes its data alone, with no journal commit for a new
+size or new blocks (the master's op-log and its copies sync on the same disk at the same moment,
+and commits queue behind each other). An append bigger than the zeros left simply writes past
+them and the next ``PREFILL_BYTES`` after itself. Where the appends end is known from the appends,
+never from the file's size (``Head.size``; ``BlockStore.sizes``): only zeros from an append's end
+to the segment's end (``zeros_from``: the last ``PREFILL_BYTES`` are looked at, so a start does not
+walk the zeros) are the pre-filled end, neither damage nor a torn append, and not reported (``Bad``
+with ``zeros``). A segment is cut to its appends' end, durably, when the next one is created, so
+only the head has a zero tail; a start cuts the newest segment's (see below).
+
 Segments of earlier versions (``KGBLKLG1``: entries with no append heads) are read, never written,
 by the rules those versions had: the newest is cut at its first bad entry; in an older one an
 entry whose head is whole but whose contents fail is skipped, and the scan stops at one whose head
-is not.
+is not. (They were never pre-filled.)
 
 Invariants:
   * An entry is acknowledged only after its bytes were written and ``fdatasync`` returned; every
@@ -30,41 +43,50 @@ Invariants:
     its lock across ``append``). A tombstone is appended without a sync of its own (a deletion
     may come back after a crash until the next synced append, as an unlinked file's name may
     before its directory is fsynced): the master orders it again.
-  * A new segment is made durable once, when it is created (its header written and fsynced, then
-    the directory fsynced), before any append goes into it; it is the head until the next one is
-    created. One append never spans two segments; an append bigger than ``SEGMENT_BYTES`` is a
-    segment of its own. After a restart, or an append that failed, the next append creates a new
-    head: an old segment is never appended to again.
+  * A new segment is made durable once, when it is created (its header and its first zeros
+    written and fsynced, then the directory fsynced), before any append goes into it; it is the
+    head until the next one is created, and just before that it is cut to its appends' end and
+    fsynced (which also syncs a tombstone's append). One append never spans two segments; an
+    append bigger than ``SEGMENT_BYTES`` is a segment of its own. After a restart, or an append
+    that failed (cut off again if the disk allows), the next append creates a new head: an old
+    segment is never appended to again.
   * **A torn append is the last thing in its segment; damage anywhere else is rot.** Each append
     is written only after the one before it returned from ``fdatasync``, so a crash can tear only
-    the last append of the newest segment, and any byte after an append's end was written after
-    that append was synced. (The one exception, an append of tombstones alone, is not synced
-    before the next append is written: a crash may tear it with a later one on disk, and it is
-    then taken as rot; what it loses is deletions, which the master orders again. Every append
-    that holds a block or a record is synced before anything after it is written.) A segment is
-    read append by append; an append is damaged if its head
+    the last append of the newest segment, and any byte after an append's end that is not a zero
+    was written after that append was synced (zeros after it may have been written with it or
+    before it: a torn append lies on zeros and is followed by zeros; so an append is proved
+    synced by a good append head after it, which is never zeros). (The one exception, an append
+    of tombstones alone, is not synced before the next append is written: a crash may tear it
+    with a later one on disk, and it is then taken as rot; what it loses is deletions, which the
+    master orders again. Every append that holds a block or a record is synced before anything
+    after it is written.) A segment is read append by append; an append is damaged if its head
     is bad (cut short, not ``KGAP``, a CRC that fails, an offset not its own) or one of its
     entries is (cut short, no known kind, a CRC that fails, contents that do not fill its
     payload, past its append's end):
-      - A damaged append that runs to the end of the segment (its head good and its end the
-        segment's end or past it; or its head bad and no good head after it) is a torn tail,
-        never acknowledged: nothing in it is used. In the newest segment the file is cut at its
-        start: what followed is moved aside to ``<segment>.corrupt-<unix time>`` (a warning in the
-        log), the segment truncated and fsynced, so that no later start reads past that point.
-        In an older one (an append that failed ends its segment) nothing is cut.
-      - Any other damaged append is rot, and nothing is cut: it was synced and acknowledged
-        before what follows was written. The scan goes on at the next append: at its head's end,
-        or, if the head is bad, at the next offset where a good head names that offset as its
-        own (heads have a fixed size and their own CRC, so neither a length field nor garbage
+      - A damaged append that runs to the end of the segment (its head good and only zeros
+        after its end, or its end past the segment's end; or its head bad and no good head after
+        it) is a torn tail, never acknowledged: nothing in it is used. In the newest segment the
+        file is cut at its start: what followed, up to its last byte that is not zero, is moved
+        aside to ``<segment>.corrupt-<unix time>`` (a warning in the log), the segment truncated
+        and fsynced, so that no later start reads past that point. In an older one (an append
+        that failed ends its segment) nothing is cut. Only zeros where an append would start
+        (the pre-filled end, or an append of which nothing reached the disk) end the scan
+        quietly; a start cuts them off the newest segment (truncated and fsynced, nothing kept
+        aside).
+      - Any other damaged append is rot, and nothing is cut: it was synced and acknowledged before
+        what follows was written. (Rot that zeroes bytes, even a whole append, is told from the zero
+        end by what follows them: a good append head.) The scan goes on at the next append: at its
+        head's end, or, if the head is bad, at the next offset where a good head names that offset
+        as its own (heads have a fixed size and their own CRC, so neither a length field nor garbage
         that looks like a head can make the scan read out of bounds, loop, or resync inside a
         payload). Inside the damaged append, an entry whose CRC holds is kept; one that fails is
         passed over by its length only if the entries after it are good and end exactly at the
         append's end, else the rest of the append is one damaged region. What a damaged entry or
-        region held is reported as a scrub's finding is (blocks.py): each block of a blocks
-        entry whose frames can still be walked is checked against its digest and kept if it
-        matches, else reported dropped; the id a record entry names is reported as a corrupt
-        record (its copy is not served); a tombstone is lost (the master orders the deletion
-        again). An error in the log.
+        region held is reported as a scrub's finding is (blocks.py): each block of a blocks entry
+        whose frames can still be walked is checked against its digest and kept if it matches, else
+        reported dropped; the id a record entry names is reported as a corrupt record (its copy is
+        not served); a tombstone is lost (the master orders the deletion again). An error in the
+        log.
   * **A record is never there without its blocks** (after a crash). A snapshot's new blocks and
     its record are one append, the blocks' entry first; the blocks it reaches that were already
     held were acknowledged earlier, so they are in an earlier append that was synced first (in
@@ -78,7 +100,8 @@ Invariants:
   * A segment's space is reclaimed by its owner (blocks.py): unlinked once nothing in it is
     wanted (a tombstone is wanted while the segment of the record it deletes exists), compacted
     (what is wanted appended to the head, synced, then the segment unlinked) once less than a
-    quarter of it is wanted, so the segments other than the head hold at most four times the
+    quarter of it is wanted (of its appends' bytes: a head's zeros are not counted, and an
+    older segment has none), so the segments other than the head hold at most four times the
     bytes wanted in them.
 """
 
@@ -107,7 +130,8 @@ KINDS = (BLOCKS, RECORD, TOMBSTONE)
 ENTRY_HEAD = 12  # magic, length, CRC
 APPEND_HEAD = ENTRY_HEAD + 16  # an append head: its entry head, its offset and its entries' bytes
 FRAME_HEAD = 36  # digest, length
-SEGMENT_BYTES = 8 << 20  # a head at least this big is followed by a new segment
+SEGMENT_BYTES = 8 << 20  # a head whose appends end at least this far is followed by a new segment
+PREFILL_BYTES = 1 << 20  # zeros kept ahead of the head's appends (at most this many end a segment)
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _PLACE = struct.Struct("<QQ")
@@ -138,18 +162,35 @@ class Bad(NamedTuple):
     # not a tail (rot): what it held, as far as can be read (not to be trusted: to be reported)
     blocks: tuple[tuple[bytes, int, int], ...] = ()  # frames of a blocks entry, each to check by its digest
     rid: str = ""  # the id a record entry names
+    zeros: bool = False  # only zeros from ``at`` (a tail): the pre-filled end, where the appends end, not damage
 
 
 def segment_name(seq: int) -> str:
     return f"{seq:016x}.log"
 
 
-def cut(path: Path, good: int) -> None:
+def zeros_from(data: bytes, lo: int = 0) -> int:
+    """Where the zeros that end ``data`` start (not before ``lo``; ``len(data)`` if it does not
+    end with one). Only the last ``PREFILL_BYTES`` are looked at (a pre-filled end is never
+    longer): a longer run of zeros is taken to start there."""
+    if not data or data[-1]:
+        return len(data)
+    start = max(lo, len(data) - PREFILL_BYTES)
+    return start + len(data[start:].rstrip(b"\0"))
+
+
+def cut(path: Path, good: int, zeros: bool = False) -> None:
     """Cut segment ``path`` after its first ``good`` bytes, durably, keeping what followed beside
-    it as ``<name>.corrupt-<unix time>``."""
+    it (up to its last byte that is not zero) as ``<name>.corrupt-<unix time>``; ``zeros``: only
+    zeros follow (a pre-filled end), nothing is kept and nothing said."""
+    if zeros:
+        with open(path, "r+b") as f:
+            f.truncate(good)
+            os.fsync(f.fileno())
+        return
     with open(path, "r+b") as f:
         f.seek(good)
-        tail = f.read()
+        tail = f.read().rstrip(b"\0")
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         with open(aside, "wb") as g:
             g.write(tail)
@@ -159,8 +200,8 @@ def cut(path: Path, good: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(path.parent)
-    log.warning("block log segment %s cut after byte %d; the %d bytes after it kept as %s",
-                path.name, good, len(tail), aside.name)
+    log.warning("block log segment %s cut after byte %d; the %d bytes after it (to the last one not zero) "
+                "kept as %s", path.name, good, len(tail), aside.name)
 
 
 def entry(payload: bytes, kind: bytes = BLOCKS) -> list[bytes]:
@@ -201,7 +242,9 @@ def scan(data: bytes, name: str = "", newest: bool = True) -> Iterator[Entry | B
     """The entries of segment ``data`` in order, good ones as ``Entry`` and damaged parts as
     ``Bad`` (see the module docstring): a damaged append that is not the segment's tail (rot) is
     reported with an error and the scan goes on after it; a tail ends the scan (a warning in the
-    newest segment, where the caller cuts the file at its start; an error in an older one)."""
+    newest segment, where the caller cuts the file at its start; an error in an older one). Only
+    zeros where an append would start end it with a tail whose ``zeros`` is set, and nothing said
+    (the pre-filled end: the caller cuts it off the newest segment, keeping nothing aside)."""
     if data[:len(SEGMENT_MAGIC)] == V1_MAGIC:
         yield from _scan_v1(data, name, newest)
         return
@@ -211,10 +254,17 @@ def scan(data: bytes, name: str = "", newest: bool = True) -> Iterator[Entry | B
     view = memoryview(data)
     total = len(data)
     pos = len(SEGMENT_MAGIC)
+    zeros = zeros_from(data, pos)  # only zeros from here on (looked for in the last PREFILL_BYTES)
     while pos < total:
+        if pos >= zeros:  # the pre-filled end: no append, nothing damaged
+            yield Bad(pos, total, "is the pre-filled end (zeros)", True, zeros=True)
+            return
         size = _append_head_at(data, pos)
         if size is None:
             nxt = _next_append(data, pos + 1)
+            if nxt is None and data.count(0, pos, zeros) == zeros - pos:  # zeros, longer than a pre-fill
+                yield Bad(pos, total, "is zeros to the end", True, zeros=True)  # (nothing an append left)
+                return
             if nxt is None:
                 yield _tail(name, newest, pos, total, "has a bad head")
                 return
@@ -232,7 +282,7 @@ def scan(data: bytes, name: str = "", newest: bool = True) -> Iterator[Entry | B
             yield _tail(name, newest, pos, total, "is cut short")
             return
         got = _walk(data, view, pos + APPEND_HEAD, end)
-        if end == total and any(isinstance(e, Bad) for e in got):
+        if end >= zeros and any(isinstance(e, Bad) for e in got):  # nothing but zeros after it
             yield _tail(name, newest, pos, total, "has a bad entry")
             return
         yield from _reported(got, name)
@@ -413,45 +463,66 @@ class Head:
         self.dir = directory
         self.seq = seq  # the number of the newest segment or pack there is
         self.name = ""  # the head's file name ("" before the first append)
-        self.size = 0
+        self.size = 0  # where its appends end (the next one starts)
+        self.filled = 0  # where the zeros after them end (the file's size)
         self._fd = -1
         self._unsynced = False  # a tombstone was appended after the last fdatasync
 
     def append(self, parts: list[bytes], sync: bool = True) -> tuple[str, int]:
         """Append the entries ``parts`` after an append head (durably with ``sync``); (the
-        segment's name, where ``parts`` start)."""
+        segment's name, where ``parts`` start). Written over the zeros ahead of the appends; an
+        append that reaches past them writes the next ``PREFILL_BYTES`` of zeros after itself."""
         n = sum(len(p) for p in parts)
         if self._fd < 0 or self.size >= SEGMENT_BYTES:
             self._roll()
         at = self.size
+        end = at + APPEND_HEAD + n
+        out = [*append_head(at, n), *parts]
+        filled = self.filled
+        if end > filled:
+            filled = max(end, min(end + PREFILL_BYTES, SEGMENT_BYTES))
+            if filled > end:
+                out.append(bytes(filled - end))
         try:
-            pwrite_all(self._fd, [*append_head(at, n), *parts], at)
+            pwrite_all(self._fd, out, at)
             if sync:
                 os.fdatasync(self._fd)
             self._unsynced = not sync
         except BaseException:
-            self._abandon()  # what was written may be torn: no entry ever goes after it
+            self._abandon(at)  # what was written may be torn: no entry ever goes after it
             raise
-        self.size = at + APPEND_HEAD + n
+        self.size, self.filled = end, filled
         return self.name, at + APPEND_HEAD
 
     def _roll(self) -> None:
-        if self._fd >= 0 and self._unsynced:  # everything in a segment is synced before the next exists
+        if self._fd >= 0 and self.filled > self.size:  # cut to its appends' end, durably (and so synced)
+            os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
+        elif self._fd >= 0 and self._unsynced:  # everything in a segment is synced before the next exists
             os.fdatasync(self._fd)
         self.close()
         self.seq += 1
         name = segment_name(self.seq)
         fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        filled = max(len(SEGMENT_MAGIC), min(len(SEGMENT_MAGIC) + PREFILL_BYTES, SEGMENT_BYTES))
         try:
-            pwrite_all(fd, [SEGMENT_MAGIC], 0)
+            pwrite_all(fd, [SEGMENT_MAGIC, bytes(filled - len(SEGMENT_MAGIC))], 0)
             os.fsync(fd)
             fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self.name, self.size = fd, name, len(SEGMENT_MAGIC)
+        self._fd, self.name, self.size, self.filled = fd, name, len(SEGMENT_MAGIC), filled
 
-    def _abandon(self) -> None:
+    def _abandon(self, at: int) -> None:
+        """After an append at ``at`` failed: cut the segment back to where it started if the
+        disk allows (else a start finds the torn append, or zeros, at its end), never append to
+        it again."""
+        try:
+            os.ftruncate(self._fd, at)
+            os.fsync(self._fd)
+        except OSError as exc:
+            log.error("block log segment %s: could not cut a failed append off at byte %d: %s", self.name, at, exc)
         self.close()
         self.size = SEGMENT_BYTES  # the next append starts a new segment
 

@@ -5,10 +5,12 @@ match is refused whole) and on every read (a block that no longer matches is dro
 to the master, which re-ships it or fetches another copy).
 
 Layout: ``<data>/blocks/<16 hex digits>.log``, the segments of the block log (blocklog.py): a put
-is one append (its blocks' entry, and its record's) to the head segment, made durable by one
-``fdatasync`` (no file created, renamed or directory fsynced per put), and is whole or absent
-after a crash. Rot found in the log at a start (blocklog: a damaged append that is not a torn
-last one) is handled as a scrub's finding: its blocks that still match their digests are kept,
+is one append (its blocks' entry, and its record's) to the head segment, written over the zeros
+pre-filled ahead of its appends and made durable by one ``fdatasync`` (no file created, renamed or
+directory fsynced per put, and mostly no new size or blocks to commit), and is whole or absent
+after a crash. A segment's size here (``sizes``, compaction's quarter) is where its appends end,
+never the head's file size. Rot found in the log at a start (blocklog: a damaged append that is
+not a torn last one) is handled as a scrub's finding: its blocks that still match their digests are kept,
 the others reported dropped, the records it named reported corrupt (``damaged_records``, which
 the chunkserver reports as ``corrupt_records``) unless a good copy of the id is in the log. Blocks that
 came as deltas against blocks held here (see blockdelta) are stored whole like the others,
@@ -95,7 +97,7 @@ class BlockStore:
         self.records: dict[str, RecordAt] = {}  # the records in the log
         self.tombs: dict[str, list[Tomb]] = {}  # the wanted tombstones, by the segment they point into
         self.live: dict[str, int] = {}  # pack or segment name -> blocks, records and tombstones of it wanted
-        self.sizes: dict[str, int] = {}  # segment name -> its bytes
+        self.sizes: dict[str, int] = {}  # segment name -> where its appends end (the head's zeros not counted)
         self.wanted: dict[str, int] = {}  # segment name -> bytes of what is wanted in it
         self.dropped: set[bytes] = set()  # failed their digest since the last heartbeat
         self.damaged_records: set[str] = set()  # named by damaged record entries found at the start
@@ -162,10 +164,11 @@ class BlockStore:
         self.sizes[name] = len(data)
         self.wanted[name] = 0
         torn = None
+        zeros = False  # the tail is the pre-filled end (only zeros), not a torn append
         for e in blocklog.scan(data, name, newest):
             if isinstance(e, blocklog.Bad):
                 if e.tail:
-                    torn = e.at
+                    torn, zeros = e.at, e.zeros
                 else:
                     self._damaged(name, data, e)
                 continue
@@ -190,8 +193,10 @@ class BlockStore:
                 if e.target != name:
                     self.tombs.setdefault(e.target, []).append(Tomb(e.rid, e.target, e.off, name, size))
                     self._want(name, 1, size)
-        if newest and torn is not None:  # an append a crash cut: never read past this point again
-            blocklog.cut(p, torn)
+        if newest and torn is not None:  # an append a crash cut, or zeros: never read past this point again
+            blocklog.cut(p, torn, zeros)
+            self.sizes[name] = torn
+        elif zeros and torn is not None:  # an older segment with zeros after its appends (a cut that failed)
             self.sizes[name] = torn
 
     def _damaged(self, name: str, data: bytes, bad: blocklog.Bad) -> None:

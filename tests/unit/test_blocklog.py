@@ -150,11 +150,13 @@ def test_a_torn_tail_that_holds_what_looks_like_an_append_head_is_still_cut(tmp_
 
 
 def test_no_damage_makes_the_scan_read_out_of_bounds_or_loop():
+    """3000 random damages, in segments that end with their last append or with zeros (a
+    pre-filled head; the damage may land in them too)."""
     rng = random.Random(13)
     puts = [_blocks(rng.randrange(1, 4), rng) for _ in range(5)]
     data, starts = _segment(*puts)
     for i in range(3000):
-        bad = bytearray(data)
+        bad = bytearray(data) + bytes(rng.choice((0, 1, 200, 5000)))
         for _ in range(rng.choice((1, 1, 2, 8))):
             at = rng.randrange(len(blocklog.SEGMENT_MAGIC), len(bad))
             if rng.random() < 0.3:  # a length field of an append head or an entry: anything
@@ -169,6 +171,11 @@ def test_no_damage_makes_the_scan_read_out_of_bounds_or_loop():
             for _dg, off, ln in e.blocks:
                 assert e.at < off and off + ln <= e.end
         assert sum(isinstance(e, blocklog.Bad) and e.tail for e in got) <= (1 if got and got[-1].end == len(bad) else 0)
+        for e in got:  # the end of the appends is only zeros, and it is the last thing
+            assert not (isinstance(e, blocklog.Bad) and e.zeros) or (e is got[-1] and not bytes(bad[e.at:]).strip(b"\0"))
+    for zeros in (1, 200, blocklog.PREFILL_BYTES, blocklog.PREFILL_BYTES + 4096):  # undamaged, zeros after
+        got = list(blocklog.scan(data + bytes(zeros)))
+        assert [e.at for e in got] == [s + H for s in starts] + [len(data)] and got[-1].zeros
 
 
 def test_segments_of_earlier_versions_are_read_by_their_rules(tmp_path, caplog, monkeypatch):
@@ -199,6 +206,13 @@ def test_segments_of_earlier_versions_are_read_by_their_rules(tmp_path, caplog, 
         s = BlockStore(tmp_path)
     assert sorted(s.missing([dg for dg, _ in a + b + c])) == _digests(b, c)
     assert "has no known kind; nothing after it is read" in caplog.text
+    d = _blocks(2, rng)
+    s.put(d)  # into a new, pre-filled segment beside them
+    new = tmp_path / "blocks" / s.head.name
+    assert new.read_bytes()[:8] == blocklog.SEGMENT_MAGIC and new.stat().st_size > s.head.size
+    again = BlockStore(tmp_path)
+    assert sorted(again.missing([dg for dg, _ in a + b + c + d])) == _digests(b, c)
+    assert seg.read_bytes()[:8] == blocklog.V1_MAGIC and new.stat().st_size == s.head.size
 
 
 def test_puts_append_to_one_segment_and_a_restart_starts_a_new_one(tmp_path):
@@ -220,6 +234,7 @@ def test_a_failed_append_is_never_followed_in_its_segment(tmp_path, monkeypatch)
     a, b, c = _blocks(2, rng), _blocks(2, rng), _blocks(2, rng)
     s = BlockStore(tmp_path)
     s.put(a)
+    a_end = s.head.size
     real = os.fdatasync
 
     def broken(fd: int) -> None:
@@ -230,6 +245,7 @@ def test_a_failed_append_is_never_followed_in_its_segment(tmp_path, monkeypatch)
         s.put(b)
     monkeypatch.setattr(os, "fdatasync", real)
     assert s.missing([dg for dg, _ in b]) == [dg for dg, _ in b]  # not acknowledged, not indexed
+    assert (tmp_path / "blocks" / blocklog.segment_name(1)).stat().st_size == a_end  # cut off again
     s.put(c)
     assert _segments(tmp_path) == [blocklog.segment_name(1), blocklog.segment_name(2)]
     assert BlockStore(tmp_path).get([dg for dg, _ in a + c]) == a + c
@@ -287,6 +303,195 @@ def test_packs_of_earlier_versions_are_read_beside_the_log(tmp_path):
     assert not pack.exists()
 
 
+# ------------------------------------------------------------------------ the pre-filled head
+
+
+def _snapshots(tmp_path, rng: random.Random, n: int, size: int):
+    """A store holding ``n`` snapshots (3 blocks and a record of ``size`` bytes, one append
+    each): (the store, the puts, the head's path)."""
+    puts = [(_blocks(3, rng), _record(f"r{i}", rng.randbytes(size))) for i in range(n)]
+    s = BlockStore(tmp_path)
+    for blocks, rec in puts:
+        s.put(blocks, rec)
+    return s, puts, tmp_path / "blocks" / s.head.name
+
+
+def _no_warnings(caplog) -> bool:
+    return not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_appends_into_the_pre_filled_head_all_come_back_after_a_restart(tmp_path, caplog):
+    """The head is written over zeros: the file is longer than its appends; a scan of it (as a
+    running holder's) ends quietly at the zeros; a start keeps every append, cuts the zeros off
+    (nothing kept aside, nothing said) and appends to a new head."""
+    rng = random.Random(20)
+    s, puts, seg = _snapshots(tmp_path, rng, 5, 300)
+    data = seg.read_bytes()
+    assert len(data) == s.head.filled == len(blocklog.SEGMENT_MAGIC) + blocklog.PREFILL_BYTES > s.head.size  # zeros written once
+    assert s.sizes[s.head.name] == s.head.size
+    assert not data[s.head.size:].strip(b"\0")
+    caplog.set_level(logging.INFO)
+    got = list(blocklog.scan(data, seg.name))
+    assert [e.kind for e in got[:-1]] == [blocklog.BLOCKS, blocklog.RECORD] * 5
+    assert isinstance(got[-1], blocklog.Bad) and got[-1].zeros and got[-1].at == s.head.size
+    again = BlockStore(tmp_path)
+    assert _no_warnings(caplog) and not list((tmp_path / "blocks").glob("*.corrupt-*"))
+    assert seg.read_bytes() == data[:s.head.size] and again.sizes[seg.name] == s.head.size
+    held = [it for blocks, _rec in puts for it in blocks]
+    assert again.get([dg for dg, _ in held]) == held
+    assert {rid: again.read_record(rid) for rid in again.records} == {r.rid: (r.data, r.sha256) for _b, r in puts}
+    more = _blocks(2, rng)
+    again.put(more)
+    assert _segments(tmp_path) == [seg.name, blocklog.segment_name(2)]
+    assert sorted(BlockStore(tmp_path).digests()) == _digests(held, more) and _no_warnings(caplog)
+
+
+def test_a_torn_append_on_the_zeros_is_cut(tmp_path, caplog, monkeypatch):
+    """A crash during an append into the pre-filled head leaves some of its pages on the zeros
+    (the file as long as before, or as long as the append's own zeros made it): whatever part
+    reached the disk, the append is the torn tail (a warning), cut, and what it left kept aside
+    up to its last byte that is not zero."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    rng = random.Random(21)
+    a, b = _blocks(3, rng), _blocks(30, rng)
+    s = BlockStore(tmp_path)
+    s.put(a)
+    a_end = s.head.size
+    s.put(b, _record("rb", rng.randbytes(12000)))
+    seg = tmp_path / "blocks" / s.head.name
+    whole = seg.read_bytes()
+    b_end = s.head.size
+    assert b_end - a_end > 3 * 4096
+    page = 4096
+    for what, keep in [
+        ("its head's page only", [(a_end, page)]),
+        ("its head lost, a later page on disk", [(a_end + page, a_end + 2 * page)]),
+        ("a page in its middle lost", [(a_end, page), (a_end + 2 * page, b_end)]),
+        ("all but its last byte", [(a_end, b_end - 1)]),
+        ("its last page only", [(b_end - 100, b_end)]),
+    ]:
+        for length in (len(whole), b_end + 50):  # the zeros written before it, or its own
+            torn = bytearray(whole[:a_end]) + bytes(length - a_end)
+            for lo, hi in keep:
+                torn[lo:hi] = whole[lo:hi]
+            seg.write_bytes(bytes(torn))
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                again = BlockStore(tmp_path)
+            assert sorted(again.digests()) == _digests(a) and "rb" not in again.records, what
+            assert seg.stat().st_size == a_end and not again.dropped and not again.damaged_records, what
+            assert "an append a crash cut" in caplog.text, what
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR], what
+            aside = list((tmp_path / "blocks").glob("*.corrupt-*"))
+            assert [p.read_bytes() for p in aside] == [bytes(torn[a_end:]).rstrip(b"\0")], what
+            for p in aside:
+                p.unlink()
+
+
+def test_rot_that_zeroes_bytes_before_later_appends_is_rot(tmp_path, caplog):
+    """Zeros in the middle of the pre-filled head with a good append after them are rot, not its
+    end: the later appends are kept, what the zeroed one held is reported, nothing is cut but
+    the zeros after the last append; the same at a later start, when the segment is an older one."""
+    rng = random.Random(22)
+    a, b, c = _blocks(2, rng), _blocks(3, rng), _blocks(2, rng)
+    s = BlockStore(tmp_path)
+    s.put(a)
+    b_at = s.head.size
+    s.put(b, _record("rb", rng.randbytes(200)))
+    c_at = s.head.size
+    s.put(c, _record("rc", rng.randbytes(200)))
+    s.put(_blocks(1, rng))
+    seg = tmp_path / "blocks" / s.head.name
+    whole = seg.read_bytes()
+    for what, lo, hi, lost in [
+        ("b's whole append", b_at, c_at, _digests(b)),
+        ("b's head", b_at, b_at + H, []),
+        ("from b's middle to c's head", b_at + 200, c_at, None),
+    ]:
+        damaged = bytearray(whole)
+        damaged[lo:hi] = bytes(hi - lo)
+        seg.write_bytes(bytes(damaged))
+        for p in (tmp_path / "blocks").glob("*.log"):
+            if p != seg:
+                p.unlink()
+        for _again in range(2):  # the newest segment, then (after a put) an older one
+            caplog.clear()
+            with caplog.at_level(logging.ERROR):
+                again = BlockStore(tmp_path)
+            assert "reported damaged" in caplog.text, what
+            assert again.missing(_digests(a, c)) == [] and "rc" in again.records, what
+            if lost is not None:
+                assert again.missing(_digests(b)) == lost, what
+            assert "rb" not in again.records or what == "b's head", what
+            assert seg.read_bytes() == bytes(damaged[:s.head.size]), what  # only the zeros after the last append cut
+            assert not list((tmp_path / "blocks").glob("*.corrupt-*")), what
+            again.put(_blocks(1, rng))
+
+
+def _puts_until(tmp_path, s: BlockStore, rng: random.Random, segments: int, record) -> list:
+    """Puts of 4 blocks (and ``record()``) until there are ``segments`` segments, each put
+    checked: the head's file is its appends and zeros, never past SEGMENT_BYTES."""
+    puts = []
+    while len(_segments(tmp_path)) < segments:
+        puts.append(_blocks(4, rng))
+        s.put(puts[-1], record())
+        assert (tmp_path / "blocks" / s.head.name).stat().st_size == s.head.filled >= s.head.size
+        assert s.head.filled <= max(s.head.size, blocklog.SEGMENT_BYTES)
+    return puts
+
+
+def test_the_head_is_cut_to_its_appends_when_the_next_segment_starts(tmp_path, monkeypatch):
+    """Only the head carries zeros: at the roll (and after a failed append) the segment left is cut
+    to its appends' end; the zeros never go past SEGMENT_BYTES; an older segment found with zeros
+    after its appends anyway is read whole and left as it is."""
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", 6000)
+    monkeypatch.setattr(blocklog, "PREFILL_BYTES", 2500)
+    rng = random.Random(23)
+    s = BlockStore(tmp_path)
+    puts = _puts_until(tmp_path, s, rng, 4, lambda: None)
+    for name in _segments(tmp_path)[:-1]:
+        data = (tmp_path / "blocks" / name).read_bytes()
+        assert len(data) == s.sizes[name] and data[-1] != 0  # cut at the roll
+        assert not [e for e in blocklog.scan(data, name, False) if isinstance(e, blocklog.Bad)]
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", 1 << 20)  # (zeros past the size a segment rolls at:
+    s.put(_blocks(2, rng))  # not written, but a head left with zeros is cut all the same)
+    assert s.head.filled > s.head.size
+    name, size = s.head.name, s.head.size
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", size)
+    s.put(_blocks(2, rng))
+    assert s.head.name != name and (tmp_path / "blocks" / name).stat().st_size == size == s.sizes[name]
+    older = tmp_path / "blocks" / _segments(tmp_path)[0]
+    with open(older, "ab") as f:  # zeros left after its appends (a cut that failed)
+        f.write(bytes(100))
+    again = BlockStore(tmp_path)
+    assert older.stat().st_size == again.sizes[older.name] + 100
+    assert again.missing(_digests(*puts)) == []
+
+
+def test_compaction_into_a_pre_filled_head_counts_appends_not_zeros(tmp_path, monkeypatch):
+    monkeypatch.setattr(blocklog, "SEGMENT_BYTES", 5000)
+    monkeypatch.setattr(blocklog, "PREFILL_BYTES", 3000)
+    rng = random.Random(24)
+    s = BlockStore(tmp_path)
+    first = _puts_until(tmp_path, s, rng, 2, lambda: _record(f"r{len(s.records)}", rng.randbytes(100)))
+    old = _segments(tmp_path)[0]
+    assert s.head.size < s.head.filled  # zeros ahead in the head the compaction appends to
+    in_old = [dg for dg, (name, _o, _l) in s.index.items() if name == old]
+    s.delete(in_old[1:])
+    for rid in [rid for rid, r in s.records.items() if r.name == old][1:]:
+        s.delete_record(rid)
+    assert old not in _segments(tmp_path) and s.index[in_old[0]][0] == s.head.name  # moved
+    head = tmp_path / "blocks" / s.head.name
+    assert s.sizes[s.head.name] == s.head.size < head.stat().st_size  # its appends, the zeros after them
+    assert s.wanted[s.head.name] <= s.head.size
+    want = {dg: z for p in first for dg, z in p if dg in s.index}
+    recs = {rid: s.read_record(rid) for rid in s.records}
+    again = BlockStore(tmp_path)
+    assert dict(again.get(list(want))) == want and {rid: again.read_record(rid) for rid in again.records} == recs
+    assert again.check_records(1000) == []
+    assert all(again.sizes[n] == (tmp_path / "blocks" / n).stat().st_size for n in _segments(tmp_path))
+
+
 # ---------------------------------------------------------------------------------- records
 
 
@@ -296,17 +501,20 @@ def _record(rid: str, body: bytes) -> LogRecord:
 
 def test_a_record_is_never_there_without_its_blocks_wherever_a_crash_cuts_their_append(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # (the cut's syncs: not what is tested here)
+    monkeypatch.setattr(blocklog, "PREFILL_BYTES", 4096)  # (zeros ahead: fewer bytes to write at every cut)
     rng = random.Random(9)
     a, b = _blocks(3, rng), _blocks(4, rng)
     s = BlockStore(tmp_path)
     s.put(a)
     s.put(b, _record("r1", b"the record" * 40))
     seg = tmp_path / "blocks" / s.head.name
-    data = seg.read_bytes()
+    filled = seg.stat().st_size
+    data = seg.read_bytes()[:s.head.size]  # the appends (the pre-filled zeros after them)
+    assert filled > len(data)
     start = max(off for _n, off, _l in (s.index[dg] for dg, _ in a)) + 1  # inside a's entry's last block...
     start = next(e.end for e in blocklog.scan(data) if e.at < start <= e.end)  # ...so the second append starts here
     for cut in range(start, len(data) + 1):
-        for tail in (b"", bytes(len(data) - cut)):
+        for tail in (b"", bytes(len(data) - cut), bytes(filled - cut)):  # the file ends there, or zeros
             seg.write_bytes(data[:cut] + tail)
             again = BlockStore(tmp_path)
             if "r1" in again.records:
@@ -328,11 +536,7 @@ def test_rot_in_a_record_or_its_blocks_keeps_every_later_append_and_reports_the_
     from kubegfs.topology import Location
 
     rng = random.Random(14)
-    puts = [(_blocks(3, rng), _record(f"r{i}", rng.randbytes(400))) for i in range(3)]
-    s = BlockStore(tmp_path)
-    for blocks, rec in puts:
-        s.put(blocks, rec)
-    seg = tmp_path / "blocks" / s.head.name
+    s, puts, seg = _snapshots(tmp_path, rng, 3, 400)
     data = seg.read_bytes()
     r1 = s.records["r1"]
     b1 = puts[1][0][1][0]
@@ -343,7 +547,7 @@ def test_rot_in_a_record_or_its_blocks_keeps_every_later_append_and_reports_the_
         seg.write_bytes(_flip(data, at, 0x10))
         again = ChunkStore(tmp_path, 1 << 20)
         log = again.log
-        assert seg.read_bytes() == _flip(data, at, 0x10), damage  # nothing cut
+        assert seg.read_bytes() == _flip(data, at, 0x10)[:s.head.size], damage  # nothing cut but the zeros after
         assert log.damaged_records == corrupt and log.dropped == dropped, damage
         assert sorted(log.records) == sorted({"r0", "r1", "r2"} - corrupt), damage
         for rid in log.records:
