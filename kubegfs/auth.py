@@ -17,6 +17,7 @@ import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -42,10 +43,14 @@ class Tokens:
         """The token ``role`` is held with (an unset role falls back to the client token)."""
         return getattr(self, role) or self.client
 
+    @cached_property
+    def _encoded(self) -> tuple[tuple[Role, bytes], ...]:
+        return tuple((r, self.of(r).encode()) for r in ROLES)
+
     def roles_of(self, presented: str) -> frozenset[Role]:
         """Every role whose token is ``presented`` (constant-time comparisons, all of them made)."""
         got = presented.encode()
-        return frozenset(r for r in ROLES if hmac.compare_digest(got, self.of(r).encode()))
+        return frozenset([r for r, token in self._encoded if hmac.compare_digest(got, token)])
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Tokens:

@@ -19,6 +19,7 @@ import json as jsonlib
 import logging
 import os
 import queue
+import re
 import select
 import ssl
 import threading
@@ -888,10 +889,25 @@ def _other_port(u: Any, scheme: str, port: str) -> str:
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~/-]*")  # what urlencode(..., safe="/") leaves as it is
+
+
 def _query(params: dict[str, Any]) -> str:
     """``params`` (None values left out) as a query string; ``/`` is left as it is, so a
-    path needs no escaping (nor unescaping on the master) unless it has other characters."""
-    return urlencode({k: v for k, v in params.items() if v is not None}, safe="/")
+    path needs no escaping (nor unescaping on the master) unless it has other characters.
+    The same string as ``urlencode(..., safe="/")``; a name or value that needs no escaping
+    (most paths) is not run through ``quote_plus`` (urlencode was ~2 µs of a stat's client CPU)."""
+    parts = []
+    for k, v in params.items():
+        if v is None:
+            continue
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str) or not _PLAIN.fullmatch(v) or not _PLAIN.fullmatch(k):
+            parts.append(urlencode({k: v}, safe="/"))
+        else:
+            parts.append(f"{k}={v}")
+    return "&".join(parts)
 
 
 def _unreachable(url: str, exc: BaseException) -> Unavailable:

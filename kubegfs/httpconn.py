@@ -92,7 +92,7 @@ class Connection:
         """Bytes that are already whole requests (a pipelined batch: ``response`` once each)."""
         if self.sock is None:
             raise ConnectionError("connection closed")
-        self.sock.sendall(data)
+        send_all(self.sock, data)
 
     def send(self, method: str, target: str, body: Body | None, headers: dict[str, str]) -> None:
         """Send a whole request; ``response`` then reads its answer (one request at a time). A
@@ -108,7 +108,7 @@ class Connection:
             for p in parts:
                 sock.sendall(p)
         else:
-            sock.sendall(b"".join([head, *parts]))
+            send_all(sock, b"".join([head, *parts]))
 
     # ------------------------------------------------------------------ reading
 
@@ -307,6 +307,21 @@ def _poll(sock: socket.socket, spin: float) -> bytes | None:
     if sock.gettimeout() is None:
         return None  # a blocking socket: os.read would sleep
     return poll_read(sock.fileno(), time.perf_counter() + spin)  # non-blocking underneath (it has a timeout)
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall(data)``, tried first as one non-blocking ``os.write``: a socket with a
+    timeout is non-blocking underneath and ``sendall`` polls it before each send, a system call
+    (and a turn of the interpreter lock) that a small request, which the socket takes whole, does
+    not need. What the write did not take goes by ``sendall``."""
+    n = 0
+    if sock.gettimeout() is not None:
+        try:
+            n = os.write(sock.fileno(), data)
+        except BlockingIOError:
+            n = 0
+    if n < len(data):
+        sock.sendall(memoryview(data)[n:])
 
 
 def poll_read(fd: int, until: float, size: int = RECV) -> bytes | None:

@@ -33,7 +33,10 @@ one turn of the event loop before it goes back to the loop's other work: a clien
 right away (a stat loop, the shared connection's next batch) is then read without the master going
 to sleep in ``epoll_wait`` first. A wake-up from that sleep can cost more than the answer (on a
 small virtual machine it was most of a lone thread's stat round trip, see docs/benchmarks.md); the
-client polls for its answer the same way (sharedconn.SPIN). A request with a body larger than
+client polls for its answer the same way (sharedconn.SPIN). A request whose version and header
+lines are byte for byte the previous one's on the connection (a client's stats differ in their
+path only) takes that one's parsed headers instead of parsing them again (``_parse``); its token is
+checked all the same, as every request's. A request with a body larger than
 MAX_JSON_BODY, a chunked body or a malformed head is answered 4xx and the connection closed.
 """
 
@@ -124,6 +127,8 @@ class FastProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.req: Request | None = None  # a head whose body is still arriving
         self.out: list[bytes] = []  # answers made during this read, written together at its end
+        self.last_req: Request | None = None  # the last head parsed in whole, and its bytes from
+        self.last_tail = b""  # its version on (``_parse``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
@@ -178,7 +183,7 @@ class FastProtocol(asyncio.Protocol):
                     self._refuse(InvalidArgument("request head too large"))
                     return
                 try:
-                    self.req = parse_head(bytes(self.buf[:end]))
+                    self.req = self._parse(bytes(self.buf[:end]))
                 except KubegfsError as err:
                     self._refuse(err)
                     return
@@ -190,6 +195,23 @@ class FastProtocol(asyncio.Protocol):
             del self.buf[: req.length]
             self.req = None
             self._answer(req, body)
+
+    def _parse(self, head: bytes) -> Request:
+        """``parse_head``, but the headers of a request whose head after its target (version and
+        header lines) is byte for byte the last one's are that one's: a client's requests on one
+        connection differ in their target only (a stat's path), and parsing the same headers
+        again was the larger part of the head's cost. The token in them is checked again all the
+        same (``_answer``)."""
+        cut = head.find(b" HTTP/1.")
+        if cut > 0 and self.last_req is not None and head[cut:] == self.last_tail:
+            line = head[:cut].decode("latin-1").split(" ")
+            if len(line) == 2 and line[1].startswith("/") and line[0]:
+                last = self.last_req
+                path, _, query = line[1].partition("?")
+                return Request(line[0], path, query, last.headers, last.length, last.keep_alive)
+        req = parse_head(head)
+        self.last_req, self.last_tail = req, head[cut:] if cut > 0 else b""
+        return req
 
     def _answer(self, req: Request, body: bytes) -> None:
         t0 = time.perf_counter()

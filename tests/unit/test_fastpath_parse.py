@@ -39,3 +39,15 @@ def test_a_body_past_the_limit_is_refused_before_it_is_read():
     ("a=1&a=2", {"a": "1"}), ("x+y=1+2", {"x y": "1 2"}), ("&&k", {"k": ""}), ("p=%E2%82%AC", {"p": "€"})])
 def test_queries_decode_as_the_main_port_reads_them(query, want):
     assert parse_query(query) == want
+
+
+@pytest.mark.parametrize("params", [
+    {"path": "/st/f17"}, {"path": "/st", "after": "", "limit": 5000}, {"path": "/a b/ü&x=1", "after": None},
+    {"path": "/x", "recursive": True}, {"path": "~a_b.c-d/e", "n": -3}, {"a+b": "c"}, {"path": "/%41"}, {},
+])
+def test_the_clients_query_string_is_urlencodes(params):
+    from urllib.parse import urlencode
+
+    from kubegfs.client import _query
+
+    assert _query(params) == urlencode({k: v for k, v in params.items() if v is not None}, safe="/")

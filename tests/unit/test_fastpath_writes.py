@@ -170,3 +170,16 @@ def test_after_a_create_is_answered_the_connection_is_polled_for_the_next_reques
             assert _answers(t) == [(201, {"path": "/x"}), (200, {"stat": "/a"})]  # read in the same turn
 
     asyncio.run(run())
+
+
+def test_requests_with_the_last_ones_headers_are_parsed_for_their_own_target_and_token_checked_each_time():
+    proto, t = _listener({}, [])
+    other = STAT.replace(b"path=/a", b"path=/b%20c")
+    proto.data_received(STAT + other + STAT.replace(b"tok", b"bad") + other + b"GET / HTTP/1.1\r\nAuthorization: Bearer tok\r\n\r\n")
+    assert [(s, b.get("error", b.get("stat"))) for s, b in _answers(t)] == \
+        [(200, "/a"), (200, "/b c"), (401, "unauthorized"), (200, "/b c"), (404, "not_found")]
+    first = proto.last_req
+    proto.data_received(other)  # the same headers as the request before: parsed once, kept
+    assert proto.last_req is first and _answers(t)[-1] == (200, {"stat": "/b c"})
+    proto.data_received(b"GET /api/v1/fs/stat?path=/a extra HTTP/1.1\r\nAuthorization: Bearer tok\r\n\r\n")
+    assert bytes(t.out).rsplit(b"HTTP/1.1 ", 1)[1].startswith(b"400") and t.closed  # still refused

@@ -220,3 +220,27 @@ def test_a_connection_widens_its_receive_buffer_once_it_receives_a_big_body():
     if httpconn.rcvbuf_to_ask(httpconn.rmem_max(), before) is not None:
         assert c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= httpconn.RCVBUF
     c.close()
+
+
+def test_send_all_sends_what_one_write_does_not_take_and_raises_on_a_closed_peer():
+    a, b = socket.socketpair()
+    a.settimeout(10)  # non-blocking underneath: one os.write takes only what the buffer holds
+    data = os.urandom(8 * 1024 * 1024)
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < len(data):
+            got.extend(b.recv(1 << 20))
+
+    t = threading.Thread(target=read)
+    t.start()
+    httpconn.send_all(a, data)
+    t.join(30)
+    assert bytes(got) == data
+    httpconn.send_all(a, b"small")
+    assert b.recv(16) == b"small"
+    b.close()
+    with pytest.raises(OSError):
+        for _ in range(4):
+            httpconn.send_all(a, b"x" * 65536)
+    a.close()

@@ -126,3 +126,28 @@ def test_the_process_remembers_a_bounded_number_of_listeners():
         sharedconn.shared("127.0.0.1", port, 5)
     assert len(sharedconn._shared) == sharedconn.KEEP
     assert sharedconn.shared("127.0.0.1", 1, 5) is not first  # the oldest was forgotten
+
+
+def test_a_request_head_is_the_same_bytes_as_encode_head_makes():
+    from kubegfs import httpconn
+
+    srv = EchoServer()
+    conn = SharedConnection("127.0.0.1", srv.port, 10)
+    sent: list[bytes] = []
+    send_raw = httpconn.Connection.send_raw
+
+    def spy(self: httpconn.Connection, data: bytes) -> None:
+        sent.append(data)
+        send_raw(self, data)
+
+    headers = {"Authorization": "Bearer x", "Accept": "application/x-msgpack"}
+    httpconn.Connection.send_raw = spy  # type: ignore[method-assign]
+    try:
+        for method, target, body, hdrs in [("GET", "/a?path=/x", None, headers), ("POST", "/b", b"{}", headers),
+                                           ("GET", "/c", None, {"Authorization": "Bearer y"}),
+                                           ("GET", "/a?path=/z", None, headers)]:
+            conn.call(method, target, body, hdrs)
+            assert sent[-1] == httpconn.encode_head(conn.host_header, method, target, len(body or b""), hdrs) + (body or b"")
+    finally:
+        httpconn.Connection.send_raw = send_raw  # type: ignore[method-assign]
+        srv.close()
