@@ -301,13 +301,18 @@ class OpLog:
         self._fd = self._open(self.dir / segment_name(self.next_seq))
 
     def close(self) -> None:
-        """Close the open segment, cut to its records unless the log failed."""
+        """Close the open segment, cut to its records unless the log failed (once: the closed
+        descriptor's number is never used again, it may belong to another file by then)."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
         try:
             if self.failed is None:
-                os.ftruncate(self._fd, self._end)
-            os.close(self._fd)
+                os.ftruncate(fd, self._end)
         except OSError:
             pass
+        finally:
+            os.close(fd)
 
 
 def _records_end(fd: int, path: Path, size: int) -> int:

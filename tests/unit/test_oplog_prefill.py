@@ -185,3 +185,15 @@ def test_a_copy_bootstrapped_from_a_prefilled_log_holds_exactly_its_records(tmp_
         st.append("h", first, last, data, sha256_hex(data))
     state, rep = recover(tmp_path / "cs" / "meta", 0, 0)
     assert state.seq == 14 and rep.problems == []
+
+
+def test_close_twice_touches_no_other_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    log = OpLog(tmp_path / "a", 1)
+    write_ops(log, 1, 2)
+    log.close()
+    other = tmp_path / "other"
+    other.write_bytes(b"x" * 1000)
+    with open(other, "r+b"):  # may take the closed descriptor's number
+        log.close()
+    assert other.stat().st_size == 1000 and (tmp_path / "a" / segment_name(1)).read_bytes() == framed(1, 2)
