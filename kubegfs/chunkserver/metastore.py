@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from ..errors import Conflict, CorruptData, NotFound
 from ..formats import frame, packb, record_digest, scan_log, sha256_hex
 from ..fsutil import atomic_write, fsync_dir
-from ..metalayout import checkpoint_name, prune_superseded, segment_name, seq_of
+from ..metalayout import checkpoint_name, prune_superseded, segment_name, seq_of, write_over_zeros
 
 PREFILL_BYTES = 2 << 20  # zeros kept ahead of the records in the open segment
 
@@ -159,14 +159,7 @@ class MetaStore:
             fd, path = self._segment(self.last_seq + 1)
             data = b"".join(out)
             end = self._end + len(data)
-            if end > self._filled:  # zero the next stretch now: the next batches only overwrite
-                self._filled = end + PREFILL_BYTES
-                data += bytes(self._filled - end)
-            view = memoryview(data)
-            at = self._end
-            while view:
-                n = os.pwrite(fd, view, at)
-                view, at = view[n:], at + n
+            self._filled = write_over_zeros(fd, data, self._end, self._filled, PREFILL_BYTES)
             os.fdatasync(fd)
             self._end = end
             self._open = (path, end)

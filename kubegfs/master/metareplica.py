@@ -736,7 +736,7 @@ def local_digest(data_dir: Path, seq: int) -> str:
     """``record_digest`` of the local log's record ``seq`` ("" if it is not there): a copy whose
     last record differs took one this master never made durable (a crash) and is reset."""
     for seg in sorted(data_dir.glob("log-*.wal")):
-        for rec in scan_log(seg.read_bytes()).records:
+        for rec in scan_log(seg.read_bytes(), padded=True).records:
             if isinstance(rec, dict) and rec.get("seq") == seq:
                 return record_digest(rec)
     return ""
@@ -744,13 +744,15 @@ def local_digest(data_dir: Path, seq: int) -> str:
 
 def read_batches(data_dir: Path, after: int, upto: int) -> list[tuple[int, int, bytes]]:
     """The local log's records ``after < seq <= upto``, re-framed in batches (blocking). The
-    newest batches may still be on their way to the disk: the list can end early."""
+    newest batches may still be on their way to the disk: the list can end early. The open
+    segment is written over zeros (``oplog``): its records end where their framing says, and
+    the zeros after them are never sent."""
     out: list[tuple[int, int, bytes]] = []
     buf: list[bytes] = []
     first = n = 0
     last = after
     for seg in sorted(data_dir.glob("log-*.wal")):
-        for rec in scan_log(seg.read_bytes()).records:
+        for rec in scan_log(seg.read_bytes(), padded=True).records:
             seq = rec.get("seq") if isinstance(rec, dict) else None
             if not isinstance(seq, int) or seq <= last or seq > upto:
                 continue

@@ -6,8 +6,20 @@ Files in the data directory:
   ``checkpoint-<seq, 20 digits>.ckpt`` encoded MasterState as of op ``seq``
 A torn or corrupt record stops replay at the last good record; the damaged file is kept beside as
 ``*.corrupt-<unix time>`` and the log is truncated to the good prefix, with an ERROR log line.
-Zeros after the last record (a chunkserver's pre-filled copy, ``chunkserver/metastore``) are
-cut off without complaint: appends go after the records.
+Zeros after the last record are cut off without complaint: appends go after the records.
+
+The segment being appended to is pre-filled, as a chunkserver's copy is (``chunkserver/metastore``,
+HDFS's edit log does the same): zeros are written ``PREFILL_BYTES`` ahead of the records, with
+the batch that needs them and under the same fdatasync, and later batches overwrite them in place
+(``pwrite`` at the records' end, not ``O_APPEND``), so a batch's fdatasync flushes its data alone
+and needs no ext4 journal commit for a new size or new blocks (the copies' fdatasyncs on the same
+disk would queue behind that commit). So the file size is not the records' end: it is found by
+their framing (``scan_log`` with ``padded``: a zero header with only zeros after it), and every
+reader of a segment scans it that way (``recover``, ``metareplica.read_batches`` and
+``local_digest``); ``recover`` cuts every segment to its records' end, ``rotate`` and ``close``
+cut the segment they leave. A crash leaves records, then perhaps a torn batch (part of it over
+the zeros, pages in any order), then zeros: recovery keeps every record before the first bad or
+zero header and treats anything non-zero after that as a torn tail (``.corrupt`` copy, cut).
 
 Invariants of :class:`OpLog`:
   * ``durable_seq`` is the highest seq whose record was written *and* synced; it only grows, and
@@ -18,7 +30,11 @@ Invariants of :class:`OpLog`:
     tests pass one that blocks on an event to hold ops between "applied" and "durable", and the
     ``--debug-fsync-delay`` option wraps it to act like a slow disk.
   * A failed write or sync is fatal: every waiter gets the error, ``failed`` is set, nothing is
-    written after it and ``durable_seq`` never advances again; the master must restart.
+    written after it and ``durable_seq`` never advances again; the master must restart (and
+    ``close`` then leaves the segment as it is, zeros and all, for ``recover``).
+  * ``_end`` is the records' end in the open segment (the next batch is written there), and
+    zeros follow it up to ``_filled``; only the flush loop's worker thread moves them, one batch
+    at a time, and the segment is opened only at its records' end.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ from typing import Any, Protocol, cast
 from ..errors import CorruptData
 from ..formats import frame, packb, scan_log
 from ..fsutil import atomic_write, fsync_dir
-from ..metalayout import prune_superseded
+from ..metalayout import prune_superseded, segment_name, write_over_zeros
 from .checkpoint import decode_checkpoint, encode_checkpoint
 from .ops import Op
 from .state import MasterState
@@ -110,6 +126,8 @@ def recover(data_dir: Path, chunk_size: int, replication: int) -> tuple[MasterSt
     return state, rep
 
 
+PREFILL_BYTES = 2 << 20  # zeros kept ahead of the records in the open segment
+
 # sync: the longest a batch waits for the clients the previous one answered (``_gather``)
 COMMIT_DELAY = 0.002
 
@@ -140,6 +158,7 @@ class OpLog:
         self._buf_last_seq = self.durable_seq
         self._waiters: list[asyncio.Future[None]] = []
         self._flushing = False
+        self._end = self._filled = 0  # the open segment's records' end, and its zeros' end
         self._fd = self._open_segment(next_seq)
         self.failed: BaseException | None = None
         self.on_durable: list[Callable[[int], None]] = []  # called with the new durable_seq
@@ -155,9 +174,18 @@ class OpLog:
     def _open_segment(self, first_seq: int) -> int:
         # reuse the newest segment if it exists (append after recovery)
         segs = sorted(self.dir.glob("log-*.wal"))
-        path = segs[-1] if segs else self.dir / f"log-{first_seq:020d}.wal"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fsync_dir(self.dir)
+        return self._open(segs[-1] if segs else self.dir / segment_name(first_seq))
+
+    def _open(self, path: Path) -> int:
+        """Open ``path`` to append at its records' end (``_end``; zeros may follow to ``_filled``)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._filled = os.fstat(fd).st_size
+            self._end = _records_end(fd, path, self._filled)
+            fsync_dir(self.dir)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def stamp(self, op: Op) -> Op:
@@ -248,10 +276,8 @@ class OpLog:
         _answer(waiters)
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        self._filled = write_over_zeros(self._fd, data, self._end, self._filled, PREFILL_BYTES)
+        self._end += len(data)
         if self.sync is not None:
             self.sync(self._fd)
 
@@ -267,18 +293,37 @@ class OpLog:
             await asyncio.sleep(0.001)
 
     async def rotate(self) -> None:
-        """Start a new segment at ``next_seq`` (called when a checkpoint is pinned)."""
+        """Start a new segment at ``next_seq`` (called when a checkpoint is pinned); the one
+        left is cut to its records (not synced: a crash leaves its zeros, which ``recover``
+        cuts)."""
         await self.drain()
-        os.close(self._fd)
-        path = self.dir / f"log-{self.next_seq:020d}.wal"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fsync_dir(self.dir)
+        self.close()
+        self._fd = self._open(self.dir / segment_name(self.next_seq))
 
     def close(self) -> None:
+        """Close the open segment, cut to its records unless the log failed (once: the closed
+        descriptor's number is never used again, it may belong to another file by then)."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
         try:
-            os.close(self._fd)
+            if self.failed is None:
+                os.ftruncate(fd, self._end)
         except OSError:
             pass
+        finally:
+            os.close(fd)
+
+
+def _records_end(fd: int, path: Path, size: int) -> int:
+    """The end of the records in a segment of ``size`` bytes: its size, unless zeros follow
+    them (a segment left open by a crash or a kill; ``recover`` cuts them first)."""
+    if not size or os.pread(fd, 1, size - 1) != b"\0":
+        return size
+    scan = scan_log(path.read_bytes(), padded=True)
+    if scan.problem:
+        raise CorruptData(f"operation log {path.name}: {scan.problem}; recover() it before appending")
+    return scan.good_bytes
 
 
 def _answer(waiters: list[asyncio.Future[None]], _done: object = None) -> None:

@@ -25,12 +25,18 @@ from aiohttp import web
 from kubegfs.auth import Tokens
 from kubegfs.client import Client
 from kubegfs.errors import KubegfsError
+from kubegfs.formats import scan_log
 from kubegfs.local import LocalCluster
 from kubegfs.master.server import Master, Options
 from kubegfs.topology import Location
 from kubegfs_dev.util import block_copies, stored_record
 
 CHUNK = 64 * 1024
+
+
+def _records(seg: Path) -> int:
+    """How much of a log segment is records (zeros written ahead follow them, ``oplog``)."""
+    return scan_log(seg.read_bytes(), padded=True).good_bytes
 
 
 class PausableSync:
@@ -42,7 +48,7 @@ class PausableSync:
         self.open = threading.Event()
         self.open.set()
         self.crashed = False
-        self.synced: dict[str, int] = {p.name: p.stat().st_size for p in log_dir.glob("log-*.wal")}
+        self.synced: dict[str, int] = {p.name: _records(p) for p in log_dir.glob("log-*.wal")}
         self.waiting = threading.Event()
         self.after: int | None = None
 
@@ -58,7 +64,8 @@ class PausableSync:
         if self.crashed:
             raise OSError("power lost")
         os.fdatasync(fd)
-        self.synced[Path(os.readlink(f"/proc/self/fd/{fd}")).name] = os.fstat(fd).st_size
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        self.synced[path.name] = _records(path)
 
     def pause(self) -> None:
         self.waiting.clear()

@@ -7,6 +7,7 @@ import signal
 import pytest
 import requests
 
+from kubegfs.formats import scan_log
 from kubegfs_dev.util import damage_record, stored_record, wait_for
 
 CHUNK = 256 * 1024
@@ -48,7 +49,9 @@ def test_flipped_byte_mid_log_recovers_prefix_loudly(cluster):
     cluster.kill(cluster.master, signal.SIGKILL)
     seg = sorted(cluster.master.data.glob("log-*.wal"))[-1]
     raw = bytearray(seg.read_bytes())
-    pos = len(raw) * 2 // 3
+    end = scan_log(bytes(raw), padded=True).good_bytes  # zeros written ahead follow the records
+    assert end and not raw[end:].strip(b"\0")
+    pos = end * 2 // 3
     raw[pos] ^= 0x01
     seg.write_bytes(bytes(raw))
     cluster.start_master()
