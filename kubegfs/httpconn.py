@@ -31,10 +31,19 @@ Watch = Callable[[dict[str, str], memoryview], Arrived]
 
 def encode_head(host_header: str, method: str, target: str, length: int, headers: dict[str, str]) -> bytes:
     """A request's line and headers, ``Host`` and ``Content-Length`` included."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head_with(head_fields(host_header, headers), method, target, length)
+
+
+def head_fields(host_header: str, headers: dict[str, str]) -> bytes:
+    """The part of a request head that follows its request line, up to its Content-Length's value:
+    the same for every request with these headers, so a caller may encode it once (``head_with``)."""
+    lines = [f"Host: {host_header}", *(f"{k}: {v}" for k, v in headers.items()), "Content-Length: "]
+    return ("\r\n" + "\r\n".join(lines)).encode("latin-1")
+
+
+def head_with(fields: bytes, method: str, target: str, length: int) -> bytes:
+    """A request head from its ``head_fields``."""
+    return b"%s %s HTTP/1.1%s%d\r\n\r\n" % (method.encode("latin-1"), target.encode("latin-1"), fields, length)
 
 
 class BadResponse(ConnectionError):

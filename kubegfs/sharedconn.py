@@ -48,19 +48,17 @@ class SharedConnection:
         self._unsent: list[bytes] = []
         self._calls: deque[_Call] = deque()  # sent or queued, in the order of their requests
         self._led = False
-        self._tails: dict[tuple[tuple[str, str], ...], bytes] = {}  # encoded headers, by headers
+        self._tails: dict[tuple[tuple[str, str], ...], bytes] = {}  # httpconn.head_fields, by headers
 
     def call(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> httpconn.Response:
         """One request's answer (any status); ConnectionError if the connection broke."""
         key = tuple(headers.items())
         tail = self._tails.get(key)
-        if tail is None:  # the head after its request line, up to its Content-Length's value
+        if tail is None:
             if len(self._tails) >= 8:
                 self._tails.clear()
-            whole = httpconn.encode_head(self.host_header, "M", "/", 0, headers)
-            tail = self._tails[key] = whole[len(b"M / HTTP/1.1"):-len(b"0\r\n\r\n")]
-        head = b"%s %s HTTP/1.1%s%d\r\n\r\n" % (method.encode(), target.encode("latin-1"), tail,
-                                                len(body) if body else 0)
+            tail = self._tails[key] = httpconn.head_fields(self.host_header, headers)
+        head = httpconn.head_with(tail, method, target, len(body) if body else 0)
         me = _Call(head + body if body else head)
         with self._mu:
             self._unsent.append(me.request)

@@ -193,10 +193,9 @@ class BlockStore:
                 if e.target != name:
                     self.tombs.setdefault(e.target, []).append(Tomb(e.rid, e.target, e.off, name, size))
                     self._want(name, 1, size)
-        if newest and torn is not None:  # an append a crash cut, or zeros: never read past this point again
-            blocklog.cut(p, torn, zeros)
-            self.sizes[name] = torn
-        elif zeros and torn is not None:  # an older segment with zeros after its appends (a cut that failed)
+        if torn is not None and (newest or zeros):  # (zeros in an older segment: a cut that failed)
+            if newest:  # an append a crash cut, or zeros: never read past this point again
+                blocklog.cut(p, torn, zeros)
             self.sizes[name] = torn
 
     def _damaged(self, name: str, data: bytes, bad: blocklog.Bad) -> None:
